@@ -1,0 +1,71 @@
+#include "kvfabric/common/status.h"
+
+#include <string>
+
+namespace kvfabric {
+
+std::string_view error_code_name(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kOk:
+      return "OK";
+    case ErrorCode::kOutOfMemory:
+      return "OutOfMemory";
+    case ErrorCode::kSequenceNotFound:
+      return "SequenceNotFound";
+    case ErrorCode::kBlockNotFound:
+      return "BlockNotFound";
+    case ErrorCode::kInvalidOperation:
+      return "InvalidOperation";
+    case ErrorCode::kInvalidArgument:
+      return "InvalidArgument";
+    case ErrorCode::kNothingToEvict:
+      return "NothingToEvict";
+    case ErrorCode::kNotFound:
+      return "NotFound";
+    case ErrorCode::kIoError:
+      return "IoError";
+    case ErrorCode::kParseError:
+      return "ParseError";
+    case ErrorCode::kUnimplemented:
+      return "Unimplemented";
+    case ErrorCode::kUnavailable:
+      return "Unavailable";
+    case ErrorCode::kDataLoss:
+      return "DataLoss";
+    case ErrorCode::kInternal:
+      return "Internal";
+  }
+  return "Unknown";
+}
+
+std::string Status::to_string() const {
+  if (ok()) return "OK";
+  std::string out(error_code_name(code_));
+  out += ": ";
+  out += message_;
+  return out;
+}
+
+Status out_of_memory(size_t requested_blocks, size_t available_blocks) {
+  return Status(ErrorCode::kOutOfMemory, "Out of memory: requested " +
+                                             std::to_string(requested_blocks) + " blocks, " +
+                                             std::to_string(available_blocks) + " available");
+}
+
+Status sequence_not_found(SeqId seq) {
+  return Status(ErrorCode::kSequenceNotFound, "Sequence not found: " + to_string(seq));
+}
+
+Status block_not_found(BlockId block) {
+  return Status(ErrorCode::kBlockNotFound, "Block not found: " + to_string(block));
+}
+
+Status invalid_operation(std::string_view what) {
+  return Status(ErrorCode::kInvalidOperation, "Invalid operation: " + std::string(what));
+}
+
+Status invalid_argument(std::string_view what) {
+  return Status(ErrorCode::kInvalidArgument, "Invalid argument: " + std::string(what));
+}
+
+}  // namespace kvfabric
