@@ -1,0 +1,102 @@
+// Typed configuration: model shape, cache sizing and eviction, topology. Loaded from YAML
+// (configs/*.yaml), overridden by KVF_* environment variables, validated as a whole.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvfabric/common/block_layout.h"
+#include "kvfabric/common/dtype.h"
+#include "kvfabric/common/status.h"
+
+namespace kvfabric {
+
+//! \brief How a block manager picks the sequence to evict (see EvictionStrategy).
+enum class EvictionPolicy : uint8_t { kLru, kLfu, kLongestFirst, kPriority, kStreamingLlm };
+
+std::string_view eviction_policy_name(EvictionPolicy policy);  // "lru", "lfu", ...
+Result<EvictionPolicy> parse_eviction_policy(std::string_view name);
+
+//! \brief Attention shape of the served model (whole model, before TP sharding).
+struct ModelConfig {
+  std::string name = "custom";
+  uint32_t num_layers = 0;
+  uint32_t num_query_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kBF16;  //!< activation dtype (queries, attention output)
+};
+
+struct EvictionConfig {
+  EvictionPolicy strategy = EvictionPolicy::kLru;
+  //! The cache needs eviction when utilization > threshold; eviction stops at <= threshold.
+  double threshold = 0.9;
+  uint32_t priority_levels = 4;   //!< valid priorities are 0 .. priority_levels-1 (higher = keep)
+  uint32_t sink_tokens = 4;       //!< StreamingLLM attention sinks kept at the start
+  uint32_t window_tokens = 1024;  //!< StreamingLLM recent window kept at the end
+};
+
+//! \brief Paged cache sizing, per rank and tier. Exactly one of num_blocks and
+//! memory_budget_bytes is set; the other is derived from the block layout.
+struct CacheConfig {
+  uint32_t block_size = 16;          //!< tokens per block
+  uint64_t num_blocks = 0;           //!< device-tier blocks per rank
+  uint64_t memory_budget_bytes = 0;  //!< device-tier KV bytes per rank
+  DType kv_dtype = DType::kF16;
+  uint32_t quant_group_size = 0;  //!< integer KV formats; 0 = one group per head (head_dim)
+  EvictionConfig eviction;
+};
+
+//! \brief world = dp x tp ranks; rank r is shard r % tp of replica r / tp (DESIGN.md §2).
+struct TopologyConfig {
+  uint32_t tp = 1;
+  uint32_t dp = 1;
+};
+
+struct Config {
+  ModelConfig model;
+  CacheConfig cache;
+  TopologyConfig topology;
+};
+
+//! KV heads stored on each rank: Hkv / tp, or 1 when Hkv < tp (heads replicated, as vLLM does).
+uint32_t local_kv_heads(const ModelConfig& model, const TopologyConfig& topology);
+//! The per-rank block layout this config implies.
+Result<BlockLayout> block_layout(const Config& config);
+//! Device-tier blocks per rank: num_blocks, or memory_budget_bytes / block_bytes.
+Result<uint64_t> resolved_num_blocks(const Config& config);
+
+//! \brief Checks every field range and the cross-field rules; the message names the key.
+Status validate(const Config& config);
+
+//! \brief Parses YAML text. Unknown keys, non-scalar values and malformed numbers are errors that
+//! name the key and line. `source` names the text in messages (usually the file path).
+//! The result is validated.
+Result<Config> parse_config(std::string_view yaml_text, std::string_view source = "<yaml>");
+//! Reads and parses a YAML file (see parse_config).
+Result<Config> load_config_file(const std::string& path);
+
+//! Looks up an environment variable; nullptr when unset.
+using EnvLookup = std::function<const char*(const char*)>;
+
+//! \brief Applies KVF_<SECTION>_<KEY> overrides (e.g. KVF_CACHE_BLOCK_SIZE, KVF_TOPOLOGY_TP,
+//! KVF_CACHE_EVICTION_THRESHOLD), then validates. On error the config is unchanged.
+//! Each applied override is logged at info level.
+Status apply_env_overrides(Config& config, const EnvLookup& lookup = nullptr);
+
+//! \brief The effective config as YAML, followed by the derived values as comments
+//! (local KV heads, block layout and bytes, resolved num_blocks).
+std::string dump_config(const Config& config);
+
+//! Every settable key, dotted ("cache.eviction.threshold"), in dump order.
+std::vector<std::string> config_keys();
+//! The environment variable that overrides `key`, e.g. "KVF_CACHE_BLOCK_SIZE".
+std::string env_var_for_key(std::string_view key);
+
+//! Parses "17179869184", "16GiB", "512 MiB", "1.5GB" into bytes.
+Result<uint64_t> parse_byte_size(std::string_view text);
+
+}  // namespace kvfabric

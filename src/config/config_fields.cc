@@ -1,0 +1,172 @@
+#include "config/config_fields.h"
+
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+namespace kvfabric::detail {
+namespace {
+
+Status bad_value(std::string_view key, std::string_view text, std::string_view expected) {
+  return invalid_argument(std::string(key) + ": '" + std::string(text) + "' is not " +
+                          std::string(expected));
+}
+
+Result<uint64_t> parse_unsigned(std::string_view key, std::string_view text, uint64_t max) {
+  uint64_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec == std::errc::result_out_of_range || (ec == std::errc() && value > max)) {
+    return invalid_argument(std::string(key) + ": " + std::string(text) + " is larger than " +
+                            std::to_string(max));
+  }
+  if (ec != std::errc() || end != text.data() + text.size() || text.empty()) {
+    return bad_value(key, text, "an unsigned integer");
+  }
+  return value;
+}
+
+// A field holding an unsigned integer; `access` returns a reference into the Config.
+template <typename T, typename Access>
+ConfigField unsigned_field(std::string_view key, std::string_view help, Access access) {
+  return ConfigField{
+      key, help,
+      [key, access](Config& c, std::string_view text) -> Status {
+        KVF_ASSIGN_OR_RETURN(const uint64_t v,
+                             parse_unsigned(key, text, std::numeric_limits<T>::max()));
+        access(c) = static_cast<T>(v);
+        return ok_status();
+      },
+      [access](const Config& c) { return std::to_string(access(const_cast<Config&>(c))); }};
+}
+
+template <typename Access>
+ConfigField double_field(std::string_view key, std::string_view help, Access access) {
+  return ConfigField{key, help,
+                     [key, access](Config& c, std::string_view text) -> Status {
+                       const std::string copy(text);
+                       char* end = nullptr;
+                       const double v = std::strtod(copy.c_str(), &end);
+                       if (copy.empty() || end != copy.c_str() + copy.size()) {
+                         return bad_value(key, text, "a number");
+                       }
+                       if (!std::isfinite(v)) return bad_value(key, text, "a finite number");
+                       access(c) = v;
+                       return ok_status();
+                     },
+                     [access](const Config& c) {
+                       std::string s = std::to_string(access(const_cast<Config&>(c)));
+                       while (s.size() > 1 && s.back() == '0' && s[s.size() - 2] != '.')
+                         s.pop_back();
+                       return s;
+                     }};
+}
+
+template <typename Access>
+ConfigField dtype_field(std::string_view key, std::string_view help, Access access) {
+  return ConfigField{
+      key, help,
+      [key, access](Config& c, std::string_view text) -> Status {
+        auto dtype = parse_dtype(text);
+        if (!dtype.ok()) {
+          return invalid_argument(std::string(key) + ": " + dtype.status().message());
+        }
+        access(c) = dtype.value();
+        return ok_status();
+      },
+      [access](const Config& c) {
+        return std::string(dtype_name(access(const_cast<Config&>(c))));
+      }};
+}
+
+}  // namespace
+
+const std::vector<ConfigField>& config_fields() {
+  static const std::vector<ConfigField> kFields = {
+      ConfigField{"model.name", "model name (informational)",
+                  [](Config& c, std::string_view text) -> Status {
+                    c.model.name = std::string(text);
+                    return ok_status();
+                  },
+                  [](const Config& c) { return c.model.name; }},
+      unsigned_field<uint32_t>(
+          "model.num_layers", "transformer layers",
+          [](Config & c) -> auto& { return c.model.num_layers; }),
+      unsigned_field<uint32_t>(
+          "model.num_query_heads", "attention query heads",
+          [](Config & c) -> auto& { return c.model.num_query_heads; }),
+      unsigned_field<uint32_t>(
+          "model.num_kv_heads", "KV heads (GQA groups)",
+          [](Config & c) -> auto& { return c.model.num_kv_heads; }),
+      unsigned_field<uint32_t>(
+          "model.head_dim", "elements per head",
+          [](Config & c) -> auto& { return c.model.head_dim; }),
+      dtype_field(
+          "model.dtype", "activation dtype: f32, f16 or bf16",
+          [](Config & c) -> auto& { return c.model.dtype; }),
+      unsigned_field<uint32_t>(
+          "cache.block_size", "tokens per block",
+          [](Config & c) -> auto& { return c.cache.block_size; }),
+      unsigned_field<uint64_t>(
+          "cache.num_blocks", "device blocks per rank (or memory_budget)",
+          [](Config & c) -> auto& { return c.cache.num_blocks; }),
+      ConfigField{"cache.memory_budget", "device KV bytes per rank, e.g. 16GiB (or num_blocks)",
+                  [](Config& c, std::string_view text) -> Status {
+                    auto bytes = parse_byte_size(text);
+                    if (!bytes.ok()) {
+                      return invalid_argument("cache.memory_budget: " + bytes.status().message());
+                    }
+                    c.cache.memory_budget_bytes = bytes.value();
+                    return ok_status();
+                  },
+                  [](const Config& c) { return std::to_string(c.cache.memory_budget_bytes); }},
+      dtype_field(
+          "cache.kv_dtype", "stored KV dtype: f32 f16 bf16 fp8_e4m3 int8 int4 int2",
+          [](Config & c) -> auto& { return c.cache.kv_dtype; }),
+      unsigned_field<uint32_t>(
+          "cache.quant_group_size", "integer KV: elements per scale/zero group (0 = head_dim)",
+          [](Config & c) -> auto& { return c.cache.quant_group_size; }),
+      ConfigField{"cache.eviction.strategy", "lru, lfu, longest_first, priority or streaming_llm",
+                  [](Config& c, std::string_view text) -> Status {
+                    auto policy = parse_eviction_policy(text);
+                    if (!policy.ok()) {
+                      return invalid_argument("cache.eviction.strategy: " +
+                                              policy.status().message());
+                    }
+                    c.cache.eviction.strategy = policy.value();
+                    return ok_status();
+                  },
+                  [](const Config& c) {
+                    return std::string(eviction_policy_name(c.cache.eviction.strategy));
+                  }},
+      double_field(
+          "cache.eviction.threshold", "evict when utilization exceeds this (0..1)",
+          [](Config & c) -> auto& { return c.cache.eviction.threshold; }),
+      unsigned_field<uint32_t>(
+          "cache.eviction.priority_levels", "priority strategy: number of levels",
+          [](Config & c) -> auto& { return c.cache.eviction.priority_levels; }),
+      unsigned_field<uint32_t>(
+          "cache.eviction.sink_tokens", "StreamingLLM sink tokens",
+          [](Config & c) -> auto& { return c.cache.eviction.sink_tokens; }),
+      unsigned_field<uint32_t>(
+          "cache.eviction.window_tokens", "StreamingLLM window tokens",
+          [](Config & c) -> auto& { return c.cache.eviction.window_tokens; }),
+      unsigned_field<uint32_t>(
+          "topology.tp", "tensor-parallel shards per replica",
+          [](Config & c) -> auto& { return c.topology.tp; }),
+      unsigned_field<uint32_t>(
+          "topology.dp", "data-parallel replicas",
+          [](Config & c) -> auto& { return c.topology.dp; }),
+  };
+  return kFields;
+}
+
+const ConfigField* find_config_field(std::string_view key) {
+  for (const ConfigField& field : config_fields()) {
+    if (field.key == key) return &field;
+  }
+  return nullptr;
+}
+
+}  // namespace kvfabric::detail
