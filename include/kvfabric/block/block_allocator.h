@@ -1,0 +1,48 @@
+// Free list and reference counts of one block pool.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kvfabric/common/status.h"
+
+namespace kvfabric {
+
+//! \brief A pool of `total()` block ids with reference counts. A block is free exactly when its
+//! count is 0. Allocation takes blocks from the front of a FIFO free list and freeing puts them at
+//! the back (the seed's reuse order), so a freed block is reused as late as possible.
+//! Every operation is O(1) per block; misuse (an unknown or free block) is an error, not a crash.
+class BlockAllocator {
+ public:
+  explicit BlockAllocator(uint32_t num_blocks = 0);
+
+  [[nodiscard]] uint32_t total() const { return static_cast<uint32_t>(ref_counts_.size()); }
+  [[nodiscard]] size_t free_count() const { return free_count_; }
+  [[nodiscard]] size_t used_count() const { return total() - free_count_; }
+  [[nodiscard]] size_t peak_used() const { return peak_used_; }
+
+  //! References held on `block`; 0 when it is free or out of range.
+  [[nodiscard]] uint32_t ref_count(BlockId block) const;
+  [[nodiscard]] bool is_free(BlockId block) const { return ref_count(block) == 0; }
+
+  //! Takes one free block with reference count 1.
+  Result<BlockId> allocate();
+  //! Takes `count` blocks, all or none.
+  Result<std::vector<BlockId>> allocate(size_t count);
+  //! Adds a reference to an allocated block (a fork or a prefix-cache hit sharing it).
+  Status add_ref(BlockId block);
+  //! Drops one reference; returns true when that was the last and the block is free again.
+  Result<bool> release(BlockId block);
+
+ private:
+  BlockId pop_front();
+
+  std::vector<uint32_t> ref_counts_;
+  std::vector<uint32_t> free_ring_;  // FIFO of free ids: [head_, head_ + free_count_) mod total
+  size_t head_ = 0;
+  size_t free_count_ = 0;
+  size_t peak_used_ = 0;
+};
+
+}  // namespace kvfabric

@@ -1,0 +1,177 @@
+// The paged block manager: seed cbtop `PagedKvCache`, with its defects fixed (README "Seed API").
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <ostream>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "kvfabric/block/block_allocator.h"
+#include "kvfabric/block/eviction_strategy.h"
+#include "kvfabric/block/sequence_info.h"
+#include "kvfabric/block/token_copy.h"
+#include "kvfabric/common/block_layout.h"
+#include "kvfabric/common/status.h"
+#include "kvfabric/config/config.h"
+
+namespace kvfabric {
+
+namespace detail {
+class VictimIndex;
+}
+
+//! \brief Block-level bookkeeping of one paged KV pool: which blocks each sequence's tokens live
+//! in, reference counts for blocks shared by forks, eviction, and StreamingLLM compaction. It holds
+//! no tensors; the copies a storage backend must perform (copy-on-write, compaction) are queued as
+//! TokenCopy operations (pending_copies / take_pending_copies).
+//!
+//! Guarantees:
+//! - Every sequence's table has exactly ceil(num_tokens / block_size) blocks.
+//! - A write never lands in a block another sequence holds: appending into a shared, partly
+//!   filled last block first copies it (copy-on-write).
+//! - A failed call returns an error and changes nothing.
+//! - Decisions are deterministic: a logical clock orders accesses; ties go to the lower SeqId.
+//!
+//! Threshold convention: the cache needs eviction when utilization() > threshold, and
+//! evict_to_threshold(t) evicts until utilization() <= t.
+//!
+//! Not thread-safe: one owner (the scheduler or coordinator) calls it.
+class PagedKvCache {
+ public:
+  //! Seed-compatible: fp16 K and V of one layer with `num_heads` heads, so
+  //! block_memory_bytes() == 2 * block_size * num_heads * head_dim * 2.
+  //! Invalid arguments leave an empty cache whose init_status() says why (see create()).
+  PagedKvCache(size_t num_blocks, size_t block_size, size_t num_heads, size_t head_dim);
+  //! Sized from a validated config: the per-rank block layout (layers, local KV heads, KV dtype,
+  //! quantization metadata), cache.num_blocks or memory_budget, and the eviction settings.
+  explicit PagedKvCache(const Config& config);
+
+  //! Checked construction: the error names the bad argument.
+  static Result<PagedKvCache> create(size_t num_blocks, size_t block_size, size_t num_heads,
+                                     size_t head_dim);
+  static Result<PagedKvCache> create(const Config& config);
+
+  PagedKvCache(PagedKvCache&&) noexcept;
+  PagedKvCache& operator=(PagedKvCache&&) noexcept;
+  ~PagedKvCache();
+
+  //! OK, or why construction failed; every mutating call on such a cache returns this error.
+  [[nodiscard]] const Status& init_status() const { return init_status_; }
+
+  // Builders (seed style). An invalid value is logged and leaves the setting unchanged; use the
+  // set_* forms to get the error. The threshold is clamped to [0, 1] as in the seed.
+  PagedKvCache& with_eviction_strategy(EvictionStrategy strategy) &;
+  PagedKvCache&& with_eviction_strategy(EvictionStrategy strategy) &&;
+  PagedKvCache& with_eviction_threshold(double threshold) &;
+  PagedKvCache&& with_eviction_threshold(double threshold) &&;
+
+  //! Replaces the strategy and reorders the victim index. Errors on invalid parameters.
+  Status set_eviction_strategy(EvictionStrategy strategy);
+  //! Errors unless 0 <= threshold <= 1.
+  Status set_eviction_threshold(double threshold);
+
+  [[nodiscard]] size_t block_size() const { return layout_.block_size; }
+  [[nodiscard]] size_t total_blocks() const { return allocator_.total(); }
+  [[nodiscard]] size_t free_block_count() const { return allocator_.free_count(); }
+  [[nodiscard]] size_t used_block_count() const { return allocator_.used_count(); }
+  //! used / total, 0 for an empty pool.
+  [[nodiscard]] double utilization() const;
+  //! Bytes of one block on this rank (BlockLayout::block_bytes).
+  [[nodiscard]] size_t block_memory_bytes() const { return layout_.block_bytes(); }
+  [[nodiscard]] size_t total_memory_bytes() const { return total_blocks() * block_memory_bytes(); }
+  [[nodiscard]] size_t used_memory_bytes() const {
+    return used_block_count() * block_memory_bytes();
+  }
+  //! utilization() > eviction_threshold().
+  [[nodiscard]] bool needs_eviction() const;
+  [[nodiscard]] double eviction_threshold() const { return threshold_; }
+  [[nodiscard]] size_t num_sequences() const { return sequences_.size(); }
+  //! The sequence's record, or nullptr. Does not count as an access.
+  [[nodiscard]] const SequenceInfo* get_sequence(SeqId seq) const;
+  [[nodiscard]] const CacheStats& stats() const { return stats_; }
+  [[nodiscard]] const EvictionStrategy& eviction_strategy() const { return strategy_; }
+  [[nodiscard]] const BlockLayout& block_layout() const { return layout_; }
+  //! References on `block` (0 when free or unknown).
+  [[nodiscard]] uint32_t block_ref_count(BlockId block) const {
+    return allocator_.ref_count(block);
+  }
+
+  //! Creates `seq` holding `num_tokens` tokens (0 is allowed). Errors: InvalidOperation if it
+  //! exists, OutOfMemory if fewer than ceil(num_tokens / block_size) blocks are free.
+  Status allocate(SeqId seq, size_t num_tokens);
+  //! Adds `num_new_tokens` tokens. If the last block is partly filled and shared, it is first
+  //! copied into a private block (a kCopyOnWrite TokenCopy). Appending 0 tokens is a no-op.
+  Status append(SeqId seq, size_t num_new_tokens);
+  //! Drops the sequence and its references; blocks with no references return to the free list.
+  Status free(SeqId seq);
+  //! Creates `dst` sharing every block of `src` (no copy until one of them writes).
+  //! The fork inherits src's priority.
+  Status fork(SeqId src, SeqId dst);
+  //! Sets the priority used by the priority strategy; with priority(n) it must be < n.
+  Status set_priority(SeqId seq, uint32_t priority);
+
+  //! The sequence evict() would remove, or nullopt when there is none.
+  [[nodiscard]] std::optional<SeqId> select_eviction_target() const;
+  //! Frees select_eviction_target(). Error NothingToEvict when no sequence exists.
+  Result<SeqId> evict();
+  //! Evicts, in strategy order but preferring sequences that free at least one block, until
+  //! utilization() <= target_util. Returns the evicted ids in order. target_util must be in [0, 1].
+  Result<std::vector<SeqId>> evict_to_threshold(double target_util);
+  //! Same, with the configured eviction threshold as the target.
+  Result<std::vector<SeqId>> evict_to_threshold();
+
+  //! StreamingLLM: keeps tokens [0, sink) and [n - window, n) of an n-token sequence as one
+  //! contiguous sequence of sink + window tokens, frees the blocks no longer needed, and queues
+  //! kCompaction copies for retained tokens whose slot changed (none when the dropped span is a
+  //! whole number of blocks). Returns the number of dropped tokens (0 if n <= sink + window).
+  //! Positions change: store K before RoPE or re-rotate, as StreamingLLM requires.
+  Result<size_t> apply_streaming_llm(SeqId seq, size_t sink_tokens, size_t window_tokens);
+  //! Same, with the sink and window of the configured streaming_llm strategy.
+  Result<size_t> apply_streaming_llm(SeqId seq);
+
+  //! All sequence ids, ascending.
+  [[nodiscard]] std::vector<SeqId> sequence_ids() const;
+
+  //! Copies queued since the last take_pending_copies(), in execution order.
+  [[nodiscard]] const std::vector<TokenCopy>& pending_copies() const { return pending_copies_; }
+  //! Returns and clears the queued copies.
+  std::vector<TokenCopy> take_pending_copies();
+
+  //! Recounts every reference from the block tables and checks the free list, table sizes and
+  //! victim index against them. For tests and debugging; O(blocks + sequences).
+  [[nodiscard]] Status verify_integrity() const;
+
+  //! The seed's multi-line Display text (strategy, blocks, memory in MB, sequences, stats).
+  friend std::ostream& operator<<(std::ostream& os, const PagedKvCache& cache);
+
+ private:
+  PagedKvCache(BlockLayout layout, uint64_t num_blocks, Status init_status);
+  static Result<BlockLayout> seed_layout(size_t block_size, size_t num_heads, size_t head_dim);
+
+  size_t blocks_for(size_t num_tokens) const;
+  SequenceInfo* find(SeqId seq);
+  using VictimKey = std::pair<uint64_t, uint64_t>;  // detail::VictimIndex::Key
+  //! Records an access; `key_before_change` is the victim key before the caller's mutation.
+  void touch(SequenceInfo& info, const VictimKey& key_before_change);
+  void release_blocks(const std::vector<BlockId>& blocks);
+  BlockId take_block();
+  bool frees_a_block(const SequenceInfo& info) const;
+  void remove_sequence(SeqId seq);
+
+  BlockLayout layout_;
+  BlockAllocator allocator_;
+  std::unordered_map<SeqId, SequenceInfo> sequences_;  // lookups only; never iterated to decide
+  std::unique_ptr<detail::VictimIndex> victims_;
+  EvictionStrategy strategy_;
+  double threshold_ = 0.9;
+  uint64_t clock_ = 0;
+  CacheStats stats_;
+  std::vector<TokenCopy> pending_copies_;
+  Status init_status_;
+};
+
+}  // namespace kvfabric

@@ -1,0 +1,507 @@
+#include "kvfabric/block/paged_kv_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+#include "block/streaming_compaction.h"
+#include "block/victim_index.h"
+#include "common/log.h"
+
+namespace kvfabric {
+namespace {
+
+std::string describe_bad_threshold(double threshold) {
+  return "eviction threshold must be in [0, 1] (got " + std::to_string(threshold) + ")";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Construction
+
+Result<BlockLayout> PagedKvCache::seed_layout(size_t block_size, size_t num_heads,
+                                              size_t head_dim) {
+  constexpr size_t kMax = std::numeric_limits<uint32_t>::max();
+  if (block_size > kMax || num_heads > kMax || head_dim > kMax) {
+    return invalid_argument("block_size, num_heads and head_dim must fit in 32 bits");
+  }
+  return BlockLayout::create(1, static_cast<uint32_t>(num_heads), static_cast<uint32_t>(block_size),
+                             static_cast<uint32_t>(head_dim), DType::kF16);
+}
+
+PagedKvCache::PagedKvCache(BlockLayout layout, uint64_t num_blocks, Status init_status)
+    : layout_(layout),
+      allocator_(init_status.ok() ? static_cast<uint32_t>(num_blocks) : 0),
+      victims_(std::make_unique<detail::VictimIndex>(EvictionPolicy::kLru)),
+      init_status_(std::move(init_status)) {
+  if (!init_status_.ok())
+    KVF_LOG_ERROR(kBlock, "PagedKvCache unusable: {}", init_status_.message());
+}
+
+Result<PagedKvCache> PagedKvCache::create(size_t num_blocks, size_t block_size, size_t num_heads,
+                                          size_t head_dim) {
+  if (num_blocks > kMaxBlocksPerPool) {
+    return invalid_argument("num_blocks " + std::to_string(num_blocks) + " exceeds " +
+                            std::to_string(kMaxBlocksPerPool));
+  }
+  KVF_ASSIGN_OR_RETURN(const BlockLayout layout, seed_layout(block_size, num_heads, head_dim));
+  return PagedKvCache(layout, num_blocks, ok_status());
+}
+
+Result<PagedKvCache> PagedKvCache::create(const Config& config) {
+  KVF_RETURN_IF_ERROR(validate(config));
+  KVF_ASSIGN_OR_RETURN(const BlockLayout layout, kvfabric::block_layout(config));
+  KVF_ASSIGN_OR_RETURN(const uint64_t num_blocks, resolved_num_blocks(config));
+  PagedKvCache cache(layout, num_blocks, ok_status());
+  KVF_RETURN_IF_ERROR(
+      cache.set_eviction_strategy(EvictionStrategy::from_config(config.cache.eviction)));
+  KVF_RETURN_IF_ERROR(cache.set_eviction_threshold(config.cache.eviction.threshold));
+  return cache;
+}
+
+PagedKvCache::PagedKvCache(size_t num_blocks, size_t block_size, size_t num_heads, size_t head_dim)
+    : PagedKvCache(BlockLayout{}, 0, ok_status()) {
+  auto created = create(num_blocks, block_size, num_heads, head_dim);
+  if (created.ok()) {
+    *this = std::move(created).value();
+  } else {
+    *this = PagedKvCache(BlockLayout{}, 0, created.status());
+  }
+}
+
+PagedKvCache::PagedKvCache(const Config& config) : PagedKvCache(BlockLayout{}, 0, ok_status()) {
+  auto created = create(config);
+  if (created.ok()) {
+    *this = std::move(created).value();
+  } else {
+    *this = PagedKvCache(BlockLayout{}, 0, created.status());
+  }
+}
+
+PagedKvCache::PagedKvCache(PagedKvCache&&) noexcept = default;
+PagedKvCache& PagedKvCache::operator=(PagedKvCache&&) noexcept = default;
+PagedKvCache::~PagedKvCache() = default;
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+Status PagedKvCache::set_eviction_strategy(EvictionStrategy strategy) {
+  KVF_RETURN_IF_ERROR(strategy.validate());
+  strategy_ = strategy;
+  auto index = std::make_unique<detail::VictimIndex>(strategy.policy());
+  for (const auto& [seq, info] : sequences_)
+    index->insert(info);
+  victims_ = std::move(index);
+  return ok_status();
+}
+
+Status PagedKvCache::set_eviction_threshold(double threshold) {
+  if (!(threshold >= 0.0 && threshold <= 1.0))
+    return invalid_argument(describe_bad_threshold(threshold));
+  threshold_ = threshold;
+  return ok_status();
+}
+
+PagedKvCache& PagedKvCache::with_eviction_strategy(EvictionStrategy strategy) & {
+  const Status status = set_eviction_strategy(strategy);
+  if (!status.ok()) KVF_LOG_ERROR(kBlock, "with_eviction_strategy ignored: {}", status.message());
+  return *this;
+}
+
+PagedKvCache&& PagedKvCache::with_eviction_strategy(EvictionStrategy strategy) && {
+  return std::move(with_eviction_strategy(strategy));
+}
+
+PagedKvCache& PagedKvCache::with_eviction_threshold(double threshold) & {
+  if (std::isnan(threshold)) {
+    KVF_LOG_ERROR(kBlock, "with_eviction_threshold ignored: {}", describe_bad_threshold(threshold));
+    return *this;
+  }
+  threshold_ = std::clamp(threshold, 0.0, 1.0);
+  return *this;
+}
+
+PagedKvCache&& PagedKvCache::with_eviction_threshold(double threshold) && {
+  return std::move(with_eviction_threshold(threshold));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queries
+
+double PagedKvCache::utilization() const {
+  if (total_blocks() == 0) return 0.0;
+  return static_cast<double>(used_block_count()) / static_cast<double>(total_blocks());
+}
+
+bool PagedKvCache::needs_eviction() const {
+  return utilization() > threshold_;
+}
+
+const SequenceInfo* PagedKvCache::get_sequence(SeqId seq) const {
+  const auto it = sequences_.find(seq);
+  return it == sequences_.end() ? nullptr : &it->second;
+}
+
+std::vector<SeqId> PagedKvCache::sequence_ids() const {
+  std::vector<SeqId> ids;
+  ids.reserve(sequences_.size());
+  for (const auto& [seq, info] : sequences_)
+    ids.push_back(seq);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+std::optional<SeqId> PagedKvCache::select_eviction_target() const {
+  if (victims_->empty()) return std::nullopt;
+  return detail::VictimIndex::seq_of(*victims_->begin());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+size_t PagedKvCache::blocks_for(size_t num_tokens) const {
+  return num_tokens / layout_.block_size + (num_tokens % layout_.block_size != 0 ? 1 : 0);
+}
+
+SequenceInfo* PagedKvCache::find(SeqId seq) {
+  const auto it = sequences_.find(seq);
+  return it == sequences_.end() ? nullptr : &it->second;
+}
+
+void PagedKvCache::touch(SequenceInfo& info, const VictimKey& key_before_change) {
+  info.last_access = ++clock_;
+  info.access_count += 1;
+  victims_->update(key_before_change, info);
+}
+
+BlockId PagedKvCache::take_block() {
+  auto block = allocator_.allocate();
+  KVF_CHECK(block.ok(), "free blocks were counted before allocating");
+  stats_.total_allocations += 1;
+  stats_.peak_blocks_used = allocator_.peak_used();
+  return block.value();
+}
+
+void PagedKvCache::release_blocks(const std::vector<BlockId>& blocks) {
+  for (BlockId block : blocks) {
+    auto freed = allocator_.release(block);
+    KVF_CHECK(freed.ok(), "a block table referenced " + to_string(block) + " without a reference");
+    if (freed.value()) stats_.total_frees += 1;
+  }
+}
+
+bool PagedKvCache::frees_a_block(const SequenceInfo& info) const {
+  return std::any_of(info.block_ids.begin(), info.block_ids.end(),
+                     [this](BlockId b) { return allocator_.ref_count(b) == 1; });
+}
+
+void PagedKvCache::remove_sequence(SeqId seq) {
+  const auto it = sequences_.find(seq);
+  victims_->erase(it->second);
+  release_blocks(it->second.block_ids);
+  sequences_.erase(it);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutations
+
+Status PagedKvCache::allocate(SeqId seq, size_t num_tokens) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (sequences_.count(seq) > 0) {
+    return invalid_operation("Sequence " + to_string(seq) + " already exists");
+  }
+  const size_t needed = blocks_for(num_tokens);
+  if (needed > free_block_count()) return out_of_memory(needed, free_block_count());
+
+  SequenceInfo info;
+  info.seq_id = seq;
+  info.num_tokens = num_tokens;
+  info.block_ids.reserve(needed);
+  for (size_t i = 0; i < needed; ++i)
+    info.block_ids.push_back(take_block());
+  info.last_access = ++clock_;
+  info.access_count = 1;
+  victims_->insert(info);
+  sequences_.emplace(seq, std::move(info));
+  KVF_LOG_TRACE(kBlock, "allocate {} tokens={} blocks={}", to_string(seq), num_tokens, needed);
+  return ok_status();
+}
+
+Status PagedKvCache::append(SeqId seq, size_t num_new_tokens) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  SequenceInfo* info = find(seq);
+  if (info == nullptr) return sequence_not_found(seq);
+  if (num_new_tokens == 0) return ok_status();
+  if (num_new_tokens > std::numeric_limits<size_t>::max() - info->num_tokens) {
+    return invalid_argument("appending " + std::to_string(num_new_tokens) + " tokens to " +
+                            to_string(seq) + " overflows its length");
+  }
+  const VictimKey old_key = victims_->key_of(*info);
+  const size_t old_tokens = info->num_tokens;
+  const size_t filled = old_tokens % layout_.block_size;
+  // Writing into a partly filled block that another sequence also holds would corrupt it.
+  const bool copy_tail = filled != 0 && allocator_.ref_count(info->block_ids.back()) > 1;
+  const size_t extra = blocks_for(old_tokens + num_new_tokens) - blocks_for(old_tokens);
+  const size_t needed = extra + (copy_tail ? 1 : 0);
+  if (needed > free_block_count()) return out_of_memory(needed, free_block_count());
+
+  if (copy_tail) {
+    const BlockId shared = info->block_ids.back();
+    const BlockId private_copy = take_block();
+    pending_copies_.push_back(TokenCopy{shared, 0, private_copy, 0, static_cast<uint32_t>(filled),
+                                        CopyReason::kCopyOnWrite});
+    release_blocks({shared});
+    info->block_ids.back() = private_copy;
+    stats_.cow_copies += 1;
+    stats_.cow_copied_tokens += filled;
+  }
+  for (size_t i = 0; i < extra; ++i)
+    info->block_ids.push_back(take_block());
+  info->num_tokens = old_tokens + num_new_tokens;
+  touch(*info, old_key);
+  return ok_status();
+}
+
+Status PagedKvCache::free(SeqId seq) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (sequences_.count(seq) == 0) return sequence_not_found(seq);
+  remove_sequence(seq);
+  return ok_status();
+}
+
+Status PagedKvCache::fork(SeqId src, SeqId dst) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (sequences_.count(dst) > 0) {
+    return invalid_operation("Destination sequence " + to_string(dst) + " already exists");
+  }
+  const SequenceInfo* source = find(src);
+  if (source == nullptr) return sequence_not_found(src);
+
+  SequenceInfo child;
+  child.seq_id = dst;
+  child.num_tokens = source->num_tokens;
+  child.block_ids = source->block_ids;
+  child.priority = source->priority;
+  for (BlockId block : child.block_ids) {
+    const Status status = allocator_.add_ref(block);
+    KVF_CHECK(status.ok(), status.message());
+  }
+  child.last_access = ++clock_;
+  child.access_count = 1;
+  victims_->insert(child);
+  sequences_.emplace(dst, std::move(child));
+  stats_.total_forks += 1;
+  return ok_status();
+}
+
+Status PagedKvCache::set_priority(SeqId seq, uint32_t priority) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  SequenceInfo* info = find(seq);
+  if (info == nullptr) return sequence_not_found(seq);
+  if (strategy_.policy() == EvictionPolicy::kPriority && priority >= strategy_.levels()) {
+    return invalid_argument("priority " + std::to_string(priority) + " for " + to_string(seq) +
+                            " is out of range for " + strategy_.to_string() + " (valid 0.." +
+                            std::to_string(strategy_.levels() - 1) + ")");
+  }
+  const VictimKey old_key = victims_->key_of(*info);
+  info->priority = priority;
+  victims_->update(old_key, *info);
+  return ok_status();
+}
+
+Result<SeqId> PagedKvCache::evict() {
+  KVF_RETURN_IF_ERROR(init_status_);
+  const auto target = select_eviction_target();
+  if (!target) return Status(ErrorCode::kNothingToEvict, "No sequences to evict");
+  remove_sequence(*target);
+  stats_.total_evictions += 1;
+  return *target;
+}
+
+Result<std::vector<SeqId>> PagedKvCache::evict_to_threshold(double target_util) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (!(target_util >= 0.0 && target_util <= 1.0)) {
+    return invalid_argument("evict_to_threshold target must be in [0, 1] (got " +
+                            std::to_string(target_util) + ")");
+  }
+  std::vector<SeqId> evicted;
+  while (utilization() > target_util && !victims_->empty()) {
+    // Evicting a sequence whose blocks are all shared frees nothing; take the first victim in
+    // strategy order that frees memory, and fall back to the first one only when none does.
+    SeqId victim = detail::VictimIndex::seq_of(*victims_->begin());
+    for (const auto& key : *victims_) {
+      const SeqId candidate = detail::VictimIndex::seq_of(key);
+      if (frees_a_block(sequences_.at(candidate))) {
+        victim = candidate;
+        break;
+      }
+    }
+    remove_sequence(victim);
+    stats_.total_evictions += 1;
+    evicted.push_back(victim);
+  }
+  return evicted;
+}
+
+Result<std::vector<SeqId>> PagedKvCache::evict_to_threshold() {
+  return evict_to_threshold(threshold_);
+}
+
+Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq) {
+  if (strategy_.policy() != EvictionPolicy::kStreamingLlm) {
+    return invalid_operation("apply_streaming_llm without sizes needs the StreamingLLM strategy (" +
+                             strategy_.to_string() + " is configured)");
+  }
+  return apply_streaming_llm(seq, strategy_.sink_tokens(), strategy_.window_tokens());
+}
+
+Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
+                                                 size_t window_tokens) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  SequenceInfo* info = find(seq);
+  if (info == nullptr) return sequence_not_found(seq);
+  if (sink_tokens > std::numeric_limits<size_t>::max() - window_tokens) {
+    return invalid_argument("sink_tokens + window_tokens overflows");
+  }
+  const size_t keep = sink_tokens + window_tokens;
+  if (info->num_tokens <= keep) return size_t{0};
+
+  const detail::CompactionPlan plan = detail::plan_streaming_compaction(
+      info->num_tokens, layout_.block_size, sink_tokens, window_tokens);
+  const std::vector<BlockId>& old_table = info->block_ids;
+
+  // A block that receives moved tokens must be private to this sequence; a shared one is replaced
+  // by a fresh block that first gets the tokens the shared block kept in place.
+  std::vector<bool> written(plan.base_index.size(), false);
+  for (const auto& move : plan.moves)
+    written[move.dst_index] = true;
+  size_t fresh_needed = 0;
+  for (size_t k = 0; k < plan.base_index.size(); ++k) {
+    if (written[k] && allocator_.ref_count(old_table[plan.base_index[k]]) > 1) ++fresh_needed;
+  }
+  if (fresh_needed > free_block_count()) return out_of_memory(fresh_needed, free_block_count());
+
+  const size_t bs = layout_.block_size;
+  std::vector<BlockId> new_table(plan.base_index.size());
+  std::vector<BlockId> released;
+  uint64_t copied_tokens = 0;
+  for (size_t k = 0; k < plan.base_index.size(); ++k) {
+    const BlockId base = old_table[plan.base_index[k]];
+    new_table[k] = base;
+    if (!written[k] || allocator_.ref_count(base) == 1) continue;
+    const BlockId fresh = take_block();
+    new_table[k] = fresh;
+    released.push_back(base);
+    // The slots of new block k that no move fills: those kept in place in the base block.
+    const size_t block_tokens = std::min(bs, keep - k * bs);
+    std::vector<bool> moved_slot(block_tokens, false);
+    for (const auto& move : plan.moves) {
+      if (move.dst_index != k) continue;
+      for (uint32_t i = 0; i < move.num_tokens; ++i)
+        moved_slot[move.dst_offset + i] = true;
+    }
+    for (size_t slot = 0; slot < block_tokens;) {
+      if (moved_slot[slot]) {
+        ++slot;
+        continue;
+      }
+      size_t end = slot;
+      while (end < block_tokens && !moved_slot[end])
+        ++end;
+      pending_copies_.push_back(
+          TokenCopy{base, static_cast<uint32_t>(slot), fresh, static_cast<uint32_t>(slot),
+                    static_cast<uint32_t>(end - slot), CopyReason::kCompaction});
+      copied_tokens += end - slot;
+      slot = end;
+    }
+  }
+  for (const auto& move : plan.moves) {
+    pending_copies_.push_back(TokenCopy{old_table[move.src_index], move.src_offset,
+                                        new_table[move.dst_index], move.dst_offset, move.num_tokens,
+                                        CopyReason::kCompaction});
+    copied_tokens += move.num_tokens;
+  }
+  for (size_t index : plan.dropped_index)
+    released.push_back(old_table[index]);
+  release_blocks(released);
+
+  const size_t dropped = info->num_tokens - keep;
+  const VictimKey old_key = victims_->key_of(*info);
+  info->block_ids = std::move(new_table);
+  info->num_tokens = keep;
+  touch(*info, old_key);
+
+  stats_.compactions += 1;
+  stats_.compaction_copied_tokens += copied_tokens;
+  stats_.streaming_evicted_tokens += dropped;
+  return dropped;
+}
+
+std::vector<TokenCopy> PagedKvCache::take_pending_copies() {
+  std::vector<TokenCopy> copies;
+  copies.swap(pending_copies_);
+  return copies;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Integrity and display
+
+Status PagedKvCache::verify_integrity() const {
+  std::vector<uint32_t> refs(total_blocks(), 0);
+  for (const auto& [seq, info] : sequences_) {
+    if (info.block_ids.size() != blocks_for(info.num_tokens)) {
+      return Status(ErrorCode::kInternal,
+                    to_string(seq) + " has " + std::to_string(info.block_ids.size()) +
+                        " blocks for " + std::to_string(info.num_tokens) + " tokens");
+    }
+    for (BlockId block : info.block_ids) {
+      if (block.value >= refs.size()) return block_not_found(block);
+      ++refs[block.value];
+    }
+    if (!victims_->contains(info)) {
+      return Status(ErrorCode::kInternal, to_string(seq) + " is missing from the victim index");
+    }
+  }
+  size_t free_blocks = 0;
+  for (uint32_t b = 0; b < refs.size(); ++b) {
+    if (refs[b] != allocator_.ref_count(BlockId{b})) {
+      return Status(ErrorCode::kInternal, to_string(BlockId{b}) + " has " +
+                                              std::to_string(allocator_.ref_count(BlockId{b})) +
+                                              " references but " + std::to_string(refs[b]) +
+                                              " tables hold it");
+    }
+    if (refs[b] == 0) ++free_blocks;
+  }
+  if (free_blocks != free_block_count()) {
+    return Status(ErrorCode::kInternal, "free list holds " + std::to_string(free_block_count()) +
+                                            " blocks but " + std::to_string(free_blocks) +
+                                            " are unreferenced");
+  }
+  if (victims_->size() != sequences_.size()) {
+    return Status(ErrorCode::kInternal, "victim index size differs from the sequence count");
+  }
+  return ok_status();
+}
+
+std::ostream& operator<<(std::ostream& os, const PagedKvCache& cache) {
+  char line[160];
+  os << "PagedKvCache\n";
+  os << "  Strategy: " << cache.strategy_ << " (block_size=" << cache.block_size() << ")\n";
+  std::snprintf(line, sizeof(line), "  Blocks: %zu/%zu (%.1f%% used)\n", cache.used_block_count(),
+                cache.total_blocks(), cache.utilization() * 100.0);
+  os << line;
+  std::snprintf(line, sizeof(line), "  Memory: %.2f MB / %.2f MB\n",
+                static_cast<double>(cache.used_memory_bytes()) / 1e6,
+                static_cast<double>(cache.total_memory_bytes()) / 1e6);
+  os << line;
+  os << "  Sequences: " << cache.num_sequences() << " active\n";
+  const CacheStats& s = cache.stats_;
+  os << "  Stats: allocs=" << s.total_allocations << ", frees=" << s.total_frees
+     << ", evictions=" << s.total_evictions << ", forks=" << s.total_forks << "\n";
+  return os;
+}
+
+}  // namespace kvfabric
