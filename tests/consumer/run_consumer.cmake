@@ -1,0 +1,30 @@
+# ctest driver: builds tests/consumer against kvfabric and runs it.
+#   MODE=find_package     installs this build tree to WORK_DIR/prefix and uses find_package()
+#   MODE=add_subdirectory adds the source tree to the consumer build
+file(REMOVE_RECURSE ${WORK_DIR})
+set(consumer_src ${SOURCE_DIR}/tests/consumer)
+if(MODE STREQUAL "find_package")
+  execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix
+                  RESULT_VARIABLE rc OUTPUT_QUIET)
+  if(rc)
+    message(FATAL_ERROR "cmake --install failed: ${rc}")
+  endif()
+  set(configure_args -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
+else()
+  set(configure_args -DKVFABRIC_SOURCE_DIR=${SOURCE_DIR} -DKVF_ENABLE_CUDA=OFF -DKVF_ENABLE_MPI=OFF)
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${consumer_src} -B ${WORK_DIR}/build -G ${GENERATOR}
+                        -DCMAKE_BUILD_TYPE=Release ${configure_args}
+                RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "configuring the consumer failed: ${rc}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${WORK_DIR}/build RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "building the consumer failed: ${rc}")
+endif()
+execute_process(COMMAND ${WORK_DIR}/build/consumer RESULT_VARIABLE rc OUTPUT_VARIABLE out)
+message(STATUS "${out}")
+if(rc)
+  message(FATAL_ERROR "the consumer failed: ${rc}")
+endif()

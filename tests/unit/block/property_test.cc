@@ -1,0 +1,202 @@
+// Randomized operations against the block manager, with every invariant checked after every
+// operation and a host slot model holding the tokens each sequence must read back.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <sstream>
+
+#include "kvfabric/kvfabric.h"
+#include "testing/slot_model.h"
+
+namespace kvfabric {
+namespace {
+
+constexpr size_t kBlocks = 96;
+constexpr size_t kBlockSize = 4;
+constexpr int kOperations = 100'000;
+
+// Everything observable through the public API; equal before and after a failed call.
+std::string fingerprint(const PagedKvCache& cache) {
+  std::ostringstream os;
+  os << cache << cache.free_block_count() << "|" << cache.pending_copies().size() << "|"
+     << cache.stats().cow_copies << "|" << cache.stats().compactions << "|";
+  for (SeqId id : cache.sequence_ids()) {
+    const SequenceInfo* s = cache.get_sequence(id);
+    os << id << ":" << s->num_tokens << ":" << s->last_access << ":" << s->access_count << ":"
+       << s->priority << ":";
+    for (BlockId b : s->block_ids)
+      os << b << ",";
+  }
+  return os.str();
+}
+
+class BlockManagerProperty : public ::testing::TestWithParam<EvictionStrategy> {
+ protected:
+  BlockManagerProperty()
+      : cache_(PagedKvCache(kBlocks, kBlockSize, 2, 8).with_eviction_strategy(GetParam())),
+        slots_(kBlocks, kBlockSize) {}
+
+  std::vector<int64_t> fresh_tokens(size_t n) {
+    std::vector<int64_t> tokens(n);
+    for (auto& t : tokens)
+      t = next_token_++;
+    return tokens;
+  }
+
+  SeqId random_live(bool allow_missing) {
+    if (expected_.empty() || (allow_missing && rng_() % 20 == 0))
+      return SeqId{1'000'000 + rng_() % 5};
+    auto it = expected_.begin();
+    std::advance(it, rng_() % expected_.size());
+    return it->first;
+  }
+
+  void flush_copies() { slots_.apply(cache_.take_pending_copies()); }
+
+  void check_invariants() {
+    ASSERT_EQ(cache_.free_block_count() + cache_.used_block_count(), cache_.total_blocks());
+    std::vector<uint32_t> holders(kBlocks, 0);
+    ASSERT_EQ(cache_.sequence_ids().size(), expected_.size());
+    for (const auto& [id, tokens] : expected_) {
+      const SequenceInfo* s = cache_.get_sequence(id);
+      ASSERT_NE(s, nullptr) << id;
+      ASSERT_EQ(s->num_tokens, tokens.size()) << id;
+      ASSERT_EQ(s->num_blocks(), (tokens.size() + kBlockSize - 1) / kBlockSize) << id;
+      for (BlockId b : s->block_ids)
+        ++holders.at(b.value);
+      if (cache_.pending_copies().empty()) {
+        ASSERT_EQ(slots_.read(*s), tokens) << id;
+      }
+    }
+    size_t unreferenced = 0;
+    for (uint32_t b = 0; b < kBlocks; ++b) {
+      ASSERT_EQ(cache_.block_ref_count(BlockId{b}), holders[b]) << BlockId{b};
+      if (holders[b] == 0) ++unreferenced;
+    }
+    // No free block is referenced, and every unreferenced block is free.
+    ASSERT_EQ(unreferenced, cache_.free_block_count());
+    ASSERT_TRUE(cache_.verify_integrity().ok()) << cache_.verify_integrity();
+  }
+
+  // The blocks a sequence just wrote (or a copy this call queued fills) belong to it alone.
+  void expect_private_writes(SeqId id, size_t first_written, size_t copies_before) {
+    const SequenceInfo* s = cache_.get_sequence(id);
+    for (size_t pos = first_written; pos < s->num_tokens; pos += 1) {
+      ASSERT_EQ(cache_.block_ref_count(s->block_ids[pos / kBlockSize]), 1u)
+          << id << " wrote position " << pos << " into a shared block";
+    }
+    const auto& copies = cache_.pending_copies();
+    for (size_t i = copies_before; i < copies.size(); ++i) {
+      ASSERT_EQ(cache_.block_ref_count(copies[i].dst_block), 1u) << copies[i];
+    }
+  }
+
+  void step() {
+    const std::string before = fingerprint(cache_);
+    const size_t copies_before = cache_.pending_copies().size();
+    const int op = static_cast<int>(rng_() % 100);
+    Status status;
+    if (op < 15) {  // allocate
+      const SeqId id =
+          rng_() % 10 == 0 && !expected_.empty() ? random_live(false) : SeqId{next_seq_++};
+      const size_t n = rng_() % 41;
+      status = cache_.allocate(id, n);
+      if (status.ok()) {
+        flush_copies();
+        expected_[id] = fresh_tokens(n);
+        slots_.write(*cache_.get_sequence(id), 0, expected_[id]);
+        expect_private_writes(id, 0, copies_before);
+      }
+    } else if (op < 50) {  // append
+      const SeqId id = random_live(true);
+      const size_t n = rng_() % 4 == 0 ? rng_() % 9 : 1;
+      const size_t old = expected_.count(id) ? expected_[id].size() : 0;
+      status = cache_.append(id, n);
+      if (status.ok()) {
+        expect_private_writes(id, old, copies_before);
+        flush_copies();
+        const auto tokens = fresh_tokens(n);
+        slots_.write(*cache_.get_sequence(id), old, tokens);
+        expected_[id].insert(expected_[id].end(), tokens.begin(), tokens.end());
+      }
+    } else if (op < 62) {  // fork
+      const SeqId src = random_live(true);
+      const SeqId dst =
+          rng_() % 10 == 0 && !expected_.empty() ? random_live(false) : SeqId{next_seq_++};
+      status = cache_.fork(src, dst);
+      if (status.ok()) expected_[dst] = expected_[src];
+    } else if (op < 72) {  // free
+      const SeqId id = random_live(true);
+      status = cache_.free(id);
+      if (status.ok()) expected_.erase(id);
+    } else if (op < 75) {  // evict
+      auto evicted = cache_.evict();
+      status = evicted.status();
+      if (evicted.ok()) expected_.erase(evicted.value());
+    } else if (op < 78) {  // evict_to_threshold
+      const double target = static_cast<double>(rng_() % 11) / 10.0;
+      auto evicted = cache_.evict_to_threshold(target);
+      status = evicted.status();
+      ASSERT_TRUE(evicted.ok());
+      for (SeqId id : evicted.value())
+        expected_.erase(id);
+      ASSERT_LE(cache_.utilization(), target + 1e-12);
+    } else if (op < 90) {  // apply_streaming_llm
+      const SeqId id = random_live(true);
+      const size_t sink = rng_() % 9;
+      const size_t window = rng_() % 25;
+      auto dropped = cache_.apply_streaming_llm(id, sink, window);
+      status = dropped.status();
+      if (dropped.ok() && dropped.value() > 0) {
+        expect_private_writes(id, cache_.get_sequence(id)->num_tokens, copies_before);
+        auto& tokens = expected_[id];
+        std::vector<int64_t> kept(tokens.begin(), tokens.begin() + sink);
+        kept.insert(kept.end(), tokens.end() - window, tokens.end());
+        tokens = kept;
+      }
+    } else {  // set_priority
+      const SeqId id = random_live(true);
+      status = cache_.set_priority(id, static_cast<uint32_t>(rng_() % 6));
+    }
+    if (!status.ok()) {
+      ASSERT_EQ(fingerprint(cache_), before) << "failed call changed state: " << status;
+    }
+    if (rng_() % 2 == 0) flush_copies();  // copies may also pile up across calls
+    check_invariants();
+  }
+
+  PagedKvCache cache_;
+  testing::SlotModel slots_;
+  std::map<SeqId, std::vector<int64_t>> expected_;
+  std::mt19937_64 rng_{20261122};
+  int64_t next_token_ = 0;
+  uint64_t next_seq_ = 1;
+};
+
+TEST_P(BlockManagerProperty, RandomOperationsKeepEveryInvariant) {
+  for (int i = 0; i < kOperations; ++i) {
+    ASSERT_NO_FATAL_FAILURE(step()) << "operation " << i;
+  }
+  // The mix must actually exercise the interesting paths.
+  EXPECT_GT(cache_.stats().cow_copies, 100u);
+  EXPECT_GT(cache_.stats().compactions, 100u);
+  EXPECT_GT(cache_.stats().total_evictions, 100u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, BlockManagerProperty,
+                         ::testing::Values(EvictionStrategy::lru(), EvictionStrategy::lfu(),
+                                           EvictionStrategy::longest_first(),
+                                           EvictionStrategy::priority(4),
+                                           EvictionStrategy::streaming_llm(4, 16)),
+                         [](const auto& param_info) {
+                           std::string name = param_info.param.to_string();
+                           name.erase(std::remove_if(name.begin(), name.end(),
+                                                     [](char c) { return !std::isalnum(c); }),
+                                      name.end());
+                           return name;
+                         });
+
+}  // namespace
+}  // namespace kvfabric

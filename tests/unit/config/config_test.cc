@@ -1,0 +1,182 @@
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+
+#include "kvfabric/config/config.h"
+
+namespace kvfabric {
+namespace {
+
+const std::string kConfigDir = std::string(KVF_SOURCE_DIR) + "/configs/";
+
+constexpr const char* kTiny = R"(
+model: {name: t, num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64, dtype: f32}
+cache: {block_size: 16, num_blocks: 64, kv_dtype: f16}
+topology: {tp: 1, dp: 1}
+)";
+
+EnvLookup env_of(const std::map<std::string, std::string>& vars) {
+  return [vars](const char* name) -> const char* {
+    const auto it = vars.find(name);
+    return it == vars.end() ? nullptr : it->second.c_str();
+  };
+}
+
+TEST(Config, ShippedConfigsLoad) {
+  const auto llama8b = load_config_file(kConfigDir + "llama3-8b.yaml");
+  ASSERT_TRUE(llama8b.ok()) << llama8b.status();
+  EXPECT_EQ(llama8b->model.num_layers, 32u);
+  EXPECT_EQ(llama8b->model.num_kv_heads, 8u);
+  EXPECT_EQ(block_layout(*llama8b)->block_bytes(), 2u << 20);
+  EXPECT_EQ(resolved_num_blocks(*llama8b).value(), 20480u);
+
+  const auto llama70b = load_config_file(kConfigDir + "llama3-70b-tp8.yaml");
+  ASSERT_TRUE(llama70b.ok()) << llama70b.status();
+  EXPECT_EQ(llama70b->topology.tp, 8u);
+  EXPECT_EQ(local_kv_heads(llama70b->model, llama70b->topology), 1u);
+  EXPECT_EQ(block_layout(*llama70b)->block_bytes(), 2u * 80 * 1 * 16 * 128 * 2);
+
+  const auto tiny = load_config_file(kConfigDir + "tiny-cpu.yaml");
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  EXPECT_EQ(tiny->cache.num_blocks, 256u);
+  EXPECT_EQ(tiny->cache.kv_dtype, DType::kF32);
+  EXPECT_EQ(tiny->cache.eviction.window_tokens, 64u);
+}
+
+TEST(Config, MissingFileIsIoError) {
+  const auto missing = load_config_file(kConfigDir + "nope.yaml");
+  EXPECT_EQ(missing.status().code(), ErrorCode::kIoError);
+  EXPECT_NE(missing.status().message().find("nope.yaml"), std::string::npos);
+}
+
+TEST(Config, UnknownKeyNamesKeyLineAndAlternatives) {
+  const auto bad = parse_config(
+      "model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64}\n"
+      "cache:\n  blok_size: 16\n  num_blocks: 4\n",
+      "x.yaml");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), ErrorCode::kInvalidArgument);
+  const std::string& msg = bad.status().message();
+  EXPECT_NE(msg.find("x.yaml:3"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("cache.blok_size"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("block_size"), std::string::npos) << msg;
+
+  const auto top = parse_config("modle: {}\n");
+  EXPECT_NE(top.status().message().find("unknown key 'modle'"), std::string::npos);
+}
+
+TEST(Config, MalformedValuesAreErrors) {
+  auto with = [](const std::string& cache) {
+    return parse_config(
+        "model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64}\n"
+        "cache: {" +
+        cache + "}\n");
+  };
+  EXPECT_NE(with("block_size: -1, num_blocks: 4").status().message().find("cache.block_size"),
+            std::string::npos);
+  EXPECT_NE(with("block_size: 5000, num_blocks: 4").status().message().find("[1, 4096]"),
+            std::string::npos);
+  EXPECT_NE(with("num_blocks: 4, kv_dtype: int3").status().message().find("int3"),
+            std::string::npos);
+  EXPECT_NE(with("num_blocks: 4, eviction: {threshold: 1.5}").status().message().find("[0, 1]"),
+            std::string::npos);
+  EXPECT_NE(with("num_blocks: 4, eviction: {strategy: random}").status().message().find("random"),
+            std::string::npos);
+  EXPECT_NE(with("num_blocks: 4, memory_budget: 1GiB").status().message().find("exactly one"),
+            std::string::npos);
+  EXPECT_NE(with("block_size: 16").status().message().find("exactly one"), std::string::npos);
+  EXPECT_NE(with("num_blocks: [1, 2]").status().message().find("single value"), std::string::npos);
+  EXPECT_NE(with("memory_budget: 1KiB").status().message().find("holds no block"),
+            std::string::npos);
+  EXPECT_EQ(parse_config("model: [").status().code(), ErrorCode::kParseError);
+  EXPECT_EQ(parse_config("").status().code(), ErrorCode::kInvalidArgument);
+}
+
+TEST(Config, CrossFieldRules) {
+  auto model = [](const std::string& m, const std::string& topo) {
+    return parse_config("model: {" + m + "}\ncache: {num_blocks: 8}\ntopology: {" + topo + "}\n");
+  };
+  EXPECT_NE(model("num_layers: 2, num_query_heads: 6, num_kv_heads: 4, head_dim: 64", "tp: 1")
+                .status()
+                .message()
+                .find("multiple of model.num_kv_heads"),
+            std::string::npos);
+  EXPECT_NE(model("num_layers: 2, num_query_heads: 6, num_kv_heads: 6, head_dim: 64", "tp: 4")
+                .status()
+                .message()
+                .find("topology.tp"),
+            std::string::npos);
+  EXPECT_NE(model("num_layers: 2, num_query_heads: 4, num_kv_heads: 4, head_dim: 64, dtype: int8",
+                  "tp: 1")
+                .status()
+                .message()
+                .find("model.dtype"),
+            std::string::npos);
+  // Hkv < tp replicates each KV head on tp / Hkv shards.
+  const auto replicated =
+      model("num_layers: 2, num_query_heads: 8, num_kv_heads: 2, head_dim: 64", "tp: 8");
+  ASSERT_TRUE(replicated.ok()) << replicated.status();
+  EXPECT_EQ(local_kv_heads(replicated->model, replicated->topology), 1u);
+}
+
+TEST(Config, MemoryBudgetDerivesBlocks) {
+  const auto config = parse_config(
+      "model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64}\n"
+      "cache: {block_size: 16, memory_budget: 1MiB, kv_dtype: f16}\n");
+  ASSERT_TRUE(config.ok()) << config.status();
+  // 2 layers * 2 (K, V) * 2 heads * 16 tokens * 64 * 2 B = 16 KiB per block.
+  EXPECT_EQ(block_layout(*config)->block_bytes(), 16384u);
+  EXPECT_EQ(resolved_num_blocks(*config).value(), 64u);
+}
+
+TEST(Config, EnvOverridesApplyAndValidate) {
+  Config config = parse_config(kTiny).value();
+  ASSERT_TRUE(apply_env_overrides(config, env_of({{"KVF_CACHE_BLOCK_SIZE", "32"},
+                                                  {"KVF_CACHE_EVICTION_STRATEGY", "lfu"},
+                                                  {"KVF_TOPOLOGY_DP", "4"},
+                                                  {"KVF_UNRELATED", "x"}}))
+                  .ok());
+  EXPECT_EQ(config.cache.block_size, 32u);
+  EXPECT_EQ(config.cache.eviction.strategy, EvictionPolicy::kLfu);
+  EXPECT_EQ(config.topology.dp, 4u);
+
+  const Config before = config;
+  const Status malformed = apply_env_overrides(config, env_of({{"KVF_CACHE_NUM_BLOCKS", "lots"}}));
+  EXPECT_EQ(malformed.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(malformed.message().find("KVF_CACHE_NUM_BLOCKS"), std::string::npos);
+  const Status invalid = apply_env_overrides(
+      config, env_of({{"KVF_CACHE_BLOCK_SIZE", "0"}, {"KVF_TOPOLOGY_TP", "2"}}));
+  EXPECT_NE(invalid.message().find("cache.block_size"), std::string::npos);
+  EXPECT_EQ(config.cache.block_size, before.cache.block_size);
+  EXPECT_EQ(config.topology.tp, before.topology.tp);
+}
+
+TEST(Config, DumpRoundTripsAndShowsDerivedValues) {
+  Config config = load_config_file(kConfigDir + "llama3-70b-tp8.yaml").value();
+  const std::string dumped = dump_config(config);
+  EXPECT_NE(dumped.find("local_kv_heads: 1"), std::string::npos) << dumped;
+  EXPECT_NE(dumped.find("block_bytes: 655360"), std::string::npos) << dumped;
+  const auto reparsed = parse_config(dumped, "dump");
+  ASSERT_TRUE(reparsed.ok()) << reparsed.status() << "\n" << dumped;
+  EXPECT_EQ(dump_config(reparsed.value()), dumped);
+}
+
+TEST(Config, KeysAndEnvNames) {
+  const auto keys = config_keys();
+  EXPECT_EQ(keys.front(), "model.name");
+  EXPECT_EQ(env_var_for_key("cache.eviction.threshold"), "KVF_CACHE_EVICTION_THRESHOLD");
+}
+
+TEST(Config, ByteSizes) {
+  EXPECT_EQ(parse_byte_size("1024").value(), 1024u);
+  EXPECT_EQ(parse_byte_size("16GiB").value(), 16ull << 30);
+  EXPECT_EQ(parse_byte_size("512 MiB").value(), 512ull << 20);
+  EXPECT_EQ(parse_byte_size("1.5GB").value(), 1500000000ull);
+  EXPECT_FALSE(parse_byte_size("12 parsecs").ok());
+  EXPECT_FALSE(parse_byte_size("GiB").ok());
+  EXPECT_FALSE(parse_byte_size("-5").ok());
+}
+
+}  // namespace
+}  // namespace kvfabric
