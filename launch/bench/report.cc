@@ -1,0 +1,79 @@
+#include "bench/report.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+
+namespace kvfabric::bench {
+
+std::string Table::to_string() const {
+  std::vector<size_t> width(header_.size(), 0);
+  auto widen = [&](const std::vector<std::string>& row) {
+    for (size_t c = 0; c < row.size() && c < width.size(); ++c)
+      width[c] = std::max(width[c], row[c].size());
+  };
+  widen(header_);
+  for (const auto& row : rows_)
+    widen(row);
+  std::string out;
+  auto emit = [&](const std::vector<std::string>& row) {
+    for (size_t c = 0; c < width.size(); ++c) {
+      const std::string cell = c < row.size() ? row[c] : "";
+      // First column left-aligned (labels), the rest right-aligned (numbers).
+      out +=
+          c == 0 ? fmt::format("{:<{}}", cell, width[c]) : fmt::format("  {:>{}}", cell, width[c]);
+    }
+    out += "\n";
+  };
+  emit(header_);
+  size_t total = 0;
+  for (size_t w : width)
+    total += w + 2;
+  out += std::string(total - 2, '-') + "\n";
+  for (const auto& row : rows_)
+    emit(row);
+  return out;
+}
+
+ProgressLine::ProgressLine() : tty_(isatty(STDERR_FILENO) != 0) {}
+
+void ProgressLine::update(const std::string& text, bool force) {
+  ++calls_;
+  if (tty_) {
+    std::fprintf(stderr, "\r%-100s", text.c_str());
+    dirty_ = true;
+  } else if (force || calls_ % 5 == 1) {
+    std::fprintf(stderr, "%s\n", text.c_str());
+  }
+  std::fflush(stderr);
+}
+
+void ProgressLine::finish() {
+  if (tty_ && dirty_) std::fprintf(stderr, "\n");
+  dirty_ = false;
+  calls_ = 0;
+}
+
+Status write_json(const std::string& path, const nlohmann::json& results) {
+  std::ofstream out(path);
+  if (!out) return Status(ErrorCode::kIoError, "cannot write results to '" + path + "'");
+  out << results.dump(2) << "\n";
+  if (!out) return Status(ErrorCode::kIoError, "failed writing results to '" + path + "'");
+  return ok_status();
+}
+
+std::string format_percent(double fraction, int decimals) {
+  return fmt::format("{:.{}f}%", fraction * 100.0, decimals);
+}
+
+std::string format_count(double value) {
+  if (value >= 1e9) return fmt::format("{:.2f}G", value / 1e9);
+  if (value >= 1e6) return fmt::format("{:.2f}M", value / 1e6);
+  if (value >= 1e3) return fmt::format("{:.1f}k", value / 1e3);
+  return fmt::format("{:.0f}", value);
+}
+
+}  // namespace kvfabric::bench

@@ -1,0 +1,45 @@
+// Output helpers shared by the kvfabric-bench routines: aligned text tables, progress lines and
+// the --json results file.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <vector>
+
+#include "kvfabric/common/status.h"
+
+namespace kvfabric::bench {
+
+//! A text table: a header row and data rows, printed with aligned columns.
+class Table {
+ public:
+  explicit Table(std::vector<std::string> header) : header_(std::move(header)) {}
+  void add_row(std::vector<std::string> row) { rows_.push_back(std::move(row)); }
+  [[nodiscard]] std::string to_string() const;
+
+ private:
+  std::vector<std::string> header_;
+  std::vector<std::vector<std::string>> rows_;
+};
+
+//! Rewrites one status line on a terminal (\r); on a pipe, prints only every `every`-th call.
+class ProgressLine {
+ public:
+  ProgressLine();
+  void update(const std::string& text, bool force = false);
+  void finish();
+
+ private:
+  bool tty_;
+  int calls_ = 0;
+  bool dirty_ = false;
+};
+
+//! Writes `results` to `path` (pretty-printed). IoError names the path.
+Status write_json(const std::string& path, const nlohmann::json& results);
+
+std::string format_percent(double fraction, int decimals = 1);
+std::string format_count(double value);  //!< 1234567 -> "1.23M"
+
+}  // namespace kvfabric::bench

@@ -1,0 +1,22 @@
+// kvfabric-bench routines. Each adds its CLI11 subcommand; when that subcommand is parsed it sets
+// `selected` to the function that runs it and fills the --json results.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <functional>
+
+#include "kvfabric/common/status.h"
+
+namespace kvfabric::bench {
+
+using RoutineFn = std::function<Status(nlohmann::json& results)>;
+
+//! `alloc`: replays the Azure code trace through the block manager (utilization, fragmentation,
+//! preemptions, operations per second).
+void add_alloc_routine(CLI::App& app, RoutineFn& selected);
+//! `config`: prints the effective config (file + KVF_* overrides) with derived values.
+void add_config_routine(CLI::App& app, RoutineFn& selected);
+
+}  // namespace kvfabric::bench

@@ -1,0 +1,127 @@
+#include "bench/trace.h"
+
+#include <charconv>
+#include <ctime>
+#include <fstream>
+#include <sstream>
+
+extern "C" const char kvf_trace_azure_code[];
+extern "C" const char kvf_trace_azure_code_end[];
+extern "C" const char kvf_trace_mooncake_conversation[];
+extern "C" const char kvf_trace_mooncake_conversation_end[];
+
+namespace kvfabric::bench {
+namespace {
+
+bool parse_uint(std::string_view text, uint64_t& out) {
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
+  return ec == std::errc() && end == text.data() + text.size() && !text.empty();
+}
+
+// "YYYY-MM-DD HH:MM:SS[.fraction]" -> seconds since the epoch.
+bool parse_timestamp(std::string_view text, double& seconds) {
+  if (text.size() < 19 || text[4] != '-' || text[7] != '-' || text[10] != ' ' || text[13] != ':' ||
+      text[16] != ':') {
+    return false;
+  }
+  uint64_t year, month, day, hour, minute, second;
+  if (!parse_uint(text.substr(0, 4), year) || !parse_uint(text.substr(5, 2), month) ||
+      !parse_uint(text.substr(8, 2), day) || !parse_uint(text.substr(11, 2), hour) ||
+      !parse_uint(text.substr(14, 2), minute) || !parse_uint(text.substr(17, 2), second)) {
+    return false;
+  }
+  double fraction = 0;
+  if (text.size() > 19) {
+    if (text[19] != '.') return false;
+    uint64_t digits = 0;
+    const std::string_view frac = text.substr(20);
+    if (!parse_uint(frac, digits)) return false;
+    double scale = 1;
+    for (size_t i = 0; i < frac.size(); ++i)
+      scale *= 10;
+    fraction = static_cast<double>(digits) / scale;
+  }
+  if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60) {
+    return false;
+  }
+  std::tm fields{};
+  fields.tm_year = static_cast<int>(year) - 1900;
+  fields.tm_mon = static_cast<int>(month) - 1;
+  fields.tm_mday = static_cast<int>(day);
+  fields.tm_hour = static_cast<int>(hour);
+  fields.tm_min = static_cast<int>(minute);
+  fields.tm_sec = static_cast<int>(second);
+  seconds = static_cast<double>(timegm(&fields)) + fraction;  // trace timestamps are UTC
+  return true;
+}
+
+}  // namespace
+
+Result<std::vector<TraceRequest>> parse_azure_trace(std::string_view csv, std::string_view source) {
+  std::vector<TraceRequest> requests;
+  double first = 0;
+  size_t line_no = 0;
+  while (!csv.empty()) {
+    const size_t eol = csv.find('\n');
+    std::string_view line = csv.substr(0, eol);
+    csv = eol == std::string_view::npos ? std::string_view() : csv.substr(eol + 1);
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    if (line.empty()) continue;
+    if (line_no == 1) {
+      if (line.rfind("TIMESTAMP,", 0) != 0) {
+        return Status(ErrorCode::kParseError,
+                      std::string(source) +
+                          ":1: expected the header TIMESTAMP,ContextTokens,GeneratedTokens");
+      }
+      continue;
+    }
+    const size_t c1 = line.find(',');
+    const size_t c2 = c1 == std::string_view::npos ? c1 : line.find(',', c1 + 1);
+    auto bad = [&](const std::string& what) {
+      return Status(ErrorCode::kParseError, std::string(source) + ":" + std::to_string(line_no) +
+                                                ": " + what + " in '" + std::string(line) + "'");
+    };
+    if (c2 == std::string_view::npos) return bad("expected 3 comma-separated fields");
+    double t = 0;
+    uint64_t prompt = 0, output = 0;
+    if (!parse_timestamp(line.substr(0, c1), t)) return bad("bad timestamp");
+    if (!parse_uint(line.substr(c1 + 1, c2 - c1 - 1), prompt) || prompt > UINT32_MAX) {
+      return bad("bad ContextTokens");
+    }
+    if (!parse_uint(line.substr(c2 + 1), output) || output > UINT32_MAX) {
+      return bad("bad GeneratedTokens");
+    }
+    if (requests.empty()) first = t;
+    const double arrival = t - first;
+    if (!requests.empty() && arrival < requests.back().arrival_s) {
+      return bad("timestamp goes backwards");
+    }
+    requests.push_back({arrival, static_cast<uint32_t>(prompt), static_cast<uint32_t>(output)});
+  }
+  if (requests.empty()) {
+    return Status(ErrorCode::kParseError, std::string(source) + ": the trace has no requests");
+  }
+  return requests;
+}
+
+std::string_view embedded_azure_code_trace() {
+  return std::string_view(kvf_trace_azure_code,
+                          static_cast<size_t>(kvf_trace_azure_code_end - kvf_trace_azure_code));
+}
+
+std::string_view embedded_mooncake_conversation_trace() {
+  return std::string_view(
+      kvf_trace_mooncake_conversation,
+      static_cast<size_t>(kvf_trace_mooncake_conversation_end - kvf_trace_mooncake_conversation));
+}
+
+Result<std::string> read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status(ErrorCode::kIoError, "cannot open '" + path + "'");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace kvfabric::bench

@@ -1,0 +1,36 @@
+// kvfabric-bench: the benchmark and trace-replay launcher (`kvfabric-bench <routine> --help`).
+#include <fmt/format.h>
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "bench/report.h"
+#include "bench/routines.h"
+#include "kvfabric/common/logging.h"
+
+int main(int argc, char** argv) {
+  using namespace kvfabric;
+  CLI::App app{"kvfabric-bench: benchmarks and trace replays for kvfabric"};
+  app.fallthrough();  // --json may follow the routine name
+  app.require_subcommand(1);
+  std::string json_path;
+  app.add_option("--json", json_path, "also write machine-readable results to FILE");
+
+  bench::RoutineFn routine;
+  bench::add_alloc_routine(app, routine);
+  bench::add_config_routine(app, routine);
+  CLI11_PARSE(app, argc, argv);
+
+  if (const Status log = configure_logging_from_env(); !log.ok()) {
+    fmt::print(stderr, "kvfabric-bench: {}\n", log.message());
+    return 2;
+  }
+  nlohmann::json results;
+  Status status = routine(results);
+  if (status.ok() && !json_path.empty()) status = bench::write_json(json_path, results);
+  if (!status.ok()) {
+    fmt::print(stderr, "kvfabric-bench: {}\n", status.to_string());
+    return 1;
+  }
+  return 0;
+}
