@@ -1,0 +1,154 @@
+#include "kvfabric/quant/quantize.h"
+
+#include <cmath>
+
+#include "kvfabric/quant/kv_format.h"
+#include "kvfabric/quant/numeric.h"
+
+namespace kvfabric::quant {
+namespace {
+
+void encode_int_row(const RowFormat& f, const float* x, uint8_t* codes, float* scales,
+                    uint8_t* zeros) {
+  const uint32_t bits = dtype_bits(f.dtype);
+  const uint32_t qmax = (1u << bits) - 1u;
+  const uint32_t groups = f.head_dim / f.group_size;
+  for (uint32_t g = 0; g < groups; ++g) {
+    const float* xs = x + g * f.group_size;
+    float lo = xs[0], hi = xs[0];
+    for (uint32_t i = 1; i < f.group_size; ++i) {
+      lo = xs[i] < lo ? xs[i] : lo;
+      hi = xs[i] > hi ? xs[i] : hi;
+    }
+    const IntGroupParams p = int_group_params(lo, hi, qmax);
+    scales[g] = p.scale;
+    zeros[g] = static_cast<uint8_t>(p.zero);
+    for (uint32_t i = 0; i < f.group_size; ++i) {
+      numeric::pack_code(codes, g * f.group_size + i, bits, int_encode(xs[i], p, qmax));
+    }
+  }
+}
+
+}  // namespace
+
+void encode_row(const RowFormat& f, const float* x, uint8_t* codes, float* scales, uint8_t* zeros) {
+  switch (f.dtype) {
+    case DType::kF32:
+      std::memcpy(codes, x, sizeof(float) * f.head_dim);
+      return;
+    case DType::kF16:
+    case DType::kBF16:
+      store_activations(x, f.dtype, f.head_dim, codes);
+      return;
+    case DType::kFP8E4M3: {
+      float absmax = 0.0f;
+      bool all_equal = true;
+      for (uint32_t i = 0; i < f.head_dim; ++i) {
+        const float a = std::fabs(x[i]);
+        absmax = a > absmax ? a : absmax;
+        all_equal = all_equal && x[i] == x[0];
+      }
+      const Fp8RowParams p = fp8_row_params(absmax, all_equal, x[0]);
+      scales[0] = p.scale;
+      for (uint32_t i = 0; i < f.head_dim; ++i)
+        codes[i] = fp8_encode(x[i], p);
+      return;
+    }
+    case DType::kInt8:
+    case DType::kInt4:
+    case DType::kInt2:
+      encode_int_row(f, x, codes, scales, zeros);
+      return;
+  }
+}
+
+void decode_row(const RowFormat& f, const uint8_t* codes, const float* scales, const uint8_t* zeros,
+                float* out) {
+  switch (f.dtype) {
+    case DType::kF32:
+      std::memcpy(out, codes, sizeof(float) * f.head_dim);
+      return;
+    case DType::kF16:
+    case DType::kBF16:
+      load_activations(codes, f.dtype, f.head_dim, out);
+      return;
+    case DType::kFP8E4M3:
+      for (uint32_t i = 0; i < f.head_dim; ++i)
+        out[i] = fp8_decode(codes[i], scales[0]);
+      return;
+    case DType::kInt8:
+    case DType::kInt4:
+    case DType::kInt2: {
+      const uint32_t bits = dtype_bits(f.dtype);
+      for (uint32_t i = 0; i < f.head_dim; ++i) {
+        const uint32_t g = i / f.group_size;
+        out[i] = int_decode(numeric::unpack_code(codes, i, bits), scales[g], zeros[g]);
+      }
+      return;
+    }
+  }
+}
+
+void load_activations(const void* src, DType dtype, uint64_t n, float* out) {
+  switch (dtype) {
+    case DType::kF16: {
+      const auto* h = static_cast<const uint16_t*>(src);
+      for (uint64_t i = 0; i < n; ++i)
+        out[i] = numeric::f16_to_f32(h[i]);
+      return;
+    }
+    case DType::kBF16: {
+      const auto* b = static_cast<const uint16_t*>(src);
+      for (uint64_t i = 0; i < n; ++i)
+        out[i] = numeric::bf16_to_f32(b[i]);
+      return;
+    }
+    default:
+      std::memcpy(out, src, sizeof(float) * n);
+      return;
+  }
+}
+
+void store_activations(const float* src, DType dtype, uint64_t n, void* out) {
+  switch (dtype) {
+    case DType::kF16: {
+      auto* h = static_cast<uint16_t*>(out);
+      for (uint64_t i = 0; i < n; ++i)
+        h[i] = numeric::f32_to_f16(src[i]);
+      return;
+    }
+    case DType::kBF16: {
+      auto* b = static_cast<uint16_t*>(out);
+      for (uint64_t i = 0; i < n; ++i)
+        b[i] = numeric::f32_to_bf16(src[i]);
+      return;
+    }
+    default:
+      std::memcpy(out, src, sizeof(float) * n);
+      return;
+  }
+}
+
+int64_t find_non_finite(const void* src, DType dtype, uint64_t n) {
+  switch (dtype) {
+    case DType::kF16:
+    case DType::kBF16: {
+      // Both have an all-ones exponent field for inf and NaN.
+      const auto* h = static_cast<const uint16_t*>(src);
+      const uint16_t exp_mask = dtype == DType::kF16 ? 0x7C00 : 0x7F80;
+      for (uint64_t i = 0; i < n; ++i) {
+        if ((h[i] & exp_mask) == exp_mask) return static_cast<int64_t>(i);
+      }
+      return -1;
+    }
+    default: {
+      const auto* f = static_cast<const float*>(src);
+      for (uint64_t i = 0; i < n; ++i) {
+        if (!std::isfinite(f[i])) return static_cast<int64_t>(i);
+      }
+      return -1;
+    }
+  }
+}
+
+}  // namespace kvfabric::quant
