@@ -103,6 +103,13 @@ Status validate(const Config& config) {
   if (c.num_blocks > kMaxBlocksPerPool) {
     return out_of_range("cache.num_blocks", c.num_blocks, "<= 4294967295");
   }
+  if (c.host_num_blocks > kMaxBlocksPerPool) {
+    return out_of_range("cache.host_num_blocks", c.host_num_blocks, "<= 4294967295");
+  }
+  if (c.layers_per_group > m.num_layers) {
+    return invalid_argument("cache.layers_per_group (" + std::to_string(c.layers_per_group) +
+                            ") exceeds model.num_layers (" + std::to_string(m.num_layers) + ")");
+  }
   const EvictionConfig& e = c.eviction;
   if (!(e.threshold >= 0.0 && e.threshold <= 1.0)) {
     return invalid_argument("cache.eviction.threshold must be in [0, 1] (got " +

@@ -127,6 +127,12 @@ const std::vector<ConfigField>& config_fields() {
       unsigned_field<uint32_t>(
           "cache.quant_group_size", "integer KV: elements per scale/zero group (0 = head_dim)",
           [](Config & c) -> auto& { return c.cache.quant_group_size; }),
+      unsigned_field<uint64_t>(
+          "cache.host_num_blocks", "host (swap) tier blocks per rank",
+          [](Config & c) -> auto& { return c.cache.host_num_blocks; }),
+      unsigned_field<uint32_t>(
+          "cache.layers_per_group", "layers per pool and block table (0 = all layers in one group)",
+          [](Config & c) -> auto& { return c.cache.layers_per_group; }),
       ConfigField{"cache.eviction.strategy", "lru, lfu, longest_first, priority or streaming_llm",
                   [](Config& c, std::string_view text) -> Status {
                     auto policy = parse_eviction_policy(text);

@@ -47,6 +47,8 @@ struct CacheConfig {
   uint64_t memory_budget_bytes = 0;  //!< device-tier KV bytes per rank
   DType kv_dtype = DType::kF16;
   uint32_t quant_group_size = 0;  //!< integer KV formats; 0 = one group per head (head_dim)
+  uint64_t host_num_blocks = 0;   //!< host (swap) tier blocks per rank
+  uint32_t layers_per_group = 0;  //!< layers sharing one pool and block table; 0 = all
   EvictionConfig eviction;
 };
 
