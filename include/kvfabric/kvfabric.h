@@ -1,6 +1,10 @@
 // The whole public kvfabric API. Compiles without CUDA, NCCL, MPI or Boost.
 #pragma once
 
+#include "kvfabric/backend/backend.h"
+#include "kvfabric/backend/kv_cache.h"
+#include "kvfabric/backend/kv_storage.h"
+#include "kvfabric/backend/paged_kv_view.h"
 #include "kvfabric/block/block_allocator.h"
 #include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/paged_kv_cache.h"
@@ -9,7 +13,11 @@
 #include "kvfabric/common/block_layout.h"
 #include "kvfabric/common/check.h"
 #include "kvfabric/common/dtype.h"
+#include "kvfabric/common/host_device.h"
 #include "kvfabric/common/ids.h"
 #include "kvfabric/common/logging.h"
 #include "kvfabric/common/status.h"
 #include "kvfabric/config/config.h"
+#include "kvfabric/quant/kv_format.h"
+#include "kvfabric/quant/numeric.h"
+#include "kvfabric/quant/quantize.h"

@@ -1,0 +1,117 @@
+// Writing, reading and moving KV slots on the CPU.
+#include <cstring>
+#include <vector>
+
+#include "backend/cpu/kernels.h"
+#include "kvfabric/quant/quantize.h"
+
+namespace kvfabric::cpu {
+namespace {
+
+size_t activation_bytes(DType dtype) {
+  return dtype == DType::kF32 ? 4 : 2;
+}
+
+// Moves token rows [src_offset, +n) of every (layer, K|V, head) tile, with their scale and zero
+// records; memmove because a compaction may shift rows inside one block.
+void copy_token_range(const PagedKvView& pool, const TokenCopy& c) {
+  const uint32_t tiles = pool.num_layers * 2 * pool.num_kv_heads;
+  const uint64_t gpr = pool.groups_per_row;
+  for (uint32_t tile = 0; tile < tiles; ++tile) {
+    const uint32_t layer = tile / (2 * pool.num_kv_heads);
+    const uint32_t kv = (tile / pool.num_kv_heads) % 2;
+    const uint32_t head = tile % pool.num_kv_heads;
+    std::memmove(pool.codes(c.dst_block.value, layer, kv, head) + c.dst_offset * pool.row_bytes,
+                 pool.codes(c.src_block.value, layer, kv, head) + c.src_offset * pool.row_bytes,
+                 c.num_tokens * pool.row_bytes);
+    if (gpr == 0) continue;
+    std::memmove(pool.scales(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
+                 pool.scales(c.src_block.value, layer, kv, head) + c.src_offset * gpr,
+                 c.num_tokens * gpr * sizeof(float));
+    if (!is_integer_quantized(pool.dtype)) continue;
+    std::memmove(pool.zeros(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
+                 pool.zeros(c.src_block.value, layer, kv, head) + c.src_offset * gpr,
+                 c.num_tokens * gpr);
+  }
+}
+
+}  // namespace
+
+void append_kv(const PagedKvView& pool, const AppendKvArgs& args, int threads) {
+  const uint32_t heads = pool.num_kv_heads;
+  const uint32_t hd = pool.head_dim;
+  const quant::RowFormat format{pool.dtype, hd, pool.group_size};
+  const size_t in_row_bytes = activation_bytes(args.input_dtype) * hd;
+  const auto* key = static_cast<const uint8_t*>(args.key);
+  const auto* value = static_cast<const uint8_t*>(args.value);
+  const int64_t n = args.num_tokens;
+#pragma omp parallel num_threads(threads) if (n * heads * hd > (1 << 16))
+  {
+    std::vector<float> row(hd);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t slot = args.slot_mapping[t];
+      if (slot < 0) continue;
+      const uint64_t block = static_cast<uint64_t>(slot) / pool.block_size;
+      const uint32_t offset = static_cast<uint32_t>(static_cast<uint64_t>(slot) % pool.block_size);
+      for (uint32_t h = 0; h < heads; ++h) {
+        const uint64_t in_row = static_cast<uint64_t>(t) * heads + h;
+        for (uint32_t kv = 0; kv < 2; ++kv) {
+          const uint8_t* src = (kv == 0 ? key : value) + in_row * in_row_bytes;
+          quant::load_activations(src, args.input_dtype, hd, row.data());
+          quant::encode_row(
+              format, row.data(), pool.codes(block, args.layer, kv, h) + offset * pool.row_bytes,
+              pool.scales(block, args.layer, kv, h) + uint64_t{offset} * pool.groups_per_row,
+              pool.zeros(block, args.layer, kv, h) + uint64_t{offset} * pool.groups_per_row);
+        }
+      }
+    }
+  }
+}
+
+void gather_kv(const SimdOps& ops, const PagedKvView& pool, const GatherKvArgs& args) {
+  const uint32_t heads = pool.num_kv_heads;
+  const uint32_t hd = pool.head_dim;
+  std::vector<float> tile(uint64_t{pool.block_size} * hd);
+  for (uint32_t first = 0; first < args.num_tokens; first += pool.block_size) {
+    const uint32_t block = args.block_table[first / pool.block_size];
+    const uint32_t n = std::min(pool.block_size, args.num_tokens - first);
+    for (uint32_t h = 0; h < heads; ++h) {
+      for (uint32_t kv = 0; kv < 2; ++kv) {
+        const TileRef ref{pool.codes(block, args.layer, kv, h),
+                          pool.scales(block, args.layer, kv, h),
+                          pool.zeros(block, args.layer, kv, h)};
+        ops.decode_rows(pool, ref, n, tile.data());
+        float* out = kv == 0 ? args.key_out : args.value_out;
+        for (uint32_t t = 0; t < n; ++t) {
+          std::memcpy(out + ((uint64_t{first} + t) * heads + h) * hd,
+                      tile.data() + uint64_t{t} * hd, sizeof(float) * hd);
+        }
+      }
+    }
+  }
+}
+
+void copy_blocks(std::span<const GroupBlockCopies> batch) {
+  for (const GroupBlockCopies& group : batch) {
+    for (const BlockMove& m : group.copies) {
+      std::memmove(group.pool.block(m.dst_block), group.pool.block(m.src_block),
+                   group.pool.block_bytes);
+    }
+  }
+}
+
+void compact_tokens(std::span<const GroupTokenCopies> batch) {
+  for (const GroupTokenCopies& group : batch) {
+    for (const TokenCopy& c : group.copies)
+      copy_token_range(group.pool, c);
+  }
+}
+
+void swap_blocks(const PagedKvView& src, const PagedKvView& dst, std::span<const BlockMove> moves) {
+  for (const BlockMove& m : moves) {
+    std::memmove(dst.block(m.dst_block), src.block(m.src_block), src.block_bytes);
+  }
+}
+
+}  // namespace kvfabric::cpu

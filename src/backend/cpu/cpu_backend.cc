@@ -1,0 +1,149 @@
+// The CPU backend: host-memory arenas and the CPU kernels, every call validated first.
+#include <sys/mman.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "backend/cpu/kernels.h"
+#include "backend/validate.h"
+#include "common/log.h"
+
+namespace kvfabric {
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const cpu::SimdOps& ops, int threads)
+      : ops_(ops), threads_(threads), name_(std::string("cpu/") + ops.name) {}
+
+  std::string_view name() const override { return name_; }
+
+  Result<KvArena> allocate_arena(uint64_t bytes, Tier tier) override {
+    if (bytes == 0) return KvArena(nullptr, 0, tier, nullptr);
+    // Anonymous mappings are page aligned and zero-filled lazily, so a large pool costs nothing
+    // until its blocks are written.
+    void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data == MAP_FAILED) {
+      return Status(ErrorCode::kOutOfMemory, "cpu backend: cannot map " + std::to_string(bytes) +
+                                                 " bytes for the " +
+                                                 (tier == Tier::kDevice ? "device" : "host") +
+                                                 " tier: " + std::strerror(errno));
+    }
+    return KvArena(static_cast<uint8_t*>(data), bytes, tier,
+                   [](uint8_t* p, uint64_t n) { munmap(p, n); });
+  }
+
+  Status append_kv(const PagedKvView& pool, const AppendKvArgs& args) override {
+    KVF_RETURN_IF_ERROR(detail::validate_append(pool, args));
+    cpu::append_kv(pool, args, threads_);
+    return ok_status();
+  }
+
+  Status gather_kv(const PagedKvView& pool, const GatherKvArgs& args) override {
+    KVF_RETURN_IF_ERROR(detail::validate_gather(pool, args));
+    cpu::gather_kv(ops_, pool, args);
+    return ok_status();
+  }
+
+  Status copy_blocks(std::span<const GroupBlockCopies> batch) override {
+    KVF_RETURN_IF_ERROR(detail::validate_block_copies(batch));
+    cpu::copy_blocks(batch);
+    return ok_status();
+  }
+
+  Status compact_tokens(std::span<const GroupTokenCopies> batch) override {
+    KVF_RETURN_IF_ERROR(detail::validate_token_copies(batch));
+    cpu::compact_tokens(batch);
+    return ok_status();
+  }
+
+  Status swap_blocks(const PagedKvView& src, const PagedKvView& dst,
+                     std::span<const BlockMove> moves) override {
+    KVF_RETURN_IF_ERROR(detail::validate_swap(src, dst, moves));
+    cpu::swap_blocks(src, dst, moves);
+    return ok_status();
+  }
+
+  Status paged_decode_attention(const PagedKvView& pool, const DecodeAttentionArgs& args) override {
+    KVF_RETURN_IF_ERROR(detail::validate_decode(pool, args));
+    if (args.num_seqs > 0) cpu::decode_attention(ops_, pool, args, threads_);
+    return ok_status();
+  }
+
+  Status paged_prefill_attention(const PagedKvView& pool,
+                                 const PrefillAttentionArgs& args) override {
+    KVF_RETURN_IF_ERROR(detail::validate_prefill(pool, args));
+    if (args.num_seqs > 0) cpu::prefill_attention(ops_, pool, args, threads_);
+    return ok_status();
+  }
+
+ private:
+  const cpu::SimdOps& ops_;
+  int threads_;
+  std::string name_;
+};
+
+}  // namespace
+
+CpuIsa best_cpu_isa() {
+  return cpu::avx2_simd_ops() != nullptr && cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kGeneric;
+}
+
+std::string_view cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAuto:
+      return "auto";
+    case CpuIsa::kGeneric:
+      return "generic";
+    case CpuIsa::kAvx2:
+      return "avx2";
+  }
+  return "unknown";
+}
+
+Result<std::unique_ptr<Backend>> make_cpu_backend(const CpuBackendOptions& options) {
+  CpuIsa isa = options.isa;
+  if (isa == CpuIsa::kAuto) {
+    isa = best_cpu_isa();
+    if (const char* forced = std::getenv("KVF_CPU_ISA"); forced != nullptr) {
+      if (std::string_view(forced) == "generic") {
+        isa = CpuIsa::kGeneric;
+      } else if (std::string_view(forced) != "avx2") {
+        return invalid_argument("KVF_CPU_ISA='" + std::string(forced) +
+                                "' (expected generic or avx2)");
+      }
+    }
+  }
+  if (isa == CpuIsa::kAvx2 && best_cpu_isa() != CpuIsa::kAvx2) {
+    return Status(ErrorCode::kUnavailable, "this processor lacks AVX2, FMA or F16C");
+  }
+  if (options.num_threads < 0) {
+    return invalid_argument("num_threads must be >= 0 (got " + std::to_string(options.num_threads) +
+                            ")");
+  }
+  const cpu::SimdOps& ops = isa == CpuIsa::kAvx2 ? *cpu::avx2_simd_ops() : cpu::generic_simd_ops();
+  int threads = options.num_threads;
+#ifdef _OPENMP
+  if (threads == 0) threads = omp_get_num_procs();
+#else
+  threads = 1;
+#endif
+  KVF_LOG_DEBUG(kBackend, "cpu backend: {} kernels, {} threads", ops.name, threads);
+  return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(ops, threads));
+}
+
+}  // namespace kvfabric

@@ -1,0 +1,237 @@
+#include "backend/validate.h"
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kvfabric/quant/quantize.h"
+
+namespace kvfabric::detail {
+namespace {
+
+std::string str(std::string_view s) {
+  return std::string(s);
+}
+
+// Checks that the first blocks_needed entries of a block table name blocks of the pool.
+Status validate_table(const PagedKvView& pool, const uint32_t* table, uint64_t blocks_needed,
+                      std::string_view op, uint32_t seq) {
+  for (uint64_t i = 0; i < blocks_needed; ++i) {
+    if (table[i] >= pool.num_blocks) {
+      return invalid_argument(str(op) + ": sequence " + std::to_string(seq) +
+                              " block table entry " + std::to_string(i) + " is " +
+                              to_string(BlockId{table[i]}) + ", outside the pool of " +
+                              std::to_string(pool.num_blocks) + " blocks");
+    }
+  }
+  return ok_status();
+}
+
+Status validate_heads(const PagedKvView& pool, uint32_t num_q_heads, std::string_view op) {
+  if (num_q_heads == 0 || num_q_heads % pool.num_kv_heads != 0) {
+    return invalid_argument(str(op) + ": num_q_heads " + std::to_string(num_q_heads) +
+                            " is not a positive multiple of the pool's " +
+                            std::to_string(pool.num_kv_heads) + " KV heads");
+  }
+  return ok_status();
+}
+
+Status validate_query_dtype(DType dtype, std::string_view op) {
+  if (!is_float_compute(dtype)) {
+    return invalid_argument(str(op) + ": query dtype must be f32, f16 or bf16 (got " +
+                            str(dtype_name(dtype)) + ")");
+  }
+  return ok_status();
+}
+
+}  // namespace
+
+Status validate_pool(const PagedKvView& pool, uint32_t layer, std::string_view op) {
+  if (pool.base == nullptr && pool.num_blocks > 0) {
+    return invalid_argument(str(op) + ": the pool has no memory");
+  }
+  if (pool.block_size == 0 || pool.head_dim == 0 || pool.num_kv_heads == 0) {
+    return invalid_argument(str(op) + ": the pool view is not initialized");
+  }
+  if (layer >= pool.num_layers) {
+    return invalid_argument(str(op) + ": layer " + std::to_string(layer) +
+                            " is outside layer group " + std::to_string(pool.layer_group) + " (" +
+                            std::to_string(pool.num_layers) + " layers)");
+  }
+  return ok_status();
+}
+
+Status validate_finite(const void* data, DType dtype, uint32_t num_tokens, uint32_t heads,
+                       uint32_t head_dim, std::string_view what) {
+  const uint64_t n = uint64_t{num_tokens} * heads * head_dim;
+  const int64_t bad = quant::find_non_finite(data, dtype, n);
+  if (bad < 0) return ok_status();
+  const uint64_t index = static_cast<uint64_t>(bad);
+  const uint64_t row = index / head_dim;
+  return invalid_argument(str(what) + "[token " + std::to_string(row / heads) + ", head " +
+                          std::to_string(row % heads) + ", dim " +
+                          std::to_string(index % head_dim) + "] is not finite (NaN or Inf)");
+}
+
+Status validate_append(const PagedKvView& pool, const AppendKvArgs& args) {
+  KVF_RETURN_IF_ERROR(validate_pool(pool, args.layer, "append_kv"));
+  if (args.num_tokens == 0) return ok_status();
+  if (args.key == nullptr || args.value == nullptr || args.slot_mapping == nullptr) {
+    return invalid_argument("append_kv: key, value and slot_mapping are required");
+  }
+  KVF_RETURN_IF_ERROR(validate_query_dtype(args.input_dtype, "append_kv"));
+  const uint64_t slots = pool.num_blocks * pool.block_size;
+  std::vector<int64_t> used;
+  used.reserve(args.num_tokens);
+  for (uint32_t t = 0; t < args.num_tokens; ++t) {
+    const int64_t slot = args.slot_mapping[t];
+    if (slot == -1) continue;
+    if (slot < 0 || static_cast<uint64_t>(slot) >= slots) {
+      return invalid_argument("append_kv: token " + std::to_string(t) + " maps to slot " +
+                              std::to_string(slot) + ", outside the pool's " +
+                              std::to_string(slots) + " slots");
+    }
+    used.push_back(slot);
+  }
+  std::sort(used.begin(), used.end());
+  const auto dup = std::adjacent_find(used.begin(), used.end());
+  if (dup != used.end()) {
+    return invalid_argument("append_kv: two tokens map to slot " + std::to_string(*dup));
+  }
+  KVF_RETURN_IF_ERROR(validate_finite(args.key, args.input_dtype, args.num_tokens,
+                                      pool.num_kv_heads, pool.head_dim, "append_kv: key"));
+  return validate_finite(args.value, args.input_dtype, args.num_tokens, pool.num_kv_heads,
+                         pool.head_dim, "append_kv: value");
+}
+
+Status validate_gather(const PagedKvView& pool, const GatherKvArgs& args) {
+  KVF_RETURN_IF_ERROR(validate_pool(pool, args.layer, "gather_kv"));
+  if (args.num_tokens == 0) return ok_status();
+  if (args.block_table == nullptr || args.key_out == nullptr || args.value_out == nullptr) {
+    return invalid_argument("gather_kv: block_table, key_out and value_out are required");
+  }
+  const uint64_t blocks = (uint64_t{args.num_tokens} + pool.block_size - 1) / pool.block_size;
+  return validate_table(pool, args.block_table, blocks, "gather_kv", 0);
+}
+
+Status validate_decode(const PagedKvView& pool, const DecodeAttentionArgs& args) {
+  constexpr std::string_view op = "paged_decode_attention";
+  KVF_RETURN_IF_ERROR(validate_pool(pool, args.layer, op));
+  if (args.num_seqs == 0) return ok_status();
+  if (args.query == nullptr || args.output == nullptr || args.block_tables == nullptr ||
+      args.context_lens == nullptr) {
+    return invalid_argument(str(op) +
+                            ": query, output, block_tables and context_lens are required");
+  }
+  KVF_RETURN_IF_ERROR(validate_heads(pool, args.num_q_heads, op));
+  KVF_RETURN_IF_ERROR(validate_query_dtype(args.query_dtype, op));
+  const uint64_t capacity = uint64_t{args.max_blocks_per_seq} * pool.block_size;
+  for (uint32_t s = 0; s < args.num_seqs; ++s) {
+    const uint32_t len = args.context_lens[s];
+    if (len == 0 || len > capacity) {
+      return invalid_argument(str(op) + ": sequence " + std::to_string(s) + " has context length " +
+                              std::to_string(len) + " (must be in [1, " + std::to_string(capacity) +
+                              "])");
+    }
+    if (args.attention_mass != nullptr && len > args.mass_stride) {
+      return invalid_argument(str(op) + ": mass_stride " + std::to_string(args.mass_stride) +
+                              " is shorter than sequence " + std::to_string(s) + "'s context " +
+                              std::to_string(len));
+    }
+    KVF_RETURN_IF_ERROR(validate_table(pool,
+                                       args.block_tables + uint64_t{s} * args.max_blocks_per_seq,
+                                       (len + pool.block_size - 1) / pool.block_size, op, s));
+  }
+  return ok_status();
+}
+
+Status validate_prefill(const PagedKvView& pool, const PrefillAttentionArgs& args) {
+  constexpr std::string_view op = "paged_prefill_attention";
+  KVF_RETURN_IF_ERROR(validate_pool(pool, args.layer, op));
+  if (args.num_seqs == 0) return ok_status();
+  if (args.query == nullptr || args.output == nullptr || args.block_tables == nullptr ||
+      args.context_lens == nullptr || args.query_start == nullptr) {
+    return invalid_argument(str(op) +
+                            ": query, output, query_start, block_tables and context_lens are "
+                            "required");
+  }
+  KVF_RETURN_IF_ERROR(validate_heads(pool, args.num_q_heads, op));
+  KVF_RETURN_IF_ERROR(validate_query_dtype(args.query_dtype, op));
+  if (args.query_start[0] != 0) return invalid_argument(str(op) + ": query_start[0] must be 0");
+  const uint64_t capacity = uint64_t{args.max_blocks_per_seq} * pool.block_size;
+  for (uint32_t s = 0; s < args.num_seqs; ++s) {
+    if (args.query_start[s + 1] < args.query_start[s]) {
+      return invalid_argument(str(op) + ": query_start decreases at sequence " + std::to_string(s));
+    }
+    const uint32_t q_len = args.query_start[s + 1] - args.query_start[s];
+    const uint32_t len = args.context_lens[s];
+    if (len > capacity || q_len > len) {
+      return invalid_argument(str(op) + ": sequence " + std::to_string(s) + " has " +
+                              std::to_string(q_len) + " queries and context length " +
+                              std::to_string(len) +
+                              " (need queries <= context <= " + std::to_string(capacity) + ")");
+    }
+    KVF_RETURN_IF_ERROR(validate_table(pool,
+                                       args.block_tables + uint64_t{s} * args.max_blocks_per_seq,
+                                       (len + pool.block_size - 1) / pool.block_size, op, s));
+  }
+  return ok_status();
+}
+
+Status validate_token_copies(std::span<const GroupTokenCopies> batch) {
+  for (const GroupTokenCopies& group : batch) {
+    const PagedKvView& pool = group.pool;
+    if (pool.base == nullptr && !group.copies.empty()) {
+      return invalid_argument("compact_tokens: layer group " + std::to_string(pool.layer_group) +
+                              " has no memory");
+    }
+    for (const TokenCopy& c : group.copies) {
+      const bool blocks_ok =
+          c.src_block.value < pool.num_blocks && c.dst_block.value < pool.num_blocks;
+      const bool ranges_ok = uint64_t{c.src_offset} + c.num_tokens <= pool.block_size &&
+                             uint64_t{c.dst_offset} + c.num_tokens <= pool.block_size;
+      if (!blocks_ok || !ranges_ok) {
+        std::ostringstream os;
+        os << "compact_tokens: copy '" << c << "' does not fit layer group " << pool.layer_group
+           << " (" << pool.num_blocks << " blocks of " << pool.block_size << " tokens)";
+        return invalid_argument(os.str());
+      }
+    }
+  }
+  return ok_status();
+}
+
+Status validate_block_copies(std::span<const GroupBlockCopies> batch) {
+  for (const GroupBlockCopies& group : batch) {
+    for (const BlockMove& m : group.copies) {
+      if (m.src_block >= group.pool.num_blocks || m.dst_block >= group.pool.num_blocks) {
+        return invalid_argument("copy_blocks: " + to_string(BlockId{m.src_block}) + " -> " +
+                                to_string(BlockId{m.dst_block}) + " is outside layer group " +
+                                std::to_string(group.pool.layer_group) + " (" +
+                                std::to_string(group.pool.num_blocks) + " blocks)");
+      }
+    }
+  }
+  return ok_status();
+}
+
+Status validate_swap(const PagedKvView& src, const PagedKvView& dst,
+                     std::span<const BlockMove> moves) {
+  if (src.block_bytes != dst.block_bytes || src.dtype != dst.dtype ||
+      src.block_size != dst.block_size || src.num_layers != dst.num_layers ||
+      src.num_kv_heads != dst.num_kv_heads || src.head_dim != dst.head_dim) {
+    return invalid_argument("swap_blocks: source and destination pools have different layouts");
+  }
+  for (const BlockMove& m : moves) {
+    if (m.src_block >= src.num_blocks || m.dst_block >= dst.num_blocks) {
+      return invalid_argument("swap_blocks: " + to_string(BlockId{m.src_block}) + " -> " +
+                              to_string(BlockId{m.dst_block}) + " is outside the pools (" +
+                              std::to_string(src.num_blocks) + " and " +
+                              std::to_string(dst.num_blocks) + " blocks)");
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace kvfabric::detail

@@ -1,0 +1,25 @@
+// Argument checks shared by every backend: the metadata is host memory, so each call is validated
+// completely before any byte of the pool changes.
+#pragma once
+
+#include <span>
+
+#include "kvfabric/backend/backend.h"
+
+namespace kvfabric::detail {
+
+Status validate_pool(const PagedKvView& pool, uint32_t layer, std::string_view op);
+Status validate_append(const PagedKvView& pool, const AppendKvArgs& args);
+Status validate_gather(const PagedKvView& pool, const GatherKvArgs& args);
+Status validate_decode(const PagedKvView& pool, const DecodeAttentionArgs& args);
+Status validate_prefill(const PagedKvView& pool, const PrefillAttentionArgs& args);
+Status validate_token_copies(std::span<const GroupTokenCopies> batch);
+Status validate_block_copies(std::span<const GroupBlockCopies> batch);
+Status validate_swap(const PagedKvView& src, const PagedKvView& dst,
+                     std::span<const BlockMove> moves);
+
+//! Checks a NaN/Inf-free activation tensor in host memory; the error names the op and element.
+Status validate_finite(const void* data, DType dtype, uint32_t num_tokens, uint32_t heads,
+                       uint32_t head_dim, std::string_view what);
+
+}  // namespace kvfabric::detail
