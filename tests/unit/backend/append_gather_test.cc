@@ -1,0 +1,140 @@
+// append_kv writes what the documented layout says and gather_kv reads it back, for every dtype,
+// head_dim, block size and ISA; bad input is refused without touching the pool.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "kvfabric/quant/numeric.h"
+#include "testing/backend_fixture.h"
+#include "testing/kv_reference.h"
+
+namespace kvfabric {
+namespace {
+
+using testing::RawPool;
+
+class AppendGather
+    : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t>> {};
+
+TEST_P(AppendGather, StoredBytesAndGatherMatchTheReference) {
+  const auto [isa, dtype, head_dim, block_size] = GetParam();
+  auto backend = testing::cpu_backend(isa);
+  const uint32_t layers = 2, heads = 2, group = is_integer_quantized(dtype) ? 32 : 0;
+  const uint32_t tokens = 3 * block_size + 5;  // a partial last block
+  const uint32_t blocks_needed = (tokens + block_size - 1) / block_size;
+  auto pool = testing::TestPool::create(*backend, layers, heads, block_size, head_dim, dtype, group,
+                                        blocks_needed + 7);
+  std::mt19937 rng(head_dim * 7 + block_size);
+  const auto table = testing::shuffled_blocks(blocks_needed, blocks_needed + 7, rng);
+  std::vector<int64_t> slots(tokens);
+  for (uint32_t t = 0; t < tokens; ++t)
+    slots[t] = int64_t{table[t / block_size]} * block_size + t % block_size;
+
+  for (uint32_t layer = 0; layer < layers; ++layer) {
+    const auto key = testing::random_normal(uint64_t{tokens} * heads * head_dim, rng);
+    const auto value = testing::random_normal(uint64_t{tokens} * heads * head_dim, rng);
+    AppendKvArgs args{layer, key.data(), value.data(), DType::kF32, tokens, slots.data()};
+    ASSERT_TRUE(backend->append_kv(pool.view, args).ok());
+
+    std::vector<float> k_out(key.size()), v_out(value.size());
+    GatherKvArgs gather{layer, table.data(), tokens, k_out.data(), v_out.data()};
+    ASSERT_TRUE(backend->gather_kv(pool.view, gather).ok());
+
+    const RawPool raw(pool.arena.data(), layers, heads, block_size, head_dim, dtype, group);
+    ASSERT_EQ(raw.block_bytes(), pool.layout.block_bytes());
+    const uint32_t g = group == 0 ? head_dim : group;
+    for (uint32_t t = 0; t < tokens; ++t) {
+      for (uint32_t h = 0; h < heads; ++h) {
+        for (uint32_t d = 0; d < head_dim; ++d) {
+          const uint64_t i = (uint64_t{t} * heads + h) * head_dim + d;
+          const uint32_t b = table[t / block_size], off = t % block_size;
+          const double stored_k = raw.at(b, layer, 0, h, off, d);
+          const double stored_v = raw.at(b, layer, 1, h, off, d);
+          ASSERT_EQ(k_out[i], stored_k) << "gather differs from the stored K at token " << t;
+          ASSERT_EQ(v_out[i], stored_v) << "gather differs from the stored V at token " << t;
+          const float* kg = key.data() + (i / g) * g;
+          ASSERT_LE(std::fabs(stored_k - key[i]),
+                    testing::element_error_bound(dtype, kg, g, key[i]))
+              << dtype_name(dtype) << " K token " << t << " head " << h << " dim " << d;
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllShapes, AppendGather,
+                         ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
+                                            ::testing::ValuesIn(kAllDTypes),
+                                            ::testing::Values(64u, 128u),
+                                            ::testing::Values(1u, 16u, 32u)));
+
+TEST(AppendKv, HalfPrecisionInputs) {
+  auto backend = testing::cpu_backend(CpuIsa::kAuto);
+  auto pool = testing::TestPool::create(*backend, 1, 1, 16, 64, DType::kF32, 0, 4);
+  std::vector<uint16_t> k(64), v(64);
+  for (int d = 0; d < 64; ++d) {
+    k[d] = numeric::f32_to_f16(static_cast<float>(d) / 8);
+    v[d] = numeric::f32_to_bf16(-static_cast<float>(d));
+  }
+  const int64_t slot = 17;
+  ASSERT_TRUE(backend->append_kv(pool.view, {0, k.data(), k.data(), DType::kF16, 1, &slot}).ok());
+  const testing::RawPool raw(pool.arena.data(), 1, 1, 16, 64, DType::kF32, 0);
+  EXPECT_EQ(raw.at(1, 0, 0, 0, 1, 9), 9.0 / 8);
+  ASSERT_TRUE(backend->append_kv(pool.view, {0, v.data(), v.data(), DType::kBF16, 1, &slot}).ok());
+  EXPECT_EQ(raw.at(1, 0, 1, 0, 1, 5), -5.0);
+}
+
+class AppendRejects : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    backend_ = testing::cpu_backend(CpuIsa::kAuto);
+    pool_ = testing::TestPool::create(*backend_, 2, 2, 16, 64, DType::kInt8, 32, 4);
+    key_ = std::vector<float>(2 * 2 * 64, 0.5f);
+    value_ = key_;
+    before_ = pool_.snapshot();
+  }
+
+  Status append(std::vector<int64_t> slots, uint32_t layer = 0) {
+    return backend_->append_kv(pool_.view, {layer, key_.data(), value_.data(), DType::kF32,
+                                            static_cast<uint32_t>(slots.size()), slots.data()});
+  }
+
+  std::unique_ptr<Backend> backend_;
+  testing::TestPool pool_;
+  std::vector<float> key_, value_;
+  std::vector<uint8_t> before_;
+};
+
+TEST_F(AppendRejects, NonFiniteValues) {
+  value_[1 * 2 * 64 + 64 + 3] = NAN;  // token 1, head 1, dim 3
+  const Status s = append({0, 1});
+  EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("value[token 1, head 1, dim 3]"), std::string::npos) << s;
+  value_[1 * 2 * 64 + 64 + 3] = 0;
+  key_[5] = -INFINITY;
+  EXPECT_NE(append({0, 1}).message().find("key[token 0, head 0, dim 5]"), std::string::npos);
+  EXPECT_EQ(pool_.snapshot(), before_);
+}
+
+TEST_F(AppendRejects, BadSlotsAndLayers) {
+  EXPECT_NE(append({0, 64}).message().find("slot 64"), std::string::npos);
+  EXPECT_NE(append({3, 3}).message().find("two tokens map to slot 3"), std::string::npos);
+  EXPECT_NE(append({0, -2}).message().find("slot -2"), std::string::npos);
+  EXPECT_NE(append({0, 1}, 2).message().find("layer 2"), std::string::npos);
+  EXPECT_EQ(pool_.snapshot(), before_);
+  EXPECT_TRUE(append({-1, -1}).ok());  // padding tokens are skipped
+  EXPECT_EQ(pool_.snapshot(), before_);
+}
+
+TEST(GatherKv, RejectsTablesOutsideThePool) {
+  auto backend = testing::cpu_backend(CpuIsa::kAuto);
+  auto pool = testing::TestPool::create(*backend, 1, 1, 16, 64, DType::kF16, 0, 2);
+  const uint32_t table[2] = {1, 9};
+  std::vector<float> k(20 * 64), v(20 * 64);
+  const Status s = backend->gather_kv(pool.view, {0, table, 20, k.data(), v.data()});
+  EXPECT_NE(s.message().find("B9"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace kvfabric

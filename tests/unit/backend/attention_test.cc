@@ -1,0 +1,325 @@
+// Paged decode and prefill attention against fp64 references: exact math over the stored values,
+// and per-dtype error bounds against attention over the original f32 inputs.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "kvfabric/quant/numeric.h"
+#include "testing/backend_fixture.h"
+#include "testing/kv_reference.h"
+
+namespace kvfabric {
+namespace {
+
+using testing::RawPool;
+
+struct Scenario {
+  std::unique_ptr<Backend> backend;
+  testing::TestPool pool;
+  uint32_t heads, head_dim, block_size, max_blocks;
+  std::vector<uint32_t> lens;
+  std::vector<uint32_t> tables;          // [seqs][max_blocks], padded with kInvalidBlockId
+  std::vector<std::vector<float>> keys;  // per seq [len][heads][hd] original f32
+  std::vector<std::vector<float>> values;
+
+  // Stored (dequantized) K or V of one (seq, head), read with the independent decoder: [len][hd].
+  std::vector<double> stored(uint32_t s, uint32_t h, uint32_t kv) const {
+    const RawPool raw(pool.arena.data(), 1, heads, block_size, head_dim, pool.layout.dtype,
+                      pool.layout.group_size);
+    std::vector<double> out(uint64_t{lens[s]} * head_dim);
+    for (uint32_t t = 0; t < lens[s]; ++t) {
+      const uint32_t b = tables[uint64_t{s} * max_blocks + t / block_size];
+      for (uint32_t d = 0; d < head_dim; ++d)
+        out[uint64_t{t} * head_dim + d] = raw.at(b, 0, kv, h, t % block_size, d);
+    }
+    return out;
+  }
+
+  std::vector<double> original(uint32_t s, uint32_t h, uint32_t kv) const {
+    const auto& src = kv == 0 ? keys[s] : values[s];
+    std::vector<double> out(uint64_t{lens[s]} * head_dim);
+    for (uint32_t t = 0; t < lens[s]; ++t) {
+      for (uint32_t d = 0; d < head_dim; ++d)
+        out[uint64_t{t} * head_dim + d] = src[(uint64_t{t} * heads + h) * head_dim + d];
+    }
+    return out;
+  }
+};
+
+Scenario make_scenario(CpuIsa isa, DType dtype, uint32_t head_dim, uint32_t block_size,
+                       uint32_t heads, std::vector<uint32_t> lens, uint32_t seed) {
+  Scenario sc;
+  sc.backend = testing::cpu_backend(isa);
+  sc.heads = heads;
+  sc.head_dim = head_dim;
+  sc.block_size = block_size;
+  sc.lens = std::move(lens);
+  uint32_t total_blocks = 0;
+  sc.max_blocks = 0;
+  for (uint32_t len : sc.lens) {
+    const uint32_t b = (len + block_size - 1) / block_size;
+    total_blocks += b;
+    sc.max_blocks = std::max(sc.max_blocks, b);
+  }
+  const uint32_t group = is_integer_quantized(dtype) ? 32 : 0;
+  sc.pool = testing::TestPool::create(*sc.backend, 1, heads, block_size, head_dim, dtype, group,
+                                      total_blocks + 3);
+  std::mt19937 rng(seed);
+  const auto blocks = testing::shuffled_blocks(total_blocks, total_blocks + 3, rng);
+  sc.tables.assign(sc.lens.size() * sc.max_blocks, kInvalidBlockId.value);
+  uint32_t next = 0;
+  for (uint32_t s = 0; s < sc.lens.size(); ++s) {
+    const uint32_t len = sc.lens[s];
+    for (uint32_t b = 0; b < (len + block_size - 1) / block_size; ++b)
+      sc.tables[s * sc.max_blocks + b] = blocks[next++];
+    sc.keys.push_back(testing::random_normal(uint64_t{len} * heads * head_dim, rng));
+    sc.values.push_back(testing::random_normal(uint64_t{len} * heads * head_dim, rng));
+    std::vector<int64_t> slots(len);
+    for (uint32_t t = 0; t < len; ++t)
+      slots[t] =
+          int64_t{sc.tables[s * sc.max_blocks + t / block_size]} * block_size + t % block_size;
+    EXPECT_TRUE(sc.backend
+                    ->append_kv(sc.pool.view, {0, sc.keys[s].data(), sc.values[s].data(),
+                                               DType::kF32, len, slots.data()})
+                    .ok());
+  }
+  return sc;
+}
+
+// Bound on |attention(stored) - attention(original)| for one query head: logits move by at most
+// delta = scale * sum_i |q_i| * err(k_i); softmax weights by a factor e^{+-2 delta}; so
+// |dO_d| <= (e^{2 delta} - 1) * max_t |v_td| + max_t err(v_td)  (+ float slack).
+struct ErrorBound {
+  std::vector<double> k_err;         // [n][hd] element bounds of the original K
+  std::vector<double> v_max, v_err;  // [hd]
+
+  ErrorBound(DType dtype, const std::vector<double>& k, const std::vector<double>& v, uint32_t n,
+             uint32_t hd, uint32_t group)
+      : k_err(uint64_t{n} * hd), v_max(hd, 0.0), v_err(hd, 0.0) {
+    const uint32_t g = group == 0 ? hd : group;
+    std::vector<float> row(hd);
+    for (uint32_t t = 0; t < n; ++t) {
+      for (uint32_t i = 0; i < hd; ++i)
+        row[i] = static_cast<float>(k[uint64_t{t} * hd + i]);
+      for (uint32_t i = 0; i < hd; ++i) {
+        k_err[uint64_t{t} * hd + i] =
+            testing::element_error_bound(dtype, row.data() + (i / g) * g, g, row[i]);
+      }
+      for (uint32_t i = 0; i < hd; ++i)
+        row[i] = static_cast<float>(v[uint64_t{t} * hd + i]);
+      for (uint32_t i = 0; i < hd; ++i) {
+        v_max[i] = std::max(v_max[i], std::fabs(double{row[i]}));
+        v_err[i] = std::max(
+            v_err[i], testing::element_error_bound(dtype, row.data() + (i / g) * g, g, row[i]));
+      }
+    }
+  }
+
+  [[nodiscard]] std::vector<double> for_query(const std::vector<double>& q, uint32_t n, uint32_t hd,
+                                              double scale) const {
+    double delta = 0;
+    for (uint32_t t = 0; t < n; ++t) {
+      double logit_err = 0;
+      for (uint32_t i = 0; i < hd; ++i)
+        logit_err += std::fabs(q[i]) * k_err[uint64_t{t} * hd + i];
+      delta = std::max(delta, scale * logit_err);
+    }
+    std::vector<double> bound(hd);
+    for (uint32_t d = 0; d < hd; ++d)
+      bound[d] = (std::exp(2 * delta) - 1) * v_max[d] + v_err[d] + 1e-4;
+    return bound;
+  }
+};
+
+class DecodeAttention
+    : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t, uint32_t>> {};
+
+TEST_P(DecodeAttention, MatchesFp64Reference) {
+  const auto [isa, dtype, head_dim, block_size, gqa] = GetParam();
+  const uint32_t heads = 2, q_heads = heads * gqa;
+  // Ragged lengths: a single token, a partial last block, exact multiples, a longer context.
+  Scenario sc = make_scenario(isa, dtype, head_dim, block_size, heads,
+                              {1, block_size + 3, 2 * block_size, 97}, head_dim + block_size + gqa);
+  const uint32_t seqs = static_cast<uint32_t>(sc.lens.size());
+  std::mt19937 rng(99);
+  const auto query = testing::random_normal(uint64_t{seqs} * q_heads * head_dim, rng);
+  std::vector<float> out(query.size());
+  const uint32_t mass_stride = 100;
+  std::vector<float> mass(uint64_t{seqs} * mass_stride, -7.0f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  DecodeAttentionArgs args;
+  args.query = query.data();
+  args.output = out.data();
+  args.num_seqs = seqs;
+  args.num_q_heads = q_heads;
+  args.block_tables = sc.tables.data();
+  args.max_blocks_per_seq = sc.max_blocks;
+  args.context_lens = sc.lens.data();
+  args.softmax_scale = scale;
+  args.attention_mass = mass.data();
+  args.mass_stride = mass_stride;
+  ASSERT_TRUE(sc.backend->paged_decode_attention(sc.pool.view, args).ok());
+
+  for (uint32_t s = 0; s < seqs; ++s) {
+    std::vector<double> mass_ref(sc.lens[s], 0.0);
+    for (uint32_t h = 0; h < heads; ++h) {
+      const auto k_stored = sc.stored(s, h, 0), v_stored = sc.stored(s, h, 1);
+      const auto k_orig = sc.original(s, h, 0), v_orig = sc.original(s, h, 1);
+      const uint32_t group = is_integer_quantized(dtype) ? sc.pool.layout.group_size : 0;
+      const ErrorBound bounds(dtype, k_orig, v_orig, sc.lens[s], head_dim, group);
+      for (uint32_t g = 0; g < gqa; ++g) {
+        const uint32_t qh = h * gqa + g;
+        const float* qp = query.data() + (uint64_t{s} * q_heads + qh) * head_dim;
+        const std::vector<double> q(qp, qp + head_dim);
+        const auto bound = bounds.for_query(q, sc.lens[s], head_dim, scale);
+        std::vector<double> weights;
+        const auto exact = testing::ref_attention(q, k_stored.data(), v_stored.data(), sc.lens[s],
+                                                  head_dim, scale, &weights);
+        const auto ideal =
+            testing::ref_attention(q, k_orig.data(), v_orig.data(), sc.lens[s], head_dim, scale);
+        for (uint32_t t = 0; t < sc.lens[s]; ++t)
+          mass_ref[t] += weights[t];
+        for (uint32_t d = 0; d < head_dim; ++d) {
+          const double got = out[(uint64_t{s} * q_heads + qh) * head_dim + d];
+          ASSERT_NEAR(got, exact[d], 2e-5 + 2e-5 * std::fabs(exact[d]))
+              << "seq " << s << " head " << qh << " dim " << d << " (math over the stored values)";
+          ASSERT_LE(std::fabs(got - ideal[d]), bound[d])
+              << dtype_name(dtype) << " seq " << s << " head " << qh << " dim " << d;
+        }
+      }
+    }
+    for (uint32_t t = 0; t < sc.lens[s]; ++t) {
+      ASSERT_NEAR(mass[s * mass_stride + t], mass_ref[t], 1e-5)
+          << "mass of seq " << s << " token " << t;
+    }
+    for (uint32_t t = sc.lens[s]; t < mass_stride; ++t)
+      ASSERT_EQ(mass[s * mass_stride + t], -7.0f);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllShapes, DecodeAttention,
+                         ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
+                                            ::testing::ValuesIn(kAllDTypes),
+                                            ::testing::Values(64u, 128u),
+                                            ::testing::Values(1u, 16u, 32u),
+                                            ::testing::Values(1u, 4u, 8u)));
+
+class PrefillAttention
+    : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t>> {};
+
+TEST_P(PrefillAttention, CausalOverCachedPrefixAndNewTokens) {
+  const auto [isa, dtype, block_size, gqa] = GetParam();
+  const uint32_t heads = 2, q_heads = heads * gqa, head_dim = 64;
+  Scenario sc =
+      make_scenario(isa, dtype, head_dim, block_size, heads, {21, 40, 5}, block_size * 13 + gqa);
+  // Sequence 0: 5 new tokens after a 16-token cached prefix; 1: all 40 new; 2: one new token.
+  const std::vector<uint32_t> q_lens = {5, 40, 1};
+  std::vector<uint32_t> starts = {0};
+  for (uint32_t q : q_lens)
+    starts.push_back(starts.back() + q);
+  std::mt19937 rng(5);
+  const auto query = testing::random_normal(uint64_t{starts.back()} * q_heads * head_dim, rng);
+  std::vector<float> out(query.size());
+  const float scale = 0.125f;
+  PrefillAttentionArgs args;
+  args.query = query.data();
+  args.output = out.data();
+  args.num_seqs = 3;
+  args.num_q_heads = q_heads;
+  args.query_start = starts.data();
+  args.context_lens = sc.lens.data();
+  args.block_tables = sc.tables.data();
+  args.max_blocks_per_seq = sc.max_blocks;
+  args.softmax_scale = scale;
+  ASSERT_TRUE(sc.backend->paged_prefill_attention(sc.pool.view, args).ok());
+
+  for (uint32_t s = 0; s < 3; ++s) {
+    for (uint32_t h = 0; h < heads; ++h) {
+      const auto k = sc.stored(s, h, 0), v = sc.stored(s, h, 1);
+      for (uint32_t i = 0; i < q_lens[s]; ++i) {
+        const uint32_t visible = sc.lens[s] - q_lens[s] + i + 1;
+        for (uint32_t g = 0; g < gqa; ++g) {
+          const uint32_t qh = h * gqa + g;
+          const uint64_t row = (uint64_t{starts[s]} + i) * q_heads + qh;
+          const std::vector<double> q(query.begin() + row * head_dim,
+                                      query.begin() + (row + 1) * head_dim);
+          const auto ref = testing::ref_attention(q, k.data(), v.data(), visible, head_dim, scale);
+          for (uint32_t d = 0; d < head_dim; ++d) {
+            ASSERT_NEAR(out[row * head_dim + d], ref[d], 2e-5 + 2e-5 * std::fabs(ref[d]))
+                << "seq " << s << " query " << i << " head " << qh << " dim " << d;
+          }
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllShapes, PrefillAttention,
+    ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
+                       ::testing::Values(DType::kF32, DType::kBF16, DType::kFP8E4M3, DType::kInt4),
+                       ::testing::Values(1u, 16u, 32u), ::testing::Values(1u, 4u, 8u)));
+
+TEST(Attention, HalfPrecisionQueriesAndOutputs) {
+  Scenario sc = make_scenario(CpuIsa::kAuto, DType::kF16, 64, 16, 1, {30}, 3);
+  std::mt19937 rng(8);
+  const auto qf = testing::random_normal(64, rng);
+  std::vector<uint16_t> q(64), out(64);
+  for (int d = 0; d < 64; ++d)
+    q[d] = numeric::f32_to_bf16(qf[d]);
+  DecodeAttentionArgs args;
+  args.query = q.data();
+  args.query_dtype = DType::kBF16;
+  args.output = out.data();
+  args.num_seqs = 1;
+  args.num_q_heads = 1;
+  args.block_tables = sc.tables.data();
+  args.max_blocks_per_seq = sc.max_blocks;
+  args.context_lens = sc.lens.data();
+  args.softmax_scale = 0.125f;
+  ASSERT_TRUE(sc.backend->paged_decode_attention(sc.pool.view, args).ok());
+  std::vector<double> qd(64);
+  for (int d = 0; d < 64; ++d)
+    qd[d] = testing::ref_bf16(q[d]);
+  const auto k = sc.stored(0, 0, 0), v = sc.stored(0, 0, 1);
+  const auto ref = testing::ref_attention(qd, k.data(), v.data(), 30, 64, 0.125);
+  for (int d = 0; d < 64; ++d) {
+    EXPECT_NEAR(testing::ref_bf16(out[d]), ref[d], std::fabs(ref[d]) * std::ldexp(1.0, -8) + 1e-5);
+  }
+}
+
+TEST(Attention, RejectsBadArguments) {
+  Scenario sc = make_scenario(CpuIsa::kAuto, DType::kF16, 64, 16, 2, {20}, 4);
+  std::vector<float> q(3 * 64), out(3 * 64, 1.0f);
+  DecodeAttentionArgs args;
+  args.query = q.data();
+  args.output = out.data();
+  args.num_seqs = 1;
+  args.num_q_heads = 3;  // not a multiple of 2 KV heads
+  args.block_tables = sc.tables.data();
+  args.max_blocks_per_seq = sc.max_blocks;
+  args.context_lens = sc.lens.data();
+  EXPECT_NE(sc.backend->paged_decode_attention(sc.pool.view, args).message().find("num_q_heads 3"),
+            std::string::npos);
+  args.num_q_heads = 2;
+  const uint32_t too_long = 33;
+  args.context_lens = &too_long;
+  EXPECT_NE(
+      sc.backend->paged_decode_attention(sc.pool.view, args).message().find("context length 33"),
+      std::string::npos);
+  const uint32_t bad_table[2] = {0, kInvalidBlockId.value};
+  const uint32_t len = 20;
+  args.block_tables = bad_table;
+  args.context_lens = &len;
+  EXPECT_NE(sc.backend->paged_decode_attention(sc.pool.view, args).message().find("entry 1"),
+            std::string::npos);
+  args.layer = 1;
+  EXPECT_NE(sc.backend->paged_decode_attention(sc.pool.view, args).message().find("layer 1"),
+            std::string::npos);
+  for (float o : out)
+    EXPECT_EQ(o, 1.0f);  // nothing written
+}
+
+}  // namespace
+}  // namespace kvfabric

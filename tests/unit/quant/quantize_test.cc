@@ -1,0 +1,117 @@
+// Row quantization: error bounds per format, exact constant groups, group and packing layout.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "kvfabric/quant/quantize.h"
+#include "testing/kv_reference.h"
+
+namespace kvfabric {
+namespace {
+
+struct Row {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;
+  std::vector<uint8_t> zeros;
+};
+
+Row encode(const quant::RowFormat& f, const std::vector<float>& x) {
+  Row r{std::vector<uint8_t>(f.head_dim * 4), std::vector<float>(f.head_dim),
+        std::vector<uint8_t>(f.head_dim)};
+  quant::encode_row(f, x.data(), r.codes.data(), r.scales.data(), r.zeros.data());
+  return r;
+}
+
+std::vector<float> decode(const quant::RowFormat& f, const Row& r) {
+  std::vector<float> out(f.head_dim);
+  quant::decode_row(f, r.codes.data(), r.scales.data(), r.zeros.data(), out.data());
+  return out;
+}
+
+class RowRoundTrip : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t>> {};
+
+TEST_P(RowRoundTrip, ErrorWithinTheFormatsBound) {
+  const auto [dtype, head_dim, group] = GetParam();
+  const quant::RowFormat f{dtype, head_dim, group};
+  std::mt19937 rng(static_cast<uint32_t>(head_dim * 31 + group));
+  for (int trial = 0; trial < 200; ++trial) {
+    // Offsets and scales vary so that groups with no zero in range are covered too.
+    std::vector<float> x = testing::random_normal(head_dim, rng, trial % 5 == 0 ? 0.01f : 2.0f);
+    if (trial % 7 == 0)
+      for (float& v : x)
+        v += 5.0f;
+    const auto back = decode(f, encode(f, x));
+    const uint32_t g = is_integer_quantized(dtype) ? group : head_dim;
+    for (uint32_t i = 0; i < head_dim; ++i) {
+      const float* grp = x.data() + (i / g) * g;
+      const double bound = testing::element_error_bound(dtype, grp, g, x[i]);
+      ASSERT_LE(std::fabs(double{back[i]} - x[i]), bound)
+          << dtype_name(dtype) << " hd=" << head_dim << " group=" << group << " i=" << i
+          << " x=" << x[i] << " got " << back[i];
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, RowRoundTrip,
+                         ::testing::Values(std::make_tuple(DType::kF32, 64u, 0u),
+                                           std::make_tuple(DType::kF16, 128u, 0u),
+                                           std::make_tuple(DType::kBF16, 64u, 0u),
+                                           std::make_tuple(DType::kFP8E4M3, 128u, 0u),
+                                           std::make_tuple(DType::kInt8, 128u, 128u),
+                                           std::make_tuple(DType::kInt8, 64u, 32u),
+                                           std::make_tuple(DType::kInt4, 128u, 32u),
+                                           std::make_tuple(DType::kInt4, 64u, 64u),
+                                           std::make_tuple(DType::kInt2, 128u, 32u),
+                                           std::make_tuple(DType::kInt2, 64u, 16u)));
+
+TEST(Quantize, ConstantGroupsReconstructExactly) {
+  for (DType dtype : {DType::kFP8E4M3, DType::kInt8, DType::kInt4, DType::kInt2}) {
+    for (float c : {0.0f, 1.0f, -1.0f, 0.1f, -0.42f, 100.0f, 3.5f, -1e-20f, 7.3e4f}) {
+      const quant::RowFormat f{dtype, 64, 32};
+      std::vector<float> x(64, c);
+      const auto back = decode(f, encode(f, x));
+      for (float v : back)
+        ASSERT_EQ(v, c) << dtype_name(dtype) << " constant " << c;
+    }
+  }
+  // One constant group next to a varying one: only the constant group is exact.
+  const quant::RowFormat f{DType::kInt4, 64, 32};
+  std::vector<float> x(64, -2.5f);
+  for (int i = 32; i < 64; ++i)
+    x[i] = static_cast<float>(i) / 10;
+  const auto back = decode(f, encode(f, x));
+  for (int i = 0; i < 32; ++i)
+    EXPECT_EQ(back[i], -2.5f);
+}
+
+TEST(Quantize, IntegerLayoutIsScaleZeroPerGroup) {
+  const quant::RowFormat f{DType::kInt8, 8, 4};
+  const std::vector<float> x = {-1.0f, 0.0f, 1.0f, 2.0f, 10.0f, 10.0f, 10.0f, 10.0f};
+  const Row r = encode(f, x);
+  // Group 0: range [-1, 2] -> scale 3/255, zero rint(1 / scale) = 85.
+  EXPECT_FLOAT_EQ(r.scales[0], 3.0f / 255.0f);
+  EXPECT_EQ(r.zeros[0], 85);
+  EXPECT_EQ(r.codes[0], 0);
+  EXPECT_EQ(r.codes[3], 255);
+  // Group 1 is the constant 10: scale 10, code 1, zero 0.
+  EXPECT_EQ(r.scales[1], 10.0f);
+  EXPECT_EQ(r.zeros[1], 0);
+  EXPECT_EQ(r.codes[4], 1);
+}
+
+TEST(Quantize, FindsNonFiniteInputs) {
+  std::vector<float> f = {1.0f, 2.0f, NAN, 3.0f};
+  EXPECT_EQ(quant::find_non_finite(f.data(), DType::kF32, 4), 2);
+  f[2] = INFINITY;
+  EXPECT_EQ(quant::find_non_finite(f.data(), DType::kF32, 4), 2);
+  f[2] = 0;
+  EXPECT_EQ(quant::find_non_finite(f.data(), DType::kF32, 4), -1);
+  const std::vector<uint16_t> h = {0x3C00, 0x7C00};  // f16 1.0, +inf
+  EXPECT_EQ(quant::find_non_finite(h.data(), DType::kF16, 2), 1);
+  const std::vector<uint16_t> b = {0x3F80, 0x7FC0};  // bf16 1.0, NaN
+  EXPECT_EQ(quant::find_non_finite(b.data(), DType::kBF16, 2), 1);
+}
+
+}  // namespace
+}  // namespace kvfabric
