@@ -9,6 +9,8 @@
 namespace kvfabric::detail {
 
 Status validate_pool(const PagedKvView& pool, uint32_t layer, std::string_view op);
+//! Shapes and slots only: the K/V values live in backend memory; each backend checks that they
+//! are finite (validate_finite for host memory) before writing anything.
 Status validate_append(const PagedKvView& pool, const AppendKvArgs& args);
 Status validate_gather(const PagedKvView& pool, const GatherKvArgs& args);
 Status validate_decode(const PagedKvView& pool, const DecodeAttentionArgs& args);
@@ -18,8 +20,9 @@ Status validate_block_copies(std::span<const GroupBlockCopies> batch);
 Status validate_swap(const PagedKvView& src, const PagedKvView& dst,
                      std::span<const BlockMove> moves);
 
-//! Checks a NaN/Inf-free activation tensor in host memory; the error names the op and element.
+//! Checks that an activation tensor in host memory [num_tokens, heads, head_dim] is free of NaN
+//! and Inf, scanning token ranges on `threads` threads; the error names the element.
 Status validate_finite(const void* data, DType dtype, uint32_t num_tokens, uint32_t heads,
-                       uint32_t head_dim, std::string_view what);
+                       uint32_t head_dim, std::string_view what, int threads = 1);
 
 }  // namespace kvfabric::detail

@@ -1,5 +1,6 @@
 #include "kvfabric/quant/quantize.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kvfabric/quant/kv_format.h"
@@ -130,25 +131,32 @@ void store_activations(const float* src, DType dtype, uint64_t n, void* out) {
 }
 
 int64_t find_non_finite(const void* src, DType dtype, uint64_t n) {
-  switch (dtype) {
-    case DType::kF16:
-    case DType::kBF16: {
-      // Both have an all-ones exponent field for inf and NaN.
-      const auto* h = static_cast<const uint16_t*>(src);
-      const uint16_t exp_mask = dtype == DType::kF16 ? 0x7C00 : 0x7F80;
-      for (uint64_t i = 0; i < n; ++i) {
-        if ((h[i] & exp_mask) == exp_mask) return static_cast<int64_t>(i);
-      }
-      return -1;
+  // Branch-free scan in chunks (vectorizes); only a chunk that has a bad value is searched.
+  constexpr uint64_t kChunk = 256;
+  const bool half = dtype == DType::kF16 || dtype == DType::kBF16;
+  // A value is NaN or infinite when its exponent field is all ones.
+  const uint32_t exp_mask = dtype == DType::kF16    ? 0x7C00u
+                            : dtype == DType::kBF16 ? 0x7F80u
+                                                    : 0x7F800000u;
+  const auto* h = static_cast<const uint16_t*>(src);
+  const auto* f = static_cast<const uint32_t*>(src);
+  for (uint64_t begin = 0; begin < n; begin += kChunk) {
+    const uint64_t end = std::min(n, begin + kChunk);
+    uint32_t bad = 0;
+    if (half) {
+      for (uint64_t i = begin; i < end; ++i)
+        bad |= static_cast<uint32_t>((h[i] & exp_mask) == exp_mask);
+    } else {
+      for (uint64_t i = begin; i < end; ++i)
+        bad |= static_cast<uint32_t>((f[i] & exp_mask) == exp_mask);
     }
-    default: {
-      const auto* f = static_cast<const float*>(src);
-      for (uint64_t i = 0; i < n; ++i) {
-        if (!std::isfinite(f[i])) return static_cast<int64_t>(i);
-      }
-      return -1;
+    if (bad == 0) continue;
+    for (uint64_t i = begin; i < end; ++i) {
+      const uint32_t bits = half ? h[i] : f[i];
+      if ((bits & exp_mask) == exp_mask) return static_cast<int64_t>(i);
     }
   }
+  return -1;
 }
 
 }  // namespace kvfabric::quant

@@ -29,81 +29,125 @@ void store_rows(const float* rows_f32, uint32_t rows, uint32_t hd, DType dtype, 
                            static_cast<uint8_t*>(tensor) + first_element * elem);
 }
 
-TileRef tile_of(const PagedKvView& pool, uint32_t block, uint32_t layer, uint32_t kv,
-                uint32_t head) {
-  return TileRef{pool.codes(block, layer, kv, head), pool.scales(block, layer, kv, head),
-                 pool.zeros(block, layer, kv, head)};
+// Tokens handled per step: a contiguous layout (one huge block) is walked in the same L1-sized
+// chunks as 16-token blocks.
+constexpr uint32_t kChunk = kMaxChunkRows;
+
+TileRef tile_of(const PagedKvView& pool, uint32_t block, uint32_t layer, uint32_t kv, uint32_t head,
+                uint32_t first_token = 0) {
+  return TileRef{pool.codes(block, layer, kv, head) + uint64_t{first_token} * pool.row_bytes,
+                 pool.scales(block, layer, kv, head) + uint64_t{first_token} * pool.groups_per_row,
+                 pool.zeros(block, layer, kv, head) + uint64_t{first_token} * pool.groups_per_row};
 }
+
+// Asks for the next block's first cache lines of each head's K and V tile while the current block
+// is processed: blocks of a paged sequence are scattered, so the hardware prefetcher cannot guess
+// where the next one starts; it streams the rest of each tile itself.
+void prefetch_block(const PagedKvView& pool, uint32_t block, uint32_t layer, uint32_t first_head,
+                    uint32_t num_heads) {
+  for (uint32_t h = first_head; h < first_head + num_heads; ++h) {
+    for (uint32_t kv = 0; kv < 2; ++kv) {
+      const uint8_t* codes = pool.codes(block, layer, kv, h);
+      __builtin_prefetch(codes);
+      __builtin_prefetch(codes + 64);
+      if (pool.groups_per_row > 0) __builtin_prefetch(pool.scales(block, layer, kv, h));
+    }
+  }
+}
+
+// Running softmax state of one query row (flash decoding).
+struct OnlineSoftmax {
+  float max = -std::numeric_limits<float>::infinity();
+  float sum = 0.0f;
+};
 
 }  // namespace
 
+// Work items are sequences (all KV heads, or single heads when the batch is smaller than the
+// thread count): every block's K and V tiles of those heads are read in one sweep, with an online
+// softmax so that each block is visited once. With attention-mass output the raw logits are kept
+// and turned into probabilities at the end.
 void decode_attention(const SimdOps& ops, const PagedKvView& pool, const DecodeAttentionArgs& a,
                       int threads) {
   const uint32_t heads = pool.num_kv_heads;
   const uint32_t group = a.num_q_heads / heads;
   const uint32_t hd = pool.head_dim;
   const uint32_t bs = pool.block_size;
-  const int64_t items = int64_t{a.num_seqs} * heads;
-  uint32_t max_context = 0;
-  for (uint32_t s = 0; s < a.num_seqs; ++s)
-    max_context = std::max(max_context, a.context_lens[s]);
-  // With mass output each (sequence, KV head) writes its own row; rows are summed afterwards.
-  std::vector<float> mass_parts(a.attention_mass ? uint64_t(items) * max_context : 0);
+  const bool want_mass = a.attention_mass != nullptr;
+  const uint32_t heads_per_item =
+      want_mass || a.num_seqs >= 2 * static_cast<uint32_t>(threads) ? heads : 1;
+  const int64_t items = int64_t{a.num_seqs} * (heads / heads_per_item);
+  const uint32_t rows = heads_per_item * group;  // query rows of one item
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> q(uint64_t{group} * hd), acc(uint64_t{group} * hd);
-    std::vector<float> tile(uint64_t{bs} * hd), logits;
+    std::vector<float> q(uint64_t{rows} * hd), acc(uint64_t{rows} * hd);
+    std::vector<float> scratch(uint64_t{kChunk} * hd), scores(uint64_t{group} * kChunk), logits;
+    std::vector<OnlineSoftmax> state(rows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const uint32_t s = static_cast<uint32_t>(item / heads);
-      const uint32_t h = static_cast<uint32_t>(item % heads);
+      const uint32_t s = static_cast<uint32_t>(item / (heads / heads_per_item));
+      const uint32_t first_head =
+          static_cast<uint32_t>(item % (heads / heads_per_item)) * heads_per_item;
       const uint32_t ctx = a.context_lens[s];
       const uint32_t* table = a.block_tables + uint64_t{s} * a.max_blocks_per_seq;
-      const uint64_t q_first = (uint64_t{s} * a.num_q_heads + uint64_t{h} * group) * hd;
-      load_scaled_rows(a.query, a.query_dtype, q_first, group, hd, a.softmax_scale, q.data());
-      logits.resize(uint64_t{group} * ctx);
+      const uint64_t q_first = (uint64_t{s} * a.num_q_heads + uint64_t{first_head} * group) * hd;
+      load_scaled_rows(a.query, a.query_dtype, q_first, rows, hd, a.softmax_scale, q.data());
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(state.begin(), state.end(), OnlineSoftmax{});
+      if (want_mass) logits.resize(uint64_t{rows} * ctx);
 
-      // Pass 1: logits for every context token and query head, then an exact softmax.
-      for (uint32_t first = 0; first < ctx; first += bs) {
-        const uint32_t n = std::min(bs, ctx - first);
-        ops.decode_rows(pool, tile_of(pool, table[first / bs], a.layer, 0, h), n, tile.data());
-        ops.dot_rows(q.data(), group, tile.data(), n, hd, logits.data() + first, ctx);
-      }
-      for (uint32_t g = 0; g < group; ++g) {
-        float* row = logits.data() + uint64_t{g} * ctx;
-        const float max = *std::max_element(row, row + ctx);
-        const float inv_sum = 1.0f / ops.exp_sum(row, ctx, max);
-        for (uint32_t t = 0; t < ctx; ++t)
-          row[t] *= inv_sum;
-      }
-      if (a.attention_mass != nullptr) {
-        float* part = mass_parts.data() + uint64_t(item) * max_context;
-        for (uint32_t g = 0; g < group; ++g) {
-          for (uint32_t t = 0; t < ctx; ++t)
-            part[t] += logits[uint64_t{g} * ctx + t];
+      if (bs < ctx) prefetch_block(pool, table[1], a.layer, first_head, heads_per_item);
+      for (uint32_t start = 0; start < ctx; start += bs) {
+        const uint32_t block = table[start / bs];
+        const uint32_t block_tokens = std::min(bs, ctx - start);
+        if (start + 2 * bs < ctx) {
+          prefetch_block(pool, table[start / bs + 2], a.layer, first_head, heads_per_item);
+        }
+        for (uint32_t sub = 0; sub < block_tokens; sub += kChunk) {
+          const uint32_t n = std::min(kChunk, block_tokens - sub);
+          for (uint32_t hi = 0; hi < heads_per_item; ++hi) {
+            const uint32_t h = first_head + hi;
+            const uint32_t row0 = hi * group;
+            ops.qk(pool, tile_of(pool, block, a.layer, 0, h, sub), n,
+                   q.data() + uint64_t{row0} * hd, group, scores.data(), kChunk, scratch.data());
+            for (uint32_t g = 0; g < group; ++g) {
+              float* sc = scores.data() + uint64_t{g} * kChunk;
+              OnlineSoftmax& st = state[row0 + g];
+              if (want_mass) {
+                std::copy(sc, sc + n, logits.data() + uint64_t{row0 + g} * ctx + start + sub);
+              }
+              const float new_max = std::max(st.max, *std::max_element(sc, sc + n));
+              const float correction = std::exp(st.max - new_max);  // 0 on the first chunk
+              st.sum = st.sum * correction + ops.exp_sum(sc, n, new_max);
+              st.max = new_max;
+              if (correction != 1.0f) {
+                float* acc_row = acc.data() + uint64_t{row0 + g} * hd;
+                for (uint32_t d = 0; d < hd; ++d)
+                  acc_row[d] *= correction;
+              }
+            }
+            ops.pv(pool, tile_of(pool, block, a.layer, 1, h, sub), n, scores.data(), kChunk, group,
+                   acc.data() + uint64_t{row0} * hd, scratch.data());
+          }
         }
       }
-
-      // Pass 2: the probability-weighted sum of V.
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (uint32_t first = 0; first < ctx; first += bs) {
-        const uint32_t n = std::min(bs, ctx - first);
-        ops.decode_rows(pool, tile_of(pool, table[first / bs], a.layer, 1, h), n, tile.data());
-        ops.accumulate(logits.data() + first, ctx, group, tile.data(), n, hd, acc.data());
+      for (uint32_t r = 0; r < rows; ++r) {
+        const float inv = 1.0f / state[r].sum;
+        for (uint32_t d = 0; d < hd; ++d)
+          acc[uint64_t{r} * hd + d] *= inv;
       }
-      store_rows(acc.data(), group, hd, a.query_dtype, a.output, q_first);
-    }
-  }
+      store_rows(acc.data(), rows, hd, a.query_dtype, a.output, q_first);
 
-  if (a.attention_mass != nullptr) {
-    for (uint32_t s = 0; s < a.num_seqs; ++s) {
-      float* mass = a.attention_mass + uint64_t{s} * a.mass_stride;
-      std::fill(mass, mass + a.context_lens[s], 0.0f);
-      for (uint32_t h = 0; h < heads; ++h) {
-        const float* part = mass_parts.data() + (uint64_t{s} * heads + h) * max_context;
-        for (uint32_t t = 0; t < a.context_lens[s]; ++t)
-          mass[t] += part[t];
+      if (want_mass) {  // the item is the whole sequence here, so no other thread writes this row
+        float* mass = a.attention_mass + uint64_t{s} * a.mass_stride;
+        std::fill(mass, mass + ctx, 0.0f);
+        for (uint32_t r = 0; r < rows; ++r) {
+          const float* row = logits.data() + uint64_t{r} * ctx;
+          const float inv = 1.0f / state[r].sum;
+          for (uint32_t t = 0; t < ctx; ++t)
+            mass[t] += std::exp(row[t] - state[r].max) * inv;
+        }
       }
     }
   }
@@ -120,7 +164,7 @@ void prefill_attention(const SimdOps& ops, const PagedKvView& pool, const Prefil
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> q, acc, scores, running_max, running_sum, tile(uint64_t{bs} * hd);
+    std::vector<float> q, acc, scores, running_max, running_sum, scratch(uint64_t{kChunk} * hd);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const uint32_t s = static_cast<uint32_t>(item / heads);
@@ -140,36 +184,40 @@ void prefill_attention(const SimdOps& ops, const PagedKvView& pool, const Prefil
                          q.data() + uint64_t{i} * group * hd);
       }
       acc.assign(uint64_t{rows} * hd, 0.0f);
-      scores.resize(uint64_t{rows} * bs);
+      scores.resize(uint64_t{rows} * kChunk);
       running_max.assign(rows, kNegInf);
       running_sum.assign(rows, 0.0f);
 
-      // Online softmax over the blocks (flash attention): each K/V tile is decoded once.
-      for (uint32_t first = 0; first < ctx; first += bs) {
-        const uint32_t n = std::min(bs, ctx - first);
-        const uint32_t block = table[first / bs];
-        ops.decode_rows(pool, tile_of(pool, block, a.layer, 0, h), n, tile.data());
-        ops.dot_rows(q.data(), rows, tile.data(), n, hd, scores.data(), bs);
-        for (uint32_t r = 0; r < rows; ++r) {
-          float* row = scores.data() + uint64_t{r} * bs;
-          const uint32_t limit = first_query_pos + r / group;  // last position this query sees
-          const uint32_t visible = limit < first ? 0 : std::min(n, limit - first + 1);
-          if (visible == 0) {
-            std::fill(row, row + n, 0.0f);
-            continue;
+      // Online softmax over chunks of the context (flash attention): each K/V row is decoded once.
+      for (uint32_t start = 0; start < ctx; start += bs) {
+        const uint32_t block = table[start / bs];
+        const uint32_t block_tokens = std::min(bs, ctx - start);
+        for (uint32_t sub = 0; sub < block_tokens; sub += kChunk) {
+          const uint32_t first = start + sub;  // context position of the chunk's first token
+          const uint32_t n = std::min(kChunk, block_tokens - sub);
+          ops.qk(pool, tile_of(pool, block, a.layer, 0, h, sub), n, q.data(), rows, scores.data(),
+                 kChunk, scratch.data());
+          for (uint32_t r = 0; r < rows; ++r) {
+            float* row = scores.data() + uint64_t{r} * kChunk;
+            const uint32_t limit = first_query_pos + r / group;  // last position this query sees
+            const uint32_t visible = limit < first ? 0 : std::min(n, limit - first + 1);
+            if (visible == 0) {
+              std::fill(row, row + n, 0.0f);
+              continue;
+            }
+            const float chunk_max = *std::max_element(row, row + visible);
+            const float new_max = std::max(running_max[r], chunk_max);
+            const float correction = std::exp(running_max[r] - new_max);  // 0 on the first chunk
+            running_sum[r] = running_sum[r] * correction + ops.exp_sum(row, visible, new_max);
+            std::fill(row + visible, row + n, 0.0f);
+            float* acc_row = acc.data() + uint64_t{r} * hd;
+            for (uint32_t d = 0; d < hd; ++d)
+              acc_row[d] *= correction;
+            running_max[r] = new_max;
           }
-          const float tile_max = *std::max_element(row, row + visible);
-          const float new_max = std::max(running_max[r], tile_max);
-          const float correction = std::exp(running_max[r] - new_max);  // 0 on the first tile
-          running_sum[r] = running_sum[r] * correction + ops.exp_sum(row, visible, new_max);
-          std::fill(row + visible, row + n, 0.0f);
-          float* acc_row = acc.data() + uint64_t{r} * hd;
-          for (uint32_t d = 0; d < hd; ++d)
-            acc_row[d] *= correction;
-          running_max[r] = new_max;
+          ops.pv(pool, tile_of(pool, block, a.layer, 1, h, sub), n, scores.data(), kChunk, rows,
+                 acc.data(), scratch.data());
         }
-        ops.decode_rows(pool, tile_of(pool, block, a.layer, 1, h), n, tile.data());
-        ops.accumulate(scores.data(), bs, rows, tile.data(), n, hd, acc.data());
       }
       for (uint32_t r = 0; r < rows; ++r) {
         const float inv = 1.0f / running_sum[r];

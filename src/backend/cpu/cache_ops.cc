@@ -37,33 +37,26 @@ void copy_token_range(const PagedKvView& pool, const TokenCopy& c) {
 
 }  // namespace
 
-void append_kv(const PagedKvView& pool, const AppendKvArgs& args, int threads) {
+void append_kv(const SimdOps& ops, const PagedKvView& pool, const AppendKvArgs& args, int threads) {
   const uint32_t heads = pool.num_kv_heads;
   const uint32_t hd = pool.head_dim;
-  const quant::RowFormat format{pool.dtype, hd, pool.group_size};
   const size_t in_row_bytes = activation_bytes(args.input_dtype) * hd;
   const auto* key = static_cast<const uint8_t*>(args.key);
   const auto* value = static_cast<const uint8_t*>(args.value);
   const int64_t n = args.num_tokens;
-#pragma omp parallel num_threads(threads) if (n * heads * hd > (1 << 16))
-  {
-    std::vector<float> row(hd);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t slot = args.slot_mapping[t];
-      if (slot < 0) continue;
-      const uint64_t block = static_cast<uint64_t>(slot) / pool.block_size;
-      const uint32_t offset = static_cast<uint32_t>(static_cast<uint64_t>(slot) % pool.block_size);
-      for (uint32_t h = 0; h < heads; ++h) {
-        const uint64_t in_row = static_cast<uint64_t>(t) * heads + h;
-        for (uint32_t kv = 0; kv < 2; ++kv) {
-          const uint8_t* src = (kv == 0 ? key : value) + in_row * in_row_bytes;
-          quant::load_activations(src, args.input_dtype, hd, row.data());
-          quant::encode_row(
-              format, row.data(), pool.codes(block, args.layer, kv, h) + offset * pool.row_bytes,
-              pool.scales(block, args.layer, kv, h) + uint64_t{offset} * pool.groups_per_row,
-              pool.zeros(block, args.layer, kv, h) + uint64_t{offset} * pool.groups_per_row);
-        }
+#pragma omp parallel for num_threads(threads) schedule(static) if (n * heads * hd > (1 << 16))
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t slot = args.slot_mapping[t];
+    if (slot < 0) continue;
+    const uint64_t block = static_cast<uint64_t>(slot) / pool.block_size;
+    const uint64_t offset = static_cast<uint64_t>(slot) % pool.block_size;
+    for (uint32_t h = 0; h < heads; ++h) {
+      const uint64_t in_row = static_cast<uint64_t>(t) * heads + h;
+      for (uint32_t kv = 0; kv < 2; ++kv) {
+        ops.encode_row(pool, (kv == 0 ? key : value) + in_row * in_row_bytes, args.input_dtype,
+                       pool.codes(block, args.layer, kv, h) + offset * pool.row_bytes,
+                       pool.scales(block, args.layer, kv, h) + offset * pool.groups_per_row,
+                       pool.zeros(block, args.layer, kv, h) + offset * pool.groups_per_row);
       }
     }
   }

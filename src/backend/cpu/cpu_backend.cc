@@ -43,13 +43,26 @@ class CpuBackend final : public Backend {
                                                  (tier == Tier::kDevice ? "device" : "host") +
                                                  " tier: " + std::strerror(errno));
     }
+#ifdef MADV_HUGEPAGE
+    // Paged attention jumps between scattered blocks; 2 MiB pages keep those jumps out of the
+    // TLB's way. Advisory: without transparent huge pages the mapping works as before.
+    if (bytes >= (2u << 20)) madvise(data, bytes, MADV_HUGEPAGE);
+#endif
     return KvArena(static_cast<uint8_t*>(data), bytes, tier,
                    [](uint8_t* p, uint64_t n) { munmap(p, n); });
   }
 
   Status append_kv(const PagedKvView& pool, const AppendKvArgs& args) override {
     KVF_RETURN_IF_ERROR(detail::validate_append(pool, args));
-    cpu::append_kv(pool, args, threads_);
+    if (args.num_tokens > 0) {
+      KVF_RETURN_IF_ERROR(detail::validate_finite(args.key, args.input_dtype, args.num_tokens,
+                                                  pool.num_kv_heads, pool.head_dim,
+                                                  "append_kv: key", threads_));
+      KVF_RETURN_IF_ERROR(detail::validate_finite(args.value, args.input_dtype, args.num_tokens,
+                                                  pool.num_kv_heads, pool.head_dim,
+                                                  "append_kv: value", threads_));
+    }
+    cpu::append_kv(ops_, pool, args, threads_);
     return ok_status();
   }
 

@@ -6,7 +6,7 @@
 
 namespace kvfabric::cpu {
 
-void append_kv(const PagedKvView& pool, const AppendKvArgs& args, int threads);
+void append_kv(const SimdOps& ops, const PagedKvView& pool, const AppendKvArgs& args, int threads);
 void gather_kv(const SimdOps& ops, const PagedKvView& pool, const GatherKvArgs& args);
 void copy_blocks(std::span<const GroupBlockCopies> batch);
 void compact_tokens(std::span<const GroupTokenCopies> batch);

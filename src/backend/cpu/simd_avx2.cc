@@ -1,13 +1,18 @@
 // Compiled with -mavx2 -mfma -mf16c; used only when the processor reports all three.
 // Everything except the table getter has internal linkage, so none of this code can be picked
 // by the linker for the generic translation units.
+//
+// Attention dequantizes on the fly: each K or V row is converted to f32 in registers, 8 elements
+// at a time, and used by every query head of the GQA group before the next row is read.
 #include "backend/cpu/simd_ops.h"
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
+#include "kvfabric/quant/kv_format.h"
 #include "kvfabric/quant/quantize.h"
 
 namespace kvfabric::cpu {
@@ -21,7 +26,6 @@ float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// 8 codes of one dtype -> 8 floats (before the row or group scale).
 __m256 load_f16(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -39,121 +43,245 @@ __m256 load_fp8_times_2_pow_minus_8(const uint8_t* p) {
   const __m128i magnitude = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x7F)), 7);
   return _mm256_cvtph_ps(_mm_or_si128(sign, magnitude));
 }
-__m256 load_u8(const uint8_t* p) {
-  uint64_t raw;
-  std::memcpy(&raw, p, 8);
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
+// 8 codes of `bits` bits (8, 4 or 2) starting at element `d` of a packed row.
+__m256 load_codes(const uint8_t* row, uint32_t d, uint32_t bits) {
+  if (bits == 8) {
+    uint64_t raw;
+    std::memcpy(&raw, row + d, 8);
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
+  }
+  uint32_t raw = 0;
+  std::memcpy(&raw, row + d * bits / 8, bits);  // 8 codes take `bits` bytes
+  const __m256i shifts = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
+                                   : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i codes =
+      _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(raw)), shifts),
+                       _mm256_set1_epi32((1 << bits) - 1));
+  return _mm256_cvtepi32_ps(codes);
+}
+
+// Reads 8 dequantized elements at a time from one token's row of a tile. The arithmetic matches
+// quant::decode_row exactly (scale * code, scale * (code - zero)).
+template <DType D>
+struct RowReader {
+  const uint8_t* row;
+  const float* scales;
+  const uint8_t* zeros;
+  uint32_t group_shift;  // log2(group_size): the fast path takes power-of-two groups only
+
+  RowReader(const PagedKvView& pool, const TileRef& tile, uint32_t t)
+      : row(tile.codes + t * pool.row_bytes),
+        scales(tile.scales + uint64_t{t} * pool.groups_per_row),
+        zeros(tile.zeros + uint64_t{t} * pool.groups_per_row),
+        group_shift(static_cast<uint32_t>(__builtin_ctz(pool.group_size))) {}
+
+  __m256 load(uint32_t d) const {
+    if constexpr (D == DType::kF32) {
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
+    } else if constexpr (D == DType::kF16) {
+      return load_f16(row + 2 * d);
+    } else if constexpr (D == DType::kBF16) {
+      return load_bf16(row + 2 * d);
+    } else if constexpr (D == DType::kFP8E4M3) {
+      return _mm256_mul_ps(_mm256_set1_ps(scales[0] * 256.0f),
+                           load_fp8_times_2_pow_minus_8(row + d));
+    } else {
+      const uint32_t g = d >> group_shift;
+      const __m256 codes = load_codes(row, d, dtype_bits(D));
+      return _mm256_mul_ps(_mm256_set1_ps(scales[g]),
+                           _mm256_sub_ps(codes, _mm256_set1_ps(static_cast<float>(zeros[g]))));
+    }
+  }
+};
+
+// R query rows against each key row: out[r][t] = dot(q[r], K[t]).
+template <DType D, uint32_t R>
+void qk_rows(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q, float* out,
+             uint32_t out_stride) {
+  const uint32_t hd = pool.head_dim;
+  for (uint32_t t = 0; t < n; ++t) {
+    const RowReader<D> row(pool, keys, t);
+    __m256 acc[R];
+    for (uint32_t j = 0; j < R; ++j)
+      acc[j] = _mm256_setzero_ps();
+    for (uint32_t d = 0; d < hd; d += 8) {
+      const __m256 k = row.load(d);
+      for (uint32_t j = 0; j < R; ++j) {
+        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + uint64_t{j} * hd + d), k, acc[j]);
+      }
+    }
+    for (uint32_t j = 0; j < R; ++j)
+      out[uint64_t{j} * out_stride + t] = hsum(acc[j]);
+  }
+}
+
+// acc[r][d] += sum_t p[r][t] * V[t][d] for R rows, 16 dimensions at a time kept in registers.
+template <DType D, uint32_t R>
+void pv_rows(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
+             uint32_t p_stride, float* acc) {
+  const uint32_t hd = pool.head_dim;
+  for (uint32_t d = 0; d < hd; d += 16) {
+    __m256 a[R][2];
+    for (uint32_t j = 0; j < R; ++j) {
+      a[j][0] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d);
+      a[j][1] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d + 8);
+    }
+    for (uint32_t t = 0; t < n; ++t) {
+      const RowReader<D> row(pool, values, t);
+      const __m256 v0 = row.load(d), v1 = row.load(d + 8);
+      for (uint32_t j = 0; j < R; ++j) {
+        const __m256 w = _mm256_broadcast_ss(p + uint64_t{j} * p_stride + t);
+        a[j][0] = _mm256_fmadd_ps(w, v0, a[j][0]);
+        a[j][1] = _mm256_fmadd_ps(w, v1, a[j][1]);
+      }
+    }
+    for (uint32_t j = 0; j < R; ++j) {
+      _mm256_storeu_ps(acc + uint64_t{j} * hd + d, a[j][0]);
+      _mm256_storeu_ps(acc + uint64_t{j} * hd + d + 8, a[j][1]);
+    }
+  }
+}
+
+// Splits `rows` into passes of 8/4/2/1 (qk) or 4/2/1 (pv) rows with register accumulators.
+template <DType D>
+void qk_typed(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q,
+              uint32_t rows, float* out, uint32_t out_stride) {
+  const uint32_t hd = pool.head_dim;
+  uint32_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    qk_rows<D, 8>(pool, keys, n, q + uint64_t{r} * hd, out + uint64_t{r} * out_stride, out_stride);
+  for (; r + 4 <= rows; r += 4)
+    qk_rows<D, 4>(pool, keys, n, q + uint64_t{r} * hd, out + uint64_t{r} * out_stride, out_stride);
+  for (; r + 2 <= rows; r += 2)
+    qk_rows<D, 2>(pool, keys, n, q + uint64_t{r} * hd, out + uint64_t{r} * out_stride, out_stride);
+  for (; r < rows; ++r)
+    qk_rows<D, 1>(pool, keys, n, q + uint64_t{r} * hd, out + uint64_t{r} * out_stride, out_stride);
+}
+
+template <DType D>
+void pv_typed(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
+              uint32_t p_stride, uint32_t rows, float* acc) {
+  const uint32_t hd = pool.head_dim;
+  uint32_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    pv_rows<D, 4>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd);
+  for (; r + 2 <= rows; r += 2)
+    pv_rows<D, 2>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd);
+  for (; r < rows; ++r)
+    pv_rows<D, 1>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd);
+}
+
+// The register paths need head_dim in whole 16-element steps and integer groups of a power of
+// two >= 8 (others take the generic path).
+bool fast_path(const PagedKvView& pool) {
+  const uint32_t g = pool.group_size;
+  return pool.head_dim % 16 == 0 &&
+         (!is_integer_quantized(pool.dtype) || (g >= 8 && (g & (g - 1)) == 0));
 }
 
 void decode_rows(const PagedKvView& pool, const TileRef& tile, uint32_t n, float* out) {
   const uint32_t hd = pool.head_dim;
-  const bool vector_width_ok =
-      hd % 8 == 0 && (pool.dtype != DType::kInt8 || pool.group_size % 8 == 0);
-  const bool vectorized =
-      vector_width_ok && (pool.dtype == DType::kF16 || pool.dtype == DType::kBF16 ||
-                          pool.dtype == DType::kFP8E4M3 || pool.dtype == DType::kInt8);
-  if (!vectorized) {
-    const quant::RowFormat format{pool.dtype, pool.head_dim, pool.group_size};
-    for (uint32_t t = 0; t < n; ++t) {
-      quant::decode_row(format, tile.codes + t * pool.row_bytes,
-                        tile.scales + uint64_t{t} * pool.groups_per_row,
-                        tile.zeros + uint64_t{t} * pool.groups_per_row, out + uint64_t{t} * hd);
-    }
+  if (!fast_path(pool)) {
+    generic_simd_ops().decode_rows(pool, tile, n, out);
     return;
   }
-  for (uint32_t t = 0; t < n; ++t) {
-    const uint8_t* row = tile.codes + t * pool.row_bytes;
-    float* dst = out + uint64_t{t} * hd;
-    switch (pool.dtype) {
-      case DType::kF16:
-        for (uint32_t d = 0; d < hd; d += 8)
-          _mm256_storeu_ps(dst + d, load_f16(row + 2 * d));
-        break;
-      case DType::kBF16:
-        for (uint32_t d = 0; d < hd; d += 8)
-          _mm256_storeu_ps(dst + d, load_bf16(row + 2 * d));
-        break;
-      case DType::kFP8E4M3: {
-        const __m256 scale = _mm256_set1_ps(tile.scales[t] * 256.0f);
-        for (uint32_t d = 0; d < hd; d += 8) {
-          _mm256_storeu_ps(dst + d, _mm256_mul_ps(scale, load_fp8_times_2_pow_minus_8(row + d)));
-        }
-        break;
-      }
-      default: {  // int8: scale * (code - zero), per group
-        const float* scales = tile.scales + uint64_t{t} * pool.groups_per_row;
-        const uint8_t* zeros = tile.zeros + uint64_t{t} * pool.groups_per_row;
-        for (uint32_t g = 0; g < pool.groups_per_row; ++g) {
-          const __m256 scale = _mm256_set1_ps(scales[g]);
-          const __m256 zero = _mm256_set1_ps(static_cast<float>(zeros[g]));
-          for (uint32_t d = g * pool.group_size; d < (g + 1) * pool.group_size; d += 8) {
-            _mm256_storeu_ps(dst + d, _mm256_mul_ps(scale, _mm256_sub_ps(load_u8(row + d), zero)));
-          }
-        }
-        break;
-      }
+  auto run = [&](auto tag) {
+    constexpr DType D = decltype(tag)::value;
+    for (uint32_t t = 0; t < n; ++t) {
+      const RowReader<D> row(pool, tile, t);
+      for (uint32_t d = 0; d < hd; d += 8)
+        _mm256_storeu_ps(out + uint64_t{t} * hd + d, row.load(d));
     }
+  };
+  switch (pool.dtype) {
+    case DType::kF32:
+      run(std::integral_constant<DType, DType::kF32>{});
+      break;
+    case DType::kF16:
+      run(std::integral_constant<DType, DType::kF16>{});
+      break;
+    case DType::kBF16:
+      run(std::integral_constant<DType, DType::kBF16>{});
+      break;
+    case DType::kFP8E4M3:
+      run(std::integral_constant<DType, DType::kFP8E4M3>{});
+      break;
+    case DType::kInt8:
+      run(std::integral_constant<DType, DType::kInt8>{});
+      break;
+    case DType::kInt4:
+      run(std::integral_constant<DType, DType::kInt4>{});
+      break;
+    case DType::kInt2:
+      run(std::integral_constant<DType, DType::kInt2>{});
+      break;
   }
 }
 
-float dot(const float* a, const float* b, uint32_t hd) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  uint32_t d = 0;
-  for (; d + 16 <= hd; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q, uint32_t rows,
+        float* out, uint32_t out_stride, float* scratch) {
+  if (!fast_path(pool)) {
+    generic_simd_ops().qk(pool, keys, n, q, rows, out, out_stride, scratch);
+    return;
   }
-  for (; d + 8 <= hd; d += 8)
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-  float sum = hsum(_mm256_add_ps(acc0, acc1));
-  for (; d < hd; ++d)
-    sum += a[d] * b[d];
-  return sum;
+  switch (pool.dtype) {
+    case DType::kF32:
+      qk_typed<DType::kF32>(pool, keys, n, q, rows, out, out_stride);
+      break;
+    case DType::kF16:
+      qk_typed<DType::kF16>(pool, keys, n, q, rows, out, out_stride);
+      break;
+    case DType::kBF16:
+      qk_typed<DType::kBF16>(pool, keys, n, q, rows, out, out_stride);
+      break;
+    case DType::kFP8E4M3:
+      qk_typed<DType::kFP8E4M3>(pool, keys, n, q, rows, out, out_stride);
+      break;
+    case DType::kInt8:
+      qk_typed<DType::kInt8>(pool, keys, n, q, rows, out, out_stride);
+      break;
+    case DType::kInt4:
+      qk_typed<DType::kInt4>(pool, keys, n, q, rows, out, out_stride);
+      break;
+    case DType::kInt2:
+      qk_typed<DType::kInt2>(pool, keys, n, q, rows, out, out_stride);
+      break;
+  }
 }
 
-void dot_rows(const float* q, uint32_t rows, const float* k, uint32_t n, uint32_t hd, float* out,
-              uint32_t out_stride) {
-  for (uint32_t t = 0; t < n; ++t) {
-    const float* kt = k + uint64_t{t} * hd;
-    for (uint32_t r = 0; r < rows; ++r)
-      out[uint64_t{r} * out_stride + t] = dot(q + uint64_t{r} * hd, kt, hd);
+void pv(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
+        uint32_t p_stride, uint32_t rows, float* acc, float* scratch) {
+  if (!fast_path(pool)) {
+    generic_simd_ops().pv(pool, values, n, p, p_stride, rows, acc, scratch);
+    return;
   }
-}
-
-void accumulate(const float* p, uint32_t p_stride, uint32_t rows, const float* v, uint32_t n,
-                uint32_t hd, float* acc) {
-  for (uint32_t r = 0; r < rows; ++r) {
-    float* ar = acc + uint64_t{r} * hd;
-    const float* pr = p + uint64_t{r} * p_stride;
-    uint32_t d = 0;
-    // Keep 32 outputs in registers while streaming over the tokens.
-    for (; d + 32 <= hd; d += 32) {
-      __m256 a0 = _mm256_loadu_ps(ar + d), a1 = _mm256_loadu_ps(ar + d + 8);
-      __m256 a2 = _mm256_loadu_ps(ar + d + 16), a3 = _mm256_loadu_ps(ar + d + 24);
-      for (uint32_t t = 0; t < n; ++t) {
-        const __m256 w = _mm256_set1_ps(pr[t]);
-        const float* vt = v + uint64_t{t} * hd + d;
-        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0);
-        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
-        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2);
-        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
-      }
-      _mm256_storeu_ps(ar + d, a0);
-      _mm256_storeu_ps(ar + d + 8, a1);
-      _mm256_storeu_ps(ar + d + 16, a2);
-      _mm256_storeu_ps(ar + d + 24, a3);
-    }
-    for (; d < hd; ++d) {
-      float a = ar[d];
-      for (uint32_t t = 0; t < n; ++t)
-        a += pr[t] * v[uint64_t{t} * hd + d];
-      ar[d] = a;
-    }
+  switch (pool.dtype) {
+    case DType::kF32:
+      pv_typed<DType::kF32>(pool, values, n, p, p_stride, rows, acc);
+      break;
+    case DType::kF16:
+      pv_typed<DType::kF16>(pool, values, n, p, p_stride, rows, acc);
+      break;
+    case DType::kBF16:
+      pv_typed<DType::kBF16>(pool, values, n, p, p_stride, rows, acc);
+      break;
+    case DType::kFP8E4M3:
+      pv_typed<DType::kFP8E4M3>(pool, values, n, p, p_stride, rows, acc);
+      break;
+    case DType::kInt8:
+      pv_typed<DType::kInt8>(pool, values, n, p, p_stride, rows, acc);
+      break;
+    case DType::kInt4:
+      pv_typed<DType::kInt4>(pool, values, n, p, p_stride, rows, acc);
+      break;
+    case DType::kInt2:
+      pv_typed<DType::kInt2>(pool, values, n, p, p_stride, rows, acc);
+      break;
   }
 }
 
 // exp(x) for x <= 0: 2^n * e^r with |r| <= ln2/2 and a degree-6 Taylor polynomial
-// (relative error < 2e-7); inputs below -87 flush to 2^-126 scale, which underflows the sum.
+// (relative error < 2e-7); inputs below -87 are clamped (their weight underflows anyway).
 __m256 exp_nonpositive(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
@@ -182,7 +310,7 @@ float exp_sum(float* x, uint32_t n, float max) {
     acc = _mm256_add_ps(acc, e);
   }
   float sum = hsum(acc);
-  if (i < n) {  // tail through a zero-padded vector, same polynomial
+  if (i < n) {  // the tail through a zero-padded vector, same polynomial
     alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (uint32_t j = i; j < n; ++j)
       tail[j - i] = x[j] - max;
@@ -196,10 +324,194 @@ float exp_sum(float* x, uint32_t n, float max) {
   return sum;
 }
 
+// ---- Encoding (append_kv): the same arithmetic as quant::encode_row, 8 elements at a time.
+
+__m256 load_activation8(const uint8_t* src, DType dtype, uint32_t d) {
+  switch (dtype) {
+    case DType::kF16:
+      return load_f16(src + 2 * d);
+    case DType::kBF16:
+      return load_bf16(src + 2 * d);
+    default:
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(src) + d);
+  }
+}
+
+float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+float hmin(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
+}
+uint32_t hor(__m256i v) {
+  __m128i m = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_or_si128(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_or_si128(m, _mm_shuffle_epi32(m, 0xB1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+// Writes the low byte of each of 8 int32 lanes to out[0..7].
+void store_bytes8(__m256i v, uint8_t* out) {
+  const __m256i pick =
+      _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1,
+                       -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, pick),
+                                                     _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+  const uint64_t bytes = static_cast<uint64_t>(_mm256_extract_epi64(packed, 0));
+  std::memcpy(out, &bytes, 8);
+}
+
+// f32 -> e4m3 codes for 8 lanes, as numeric::f32_to_fp8_e4m3 (RNE, saturating to 448).
+__m256i f32_to_e4m3_8(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80));
+  const __m256i abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i rounded =
+      _mm256_add_epi32(_mm256_add_epi32(abs, _mm256_set1_epi32(0x7FFFF)),
+                       _mm256_and_si256(_mm256_srli_epi32(abs, 20), _mm256_set1_epi32(1)));
+  __m256i normal = _mm256_or_si256(
+      _mm256_slli_epi32(_mm256_sub_epi32(_mm256_srli_epi32(rounded, 23), _mm256_set1_epi32(120)),
+                        3),
+      _mm256_and_si256(_mm256_srli_epi32(rounded, 20), _mm256_set1_epi32(7)));
+  normal = _mm256_min_epi32(normal, _mm256_set1_epi32(0x7E));
+  // Subnormals: units of 2^-9, rounded to nearest even (the default MXCSR mode).
+  const __m256i subnormal =
+      _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(abs), _mm256_set1_ps(512.0f)));
+  const __m256i is_subnormal = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3C800000), abs);
+  const __m256i saturated = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x43DFFFFF));
+  __m256i code = _mm256_blendv_epi8(normal, subnormal, is_subnormal);
+  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7E), saturated);
+  return _mm256_or_si256(code, sign);
+}
+
+void encode_row(const PagedKvView& pool, const void* src_void, DType src_dtype, uint8_t* codes,
+                float* scales, uint8_t* zeros) {
+  const uint32_t hd = pool.head_dim;
+  const auto* src = static_cast<const uint8_t*>(src_void);
+  if (hd % 8 != 0 || (is_integer_quantized(pool.dtype) && pool.group_size % 8 != 0)) {
+    generic_simd_ops().encode_row(pool, src_void, src_dtype, codes, scales, zeros);
+    return;
+  }
+  switch (pool.dtype) {
+    case DType::kF32:
+      for (uint32_t d = 0; d < hd; d += 8) {
+        _mm256_storeu_ps(reinterpret_cast<float*>(codes) + d, load_activation8(src, src_dtype, d));
+      }
+      return;
+    case DType::kF16:
+      for (uint32_t d = 0; d < hd; d += 8) {
+        const __m128i h =
+            _mm256_cvtps_ph(load_activation8(src, src_dtype, d), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 2 * d), h);
+      }
+      return;
+    case DType::kBF16:
+      for (uint32_t d = 0; d < hd; d += 8) {
+        const __m256i x = _mm256_castps_si256(load_activation8(src, src_dtype, d));
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+        const __m256i r = _mm256_srli_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+        const __m128i packed =
+            _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 2 * d), packed);
+      }
+      return;
+    default:
+      break;
+  }
+  // Quantized formats read each element twice (range, then codes): convert the row once.
+  alignas(32) float row[1024];  // head_dim <= 1024 (config limit); [0, hd) is written here
+  for (uint32_t d = 0; d < hd; d += 8)
+    _mm256_store_ps(row + d, load_activation8(src, src_dtype, d));
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC cannot see that hd >= 8
+  switch (pool.dtype) {
+    case DType::kFP8E4M3: {
+      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      const float first = row[0];
+      const __m256 first_v = _mm256_set1_ps(first);
+      __m256 absmax = _mm256_setzero_ps();
+      __m256 differs = _mm256_setzero_ps();
+      for (uint32_t d = 0; d < hd; d += 8) {
+        const __m256 x = _mm256_load_ps(row + d);
+        absmax = _mm256_max_ps(absmax, _mm256_and_ps(x, abs_mask));
+        differs = _mm256_or_ps(differs, _mm256_cmp_ps(x, first_v, _CMP_NEQ_OQ));
+      }
+      const quant::Fp8RowParams p =
+          quant::fp8_row_params(hmax(absmax), _mm256_movemask_ps(differs) == 0, first);
+      scales[0] = p.scale;
+      if (p.constant) {
+        std::memset(codes, p.constant_code, hd);
+        return;
+      }
+      const __m256 inv = _mm256_set1_ps(p.inv_scale);
+      for (uint32_t d = 0; d < hd; d += 8) {
+        store_bytes8(f32_to_e4m3_8(_mm256_mul_ps(_mm256_load_ps(row + d), inv)), codes + d);
+      }
+      return;
+    }
+    default: {  // int8 / int4 / int2, per group
+      const uint32_t bits = dtype_bits(pool.dtype);
+      const uint32_t qmax = (1u << bits) - 1u;
+      const __m256i shifts = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
+                                       : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+      for (uint32_t g = 0; g < hd / pool.group_size; ++g) {
+        const uint32_t begin = g * pool.group_size, end = begin + pool.group_size;
+        __m256 lo = _mm256_load_ps(row + begin), hi = lo;
+        for (uint32_t d = begin + 8; d < end; d += 8) {
+          const __m256 x = _mm256_load_ps(row + d);
+          lo = _mm256_min_ps(lo, x);
+          hi = _mm256_max_ps(hi, x);
+        }
+        const quant::IntGroupParams p = quant::int_group_params(hmin(lo), hmax(hi), qmax);
+        scales[g] = p.scale;
+        zeros[g] = static_cast<uint8_t>(p.zero);
+        const __m256 inv = _mm256_set1_ps(p.inv_scale);
+        const __m256 zero = _mm256_set1_ps(static_cast<float>(p.zero));
+        const __m256 top = _mm256_set1_ps(static_cast<float>(qmax));
+        // rint(x / scale) + zero is never below 0 (rint is odd and x >= lo); only the top clamps.
+        auto codes8 = [&](uint32_t d) {
+          if (p.constant) return _mm256_set1_epi32(static_cast<int>(p.constant_code));
+          const __m256 v =
+              _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_load_ps(row + d), inv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                            zero);
+          return _mm256_cvtps_epi32(_mm256_min_ps(v, top));
+        };
+        uint32_t d = begin;
+        if (bits == 8) {  // 32 codes per store: pack 4 vectors, then undo the per-lane order
+          for (; d + 32 <= end; d += 32) {
+            const __m256i ab = _mm256_packus_epi32(codes8(d), codes8(d + 8));
+            const __m256i cd = _mm256_packus_epi32(codes8(d + 16), codes8(d + 24));
+            const __m256i bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + d), bytes);
+          }
+        }
+        for (; d < end; d += 8) {
+          const __m256i q = codes8(d);
+          if (bits == 8) {
+            store_bytes8(q, codes + d);
+          } else {
+            const uint32_t packed = hor(_mm256_sllv_epi32(q, shifts));
+            std::memcpy(codes + d * bits / 8, &packed, bits);  // 8 codes take `bits` bytes
+          }
+        }
+      }
+      return;
+    }
+  }
+#pragma GCC diagnostic pop
+}
+
 }  // namespace
 
 const SimdOps* avx2_simd_ops() {
-  static const SimdOps ops{"avx2", decode_rows, dot_rows, accumulate, exp_sum};
+  static const SimdOps ops{"avx2", decode_rows, qk, pv, exp_sum, encode_row};
   return &ops;
 }
 

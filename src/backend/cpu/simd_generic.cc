@@ -15,12 +15,14 @@ void decode_rows(const PagedKvView& pool, const TileRef& tile, uint32_t n, float
   }
 }
 
-void dot_rows(const float* q, uint32_t rows, const float* k, uint32_t n, uint32_t hd, float* out,
-              uint32_t out_stride) {
+void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q, uint32_t rows,
+        float* out, uint32_t out_stride, float* scratch) {
+  const uint32_t hd = pool.head_dim;
+  decode_rows(pool, keys, n, scratch);
   for (uint32_t r = 0; r < rows; ++r) {
     const float* qr = q + uint64_t{r} * hd;
     for (uint32_t t = 0; t < n; ++t) {
-      const float* kt = k + uint64_t{t} * hd;
+      const float* kt = scratch + uint64_t{t} * hd;
       float sum = 0.0f;
       for (uint32_t d = 0; d < hd; ++d)
         sum += qr[d] * kt[d];
@@ -29,13 +31,15 @@ void dot_rows(const float* q, uint32_t rows, const float* k, uint32_t n, uint32_
   }
 }
 
-void accumulate(const float* p, uint32_t p_stride, uint32_t rows, const float* v, uint32_t n,
-                uint32_t hd, float* acc) {
+void pv(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
+        uint32_t p_stride, uint32_t rows, float* acc, float* scratch) {
+  const uint32_t hd = pool.head_dim;
+  decode_rows(pool, values, n, scratch);
   for (uint32_t r = 0; r < rows; ++r) {
     float* ar = acc + uint64_t{r} * hd;
     for (uint32_t t = 0; t < n; ++t) {
       const float w = p[uint64_t{r} * p_stride + t];
-      const float* vt = v + uint64_t{t} * hd;
+      const float* vt = scratch + uint64_t{t} * hd;
       for (uint32_t d = 0; d < hd; ++d)
         ar[d] += w * vt[d];
     }
@@ -51,10 +55,17 @@ float exp_sum(float* x, uint32_t n, float max) {
   return sum;
 }
 
+void encode_row(const PagedKvView& pool, const void* src, DType src_dtype, uint8_t* codes,
+                float* scales, uint8_t* zeros) {
+  float row[1024];  // head_dim <= 1024 (config limit)
+  quant::load_activations(src, src_dtype, pool.head_dim, row);
+  quant::encode_row({pool.dtype, pool.head_dim, pool.group_size}, row, codes, scales, zeros);
+}
+
 }  // namespace
 
 const SimdOps& generic_simd_ops() {
-  static const SimdOps ops{"generic", decode_rows, dot_rows, accumulate, exp_sum};
+  static const SimdOps ops{"generic", decode_rows, qk, pv, exp_sum, encode_row};
   return ops;
 }
 

@@ -1,5 +1,5 @@
-// The inner loops of the CPU kernels, one implementation per instruction set. The kernels decode a
-// block's [block_size][head_dim] tile to f32 and then only do float math on L1-resident buffers.
+// The inner loops of the CPU kernels, one implementation per instruction set. Attention works on
+// chunks of at most kMaxChunkRows tokens of one (layer, K|V, head) tile.
 #pragma once
 
 #include <cstdint>
@@ -8,25 +8,33 @@
 
 namespace kvfabric::cpu {
 
-//! Token 0 of one (layer, K|V, head) tile of a block.
+//! Token 0 of the rows being processed in one (layer, K|V, head) tile of a block.
 struct TileRef {
   const uint8_t* codes;
   const float* scales;
   const uint8_t* zeros;
 };
 
+//! Rows the attention kernels hand to qk/pv at once; scratch buffers hold this many rows.
+inline constexpr uint32_t kMaxChunkRows = 32;
+
 struct SimdOps {
   const char* name;
-  //! out[t][d] = value of token t (t < n), dimension d of the tile, dequantized.
+  //! out[t][d] = token t's value at dimension d (t < n), dequantized.
   void (*decode_rows)(const PagedKvView& pool, const TileRef& tile, uint32_t n, float* out);
-  //! out[r * out_stride + t] = dot(q[r], k[t]) for r < rows, t < n; q is [rows][hd], k [n][hd].
-  void (*dot_rows)(const float* q, uint32_t rows, const float* k, uint32_t n, uint32_t hd,
-                   float* out, uint32_t out_stride);
-  //! acc[r][d] += sum over t < n of p[r * p_stride + t] * v[t][d].
-  void (*accumulate)(const float* p, uint32_t p_stride, uint32_t rows, const float* v, uint32_t n,
-                     uint32_t hd, float* acc);
+  //! out[r * out_stride + t] = dot(q[r], K[t]) for r < rows, t < n <= kMaxChunkRows; q is
+  //! [rows][head_dim]; `scratch` holds kMaxChunkRows * head_dim floats.
+  void (*qk)(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q,
+             uint32_t rows, float* out, uint32_t out_stride, float* scratch);
+  //! acc[r][d] += sum over t < n of p[r * p_stride + t] * V[t][d].
+  void (*pv)(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
+             uint32_t p_stride, uint32_t rows, float* acc, float* scratch);
   //! x[i] = exp(x[i] - max) for i < n; returns the sum.
   float (*exp_sum)(float* x, uint32_t n, float max);
+  //! Encodes one (token, head) row of head_dim activations (f32, f16 or bf16 at `src`, finite)
+  //! into the pool's format: the same bytes as quant::encode_row.
+  void (*encode_row)(const PagedKvView& pool, const void* src, DType src_dtype, uint8_t* codes,
+                     float* scales, uint8_t* zeros);
 };
 
 const SimdOps& generic_simd_ops();

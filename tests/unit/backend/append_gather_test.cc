@@ -138,3 +138,43 @@ TEST(GatherKv, RejectsTablesOutsideThePool) {
 
 }  // namespace
 }  // namespace kvfabric
+
+namespace kvfabric {
+namespace {
+
+// The AVX2 encoder writes exactly the bytes of the portable one (and of quant::encode_row), for
+// every format and input dtype, constant groups and subnormal-range values included.
+TEST(AppendKv, EveryIsaWritesIdenticalBytes) {
+  if (testing::cpu_isas().size() < 2) GTEST_SKIP() << "this processor has no AVX2: one ISA only";
+  std::mt19937 rng(77);
+  for (DType dtype : kAllDTypes) {
+    for (DType input : {DType::kF32, DType::kF16, DType::kBF16}) {
+      std::vector<std::vector<uint8_t>> pools;
+      for (CpuIsa isa : testing::cpu_isas()) {
+        auto backend = testing::cpu_backend(isa);
+        auto pool = testing::TestPool::create(*backend, 1, 2, 16, 128, dtype,
+                                              is_integer_quantized(dtype) ? 32 : 0, 4);
+        std::mt19937 data_rng(5);
+        auto k = testing::random_normal(64 * 2 * 128, data_rng, 3.0f);
+        for (int i = 0; i < 128; ++i)
+          k[2 * 128 + i] = 0.75f;  // a constant row / groups
+        for (int i = 0; i < 128; ++i)
+          k[4 * 128 + i] *= 1e-6f;  // fp8 subnormal codes
+        std::vector<uint16_t> k16(k.size());
+        for (size_t i = 0; i < k.size(); ++i) {
+          k16[i] = input == DType::kF16 ? numeric::f32_to_f16(k[i]) : numeric::f32_to_bf16(k[i]);
+        }
+        std::vector<int64_t> slots(64);
+        for (int t = 0; t < 64; ++t)
+          slots[t] = t;
+        const void* data = input == DType::kF32 ? static_cast<const void*>(k.data()) : k16.data();
+        ASSERT_TRUE(backend->append_kv(pool.view, {0, data, data, input, 64, slots.data()}).ok());
+        pools.push_back(pool.snapshot());
+      }
+      EXPECT_EQ(pools[0], pools[1]) << dtype_name(dtype) << " from " << dtype_name(input);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvfabric
