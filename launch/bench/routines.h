@@ -16,6 +16,8 @@ using RoutineFn = std::function<Status(nlohmann::json& results)>;
 //! `alloc`: replays the Azure code trace through the block manager (utilization, fragmentation,
 //! preemptions, operations per second).
 void add_alloc_routine(CLI::App& app, RoutineFn& selected);
+//! `attention`, `quant`, `copy`: the storage kernels against in-run memcpy / read baselines.
+void add_kernel_routines(CLI::App& app, RoutineFn& selected);
 //! `config`: prints the effective config (file + KVF_* overrides) with derived values.
 void add_config_routine(CLI::App& app, RoutineFn& selected);
 

@@ -1,0 +1,424 @@
+// kvfabric-bench attention | quant | copy: the storage kernels against in-run memory baselines.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "bench/report.h"
+#include "bench/routines.h"
+#include "bench/timing.h"
+#include "kvfabric/backend/backend.h"
+#include "kvfabric/quant/numeric.h"
+
+namespace kvfabric::bench {
+namespace {
+
+// Shapes default to one Llama-3-8B layer on one GPU (32 query / 8 KV heads, head_dim 128).
+struct KernelOptions {
+  std::string isa = "auto";
+  int threads = 0;
+  int iterations = 5;
+  uint32_t q_heads = 32;
+  uint32_t kv_heads = 8;
+  uint32_t head_dim = 128;
+  uint32_t block_size = 16;
+  uint32_t group_size = 32;
+  std::vector<std::string> dtypes = {"f32", "f16", "bf16", "fp8_e4m3", "int8", "int4", "int2"};
+};
+
+void add_kernel_options(CLI::App* cmd, KernelOptions& o) {
+  cmd->add_option("--isa", o.isa, "CPU kernels: auto, generic or avx2");
+  cmd->add_option("--threads", o.threads, "threads (0 = all cores)");
+  cmd->add_option("--iterations", o.iterations, "timed repetitions (the median is reported)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--q-heads", o.q_heads, "local query heads");
+  cmd->add_option("--kv-heads", o.kv_heads, "local KV heads");
+  cmd->add_option("--head-dim", o.head_dim, "head dimension");
+  cmd->add_option("--block-size", o.block_size, "tokens per block");
+  cmd->add_option("--group-size", o.group_size, "integer formats: elements per scale/zero group");
+  cmd->add_option("--dtype", o.dtypes, "KV dtypes to measure (comma separated)")->delimiter(',');
+}
+
+struct Setup {
+  std::unique_ptr<Backend> backend;
+  int threads = 1;
+  std::vector<DType> dtypes;
+};
+
+Result<Setup> make_setup(const KernelOptions& o) {
+  CpuIsa isa = CpuIsa::kAuto;
+  if (o.isa == "generic") {
+    isa = CpuIsa::kGeneric;
+  } else if (o.isa == "avx2") {
+    isa = CpuIsa::kAvx2;
+  } else if (o.isa != "auto") {
+    return invalid_argument("--isa must be auto, generic or avx2 (got " + o.isa + ")");
+  }
+  Setup setup;
+  KVF_ASSIGN_OR_RETURN(setup.backend, make_cpu_backend(CpuBackendOptions{isa, o.threads}));
+  setup.threads = o.threads;
+#ifdef _OPENMP
+  if (setup.threads == 0) setup.threads = omp_get_num_procs();
+#else
+  setup.threads = 1;
+#endif
+  for (const auto& name : o.dtypes) {
+    KVF_ASSIGN_OR_RETURN(const DType d, parse_dtype(name));
+    setup.dtypes.push_back(d);
+  }
+  return setup;
+}
+
+uint32_t group_for(const KernelOptions& o, DType dtype) {
+  return is_integer_quantized(dtype) ? o.group_size : 0;
+}
+
+// Bytes a context of `tokens` occupies in one layer's K and V (codes and metadata as stored).
+uint64_t stored_kv_bytes(const BlockLayout& layout, uint64_t tokens) {
+  const uint64_t rows = tokens * layout.num_kv_heads * 2;
+  uint64_t per_row = uint64_t{layout.head_dim} * dtype_bits(layout.dtype) / 8;
+  per_row += uint64_t{layout.groups_per_row()} * (is_integer_quantized(layout.dtype) ? 5 : 4);
+  return rows * per_row;
+}
+
+// A one-layer pool holding `seqs` sequences of `context` tokens of random KV, tables shuffled.
+struct FilledPool {
+  BlockLayout layout;
+  KvArena arena;
+  PagedKvView view;
+  std::vector<uint32_t> tables;
+  uint32_t max_blocks = 0;
+};
+
+Result<FilledPool> fill_pool(Backend& backend, const KernelOptions& o, DType dtype, uint32_t seqs,
+                             uint32_t context, uint32_t block_size, std::mt19937& rng) {
+  FilledPool p;
+  KVF_ASSIGN_OR_RETURN(p.layout, BlockLayout::create(1, o.kv_heads, block_size, o.head_dim, dtype,
+                                                     group_for(o, dtype)));
+  p.max_blocks = (context + block_size - 1) / block_size;
+  const uint64_t blocks = uint64_t{seqs} * p.max_blocks;
+  KVF_ASSIGN_OR_RETURN(p.arena,
+                       backend.allocate_arena(blocks * p.layout.block_bytes(), Tier::kDevice));
+  p.view = PagedKvView::make(p.layout, p.arena.data(), blocks);
+  p.tables.resize(blocks);
+  std::iota(p.tables.begin(), p.tables.end(), 0u);
+  std::shuffle(p.tables.begin(), p.tables.end(), rng);
+  const uint32_t chunk = 1024;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> k(uint64_t{chunk} * o.kv_heads * o.head_dim), v(k.size());
+  std::vector<int64_t> slots(chunk);
+  for (uint32_t s = 0; s < seqs; ++s) {
+    for (uint32_t first = 0; first < context; first += chunk) {
+      const uint32_t n = std::min(chunk, context - first);
+      for (auto& x : k)
+        x = normal(rng);
+      for (auto& x : v)
+        x = normal(rng);
+      for (uint32_t t = 0; t < n; ++t) {
+        const uint32_t pos = first + t;
+        slots[t] = int64_t{p.tables[uint64_t{s} * p.max_blocks + pos / block_size]} * block_size +
+                   pos % block_size;
+      }
+      KVF_RETURN_IF_ERROR(
+          backend.append_kv(p.view, {0, k.data(), v.data(), DType::kF32, n, slots.data()}));
+    }
+  }
+  return p;
+}
+
+struct AttentionOptions {
+  KernelOptions kernel;
+  uint32_t seqs = 16;
+  uint32_t context = 4096;
+};
+
+Status run_attention(const AttentionOptions& opts, nlohmann::json& results) {
+  const KernelOptions& o = opts.kernel;
+  KVF_ASSIGN_OR_RETURN(Setup setup, make_setup(o));
+  std::mt19937 rng(1);
+  const uint32_t seqs = opts.seqs, ctx = opts.context;
+  fmt::print(
+      "attention: decode, {} sequences x {} tokens, {} query / {} KV heads, head_dim {}, "
+      "block {}, backend {} with {} threads\n",
+      seqs, ctx, o.q_heads, o.kv_heads, o.head_dim, o.block_size, setup.backend->name(),
+      setup.threads);
+
+  // Baselines over a buffer as large as the f16 KV of one layer.
+  const uint64_t baseline_bytes = uint64_t{seqs} * ctx * o.kv_heads * 2 * o.head_dim * 2;
+  const double memcpy_bw = memcpy_bandwidth(baseline_bytes, setup.threads, o.iterations);
+  const double read_bw = read_bandwidth(baseline_bytes, setup.threads, o.iterations);
+  fmt::print(
+      "baselines on {:.0f} MB with {} threads: memcpy {:.2f} GB/s copied, streaming read "
+      "{:.2f} GB/s\n\n",
+      baseline_bytes / 1e6, setup.threads, memcpy_bw / 1e9, read_bw / 1e9);
+
+  const auto q = [&] {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> v(uint64_t{seqs} * o.q_heads * o.head_dim);
+    for (auto& x : v)
+      x = normal(rng);
+    return v;
+  }();
+  std::vector<float> out(q.size());
+  const std::vector<uint32_t> lens(seqs, ctx);
+  results["routine"] = "attention";
+  results["shape"] = {{"seqs", seqs},
+                      {"context", ctx},
+                      {"q_heads", o.q_heads},
+                      {"kv_heads", o.kv_heads},
+                      {"head_dim", o.head_dim},
+                      {"block_size", o.block_size},
+                      {"threads", setup.threads},
+                      {"backend", setup.backend->name()}};
+  results["memcpy_bytes_per_s"] = memcpy_bw;
+  results["read_bytes_per_s"] = read_bw;
+  results["runs"] = nlohmann::json::array();
+  Table table({"kv_dtype", "kv_MB", "paged_ms", "GB/s", "vs_memcpy", "vs_read", "contig_ms",
+               "paged/contig", "f16_time_ratio"});
+  double f16_ms = 0;
+  for (DType dtype : setup.dtypes) {
+    KVF_ASSIGN_OR_RETURN(FilledPool paged,
+                         fill_pool(*setup.backend, o, dtype, seqs, ctx, o.block_size, rng));
+    KVF_ASSIGN_OR_RETURN(FilledPool contiguous,
+                         fill_pool(*setup.backend, o, dtype, seqs, ctx, ctx, rng));
+    auto time_decode = [&](const FilledPool& p) -> Result<double> {
+      DecodeAttentionArgs args;
+      args.query = q.data();
+      args.output = out.data();
+      args.num_seqs = seqs;
+      args.num_q_heads = o.q_heads;
+      args.block_tables = p.tables.data();
+      args.max_blocks_per_seq = p.max_blocks;
+      args.context_lens = lens.data();
+      args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(o.head_dim));
+      Status status;
+      const double t = median_seconds(
+          [&] { status = setup.backend->paged_decode_attention(p.view, args); }, 1, o.iterations);
+      if (!status.ok()) return status;
+      return t;
+    };
+    KVF_ASSIGN_OR_RETURN(const double t_paged, time_decode(paged));
+    KVF_ASSIGN_OR_RETURN(const double t_contig, time_decode(contiguous));
+    const uint64_t kv_bytes = stored_kv_bytes(paged.layout, uint64_t{seqs} * ctx);
+    const double bw = static_cast<double>(kv_bytes) / t_paged;
+    if (dtype == DType::kF16) f16_ms = t_paged * 1e3;
+    table.add_row({std::string(dtype_name(dtype)), fmt::format("{:.0f}", kv_bytes / 1e6),
+                   fmt::format("{:.2f}", t_paged * 1e3), fmt::format("{:.2f}", bw / 1e9),
+                   fmt::format("{:.2f}", bw / memcpy_bw), fmt::format("{:.2f}", bw / read_bw),
+                   fmt::format("{:.2f}", t_contig * 1e3), fmt::format("{:.3f}", t_paged / t_contig),
+                   f16_ms > 0 ? fmt::format("{:.2f}", t_paged * 1e3 / f16_ms) : "-"});
+    results["runs"].push_back({{"kv_dtype", dtype_name(dtype)},
+                               {"kv_bytes", kv_bytes},
+                               {"paged_seconds", t_paged},
+                               {"contiguous_seconds", t_contig},
+                               {"kv_bytes_per_s", bw},
+                               {"ratio_vs_memcpy", bw / memcpy_bw},
+                               {"ratio_vs_read", bw / read_bw},
+                               {"paged_over_contiguous", t_paged / t_contig}});
+  }
+  fmt::print("{}", table.to_string());
+  fmt::print(
+      "GB/s = KV bytes as stored (codes + scales/zeros) read per second; vs_memcpy divides by "
+      "memcpy's bytes copied per second\n(same buffer size and threads); contig = the same kernel "
+      "with one block per sequence.\n");
+  return ok_status();
+}
+
+struct QuantOptions {
+  KernelOptions kernel;
+  uint32_t tokens = 16384;
+};
+
+Status run_quant(const QuantOptions& opts, nlohmann::json& results) {
+  const KernelOptions& o = opts.kernel;
+  KVF_ASSIGN_OR_RETURN(Setup setup, make_setup(o));
+  std::mt19937 rng(2);
+  const uint32_t n = opts.tokens;
+  const uint64_t elements = uint64_t{n} * o.kv_heads * o.head_dim;
+  std::vector<uint16_t> k(elements), v(elements);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (auto& x : k)
+    x = numeric::f32_to_f16(normal(rng));
+  for (auto& x : v)
+    x = numeric::f32_to_f16(normal(rng));
+  const uint64_t input_bytes = elements * 2 * 2;  // K and V, f16
+  const double memcpy_bw = memcpy_bandwidth(input_bytes, setup.threads, o.iterations);
+  fmt::print(
+      "quant: append_kv of {} tokens x {} KV heads x {} from f16, backend {} with {} threads; "
+      "memcpy {:.2f} GB/s copied on {:.0f} MB\n\n",
+      n, o.kv_heads, o.head_dim, setup.backend->name(), setup.threads, memcpy_bw / 1e9,
+      input_bytes / 1e6);
+  results["routine"] = "quant";
+  results["tokens"] = n;
+  results["memcpy_bytes_per_s"] = memcpy_bw;
+  results["runs"] = nlohmann::json::array();
+  Table table({"kv_dtype", "ms", "Mtokens/s", "in_GB/s", "in+out_GB/s", "vs_memcpy_traffic",
+               "vs_memcpy_input"});
+  for (DType dtype : setup.dtypes) {
+    KVF_ASSIGN_OR_RETURN(
+        const BlockLayout layout,
+        BlockLayout::create(1, o.kv_heads, o.block_size, o.head_dim, dtype, group_for(o, dtype)));
+    const uint64_t blocks = (n + o.block_size - 1) / o.block_size;
+    KVF_ASSIGN_OR_RETURN(
+        KvArena arena, setup.backend->allocate_arena(blocks * layout.block_bytes(), Tier::kDevice));
+    const PagedKvView view = PagedKvView::make(layout, arena.data(), blocks);
+    std::vector<int64_t> slots(n);
+    std::iota(slots.begin(), slots.end(), int64_t{0});
+    Status status;
+    const double t = median_seconds(
+        [&] {
+          status =
+              setup.backend->append_kv(view, {0, k.data(), v.data(), DType::kF16, n, slots.data()});
+        },
+        1, o.iterations);
+    KVF_RETURN_IF_ERROR(status);
+    const uint64_t stored = stored_kv_bytes(layout, n);
+    const double in_bw = input_bytes / t, traffic_bw = (input_bytes + stored) / t;
+    table.add_row({std::string(dtype_name(dtype)), fmt::format("{:.2f}", t * 1e3),
+                   fmt::format("{:.2f}", n / t / 1e6), fmt::format("{:.2f}", in_bw / 1e9),
+                   fmt::format("{:.2f}", traffic_bw / 1e9),
+                   fmt::format("{:.2f}", traffic_bw / (2 * memcpy_bw)),
+                   fmt::format("{:.2f}", in_bw / memcpy_bw)});
+    results["runs"].push_back({{"kv_dtype", dtype_name(dtype)},
+                               {"seconds", t},
+                               {"input_bytes", input_bytes},
+                               {"stored_bytes", stored},
+                               {"ratio_vs_memcpy_traffic", traffic_bw / (2 * memcpy_bw)},
+                               {"ratio_vs_memcpy_input", in_bw / memcpy_bw}});
+  }
+  fmt::print("{}", table.to_string());
+  fmt::print(
+      "vs_memcpy_traffic = (input + stored bytes)/s over memcpy's (read + written) bytes/s; "
+      "vs_memcpy_input = input bytes/s over bytes copied/s.\nThe append includes the NaN/Inf "
+      "check of the input and the slot validation.\n");
+  return ok_status();
+}
+
+struct CopyOptions {
+  KernelOptions kernel;
+  uint32_t layers = 4;
+  uint32_t blocks = 2048;
+  uint32_t moves = 512;
+};
+
+Status run_copy(const CopyOptions& opts, nlohmann::json& results) {
+  KernelOptions o = opts.kernel;
+  KVF_ASSIGN_OR_RETURN(Setup setup, make_setup(o));
+  std::mt19937 rng(3);
+  KVF_ASSIGN_OR_RETURN(
+      const BlockLayout layout,
+      BlockLayout::create(opts.layers, o.kv_heads, o.block_size, o.head_dim, DType::kF16));
+  const uint64_t bb = layout.block_bytes();
+  KVF_ASSIGN_OR_RETURN(KvArena device,
+                       setup.backend->allocate_arena(opts.blocks * bb, Tier::kDevice));
+  KVF_ASSIGN_OR_RETURN(KvArena host, setup.backend->allocate_arena(opts.blocks * bb, Tier::kHost));
+  std::memset(device.data(), 3, device.bytes());
+  std::memset(host.data(), 5, host.bytes());
+  const PagedKvView dv = PagedKvView::make(layout, device.data(), opts.blocks);
+  const PagedKvView hv = PagedKvView::make(layout, host.data(), opts.blocks, 0);
+  std::vector<uint32_t> ids(opts.blocks);
+  std::iota(ids.begin(), ids.end(), 0u);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<BlockMove> moves(opts.moves), pairs(opts.moves);
+  for (uint32_t i = 0; i < opts.moves; ++i) {
+    moves[i] = {ids[i], ids[opts.moves + i]};
+    pairs[i] = {ids[i], ids[2 * opts.moves + i]};
+  }
+  std::vector<TokenCopy> tokens(opts.moves);
+  const uint32_t half = o.block_size / 2;
+  for (uint32_t i = 0; i < opts.moves; ++i) {
+    tokens[i] = TokenCopy{BlockId{ids[i]},
+                          0,
+                          BlockId{ids[(3 * uint64_t{opts.moves} + i) % opts.blocks]},
+                          half,
+                          half,
+                          CopyReason::kCompaction};
+  }
+  const uint64_t moved = uint64_t{opts.moves} * bb;
+  const double memcpy_bw = memcpy_bandwidth(moved, 1, o.iterations);
+  fmt::print(
+      "copy: {} blocks of {} KB ({} layers, {} KV heads, head_dim {}, block {}, f16), "
+      "single-thread memcpy {:.2f} GB/s on {:.0f} MB\n\n",
+      opts.moves, bb / 1024, opts.layers, o.kv_heads, o.head_dim, o.block_size, memcpy_bw / 1e9,
+      moved / 1e6);
+  Table table({"operation", "MB", "ms", "GB/s", "vs_memcpy"});
+  results["routine"] = "copy";
+  results["memcpy_bytes_per_s"] = memcpy_bw;
+  results["runs"] = nlohmann::json::array();
+  auto report = [&](const std::string& name, uint64_t bytes,
+                    const std::function<Status()>& op) -> Status {
+    Status status;
+    const double t = median_seconds([&] { status = op(); }, 1, o.iterations);
+    KVF_RETURN_IF_ERROR(status);
+    const double bw = bytes / t;
+    table.add_row({name, fmt::format("{:.1f}", bytes / 1e6), fmt::format("{:.2f}", t * 1e3),
+                   fmt::format("{:.2f}", bw / 1e9), fmt::format("{:.2f}", bw / memcpy_bw)});
+    results["runs"].push_back({{"operation", name},
+                               {"bytes", bytes},
+                               {"seconds", t},
+                               {"ratio_vs_memcpy", bw / memcpy_bw}});
+    return ok_status();
+  };
+  KVF_RETURN_IF_ERROR(report("swap_blocks device->host", moved,
+                             [&] { return setup.backend->swap_blocks(dv, hv, moves); }));
+  KVF_RETURN_IF_ERROR(report("swap_blocks host->device", moved,
+                             [&] { return setup.backend->swap_blocks(hv, dv, moves); }));
+  const std::vector<GroupBlockCopies> block_batch = {{dv, pairs}};
+  KVF_RETURN_IF_ERROR(
+      report("copy_blocks", moved, [&] { return setup.backend->copy_blocks(block_batch); }));
+  const std::vector<GroupTokenCopies> token_batch = {{dv, tokens}};
+  KVF_RETURN_IF_ERROR(report("compact_tokens (half blocks)", moved / 2,
+                             [&] { return setup.backend->compact_tokens(token_batch); }));
+  fmt::print("{}", table.to_string());
+  fmt::print(
+      "Each operation moves randomly placed blocks in one call; the baseline is one bulk "
+      "memcpy of the same bytes.\n");
+  return ok_status();
+}
+
+}  // namespace
+
+void add_kernel_routines(CLI::App& app, RoutineFn& selected) {
+  {
+    auto opts = std::make_shared<AttentionOptions>();
+    CLI::App* cmd =
+        app.add_subcommand("attention", "Paged decode attention bandwidth per KV dtype");
+    add_kernel_options(cmd, opts->kernel);
+    cmd->add_option("--seqs", opts->seqs, "sequences in the batch")->check(CLI::PositiveNumber);
+    cmd->add_option("--context", opts->context, "tokens per sequence")->check(CLI::PositiveNumber);
+    cmd->callback([&selected, opts] {
+      selected = [opts](nlohmann::json& r) { return run_attention(*opts, r); };
+    });
+  }
+  {
+    auto opts = std::make_shared<QuantOptions>();
+    opts->kernel.dtypes = {"f16", "bf16", "fp8_e4m3", "int8", "int4", "int2"};
+    CLI::App* cmd =
+        app.add_subcommand("quant", "append_kv (quantize on write) throughput per KV dtype");
+    add_kernel_options(cmd, opts->kernel);
+    cmd->add_option("--tokens", opts->tokens, "tokens per append")->check(CLI::PositiveNumber);
+    cmd->callback([&selected, opts] {
+      selected = [opts](nlohmann::json& r) { return run_quant(*opts, r); };
+    });
+  }
+  {
+    auto opts = std::make_shared<CopyOptions>();
+    CLI::App* cmd =
+        app.add_subcommand("copy", "swap_blocks, copy_blocks and compact_tokens bandwidth");
+    add_kernel_options(cmd, opts->kernel);
+    cmd->add_option("--layers", opts->layers, "layers per block")->check(CLI::PositiveNumber);
+    cmd->add_option("--blocks", opts->blocks, "blocks per pool")->check(CLI::PositiveNumber);
+    cmd->add_option("--moves", opts->moves, "blocks moved per call")->check(CLI::PositiveNumber);
+    cmd->callback(
+        [&selected, opts] { selected = [opts](nlohmann::json& r) { return run_copy(*opts, r); }; });
+  }
+}
+
+}  // namespace kvfabric::bench
