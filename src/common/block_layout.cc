@@ -82,7 +82,7 @@ uint64_t BlockLayout::zeros_offset() const {
 uint64_t BlockLayout::block_bytes() const {
   if (!is_quantized(dtype)) return data_bytes();
   const uint64_t zero_bytes = is_integer_quantized(dtype) ? num_groups() : 0;
-  return round_up(zeros_offset() + zero_bytes, 4);
+  return round_up(zeros_offset() + zero_bytes, 16);  // blocks stay 16-byte aligned for vector loads
 }
 
 std::string BlockLayout::to_string() const {

@@ -65,7 +65,7 @@ class RawPool {
     scales_ = (data + 3) / 4 * 4;
     zeros_ = scales_ + records * 4;
     const bool ints = dtype == DType::kInt8 || dtype == DType::kInt4 || dtype == DType::kInt2;
-    block_bytes_ = groups_per_row_ == 0 ? data : (zeros_ + (ints ? records : 0) + 3) / 4 * 4;
+    block_bytes_ = groups_per_row_ == 0 ? data : (zeros_ + (ints ? records : 0) + 15) / 16 * 16;
   }
 
   [[nodiscard]] uint64_t block_bytes() const { return block_bytes_; }

@@ -42,7 +42,8 @@ struct BlockLayout {
   [[nodiscard]] uint64_t scales_offset() const;
   //! Byte offset of the u8 zero-points (integer dtypes).
   [[nodiscard]] uint64_t zeros_offset() const;
-  //! Total bytes of one block, metadata included, rounded up to 4 bytes when metadata exists.
+  //! Total bytes of one block, metadata included; rounded up to 16 bytes when metadata exists so
+  //! that every block of a pool starts 16-byte aligned (vector loads in the kernels).
   [[nodiscard]] uint64_t block_bytes() const;
 
   [[nodiscard]] std::string to_string() const;

@@ -52,7 +52,7 @@ TEST(BlockLayout, Fp8CarriesOneScalePerTokenHead) {
   EXPECT_EQ(layout.groups_per_row(), 1u);
   EXPECT_EQ(layout.num_groups(), 2ull * 2 * 4 * 16);
   EXPECT_EQ(layout.scales_offset(), data);
-  EXPECT_EQ(layout.block_bytes(), data + layout.num_groups() * 4);
+  EXPECT_EQ(layout.block_bytes(), (data + layout.num_groups() * 4 + 15) / 16 * 16);
 }
 
 TEST(BlockLayout, IntegerFormatsPackCodesAndAddScaleAndZero) {
@@ -67,8 +67,8 @@ TEST(BlockLayout, IntegerFormatsPackCodesAndAddScaleAndZero) {
   const auto int2 = BlockLayout::create(1, 1, 1, 64, DType::kInt2).value();  // group = head_dim
   EXPECT_EQ(int2.group_size, 64u);
   EXPECT_EQ(int2.data_bytes(), 2u * 16);
-  EXPECT_EQ(int2.block_bytes(), 32u + 2 * 4 + 4);  // 2 rows: scale 4 B + zero 1 B, padded
-  EXPECT_EQ(int2.block_bytes() % 4, 0u);
+  EXPECT_EQ(int2.block_bytes(), 48u);  // 32 B codes, 2 rows of (4 B scale + 1 B zero), padded to 16
+  EXPECT_EQ(int2.block_bytes() % 16, 0u);
 }
 
 TEST(BlockLayout, RejectsBadShapes) {
