@@ -143,6 +143,13 @@ class Backend {
                                         const DecodeAttentionArgs& args) = 0;
   virtual Status paged_prefill_attention(const PagedKvView& pool,
                                          const PrefillAttentionArgs& args) = 0;
+  //! Copies host memory into backend memory (a tensor an engine hands to the kernels).
+  virtual Status upload(void* dst, const void* src_host, uint64_t bytes) = 0;
+  //! Copies backend memory into host memory; waits for queued work first.
+  virtual Status download(void* dst_host, const void* src, uint64_t bytes) = 0;
+  //! One bulk copy between any two addresses the backend can reach (its memory, its pinned host
+  //! tier): the baseline the block-copy kernels are measured against.
+  virtual Status copy_bytes(void* dst, const void* src, uint64_t bytes) = 0;
   //! Waits for queued work (a no-op for the CPU backend, whose calls complete synchronously).
   virtual Status synchronize() { return ok_status(); }
 };

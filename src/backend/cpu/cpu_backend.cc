@@ -91,6 +91,19 @@ class CpuBackend final : public Backend {
     return ok_status();
   }
 
+  Status upload(void* dst, const void* src_host, uint64_t bytes) override {
+    std::memcpy(dst, src_host, bytes);
+    return ok_status();
+  }
+  Status download(void* dst_host, const void* src, uint64_t bytes) override {
+    std::memcpy(dst_host, src, bytes);
+    return ok_status();
+  }
+  Status copy_bytes(void* dst, const void* src, uint64_t bytes) override {
+    std::memmove(dst, src, bytes);
+    return ok_status();
+  }
+
   Status paged_decode_attention(const PagedKvView& pool, const DecodeAttentionArgs& args) override {
     KVF_RETURN_IF_ERROR(detail::validate_decode(pool, args));
     if (args.num_seqs > 0) cpu::decode_attention(ops_, pool, args, threads_);
