@@ -2,6 +2,7 @@
 #pragma once
 
 #include "kvfabric/backend/backend.h"
+#include "kvfabric/backend/cuda_backend.h"
 #include "kvfabric/backend/kv_cache.h"
 #include "kvfabric/backend/kv_storage.h"
 #include "kvfabric/backend/paged_kv_view.h"

@@ -1,0 +1,25 @@
+// The CUDA backend: device arenas, a pinned host swap tier and the kernels in kernels/.
+#pragma once
+
+#include <memory>
+
+#include "kvfabric/backend/backend.h"
+
+namespace kvfabric {
+
+struct CudaBackendOptions {
+  int device = 0;
+  //! append_kv refuses NaN/Inf inputs. The check reads the inputs on the GPU and waits for the
+  //! answer before writing (one host-device synchronization per append); turn it off only for
+  //! inputs known to be finite.
+  bool check_finite = true;
+};
+
+//! A backend on one CUDA device. Unavailable when there is no usable device, Unimplemented when
+//! kvfabric was built without CUDA.
+Result<std::unique_ptr<Backend>> make_cuda_backend(const CudaBackendOptions& options = {});
+
+//! Whether this build contains the CUDA backend.
+bool cuda_backend_built();
+
+}  // namespace kvfabric

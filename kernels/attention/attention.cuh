@@ -1,0 +1,274 @@
+// Paged attention over one (query token, KV head, context split) per CTA, all query heads of the
+// GQA group together, dequantizing K/V rows in registers. Splits are merged by combine_kernel
+// (flash decoding). Layout and math follow the CPU reference (src/backend/cpu/attention.cc).
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+
+#include "api.h"
+#include "common/dequant.cuh"
+
+namespace kvfabric::kernels {
+
+inline constexpr int kAttentionThreads = 128;
+//! Query heads one CTA serves; a GQA group of 8 takes two CTAs per KV head. Fewer accumulators
+//! per thread keep more CTAs resident, which a bandwidth-bound kernel needs more than reuse.
+inline constexpr uint32_t kHeadsPerCta = 4;
+
+__host__ __device__ inline uint32_t head_slices(uint32_t group) {
+  return (group + kHeadsPerCta - 1) / kHeadsPerCta;
+}
+
+//! Per (item, KV head, split): max, sum, then group x head_dim accumulators.
+__host__ __device__ inline uint64_t partial_floats(uint32_t group, uint32_t head_dim) {
+  return 2 + uint64_t{group} * (head_dim + 2);
+}
+
+//! Split size (tokens per CTA) for `base_ctas` CTAs per split and `resident` CTAs the GPU runs at
+//! once: the largest split, down to 64 tokens, whose grid fills its last wave best (a nearly
+//! empty last wave costs as much as a full one).
+__host__ inline uint32_t choose_split_tokens(uint32_t base_ctas, uint32_t max_context,
+                                             uint32_t resident) {
+  // Every CTA has a fixed cost (query load, softmax, reduction, partial write): the largest split
+  // whose waves are at least 85% full wins; otherwise the best-filled one.
+  uint32_t best = kSplitTokens;
+  double best_fill = 0.0;
+  for (uint32_t split = kSplitTokens; split >= 64; split /= 2) {
+    const uint64_t ctas = uint64_t{base_ctas} * ((max_context + split - 1) / split);
+    const uint64_t waves = (ctas + resident - 1) / std::max<uint32_t>(resident, 1);
+    const double fill = static_cast<double>(ctas) / static_cast<double>(waves * resident);
+    if (fill >= 0.85) return split;
+    if (fill > best_fill) {
+      best_fill = fill;
+      best = split;
+    }
+  }
+  return best;
+}
+
+template <int HD>
+struct AttentionShape {
+  static constexpr int kThreadsPerToken = HD / kElemsPerThread;  // lanes sharing one K/V row
+  static constexpr int kTokensPerPass = kAttentionThreads / kThreadsPerToken;
+};
+
+// grid (num_items, num_kv_heads * head_slices(group), num_splits), block kAttentionThreads.
+// query/output [rows, num_q_heads, HD]; workspace partials [items][kv_heads][splits][...].
+//
+// Each group of HD/8 lanes owns one token at a time and each lane 8 of its dimensions. Loads of
+// kUnroll tokens are issued before any of them is used, and the split's block ids are staged in
+// shared memory first, so a thread keeps several independent memory requests in flight.
+// At most 64 registers (8 CTAs per SM): a bandwidth-bound kernel wants resident warps.
+template <DType D, int HD>
+__global__ void __launch_bounds__(kAttentionThreads, 8)
+    attention_kernel(PagedKvView pool, AttentionLaunch a, uint32_t num_splits,
+                     uint32_t split_tokens, float* logits_out) {
+  using Shape = AttentionShape<HD>;
+  constexpr int TPT = Shape::kThreadsPerToken;
+  constexpr int TPP = Shape::kTokensPerPass;
+  // Rows in flight per thread: about 32 registers of raw bytes whatever the format.
+  constexpr int kUnroll = Raw8<D>::kWords >= 8 ? 2 : 4;
+  constexpr int kGroup = kHeadsPerCta;
+  constexpr int kProbFloats = kGroup * kSplitTokens;
+  constexpr int kReduceFloats = TPP * kGroup * HD;
+  __shared__ float smem[kProbFloats > kReduceFloats ? kProbFloats : kReduceFloats];
+  __shared__ uint32_t blocks_s[kSplitTokens + 2];
+  __shared__ float row_max[kGroup], row_sum[kGroup];
+  float* p_s = smem;  // [heads of this CTA][kSplitTokens] logits, then probabilities
+
+  const uint32_t group_total = a.num_q_heads / pool.num_kv_heads;
+  const uint32_t slices = head_slices(group_total);
+  const uint32_t item = blockIdx.x, head = blockIdx.y / slices, split = blockIdx.z;
+  const uint32_t first_g = (blockIdx.y % slices) * kGroup;  // this CTA's heads within the group
+  const uint32_t group = min(kHeadsPerCta, group_total - first_g);
+  const uint32_t context = a.item_context[item];
+  const uint32_t begin = split * split_tokens;
+  const uint32_t end = min(context, begin + split_tokens);
+  const uint32_t row = a.item_row[item];
+  // Partials of the whole group, [item][kv head][split]; this CTA fills heads first_g.. only.
+  float* partial = a.workspace +
+                   ((uint64_t{item} * pool.num_kv_heads + head) * num_splits + split) *
+                       partial_floats(group_total, HD) +
+                   2 + first_g * (HD + 2);
+  if (begin >= end) {  // an empty split (shorter context than the grid): a neutral partial
+    if (threadIdx.x < group) {
+      partial[threadIdx.x * (HD + 2)] = -FLT_MAX;
+      partial[threadIdx.x * (HD + 2) + 1] = 0.0f;
+    }
+    return;
+  }
+  const uint32_t len = end - begin;
+  const uint32_t bs = pool.block_size;
+  const uint32_t first_block = begin / bs;
+  const uint32_t* table = a.block_tables + uint64_t{a.item_table[item]} * a.max_blocks_per_seq;
+  for (uint32_t i = threadIdx.x; i <= (end - 1) / bs - first_block; i += blockDim.x) {
+    blocks_s[i] = table[first_block + i];
+  }
+
+  const uint32_t lane_token = threadIdx.x / TPT;  // which token of a pass
+  const uint32_t d0 = (threadIdx.x % TPT) * kElemsPerThread;
+  // This lane's 8 query elements of every head of the group, scaled, in registers.
+  float q[kGroup][8];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      q[g][e] = 0.0f;
+      if (g < group) {
+        const uint64_t element =
+            (uint64_t{row} * a.num_q_heads + head * group_total + first_g + g) * HD + d0 + e;
+        float v;
+        if (a.query_dtype == DType::kF32) {
+          v = static_cast<const float*>(a.query)[element];
+        } else {
+          const uint16_t bits = static_cast<const uint16_t*>(a.query)[element];
+          v = a.query_dtype == DType::kF16 ? numeric::f16_to_f32(bits) : numeric::bf16_to_f32(bits);
+        }
+        q[g][e] = v * a.softmax_scale;
+      }
+    }
+  }
+  __syncthreads();  // blocks_s
+
+  auto load_row = [&](uint32_t kv, uint32_t t, Raw8<D>& raw) {
+    const uint32_t pos = begin + t;
+    const uint32_t block = blocks_s[pos / bs - first_block];
+    raw.load(pool, pool.codes(block, a.layer, kv, head), pool.scales(block, a.layer, kv, head),
+             pool.zeros(block, a.layer, kv, head), pos % bs, d0);
+  };
+
+  // Phase 1: logits of every token of the split for each query head of the group.
+  for (uint32_t t0 = 0; t0 < len; t0 += TPP * kUnroll) {
+    Raw8<D> raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t t = t0 + u * TPP + lane_token;
+      if (t < len) load_row(0, t, raw[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t t = t0 + u * TPP + lane_token;
+      float k[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (t < len) raw[u].decode(k);
+      float dots[kGroup];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        dots[g] = 0.0f;
+        if (g < group) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            dots[g] += q[g][e] * k[e];
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (g < group) {
+#pragma unroll
+          for (int offset = TPT / 2; offset > 0; offset /= 2) {
+            dots[g] += __shfl_xor_sync(0xffffffffu, dots[g], offset, TPT);
+          }
+        }
+      }
+      if (t < len && threadIdx.x % TPT == 0) {
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          if (g < group) p_s[g * kSplitTokens + t] = dots[g];
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Softmax statistics per query head: warp w handles heads w, w + 4.
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (uint32_t g = warp; g < group; g += kAttentionThreads / 32) {
+    float m = -FLT_MAX;
+    for (uint32_t t = lane; t < len; t += 32)
+      m = fmaxf(m, p_s[g * kSplitTokens + t]);
+    for (int offset = 16; offset > 0; offset /= 2)
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    float s = 0.0f;
+    for (uint32_t t = lane; t < len; t += 32) {
+      const float logit = p_s[g * kSplitTokens + t];
+      if (logits_out != nullptr) {
+        logits_out[(uint64_t{item} * a.num_q_heads + head * group_total + first_g + g) *
+                       a.mass_stride +
+                   begin + t] = logit;
+      }
+      const float e = __expf(logit - m);
+      p_s[g * kSplitTokens + t] = e;
+      s += e;
+    }
+    for (int offset = 16; offset > 0; offset /= 2)
+      s += __shfl_xor_sync(0xffffffffu, s, offset);
+    if (lane == 0) {
+      row_max[g] = m;
+      row_sum[g] = s;
+    }
+  }
+  __syncthreads();
+
+  // Phase 2: each thread sums p * v over its tokens for its 8 dimensions.
+  float acc[kGroup][8];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      acc[g][e] = 0.0f;
+  }
+  for (uint32_t t0 = 0; t0 < len; t0 += TPP * kUnroll) {
+    Raw8<D> raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t t = t0 + u * TPP + lane_token;
+      if (t < len) load_row(1, t, raw[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t t = t0 + u * TPP + lane_token;
+      if (t >= len) continue;
+      float v[8];
+      raw[u].decode(v);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (g < group) {
+          const float p = p_s[g * kSplitTokens + t];
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            acc[g][e] += p * v[e];
+        }
+      }
+    }
+  }
+  __syncthreads();    // p_s is no longer read: reuse smem for the cross-token reduction
+  float* red = smem;  // [TPP][group][HD]
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    if (g < group) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        red[(lane_token * group + g) * HD + d0 + e] = acc[g][e];
+    }
+  }
+  __syncthreads();
+  for (uint32_t i = threadIdx.x; i < group * HD; i += blockDim.x) {
+    float sum = 0.0f;
+    for (uint32_t l = 0; l < TPP; ++l)
+      sum += red[l * group * HD + i];
+    const uint32_t g = i / HD, d = i % HD;
+    if (num_splits == 1) {
+      store_activation(a.output, a.query_dtype,
+                       (uint64_t{row} * a.num_q_heads + head * group_total + first_g + g) * HD + d,
+                       sum / row_sum[g]);
+    } else {
+      partial[g * (HD + 2) + 2 + d] = sum;
+    }
+  }
+  if (threadIdx.x < group) {
+    partial[threadIdx.x * (HD + 2)] = row_max[threadIdx.x];
+    partial[threadIdx.x * (HD + 2) + 1] = row_sum[threadIdx.x];
+  }
+}
+
+}  // namespace kvfabric::kernels
