@@ -2,6 +2,7 @@
 #pragma once
 
 #include "kvfabric/block/block_allocator.h"
+#include "kvfabric/block/block_retainer.h"
 #include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/paged_kv_cache.h"
 #include "kvfabric/block/sequence_info.h"
