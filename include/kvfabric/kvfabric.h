@@ -14,3 +14,6 @@
 #include "kvfabric/common/logging.h"
 #include "kvfabric/common/status.h"
 #include "kvfabric/config/config.h"
+#include "kvfabric/prefix/paged_prefix_cache.h"
+#include "kvfabric/prefix/prefix_block_index.h"
+#include "kvfabric/prefix/radix_tree.h"

@@ -299,21 +299,25 @@ class RadixTree {
     return ok_status();
   }
 
-  //! Protects the node and its ancestors from eviction until unpin().
-  Status pin(RadixNodeId id) {
+  //! Protects the node and its ancestors from eviction until as many unpin() calls; `count`
+  //! pins at once.
+  Status pin(RadixNodeId id, uint64_t count = 1) {
     KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
-    ++nodes_[i].own_pins_;
+    nodes_[i].own_pins_ += count;
     for (uint32_t j = i; j != kNone; j = nodes_[j].parent_)
-      rekey(j, [](Node& n) { ++n.pins_; });
+      rekey(j, [count](Node& n) { n.pins_ += count; });
     return ok_status();
   }
-  //! Drops one pin placed by pin(id). A value-less leaf left unpinned is removed.
-  Status unpin(RadixNodeId id) {
+  //! Drops `count` pins placed by pin(id). A value-less leaf left unpinned is removed.
+  Status unpin(RadixNodeId id, uint64_t count = 1) {
     KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
-    if (nodes_[i].own_pins_ == 0) return invalid_operation(node_name(i) + " is not pinned");
-    --nodes_[i].own_pins_;
+    if (nodes_[i].own_pins_ < count) {
+      return invalid_operation(node_name(i) + " holds " + std::to_string(nodes_[i].own_pins_) +
+                               " pins, fewer than the " + std::to_string(count) + " to drop");
+    }
+    nodes_[i].own_pins_ -= count;
     for (uint32_t j = i; j != kNone; j = nodes_[j].parent_)
-      rekey(j, [](Node& n) { --n.pins_; });
+      rekey(j, [count](Node& n) { n.pins_ -= count; });
     if (i != 0 && !nodes_[i].value_ && nodes_[i].children_.empty() && nodes_[i].pins_ == 0) {
       remove_leaf(i);
     } else {
