@@ -363,6 +363,16 @@ class RadixTree {
     entries_ = bytes_ = evictable_bytes_ = 0;
   }
 
+  //! Calls f(id, node) for each child of `id`, in no particular order: a caller choosing among
+  //! them must decide by their fields (clock, serial), never by the visiting order.
+  template <typename F>
+  Status for_each_child(RadixNodeId id, F&& f) const {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    for (const auto& [key, child] : nodes_[i].children_)
+      f(id_of(child), nodes_[child]);
+    return ok_status();
+  }
+
   //! Calls f(id, node) for every live node except the root, in slot order. O(n): for tests,
   //! dumps and statistics, never for a decision on the hot path.
   template <typename F>
