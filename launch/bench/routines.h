@@ -16,6 +16,9 @@ using RoutineFn = std::function<Status(nlohmann::json& results)>;
 //! `alloc`: replays the Azure code trace through the block manager (utilization, fragmentation,
 //! preemptions, operations per second).
 void add_alloc_routine(CLI::App& app, RoutineFn& selected);
+//! `replay`: replays a Mooncake trace through the block-granular prefix cache (block and token
+//! hit ratios per capacity, evictions, time per request).
+void add_replay_routine(CLI::App& app, RoutineFn& selected);
 //! `config`: prints the effective config (file + KVF_* overrides) with derived values.
 void add_config_routine(CLI::App& app, RoutineFn& selected);
 

@@ -35,14 +35,14 @@ Result<size_t> PagedPrefixCache::allocate(SeqId seq, std::span<const TokenId> pr
   }
   // Check capacity before the lookup commits anything: blocks the hit makes used are no longer
   // available for the new ones.
-  const PrefixMatch cached = index_->peek(prompt);
   const size_t bs = pool_.block_size();
   const size_t needed = (prompt.size() + bs - 1) / bs;
-  const size_t fresh = needed - cached.blocks.size();
-  const size_t available = pool_.available_block_count() - cached.idle_blocks;
-  if (fresh > available) return out_of_memory(fresh, available);
-
-  const PrefixMatch hit = index_->match(prompt);
+  auto admit = [&](const PrefixMatch& cached) -> Status {
+    const size_t fresh = needed - cached.blocks.size();
+    const size_t available = pool_.available_block_count() - cached.idle_blocks;
+    return fresh > available ? out_of_memory(fresh, available) : ok_status();
+  };
+  KVF_ASSIGN_OR_RETURN(const PrefixMatch hit, index_->match_if(prompt, admit));
   const Status status = pool_.allocate_shared(seq, prompt.size(), hit.blocks);
   KVF_CHECK(status.ok(), "allocation failed after its capacity check: " + status.to_string());
   return hit.tokens;

@@ -75,7 +75,14 @@ PrefixMatch PrefixBlockIndex::peek(std::span<const TokenId> tokens) const {
 }
 
 PrefixMatch PrefixBlockIndex::match(std::span<const TokenId> tokens) {
+  return match_if(tokens, nullptr).value();
+}
+
+Result<PrefixMatch> PrefixBlockIndex::match_if(
+    std::span<const TokenId> tokens, const std::function<Status(const PrefixMatch&)>& admit) {
   const auto m = tree_.peek(tokens);
+  PrefixMatch out = collect(m.node, m.partial, m.partial_length / options_.block_size);
+  if (admit) KVF_RETURN_IF_ERROR(admit(out));
   RadixNodeId end = m.node;
   if (m.partial) {
     // Split where the match ends: the matched front becomes its own node, so using it pins only
@@ -86,7 +93,6 @@ PrefixMatch PrefixBlockIndex::match(std::span<const TokenId> tokens) {
     adopt_blocks(end);
   }
   if (end != tree_.root()) (void)tree_.touch(end, /*with_ancestors=*/true);
-  PrefixMatch out = collect(end, std::nullopt, 0);
   stats_.lookups += 1;
   stats_.lookup_tokens += tokens.size();
   stats_.hit_tokens += out.tokens;
@@ -109,34 +115,34 @@ Result<std::vector<BlockId>> PrefixBlockIndex::insert(std::span<const TokenId> t
                             std::to_string(needed) + " blocks to index, got " +
                             std::to_string(blocks.size()));
   }
-  // Validate the blocks that would become new before changing anything.
-  const auto existing = tree_.peek(key);
-  const size_t covered = existing.length + existing.partial_length;
-  const size_t first_new = covered == key_length ? needed : covered / bs;
-  std::vector<BlockId> fresh(blocks.begin() + static_cast<ptrdiff_t>(first_new),
-                             blocks.begin() + static_cast<ptrdiff_t>(needed));
-  for (BlockId b : fresh) {
-    if (b.value >= node_of_.size()) {
-      return invalid_argument(to_string(b) + " is outside the pool of " +
-                              std::to_string(node_of_.size()) + " blocks");
+  // The blocks that would become new are validated after the walk, before anything changes.
+  auto check = [&](size_t existing) -> Status {
+    const size_t first_new = existing == key_length ? needed : existing / bs;
+    std::vector<BlockId> fresh(blocks.begin() + static_cast<ptrdiff_t>(first_new),
+                               blocks.begin() + static_cast<ptrdiff_t>(needed));
+    for (BlockId b : fresh) {
+      if (b.value >= node_of_.size()) {
+        return invalid_argument(to_string(b) + " is outside the pool of " +
+                                std::to_string(node_of_.size()) + " blocks");
+      }
+      if (is_indexed(b)) {
+        return invalid_argument(to_string(b) + " is already indexed for another prefix");
+      }
     }
-    if (is_indexed(b)) {
-      return invalid_argument(to_string(b) + " is already indexed for another prefix");
+    std::sort(fresh.begin(), fresh.end());
+    if (const auto dup = std::adjacent_find(fresh.begin(), fresh.end()); dup != fresh.end()) {
+      return invalid_argument(to_string(*dup) + " is listed twice");
     }
-  }
-  std::vector<BlockId> sorted = fresh;
-  std::sort(sorted.begin(), sorted.end());
-  if (const auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
-    return invalid_argument(to_string(*dup) + " is listed twice");
-  }
-
-  const auto ins = tree_.insert(key, priority, [&](size_t offset, size_t length) {
+    return ok_status();
+  };
+  auto make_value = [&](size_t offset, size_t length) {
     const auto first = static_cast<ptrdiff_t>(offset / bs);
     const auto count = static_cast<ptrdiff_t>((length + bs - 1) / bs);
     return std::optional<BlockPlacement>(BlockPlacement{
         options_.replica, options_.tier,
         std::vector<BlockId>(blocks.begin() + first, blocks.begin() + first + count)});
-  });
+  };
+  KVF_ASSIGN_OR_RETURN(const auto ins, tree_.insert_checked(key, priority, check, make_value));
   if (ins.split) adopt_blocks(*ins.split);
   // The new blocks lie in at most two new nodes below the split point: the full-block node and
   // the partial tail. Each is pinned once per block, because the sequence holds them all.

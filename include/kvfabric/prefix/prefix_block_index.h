@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string_view>
@@ -114,6 +115,10 @@ class PrefixBlockIndex final : public BlockRetainer {
   //! Same, as a lookup: counts it in the statistics, marks the matched path used now (LRU), and
   //! splits the last node where the match ends so that its unmatched rest stays evictable.
   PrefixMatch match(std::span<const TokenId> tokens);
+  //! match() that first shows the result to `admit`; an error from it is returned and the lookup
+  //! changes nothing (no split, no refresh, not counted). One walk of the tree either way.
+  Result<PrefixMatch> match_if(std::span<const TokenId> tokens,
+                               const std::function<Status(const PrefixMatch&)>& admit);
 
   //! Indexes the blocks of a sequence holding `tokens`: blocks[i] holds tokens [i * block_size,
   //! (i + 1) * block_size). Only full blocks are indexed (and the partly filled last one with

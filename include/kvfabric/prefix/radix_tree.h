@@ -223,7 +223,18 @@ class RadixTree {
   //! [offset, offset + length) (nullopt: no value). Existing values are left alone.
   template <typename MakeValue>
   Insertion insert(std::span<const TokenId> key, uint32_t priority, MakeValue&& make_value) {
+    auto ins = insert_checked(
+        key, priority, [](size_t) { return ok_status(); }, std::forward<MakeValue>(make_value));
+    return std::move(ins).value();
+  }
+  //! insert() that first calls check(existing) with the number of the key's tokens already in
+  //! the tree, after matching and before changing anything: an error from it aborts the insert,
+  //! so a caller can validate what would become new at the cost of a single walk.
+  template <typename Check, typename MakeValue>
+  Result<Insertion> insert_checked(std::span<const TokenId> key, uint32_t priority, Check&& check,
+                                   MakeValue&& make_value) {
     const Walk w = walk(key);
+    KVF_RETURN_IF_ERROR(check(w.pos + w.child_lcp));
     uint32_t cur = w.node;
     size_t pos = w.pos;
     std::optional<RadixNodeId> split;
