@@ -192,6 +192,14 @@ void PagedKvCache::share_block(BlockId block) {
   if (was_idle) retainer_->on_block_used(block);
 }
 
+void PagedKvCache::drop_retained(BlockId block) {
+  retained_[block.value] = false;
+  --retained_count_;
+  auto freed = allocator_.release(block);
+  KVF_CHECK(freed.ok(), freed.status().message());
+  if (freed.value()) stats_.total_frees += 1;
+}
+
 void PagedKvCache::reclaim_for(size_t count) {
   if (count <= free_block_count()) return;
   const size_t missing = count - free_block_count();
@@ -202,11 +210,7 @@ void PagedKvCache::reclaim_for(size_t count) {
   for (BlockId block : released) {
     KVF_CHECK(is_retained(block) && allocator_.ref_count(block) == 1,
               "the retainer gave back " + to_string(block) + ", which is not idle");
-    retained_[block.value] = false;
-    --retained_count_;
-    auto freed = allocator_.release(block);
-    KVF_CHECK(freed.ok() && freed.value(), "an idle block did not become free");
-    stats_.total_frees += 1;
+    drop_retained(block);
     stats_.cached_blocks_reclaimed += 1;
   }
   KVF_LOG_DEBUG(kBlock, "reclaimed {} cached blocks", missing);
@@ -348,11 +352,7 @@ Status PagedKvCache::retain_block(BlockId block) {
 Status PagedKvCache::release_retained_block(BlockId block) {
   KVF_RETURN_IF_ERROR(init_status_);
   if (!is_retained(block)) return block_not_found(block);
-  retained_[block.value] = false;
-  --retained_count_;
-  auto freed = allocator_.release(block);
-  KVF_CHECK(freed.ok(), freed.status().message());
-  if (freed.value()) stats_.total_frees += 1;
+  drop_retained(block);
   return ok_status();
 }
 

@@ -205,6 +205,8 @@ class PagedKvCache {
   void share_block(BlockId block);
   //! References held by sequence tables (the retainer's excluded).
   uint32_t sequence_refs(BlockId block) const;
+  //! Drops the retainer's reference (the block goes free when no sequence holds it).
+  void drop_retained(BlockId block);
   //! Makes `count` blocks free, taking cached blocks back from the retainer if the free list is
   //! short. The caller has checked count <= available_block_count().
   void reclaim_for(size_t count);

@@ -43,9 +43,10 @@ class PagedPrefixCache {
   //! PagedKvCache::allocate; a failed call changes nothing (not even the statistics).
   Result<size_t> allocate(SeqId seq, std::span<const TokenId> prompt);
   //! Indexes the blocks holding the first tokens.size() tokens of `seq` (the tokens themselves
-  //! are `tokens`), raising their priority to at least `priority`. Returns how many blocks were
-  //! newly indexed. Errors: an unknown sequence, more tokens than it holds, and as
-  //! PrefixBlockIndex::insert.
+  //! are `tokens`, in block-table order), raising their priority to at least `priority`. Returns
+  //! how many blocks were newly indexed. A sequence compacted by StreamingLLM no longer holds the
+  //! K/V of a prefix: do not index it. Errors: an unknown sequence, more tokens than it holds,
+  //! and as PrefixBlockIndex::insert.
   Result<size_t> insert(SeqId seq, std::span<const TokenId> tokens, uint32_t priority = 0);
   //! Empties the index; cached blocks no sequence holds return to the free list.
   void clear_index();

@@ -136,7 +136,8 @@ class PrefixBlockIndex final : public BlockRetainer {
   //! Forgets every block and returns them; the caller drops its references.
   std::vector<BlockId> clear();
 
-  // BlockRetainer
+  // BlockRetainer: called by the pool. A notification for a block the index does not hold in
+  // the stated state is a broken pool-index invariant and aborts (KVF_CHECK).
   [[nodiscard]] size_t idle_blocks() const override { return tree_.evictable_bytes(); }
   std::vector<BlockId> release_idle(size_t count) override;
   void on_block_used(BlockId block) override;

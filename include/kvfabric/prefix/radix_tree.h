@@ -2,6 +2,7 @@
 // O(log n) eviction of unpinned nodes by LRU on a logical clock or by priority.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <deque>

@@ -330,9 +330,11 @@ TEST(SeedHostKvCache, LayersAreIndependent) {
   ASSERT_TRUE(cache.store_kv(0, Floats(4, 1.0f), Floats(4, 3.0f)).ok());
   ASSERT_TRUE(cache.store_kv(1, Floats(4, 2.0f), Floats(4, 4.0f)).ok());
   cache.advance();
-  for (float v : cache.get_keys(0).value())
+  const std::span<const float> layer0 = cache.get_keys(0).value();
+  const std::span<const float> layer1 = cache.get_keys(1).value();
+  for (float v : layer0)
     EXPECT_EQ(v, 1.0f);
-  for (float v : cache.get_keys(1).value())
+  for (float v : layer1)
     EXPECT_EQ(v, 2.0f);
 }
 

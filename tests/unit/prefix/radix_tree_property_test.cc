@@ -9,6 +9,7 @@
 #include <random>
 #include <sstream>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "kvfabric/prefix/radix_tree.h"
@@ -95,26 +96,22 @@ class Model {
     return !key.empty() && n.value && pins(key) == 0 &&
            (c_.scope == RadixEvictScope::kEntries || children(key).empty());
   }
-  // Parents, child counts and pin totals of every node, recomputed from the keys alone.
+  // Child counts and pin totals of every node (by the address of its key in nodes()),
+  // recomputed from the keys alone.
   struct Derived {
-    std::map<Tokens, size_t> child_count;
-    std::map<Tokens, uint64_t> pins;
+    std::unordered_map<const Tokens*, size_t> child_count;
+    std::unordered_map<const Tokens*, uint64_t> pins;
   };
   Derived derive() const {
     Derived d;
-    std::vector<Tokens> by_length;
     for (const auto& [k, n] : nodes_) {
-      by_length.push_back(k);
-      d.pins[k] = n.own_pins;
-      d.child_count[k];
+      d.pins[&k] = n.own_pins;
+      d.child_count[&k] = 0;
     }
-    std::sort(by_length.begin(), by_length.end(),
-              [](const Tokens& a, const Tokens& b) { return a.size() > b.size(); });
-    for (const Tokens& k : by_length) {  // deepest first: a node's total is final before its parent
-      if (k.empty()) continue;
-      const Tokens& p = parent(k);
-      d.pins[p] += d.pins[k];
-      ++d.child_count[p];
+    // Deepest first: a node's total is final before it is added to its parent's.
+    for (const auto& [key, parent_key] : structure().deepest_first) {
+      d.pins[parent_key] += d.pins[key];
+      ++d.child_count[parent_key];
     }
     return d;
   }
@@ -123,8 +120,8 @@ class Model {
     std::optional<std::tuple<uint64_t, uint64_t, uint64_t>> best;
     std::optional<Tokens> out;
     for (const auto& [k, n] : nodes_) {
-      const bool evictable = !k.empty() && n.value && d.pins.at(k) == 0 &&
-                             (c_.scope == RadixEvictScope::kEntries || d.child_count.at(k) == 0);
+      const bool evictable = !k.empty() && n.value && d.pins.at(&k) == 0 &&
+                             (c_.scope == RadixEvictScope::kEntries || d.child_count.at(&k) == 0);
       if (!evictable) continue;
       const uint64_t rank = c_.order == RadixEvictionOrder::kPriority ? n.priority : 0;
       const auto key = std::make_tuple(rank, n.last_access, n.serial);
@@ -283,6 +280,8 @@ class Model {
   struct Structure {
     std::map<Tokens, Tokens> parent;
     std::map<Tokens, std::vector<Tokens>> children;
+    // (key, parent's key) as stored in nodes_, deepest keys first.
+    std::vector<std::pair<const Tokens*, const Tokens*>> deepest_first;
   };
   const Structure& structure() const {
     if (structure_) return *structure_;
@@ -297,8 +296,12 @@ class Model {
         }
       }
       st.children[p].push_back(key);
+      st.deepest_first.emplace_back(&key, &nodes_.find(p)->first);
       st.parent[key] = std::move(p);
     }
+    std::stable_sort(
+        st.deepest_first.begin(), st.deepest_first.end(),
+        [](const auto& a, const auto& b) { return a.first->size() > b.first->size(); });
     structure_ = std::move(st);
     return *structure_;
   }
@@ -329,11 +332,6 @@ class RadixTreeProperty : public ::testing::TestWithParam<Case> {
     }
     return key;
   }
-  std::map<Tokens, RadixNodeId> ids() const {
-    std::map<Tokens, RadixNodeId> out;
-    tree_.for_each_node([&](RadixNodeId id, const Tree::Node&) { out[key_of(id)] = id; });
-    return out;
-  }
   Tokens random_key(size_t max_len) {
     Tokens key(rng_() % (max_len + 1));
     for (auto& t : key)
@@ -348,38 +346,46 @@ class RadixTreeProperty : public ::testing::TestWithParam<Case> {
     if (keys.empty()) return std::nullopt;
     return keys[rng_() % keys.size()];
   }
-  RadixNodeId id_for(const Tokens& key) const { return key.empty() ? tree_.root() : ids().at(key); }
+  // The tree's node for a key the model holds (compare() has checked that both hold the same).
+  RadixNodeId id_for(const Tokens& key) const {
+    const auto m = tree_.peek(key);
+    EXPECT_EQ(m.length, key.size());
+    return m.node;
+  }
 
   void compare() {
     ASSERT_TRUE(tree_.verify().ok()) << tree_.verify();
-    const auto tree_ids = ids();
-    ASSERT_EQ(tree_ids.size() + 1, model_.nodes().size());
+    ASSERT_EQ(tree_.node_count() + 1, model_.nodes().size());
     const Model::Derived derived = model_.derive();
+    ASSERT_EQ(tree_.find(tree_.root())->pins(), derived.pins.at(&model_.nodes().begin()->first));
+    // Every tree node is a model node with the same record: with equal counts, the same sets.
     size_t entries = 0, bytes = 0, evictable = 0;
-    for (const auto& [key, m] : model_.nodes()) {
-      const uint64_t pins = derived.pins.at(key);
-      if (key.empty()) {
-        ASSERT_EQ(tree_.find(tree_.root())->pins(), pins);
-        continue;
+    bool all_found = true;
+    tree_.for_each_node([&](RadixNodeId id, const Tree::Node& n) {
+      const auto it = model_.nodes().find(key_of(id));
+      if (it == model_.nodes().end()) {
+        all_found = false;
+        return;
       }
-      const auto it = tree_ids.find(key);
-      ASSERT_NE(it, tree_ids.end()) << "missing node of length " << key.size();
-      const Tree::Node& n = *tree_.find(it->second);
-      ASSERT_EQ(n.value(), m.value);
-      ASSERT_EQ(n.own_pins(), m.own_pins);
-      ASSERT_EQ(n.pins(), pins);
-      ASSERT_EQ(n.last_access(), m.last_access);
-      ASSERT_EQ(n.priority(), m.priority);
-      ASSERT_EQ(n.serial(), m.serial);
+      const auto& [key, m] = *it;
+      const uint64_t pins = derived.pins.at(&key);
+      EXPECT_EQ(n.value(), m.value);
+      EXPECT_EQ(n.own_pins(), m.own_pins);
+      EXPECT_EQ(n.pins(), pins);
+      EXPECT_EQ(n.last_access(), m.last_access);
+      EXPECT_EQ(n.priority(), m.priority);
+      EXPECT_EQ(n.serial(), m.serial);
       if (m.value) {
         ++entries;
         bytes += m.value->size();
         if (pins == 0) evictable += m.value->size();
         if (GetParam().scope == RadixEvictScope::kLeaves) {
-          ASSERT_EQ(*m.value, n.edge());
+          EXPECT_EQ(*m.value, n.edge());
         }
       }
-    }
+    });
+    ASSERT_TRUE(all_found) << "the tree holds a node the model does not";
+    ASSERT_FALSE(HasFailure());
     ASSERT_EQ(tree_.entries(), entries);
     ASSERT_EQ(tree_.bytes(), bytes);
     ASSERT_EQ(tree_.evictable_bytes(), evictable);
