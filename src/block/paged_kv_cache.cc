@@ -252,26 +252,7 @@ void PagedKvCache::remove_sequence(SeqId seq) {
 // Mutations
 
 Status PagedKvCache::allocate(SeqId seq, size_t num_tokens) {
-  KVF_RETURN_IF_ERROR(init_status_);
-  if (sequences_.count(seq) > 0) {
-    return invalid_operation("Sequence " + to_string(seq) + " already exists");
-  }
-  const size_t needed = blocks_for(num_tokens);
-  if (needed > available_block_count()) return out_of_memory(needed, available_block_count());
-  reclaim_for(needed);
-
-  SequenceInfo info;
-  info.seq_id = seq;
-  info.num_tokens = num_tokens;
-  info.block_ids.reserve(needed);
-  for (size_t i = 0; i < needed; ++i)
-    info.block_ids.push_back(take_block());
-  info.last_access = ++clock_;
-  info.access_count = 1;
-  victims_->insert(info);
-  sequences_.emplace(seq, std::move(info));
-  KVF_LOG_TRACE(kBlock, "allocate {} tokens={} blocks={}", to_string(seq), num_tokens, needed);
-  return ok_status();
+  return allocate_shared(seq, num_tokens, {});
 }
 
 Status PagedKvCache::allocate_shared(SeqId seq, size_t num_tokens,
@@ -319,8 +300,8 @@ Status PagedKvCache::allocate_shared(SeqId seq, size_t num_tokens,
   victims_->insert(info);
   sequences_.emplace(seq, std::move(info));
   stats_.shared_prefix_blocks += shared.size();
-  KVF_LOG_TRACE(kBlock, "allocate {} tokens={} shared={} new={}", to_string(seq), num_tokens,
-                shared.size(), fresh);
+  KVF_LOG_TRACE(kBlock, "allocate {} tokens={} blocks={} shared={}", to_string(seq), num_tokens,
+                needed, shared.size());
   return ok_status();
 }
 

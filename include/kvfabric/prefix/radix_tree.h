@@ -505,15 +505,19 @@ class RadixTree {
     }
   }
 
-  uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, std::optional<Value> value) {
-    uint32_t i;
-    if (!free_slots_.empty()) {
-      i = free_slots_.back();
-      free_slots_.pop_back();
-    } else {
-      i = static_cast<uint32_t>(nodes_.size());
+  // A slot for a new node: a freed one (its generation already bumped) or a new one.
+  uint32_t take_slot() {
+    if (free_slots_.empty()) {
       nodes_.emplace_back();
+      return static_cast<uint32_t>(nodes_.size() - 1);
     }
+    const uint32_t i = free_slots_.back();
+    free_slots_.pop_back();
+    return i;
+  }
+
+  uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, std::optional<Value> value) {
+    const uint32_t i = take_slot();
     Node& n = nodes_[i];
     n.alive_ = true;
     n.edge_.assign(edge.begin(), edge.end());
@@ -531,14 +535,7 @@ class RadixTree {
   uint32_t split_node(uint32_t i, size_t at) {
     const uint32_t parent = nodes_[i].parent_;
     const uint64_t key_in_parent = unit_key_at(nodes_[i].edge_);
-    uint32_t u;
-    if (!free_slots_.empty()) {
-      u = free_slots_.back();
-      free_slots_.pop_back();
-    } else {
-      u = static_cast<uint32_t>(nodes_.size());
-      nodes_.emplace_back();
-    }
+    const uint32_t u = take_slot();
     detach(i);
     Node& n = nodes_[i];
     Node& upper = nodes_[u];
