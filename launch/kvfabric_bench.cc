@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   bench::RoutineFn routine;
   bench::add_alloc_routine(app, routine);
   bench::add_kernel_routines(app, routine);
+  bench::add_replay_routine(app, routine);
   bench::add_config_routine(app, routine);
   CLI11_PARSE(app, argc, argv);
 

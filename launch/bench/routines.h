@@ -18,6 +18,9 @@ using RoutineFn = std::function<Status(nlohmann::json& results)>;
 void add_alloc_routine(CLI::App& app, RoutineFn& selected);
 //! `attention`, `quant`, `copy`: the storage kernels against in-run memcpy / read baselines.
 void add_kernel_routines(CLI::App& app, RoutineFn& selected);
+//! `replay`: replays a Mooncake trace through the block-granular prefix cache (block and token
+//! hit ratios per capacity, evictions, time per request).
+void add_replay_routine(CLI::App& app, RoutineFn& selected);
 //! `config`: prints the effective config (file + KVF_* overrides) with derived values.
 void add_config_routine(CLI::App& app, RoutineFn& selected);
 

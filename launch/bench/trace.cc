@@ -1,5 +1,7 @@
 #include "bench/trace.h"
 
+#include <nlohmann/json.hpp>
+
 #include <charconv>
 #include <ctime>
 #include <fstream>
@@ -98,6 +100,61 @@ Result<std::vector<TraceRequest>> parse_azure_trace(std::string_view csv, std::s
       return bad("timestamp goes backwards");
     }
     requests.push_back({arrival, static_cast<uint32_t>(prompt), static_cast<uint32_t>(output)});
+  }
+  if (requests.empty()) {
+    return Status(ErrorCode::kParseError, std::string(source) + ": the trace has no requests");
+  }
+  return requests;
+}
+
+Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl,
+                                                          std::string_view source) {
+  std::vector<MooncakeRequest> requests;
+  size_t line_no = 0;
+  while (!jsonl.empty()) {
+    const size_t eol = jsonl.find('\n');
+    const std::string_view line = jsonl.substr(0, eol);
+    jsonl = eol == std::string_view::npos ? std::string_view() : jsonl.substr(eol + 1);
+    ++line_no;
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    auto bad = [&](const std::string& what) {
+      return Status(ErrorCode::kParseError,
+                    std::string(source) + ":" + std::to_string(line_no) + ": " + what);
+    };
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+    MooncakeRequest r;
+    const auto get_uint = [&](const char* key, uint64_t max, uint64_t& out) {
+      const auto it = j.find(key);
+      if (it == j.end() || !it->is_number_unsigned() || it->get<uint64_t>() > max) return false;
+      out = it->get<uint64_t>();
+      return true;
+    };
+    uint64_t value = 0;
+    const auto ts = j.find("timestamp");
+    if (ts == j.end() || !ts->is_number() || ts->get<double>() < 0) {
+      return bad("\"timestamp\" must be a non-negative number");
+    }
+    r.timestamp_ms = ts->get<double>();
+    if (!get_uint("input_length", UINT32_MAX, value)) return bad("bad \"input_length\"");
+    r.input_length = static_cast<uint32_t>(value);
+    if (!get_uint("output_length", UINT32_MAX, value)) return bad("bad \"output_length\"");
+    r.output_length = static_cast<uint32_t>(value);
+    const auto ids = j.find("hash_ids");
+    if (ids == j.end() || !ids->is_array()) return bad("\"hash_ids\" must be an array");
+    r.hash_ids.reserve(ids->size());
+    for (const auto& id : *ids) {
+      if (!id.is_number_unsigned()) return bad("hash ids must be non-negative integers");
+      r.hash_ids.push_back(id.get<uint64_t>());
+    }
+    if (j.contains("priority")) {
+      if (!get_uint("priority", UINT32_MAX, value)) return bad("bad \"priority\"");
+      r.priority = static_cast<uint32_t>(value);
+    }
+    if (!requests.empty() && r.timestamp_ms < requests.back().timestamp_ms) {
+      return bad("timestamp goes backwards");
+    }
+    requests.push_back(std::move(r));
   }
   if (requests.empty()) {
     return Status(ErrorCode::kParseError, std::string(source) + ": the trace has no requests");

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -17,6 +18,22 @@ struct TraceRequest {
   uint32_t prompt_tokens = 0;
   uint32_t output_tokens = 0;
 };
+
+//! One request of a Mooncake trace (FAST'25 format): its prompt is a chain of blocks, each named
+//! by a hash id that covers the block and everything before it.
+struct MooncakeRequest {
+  double timestamp_ms = 0;
+  uint32_t input_length = 0;
+  uint32_t output_length = 0;
+  std::vector<uint64_t> hash_ids;
+  //! An optional "priority" field (not in the published traces; an extension for replays).
+  std::optional<uint32_t> priority;
+};
+
+//! Parses JSON lines {"timestamp", "input_length", "output_length", "hash_ids"[, "priority"]}
+//! (nlohmann/json). Errors name the line; timestamps must not go backwards.
+Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl,
+                                                          std::string_view source);
 
 //! Parses "TIMESTAMP,ContextTokens,GeneratedTokens" CSV (header first, timestamps like
 //! "2023-11-16 18:17:03.9799600"). Errors name the line. Rows must be in arrival order.

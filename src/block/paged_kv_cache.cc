@@ -136,6 +136,10 @@ double PagedKvCache::utilization() const {
   return static_cast<double>(used_block_count()) / static_cast<double>(total_blocks());
 }
 
+size_t PagedKvCache::cached_block_count() const {
+  return retainer_ != nullptr ? retainer_->idle_blocks() : 0;
+}
+
 bool PagedKvCache::needs_eviction() const {
   return utilization() > threshold_;
 }
@@ -177,6 +181,41 @@ void PagedKvCache::touch(SequenceInfo& info, const VictimKey& key_before_change)
   victims_->update(key_before_change, info);
 }
 
+uint32_t PagedKvCache::sequence_refs(BlockId block) const {
+  return allocator_.ref_count(block) - (is_retained(block) ? 1 : 0);
+}
+
+void PagedKvCache::share_block(BlockId block) {
+  const bool was_idle = is_retained(block) && allocator_.ref_count(block) == 1;
+  const Status status = allocator_.add_ref(block);
+  KVF_CHECK(status.ok(), status.message());
+  if (was_idle) retainer_->on_block_used(block);
+}
+
+void PagedKvCache::drop_retained(BlockId block) {
+  retained_[block.value] = false;
+  --retained_count_;
+  auto freed = allocator_.release(block);
+  KVF_CHECK(freed.ok(), freed.status().message());
+  if (freed.value()) stats_.total_frees += 1;
+}
+
+void PagedKvCache::reclaim_for(size_t count) {
+  if (count <= free_block_count()) return;
+  const size_t missing = count - free_block_count();
+  const std::vector<BlockId> released = retainer_->release_idle(missing);
+  KVF_CHECK(released.size() == missing, "the retainer gave back " +
+                                            std::to_string(released.size()) + " of " +
+                                            std::to_string(missing) + " idle blocks");
+  for (BlockId block : released) {
+    KVF_CHECK(is_retained(block) && allocator_.ref_count(block) == 1,
+              "the retainer gave back " + to_string(block) + ", which is not idle");
+    drop_retained(block);
+    stats_.cached_blocks_reclaimed += 1;
+  }
+  KVF_LOG_DEBUG(kBlock, "reclaimed {} cached blocks", missing);
+}
+
 BlockId PagedKvCache::take_block() {
   auto block = allocator_.allocate();
   KVF_CHECK(block.ok(), "free blocks were counted before allocating");
@@ -189,13 +228,17 @@ void PagedKvCache::release_blocks(const std::vector<BlockId>& blocks) {
   for (BlockId block : blocks) {
     auto freed = allocator_.release(block);
     KVF_CHECK(freed.ok(), "a block table referenced " + to_string(block) + " without a reference");
-    if (freed.value()) stats_.total_frees += 1;
+    if (freed.value()) {
+      stats_.total_frees += 1;
+    } else if (is_retained(block) && allocator_.ref_count(block) == 1) {
+      retainer_->on_block_idle(block);  // cached from now on
+    }
   }
 }
 
 bool PagedKvCache::frees_a_block(const SequenceInfo& info) const {
   return std::any_of(info.block_ids.begin(), info.block_ids.end(),
-                     [this](BlockId b) { return allocator_.ref_count(b) == 1; });
+                     [this](BlockId b) { return sequence_refs(b) == 1; });
 }
 
 void PagedKvCache::remove_sequence(SeqId seq) {
@@ -209,24 +252,88 @@ void PagedKvCache::remove_sequence(SeqId seq) {
 // Mutations
 
 Status PagedKvCache::allocate(SeqId seq, size_t num_tokens) {
+  return allocate_shared(seq, num_tokens, {});
+}
+
+Status PagedKvCache::allocate_shared(SeqId seq, size_t num_tokens,
+                                     std::span<const BlockId> shared) {
   KVF_RETURN_IF_ERROR(init_status_);
   if (sequences_.count(seq) > 0) {
     return invalid_operation("Sequence " + to_string(seq) + " already exists");
   }
   const size_t needed = blocks_for(num_tokens);
-  if (needed > free_block_count()) return out_of_memory(needed, free_block_count());
+  if (shared.size() > needed) {
+    return invalid_argument(std::to_string(shared.size()) + " shared blocks for " +
+                            std::to_string(num_tokens) + " tokens of " + to_string(seq) +
+                            " (at most " + std::to_string(needed) + ")");
+  }
+  for (BlockId block : shared) {
+    if (allocator_.ref_count(block) == 0) return block_not_found(block);
+  }
+  std::vector<BlockId> sorted(shared.begin(), shared.end());
+  std::sort(sorted.begin(), sorted.end());
+  if (const auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
+    return invalid_argument(to_string(*dup) + " appears twice in the shared prefix of " +
+                            to_string(seq));
+  }
+
+  // Sharing first: a shared block that was cached is no longer available for the new blocks.
+  for (BlockId block : shared)
+    share_block(block);
+  const size_t fresh = needed - shared.size();
+  if (fresh > available_block_count()) {
+    const size_t available = available_block_count();
+    release_blocks(std::vector<BlockId>(shared.begin(), shared.end()));
+    return out_of_memory(fresh, available);
+  }
+  reclaim_for(fresh);
 
   SequenceInfo info;
   info.seq_id = seq;
   info.num_tokens = num_tokens;
   info.block_ids.reserve(needed);
-  for (size_t i = 0; i < needed; ++i)
+  info.block_ids.assign(shared.begin(), shared.end());
+  for (size_t i = 0; i < fresh; ++i)
     info.block_ids.push_back(take_block());
   info.last_access = ++clock_;
   info.access_count = 1;
   victims_->insert(info);
   sequences_.emplace(seq, std::move(info));
-  KVF_LOG_TRACE(kBlock, "allocate {} tokens={} blocks={}", to_string(seq), num_tokens, needed);
+  stats_.shared_prefix_blocks += shared.size();
+  KVF_LOG_TRACE(kBlock, "allocate {} tokens={} blocks={} shared={}", to_string(seq), num_tokens,
+                needed, shared.size());
+  return ok_status();
+}
+
+Status PagedKvCache::set_block_retainer(BlockRetainer* retainer) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (retained_count_ > 0) {
+    return invalid_operation("cannot change the block retainer while " +
+                             std::to_string(retained_count_) + " blocks are retained");
+  }
+  retainer_ = retainer;
+  retained_.assign(retainer != nullptr ? total_blocks() : 0, false);
+  return ok_status();
+}
+
+Status PagedKvCache::retain_block(BlockId block) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (retainer_ == nullptr) return invalid_operation("no block retainer is attached");
+  if (allocator_.ref_count(block) == 0) return block_not_found(block);
+  if (retained_[block.value]) {
+    return invalid_operation(to_string(block) + " is already retained");
+  }
+  const Status status = allocator_.add_ref(block);
+  KVF_CHECK(status.ok(), status.message());
+  retained_[block.value] = true;
+  ++retained_count_;
+  return ok_status();
+}
+
+Status PagedKvCache::release_retained_block(BlockId block) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (!is_retained(block)) return block_not_found(block);
+  drop_retained(block);
   return ok_status();
 }
 
@@ -246,7 +353,8 @@ Status PagedKvCache::append(SeqId seq, size_t num_new_tokens) {
   const bool copy_tail = filled != 0 && allocator_.ref_count(info->block_ids.back()) > 1;
   const size_t extra = blocks_for(old_tokens + num_new_tokens) - blocks_for(old_tokens);
   const size_t needed = extra + (copy_tail ? 1 : 0);
-  if (needed > free_block_count()) return out_of_memory(needed, free_block_count());
+  if (needed > available_block_count()) return out_of_memory(needed, available_block_count());
+  reclaim_for(needed);
 
   if (copy_tail) {
     const BlockId shared = info->block_ids.back();
@@ -285,10 +393,8 @@ Status PagedKvCache::fork(SeqId src, SeqId dst) {
   child.num_tokens = source->num_tokens;
   child.block_ids = source->block_ids;
   child.priority = source->priority;
-  for (BlockId block : child.block_ids) {
-    const Status status = allocator_.add_ref(block);
-    KVF_CHECK(status.ok(), status.message());
-  }
+  for (BlockId block : child.block_ids)
+    share_block(block);
   child.last_access = ++clock_;
   child.access_count = 1;
   victims_->insert(child);
@@ -382,7 +488,10 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
   for (size_t k = 0; k < plan.base_index.size(); ++k) {
     if (written[k] && allocator_.ref_count(old_table[plan.base_index[k]]) > 1) ++fresh_needed;
   }
-  if (fresh_needed > free_block_count()) return out_of_memory(fresh_needed, free_block_count());
+  if (fresh_needed > available_block_count()) {
+    return out_of_memory(fresh_needed, available_block_count());
+  }
+  reclaim_for(fresh_needed);
 
   const size_t bs = layout_.block_size;
   std::vector<BlockId> new_table(plan.base_index.size());
@@ -466,14 +575,31 @@ Status PagedKvCache::verify_integrity() const {
     }
   }
   size_t free_blocks = 0;
+  size_t idle_retained = 0;
+  size_t retained = 0;
   for (uint32_t b = 0; b < refs.size(); ++b) {
-    if (refs[b] != allocator_.ref_count(BlockId{b})) {
-      return Status(ErrorCode::kInternal, to_string(BlockId{b}) + " has " +
-                                              std::to_string(allocator_.ref_count(BlockId{b})) +
-                                              " references but " + std::to_string(refs[b]) +
-                                              " tables hold it");
+    const BlockId block{b};
+    const uint32_t retainer_refs = is_retained(block) ? 1 : 0;
+    if (refs[b] + retainer_refs != allocator_.ref_count(block)) {
+      return Status(ErrorCode::kInternal,
+                    to_string(block) + " has " + std::to_string(allocator_.ref_count(block)) +
+                        " references but " + std::to_string(refs[b]) + " tables hold it" +
+                        (retainer_refs ? " and the retainer one" : ""));
     }
-    if (refs[b] == 0) ++free_blocks;
+    if (allocator_.ref_count(block) == 0) ++free_blocks;
+    retained += retainer_refs;
+    if (retainer_refs && refs[b] == 0) ++idle_retained;
+  }
+  if (retained != retained_count_) {
+    return Status(ErrorCode::kInternal, std::to_string(retained) + " blocks are retained but " +
+                                            std::to_string(retained_count_) + " are counted");
+  }
+  // The retainer may hold idle blocks it cannot give back yet, never more than exist.
+  if (cached_block_count() > idle_retained) {
+    return Status(ErrorCode::kInternal,
+                  "the retainer reports " + std::to_string(cached_block_count()) +
+                      " idle blocks but only " + std::to_string(idle_retained) +
+                      " retained blocks have no sequence");
   }
   if (free_blocks != free_block_count()) {
     return Status(ErrorCode::kInternal, "free list holds " + std::to_string(free_block_count()) +
@@ -498,6 +624,7 @@ std::ostream& operator<<(std::ostream& os, const PagedKvCache& cache) {
                 static_cast<double>(cache.total_memory_bytes()) / 1e6);
   os << line;
   os << "  Sequences: " << cache.num_sequences() << " active\n";
+  if (cache.retainer_ != nullptr) os << "  Cached: " << cache.cached_block_count() << " blocks\n";
   const CacheStats& s = cache.stats_;
   os << "  Stats: allocs=" << s.total_allocations << ", frees=" << s.total_frees
      << ", evictions=" << s.total_evictions << ", forks=" << s.total_forks << "\n";

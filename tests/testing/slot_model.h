@@ -36,6 +36,14 @@ class SlotModel {
     }
   }
 
+  //! The first `n` slots of one block.
+  [[nodiscard]] std::vector<int64_t> read_block(BlockId block, size_t n) const {
+    std::vector<int64_t> out(n);
+    for (size_t i = 0; i < n; ++i)
+      out[i] = slots_.at(static_cast<size_t>(block.value) * block_size_ + i);
+    return out;
+  }
+
   [[nodiscard]] std::vector<int64_t> read(const SequenceInfo& info) const {
     std::vector<int64_t> out(info.num_tokens);
     for (size_t pos = 0; pos < info.num_tokens; ++pos) {

@@ -6,11 +6,13 @@
 #include <memory>
 #include <optional>
 #include <ostream>
+#include <span>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "kvfabric/block/block_allocator.h"
+#include "kvfabric/block/block_retainer.h"
 #include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/sequence_info.h"
 #include "kvfabric/block/token_copy.h"
@@ -38,6 +40,14 @@ class VictimIndex;
 //!
 //! Threshold convention: the cache needs eviction when utilization() > threshold, and
 //! evict_to_threshold(t) evicts until utilization() <= t.
+//!
+//! Prefix caching: with a BlockRetainer attached (the prefix module's index), a retained block
+//! whose last sequence goes away stays *cached* instead of free; allocate_shared() builds a
+//! sequence on cached or live blocks by reference; and any allocation that the free list cannot
+//! cover first takes idle cached blocks back from the retainer. Every block is then exactly one
+//! of free, cached (retained, no sequence) or used (some sequence holds it):
+//! free_block_count() + cached_block_count() + used_block_count() == total_blocks(). Without a
+//! retainer nothing is cached and the cache behaves as the seed's.
 //!
 //! Not thread-safe: one owner (the scheduler or coordinator) calls it.
 class PagedKvCache {
@@ -76,9 +86,19 @@ class PagedKvCache {
 
   [[nodiscard]] size_t block_size() const { return layout_.block_size; }
   [[nodiscard]] size_t total_blocks() const { return allocator_.total(); }
+  //! Blocks on the free list.
   [[nodiscard]] size_t free_block_count() const { return allocator_.free_count(); }
-  [[nodiscard]] size_t used_block_count() const { return allocator_.used_count(); }
-  //! used / total, 0 for an empty pool.
+  //! Retained blocks no sequence holds, given back on demand (0 without a retainer).
+  [[nodiscard]] size_t cached_block_count() const;
+  //! Blocks some sequence holds (or the retainer cannot give back yet).
+  [[nodiscard]] size_t used_block_count() const {
+    return allocator_.used_count() - cached_block_count();
+  }
+  //! What an allocation can take: free + cached.
+  [[nodiscard]] size_t available_block_count() const {
+    return free_block_count() + cached_block_count();
+  }
+  //! used / total, 0 for an empty pool. Cached blocks do not count: they are not pressure.
   [[nodiscard]] double utilization() const;
   //! Bytes of one block on this rank (BlockLayout::block_bytes).
   [[nodiscard]] size_t block_memory_bytes() const { return layout_.block_bytes(); }
@@ -95,14 +115,36 @@ class PagedKvCache {
   [[nodiscard]] const CacheStats& stats() const { return stats_; }
   [[nodiscard]] const EvictionStrategy& eviction_strategy() const { return strategy_; }
   [[nodiscard]] const BlockLayout& block_layout() const { return layout_; }
-  //! References on `block` (0 when free or unknown).
+  //! References on `block` (0 when free or unknown), the retainer's included.
   [[nodiscard]] uint32_t block_ref_count(BlockId block) const {
     return allocator_.ref_count(block);
   }
+  //! Whether the retainer holds a reference on `block`.
+  [[nodiscard]] bool is_retained(BlockId block) const {
+    return block.value < retained_.size() && retained_[block.value];
+  }
+
+  //! Attaches the retainer that caches blocks (not owned; it must outlive this cache or be
+  //! detached first). nullptr detaches. InvalidOperation while any block is retained.
+  Status set_block_retainer(BlockRetainer* retainer);
+  [[nodiscard]] BlockRetainer* block_retainer() const { return retainer_; }
+  //! Adds the retainer's reference to a block some sequence holds, so that the block stays
+  //! cached when its last sequence releases it. Errors: no retainer (InvalidOperation), a block
+  //! no sequence holds (BlockNotFound), a block already retained (InvalidOperation).
+  Status retain_block(BlockId block);
+  //! Drops the retainer's reference; the block returns to the free list if no sequence holds it.
+  //! The retainer forgets the block itself (no notification). Error BlockNotFound if not retained.
+  Status release_retained_block(BlockId block);
 
   //! Creates `seq` holding `num_tokens` tokens (0 is allowed). Errors: InvalidOperation if it
-  //! exists, OutOfMemory if fewer than ceil(num_tokens / block_size) blocks are free.
+  //! exists, OutOfMemory if fewer than ceil(num_tokens / block_size) blocks are available.
   Status allocate(SeqId seq, size_t num_tokens);
+  //! Creates `seq` holding `num_tokens` tokens whose first blocks are `shared`, taken by
+  //! reference (a prefix-cache hit: no copy); the rest are new blocks. Each shared block must be
+  //! held by a sequence or retained, appear once, and fit: shared.size() <= ceil(num_tokens /
+  //! block_size). A shared last block that is partly filled is copied on the first append.
+  //! Errors: as allocate(), plus BlockNotFound / InvalidArgument naming the bad block.
+  Status allocate_shared(SeqId seq, size_t num_tokens, std::span<const BlockId> shared);
   //! Adds `num_new_tokens` tokens. If the last block is partly filled and shared, it is first
   //! copied into a private block (a kCopyOnWrite TokenCopy). Appending 0 tokens is a no-op.
   Status append(SeqId seq, size_t num_new_tokens);
@@ -141,8 +183,9 @@ class PagedKvCache {
   //! Returns and clears the queued copies.
   std::vector<TokenCopy> take_pending_copies();
 
-  //! Recounts every reference from the block tables and checks the free list, table sizes and
-  //! victim index against them. For tests and debugging; O(blocks + sequences).
+  //! Recounts every reference from the block tables (plus the retainer's) and checks the free
+  //! list, the cached count, table sizes and the victim index against them. For tests and
+  //! debugging; O(blocks + sequences).
   [[nodiscard]] Status verify_integrity() const;
 
   //! The seed's multi-line Display text (strategy, blocks, memory in MB, sequences, stats).
@@ -158,6 +201,15 @@ class PagedKvCache {
   //! Records an access; `key_before_change` is the victim key before the caller's mutation.
   void touch(SequenceInfo& info, const VictimKey& key_before_change);
   void release_blocks(const std::vector<BlockId>& blocks);
+  //! Adds a sequence reference to a held or retained block.
+  void share_block(BlockId block);
+  //! References held by sequence tables (the retainer's excluded).
+  uint32_t sequence_refs(BlockId block) const;
+  //! Drops the retainer's reference (the block goes free when no sequence holds it).
+  void drop_retained(BlockId block);
+  //! Makes `count` blocks free, taking cached blocks back from the retainer if the free list is
+  //! short. The caller has checked count <= available_block_count().
+  void reclaim_for(size_t count);
   BlockId take_block();
   bool frees_a_block(const SequenceInfo& info) const;
   void remove_sequence(SeqId seq);
@@ -171,6 +223,9 @@ class PagedKvCache {
   uint64_t clock_ = 0;
   CacheStats stats_;
   std::vector<TokenCopy> pending_copies_;
+  BlockRetainer* retainer_ = nullptr;
+  std::vector<bool> retained_;  // per block; sized when a retainer is attached
+  size_t retained_count_ = 0;
   Status init_status_;
 };
 

@@ -1,0 +1,656 @@
+// A generic radix tree over token ids: compressed edges, splits, longest-prefix match, pins, and
+// O(log n) eviction of unpinned nodes by LRU on a logical clock or by priority.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <optional>
+#include <ostream>
+#include <set>
+#include <span>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "kvfabric/common/check.h"
+#include "kvfabric/common/status.h"
+
+namespace kvfabric {
+
+//! A token id as the tokenizer produced it.
+using TokenId = uint32_t;
+
+//! Length of the common prefix of `a` and `b` (the seed's common_prefix_len).
+size_t common_prefix_len(std::span<const TokenId> a, std::span<const TokenId> b);
+
+//! Which unpinned node eviction takes first.
+enum class RadixEvictionOrder : uint8_t {
+  kLru,       //!< least recently touched (logical clock), then the older node
+  kPriority,  //!< lowest priority, then least recently touched, then the older node
+};
+
+//! Which nodes may lose their value.
+enum class RadixEvictScope : uint8_t {
+  //! Only leaves: a node's value depends on its ancestors' (a block index: a block is usable only
+  //! after the blocks before it). Evicting a leaf removes it, and its parent may become a leaf.
+  kLeaves,
+  //! Any node holding a value: each value is self-contained (a snapshot of a whole prefix).
+  //! An inner node that loses its value stays as a path node.
+  kEntries,
+};
+
+//! \brief How a RadixTree compares and evicts.
+struct RadixTreeOptions {
+  //! Keys are compared in units of this many tokens (a block size; 1 = token granularity):
+  //! matches and splits happen at unit boundaries, and each child is found by its whole first
+  //! unit. A key may end with a partial unit; that piece becomes a leaf of its own that matches
+  //! only a query ending with exactly the same tokens.
+  uint32_t granularity = 1;
+  RadixEvictionOrder order = RadixEvictionOrder::kLru;
+  RadixEvictScope scope = RadixEvictScope::kLeaves;
+
+  //! InvalidArgument when granularity is 0.
+  [[nodiscard]] Status validate() const;
+};
+
+//! \brief A node of one RadixTree. Stale ids (of removed nodes) are detected, never reused.
+struct RadixNodeId {
+  uint32_t index = 0;
+  uint32_t generation = 0;
+
+  friend bool operator==(const RadixNodeId&, const RadixNodeId&) = default;
+  friend std::ostream& operator<<(std::ostream& os, const RadixNodeId& id) {
+    return os << "N" << id.index << "." << id.generation;
+  }
+};
+
+namespace detail {
+//! The child-map key of a unit of tokens: the token itself at granularity 1, otherwise a hash of
+//! the whole unit, with partial units (shorter than the granularity) in a separate key space.
+uint64_t radix_unit_key(std::span<const TokenId> unit, uint32_t granularity);
+}  // namespace detail
+
+//! \brief What a value contributes to the tree's byte counter, and how it splits when its edge
+//! splits. The default suits a value that describes the whole key ending at its node: it stays
+//! with the lower half and counts 0 bytes. Specialize or pass another traits type otherwise.
+template <typename Value>
+struct RadixValueTraits {
+  size_t bytes(const Value& /*value*/) const { return 0; }
+  //! The part of `value` that belongs to the first `units` units of its edge (nullopt: none);
+  //! `value` keeps the rest.
+  std::optional<Value> split_front(Value& /*value*/, size_t /*units*/) const {
+    return std::nullopt;
+  }
+};
+
+//! \brief A radix (compressed prefix) tree over token ids whose nodes may carry a Value.
+//!
+//! Each node owns an edge of tokens; the concatenated edges from the root spell its key. Pins
+//! protect a node and its ancestors from eviction (counts propagate to the root, as SGLang's
+//! lock_ref does). A logical clock (tick) orders accesses; ties go to the older node, so every
+//! decision is deterministic. Counters of entries (nodes with a value), bytes and evictable
+//! bytes (values in unpinned nodes) are kept as nodes change, and victims sit in an ordered set:
+//! no operation scans the tree, except verify().
+//!
+//! Cost: match and insert are O(key length) plus O(1) hash lookups per node on the path; touch,
+//! pin and unpin are O(depth · log n); choosing and evicting a victim is O(log n).
+//!
+//! Not thread-safe: one owner.
+template <typename Value, typename Traits = RadixValueTraits<Value>>
+class RadixTree {
+ public:
+  //! \brief Read-only view of a node.
+  class Node {
+   public:
+    [[nodiscard]] const std::vector<TokenId>& edge() const { return edge_; }
+    [[nodiscard]] const std::optional<Value>& value() const { return value_; }
+    //! Tokens from the root to the end of this node's edge.
+    [[nodiscard]] size_t depth() const { return depth_; }
+    [[nodiscard]] RadixNodeId parent() const { return parent_id_; }
+    [[nodiscard]] size_t child_count() const { return children_.size(); }
+    [[nodiscard]] bool is_leaf() const { return children_.empty(); }
+    //! Pins on this node and its descendants.
+    [[nodiscard]] uint64_t pins() const { return pins_; }
+    //! Pins placed on this node itself.
+    [[nodiscard]] uint64_t own_pins() const { return own_pins_; }
+    [[nodiscard]] uint64_t last_access() const { return last_access_; }
+    [[nodiscard]] uint32_t priority() const { return priority_; }
+    [[nodiscard]] size_t bytes() const { return bytes_; }
+    //! Creation order; the older node goes first among equals.
+    [[nodiscard]] uint64_t serial() const { return serial_; }
+
+   private:
+    friend class RadixTree;
+    std::vector<TokenId> edge_;
+    std::optional<Value> value_;
+    std::unordered_map<uint64_t, uint32_t> children_;  // unit key -> index; lookups only
+    uint32_t parent_ = kNone;
+    RadixNodeId parent_id_;
+    uint32_t generation_ = 0;
+    bool alive_ = false;
+    bool in_victims_ = false;
+    size_t depth_ = 0;
+    size_t bytes_ = 0;
+    uint64_t pins_ = 0;
+    uint64_t own_pins_ = 0;
+    uint64_t last_access_ = 0;
+    uint32_t priority_ = 0;
+    uint64_t serial_ = 0;
+  };
+
+  //! \brief Result of match(): `node` is the deepest node whose whole key is a prefix of the
+  //! query, `length` its depth. When the query continues into a child's edge without finishing
+  //! it, `partial` is that child and `partial_length` the tokens matched inside its edge (a
+  //! multiple of the granularity); otherwise `partial` is nullopt.
+  struct Match {
+    RadixNodeId node;
+    size_t length = 0;
+    std::optional<RadixNodeId> partial;
+    size_t partial_length = 0;
+  };
+
+  //! \brief Result of insert(): `node` ends at `length` tokens of the key (the whole key unless a
+  //! hash collision between different units stopped it, which a 64-bit key makes vanishingly
+  //! rare); `existing` tokens were in the tree before; `split` is the node created by splitting
+  //! an existing edge, if any.
+  struct Insertion {
+    RadixNodeId node;
+    size_t length = 0;
+    size_t existing = 0;
+    std::optional<RadixNodeId> split;
+  };
+
+  explicit RadixTree(RadixTreeOptions options = {}, Traits traits = {})
+      : options_(options), traits_(std::move(traits)) {
+    KVF_CHECK(options_.validate().ok(), options_.validate().message());
+    nodes_.emplace_back();
+    nodes_[0].alive_ = true;
+  }
+  //! Checked construction: InvalidArgument names the bad option.
+  static Result<RadixTree> create(RadixTreeOptions options, Traits traits = {}) {
+    KVF_RETURN_IF_ERROR(options.validate());
+    return RadixTree(options, std::move(traits));
+  }
+
+  [[nodiscard]] const RadixTreeOptions& options() const { return options_; }
+  [[nodiscard]] const Traits& traits() const { return traits_; }
+  [[nodiscard]] RadixNodeId root() const { return RadixNodeId{0, 0}; }
+  //! The node, or nullptr for an id that does not name a live node of this tree.
+  [[nodiscard]] const Node* find(RadixNodeId id) const {
+    if (id.index >= nodes_.size()) return nullptr;
+    const Node& n = nodes_[id.index];
+    return n.alive_ && n.generation_ == id.generation ? &n : nullptr;
+  }
+
+  //! Nodes with a value.
+  [[nodiscard]] size_t entries() const { return entries_; }
+  //! Sum of Traits::bytes over all values.
+  [[nodiscard]] size_t bytes() const { return bytes_; }
+  //! Bytes of values in unpinned nodes: what evicting could free.
+  [[nodiscard]] size_t evictable_bytes() const { return evictable_bytes_; }
+  //! Live nodes, the root excluded.
+  [[nodiscard]] size_t node_count() const { return nodes_.size() - 1 - free_slots_.size(); }
+  //! The logical clock: advanced by every insert and touch.
+  [[nodiscard]] uint64_t tick() const { return tick_; }
+
+  //! Longest match of `key` (see Match). With `split_at_end`, a match ending inside an edge
+  //! splits that edge so the result always ends at a node; otherwise nothing changes. Matching
+  //! does not touch: call touch() on what the caller uses.
+  Match match(std::span<const TokenId> key, bool split_at_end = false) {
+    const Walk w = walk(key);
+    if (w.child == kNone) return Match{id_of(w.node), w.pos, std::nullopt, 0};
+    if (split_at_end) {
+      const uint32_t upper = split_node(w.child, w.child_lcp);
+      return Match{id_of(upper), w.pos + w.child_lcp, std::nullopt, 0};
+    }
+    return Match{id_of(w.node), w.pos, id_of(w.child), w.child_lcp};
+  }
+  //! match() without splitting, for const use.
+  [[nodiscard]] Match peek(std::span<const TokenId> key) const {
+    const Walk w = walk(key);
+    if (w.child == kNone) return Match{id_of(w.node), w.pos, std::nullopt, 0};
+    return Match{id_of(w.node), w.pos, id_of(w.child), w.child_lcp};
+  }
+
+  //! Adds `key`: splits the edge where it diverges and creates at most two nodes (the full units,
+  //! then a partial last unit). It touches the nodes the key's value uses, raising their priority
+  //! to at least `priority`: the whole path with RadixEvictScope::kLeaves, the last node with
+  //! kEntries. `make_value(offset, length)` gives each new node's value for the key's tokens
+  //! [offset, offset + length) (nullopt: no value). Existing values are left alone.
+  template <typename MakeValue>
+  Insertion insert(std::span<const TokenId> key, uint32_t priority, MakeValue&& make_value) {
+    auto ins = insert_checked(
+        key, priority, [](size_t) { return ok_status(); }, std::forward<MakeValue>(make_value));
+    return std::move(ins).value();
+  }
+  //! insert() that first calls check(existing) with the number of the key's tokens already in
+  //! the tree, after matching and before changing anything: an error from it aborts the insert,
+  //! so a caller can validate what would become new at the cost of a single walk.
+  template <typename Check, typename MakeValue>
+  Result<Insertion> insert_checked(std::span<const TokenId> key, uint32_t priority, Check&& check,
+                                   MakeValue&& make_value) {
+    const Walk w = walk(key);
+    KVF_RETURN_IF_ERROR(check(w.pos + w.child_lcp));
+    uint32_t cur = w.node;
+    size_t pos = w.pos;
+    std::optional<RadixNodeId> split;
+    if (w.child != kNone) {
+      cur = split_node(w.child, w.child_lcp);
+      pos += w.child_lcp;
+      split = id_of(cur);
+    }
+    const size_t existing = pos;
+    const size_t g = options_.granularity;
+    const size_t rest = key.size() - pos;
+    const size_t pieces[2] = {rest - rest % g, rest % g};
+    for (const size_t length : pieces) {
+      if (length == 0) continue;
+      const auto piece = key.subspan(pos, length);
+      const uint64_t child_key = unit_key_at(piece);
+      if (nodes_[cur].children_.count(child_key) > 0) break;  // a colliding, different unit
+      cur = new_node(cur, piece, make_value(pos, length));
+      pos += length;
+    }
+    ++tick_;
+    for (uint32_t i = cur; i != 0; i = nodes_[i].parent_) {
+      rekey(i, [&](Node& n) {
+        n.last_access_ = tick_;
+        n.priority_ = std::max(n.priority_, priority);
+      });
+      if (options_.scope == RadixEvictScope::kEntries) break;
+    }
+    return Insertion{id_of(cur), pos, existing, split};
+  }
+  //! insert() without values.
+  Insertion insert(std::span<const TokenId> key, uint32_t priority = 0) {
+    return insert(key, priority, [](size_t, size_t) { return std::optional<Value>(); });
+  }
+
+  //! Splits a node's edge after `at` tokens (a positive multiple of the granularity, less than
+  //! the edge length). The new upper node takes the front of the edge, Traits::split_front of the
+  //! value, and the node's pins, clock and priority; the node keeps its id and the rest.
+  Result<RadixNodeId> split(RadixNodeId id, size_t at) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    const Node& n = nodes_[i];
+    if (i == 0 || at == 0 || at >= n.edge_.size() || at % options_.granularity != 0) {
+      return invalid_argument("cannot split " + node_name(i) + " (edge of " +
+                              std::to_string(n.edge_.size()) + " tokens) at " + std::to_string(at) +
+                              " (granularity " + std::to_string(options_.granularity) + ")");
+    }
+    return id_of(split_node(i, at));
+  }
+
+  //! Replaces a node's value (the root cannot hold one).
+  Status set_value(RadixNodeId id, Value value) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    if (i == 0) return invalid_argument("the root of a radix tree holds no value");
+    rekey(i, [&](Node& n) { n.value_ = std::move(value); });
+    return ok_status();
+  }
+
+  //! Marks the node's value used now (with `with_ancestors`, the whole path from the root).
+  Status touch(RadixNodeId id, bool with_ancestors) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    ++tick_;
+    for (uint32_t j = i; j != 0; j = nodes_[j].parent_) {
+      rekey(j, [&](Node& n) { n.last_access_ = tick_; });
+      if (!with_ancestors) break;
+    }
+    return ok_status();
+  }
+
+  Status set_priority(RadixNodeId id, uint32_t priority) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    if (i == 0) return invalid_argument("the root of a radix tree is never evicted");
+    rekey(i, [&](Node& n) { n.priority_ = priority; });
+    return ok_status();
+  }
+
+  //! Protects the node and its ancestors from eviction until as many unpin() calls; `count`
+  //! pins at once.
+  Status pin(RadixNodeId id, uint64_t count = 1) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    nodes_[i].own_pins_ += count;
+    for (uint32_t j = i; j != kNone; j = nodes_[j].parent_)
+      rekey(j, [count](Node& n) { n.pins_ += count; });
+    return ok_status();
+  }
+  //! Drops `count` pins placed by pin(id). A value-less leaf left unpinned is removed.
+  Status unpin(RadixNodeId id, uint64_t count = 1) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    if (nodes_[i].own_pins_ < count) {
+      return invalid_operation(node_name(i) + " holds " + std::to_string(nodes_[i].own_pins_) +
+                               " pins, fewer than the " + std::to_string(count) + " to drop");
+    }
+    nodes_[i].own_pins_ -= count;
+    for (uint32_t j = i; j != kNone; j = nodes_[j].parent_)
+      rekey(j, [count](Node& n) { n.pins_ -= count; });
+    if (i != 0 && !nodes_[i].value_ && nodes_[i].children_.empty() && nodes_[i].pins_ == 0) {
+      remove_leaf(i);
+    } else {
+      compact(i);
+    }
+    return ok_status();
+  }
+
+  //! The node eviction takes next: an unpinned node with a value that is a leaf (or, with
+  //! RadixEvictScope::kEntries, any such node). nullopt when none is evictable.
+  [[nodiscard]] std::optional<RadixNodeId> next_victim() const {
+    if (victims_.empty()) return std::nullopt;
+    return id_of(std::get<3>(*victims_.begin()));
+  }
+  //! Removes an evictable node's value and returns it. A leaf is removed (its value-less,
+  //! unpinned ancestors left childless go too); an inner kEntries node stays as a path node.
+  //! InvalidOperation when the node is pinned, holds no value, or is an inner node of a kLeaves
+  //! tree.
+  Result<Value> evict(RadixNodeId id) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    if (!evictable(nodes_[i])) {
+      return invalid_operation(node_name(i) + " is not evictable (" + describe(nodes_[i]) + ")");
+    }
+    Value value = std::move(*nodes_[i].value_);
+    rekey(i, [](Node& n) { n.value_.reset(); });
+    if (nodes_[i].children_.empty()) {
+      remove_leaf(i);
+    } else {
+      compact(i);
+    }
+    return value;
+  }
+
+  //! Removes every node; ids handed out before become stale. Counters restart at 0, the clock
+  //! does not (ticks stay increasing).
+  void clear() {
+    for (size_t i = 1; i < nodes_.size(); ++i) {
+      if (nodes_[i].alive_) free_node(static_cast<uint32_t>(i));
+    }
+    nodes_[0].children_.clear();
+    nodes_[0].pins_ = nodes_[0].own_pins_ = 0;
+    victims_.clear();
+    entries_ = bytes_ = evictable_bytes_ = 0;
+  }
+
+  //! Calls f(id, node) for each child of `id`, in no particular order: a caller choosing among
+  //! them must decide by their fields (clock, serial), never by the visiting order.
+  template <typename F>
+  Status for_each_child(RadixNodeId id, F&& f) const {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    for (const auto& [key, child] : nodes_[i].children_)
+      f(id_of(child), nodes_[child]);
+    return ok_status();
+  }
+
+  //! Calls f(id, node) for every live node except the root, in slot order. O(n): for tests,
+  //! dumps and statistics, never for a decision on the hot path.
+  template <typename F>
+  void for_each_node(F&& f) const {
+    for (size_t i = 1; i < nodes_.size(); ++i) {
+      if (nodes_[i].alive_) f(id_of(static_cast<uint32_t>(i)), nodes_[i]);
+    }
+  }
+
+  //! Recomputes every counter, link, pin count and the victim set from scratch. For tests.
+  [[nodiscard]] Status verify() const;
+
+ private:
+  static constexpr uint32_t kNone = UINT32_MAX;
+  // (rank, last access, serial, index): the smallest is the next victim.
+  using VictimKey = std::tuple<uint64_t, uint64_t, uint64_t, uint32_t>;
+
+  struct Walk {
+    uint32_t node = 0;
+    size_t pos = 0;
+    uint32_t child = kNone;  // a child whose edge the key enters without finishing it
+    size_t child_lcp = 0;
+  };
+
+  uint64_t unit_key_at(std::span<const TokenId> tokens) const {
+    const size_t g = options_.granularity;
+    return detail::radix_unit_key(tokens.first(std::min(tokens.size(), g)), options_.granularity);
+  }
+
+  Walk walk(std::span<const TokenId> key) const {
+    const size_t g = options_.granularity;
+    uint32_t cur = 0;
+    size_t pos = 0;
+    while (pos < key.size()) {
+      const auto rest = key.subspan(pos);
+      const auto it = nodes_[cur].children_.find(unit_key_at(rest));
+      if (it == nodes_[cur].children_.end()) break;
+      const uint32_t child = it->second;
+      const std::vector<TokenId>& edge = nodes_[child].edge_;
+      if (rest.size() < g) {  // only a partial leaf with exactly these tokens matches
+        if (edge.size() == rest.size() && common_prefix_len(edge, rest) == rest.size()) {
+          pos += rest.size();
+          cur = child;
+        }
+        break;
+      }
+      const size_t lcp = common_prefix_len(edge, rest);
+      const size_t units = lcp - lcp % g;
+      if (units == edge.size()) {
+        pos += units;
+        cur = child;
+        continue;
+      }
+      if (units > 0) return Walk{cur, pos, child, units};
+      break;  // a different unit with the same key
+    }
+    return Walk{cur, pos, kNone, 0};
+  }
+
+  RadixNodeId id_of(uint32_t i) const { return RadixNodeId{i, nodes_[i].generation_}; }
+  Result<uint32_t> index_of(RadixNodeId id) const {
+    if (find(id) == nullptr) {
+      std::ostringstream os;
+      os << id;
+      return Status(ErrorCode::kNotFound, "radix tree node " + os.str() + " does not exist");
+    }
+    return id.index;
+  }
+  std::string node_name(uint32_t i) const {
+    return "radix tree node at depth " + std::to_string(nodes_[i].depth_);
+  }
+  static std::string describe(const Node& n) {
+    return std::string(n.value_ ? "has a value" : "no value") + ", " + std::to_string(n.pins_) +
+           " pins, " + std::to_string(n.children_.size()) + " children";
+  }
+
+  bool evictable(const Node& n) const {
+    return &n != &nodes_[0] && n.value_.has_value() && n.pins_ == 0 &&
+           (n.children_.empty() || options_.scope == RadixEvictScope::kEntries);
+  }
+  VictimKey victim_key(uint32_t i) const {
+    const Node& n = nodes_[i];
+    const uint64_t rank = options_.order == RadixEvictionOrder::kPriority ? n.priority_ : 0;
+    return {rank, n.last_access_, n.serial_, i};
+  }
+
+  // Every change to a node's value, pins, children, clock or priority goes through here, so the
+  // counters and the victim set follow it.
+  template <typename Change>
+  void rekey(uint32_t i, Change&& change) {
+    detach(i);
+    change(nodes_[i]);
+    attach(i);
+  }
+  void detach(uint32_t i) {
+    Node& n = nodes_[i];
+    if (n.value_) {
+      --entries_;
+      bytes_ -= n.bytes_;
+      if (n.pins_ == 0) evictable_bytes_ -= n.bytes_;
+    }
+    if (n.in_victims_) {
+      victims_.erase(victim_key(i));
+      n.in_victims_ = false;
+    }
+  }
+  void attach(uint32_t i) {
+    Node& n = nodes_[i];
+    n.bytes_ = n.value_ ? traits_.bytes(*n.value_) : 0;
+    if (n.value_) {
+      ++entries_;
+      bytes_ += n.bytes_;
+      if (n.pins_ == 0) evictable_bytes_ += n.bytes_;
+    }
+    if (evictable(n)) {
+      victims_.insert(victim_key(i));
+      n.in_victims_ = true;
+    }
+  }
+
+  // A slot for a new node: a freed one (its generation already bumped) or a new one.
+  uint32_t take_slot() {
+    if (free_slots_.empty()) {
+      nodes_.emplace_back();
+      return static_cast<uint32_t>(nodes_.size() - 1);
+    }
+    const uint32_t i = free_slots_.back();
+    free_slots_.pop_back();
+    return i;
+  }
+
+  uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, std::optional<Value> value) {
+    const uint32_t i = take_slot();
+    Node& n = nodes_[i];
+    n.alive_ = true;
+    n.edge_.assign(edge.begin(), edge.end());
+    n.parent_ = parent;
+    n.parent_id_ = id_of(parent);
+    n.depth_ = nodes_[parent].depth_ + edge.size();
+    n.last_access_ = tick_;
+    n.serial_ = ++serial_;
+    rekey(parent, [&](Node& p) { p.children_.emplace(unit_key_at(edge), i); });
+    rekey(i, [&](Node& m) { m.value_ = std::move(value); });
+    return i;
+  }
+
+  // Splits node i after `at` tokens; returns the new upper node (i keeps the lower part).
+  uint32_t split_node(uint32_t i, size_t at) {
+    const uint32_t parent = nodes_[i].parent_;
+    const uint64_t key_in_parent = unit_key_at(nodes_[i].edge_);
+    const uint32_t u = take_slot();
+    detach(i);
+    Node& n = nodes_[i];
+    Node& upper = nodes_[u];
+    upper.alive_ = true;
+    upper.edge_.assign(n.edge_.begin(), n.edge_.begin() + static_cast<ptrdiff_t>(at));
+    n.edge_.erase(n.edge_.begin(), n.edge_.begin() + static_cast<ptrdiff_t>(at));
+    upper.parent_ = parent;
+    upper.parent_id_ = n.parent_id_;
+    upper.depth_ = nodes_[parent].depth_ + at;
+    upper.pins_ = n.pins_;
+    upper.last_access_ = n.last_access_;
+    upper.priority_ = n.priority_;
+    upper.serial_ = ++serial_;
+    if (n.value_) upper.value_ = traits_.split_front(*n.value_, at / options_.granularity);
+    upper.children_.emplace(unit_key_at(n.edge_), i);
+    n.parent_ = u;
+    n.parent_id_ = id_of(u);
+    nodes_[parent].children_[key_in_parent] = u;
+    attach(u);
+    attach(i);
+    return u;
+  }
+
+  void free_node(uint32_t i) {
+    Node fresh;
+    fresh.generation_ = nodes_[i].generation_ + 1;
+    nodes_[i] = std::move(fresh);
+    free_slots_.push_back(i);
+  }
+
+  // Removes leaf i (already without value or evicted), then prunes and merges upward.
+  void remove_leaf(uint32_t i) {
+    detach(i);
+    const uint32_t parent = nodes_[i].parent_;
+    const uint64_t key = unit_key_at(nodes_[i].edge_);
+    free_node(i);
+    rekey(parent, [&](Node& p) { p.children_.erase(key); });
+    if (parent != 0 && !nodes_[parent].value_ && nodes_[parent].children_.empty() &&
+        nodes_[parent].pins_ == 0) {
+      remove_leaf(parent);
+    } else {
+      compact(parent);
+    }
+  }
+
+  // A value-less inner node with one child and no pins of its own adds nothing: its child
+  // absorbs its edge (unless that would leave a partial unit inside an edge).
+  void compact(uint32_t i) {
+    Node& n = nodes_[i];
+    if (i == 0 || n.value_ || n.children_.size() != 1 || n.own_pins_ != 0) return;
+    const uint32_t c = n.children_.begin()->second;
+    Node& child = nodes_[c];
+    if (child.edge_.size() % options_.granularity != 0) return;
+    const uint32_t parent = n.parent_;
+    const uint64_t key = unit_key_at(n.edge_);
+    child.edge_.insert(child.edge_.begin(), n.edge_.begin(), n.edge_.end());
+    child.parent_ = parent;
+    child.parent_id_ = n.parent_id_;
+    detach(i);
+    free_node(i);
+    nodes_[parent].children_[key] = c;
+  }
+
+  RadixTreeOptions options_;
+  Traits traits_;
+  std::deque<Node> nodes_;  // index 0 is the root; a deque keeps references stable as it grows
+  std::vector<uint32_t> free_slots_;
+  std::set<VictimKey> victims_;
+  size_t entries_ = 0;
+  size_t bytes_ = 0;
+  size_t evictable_bytes_ = 0;
+  uint64_t tick_ = 0;
+  uint64_t serial_ = 0;
+};
+
+template <typename Value, typename Traits>
+Status RadixTree<Value, Traits>::verify() const {
+  auto fail = [](const std::string& what) { return Status(ErrorCode::kInternal, what); };
+  size_t entries = 0, bytes = 0, evictable_bytes = 0, victims = 0;
+  std::vector<uint64_t> child_pins(nodes_.size(), 0);
+  for (size_t i = 1; i < nodes_.size(); ++i) {
+    const Node& n = nodes_[i];
+    if (!n.alive_) continue;
+    if (n.parent_ >= nodes_.size() || !nodes_[n.parent_].alive_) return fail("dangling parent");
+    const Node& p = nodes_[n.parent_];
+    const auto it = p.children_.find(unit_key_at(n.edge_));
+    if (it == p.children_.end() || it->second != i) return fail("parent does not list its child");
+    if (n.parent_id_ != id_of(n.parent_)) return fail("stale parent id");
+    if (n.edge_.empty()) return fail("empty edge");
+    if (n.depth_ != p.depth_ + n.edge_.size()) return fail("wrong depth");
+    if (n.edge_.size() % options_.granularity != 0 &&
+        (n.edge_.size() > options_.granularity || !n.children_.empty())) {
+      return fail("a partial unit inside the tree");
+    }
+    child_pins[n.parent_] += n.pins_;
+    if (n.value_) {
+      ++entries;
+      if (n.bytes_ != traits_.bytes(*n.value_)) return fail("stale byte count");
+      bytes += n.bytes_;
+      if (n.pins_ == 0) evictable_bytes += n.bytes_;
+    }
+    if (n.in_victims_ != evictable(n) || (n.in_victims_ && !victims_.count(victim_key(i)))) {
+      return fail("victim set out of date at depth " + std::to_string(n.depth_));
+    }
+    victims += n.in_victims_ ? 1 : 0;
+  }
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    const Node& n = nodes_[i];
+    if (n.alive_ && n.pins_ != n.own_pins_ + child_pins[i]) return fail("pin counts disagree");
+  }
+  if (entries != entries_ || bytes != bytes_ || evictable_bytes != evictable_bytes_) {
+    return fail("counters disagree with the nodes");
+  }
+  if (victims != victims_.size()) return fail("victim set holds stale nodes");
+  return ok_status();
+}
+
+}  // namespace kvfabric
