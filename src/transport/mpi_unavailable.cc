@@ -35,7 +35,8 @@ MpiRuntime::~MpiRuntime() = default;
 
 void MpiRuntime::release() {}
 
-Result<std::unique_ptr<Transport>> make_mpi_transport(const MpiRuntime&) {
+Result<std::unique_ptr<Transport>> make_mpi_transport(const MpiRuntime&,
+                                                      const MpiTransportOptions&) {
   return not_built("make_mpi_transport");
 }
 

@@ -45,15 +45,16 @@ struct Message {
   bool send;
   size_t batch;
   int peer;
+  void* buffer;  // MPI_BOTTOM for a whole batch, a block's address for a per-block message
   MPI_Datatype type;
-  uint64_t bytes;         // what the batch holds
+  uint64_t bytes;         // what the message should carry
   int64_t received = -1;  // receives: what the peer sent, when that differs
 };
 
 class MpiTransport final : public Transport {
  public:
-  static Result<std::unique_ptr<Transport>> create() {
-    auto transport = std::unique_ptr<MpiTransport>(new MpiTransport());
+  static Result<std::unique_ptr<Transport>> create(const MpiTransportOptions& options) {
+    auto transport = std::unique_ptr<MpiTransport>(new MpiTransport(options));
     int rank = 0;
     // MPI_COMM_WORLD keeps the application's error handler, so MPI_Comm_dup failing aborts as
     // the application chose; the duplicate returns errors to us.
@@ -93,11 +94,24 @@ class MpiTransport final : public Transport {
     for (const bool send : {true, false}) {
       const std::span<const BlockBatch> list = send ? sends : recvs;
       for (size_t i = 0; i < list.size(); ++i) {
-        if (list[i].peer == rank_ || list[i].blocks.empty()) continue;
+        const BlockBatch& batch = list[i];
+        if (batch.peer == rank_ || batch.blocks.empty()) continue;
         MPI_Datatype type = MPI_DATATYPE_NULL;
-        KVF_RETURN_IF_ERROR(make_batch_type(list[i], &type, send, i));
-        types.add(type);
-        messages.push_back({send, i, list[i].peer.value, type, detail::batch_bytes(list[i])});
+        if (per_block(batch)) {
+          // Opt-in (MpiTransportOptions): each block is its own contiguous message, which Open
+          // MPI moves with a single copy; every block shares one datatype.
+          KVF_RETURN_IF_ERROR(make_bytes_type(batch.block_bytes, &type));
+          const int err = MPI_Type_commit(&type);
+          types.add(type);
+          KVF_RETURN_IF_ERROR(call(err, "MPI_Type_commit"));
+          for (uint8_t* block : batch.blocks)
+            messages.push_back({send, i, batch.peer.value, block, type, batch.block_bytes});
+        } else {
+          KVF_RETURN_IF_ERROR(make_batch_type(batch, &type, send, i));
+          types.add(type);
+          messages.push_back(
+              {send, i, batch.peer.value, MPI_BOTTOM, type, detail::batch_bytes(batch)});
+        }
       }
     }
     const size_t first_recv = static_cast<size_t>(
@@ -107,8 +121,8 @@ class MpiTransport final : public Transport {
     // All sends at once: one message per peer, batch and direction.
     std::vector<MPI_Request> requests(messages.size(), MPI_REQUEST_NULL);
     for (size_t m = 0; m < first_recv; ++m) {
-      const int err = MPI_Isend(MPI_BOTTOM, 1, messages[m].type, messages[m].peer, kBlockTag, comm_,
-                                &requests[m]);
+      const int err = MPI_Isend(messages[m].buffer, 1, messages[m].type, messages[m].peer,
+                                kBlockTag, comm_, &requests[m]);
       if (err != MPI_SUCCESS) {
         for (size_t k = 0; k < m; ++k)
           MPI_Request_free(&requests[k]);  // they finish on their own
@@ -218,7 +232,12 @@ class MpiTransport final : public Transport {
   }
 
  private:
-  MpiTransport() = default;
+  explicit MpiTransport(const MpiTransportOptions& options) : options_(options) {}
+
+  bool per_block(const BlockBatch& batch) const {
+    return options_.block_message_min_bytes > 0 &&
+           batch.block_bytes >= options_.block_message_min_bytes;
+  }
 
   Status check_root(RankId root, std::string_view op) const {
     return check_rank(root, std::string(op) + " root");
@@ -307,7 +326,7 @@ class MpiTransport final : public Transport {
     MPI_Count size = 0;
     KVF_RETURN_IF_ERROR(call(MPI_Get_elements_x(&status, MPI_BYTE, &size), "MPI_Get_elements_x"));
     if (static_cast<uint64_t>(size) == msg.bytes) {
-      return call(MPI_Imrecv(MPI_BOTTOM, 1, msg.type, &handle, &request),
+      return call(MPI_Imrecv(msg.buffer, 1, msg.type, &handle, &request),
                   "MPI_Imrecv of " + detail::describe_batch(false, msg.batch, batch));
     }
     msg.received = size;
@@ -367,6 +386,7 @@ class MpiTransport final : public Transport {
                   who_ + ": exchange_blocks: " + problems);
   }
 
+  MpiTransportOptions options_;
   MPI_Comm comm_ = MPI_COMM_NULL;
   RankId rank_{0};
   int size_ = 0;
@@ -375,7 +395,8 @@ class MpiTransport final : public Transport {
 
 }  // namespace
 
-Result<std::unique_ptr<Transport>> make_mpi_transport(const MpiRuntime& runtime) {
+Result<std::unique_ptr<Transport>> make_mpi_transport(const MpiRuntime& runtime,
+                                                      const MpiTransportOptions& options) {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
@@ -384,7 +405,7 @@ Result<std::unique_ptr<Transport>> make_mpi_transport(const MpiRuntime& runtime)
                   "make_mpi_transport: MPI is not running (the MpiRuntime was moved from or "
                   "MPI was finalized)");
   }
-  return MpiTransport::create();
+  return MpiTransport::create(options);
 }
 
 Status mpi_raw_transfer(Transport& transport, const MpiRawTransfer& t) {
