@@ -1,10 +1,20 @@
 #include <kvfabric/kvfabric.h>
 
+#include <cstdint>
 #include <iostream>
 
 int main() {
   kvfabric::PagedKvCache cache(8, 16, 4, 64);
   if (!cache.allocate(kvfabric::SeqId{1}, 40).ok()) return 1;
   std::cout << cache;
-  return cache.used_block_count() == 3 ? 0 : 1;
+  // The transport module links too (MPI and NCCL privately, when kvfabric was built with them).
+  std::cout << "mpi transport built: " << kvfabric::mpi_transport_built()
+            << ", nccl transport built: " << kvfabric::nccl_transport_built() << "\n";
+  uint8_t from[16] = {7}, to[16] = {};
+  uint8_t* const sent[] = {from};
+  uint8_t* const received[] = {to};
+  const kvfabric::BlockBatch send{kvfabric::RankId{0}, sent, sizeof(from)};
+  const kvfabric::BlockBatch recv{kvfabric::RankId{0}, received, sizeof(to)};
+  if (!kvfabric::make_local_transport()->exchange_blocks({&send, 1}, {&recv, 1}).ok()) return 1;
+  return cache.used_block_count() == 3 && to[0] == 7 ? 0 : 1;
 }
