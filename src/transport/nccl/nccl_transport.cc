@@ -154,40 +154,46 @@ class NcclTransport final : public Transport {
         *op++ = {region + i * recvs[b].block_bytes, recvs[b].blocks[i], recvs[b].block_bytes};
     }
     auto* ops_device = reinterpret_cast<kernels::SpanCopy*>(ops_device_.data);
-    KVF_RETURN_IF_ERROR(
-        check_cuda(cudaMemcpyAsync(ops_device, ops_host_, ops * sizeof(kernels::SpanCopy),
-                                   cudaMemcpyHostToDevice, stream_),
-                   "upload of the copy table"));
-    KVF_RETURN_IF_ERROR(
-        check_cuda(kernels::launch_span_copies(ops_device, static_cast<uint32_t>(send_blocks),
-                                               send_max, stream_),
-                   "pack of " + std::to_string(send_blocks) + " blocks"));
+    auto enqueue = [&]() -> Status {
+      KVF_RETURN_IF_ERROR(
+          check_cuda(cudaMemcpyAsync(ops_device, ops_host_, ops * sizeof(kernels::SpanCopy),
+                                     cudaMemcpyHostToDevice, stream_),
+                     "upload of the copy table"));
+      KVF_RETURN_IF_ERROR(
+          check_cuda(kernels::launch_span_copies(ops_device, static_cast<uint32_t>(send_blocks),
+                                                 send_max, stream_),
+                     "pack of " + std::to_string(send_blocks) + " blocks"));
 
-    // One group: NCCL pairs the i-th send to a peer with the peer's i-th receive from us.
-    KVF_RETURN_IF_ERROR(check_nccl(ncclGroupStart(), "ncclGroupStart"));
-    Status posted = ok_status();
-    for (size_t b = 0; b < recvs.size() && posted.ok(); ++b) {
-      if (recvs[b].blocks.empty()) continue;
-      posted = check_nccl(ncclRecv(recv_staging_.data + recv_at[b], detail::batch_bytes(recvs[b]),
-                                   ncclUint8, recvs[b].peer.value, comm_, stream_),
-                          "ncclRecv of " + detail::describe_batch(false, b, recvs[b]));
-    }
-    for (size_t b = 0; b < sends.size() && posted.ok(); ++b) {
-      if (sends[b].blocks.empty()) continue;
-      posted = check_nccl(ncclSend(send_staging_.data + send_at[b], detail::batch_bytes(sends[b]),
-                                   ncclUint8, sends[b].peer.value, comm_, stream_),
-                          "ncclSend of " + detail::describe_batch(true, b, sends[b]));
-    }
-    const Status ended = check_nccl(ncclGroupEnd(), "ncclGroupEnd");
-    KVF_RETURN_IF_ERROR(posted);
-    KVF_RETURN_IF_ERROR(ended);
+      // One group: NCCL pairs the i-th send to a peer with the peer's i-th receive from us.
+      KVF_RETURN_IF_ERROR(check_nccl(ncclGroupStart(), "ncclGroupStart"));
+      Status posted = ok_status();
+      for (size_t b = 0; b < recvs.size() && posted.ok(); ++b) {
+        if (recvs[b].blocks.empty()) continue;
+        posted = check_nccl(ncclRecv(recv_staging_.data + recv_at[b], detail::batch_bytes(recvs[b]),
+                                     ncclUint8, recvs[b].peer.value, comm_, stream_),
+                            "ncclRecv of " + detail::describe_batch(false, b, recvs[b]));
+      }
+      for (size_t b = 0; b < sends.size() && posted.ok(); ++b) {
+        if (sends[b].blocks.empty()) continue;
+        posted = check_nccl(ncclSend(send_staging_.data + send_at[b], detail::batch_bytes(sends[b]),
+                                     ncclUint8, sends[b].peer.value, comm_, stream_),
+                            "ncclSend of " + detail::describe_batch(true, b, sends[b]));
+      }
+      const Status ended = check_nccl(ncclGroupEnd(), "ncclGroupEnd");
+      KVF_RETURN_IF_ERROR(posted);
+      KVF_RETURN_IF_ERROR(ended);
 
-    KVF_RETURN_IF_ERROR(check_cuda(
-        kernels::launch_span_copies(ops_device + send_blocks, static_cast<uint32_t>(recv_blocks),
-                                    recv_max, stream_),
-        "unpack of " + std::to_string(recv_blocks) + " blocks"));
-    // NOTE: the one host-device synchronization: the exchange is complete on return.
+      KVF_RETURN_IF_ERROR(check_cuda(
+          kernels::launch_span_copies(ops_device + send_blocks, static_cast<uint32_t>(recv_blocks),
+                                      recv_max, stream_),
+          "unpack of " + std::to_string(recv_blocks) + " blocks"));
+      return ok_status();
+    };
+    const Status enqueued = enqueue();
+    // NOTE: the one host-device synchronization: the exchange is complete on return. Also after
+    // a failed enqueue, so nothing queued outlives the call (the next call rewrites the table).
     const cudaError_t sync = cudaStreamSynchronize(stream_);
+    KVF_RETURN_IF_ERROR(enqueued);
     if (sync != cudaSuccess) {
       ncclResult_t async = ncclSuccess;
       ncclCommGetAsyncError(comm_, &async);
