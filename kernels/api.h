@@ -1,5 +1,6 @@
-// Host launchers of the CUDA kernels. Only src/backend/cuda includes this header. Every pointer
-// argument is device memory; launchers enqueue on `stream`, never allocate and never synchronize.
+// Host launchers of the CUDA kernels. Only src/backend/cuda and src/transport/nccl include this
+// header. Every pointer argument is device memory; launchers enqueue on `stream`, never allocate
+// and never synchronize.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -70,5 +71,17 @@ cudaError_t launch_copy_blocks(const BlockCopyOp* ops, uint32_t count, uint64_t 
 //! op may overlap itself (a row shift inside one block): it is staged through shared memory.
 cudaError_t launch_token_copies(const PagedKvView& pool, const TokenCopy* ops, uint32_t count,
                                 cudaStream_t stream);
+
+//! One contiguous byte range to copy: a block into a staging buffer (pack) or back (unpack).
+struct SpanCopy {
+  const uint8_t* src;
+  uint8_t* dst;
+  uint64_t bytes;
+};
+//! Copies `count` ranges of any sizes in one launch (`max_bytes` = the largest, for the grid);
+//! ranges must not overlap each other. Device or mapped pinned host memory. The NCCL
+//! transport's pack and unpack (DESIGN.md §6 gather_blocks / scatter_blocks).
+cudaError_t launch_span_copies(const SpanCopy* ops, uint32_t count, uint64_t max_bytes,
+                               cudaStream_t stream);
 
 }  // namespace kvfabric::kernels

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   bench::add_alloc_routine(app, routine);
   bench::add_kernel_routines(app, routine);
   bench::add_replay_routine(app, routine);
+  bench::add_transfer_routine(app, routine);
   bench::add_config_routine(app, routine);
   CLI11_PARSE(app, argc, argv);
 
@@ -29,7 +30,8 @@ int main(int argc, char** argv) {
   }
   nlohmann::json results;
   Status status = routine(results);
-  if (status.ok() && !json_path.empty()) status = bench::write_json(json_path, results);
+  if (status.ok() && !json_path.empty() && !results.is_null())
+    status = bench::write_json(json_path, results);
   if (!status.ok()) {
     fmt::print(stderr, "kvfabric-bench: {}\n", status.to_string());
     return 1;

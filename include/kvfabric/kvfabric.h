@@ -29,3 +29,6 @@
 #include "kvfabric/quant/kv_format.h"
 #include "kvfabric/quant/numeric.h"
 #include "kvfabric/quant/quantize.h"
+#include "kvfabric/transport/mpi_transport.h"
+#include "kvfabric/transport/nccl_transport.h"
+#include "kvfabric/transport/transport.h"

@@ -1,5 +1,6 @@
 // kvfabric-bench routines. Each adds its CLI11 subcommand; when that subcommand is parsed it sets
-// `selected` to the function that runs it and fills the --json results.
+// `selected` to the function that runs it and fills the --json results (left null: nothing to
+// write, e.g. on the MPI ranks that do not report).
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -21,6 +22,9 @@ void add_kernel_routines(CLI::App& app, RoutineFn& selected);
 //! `replay`: replays a Mooncake trace through the block-granular prefix cache (block and token
 //! hit ratios per capacity, evictions, time per request).
 void add_replay_routine(CLI::App& app, RoutineFn& selected);
+//! `transfer`: MPI block migration bandwidth (exchange_blocks of scattered host blocks) vs raw
+//! MPI_Send/MPI_Recv of the same bytes; needs mpirun with >= 2 ranks, only rank 0 reports.
+void add_transfer_routine(CLI::App& app, RoutineFn& selected);
 //! `config`: prints the effective config (file + KVF_* overrides) with derived values.
 void add_config_routine(CLI::App& app, RoutineFn& selected);
 

@@ -1,5 +1,6 @@
 #include <kvfabric/kvfabric.h>
 
+#include <cstdint>
 #include <iostream>
 #include <vector>
 
@@ -16,5 +17,16 @@ int main() {
   if (!prefix->allocate(kvfabric::SeqId{1}, prompt).ok()) return 1;
   if (!prefix->insert(kvfabric::SeqId{1}, prompt).ok()) return 1;
   const auto hit = prefix->allocate(kvfabric::SeqId{2}, prompt);
-  return hit.ok() && hit.value() == 32 ? 0 : 1;
+  if (!hit.ok() || hit.value() != 32) return 1;
+
+  // The transport module links too (MPI and NCCL privately, when kvfabric was built with them).
+  std::cout << "mpi transport built: " << kvfabric::mpi_transport_built()
+            << ", nccl transport built: " << kvfabric::nccl_transport_built() << "\n";
+  uint8_t from[16] = {7}, to[16] = {};
+  uint8_t* const sent[] = {from};
+  uint8_t* const received[] = {to};
+  const kvfabric::BlockBatch send{kvfabric::RankId{0}, sent, sizeof(from)};
+  const kvfabric::BlockBatch recv{kvfabric::RankId{0}, received, sizeof(to)};
+  if (!kvfabric::make_local_transport()->exchange_blocks({&send, 1}, {&recv, 1}).ok()) return 1;
+  return to[0] == 7 ? 0 : 1;
 }

@@ -16,8 +16,10 @@ class Backend;
 
 //! \brief Blocks to send to, or receive from, one peer: `blocks` are the addresses of equally
 //! sized blocks (`block_bytes` each) in memory the transport can read or write (host memory for
-//! the MPI transport, device memory for NCCL). The i-th sent block of a batch lands in the i-th
-//! received block of the matching batch on the peer.
+//! the MPI and local transports, device memory for NCCL). The i-th sent block of a batch lands in
+//! the i-th received block of the matching batch on the peer. A batch without blocks moves
+//! nothing (its `block_bytes` is ignored); one with blocks needs `block_bytes` > 0 and no null
+//! block.
 struct BlockBatch {
   RankId peer;
   std::span<uint8_t* const> blocks;
@@ -39,6 +41,19 @@ class Transport {
   //! Posts every receive and send of the batch at once and returns when all have completed.
   //! Ranks that exchange with each other call this in the same step with matching batches
   //! (same block count and size in each direction); a rank may appear in both lists.
+  //!
+  //! Rules every transport checks before it moves anything (a violation is InvalidArgument
+  //! naming this rank, the batch and the peer, and nothing is sent or written):
+  //! - every peer is a rank of the world, `[0, world_size())`;
+  //! - a batch with blocks has `block_bytes` > 0, no null block, and fewer than 2^31 blocks;
+  //! - no received block overlaps another received block or a sent block (sent blocks may
+  //!   overlap each other: they are only read);
+  //! - batches a rank sends to itself pair with its batches from itself in list order, with the
+  //!   same block count and size.
+  //! Several batches to (or from) the same peer pair with the peer's batches in list order.
+  //! A mismatch between two ranks (different block counts or sizes) is reported by the receiver
+  //! as an error naming both ranks and both sizes; a batch that has no counterpart on the peer
+  //! at all cannot be detected locally and blocks, as an unmatched MPI receive does.
   virtual Status exchange_blocks(std::span<const BlockBatch> sends,
                                  std::span<const BlockBatch> recvs) = 0;
   //! Collective: on return every rank's `bytes` equals the root's (resized to its length).
@@ -49,7 +64,9 @@ class Transport {
   virtual Status all_gather(uint64_t value, std::vector<uint64_t>& out) = 0;
 };
 
-//! One process, world size 1: sends to itself are copied into its own receives.
+//! One process, world size 1 (rank R0): sends to itself are copied into its own receives with
+//! memcpy, so its blocks must be host memory (or memory the host can address). broadcast,
+//! barrier and all_gather are trivial. Useful for single-process runs and tests.
 std::unique_ptr<Transport> make_local_transport();
 
 }  // namespace kvfabric

@@ -1,0 +1,451 @@
+// The MPI host transport: one derived-datatype message per peer, batch and direction, posted
+// nonblocking (receives first) and completed with one MPI_Waitall.
+#include "kvfabric/transport/mpi_transport.h"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/log.h"
+#include "transport/batch_check.h"
+#include "transport/mpi/mpi_error.h"
+
+namespace kvfabric {
+namespace {
+
+constexpr int kBlockTag = 0x4b56;  // exchange_blocks messages
+constexpr int kRawTag = 0x4b57;    // mpi_raw_transfer messages
+// Largest piece one MPI count describes here: datatypes above INT_MAX bytes are built from
+// chunks of this size, and broadcasts and raw transfers are sent in pieces of it.
+constexpr uint64_t kChunkBytes = uint64_t{1} << 30;
+
+// Frees the MPI datatypes it holds when it goes out of scope.
+class DatatypeList {
+ public:
+  DatatypeList() = default;
+  DatatypeList(const DatatypeList&) = delete;
+  DatatypeList& operator=(const DatatypeList&) = delete;
+  ~DatatypeList() {
+    for (MPI_Datatype& t : types_)
+      if (t != MPI_DATATYPE_NULL) MPI_Type_free(&t);
+  }
+  void add(MPI_Datatype t) { types_.push_back(t); }
+
+ private:
+  std::vector<MPI_Datatype> types_;
+};
+
+// One posted message of an exchange.
+struct Message {
+  bool send;
+  size_t batch;
+  int peer;
+  void* buffer;  // MPI_BOTTOM for a whole batch, a block's address for a per-block message
+  MPI_Datatype type;
+  uint64_t bytes;         // what the message should carry
+  int64_t received = -1;  // receives: what the peer sent, when that differs
+};
+
+class MpiTransport final : public Transport {
+ public:
+  static Result<std::unique_ptr<Transport>> create(const MpiTransportOptions& options) {
+    auto transport = std::unique_ptr<MpiTransport>(new MpiTransport(options));
+    int rank = 0;
+    // MPI_COMM_WORLD keeps the application's error handler, so MPI_Comm_dup failing aborts as
+    // the application chose; the duplicate returns errors to us.
+    MPI_Comm_dup(MPI_COMM_WORLD, &transport->comm_);
+    MPI_Comm_rank(transport->comm_, &rank);
+    MPI_Comm_size(transport->comm_, &transport->size_);
+    transport->rank_ = RankId{rank};
+    transport->who_ = "mpi transport " + to_string(transport->rank_);
+    KVF_RETURN_IF_ERROR(transport->call(
+        MPI_Comm_set_errhandler(transport->comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler"));
+    MPI_Comm_set_name(transport->comm_, "kvfabric-transport");
+    KVF_LOG_INFO(kTransport, "{}: communicator of {} ranks", transport->who_, transport->size_);
+    return std::unique_ptr<Transport>(std::move(transport));
+  }
+
+  ~MpiTransport() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    // After MPI_Finalize the communicator is gone with MPI itself.
+    if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  }
+
+  std::string_view name() const override { return "mpi"; }
+  RankId rank() const override { return rank_; }
+  int world_size() const override { return size_; }
+  MPI_Comm comm() const { return comm_; }
+  const std::string& who() const { return who_; }
+
+  Status exchange_blocks(std::span<const BlockBatch> sends,
+                         std::span<const BlockBatch> recvs) override {
+    KVF_RETURN_IF_ERROR(detail::check_exchange(who_, rank_, size_, sends, recvs));
+
+    // Every message's datatype is built before the first message is posted, so a failure here
+    // leaves nothing in flight.
+    DatatypeList types;
+    std::vector<Message> messages;
+    for (const bool send : {true, false}) {
+      const std::span<const BlockBatch> list = send ? sends : recvs;
+      for (size_t i = 0; i < list.size(); ++i) {
+        const BlockBatch& batch = list[i];
+        if (batch.peer == rank_ || batch.blocks.empty()) continue;
+        MPI_Datatype type = MPI_DATATYPE_NULL;
+        if (per_block(batch)) {
+          // Opt-in (MpiTransportOptions): each block is its own contiguous message, which Open
+          // MPI moves with a single copy; every block shares one datatype.
+          KVF_RETURN_IF_ERROR(make_bytes_type(batch.block_bytes, &type));
+          const int err = MPI_Type_commit(&type);
+          types.add(type);
+          KVF_RETURN_IF_ERROR(call(err, "MPI_Type_commit"));
+          for (uint8_t* block : batch.blocks)
+            messages.push_back({send, i, batch.peer.value, block, type, batch.block_bytes});
+        } else {
+          KVF_RETURN_IF_ERROR(make_batch_type(batch, &type, send, i));
+          types.add(type);
+          messages.push_back(
+              {send, i, batch.peer.value, MPI_BOTTOM, type, detail::batch_bytes(batch)});
+        }
+      }
+    }
+    const size_t first_recv = static_cast<size_t>(
+        std::find_if(messages.begin(), messages.end(), [](const Message& m) { return !m.send; }) -
+        messages.begin());
+
+    // All sends at once: one message per peer, batch and direction.
+    std::vector<MPI_Request> requests(messages.size(), MPI_REQUEST_NULL);
+    for (size_t m = 0; m < first_recv; ++m) {
+      const int err = MPI_Isend(messages[m].buffer, 1, messages[m].type, messages[m].peer,
+                                kBlockTag, comm_, &requests[m]);
+      if (err != MPI_SUCCESS) {
+        for (size_t k = 0; k < m; ++k)
+          MPI_Request_free(&requests[k]);  // they finish on their own
+        return Status(ErrorCode::kInternal, who_ + ": MPI_Isend of " +
+                                                detail::describe_batch(true, messages[m].batch,
+                                                                       sends[messages[m].batch]) +
+                                                " failed: " + detail::mpi_error_string(err));
+      }
+    }
+
+    // Batches to this rank itself: copied while the messages are in flight (check_exchange
+    // paired them and ruled out overlaps).
+    copy_self_batches(sends, recvs);
+
+    // Receives: a matched probe shows each incoming message's size before it is received, so a
+    // message that does not fit its batch is drained into scratch memory and reported instead of
+    // being truncated (Open MPI can leave the sender of a truncated message waiting forever) and
+    // the blocks stay untouched. Each peer's messages are taken in list order.
+    std::vector<std::vector<uint8_t>> scratch(messages.size());
+    std::vector<size_t> order(messages.size() - first_recv);
+    std::iota(order.begin(), order.end(), first_recv);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t x, size_t y) { return messages[x].peer < messages[y].peer; });
+    // [begin, end) of `order` per peer still to match.
+    std::vector<std::pair<size_t, size_t>> pending;
+    for (size_t i = 0; i < order.size(); ++i) {
+      if (i == 0 || messages[order[i]].peer != messages[order[i - 1]].peer) {
+        pending.push_back({i, i});
+      }
+      ++pending.back().second;
+    }
+    Status receive_status;
+    while (!pending.empty() && receive_status.ok()) {
+      for (size_t g = 0; g < pending.size() && receive_status.ok();) {
+        auto& [next, end] = pending[g];
+        const size_t m = order[next];
+        receive_status =
+            match_receive(messages[m], recvs[messages[m].batch], scratch[m], requests[m]);
+        if (requests[m] != MPI_REQUEST_NULL && ++next == end) {
+          pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(g));
+        } else {
+          ++g;
+        }
+      }
+    }
+
+    KVF_LOG_DEBUG(kTransport, "{}: exchange_blocks: {} messages posted, waiting", who_,
+                  messages.size());
+    std::vector<MPI_Status> statuses(messages.size());
+    const int err =
+        MPI_Waitall(static_cast<int>(requests.size()), requests.data(), statuses.data());
+    KVF_RETURN_IF_ERROR(receive_status);
+    if (err != MPI_SUCCESS && err != MPI_ERR_IN_STATUS) {
+      return Status(ErrorCode::kInternal, who_ + ": MPI_Waitall over " +
+                                              std::to_string(messages.size()) +
+                                              " messages failed: " + detail::mpi_error_string(err));
+    }
+    if (err == MPI_ERR_IN_STATUS) {
+      // Requests reported as pending have neither failed nor completed: wait for them.
+      for (size_t m = 0; m < messages.size(); ++m) {
+        if (statuses[m].MPI_ERROR == MPI_ERR_PENDING) {
+          statuses[m].MPI_ERROR = MPI_Wait(&requests[m], &statuses[m]);
+        }
+      }
+    }
+    return check_completions(messages, statuses, sends, recvs, err == MPI_ERR_IN_STATUS);
+  }
+
+  Status broadcast(std::vector<uint8_t>& bytes, RankId root) override {
+    KVF_RETURN_IF_ERROR(check_root(root, "broadcast"));
+    uint64_t size = bytes.size();
+    KVF_RETURN_IF_ERROR(call(MPI_Bcast(&size, 1, MPI_UINT64_T, root.value, comm_),
+                             "MPI_Bcast of the size from " + to_string(root)));
+    if (rank_ != root) bytes.resize(size);
+    for (uint64_t offset = 0; offset < size; offset += kChunkBytes) {
+      const int count = static_cast<int>(std::min(kChunkBytes, size - offset));
+      KVF_RETURN_IF_ERROR(
+          call(MPI_Bcast(bytes.data() + offset, count, MPI_BYTE, root.value, comm_),
+               "MPI_Bcast of " + std::to_string(size) + " bytes from " + to_string(root)));
+    }
+    return ok_status();
+  }
+
+  Status barrier() override { return call(MPI_Barrier(comm_), "MPI_Barrier"); }
+
+  Status all_gather(uint64_t value, std::vector<uint64_t>& out) override {
+    std::vector<uint64_t> gathered(static_cast<size_t>(size_));
+    KVF_RETURN_IF_ERROR(
+        call(MPI_Allgather(&value, 1, MPI_UINT64_T, gathered.data(), 1, MPI_UINT64_T, comm_),
+             "MPI_Allgather"));
+    out = std::move(gathered);
+    return ok_status();
+  }
+
+  Status call(int err, const std::string& what) const {
+    if (err == MPI_SUCCESS) return ok_status();
+    return Status(ErrorCode::kInternal,
+                  who_ + ": " + what + " failed: " + detail::mpi_error_string(err));
+  }
+
+  Status check_rank(RankId r, std::string_view role) const {
+    if (r.value < 0 || r.value >= size_) {
+      return invalid_argument(who_ + ": " + std::string(role) + " " + to_string(r) +
+                              " is not a rank (world size " + std::to_string(size_) + ")");
+    }
+    return ok_status();
+  }
+
+ private:
+  explicit MpiTransport(const MpiTransportOptions& options) : options_(options) {}
+
+  bool per_block(const BlockBatch& batch) const {
+    return options_.block_message_min_bytes > 0 &&
+           batch.block_bytes >= options_.block_message_min_bytes;
+  }
+
+  Status check_root(RankId root, std::string_view op) const {
+    return check_rank(root, std::string(op) + " root");
+  }
+
+  // `bytes` contiguous bytes as one datatype; above INT_MAX, built from 2^30-byte chunks.
+  Status make_bytes_type(uint64_t bytes, MPI_Datatype* out) const {
+    if (bytes <= static_cast<uint64_t>(INT_MAX)) {
+      return call(MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, out),
+                  "MPI_Type_contiguous");
+    }
+    const uint64_t chunks = bytes / kChunkBytes;
+    const uint64_t rest = bytes % kChunkBytes;
+    if (chunks > static_cast<uint64_t>(INT_MAX)) {
+      return invalid_argument(who_ + ": a block of " + std::to_string(bytes) +
+                              " bytes is too large for one MPI datatype");
+    }
+    DatatypeList parts;
+    MPI_Datatype chunk = MPI_DATATYPE_NULL, body = MPI_DATATYPE_NULL;
+    KVF_RETURN_IF_ERROR(call(MPI_Type_contiguous(static_cast<int>(kChunkBytes), MPI_BYTE, &chunk),
+                             "MPI_Type_contiguous"));
+    parts.add(chunk);
+    KVF_RETURN_IF_ERROR(
+        call(MPI_Type_contiguous(static_cast<int>(chunks), chunk, &body), "MPI_Type_contiguous"));
+    if (rest == 0) return ok_status_with(out, body);
+    parts.add(body);
+    const int lengths[2] = {1, static_cast<int>(rest)};
+    const MPI_Aint displacements[2] = {0, static_cast<MPI_Aint>(chunks * kChunkBytes)};
+    const MPI_Datatype members[2] = {body, MPI_BYTE};
+    return call(MPI_Type_create_struct(2, lengths, displacements, members, out),
+                "MPI_Type_create_struct");
+  }
+
+  static Status ok_status_with(MPI_Datatype* out, MPI_Datatype type) {
+    *out = type;
+    return ok_status();
+  }
+
+  // The batch's blocks at their absolute addresses (relative to MPI_BOTTOM), one entry per run
+  // of adjacent blocks; committed.
+  Status make_batch_type(const BlockBatch& batch, MPI_Datatype* out, bool send,
+                         size_t index) const {
+    MPI_Datatype block = MPI_DATATYPE_NULL;
+    KVF_RETURN_IF_ERROR(make_bytes_type(batch.block_bytes, &block));
+    DatatypeList block_guard;
+    block_guard.add(block);
+    std::vector<int> run_blocks;
+    std::vector<MPI_Aint> run_starts;
+    const uint8_t* run_end = nullptr;
+    for (uint8_t* p : batch.blocks) {
+      if (p == run_end && run_blocks.back() < INT_MAX) {
+        ++run_blocks.back();
+      } else {
+        MPI_Aint address = 0;
+        KVF_RETURN_IF_ERROR(call(MPI_Get_address(p, &address), "MPI_Get_address"));
+        run_blocks.push_back(1);
+        run_starts.push_back(address);
+      }
+      run_end = p + batch.block_bytes;
+    }
+    MPI_Datatype type = MPI_DATATYPE_NULL;
+    KVF_RETURN_IF_ERROR(
+        call(MPI_Type_create_hindexed(static_cast<int>(run_blocks.size()), run_blocks.data(),
+                                      run_starts.data(), block, &type),
+             "MPI_Type_create_hindexed for " + detail::describe_batch(send, index, batch)));
+    const int err = MPI_Type_commit(&type);
+    if (err != MPI_SUCCESS) {
+      MPI_Type_free(&type);
+      return call(err, "MPI_Type_commit for " + detail::describe_batch(send, index, batch));
+    }
+    *out = type;
+    return ok_status();
+  }
+
+  // One nonblocking matched probe for the next message from `msg.peer`. When one is there, it is
+  // received into the batch's blocks if its size is the batch's, else into `scratch` (and
+  // `msg.received` records its size); `request` is then active.
+  Status match_receive(Message& msg, const BlockBatch& batch, std::vector<uint8_t>& scratch,
+                       MPI_Request& request) const {
+    int found = 0;
+    MPI_Message handle = MPI_MESSAGE_NULL;
+    MPI_Status status;
+    KVF_RETURN_IF_ERROR(call(MPI_Improbe(msg.peer, kBlockTag, comm_, &found, &handle, &status),
+                             "MPI_Improbe for " + detail::describe_batch(false, msg.batch, batch)));
+    if (!found) return ok_status();
+    MPI_Count size = 0;
+    KVF_RETURN_IF_ERROR(call(MPI_Get_elements_x(&status, MPI_BYTE, &size), "MPI_Get_elements_x"));
+    if (static_cast<uint64_t>(size) == msg.bytes) {
+      return call(MPI_Imrecv(msg.buffer, 1, msg.type, &handle, &request),
+                  "MPI_Imrecv of " + detail::describe_batch(false, msg.batch, batch));
+    }
+    msg.received = size;
+    scratch.resize(static_cast<size_t>(size));
+    MPI_Datatype drain = MPI_DATATYPE_NULL;
+    KVF_RETURN_IF_ERROR(make_bytes_type(static_cast<uint64_t>(size), &drain));
+    DatatypeList guard;
+    guard.add(drain);
+    KVF_RETURN_IF_ERROR(call(MPI_Type_commit(&drain), "MPI_Type_commit"));
+    return call(MPI_Imrecv(scratch.data(), 1, drain, &handle, &request),
+                "MPI_Imrecv of a mismatched message from " + to_string(batch.peer));
+  }
+
+  void copy_self_batches(std::span<const BlockBatch> sends,
+                         std::span<const BlockBatch> recvs) const {
+    size_t r = 0;
+    for (const BlockBatch& from : sends) {
+      if (from.peer != rank_) continue;
+      while (recvs[r].peer != rank_)
+        ++r;
+      const BlockBatch& to = recvs[r++];
+      for (size_t i = 0; i < from.blocks.size(); ++i)
+        std::memcpy(to.blocks[i], from.blocks[i], from.block_bytes);
+    }
+  }
+
+  // Errors of completed messages, and receives whose message did not fit their batch.
+  Status check_completions(const std::vector<Message>& messages, std::vector<MPI_Status>& statuses,
+                           std::span<const BlockBatch> sends, std::span<const BlockBatch> recvs,
+                           bool errors_in_status) const {
+    std::string problems;
+    int count = 0;
+    bool mpi_failed = false;
+    for (size_t m = 0; m < messages.size(); ++m) {
+      const Message& msg = messages[m];
+      const BlockBatch& batch = msg.send ? sends[msg.batch] : recvs[msg.batch];
+      const std::string what = detail::describe_batch(msg.send, msg.batch, batch);
+      const std::string peer = to_string(batch.peer);
+      std::string problem;
+      const int err = errors_in_status ? statuses[m].MPI_ERROR : MPI_SUCCESS;
+      if (err != MPI_SUCCESS) {
+        mpi_failed = true;
+        problem = what + ": " + detail::mpi_error_string(err);
+      } else if (!msg.send && msg.received >= 0) {
+        problem = what + ": " + peer + " sent " + std::to_string(msg.received) + " bytes, " +
+                  to_string(rank_) + " expected " + std::to_string(msg.bytes) +
+                  " (the two ranks' batches do not match; the blocks were not written)";
+      }
+      if (problem.empty()) continue;
+      if (count++ < 4) problems += (problems.empty() ? "" : "; ") + problem;
+    }
+    if (count == 0) return ok_status();
+    if (count > 4) problems += "; and " + std::to_string(count - 4) + " more";
+    // Without an MPI error, the two ranks disagreed about the exchange (a bad plan, not a bad
+    // network).
+    return Status(mpi_failed ? ErrorCode::kInternal : ErrorCode::kInvalidOperation,
+                  who_ + ": exchange_blocks: " + problems);
+  }
+
+  MpiTransportOptions options_;
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  RankId rank_{0};
+  int size_ = 0;
+  std::string who_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Transport>> make_mpi_transport(const MpiRuntime& runtime,
+                                                      const MpiTransportOptions& options) {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (runtime.world_size() == 0 || !initialized || finalized) {
+    return Status(ErrorCode::kUnavailable,
+                  "make_mpi_transport: MPI is not running (the MpiRuntime was moved from or "
+                  "MPI was finalized)");
+  }
+  return MpiTransport::create(options);
+}
+
+Status mpi_raw_transfer(Transport& transport, const MpiRawTransfer& t) {
+  auto* mpi = dynamic_cast<MpiTransport*>(&transport);
+  if (mpi == nullptr) {
+    return invalid_argument("mpi_raw_transfer: needs a transport made by make_mpi_transport (got " +
+                            std::string(transport.name()) + ")");
+  }
+  KVF_RETURN_IF_ERROR(mpi->check_rank(t.a, "mpi_raw_transfer: rank a"));
+  KVF_RETURN_IF_ERROR(mpi->check_rank(t.b, "mpi_raw_transfer: rank b"));
+  if (t.a == t.b) {
+    return invalid_argument(mpi->who() + ": mpi_raw_transfer between " + to_string(t.a) +
+                            " and itself");
+  }
+  const RankId me = mpi->rank();
+  if (me != t.a && me != t.b) return ok_status();
+  const bool is_a = me == t.a;
+  const uint8_t* out = is_a ? t.a_to_b : t.b_to_a;
+  uint8_t* in = is_a ? t.a_from_b : t.b_from_a;
+  const bool sends = is_a || t.both_directions;
+  const bool receives = !is_a || t.both_directions;
+  if (t.bytes > 0 && ((sends && out == nullptr) || (receives && in == nullptr))) {
+    return invalid_argument(mpi->who() + ": mpi_raw_transfer of " + std::to_string(t.bytes) +
+                            " bytes: a buffer this rank needs is null");
+  }
+  const int peer = (is_a ? t.b : t.a).value;
+  for (uint64_t offset = 0; offset < t.bytes; offset += kChunkBytes) {
+    const int count = static_cast<int>(std::min(kChunkBytes, t.bytes - offset));
+    int err = MPI_SUCCESS;
+    if (sends && receives) {
+      err = MPI_Sendrecv(out + offset, count, MPI_BYTE, peer, kRawTag, in + offset, count, MPI_BYTE,
+                         peer, kRawTag, mpi->comm(), MPI_STATUS_IGNORE);
+    } else if (sends) {
+      err = MPI_Send(out + offset, count, MPI_BYTE, peer, kRawTag, mpi->comm());
+    } else {
+      err = MPI_Recv(in + offset, count, MPI_BYTE, peer, kRawTag, mpi->comm(), MPI_STATUS_IGNORE);
+    }
+    KVF_RETURN_IF_ERROR(mpi->call(err, "mpi_raw_transfer with R" + std::to_string(peer)));
+  }
+  return ok_status();
+}
+
+}  // namespace kvfabric
