@@ -120,6 +120,17 @@ Status validate(const Config& config) {
     return out_of_range("cache.eviction.window_tokens", 0, ">= 1 for streaming_llm");
   }
 
+  const CoordinatorConfig& k = config.coordinator;
+  for (const auto& [name, value] : {std::pair{"coordinator.prefill_token_cost", k.prefill_token_cost},
+                                    std::pair{"coordinator.migration_token_cost", k.migration_token_cost},
+                                    std::pair{"coordinator.queue_weight", k.queue_weight},
+                                    std::pair{"coordinator.memory_weight", k.memory_weight}}) {
+    if (!(value >= 0.0 && std::isfinite(value))) {
+      return invalid_argument(std::string(name) + " must be a finite number >= 0 (got " +
+                              std::to_string(value) + ")");
+    }
+  }
+
   const TopologyConfig& t = config.topology;
   if (t.tp == 0) return out_of_range("topology.tp", 0, ">= 1");
   if (t.dp == 0) return out_of_range("topology.dp", 0, ">= 1");

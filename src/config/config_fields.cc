@@ -164,6 +164,15 @@ const std::vector<ConfigField>& config_fields() {
       unsigned_field<uint32_t>(
           "topology.dp", "data-parallel replicas",
           [](Config & c) -> auto& { return c.topology.dp; }),
+      double_field("coordinator.prefill_token_cost", "cost of computing one uncached prompt token",
+                   [](Config& c) -> auto& { return c.coordinator.prefill_token_cost; }),
+      double_field("coordinator.migration_token_cost",
+                   "cost of moving one cached token from another replica",
+                   [](Config& c) -> auto& { return c.coordinator.migration_token_cost; }),
+      double_field("coordinator.queue_weight", "cost per sequence running on a replica",
+                   [](Config& c) -> auto& { return c.coordinator.queue_weight; }),
+      double_field("coordinator.memory_weight", "cost per unit of device-pool utilization",
+                   [](Config& c) -> auto& { return c.coordinator.memory_weight; }),
   };
   return kFields;
 }

@@ -58,10 +58,22 @@ struct TopologyConfig {
   uint32_t dp = 1;
 };
 
+//! \brief How the coordinator places sequences: it picks the replica with the lowest estimated
+//! cost, prefill_token_cost * uncached prompt tokens + migration_token_cost * tokens moved from
+//! another replica's cache + queue_weight * sequences running there + memory_weight * its
+//! device-pool utilization. Moving a cached prefix is chosen when it costs less than recomputing.
+struct CoordinatorConfig {
+  double prefill_token_cost = 1.0;
+  double migration_token_cost = 0.1;
+  double queue_weight = 16.0;
+  double memory_weight = 4096.0;
+};
+
 struct Config {
   ModelConfig model;
   CacheConfig cache;
   TopologyConfig topology;
+  CoordinatorConfig coordinator;
 };
 
 //! KV heads stored on each rank: Hkv / tp, or 1 when Hkv < tp (heads replicated, as vLLM does).
