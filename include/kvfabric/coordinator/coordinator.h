@@ -1,0 +1,149 @@
+// The coordinator (rank 0): places sequences on replicas, owns their block tables and the prefix
+// caches of every replica, and turns scheduler requests into one StepPlan per step.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "kvfabric/block/block_allocator.h"
+#include "kvfabric/config/config.h"
+#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/prefix/paged_prefix_cache.h"
+
+namespace kvfabric {
+
+//! Where admit() put a sequence.
+struct Placement {
+  uint32_t replica = 0;
+  //! Prompt tokens whose K/V is already in place after this step's plan (cached on the replica
+  //! or migrated to it); the engine prefills the rest.
+  size_t cached_tokens = 0;
+  size_t migrated_tokens = 0;  //!< of cached_tokens, moved from another replica's cache
+  std::vector<BlockId> blocks;
+};
+
+struct CoordinatorStats {
+  uint64_t admitted = 0;
+  uint64_t prompt_tokens = 0;
+  uint64_t local_hit_tokens = 0;     //!< prompt tokens found in the chosen replica's cache
+  uint64_t migrated_tokens = 0;      //!< prompt tokens moved from another replica's cache
+  uint64_t migrated_blocks = 0;      //!< every migration: prefixes, cross-replica forks, parking
+  uint64_t swapped_out = 0;          //!< sequences moved to the host tier
+  uint64_t swapped_in = 0;
+  uint64_t parked = 0;               //!< sequences moved to a peer replica under pressure
+  uint64_t preempted = 0;            //!< sequences dropped for recomputation
+  uint64_t steps = 0;
+};
+
+//! \brief The scheduler-facing API of a dp x tp job (DESIGN.md §5). One PagedPrefixCache per
+//! replica (a block manager with automatic prefix caching; block ids are the same on every shard
+//! of the replica) and one host-tier block allocator per replica; the prefix caches together are
+//! the global prefix index: admit() looks a prompt up in every replica's cache and knows which
+//! replicas hold which prefix.
+//!
+//! Placement: the replica with the lowest cost (CoordinatorConfig); when a longer prefix is cached
+//! on another replica and migration_token_cost < prefill_token_cost, its blocks are migrated
+//! (shard s to shard s) and the new copy is indexed on the target once computed.
+//!
+//! Memory pressure on a replica, in order: idle cached prefixes are evicted (the prefix cache does
+//! this on allocation); then the victim (lowest priority, then least recently used, then lowest
+//! SeqId) is swapped to the replica's host tier; with the host tier full it moves to the peer
+//! replica with the most room (it continues there); failing both it is preempted (the engine
+//! recomputes it). Swapped sequences come back,
+//! oldest first, when step() finds room on a replica that did not have to make room in the same
+//! step. A growing sequence (append) may displace any other; a newcomer (admit, a fork onto
+//! another replica) only sequences of lower priority, so new requests never churn running ones
+//! and the scheduler retries them later; and admit() skips a replica whose swapped sequences of
+//! the same or a higher priority are waiting to come back. Relief taken for a request that still fails stays (each
+//! action is valid on its own); the request itself changes nothing.
+//!
+//! The plan's tables are authoritative: a placement returned by admit() can change later in the
+//! same step when another request moves the sequence. The engine's contract: in each step's
+//! forward pass it computes the slots of every sequence in the tables that it has not computed
+//! yet (a new prompt past its cached tokens, appended slots). A sequence the plan releases
+//! (swapped out) keeps its uncomputed slots, which the engine computes when it comes back.
+//!
+//! A step: admit/append/fork/free/set_priority calls, then step() returns the plan every rank
+//! executes before the forward pass. Prompts admitted in one step are indexed at the next step()
+//! (their K/V has been computed by then). Every decision is deterministic. Not thread-safe.
+class Coordinator {
+ public:
+  static Result<Coordinator> create(const Config& config);
+
+  Coordinator(Coordinator&&) noexcept;
+  Coordinator& operator=(Coordinator&&) noexcept;
+  ~Coordinator();
+
+  //! Places `seq` holding `prompt`. Errors: a known sequence, an empty prompt, a SeqId >= 2^63,
+  //! or OutOfMemory when no replica can make room.
+  Result<Placement> admit(SeqId seq, std::span<const TokenId> prompt, uint32_t priority = 0);
+  //! Adds tokens to a running sequence (the slots the next forward pass writes), making room on
+  //! its replica as described above.
+  Status append(SeqId seq, size_t num_tokens);
+  //! Creates `dst` sharing `src`'s blocks on src's replica, or on `replica` (its blocks are then
+  //! migrated there).
+  Status fork(SeqId src, SeqId dst, std::optional<uint32_t> replica = std::nullopt);
+  //! Drops a running or swapped sequence.
+  Status free(SeqId seq);
+  Status set_priority(SeqId seq, uint32_t priority);
+
+  //! Closes the step: indexes the prompts computed in the previous step, swaps sequences back in
+  //! where there is room, collects copy-on-write copies, and returns the plan with its number.
+  Result<StepPlan> step();
+
+  [[nodiscard]] uint32_t num_replicas() const;
+  [[nodiscard]] std::optional<uint32_t> replica_of(SeqId seq) const;
+  [[nodiscard]] bool is_swapped(SeqId seq) const;
+  [[nodiscard]] const CoordinatorStats& stats() const { return stats_; }
+  [[nodiscard]] const PagedPrefixCache& replica_cache(uint32_t replica) const;
+  [[nodiscard]] size_t host_free_blocks(uint32_t replica) const;
+  [[nodiscard]] uint64_t block_bytes() const { return block_bytes_; }
+  //! The block table of a running sequence (empty when unknown or swapped).
+  [[nodiscard]] std::vector<BlockId> blocks_of(SeqId seq) const;
+  //! Every replica's pool and index checks, and that the sequences' records agree with them.
+  [[nodiscard]] Status verify_integrity() const;
+
+ private:
+  struct Replica;
+  struct Sequence {
+    uint32_t replica = 0;
+    bool swapped = false;
+    size_t num_tokens = 0;
+    uint32_t priority = 0;
+    uint64_t swap_order = 0;
+    std::vector<BlockId> host_blocks;
+  };
+
+  explicit Coordinator(const Config& config);
+  Sequence* find(SeqId seq);
+  Status check_priority(SeqId seq, uint32_t priority) const;
+  Status relieve_pressure(uint32_t replica, size_t needed, SeqId exclude, uint32_t below_priority);
+  std::optional<SeqId> pick_victim(uint32_t replica, SeqId exclude, uint32_t below_priority) const;
+  bool swap_out(SeqId seq);
+  bool park(SeqId seq);
+  void preempt(SeqId seq);
+  void migrate(uint32_t src_replica, std::span<const BlockId> src, uint32_t dst_replica,
+               std::span<const BlockId> dst);
+  void mark_table(SeqId seq);
+  void forget_swapped(uint32_t replica, uint32_t priority);
+  void collect_copies(uint32_t replica);
+  void swap_back_in();
+  void index_computed_prompts();
+
+  Config config_;
+  uint64_t block_bytes_ = 0;
+  std::vector<Replica> replicas_;
+  std::map<SeqId, Sequence> seqs_;
+  StepPlan plan_;
+  std::vector<SeqId> dirty_;                      // tables to publish in the next plan
+  std::vector<std::pair<SeqId, std::vector<TokenId>>> admitted_now_, admitted_before_;
+  std::vector<std::pair<uint32_t, BlockId>> host_blocks_to_free_;  // after this step's swap-ins
+  uint64_t next_swap_order_ = 0;
+  CoordinatorStats stats_;
+};
+
+}  // namespace kvfabric

@@ -1,0 +1,89 @@
+// The plan of one serving step: what every rank must do to its KV storage before the forward pass.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvfabric/block/token_copy.h"
+#include "kvfabric/common/ids.h"
+#include "kvfabric/common/status.h"
+
+namespace kvfabric {
+
+//! \brief One step's storage work (DESIGN.md §5), broadcast by the coordinator and executed by
+//! every rank before the forward pass. All shards of a replica run the ops of their replica; a
+//! migration runs between shard s of one replica and shard s of another. Block ids are per
+//! replica (every shard of a replica uses the same id for the same logical block); there is one
+//! layer group.
+//!
+//! `ops` are in the order the coordinator decided them, and that order is their meaning: a block
+//! freed by one op may be reused by a later one in the same step (a swapped-out sequence's blocks
+//! take a newcomer's migrated prefix). Executors batch them in waves (plan_waves()): within a wave
+//! no two ops touch the same block unless both only read it, so a wave runs as one batched call
+//! per kind (swap-out, migrations, swap-in, copies) in that order.
+struct StepPlan {
+  enum class OpKind : uint8_t {
+    kSwapOut,  //!< device block -> host (swap tier) block of `replica`
+    kMigrate,  //!< device block of `replica` -> device block of `dst_replica`
+    kSwapIn,   //!< host block -> device block of `replica`
+    kCopy,     //!< token-range copy inside `replica`'s device pool (copy-on-write, compaction)
+  };
+  struct Op {
+    OpKind kind = OpKind::kCopy;
+    uint32_t replica = 0;      //!< where it runs; a migration's source
+    uint32_t dst_replica = 0;  //!< a migration's destination (others: equal to replica)
+    BlockId src;               //!< swap-out, migration: device; swap-in: host; copy: copy.src_block
+    BlockId dst;               //!< swap-out: host; migration, swap-in: device; copy: copy.dst_block
+    TokenCopy copy;            //!< copies only
+
+    static Op swap_out(uint32_t replica, BlockId device, BlockId host) {
+      return {OpKind::kSwapOut, replica, replica, device, host, {}};
+    }
+    static Op swap_in(uint32_t replica, BlockId host, BlockId device) {
+      return {OpKind::kSwapIn, replica, replica, host, device, {}};
+    }
+    static Op migrate(uint32_t src_replica, BlockId src, uint32_t dst_replica, BlockId dst) {
+      return {OpKind::kMigrate, src_replica, dst_replica, src, dst, {}};
+    }
+    static Op token_copy(uint32_t replica, const TokenCopy& c) {
+      return {OpKind::kCopy, replica, replica, c.src_block, c.dst_block, c};
+    }
+    friend bool operator==(const Op&, const Op&) = default;
+  };
+  //! A sequence's block table as of this step (new or changed), on the replica that serves it.
+  struct Table {
+    SeqId seq;
+    uint32_t replica = 0;
+    uint64_t num_tokens = 0;
+    std::vector<BlockId> blocks;
+    friend bool operator==(const Table&, const Table&) = default;
+  };
+
+  uint64_t step = 0;
+  std::vector<Op> ops;
+  std::vector<Table> tables;
+  std::vector<SeqId> released;   //!< sequences whose tables are gone (freed, swapped, preempted)
+  std::vector<SeqId> preempted;  //!< released sequences the engine must recompute from scratch
+
+  [[nodiscard]] bool empty() const {
+    return ops.empty() && tables.empty() && released.empty() && preempted.empty();
+  }
+  [[nodiscard]] size_t count(OpKind kind) const;
+
+  //! Compact binary form (little endian, versioned) for the broadcast.
+  [[nodiscard]] std::vector<uint8_t> serialize() const;
+  //! Parses serialize() output; malformed or truncated bytes are a ParseError naming the field.
+  static Result<StepPlan> deserialize(std::span<const uint8_t> bytes);
+
+  friend bool operator==(const StepPlan&, const StepPlan&) = default;
+};
+
+//! \brief The wave of each op of `ops` (same length): the earliest wave after every earlier op
+//! it conflicts with (the same block of the same replica and tier, one of them writing). Copies
+//! run in list order inside a wave, so a copy may share a wave with the copies it depends on.
+//! Every rank computes the same waves from the same plan, which keeps migrations paired.
+std::vector<uint32_t> plan_waves(std::span<const StepPlan::Op> ops);
+
+}  // namespace kvfabric

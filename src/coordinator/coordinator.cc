@@ -1,0 +1,503 @@
+#include "kvfabric/coordinator/coordinator.h"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+#include "common/log.h"
+
+namespace kvfabric {
+namespace {
+
+// SeqIds from 2^63 up are reserved (none are issued today); refusing them keeps room for internal
+// sequences without a clash with a scheduler's ids.
+constexpr uint64_t kMaxUserSeqId = uint64_t{1} << 63;
+
+// relieve_pressure() may displace sequences of every priority (a running sequence growing).
+constexpr uint32_t kAnyPriority = std::numeric_limits<uint32_t>::max();
+
+size_t blocks_for(size_t tokens, size_t block_size) { return (tokens + block_size - 1) / block_size; }
+
+}  // namespace
+
+struct Coordinator::Replica {
+  PagedPrefixCache cache;
+  BlockAllocator host;
+  uint32_t running = 0;
+  std::map<uint32_t, uint32_t> swapped_by_priority = {};  // waiting swapped sequences per priority
+  bool relieved_this_step = false;  // swapped, parked or preempted a sequence in this step
+};
+
+Coordinator::Coordinator(const Config& config) : config_(config) {}
+Coordinator::Coordinator(Coordinator&&) noexcept = default;
+Coordinator& Coordinator::operator=(Coordinator&&) noexcept = default;
+Coordinator::~Coordinator() = default;
+
+Result<Coordinator> Coordinator::create(const Config& config) {
+  KVF_RETURN_IF_ERROR(validate(config));
+  if (config.cache.layers_per_group != 0 && config.cache.layers_per_group != config.model.num_layers) {
+    return Status(ErrorCode::kUnimplemented,
+                  "the coordinator manages one layer group; set cache.layers_per_group to 0");
+  }
+  Coordinator c(config);
+  for (uint32_t r = 0; r < config.topology.dp; ++r) {
+    KVF_ASSIGN_OR_RETURN(PagedKvCache pool, PagedKvCache::create(config));
+    PrefixIndexOptions options;
+    options.replica = r;
+    KVF_ASSIGN_OR_RETURN(PagedPrefixCache cache, PagedPrefixCache::create(std::move(pool), options));
+    c.block_bytes_ = cache.pool().block_memory_bytes();
+    c.replicas_.push_back(Replica{std::move(cache), BlockAllocator(static_cast<uint32_t>(config.cache.host_num_blocks))});
+  }
+  return c;
+}
+
+Coordinator::Sequence* Coordinator::find(SeqId seq) {
+  const auto it = seqs_.find(seq);
+  return it == seqs_.end() ? nullptr : &it->second;
+}
+
+uint32_t Coordinator::num_replicas() const { return static_cast<uint32_t>(replicas_.size()); }
+
+std::optional<uint32_t> Coordinator::replica_of(SeqId seq) const {
+  const auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return std::nullopt;
+  return it->second.replica;
+}
+
+bool Coordinator::is_swapped(SeqId seq) const {
+  const auto it = seqs_.find(seq);
+  return it != seqs_.end() && it->second.swapped;
+}
+
+const PagedPrefixCache& Coordinator::replica_cache(uint32_t replica) const {
+  return replicas_.at(replica).cache;
+}
+
+size_t Coordinator::host_free_blocks(uint32_t replica) const { return replicas_.at(replica).host.free_count(); }
+
+std::vector<BlockId> Coordinator::blocks_of(SeqId seq) const {
+  const auto it = seqs_.find(seq);
+  if (it == seqs_.end() || it->second.swapped) return {};
+  return replicas_[it->second.replica].cache.pool().get_sequence(seq)->block_ids;
+}
+
+void Coordinator::collect_copies(uint32_t replica) {
+  // Taken right away so they keep their place among the step's ops (plan order is meaning).
+  for (const TokenCopy& c : replicas_[replica].cache.pool().take_pending_copies()) {
+    plan_.ops.push_back(StepPlan::Op::token_copy(replica, c));
+  }
+}
+
+void Coordinator::forget_swapped(uint32_t replica, uint32_t priority) {
+  auto& waiting = replicas_[replica].swapped_by_priority;
+  const auto it = waiting.find(priority);
+  KVF_CHECK(it != waiting.end() && it->second > 0, "swapped-sequence count out of step");
+  if (--it->second == 0) waiting.erase(it);
+}
+
+void Coordinator::mark_table(SeqId seq) { dirty_.push_back(seq); }
+
+void Coordinator::migrate(uint32_t src_replica, std::span<const BlockId> src, uint32_t dst_replica,
+                          std::span<const BlockId> dst) {
+  for (size_t i = 0; i < src.size(); ++i) {
+    plan_.ops.push_back(StepPlan::Op::migrate(src_replica, src[i], dst_replica, dst[i]));
+  }
+  stats_.migrated_blocks += src.size();
+}
+
+// The victim under pressure: lowest priority, then least recently used, then lowest SeqId, among
+// the replica's running sequences below `below_priority`.
+std::optional<SeqId> Coordinator::pick_victim(uint32_t replica, SeqId exclude,
+                                              uint32_t below_priority) const {
+  std::optional<SeqId> best;
+  const SequenceInfo* best_info = nullptr;
+  const PagedKvCache& pool = replicas_[replica].cache.pool();
+  for (const auto& [seq, state] : seqs_) {  // ordered map: deterministic
+    if (state.swapped || state.replica != replica || seq == exclude) continue;
+    const SequenceInfo* info = pool.get_sequence(seq);
+    if (info->priority >= below_priority) continue;
+    if (best_info == nullptr || info->priority < best_info->priority ||
+        (info->priority == best_info->priority && info->last_access < best_info->last_access)) {
+      best = seq;
+      best_info = info;
+    }
+  }
+  return best;
+}
+
+bool Coordinator::swap_out(SeqId seq) {
+  Sequence& s = seqs_.at(seq);
+  Replica& rep = replicas_[s.replica];
+  const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
+  auto host = rep.host.allocate(info->block_ids.size());
+  if (!host.ok()) return false;
+  for (size_t i = 0; i < info->block_ids.size(); ++i) {
+    plan_.ops.push_back(StepPlan::Op::swap_out(s.replica, info->block_ids[i], host.value()[i]));
+  }
+  s.host_blocks = std::move(host).value();
+  s.num_tokens = info->num_tokens;
+  s.priority = info->priority;
+  s.swapped = true;
+  s.swap_order = next_swap_order_++;
+  ++rep.swapped_by_priority[s.priority];
+  const Status freed = rep.cache.pool().free(seq);
+  KVF_CHECK(freed.ok(), freed.message());
+  --rep.running;
+  plan_.released.push_back(seq);
+  ++stats_.swapped_out;
+  KVF_LOG_DEBUG(kCoordinator, "swapped {} out of replica {}", to_string(seq), s.replica);
+  return true;
+}
+
+bool Coordinator::park(SeqId seq) {
+  Sequence& s = seqs_.at(seq);
+  const PagedKvCache& from_pool = replicas_[s.replica].cache.pool();
+  const SequenceInfo* info = from_pool.get_sequence(seq);
+  // The peer with the most room that can take the whole sequence (ties: lowest replica id).
+  std::optional<uint32_t> peer;
+  for (uint32_t p = 0; p < replicas_.size(); ++p) {
+    if (p == s.replica) continue;
+    const size_t room = replicas_[p].cache.pool().available_block_count();
+    if (room >= info->block_ids.size() &&
+        (!peer || room > replicas_[*peer].cache.pool().available_block_count())) {
+      peer = p;
+    }
+  }
+  if (!peer) return false;
+  PagedKvCache& to_pool = replicas_[*peer].cache.pool();
+  if (!to_pool.allocate(seq, info->num_tokens).ok()) return false;
+  const std::vector<BlockId> from = info->block_ids;
+  const uint32_t priority = info->priority;
+  migrate(s.replica, from, *peer, to_pool.get_sequence(seq)->block_ids);
+  (void)to_pool.set_priority(seq, priority);
+  const Status freed = replicas_[s.replica].cache.pool().free(seq);
+  KVF_CHECK(freed.ok(), freed.message());
+  --replicas_[s.replica].running;
+  ++replicas_[*peer].running;
+  KVF_LOG_DEBUG(kCoordinator, "parked {} from replica {} on replica {}", to_string(seq), s.replica, *peer);
+  s.replica = *peer;
+  mark_table(seq);
+  ++stats_.parked;
+  return true;
+}
+
+void Coordinator::preempt(SeqId seq) {
+  Sequence& s = seqs_.at(seq);
+  const Status freed = replicas_[s.replica].cache.pool().free(seq);
+  KVF_CHECK(freed.ok(), freed.message());
+  --replicas_[s.replica].running;
+  seqs_.erase(seq);
+  plan_.released.push_back(seq);
+  plan_.preempted.push_back(seq);
+  ++stats_.preempted;
+}
+
+Status Coordinator::relieve_pressure(uint32_t replica, size_t needed, SeqId exclude,
+                                     uint32_t below_priority) {
+  PagedKvCache& pool = replicas_[replica].cache.pool();
+  if (pool.available_block_count() < needed) replicas_[replica].relieved_this_step = true;
+  while (pool.available_block_count() < needed) {
+    const auto victim = pick_victim(replica, exclude, below_priority);
+    if (!victim) break;
+    if (swap_out(*victim) || park(*victim)) continue;
+    preempt(*victim);
+  }
+  if (pool.available_block_count() >= needed) return ok_status();
+  return out_of_memory(needed, pool.available_block_count());
+}
+
+Result<Placement> Coordinator::admit(SeqId seq, std::span<const TokenId> prompt, uint32_t priority) {
+  if (seq.value >= kMaxUserSeqId) {
+    return invalid_argument(to_string(seq) + " is in the reserved range (ids must be < 2^63)");
+  }
+  if (seqs_.count(seq) > 0) return invalid_operation("Sequence " + to_string(seq) + " already exists");
+  if (prompt.empty()) return invalid_argument("admit " + to_string(seq) + ": the prompt is empty");
+  KVF_RETURN_IF_ERROR(check_priority(seq, priority));
+  const CoordinatorConfig& w = config_.coordinator;
+  const size_t bs = config_.cache.block_size;
+  const size_t n = prompt.size();
+  const size_t total_blocks = blocks_for(n, bs);
+
+  // The global view: what every replica has cached of this prompt.
+  std::vector<PrefixMatch> matches;
+  uint32_t best_source = 0;
+  for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    matches.push_back(replicas_[r].cache.index().peek(prompt));
+    if (matches[r].tokens > matches[best_source].tokens) best_source = r;
+  }
+  const size_t best_tokens = matches[best_source].tokens;
+
+  struct Option {
+    double cost;
+    uint32_t replica;
+    size_t migrated_blocks;
+  };
+  std::optional<Option> chosen;
+  for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    // Swapped sequences that rank with the newcomer return first (as vLLM schedules swap-ins
+    // before new prefills): their replica takes no newcomer until they are back.
+    if (replicas_[r].swapped_by_priority.lower_bound(priority) != replicas_[r].swapped_by_priority.end()) {
+      continue;
+    }
+    const PagedKvCache& pool = replicas_[r].cache.pool();
+    const size_t local = matches[r].tokens;
+    // Migrate the longer prefix when moving a token is cheaper than computing it.
+    const bool migrate_prefix = r != best_source && best_tokens > local &&
+                                w.migration_token_cost < w.prefill_token_cost;
+    const size_t covered = migrate_prefix ? best_tokens : local;
+    double cost = w.prefill_token_cost * static_cast<double>(n - covered) +
+                  w.queue_weight * replicas_[r].running + w.memory_weight * pool.utilization();
+    if (migrate_prefix) cost += w.migration_token_cost * static_cast<double>(best_tokens - local);
+    // A replica that must first swap or preempt others ranks behind one that has room.
+    const size_t new_blocks = total_blocks - matches[r].blocks.size() + matches[r].idle_blocks;
+    if (new_blocks > pool.available_block_count()) cost += 1e18;
+    if (!chosen || cost < chosen->cost) {
+      chosen = Option{cost, r, migrate_prefix ? matches[best_source].blocks.size() - matches[r].blocks.size() : 0};
+    }
+  }
+  if (!chosen) {
+    return Status(ErrorCode::kOutOfMemory, "admit " + to_string(seq) +
+                                               ": every replica is bringing back swapped "
+                                               "sequences of the same or a higher priority first");
+  }
+  const uint32_t r = chosen->replica;
+  Replica& rep = replicas_[r];
+  // New blocks, plus the idle cached ones of the match that stop being available once shared.
+  const size_t needed = total_blocks - matches[r].blocks.size() + matches[r].idle_blocks;
+  if (needed > rep.cache.pool().total_blocks()) {
+    return out_of_memory(needed, rep.cache.pool().available_block_count());
+  }
+  // Room first: a newcomer displaces only sequences of lower priority (others keep running; the
+  // scheduler retries it later).
+  KVF_RETURN_IF_ERROR(relieve_pressure(r, needed, seq, priority));
+  KVF_ASSIGN_OR_RETURN(const size_t local_cached, rep.cache.allocate(seq, prompt));
+  if (priority != 0) {
+    const Status p = rep.cache.pool().set_priority(seq, priority);
+    if (!p.ok()) {
+      (void)rep.cache.pool().free(seq);
+      return p;
+    }
+  }
+  const std::vector<BlockId>& table = rep.cache.pool().get_sequence(seq)->block_ids;
+  Placement placement;
+  placement.replica = r;
+  placement.cached_tokens = local_cached;
+  if (chosen->migrated_blocks > 0) {
+    // The source's cached blocks after the target's own prefix fill the target's next blocks.
+    const size_t first = local_cached / bs;
+    const auto& source_blocks = matches[best_source].blocks;
+    const size_t count = std::min(source_blocks.size(), table.size()) - first;
+    migrate(best_source, std::span(source_blocks).subspan(first, count), r,
+            std::span(table).subspan(first, count));
+    placement.migrated_tokens = std::min(best_tokens, n) - local_cached;
+    placement.cached_tokens += placement.migrated_tokens;
+    stats_.migrated_tokens += placement.migrated_tokens;
+  }
+  placement.blocks = table;
+  collect_copies(r);
+  seqs_[seq] = Sequence{r, false, n, priority, 0, {}};
+  ++rep.running;
+  mark_table(seq);
+  admitted_now_.emplace_back(seq, std::vector<TokenId>(prompt.begin(), prompt.end()));
+  ++stats_.admitted;
+  stats_.prompt_tokens += n;
+  stats_.local_hit_tokens += local_cached;
+  return placement;
+}
+
+Status Coordinator::append(SeqId seq, size_t num_tokens) {
+  Sequence* s = find(seq);
+  if (s == nullptr) return sequence_not_found(seq);
+  if (s->swapped) {
+    return invalid_operation(to_string(seq) + " is swapped out; it returns at a step with room");
+  }
+  PagedKvCache& pool = replicas_[s->replica].cache.pool();
+  const SequenceInfo* info = pool.get_sequence(seq);
+  // New blocks, plus one when the partly filled tail is shared (copied before the write).
+  const size_t bs = config_.cache.block_size;
+  const bool shared_tail = num_tokens > 0 && info->num_tokens % bs != 0 &&
+                           pool.block_ref_count(info->block_ids.back()) > 1;
+  const size_t needed = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks() +
+                        (shared_tail ? 1 : 0);
+  if (pool.available_block_count() < needed) {
+    KVF_RETURN_IF_ERROR(relieve_pressure(s->replica, needed, seq, kAnyPriority));
+  }
+  KVF_RETURN_IF_ERROR(pool.append(seq, num_tokens));
+  collect_copies(s->replica);
+  s->num_tokens = pool.get_sequence(seq)->num_tokens;
+  mark_table(seq);
+  return ok_status();
+}
+
+Status Coordinator::fork(SeqId src, SeqId dst, std::optional<uint32_t> replica) {
+  if (dst.value >= kMaxUserSeqId) {
+    return invalid_argument(to_string(dst) + " is in the reserved range (ids must be < 2^63)");
+  }
+  if (seqs_.count(dst) > 0) {
+    return invalid_operation("Destination sequence " + to_string(dst) + " already exists");
+  }
+  Sequence* s = find(src);
+  if (s == nullptr) return sequence_not_found(src);
+  if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
+  if (replica && *replica >= replicas_.size()) {
+    return invalid_argument("fork to replica " + std::to_string(*replica) + " of " +
+                            std::to_string(replicas_.size()));
+  }
+  const uint32_t from = s->replica;
+  const uint32_t to = replica.value_or(from);
+  PagedKvCache& src_pool = replicas_[from].cache.pool();
+  if (to == from) {
+    KVF_RETURN_IF_ERROR(src_pool.fork(src, dst));
+  } else {
+    const SequenceInfo* info = src_pool.get_sequence(src);
+    PagedKvCache& dst_pool = replicas_[to].cache.pool();
+    KVF_RETURN_IF_ERROR(relieve_pressure(to, info->num_blocks(), dst, info->priority));
+    KVF_RETURN_IF_ERROR(dst_pool.allocate(dst, info->num_tokens));
+    (void)dst_pool.set_priority(dst, info->priority);
+    migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
+  }
+  const SequenceInfo* child = replicas_[to].cache.pool().get_sequence(dst);
+  seqs_[dst] = Sequence{to, false, child->num_tokens, child->priority, 0, {}};
+  ++replicas_[to].running;
+  mark_table(dst);
+  return ok_status();
+}
+
+Status Coordinator::free(SeqId seq) {
+  Sequence* s = find(seq);
+  if (s == nullptr) return sequence_not_found(seq);
+  if (s->swapped) {
+    for (BlockId b : s->host_blocks) host_blocks_to_free_.emplace_back(s->replica, b);
+    forget_swapped(s->replica, s->priority);
+  } else {
+    KVF_RETURN_IF_ERROR(replicas_[s->replica].cache.pool().free(seq));
+    --replicas_[s->replica].running;
+  }
+  seqs_.erase(seq);
+  plan_.released.push_back(seq);
+  return ok_status();
+}
+
+Status Coordinator::check_priority(SeqId seq, uint32_t priority) const {
+  const EvictionConfig& eviction = config_.cache.eviction;
+  if (eviction.strategy == EvictionPolicy::kPriority && priority >= eviction.priority_levels) {
+    return invalid_argument("priority " + std::to_string(priority) + " for " + to_string(seq) +
+                            " is out of range (cache.eviction.priority_levels is " +
+                            std::to_string(eviction.priority_levels) + ")");
+  }
+  return ok_status();
+}
+
+Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
+  Sequence* s = find(seq);
+  if (s == nullptr) return sequence_not_found(seq);
+  KVF_RETURN_IF_ERROR(check_priority(seq, priority));
+  if (s->swapped) {
+    forget_swapped(s->replica, s->priority);
+    ++replicas_[s->replica].swapped_by_priority[priority];
+  } else {
+    KVF_RETURN_IF_ERROR(replicas_[s->replica].cache.pool().set_priority(seq, priority));
+  }
+  s->priority = priority;
+  return ok_status();
+}
+
+void Coordinator::index_computed_prompts() {
+  for (const auto& [seq, prompt] : admitted_before_) {
+    const auto it = seqs_.find(seq);
+    if (it == seqs_.end() || it->second.swapped) continue;
+    Replica& rep = replicas_[it->second.replica];
+    const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
+    if (info == nullptr || info->num_tokens < prompt.size()) continue;  // compacted meanwhile
+    const auto inserted = rep.cache.insert(seq, prompt, info->priority);
+    if (!inserted.ok()) {
+      KVF_LOG_WARN(kCoordinator, "not indexing {}: {}", to_string(seq), inserted.status().message());
+    }
+  }
+  admitted_before_ = std::move(admitted_now_);
+  admitted_now_.clear();
+}
+
+void Coordinator::swap_back_in() {
+  // Oldest first; a sequence that does not fit waits (and so do the ones behind it, in order).
+  std::vector<std::pair<uint64_t, SeqId>> order;
+  for (const auto& [seq, s] : seqs_) {
+    if (s.swapped) order.emplace_back(s.swap_order, seq);
+  }
+  std::sort(order.begin(), order.end());
+  for (const auto& [ignored, seq] : order) {
+    Sequence& s = seqs_.at(seq);
+    // A replica that had to make room in this step is still under pressure: no ping-pong.
+    if (replicas_[s.replica].relieved_this_step) continue;
+    PagedKvCache& pool = replicas_[s.replica].cache.pool();
+    if (pool.available_block_count() < s.host_blocks.size() || !pool.allocate(seq, s.num_tokens).ok()) {
+      break;
+    }
+    (void)pool.set_priority(seq, s.priority);
+    const std::vector<BlockId>& table = pool.get_sequence(seq)->block_ids;
+    for (size_t i = 0; i < table.size(); ++i) {
+      plan_.ops.push_back(StepPlan::Op::swap_in(s.replica, s.host_blocks[i], table[i]));
+      // Freed after this step, so no later op of the step can reuse the block before it is read.
+      host_blocks_to_free_.emplace_back(s.replica, s.host_blocks[i]);
+    }
+    s.host_blocks.clear();
+    s.swapped = false;
+    forget_swapped(s.replica, s.priority);
+    ++replicas_[s.replica].running;
+    mark_table(seq);
+    ++stats_.swapped_in;
+  }
+}
+
+Result<StepPlan> Coordinator::step() {
+  index_computed_prompts();
+  swap_back_in();
+  std::sort(dirty_.begin(), dirty_.end());
+  dirty_.erase(std::unique(dirty_.begin(), dirty_.end()), dirty_.end());
+  for (SeqId seq : dirty_) {
+    const auto it = seqs_.find(seq);
+    if (it == seqs_.end() || it->second.swapped) continue;
+    const SequenceInfo* info = replicas_[it->second.replica].cache.pool().get_sequence(seq);
+    plan_.tables.push_back({seq, it->second.replica, info->num_tokens, info->block_ids});
+  }
+  dirty_.clear();
+  for (Replica& rep : replicas_) rep.relieved_this_step = false;
+  for (const auto& [replica, block] : host_blocks_to_free_) {
+    const auto freed = replicas_[replica].host.release(block);
+    KVF_CHECK(freed.ok(), freed.status().message());
+  }
+  host_blocks_to_free_.clear();
+  StepPlan plan = std::move(plan_);
+  plan_ = StepPlan{};
+  plan.step = stats_.steps++;
+  plan_.step = stats_.steps;
+  return plan;
+}
+
+Status Coordinator::verify_integrity() const {
+  std::vector<uint32_t> running(replicas_.size(), 0);
+  for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    KVF_RETURN_IF_ERROR(replicas_[r].cache.verify_integrity());
+  }
+  for (const auto& [seq, s] : seqs_) {
+    const SequenceInfo* info = replicas_[s.replica].cache.pool().get_sequence(seq);
+    if (s.swapped != (info == nullptr)) {
+      return Status(ErrorCode::kInternal, to_string(seq) + " is " + (s.swapped ? "swapped" : "running") +
+                                              " but replica " + std::to_string(s.replica) +
+                                              (info ? " holds it" : " does not hold it"));
+    }
+    if (!s.swapped) ++running[s.replica];
+  }
+  for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    if (running[r] != replicas_[r].running ||
+        running[r] != replicas_[r].cache.pool().num_sequences()) {
+      return Status(ErrorCode::kInternal, "replica " + std::to_string(r) + " counts " +
+                                              std::to_string(replicas_[r].running) + " running sequences, its pool " +
+                                              std::to_string(replicas_[r].cache.pool().num_sequences()) +
+                                              ", the records " + std::to_string(running[r]));
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace kvfabric

@@ -1,0 +1,237 @@
+#include "kvfabric/coordinator/step_plan.h"
+
+#include <algorithm>
+#include <cstring>
+#include <unordered_map>
+#include <string>
+
+namespace kvfabric {
+namespace {
+
+constexpr uint32_t kMagic = 0x4B564650;  // "KVFP"
+constexpr uint32_t kVersion = 2;
+
+class Writer {
+ public:
+  void u8(uint8_t v) { bytes_.push_back(v); }
+  void u32(uint32_t v) { raw(&v, 4); }
+  void u64(uint64_t v) { raw(&v, 8); }
+  void block(BlockId b) { u32(b.value); }
+  void seq(SeqId s) { u64(s.value); }
+  std::vector<uint8_t> take() { return std::move(bytes_); }
+
+ private:
+  void raw(const void* p, size_t n) {
+    // x86-64 and aarch64 are little endian. resize + memcpy rather than insert(): GCC 12 warns
+    // falsely (-Wstringop-overflow) on the inlined range insert.
+    const size_t at = bytes_.size();
+    bytes_.resize(at + n);
+    std::memcpy(bytes_.data() + at, p, n);
+  }
+  std::vector<uint8_t> bytes_;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> bytes) : bytes_(bytes) {}
+
+  template <typename T>
+  bool get(T& out, const char* field) {
+    if (!status_.ok()) return false;
+    if (bytes_.size() - pos_ < sizeof(T)) {
+      status_ = Status(ErrorCode::kParseError, "step plan truncated at " + std::string(field) +
+                                                   " (byte " + std::to_string(pos_) + " of " +
+                                                   std::to_string(bytes_.size()) + ")");
+      return false;
+    }
+    std::memcpy(&out, bytes_.data() + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return true;
+  }
+  // A count of entries of `entry_bytes` each that must fit in what is left.
+  bool count(uint64_t& n, size_t entry_bytes, const char* field) {
+    if (!get(n, field)) return false;
+    if (n > (bytes_.size() - pos_) / entry_bytes) {
+      status_ = Status(ErrorCode::kParseError, "step plan claims " + std::to_string(n) + " " +
+                                                   field + " but only " +
+                                                   std::to_string(bytes_.size() - pos_) +
+                                                   " bytes follow");
+      return false;
+    }
+    return true;
+  }
+  [[nodiscard]] bool done() const { return pos_ == bytes_.size(); }
+  [[nodiscard]] const Status& status() const { return status_; }
+  void fail(Status s) {
+    if (status_.ok()) status_ = std::move(s);
+  }
+
+ private:
+  std::span<const uint8_t> bytes_;
+  size_t pos_ = 0;
+  Status status_;
+};
+
+// kind, replica, dst_replica, src, dst, copy offsets and length, copy reason.
+constexpr size_t kOpBytes = 1 + 4 * 4 + 3 * 4 + 1;
+
+// The block an op reads or writes, named by replica, tier and id.
+uint64_t block_key(uint32_t replica, bool host, BlockId block) {
+  return (uint64_t{replica} << 33) | (uint64_t{host} << 32) | block.value;
+}
+
+}  // namespace
+
+size_t StepPlan::count(OpKind kind) const {
+  size_t n = 0;
+  for (const Op& op : ops) n += op.kind == kind ? 1 : 0;
+  return n;
+}
+
+std::vector<uint8_t> StepPlan::serialize() const {
+  Writer w;
+  w.u32(kMagic);
+  w.u32(kVersion);
+  w.u64(step);
+  w.u64(ops.size());
+  for (const Op& op : ops) {
+    w.u8(static_cast<uint8_t>(op.kind));
+    w.u32(op.replica);
+    w.u32(op.dst_replica);
+    w.block(op.src);
+    w.block(op.dst);
+    w.u32(op.copy.src_offset);
+    w.u32(op.copy.dst_offset);
+    w.u32(op.copy.num_tokens);
+    w.u8(static_cast<uint8_t>(op.copy.reason));
+  }
+  w.u64(tables.size());
+  for (const auto& t : tables) {
+    w.seq(t.seq);
+    w.u32(t.replica);
+    w.u64(t.num_tokens);
+    w.u64(t.blocks.size());
+    for (BlockId b : t.blocks) w.block(b);
+  }
+  for (const auto* ids : {&released, &preempted}) {
+    w.u64(ids->size());
+    for (SeqId s : *ids) w.seq(s);
+  }
+  return w.take();
+}
+
+namespace {
+
+bool read_op(Reader& r, StepPlan::Op& op) {
+  uint8_t kind = 0, reason = 0;
+  if (!r.get(kind, "ops") || !r.get(op.replica, "ops") || !r.get(op.dst_replica, "ops") ||
+      !r.get(op.src.value, "ops") || !r.get(op.dst.value, "ops") ||
+      !r.get(op.copy.src_offset, "ops") || !r.get(op.copy.dst_offset, "ops") ||
+      !r.get(op.copy.num_tokens, "ops") || !r.get(reason, "ops")) {
+    return false;
+  }
+  if (kind > static_cast<uint8_t>(StepPlan::OpKind::kCopy)) {
+    r.fail(Status(ErrorCode::kParseError, "step plan op has unknown kind " + std::to_string(kind)));
+    return false;
+  }
+  if (reason > static_cast<uint8_t>(CopyReason::kCompaction)) {
+    r.fail(Status(ErrorCode::kParseError, "step plan copy has unknown reason " + std::to_string(reason)));
+    return false;
+  }
+  op.kind = static_cast<StepPlan::OpKind>(kind);
+  op.copy.reason = static_cast<CopyReason>(reason);
+  if (op.kind == StepPlan::OpKind::kCopy) {
+    op.copy.src_block = op.src;
+    op.copy.dst_block = op.dst;
+  } else {
+    op.copy = TokenCopy{};
+  }
+  if (op.kind != StepPlan::OpKind::kMigrate && op.dst_replica != op.replica) {
+    r.fail(Status(ErrorCode::kParseError, "step plan op of replica " + std::to_string(op.replica) +
+                                              " names a destination replica; only migrations do"));
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
+  Reader r(bytes);
+  StepPlan plan;
+  uint32_t magic = 0, version = 0;
+  if (r.get(magic, "magic") && magic != kMagic) {
+    return Status(ErrorCode::kParseError, "not a step plan (bad magic number)");
+  }
+  if (r.get(version, "version") && version != kVersion) {
+    return Status(ErrorCode::kParseError, "step plan version " + std::to_string(version) +
+                                              " (this build reads version " +
+                                              std::to_string(kVersion) + ")");
+  }
+  r.get(plan.step, "step");
+  uint64_t n = 0;
+  if (r.count(n, kOpBytes, "ops")) {
+    plan.ops.resize(n);
+    for (auto& op : plan.ops) {
+      if (!read_op(r, op)) break;
+    }
+  }
+  if (r.count(n, 28, "tables")) {
+    plan.tables.resize(n);
+    for (auto& t : plan.tables) {
+      uint64_t blocks = 0;
+      if (!r.get(t.seq.value, "tables") || !r.get(t.replica, "tables") ||
+          !r.get(t.num_tokens, "tables") || !r.count(blocks, 4, "table blocks")) {
+        break;
+      }
+      t.blocks.resize(blocks);
+      for (BlockId& b : t.blocks) {
+        if (!r.get(b.value, "table blocks")) break;
+      }
+    }
+  }
+  for (auto* ids : {&plan.released, &plan.preempted}) {
+    if (!r.count(n, 8, ids == &plan.released ? "released" : "preempted")) break;
+    ids->resize(n);
+    for (SeqId& s : *ids) {
+      if (!r.get(s.value, "sequence ids")) break;
+    }
+  }
+  if (!r.status().ok()) return r.status();
+  if (!r.done()) return Status(ErrorCode::kParseError, "step plan has trailing bytes");
+  return plan;
+}
+
+std::vector<uint32_t> plan_waves(std::span<const StepPlan::Op> ops) {
+  // Per block: the last wave that wrote it and the last that read it, each also for non-copy ops
+  // only (a copy may join the wave of the copies it depends on: copies run in list order).
+  struct Access {
+    int64_t write = -1, write_other = -1, read = -1, read_other = -1;
+  };
+  std::unordered_map<uint64_t, Access> blocks;  // looked up only: its order decides nothing
+  std::vector<uint32_t> waves;
+  waves.reserve(ops.size());
+  for (const StepPlan::Op& op : ops) {
+    using K = StepPlan::OpKind;
+    const bool is_copy = op.kind == K::kCopy;
+    const uint64_t read = block_key(op.replica, op.kind == K::kSwapIn, op.src);
+    const uint64_t write = block_key(op.dst_replica, op.kind == K::kSwapOut, op.dst);
+    Access& r = blocks[read];
+    Access& w = blocks[write];
+    int64_t wave = 0;
+    // After the last write of what it reads, and the last read and write of what it writes.
+    wave = std::max(wave, (is_copy ? std::max(r.write_other + 1, r.write) : r.write + 1));
+    wave = std::max(wave, (is_copy ? std::max(w.write_other + 1, w.write) : w.write + 1));
+    wave = std::max(wave, (is_copy ? std::max(w.read_other + 1, w.read) : w.read + 1));
+    r.read = std::max(r.read, wave);
+    w.write = std::max(w.write, wave);
+    if (!is_copy) {
+      r.read_other = std::max(r.read_other, wave);
+      w.write_other = std::max(w.write_other, wave);
+    }
+    waves.push_back(static_cast<uint32_t>(wave));
+  }
+  return waves;
+}
+
+}  // namespace kvfabric

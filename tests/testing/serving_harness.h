@@ -1,0 +1,328 @@
+// A model of a serving engine around the coordinator and the ranks, for tests: it writes each
+// token's K/V as a pure function of the tokens up to it (as a real model does), so after any mix
+// of prefix sharing, copy-on-write, swaps and migrations every sequence's gathered K/V can be
+// checked against its token list alone. ServingWorkload drives a scripted, seeded serving load.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <random>
+#include <set>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvfabric/coordinator/coordinator.h"
+#include "kvfabric/runtime/rank_cache.h"
+
+namespace kvfabric::testing {
+
+inline uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+//! The K (or V) element of a token whose prefix hashes to `prefix_hash`. Multiples of 1/64 in
+//! [-2, 2): exact in f32, f16 and bf16, so round trips through the pool compare with ==.
+inline float token_kv(uint64_t prefix_hash, uint32_t layer, uint32_t kv_head, uint32_t dim,
+                      bool is_value) {
+  const uint64_t h = mix64(prefix_hash ^ (uint64_t{layer} << 56) ^ (uint64_t{kv_head} << 40) ^
+                           (uint64_t{dim} << 1) ^ uint64_t{is_value});
+  return static_cast<float>(static_cast<int>(h & 0xFF) - 128) / 64.0f;
+}
+
+//! A test config: 2 layers, head_dim 64, f16 KV, block size 16.
+inline Config serving_config(uint32_t dp, uint32_t tp, uint32_t q_heads, uint32_t kv_heads,
+                             uint64_t device_blocks, uint64_t host_blocks) {
+  Config c;
+  c.model.name = "serving-test";
+  c.model.num_layers = 2;
+  c.model.num_query_heads = q_heads;
+  c.model.num_kv_heads = kv_heads;
+  c.model.head_dim = 64;
+  c.model.dtype = DType::kF32;
+  c.cache.block_size = 16;
+  c.cache.num_blocks = device_blocks;
+  c.cache.host_num_blocks = host_blocks;
+  c.cache.kv_dtype = DType::kF16;
+  c.topology.dp = dp;
+  c.topology.tp = tp;
+  return c;
+}
+
+//! What the engine knows of each sequence: its tokens and how many have K/V in the cache. Every
+//! rank keeps the same model (it sees the same requests and plans); a rank writes and checks the
+//! sequences of its own replica.
+class EngineModel {
+ public:
+  explicit EngineModel(const Config& config) : config_(config) {}
+
+  void admitted(SeqId seq, std::span<const TokenId> prompt, const Placement& placement) {
+    Seq& s = seqs_[seq];
+    s.tokens.assign(prompt.begin(), prompt.end());
+    s.computed = placement.cached_tokens;
+  }
+  void appended(SeqId seq, std::span<const TokenId> tokens) {
+    auto& t = seqs_.at(seq).tokens;
+    t.insert(t.end(), tokens.begin(), tokens.end());
+  }
+  void forked(SeqId src, SeqId dst) { seqs_[dst] = seqs_.at(src); }
+  void freed(SeqId seq) { seqs_.erase(seq); }
+  [[nodiscard]] bool knows(SeqId seq) const { return seqs_.count(seq) > 0; }
+  [[nodiscard]] const std::vector<TokenId>& tokens(SeqId seq) const { return seqs_.at(seq).tokens; }
+
+  //! Takes in a plan: preempted sequences lose their K/V (the workload re-admits them).
+  void planned(const StepPlan& plan) {
+    for (SeqId seq : plan.preempted) seqs_.erase(seq);
+    for (const auto& t : plan.tables) live_[t.seq] = t.num_tokens;
+    for (SeqId seq : plan.released) {
+      const bool retabled = std::any_of(plan.tables.begin(), plan.tables.end(),
+                                        [&](const StepPlan::Table& t) { return t.seq == seq; });
+      if (!retabled) live_.erase(seq);
+    }
+  }
+
+  //! The forward pass: writes the K/V of every slot not yet computed of the rank's replica
+  //! (every layer, the rank's KV heads). Afterwards every running sequence counts as computed on
+  //! every rank, as the engine's ranks all finish the same step.
+  Status forward(RankCache& rank) {
+    const RankLayout& l = rank.layout();
+    const uint32_t hd = config_.model.head_dim;
+    const uint32_t bs = config_.cache.block_size;
+    for (const auto& [seq, table] : rank.tables()) {
+      Seq& s = seqs_.at(seq);
+      if (s.computed >= table.num_tokens) continue;
+      if (s.tokens.size() < table.num_tokens) {
+        return invalid_argument("engine model: " + to_string(seq) + " has " +
+                                std::to_string(s.tokens.size()) + " tokens, its table " +
+                                std::to_string(table.num_tokens));
+      }
+      const size_t n = table.num_tokens - s.computed;
+      std::vector<int64_t> slots(n);
+      for (size_t i = 0; i < n; ++i) {
+        const size_t pos = s.computed + i;
+        slots[i] = int64_t{table.blocks[pos / bs].value} * bs + static_cast<int64_t>(pos % bs);
+      }
+      std::vector<float> k(n * l.num_kv_heads * hd), v(k.size());
+      for (uint32_t layer = 0; layer < config_.model.num_layers; ++layer) {
+        fill(s, s.computed, n, layer, l, k.data(), v.data());
+        AppendKvArgs args;
+        args.layer = layer;
+        args.key = k.data();
+        args.value = v.data();
+        args.input_dtype = DType::kF32;
+        args.num_tokens = static_cast<uint32_t>(n);
+        args.slot_mapping = slots.data();
+        KVF_RETURN_IF_ERROR(rank.append_kv(layer, args));
+      }
+    }
+    for (const auto& [seq, num_tokens] : live_) {
+      const auto it = seqs_.find(seq);
+      if (it != seqs_.end()) it->second.computed = std::max<size_t>(it->second.computed, num_tokens);
+    }
+    return ok_status();
+  }
+
+  //! Gathers every sequence of the rank's replica and compares it with its tokens' K/V.
+  ::testing::AssertionResult verify(RankCache& rank) const {
+    const RankLayout& l = rank.layout();
+    const uint32_t hd = config_.model.head_dim;
+    for (const auto& [seq, table] : rank.tables()) {
+      const auto it = seqs_.find(seq);
+      if (it == seqs_.end()) return ::testing::AssertionFailure() << "rank holds unknown " << seq;
+      const Seq& s = it->second;
+      const size_t n = table.num_tokens;
+      std::vector<uint32_t> blocks;
+      for (BlockId b : table.blocks) blocks.push_back(b.value);
+      std::vector<float> k(n * l.num_kv_heads * hd), v(k.size()), want_k(k.size()), want_v(k.size());
+      for (uint32_t layer = 0; layer < config_.model.num_layers; ++layer) {
+        GatherKvArgs args;
+        args.layer = layer;
+        args.block_table = blocks.data();
+        args.num_tokens = static_cast<uint32_t>(n);
+        args.key_out = k.data();
+        args.value_out = v.data();
+        const Status gathered = rank.gather_kv(layer, args);
+        if (!gathered.ok()) return ::testing::AssertionFailure() << gathered;
+        fill(s, 0, n, layer, l, want_k.data(), want_v.data());
+        for (size_t i = 0; i < k.size(); ++i) {
+          if (k[i] != want_k[i] || v[i] != want_v[i]) {
+            const size_t token = i / (l.num_kv_heads * hd);
+            return ::testing::AssertionFailure()
+                   << "rank " << l.rank << ": " << seq << " token " << token << " of " << n
+                   << ", layer " << layer << ", element " << i << ": K " << k[i] << " V " << v[i]
+                   << ", expected K " << want_k[i] << " V " << want_v[i];
+          }
+        }
+      }
+    }
+    return ::testing::AssertionSuccess();
+  }
+
+ private:
+  struct Seq {
+    std::vector<TokenId> tokens;
+    size_t computed = 0;
+  };
+
+  // K and V of tokens [first, first + n) for the rank's KV heads: [n, local heads, head_dim].
+  void fill(const Seq& s, size_t first, size_t n, uint32_t layer, const RankLayout& l, float* k,
+            float* v) const {
+    const uint32_t hd = config_.model.head_dim;
+    uint64_t h = 0;
+    for (size_t pos = 0; pos < first + n; ++pos) {
+      h = mix64(h ^ s.tokens[pos]);
+      if (pos < first) continue;
+      for (uint32_t head = 0; head < l.num_kv_heads; ++head) {
+        for (uint32_t d = 0; d < hd; ++d) {
+          const size_t at = ((pos - first) * l.num_kv_heads + head) * hd + d;
+          k[at] = token_kv(h, layer, l.first_kv_head + head, d, false);
+          v[at] = token_kv(h, layer, l.first_kv_head + head, d, true);
+        }
+      }
+    }
+  }
+
+  Config config_;
+  std::map<SeqId, Seq> seqs_;
+  std::map<SeqId, uint64_t> live_;  // running sequences and their lengths, every replica
+};
+
+//! Counts of what a workload did, to check that a run exercised what it claims to.
+struct WorkloadCounts {
+  uint64_t admitted = 0, refused = 0, forks = 0, cross_replica_forks = 0, appends = 0, frees = 0,
+           readmitted = 0;
+};
+
+//! A seeded serving load: requests that share one of a few system prompts, long and short
+//! prompts, decoding, beam-search forks (some onto other replicas), and frees when a sequence
+//! reaches its length. Every rank can run it with its own coordinator and get the same calls.
+class ServingWorkload {
+ public:
+  ServingWorkload(uint64_t seed, uint32_t num_replicas) : rng_(seed), replicas_(num_replicas) {
+    for (int p = 0; p < 3; ++p) system_prompts_.push_back(random_tokens(40 + 24 * p));
+  }
+
+  //! Issues one step's requests, mirroring the accepted ones into `engine`.
+  Status issue(Coordinator& c, EngineModel& engine) {
+    // Preempted sequences come back as fresh requests with everything they had, in order, as
+    // soon as there is room.
+    while (!to_readmit_.empty() && admit(c, engine, to_readmit_.front().first, to_readmit_.front().second)) {
+      to_readmit_.pop_front();
+      ++counts_.readmitted;
+    }
+    const int arrivals = std::uniform_int_distribution<int>(0, 3)(rng_);
+    for (int i = 0; i < arrivals; ++i) {
+      std::vector<TokenId> prompt;
+      if (coin(0.7)) {
+        const auto& system = system_prompts_[pick(system_prompts_.size())];
+        prompt = system;
+      }
+      const size_t suffix = coin(0.15) ? 150 + pick(120) : 4 + pick(40);
+      const auto tail = random_tokens(suffix);
+      prompt.insert(prompt.end(), tail.begin(), tail.end());
+      admit(c, engine, SeqId{next_seq_++}, prompt);
+    }
+    // Beam search: a running sequence spawns a beam, now and then on another replica.
+    if (!live_.empty() && coin(0.3)) {
+      const SeqId parent = nth_live(pick(live_.size()));
+      if (!c.is_swapped(parent)) {
+        const SeqId child{next_seq_++};
+        std::optional<uint32_t> where;
+        if (replicas_ > 1 && coin(0.4)) where = static_cast<uint32_t>(pick(replicas_));
+        if (c.fork(parent, child, where).ok()) {
+          engine.forked(parent, child);
+          live_[child] = live_.at(parent);
+          ++counts_.forks;
+          if (where && *where != *c.replica_of(parent)) ++counts_.cross_replica_forks;
+        }
+      }
+    }
+    // Decode one token for every running sequence; free those that reached their length.
+    for (auto it = live_.begin(); it != live_.end();) {
+      const SeqId seq = it->first;
+      // Swapped sequences wait; preempted ones (by this step's pressure) return with the plan.
+      if (c.is_swapped(seq) || !c.replica_of(seq)) {
+        ++it;
+        continue;
+      }
+      if (engine.tokens(seq).size() >= it->second) {
+        KVF_RETURN_IF_ERROR(c.free(seq));
+        engine.freed(seq);
+        it = live_.erase(it);
+        ++counts_.frees;
+        continue;
+      }
+      const TokenId token = static_cast<TokenId>(mix64(seq.value * 1315423911u + engine.tokens(seq).size()) % 32000);
+      if (c.append(seq, 1).ok()) {
+        engine.appended(seq, std::span(&token, 1));
+        ++counts_.appends;
+      }
+      ++it;
+    }
+    return ok_status();
+  }
+
+  //! Takes in the step's plan, for the workload and the engine: preempted sequences are
+  //! re-admitted at the next step.
+  void planned(const StepPlan& plan, EngineModel& engine) {
+    for (SeqId seq : plan.preempted) {
+      const auto it = live_.find(seq);
+      if (it == live_.end()) continue;
+      to_readmit_.emplace_back(seq, engine.tokens(seq));
+      live_.erase(it);
+    }
+    engine.planned(plan);
+  }
+
+  //! Frees every sequence (the end of the run).
+  Status drain(Coordinator& c, EngineModel& engine) {
+    for (const auto& [seq, target] : live_) {
+      KVF_RETURN_IF_ERROR(c.free(seq));
+      engine.freed(seq);
+    }
+    live_.clear();
+    to_readmit_.clear();
+    return ok_status();
+  }
+
+  [[nodiscard]] const WorkloadCounts& counts() const { return counts_; }
+  [[nodiscard]] size_t live() const { return live_.size(); }
+
+ private:
+  bool admit(Coordinator& c, EngineModel& engine, SeqId seq, const std::vector<TokenId>& prompt) {
+    const auto placed = c.admit(seq, prompt, static_cast<uint32_t>(pick(3)));
+    if (!placed.ok()) {
+      ++counts_.refused;
+      return false;
+    }
+    engine.admitted(seq, prompt, *placed);
+    live_[seq] = prompt.size() + 4 + pick(coin(0.2) ? 60 : 16);
+    ++counts_.admitted;
+    return true;
+  }
+  std::vector<TokenId> random_tokens(size_t n) {
+    std::vector<TokenId> t(n);
+    for (auto& x : t) x = static_cast<TokenId>(rng_() % 32000);
+    return t;
+  }
+  size_t pick(size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(rng_); }
+  bool coin(double p) { return std::bernoulli_distribution(p)(rng_); }
+  SeqId nth_live(size_t n) const { return std::next(live_.begin(), static_cast<ptrdiff_t>(n))->first; }
+
+  std::mt19937_64 rng_;
+  uint32_t replicas_;
+  std::vector<std::vector<TokenId>> system_prompts_;
+  std::map<SeqId, size_t> live_;  // running or swapped sequences -> their final length
+  std::deque<std::pair<SeqId, std::vector<TokenId>>> to_readmit_;
+  uint64_t next_seq_ = 1;
+  WorkloadCounts counts_;
+};
+
+}  // namespace kvfabric::testing

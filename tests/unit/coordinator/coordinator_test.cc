@@ -1,0 +1,358 @@
+#include "kvfabric/coordinator/coordinator.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "testing/serving_harness.h"
+
+namespace kvfabric {
+namespace {
+
+using testing::serving_config;
+using ::testing::HasSubstr;
+using Kind = StepPlan::OpKind;
+
+std::vector<TokenId> tokens(size_t n, TokenId first) {
+  std::vector<TokenId> t(n);
+  std::iota(t.begin(), t.end(), first);
+  return t;
+}
+
+Coordinator make(const Config& config) {
+  auto c = Coordinator::create(config);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return std::move(c).value();
+}
+
+std::vector<StepPlan::Op> ops_of(const StepPlan& plan, Kind kind) {
+  std::vector<StepPlan::Op> out;
+  for (const auto& op : plan.ops) {
+    if (op.kind == kind) out.push_back(op);
+  }
+  return out;
+}
+
+TEST(CoordinatorTest, AdmitPlacesPublishesAndIndexesAfterTheComputeStep) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 32, 8));
+  const auto prompt = tokens(70, 100);
+  const auto a = c.admit(SeqId{1}, prompt);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->cached_tokens, 0u);
+  EXPECT_EQ(a->blocks.size(), 5u);
+  auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->step, 0u);
+  ASSERT_EQ(plan->tables.size(), 1u);
+  EXPECT_EQ(plan->tables[0].seq, SeqId{1});
+  EXPECT_EQ(plan->tables[0].replica, a->replica);
+  EXPECT_EQ(plan->tables[0].num_tokens, 70u);
+  EXPECT_EQ(plan->tables[0].blocks, a->blocks);
+
+  // Step 1 indexes the prompt computed in step 0; a request sharing 64 tokens then hits.
+  ASSERT_TRUE(c.step().ok());
+  auto second = prompt;
+  second.resize(64);
+  second.push_back(9);
+  const auto b = c.admit(SeqId{2}, second);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->replica, a->replica);
+  EXPECT_EQ(b->cached_tokens, 64u);
+  EXPECT_EQ(b->migrated_tokens, 0u);
+  EXPECT_EQ(std::vector(b->blocks.begin(), b->blocks.begin() + 4),
+            std::vector(a->blocks.begin(), a->blocks.begin() + 4));
+  EXPECT_EQ(c.stats().local_hit_tokens, 64u);
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+TEST(CoordinatorTest, ACachedPrefixMigratesToALessLoadedReplica) {
+  Config config = serving_config(2, 1, 4, 2, 32, 8);
+  config.coordinator.queue_weight = 1000;  // one running sequence outweighs 64 prefill tokens
+  Coordinator c = make(config);
+  const auto prompt = tokens(64, 100);
+  const auto a = c.admit(SeqId{1}, prompt);
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.step().ok());  // indexed now
+
+  auto longer = prompt;
+  longer.push_back(5);
+  const auto b = c.admit(SeqId{2}, longer);
+  ASSERT_TRUE(b.ok());
+  EXPECT_NE(b->replica, a->replica);
+  EXPECT_EQ(b->cached_tokens, 64u);
+  EXPECT_EQ(b->migrated_tokens, 64u);
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  const auto moves = ops_of(*plan, Kind::kMigrate);
+  ASSERT_EQ(moves.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(moves[i].replica, a->replica);
+    EXPECT_EQ(moves[i].src, a->blocks[i]);
+    EXPECT_EQ(moves[i].dst_replica, b->replica);
+    EXPECT_EQ(moves[i].dst, b->blocks[i]);
+  }
+  EXPECT_EQ(c.stats().migrated_tokens, 64u);
+
+  // The next step records the new residency: both replicas now hold the prefix.
+  ASSERT_TRUE(c.step().ok());
+  EXPECT_EQ(c.replica_cache(b->replica).index().peek(prompt).tokens, 64u);
+  EXPECT_EQ(c.replica_cache(a->replica).index().peek(prompt).tokens, 64u);
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+TEST(CoordinatorTest, NoMigrationWhenMovingCostsMoreThanComputing) {
+  Config config = serving_config(2, 1, 4, 2, 32, 8);
+  config.coordinator.queue_weight = 1000;
+  config.coordinator.migration_token_cost = 1.5;
+  Coordinator c = make(config);
+  const auto prompt = tokens(64, 100);
+  ASSERT_TRUE(c.admit(SeqId{1}, prompt).ok());
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.step().ok());
+  const auto b = c.admit(SeqId{2}, prompt);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->migrated_tokens, 0u);
+  EXPECT_EQ(b->cached_tokens, 0u);
+  EXPECT_EQ(c.step()->count(Kind::kMigrate), 0u);
+}
+
+TEST(CoordinatorTest, ForkAcrossReplicasMovesTheParentsBlocks) {
+  Coordinator c = make(serving_config(2, 1, 4, 2, 32, 8));
+  const auto a = c.admit(SeqId{1}, tokens(40, 0));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(c.step().ok());
+  const uint32_t other = 1 - a->replica;
+  ASSERT_TRUE(c.fork(SeqId{1}, SeqId{2}, other).ok());
+  EXPECT_EQ(c.replica_of(SeqId{2}), other);
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  const auto moves = ops_of(*plan, Kind::kMigrate);
+  ASSERT_EQ(moves.size(), 3u);
+  const auto child = c.blocks_of(SeqId{2});
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(moves[i].src, a->blocks[i]);
+    EXPECT_EQ(moves[i].dst, child[i]);
+  }
+  ASSERT_EQ(plan->tables.size(), 1u);
+  EXPECT_EQ(plan->tables[0].num_tokens, 40u);
+  // A fork on the same replica shares blocks instead.
+  ASSERT_TRUE(c.fork(SeqId{1}, SeqId{3}).ok());
+  EXPECT_EQ(c.blocks_of(SeqId{3}), a->blocks);
+  EXPECT_EQ(c.step()->count(Kind::kMigrate), 0u);
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+TEST(CoordinatorTest, AppendIntoASharedTailIsCopiedInPlanOrder) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 32, 8));
+  ASSERT_TRUE(c.admit(SeqId{1}, tokens(20, 0)).ok());
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.fork(SeqId{1}, SeqId{2}).ok());
+  ASSERT_TRUE(c.append(SeqId{2}, 1).ok());
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  const auto copies = ops_of(*plan, Kind::kCopy);
+  ASSERT_EQ(copies.size(), 1u);
+  EXPECT_EQ(copies[0].copy.src_block, c.blocks_of(SeqId{1})[1]);
+  EXPECT_EQ(copies[0].copy.dst_block, c.blocks_of(SeqId{2})[1]);
+  EXPECT_EQ(copies[0].copy.num_tokens, 4u);
+}
+
+// Replica 0 full of computed sequences of 2 blocks each (32 tokens).
+void fill_replica(Coordinator& c, size_t count, SeqId first) {
+  for (size_t i = 0; i < count; ++i) {
+    const auto placed = c.admit(SeqId{first.value + i}, tokens(32, static_cast<TokenId>(1000 * (first.value + i))));
+    ASSERT_TRUE(placed.ok()) << placed.status();
+  }
+  ASSERT_TRUE(c.step().ok());
+}
+
+TEST(CoordinatorTest, PressureEvictsIdleCacheFirst) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 8, 8));
+  ASSERT_TRUE(c.admit(SeqId{1}, tokens(64, 0)).ok());
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.free(SeqId{1}).ok());  // 4 blocks stay cached, idle
+  EXPECT_EQ(c.replica_cache(0).pool().cached_block_count(), 4u);
+  ASSERT_TRUE(c.admit(SeqId{2}, tokens(128, 5000)).ok());  // needs all 8
+  EXPECT_EQ(c.stats().swapped_out, 0u);
+  EXPECT_EQ(c.replica_cache(0).pool().cached_block_count(), 0u);
+}
+
+TEST(CoordinatorTest, PressureSwapsThenParksThenPreempts) {
+  // Two replicas of 8 blocks, 4 host blocks each; 8 computed sequences of 2 blocks fill both
+  // (placement alternates: S1, S3, S5, S7 on replica 0).
+  Coordinator c = make(serving_config(2, 1, 4, 2, 8, 4));
+  fill_replica(c, 8, SeqId{1});
+  const std::vector<SeqId> on0 = {SeqId{1}, SeqId{3}, SeqId{5}, SeqId{7}};
+  for (SeqId s : on0) ASSERT_EQ(c.replica_of(s), 0u);
+  ASSERT_EQ(c.replica_cache(0).pool().available_block_count(), 0u);
+  ASSERT_EQ(c.replica_cache(1).pool().available_block_count(), 0u);
+
+  // Swap: the least recently used computed sequence goes to the host tier.
+  ASSERT_TRUE(c.append(SeqId{7}, 1).ok());
+  EXPECT_TRUE(c.is_swapped(SeqId{1}));
+  ASSERT_TRUE(c.append(SeqId{5}, 17).ok());  // 2 more blocks: S3 goes too
+  EXPECT_TRUE(c.is_swapped(SeqId{3}));
+  EXPECT_EQ(c.stats().swapped_out, 2u);
+  EXPECT_EQ(c.host_free_blocks(0), 0u);
+  auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->count(Kind::kSwapOut), 4u);
+  EXPECT_THAT(plan->released, ::testing::ElementsAre(SeqId{1}, SeqId{3}));
+  EXPECT_EQ(plan->count(Kind::kSwapIn), 0u);  // the replica was short in this step
+
+  // Park: with the host tier full, a victim moves to the peer that has room for it.
+  ASSERT_TRUE(c.free(SeqId{2}).ok());
+  ASSERT_TRUE(c.free(SeqId{4}).ok());
+  ASSERT_TRUE(c.append(SeqId{7}, 32).ok());  // 65 tokens: 2 more blocks, 1 free
+  EXPECT_EQ(c.stats().parked, 1u);
+  EXPECT_EQ(c.replica_of(SeqId{5}), 1u);
+  plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  const auto moves = ops_of(*plan, Kind::kMigrate);
+  ASSERT_EQ(moves.size(), 4u);
+  EXPECT_EQ(moves[0].replica, 0u);
+  EXPECT_EQ(moves[0].dst_replica, 1u);
+  EXPECT_EQ(c.blocks_of(SeqId{5}).size(), 4u);
+
+  // A newcomer of the same priority does not displace running sequences.
+  EXPECT_EQ(c.admit(SeqId{100}, tokens(16 * 7, 90000)).status().code(), ErrorCode::kOutOfMemory);
+  EXPECT_EQ(c.stats().preempted, 0u);
+  // Preempt: a higher-priority newcomer, no host room, no peer room; the engine is told to
+  // recompute the victim.
+  const auto placed = c.admit(SeqId{100}, tokens(16 * 7, 90000), 1);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(placed->replica, 0u);
+  EXPECT_EQ(c.stats().preempted, 1u);
+  EXPECT_FALSE(c.replica_of(SeqId{7}).has_value());
+  plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  EXPECT_THAT(plan->preempted, ::testing::ElementsAre(SeqId{7}));
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+TEST(CoordinatorTest, SwappedSequencesComeBackOldestFirstWhenThereIsRoom) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 8, 8));
+  fill_replica(c, 4, SeqId{1});
+  ASSERT_TRUE(c.admit(SeqId{10}, tokens(64, 77777), 1).ok());  // swaps 1 and 2 out
+  EXPECT_TRUE(c.is_swapped(SeqId{1}));
+  EXPECT_TRUE(c.is_swapped(SeqId{2}));
+  ASSERT_TRUE(c.step().ok());
+  EXPECT_EQ(c.append(SeqId{1}, 1).code(), ErrorCode::kInvalidOperation);
+  ASSERT_TRUE(c.free(SeqId{10}).ok());
+  ASSERT_TRUE(c.free(SeqId{3}).ok());
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  EXPECT_FALSE(c.is_swapped(SeqId{1}));
+  EXPECT_FALSE(c.is_swapped(SeqId{2}));
+  const auto ins = ops_of(*plan, Kind::kSwapIn);
+  ASSERT_EQ(ins.size(), 4u);
+  EXPECT_EQ(ins[0].dst, c.blocks_of(SeqId{1})[0]);
+  EXPECT_EQ(c.stats().swapped_in, 2u);
+  EXPECT_EQ(c.host_free_blocks(0), 8u);
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+TEST(CoordinatorTest, BadRequestsAreRefusedAndChangeNothing) {
+  Coordinator c = make(serving_config(2, 1, 4, 2, 8, 4));
+  ASSERT_TRUE(c.admit(SeqId{1}, tokens(20, 0)).ok());
+  const auto before = c.stats();
+  EXPECT_EQ(c.admit(SeqId{1}, tokens(4, 0)).status().code(), ErrorCode::kInvalidOperation);
+  EXPECT_THAT(c.admit(SeqId{2}, {}).status().message(), HasSubstr("empty"));
+  EXPECT_THAT(c.admit(SeqId{uint64_t{1} << 63}, tokens(4, 0)).status().message(), HasSubstr("reserved"));
+  EXPECT_EQ(c.admit(SeqId{3}, tokens(16 * 9, 0)).status().code(), ErrorCode::kOutOfMemory);
+  EXPECT_EQ(c.append(SeqId{9}, 1).code(), ErrorCode::kSequenceNotFound);
+  EXPECT_EQ(c.free(SeqId{9}).code(), ErrorCode::kSequenceNotFound);
+  EXPECT_EQ(c.set_priority(SeqId{9}, 1).code(), ErrorCode::kSequenceNotFound);
+  EXPECT_EQ(c.fork(SeqId{9}, SeqId{4}).code(), ErrorCode::kSequenceNotFound);
+  EXPECT_EQ(c.fork(SeqId{1}, SeqId{1}).code(), ErrorCode::kInvalidOperation);
+  EXPECT_THAT(c.fork(SeqId{1}, SeqId{4}, 7u).message(), HasSubstr("replica 7 of 2"));
+  EXPECT_EQ(c.stats().admitted, before.admitted);
+  EXPECT_EQ(c.stats().migrated_blocks, 0u);
+  EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
+  EXPECT_FALSE(c.replica_of(SeqId{4}).has_value());
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  EXPECT_TRUE(plan->ops.empty());
+  ASSERT_EQ(plan->tables.size(), 1u);
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+TEST(CoordinatorTest, PrioritiesOutsideThePriorityLevelsAreRefused) {
+  Config config = serving_config(1, 1, 4, 2, 8, 4);
+  config.cache.eviction.strategy = EvictionPolicy::kPriority;
+  Coordinator c = make(config);
+  EXPECT_EQ(c.admit(SeqId{1}, tokens(4, 0), 4).status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_FALSE(c.replica_of(SeqId{1}).has_value());
+  ASSERT_TRUE(c.admit(SeqId{1}, tokens(4, 0), 3).ok());
+  EXPECT_THAT(c.set_priority(SeqId{1}, 99).message(), HasSubstr("priority_levels is 4"));
+  EXPECT_TRUE(c.set_priority(SeqId{1}, 0).ok());
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+TEST(CoordinatorTest, ConfigsItCannotServeAreRefused) {
+  Config config = serving_config(1, 1, 4, 2, 8, 0);
+  config.cache.layers_per_group = 1;
+  EXPECT_EQ(Coordinator::create(config).status().code(), ErrorCode::kUnimplemented);
+  config = serving_config(1, 1, 4, 2, 8, 0);
+  config.coordinator.queue_weight = -1;
+  EXPECT_THAT(Coordinator::create(config).status().message(), HasSubstr("coordinator.queue_weight"));
+}
+
+// Runs a seeded serving workload on a coordinator alone and returns every plan's bytes.
+std::vector<std::vector<uint8_t>> run_workload(const Config& config, uint64_t seed, int steps,
+                                               testing::WorkloadCounts* counts = nullptr,
+                                               CoordinatorStats* stats = nullptr) {
+  Coordinator c = make(config);
+  testing::EngineModel engine(config);
+  testing::ServingWorkload workload(seed, config.topology.dp);
+  std::vector<std::vector<uint8_t>> plans;
+  for (int s = 0; s < steps; ++s) {
+    EXPECT_TRUE(workload.issue(c, engine).ok());
+    const Status integrity = c.verify_integrity();
+    EXPECT_TRUE(integrity.ok()) << "step " << s << ": " << integrity;
+    auto plan = c.step();
+    EXPECT_TRUE(plan.ok());
+    workload.planned(*plan, engine);
+    plans.push_back(plan->serialize());
+  }
+  EXPECT_TRUE(workload.drain(c, engine).ok());
+  plans.push_back(c.step()->serialize());
+  plans.push_back(c.step()->serialize());
+  EXPECT_TRUE(c.verify_integrity().ok());
+  // Nothing leaked: every replica's blocks are free or idle in its prefix cache.
+  for (uint32_t r = 0; r < c.num_replicas(); ++r) {
+    const PagedKvCache& pool = c.replica_cache(r).pool();
+    EXPECT_EQ(pool.num_sequences(), 0u);
+    EXPECT_EQ(pool.used_block_count(), 0u) << "replica " << r;
+    EXPECT_EQ(pool.free_block_count() + pool.cached_block_count(), pool.total_blocks());
+    EXPECT_EQ(c.host_free_blocks(r), config.cache.host_num_blocks);
+  }
+  if (counts != nullptr) *counts = workload.counts();
+  if (stats != nullptr) *stats = c.stats();
+  return plans;
+}
+
+TEST(CoordinatorTest, AServingWorkloadKeepsEveryInvariantAndLeaksNothing) {
+  testing::WorkloadCounts counts;
+  CoordinatorStats stats;
+  run_workload(serving_config(4, 1, 4, 2, 40, 12), 7, 300, &counts, &stats);
+  // The run exercised what it claims to.
+  EXPECT_GT(counts.admitted, 200u);
+  EXPECT_GT(counts.cross_replica_forks, 5u);
+  EXPECT_GT(stats.local_hit_tokens, 0u);
+  EXPECT_GT(stats.migrated_tokens, 0u);
+  EXPECT_GT(stats.swapped_out, 0u);
+  EXPECT_GT(stats.swapped_in, 0u);
+  EXPECT_GT(stats.parked + stats.preempted, 0u);
+}
+
+TEST(CoordinatorTest, DecisionsAreDeterministic) {
+  const Config config = serving_config(2, 1, 4, 2, 24, 8);
+  EXPECT_EQ(run_workload(config, 11, 120), run_workload(config, 11, 120));
+}
+
+}  // namespace
+}  // namespace kvfabric

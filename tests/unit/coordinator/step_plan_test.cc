@@ -1,0 +1,120 @@
+#include "kvfabric/coordinator/step_plan.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace kvfabric {
+namespace {
+
+using Op = StepPlan::Op;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+TokenCopy cow(uint32_t src, uint32_t dst, uint32_t tokens) {
+  return TokenCopy{BlockId{src}, 0, BlockId{dst}, 0, tokens, CopyReason::kCopyOnWrite};
+}
+
+StepPlan sample_plan() {
+  StepPlan plan;
+  plan.step = 41;
+  plan.ops = {Op::swap_out(1, BlockId{3}, BlockId{0}), Op::migrate(0, BlockId{7}, 1, BlockId{3}),
+              Op::swap_in(0, BlockId{2}, BlockId{9}),
+              Op::token_copy(1, TokenCopy{BlockId{5}, 2, BlockId{6}, 4, 9, CopyReason::kCompaction})};
+  plan.tables = {{SeqId{4}, 1, 33, {BlockId{3}, BlockId{6}, BlockId{8}}}, {SeqId{9}, 0, 0, {}}};
+  plan.released = {SeqId{2}, SeqId{11}};
+  plan.preempted = {SeqId{11}};
+  return plan;
+}
+
+TEST(StepPlanTest, SerializeRoundTripsEveryField) {
+  const StepPlan plan = sample_plan();
+  const auto parsed = StepPlan::deserialize(plan.serialize());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(*parsed, plan);
+  EXPECT_EQ(parsed->count(StepPlan::OpKind::kMigrate), 1u);
+  EXPECT_EQ(parsed->ops[3].copy.src_block, BlockId{5});
+
+  const auto empty = StepPlan::deserialize(StepPlan{}.serialize());
+  ASSERT_TRUE(empty.ok());
+  EXPECT_TRUE(empty->empty());
+}
+
+TEST(StepPlanTest, EveryTruncationIsAParseError) {
+  const auto bytes = sample_plan().serialize();
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    const auto parsed = StepPlan::deserialize(std::span(bytes.data(), n));
+    ASSERT_FALSE(parsed.ok()) << "length " << n;
+    EXPECT_EQ(parsed.status().code(), ErrorCode::kParseError) << "length " << n;
+  }
+}
+
+TEST(StepPlanTest, MalformedBytesAreRefusedWithTheirReason) {
+  const auto good = sample_plan().serialize();
+  auto with = [&](size_t at, uint8_t value) {
+    auto bytes = good;
+    bytes[at] = value;
+    return StepPlan::deserialize(bytes).status();
+  };
+  EXPECT_THAT(with(0, 0).message(), HasSubstr("not a step plan"));
+  EXPECT_THAT(with(4, 9).message(), HasSubstr("version 9"));
+  const size_t first_op = 4 + 4 + 8 + 8;
+  EXPECT_THAT(with(first_op, 7).message(), HasSubstr("unknown kind 7"));
+  EXPECT_THAT(with(first_op + 1 + 4 * 4 + 3 * 4, 5).message(), HasSubstr("unknown reason 5"));
+  // A swap-out that names a destination replica.
+  EXPECT_THAT(with(first_op + 1 + 4, 3).message(), HasSubstr("only migrations do"));
+  // An op count far beyond the bytes that follow.
+  EXPECT_THAT(with(4 + 4 + 8 + 7, 0xFF).message(), HasSubstr("ops but only"));
+
+  auto trailing = good;
+  trailing.push_back(0);
+  EXPECT_THAT(StepPlan::deserialize(trailing).status().message(), HasSubstr("trailing bytes"));
+}
+
+TEST(PlanWavesTest, IndependentOpsShareTheFirstWave) {
+  const std::vector<Op> ops = {Op::swap_out(0, BlockId{1}, BlockId{0}),
+                               Op::migrate(0, BlockId{2}, 1, BlockId{2}),
+                               Op::swap_in(1, BlockId{0}, BlockId{5}),
+                               Op::token_copy(0, cow(3, 4, 5))};
+  EXPECT_THAT(plan_waves(ops), ElementsAre(0u, 0u, 0u, 0u));
+}
+
+TEST(PlanWavesTest, ABlockReadThenReusedWaitsForTheRead) {
+  // A parked sequence's block is read, freed, and taken by a swap-in and by a copy.
+  const std::vector<Op> ops = {Op::migrate(0, BlockId{4}, 1, BlockId{0}),
+                               Op::swap_in(0, BlockId{2}, BlockId{4}),
+                               Op::token_copy(1, cow(0, 9, 3))};
+  EXPECT_THAT(plan_waves(ops), ElementsAre(0u, 1u, 1u));
+}
+
+TEST(PlanWavesTest, ReadsAfterWritesComeLater) {
+  // A prefix migrated in, then copied on write, then forked on to a third replica.
+  const std::vector<Op> ops = {Op::migrate(0, BlockId{1}, 1, BlockId{7}),
+                               Op::token_copy(1, cow(7, 8, 4)),
+                               Op::migrate(1, BlockId{8}, 2, BlockId{3})};
+  EXPECT_THAT(plan_waves(ops), ElementsAre(0u, 1u, 2u));
+}
+
+TEST(PlanWavesTest, SwapOutThenInOfOneHostBlockIsOrdered) {
+  const std::vector<Op> ops = {Op::swap_out(0, BlockId{1}, BlockId{6}),
+                               Op::swap_in(0, BlockId{6}, BlockId{2})};
+  EXPECT_THAT(plan_waves(ops), ElementsAre(0u, 1u));
+}
+
+TEST(PlanWavesTest, CopiesChainInsideAWaveButOthersDoNot) {
+  // Copies run in list order, so a chain of copies stays in one wave; a migration that reads a
+  // copy's result, and a copy that overwrites what a migration read, move on.
+  const std::vector<Op> ops = {Op::token_copy(0, cow(1, 2, 4)), Op::token_copy(0, cow(2, 3, 4)),
+                               Op::migrate(0, BlockId{3}, 1, BlockId{0}),
+                               Op::token_copy(0, cow(1, 3, 4)), Op::migrate(0, BlockId{1}, 1, BlockId{9})};
+  EXPECT_THAT(plan_waves(ops), ElementsAre(0u, 0u, 1u, 2u, 0u));
+}
+
+TEST(PlanWavesTest, ReplicasAndTiersAreSeparateBlocks) {
+  const std::vector<Op> ops = {Op::swap_out(0, BlockId{1}, BlockId{1}),
+                               Op::swap_out(1, BlockId{1}, BlockId{1}),
+                               Op::migrate(2, BlockId{1}, 3, BlockId{1})};
+  EXPECT_THAT(plan_waves(ops), ElementsAre(0u, 0u, 0u));
+}
+
+}  // namespace
+}  // namespace kvfabric
