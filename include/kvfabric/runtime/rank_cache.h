@@ -1,0 +1,108 @@
+// One rank's KV cache: its shard of every layer's KV heads, and the executor of step plans.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+
+#include "kvfabric/backend/backend.h"
+#include "kvfabric/backend/kv_storage.h"
+#include "kvfabric/config/config.h"
+#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/transport/transport.h"
+
+namespace kvfabric {
+
+//! \brief Where a rank sits in a dp x tp job (DESIGN.md §2): rank r is shard r % tp of replica
+//! r / tp and holds KV heads [first_kv_head, first_kv_head + num_kv_heads) of every layer and the
+//! query heads that attend to them. With fewer KV heads than shards (Hkv < tp) each KV head is
+//! replicated on tp / Hkv consecutive shards.
+struct RankLayout {
+  uint32_t rank = 0;
+  uint32_t world_size = 1;
+  uint32_t tp = 1;
+  uint32_t dp = 1;
+  uint32_t replica = 0;
+  uint32_t shard = 0;
+  uint32_t first_kv_head = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t first_q_head = 0;
+  uint32_t num_q_heads = 0;
+
+  //! The rank holding shard `shard` of `replica`.
+  [[nodiscard]] uint32_t rank_of(uint32_t replica_id, uint32_t shard_id) const {
+    return replica_id * tp + shard_id;
+  }
+};
+
+//! The layout of `rank` in the topology of `config`; InvalidArgument past the world size.
+Result<RankLayout> rank_layout(const Config& config, uint32_t rank);
+
+//! What a rank's plan executor has done, in blocks (each block: every layer of the rank's heads).
+struct RankCacheStats {
+  uint64_t steps = 0;
+  uint64_t waves = 0;
+  uint64_t swapped_out_blocks = 0;
+  uint64_t swapped_in_blocks = 0;
+  uint64_t migrated_blocks_sent = 0;
+  uint64_t migrated_blocks_received = 0;
+  uint64_t token_copies = 0;
+};
+
+//! \brief A rank's arenas (its KV-head shard of every layer, device and host tier) and the
+//! executor of the coordinator's step plans. A serving engine's TP worker owns one and calls
+//! append_kv / attention from its forward pass.
+//!
+//! execute() checks the plan's step number and validates every op against this rank's pools
+//! (nothing runs when one is wrong), then runs the plan wave by wave (plan_waves()), each wave in
+//! the order swap-out, migrations (shard s of one replica to shard s of another, through the
+//! transport, one batch per peer), swap-in, copies; and records the block tables. Not
+//! thread-safe; `backend` and `transport` must outlive it.
+class RankCache {
+ public:
+  static Result<std::unique_ptr<RankCache>> create(const Config& config, uint32_t rank,
+                                                   Backend& backend, Transport& transport);
+
+  [[nodiscard]] const RankLayout& layout() const { return layout_; }
+  [[nodiscard]] const KvStorage& storage() const { return storage_; }
+  [[nodiscard]] const PagedKvView& device_pool() const { return storage_.view(0, Tier::kDevice); }
+  [[nodiscard]] const PagedKvView& host_pool() const { return storage_.view(0, Tier::kHost); }
+  [[nodiscard]] const RankCacheStats& stats() const { return stats_; }
+  //! The step number the next plan must carry.
+  [[nodiscard]] uint64_t next_step() const { return next_step_; }
+
+  Status execute(const StepPlan& plan);
+  //! Collective: receives the plan broadcast by `root` (whose `plan_bytes` hold it) and executes it.
+  Status receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId root);
+
+  //! The block tables of this replica's sequences as of the last executed plan.
+  [[nodiscard]] const std::map<SeqId, StepPlan::Table>& tables() const { return tables_; }
+  //! A digest of tables(): equal on every shard of a replica that executed the same plans.
+  [[nodiscard]] uint64_t tables_digest() const;
+
+  // The forward pass: `layer` is the model layer; tensors hold this rank's heads only.
+  Status append_kv(uint32_t layer, AppendKvArgs args);
+  Status gather_kv(uint32_t layer, GatherKvArgs args);
+  Status decode_attention(uint32_t layer, DecodeAttentionArgs args);
+  Status prefill_attention(uint32_t layer, PrefillAttentionArgs args);
+
+ private:
+  RankCache(const RankLayout& layout, KvStorage storage, Backend& backend, Transport& transport)
+      : layout_(layout), storage_(std::move(storage)), backend_(&backend), transport_(&transport) {}
+
+  Status validate(const StepPlan& plan) const;
+  Status run_wave(std::span<const StepPlan::Op> wave);
+  Status run_migrations(std::span<const StepPlan::Op> migrations);
+  std::string where() const;
+
+  RankLayout layout_;
+  KvStorage storage_;
+  Backend* backend_;
+  Transport* transport_;
+  uint64_t next_step_ = 0;
+  RankCacheStats stats_;
+  std::map<SeqId, StepPlan::Table> tables_;
+};
+
+}  // namespace kvfabric

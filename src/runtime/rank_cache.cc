@@ -1,0 +1,258 @@
+#include "kvfabric/runtime/rank_cache.h"
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+
+#include "common/log.h"
+
+namespace kvfabric {
+
+Result<RankLayout> rank_layout(const Config& config, uint32_t rank) {
+  KVF_RETURN_IF_ERROR(validate(config));
+  const TopologyConfig& t = config.topology;
+  RankLayout l;
+  l.rank = rank;
+  l.tp = t.tp;
+  l.dp = t.dp;
+  l.world_size = t.tp * t.dp;
+  if (rank >= l.world_size) {
+    return invalid_argument("rank " + std::to_string(rank) + " is outside the world of " +
+                            std::to_string(l.world_size) + " ranks (dp " + std::to_string(t.dp) +
+                            " x tp " + std::to_string(t.tp) + ")");
+  }
+  l.replica = rank / t.tp;
+  l.shard = rank % t.tp;
+  const uint32_t hkv = config.model.num_kv_heads;
+  l.num_kv_heads = local_kv_heads(config.model, t);
+  l.first_kv_head = hkv >= t.tp ? l.shard * l.num_kv_heads : l.shard / (t.tp / hkv);
+  l.num_q_heads = config.model.num_query_heads / t.tp;
+  l.first_q_head = l.shard * l.num_q_heads;
+  return l;
+}
+
+Result<std::unique_ptr<RankCache>> RankCache::create(const Config& config, uint32_t rank,
+                                                     Backend& backend, Transport& transport) {
+  KVF_ASSIGN_OR_RETURN(const RankLayout layout, rank_layout(config, rank));
+  if (transport.world_size() != static_cast<int>(layout.world_size) ||
+      transport.rank().value != static_cast<int32_t>(rank)) {
+    return invalid_argument("rank " + std::to_string(rank) + " of a " +
+                            std::to_string(layout.world_size) + "-rank topology runs on " +
+                            std::string(transport.name()) + " rank " +
+                            std::to_string(transport.rank().value) + " of " +
+                            std::to_string(transport.world_size()));
+  }
+  KVF_ASSIGN_OR_RETURN(KvStorageSpec spec, KvStorageSpec::from_config(config));
+  if (spec.groups.size() != 1) {
+    return Status(ErrorCode::kUnimplemented,
+                  "step plans address one layer group; set cache.layers_per_group to 0");
+  }
+  KVF_ASSIGN_OR_RETURN(KvStorage storage, KvStorage::create(backend, spec));
+  return std::unique_ptr<RankCache>(new RankCache(layout, std::move(storage), backend, transport));
+}
+
+std::string RankCache::where() const {
+  return "rank " + std::to_string(layout_.rank) + " (replica " + std::to_string(layout_.replica) +
+         ", shard " + std::to_string(layout_.shard) + ")";
+}
+
+Status RankCache::validate(const StepPlan& plan) const {
+  if (plan.step != next_step_) {
+    return invalid_operation(where() + " received the plan of step " + std::to_string(plan.step) +
+                             " but expects step " + std::to_string(next_step_));
+  }
+  const uint64_t device_blocks = device_pool().num_blocks, host_blocks = host_pool().num_blocks;
+  const uint32_t block_size = device_pool().block_size;
+  auto bad = [&](size_t index, const std::string& what) {
+    return invalid_argument(where() + ", step " + std::to_string(plan.step) + ", op " +
+                            std::to_string(index) + ": " + what);
+  };
+  auto in_pool = [](BlockId b, uint64_t blocks) { return b.value < blocks; };
+  for (size_t i = 0; i < plan.ops.size(); ++i) {
+    const StepPlan::Op& op = plan.ops[i];
+    if (op.replica >= layout_.dp || op.dst_replica >= layout_.dp) {
+      return bad(i, "replica " + std::to_string(std::max(op.replica, op.dst_replica)) + " of " +
+                        std::to_string(layout_.dp));
+    }
+    const std::string blocks = to_string(op.src) + " -> " + to_string(op.dst);
+    switch (op.kind) {
+      case StepPlan::OpKind::kSwapOut:
+      case StepPlan::OpKind::kSwapIn: {
+        const bool out = op.kind == StepPlan::OpKind::kSwapOut;
+        if (!in_pool(out ? op.src : op.dst, device_blocks) || !in_pool(out ? op.dst : op.src, host_blocks)) {
+          return bad(i, std::string(out ? "swap-out " : "swap-in ") + blocks + " is outside the pools (" +
+                            std::to_string(device_blocks) + " device, " + std::to_string(host_blocks) +
+                            " host blocks)");
+        }
+        break;
+      }
+      case StepPlan::OpKind::kMigrate:
+        if (op.replica == op.dst_replica) return bad(i, "migration within replica " + std::to_string(op.replica));
+        if (!in_pool(op.src, device_blocks) || !in_pool(op.dst, device_blocks)) {
+          return bad(i, "migration " + blocks + " is outside the pool of " + std::to_string(device_blocks) + " blocks");
+        }
+        break;
+      case StepPlan::OpKind::kCopy: {
+        const TokenCopy& c = op.copy;
+        if (!in_pool(c.src_block, device_blocks) || !in_pool(c.dst_block, device_blocks) ||
+            c.src_offset > block_size || c.num_tokens > block_size - c.src_offset ||
+            c.dst_offset > block_size || c.num_tokens > block_size - c.dst_offset) {
+          std::ostringstream text;
+          text << "copy " << c << " does not fit the pool (" << device_blocks << " blocks of "
+               << block_size << " tokens)";
+          return bad(i, text.str());
+        }
+        break;
+      }
+    }
+  }
+  for (const auto& t : plan.tables) {
+    if (t.replica >= layout_.dp) {
+      return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": table of " +
+                              to_string(t.seq) + " on replica " + std::to_string(t.replica) +
+                              " of " + std::to_string(layout_.dp));
+    }
+  }
+  return ok_status();
+}
+
+Status RankCache::run_migrations(std::span<const StepPlan::Op> migrations) {
+  // One batch per peer and direction, blocks in plan order on both sides.
+  std::map<uint32_t, std::vector<uint8_t*>> sends, recvs;
+  for (const auto& m : migrations) {
+    if (m.replica == layout_.replica) {
+      sends[layout_.rank_of(m.dst_replica, layout_.shard)].push_back(device_pool().block(m.src.value));
+    }
+    if (m.dst_replica == layout_.replica) {
+      recvs[layout_.rank_of(m.replica, layout_.shard)].push_back(device_pool().block(m.dst.value));
+    }
+  }
+  if (sends.empty() && recvs.empty()) return ok_status();
+  std::vector<BlockBatch> send_batches, recv_batches;
+  uint64_t sent = 0, received = 0;
+  for (const auto& [peer, blocks] : sends) {
+    send_batches.push_back({RankId{static_cast<int32_t>(peer)}, blocks, device_pool().block_bytes});
+    sent += blocks.size();
+  }
+  for (const auto& [peer, blocks] : recvs) {
+    recv_batches.push_back({RankId{static_cast<int32_t>(peer)}, blocks, device_pool().block_bytes});
+    received += blocks.size();
+  }
+  // Swaps and copies of earlier waves must have landed before the transport reads the blocks.
+  KVF_RETURN_IF_ERROR(backend_->synchronize());
+  KVF_RETURN_IF_ERROR(transport_->exchange_blocks(send_batches, recv_batches));
+  stats_.migrated_blocks_sent += sent;
+  stats_.migrated_blocks_received += received;
+  return ok_status();
+}
+
+Status RankCache::run_wave(std::span<const StepPlan::Op> wave) {
+  const uint32_t me = layout_.replica;
+  std::vector<BlockMove> out, in;
+  std::vector<StepPlan::Op> migrations;
+  std::vector<TokenCopy> copies;
+  for (const StepPlan::Op& op : wave) {
+    const bool mine = op.replica == me;
+    switch (op.kind) {
+      case StepPlan::OpKind::kSwapOut:
+        if (mine) out.push_back({op.src.value, op.dst.value});
+        break;
+      case StepPlan::OpKind::kSwapIn:
+        if (mine) in.push_back({op.src.value, op.dst.value});
+        break;
+      case StepPlan::OpKind::kMigrate:
+        if (mine || op.dst_replica == me) migrations.push_back(op);
+        break;
+      case StepPlan::OpKind::kCopy:
+        if (mine) copies.push_back(op.copy);
+        break;
+    }
+  }
+  if (!out.empty()) KVF_RETURN_IF_ERROR(backend_->swap_blocks(device_pool(), host_pool(), out));
+  KVF_RETURN_IF_ERROR(run_migrations(migrations));
+  if (!in.empty()) KVF_RETURN_IF_ERROR(backend_->swap_blocks(host_pool(), device_pool(), in));
+  if (!copies.empty()) {
+    const std::vector<GroupTokenCopies> batch = {{device_pool(), copies}};
+    KVF_RETURN_IF_ERROR(backend_->compact_tokens(batch));
+  }
+  stats_.swapped_out_blocks += out.size();
+  stats_.swapped_in_blocks += in.size();
+  stats_.token_copies += copies.size();
+  ++stats_.waves;
+  return ok_status();
+}
+
+Status RankCache::execute(const StepPlan& plan) {
+  KVF_RETURN_IF_ERROR(validate(plan));
+  // Group the ops by wave, keeping plan order inside each wave.
+  const std::vector<uint32_t> waves = plan_waves(plan.ops);
+  const uint32_t num_waves = waves.empty() ? 0 : *std::max_element(waves.begin(), waves.end()) + 1;
+  std::vector<std::vector<StepPlan::Op>> by_wave(num_waves);
+  for (size_t i = 0; i < plan.ops.size(); ++i) by_wave[waves[i]].push_back(plan.ops[i]);
+  for (const auto& wave : by_wave) KVF_RETURN_IF_ERROR(run_wave(wave));
+  KVF_RETURN_IF_ERROR(backend_->synchronize());
+
+  const uint32_t me = layout_.replica;
+  for (SeqId seq : plan.released) tables_.erase(seq);
+  for (const auto& t : plan.tables) {
+    if (t.replica == me) {
+      tables_[t.seq] = t;
+    } else {
+      tables_.erase(t.seq);  // served by another replica now
+    }
+  }
+  KVF_LOG_DEBUG(kRuntime, "{} executed step {}: {} ops in {} waves, {} tables", where(), plan.step,
+                plan.ops.size(), num_waves, plan.tables.size());
+  ++next_step_;
+  ++stats_.steps;
+  return ok_status();
+}
+
+Status RankCache::receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId root) {
+  KVF_RETURN_IF_ERROR(transport_->broadcast(plan_bytes, root));
+  KVF_ASSIGN_OR_RETURN(const StepPlan plan, StepPlan::deserialize(plan_bytes));
+  return execute(plan);
+}
+
+uint64_t RankCache::tables_digest() const {
+  // FNV-1a over the ordered tables: deterministic across ranks and runs.
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= (v >> (8 * i)) & 0xFF;
+      h *= 1099511628211ull;
+    }
+  };
+  for (const auto& [seq, t] : tables_) {
+    mix(seq.value);
+    mix(t.num_tokens);
+    for (BlockId b : t.blocks) mix(b.value);
+  }
+  return h;
+}
+
+Status RankCache::append_kv(uint32_t layer, AppendKvArgs args) {
+  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
+  args.layer = where_layer.layer;
+  return backend_->append_kv(storage_.view(where_layer.group, Tier::kDevice), args);
+}
+
+Status RankCache::gather_kv(uint32_t layer, GatherKvArgs args) {
+  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
+  args.layer = where_layer.layer;
+  return backend_->gather_kv(storage_.view(where_layer.group, Tier::kDevice), args);
+}
+
+Status RankCache::decode_attention(uint32_t layer, DecodeAttentionArgs args) {
+  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
+  args.layer = where_layer.layer;
+  return backend_->paged_decode_attention(storage_.view(where_layer.group, Tier::kDevice), args);
+}
+
+Status RankCache::prefill_attention(uint32_t layer, PrefillAttentionArgs args) {
+  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
+  args.layer = where_layer.layer;
+  return backend_->paged_prefill_attention(storage_.view(where_layer.group, Tier::kDevice), args);
+}
+
+}  // namespace kvfabric
