@@ -139,6 +139,7 @@ bool Coordinator::swap_out(SeqId seq) {
   s.priority = info->priority;
   s.swapped = true;
   s.swap_order = next_swap_order_++;
+  swap_queue_.emplace(s.swap_order, seq);
   ++rep.swapped_by_priority[s.priority];
   const Status freed = rep.cache.pool().free(seq);
   KVF_CHECK(freed.ok(), freed.message());
@@ -207,6 +208,10 @@ Status Coordinator::relieve_pressure(uint32_t replica, size_t needed, SeqId excl
 }
 
 Result<Placement> Coordinator::admit(SeqId seq, std::span<const TokenId> prompt, uint32_t priority) {
+  return admit(seq, std::vector<TokenId>(prompt.begin(), prompt.end()), priority);
+}
+
+Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, uint32_t priority) {
   if (seq.value >= kMaxUserSeqId) {
     return invalid_argument(to_string(seq) + " is in the reserved range (ids must be < 2^63)");
   }
@@ -298,7 +303,7 @@ Result<Placement> Coordinator::admit(SeqId seq, std::span<const TokenId> prompt,
   seqs_[seq] = Sequence{r, false, n, priority, 0, {}};
   ++rep.running;
   mark_table(seq);
-  admitted_now_.emplace_back(seq, std::vector<TokenId>(prompt.begin(), prompt.end()));
+  admitted_now_.emplace_back(seq, std::move(prompt));
   ++stats_.admitted;
   stats_.prompt_tokens += n;
   stats_.local_hit_tokens += local_cached;
@@ -369,6 +374,7 @@ Status Coordinator::free(SeqId seq) {
   if (s->swapped) {
     for (BlockId b : s->host_blocks) host_blocks_to_free_.emplace_back(s->replica, b);
     forget_swapped(s->replica, s->priority);
+    swap_queue_.erase(s->swap_order);
   } else {
     KVF_RETURN_IF_ERROR(replicas_[s->replica].cache.pool().free(seq));
     --replicas_[s->replica].running;
@@ -420,15 +426,14 @@ void Coordinator::index_computed_prompts() {
 
 void Coordinator::swap_back_in() {
   // Oldest first; a sequence that does not fit waits (and so do the ones behind it, in order).
-  std::vector<std::pair<uint64_t, SeqId>> order;
-  for (const auto& [seq, s] : seqs_) {
-    if (s.swapped) order.emplace_back(s.swap_order, seq);
-  }
-  std::sort(order.begin(), order.end());
-  for (const auto& [ignored, seq] : order) {
+  for (auto it = swap_queue_.begin(); it != swap_queue_.end();) {
+    const SeqId seq = it->second;
     Sequence& s = seqs_.at(seq);
     // A replica that had to make room in this step is still under pressure: no ping-pong.
-    if (replicas_[s.replica].relieved_this_step) continue;
+    if (replicas_[s.replica].relieved_this_step) {
+      ++it;
+      continue;
+    }
     PagedKvCache& pool = replicas_[s.replica].cache.pool();
     if (pool.available_block_count() < s.host_blocks.size() || !pool.allocate(seq, s.num_tokens).ok()) {
       break;
@@ -446,6 +451,7 @@ void Coordinator::swap_back_in() {
     ++replicas_[s.replica].running;
     mark_table(seq);
     ++stats_.swapped_in;
+    it = swap_queue_.erase(it);
   }
 }
 

@@ -81,6 +81,8 @@ class Coordinator {
   //! Places `seq` holding `prompt`. Errors: a known sequence, an empty prompt, a SeqId >= 2^63,
   //! or OutOfMemory when no replica can make room.
   Result<Placement> admit(SeqId seq, std::span<const TokenId> prompt, uint32_t priority = 0);
+  //! The same, taking over the prompt (kept until the next step() indexes it) instead of copying.
+  Result<Placement> admit(SeqId seq, std::vector<TokenId>&& prompt, uint32_t priority = 0);
   //! Adds tokens to a running sequence (the slots the next forward pass writes), making room on
   //! its replica as described above.
   Status append(SeqId seq, size_t num_tokens);
@@ -138,6 +140,7 @@ class Coordinator {
   uint64_t block_bytes_ = 0;
   std::vector<Replica> replicas_;
   std::map<SeqId, Sequence> seqs_;
+  std::map<uint64_t, SeqId> swap_queue_;  // swapped sequences by swap order, oldest first
   StepPlan plan_;
   std::vector<SeqId> dirty_;                      // tables to publish in the next plan
   std::vector<std::pair<SeqId, std::vector<TokenId>>> admitted_now_, admitted_before_;

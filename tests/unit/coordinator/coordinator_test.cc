@@ -260,7 +260,7 @@ TEST(CoordinatorTest, BadRequestsAreRefusedAndChangeNothing) {
   ASSERT_TRUE(c.admit(SeqId{1}, tokens(20, 0)).ok());
   const auto before = c.stats();
   EXPECT_EQ(c.admit(SeqId{1}, tokens(4, 0)).status().code(), ErrorCode::kInvalidOperation);
-  EXPECT_THAT(c.admit(SeqId{2}, {}).status().message(), HasSubstr("empty"));
+  EXPECT_THAT(c.admit(SeqId{2}, std::span<const TokenId>{}).status().message(), HasSubstr("empty"));
   EXPECT_THAT(c.admit(SeqId{uint64_t{1} << 63}, tokens(4, 0)).status().message(), HasSubstr("reserved"));
   EXPECT_EQ(c.admit(SeqId{3}, tokens(16 * 9, 0)).status().code(), ErrorCode::kOutOfMemory);
   EXPECT_EQ(c.append(SeqId{9}, 1).code(), ErrorCode::kSequenceNotFound);
