@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/cluster_routine.h"
 #include "bench/replay_sim.h"
 #include "bench/report.h"
 #include "bench/routines.h"
@@ -20,7 +21,27 @@ struct ReplayCommandOptions {
   bool full_blocks_only = false;
   size_t max_requests = 0;
   bool quiet = false;
+  // Across replicas (--dp > 1).
+  ClusterCommand cluster;
+  std::string routings = "independent,global-routing,global-migration";
+  bool capacity_given = false;
 };
+
+Status run_replay_across_replicas(ReplayCommandOptions opts, const std::vector<MooncakeRequest>& trace,
+                                  const std::string& trace_name, nlohmann::json& results) {
+  ClusterCommand& command = opts.cluster;
+  if (opts.capacity_given) {
+    if (opts.capacities.size() != 1 || opts.capacities[0] == 0) {
+      return invalid_argument("with --dp, give one --capacity-tokens > 0 (the device KV of all replicas together)");
+    }
+    command.sim.capacity_tokens = opts.capacities[0];
+  }
+  command.sim.block_tokens = opts.block_tokens;
+  command.sim.max_requests = opts.max_requests;
+  command.quiet = opts.quiet;
+  KVF_ASSIGN_OR_RETURN(command.routings, parse_cluster_routings(opts.routings));
+  return run_cluster_command(command, trace, trace_name, results);
+}
 
 Status run_replay(const ReplayCommandOptions& opts, nlohmann::json& results) {
   std::string text_storage;
@@ -33,6 +54,9 @@ Status run_replay(const ReplayCommandOptions& opts, nlohmann::json& results) {
   }
   KVF_ASSIGN_OR_RETURN(const std::vector<MooncakeRequest> trace,
                        parse_mooncake_trace(text, trace_name));
+  if (opts.cluster.sim.config.topology.dp > 1) {
+    return run_replay_across_replicas(opts, trace, trace_name, results);
+  }
   ReplaySimOptions sim;
   sim.block_tokens = opts.block_tokens;
   sim.partial_blocks = !opts.full_blocks_only;
@@ -124,14 +148,43 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected) {
                   "tokens per trace block (hash id) and per cache block")
       ->check(CLI::Range(1u, 65536u));
   cmd->add_option("--capacity-tokens", opts->capacities,
-                  "cache size in tokens, 0 = unlimited; a list runs one replay each")
-      ->delimiter(',');
+                  "cache size in tokens, 0 = unlimited; a list runs one replay each (with --dp: one "
+                  "size, the device KV of all replicas together; default 1Mi)")
+      ->delimiter(',')
+      ->each([opts](const std::string&) { opts->capacity_given = true; });
   cmd->add_option("--policy", opts->policy, "eviction: lru or priority")
       ->check(CLI::IsMember({"lru", "priority"}));
   cmd->add_flag("--full-blocks-only", opts->full_blocks_only,
                 "cache full blocks only (the last, partly filled block of a prompt is not cached)");
   cmd->add_option("--max-requests", opts->max_requests, "replay only the first N requests");
   cmd->add_flag("--quiet", opts->quiet, "no progress line");
+  ClusterReplayOptions& sim = opts->cluster.sim;
+  auto* across = "Across replicas";
+  cmd->add_option("--dp", sim.config.topology.dp,
+                  "replicas: above 1, a serving loop through the Coordinator compares routings "
+                  "(run it under mpirun with dp x tp ranks to execute every plan)")
+      ->check(CLI::Range(1u, 1024u))
+      ->group(across);
+  cmd->add_option("--tp", sim.config.topology.tp, "shards per replica (with --dp)")
+      ->check(CLI::Range(1u, 64u))
+      ->group(across);
+  cmd->add_option("--routing", opts->routings,
+                  "routings to compare: independent, global-routing, global-migration (a list)")
+      ->group(across);
+  cmd->add_option("--host-capacity-tokens", sim.host_capacity_tokens,
+                  "host (swap) tier tokens of all replicas together")
+      ->group(across);
+  cmd->add_option("--step-ms", sim.step_ms, "trace milliseconds per serving step (one decoded token)")
+      ->check(CLI::PositiveNumber)
+      ->group(across);
+  cmd->add_option("--time-scale", sim.time_scale, "arrivals this many times faster than recorded")
+      ->check(CLI::PositiveNumber)
+      ->group(across);
+  cmd->add_option("--max-output-tokens", sim.max_output_tokens, "cap each request's output (0 = as traced)")
+      ->group(across);
+  cmd->add_option("--config", opts->cluster.config_path,
+                  "YAML config for the model shape and KV dtype (default: a 2-layer model, 1 KiB/token)")
+      ->group(across);
   cmd->callback([&selected, opts] {
     selected = [opts](nlohmann::json& results) { return run_replay(*opts, results); };
   });

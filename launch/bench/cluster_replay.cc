@@ -1,0 +1,231 @@
+#include "bench/cluster_replay.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <deque>
+#include <map>
+#include <optional>
+#include <string>
+
+#include "bench/replay_sim.h"
+#include "kvfabric/coordinator/coordinator.h"
+
+namespace kvfabric::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double micros(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::micro>(b - a).count();
+}
+
+// Generated tokens live above 2^31, apart from the trace's expanded prompt tokens, so a
+// continuation never matches another request's prompt by accident.
+TokenId generated_token(size_t request, uint32_t position) {
+  uint64_t h = (uint64_t{request} << 32 | position) * 0x9E3779B97F4A7C15ull;
+  h ^= h >> 29;
+  return static_cast<TokenId>((h & 0x7FFFFFFFu) | 0x80000000u);
+}
+
+struct Pending {
+  size_t request = 0;
+  uint32_t generated = 0;  // tokens generated before a preemption
+  uint64_t arrival_step = 0;
+  bool readmission = false;
+};
+
+struct Running {
+  size_t request = 0;
+  uint32_t generated = 0;
+  uint32_t output = 0;
+};
+
+}  // namespace
+
+std::string_view cluster_routing_name(ClusterRouting routing) {
+  switch (routing) {
+    case ClusterRouting::kIndependent: return "independent";
+    case ClusterRouting::kGlobalRouting: return "global-routing";
+    case ClusterRouting::kGlobalMigration: return "global-migration";
+  }
+  return "?";
+}
+
+Result<Config> cluster_replay_config(const ClusterReplayOptions& options, ClusterRouting routing) {
+  Config c = options.config;
+  const uint32_t dp = c.topology.dp;
+  if (dp == 0 || options.block_tokens == 0) return invalid_argument("dp and block_tokens must be >= 1");
+  const uint64_t per_replica = options.capacity_tokens / dp / options.block_tokens;
+  if (per_replica == 0) {
+    return invalid_argument("a capacity of " + std::to_string(options.capacity_tokens) +
+                            " tokens gives each of " + std::to_string(dp) + " replicas no " +
+                            std::to_string(options.block_tokens) + "-token block");
+  }
+  c.cache.block_size = options.block_tokens;
+  c.cache.num_blocks = per_replica;
+  c.cache.memory_budget_bytes = 0;
+  c.cache.host_num_blocks = options.host_capacity_tokens / dp / options.block_tokens;
+  c.cache.layers_per_group = 0;
+  switch (routing) {
+    case ClusterRouting::kIndependent:
+      // A load balancer that cannot see other replicas' caches: prefill cost plays no part.
+      c.coordinator.prefill_token_cost = 0;
+      c.coordinator.migration_token_cost = 0;
+      break;
+    case ClusterRouting::kGlobalRouting:
+      c.coordinator.migration_token_cost = c.coordinator.prefill_token_cost;  // never cheaper
+      break;
+    case ClusterRouting::kGlobalMigration:
+      break;
+  }
+  KVF_RETURN_IF_ERROR(validate(c));
+  return c;
+}
+
+Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest>& trace,
+                                               const ClusterReplayOptions& options,
+                                               ClusterRouting routing,
+                                               const std::function<Status(const StepPlan&)>& execute) {
+  KVF_ASSIGN_OR_RETURN(const Config config, cluster_replay_config(options, routing));
+  KVF_ASSIGN_OR_RETURN(Coordinator coordinator, Coordinator::create(config));
+  if (options.step_ms <= 0 || options.time_scale <= 0) {
+    return invalid_argument("step_ms and time_scale must be > 0");
+  }
+  const size_t count = options.max_requests ? std::min(options.max_requests, trace.size()) : trace.size();
+  const uint64_t replica_tokens = config.cache.num_blocks * options.block_tokens;
+  const double ms_per_step = options.step_ms * options.time_scale;
+
+  ClusterReplayResult r;
+  r.routing = routing;
+  r.requests = count;
+  r.admitted_per_replica.assign(config.topology.dp, 0);
+  auto output_of = [&](size_t i) {
+    const uint32_t out = std::max<uint32_t>(trace[i].output_length, 1);
+    return options.max_output_tokens ? std::min(out, options.max_output_tokens) : out;
+  };
+  auto tokens_of = [&](const Pending& p) -> Result<std::vector<TokenId>> {
+    KVF_ASSIGN_OR_RETURN(std::vector<TokenId> tokens, expand_prompt(trace[p.request], options.block_tokens));
+    for (uint32_t g = 0; g < p.generated; ++g) tokens.push_back(generated_token(p.request, g));
+    return tokens;
+  };
+
+  std::deque<Pending> queue;
+  std::map<SeqId, Running> running;  // running or swapped, by SeqId (= request index)
+  std::vector<double> admit_us;
+  double coordinator_us = 0, queue_steps = 0;
+  size_t next = 0;
+  const auto start = Clock::now();
+  for (uint64_t step = 0; next < count || !queue.empty() || !running.empty(); ++step) {
+    // Arrivals up to this step's time. A request that cannot fit one replica is never served.
+    while (next < count && trace[next].timestamp_ms <= static_cast<double>(step) * ms_per_step) {
+      if (trace[next].input_length + uint64_t{output_of(next)} > replica_tokens) {
+        ++r.unfit_requests;
+      } else {
+        queue.push_back({next, 0, step, false});
+      }
+      ++next;
+    }
+    // Decode: every running sequence gets one more token; finished ones leave.
+    for (auto it = running.begin(); it != running.end();) {
+      const SeqId seq = it->first;
+      Running& s = it->second;
+      if (coordinator.is_swapped(seq) || !coordinator.replica_of(seq)) {
+        ++it;  // waiting on the host tier, or preempted by this step's pressure
+        continue;
+      }
+      const auto t0 = Clock::now();
+      if (s.generated >= s.output) {
+        const Status freed = coordinator.free(seq);
+        coordinator_us += micros(t0, Clock::now());
+        KVF_RETURN_IF_ERROR(freed);
+        it = running.erase(it);
+        continue;
+      }
+      const Status appended = coordinator.append(seq, 1);
+      coordinator_us += micros(t0, Clock::now());
+      if (appended.ok()) {
+        ++s.generated;
+      } else if (appended.code() != ErrorCode::kOutOfMemory) {
+        return appended;
+      }
+      ++it;
+    }
+    // Admissions in arrival order; the first that finds no room waits for a later step.
+    while (!queue.empty()) {
+      const Pending& p = queue.front();
+      KVF_ASSIGN_OR_RETURN(std::vector<TokenId> prompt, tokens_of(p));
+      const size_t prompt_tokens = prompt.size();
+      const SeqId seq{p.request};
+      const auto t0 = Clock::now();
+      const auto placed = coordinator.admit(seq, std::move(prompt));
+      const double us = micros(t0, Clock::now());
+      coordinator_us += us;
+      if (!placed.ok()) {
+        if (placed.status().code() != ErrorCode::kOutOfMemory) return placed.status();
+        break;
+      }
+      admit_us.push_back(us);
+      ++r.admissions;
+      ++r.admitted_per_replica[placed->replica];
+      r.prompt_tokens += prompt_tokens;
+      r.prefill_tokens += prompt_tokens - placed->cached_tokens;
+      if (p.readmission) {
+        ++r.readmissions;
+      } else {
+        queue_steps += static_cast<double>(step - p.arrival_step);
+      }
+      running[seq] = Running{p.request, p.generated, output_of(p.request)};
+      queue.pop_front();
+    }
+    const auto t0 = Clock::now();
+    KVF_ASSIGN_OR_RETURN(const StepPlan plan, coordinator.step());
+    const auto t1 = Clock::now();
+    coordinator_us += micros(t0, t1);
+    if (execute) {
+      KVF_RETURN_IF_ERROR(execute(plan));
+      r.executor_seconds += micros(t1, Clock::now()) * 1e-6;
+    }
+    // Preempted sequences start over (keeping what they generated), ahead of new arrivals.
+    for (auto it = plan.preempted.rbegin(); it != plan.preempted.rend(); ++it) {
+      const auto found = running.find(*it);
+      if (found == running.end()) continue;
+      queue.push_front({found->second.request, found->second.generated, step, true});
+      running.erase(found);
+    }
+    r.steps = step + 1;
+  }
+  r.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  KVF_RETURN_IF_ERROR(coordinator.verify_integrity());
+
+  const CoordinatorStats& stats = coordinator.stats();
+  r.local_hit_tokens = stats.local_hit_tokens;
+  r.migrated_tokens = stats.migrated_tokens;
+  r.hit_ratio = r.prompt_tokens == 0 ? 0.0
+                                     : static_cast<double>(r.local_hit_tokens + r.migrated_tokens) /
+                                           static_cast<double>(r.prompt_tokens);
+  r.migrated_blocks = stats.migrated_blocks;
+  r.migrated_bytes = stats.migrated_blocks * coordinator.block_bytes() * config.topology.tp;
+  r.swapped_out = stats.swapped_out;
+  r.swapped_in = stats.swapped_in;
+  r.parked = stats.parked;
+  r.preempted = stats.preempted;
+  const uint64_t first_admissions = r.admissions - r.readmissions;
+  r.mean_queue_steps = first_admissions == 0 ? 0.0 : queue_steps / static_cast<double>(first_admissions);
+  r.coordinator_us_per_request = count == 0 ? 0.0 : coordinator_us / static_cast<double>(count);
+  if (!admit_us.empty()) {
+    double sum = 0;
+    for (double v : admit_us) sum += v;
+    r.admit_mean_us = sum / static_cast<double>(admit_us.size());
+    std::sort(admit_us.begin(), admit_us.end());
+    const auto rank = [&](double q) {  // nearest rank
+      const auto k = static_cast<size_t>(std::ceil(q * static_cast<double>(admit_us.size())));
+      return admit_us[std::clamp<size_t>(k, 1, admit_us.size()) - 1];
+    };
+    r.admit_p50_us = rank(0.5);
+    r.admit_p99_us = rank(0.99);
+  }
+  return r;
+}
+
+}  // namespace kvfabric::bench

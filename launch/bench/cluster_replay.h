@@ -1,0 +1,78 @@
+// Replays a Mooncake trace through the Coordinator of a dp-replica job as a serving loop: requests
+// arrive on the trace's clock, are admitted (placement, prefix hits, migrations), decode one token
+// per step and finish; the coordinator's plan of every step goes to an executor (the MPI ranks,
+// or nobody). Compares routing with a global prefix view and migration against independent
+// per-replica prefix caches.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string_view>
+#include <vector>
+
+#include "bench/trace.h"
+#include "kvfabric/config/config.h"
+#include "kvfabric/coordinator/step_plan.h"
+
+namespace kvfabric::bench {
+
+enum class ClusterRouting : uint8_t {
+  //! The baseline: each replica has its own prefix cache and requests go where load is lowest
+  //! (prefill cost weight 0: the router knows nothing of other replicas' caches); no migration.
+  kIndependent,
+  //! The global prefix view steers requests to the replica holding their prefix; no migration.
+  kGlobalRouting,
+  //! The global view and migration of cached prefixes between replicas.
+  kGlobalMigration,
+};
+
+std::string_view cluster_routing_name(ClusterRouting routing);  // "independent", ...
+
+struct ClusterReplayOptions {
+  //! Model shape, KV dtype, topology (dp x tp) and coordinator weights. The cache's block size,
+  //! device and host blocks are set from the fields below.
+  Config config;
+  uint32_t block_tokens = 512;          //!< tokens per trace hash id and per cache block
+  uint64_t capacity_tokens = 1 << 20;   //!< device-tier tokens of all replicas together
+  uint64_t host_capacity_tokens = 0;    //!< host-tier (swap) tokens of all replicas together
+  double step_ms = 50;                  //!< trace time per serving step (one decode token each)
+  double time_scale = 1;                //!< arrivals this many times faster than recorded
+  uint32_t max_output_tokens = 0;       //!< caps each request's output; 0 = as in the trace
+  size_t max_requests = 0;              //!< 0 = the whole trace
+};
+
+struct ClusterReplayResult {
+  ClusterRouting routing = ClusterRouting::kGlobalMigration;
+  size_t requests = 0;
+  uint64_t steps = 0;
+  uint64_t admissions = 0;     //!< first admissions and re-admissions after preemption
+  uint64_t readmissions = 0;
+  uint64_t unfit_requests = 0;  //!< prompts larger than one replica: never admitted
+  uint64_t prompt_tokens = 0;   //!< of every admission
+  uint64_t local_hit_tokens = 0;
+  uint64_t migrated_tokens = 0;
+  uint64_t prefill_tokens = 0;  //!< computed: prompt tokens minus those found cached or migrated
+  double hit_ratio = 0;         //!< (local hits + migrated) / prompt tokens
+  uint64_t migrated_blocks = 0;  //!< every migration (prefixes, parked sequences)
+  uint64_t migrated_bytes = 0;   //!< migrated_blocks x block bytes x tp shards
+  uint64_t swapped_out = 0, swapped_in = 0, parked = 0, preempted = 0;
+  double mean_queue_steps = 0;   //!< steps from arrival to first admission
+  std::vector<uint64_t> admitted_per_replica;
+  //! Wall time in the coordinator, reported only (never used in a decision): admit() per
+  //! admission, and every coordinator call (admit, append, free, step) per request.
+  double admit_mean_us = 0, admit_p50_us = 0, admit_p99_us = 0;
+  double coordinator_us_per_request = 0;
+  double executor_seconds = 0;  //!< wall time in the plan executor
+  double wall_seconds = 0;
+};
+
+//! Runs one routing mode. `execute` (optional) receives every step's plan and a last, empty plan
+//! is never sent: the caller ends its executors itself. Deterministic apart from wall times.
+Result<ClusterReplayResult> run_cluster_replay(
+    const std::vector<MooncakeRequest>& trace, const ClusterReplayOptions& options,
+    ClusterRouting routing, const std::function<Status(const StepPlan&)>& execute = nullptr);
+
+//! The config run_cluster_replay builds its coordinator from (and the ranks their caches).
+Result<Config> cluster_replay_config(const ClusterReplayOptions& options, ClusterRouting routing);
+
+}  // namespace kvfabric::bench
