@@ -206,6 +206,10 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                       fmt::format("the ranks received {} migrated blocks, the coordinator planned {}",
                                   total, r->migrated_blocks * config.topology.tp));
       }
+      if (!command.quiet) {
+        fmt::print("[{}] {} ranks executed {} step plans; the {} migrated blocks arrived as planned\n",
+                   cluster_routing_name(routing), executors->world_size(), r->steps, total);
+      }
     }
     KVF_RETURN_IF_ERROR(r.status());
     runs.push_back(*r);
