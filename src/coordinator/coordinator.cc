@@ -288,15 +288,19 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
   placement.replica = r;
   placement.cached_tokens = local_cached;
   if (chosen->migrated_blocks > 0) {
+    // Look again: making room may have parked sequences on the source, evicting (and reusing)
+    // part of the prefix found above.
+    const PrefixMatch source = replicas_[best_source].cache.index().peek(prompt);
     // The source's cached blocks after the target's own prefix fill the target's next blocks.
     const size_t first = local_cached / bs;
-    const auto& source_blocks = matches[best_source].blocks;
-    const size_t count = std::min(source_blocks.size(), table.size()) - first;
-    migrate(best_source, std::span(source_blocks).subspan(first, count), r,
-            std::span(table).subspan(first, count));
-    placement.migrated_tokens = std::min(best_tokens, n) - local_cached;
-    placement.cached_tokens += placement.migrated_tokens;
-    stats_.migrated_tokens += placement.migrated_tokens;
+    const size_t count = std::min(source.blocks.size(), table.size());
+    if (count > first && source.tokens > local_cached) {
+      migrate(best_source, std::span(source.blocks).subspan(first, count - first), r,
+              std::span(table).subspan(first, count - first));
+      placement.migrated_tokens = std::min(source.tokens, n) - local_cached;
+      placement.cached_tokens += placement.migrated_tokens;
+      stats_.migrated_tokens += placement.migrated_tokens;
+    }
   }
   placement.blocks = table;
   collect_copies(r);
