@@ -51,7 +51,7 @@ class PlanExecutors {
   Status broadcast_and_execute(const StepPlan& plan) {
     std::vector<uint8_t> bytes = plan.serialize();
     KVF_RETURN_IF_ERROR(transport_->broadcast(bytes, RankId{0}));
-    return cache_->execute(plan);
+    return cache_->execute_agreed(bytes, RankId{0});
   }
   // Rank 0: an empty message ends the other ranks' loops.
   Status finish() {
@@ -64,8 +64,7 @@ class PlanExecutors {
     while (true) {
       KVF_RETURN_IF_ERROR(transport_->broadcast(bytes, RankId{0}));
       if (bytes.empty()) return ok_status();
-      KVF_ASSIGN_OR_RETURN(const StepPlan plan, StepPlan::deserialize(bytes));
-      KVF_RETURN_IF_ERROR(cache_->execute(plan));
+      KVF_RETURN_IF_ERROR(cache_->execute_agreed(bytes, RankId{0}));
     }
   }
   // Every rank's received migration blocks, in rank order (collective).

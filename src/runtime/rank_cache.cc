@@ -210,8 +210,32 @@ Status RankCache::execute(const StepPlan& plan) {
 
 Status RankCache::receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId root) {
   KVF_RETURN_IF_ERROR(transport_->broadcast(plan_bytes, root));
-  KVF_ASSIGN_OR_RETURN(const StepPlan plan, StepPlan::deserialize(plan_bytes));
-  return execute(plan);
+  return execute_agreed(plan_bytes, root);
+}
+
+Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId root) {
+  const Result<StepPlan> plan = StepPlan::deserialize(plan_bytes);
+  const Status verdict = plan.ok() ? validate(*plan) : plan.status();
+  // Every rank learns every verdict before any block moves: a rank that refused the plan must not
+  // leave its peers waiting for it in a migration. Each value: the step the rank expects, and
+  // whether it refused.
+  std::vector<uint64_t> verdicts;
+  KVF_RETURN_IF_ERROR(transport_->all_gather((next_step_ << 1) | (verdict.ok() ? 0u : 1u), verdicts));
+  std::string refused_by;
+  for (size_t r = 0; r < verdicts.size(); ++r) {
+    if ((verdicts[r] & 1) == 0) continue;
+    if (!refused_by.empty()) refused_by += ", ";
+    refused_by += "rank " + std::to_string(r) + " (replica " + std::to_string(r / layout_.tp) +
+                  ", shard " + std::to_string(r % layout_.tp) + ", expecting step " +
+                  std::to_string(verdicts[r] >> 1) + ")";
+  }
+  if (refused_by.empty()) return execute(*plan);
+  const std::string which =
+      plan.ok() ? "the plan of step " + std::to_string(plan->step) : "the plan";
+  const std::string what = which + " broadcast by rank " + std::to_string(root.value) +
+                           " was refused by " + refused_by + "; no rank executed it";
+  if (!verdict.ok()) return Status(verdict.code(), verdict.message() + "; " + what);
+  return invalid_operation(where() + ": " + what);
 }
 
 uint64_t RankCache::tables_digest() const {

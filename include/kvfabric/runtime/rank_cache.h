@@ -73,8 +73,14 @@ class RankCache {
   [[nodiscard]] uint64_t next_step() const { return next_step_; }
 
   Status execute(const StepPlan& plan);
-  //! Collective: receives the plan broadcast by `root` (whose `plan_bytes` hold it) and executes it.
+  //! Collective: receives the plan broadcast by `root` (whose `plan_bytes` hold it) and executes
+  //! it. The ranks agree first: when any rank refuses the plan (a wrong step number, an invalid
+  //! op, unreadable bytes), none executes it and every rank's error names the refusing ranks and
+  //! the steps they expect.
   Status receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId root);
+  //! The second half of receive_and_execute(), for callers that broadcast the plan themselves:
+  //! collective, every rank passes the bytes `root` sent.
+  Status execute_agreed(std::span<const uint8_t> plan_bytes, RankId root);
 
   //! The block tables of this replica's sequences as of the last executed plan.
   [[nodiscard]] const std::map<SeqId, StepPlan::Table>& tables() const { return tables_; }
