@@ -52,6 +52,18 @@ std::string_view cluster_routing_name(ClusterRouting routing) {
   return "?";
 }
 
+Config cluster_replay_model() {
+  Config c;
+  c.model.name = "replay-small";
+  c.model.num_layers = 2;
+  c.model.num_query_heads = 4;
+  c.model.num_kv_heads = 2;
+  c.model.head_dim = 64;
+  c.model.dtype = DType::kF16;
+  c.cache.kv_dtype = DType::kF16;
+  return c;
+}
+
 Result<Config> cluster_replay_config(const ClusterReplayOptions& options, ClusterRouting routing) {
   Config c = options.config;
   const uint32_t dp = c.topology.dp;

@@ -28,10 +28,14 @@ enum class ClusterRouting : uint8_t {
 
 std::string_view cluster_routing_name(ClusterRouting routing);  // "independent", ...
 
+//! The default model of the replay, small enough for CPU runs: 2 layers, 4 query and 2 KV heads
+//! of 64, f16 KV (1 KiB per token).
+Config cluster_replay_model();
+
 struct ClusterReplayOptions {
   //! Model shape, KV dtype, topology (dp x tp) and coordinator weights. The cache's block size,
   //! device and host blocks are set from the fields below.
-  Config config;
+  Config config = cluster_replay_model();
   uint32_t block_tokens = 512;          //!< tokens per trace hash id and per cache block
   uint64_t capacity_tokens = 1 << 20;   //!< device-tier tokens of all replicas together
   uint64_t host_capacity_tokens = 0;    //!< host-tier (swap) tokens of all replicas together

@@ -15,19 +15,6 @@
 namespace kvfabric::bench {
 namespace {
 
-// A small model for CPU runs: 2 layers, 4 query / 2 KV heads of 64, f16 KV (1 KiB per token).
-Config builtin_model() {
-  Config c;
-  c.model.name = "replay-small";
-  c.model.num_layers = 2;
-  c.model.num_query_heads = 4;
-  c.model.num_kv_heads = 2;
-  c.model.head_dim = 64;
-  c.model.dtype = DType::kF16;
-  c.cache.kv_dtype = DType::kF16;
-  return c;
-}
-
 // Whether an MPI launcher started this process (Open MPI, MPICH/Hydra, PMIx).
 bool under_mpi_launcher() {
   for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
@@ -127,13 +114,12 @@ Result<std::vector<ClusterRouting>> parse_cluster_routings(const std::string& li
 Status run_cluster_command(const ClusterCommand& command, const std::vector<MooncakeRequest>& trace,
                            const std::string& trace_name, nlohmann::json& results) {
   ClusterReplayOptions sim = command.sim;
-  Config model = builtin_model();
+  Config model = cluster_replay_model();
   if (!command.config_path.empty()) {
     KVF_ASSIGN_OR_RETURN(model, load_config_file(command.config_path));
     KVF_RETURN_IF_ERROR(apply_env_overrides(model));
   }
   model.topology = sim.config.topology;
-  model.coordinator = sim.config.coordinator;
   sim.config = model;
   const uint32_t world = sim.config.topology.dp * sim.config.topology.tp;
 

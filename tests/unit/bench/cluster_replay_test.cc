@@ -1,0 +1,116 @@
+// The replay across replicas (kvfabric-bench replay --dp) without MPI: the coordinator alone on
+// the first requests of the shipped conversation trace.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "bench/cluster_replay.h"
+#include "bench/cluster_routine.h"
+#include "bench/trace.h"
+
+namespace kvfabric::bench {
+namespace {
+
+using ::testing::HasSubstr;
+
+const std::vector<MooncakeRequest>& conversation_trace() {
+  static const auto trace =
+      parse_mooncake_trace(embedded_mooncake_conversation_trace(), "embedded").value();
+  return trace;
+}
+
+ClusterReplayOptions options(size_t requests, double time_scale) {
+  ClusterReplayOptions o;
+  o.config.topology.dp = 4;
+  o.capacity_tokens = 4u << 20;
+  o.host_capacity_tokens = 1u << 20;
+  o.time_scale = time_scale;
+  o.max_requests = requests;
+  return o;
+}
+
+// Everything but wall times.
+void expect_same_decisions(const ClusterReplayResult& a, const ClusterReplayResult& b) {
+  EXPECT_EQ(a.steps, b.steps);
+  EXPECT_EQ(a.admissions, b.admissions);
+  EXPECT_EQ(a.local_hit_tokens, b.local_hit_tokens);
+  EXPECT_EQ(a.migrated_tokens, b.migrated_tokens);
+  EXPECT_EQ(a.prefill_tokens, b.prefill_tokens);
+  EXPECT_EQ(a.migrated_blocks, b.migrated_blocks);
+  EXPECT_EQ(a.swapped_out, b.swapped_out);
+  EXPECT_EQ(a.preempted, b.preempted);
+  EXPECT_EQ(a.admitted_per_replica, b.admitted_per_replica);
+}
+
+TEST(ClusterReplay, AGlobalPrefixViewFindsMoreThanIndependentCaches) {
+  const auto o = options(1500, 1);
+  const auto independent = run_cluster_replay(conversation_trace(), o, ClusterRouting::kIndependent);
+  const auto global = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalRouting);
+  const auto migration = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalMigration);
+  ASSERT_TRUE(independent.ok()) << independent.status();
+  ASSERT_TRUE(global.ok()) << global.status();
+  ASSERT_TRUE(migration.ok()) << migration.status();
+  for (const auto* r : {&*independent, &*global, &*migration}) {
+    EXPECT_EQ(r->requests, 1500u);
+    EXPECT_EQ(r->admissions, 1500u + r->readmissions);
+    EXPECT_EQ(r->prefill_tokens, r->prompt_tokens - r->local_hit_tokens - r->migrated_tokens);
+    uint64_t admitted = 0;
+    for (uint64_t a : r->admitted_per_replica) {
+      EXPECT_GT(a, 0u);  // every replica serves
+      admitted += a;
+    }
+    EXPECT_EQ(admitted, r->admissions);
+  }
+  EXPECT_GT(global->hit_ratio, independent->hit_ratio * 1.1);
+  EXPECT_EQ(independent->migrated_tokens, 0u);
+  EXPECT_EQ(global->migrated_tokens, 0u);
+  EXPECT_GT(migration->migrated_tokens, 0u);
+  EXPECT_EQ(migration->migrated_bytes, migration->migrated_blocks * (512u * 1024u));
+}
+
+TEST(ClusterReplay, UnderLoadItSwapsAndStaysDeterministic) {
+  const auto o = options(2500, 6);
+  const auto first = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalMigration);
+  const auto again = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalMigration);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_GT(first->swapped_out, 0u);
+  EXPECT_EQ(first->swapped_in, first->swapped_out);  // every swapped sequence came back
+  EXPECT_GT(first->mean_queue_steps, 0.0);
+  expect_same_decisions(*first, *again);
+}
+
+TEST(ClusterReplay, ExecutesEveryPlanInOrder) {
+  uint64_t expected_step = 0, migrations = 0;
+  const auto r = run_cluster_replay(conversation_trace(), options(300, 1), ClusterRouting::kGlobalMigration,
+                                    [&](const StepPlan& plan) {
+                                      if (plan.step != expected_step) return invalid_operation("step out of order");
+                                      ++expected_step;
+                                      migrations += plan.count(StepPlan::OpKind::kMigrate);
+                                      return ok_status();
+                                    });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(expected_step, r->steps);
+  EXPECT_EQ(migrations, r->migrated_blocks);
+  // An executor's error ends the run with it.
+  const auto failed = run_cluster_replay(conversation_trace(), options(10, 1), ClusterRouting::kIndependent,
+                                         [](const StepPlan&) { return invalid_operation("rank 3 is gone"); });
+  EXPECT_THAT(failed.status().message(), HasSubstr("rank 3 is gone"));
+}
+
+TEST(ClusterReplay, RejectsOptionsThatCannotWork) {
+  auto o = options(10, 1);
+  o.capacity_tokens = 1000;  // less than one 512-token block per replica
+  EXPECT_THAT(run_cluster_replay(conversation_trace(), o, ClusterRouting::kIndependent).status().message(),
+              HasSubstr("gives each of 4 replicas no 512-token block"));
+  o = options(10, 1);
+  o.step_ms = 0;
+  EXPECT_EQ(run_cluster_replay(conversation_trace(), o, ClusterRouting::kIndependent).status().code(),
+            ErrorCode::kInvalidArgument);
+  EXPECT_THAT(parse_cluster_routings("global-routing,teleport").status().message(), HasSubstr("teleport"));
+  const auto parsed = parse_cluster_routings("global-migration,independent");
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(*parsed, (std::vector{ClusterRouting::kGlobalMigration, ClusterRouting::kIndependent}));
+}
+
+}  // namespace
+}  // namespace kvfabric::bench
