@@ -9,6 +9,7 @@
 #include <string>
 
 #include "bench/replay_sim.h"
+#include "bench/timing.h"
 #include "kvfabric/coordinator/coordinator.h"
 
 namespace kvfabric::bench {
@@ -225,18 +226,10 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
   const uint64_t first_admissions = r.admissions - r.readmissions;
   r.mean_queue_steps = first_admissions == 0 ? 0.0 : queue_steps / static_cast<double>(first_admissions);
   r.coordinator_us_per_request = count == 0 ? 0.0 : coordinator_us / static_cast<double>(count);
-  if (!admit_us.empty()) {
-    double sum = 0;
-    for (double v : admit_us) sum += v;
-    r.admit_mean_us = sum / static_cast<double>(admit_us.size());
-    std::sort(admit_us.begin(), admit_us.end());
-    const auto rank = [&](double q) {  // nearest rank
-      const auto k = static_cast<size_t>(std::ceil(q * static_cast<double>(admit_us.size())));
-      return admit_us[std::clamp<size_t>(k, 1, admit_us.size()) - 1];
-    };
-    r.admit_p50_us = rank(0.5);
-    r.admit_p99_us = rank(0.99);
-  }
+  const LatencySummary admit = summarize_latencies(std::move(admit_us));
+  r.admit_mean_us = admit.mean;
+  r.admit_p50_us = admit.p50;
+  r.admit_p99_us = admit.p99;
   return r;
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <unordered_set>
 
+#include "bench/timing.h"
 #include "kvfabric/prefix/paged_prefix_cache.h"
 
 namespace kvfabric::bench {
@@ -122,19 +123,10 @@ Result<ReplaySimResult> run_replay_sim(
   r.evicted_blocks = stats.evicted_blocks;
   r.inserted_blocks = stats.inserted_blocks;
   r.final_cached_blocks = cache.index().cached_blocks();
-  if (!latencies_us.empty()) {
-    double sum = 0;
-    for (double v : latencies_us)
-      sum += v;
-    r.mean_us = sum / static_cast<double>(latencies_us.size());
-    std::sort(latencies_us.begin(), latencies_us.end());
-    const auto rank = [&](double q) {  // nearest rank
-      const auto k = static_cast<size_t>(std::ceil(q * static_cast<double>(latencies_us.size())));
-      return latencies_us[std::clamp<size_t>(k, 1, latencies_us.size()) - 1];
-    };
-    r.p50_us = rank(0.50);
-    r.p99_us = rank(0.99);
-  }
+  const LatencySummary latency = summarize_latencies(std::move(latencies_us));
+  r.mean_us = latency.mean;
+  r.p50_us = latency.p50;
+  r.p99_us = latency.p99;
   KVF_RETURN_IF_ERROR(cache.verify_integrity());
   cache.clear_index();
   r.leaked_blocks = cache.pool().total_blocks() - cache.pool().free_block_count();

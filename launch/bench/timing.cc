@@ -1,6 +1,7 @@
 #include "bench/timing.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -65,6 +66,22 @@ double read_bandwidth(uint64_t bytes, int threads, int iterations) {
       },
       1, iterations);
   return static_cast<double>(bytes) / seconds;
+}
+
+LatencySummary summarize_latencies(std::vector<double> samples) {
+  LatencySummary out;
+  if (samples.empty()) return out;
+  double sum = 0;
+  for (double v : samples) sum += v;
+  out.mean = sum / static_cast<double>(samples.size());
+  std::sort(samples.begin(), samples.end());
+  const auto rank = [&](double q) {  // nearest rank
+    const auto k = static_cast<size_t>(std::ceil(q * static_cast<double>(samples.size())));
+    return samples[std::clamp<size_t>(k, 1, samples.size()) - 1];
+  };
+  out.p50 = rank(0.50);
+  out.p99 = rank(0.99);
+  return out;
 }
 
 }  // namespace kvfabric::bench

@@ -16,4 +16,10 @@ double memcpy_bandwidth(uint64_t bytes, int threads, int iterations);
 //! Bytes read per second by a streaming sum over a `bytes`-sized buffer on `threads` threads.
 double read_bandwidth(uint64_t bytes, int threads, int iterations);
 
+//! Mean and nearest-rank percentiles of a set of latencies (all 0 when there are none).
+struct LatencySummary {
+  double mean = 0, p50 = 0, p99 = 0;
+};
+LatencySummary summarize_latencies(std::vector<double> samples);
+
 }  // namespace kvfabric::bench

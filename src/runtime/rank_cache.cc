@@ -255,28 +255,25 @@ uint64_t RankCache::tables_digest() const {
   return h;
 }
 
+template <typename Args>
+Status RankCache::on_layer(uint32_t layer, Args args,
+                           Status (Backend::*op)(const PagedKvView&, const Args&)) {
+  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
+  args.layer = where_layer.layer;  // the layer within its group's pool
+  return (backend_->*op)(storage_.view(where_layer.group, Tier::kDevice), args);
+}
+
 Status RankCache::append_kv(uint32_t layer, AppendKvArgs args) {
-  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
-  args.layer = where_layer.layer;
-  return backend_->append_kv(storage_.view(where_layer.group, Tier::kDevice), args);
+  return on_layer(layer, args, &Backend::append_kv);
 }
-
 Status RankCache::gather_kv(uint32_t layer, GatherKvArgs args) {
-  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
-  args.layer = where_layer.layer;
-  return backend_->gather_kv(storage_.view(where_layer.group, Tier::kDevice), args);
+  return on_layer(layer, args, &Backend::gather_kv);
 }
-
 Status RankCache::decode_attention(uint32_t layer, DecodeAttentionArgs args) {
-  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
-  args.layer = where_layer.layer;
-  return backend_->paged_decode_attention(storage_.view(where_layer.group, Tier::kDevice), args);
+  return on_layer(layer, args, &Backend::paged_decode_attention);
 }
-
 Status RankCache::prefill_attention(uint32_t layer, PrefillAttentionArgs args) {
-  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
-  args.layer = where_layer.layer;
-  return backend_->paged_prefill_attention(storage_.view(where_layer.group, Tier::kDevice), args);
+  return on_layer(layer, args, &Backend::paged_prefill_attention);
 }
 
 }  // namespace kvfabric

@@ -370,7 +370,7 @@ TEST_P(RuntimeLayoutTest, ServingWorkloadKeepsShardsIdenticalAndLeaksNothing) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, RuntimeLayoutTest, ::testing::ValuesIn(kLayouts),
-                         [](const auto& info) { return std::string(info.param.name); });
+                         [](const ::testing::TestParamInfo<Layout>& p) { return std::string(p.param.name); });
 
 // A plan whose step number a rank does not expect is refused by every rank before any block
 // moves (a migration would otherwise wait forever for the refusing rank), and each error names
@@ -404,7 +404,9 @@ TEST(RuntimeStepTest, AWrongStepNumberIsRefusedEverywhereNamingRanksAndSteps) {
                         "expecting step 0); no rank executed it"));
 
   // Rank 2 runs a step of its own and falls out of step with the others.
-  if (l.rank == 2) ASSERT_TRUE(r.cache->execute(StepPlan{}).ok());
+  if (l.rank == 2) {
+    ASSERT_TRUE(r.cache->execute(StepPlan{}).ok());
+  }
   StepPlan step0;
   step0.ops = {Op::migrate(0, BlockId{1}, 1, BlockId{2}), Op::migrate(1, BlockId{3}, 0, BlockId{4})};
   const Status one_refuses = broadcast_and_execute(*r.cache, step0);

@@ -98,6 +98,9 @@ class RankCache {
       : layout_(layout), storage_(std::move(storage)), backend_(&backend), transport_(&transport) {}
 
   Status validate(const StepPlan& plan) const;
+  // Runs a backend call on the pool of `layer`'s group with the layer index inside the group.
+  template <typename Args>
+  Status on_layer(uint32_t layer, Args args, Status (Backend::*op)(const PagedKvView&, const Args&));
   Status run_wave(std::span<const StepPlan::Op> wave);
   Status run_migrations(std::span<const StepPlan::Op> migrations);
   std::string where() const;
