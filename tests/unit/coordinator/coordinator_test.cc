@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <numeric>
+#include <set>
 
 #include "testing/serving_harness.h"
 
@@ -230,6 +231,60 @@ TEST(CoordinatorTest, PressureSwapsThenParksThenPreempts) {
   plan = c.step();
   ASSERT_TRUE(plan.ok());
   EXPECT_THAT(plan->preempted, ::testing::ElementsAre(SeqId{7}));
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+// Regression (found by the 4-rank serving test): making room for a newcomer parks a victim on the
+// replica that holds the newcomer's cached prefix, evicting part of it; the migration must move
+// only what is still cached there, never blocks the parked victim has just been given.
+TEST(CoordinatorTest, AMigratedPrefixIsReadAfterMakingRoomNotBefore) {
+  Config config = serving_config(2, 1, 4, 2, 12, 0);  // no host tier: victims are parked
+  config.coordinator.memory_weight = 0;
+  config.coordinator.queue_weight = 1000;  // placement follows the running count
+  Coordinator c = make(config);
+  const std::vector<TokenId> prefix = tokens(48, 5000);  // 3 blocks
+  auto placed_on = [&](SeqId seq, std::vector<TokenId> prompt, uint32_t priority) {
+    const auto p = c.admit(seq, prompt, priority);
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? p->replica : 99u;
+  };
+  EXPECT_EQ(placed_on(SeqId{1}, tokens(80, 100), 0), 0u);  // X: 5 blocks
+  EXPECT_EQ(placed_on(SeqId{2}, prefix, 0), 1u);           // the prefix
+  EXPECT_EQ(placed_on(SeqId{3}, tokens(80, 900), 1), 0u);  // 5 blocks nobody may displace
+  EXPECT_EQ(placed_on(SeqId{4}, tokens(32, 3000), 0), 1u);
+  ASSERT_TRUE(c.fork(SeqId{4}, SeqId{5}).ok());
+  ASSERT_TRUE(c.fork(SeqId{4}, SeqId{6}).ok());
+  ASSERT_TRUE(c.append(SeqId{4}, 64).ok());  // replica 1: 6 blocks used
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.step().ok());  // the prefix is indexed
+  ASSERT_TRUE(c.free(SeqId{2}).ok());
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_EQ(c.replica_cache(1).index().idle_blocks(), 3u);
+  ASSERT_EQ(c.replica_cache(1).pool().free_block_count(), 3u);
+  ASSERT_EQ(c.replica_cache(0).pool().free_block_count(), 2u);
+
+  // 7 blocks fit neither replica; replica 0 runs fewer sequences and is chosen, the prefix to be
+  // migrated from replica 1; making room parks X (5 blocks) on replica 1, which takes its 3 free
+  // blocks and 2 of the prefix's.
+  std::vector<TokenId> prompt = prefix;
+  for (TokenId t : tokens(64, 7000)) prompt.push_back(t);
+  const auto placed = c.admit(SeqId{7}, prompt, 1);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(placed->replica, 0u);
+  EXPECT_EQ(c.replica_of(SeqId{1}), 1u);
+  EXPECT_EQ(c.stats().parked, 1u);
+  EXPECT_EQ(placed->migrated_tokens, 16u);  // the one block still cached
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  // No op reads a block that an earlier op of the plan wrote.
+  std::set<std::pair<uint32_t, uint32_t>> written;
+  for (const auto& op : plan->ops) {
+    if (op.kind != Kind::kMigrate) continue;
+    EXPECT_EQ(written.count({op.replica, op.src.value}), 0u)
+        << "reads " << op.src << " of replica " << op.replica << " after it was overwritten";
+    written.insert({op.dst_replica, op.dst.value});
+  }
+  EXPECT_EQ(plan->count(Kind::kMigrate), 5u + 1u);
   EXPECT_TRUE(c.verify_integrity().ok());
 }
 
