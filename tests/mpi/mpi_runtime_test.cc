@@ -208,7 +208,7 @@ TEST_P(RuntimeLayoutTest, ShardedDecodeAttentionEqualsOneRank) {
   // Queries of every head, [seq, head, dim].
   std::vector<float> query(lengths.size() * hq * hd);
   for (size_t i = 0; i < query.size(); ++i) {
-    query[i] = static_cast<float>(static_cast<int>(testing::mix64(i) % 257) - 128) / 128.0f;
+    query[i] = static_cast<float>(static_cast<int>(testing::splitmix64(i) % 257) - 128) / 128.0f;
   }
   auto decode = [&](RankCache& cache, uint32_t first_head, uint32_t heads) {
     std::vector<float> q(lengths.size() * heads * hd), out(q.size());

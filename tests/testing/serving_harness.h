@@ -18,21 +18,15 @@
 
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/runtime/rank_cache.h"
+#include "testing/block_pattern.h"
 
 namespace kvfabric::testing {
-
-inline uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 //! The K (or V) element of a token whose prefix hashes to `prefix_hash`. Multiples of 1/64 in
 //! [-2, 2): exact in f32, f16 and bf16, so round trips through the pool compare with ==.
 inline float token_kv(uint64_t prefix_hash, uint32_t layer, uint32_t kv_head, uint32_t dim,
                       bool is_value) {
-  const uint64_t h = mix64(prefix_hash ^ (uint64_t{layer} << 56) ^ (uint64_t{kv_head} << 40) ^
+  const uint64_t h = splitmix64(prefix_hash ^ (uint64_t{layer} << 56) ^ (uint64_t{kv_head} << 40) ^
                            (uint64_t{dim} << 1) ^ uint64_t{is_value});
   return static_cast<float>(static_cast<int>(h & 0xFF) - 128) / 64.0f;
 }
@@ -177,7 +171,7 @@ class EngineModel {
     const uint32_t hd = config_.model.head_dim;
     uint64_t h = 0;
     for (size_t pos = 0; pos < first + n; ++pos) {
-      h = mix64(h ^ s.tokens[pos]);
+      h = splitmix64(h ^ s.tokens[pos]);
       if (pos < first) continue;
       for (uint32_t head = 0; head < l.num_kv_heads; ++head) {
         for (uint32_t d = 0; d < hd; ++d) {
@@ -259,7 +253,7 @@ class ServingWorkload {
         ++counts_.frees;
         continue;
       }
-      const TokenId token = static_cast<TokenId>(mix64(seq.value * 1315423911u + engine.tokens(seq).size()) % 32000);
+      const TokenId token = static_cast<TokenId>(splitmix64(seq.value * 1315423911u + engine.tokens(seq).size()) % 32000);
       if (c.append(seq, 1).ok()) {
         engine.appended(seq, std::span(&token, 1));
         ++counts_.appends;
