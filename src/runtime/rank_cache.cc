@@ -184,6 +184,10 @@ Status RankCache::run_wave(std::span<const StepPlan::Op> wave) {
 
 Status RankCache::execute(const StepPlan& plan) {
   KVF_RETURN_IF_ERROR(validate(plan));
+  return run(plan);
+}
+
+Status RankCache::run(const StepPlan& plan) {
   // Group the ops by wave, keeping plan order inside each wave.
   const std::vector<uint32_t> waves = plan_waves(plan.ops);
   const uint32_t num_waves = waves.empty() ? 0 : *std::max_element(waves.begin(), waves.end()) + 1;
@@ -229,7 +233,7 @@ Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId roo
                   ", shard " + std::to_string(r % layout_.tp) + ", expecting step " +
                   std::to_string(verdicts[r] >> 1) + ")";
   }
-  if (refused_by.empty()) return execute(*plan);
+  if (refused_by.empty()) return run(*plan);  // every rank validated it
   const std::string which =
       plan.ok() ? "the plan of step " + std::to_string(plan->step) : "the plan";
   const std::string what = which + " broadcast by rank " + std::to_string(root.value) +

@@ -98,6 +98,7 @@ class RankCache {
       : layout_(layout), storage_(std::move(storage)), backend_(&backend), transport_(&transport) {}
 
   Status validate(const StepPlan& plan) const;
+  Status run(const StepPlan& plan);  // executes a validated plan
   // Runs a backend call on the pool of `layer`'s group with the layer index inside the group.
   template <typename Args>
   Status on_layer(uint32_t layer, Args args, Status (Backend::*op)(const PagedKvView&, const Args&));
