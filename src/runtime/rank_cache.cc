@@ -127,7 +127,6 @@ Status RankCache::run_migrations(std::span<const StepPlan::Op> migrations) {
       recvs[layout_.rank_of(m.replica, layout_.shard)].push_back(device_pool().block(m.dst.value));
     }
   }
-  if (sends.empty() && recvs.empty()) return ok_status();
   std::vector<BlockBatch> send_batches, recv_batches;
   uint64_t sent = 0, received = 0;
   for (const auto& [peer, blocks] : sends) {
@@ -138,8 +137,6 @@ Status RankCache::run_migrations(std::span<const StepPlan::Op> migrations) {
     recv_batches.push_back({RankId{static_cast<int32_t>(peer)}, blocks, device_pool().block_bytes});
     received += blocks.size();
   }
-  // Swaps and copies of earlier waves must have landed before the transport reads the blocks.
-  KVF_RETURN_IF_ERROR(backend_->synchronize());
   KVF_RETURN_IF_ERROR(transport_->exchange_blocks(send_batches, recv_batches));
   stats_.migrated_blocks_sent += sent;
   stats_.migrated_blocks_received += received;
@@ -168,12 +165,25 @@ Status RankCache::run_wave(std::span<const StepPlan::Op> wave) {
         break;
     }
   }
+  // The transport works outside the backend's queue: what earlier waves queued (swaps and copies
+  // writing blocks this wave sends, or reading blocks it overwrites) must land first.
+  if (!migrations.empty() && backend_work_queued_) {
+    KVF_RETURN_IF_ERROR(backend_->synchronize());
+    backend_work_queued_ = false;
+  }
+  // Within a wave no op touches a block another op writes (plan_waves), so the swaps and copies
+  // are queued before the transfer and, on a backend that queues work (CUDA), run during it.
   if (!out.empty()) KVF_RETURN_IF_ERROR(backend_->swap_blocks(device_pool(), host_pool(), out));
-  KVF_RETURN_IF_ERROR(run_migrations(migrations));
   if (!in.empty()) KVF_RETURN_IF_ERROR(backend_->swap_blocks(host_pool(), device_pool(), in));
   if (!copies.empty()) {
     const std::vector<GroupTokenCopies> batch = {{device_pool(), copies}};
     KVF_RETURN_IF_ERROR(backend_->compact_tokens(batch));
+  }
+  const bool queued_now = !out.empty() || !in.empty() || !copies.empty();
+  backend_work_queued_ = backend_work_queued_ || queued_now;
+  if (!migrations.empty()) {
+    KVF_RETURN_IF_ERROR(run_migrations(migrations));
+    if (queued_now) ++stats_.overlapped_waves;
   }
   stats_.swapped_out_blocks += out.size();
   stats_.swapped_in_blocks += in.size();
@@ -193,8 +203,13 @@ Status RankCache::run(const StepPlan& plan) {
   const uint32_t num_waves = waves.empty() ? 0 : *std::max_element(waves.begin(), waves.end()) + 1;
   std::vector<std::vector<StepPlan::Op>> by_wave(num_waves);
   for (size_t i = 0; i < plan.ops.size(); ++i) by_wave[waves[i]].push_back(plan.ops[i]);
-  for (const auto& wave : by_wave) KVF_RETURN_IF_ERROR(run_wave(wave));
-  KVF_RETURN_IF_ERROR(backend_->synchronize());
+  Status ran = ok_status();
+  for (size_t w = 0; w < by_wave.size() && ran.ok(); ++w) ran = run_wave(by_wave[w]);
+  // On return every block of the plan holds its data, also when a wave failed midway.
+  const Status synced = backend_->synchronize();
+  backend_work_queued_ = false;
+  KVF_RETURN_IF_ERROR(ran);
+  KVF_RETURN_IF_ERROR(synced);
 
   const uint32_t me = layout_.replica;
   for (SeqId seq : plan.released) tables_.erase(seq);

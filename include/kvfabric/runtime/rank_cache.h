@@ -48,6 +48,9 @@ struct RankCacheStats {
   uint64_t migrated_blocks_sent = 0;
   uint64_t migrated_blocks_received = 0;
   uint64_t token_copies = 0;
+  //! Waves whose block transfer ran while the same wave's swaps or copies were queued on the
+  //! backend (concurrent on backends that queue work, such as CUDA).
+  uint64_t overlapped_waves = 0;
 };
 
 //! \brief A rank's arenas (its KV-head shard of every layer, device and host tier) and the
@@ -55,10 +58,13 @@ struct RankCacheStats {
 //! append_kv / attention from its forward pass.
 //!
 //! execute() checks the plan's step number and validates every op against this rank's pools
-//! (nothing runs when one is wrong), then runs the plan wave by wave (plan_waves()), each wave in
-//! the order swap-out, migrations (shard s of one replica to shard s of another, through the
-//! transport, one batch per peer), swap-in, copies; and records the block tables. Not
-//! thread-safe; `backend` and `transport` must outlive it.
+//! (nothing runs when one is wrong), then runs the plan wave by wave (plan_waves()) and records
+//! the block tables. The ops of one wave touch disjoint blocks, so each wave queues its swap-outs,
+//! swap-ins and copies on the backend and then runs its migrations (shard s of one replica to
+//! shard s of another, through the transport, one batch per peer): on a backend that queues work
+//! (CUDA) the swaps run while the transfer is in flight. The backend is synchronized only before
+//! a wave whose migrations follow queued work, and at the end of the plan. Not thread-safe;
+//! `backend` and `transport` must outlive it.
 class RankCache {
  public:
   static Result<std::unique_ptr<RankCache>> create(const Config& config, uint32_t rank,
@@ -111,6 +117,7 @@ class RankCache {
   Backend* backend_;
   Transport* transport_;
   uint64_t next_step_ = 0;
+  bool backend_work_queued_ = false;  // swaps or copies queued since the last synchronize()
   RankCacheStats stats_;
   std::map<SeqId, StepPlan::Table> tables_;
 };

@@ -3,7 +3,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <functional>
+#include <string>
 #include <numeric>
 
 #include "testing/backend_fixture.h"
@@ -127,6 +130,209 @@ TEST(RankCacheTest, OpsReusingABlockRunInPlanOrder) {
   EXPECT_TRUE(filled(3, 2));
   EXPECT_TRUE(filled(1, 3));
   EXPECT_TRUE(filled(2, 3));
+}
+
+// A backend that queues block moves and copies until synchronize(), as the CUDA backend queues
+// them on its stream: an executor that hands the transport blocks before queued work landed
+// sends or overwrites the wrong bytes here, as it would on a GPU.
+class QueuingBackend final : public Backend {
+ public:
+  explicit QueuingBackend(Backend& inner) : inner_(&inner) {}
+
+  [[nodiscard]] size_t queued() const { return queue_.size(); }
+  [[nodiscard]] const std::vector<std::string>& log() const { return log_; }
+  std::vector<std::string>& log() { return log_; }
+
+  std::string_view name() const override { return "queuing"; }
+  Result<KvArena> allocate_arena(uint64_t bytes, Tier tier) override {
+    return inner_->allocate_arena(bytes, tier);
+  }
+  Status swap_blocks(const PagedKvView& src, const PagedKvView& dst,
+                     std::span<const BlockMove> moves) override {
+    log_.push_back("swap_blocks");
+    queue_.push_back([this, src, dst, moves = std::vector<BlockMove>(moves.begin(), moves.end())] {
+      return inner_->swap_blocks(src, dst, moves);
+    });
+    return ok_status();
+  }
+  Status compact_tokens(std::span<const GroupTokenCopies> batch) override {
+    log_.push_back("compact_tokens");
+    std::vector<std::pair<PagedKvView, std::vector<TokenCopy>>> owned;
+    for (const auto& g : batch) owned.push_back({g.pool, {g.copies.begin(), g.copies.end()}});
+    queue_.push_back([this, owned = std::move(owned)] {
+      std::vector<GroupTokenCopies> groups;
+      for (const auto& [pool, copies] : owned) groups.push_back({pool, copies});
+      return inner_->compact_tokens(groups);
+    });
+    return ok_status();
+  }
+  Status synchronize() override {
+    log_.push_back("synchronize");
+    return flush();
+  }
+  // Everything else runs in queue order, after what is queued.
+  Status append_kv(const PagedKvView& pool, const AppendKvArgs& args) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->append_kv(pool, args);
+  }
+  Status gather_kv(const PagedKvView& pool, const GatherKvArgs& args) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->gather_kv(pool, args);
+  }
+  Status copy_blocks(std::span<const GroupBlockCopies> batch) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->copy_blocks(batch);
+  }
+  Status paged_decode_attention(const PagedKvView& pool, const DecodeAttentionArgs& args) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->paged_decode_attention(pool, args);
+  }
+  Status paged_prefill_attention(const PagedKvView& pool, const PrefillAttentionArgs& args) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->paged_prefill_attention(pool, args);
+  }
+  Status upload(void* dst, const void* src_host, uint64_t bytes) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->upload(dst, src_host, bytes);
+  }
+  Status download(void* dst_host, const void* src, uint64_t bytes) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->download(dst_host, src, bytes);
+  }
+  Status copy_bytes(void* dst, const void* src, uint64_t bytes) override {
+    KVF_RETURN_IF_ERROR(flush());
+    return inner_->copy_bytes(dst, src, bytes);
+  }
+
+ private:
+  Status flush() {
+    std::vector<std::function<Status()>> queue;
+    queue.swap(queue_);
+    for (auto& op : queue) KVF_RETURN_IF_ERROR(op());
+    return ok_status();
+  }
+
+  Backend* inner_;
+  std::vector<std::function<Status()>> queue_;
+  std::vector<std::string> log_;
+};
+
+// Rank 0 of a two-rank world whose peer is simulated: exchange_blocks keeps what is sent and
+// fills every received block with the peer's byte, and logs how much backend work was queued.
+class SimulatedPeerTransport final : public Transport {
+ public:
+  SimulatedPeerTransport(QueuingBackend& backend, uint8_t peer_byte)
+      : backend_(&backend), peer_byte_(peer_byte) {}
+
+  std::vector<std::vector<uint8_t>> sent;
+
+  std::string_view name() const override { return "simulated-peer"; }
+  RankId rank() const override { return RankId{0}; }
+  int world_size() const override { return 2; }
+  Status exchange_blocks(std::span<const BlockBatch> sends,
+                         std::span<const BlockBatch> recvs) override {
+    backend_->log().push_back("exchange with " + std::to_string(backend_->queued()) + " queued");
+    for (const BlockBatch& b : sends)
+      for (uint8_t* block : b.blocks) sent.emplace_back(block, block + b.block_bytes);
+    for (const BlockBatch& b : recvs)
+      for (uint8_t* block : b.blocks) std::memset(block, peer_byte_, b.block_bytes);
+    return ok_status();
+  }
+  Status broadcast(std::vector<uint8_t>&, RankId) override { return ok_status(); }
+  Status barrier() override { return ok_status(); }
+  Status all_gather(uint64_t value, std::vector<uint64_t>& out) override {
+    out = {value, value};
+    return ok_status();
+  }
+
+ private:
+  QueuingBackend* backend_;
+  uint8_t peer_byte_;
+};
+
+// Rank 0 (replica 0) of dp 2, on a queuing backend, every device block b filled with b + 1 and
+// every host block h with 0x40 + h.
+struct QueuedRank {
+  std::unique_ptr<Backend> cpu = testing::cpu_backend(best_cpu_isa());
+  QueuingBackend backend{*cpu};
+  SimulatedPeerTransport transport{backend, 0xA5};
+  std::unique_ptr<RankCache> rank;
+
+  QueuedRank() {
+    auto created = RankCache::create(serving_config(2, 1, 4, 2, 12, 4), 0, backend, transport);
+    EXPECT_TRUE(created.ok()) << created.status();
+    rank = std::move(created).value();
+    const PagedKvView& device = rank->device_pool();
+    const PagedKvView& host = rank->host_pool();
+    for (uint32_t b = 0; b < device.num_blocks; ++b)
+      std::memset(device.block(b), static_cast<int>(b + 1), device.block_bytes);
+    for (uint32_t h = 0; h < host.num_blocks; ++h)
+      std::memset(host.block(h), 0x40 + static_cast<int>(h), host.block_bytes);
+  }
+  static bool filled(const PagedKvView& pool, uint32_t block, uint8_t value) {
+    const uint8_t* p = pool.block(block);
+    return std::all_of(p, p + pool.block_bytes, [value](uint8_t v) { return v == value; });
+  }
+  static std::vector<uint8_t> block_of(uint8_t value, uint64_t bytes) {
+    return std::vector<uint8_t>(bytes, value);
+  }
+};
+
+TEST(RankCacheOverlapTest, AWavesSwapsAndCopiesAreQueuedBeforeItsTransfer) {
+  QueuedRank r;
+  StepPlan plan;
+  plan.ops = {Op::swap_out(0, BlockId{1}, BlockId{0}),
+              Op::migrate(0, BlockId{2}, 1, BlockId{5}),   // sent
+              Op::migrate(1, BlockId{3}, 0, BlockId{4}),   // received into block 4
+              Op::swap_in(0, BlockId{1}, BlockId{6}),
+              Op::token_copy(0, TokenCopy{BlockId{7}, 0, BlockId{8}, 0, 16, CopyReason::kCopyOnWrite})};
+  ASSERT_EQ(plan_waves(plan.ops), (std::vector<uint32_t>{0, 0, 0, 0, 0}));
+  ASSERT_TRUE(r.rank->execute(plan).ok());
+  // One wave: its three backend calls are still queued when the transfer starts.
+  EXPECT_THAT(r.backend.log(), ::testing::ElementsAre("swap_blocks", "swap_blocks", "compact_tokens",
+                                                       "exchange with 3 queued", "synchronize"));
+  EXPECT_EQ(r.rank->stats().overlapped_waves, 1u);
+  const PagedKvView& device = r.rank->device_pool();
+  const PagedKvView& host = r.rank->host_pool();
+  ASSERT_EQ(r.transport.sent.size(), 1u);
+  EXPECT_EQ(r.transport.sent[0], QueuedRank::block_of(3, device.block_bytes));
+  EXPECT_TRUE(QueuedRank::filled(device, 4, 0xA5));
+  EXPECT_TRUE(QueuedRank::filled(host, 0, 2));
+  EXPECT_TRUE(QueuedRank::filled(device, 6, 0x41));
+  EXPECT_TRUE(QueuedRank::filled(device, 8, 8));
+}
+
+TEST(RankCacheOverlapTest, ATransferWaitsForWhatEarlierWavesQueued) {
+  QueuedRank r;
+  StepPlan plan;
+  // Wave 0 writes block 3 (swap-in) and reads block 2 (swap-out); wave 1 sends block 3 and
+  // receives into block 2: both need wave 0 to have landed.
+  plan.ops = {Op::swap_in(0, BlockId{0}, BlockId{3}), Op::swap_out(0, BlockId{2}, BlockId{1}),
+              Op::migrate(0, BlockId{3}, 1, BlockId{5}), Op::migrate(1, BlockId{9}, 0, BlockId{2})};
+  ASSERT_EQ(plan_waves(plan.ops), (std::vector<uint32_t>{0, 0, 1, 1}));
+  ASSERT_TRUE(r.rank->execute(plan).ok());
+  EXPECT_THAT(r.backend.log(), ::testing::ElementsAre("swap_blocks", "swap_blocks", "synchronize",
+                                                       "exchange with 0 queued", "synchronize"));
+  EXPECT_EQ(r.rank->stats().overlapped_waves, 0u);
+  const PagedKvView& device = r.rank->device_pool();
+  ASSERT_EQ(r.transport.sent.size(), 1u);
+  EXPECT_EQ(r.transport.sent[0], QueuedRank::block_of(0x40, device.block_bytes));
+  EXPECT_TRUE(QueuedRank::filled(r.rank->host_pool(), 1, 3));
+  EXPECT_TRUE(QueuedRank::filled(device, 2, 0xA5));
+}
+
+TEST(RankCacheOverlapTest, AWaveWithoutTransfersDoesNotWait) {
+  QueuedRank r;
+  StepPlan plan;
+  plan.ops = {Op::swap_out(0, BlockId{1}, BlockId{0}),
+              Op::token_copy(0, TokenCopy{BlockId{2}, 0, BlockId{1}, 0, 16, CopyReason::kCopyOnWrite})};
+  ASSERT_EQ(plan_waves(plan.ops), (std::vector<uint32_t>{0, 1}));
+  ASSERT_TRUE(r.rank->execute(plan).ok());
+  // Two waves on one queue: the backend orders them; the executor waits once, at the end.
+  EXPECT_THAT(r.backend.log(),
+              ::testing::ElementsAre("swap_blocks", "compact_tokens", "synchronize"));
+  EXPECT_TRUE(QueuedRank::filled(r.rank->host_pool(), 0, 2));
+  EXPECT_TRUE(QueuedRank::filled(r.rank->device_pool(), 1, 3));
 }
 
 // The whole stack in one process: coordinator plans, the rank executes them, the engine model
