@@ -1,16 +1,19 @@
 // gpu label: the NCCL transport on one rank (bootstrapped by the local transport) sends blocks
 // to itself through the pack kernel, an NCCL send/receive pair and the unpack kernel, and they
-// arrive bit-exact. Skips with the reason when there is no device (or no NCCL in the build).
+// arrive bit-exact; a RankCache on that rank executes step plans as the CPU backend does. Skips with the reason when there is no device (or no NCCL in the build).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <random>
 
 #include "kvfabric/backend/cuda_backend.h"
+#include "kvfabric/runtime/rank_cache.h"
 #include "kvfabric/transport/nccl_transport.h"
 #include "testing/block_pattern.h"
+#include "testing/serving_harness.h"
 
 namespace kvfabric {
 namespace {
@@ -156,6 +159,55 @@ TEST_F(NcclTransportTest, RefusesBadBatchesLikeEveryTransport) {
   EXPECT_THAT(s.message(), HasSubstr("does not match"));
   // Still usable.
   EXPECT_TRUE(nccl_->exchange_blocks({&four, 1}, {&from_self, 1}).ok());
+}
+
+// A step plan on one GPU rank (CUDA backend, NCCL transport): swaps between the device pool and
+// the pinned host tier, and token copies, over several waves, leave every byte of both pools as
+// the CPU backend leaves them. Two steps, so the backend's staging buffers are reused.
+TEST_F(NcclTransportTest, APlanRunsOnTheGpuRankAsOnTheCpu) {
+  using Op = StepPlan::Op;
+  const Config config = testing::serving_config(1, 1, 4, 2, 16, 8);
+  auto cpu_backend = make_cpu_backend();
+  ASSERT_TRUE(cpu_backend.ok());
+  auto local = make_local_transport();
+  auto on_cpu = RankCache::create(config, 0, **cpu_backend, *local);
+  auto on_gpu = RankCache::create(config, 0, *cuda_, *nccl_);
+  ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+  ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
+  auto bytes_of = [](const PagedKvView& pool) { return pool.num_blocks * pool.block_bytes; };
+  for (const Tier tier : {Tier::kDevice, Tier::kHost}) {
+    const PagedKvView& cpu_pool = (*on_cpu)->storage().view(0, tier);
+    std::vector<uint8_t> image(bytes_of(cpu_pool));
+    testing::fill_pattern(image.data(), image.size(), tier == Tier::kDevice ? 7 : 8);
+    std::memcpy(cpu_pool.block(0), image.data(), image.size());
+    ASSERT_TRUE(cuda_->upload((*on_gpu)->storage().view(0, tier).block(0), image.data(), image.size()).ok());
+  }
+  const std::vector<std::vector<Op>> steps = {
+      {Op::swap_out(0, BlockId{1}, BlockId{0}), Op::swap_out(0, BlockId{2}, BlockId{1}),
+       Op::token_copy(0, TokenCopy{BlockId{3}, 0, BlockId{1}, 0, 16, CopyReason::kCopyOnWrite}),
+       Op::swap_in(0, BlockId{0}, BlockId{5}), Op::swap_in(0, BlockId{1}, BlockId{2}),
+       Op::token_copy(0, TokenCopy{BlockId{4}, 3, BlockId{6}, 5, 9, CopyReason::kCompaction}),
+       Op::swap_out(0, BlockId{5}, BlockId{2})},
+      {Op::swap_in(0, BlockId{2}, BlockId{9}), Op::swap_out(0, BlockId{9}, BlockId{7}),
+       Op::token_copy(0, TokenCopy{BlockId{9}, 2, BlockId{9}, 0, 14, CopyReason::kCompaction}),
+       Op::swap_out(0, BlockId{15}, BlockId{3})}};
+  for (size_t step = 0; step < steps.size(); ++step) {
+    StepPlan plan;
+    plan.step = step;
+    plan.ops = steps[step];
+    const std::vector<uint32_t> waves = plan_waves(plan.ops);
+    ASSERT_GT(*std::max_element(waves.begin(), waves.end()), 0u) << "the plan must have waves";
+    ASSERT_TRUE((*on_cpu)->execute(plan).ok());
+    const Status ran = (*on_gpu)->execute(plan);
+    ASSERT_TRUE(ran.ok()) << ran;
+    for (const Tier tier : {Tier::kDevice, Tier::kHost}) {
+      const PagedKvView& cpu_pool = (*on_cpu)->storage().view(0, tier);
+      std::vector<uint8_t> got(bytes_of(cpu_pool));
+      ASSERT_TRUE(cuda_->download(got.data(), (*on_gpu)->storage().view(0, tier).block(0), got.size()).ok());
+      EXPECT_EQ(0, std::memcmp(got.data(), cpu_pool.block(0), got.size()))
+          << "step " << step << (tier == Tier::kDevice ? ", device pool" : ", host pool");
+    }
+  }
 }
 
 // Where no device is usable (CI), setup fails with Unavailable and the reason, on every rank
