@@ -187,13 +187,10 @@ std::vector<BlockId> PrefixBlockIndex::release_idle(size_t count) {
     if (!victim) break;
     const size_t held = tree_.find(*victim)->value()->blocks.size();
     const size_t take = std::min(held, count - released.size());
-    if (take < held) {
-      // Trim the leaf from its end: its deepest blocks are the least reusable.
-      auto front = tree_.split(*victim, (held - take) * options_.block_size);
-      KVF_CHECK(front.ok(), front.status().message());
-      adopt_blocks(front.value());
-    }
-    auto evicted = tree_.evict(*victim);
+    // Trim the leaf from its end when it holds more than needed: its deepest blocks are the
+    // least reusable.
+    auto evicted = take < held ? tree_.evict_back(*victim, (held - take) * options_.block_size)
+                               : tree_.evict(*victim);
     KVF_CHECK(evicted.ok(), evicted.status().message());
     for (BlockId b : evicted.value().blocks) {
       node_of_[b.value] = kNoNode;

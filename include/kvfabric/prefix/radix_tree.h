@@ -363,6 +363,33 @@ class RadixTree {
     return value;
   }
 
+  //! Evicts the end of an evictable leaf: its edge keeps its first `keep` tokens (a positive
+  //! multiple of the granularity, less than the edge length) and Traits::split_front's front of
+  //! the value; the rest of the value is returned. The node keeps its id, clock and priority and
+  //! stays a leaf (when split_front gives no front, the node is removed as evict() removes it). Nothing is copied, so trimming a long edge costs what evicting it does.
+  //! InvalidArgument for a bad `keep`, InvalidOperation when the node is not an evictable leaf.
+  Result<Value> evict_back(RadixNodeId id, size_t keep) {
+    KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
+    Node& n = nodes_[i];
+    if (!evictable(n) || !n.children_.empty()) {
+      return invalid_operation(node_name(i) + " is not an evictable leaf (" + describe(n) + ")");
+    }
+    if (keep == 0 || keep >= n.edge_.size() || keep % options_.granularity != 0) {
+      return invalid_argument("cannot keep " + std::to_string(keep) + " tokens of the " +
+                              std::to_string(n.edge_.size()) + "-token edge of " + node_name(i) +
+                              " (granularity " + std::to_string(options_.granularity) + ")");
+    }
+    std::optional<Value> back;
+    rekey(i, [&](Node& m) {
+      back = std::move(m.value_);
+      m.value_ = traits_.split_front(*back, keep / options_.granularity);
+      m.depth_ -= m.edge_.size() - keep;
+      m.edge_.resize(keep);
+    });
+    if (!nodes_[i].value_) remove_leaf(i);  // no front part: nothing left to keep
+    return std::move(*back);
+  }
+
   //! Removes every node; ids handed out before become stale. Counters restart at 0, the clock
   //! does not (ticks stay increasing).
   void clear() {

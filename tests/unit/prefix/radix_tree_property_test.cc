@@ -258,6 +258,22 @@ class Model {
       compact(key);
     }
   }
+  // Mirrors RadixTree::evict_back on a leaf: the node (its record, serial included) moves to its
+  // first `keep` edge tokens with the front of its value, and the rest of the value goes.
+  Tokens evict_back(const Tokens& key, size_t keep) {
+    const Tokens front = prefix_of(key, parent(key).size() + keep);
+    ModelNode node = nodes_.at(key);
+    if (c_.scope == RadixEvictScope::kLeaves) {
+      node.value = prefix_of(*node.value, keep);
+    } else {
+      node.value.reset();  // an entry describes its whole key: no front part
+    }
+    nodes_.erase(key);
+    nodes_[front] = node;
+    changed();
+    if (!node.value) remove_leaf(front);
+    return front;
+  }
   void unpin(const Tokens& key) {
     --nodes_.at(key).own_pins;
     if (!key.empty() && !nodes_.at(key).value && children(key).empty() && pins(key) == 0) {
@@ -479,7 +495,7 @@ class RadixTreeProperty : public ::testing::TestWithParam<Case> {
           pinned_.erase(it);
         }
       }
-    } else if (op < 88) {  // evict the next victim, or try a random node
+    } else if (op < 85) {  // evict the next victim, or try a random node
       if (rng_() % 2 == 0) {
         const auto victim = tree_.next_victim();
         if (victim) {
@@ -495,6 +511,24 @@ class RadixTreeProperty : public ::testing::TestWithParam<Case> {
         const auto value = tree_.evict(id_for(*key));
         ASSERT_EQ(value.ok(), allowed) << value.status();
         if (allowed) model_.evict(*key);
+      }
+    } else if (op < 88) {  // trim the end of the next victim: a split, then evicting the lower part
+      if (const auto victim = tree_.next_victim()) {
+        const Tokens key = key_of(*victim);
+        const size_t edge = model_.edge(key).size();
+        const size_t keep = (rng_() % (edge / g + 1)) * g;
+        last_op_ += " evict_back " + text(key) + " keeping " + std::to_string(keep);
+        const bool leaf = tree_.find(*victim)->is_leaf();
+        const auto value = tree_.evict_back(*victim, keep);
+        ASSERT_EQ(value.ok(), leaf && keep > 0 && keep < edge) << value.status();
+        if (value.ok()) {
+          const Tokens& old_value = model_.nodes().at(key).value.value();
+          ASSERT_EQ(value.value(), GetParam().scope == RadixEvictScope::kLeaves
+                                       ? Tokens(old_value.begin() + static_cast<ptrdiff_t>(keep), old_value.end())
+                                       : old_value);
+          const Tokens front = model_.evict_back(key, keep);
+          if (model_.nodes().count(front) > 0) ASSERT_EQ(key_of(*victim), front);
+        }
       }
     } else if (op < 93) {  // split a random node at a random unit boundary
       if (auto key = random_node(false)) {

@@ -200,6 +200,40 @@ TEST(RadixTree, SplitKeepsTheLowerNodesIdAndPins) {
   EXPECT_TRUE(tree.verify().ok()) << tree.verify();
 }
 
+TEST(RadixTree, EvictBackTrimsALeafInPlace) {
+  EdgeTree tree = make_edge_tree(2);
+  put(tree, {1, 2, 3, 4});
+  const auto leaf = put(tree, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10});
+  const auto other = put(tree, {1, 2, 3, 4, 7, 7});
+  ASSERT_TRUE(tree.pin(other.node).ok());
+  const uint64_t clock = tree.find(leaf.node)->last_access();
+  EXPECT_EQ(tree.evict_back(leaf.node, 3).status().code(), ErrorCode::kInvalidArgument);  // mid-unit
+  EXPECT_EQ(tree.evict_back(leaf.node, 6).status().code(), ErrorCode::kInvalidArgument);  // all
+  EXPECT_EQ(tree.evict_back(leaf.node, 0).status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(tree.evict_back(other.node, 0).status().code(), ErrorCode::kInvalidOperation);  // pinned
+  EXPECT_EQ(tree.evict_back(tree.find(leaf.node)->parent(), 2).status().code(),
+            ErrorCode::kInvalidOperation);  // not a leaf
+  const auto back = tree.evict_back(leaf.node, 2);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(*back, (Tokens{7, 8, 9, 10}));
+  const auto* trimmed = tree.find(leaf.node);  // same id, shorter key
+  ASSERT_NE(trimmed, nullptr);
+  EXPECT_EQ(trimmed->edge(), (Tokens{5, 6}));
+  EXPECT_EQ(trimmed->value(), (Tokens{5, 6}));
+  EXPECT_EQ(trimmed->depth(), 6u);
+  EXPECT_EQ(trimmed->last_access(), clock);
+  EXPECT_EQ(tree.peek(Tokens{1, 2, 3, 4, 5, 6, 7, 8}).length, 6u);
+  EXPECT_EQ(tree.bytes(), 4u + 2u + 2u);
+  EXPECT_TRUE(tree.verify().ok()) << tree.verify();
+  // A value without a front part leaves nothing to keep: the node goes.
+  RadixTree<int> plain(RadixTreeOptions{1});
+  const auto ins = plain.insert(Tokens{1, 2, 3}, 0, [](size_t, size_t) { return std::optional<int>(7); });
+  EXPECT_EQ(plain.evict_back(ins.node, 1).value(), 7);
+  EXPECT_EQ(plain.find(ins.node), nullptr);
+  EXPECT_EQ(plain.node_count(), 0u);
+  EXPECT_TRUE(plain.verify().ok()) << plain.verify();
+}
+
 // Self-contained entries at any depth (the seed cache's use).
 struct EntryTraits {
   size_t bytes(const Tokens& v) const { return 4 * v.size(); }
