@@ -223,11 +223,12 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
   const size_t n = prompt.size();
   const size_t total_blocks = blocks_for(n, bs);
 
-  // The global view: what every replica has cached of this prompt.
+  // The global view: what every replica has cached of this prompt (each unit hashed once).
+  const RadixKey key(prompt, static_cast<uint32_t>(bs));
   std::vector<PrefixMatch> matches;
   uint32_t best_source = 0;
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
-    matches.push_back(replicas_[r].cache.index().peek(prompt));
+    matches.push_back(replicas_[r].cache.index().peek(key));
     if (matches[r].tokens > matches[best_source].tokens) best_source = r;
   }
   const size_t best_tokens = matches[best_source].tokens;
@@ -275,7 +276,7 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
   // Room first: a newcomer displaces only sequences of lower priority (others keep running; the
   // scheduler retries it later).
   KVF_RETURN_IF_ERROR(relieve_pressure(r, needed, seq, priority));
-  KVF_ASSIGN_OR_RETURN(const size_t local_cached, rep.cache.allocate(seq, prompt));
+  KVF_ASSIGN_OR_RETURN(const size_t local_cached, rep.cache.allocate(seq, key));
   if (priority != 0) {
     const Status p = rep.cache.pool().set_priority(seq, priority);
     if (!p.ok()) {
@@ -290,7 +291,7 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
   if (chosen->migrated_blocks > 0) {
     // Look again: making room may have parked sequences on the source, evicting (and reusing)
     // part of the prefix found above.
-    const PrefixMatch source = replicas_[best_source].cache.index().peek(prompt);
+    const PrefixMatch source = replicas_[best_source].cache.index().peek(key);
     // The source's cached blocks after the target's own prefix fill the target's next blocks.
     const size_t first = local_cached / bs;
     const size_t count = std::min(source.blocks.size(), table.size());

@@ -29,6 +29,11 @@ Result<PagedPrefixCache> PagedPrefixCache::create(PagedKvCache pool, PrefixIndex
 }
 
 Result<size_t> PagedPrefixCache::allocate(SeqId seq, std::span<const TokenId> prompt) {
+  return allocate(seq, RadixKey(prompt, pool_.block_size()));
+}
+
+Result<size_t> PagedPrefixCache::allocate(SeqId seq, const RadixKey& key) {
+  const std::span<const TokenId> prompt = key.tokens();
   KVF_RETURN_IF_ERROR(pool_.init_status());
   if (pool_.get_sequence(seq) != nullptr) {
     return invalid_operation("Sequence " + to_string(seq) + " already exists");
@@ -42,7 +47,7 @@ Result<size_t> PagedPrefixCache::allocate(SeqId seq, std::span<const TokenId> pr
     const size_t available = pool_.available_block_count() - cached.idle_blocks;
     return fresh > available ? out_of_memory(fresh, available) : ok_status();
   };
-  KVF_ASSIGN_OR_RETURN(const PrefixMatch hit, index_->match_if(prompt, admit));
+  KVF_ASSIGN_OR_RETURN(const PrefixMatch hit, index_->match_if(key, admit));
   const Status status = pool_.allocate_shared(seq, prompt.size(), hit.blocks);
   KVF_CHECK(status.ok(), "allocation failed after its capacity check: " + status.to_string());
   return hit.tokens;

@@ -70,6 +70,10 @@ PrefixMatch PrefixBlockIndex::collect(RadixNodeId node, std::optional<RadixNodeI
 }
 
 PrefixMatch PrefixBlockIndex::peek(std::span<const TokenId> tokens) const {
+  return peek(RadixKey(tokens, options_.block_size));
+}
+
+PrefixMatch PrefixBlockIndex::peek(const RadixKey& tokens) const {
   const auto m = tree_.peek(tokens);
   return collect(m.node, m.partial, m.partial_length / options_.block_size);
 }
@@ -80,7 +84,13 @@ PrefixMatch PrefixBlockIndex::match(std::span<const TokenId> tokens) {
 
 Result<PrefixMatch> PrefixBlockIndex::match_if(
     std::span<const TokenId> tokens, const std::function<Status(const PrefixMatch&)>& admit) {
-  const auto m = tree_.peek(tokens);
+  return match_if(RadixKey(tokens, options_.block_size), admit);
+}
+
+Result<PrefixMatch> PrefixBlockIndex::match_if(
+    const RadixKey& key, const std::function<Status(const PrefixMatch&)>& admit) {
+  const std::span<const TokenId> tokens = key.tokens();
+  const auto m = tree_.peek(key);
   PrefixMatch out = collect(m.node, m.partial, m.partial_length / options_.block_size);
   if (admit) KVF_RETURN_IF_ERROR(admit(out));
   RadixNodeId end = m.node;

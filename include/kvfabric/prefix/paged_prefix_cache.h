@@ -42,6 +42,8 @@ class PagedPrefixCache {
   //! blocks; all of them when the prompt is cached up to a shared partial last block). Errors as
   //! PagedKvCache::allocate; a failed call changes nothing (not even the statistics).
   Result<size_t> allocate(SeqId seq, std::span<const TokenId> prompt);
+  //! allocate() with the prompt's unit keys already computed (see RadixKey).
+  Result<size_t> allocate(SeqId seq, const RadixKey& prompt);
   //! Indexes the blocks holding the first tokens.size() tokens of `seq` (the tokens themselves
   //! are `tokens`, in block-table order), raising their priority to at least `priority`. Returns
   //! how many blocks were newly indexed. A sequence compacted by StreamingLLM no longer holds the

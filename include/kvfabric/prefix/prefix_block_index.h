@@ -112,12 +112,16 @@ class PrefixBlockIndex final : public BlockRetainer {
 
   //! The longest cached prefix of `tokens`; changes nothing and counts nothing.
   [[nodiscard]] PrefixMatch peek(std::span<const TokenId> tokens) const;
+  //! peek() with the unit keys `tokens` already computed (a prompt looked up in several indexes).
+  [[nodiscard]] PrefixMatch peek(const RadixKey& tokens) const;
   //! Same, as a lookup: counts it in the statistics, marks the matched path used now (LRU), and
   //! splits the last node where the match ends so that its unmatched rest stays evictable.
   PrefixMatch match(std::span<const TokenId> tokens);
   //! match() that first shows the result to `admit`; an error from it is returned and the lookup
   //! changes nothing (no split, no refresh, not counted). One walk of the tree either way.
   Result<PrefixMatch> match_if(std::span<const TokenId> tokens,
+                               const std::function<Status(const PrefixMatch&)>& admit);
+  Result<PrefixMatch> match_if(const RadixKey& tokens,
                                const std::function<Status(const PrefixMatch&)>& admit);
 
   //! Indexes the blocks of a sequence holding `tokens`: blocks[i] holds tokens [i * block_size,

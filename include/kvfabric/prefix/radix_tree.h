@@ -75,6 +75,33 @@ namespace detail {
 uint64_t radix_unit_key(std::span<const TokenId> unit, uint32_t granularity);
 }  // namespace detail
 
+//! \brief Tokens to look up, with the child-map key of each unit computed on first use and kept:
+//! looking the same prompt up in several trees of one granularity (one per replica) hashes each
+//! unit once. Borrows `tokens`, which must outlive it. Not thread-safe.
+class RadixKey {
+ public:
+  RadixKey(std::span<const TokenId> tokens, uint32_t granularity)
+      : tokens_(tokens), granularity_(granularity),
+        unit_keys_(granularity == 0 ? 0 : (tokens.size() + granularity - 1) / granularity) {}
+
+  [[nodiscard]] std::span<const TokenId> tokens() const { return tokens_; }
+  [[nodiscard]] uint32_t granularity() const { return granularity_; }
+  //! The key of the unit starting at `pos`, a multiple of the granularity below the length.
+  [[nodiscard]] uint64_t unit_key(size_t pos) const {
+    std::optional<uint64_t>& known = unit_keys_[pos / granularity_];
+    if (!known) {
+      const size_t length = std::min<size_t>(granularity_, tokens_.size() - pos);
+      known = detail::radix_unit_key(tokens_.subspan(pos, length), granularity_);
+    }
+    return *known;
+  }
+
+ private:
+  std::span<const TokenId> tokens_;
+  uint32_t granularity_;
+  mutable std::vector<std::optional<uint64_t>> unit_keys_;
+};
+
 //! \brief What a value contributes to the tree's byte counter, and how it splits when its edge
 //! splits. The default suits a value that describes the whole key ending at its node: it stays
 //! with the lower half and counts 0 bytes. Specialize or pass another traits type otherwise.
@@ -129,6 +156,7 @@ class RadixTree {
     std::vector<TokenId> edge_;
     std::optional<Value> value_;
     std::unordered_map<uint64_t, uint32_t> children_;  // unit key -> index; lookups only
+    uint64_t unit_key_ = 0;                            // this node's key in its parent's map
     uint32_t parent_ = kNone;
     RadixNodeId parent_id_;
     uint32_t generation_ = 0;
@@ -202,7 +230,7 @@ class RadixTree {
   //! splits that edge so the result always ends at a node; otherwise nothing changes. Matching
   //! does not touch: call touch() on what the caller uses.
   Match match(std::span<const TokenId> key, bool split_at_end = false) {
-    const Walk w = walk(key);
+    const Walk w = walk(RadixKey(key, options_.granularity));
     if (w.child == kNone) return Match{id_of(w.node), w.pos, std::nullopt, 0};
     if (split_at_end) {
       const uint32_t upper = split_node(w.child, w.child_lcp);
@@ -212,6 +240,12 @@ class RadixTree {
   }
   //! match() without splitting, for const use.
   [[nodiscard]] Match peek(std::span<const TokenId> key) const {
+    return peek(RadixKey(key, options_.granularity));
+  }
+  //! peek() reusing the unit keys `key` has computed (and keeping the new ones); a key of another
+  //! granularity is looked up as plain tokens.
+  [[nodiscard]] Match peek(const RadixKey& key) const {
+    if (key.granularity() != options_.granularity) return peek(key.tokens());
     const Walk w = walk(key);
     if (w.child == kNone) return Match{id_of(w.node), w.pos, std::nullopt, 0};
     return Match{id_of(w.node), w.pos, id_of(w.child), w.child_lcp};
@@ -234,7 +268,8 @@ class RadixTree {
   template <typename Check, typename MakeValue>
   Result<Insertion> insert_checked(std::span<const TokenId> key, uint32_t priority, Check&& check,
                                    MakeValue&& make_value) {
-    const Walk w = walk(key);
+    const RadixKey query(key, options_.granularity);
+    const Walk w = walk(query);
     KVF_RETURN_IF_ERROR(check(w.pos + w.child_lcp));
     uint32_t cur = w.node;
     size_t pos = w.pos;
@@ -251,9 +286,9 @@ class RadixTree {
     for (const size_t length : pieces) {
       if (length == 0) continue;
       const auto piece = key.subspan(pos, length);
-      const uint64_t child_key = unit_key_at(piece);
+      const uint64_t child_key = query.unit_key(pos);
       if (nodes_[cur].children_.count(child_key) > 0) break;  // a colliding, different unit
-      cur = new_node(cur, piece, make_value(pos, length));
+      cur = new_node(cur, piece, child_key, make_value(pos, length));
       pos += length;
     }
     ++tick_;
@@ -441,13 +476,14 @@ class RadixTree {
     return detail::radix_unit_key(tokens.first(std::min(tokens.size(), g)), options_.granularity);
   }
 
-  Walk walk(std::span<const TokenId> key) const {
+  Walk walk(const RadixKey& query) const {
     const size_t g = options_.granularity;
+    const std::span<const TokenId> key = query.tokens();
     uint32_t cur = 0;
     size_t pos = 0;
     while (pos < key.size()) {
       const auto rest = key.subspan(pos);
-      const auto it = nodes_[cur].children_.find(unit_key_at(rest));
+      const auto it = nodes_[cur].children_.find(query.unit_key(pos));
       if (it == nodes_[cur].children_.end()) break;
       const uint32_t child = it->second;
       const std::vector<TokenId>& edge = nodes_[child].edge_;
@@ -543,7 +579,9 @@ class RadixTree {
     return i;
   }
 
-  uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, std::optional<Value> value) {
+  // `key`: the unit key of the edge's first unit.
+  uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, uint64_t key,
+                    std::optional<Value> value) {
     const uint32_t i = take_slot();
     Node& n = nodes_[i];
     n.alive_ = true;
@@ -553,7 +591,8 @@ class RadixTree {
     n.depth_ = nodes_[parent].depth_ + edge.size();
     n.last_access_ = tick_;
     n.serial_ = ++serial_;
-    rekey(parent, [&](Node& p) { p.children_.emplace(unit_key_at(edge), i); });
+    n.unit_key_ = key;
+    rekey(parent, [&](Node& p) { p.children_.emplace(n.unit_key_, i); });
     rekey(i, [&](Node& m) { m.value_ = std::move(value); });
     return i;
   }
@@ -561,7 +600,7 @@ class RadixTree {
   // Splits node i after `at` tokens; returns the new upper node (i keeps the lower part).
   uint32_t split_node(uint32_t i, size_t at) {
     const uint32_t parent = nodes_[i].parent_;
-    const uint64_t key_in_parent = unit_key_at(nodes_[i].edge_);
+    const uint64_t key_in_parent = nodes_[i].unit_key_;
     const uint32_t u = take_slot();
     detach(i);
     Node& n = nodes_[i];
@@ -577,7 +616,9 @@ class RadixTree {
     upper.priority_ = n.priority_;
     upper.serial_ = ++serial_;
     if (n.value_) upper.value_ = traits_.split_front(*n.value_, at / options_.granularity);
-    upper.children_.emplace(unit_key_at(n.edge_), i);
+    upper.unit_key_ = key_in_parent;
+    n.unit_key_ = unit_key_at(n.edge_);
+    upper.children_.emplace(n.unit_key_, i);
     n.parent_ = u;
     n.parent_id_ = id_of(u);
     nodes_[parent].children_[key_in_parent] = u;
@@ -597,7 +638,7 @@ class RadixTree {
   void remove_leaf(uint32_t i) {
     detach(i);
     const uint32_t parent = nodes_[i].parent_;
-    const uint64_t key = unit_key_at(nodes_[i].edge_);
+    const uint64_t key = nodes_[i].unit_key_;
     free_node(i);
     rekey(parent, [&](Node& p) { p.children_.erase(key); });
     if (parent != 0 && !nodes_[parent].value_ && nodes_[parent].children_.empty() &&
@@ -617,8 +658,9 @@ class RadixTree {
     Node& child = nodes_[c];
     if (child.edge_.size() % options_.granularity != 0) return;
     const uint32_t parent = n.parent_;
-    const uint64_t key = unit_key_at(n.edge_);
+    const uint64_t key = n.unit_key_;
     child.edge_.insert(child.edge_.begin(), n.edge_.begin(), n.edge_.end());
+    child.unit_key_ = key;
     child.parent_ = parent;
     child.parent_id_ = n.parent_id_;
     detach(i);
@@ -650,6 +692,7 @@ Status RadixTree<Value, Traits>::verify() const {
     const Node& p = nodes_[n.parent_];
     const auto it = p.children_.find(unit_key_at(n.edge_));
     if (it == p.children_.end() || it->second != i) return fail("parent does not list its child");
+    if (it->first != n.unit_key_) return fail("stale unit key");
     if (n.parent_id_ != id_of(n.parent_)) return fail("stale parent id");
     if (n.edge_.empty()) return fail("empty edge");
     if (n.depth_ != p.depth_ + n.edge_.size()) return fail("wrong depth");
