@@ -3,7 +3,9 @@
 // by the linker for the generic translation units.
 //
 // Attention dequantizes on the fly: each K or V row is converted to f32 in registers, 8 elements
-// at a time, and used by every query head of the GQA group before the next row is read.
+// at a time, and used by every query head of the GQA group before the next row is read. With
+// 4 query heads per KV head that is 4 FMAs per element of K and of V, so on few cores the kernels
+// are bound by FMA throughput, not memory: dequantization has to stay a small share of it.
 #include "backend/cpu/simd_ops.h"
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -38,10 +40,11 @@ __m256 load_bf16(const uint8_t* p) {
 __m256 load_fp8_times_2_pow_minus_8(const uint8_t* p) {
   uint64_t raw;
   std::memcpy(&raw, p, 8);
-  const __m128i bytes = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(static_cast<long long>(raw)));
-  const __m128i sign = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x80)), 8);
-  const __m128i magnitude = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x7F)), 7);
-  return _mm256_cvtph_ps(_mm_or_si128(sign, magnitude));
+  // Sign-extended to 16 bits and shifted left by 7, a byte's sign lands in bits 15 and 14 and the
+  // rest in 13..7: clearing bit 14 leaves the f16.
+  const __m128i shifted =
+      _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_cvtsi64_si128(static_cast<long long>(raw))), 7);
+  return _mm256_cvtph_ps(_mm_and_si128(shifted, _mm_set1_epi16(static_cast<short>(0xBFFF))));
 }
 // 8 codes of `bits` bits (8, 4 or 2) starting at element `d` of a packed row.
 __m256 load_codes(const uint8_t* row, uint32_t d, uint32_t bits) {
@@ -60,8 +63,25 @@ __m256 load_codes(const uint8_t* row, uint32_t d, uint32_t bits) {
   return _mm256_cvtepi32_ps(codes);
 }
 
-// Reads 8 dequantized elements at a time from one token's row of a tile. The arithmetic matches
-// quant::decode_row exactly (scale * code, scale * (code - zero)).
+// Elements [d, d + 8) of one token's row as stored: values of the float formats, fp8 values times
+// 2^-8, integer codes. Scale and zero-point are the caller's.
+template <DType D>
+__m256 load_stored8(const uint8_t* row, uint32_t d) {
+  if constexpr (D == DType::kF32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
+  } else if constexpr (D == DType::kF16) {
+    return load_f16(row + 2 * d);
+  } else if constexpr (D == DType::kBF16) {
+    return load_bf16(row + 2 * d);
+  } else if constexpr (D == DType::kFP8E4M3) {
+    return load_fp8_times_2_pow_minus_8(row + d);
+  } else {
+    return load_codes(row, d, dtype_bits(D));
+  }
+}
+
+// Reads 8 dequantized elements at a time from one token's row of a tile (gather). The arithmetic
+// matches quant::decode_row exactly (scale * code, scale * (code - zero)).
 template <DType D>
 struct RowReader {
   const uint8_t* row;
@@ -76,50 +96,155 @@ struct RowReader {
         group_shift(static_cast<uint32_t>(__builtin_ctz(pool.group_size))) {}
 
   __m256 load(uint32_t d) const {
-    if constexpr (D == DType::kF32) {
-      return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
-    } else if constexpr (D == DType::kF16) {
-      return load_f16(row + 2 * d);
-    } else if constexpr (D == DType::kBF16) {
-      return load_bf16(row + 2 * d);
-    } else if constexpr (D == DType::kFP8E4M3) {
-      return _mm256_mul_ps(_mm256_set1_ps(scales[0] * 256.0f),
-                           load_fp8_times_2_pow_minus_8(row + d));
-    } else {
+    const __m256 stored = load_stored8<D>(row, d);
+    if constexpr (D == DType::kFP8E4M3) {
+      return _mm256_mul_ps(_mm256_set1_ps(scales[0] * 256.0f), stored);
+    } else if constexpr (is_integer_quantized(D)) {
       const uint32_t g = d >> group_shift;
-      const __m256 codes = load_codes(row, d, dtype_bits(D));
       return _mm256_mul_ps(_mm256_set1_ps(scales[g]),
-                           _mm256_sub_ps(codes, _mm256_set1_ps(static_cast<float>(zeros[g]))));
+                           _mm256_sub_ps(stored, _mm256_set1_ps(static_cast<float>(zeros[g]))));
+    } else {
+      return stored;
     }
   }
 };
 
-// R query rows against each key row: out[r][t] = dot(q[r], K[t]).
-template <DType D, uint32_t R>
-void qk_rows(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q, float* out,
-             uint32_t out_stride) {
+// How qk and pv read one chunk of a tile. Scale factors leave the inner loops where the algebra
+// allows: integer codes take one FMA per 8 elements (code * scale + offset, with offset =
+// -(zero * scale) computed once per token and group), and fp8's per-row scale multiplies the dot
+// product (qk) or the softmax weight (pv) instead of every element. That is one rounding more
+// than quant::decode_row's exact form, far below the formats' own error; gather (decode_rows)
+// keeps the exact form.
+template <DType D>
+struct ChunkReader {
+  const uint8_t* codes;
+  uint64_t row_bytes;
+  const float* scales;   // the tile's, from the chunk's first token
+  const float* offsets;  // integer formats: [token][group] -(zero * scale)
+  uint32_t groups_per_row;
+  uint32_t group_shift;  // log2(group_size): the fast path takes power-of-two groups only
+  uint32_t affine_span;  // elements sharing one affine(): a group, or the whole row
+
+  ChunkReader(const PagedKvView& pool, const TileRef& tile, const float* offsets_)
+      : codes(tile.codes),
+        row_bytes(pool.row_bytes),
+        scales(tile.scales),
+        offsets(offsets_),
+        groups_per_row(pool.groups_per_row),
+        group_shift(static_cast<uint32_t>(__builtin_ctz(pool.group_size))),
+        affine_span(is_integer_quantized(D) ? pool.group_size : pool.head_dim) {}
+
+  //! Scale and offset of the integer group holding element d of token t (unused otherwise).
+  struct Affine {
+    __m256 scale, offset;
+  };
+  Affine affine(uint32_t t, uint32_t d) const {
+    if constexpr (is_integer_quantized(D)) {
+      const uint64_t group = uint64_t{t} * groups_per_row + (d >> group_shift);
+      return {_mm256_broadcast_ss(scales + group), _mm256_broadcast_ss(offsets + group)};
+    } else {
+      return {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    }
+  }
+
+  //! Elements [d, d + 8) of token t, without fp8's row scale; `affine` is affine(t, d).
+  __m256 load(uint32_t t, uint32_t d, const Affine& affine) const {
+    const __m256 stored = load_stored8<D>(codes + t * row_bytes, d);
+    if constexpr (is_integer_quantized(D)) {
+      return _mm256_fmadd_ps(stored, affine.scale, affine.offset);
+    } else {
+      return stored;
+    }
+  }
+
+  //! The factor token t's loaded values still need: fp8's row scale (times the 2^8 that
+  //! load_fp8_times_2_pow_minus_8 leaves out), 1 for the other formats.
+  float row_scale(uint32_t t) const {
+    if constexpr (D == DType::kFP8E4M3) {
+      return scales[t] * 256.0f;
+    } else {
+      return 1.0f;
+    }
+  }
+};
+
+// offsets[i] = -(zero * scale) for the n * groups_per_row (token, group) records of a chunk.
+void write_group_offsets(const PagedKvView& pool, const TileRef& tile, uint32_t n,
+                         float* offsets) {
+  const uint32_t count = n * pool.groups_per_row;
+  uint32_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    uint64_t raw;
+    std::memcpy(&raw, tile.zeros + i, 8);
+    const __m256 zero = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
+    _mm256_storeu_ps(offsets + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), zero),
+                                                _mm256_loadu_ps(tile.scales + i)));
+  }
+  for (; i < count; ++i)
+    offsets[i] = -static_cast<float>(tile.zeros[i]) * tile.scales[i];
+}
+
+// R query rows against key rows t0 .. t0 + T - 1: out[r][t] = dot(q[r], K[t]). The R * T
+// accumulators are independent FMA chains: enough of them hide the FMA latency, which one
+// accumulator per query row does not for small GQA groups.
+template <DType D, uint32_t R, uint32_t T>
+void qk_tokens(const PagedKvView& pool, const ChunkReader<D>& keys, uint32_t t0, const float* q,
+               float* out, uint32_t out_stride) {
   const uint32_t hd = pool.head_dim;
-  for (uint32_t t = 0; t < n; ++t) {
-    const RowReader<D> row(pool, keys, t);
-    __m256 acc[R];
-    for (uint32_t j = 0; j < R; ++j)
-      acc[j] = _mm256_setzero_ps();
-    for (uint32_t d = 0; d < hd; d += 8) {
-      const __m256 k = row.load(d);
+  __m256 acc[R][T];
+  for (uint32_t j = 0; j < R; ++j) {
+    for (uint32_t i = 0; i < T; ++i)
+      acc[j][i] = _mm256_setzero_ps();
+  }
+  for (uint32_t span = 0; span < hd; span += keys.affine_span) {
+    typename ChunkReader<D>::Affine affine[T];
+    for (uint32_t i = 0; i < T; ++i)
+      affine[i] = keys.affine(t0 + i, span);
+    for (uint32_t d = span; d < span + keys.affine_span; d += 8) {
+      __m256 k[T];
+      for (uint32_t i = 0; i < T; ++i)
+        k[i] = keys.load(t0 + i, d, affine[i]);
       for (uint32_t j = 0; j < R; ++j) {
-        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + uint64_t{j} * hd + d), k, acc[j]);
+        const __m256 qj = _mm256_loadu_ps(q + uint64_t{j} * hd + d);
+        for (uint32_t i = 0; i < T; ++i)
+          acc[j][i] = _mm256_fmadd_ps(qj, k[i], acc[j][i]);
       }
     }
+  }
+  for (uint32_t i = 0; i < T; ++i) {
+    const float row_scale = keys.row_scale(t0 + i);
     for (uint32_t j = 0; j < R; ++j)
-      out[uint64_t{j} * out_stride + t] = hsum(acc[j]);
+      out[uint64_t{j} * out_stride + t0 + i] = hsum(acc[j][i]) * row_scale;
   }
 }
 
-// acc[r][d] += sum_t p[r][t] * V[t][d] for R rows, 16 dimensions at a time kept in registers.
+// R query rows against each of the n key rows, in steps of 8 / R tokens (at most 4).
 template <DType D, uint32_t R>
-void pv_rows(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
-             uint32_t p_stride, float* acc) {
+void qk_rows(const PagedKvView& pool, const ChunkReader<D>& keys, uint32_t n, const float* q,
+             float* out, uint32_t out_stride) {
+  constexpr uint32_t kTokens = R >= 8 ? 1 : R == 4 ? 2 : 4;
+  uint32_t t = 0;
+  for (; t + kTokens <= n; t += kTokens)
+    qk_tokens<D, R, kTokens>(pool, keys, t, q, out, out_stride);
+  for (; t < n; ++t)
+    qk_tokens<D, R, 1>(pool, keys, t, q, out, out_stride);
+}
+
+// acc[r][d] += sum_t p[r][t] * V[t][d] for R rows, 16 dimensions at a time kept in registers.
+// fp8 moves each token's row scale into its weights first (`weights` holds R * n floats).
+template <DType D, uint32_t R>
+void pv_rows(const PagedKvView& pool, const ChunkReader<D>& values, uint32_t n, const float* p,
+             uint32_t p_stride, float* acc, float* weights) {
   const uint32_t hd = pool.head_dim;
+  if constexpr (D == DType::kFP8E4M3) {
+    for (uint32_t j = 0; j < R; ++j) {
+      for (uint32_t t = 0; t < n; ++t)
+        weights[j * n + t] = p[uint64_t{j} * p_stride + t] * values.row_scale(t);
+    }
+    p = weights;
+    p_stride = n;
+  }
   for (uint32_t d = 0; d < hd; d += 16) {
     __m256 a[R][2];
     for (uint32_t j = 0; j < R; ++j) {
@@ -127,8 +252,9 @@ void pv_rows(const PagedKvView& pool, const TileRef& values, uint32_t n, const f
       a[j][1] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d + 8);
     }
     for (uint32_t t = 0; t < n; ++t) {
-      const RowReader<D> row(pool, values, t);
-      const __m256 v0 = row.load(d), v1 = row.load(d + 8);
+      const auto affine0 = values.affine(t, d);
+      const auto affine1 = values.affine_span < 16 ? values.affine(t, d + 8) : affine0;
+      const __m256 v0 = values.load(t, d, affine0), v1 = values.load(t, d + 8, affine1);
       for (uint32_t j = 0; j < R; ++j) {
         const __m256 w = _mm256_broadcast_ss(p + uint64_t{j} * p_stride + t);
         a[j][0] = _mm256_fmadd_ps(w, v0, a[j][0]);
@@ -143,9 +269,13 @@ void pv_rows(const PagedKvView& pool, const TileRef& values, uint32_t n, const f
 }
 
 // Splits `rows` into passes of 8/4/2/1 (qk) or 4/2/1 (pv) rows with register accumulators.
+// `scratch` (kMaxChunkRows * head_dim floats) holds the chunk's integer offsets, then fp8's
+// weights.
 template <DType D>
-void qk_typed(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q,
-              uint32_t rows, float* out, uint32_t out_stride) {
+void qk_typed(const PagedKvView& pool, const TileRef& tile, uint32_t n, const float* q,
+              uint32_t rows, float* out, uint32_t out_stride, float* scratch) {
+  if constexpr (is_integer_quantized(D)) write_group_offsets(pool, tile, n, scratch);
+  const ChunkReader<D> keys(pool, tile, scratch);
   const uint32_t hd = pool.head_dim;
   uint32_t r = 0;
   for (; r + 8 <= rows; r += 8)
@@ -159,16 +289,24 @@ void qk_typed(const PagedKvView& pool, const TileRef& keys, uint32_t n, const fl
 }
 
 template <DType D>
-void pv_typed(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
-              uint32_t p_stride, uint32_t rows, float* acc) {
+void pv_typed(const PagedKvView& pool, const TileRef& tile, uint32_t n, const float* p,
+              uint32_t p_stride, uint32_t rows, float* acc, float* scratch) {
+  if constexpr (is_integer_quantized(D)) write_group_offsets(pool, tile, n, scratch);
+  const ChunkReader<D> values(pool, tile, scratch);
   const uint32_t hd = pool.head_dim;
   uint32_t r = 0;
-  for (; r + 4 <= rows; r += 4)
-    pv_rows<D, 4>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd);
-  for (; r + 2 <= rows; r += 2)
-    pv_rows<D, 2>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd);
-  for (; r < rows; ++r)
-    pv_rows<D, 1>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd);
+  for (; r + 4 <= rows; r += 4) {
+    pv_rows<D, 4>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd,
+                  scratch);
+  }
+  for (; r + 2 <= rows; r += 2) {
+    pv_rows<D, 2>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd,
+                  scratch);
+  }
+  for (; r < rows; ++r) {
+    pv_rows<D, 1>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd,
+                  scratch);
+  }
 }
 
 // The register paths need head_dim in whole 16-element steps and integer groups of a power of
@@ -226,25 +364,25 @@ void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q
   }
   switch (pool.dtype) {
     case DType::kF32:
-      qk_typed<DType::kF32>(pool, keys, n, q, rows, out, out_stride);
+      qk_typed<DType::kF32>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kF16:
-      qk_typed<DType::kF16>(pool, keys, n, q, rows, out, out_stride);
+      qk_typed<DType::kF16>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kBF16:
-      qk_typed<DType::kBF16>(pool, keys, n, q, rows, out, out_stride);
+      qk_typed<DType::kBF16>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kFP8E4M3:
-      qk_typed<DType::kFP8E4M3>(pool, keys, n, q, rows, out, out_stride);
+      qk_typed<DType::kFP8E4M3>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kInt8:
-      qk_typed<DType::kInt8>(pool, keys, n, q, rows, out, out_stride);
+      qk_typed<DType::kInt8>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kInt4:
-      qk_typed<DType::kInt4>(pool, keys, n, q, rows, out, out_stride);
+      qk_typed<DType::kInt4>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kInt2:
-      qk_typed<DType::kInt2>(pool, keys, n, q, rows, out, out_stride);
+      qk_typed<DType::kInt2>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
   }
 }
@@ -257,25 +395,25 @@ void pv(const PagedKvView& pool, const TileRef& values, uint32_t n, const float*
   }
   switch (pool.dtype) {
     case DType::kF32:
-      pv_typed<DType::kF32>(pool, values, n, p, p_stride, rows, acc);
+      pv_typed<DType::kF32>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kF16:
-      pv_typed<DType::kF16>(pool, values, n, p, p_stride, rows, acc);
+      pv_typed<DType::kF16>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kBF16:
-      pv_typed<DType::kBF16>(pool, values, n, p, p_stride, rows, acc);
+      pv_typed<DType::kBF16>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kFP8E4M3:
-      pv_typed<DType::kFP8E4M3>(pool, values, n, p, p_stride, rows, acc);
+      pv_typed<DType::kFP8E4M3>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kInt8:
-      pv_typed<DType::kInt8>(pool, values, n, p, p_stride, rows, acc);
+      pv_typed<DType::kInt8>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kInt4:
-      pv_typed<DType::kInt4>(pool, values, n, p, p_stride, rows, acc);
+      pv_typed<DType::kInt4>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kInt2:
-      pv_typed<DType::kInt2>(pool, values, n, p, p_stride, rows, acc);
+      pv_typed<DType::kInt2>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
   }
 }
