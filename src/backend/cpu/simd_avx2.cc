@@ -185,50 +185,28 @@ void write_group_offsets(const PagedKvView& pool, const TileRef& tile, uint32_t 
     offsets[i] = -static_cast<float>(tile.zeros[i]) * tile.scales[i];
 }
 
-// R query rows against key rows t0 .. t0 + T - 1: out[r][t] = dot(q[r], K[t]). The R * T
-// accumulators are independent FMA chains: enough of them hide the FMA latency, which one
-// accumulator per query row does not for small GQA groups.
-template <DType D, uint32_t R, uint32_t T>
-void qk_tokens(const PagedKvView& pool, const ChunkReader<D>& keys, uint32_t t0, const float* q,
-               float* out, uint32_t out_stride) {
-  const uint32_t hd = pool.head_dim;
-  __m256 acc[R][T];
-  for (uint32_t j = 0; j < R; ++j) {
-    for (uint32_t i = 0; i < T; ++i)
-      acc[j][i] = _mm256_setzero_ps();
-  }
-  for (uint32_t span = 0; span < hd; span += keys.affine_span) {
-    typename ChunkReader<D>::Affine affine[T];
-    for (uint32_t i = 0; i < T; ++i)
-      affine[i] = keys.affine(t0 + i, span);
-    for (uint32_t d = span; d < span + keys.affine_span; d += 8) {
-      __m256 k[T];
-      for (uint32_t i = 0; i < T; ++i)
-        k[i] = keys.load(t0 + i, d, affine[i]);
-      for (uint32_t j = 0; j < R; ++j) {
-        const __m256 qj = _mm256_loadu_ps(q + uint64_t{j} * hd + d);
-        for (uint32_t i = 0; i < T; ++i)
-          acc[j][i] = _mm256_fmadd_ps(qj, k[i], acc[j][i]);
-      }
-    }
-  }
-  for (uint32_t i = 0; i < T; ++i) {
-    const float row_scale = keys.row_scale(t0 + i);
-    for (uint32_t j = 0; j < R; ++j)
-      out[uint64_t{j} * out_stride + t0 + i] = hsum(acc[j][i]) * row_scale;
-  }
-}
-
-// R query rows against each of the n key rows, in steps of 8 / R tokens (at most 4).
+// R query rows against each key row: out[r][t] = dot(q[r], K[t]).
 template <DType D, uint32_t R>
 void qk_rows(const PagedKvView& pool, const ChunkReader<D>& keys, uint32_t n, const float* q,
              float* out, uint32_t out_stride) {
-  constexpr uint32_t kTokens = R >= 8 ? 1 : R == 4 ? 2 : 4;
-  uint32_t t = 0;
-  for (; t + kTokens <= n; t += kTokens)
-    qk_tokens<D, R, kTokens>(pool, keys, t, q, out, out_stride);
-  for (; t < n; ++t)
-    qk_tokens<D, R, 1>(pool, keys, t, q, out, out_stride);
+  const uint32_t hd = pool.head_dim;
+  for (uint32_t t = 0; t < n; ++t) {
+    __m256 acc[R];
+    for (uint32_t j = 0; j < R; ++j)
+      acc[j] = _mm256_setzero_ps();
+    for (uint32_t span = 0; span < hd; span += keys.affine_span) {
+      const auto affine = keys.affine(t, span);
+      for (uint32_t d = span; d < span + keys.affine_span; d += 8) {
+        const __m256 k = keys.load(t, d, affine);
+        for (uint32_t j = 0; j < R; ++j) {
+          acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + uint64_t{j} * hd + d), k, acc[j]);
+        }
+      }
+    }
+    const float row_scale = keys.row_scale(t);
+    for (uint32_t j = 0; j < R; ++j)
+      out[uint64_t{j} * out_stride + t] = hsum(acc[j]) * row_scale;
+  }
 }
 
 // acc[r][d] += sum_t p[r][t] * V[t][d] for R rows, 16 dimensions at a time kept in registers.
