@@ -48,7 +48,8 @@ struct Scenario {
 };
 
 Scenario make_scenario(CpuIsa isa, DType dtype, uint32_t head_dim, uint32_t block_size,
-                       uint32_t heads, std::vector<uint32_t> lens, uint32_t seed) {
+                       uint32_t heads, std::vector<uint32_t> lens, uint32_t seed,
+                       uint32_t int_group_size = 32) {
   Scenario sc;
   sc.backend = testing::cpu_backend(isa);
   sc.heads = heads;
@@ -62,7 +63,7 @@ Scenario make_scenario(CpuIsa isa, DType dtype, uint32_t head_dim, uint32_t bloc
     total_blocks += b;
     sc.max_blocks = std::max(sc.max_blocks, b);
   }
-  const uint32_t group = is_integer_quantized(dtype) ? 32 : 0;
+  const uint32_t group = is_integer_quantized(dtype) ? int_group_size : 0;
   sc.pool = testing::TestPool::create(*sc.backend, 1, heads, block_size, head_dim, dtype, group,
                                       total_blocks + 3);
   std::mt19937 rng(seed);
@@ -132,15 +133,15 @@ struct ErrorBound {
   }
 };
 
-class DecodeAttention
-    : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t, uint32_t>> {};
-
-TEST_P(DecodeAttention, MatchesFp64Reference) {
-  const auto [isa, dtype, head_dim, block_size, gqa] = GetParam();
+// Decode attention over ragged lengths (a single token, a partial last block, exact multiples, a
+// longer context) against the exact math over the stored values and the format's error bound.
+void expect_decode_matches_reference(CpuIsa isa, DType dtype, uint32_t head_dim,
+                                     uint32_t block_size, uint32_t gqa,
+                                     uint32_t int_group_size = 32) {
   const uint32_t heads = 2, q_heads = heads * gqa;
-  // Ragged lengths: a single token, a partial last block, exact multiples, a longer context.
-  Scenario sc = make_scenario(isa, dtype, head_dim, block_size, heads,
-                              {1, block_size + 3, 2 * block_size, 97}, head_dim + block_size + gqa);
+  Scenario sc =
+      make_scenario(isa, dtype, head_dim, block_size, heads, {1, block_size + 3, 2 * block_size, 97},
+                    head_dim + block_size + gqa + int_group_size, int_group_size);
   const uint32_t seqs = static_cast<uint32_t>(sc.lens.size());
   std::mt19937 rng(99);
   const auto query = testing::random_normal(uint64_t{seqs} * q_heads * head_dim, rng);
@@ -198,12 +199,37 @@ TEST_P(DecodeAttention, MatchesFp64Reference) {
   }
 }
 
+class DecodeAttention
+    : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t, uint32_t>> {};
+
+TEST_P(DecodeAttention, MatchesFp64Reference) {
+  const auto [isa, dtype, head_dim, block_size, gqa] = GetParam();
+  expect_decode_matches_reference(isa, dtype, head_dim, block_size, gqa);
+}
+
 INSTANTIATE_TEST_SUITE_P(AllShapes, DecodeAttention,
                          ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
                                             ::testing::ValuesIn(kAllDTypes),
                                             ::testing::Values(64u, 128u),
                                             ::testing::Values(1u, 16u, 32u),
                                             ::testing::Values(1u, 4u, 8u)));
+
+// The kernels read integer formats one scale/zero group at a time: groups smaller than the
+// 16-element steps of pv, and groups as long as the whole row.
+class DecodeAttentionGroups
+    : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t>> {};
+
+TEST_P(DecodeAttentionGroups, MatchesFp64Reference) {
+  const auto [isa, dtype, group_size, gqa] = GetParam();
+  expect_decode_matches_reference(isa, dtype, 128, 16, gqa, group_size);
+}
+
+INSTANTIATE_TEST_SUITE_P(IntegerFormats, DecodeAttentionGroups,
+                         ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
+                                            ::testing::Values(DType::kInt8, DType::kInt4,
+                                                              DType::kInt2),
+                                            ::testing::Values(8u, 16u, 64u, 128u),
+                                            ::testing::Values(1u, 4u)));
 
 class PrefillAttention
     : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t>> {};
