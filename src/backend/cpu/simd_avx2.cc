@@ -247,8 +247,8 @@ void pv_rows(const PagedKvView& pool, const ChunkReader<D>& values, uint32_t n, 
 }
 
 // Splits `rows` into passes of 8/4/2/1 (qk) or 4/2/1 (pv) rows with register accumulators.
-// `scratch` (kMaxChunkRows * head_dim floats) holds the chunk's integer offsets, then fp8's
-// weights.
+// `scratch` (kMaxChunkRows * head_dim floats) holds the chunk's offsets (integer formats) or
+// pv's weights (fp8).
 template <DType D>
 void qk_typed(const PagedKvView& pool, const TileRef& tile, uint32_t n, const float* q,
               uint32_t rows, float* out, uint32_t out_stride, float* scratch) {
