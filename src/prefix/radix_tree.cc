@@ -7,10 +7,21 @@ namespace kvfabric {
 
 size_t common_prefix_len(std::span<const TokenId> a, std::span<const TokenId> b) {
   const size_t n = std::min(a.size(), b.size());
-  // Whole chunks with memcmp (vectorized by the C library), then the differing chunk by token.
+  auto equal = [&](size_t at, size_t len) {
+    return std::memcmp(a.data() + at, b.data() + at, len * sizeof(TokenId)) == 0;
+  };
+  // memcmp (vectorized by the C library) over chunks that double while they match: a long equal
+  // run, the usual case on a cached path, costs a few large calls instead of one per chunk.
   constexpr size_t kChunk = 32;
   size_t i = 0;
-  while (i + kChunk <= n && std::memcmp(a.data() + i, b.data() + i, kChunk * sizeof(TokenId)) == 0)
+  for (size_t step = kChunk; i < n; step *= 2) {
+    const size_t len = std::min(step, n - i);
+    if (!equal(i, len)) break;
+    i += len;
+  }
+  // i is n, or the start of a chunk that differs somewhere: find where, chunk by chunk, then by
+  // token.
+  while (i + kChunk <= n && equal(i, kChunk))
     i += kChunk;
   while (i < n && a[i] == b[i])
     ++i;

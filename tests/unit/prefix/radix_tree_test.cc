@@ -55,6 +55,24 @@ TEST(CommonPrefixLen, LongRunsAcrossChunks) {
   EXPECT_EQ(common_prefix_len(a, b), 777u);
 }
 
+// Every position of the first difference, for lengths around the chunk and gallop boundaries,
+// against a token-by-token count.
+TEST(CommonPrefixLen, FindsTheFirstDifferenceAnywhere) {
+  for (const size_t n : {1u, 31u, 32u, 33u, 95u, 96u, 97u, 223u, 224u, 225u, 1500u}) {
+    Tokens a(n);
+    for (size_t i = 0; i < n; ++i)
+      a[i] = static_cast<TokenId>(i * 2654435761u);
+    for (size_t at = 0; at <= n; ++at) {
+      Tokens b = a;
+      if (at < n) b[at] ^= 1;
+      if (at + 1 < n) b[n - 1] ^= 2;  // a later difference must not matter
+      ASSERT_EQ(common_prefix_len(a, b), at) << "length " << n;
+      ASSERT_EQ(common_prefix_len(b, a), at) << "length " << n;
+      ASSERT_EQ(common_prefix_len(std::span(a).first(at), b), at) << "length " << n;
+    }
+  }
+}
+
 TEST(RadixTree, RejectsZeroGranularity) {
   const auto tree = RadixTree<int>::create(RadixTreeOptions{0});
   EXPECT_EQ(tree.status().message(),
