@@ -124,8 +124,9 @@ struct RadixValueTraits {
 //! bytes (values in unpinned nodes) are kept as nodes change, and victims sit in an ordered set:
 //! no operation scans the tree, except verify().
 //!
-//! Cost: match and insert are O(key length) plus O(1) hash lookups per node on the path; touch,
-//! pin and unpin are O(depth · log n); choosing and evicting a victim is O(log n).
+//! Cost: match and insert are O(key length) plus O(1) hash lookups per node on the path; touch
+//! is O(depth · log n), pin and unpin O(depth) plus O(log n) for each node whose pin count
+//! leaves or reaches 0; choosing and evicting a victim is O(log n).
 //!
 //! Not thread-safe: one owner.
 template <typename Value, typename Traits = RadixValueTraits<Value>>
@@ -351,8 +352,14 @@ class RadixTree {
   Status pin(RadixNodeId id, uint64_t count = 1) {
     KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
     nodes_[i].own_pins_ += count;
-    for (uint32_t j = i; j != kNone; j = nodes_[j].parent_)
+    // A node's pins count its whole subtree's, so they never decrease towards the root: only the
+    // unpinned nodes at the bottom of the path become unevictable (rekey); above the first node
+    // that was pinned already, the ancestors only count.
+    uint32_t j = i;
+    for (; j != kNone && nodes_[j].pins_ == 0; j = nodes_[j].parent_)
       rekey(j, [count](Node& n) { n.pins_ += count; });
+    for (; j != kNone; j = nodes_[j].parent_)
+      nodes_[j].pins_ += count;
     return ok_status();
   }
   //! Drops `count` pins placed by pin(id). A value-less leaf left unpinned is removed.
@@ -363,8 +370,12 @@ class RadixTree {
                                " pins, fewer than the " + std::to_string(count) + " to drop");
     }
     nodes_[i].own_pins_ -= count;
-    for (uint32_t j = i; j != kNone; j = nodes_[j].parent_)
+    // As in pin(): only the nodes whose count drops to 0 can become evictable.
+    uint32_t j = i;
+    for (; j != kNone && nodes_[j].pins_ == count; j = nodes_[j].parent_)
       rekey(j, [count](Node& n) { n.pins_ -= count; });
+    for (; j != kNone; j = nodes_[j].parent_)
+      nodes_[j].pins_ -= count;
     if (i != 0 && !nodes_[i].value_ && nodes_[i].children_.empty() && nodes_[i].pins_ == 0) {
       remove_leaf(i);
     } else {

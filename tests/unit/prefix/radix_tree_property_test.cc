@@ -527,7 +527,9 @@ class RadixTreeProperty : public ::testing::TestWithParam<Case> {
                                        ? Tokens(old_value.begin() + static_cast<ptrdiff_t>(keep), old_value.end())
                                        : old_value);
           const Tokens front = model_.evict_back(key, keep);
-          if (model_.nodes().count(front) > 0) ASSERT_EQ(key_of(*victim), front);
+          if (model_.nodes().count(front) > 0) {
+            ASSERT_EQ(key_of(*victim), front);
+          }
         }
       }
     } else if (op < 93) {  // split a random node at a random unit boundary
