@@ -226,6 +226,7 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
   // The global view: what every replica has cached of this prompt (each unit hashed once).
   const RadixKey key(prompt, static_cast<uint32_t>(bs));
   std::vector<PrefixMatch> matches;
+  matches.reserve(replicas_.size());
   uint32_t best_source = 0;
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     matches.push_back(replicas_[r].cache.index().peek(key));

@@ -45,26 +45,34 @@ void PrefixBlockIndex::adopt_blocks(RadixNodeId node) {
 
 PrefixMatch PrefixBlockIndex::collect(RadixNodeId node, std::optional<RadixNodeId> partial,
                                       size_t partial_blocks) const {
-  std::vector<const Tree::Node*> path;
+  // The path is walked from its end up to the root: count its blocks first, then fill the result
+  // backwards, so a lookup allocates once.
+  size_t path_blocks = 0;
   for (RadixNodeId id = node; id != tree_.root();) {
     const Tree::Node* n = tree_.find(id);
-    path.push_back(n);
+    path_blocks += n->value()->blocks.size();
     id = n->parent();
   }
+  const Tree::Node* partial_node =
+      partial && partial_blocks > 0 ? tree_.find(*partial) : nullptr;
   PrefixMatch out;
   out.tokens = node == tree_.root() ? 0 : tree_.find(node)->depth();
-  for (auto it = path.rbegin(); it != path.rend(); ++it) {
-    const auto& blocks = (*it)->value()->blocks;
-    out.blocks.insert(out.blocks.end(), blocks.begin(), blocks.end());
-    if ((*it)->pins() == 0) out.idle_blocks += blocks.size();
-  }
-  if (partial && partial_blocks > 0) {
-    const Tree::Node* n = tree_.find(*partial);
+  out.blocks.resize(path_blocks + (partial_node != nullptr ? partial_blocks : 0));
+  size_t end = path_blocks;
+  for (RadixNodeId id = node; id != tree_.root();) {
+    const Tree::Node* n = tree_.find(id);
     const auto& blocks = n->value()->blocks;
-    out.blocks.insert(out.blocks.end(), blocks.begin(),
-                      blocks.begin() + static_cast<ptrdiff_t>(partial_blocks));
+    end -= blocks.size();
+    std::copy(blocks.begin(), blocks.end(), out.blocks.begin() + static_cast<ptrdiff_t>(end));
+    if (n->pins() == 0) out.idle_blocks += blocks.size();
+    id = n->parent();
+  }
+  if (partial_node != nullptr) {
+    const auto& blocks = partial_node->value()->blocks;
+    std::copy(blocks.begin(), blocks.begin() + static_cast<ptrdiff_t>(partial_blocks),
+              out.blocks.begin() + static_cast<ptrdiff_t>(path_blocks));
     out.tokens += partial_blocks * options_.block_size;
-    if (n->pins() == 0) out.idle_blocks += partial_blocks;
+    if (partial_node->pins() == 0) out.idle_blocks += partial_blocks;
   }
   return out;
 }
