@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kAttentionThreads, 8)
   using Shape = AttentionShape<HD>;
   constexpr int TPT = Shape::kThreadsPerToken;
   constexpr int TPP = Shape::kTokensPerPass;
-  // Rows in flight per thread: about 32 registers of raw bytes whatever the format.
+  // Rows in flight per thread: 2 of f32 (64 bytes), 4 of the others (64 bytes of f16/bf16 but
+  // 32 of fp8/int8 and 16 of int4): the 64-register cap leaves no room for more.
   constexpr int kUnroll = Raw8<D>::kWords >= 8 ? 2 : 4;
   constexpr int kGroup = kHeadsPerCta;
   constexpr int kProbFloats = kGroup * kSplitTokens;
