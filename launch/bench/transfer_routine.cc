@@ -111,7 +111,9 @@ Status run_transfer(const TransferOptions& o, nlohmann::json& results) {
                       std::to_string(runtime->world_size()) +
                       "): mpirun -n 2 kvfabric-bench transfer");
   }
-  KVF_ASSIGN_OR_RETURN(std::unique_ptr<Transport> t, make_mpi_transport(*runtime));
+  // "exchange": one message per batch whatever its blocks (block_message_min_bytes = 0).
+  KVF_ASSIGN_OR_RETURN(std::unique_ptr<Transport> t,
+                       make_mpi_transport(*runtime, {.block_message_min_bytes = 0}));
   std::unique_ptr<Transport> per_block_t;
   if (o.block_message_min_bytes > 0) {
     KVF_ASSIGN_OR_RETURN(
@@ -257,8 +259,9 @@ Status run_transfer(const TransferOptions& o, nlohmann::json& results) {
     }
     fmt::print(
         "GB/s = batch bytes / time per call (per direction; both ways moves twice that in "
-        "total). exchange: one message per batch (the default); per-block: "
-        "block_message_min_bytes = {} (blocks at least that large, more than one per batch). "
+        "total). exchange: one message per batch (block_message_min_bytes = 0); per-block: "
+        "block_message_min_bytes = {} (blocks at least that large, more than one per batch; "
+        "the transport's default is 1 MiB). "
         "wrong = received blocks not bit-exact.\n",
         o.block_message_min_bytes);
   } else {

@@ -1,5 +1,6 @@
-// mpi label, 2 ranks: batches above 2^31 bytes (the int count of MPI), both as many blocks and
-// as one block larger than 2 GiB, arrive bit-exact. About 2 GiB of host memory per rank.
+// mpi label, 2 ranks: batches above 2^31 bytes (the int count of MPI), as many blocks in one
+// message, as a message per block (the default for large blocks) and as one block larger than
+// 2 GiB, arrive bit-exact. About 2 GiB of host memory per rank.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -49,8 +50,7 @@ class MpiLargeBatchTest : public ::testing::Test {
  protected:
   // R0 sends `count` blocks of `block_bytes` to R1, placed in reverse order in both arenas so no
   // two blocks merge into one run; R1 checks every byte and each block's checksum against R0's.
-  void move(uint64_t count, uint64_t block_bytes) {
-    Transport& t = testing::mpi_transport();
+  void move(uint64_t count, uint64_t block_bytes, Transport& t = testing::mpi_transport()) {
     const int me = t.rank().value;
     if (me > 1) {
       EXPECT_TRUE(t.barrier().ok());
@@ -87,11 +87,18 @@ class MpiLargeBatchTest : public ::testing::Test {
 };
 
 TEST_F(MpiLargeBatchTest, TwoGiBOfBlocksInOneBatch) {
-  move(2, (uint64_t{1} << 30) + 64);  // 2^31 + 128 bytes in one message
+  // 2^31 + 128 bytes in one message: the default sends blocks of 1 MiB and more one by one.
+  auto one_message = make_mpi_transport(testing::mpi_runtime(), {.block_message_min_bytes = 0});
+  ASSERT_TRUE(one_message.ok()) << one_message.status();
+  move(2, (uint64_t{1} << 30) + 64, **one_message);
 }
 
 TEST_F(MpiLargeBatchTest, OneBlockAboveTwoGiB) {
   move(1, (uint64_t{1} << 31) + 4096 + 24);  // a block type built from 2^30-byte chunks
+}
+
+TEST_F(MpiLargeBatchTest, TwoGiBOfBlocksOneMessageEach) {
+  move(2, (uint64_t{1} << 30) + 64);  // the default: a message per block of 1 MiB or more
 }
 
 }  // namespace

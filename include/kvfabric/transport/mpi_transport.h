@@ -63,13 +63,13 @@ class MpiRuntime {
 };
 
 struct MpiTransportOptions {
-  //! 0 (the default): one message per peer, batch and direction, whatever the batch holds.
-  //! Otherwise a batch whose blocks have at least this many bytes sends each block as its own
-  //! contiguous message. Open MPI's shared-memory transport moves a contiguous message with a
+  //! A batch whose blocks have at least this many bytes (default 1 MiB) sends each block as its
+  //! own contiguous message; a batch of smaller blocks goes as one message per peer, batch and
+  //! direction (0: always). Open MPI's shared-memory transport moves a contiguous message with a
   //! single copy (CMA) but copies a scattered datatype in and out of shared memory, which halves
   //! the bandwidth when both directions are busy (README, transfer figures); with blocks of
   //! 1 MiB and more the extra messages cost little. Every rank must use the same value.
-  uint64_t block_message_min_bytes = 0;
+  uint64_t block_message_min_bytes = uint64_t{1} << 20;
 };
 
 //! \brief The MPI host transport over a duplicate of MPI_COMM_WORLD (its messages never mix with

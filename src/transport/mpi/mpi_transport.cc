@@ -98,7 +98,7 @@ class MpiTransport final : public Transport {
         if (batch.peer == rank_ || batch.blocks.empty()) continue;
         MPI_Datatype type = MPI_DATATYPE_NULL;
         if (per_block(batch)) {
-          // Opt-in (MpiTransportOptions): each block is its own contiguous message, which Open
+          // Large blocks (MpiTransportOptions): each is its own contiguous message, which Open
           // MPI moves with a single copy; every block shares one datatype.
           KVF_RETURN_IF_ERROR(make_bytes_type(batch.block_bytes, &type));
           const int err = MPI_Type_commit(&type);
