@@ -352,14 +352,7 @@ class RadixTree {
   Status pin(RadixNodeId id, uint64_t count = 1) {
     KVF_ASSIGN_OR_RETURN(const uint32_t i, index_of(id));
     nodes_[i].own_pins_ += count;
-    // A node's pins count its whole subtree's, so they never decrease towards the root: only the
-    // unpinned nodes at the bottom of the path become unevictable (rekey); above the first node
-    // that was pinned already, the ancestors only count.
-    uint32_t j = i;
-    for (; j != kNone && nodes_[j].pins_ == 0; j = nodes_[j].parent_)
-      rekey(j, [count](Node& n) { n.pins_ += count; });
-    for (; j != kNone; j = nodes_[j].parent_)
-      nodes_[j].pins_ += count;
+    change_path_pins(i, count, /*add=*/true);
     return ok_status();
   }
   //! Drops `count` pins placed by pin(id). A value-less leaf left unpinned is removed.
@@ -370,12 +363,7 @@ class RadixTree {
                                " pins, fewer than the " + std::to_string(count) + " to drop");
     }
     nodes_[i].own_pins_ -= count;
-    // As in pin(): only the nodes whose count drops to 0 can become evictable.
-    uint32_t j = i;
-    for (; j != kNone && nodes_[j].pins_ == count; j = nodes_[j].parent_)
-      rekey(j, [count](Node& n) { n.pins_ -= count; });
-    for (; j != kNone; j = nodes_[j].parent_)
-      nodes_[j].pins_ -= count;
+    change_path_pins(i, count, /*add=*/false);
     if (i != 0 && !nodes_[i].value_ && nodes_[i].children_.empty() && nodes_[i].pins_ == 0) {
       remove_leaf(i);
     } else {
@@ -545,13 +533,26 @@ class RadixTree {
     return {rank, n.last_access_, n.serial_, i};
   }
 
-  // Every change to a node's value, pins, children, clock or priority goes through here, so the
-  // counters and the victim set follow it.
+  // Every change to a node's value, children, clock or priority, and every pin change that can
+  // make it evictable or not, goes through here, so the counters and the victim set follow it.
   template <typename Change>
   void rekey(uint32_t i, Change&& change) {
     detach(i);
     change(nodes_[i]);
     attach(i);
+  }
+  // Adds or removes `count` pins on node i and every ancestor. A node's pins count its whole
+  // subtree's, so they never decrease towards the root: only the nodes at the bottom of the path
+  // whose count leaves 0 (add) or reaches it (remove) change evictability and are rekeyed; above
+  // them the path only counts.
+  void change_path_pins(uint32_t i, uint64_t count, bool add) {
+    auto change = [count, add](Node& n) { n.pins_ = add ? n.pins_ + count : n.pins_ - count; };
+    const uint64_t crossing = add ? 0 : count;  // the count at which evictability changes
+    uint32_t j = i;
+    for (; j != kNone && nodes_[j].pins_ == crossing; j = nodes_[j].parent_)
+      rekey(j, change);
+    for (; j != kNone; j = nodes_[j].parent_)
+      change(nodes_[j]);
   }
   void detach(uint32_t i) {
     Node& n = nodes_[i];
