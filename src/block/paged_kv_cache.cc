@@ -6,7 +6,7 @@
 #include <limits>
 #include <string>
 
-#include "block/streaming_compaction.h"
+#include "block/compaction_plan.h"
 #include "block/victim_index.h"
 #include "common/log.h"
 
@@ -477,8 +477,41 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
 
   const detail::CompactionPlan plan = detail::plan_streaming_compaction(
       info->num_tokens, layout_.block_size, sink_tokens, window_tokens);
-  const std::vector<BlockId>& old_table = info->block_ids;
+  const size_t dropped = info->num_tokens - keep;
+  KVF_ASSIGN_OR_RETURN(const uint64_t copied_tokens, compact(*info, plan, keep));
+  stats_.compaction_copied_tokens += copied_tokens;
+  stats_.streaming_evicted_tokens += dropped;
+  return dropped;
+}
 
+Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> positions) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  SequenceInfo* info = find(seq);
+  if (info == nullptr) return sequence_not_found(seq);
+  for (size_t i = 0; i < positions.size(); ++i) {
+    if (positions[i] >= info->num_tokens) {
+      return invalid_argument("position " + std::to_string(positions[i]) + " past the " +
+                              std::to_string(info->num_tokens) + " tokens of " + to_string(seq));
+    }
+    if (i > 0 && positions[i] <= positions[i - 1]) {
+      return invalid_argument("positions to keep must increase: " + std::to_string(positions[i]) +
+                              " follows " + std::to_string(positions[i - 1]));
+    }
+  }
+  if (positions.size() == info->num_tokens) return size_t{0};  // every token stays
+
+  const detail::CompactionPlan plan =
+      detail::plan_token_retention(info->num_tokens, layout_.block_size, positions);
+  const size_t dropped = info->num_tokens - positions.size();
+  KVF_ASSIGN_OR_RETURN(const uint64_t copied_tokens, compact(*info, plan, positions.size()));
+  stats_.compaction_copied_tokens += copied_tokens;
+  stats_.selection_evicted_tokens += dropped;
+  return dropped;
+}
+
+Result<uint64_t> PagedKvCache::compact(SequenceInfo& info, const detail::CompactionPlan& plan,
+                                       size_t keep) {
+  const std::vector<BlockId>& old_table = info.block_ids;
   // A block that receives moved tokens must be private to this sequence; a shared one is replaced
   // by a fresh block that first gets the tokens the shared block kept in place.
   std::vector<bool> written(plan.base_index.size(), false);
@@ -537,16 +570,12 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
     released.push_back(old_table[index]);
   release_blocks(released);
 
-  const size_t dropped = info->num_tokens - keep;
-  const VictimKey old_key = victims_->key_of(*info);
-  info->block_ids = std::move(new_table);
-  info->num_tokens = keep;
-  touch(*info, old_key);
-
+  const VictimKey old_key = victims_->key_of(info);
+  info.block_ids = std::move(new_table);
+  info.num_tokens = keep;
+  touch(info, old_key);
   stats_.compactions += 1;
-  stats_.compaction_copied_tokens += copied_tokens;
-  stats_.streaming_evicted_tokens += dropped;
-  return dropped;
+  return copied_tokens;
 }
 
 std::vector<TokenCopy> PagedKvCache::take_pending_copies() {

@@ -24,7 +24,8 @@ namespace kvfabric {
 
 namespace detail {
 class VictimIndex;
-}
+struct CompactionPlan;
+}  // namespace detail
 
 //! \brief Block-level bookkeeping of one paged KV pool: which blocks each sequence's tokens live
 //! in, reference counts for blocks shared by forks, eviction, and StreamingLLM compaction. It holds
@@ -175,6 +176,13 @@ class PagedKvCache {
   //! Same, with the sink and window of the configured streaming_llm strategy.
   Result<size_t> apply_streaming_llm(SeqId seq);
 
+  //! Token-level compression by any selection (H2O heavy hitters, PyramidKV budgets, see
+  //! quant/token_selection.h): keeps the tokens at `positions` (strictly increasing, each below
+  //! num_tokens) as one contiguous sequence in that order, frees the blocks no longer needed, and
+  //! queues kCompaction copies for the tokens whose slot changed; shared blocks are copied, never
+  //! written. Returns the number of dropped tokens. As with StreamingLLM, positions change.
+  Result<size_t> retain_tokens(SeqId seq, std::span<const size_t> positions);
+
   //! All sequence ids, ascending.
   [[nodiscard]] std::vector<SeqId> sequence_ids() const;
 
@@ -211,6 +219,9 @@ class PagedKvCache {
   //! short. The caller has checked count <= available_block_count().
   void reclaim_for(size_t count);
   BlockId take_block();
+  //! Executes a compaction plan on a sequence that keeps `keep` tokens; returns the tokens the
+  //! queued copies move. OutOfMemory (nothing changed) if shared blocks cannot be replaced.
+  Result<uint64_t> compact(SequenceInfo& info, const detail::CompactionPlan& plan, size_t keep);
   bool frees_a_block(const SequenceInfo& info) const;
   void remove_sequence(SeqId seq);
 

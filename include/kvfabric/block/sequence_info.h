@@ -32,9 +32,10 @@ struct CacheStats {
   size_t peak_blocks_used = 0;
   uint64_t cow_copies = 0;  //!< partly filled shared blocks copied before a write
   uint64_t cow_copied_tokens = 0;
-  uint64_t compactions = 0;  //!< apply_streaming_llm calls that dropped tokens
+  uint64_t compactions = 0;  //!< apply_streaming_llm and retain_tokens calls that dropped tokens
   uint64_t compaction_copied_tokens = 0;
   uint64_t streaming_evicted_tokens = 0;  //!< tokens dropped by apply_streaming_llm
+  uint64_t selection_evicted_tokens = 0;  //!< tokens dropped by retain_tokens
   uint64_t shared_prefix_blocks = 0;      //!< blocks allocate_shared() took by reference
   uint64_t cached_blocks_reclaimed = 0;   //!< cached blocks taken back for an allocation
 

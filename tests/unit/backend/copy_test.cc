@@ -1,5 +1,6 @@
 // compact_tokens / copy_blocks / swap_blocks execute what the block manager emits: on random
-// workloads every sequence keeps reading back exactly the K/V it wrote.
+// workloads (appends, forks, StreamingLLM and token-selection compaction) every sequence keeps
+// reading back exactly the K/V it wrote.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -118,7 +119,7 @@ TEST_P(CopyWorkload, RandomCowAndCompactionKeepEveryToken) {
     for (const auto& [seq, tokens] : g.expected)
       live.push_back(seq);
     const SeqId pick = live.empty() ? SeqId{0} : live[rng_() % live.size()];
-    const int kind = static_cast<int>(rng_() % 10);
+    const int kind = static_cast<int>(rng_() % 11);
     if (live.empty() || kind < 2) {
       const SeqId seq{next_seq++};
       const size_t n = 1 + rng_() % 20;
@@ -144,6 +145,21 @@ TEST_P(CopyWorkload, RandomCowAndCompactionKeepEveryToken) {
         auto& tokens = g.expected[pick];
         std::vector<std::vector<float>> kept(tokens.begin(), tokens.begin() + sink);
         kept.insert(kept.end(), tokens.end() - window, tokens.end());
+        tokens = kept;
+        copies_executed += g.manager.pending_copies().size();
+      }
+    } else if (kind < 10) {  // token selection (H2O-like): a random subset stays, in order
+      auto& tokens = g.expected[pick];
+      std::vector<size_t> keep;
+      std::vector<std::vector<float>> kept;
+      for (size_t p = 0; p < tokens.size(); ++p) {
+        if (rng_() % 3 != 0) {
+          keep.push_back(p);
+          kept.push_back(tokens[p]);
+        }
+      }
+      auto dropped = g.manager.retain_tokens(pick, keep);
+      if (dropped.ok()) {
         tokens = kept;
         copies_executed += g.manager.pending_copies().size();
       }

@@ -1,4 +1,4 @@
-#include "block/streaming_compaction.h"
+#include "block/compaction_plan.h"
 
 #include <algorithm>
 
@@ -9,6 +9,16 @@ namespace {
 
 size_t ceil_div(size_t a, size_t b) {
   return (a + b - 1) / b;
+}
+
+// Every old table index that no block of the compacted table reuses, ascending.
+void add_dropped_blocks(CompactionPlan& plan, size_t old_blocks) {
+  std::vector<bool> reused(old_blocks, false);
+  for (size_t index : plan.base_index)
+    reused[index] = true;
+  for (size_t i = 0; i < old_blocks; ++i) {
+    if (!reused[i]) plan.dropped_index.push_back(i);
+  }
 }
 
 }  // namespace
@@ -64,12 +74,33 @@ CompactionPlan plan_streaming_compaction(size_t num_tokens, size_t block_size, s
     }
   }
 
-  std::vector<bool> kept(old_blocks, false);
-  for (size_t index : plan.base_index)
-    kept[index] = true;
-  for (size_t i = 0; i < old_blocks; ++i) {
-    if (!kept[i]) plan.dropped_index.push_back(i);
+  add_dropped_blocks(plan, old_blocks);
+  return plan;
+}
+
+CompactionPlan plan_token_retention(size_t num_tokens, size_t block_size,
+                                    std::span<const size_t> kept) {
+  const size_t bs = block_size;
+  CompactionPlan plan;
+  plan.base_index.resize(ceil_div(kept.size(), bs));
+  for (size_t k = 0; k < plan.base_index.size(); ++k)
+    plan.base_index[k] = k;
+  for (size_t p = 0; p < kept.size();) {
+    if (kept[p] == p) {  // still in its slot (only possible before the first dropped token)
+      ++p;
+      continue;
+    }
+    // The longest run of consecutive sources that stays inside one source and one target block.
+    const size_t src = kept[p];
+    const size_t limit = std::min({bs - p % bs, bs - src % bs, kept.size() - p});
+    size_t run = 1;
+    while (run < limit && kept[p + run] == src + run)
+      ++run;
+    plan.moves.push_back({src / bs, static_cast<uint32_t>(src % bs), p / bs,
+                          static_cast<uint32_t>(p % bs), static_cast<uint32_t>(run)});
+    p += run;
   }
+  add_dropped_blocks(plan, ceil_div(num_tokens, bs));
   return plan;
 }
 

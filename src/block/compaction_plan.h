@@ -1,9 +1,11 @@
-// Plans StreamingLLM compaction of one block table: which old blocks the compacted sequence keeps
-// and which token ranges must move so that logical slot i is block i / bs, offset i % bs.
+// Plans the compaction of one block table (StreamingLLM, or any token selection such as H2O):
+// which old blocks the compacted sequence keeps and which token ranges must move so that logical
+// slot i is block i / bs, offset i % bs.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace kvfabric::detail {
@@ -32,5 +34,11 @@ struct CompactionPlan {
 //! every window token shifts by the same amount and is moved, reusing the first blocks in place.
 CompactionPlan plan_streaming_compaction(size_t num_tokens, size_t block_size, size_t sink,
                                          size_t window);
+
+//! Keeps the tokens at `kept` (strictly increasing, each < num_tokens) of an n-token table, in
+//! order. The first blocks are reused in place; a token moves only when its slot changes, in
+//! ascending order, so every move's source lies at or after every slot already written.
+CompactionPlan plan_token_retention(size_t num_tokens, size_t block_size,
+                                    std::span<const size_t> kept);
 
 }  // namespace kvfabric::detail
