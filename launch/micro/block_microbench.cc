@@ -1,8 +1,10 @@
 // Google Benchmark micro-benchmarks of the block manager's hot operations at 1,000 and 100,000
-// live sequences, with a bare free-list push/pop in the same binary as the baseline.
+// live sequences, with a bare free-list push/pop in the same binary as the baseline; and of
+// token-level compression (H2O selection against the seed's removal loop, retain_tokens).
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <random>
 #include <vector>
 
 #include "kvfabric/kvfabric.h"
@@ -116,6 +118,63 @@ void BM_Free(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_Free)->Arg(1000)->Arg(100000);
+
+// Accumulated attention scores of n tokens with ties, as decode steps leave them.
+std::vector<double> h2o_scores(size_t n) {
+  std::mt19937 rng(7);
+  std::vector<double> scores(n);
+  for (double& s : scores)
+    s = static_cast<double>(rng() % 1000) / 1000.0;
+  return scores;
+}
+
+// Baseline: the seed's H2O eviction, removing the minimum (oldest on ties) until half remain.
+void BM_SeedH2oRemovalLoop(benchmark::State& state) {
+  const auto n = static_cast<size_t>(state.range(0));
+  const std::vector<double> scores = h2o_scores(n);
+  for (auto _ : state) {
+    std::vector<double> kept = scores;
+    while (kept.size() > n / 2) {
+      size_t victim = 0;
+      for (size_t i = 1; i < kept.size(); ++i) {
+        if (kept[i] < kept[victim]) victim = i;
+      }
+      kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(victim));
+    }
+    benchmark::DoNotOptimize(kept.data());
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(n));
+}
+BENCHMARK(BM_SeedH2oRemovalLoop)->Arg(1024)->Arg(8192);
+
+// The same choice (no recent window, as the seed) with one partial selection.
+void BM_SelectHeavyHitters(benchmark::State& state) {
+  const auto n = static_cast<size_t>(state.range(0));
+  const std::vector<double> scores = h2o_scores(n);
+  for (auto _ : state)
+    benchmark::DoNotOptimize(kvfabric::quant::select_heavy_hitters(scores, n / 2, 0).data());
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(n));
+}
+BENCHMARK(BM_SelectHeavyHitters)->Arg(1024)->Arg(8192);
+
+// retain_tokens(): keeps an H2O selection of half of an n-token sequence (bookkeeping and the
+// queued copies; the storage copies are the backend's). The sequence is rebuilt untimed.
+void BM_RetainTokens(benchmark::State& state) {
+  const auto n = static_cast<size_t>(state.range(0));
+  const std::vector<size_t> keep =
+      kvfabric::quant::select_heavy_hitters(h2o_scores(n), n / 2, n / 4);
+  PagedKvCache cache(n / kBlockSize + 1, kBlockSize, 8, 128);
+  for (auto _ : state) {
+    state.PauseTiming();
+    (void)cache.free(SeqId{1});
+    if (!cache.allocate(SeqId{1}, n).ok()) state.SkipWithError("allocate failed");
+    (void)cache.take_pending_copies();
+    state.ResumeTiming();
+    if (!cache.retain_tokens(SeqId{1}, keep).ok()) state.SkipWithError("retain_tokens failed");
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(n));
+}
+BENCHMARK(BM_RetainTokens)->Arg(1024)->Arg(8192);
 
 }  // namespace
 
