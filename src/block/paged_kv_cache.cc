@@ -514,6 +514,7 @@ Result<uint64_t> PagedKvCache::compact(SequenceInfo& info, const detail::Compact
   const std::vector<BlockId>& old_table = info.block_ids;
   // A block that receives moved tokens must be private to this sequence; a shared one is replaced
   // by a fresh block that first gets the tokens the shared block kept in place.
+  const size_t bs = layout_.block_size;
   std::vector<bool> written(plan.base_index.size(), false);
   for (const auto& move : plan.moves)
     written[move.dst_index] = true;
@@ -525,8 +526,16 @@ Result<uint64_t> PagedKvCache::compact(SequenceInfo& info, const detail::Compact
     return out_of_memory(fresh_needed, available_block_count());
   }
   reclaim_for(fresh_needed);
+  // The slots the moves fill, marked in one pass; needed only to fill replaced blocks.
+  std::vector<bool> moved_slot;
+  if (fresh_needed > 0) {
+    moved_slot.assign(keep, false);
+    for (const auto& move : plan.moves) {
+      const size_t first = move.dst_index * bs + move.dst_offset;
+      std::fill_n(moved_slot.begin() + static_cast<ptrdiff_t>(first), move.num_tokens, true);
+    }
+  }
 
-  const size_t bs = layout_.block_size;
   std::vector<BlockId> new_table(plan.base_index.size());
   std::vector<BlockId> released;
   uint64_t copied_tokens = 0;
@@ -538,24 +547,18 @@ Result<uint64_t> PagedKvCache::compact(SequenceInfo& info, const detail::Compact
     new_table[k] = fresh;
     released.push_back(base);
     // The slots of new block k that no move fills: those kept in place in the base block.
-    const size_t block_tokens = std::min(bs, keep - k * bs);
-    std::vector<bool> moved_slot(block_tokens, false);
-    for (const auto& move : plan.moves) {
-      if (move.dst_index != k) continue;
-      for (uint32_t i = 0; i < move.num_tokens; ++i)
-        moved_slot[move.dst_offset + i] = true;
-    }
-    for (size_t slot = 0; slot < block_tokens;) {
+    const size_t block_end = std::min(keep, (k + 1) * bs);
+    for (size_t slot = k * bs; slot < block_end;) {
       if (moved_slot[slot]) {
         ++slot;
         continue;
       }
       size_t end = slot;
-      while (end < block_tokens && !moved_slot[end])
+      while (end < block_end && !moved_slot[end])
         ++end;
-      pending_copies_.push_back(
-          TokenCopy{base, static_cast<uint32_t>(slot), fresh, static_cast<uint32_t>(slot),
-                    static_cast<uint32_t>(end - slot), CopyReason::kCompaction});
+      const auto offset = static_cast<uint32_t>(slot - k * bs);
+      pending_copies_.push_back(TokenCopy{
+          base, offset, fresh, offset, static_cast<uint32_t>(end - slot), CopyReason::kCompaction});
       copied_tokens += end - slot;
       slot = end;
     }

@@ -162,10 +162,7 @@ std::vector<size_t> CacheManager::entries_to_keep(const Layer& layer, size_t bud
   if (const auto* sliding = std::get_if<SlidingWindowPolicy>(&config_.eviction_policy))
     return quant::select_sliding_window(layer.entries.size(), budget, sliding->sink,
                                         sliding->window);
-  std::vector<double> scores;
-  scores.reserve(layer.entries.size());
-  for (const Entry& e : layer.entries)
-    scores.push_back(e.score);
+  const std::vector<double> scores = scores_of(layer);
   const auto recent = static_cast<size_t>(
       std::floor(static_cast<double>(budget) * recent_ratio(config_.eviction_policy)));
   return quant::select_heavy_hitters(scores, budget, recent);
@@ -214,12 +211,17 @@ Status CacheManager::update_attention_scores(std::span<const double> scores, siz
   return ok_status();
 }
 
-Result<std::vector<double>> CacheManager::attention_scores(size_t layer) const {
-  KVF_RETURN_IF_ERROR(check_layer(layer));
+std::vector<double> CacheManager::scores_of(const Layer& layer) {
   std::vector<double> scores;
-  for (const Entry& e : layers_[layer].entries)
+  scores.reserve(layer.entries.size());
+  for (const Entry& e : layer.entries)
     scores.push_back(e.score);
   return scores;
+}
+
+Result<std::vector<double>> CacheManager::attention_scores(size_t layer) const {
+  KVF_RETURN_IF_ERROR(check_layer(layer));
+  return scores_of(layers_[layer]);
 }
 
 Result<std::vector<size_t>> CacheManager::token_positions(size_t layer) const {

@@ -77,11 +77,6 @@ Result<std::vector<size_t>> pyramid_layer_budgets(size_t average_budget, size_t 
   const size_t total = average_budget * num_layers;
   for (size_t i = 0; assigned < total; ++i, ++assigned)
     ++budgets[order[i % num_layers]];
-  // Rounding error can push a floor one above its true value; take it back from the smallest
-  // remainders (never below the floor of 1 a layer).
-  for (size_t i = num_layers; assigned > total && i-- > 0;) {
-    if (budgets[order[i]] > 1) --budgets[order[i]], --assigned;
-  }
   return budgets;
 }
 

@@ -11,6 +11,14 @@
 
 namespace kvfabric::testing {
 
+//! Token ids first, first + 1, ..., first + n - 1: what tests write and expect to read back.
+inline std::vector<int64_t> token_ids(int64_t first, size_t n) {
+  std::vector<int64_t> v(n);
+  for (size_t i = 0; i < n; ++i)
+    v[i] = first + static_cast<int64_t>(i);
+  return v;
+}
+
 class SlotModel {
  public:
   static constexpr int64_t kEmpty = -1;

@@ -134,6 +134,7 @@ class CacheManager {
   explicit CacheManager(const CacheManagerConfig& config) : config_(config) {}
   [[nodiscard]] Status check_layer(size_t layer) const;
   [[nodiscard]] Result<size_t> only_layer(const char* operation) const;
+  static std::vector<double> scores_of(const Layer& layer);
   [[nodiscard]] std::vector<size_t> entries_to_keep(const Layer& layer, size_t budget) const;
   void keep_entries(Layer& layer, const std::vector<size_t>& kept);
 

@@ -7,12 +7,7 @@
 namespace kvfabric {
 namespace {
 
-std::vector<int64_t> iota(int64_t first, size_t n) {
-  std::vector<int64_t> v(n);
-  for (size_t i = 0; i < n; ++i)
-    v[i] = first + static_cast<int64_t>(i);
-  return v;
-}
+using testing::token_ids;
 
 class CopyOnWrite : public ::testing::Test {
  protected:
@@ -29,7 +24,7 @@ class CopyOnWrite : public ::testing::Test {
 
 TEST_F(CopyOnWrite, ChildAppendCopiesSharedTail) {
   ASSERT_TRUE(cache_.allocate(SeqId{1}, 6).ok());  // blocks: [4 full][2 of 4]
-  write_new(SeqId{1}, 0, iota(0, 6));
+  write_new(SeqId{1}, 0, token_ids(0, 6));
   ASSERT_TRUE(cache_.fork(SeqId{1}, SeqId{2}).ok());
   const BlockId shared_tail = cache_.get_sequence(SeqId{1})->block_ids[1];
   EXPECT_EQ(cache_.block_ref_count(shared_tail), 2u);
@@ -52,8 +47,8 @@ TEST_F(CopyOnWrite, ChildAppendCopiesSharedTail) {
   ASSERT_TRUE(cache_.append(SeqId{1}, 1).ok());
   EXPECT_TRUE(cache_.pending_copies().empty());  // the tail is private to S1 now
   write_new(SeqId{1}, 6, {6});
-  EXPECT_EQ(slots_.read(*cache_.get_sequence(SeqId{1})), iota(0, 7));
-  std::vector<int64_t> child_expected = iota(0, 6);
+  EXPECT_EQ(slots_.read(*cache_.get_sequence(SeqId{1})), token_ids(0, 7));
+  std::vector<int64_t> child_expected = token_ids(0, 6);
   child_expected.push_back(100);
   EXPECT_EQ(slots_.read(*cache_.get_sequence(SeqId{2})), child_expected);
   EXPECT_TRUE(cache_.verify_integrity().ok());
@@ -79,7 +74,7 @@ TEST_F(CopyOnWrite, BlockAlignedForkNeedsNoCopy) {
 
 TEST_F(CopyOnWrite, BeamSearchFanOut) {
   ASSERT_TRUE(cache_.allocate(SeqId{1}, 5).ok());
-  write_new(SeqId{1}, 0, iota(0, 5));
+  write_new(SeqId{1}, 0, token_ids(0, 5));
   for (int beam = 2; beam <= 4; ++beam)
     ASSERT_TRUE(cache_.fork(SeqId{1}, SeqId{beam}).ok());
   for (int beam = 1; beam <= 4; ++beam) {
@@ -89,7 +84,7 @@ TEST_F(CopyOnWrite, BeamSearchFanOut) {
   // The last writer found the tail no longer shared and wrote in place.
   EXPECT_EQ(cache_.stats().cow_copies, 3u);
   for (int beam = 1; beam <= 4; ++beam) {
-    std::vector<int64_t> expected = iota(0, 5);
+    std::vector<int64_t> expected = token_ids(0, 5);
     expected.push_back(1000 + beam);
     EXPECT_EQ(slots_.read(*cache_.get_sequence(SeqId{beam})), expected) << "beam " << beam;
   }

@@ -10,16 +10,11 @@
 namespace kvfabric {
 namespace {
 
-std::vector<int64_t> iota(int64_t first, size_t n) {
-  std::vector<int64_t> v(n);
-  for (size_t i = 0; i < n; ++i)
-    v[i] = first + static_cast<int64_t>(i);
-  return v;
-}
+using testing::token_ids;
 
 std::vector<int64_t> kept_tokens(size_t n, size_t sink, size_t window) {
-  std::vector<int64_t> expected = iota(0, sink);
-  const auto tail = iota(static_cast<int64_t>(n - window), window);
+  std::vector<int64_t> expected = token_ids(0, sink);
+  const auto tail = token_ids(static_cast<int64_t>(n - window), window);
   expected.insert(expected.end(), tail.begin(), tail.end());
   return expected;
 }
@@ -37,7 +32,7 @@ TEST_P(SeedDefectCases, KeepsExactlySinkAndWindow) {
   PagedKvCache cache(64, c.bs, 1, 8);
   testing::SlotModel slots(64, c.bs);
   ASSERT_TRUE(cache.allocate(SeqId{1}, c.n).ok());
-  slots.write(*cache.get_sequence(SeqId{1}), 0, iota(0, c.n));
+  slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, c.n));
 
   const auto dropped = cache.apply_streaming_llm(SeqId{1}, c.sink, c.window);
   ASSERT_TRUE(dropped.ok()) << dropped.status();
@@ -97,15 +92,15 @@ TEST(StreamingLlm, SharedBlocksAreNotWrittenInPlace) {
   PagedKvCache cache(32, 4, 1, 8);
   testing::SlotModel slots(32, 4);
   ASSERT_TRUE(cache.allocate(SeqId{1}, 30).ok());
-  slots.write(*cache.get_sequence(SeqId{1}), 0, iota(0, 30));
+  slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, 30));
   ASSERT_TRUE(cache.fork(SeqId{1}, SeqId{2}).ok());
   const size_t used_before = cache.used_block_count();
 
   ASSERT_TRUE(cache.apply_streaming_llm(SeqId{2}, 3, 6).ok());  // unaligned shift of 21
   slots.apply(cache.take_pending_copies());
   EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{2})), kept_tokens(30, 3, 6));
-  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{1})), iota(0, 30));  // the sibling is intact
-  EXPECT_EQ(cache.used_block_count(), used_before + 3);               // three private blocks for S2
+  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{1})), token_ids(0, 30));  // the sibling is intact
+  EXPECT_EQ(cache.used_block_count(), used_before + 3);  // three private blocks for S2
   EXPECT_TRUE(cache.verify_integrity().ok());
 }
 
@@ -130,7 +125,7 @@ TEST(StreamingLlm, ExhaustiveSmallShapes) {
           PagedKvCache cache(64, bs, 1, 8);
           testing::SlotModel slots(64, bs);
           ASSERT_TRUE(cache.allocate(SeqId{1}, n).ok());
-          slots.write(*cache.get_sequence(SeqId{1}), 0, iota(0, n));
+          slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, n));
           ASSERT_EQ(cache.apply_streaming_llm(SeqId{1}, sink, window).value(), n - sink - window);
           slots.apply(cache.take_pending_copies());
           const SequenceInfo* seq = cache.get_sequence(SeqId{1});

@@ -20,12 +20,7 @@ std::vector<int64_t> tokens_at(const std::vector<int64_t>& tokens,
   return out;
 }
 
-std::vector<int64_t> numbered(size_t n, int64_t first = 0) {
-  std::vector<int64_t> v(n);
-  for (size_t i = 0; i < n; ++i)
-    v[i] = first + static_cast<int64_t>(i);
-  return v;
-}
+using testing::token_ids;
 
 std::string snapshot(const PagedKvCache& cache) {
   std::ostringstream os;
@@ -45,7 +40,7 @@ TEST(TokenRetention, KeepsTheSelectedTokensInOrder) {
   PagedKvCache cache(16, 4, 1, 8);
   testing::SlotModel slots(16, 4);
   ASSERT_TRUE(cache.allocate(SeqId{1}, 22).ok());
-  slots.write(*cache.get_sequence(SeqId{1}), 0, numbered(22));
+  slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, 22));
 
   // H2O-like: a few heavy hitters early on, then a recent window.
   const std::vector<size_t> keep = {0, 1, 5, 9, 10, 11, 17, 18, 19, 20, 21};
@@ -57,7 +52,7 @@ TEST(TokenRetention, KeepsTheSelectedTokensInOrder) {
   EXPECT_EQ(seq->num_blocks(), 3u);
   EXPECT_EQ(cache.used_block_count(), 3u);
   slots.apply(cache.take_pending_copies());
-  EXPECT_EQ(slots.read(*seq), tokens_at(numbered(22), keep));
+  EXPECT_EQ(slots.read(*seq), tokens_at(token_ids(0, 22), keep));
   // Tokens 0 and 1 stayed in their slots; the other nine moved.
   EXPECT_EQ(cache.stats().compaction_copied_tokens, 9u);
   EXPECT_EQ(cache.stats().selection_evicted_tokens, 11u);
@@ -67,7 +62,7 @@ TEST(TokenRetention, KeepsTheSelectedTokensInOrder) {
   // The next token goes right after the kept ones.
   ASSERT_TRUE(cache.append(SeqId{1}, 1).ok());
   slots.write(*cache.get_sequence(SeqId{1}), 11, {99});
-  auto expected = tokens_at(numbered(22), keep);
+  auto expected = tokens_at(token_ids(0, 22), keep);
   expected.push_back(99);
   EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{1})), expected);
 }
@@ -127,7 +122,7 @@ TEST(TokenRetention, SharedBlocksAreCopiedNotWritten) {
   PagedKvCache cache(6, 4, 1, 8);
   testing::SlotModel slots(6, 4);
   ASSERT_TRUE(cache.allocate(SeqId{1}, 12).ok());
-  slots.write(*cache.get_sequence(SeqId{1}), 0, numbered(12));
+  slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, 12));
   ASSERT_TRUE(cache.fork(SeqId{1}, SeqId{2}).ok());
   ASSERT_TRUE(cache.allocate(SeqId{3}, 12).ok());  // leaves 0 free blocks
 
@@ -140,8 +135,8 @@ TEST(TokenRetention, SharedBlocksAreCopiedNotWritten) {
   auto dropped = cache.retain_tokens(SeqId{1}, keep);
   ASSERT_TRUE(dropped.ok()) << dropped.status();
   slots.apply(cache.take_pending_copies());
-  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{1})), tokens_at(numbered(12), keep));
-  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{2})), numbered(12));  // the sharer is intact
+  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{1})), tokens_at(token_ids(0, 12), keep));
+  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{2})), token_ids(0, 12));  // the sharer is intact
   EXPECT_TRUE(cache.verify_integrity().ok());
 }
 
@@ -156,7 +151,7 @@ TEST(TokenRetention, RandomSelectionsWithSharers) {
     testing::SlotModel slots(blocks, bs);
     const size_t n = rng() % (bs * 12);
     ASSERT_TRUE(cache.allocate(SeqId{1}, n).ok());
-    slots.write(*cache.get_sequence(SeqId{1}), 0, numbered(n));
+    slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, n));
     const bool shared = rng() % 2 == 0;
     if (shared) {
       ASSERT_TRUE(cache.fork(SeqId{1}, SeqId{2}).ok());
@@ -171,10 +166,10 @@ TEST(TokenRetention, RandomSelectionsWithSharers) {
     ASSERT_TRUE(dropped.ok()) << dropped.status();
     ASSERT_EQ(*dropped, n - keep.size());
     slots.apply(cache.take_pending_copies());
-    ASSERT_EQ(slots.read(*cache.get_sequence(SeqId{1})), tokens_at(numbered(n), keep))
+    ASSERT_EQ(slots.read(*cache.get_sequence(SeqId{1})), tokens_at(token_ids(0, n), keep))
         << "trial " << trial << ", block size " << bs << ", " << n << " tokens";
     if (shared) {
-      ASSERT_EQ(slots.read(*cache.get_sequence(SeqId{2})), numbered(n));
+      ASSERT_EQ(slots.read(*cache.get_sequence(SeqId{2})), token_ids(0, n));
     }
     ASSERT_TRUE(cache.verify_integrity().ok());
 
