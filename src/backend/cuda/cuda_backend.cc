@@ -68,11 +68,17 @@ class CudaBackend final : public Backend {
                       where() + ": cannot allocate " + std::to_string(bytes) +
                           " bytes for the device tier: " + cudaGetErrorString(err));
       }
-      KVF_RETURN_IF_ERROR(check(cudaMemset(data, 0, bytes), "cudaMemset"));
-      return KvArena(static_cast<uint8_t*>(data), bytes, tier, [device](uint8_t* p, uint64_t) {
+      // Zeroed on our stream and waited for: a plain cudaMemset runs on the legacy default
+      // stream, which our non-blocking stream does not wait for, so it could land after (and
+      // erase) the first writes into the arena.
+      const auto free_data = [device](uint8_t* p, uint64_t) {
         cudaSetDevice(device);
         cudaFree(p);
-      });
+      };
+      KvArena arena(static_cast<uint8_t*>(data), bytes, tier, free_data);
+      KVF_RETURN_IF_ERROR(check(cudaMemsetAsync(data, 0, bytes, stream_), "cudaMemsetAsync"));
+      KVF_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream_), "cudaMemsetAsync"));
+      return arena;
     }
     // Pinned and mapped: the swap kernels read and write it directly over PCIe (unified
     // addressing).
