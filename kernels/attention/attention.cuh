@@ -15,6 +15,10 @@ inline constexpr int kAttentionThreads = 128;
 //! Query heads one CTA serves; a GQA group of 8 takes two CTAs per KV head. Fewer accumulators
 //! per thread keep more CTAs resident, which a bandwidth-bound kernel needs more than reuse.
 inline constexpr uint32_t kHeadsPerCta = 4;
+//! CTAs per SM the register budget is sized for: 6 leaves 80 registers a thread. Measured on an
+//! H100 (f16, 16 x 4k): 8 CTAs (64 registers, spilling) and 5 or 4 (no spills, fewer warps to
+//! hide memory latency) were 5-12 % slower.
+inline constexpr int kAttentionMinCtasPerSm = 6;
 
 __host__ __device__ inline uint32_t head_slices(uint32_t group) {
   return (group + kHeadsPerCta - 1) / kHeadsPerCta;
@@ -53,24 +57,59 @@ struct AttentionShape {
   static constexpr int kTokensPerPass = kAttentionThreads / kThreadsPerToken;
 };
 
+//! Sums N per-lane values over the `Lanes` lanes of a token group (Lanes a power of two dividing
+//! 32) as a reduce-scatter: at each step a lane keeps one half of its values, sends the other half
+//! to its partner and adds what the partner sent, so N values cost N - 1 shuffles instead of
+//! N * log2(Lanes). Afterwards v[0, max(1, N / Lanes)) hold complete sums of the values whose
+//! indices start at the returned base.
+template <int Offset, int Count, int N>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[N], uint32_t lane, uint32_t& base) {
+  if constexpr (Offset > 0) {
+    if constexpr (Count > 1) {
+      constexpr int kHalf = Count / 2;
+      const bool upper = (lane & Offset) != 0;
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float send = upper ? v[i] : v[i + kHalf];
+        const float keep = upper ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, Offset);
+      }
+      if (upper) base += kHalf;
+      reduce_scatter_step<Offset / 2, kHalf>(v, lane, base);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], Offset);
+      reduce_scatter_step<Offset / 2, 1>(v, lane, base);
+    }
+  }
+}
+
+template <int Lanes, int N>
+__device__ __forceinline__ uint32_t reduce_scatter(float (&v)[N], uint32_t lane) {
+  uint32_t base = 0;
+  reduce_scatter_step<Lanes / 2, N>(v, lane, base);
+  return base;
+}
+
 // grid (num_items, num_kv_heads * head_slices(group), num_splits), block kAttentionThreads.
 // query/output [rows, num_q_heads, HD]; workspace partials [items][kv_heads][splits][...].
 //
-// Each group of HD/8 lanes owns one token at a time and each lane 8 of its dimensions. Loads of
-// kUnroll tokens are issued before any of them is used, and the split's block ids are staged in
-// shared memory first, so a thread keeps several independent memory requests in flight.
-// At most 64 registers (8 CTAs per SM): a bandwidth-bound kernel wants resident warps.
+// Each group of HD/8 lanes owns one token at a time and each lane 8 of its dimensions. A thread
+// keeps kUnroll rows in flight: the registers of a row are refilled with the row of the next pass
+// as soon as it is decoded, so loads stay outstanding while the thread computes. The split's block
+// ids are staged in shared memory first. A GQA group smaller than kHeadsPerCta is padded with zero
+// query heads, so the inner loops have no per-head branches.
 template <DType D, int HD>
-__global__ void __launch_bounds__(kAttentionThreads, 8)
+__global__ void __launch_bounds__(kAttentionThreads, kAttentionMinCtasPerSm)
     attention_kernel(PagedKvView pool, AttentionLaunch a, uint32_t num_splits,
                      uint32_t split_tokens, float* logits_out) {
   using Shape = AttentionShape<HD>;
   constexpr int TPT = Shape::kThreadsPerToken;
   constexpr int TPP = Shape::kTokensPerPass;
-  // Rows in flight per thread: 2 of f32 (64 bytes), 4 of the others (64 bytes of f16/bf16 but
-  // 32 of fp8/int8 and 16 of int4): the 64-register cap leaves no room for more.
+  // Rows in flight per thread: 2 of f32 (64 bytes), 4 of the others (64 bytes of f16/bf16, 32 of
+  // fp8/int8, 16 of int4).
   constexpr int kUnroll = Raw8<D>::kWords >= 8 ? 2 : 4;
   constexpr int kGroup = kHeadsPerCta;
+  constexpr int kDots = kUnroll * kGroup;  // partial logits per thread and pass
   constexpr int kProbFloats = kGroup * kSplitTokens;
   constexpr int kReduceFloats = TPP * kGroup * HD;
   __shared__ float smem[kProbFloats > kReduceFloats ? kProbFloats : kReduceFloats];
@@ -108,27 +147,20 @@ __global__ void __launch_bounds__(kAttentionThreads, 8)
   }
 
   const uint32_t lane_token = threadIdx.x / TPT;  // which token of a pass
-  const uint32_t d0 = (threadIdx.x % TPT) * kElemsPerThread;
-  // This lane's 8 query elements of every head of the group, scaled, in registers.
+  const uint32_t token_lane = threadIdx.x % TPT;  // which lane of its token group
+  const uint32_t d0 = token_lane * kElemsPerThread;
+  // This lane's 8 query elements of every head of the group, scaled; zero for padding heads.
   float q[kGroup][8];
 #pragma unroll
   for (int g = 0; g < kGroup; ++g) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      q[g][e] = 0.0f;
-      if (g < group) {
-        const uint64_t element =
-            (uint64_t{row} * a.num_q_heads + head * group_total + first_g + g) * HD + d0 + e;
-        float v;
-        if (a.query_dtype == DType::kF32) {
-          v = static_cast<const float*>(a.query)[element];
-        } else {
-          const uint16_t bits = static_cast<const uint16_t*>(a.query)[element];
-          v = a.query_dtype == DType::kF16 ? numeric::f16_to_f32(bits) : numeric::bf16_to_f32(bits);
-        }
-        q[g][e] = v * a.softmax_scale;
-      }
+    if (g < group) {
+      const uint64_t first =
+          (uint64_t{row} * a.num_q_heads + head * group_total + first_g + g) * HD + d0;
+      load_activation8(a.query, a.query_dtype, first, q[g]);
     }
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      q[g][e] = g < group ? q[g][e] * a.softmax_scale : 0.0f;
   }
   __syncthreads();  // blocks_s
 
@@ -138,47 +170,49 @@ __global__ void __launch_bounds__(kAttentionThreads, 8)
     raw.load(pool, pool.codes(block, a.layer, kv, head), pool.scales(block, a.layer, kv, head),
              pool.zeros(block, a.layer, kv, head), pos % bs, d0);
   };
+  constexpr uint32_t kStep = TPP * kUnroll;  // tokens per pass of the CTA
+  Raw8<D> raw[kUnroll] = {};
+  auto load_first_pass = [&](uint32_t kv) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t t = u * TPP + lane_token;
+      if (t < len) load_row(kv, t, raw[u]);
+    }
+  };
 
   // Phase 1: logits of every token of the split for each query head of the group.
-  for (uint32_t t0 = 0; t0 < len; t0 += TPP * kUnroll) {
-    Raw8<D> raw[kUnroll];
+  load_first_pass(0);
+  for (uint32_t t0 = 0; t0 < len; t0 += kStep) {
+    float dots[kDots];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const uint32_t t = t0 + u * TPP + lane_token;
-      if (t < len) load_row(0, t, raw[u]);
+      float k[8];
+      decode_unscaled(raw[u], k);
+      const float scale = row_scale(raw[u]);
+      if (t + kStep < len) load_row(0, t + kStep, raw[u]);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          dot = fmaf(q[g][e], k[e], dot);
+        dots[u * kGroup + g] = kRowScaled<D> ? dot * scale : dot;
+      }
     }
+    // Rows past the split hold stale or zero data: their sums are formed but never stored.
+    const uint32_t base = reduce_scatter<TPT>(dots, token_lane);
+    constexpr int kKept = kDots > TPT ? kDots / TPT : 1;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int i = 0; i < kKept; ++i) {
+      const uint32_t u = (base + i) / kGroup, g = (base + i) % kGroup;
       const uint32_t t = t0 + u * TPP + lane_token;
-      float k[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (t < len) raw[u].decode(k);
-      float dots[kGroup];
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        dots[g] = 0.0f;
-        if (g < group) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e)
-            dots[g] += q[g][e] * k[e];
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        if (g < group) {
-#pragma unroll
-          for (int offset = TPT / 2; offset > 0; offset /= 2) {
-            dots[g] += __shfl_xor_sync(0xffffffffu, dots[g], offset, TPT);
-          }
-        }
-      }
-      if (t < len && threadIdx.x % TPT == 0) {
-#pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-          if (g < group) p_s[g * kSplitTokens + t] = dots[g];
-        }
+      if (t < len && g < group && (kDots >= TPT || token_lane % (TPT / kDots) == 0)) {
+        p_s[g * kSplitTokens + t] = dots[i];
       }
     }
   }
+  load_first_pass(1);  // the first values are in flight during the softmax
   __syncthreads();
 
   // Softmax statistics per query head: warp w handles heads w, w + 4.
@@ -218,27 +252,23 @@ __global__ void __launch_bounds__(kAttentionThreads, 8)
     for (int e = 0; e < 8; ++e)
       acc[g][e] = 0.0f;
   }
-  for (uint32_t t0 = 0; t0 < len; t0 += TPP * kUnroll) {
-    Raw8<D> raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const uint32_t t = t0 + u * TPP + lane_token;
-      if (t < len) load_row(1, t, raw[u]);
-    }
+  for (uint32_t t0 = 0; t0 < len; t0 += kStep) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const uint32_t t = t0 + u * TPP + lane_token;
       if (t >= len) continue;
       float v[8];
-      raw[u].decode(v);
+      decode_unscaled(raw[u], v);
+      const float scale = row_scale(raw[u]);
+      if (t + kStep < len) load_row(1, t + kStep, raw[u]);
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
-        if (g < group) {
-          const float p = p_s[g * kSplitTokens + t];
+        // Padding heads have no probabilities: their sums are never stored.
+        const float p =
+            kRowScaled<D> ? p_s[g * kSplitTokens + t] * scale : p_s[g * kSplitTokens + t];
 #pragma unroll
-          for (int e = 0; e < 8; ++e)
-            acc[g][e] += p * v[e];
-        }
+        for (int e = 0; e < 8; ++e)
+          acc[g][e] = fmaf(p, v[e], acc[g][e]);
       }
     }
   }

@@ -216,11 +216,12 @@ TEST_P(CudaAttention, DecodeAndPrefillMatchTheCpuBackend) {
   }
 }
 
+// GQA 1 and 3 pad a CTA's four query heads with zero heads; 8 takes two CTAs per KV head.
 INSTANTIATE_TEST_SUITE_P(AllShapes, CudaAttention,
                          ::testing::Combine(::testing::ValuesIn(kAllDTypes),
-                                            ::testing::Values(64u, 128u),
+                                            ::testing::Values(64u, 128u, 256u),
                                             ::testing::Values(16u, 32u),
-                                            ::testing::Values(1u, 4u, 8u)));
+                                            ::testing::Values(1u, 3u, 4u, 8u)));
 
 TEST_F(CudaVsCpu, CopiesCompactionsAndSwapsMoveTheSameBytes) {
   for (DType dtype : {DType::kF16, DType::kInt4, DType::kFP8E4M3}) {
