@@ -16,8 +16,8 @@ inline constexpr int kAttentionThreads = 128;
 //! per thread keep more CTAs resident, which a bandwidth-bound kernel needs more than reuse.
 inline constexpr uint32_t kHeadsPerCta = 4;
 //! CTAs per SM the register budget is sized for: 6 leaves 80 registers a thread. Measured on an
-//! H100 (f16, 16 x 4k): 8 CTAs (64 registers, spilling) and 5 or 4 (no spills, fewer warps to
-//! hide memory latency) were 5-12 % slower.
+//! H100 (f16, 16 x 4k): 8 CTAs (64 registers, spilling) were 5 % slower, 5 (no spills, fewer warps
+//! to hide memory latency) 13 % slower.
 inline constexpr int kAttentionMinCtasPerSm = 6;
 
 __host__ __device__ inline uint32_t head_slices(uint32_t group) {
