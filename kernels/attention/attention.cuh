@@ -203,11 +203,12 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinCtasPerSm)
     // Rows past the split hold stale or zero data: their sums are formed but never stored.
     const uint32_t base = reduce_scatter<TPT>(dots, token_lane);
     constexpr int kKept = kDots > TPT ? kDots / TPT : 1;
+    constexpr uint32_t kLanesPerSum = kDots >= TPT ? 1 : TPT / kDots;  // lanes holding one sum
 #pragma unroll
     for (int i = 0; i < kKept; ++i) {
       const uint32_t u = (base + i) / kGroup, g = (base + i) % kGroup;
       const uint32_t t = t0 + u * TPP + lane_token;
-      if (t < len && g < group && (kDots >= TPT || token_lane % (TPT / kDots) == 0)) {
+      if (t < len && g < group && token_lane % kLanesPerSum == 0) {
         p_s[g * kSplitTokens + t] = dots[i];
       }
     }
