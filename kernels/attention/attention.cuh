@@ -59,9 +59,9 @@ struct AttentionShape {
 
 //! Sums N per-lane values over the `Lanes` lanes of a token group (Lanes a power of two dividing
 //! 32) as a reduce-scatter: at each step a lane keeps one half of its values, sends the other half
-//! to its partner and adds what the partner sent, so N values cost N - 1 shuffles instead of
-//! N * log2(Lanes). Afterwards v[0, max(1, N / Lanes)) hold complete sums of the values whose
-//! indices start at the returned base.
+//! to its partner and adds what the partner sent, so N values cost N - 1 shuffles (plus one per
+//! step left once a single value remains) instead of N * log2(Lanes). Afterwards v[0, max(1, N /
+//! Lanes)) hold complete sums of the values whose indices start at the returned base.
 template <int Offset, int Count, int N>
 __device__ __forceinline__ void reduce_scatter_step(float (&v)[N], uint32_t lane, uint32_t& base) {
   if constexpr (Offset > 0) {
