@@ -188,8 +188,8 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinCtasPerSm)
     for (int u = 0; u < kUnroll; ++u) {
       const uint32_t t = t0 + u * TPP + lane_token;
       float k[8];
-      decode_unscaled(raw[u], k);
-      const float scale = row_scale(raw[u]);
+      raw[u].decode_unscaled(k);
+      const float scale = raw[u].row_scale();
       if (t + kStep < len) load_row(0, t + kStep, raw[u]);
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinCtasPerSm)
 #pragma unroll
         for (int e = 0; e < 8; ++e)
           dot = fmaf(q[g][e], k[e], dot);
-        dots[u * kGroup + g] = kRowScaled<D> ? dot * scale : dot;
+        dots[u * kGroup + g] = Raw8<D>::kRowScaled ? dot * scale : dot;
       }
     }
     // Rows past the split hold stale or zero data: their sums are formed but never stored.
@@ -259,14 +259,14 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinCtasPerSm)
       const uint32_t t = t0 + u * TPP + lane_token;
       if (t >= len) continue;
       float v[8];
-      decode_unscaled(raw[u], v);
-      const float scale = row_scale(raw[u]);
+      raw[u].decode_unscaled(v);
+      const float scale = raw[u].row_scale();
       if (t + kStep < len) load_row(1, t + kStep, raw[u]);
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
         // Padding heads have no probabilities: their sums are never stored.
         const float p =
-            kRowScaled<D> ? p_s[g * kSplitTokens + t] * scale : p_s[g * kSplitTokens + t];
+            Raw8<D>::kRowScaled ? p_s[g * kSplitTokens + t] * scale : p_s[g * kSplitTokens + t];
 #pragma unroll
         for (int e = 0; e < 8; ++e)
           acc[g][e] = fmaf(p, v[e], acc[g][e]);

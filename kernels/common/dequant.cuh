@@ -73,8 +73,18 @@ struct Raw8 {
     }
   }
 
-  //! The 8 values, dequantized exactly as quant::decode_row does.
-  __device__ __forceinline__ void decode(float (&out)[8]) const {
+  //! True where decode_unscaled leaves a per-row factor for the caller to apply once per row.
+  static constexpr bool kRowScaled = D == DType::kFP8E4M3 || is_integer_quantized(D);
+
+  //! The 8 values divided by row_scale(), exactly, with as few instructions as the format allows:
+  //! attention sums products of these and applies the factor once per row and lane, so its inner
+  //! loops skip the per-element multiply (and, for the integer formats, the int-to-float
+  //! conversion, which runs at a quarter of the FMA rate).
+  //! - f32, f16, bf16: the values themselves (row_scale() is 1);
+  //! - fp8 e4m3: value * 2^-8 as an f16 built from the code's bits (sign to bit 15, the rest to
+  //!   bits 13..7), two codes per step;
+  //! - int8/int4/int2: code - zero, from floats 2^23 + code and 2^23 + zero (exact integers).
+  __device__ __forceinline__ void decode_unscaled(float (&out)[8]) const {
     if constexpr (D == DType::kF32) {
       for (int e = 0; e < 8; ++e)
         out[e] = __uint_as_float(w[e]);
@@ -87,80 +97,55 @@ struct Raw8 {
       for (int e = 0; e < 8; ++e)
         out[e] = __uint_as_float((w[e / 2] >> (16 * (e % 2))) << 16);
     } else if constexpr (D == DType::kFP8E4M3) {
-      // e4m3 bits moved into an f16 (sign to bit 15, the rest to bits 13..7) are the same value
-      // times 2^-8, exactly; scale * 256 is exact too, so the product equals scale * value.
-      const float scale256 = scale * 256.0f;
-      for (int e = 0; e < 8; ++e) {
-        const uint32_t c = (w[e / 4] >> (8 * (e % 4))) & 0xFFu;
-        const auto h = static_cast<unsigned short>(((c & 0x80u) << 8) | ((c & 0x7Fu) << 7));
-        out[e] = scale256 * __half2float(__ushort_as_half(h));
+#pragma unroll
+      for (int pair = 0; pair < 4; ++pair) {
+        // Codes 2p and 2p+1 into the high bytes of two 16-bit halves, then sign kept and the
+        // exponent and mantissa bits down by one: an f16x2 of the two values times 2^-8.
+        const uint32_t lo = (pair % 2) * 2;
+        const uint32_t x = __byte_perm(w[pair / 2], 0u, 0x0404u | (lo << 4) | ((lo + 1) << 12));
+        const uint32_t h2 = (x & 0x80008000u) | ((x >> 1) & 0x3F803F80u);
+        out[2 * pair] = __half2float(__ushort_as_half(static_cast<unsigned short>(h2 & 0xFFFFu)));
+        out[2 * pair + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(h2 >> 16)));
       }
     } else {
-      const float z = static_cast<float>(zero);
+      const float zero_plus_2p23 = __uint_as_float(0x4B000000u | zero);
+#pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const uint32_t bit = e * kBits;
-        const uint32_t code = (w[bit / 32] >> (bit % 32)) & ((1u << kBits) - 1u);
-        out[e] = scale * (static_cast<float>(code) - z);
+        uint32_t magic;
+        if constexpr (kBits == 8) {
+          magic = __byte_perm(w[e / 4], 0x4B000000u, 0x7540u | (e % 4));
+        } else {
+          const uint32_t bit = e * kBits;
+          magic = ((w[bit / 32] >> (bit % 32)) & ((1u << kBits) - 1u)) | 0x4B000000u;
+        }
+        out[e] = __uint_as_float(magic) - zero_plus_2p23;
       }
+    }
+  }
+
+  //! The factor that turns decode_unscaled's values into the row's values; scale * 256 is exact.
+  __device__ __forceinline__ float row_scale() const {
+    if constexpr (D == DType::kFP8E4M3) {
+      return scale * 256.0f;
+    } else if constexpr (is_integer_quantized(D)) {
+      return scale;
+    } else {
+      return 1.0f;
+    }
+  }
+
+  //! The 8 values, dequantized exactly as quant::decode_row does: the unscaled values are exact,
+  //! so one multiply by the row's factor rounds as the reference's scale * (code - zero) and
+  //! scale * value do.
+  __device__ __forceinline__ void decode(float (&out)[8]) const {
+    decode_unscaled(out);
+    if constexpr (kRowScaled) {
+      const float factor = row_scale();
+      for (int e = 0; e < 8; ++e)
+        out[e] *= factor;
     }
   }
 };
-
-//! True where decode_unscaled leaves a per-row factor for the caller to apply once per row.
-template <DType D>
-inline constexpr bool kRowScaled = D == DType::kFP8E4M3 || is_integer_quantized(D);
-
-//! The 8 values divided by row_scale(), exactly, with as few instructions as the format allows:
-//! attention sums products of these and applies the factor once per row and lane, so the inner
-//! loops skip the per-element multiply (and, for the integer formats, the int-to-float conversion,
-//! which runs at a quarter of the FMA rate).
-//! - f32, f16, bf16: the values themselves (row_scale() is 1);
-//! - fp8 e4m3: value * 2^-8 as an f16 built from the code's bits, two codes per step;
-//! - int8/int4/int2: code - zero, from floats 2^23 + code and 2^23 + zero (exact integers).
-template <DType D>
-__device__ __forceinline__ void decode_unscaled(const Raw8<D>& raw, float (&out)[8]) {
-  if constexpr (D == DType::kFP8E4M3) {
-#pragma unroll
-    for (int pair = 0; pair < 4; ++pair) {
-      // Codes 2p and 2p+1 into the high bytes of two 16-bit halves, then sign to bit 15 and the
-      // exponent and mantissa bits down by one: an f16x2 of the two values times 2^-8.
-      const uint32_t word = raw.w[pair / 2];
-      const uint32_t lo = (pair % 2) * 2;
-      const uint32_t x = __byte_perm(word, 0u, 0x0404u | (lo << 4) | ((lo + 1) << 12));
-      const uint32_t h2 = (x & 0x80008000u) | ((x >> 1) & 0x3F803F80u);
-      out[2 * pair] = __half2float(__ushort_as_half(static_cast<unsigned short>(h2 & 0xFFFFu)));
-      out[2 * pair + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(h2 >> 16)));
-    }
-  } else if constexpr (is_integer_quantized(D)) {
-    constexpr int kBits = Raw8<D>::kBits;
-    const float zero_plus_2p23 = __uint_as_float(0x4B000000u | raw.zero);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      uint32_t magic;
-      if constexpr (kBits == 8) {
-        magic = __byte_perm(raw.w[e / 4], 0x4B000000u, 0x7540u | (e % 4));
-      } else {
-        const uint32_t bit = e * kBits;
-        magic = ((raw.w[bit / 32] >> (bit % 32)) & ((1u << kBits) - 1u)) | 0x4B000000u;
-      }
-      out[e] = __uint_as_float(magic) - zero_plus_2p23;
-    }
-  } else {
-    raw.decode(out);
-  }
-}
-
-//! The factor that turns decode_unscaled's values into the row's values.
-template <DType D>
-__device__ __forceinline__ float row_scale(const Raw8<D>& raw) {
-  if constexpr (D == DType::kFP8E4M3) {
-    return raw.scale * 256.0f;
-  } else if constexpr (is_integer_quantized(D)) {
-    return raw.scale;
-  } else {
-    return 1.0f;
-  }
-}
 
 //! Dequantizes elements [d0, d0 + 8) of token `t` of a tile (d0 a multiple of 8).
 template <DType D>

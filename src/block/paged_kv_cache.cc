@@ -478,8 +478,7 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
   const detail::CompactionPlan plan = detail::plan_streaming_compaction(
       info->num_tokens, layout_.block_size, sink_tokens, window_tokens);
   const size_t dropped = info->num_tokens - keep;
-  KVF_ASSIGN_OR_RETURN(const uint64_t copied_tokens, compact(*info, plan, keep));
-  stats_.compaction_copied_tokens += copied_tokens;
+  KVF_RETURN_IF_ERROR(compact(*info, plan, keep));
   stats_.streaming_evicted_tokens += dropped;
   return dropped;
 }
@@ -503,13 +502,12 @@ Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> po
   const detail::CompactionPlan plan =
       detail::plan_token_retention(info->num_tokens, layout_.block_size, positions);
   const size_t dropped = info->num_tokens - positions.size();
-  KVF_ASSIGN_OR_RETURN(const uint64_t copied_tokens, compact(*info, plan, positions.size()));
-  stats_.compaction_copied_tokens += copied_tokens;
+  KVF_RETURN_IF_ERROR(compact(*info, plan, positions.size()));
   stats_.selection_evicted_tokens += dropped;
   return dropped;
 }
 
-Result<uint64_t> PagedKvCache::compact(SequenceInfo& info, const detail::CompactionPlan& plan,
+Status PagedKvCache::compact(SequenceInfo& info, const detail::CompactionPlan& plan,
                                        size_t keep) {
   const std::vector<BlockId>& old_table = info.block_ids;
   // A block that receives moved tokens must be private to this sequence; a shared one is replaced
@@ -578,7 +576,8 @@ Result<uint64_t> PagedKvCache::compact(SequenceInfo& info, const detail::Compact
   info.num_tokens = keep;
   touch(info, old_key);
   stats_.compactions += 1;
-  return copied_tokens;
+  stats_.compaction_copied_tokens += copied_tokens;
+  return ok_status();
 }
 
 std::vector<TokenCopy> PagedKvCache::take_pending_copies() {

@@ -219,9 +219,9 @@ class PagedKvCache {
   //! short. The caller has checked count <= available_block_count().
   void reclaim_for(size_t count);
   BlockId take_block();
-  //! Executes a compaction plan on a sequence that keeps `keep` tokens; returns the tokens the
-  //! queued copies move. OutOfMemory (nothing changed) if shared blocks cannot be replaced.
-  Result<uint64_t> compact(SequenceInfo& info, const detail::CompactionPlan& plan, size_t keep);
+  //! Executes a compaction plan on a sequence that keeps `keep` tokens and counts it in the stats.
+  //! OutOfMemory (nothing changed) if shared blocks cannot be replaced.
+  Status compact(SequenceInfo& info, const detail::CompactionPlan& plan, size_t keep);
   bool frees_a_block(const SequenceInfo& info) const;
   void remove_sequence(SeqId seq);
 
