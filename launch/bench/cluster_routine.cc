@@ -2,11 +2,11 @@
 
 #include <fmt/format.h>
 
-#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <sstream>
 
+#include "bench/plan_executors.h"
 #include "bench/report.h"
 #include "kvfabric/backend/backend.h"
 #include "kvfabric/runtime/rank_cache.h"
@@ -15,61 +15,9 @@
 namespace kvfabric::bench {
 namespace {
 
-// Whether an MPI launcher started this process (Open MPI, MPICH/Hydra, PMIx).
-bool under_mpi_launcher() {
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
-    if (std::getenv(var) != nullptr) return true;
-  }
-  return false;
+std::string gib(uint64_t bytes) {
+  return fmt::format("{:.2f}", static_cast<double>(bytes) / (1u << 30));
 }
-
-// The ranks' side of a run: rank 0 broadcasts each plan, every rank executes it on its cache.
-class PlanExecutors {
- public:
-  PlanExecutors(Transport& transport, std::unique_ptr<Backend> backend)
-      : transport_(&transport), backend_(std::move(backend)) {}
-
-  Status start(const Config& config) {
-    KVF_ASSIGN_OR_RETURN(cache_, RankCache::create(config, static_cast<uint32_t>(transport_->rank().value),
-                                                   *backend_, *transport_));
-    return ok_status();
-  }
-  // Rank 0.
-  Status broadcast_and_execute(const StepPlan& plan) {
-    std::vector<uint8_t> bytes = plan.serialize();
-    KVF_RETURN_IF_ERROR(transport_->broadcast(bytes, RankId{0}));
-    return cache_->execute_agreed(bytes, RankId{0});
-  }
-  // Rank 0: an empty message ends the other ranks' loops.
-  Status finish() {
-    std::vector<uint8_t> none;
-    return transport_->broadcast(none, RankId{0});
-  }
-  // The other ranks: execute plans until the empty message.
-  Status serve() {
-    std::vector<uint8_t> bytes;
-    while (true) {
-      KVF_RETURN_IF_ERROR(transport_->broadcast(bytes, RankId{0}));
-      if (bytes.empty()) return ok_status();
-      KVF_RETURN_IF_ERROR(cache_->execute_agreed(bytes, RankId{0}));
-    }
-  }
-  // Every rank's received migration blocks, in rank order (collective).
-  Result<std::vector<uint64_t>> received_blocks() {
-    std::vector<uint64_t> all;
-    KVF_RETURN_IF_ERROR(transport_->all_gather(cache_->stats().migrated_blocks_received, all));
-    return all;
-  }
-  [[nodiscard]] bool is_root() const { return transport_->rank().value == 0; }
-  [[nodiscard]] int world_size() const { return transport_->world_size(); }
-
- private:
-  Transport* transport_;
-  std::unique_ptr<Backend> backend_;
-  std::unique_ptr<RankCache> cache_;
-};
-
-std::string gib(uint64_t bytes) { return fmt::format("{:.2f}", static_cast<double>(bytes) / (1u << 30)); }
 
 void print_summary(const std::vector<ClusterReplayResult>& runs) {
   const ClusterReplayResult* base = nullptr;
@@ -84,10 +32,13 @@ void print_summary(const std::vector<ClusterReplayResult>& runs) {
       "from cache\n(independent caches: {}), computed {} fewer prefill tokens ({} vs {}), and "
       "moved {} GiB of KV between replicas.\nThe coordinator spent {:.2f} us per admission "
       "(p99 {:.2f} us).\n",
-      best->admitted_per_replica.size(), format_percent(best->hit_ratio), format_percent(base->hit_ratio),
-      format_percent(1.0 - static_cast<double>(best->prefill_tokens) / static_cast<double>(base->prefill_tokens)),
-      format_count(static_cast<double>(best->prefill_tokens)), format_count(static_cast<double>(base->prefill_tokens)),
-      gib(best->migrated_bytes), best->admit_mean_us, best->admit_p99_us);
+      best->admitted_per_replica.size(), format_percent(best->hit_ratio),
+      format_percent(base->hit_ratio),
+      format_percent(1.0 - static_cast<double>(best->prefill_tokens) /
+                               static_cast<double>(base->prefill_tokens)),
+      format_count(static_cast<double>(best->prefill_tokens)),
+      format_count(static_cast<double>(base->prefill_tokens)), gib(best->migrated_bytes),
+      best->admit_mean_us, best->admit_p99_us);
 }
 
 }  // namespace
@@ -98,7 +49,8 @@ Result<std::vector<ClusterRouting>> parse_cluster_routings(const std::string& li
   std::string name;
   while (std::getline(in, name, ',')) {
     std::optional<ClusterRouting> found;
-    for (auto r : {ClusterRouting::kIndependent, ClusterRouting::kGlobalRouting, ClusterRouting::kGlobalMigration}) {
+    for (auto r : {ClusterRouting::kIndependent, ClusterRouting::kGlobalRouting,
+                   ClusterRouting::kGlobalMigration}) {
       if (name == cluster_routing_name(r)) found = r;
     }
     if (!found) {
@@ -137,21 +89,25 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                                           mpi->world_size()));
     }
     KVF_ASSIGN_OR_RETURN(transport, make_mpi_transport(*mpi));
-    KVF_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_cpu_backend(CpuBackendOptions{best_cpu_isa(), 1}));
+    KVF_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
+                         make_cpu_backend(CpuBackendOptions{best_cpu_isa(), 1}));
     executors.emplace(*transport, std::move(backend));
   }
   const bool root = !executors || executors->is_root();
   if (root) {
-    KVF_ASSIGN_OR_RETURN(const Config shown, cluster_replay_config(sim, ClusterRouting::kGlobalMigration));
-    fmt::print("replay across replicas: {} requests from {}, dp {} x tp {}, {}-token blocks, {} tokens "
-               "of device KV in all ({} per replica), {} host tokens, {} ms per step{}\n",
-               sim.max_requests ? std::min(sim.max_requests, trace.size()) : trace.size(), trace_name,
-               shown.topology.dp, shown.topology.tp, sim.block_tokens, format_count(static_cast<double>(sim.capacity_tokens)),
-               format_count(static_cast<double>(shown.cache.num_blocks * sim.block_tokens)),
-               format_count(static_cast<double>(sim.host_capacity_tokens)), sim.step_ms,
-               executors ? fmt::format(", plans executed by {} MPI ranks (CPU backend, model {})",
-                                       executors->world_size(), shown.model.name)
-                         : ", coordinator only (no MPI launcher: no KV moves)");
+    KVF_ASSIGN_OR_RETURN(const Config shown,
+                         cluster_replay_config(sim, ClusterRouting::kGlobalMigration));
+    fmt::print(
+        "replay across replicas: {} requests from {}, dp {} x tp {}, {}-token blocks, {} tokens "
+        "of device KV in all ({} per replica), {} host tokens, {} ms per step{}\n",
+        sim.max_requests ? std::min(sim.max_requests, trace.size()) : trace.size(), trace_name,
+        shown.topology.dp, shown.topology.tp, sim.block_tokens,
+        format_count(static_cast<double>(sim.capacity_tokens)),
+        format_count(static_cast<double>(shown.cache.num_blocks * sim.block_tokens)),
+        format_count(static_cast<double>(sim.host_capacity_tokens)), sim.step_ms,
+        executors ? fmt::format(", plans executed by {} MPI ranks (CPU backend, model {})",
+                                executors->world_size(), shown.model.name)
+                  : ", coordinator only (no MPI launcher: no KV moves)");
     results["routine"] = "replay";
     results["trace"] = trace_name;
     results["dp"] = shown.topology.dp;
@@ -175,7 +131,8 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
       continue;
     }
     std::function<Status(const StepPlan&)> execute;
-    if (executors) execute = [&](const StepPlan& plan) { return executors->broadcast_and_execute(plan); };
+    if (executors)
+      execute = [&](const StepPlan& plan) { return executors->broadcast_and_execute(plan); };
     if (!command.quiet) fmt::print("[{}] replaying...\n", cluster_routing_name(routing));
     auto r = run_cluster_replay(trace, sim, routing, execute);
     if (executors) {
@@ -184,16 +141,19 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
       KVF_ASSIGN_OR_RETURN(const std::vector<uint64_t> received, executors->received_blocks());
       KVF_RETURN_IF_ERROR(r.status());
       uint64_t total = 0;
-      for (uint64_t b : received) total += b;
+      for (uint64_t b : received)
+        total += b;
       // Every migrated block arrived once on each of the tp shards of its destination.
       if (total != r->migrated_blocks * config.topology.tp) {
-        return Status(ErrorCode::kInternal,
-                      fmt::format("the ranks received {} migrated blocks, the coordinator planned {}",
-                                  total, r->migrated_blocks * config.topology.tp));
+        return Status(
+            ErrorCode::kInternal,
+            fmt::format("the ranks received {} migrated blocks, the coordinator planned {}", total,
+                        r->migrated_blocks * config.topology.tp));
       }
       if (!command.quiet) {
-        fmt::print("[{}] {} ranks executed {} step plans; the {} migrated blocks arrived as planned\n",
-                   cluster_routing_name(routing), executors->world_size(), r->steps, total);
+        fmt::print(
+            "[{}] {} ranks executed {} step plans; the {} migrated blocks arrived as planned\n",
+            cluster_routing_name(routing), executors->world_size(), r->steps, total);
       }
     }
     KVF_RETURN_IF_ERROR(r.status());
@@ -230,21 +190,27 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
     return ok_status();
   }
   Table table({"routing", "hit_ratio", "prefill_tokens", "saved", "migrated_GiB", "swap_out/in",
-               "parked", "preempted", "queue_steps", "admit_us", "admit_p99", "coord_us/req", "wall_s"});
+               "parked", "preempted", "queue_steps", "admit_us", "admit_p99", "coord_us/req",
+               "wall_s"});
   for (const auto& r : runs) {
     table.add_row({std::string(cluster_routing_name(r.routing)), fmt::format("{:.4f}", r.hit_ratio),
                    format_count(static_cast<double>(r.prefill_tokens)),
-                   format_count(static_cast<double>(r.prompt_tokens - r.prefill_tokens)), gib(r.migrated_bytes),
-                   fmt::format("{}/{}", r.swapped_out, r.swapped_in), std::to_string(r.parked),
-                   std::to_string(r.preempted), fmt::format("{:.1f}", r.mean_queue_steps),
+                   format_count(static_cast<double>(r.prompt_tokens - r.prefill_tokens)),
+                   gib(r.migrated_bytes), fmt::format("{}/{}", r.swapped_out, r.swapped_in),
+                   std::to_string(r.parked), std::to_string(r.preempted),
+                   fmt::format("{:.1f}", r.mean_queue_steps),
                    fmt::format("{:.2f}", r.admit_mean_us), fmt::format("{:.2f}", r.admit_p99_us),
-                   fmt::format("{:.1f}", r.coordinator_us_per_request), fmt::format("{:.1f}", r.wall_seconds)});
+                   fmt::format("{:.1f}", r.coordinator_us_per_request),
+                   fmt::format("{:.1f}", r.wall_seconds)});
   }
   fmt::print("\n{}", table.to_string());
   fmt::print(
-      "hit_ratio = prompt tokens found cached on the chosen replica or migrated to it / prompt tokens "
-      "admitted;\nprefill_tokens = prompt tokens computed (re-admissions after preemption included); "
-      "admit_us = wall time of\nCoordinator::admit (global lookup, placement, allocation); coord_us/req "
+      "hit_ratio = prompt tokens found cached on the chosen replica or migrated to it / prompt "
+      "tokens "
+      "admitted;\nprefill_tokens = prompt tokens computed (re-admissions after preemption "
+      "included); "
+      "admit_us = wall time of\nCoordinator::admit (global lookup, placement, allocation); "
+      "coord_us/req "
       "= every coordinator call\n(admit, append per decoded token, free, step) per request.\n");
   print_summary(runs);
   return ok_status();

@@ -15,6 +15,8 @@ namespace {
 constexpr uint32_t kMaxBlockSize = 4096;
 constexpr uint32_t kMaxHeadDim = 1024;
 constexpr uint32_t kMaxWorldSize = 1u << 16;
+// Room for a small request (an admit of a few tokens); below this nothing useful fits.
+constexpr uint32_t kMinRequestBytes = 256;
 
 Status out_of_range(std::string_view key, uint64_t value, std::string_view rule) {
   return invalid_argument(std::string(key) + " must be " + std::string(rule) + " (got " +
@@ -141,6 +143,17 @@ Status validate(const Config& config) {
     return invalid_argument("topology.tp (" + std::to_string(t.tp) +
                             ") must divide model.num_kv_heads (" + std::to_string(m.num_kv_heads) +
                             ") or be a multiple of it");
+  }
+
+  const ServerConfig& srv = config.server;
+  if (srv.address.empty()) return invalid_argument("server.address must not be empty");
+  if (srv.metrics_port != 0 && srv.metrics_port == srv.port) {
+    return invalid_argument("server.metrics_port (" + std::to_string(srv.metrics_port) +
+                            ") must differ from server.port");
+  }
+  if (srv.max_request_bytes < kMinRequestBytes) {
+    return out_of_range("server.max_request_bytes", srv.max_request_bytes,
+                        ">= " + std::to_string(kMinRequestBytes));
   }
 
   auto layout = block_layout(config);

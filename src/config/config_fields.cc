@@ -173,6 +173,18 @@ const std::vector<ConfigField>& config_fields() {
                    [](Config& c) -> auto& { return c.coordinator.queue_weight; }),
       double_field("coordinator.memory_weight", "cost per unit of device-pool utilization",
                    [](Config& c) -> auto& { return c.coordinator.memory_weight; }),
+      ConfigField{"server.address", "control plane listen address (IPv4 or IPv6 literal)",
+                  [](Config& c, std::string_view text) -> Status {
+                    c.server.address = std::string(text);
+                    return ok_status();
+                  },
+                  [](const Config& c) { return c.server.address; }},
+      unsigned_field<uint16_t>("server.port", "control plane TCP port (0 = any free port)",
+                               [](Config& c) -> auto& { return c.server.port; }),
+      unsigned_field<uint16_t>("server.metrics_port", "Prometheus /metrics HTTP port (0 = none)",
+                               [](Config& c) -> auto& { return c.server.metrics_port; }),
+      unsigned_field<uint32_t>("server.max_request_bytes", "longest accepted request line",
+                               [](Config& c) -> auto& { return c.server.max_request_bytes; }),
   };
   return kFields;
 }

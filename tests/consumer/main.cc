@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <iostream>
+#include <string>
 #include <vector>
 
 int main() {
@@ -28,5 +29,16 @@ int main() {
   const kvfabric::BlockBatch send{kvfabric::RankId{0}, sent, sizeof(from)};
   const kvfabric::BlockBatch recv{kvfabric::RankId{0}, received, sizeof(to)};
   if (!kvfabric::make_local_transport()->exchange_blocks({&send, 1}, {&recv, 1}).ok()) return 1;
-  return to[0] == 7 ? 0 : 1;
+  if (to[0] != 7) return 1;
+
+  // The server module links too (Boost.Asio and JSON privately): a control request in process.
+  kvfabric::Config config;
+  config.model = {"consumer", 1, 2, 1, 64, kvfabric::DType::kF32};
+  config.cache.num_blocks = 8;
+  auto coordinator = kvfabric::Coordinator::create(config);
+  if (!coordinator.ok()) return 1;
+  kvfabric::ControlProtocol protocol(*coordinator);
+  const std::string reply = protocol.handle(R"({"op": "admit", "seq": 1, "tokens": [1, 2, 3]})");
+  std::cout << reply << "\n";
+  return reply.find("\"ok\":true") != std::string::npos ? 0 : 1;
 }

@@ -69,11 +69,21 @@ struct CoordinatorConfig {
   double memory_weight = 4096.0;
 };
 
+//! \brief The control plane on rank 0 (DESIGN.md §1): a JSON-lines TCP endpoint for a scheduler
+//! in another process, and an optional HTTP endpoint serving Prometheus metrics.
+struct ServerConfig {
+  std::string address = "127.0.0.1";  //!< listen address; "0.0.0.0" listens on every interface
+  uint16_t port = 7070;                //!< control protocol; 0 picks a free port
+  uint16_t metrics_port = 0;           //!< GET /metrics; 0 serves no metrics
+  uint32_t max_request_bytes = 1u << 20;  //!< longest accepted request line
+};
+
 struct Config {
   ModelConfig model;
   CacheConfig cache;
   TopologyConfig topology;
   CoordinatorConfig coordinator;
+  ServerConfig server;
 };
 
 //! KV heads stored on each rank: Hkv / tp, or 1 when Hkv < tp (heads replicated, as vLLM does).

@@ -97,6 +97,7 @@ class Coordinator {
   //! where there is room, collects copy-on-write copies, and returns the plan with its number.
   Result<StepPlan> step();
 
+  [[nodiscard]] const Config& config() const { return config_; }
   [[nodiscard]] uint32_t num_replicas() const;
   [[nodiscard]] std::optional<uint32_t> replica_of(SeqId seq) const;
   [[nodiscard]] bool is_swapped(SeqId seq) const;

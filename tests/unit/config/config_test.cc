@@ -168,6 +168,42 @@ TEST(Config, KeysAndEnvNames) {
   EXPECT_EQ(env_var_for_key("cache.eviction.threshold"), "KVF_CACHE_EVICTION_THRESHOLD");
 }
 
+TEST(Config, ServerSection) {
+  const auto parsed = parse_config(std::string(kTiny) + R"(
+server: {address: 0.0.0.0, port: 7100, metrics_port: 9464, max_request_bytes: 65536}
+)");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->server.address, "0.0.0.0");
+  EXPECT_EQ(parsed->server.port, 7100);
+  EXPECT_EQ(parsed->server.metrics_port, 9464);
+  EXPECT_EQ(parsed->server.max_request_bytes, 65536u);
+
+  const auto defaults = parse_config(kTiny);
+  ASSERT_TRUE(defaults.ok());
+  EXPECT_EQ(defaults->server.address, "127.0.0.1");
+  EXPECT_EQ(defaults->server.port, 7070);
+  EXPECT_EQ(defaults->server.metrics_port, 0);
+
+  const auto too_big = parse_config(std::string(kTiny) + "server: {port: 70000}\n");
+  EXPECT_NE(too_big.status().message().find("server.port: 70000 is larger than 65535"),
+            std::string::npos)
+      << too_big.status();
+  const auto same = parse_config(std::string(kTiny) + "server: {port: 9000, metrics_port: 9000}\n");
+  EXPECT_NE(same.status().message().find("server.metrics_port (9000) must differ from server.port"),
+            std::string::npos)
+      << same.status();
+  const auto tiny_lines = parse_config(std::string(kTiny) + "server: {max_request_bytes: 10}\n");
+  EXPECT_NE(tiny_lines.status().message().find("server.max_request_bytes must be >= 256"),
+            std::string::npos)
+      << tiny_lines.status();
+  const auto no_address = parse_config(std::string(kTiny) + "server: {address: ''}\n");
+  EXPECT_FALSE(no_address.ok());
+
+  Config config = *defaults;
+  ASSERT_TRUE(apply_env_overrides(config, env_of({{"KVF_SERVER_METRICS_PORT", "9100"}})).ok());
+  EXPECT_EQ(config.server.metrics_port, 9100);
+}
+
 TEST(Config, ByteSizes) {
   EXPECT_EQ(parse_byte_size("1024").value(), 1024u);
   EXPECT_EQ(parse_byte_size("16GiB").value(), 16ull << 30);

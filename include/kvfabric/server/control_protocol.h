@@ -1,0 +1,105 @@
+// The control protocol: a scheduler's requests to the Coordinator as JSON, one per line.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "kvfabric/common/status.h"
+#include "kvfabric/coordinator/coordinator.h"
+
+namespace kvfabric {
+
+//! Receives every step's plan before the step's reply goes out (rank 0 broadcasts it to the
+//! ranks and executes its own share). An error fails the control plane (see ControlProtocol).
+using PlanSink = std::function<Status(const StepPlan& plan)>;
+
+//! The requests the protocol knows, in the order metrics list them.
+enum class ControlOp : uint8_t {
+  kHello,
+  kAdmit,
+  kAppend,
+  kFork,
+  kFree,
+  kSetPriority,
+  kStep,
+  kQuery,
+  kStats,
+  kShutdown,
+};
+inline constexpr size_t kNumControlOps = 10;
+std::string_view control_op_name(ControlOp op);  // "hello", "admit", ..., "set_priority", ...
+
+//! Requests handled so far, by op, and those refused before reaching an op (unreadable JSON,
+//! unknown op, a line too long).
+struct ControlStats {
+  std::array<uint64_t, kNumControlOps> ok{};
+  std::array<uint64_t, kNumControlOps> failed{};
+  uint64_t malformed = 0;
+};
+
+struct ControlProtocolOptions {
+  bool allow_shutdown = false;  //!< whether a client may stop the server
+};
+
+//! \brief Turns request lines into Coordinator calls and their replies (DESIGN.md §1, §5).
+//!
+//! A request is a JSON object with an "op" and the op's fields; an optional "id" (any JSON
+//! value) is echoed in the reply. A line holding a JSON array is a batch: its requests run in
+//! order, independently, and the reply is the array of their replies. Every reply carries
+//! "ok": true and the op's result, or "ok": false and "error": {"code", "message"}; a refused
+//! request changes nothing. Unknown fields are refused, so a misspelt optional field is not
+//! silently ignored.
+//!
+//! | op | fields | result |
+//! |---|---|---|
+//! | hello | | protocol, model, dp, tp, block_size, block_bytes, next_step |
+//! | admit | seq, tokens, priority? | replica, cached_tokens, migrated_tokens, blocks |
+//! | append | seq, num_tokens | |
+//! | fork | src, dst, replica? | replica |
+//! | free | seq | |
+//! | set_priority | seq, priority | |
+//! | step | | step, tables, released, preempted, ops {swap_out, migrate, swap_in, copy} |
+//! | query | seq | replica, swapped, blocks |
+//! | stats | | the coordinator's counters and each replica's pool |
+//! | shutdown | | (when allowed) |
+//!
+//! A step's plan goes to the PlanSink before the reply. When the sink fails, the ranks may no
+//! longer agree with the coordinator, so the protocol fails for good: that reply and every later
+//! one is an Unavailable error naming the step. Not thread-safe (one event loop drives it).
+class ControlProtocol {
+ public:
+  static constexpr int kVersion = 1;
+
+  ControlProtocol(Coordinator& coordinator, PlanSink sink = nullptr,
+                  ControlProtocolOptions options = {});
+
+  //! One request line (without its newline) to one reply line (without newline).
+  std::string handle(std::string_view line);
+  //! The reply to a line the transport refused (too long, not UTF-8 ...), counted as malformed.
+  std::string refuse(const Status& why);
+
+  //! Prometheus text exposition of the coordinator's counters, the replicas' pools and
+  //! the request counts.
+  [[nodiscard]] std::string metrics_text() const;
+
+  [[nodiscard]] const ControlStats& stats() const { return stats_; }
+  //! A shutdown request was accepted: the server stops after sending its reply.
+  [[nodiscard]] bool shutdown_requested() const { return shutdown_requested_; }
+  //! Ok, or why the control plane stopped accepting requests (a failed PlanSink).
+  [[nodiscard]] const Status& failure() const { return failure_; }
+
+ private:
+  friend class ControlRequestHandler;  // the op handlers, in control_protocol.cc
+
+  Coordinator* coordinator_;
+  PlanSink sink_;
+  ControlProtocolOptions options_;
+  ControlStats stats_;
+  bool shutdown_requested_ = false;
+  Status failure_;
+};
+
+}  // namespace kvfabric

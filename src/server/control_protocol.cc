@@ -1,0 +1,344 @@
+#include "kvfabric/server/control_protocol.h"
+
+#include <nlohmann/json.hpp>
+
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "kvfabric/server/metrics.h"
+
+namespace kvfabric {
+namespace {
+
+using nlohmann::json;
+
+constexpr uint64_t kMaxSeqId = (uint64_t{1} << 63) - 1;  // the Coordinator's limit
+constexpr uint64_t kMaxU32 = std::numeric_limits<uint32_t>::max();
+
+constexpr std::pair<std::string_view, ControlOp> kOps[] = {
+    {"hello", ControlOp::kHello},   {"admit", ControlOp::kAdmit},
+    {"append", ControlOp::kAppend}, {"fork", ControlOp::kFork},
+    {"free", ControlOp::kFree},     {"set_priority", ControlOp::kSetPriority},
+    {"step", ControlOp::kStep},     {"query", ControlOp::kQuery},
+    {"stats", ControlOp::kStats},   {"shutdown", ControlOp::kShutdown},
+};
+static_assert(std::size(kOps) == kNumControlOps);
+
+// Ops that change nothing; they are still answered after the control plane has failed.
+bool is_read_only(ControlOp op) {
+  return op == ControlOp::kHello || op == ControlOp::kQuery || op == ControlOp::kStats ||
+         op == ControlOp::kShutdown;
+}
+
+// A request object whose fields are read with their types and ranges checked; errors name the
+// op and the field.
+class Request {
+ public:
+  Request(const json& object, std::string_view op) : object_(object), op_(op) {}
+
+  // Refuses fields other than "op", "id" and `allowed`.
+  Status only(std::initializer_list<std::string_view> allowed) const {
+    for (const auto& [key, value] : object_.items()) {
+      if (key == "op" || key == "id") continue;
+      bool known = false;
+      for (std::string_view a : allowed)
+        known = known || key == a;
+      if (!known) return error("unknown field \"" + key + "\"");
+    }
+    return ok_status();
+  }
+
+  Result<uint64_t> unsigned_field(const char* key, uint64_t max) const {
+    const auto it = object_.find(key);
+    if (it == object_.end()) return error(std::string("missing field \"") + key + "\"");
+    return to_unsigned(key, *it, max);
+  }
+  Result<std::optional<uint64_t>> optional_unsigned(const char* key, uint64_t max) const {
+    const auto it = object_.find(key);
+    if (it == object_.end() || it->is_null()) return std::optional<uint64_t>();
+    KVF_ASSIGN_OR_RETURN(const uint64_t v, to_unsigned(key, *it, max));
+    return std::optional<uint64_t>(v);
+  }
+  Result<std::vector<TokenId>> tokens(const char* key) const {
+    const auto it = object_.find(key);
+    if (it == object_.end()) return error(std::string("missing field \"") + key + "\"");
+    if (!it->is_array())
+      return error(std::string("field \"") + key + "\" must be an array of token ids");
+    std::vector<TokenId> out;
+    out.reserve(it->size());
+    for (const json& t : *it) {
+      if (!t.is_number_unsigned() || t.get<uint64_t>() > kMaxU32) {
+        return error(std::string("field \"") + key + "\" element " + std::to_string(out.size()) +
+                     " must be a token id in [0, " + std::to_string(kMaxU32) + "] (got " +
+                     t.dump() + ")");
+      }
+      out.push_back(static_cast<TokenId>(t.get<uint64_t>()));
+    }
+    return out;
+  }
+
+ private:
+  Result<uint64_t> to_unsigned(const char* key, const json& v, uint64_t max) const {
+    if (!v.is_number_unsigned() || v.get<uint64_t>() > max) {
+      return error(std::string("field \"") + key + "\" must be an integer in [0, " +
+                   std::to_string(max) + "] (got " + v.dump() + ")");
+    }
+    return v.get<uint64_t>();
+  }
+  Status error(const std::string& what) const {
+    return invalid_argument(std::string(op_) + ": " + what);
+  }
+
+  const json& object_;
+  std::string_view op_;
+};
+
+json error_reply(const Status& status) {
+  return {{"ok", false},
+          {"error", {{"code", error_code_name(status.code())}, {"message", status.message()}}}};
+}
+
+json block_list(std::span<const BlockId> blocks) {
+  json out = json::array();
+  for (BlockId b : blocks)
+    out.push_back(b.value);
+  return out;
+}
+
+json seq_list(std::span<const SeqId> seqs) {
+  json out = json::array();
+  for (SeqId s : seqs)
+    out.push_back(s.value);
+  return out;
+}
+
+json plan_reply(const StepPlan& plan) {
+  json tables = json::array();
+  for (const StepPlan::Table& t : plan.tables) {
+    tables.push_back({{"seq", t.seq.value},
+                      {"replica", t.replica},
+                      {"num_tokens", t.num_tokens},
+                      {"blocks", block_list(t.blocks)}});
+  }
+  return {{"step", plan.step},
+          {"tables", std::move(tables)},
+          {"released", seq_list(plan.released)},
+          {"preempted", seq_list(plan.preempted)},
+          {"ops",
+           {{"swap_out", plan.count(StepPlan::OpKind::kSwapOut)},
+            {"migrate", plan.count(StepPlan::OpKind::kMigrate)},
+            {"swap_in", plan.count(StepPlan::OpKind::kSwapIn)},
+            {"copy", plan.count(StepPlan::OpKind::kCopy)}}}};
+}
+
+json stats_reply(const Coordinator& coordinator) {
+  const CoordinatorStats& s = coordinator.stats();
+  json replicas = json::array();
+  for (uint32_t r = 0; r < coordinator.num_replicas(); ++r) {
+    const PagedKvCache& pool = coordinator.replica_cache(r).pool();
+    replicas.push_back({{"replica", r},
+                        {"device_blocks", pool.total_blocks()},
+                        {"used_blocks", pool.used_block_count()},
+                        {"cached_blocks", pool.cached_block_count()},
+                        {"free_blocks", pool.free_block_count()},
+                        {"sequences", pool.num_sequences()},
+                        {"host_free_blocks", coordinator.host_free_blocks(r)}});
+  }
+  return {{"admitted", s.admitted},
+          {"prompt_tokens", s.prompt_tokens},
+          {"local_hit_tokens", s.local_hit_tokens},
+          {"migrated_tokens", s.migrated_tokens},
+          {"migrated_blocks", s.migrated_blocks},
+          {"swapped_out", s.swapped_out},
+          {"swapped_in", s.swapped_in},
+          {"parked", s.parked},
+          {"preempted", s.preempted},
+          {"steps", s.steps},
+          {"replicas", std::move(replicas)}};
+}
+
+// Copies `result`'s fields into `reply` (which already holds "id").
+void merge(json& reply, json result) {
+  for (auto& [key, value] : result.items())
+    reply[key] = std::move(value);
+}
+
+}  // namespace
+
+std::string_view control_op_name(ControlOp op) {
+  for (const auto& [name, o] : kOps) {
+    if (o == op) return name;
+  }
+  return "?";
+}
+
+ControlProtocol::ControlProtocol(Coordinator& coordinator, PlanSink sink,
+                                 ControlProtocolOptions options)
+    : coordinator_(&coordinator), sink_(std::move(sink)), options_(options) {}
+
+std::string ControlProtocol::refuse(const Status& why) {
+  ++stats_.malformed;
+  return error_reply(why).dump();
+}
+
+// The handlers of one request, with access to the protocol's state.
+class ControlRequestHandler {
+ public:
+  static json handle(ControlProtocol& protocol, const json& request);
+
+ private:
+  static Result<json> run(ControlProtocol& protocol, ControlOp op, const Request& fields);
+};
+
+std::string ControlProtocol::metrics_text() const {
+  return render_metrics(*coordinator_, &stats_);
+}
+
+std::string ControlProtocol::handle(std::string_view line) {
+  json parsed = json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (parsed.is_discarded()) {
+    return refuse(Status(ErrorCode::kParseError, "the request is not valid JSON"));
+  }
+  if (!parsed.is_array()) return ControlRequestHandler::handle(*this, parsed).dump();
+  json replies = json::array();
+  for (const json& request : parsed)
+    replies.push_back(ControlRequestHandler::handle(*this, request));
+  return replies.dump();
+}
+
+json ControlRequestHandler::handle(ControlProtocol& protocol, const json& request) {
+  json reply = json::object();
+  auto malformed = [&](const Status& why) {
+    ++protocol.stats_.malformed;
+    merge(reply, error_reply(why));
+    return reply;
+  };
+  if (!request.is_object()) {
+    return malformed(invalid_argument("a request must be a JSON object (got " +
+                                      std::string(request.type_name()) + ")"));
+  }
+  if (const auto id = request.find("id"); id != request.end()) reply["id"] = *id;
+  const auto op_field = request.find("op");
+  if (op_field == request.end() || !op_field->is_string()) {
+    return malformed(invalid_argument("a request needs an \"op\" string"));
+  }
+  const std::string& name = op_field->get_ref<const std::string&>();
+  std::optional<ControlOp> op;
+  for (const auto& [n, o] : kOps) {
+    if (n == name) op = o;
+  }
+  if (!op) return malformed(invalid_argument("unknown op \"" + name + "\""));
+
+  const size_t index = static_cast<size_t>(*op);
+  Result<json> result = run(protocol, *op, Request(request, name));
+  if (!result.ok()) {
+    ++protocol.stats_.failed[index];
+    merge(reply, error_reply(result.status()));
+  } else {
+    ++protocol.stats_.ok[index];
+    reply["ok"] = true;
+    merge(reply, std::move(result).value());
+  }
+  return reply;
+}
+
+Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
+                                        const Request& fields) {
+  Coordinator& coordinator = *protocol.coordinator_;
+  if (!protocol.failure_.ok() && !is_read_only(op)) return protocol.failure_;
+  switch (op) {
+    case ControlOp::kHello: {
+      KVF_RETURN_IF_ERROR(fields.only({}));
+      const Config& c = coordinator.config();
+      return json{{"protocol", ControlProtocol::kVersion},
+                  {"model", c.model.name},
+                  {"dp", c.topology.dp},
+                  {"tp", c.topology.tp},
+                  {"block_size", c.cache.block_size},
+                  {"block_bytes", coordinator.block_bytes()},
+                  {"next_step", coordinator.stats().steps}};
+    }
+    case ControlOp::kAdmit: {
+      KVF_RETURN_IF_ERROR(fields.only({"seq", "tokens", "priority"}));
+      KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_ASSIGN_OR_RETURN(std::vector<TokenId> tokens, fields.tokens("tokens"));
+      KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
+      KVF_ASSIGN_OR_RETURN(const Placement placed,
+                           coordinator.admit(SeqId{seq}, std::move(tokens),
+                                             static_cast<uint32_t>(priority.value_or(0))));
+      return json{{"replica", placed.replica},
+                  {"cached_tokens", placed.cached_tokens},
+                  {"migrated_tokens", placed.migrated_tokens},
+                  {"blocks", block_list(placed.blocks)}};
+    }
+    case ControlOp::kAppend: {
+      KVF_RETURN_IF_ERROR(fields.only({"seq", "num_tokens"}));
+      KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_ASSIGN_OR_RETURN(const uint64_t n, fields.unsigned_field("num_tokens", kMaxU32));
+      KVF_RETURN_IF_ERROR(coordinator.append(SeqId{seq}, n));
+      return json::object();
+    }
+    case ControlOp::kFork: {
+      KVF_RETURN_IF_ERROR(fields.only({"src", "dst", "replica"}));
+      KVF_ASSIGN_OR_RETURN(const uint64_t src, fields.unsigned_field("src", kMaxSeqId));
+      KVF_ASSIGN_OR_RETURN(const uint64_t dst, fields.unsigned_field("dst", kMaxSeqId));
+      KVF_ASSIGN_OR_RETURN(const auto replica, fields.optional_unsigned("replica", kMaxU32));
+      std::optional<uint32_t> target;
+      if (replica) target = static_cast<uint32_t>(*replica);
+      KVF_RETURN_IF_ERROR(coordinator.fork(SeqId{src}, SeqId{dst}, target));
+      return json{{"replica", coordinator.replica_of(SeqId{dst}).value_or(0)}};
+    }
+    case ControlOp::kFree: {
+      KVF_RETURN_IF_ERROR(fields.only({"seq"}));
+      KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_RETURN_IF_ERROR(coordinator.free(SeqId{seq}));
+      return json::object();
+    }
+    case ControlOp::kSetPriority: {
+      KVF_RETURN_IF_ERROR(fields.only({"seq", "priority"}));
+      KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_ASSIGN_OR_RETURN(const uint64_t priority, fields.unsigned_field("priority", kMaxU32));
+      KVF_RETURN_IF_ERROR(coordinator.set_priority(SeqId{seq}, static_cast<uint32_t>(priority)));
+      return json::object();
+    }
+    case ControlOp::kStep: {
+      KVF_RETURN_IF_ERROR(fields.only({}));
+      KVF_ASSIGN_OR_RETURN(const StepPlan plan, coordinator.step());
+      if (protocol.sink_) {
+        if (const Status delivered = protocol.sink_(plan); !delivered.ok()) {
+          protocol.failure_ =
+              Status(ErrorCode::kUnavailable,
+                     "step " + std::to_string(plan.step) + "'s plan did not reach the ranks (" +
+                         delivered.to_string() + "); the control plane accepts no more changes");
+          return protocol.failure_;
+        }
+      }
+      return plan_reply(plan);
+    }
+    case ControlOp::kQuery: {
+      KVF_RETURN_IF_ERROR(fields.only({"seq"}));
+      KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      const auto replica = coordinator.replica_of(SeqId{seq});
+      if (!replica) return sequence_not_found(SeqId{seq});
+      return json{{"replica", *replica},
+                  {"swapped", coordinator.is_swapped(SeqId{seq})},
+                  {"blocks", block_list(coordinator.blocks_of(SeqId{seq}))}};
+    }
+    case ControlOp::kStats:
+      KVF_RETURN_IF_ERROR(fields.only({}));
+      return stats_reply(coordinator);
+    case ControlOp::kShutdown:
+      KVF_RETURN_IF_ERROR(fields.only({}));
+      if (!protocol.options_.allow_shutdown) {
+        return invalid_operation("shutdown: this server does not accept shutdown requests");
+      }
+      protocol.shutdown_requested_ = true;
+      return json::object();
+  }
+  return Status(ErrorCode::kInternal, "unhandled op " + std::string(control_op_name(op)));
+}
+
+}  // namespace kvfabric

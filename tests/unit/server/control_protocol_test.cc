@@ -1,0 +1,315 @@
+#include "kvfabric/server/control_protocol.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <numeric>
+
+#include "kvfabric/server/metrics.h"
+#include "testing/serving_harness.h"
+
+namespace kvfabric {
+namespace {
+
+using nlohmann::json;
+using ::testing::HasSubstr;
+using testing::serving_config;
+
+Coordinator make(const Config& config) {
+  auto c = Coordinator::create(config);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return std::move(c).value();
+}
+
+std::vector<TokenId> tokens(size_t n, TokenId first) {
+  std::vector<TokenId> t(n);
+  std::iota(t.begin(), t.end(), first);
+  return t;
+}
+
+json call(ControlProtocol& protocol, const json& request) {
+  return json::parse(protocol.handle(request.dump()));
+}
+
+// The error code of a refused reply ("" when the reply is ok).
+std::string error_code(const json& reply) {
+  return reply.at("ok").get<bool>() ? "" : reply.at("error").at("code").get<std::string>();
+}
+
+std::vector<uint32_t> blocks_of(const json& list) {
+  return list.get<std::vector<uint32_t>>();
+}
+
+std::vector<uint32_t> ids(std::span<const BlockId> blocks) {
+  std::vector<uint32_t> out;
+  for (BlockId b : blocks)
+    out.push_back(b.value);
+  return out;
+}
+
+TEST(ControlProtocolTest, HelloDescribesTheJob) {
+  Coordinator c = make(serving_config(2, 2, 4, 2, 32, 8));
+  ControlProtocol protocol(c);
+  const json reply = call(protocol, {{"op", "hello"}, {"id", "h1"}});
+  EXPECT_EQ(reply["ok"], true);
+  EXPECT_EQ(reply["id"], "h1");
+  EXPECT_EQ(reply["protocol"], ControlProtocol::kVersion);
+  EXPECT_EQ(reply["model"], "serving-test");
+  EXPECT_EQ(reply["dp"], 2);
+  EXPECT_EQ(reply["tp"], 2);
+  EXPECT_EQ(reply["block_size"], 16);
+  EXPECT_EQ(reply["block_bytes"], c.block_bytes());
+}
+
+// The same requests through the protocol and through the C++ API give the same placements and
+// plans: the protocol adds nothing to the coordinator's decisions.
+TEST(ControlProtocolTest, RequestsMatchTheInProcessApi) {
+  const Config config = serving_config(2, 1, 4, 2, 16, 8);
+  Coordinator remote = make(config);
+  Coordinator local = make(config);
+  ControlProtocol protocol(remote);
+
+  auto check_step = [&] {
+    const json reply = call(protocol, {{"op", "step"}});
+    ASSERT_EQ(reply["ok"], true) << reply;
+    const auto plan = local.step();
+    ASSERT_TRUE(plan.ok());
+    EXPECT_EQ(reply["step"], plan->step);
+    ASSERT_EQ(reply["tables"].size(), plan->tables.size());
+    for (size_t i = 0; i < plan->tables.size(); ++i) {
+      EXPECT_EQ(reply["tables"][i]["seq"], plan->tables[i].seq.value);
+      EXPECT_EQ(reply["tables"][i]["replica"], plan->tables[i].replica);
+      EXPECT_EQ(reply["tables"][i]["num_tokens"], plan->tables[i].num_tokens);
+      EXPECT_EQ(blocks_of(reply["tables"][i]["blocks"]), ids(plan->tables[i].blocks));
+    }
+    EXPECT_EQ(reply["ops"]["migrate"], plan->count(StepPlan::OpKind::kMigrate));
+    EXPECT_EQ(reply["ops"]["swap_out"], plan->count(StepPlan::OpKind::kSwapOut));
+    EXPECT_EQ(reply["ops"]["copy"], plan->count(StepPlan::OpKind::kCopy));
+    EXPECT_EQ(reply["released"].size(), plan->released.size());
+  };
+
+  for (uint64_t s = 1; s <= 3; ++s) {
+    const auto prompt = tokens(40, 1000);  // a shared prefix: later ones hit the cache
+    const json reply = call(protocol, {{"op", "admit"}, {"seq", s}, {"tokens", prompt}});
+    ASSERT_EQ(reply["ok"], true) << reply;
+    const auto placed = local.admit(SeqId{s}, prompt);
+    ASSERT_TRUE(placed.ok());
+    EXPECT_EQ(reply["replica"], placed->replica);
+    EXPECT_EQ(reply["cached_tokens"], placed->cached_tokens);
+    EXPECT_EQ(reply["migrated_tokens"], placed->migrated_tokens);
+    EXPECT_EQ(blocks_of(reply["blocks"]), ids(placed->blocks));
+    check_step();
+  }
+  ASSERT_EQ(call(protocol, {{"op", "append"}, {"seq", 2}, {"num_tokens", 9}})["ok"], true);
+  ASSERT_TRUE(local.append(SeqId{2}, 9).ok());
+  const json forked = call(protocol, {{"op", "fork"}, {"src", 2}, {"dst", 7}, {"replica", 1}});
+  ASSERT_EQ(forked["ok"], true) << forked;
+  EXPECT_EQ(forked["replica"], 1);
+  ASSERT_TRUE(local.fork(SeqId{2}, SeqId{7}, 1).ok());
+  ASSERT_EQ(call(protocol, {{"op", "set_priority"}, {"seq", 7}, {"priority", 2}})["ok"], true);
+  ASSERT_TRUE(local.set_priority(SeqId{7}, 2).ok());
+  ASSERT_EQ(call(protocol, {{"op", "free"}, {"seq", 1}})["ok"], true);
+  ASSERT_TRUE(local.free(SeqId{1}).ok());
+  check_step();
+
+  const json query = call(protocol, {{"op", "query"}, {"seq", 7}});
+  ASSERT_EQ(query["ok"], true) << query;
+  EXPECT_EQ(query["replica"], 1);
+  EXPECT_EQ(query["swapped"], false);
+  EXPECT_EQ(blocks_of(query["blocks"]), ids(local.blocks_of(SeqId{7})));
+
+  const json stats = call(protocol, {{"op", "stats"}});
+  EXPECT_EQ(stats["admitted"], local.stats().admitted);
+  EXPECT_EQ(stats["local_hit_tokens"], local.stats().local_hit_tokens);
+  EXPECT_EQ(stats["migrated_blocks"], local.stats().migrated_blocks);
+  EXPECT_EQ(stats["steps"], local.stats().steps);
+  ASSERT_EQ(stats["replicas"].size(), 2u);
+  for (uint32_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(stats["replicas"][r]["free_blocks"],
+              local.replica_cache(r).pool().free_block_count());
+    EXPECT_EQ(stats["replicas"][r]["sequences"], local.replica_cache(r).pool().num_sequences());
+  }
+  EXPECT_TRUE(remote.verify_integrity().ok());
+  EXPECT_EQ(protocol.stats().ok[static_cast<size_t>(ControlOp::kAdmit)], 3u);
+  EXPECT_EQ(protocol.stats().ok[static_cast<size_t>(ControlOp::kStep)], 4u);
+}
+
+TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 8, 0));
+  ControlProtocol protocol(c);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(20, 5)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+  const auto free_before = c.replica_cache(0).pool().free_block_count();
+
+  struct Case {
+    std::string line;
+    std::string code;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"{\"op\": \"admit\", ", "ParseError", "not valid JSON"},
+      {"42", "InvalidArgument", "JSON object (got number)"},
+      {"{\"seq\": 1}", "InvalidArgument", "\"op\" string"},
+      {"{\"op\": 3}", "InvalidArgument", "\"op\" string"},
+      {"{\"op\": \"evict_everything\"}", "InvalidArgument", "unknown op \"evict_everything\""},
+      {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": [1], \"prioirty\": 1}", "InvalidArgument",
+       "admit: unknown field \"prioirty\""},
+      {"{\"op\": \"admit\", \"tokens\": [1]}", "InvalidArgument", "admit: missing field \"seq\""},
+      {"{\"op\": \"admit\", \"seq\": -2, \"tokens\": [1]}", "InvalidArgument",
+       "admit: field \"seq\" must be an integer in [0, 9223372036854775807] (got -2)"},
+      {"{\"op\": \"admit\", \"seq\": 1.5, \"tokens\": [1]}", "InvalidArgument", "(got 1.5)"},
+      {"{\"op\": \"admit\", \"seq\": \"2\", \"tokens\": [1]}", "InvalidArgument", "(got \"2\")"},
+      {"{\"op\": \"admit\", \"seq\": 9223372036854775808, \"tokens\": [1]}", "InvalidArgument",
+       "field \"seq\""},
+      {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": 7}", "InvalidArgument", "array of token ids"},
+      {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": [1, 4294967296]}", "InvalidArgument",
+       "element 1 must be a token id"},
+      {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": []}", "InvalidArgument", ""},
+      {"{\"op\": \"admit\", \"seq\": 1, \"tokens\": [1]}", "", ""},
+      {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": " + json(tokens(200, 1)).dump() + "}",
+       "OutOfMemory", ""},
+      {"{\"op\": \"append\", \"seq\": 99, \"num_tokens\": 1}", "SequenceNotFound", "S99"},
+      {"{\"op\": \"append\", \"seq\": 1}", "InvalidArgument", "missing field \"num_tokens\""},
+      {"{\"op\": \"fork\", \"src\": 1, \"dst\": 1}", "", ""},
+      {"{\"op\": \"fork\", \"src\": 1, \"dst\": 3, \"replica\": 5}", "", ""},
+      {"{\"op\": \"free\", \"seq\": 99}", "SequenceNotFound", ""},
+      {"{\"op\": \"set_priority\", \"seq\": 8, \"priority\": 1}", "SequenceNotFound", "S8"},
+      {"{\"op\": \"set_priority\", \"seq\": 1}", "InvalidArgument", "missing field \"priority\""},
+      {"{\"op\": \"query\", \"seq\": 99}", "SequenceNotFound", ""},
+      {"{\"op\": \"step\", \"now\": 1}", "InvalidArgument", "step: unknown field \"now\""},
+      {"{\"op\": \"shutdown\"}", "InvalidOperation", "does not accept shutdown"},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.line);
+    const json reply = json::parse(protocol.handle(k.line));
+    ASSERT_EQ(reply["ok"], false) << reply;
+    if (!k.code.empty()) {
+      EXPECT_EQ(error_code(reply), k.code) << reply;
+    }
+    EXPECT_THAT(reply["error"]["message"].get<std::string>(), HasSubstr(k.message));
+  }
+  EXPECT_EQ(c.replica_cache(0).pool().free_block_count(), free_before);
+  EXPECT_EQ(c.stats().admitted, 1u);
+  EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
+  EXPECT_FALSE(c.replica_of(SeqId{3}).has_value());
+  EXPECT_TRUE(c.verify_integrity().ok());
+  const json plan = call(protocol, {{"op", "step"}});
+  EXPECT_TRUE(plan["tables"].empty()) << plan;
+  EXPECT_TRUE(plan["ops"]["copy"] == 0) << plan;
+  EXPECT_EQ(protocol.stats().malformed, 5u);
+  EXPECT_FALSE(protocol.shutdown_requested());
+}
+
+TEST(ControlProtocolTest, BatchesRunInOrderAndEchoIds) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlProtocol protocol(c);
+  const json batch =
+      json::array({{{"op", "admit"}, {"id", 1}, {"seq", 5}, {"tokens", tokens(10, 0)}},
+                   {{"op", "append"}, {"id", "two"}, {"seq", 5}, {"num_tokens", 3}},
+                   {{"op", "free"}, {"id", json::array({3})}, {"seq", 6}},
+                   "not a request",
+                   {{"op", "step"}, {"id", nullptr}}});
+  const json replies = json::parse(protocol.handle(batch.dump()));
+  ASSERT_TRUE(replies.is_array());
+  ASSERT_EQ(replies.size(), 5u);
+  EXPECT_EQ(replies[0]["id"], 1);
+  EXPECT_EQ(replies[0]["ok"], true);
+  EXPECT_EQ(replies[1]["id"], "two");
+  EXPECT_EQ(replies[1]["ok"], true);
+  EXPECT_EQ(replies[2]["id"], json::array({3}));
+  EXPECT_EQ(error_code(replies[2]), "SequenceNotFound");
+  EXPECT_EQ(error_code(replies[3]), "InvalidArgument");
+  EXPECT_TRUE(replies[4]["id"].is_null());
+  ASSERT_EQ(replies[4]["tables"].size(), 1u);
+  EXPECT_EQ(replies[4]["tables"][0]["num_tokens"], 13);
+}
+
+TEST(ControlProtocolTest, PlansReachTheSinkBeforeTheReply) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  std::vector<StepPlan> delivered;
+  ControlProtocol protocol(c, [&](const StepPlan& plan) {
+    delivered.push_back(plan);
+    return ok_status();
+  });
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(17, 0)}})["ok"], true);
+  const json reply = call(protocol, {{"op", "step"}});
+  ASSERT_EQ(delivered.size(), 1u);
+  EXPECT_EQ(reply["step"], delivered[0].step);
+  ASSERT_EQ(delivered[0].tables.size(), 1u);
+  EXPECT_EQ(blocks_of(reply["tables"][0]["blocks"]), ids(delivered[0].tables[0].blocks));
+}
+
+TEST(ControlProtocolTest, AFailedSinkStopsChangesButNotReads) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlProtocol protocol(
+      c, [](const StepPlan&) { return Status(ErrorCode::kInternal, "rank 3: MPI_Bcast failed"); });
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(17, 0)}})["ok"], true);
+  const json step = call(protocol, {{"op", "step"}});
+  EXPECT_EQ(error_code(step), "Unavailable");
+  EXPECT_THAT(
+      step["error"]["message"].get<std::string>(),
+      HasSubstr("step 0's plan did not reach the ranks (Internal: rank 3: MPI_Bcast failed)"));
+  EXPECT_EQ(protocol.failure().code(), ErrorCode::kUnavailable);
+  EXPECT_EQ(error_code(call(protocol, {{"op", "admit"}, {"seq", 2}, {"tokens", tokens(3, 0)}})),
+            "Unavailable");
+  EXPECT_EQ(error_code(call(protocol, {{"op", "step"}})), "Unavailable");
+  EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
+  EXPECT_EQ(call(protocol, {{"op", "query"}, {"seq", 1}})["ok"], true);
+  EXPECT_EQ(call(protocol, {{"op", "stats"}})["ok"], true);
+}
+
+TEST(ControlProtocolTest, ShutdownOnlyWhenAllowed) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlProtocol refusing(c);
+  EXPECT_EQ(error_code(call(refusing, {{"op", "shutdown"}})), "InvalidOperation");
+  EXPECT_FALSE(refusing.shutdown_requested());
+  ControlProtocol allowing(c, nullptr, ControlProtocolOptions{.allow_shutdown = true});
+  EXPECT_EQ(call(allowing, {{"op", "shutdown"}})["ok"], true);
+  EXPECT_TRUE(allowing.shutdown_requested());
+}
+
+// One sample line of a Prometheus exposition, e.g. `name{labels} value`.
+bool has_sample(const std::string& text, const std::string& sample) {
+  return text.find("\n" + sample + "\n") != std::string::npos;
+}
+
+TEST(MetricsTest, ExposeCountersPoolsAndRequests) {
+  Coordinator c = make(serving_config(2, 1, 4, 2, 16, 4));
+  ControlProtocol protocol(c);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(40, 0)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "free"}, {"seq", 9}})["ok"], false);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+  protocol.handle("{");
+  const uint32_t replica = c.replica_of(SeqId{1}).value();
+
+  const std::string text = protocol.metrics_text();
+  EXPECT_THAT(text, HasSubstr("# TYPE kvfabric_admitted_total counter\n"));
+  EXPECT_TRUE(has_sample(text, "kvfabric_admitted_total 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_prompt_tokens_total 40")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_steps_total 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_prefix_hit_tokens_total{source=\"local\"} 0")) << text;
+  EXPECT_TRUE(has_sample(
+      text, "kvfabric_device_blocks{replica=\"" + std::to_string(replica) + "\",state=\"used\"} 3"))
+      << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_device_blocks{replica=\"" + std::to_string(1 - replica) +
+                                   "\",state=\"free\"} 16"))
+      << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_host_free_blocks{replica=\"0\"} 4")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_sequences{replica=\"" + std::to_string(replica) + "\"} 1"))
+      << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_block_bytes " + std::to_string(c.block_bytes()))) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_control_requests_total{op=\"admit\",outcome=\"ok\"} 1"))
+      << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_control_requests_total{op=\"free\",outcome=\"error\"} 1"))
+      << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_control_malformed_requests_total 1")) << text;
+
+  // Without request counts (an engine using the in-process API).
+  const std::string plain = render_metrics(c);
+  EXPECT_TRUE(has_sample(plain, "kvfabric_admitted_total 1"));
+  EXPECT_EQ(plain.find("kvfabric_control_requests_total"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace kvfabric
