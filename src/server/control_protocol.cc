@@ -33,6 +33,15 @@ bool is_read_only(ControlOp op) {
          op == ControlOp::kShutdown;
 }
 
+// A value for an error message. Containers are named, not printed: printing (like copying) a
+// JSON value recurses once per nesting level, and a request line may nest deeply enough to
+// overflow the stack.
+std::string describe(const json& v) {
+  if (v.is_array()) return "an array";
+  if (v.is_object()) return "an object";
+  return v.dump();
+}
+
 // A request object whose fields are read with their types and ranges checked; errors name the
 // op and the field.
 class Request {
@@ -73,7 +82,7 @@ class Request {
       if (!t.is_number_unsigned() || t.get<uint64_t>() > kMaxU32) {
         return error(std::string("field \"") + key + "\" element " + std::to_string(out.size()) +
                      " must be a token id in [0, " + std::to_string(kMaxU32) + "] (got " +
-                     t.dump() + ")");
+                     describe(t) + ")");
       }
       out.push_back(static_cast<TokenId>(t.get<uint64_t>()));
     }
@@ -84,7 +93,7 @@ class Request {
   Result<uint64_t> to_unsigned(const char* key, const json& v, uint64_t max) const {
     if (!v.is_number_unsigned() || v.get<uint64_t>() > max) {
       return error(std::string("field \"") + key + "\" must be an integer in [0, " +
-                   std::to_string(max) + "] (got " + v.dump() + ")");
+                   std::to_string(max) + "] (got " + describe(v) + ")");
     }
     return v.get<uint64_t>();
   }
@@ -220,7 +229,14 @@ json ControlRequestHandler::handle(ControlProtocol& protocol, const json& reques
     return malformed(invalid_argument("a request must be a JSON object (got " +
                                       std::string(request.type_name()) + ")"));
   }
-  if (const auto id = request.find("id"); id != request.end()) reply["id"] = *id;
+  if (const auto id = request.find("id"); id != request.end()) {
+    // Scalars only (as JSON-RPC): an id is echoed, and echoing copies it (see describe()).
+    if (id->is_structured()) {
+      return malformed(invalid_argument("\"id\" must be a string, number, boolean or null (got " +
+                                        describe(*id) + ")"));
+    }
+    reply["id"] = *id;
+  }
   const auto op_field = request.find("op");
   if (op_field == request.end() || !op_field->is_string()) {
     return malformed(invalid_argument("a request needs an \"op\" string"));

@@ -46,7 +46,7 @@ struct ControlProtocolOptions {
 
 //! \brief Turns request lines into Coordinator calls and their replies (DESIGN.md §1, §5).
 //!
-//! A request is a JSON object with an "op" and the op's fields; an optional "id" (any JSON
+//! A request is a JSON object with an "op" and the op's fields; an optional "id" (a JSON scalar
 //! value) is echoed in the reply. A line holding a JSON array is a batch: its requests run in
 //! order, independently, and the reply is the array of their replies. Every reply carries
 //! "ok": true and the op's result, or "ok": false and "error": {"code", "message"}; a refused

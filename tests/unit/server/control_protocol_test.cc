@@ -217,12 +217,31 @@ TEST(ControlProtocolTest, BatchesRunInOrderAndEchoIds) {
   EXPECT_EQ(replies[0]["ok"], true);
   EXPECT_EQ(replies[1]["id"], "two");
   EXPECT_EQ(replies[1]["ok"], true);
-  EXPECT_EQ(replies[2]["id"], json::array({3}));
-  EXPECT_EQ(error_code(replies[2]), "SequenceNotFound");
+  EXPECT_EQ(error_code(replies[2]), "InvalidArgument");  // ids are scalars
+  EXPECT_THAT(replies[2]["error"]["message"].get<std::string>(),
+              HasSubstr("\"id\" must be a string, number, boolean or null (got an array)"));
   EXPECT_EQ(error_code(replies[3]), "InvalidArgument");
   EXPECT_TRUE(replies[4]["id"].is_null());
   ASSERT_EQ(replies[4]["tables"].size(), 1u);
   EXPECT_EQ(replies[4]["tables"][0]["num_tokens"], 13);
+}
+
+// Copying or printing a JSON value recurses per nesting level; a request is never echoed or
+// printed whole, so a deeply nested one is refused without exhausting the stack.
+TEST(ControlProtocolTest, DeeplyNestedRequestsAreRefusedWithoutRecursion) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlProtocol protocol(c);
+  const size_t depth = 300000;
+  const std::string nested = std::string(depth, '[') + std::string(depth, ']');
+  for (const std::string& line : {"{\"op\": \"hello\", \"id\": " + nested + "}",
+                                  "{\"op\": \"admit\", \"seq\": " + nested + ", \"tokens\": [1]}",
+                                  "{\"op\": \"admit\", \"seq\": 1, \"tokens\": [" + nested + "]}",
+                                  "{\"op\": \"hello\", \"extra\": " + nested + "}", nested}) {
+    const json reply = json::parse(protocol.handle(line));
+    const json& first = reply.is_array() ? reply.at(0) : reply;
+    EXPECT_EQ(error_code(first), "InvalidArgument") << first;
+  }
+  EXPECT_EQ(c.stats().admitted, 0u);
 }
 
 TEST(ControlProtocolTest, PlansReachTheSinkBeforeTheReply) {
