@@ -6,13 +6,13 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <memory>
 #include <optional>
 
 #include "bench/plan_executors.h"
 #include "kvfabric/common/logging.h"
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/server/control_server.h"
-#include "kvfabric/transport/mpi_transport.h"
 
 namespace kvfabric {
 namespace {
@@ -57,33 +57,17 @@ Status serve(const ServeOptions& options) {
   if (options.port) config.server.port = *options.port;
   if (options.metrics_port) config.server.metrics_port = *options.metrics_port;
   KVF_RETURN_IF_ERROR(validate(config));
-  const uint32_t world = config.topology.dp * config.topology.tp;
 
-  std::optional<MpiRuntime> mpi;
-  std::unique_ptr<Transport> transport;
-  std::optional<bench::PlanExecutors> executors;
-  if (bench::under_mpi_launcher() && mpi_transport_built()) {
-    KVF_ASSIGN_OR_RETURN(MpiRuntime runtime, MpiRuntime::init(nullptr, nullptr));
-    mpi.emplace(std::move(runtime));
-    if (mpi->world_size() != static_cast<int>(world)) {
-      return invalid_argument(fmt::format("dp {} x tp {} needs {} MPI ranks, this job has {}",
-                                          config.topology.dp, config.topology.tp, world,
-                                          mpi->world_size()));
-    }
-    KVF_ASSIGN_OR_RETURN(transport, make_mpi_transport(*mpi));
-    KVF_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_cpu_backend());
-    executors.emplace(*transport, std::move(backend));
-    KVF_RETURN_IF_ERROR(executors->start(config));
-    if (!executors->is_root()) return executors->serve();
-  }
-
+  KVF_ASSIGN_OR_RETURN(const std::unique_ptr<bench::MpiPlanJob> job,
+                       bench::MpiPlanJob::launch(config.topology));
+  if (!job) return coordinate(config, options, nullptr);
+  bench::PlanExecutors& executors = job->executors();
+  KVF_RETURN_IF_ERROR(executors.start(config));
+  if (!executors.is_root()) return executors.serve();
   // Rank 0. Whatever happens here, the other ranks are released at the end.
-  const Status served = coordinate(config, options, executors ? &*executors : nullptr);
-  if (!executors) return served;
-  const Status finished = executors->finish();
-  if (!served.ok()) return served;
-  KVF_RETURN_IF_ERROR(finished);
-  return ok_status();
+  const Status served = coordinate(config, options, &executors);
+  const Status finished = executors.finish();
+  return served.ok() ? finished : served;
 }
 
 }  // namespace

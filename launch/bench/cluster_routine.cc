@@ -8,9 +8,6 @@
 
 #include "bench/plan_executors.h"
 #include "bench/report.h"
-#include "kvfabric/backend/backend.h"
-#include "kvfabric/runtime/rank_cache.h"
-#include "kvfabric/transport/mpi_transport.h"
 
 namespace kvfabric::bench {
 namespace {
@@ -73,26 +70,12 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
   }
   model.topology = sim.config.topology;
   sim.config = model;
-  const uint32_t world = sim.config.topology.dp * sim.config.topology.tp;
 
   // Under mpirun the ranks hold the caches and execute the plans; otherwise the coordinator
   // runs alone and nothing moves.
-  std::optional<MpiRuntime> mpi;
-  std::unique_ptr<Transport> transport;
-  std::optional<PlanExecutors> executors;
-  if (under_mpi_launcher() && mpi_transport_built()) {
-    KVF_ASSIGN_OR_RETURN(MpiRuntime runtime, MpiRuntime::init(nullptr, nullptr));
-    mpi.emplace(std::move(runtime));
-    if (mpi->world_size() != static_cast<int>(world)) {
-      return invalid_argument(fmt::format("dp {} x tp {} needs {} MPI ranks, this job has {}",
-                                          sim.config.topology.dp, sim.config.topology.tp, world,
-                                          mpi->world_size()));
-    }
-    KVF_ASSIGN_OR_RETURN(transport, make_mpi_transport(*mpi));
-    KVF_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
-                         make_cpu_backend(CpuBackendOptions{best_cpu_isa(), 1}));
-    executors.emplace(*transport, std::move(backend));
-  }
+  KVF_ASSIGN_OR_RETURN(const std::unique_ptr<MpiPlanJob> job,
+                       MpiPlanJob::launch(sim.config.topology));
+  PlanExecutors* const executors = job ? &job->executors() : nullptr;
   const bool root = !executors || executors->is_root();
   if (root) {
     KVF_ASSIGN_OR_RETURN(const Config shown,

@@ -1,5 +1,7 @@
 #include "bench/plan_executors.h"
 
+#include <fmt/format.h>
+
 #include <cstdlib>
 
 namespace kvfabric::bench {
@@ -48,6 +50,22 @@ Result<std::vector<uint64_t>> PlanExecutors::table_digests() {
   std::vector<uint64_t> all;
   KVF_RETURN_IF_ERROR(transport_->all_gather(cache_->tables_digest(), all));
   return all;
+}
+
+Result<std::unique_ptr<MpiPlanJob>> MpiPlanJob::launch(const TopologyConfig& topology) {
+  if (!under_mpi_launcher() || !mpi_transport_built()) return std::unique_ptr<MpiPlanJob>();
+  KVF_ASSIGN_OR_RETURN(MpiRuntime runtime, MpiRuntime::init(nullptr, nullptr));
+  const uint32_t world = topology.dp * topology.tp;
+  if (runtime.world_size() != static_cast<int>(world)) {
+    return invalid_argument(fmt::format("dp {} x tp {} needs {} MPI ranks, this job has {}",
+                                        topology.dp, topology.tp, world, runtime.world_size()));
+  }
+  std::unique_ptr<MpiPlanJob> job(new MpiPlanJob(std::move(runtime)));
+  KVF_ASSIGN_OR_RETURN(job->transport_, make_mpi_transport(job->mpi_));
+  KVF_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
+                       make_cpu_backend(CpuBackendOptions{best_cpu_isa(), 1}));
+  job->executors_.emplace(*job->transport_, std::move(backend));
+  return job;
 }
 
 }  // namespace kvfabric::bench

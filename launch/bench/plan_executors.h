@@ -3,11 +3,13 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "kvfabric/backend/backend.h"
 #include "kvfabric/config/config.h"
 #include "kvfabric/runtime/rank_cache.h"
+#include "kvfabric/transport/mpi_transport.h"
 #include "kvfabric/transport/transport.h"
 
 namespace kvfabric::bench {
@@ -41,6 +43,24 @@ class PlanExecutors {
   Transport* transport_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<RankCache> cache_;
+};
+
+//! \brief This process's place in a job started by mpirun: MPI, its transport and this rank's
+//! PlanExecutors on the CPU backend (one thread per rank: the ranks share the node's cores).
+class MpiPlanJob {
+ public:
+  //! Null when no MPI launcher started this process or MPI is not built (the coordinator then
+  //! runs alone); InvalidArgument when the job does not have dp x tp ranks.
+  static Result<std::unique_ptr<MpiPlanJob>> launch(const TopologyConfig& topology);
+
+  [[nodiscard]] PlanExecutors& executors() { return *executors_; }
+
+ private:
+  explicit MpiPlanJob(MpiRuntime mpi) : mpi_(std::move(mpi)) {}
+
+  MpiRuntime mpi_;  // outlives the transport made from it, which outlives the executors
+  std::unique_ptr<Transport> transport_;
+  std::optional<PlanExecutors> executors_;
 };
 
 }  // namespace kvfabric::bench

@@ -169,12 +169,6 @@ json stats_reply(const Coordinator& coordinator) {
           {"replicas", std::move(replicas)}};
 }
 
-// Copies `result`'s fields into `reply` (which already holds "id").
-void merge(json& reply, json result) {
-  for (auto& [key, value] : result.items())
-    reply[key] = std::move(value);
-}
-
 }  // namespace
 
 std::string_view control_op_name(ControlOp op) {
@@ -219,45 +213,43 @@ std::string ControlProtocol::handle(std::string_view line) {
 }
 
 json ControlRequestHandler::handle(ControlProtocol& protocol, const json& request) {
-  json reply = json::object();
   auto malformed = [&](const Status& why) {
     ++protocol.stats_.malformed;
-    merge(reply, error_reply(why));
-    return reply;
+    return error_reply(why);
   };
   if (!request.is_object()) {
     return malformed(invalid_argument("a request must be a JSON object (got " +
                                       std::string(request.type_name()) + ")"));
   }
-  if (const auto id = request.find("id"); id != request.end()) {
-    // Scalars only (as JSON-RPC): an id is echoed, and echoing copies it (see describe()).
-    if (id->is_structured()) {
-      return malformed(invalid_argument("\"id\" must be a string, number, boolean or null (got " +
-                                        describe(*id) + ")"));
+  // Scalars only (as JSON-RPC): an id is echoed, and echoing copies it (see describe()).
+  const auto id = request.find("id");
+  if (id != request.end() && id->is_structured()) {
+    return malformed(invalid_argument("\"id\" must be a string, number, boolean or null (got " +
+                                      describe(*id) + ")"));
+  }
+  json reply = [&] {
+    const auto op_field = request.find("op");
+    if (op_field == request.end() || !op_field->is_string()) {
+      return malformed(invalid_argument("a request needs an \"op\" string"));
     }
-    reply["id"] = *id;
-  }
-  const auto op_field = request.find("op");
-  if (op_field == request.end() || !op_field->is_string()) {
-    return malformed(invalid_argument("a request needs an \"op\" string"));
-  }
-  const std::string& name = op_field->get_ref<const std::string&>();
-  std::optional<ControlOp> op;
-  for (const auto& [n, o] : kOps) {
-    if (n == name) op = o;
-  }
-  if (!op) return malformed(invalid_argument("unknown op \"" + name + "\""));
-
-  const size_t index = static_cast<size_t>(*op);
-  Result<json> result = run(protocol, *op, Request(request, name));
-  if (!result.ok()) {
-    ++protocol.stats_.failed[index];
-    merge(reply, error_reply(result.status()));
-  } else {
+    const std::string& name = op_field->get_ref<const std::string&>();
+    std::optional<ControlOp> op;
+    for (const auto& [n, o] : kOps) {
+      if (n == name) op = o;
+    }
+    if (!op) return malformed(invalid_argument("unknown op \"" + name + "\""));
+    const size_t index = static_cast<size_t>(*op);
+    Result<json> result = run(protocol, *op, Request(request, name));
+    if (!result.ok()) {
+      ++protocol.stats_.failed[index];
+      return error_reply(result.status());
+    }
     ++protocol.stats_.ok[index];
-    reply["ok"] = true;
-    merge(reply, std::move(result).value());
-  }
+    json done = std::move(result).value();
+    done["ok"] = true;
+    return done;
+  }();
+  if (id != request.end()) reply["id"] = *id;
   return reply;
 }
 

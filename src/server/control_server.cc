@@ -3,6 +3,7 @@
 #include <boost/asio.hpp>
 
 #include <memory>
+#include <optional>
 #include <string_view>
 #include <utility>
 
@@ -38,29 +39,31 @@ Result<tcp::acceptor> listen(asio::io_context& io, const asio::ip::address& addr
   return acceptor;
 }
 
+std::string http_response(std::string_view status, std::string_view type, const std::string& body) {
+  return "HTTP/1.1 " + std::string(status) + "\r\nContent-Type: " + std::string(type) +
+         "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" +
+         body;
+}
+
 // Answers an HTTP request head; `metrics` renders the body of GET /metrics.
 template <typename Metrics>
 std::string http_reply(std::string_view head, const Metrics& metrics) {
   const std::string_view request_line = head.substr(0, head.find("\r\n"));
-  auto reply = [](std::string_view status, std::string_view type, const std::string& body) {
-    return "HTTP/1.1 " + std::string(status) + "\r\nContent-Type: " + std::string(type) +
-           "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" +
-           body;
-  };
   const size_t method_end = request_line.find(' ');
   const size_t path_end =
       request_line.find(' ', method_end == std::string_view::npos ? 0 : method_end + 1);
   if (method_end == std::string_view::npos || path_end == std::string_view::npos ||
       request_line.substr(path_end + 1).rfind("HTTP/", 0) != 0) {
-    return reply("400 Bad Request", "text/plain", "not an HTTP request line\n");
+    return http_response("400 Bad Request", "text/plain", "not an HTTP request line\n");
   }
   const std::string_view method = request_line.substr(0, method_end);
   const std::string_view target = request_line.substr(method_end + 1, path_end - method_end - 1);
-  if (method != "GET") return reply("405 Method Not Allowed", "text/plain", "only GET is served\n");
+  if (method != "GET")
+    return http_response("405 Method Not Allowed", "text/plain", "only GET is served\n");
   const std::string_view path = target.substr(0, target.find('?'));
   if (path != "/metrics")
-    return reply("404 Not Found", "text/plain", "the metrics are at /metrics\n");
-  return reply("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics());
+    return http_response("404 Not Found", "text/plain", "the metrics are at /metrics\n");
+  return http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics());
 }
 
 }  // namespace
@@ -77,8 +80,21 @@ ControlServerOptions ControlServerOptions::from(const ServerConfig& config) {
 struct ControlServer::Impl {
   Impl(ControlProtocol& p, size_t max_request) : protocol(p), max_request_bytes(max_request) {}
 
-  void accept_control();
-  void accept_metrics();
+  // Accepts connections on `acceptor` until it closes, each served by a new Session.
+  template <typename Session>
+  void accept(tcp::acceptor& acceptor) {
+    acceptor.async_accept([this, &acceptor](ErrorCodeT ec, tcp::socket socket) {
+      if (ec == asio::error::operation_aborted) return;
+      if (ec) {
+        KVF_LOG_WARN(kServer, "accept on port {} failed: {}", acceptor.local_endpoint().port(),
+                     ec.message());
+      } else {
+        socket.set_option(tcp::no_delay(true), ec);
+        std::make_shared<Session>(*this, std::move(socket))->read();
+      }
+      accept<Session>(acceptor);
+    });
+  }
 
   // One control connection: read a line, answer it, repeat.
   class ControlSession : public std::enable_shared_from_this<ControlSession> {
@@ -145,9 +161,8 @@ struct ControlServer::Impl {
           socket_, asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), "\r\n\r\n",
           [self = shared_from_this()](ErrorCodeT ec, size_t n) {
             if (ec && ec != asio::error::not_found) return;
-            self->reply_ = ec ? std::string(
-                                    "HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                                    "Content-Length: 0\r\nConnection: close\r\n\r\n")
+            self->reply_ = ec ? http_response("431 Request Header Fields Too Large", "text/plain",
+                                              "the request head exceeds 8 KiB\n")
                               : http_reply(std::string_view(self->buffer_.data(), n),
                                            [&] { return self->server_.protocol.metrics_text(); });
             asio::async_write(self->socket_, asio::buffer(self->reply_),
@@ -172,27 +187,6 @@ struct ControlServer::Impl {
   std::optional<tcp::acceptor> metrics;
 };
 
-void ControlServer::Impl::accept_control() {
-  control->async_accept([this](ErrorCodeT ec, tcp::socket socket) {
-    if (ec == asio::error::operation_aborted) return;
-    if (!ec) {
-      socket.set_option(tcp::no_delay(true), ec);
-      std::make_shared<ControlSession>(*this, std::move(socket))->read();
-    } else {
-      KVF_LOG_WARN(kServer, "control plane: accept failed: {}", ec.message());
-    }
-    accept_control();
-  });
-}
-
-void ControlServer::Impl::accept_metrics() {
-  metrics->async_accept([this](ErrorCodeT ec, tcp::socket socket) {
-    if (ec == asio::error::operation_aborted) return;
-    if (!ec) std::make_shared<MetricsSession>(*this, std::move(socket))->read();
-    accept_metrics();
-  });
-}
-
 Result<std::unique_ptr<ControlServer>> ControlServer::create(ControlProtocol& protocol,
                                                              const ControlServerOptions& options) {
   ErrorCodeT ec;
@@ -211,8 +205,8 @@ Result<std::unique_ptr<ControlServer>> ControlServer::create(ControlProtocol& pr
                          listen(impl->io, address, *options.metrics_port, "metrics endpoint"));
     impl->metrics.emplace(std::move(metrics));
   }
-  impl->accept_control();
-  if (impl->metrics) impl->accept_metrics();
+  impl->accept<Impl::ControlSession>(*impl->control);
+  if (impl->metrics) impl->accept<Impl::MetricsSession>(*impl->metrics);
   return std::unique_ptr<ControlServer>(new ControlServer(std::move(impl)));
 }
 
@@ -261,7 +255,7 @@ Result<tcp::socket> connect_to(asio::io_context& io, const std::string& host, ui
 
 struct ControlClient::Impl {
   asio::io_context io;
-  std::optional<tcp::socket> socket;
+  tcp::socket socket{io};
   std::string where;
   std::string buffer;
 };
@@ -276,7 +270,7 @@ Result<ControlClient> ControlClient::connect(const std::string& host, uint16_t p
   KVF_ASSIGN_OR_RETURN(tcp::socket socket, connect_to(impl->io, host, port));
   ErrorCodeT ignored;
   socket.set_option(tcp::no_delay(true), ignored);
-  impl->socket.emplace(std::move(socket));
+  impl->socket = std::move(socket);
   impl->where = host + ":" + std::to_string(port);
   return ControlClient(std::move(impl));
 }
@@ -286,16 +280,16 @@ Result<std::string> ControlClient::call(const std::string& request) {
     return invalid_argument("a control request is one line; this one holds a newline");
   }
   Impl& c = *impl_;
-  if (!c.socket || !c.socket->is_open()) {
+  if (!c.socket.is_open()) {
     return Status(ErrorCode::kUnavailable, "the connection to " + c.where + " is closed");
   }
   ErrorCodeT ec;
   const std::string line = request + "\n";
-  asio::write(*c.socket, asio::buffer(line), ec);
+  asio::write(c.socket, asio::buffer(line), ec);
   size_t n = 0;
-  if (!ec) n = asio::read_until(*c.socket, asio::dynamic_buffer(c.buffer), '\n', ec);
+  if (!ec) n = asio::read_until(c.socket, asio::dynamic_buffer(c.buffer), '\n', ec);
   if (ec) {
-    c.socket->close(ec);
+    c.socket.close(ec);
     return Status(ErrorCode::kUnavailable,
                   "the control plane at " + c.where + " closed the connection: " + ec.message());
   }

@@ -78,7 +78,7 @@ class ControlProtocol {
 
   //! One request line (without its newline) to one reply line (without newline).
   std::string handle(std::string_view line);
-  //! The reply to a line the transport refused (too long, not UTF-8 ...), counted as malformed.
+  //! The reply to a line the transport refused (too long), counted as malformed.
   std::string refuse(const Status& why);
 
   //! Prometheus text exposition of the coordinator's counters, the replicas' pools and
