@@ -306,10 +306,11 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
   }
   placement.blocks = table;
   collect_copies(r);
-  seqs_[seq] = Sequence{r, false, n, priority, 0, {}};
+  const uint64_t incarnation = next_incarnation_++;
+  seqs_[seq] = Sequence{r, false, n, priority, 0, {}, incarnation};
   ++rep.running;
   mark_table(seq);
-  admitted_now_.emplace_back(seq, std::move(prompt));
+  admitted_now_.push_back({seq, incarnation, std::move(prompt)});
   ++stats_.admitted;
   stats_.prompt_tokens += n;
   stats_.local_hit_tokens += local_cached;
@@ -368,7 +369,7 @@ Status Coordinator::fork(SeqId src, SeqId dst, std::optional<uint32_t> replica) 
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
   }
   const SequenceInfo* child = replicas_[to].cache.pool().get_sequence(dst);
-  seqs_[dst] = Sequence{to, false, child->num_tokens, child->priority, 0, {}};
+  seqs_[dst] = Sequence{to, false, child->num_tokens, child->priority, 0, {}, next_incarnation_++};
   ++replicas_[to].running;
   mark_table(dst);
   return ok_status();
@@ -415,9 +416,10 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
 }
 
 void Coordinator::index_computed_prompts() {
-  for (const auto& [seq, prompt] : admitted_before_) {
+  for (const auto& [seq, incarnation, prompt] : admitted_before_) {
     const auto it = seqs_.find(seq);
-    if (it == seqs_.end() || it->second.swapped) continue;
+    // Gone, swapped out, or a new sequence under the same id: its blocks do not hold this prompt.
+    if (it == seqs_.end() || it->second.swapped || it->second.incarnation != incarnation) continue;
     Replica& rep = replicas_[it->second.replica];
     const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
     if (info == nullptr || info->num_tokens < prompt.size()) continue;  // compacted meanwhile

@@ -21,11 +21,7 @@ namespace {
 
 using nlohmann::json;
 
-std::vector<TokenId> tokens(size_t n, TokenId first) {
-  std::vector<TokenId> t(n);
-  std::iota(t.begin(), t.end(), first);
-  return t;
-}
+using testing::token_run;
 
 // The scheduler: another process in production, a thread of rank 0 here.
 void drive(uint16_t port) {
@@ -44,22 +40,22 @@ void drive(uint16_t port) {
   };
 
   EXPECT_EQ(expect_ok({{"op", "hello"}})["dp"], 2);
-  const auto prompt = tokens(100, 0);
+  const auto prompt = token_run(100, 0);
   expect_ok({{"op", "admit"}, {"seq", 1}, {"tokens", prompt}});
-  expect_ok({{"op", "admit"}, {"seq", 2}, {"tokens", tokens(50, 1000)}});
+  expect_ok({{"op", "admit"}, {"seq", 2}, {"tokens", token_run(50, 1000)}});
   expect_ok({{"op", "step"}});
   expect_ok({{"op", "append"}, {"seq", 1}, {"num_tokens", 1}});
   expect_ok({{"op", "step"}});  // indexes both prompts
   const uint32_t home = expect_ok({{"op", "query"}, {"seq", 1}})["replica"];
   expect_ok({{"op", "fork"}, {"src", 1}, {"dst", 3}, {"replica", 1 - home}});
-  const json hit = expect_ok({{"op", "admit"}, {"seq", 4}, {"tokens", tokens(80, 0)}});
+  const json hit = expect_ok({{"op", "admit"}, {"seq", 4}, {"tokens", token_run(80, 0)}});
   EXPECT_GT(hit["cached_tokens"].get<uint64_t>(), 0u) << hit;
   const json forked_step = expect_ok({{"op", "step"}});
   EXPECT_GT(forked_step["ops"]["migrate"].get<uint64_t>(), 0u) << forked_step;
   expect_ok({{"op", "free"}, {"seq", 2}});
   expect_ok({{"op", "append"}, {"seq", 3}, {"num_tokens", 20}});
   expect_ok({{"op", "step"}});
-  const json batch = call(json::array({{{"op", "admit"}, {"seq", 5}, {"tokens", tokens(33, 500)}},
+  const json batch = call(json::array({{{"op", "admit"}, {"seq", 5}, {"tokens", token_run(33, 500)}},
                                        {{"op", "append"}, {"seq", 4}, {"num_tokens", 2}},
                                        {{"op", "step"}}}));
   ASSERT_TRUE(batch.is_array()) << batch;

@@ -14,6 +14,7 @@
 #include <set>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvfabric/coordinator/coordinator.h"
@@ -29,6 +30,13 @@ inline float token_kv(uint64_t prefix_hash, uint32_t layer, uint32_t kv_head, ui
   const uint64_t h = splitmix64(prefix_hash ^ (uint64_t{layer} << 56) ^ (uint64_t{kv_head} << 40) ^
                            (uint64_t{dim} << 1) ^ uint64_t{is_value});
   return static_cast<float>(static_cast<int>(h & 0xFF) - 128) / 64.0f;
+}
+
+//! The tokens first, first + 1, ..., first + n - 1.
+inline std::vector<TokenId> token_run(size_t n, TokenId first) {
+  std::vector<TokenId> t(n);
+  for (size_t i = 0; i < n; ++i) t[i] = first + static_cast<TokenId>(i);
+  return t;
 }
 
 //! A test config: 2 layers, head_dim 64, f16 KV, block size 16.
@@ -191,15 +199,19 @@ class EngineModel {
 //! Counts of what a workload did, to check that a run exercised what it claims to.
 struct WorkloadCounts {
   uint64_t admitted = 0, refused = 0, forks = 0, cross_replica_forks = 0, appends = 0, frees = 0,
-           readmitted = 0;
+           readmitted = 0, reused_ids = 0;
 };
 
 //! A seeded serving load: requests that share one of a few system prompts, long and short
 //! prompts, decoding, beam-search forks (some onto other replicas), and frees when a sequence
 //! reaches its length. Every rank can run it with its own coordinator and get the same calls.
+//! With `reuse_ids` it also plays a careless scheduler: now and then it cancels a request in the
+//! step it arrived, gives the id at once to another prompt or to a fork, and retries the
+//! cancelled prompt under a new id a few steps later.
 class ServingWorkload {
  public:
-  ServingWorkload(uint64_t seed, uint32_t num_replicas) : rng_(seed), replicas_(num_replicas) {
+  ServingWorkload(uint64_t seed, uint32_t num_replicas, bool reuse_ids = false)
+      : rng_(seed), replicas_(num_replicas), reuse_ids_(reuse_ids) {
     for (int p = 0; p < 3; ++p) system_prompts_.push_back(random_tokens(40 + 24 * p));
   }
 
@@ -212,16 +224,15 @@ class ServingWorkload {
       ++counts_.readmitted;
     }
     const int arrivals = std::uniform_int_distribution<int>(0, 3)(rng_);
+    std::vector<SeqId> arrived;
+    ++steps_;
+    while (!to_retry_.empty() && to_retry_.front().first <= steps_) {
+      admit(c, engine, SeqId{next_seq_++}, to_retry_.front().second);
+      to_retry_.pop_front();
+    }
     for (int i = 0; i < arrivals; ++i) {
-      std::vector<TokenId> prompt;
-      if (coin(0.7)) {
-        const auto& system = system_prompts_[pick(system_prompts_.size())];
-        prompt = system;
-      }
-      const size_t suffix = coin(0.15) ? 150 + pick(120) : 4 + pick(40);
-      const auto tail = random_tokens(suffix);
-      prompt.insert(prompt.end(), tail.begin(), tail.end());
-      admit(c, engine, SeqId{next_seq_++}, prompt);
+      const SeqId seq{next_seq_++};
+      if (admit(c, engine, seq, new_prompt())) arrived.push_back(seq);
     }
     // Beam search: a running sequence spawns a beam, now and then on another replica.
     if (!live_.empty() && coin(0.3)) {
@@ -260,6 +271,9 @@ class ServingWorkload {
       }
       ++it;
     }
+    if (reuse_ids_ && !arrived.empty() && coin(0.7)) {
+      KVF_RETURN_IF_ERROR(cancel_and_reuse(c, engine, arrived[pick(arrived.size())]));
+    }
     return ok_status();
   }
 
@@ -290,6 +304,37 @@ class ServingWorkload {
   [[nodiscard]] size_t live() const { return live_.size(); }
 
  private:
+  // Mostly a shared system prompt and a suffix; now and then a long prompt.
+  std::vector<TokenId> new_prompt() {
+    std::vector<TokenId> prompt;
+    if (coin(0.7)) prompt = system_prompts_[pick(system_prompts_.size())];
+    const size_t suffix = coin(0.15) ? 150 + pick(120) : 4 + pick(40);
+    const auto tail = random_tokens(suffix);
+    prompt.insert(prompt.end(), tail.begin(), tail.end());
+    return prompt;
+  }
+  // Frees `seq`, admitted in this step, and gives its id at once to a new prompt or to a fork of
+  // another running sequence.
+  Status cancel_and_reuse(Coordinator& c, EngineModel& engine, SeqId seq) {
+    if (live_.count(seq) == 0 || !c.replica_of(seq)) return ok_status();  // preempted meanwhile
+    to_retry_.emplace_back(steps_ + 2 + pick(3), engine.tokens(seq));
+    KVF_RETURN_IF_ERROR(c.free(seq));
+    engine.freed(seq);
+    live_.erase(seq);
+    ++counts_.frees;
+    if (!live_.empty() && coin(0.5)) {
+      const SeqId parent = nth_live(pick(live_.size()));
+      if (!c.is_swapped(parent) && c.fork(parent, seq).ok()) {
+        engine.forked(parent, seq);
+        live_[seq] = live_.at(parent);
+        ++counts_.forks;
+        ++counts_.reused_ids;
+      }
+      return ok_status();
+    }
+    if (admit(c, engine, seq, new_prompt())) ++counts_.reused_ids;
+    return ok_status();
+  }
   bool admit(Coordinator& c, EngineModel& engine, SeqId seq, const std::vector<TokenId>& prompt) {
     const auto placed = c.admit(seq, prompt, static_cast<uint32_t>(pick(3)));
     if (!placed.ok()) {
@@ -312,9 +357,12 @@ class ServingWorkload {
 
   std::mt19937_64 rng_;
   uint32_t replicas_;
+  bool reuse_ids_;
   std::vector<std::vector<TokenId>> system_prompts_;
   std::map<SeqId, size_t> live_;  // running or swapped sequences -> their final length
   std::deque<std::pair<SeqId, std::vector<TokenId>>> to_readmit_;
+  std::deque<std::pair<uint64_t, std::vector<TokenId>>> to_retry_;  // cancelled prompts, by step due
+  uint64_t steps_ = 0;
   uint64_t next_seq_ = 1;
   WorkloadCounts counts_;
 };

@@ -119,6 +119,15 @@ class Coordinator {
     uint32_t priority = 0;
     uint64_t swap_order = 0;
     std::vector<BlockId> host_blocks;
+    //! Which admission or fork made this record: a SeqId the scheduler frees and uses again
+    //! names a new sequence, and the old one's prompt must never be indexed onto its blocks.
+    uint64_t incarnation = 0;
+  };
+  //! A prompt admitted in a step, indexed once the forward pass after that step computed it.
+  struct AdmittedPrompt {
+    SeqId seq;
+    uint64_t incarnation = 0;
+    std::vector<TokenId> tokens;
   };
 
   explicit Coordinator(const Config& config);
@@ -144,9 +153,10 @@ class Coordinator {
   std::map<uint64_t, SeqId> swap_queue_;  // swapped sequences by swap order, oldest first
   StepPlan plan_;
   std::vector<SeqId> dirty_;                      // tables to publish in the next plan
-  std::vector<std::pair<SeqId, std::vector<TokenId>>> admitted_now_, admitted_before_;
+  std::vector<AdmittedPrompt> admitted_now_, admitted_before_;
   std::vector<std::pair<uint32_t, BlockId>> host_blocks_to_free_;  // after this step's swap-ins
   uint64_t next_swap_order_ = 0;
+  uint64_t next_incarnation_ = 0;
   CoordinatorStats stats_;
 };
 

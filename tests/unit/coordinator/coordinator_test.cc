@@ -15,11 +15,7 @@ using testing::serving_config;
 using ::testing::HasSubstr;
 using Kind = StepPlan::OpKind;
 
-std::vector<TokenId> tokens(size_t n, TokenId first) {
-  std::vector<TokenId> t(n);
-  std::iota(t.begin(), t.end(), first);
-  return t;
-}
+using testing::token_run;
 
 Coordinator make(const Config& config) {
   auto c = Coordinator::create(config);
@@ -37,7 +33,7 @@ std::vector<StepPlan::Op> ops_of(const StepPlan& plan, Kind kind) {
 
 TEST(CoordinatorTest, AdmitPlacesPublishesAndIndexesAfterTheComputeStep) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 32, 8));
-  const auto prompt = tokens(70, 100);
+  const auto prompt = token_run(70, 100);
   const auto a = c.admit(SeqId{1}, prompt);
   ASSERT_TRUE(a.ok()) << a.status();
   EXPECT_EQ(a->cached_tokens, 0u);
@@ -71,7 +67,7 @@ TEST(CoordinatorTest, ACachedPrefixMigratesToALessLoadedReplica) {
   Config config = serving_config(2, 1, 4, 2, 32, 8);
   config.coordinator.queue_weight = 1000;  // one running sequence outweighs 64 prefill tokens
   Coordinator c = make(config);
-  const auto prompt = tokens(64, 100);
+  const auto prompt = token_run(64, 100);
   const auto a = c.admit(SeqId{1}, prompt);
   ASSERT_TRUE(a.ok());
   ASSERT_TRUE(c.step().ok());
@@ -108,7 +104,7 @@ TEST(CoordinatorTest, NoMigrationWhenMovingCostsMoreThanComputing) {
   config.coordinator.queue_weight = 1000;
   config.coordinator.migration_token_cost = 1.5;
   Coordinator c = make(config);
-  const auto prompt = tokens(64, 100);
+  const auto prompt = token_run(64, 100);
   ASSERT_TRUE(c.admit(SeqId{1}, prompt).ok());
   ASSERT_TRUE(c.step().ok());
   ASSERT_TRUE(c.step().ok());
@@ -121,7 +117,7 @@ TEST(CoordinatorTest, NoMigrationWhenMovingCostsMoreThanComputing) {
 
 TEST(CoordinatorTest, ForkAcrossReplicasMovesTheParentsBlocks) {
   Coordinator c = make(serving_config(2, 1, 4, 2, 32, 8));
-  const auto a = c.admit(SeqId{1}, tokens(40, 0));
+  const auto a = c.admit(SeqId{1}, token_run(40, 0));
   ASSERT_TRUE(a.ok());
   ASSERT_TRUE(c.step().ok());
   const uint32_t other = 1 - a->replica;
@@ -147,7 +143,7 @@ TEST(CoordinatorTest, ForkAcrossReplicasMovesTheParentsBlocks) {
 
 TEST(CoordinatorTest, AppendIntoASharedTailIsCopiedInPlanOrder) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 32, 8));
-  ASSERT_TRUE(c.admit(SeqId{1}, tokens(20, 0)).ok());
+  ASSERT_TRUE(c.admit(SeqId{1}, token_run(20, 0)).ok());
   ASSERT_TRUE(c.step().ok());
   ASSERT_TRUE(c.fork(SeqId{1}, SeqId{2}).ok());
   ASSERT_TRUE(c.append(SeqId{2}, 1).ok());
@@ -163,7 +159,7 @@ TEST(CoordinatorTest, AppendIntoASharedTailIsCopiedInPlanOrder) {
 // Replica 0 full of computed sequences of 2 blocks each (32 tokens).
 void fill_replica(Coordinator& c, size_t count, SeqId first) {
   for (size_t i = 0; i < count; ++i) {
-    const auto placed = c.admit(SeqId{first.value + i}, tokens(32, static_cast<TokenId>(1000 * (first.value + i))));
+    const auto placed = c.admit(SeqId{first.value + i}, token_run(32, static_cast<TokenId>(1000 * (first.value + i))));
     ASSERT_TRUE(placed.ok()) << placed.status();
   }
   ASSERT_TRUE(c.step().ok());
@@ -171,12 +167,12 @@ void fill_replica(Coordinator& c, size_t count, SeqId first) {
 
 TEST(CoordinatorTest, PressureEvictsIdleCacheFirst) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 8, 8));
-  ASSERT_TRUE(c.admit(SeqId{1}, tokens(64, 0)).ok());
+  ASSERT_TRUE(c.admit(SeqId{1}, token_run(64, 0)).ok());
   ASSERT_TRUE(c.step().ok());
   ASSERT_TRUE(c.step().ok());
   ASSERT_TRUE(c.free(SeqId{1}).ok());  // 4 blocks stay cached, idle
   EXPECT_EQ(c.replica_cache(0).pool().cached_block_count(), 4u);
-  ASSERT_TRUE(c.admit(SeqId{2}, tokens(128, 5000)).ok());  // needs all 8
+  ASSERT_TRUE(c.admit(SeqId{2}, token_run(128, 5000)).ok());  // needs all 8
   EXPECT_EQ(c.stats().swapped_out, 0u);
   EXPECT_EQ(c.replica_cache(0).pool().cached_block_count(), 0u);
 }
@@ -219,11 +215,11 @@ TEST(CoordinatorTest, PressureSwapsThenParksThenPreempts) {
   EXPECT_EQ(c.blocks_of(SeqId{5}).size(), 4u);
 
   // A newcomer of the same priority does not displace running sequences.
-  EXPECT_EQ(c.admit(SeqId{100}, tokens(16 * 7, 90000)).status().code(), ErrorCode::kOutOfMemory);
+  EXPECT_EQ(c.admit(SeqId{100}, token_run(16 * 7, 90000)).status().code(), ErrorCode::kOutOfMemory);
   EXPECT_EQ(c.stats().preempted, 0u);
   // Preempt: a higher-priority newcomer, no host room, no peer room; the engine is told to
   // recompute the victim.
-  const auto placed = c.admit(SeqId{100}, tokens(16 * 7, 90000), 1);
+  const auto placed = c.admit(SeqId{100}, token_run(16 * 7, 90000), 1);
   ASSERT_TRUE(placed.ok()) << placed.status();
   EXPECT_EQ(placed->replica, 0u);
   EXPECT_EQ(c.stats().preempted, 1u);
@@ -242,16 +238,16 @@ TEST(CoordinatorTest, AMigratedPrefixIsReadAfterMakingRoomNotBefore) {
   config.coordinator.memory_weight = 0;
   config.coordinator.queue_weight = 1000;  // placement follows the running count
   Coordinator c = make(config);
-  const std::vector<TokenId> prefix = tokens(48, 5000);  // 3 blocks
+  const std::vector<TokenId> prefix = token_run(48, 5000);  // 3 blocks
   auto placed_on = [&](SeqId seq, std::vector<TokenId> prompt, uint32_t priority) {
     const auto p = c.admit(seq, prompt, priority);
     EXPECT_TRUE(p.ok()) << p.status();
     return p.ok() ? p->replica : 99u;
   };
-  EXPECT_EQ(placed_on(SeqId{1}, tokens(80, 100), 0), 0u);  // X: 5 blocks
+  EXPECT_EQ(placed_on(SeqId{1}, token_run(80, 100), 0), 0u);  // X: 5 blocks
   EXPECT_EQ(placed_on(SeqId{2}, prefix, 0), 1u);           // the prefix
-  EXPECT_EQ(placed_on(SeqId{3}, tokens(80, 900), 1), 0u);  // 5 blocks nobody may displace
-  EXPECT_EQ(placed_on(SeqId{4}, tokens(32, 3000), 0), 1u);
+  EXPECT_EQ(placed_on(SeqId{3}, token_run(80, 900), 1), 0u);  // 5 blocks nobody may displace
+  EXPECT_EQ(placed_on(SeqId{4}, token_run(32, 3000), 0), 1u);
   ASSERT_TRUE(c.fork(SeqId{4}, SeqId{5}).ok());
   ASSERT_TRUE(c.fork(SeqId{4}, SeqId{6}).ok());
   ASSERT_TRUE(c.append(SeqId{4}, 64).ok());  // replica 1: 6 blocks used
@@ -267,7 +263,7 @@ TEST(CoordinatorTest, AMigratedPrefixIsReadAfterMakingRoomNotBefore) {
   // migrated from replica 1; making room parks X (5 blocks) on replica 1, which takes its 3 free
   // blocks and 2 of the prefix's.
   std::vector<TokenId> prompt = prefix;
-  for (TokenId t : tokens(64, 7000)) prompt.push_back(t);
+  for (TokenId t : token_run(64, 7000)) prompt.push_back(t);
   const auto placed = c.admit(SeqId{7}, prompt, 1);
   ASSERT_TRUE(placed.ok()) << placed.status();
   EXPECT_EQ(placed->replica, 0u);
@@ -291,7 +287,7 @@ TEST(CoordinatorTest, AMigratedPrefixIsReadAfterMakingRoomNotBefore) {
 TEST(CoordinatorTest, SwappedSequencesComeBackOldestFirstWhenThereIsRoom) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 8, 8));
   fill_replica(c, 4, SeqId{1});
-  ASSERT_TRUE(c.admit(SeqId{10}, tokens(64, 77777), 1).ok());  // swaps 1 and 2 out
+  ASSERT_TRUE(c.admit(SeqId{10}, token_run(64, 77777), 1).ok());  // swaps 1 and 2 out
   EXPECT_TRUE(c.is_swapped(SeqId{1}));
   EXPECT_TRUE(c.is_swapped(SeqId{2}));
   ASSERT_TRUE(c.step().ok());
@@ -312,12 +308,12 @@ TEST(CoordinatorTest, SwappedSequencesComeBackOldestFirstWhenThereIsRoom) {
 
 TEST(CoordinatorTest, BadRequestsAreRefusedAndChangeNothing) {
   Coordinator c = make(serving_config(2, 1, 4, 2, 8, 4));
-  ASSERT_TRUE(c.admit(SeqId{1}, tokens(20, 0)).ok());
+  ASSERT_TRUE(c.admit(SeqId{1}, token_run(20, 0)).ok());
   const auto before = c.stats();
-  EXPECT_EQ(c.admit(SeqId{1}, tokens(4, 0)).status().code(), ErrorCode::kInvalidOperation);
+  EXPECT_EQ(c.admit(SeqId{1}, token_run(4, 0)).status().code(), ErrorCode::kInvalidOperation);
   EXPECT_THAT(c.admit(SeqId{2}, std::span<const TokenId>{}).status().message(), HasSubstr("empty"));
-  EXPECT_THAT(c.admit(SeqId{uint64_t{1} << 63}, tokens(4, 0)).status().message(), HasSubstr("reserved"));
-  EXPECT_EQ(c.admit(SeqId{3}, tokens(16 * 9, 0)).status().code(), ErrorCode::kOutOfMemory);
+  EXPECT_THAT(c.admit(SeqId{uint64_t{1} << 63}, token_run(4, 0)).status().message(), HasSubstr("reserved"));
+  EXPECT_EQ(c.admit(SeqId{3}, token_run(16 * 9, 0)).status().code(), ErrorCode::kOutOfMemory);
   EXPECT_EQ(c.append(SeqId{9}, 1).code(), ErrorCode::kSequenceNotFound);
   EXPECT_EQ(c.free(SeqId{9}).code(), ErrorCode::kSequenceNotFound);
   EXPECT_EQ(c.set_priority(SeqId{9}, 1).code(), ErrorCode::kSequenceNotFound);
@@ -339,9 +335,9 @@ TEST(CoordinatorTest, PrioritiesOutsideThePriorityLevelsAreRefused) {
   Config config = serving_config(1, 1, 4, 2, 8, 4);
   config.cache.eviction.strategy = EvictionPolicy::kPriority;
   Coordinator c = make(config);
-  EXPECT_EQ(c.admit(SeqId{1}, tokens(4, 0), 4).status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(c.admit(SeqId{1}, token_run(4, 0), 4).status().code(), ErrorCode::kInvalidArgument);
   EXPECT_FALSE(c.replica_of(SeqId{1}).has_value());
-  ASSERT_TRUE(c.admit(SeqId{1}, tokens(4, 0), 3).ok());
+  ASSERT_TRUE(c.admit(SeqId{1}, token_run(4, 0), 3).ok());
   EXPECT_THAT(c.set_priority(SeqId{1}, 99).message(), HasSubstr("priority_levels is 4"));
   EXPECT_TRUE(c.set_priority(SeqId{1}, 0).ok());
   EXPECT_TRUE(c.verify_integrity().ok());
@@ -359,10 +355,11 @@ TEST(CoordinatorTest, ConfigsItCannotServeAreRefused) {
 // Runs a seeded serving workload on a coordinator alone and returns every plan's bytes.
 std::vector<std::vector<uint8_t>> run_workload(const Config& config, uint64_t seed, int steps,
                                                testing::WorkloadCounts* counts = nullptr,
-                                               CoordinatorStats* stats = nullptr) {
+                                               CoordinatorStats* stats = nullptr,
+                                               bool reuse_ids = false) {
   Coordinator c = make(config);
   testing::EngineModel engine(config);
-  testing::ServingWorkload workload(seed, config.topology.dp);
+  testing::ServingWorkload workload(seed, config.topology.dp, reuse_ids);
   std::vector<std::vector<uint8_t>> plans;
   for (int s = 0; s < steps; ++s) {
     EXPECT_TRUE(workload.issue(c, engine).ok());
@@ -402,6 +399,12 @@ TEST(CoordinatorTest, AServingWorkloadKeepsEveryInvariantAndLeaksNothing) {
   EXPECT_GT(stats.swapped_out, 0u);
   EXPECT_GT(stats.swapped_in, 0u);
   EXPECT_GT(stats.parked + stats.preempted, 0u);
+}
+
+TEST(CoordinatorTest, AWorkloadThatReusesIdsKeepsEveryInvariantAndLeaksNothing) {
+  testing::WorkloadCounts counts;
+  run_workload(serving_config(4, 1, 4, 2, 40, 12), 7, 300, &counts, nullptr, true);
+  EXPECT_GT(counts.reused_ids, 20u);
 }
 
 TEST(CoordinatorTest, DecisionsAreDeterministic) {

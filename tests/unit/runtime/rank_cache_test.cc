@@ -335,15 +335,88 @@ TEST(RankCacheOverlapTest, AWaveWithoutTransfersDoesNotWait) {
   EXPECT_TRUE(QueuedRank::filled(r.rank->device_pool(), 1, 3));
 }
 
+// One process, one replica: the coordinator's plans run on a rank, the engine model computes
+// every slot the tables hold and checks every sequence's K/V after each step.
+struct ServedRank {
+  Config config;
+  SingleRank rank{config};
+  Coordinator coordinator = std::move(Coordinator::create(config)).value();
+  testing::EngineModel engine{config};
+
+  explicit ServedRank(const Config& c) : config(c) {}
+
+  Result<Placement> admit(SeqId seq, const std::vector<TokenId>& prompt) {
+    auto placed = coordinator.admit(seq, prompt);
+    if (placed.ok()) engine.admitted(seq, prompt, *placed);
+    return placed;
+  }
+  void free(SeqId seq) {
+    ASSERT_TRUE(coordinator.free(seq).ok());
+    engine.freed(seq);
+  }
+  void fork(SeqId src, SeqId dst) {
+    ASSERT_TRUE(coordinator.fork(src, dst).ok());
+    engine.forked(src, dst);
+  }
+  ::testing::AssertionResult step() {
+    auto plan = coordinator.step();
+    if (!plan.ok()) return ::testing::AssertionFailure() << plan.status();
+    std::vector<uint8_t> bytes = plan->serialize();
+    if (const Status s = rank.rank->receive_and_execute(bytes, RankId{0}); !s.ok()) {
+      return ::testing::AssertionFailure() << s;
+    }
+    engine.planned(*plan);
+    if (const Status s = engine.forward(*rank.rank); !s.ok()) return ::testing::AssertionFailure() << s;
+    return engine.verify(*rank.rank);
+  }
+};
+
+// Regression: a sequence id freed and admitted again before the next step() was indexed with its
+// first prompt, so a later request for that prompt was served the blocks holding the second
+// prompt's K/V. The same happened to an id re-used by a fork.
+TEST(RankCacheTest, AReusedSequenceIdNeverServesAnotherPromptsKv) {
+  ServedRank s(serving_config(1, 1, 4, 2, 32, 0));
+  const auto a = testing::token_run(64, 100), b = testing::token_run(64, 5000);
+  ASSERT_TRUE(s.admit(SeqId{5}, a).ok());
+  ASSERT_TRUE(s.step());
+  s.free(SeqId{5});
+  ASSERT_TRUE(s.admit(SeqId{5}, b).ok());
+  ASSERT_TRUE(s.step());
+  ASSERT_TRUE(s.step());
+  const auto again = s.admit(SeqId{6}, a);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->cached_tokens, 0u);  // A was freed before it was ever indexed
+  ASSERT_TRUE(s.step());
+  const auto shares_b = s.admit(SeqId{7}, b);
+  ASSERT_TRUE(shares_b.ok());
+  EXPECT_EQ(shares_b->cached_tokens, 64u);  // B was indexed, under its own prompt
+  ASSERT_TRUE(s.step());
+
+  // A fork onto a freed id: the fork holds C's blocks, never D's prompt.
+  const auto c = testing::token_run(48, 9000), d = testing::token_run(48, 12000);
+  ASSERT_TRUE(s.admit(SeqId{8}, d).ok());
+  ASSERT_TRUE(s.step());
+  s.free(SeqId{8});
+  ASSERT_TRUE(s.admit(SeqId{9}, c).ok());
+  s.fork(SeqId{9}, SeqId{8});
+  ASSERT_TRUE(s.step());
+  ASSERT_TRUE(s.step());
+  const auto wants_d = s.admit(SeqId{10}, d);
+  ASSERT_TRUE(wants_d.ok());
+  EXPECT_EQ(wants_d->cached_tokens, 0u);
+  ASSERT_TRUE(s.step());
+  EXPECT_TRUE(s.coordinator.verify_integrity().ok());
+}
+
 // The whole stack in one process: coordinator plans, the rank executes them, the engine model
 // writes K/V, and every sequence's K/V is checked after every step.
-TEST(RankCacheTest, AServingWorkloadKeepsEverySequencesKvExact) {
+void run_kv_exact_workload(uint64_t seed, bool reuse_ids, testing::WorkloadCounts& counts) {
   const Config config = serving_config(1, 1, 4, 2, 32, 12);
   SingleRank r(config);
   auto coordinator = Coordinator::create(config);
   ASSERT_TRUE(coordinator.ok());
   testing::EngineModel engine(config);
-  testing::ServingWorkload workload(3, 1);
+  testing::ServingWorkload workload(seed, 1, reuse_ids);
   uint64_t copies = 0, swaps = 0;
   for (int step = 0; step < 150; ++step) {
     ASSERT_TRUE(workload.issue(*coordinator, engine).ok());
@@ -365,6 +438,19 @@ TEST(RankCacheTest, AServingWorkloadKeepsEverySequencesKvExact) {
   EXPECT_GT(swaps, 0u);
   EXPECT_GT(coordinator->stats().local_hit_tokens, 0u);
   EXPECT_GT(coordinator->stats().preempted, 0u);
+  counts = workload.counts();
+}
+
+TEST(RankCacheTest, AServingWorkloadKeepsEverySequencesKvExact) {
+  testing::WorkloadCounts counts;
+  run_kv_exact_workload(3, false, counts);
+}
+
+// The same with a scheduler that cancels requests as they arrive and re-uses their ids at once.
+TEST(RankCacheTest, ReusedIdsKeepEverySequencesKvExact) {
+  testing::WorkloadCounts counts;
+  run_kv_exact_workload(3, true, counts);
+  EXPECT_GT(counts.reused_ids, 5u);
 }
 
 }  // namespace

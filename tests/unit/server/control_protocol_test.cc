@@ -22,11 +22,7 @@ Coordinator make(const Config& config) {
   return std::move(c).value();
 }
 
-std::vector<TokenId> tokens(size_t n, TokenId first) {
-  std::vector<TokenId> t(n);
-  std::iota(t.begin(), t.end(), first);
-  return t;
-}
+using testing::token_run;
 
 json call(ControlProtocol& protocol, const json& request) {
   return json::parse(protocol.handle(request.dump()));
@@ -90,7 +86,7 @@ TEST(ControlProtocolTest, RequestsMatchTheInProcessApi) {
   };
 
   for (uint64_t s = 1; s <= 3; ++s) {
-    const auto prompt = tokens(40, 1000);  // a shared prefix: later ones hit the cache
+    const auto prompt = token_run(40, 1000);  // a shared prefix: later ones hit the cache
     const json reply = call(protocol, {{"op", "admit"}, {"seq", s}, {"tokens", prompt}});
     ASSERT_EQ(reply["ok"], true) << reply;
     const auto placed = local.admit(SeqId{s}, prompt);
@@ -138,7 +134,7 @@ TEST(ControlProtocolTest, RequestsMatchTheInProcessApi) {
 TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 8, 0));
   ControlProtocol protocol(c);
-  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(20, 5)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(20, 5)}})["ok"], true);
   ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
   const auto free_before = c.replica_cache(0).pool().free_block_count();
 
@@ -167,7 +163,7 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
        "element 1 must be a token id"},
       {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": []}", "InvalidArgument", ""},
       {"{\"op\": \"admit\", \"seq\": 1, \"tokens\": [1]}", "", ""},
-      {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": " + json(tokens(200, 1)).dump() + "}",
+      {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": " + json(token_run(200, 1)).dump() + "}",
        "OutOfMemory", ""},
       {"{\"op\": \"append\", \"seq\": 99, \"num_tokens\": 1}", "SequenceNotFound", "S99"},
       {"{\"op\": \"append\", \"seq\": 1}", "InvalidArgument", "missing field \"num_tokens\""},
@@ -205,7 +201,7 @@ TEST(ControlProtocolTest, BatchesRunInOrderAndEchoIds) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
   ControlProtocol protocol(c);
   const json batch =
-      json::array({{{"op", "admit"}, {"id", 1}, {"seq", 5}, {"tokens", tokens(10, 0)}},
+      json::array({{{"op", "admit"}, {"id", 1}, {"seq", 5}, {"tokens", token_run(10, 0)}},
                    {{"op", "append"}, {"id", "two"}, {"seq", 5}, {"num_tokens", 3}},
                    {{"op", "free"}, {"id", json::array({3})}, {"seq", 6}},
                    "not a request",
@@ -251,7 +247,7 @@ TEST(ControlProtocolTest, PlansReachTheSinkBeforeTheReply) {
     delivered.push_back(plan);
     return ok_status();
   });
-  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(17, 0)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(17, 0)}})["ok"], true);
   const json reply = call(protocol, {{"op", "step"}});
   ASSERT_EQ(delivered.size(), 1u);
   EXPECT_EQ(reply["step"], delivered[0].step);
@@ -263,14 +259,14 @@ TEST(ControlProtocolTest, AFailedSinkStopsChangesButNotReads) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
   ControlProtocol protocol(
       c, [](const StepPlan&) { return Status(ErrorCode::kInternal, "rank 3: MPI_Bcast failed"); });
-  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(17, 0)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(17, 0)}})["ok"], true);
   const json step = call(protocol, {{"op", "step"}});
   EXPECT_EQ(error_code(step), "Unavailable");
   EXPECT_THAT(
       step["error"]["message"].get<std::string>(),
       HasSubstr("step 0's plan did not reach the ranks (Internal: rank 3: MPI_Bcast failed)"));
   EXPECT_EQ(protocol.failure().code(), ErrorCode::kUnavailable);
-  EXPECT_EQ(error_code(call(protocol, {{"op", "admit"}, {"seq", 2}, {"tokens", tokens(3, 0)}})),
+  EXPECT_EQ(error_code(call(protocol, {{"op", "admit"}, {"seq", 2}, {"tokens", token_run(3, 0)}})),
             "Unavailable");
   EXPECT_EQ(error_code(call(protocol, {{"op", "step"}})), "Unavailable");
   EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
@@ -296,7 +292,7 @@ bool has_sample(const std::string& text, const std::string& sample) {
 TEST(MetricsTest, ExposeCountersPoolsAndRequests) {
   Coordinator c = make(serving_config(2, 1, 4, 2, 16, 4));
   ControlProtocol protocol(c);
-  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", tokens(40, 0)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(40, 0)}})["ok"], true);
   ASSERT_EQ(call(protocol, {{"op", "free"}, {"seq", 9}})["ok"], false);
   ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
   protocol.handle("{");
