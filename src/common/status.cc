@@ -34,6 +34,8 @@ std::string_view error_code_name(ErrorCode code) {
       return "DataLoss";
     case ErrorCode::kInternal:
       return "Internal";
+    case ErrorCode::kResourceExhausted:
+      return "ResourceExhausted";
   }
   return "Unknown";
 }

@@ -173,6 +173,9 @@ const std::vector<ConfigField>& config_fields() {
                    [](Config& c) -> auto& { return c.coordinator.queue_weight; }),
       double_field("coordinator.memory_weight", "cost per unit of device-pool utilization",
                    [](Config& c) -> auto& { return c.coordinator.memory_weight; }),
+      unsigned_field<uint32_t>(
+          "coordinator.max_sequences_per_replica", "running and swapped sequences per replica",
+          [](Config& c) -> auto& { return c.coordinator.max_sequences_per_replica; }),
       ConfigField{"server.address", "control plane listen address (IPv4 or IPv6 literal)",
                   [](Config& c, std::string_view text) -> Status {
                     c.server.address = std::string(text);

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <set>
 #include <string>
+#include <tuple>
 
 #include "common/log.h"
 
@@ -18,6 +20,10 @@ constexpr uint32_t kAnyPriority = std::numeric_limits<uint32_t>::max();
 
 size_t blocks_for(size_t tokens, size_t block_size) { return (tokens + block_size - 1) / block_size; }
 
+std::string sequence_limit_text(uint32_t limit) {
+  return std::to_string(limit) + " sequences (coordinator.max_sequences_per_replica)";
+}
+
 }  // namespace
 
 struct Coordinator::Replica {
@@ -26,6 +32,13 @@ struct Coordinator::Replica {
   uint32_t running = 0;
   std::map<uint32_t, uint32_t> swapped_by_priority = {};  // waiting swapped sequences per priority
   bool relieved_this_step = false;  // swapped, parked or preempted a sequence in this step
+
+  // Running and swapped sequences (what coordinator.max_sequences_per_replica bounds).
+  [[nodiscard]] uint64_t sequences() const {
+    uint64_t total = running;
+    for (const auto& [priority, count] : swapped_by_priority) total += count;
+    return total;
+  }
 };
 
 Coordinator::Coordinator(const Config& config) : config_(config) {}
@@ -49,6 +62,33 @@ Result<Coordinator> Coordinator::create(const Config& config) {
     c.replicas_.push_back(Replica{std::move(cache), BlockAllocator(static_cast<uint32_t>(config.cache.host_num_blocks))});
   }
   return c;
+}
+
+bool Coordinator::is_full(uint32_t replica) const {
+  return replicas_[replica].sequences() >= config_.coordinator.max_sequences_per_replica;
+}
+
+Status Coordinator::check_new_sequence(SeqId seq, std::string_view role) const {
+  if (seq.value >= kMaxUserSeqId) {
+    return invalid_argument(to_string(seq) + " is in the reserved range (ids must be < 2^63)");
+  }
+  if (seqs_.count(seq) > 0) return invalid_operation(std::string(role) + to_string(seq) + " already exists");
+  return ok_status();
+}
+
+Status Coordinator::no_room(const std::string& request, uint32_t replica, size_t needed,
+                            const Relief& relief) const {
+  const PagedKvCache& pool = replicas_[replica].cache.pool();
+  std::string why = request + ": needs " + std::to_string(needed) + " blocks on replica " +
+                    std::to_string(replica) + ", which ";
+  if (needed > pool.total_blocks()) {
+    why += "holds " + std::to_string(pool.total_blocks()) + " in all";
+  } else {
+    why += "has " + std::to_string(pool.available_block_count()) + " available and could free " +
+           std::to_string(relief.reachable - pool.available_block_count()) +
+           " more from the sequences it may displace";
+  }
+  return Status(ErrorCode::kOutOfMemory, why + "; nothing was changed");
 }
 
 Coordinator::Sequence* Coordinator::find(SeqId seq) {
@@ -105,24 +145,48 @@ void Coordinator::migrate(uint32_t src_replica, std::span<const BlockId> src, ui
   stats_.migrated_blocks += src.size();
 }
 
-// The victim under pressure: lowest priority, then least recently used, then lowest SeqId, among
-// the replica's running sequences below `below_priority`.
-std::optional<SeqId> Coordinator::pick_victim(uint32_t replica, SeqId exclude,
-                                              uint32_t below_priority) const {
-  std::optional<SeqId> best;
-  const SequenceInfo* best_info = nullptr;
+// Victims in the order relief takes them: lowest priority, then least recently used, then
+// lowest SeqId, among the replica's running sequences below `below_priority`. Displacing one does
+// not reorder the others, so the whole order is known up front, and so is what each frees: its
+// blocks that no other sequence holds (reused blocks excepted: the request takes them itself).
+Coordinator::Relief Coordinator::plan_relief(uint32_t replica, const ReliefRequest& request) const {
   const PagedKvCache& pool = replicas_[replica].cache.pool();
+  Relief relief;
+  relief.reachable = pool.available_block_count();
+  if (request.needed > pool.total_blocks() + (request.copied_tail ? 1 : 0)) return relief;
+  std::vector<const SequenceInfo*> candidates;
   for (const auto& [seq, state] : seqs_) {  // ordered map: deterministic
-    if (state.swapped || state.replica != replica || seq == exclude) continue;
+    if (state.swapped || state.replica != replica || seq == request.exclude) continue;
     const SequenceInfo* info = pool.get_sequence(seq);
-    if (info->priority >= below_priority) continue;
-    if (best_info == nullptr || info->priority < best_info->priority ||
-        (info->priority == best_info->priority && info->last_access < best_info->last_access)) {
-      best = seq;
-      best_info = info;
+    if (info->priority < request.below_priority) candidates.push_back(info);
+  }
+  std::sort(candidates.begin(), candidates.end(), [](const SequenceInfo* a, const SequenceInfo* b) {
+    return std::tie(a->priority, a->last_access, a->seq_id) <
+           std::tie(b->priority, b->last_access, b->seq_id);
+  });
+  const std::set<BlockId> reused(request.reused.begin(), request.reused.end());
+  std::map<BlockId, uint32_t> released;  // references the victims so far give up, per block
+  size_t needed = request.needed;
+  for (const SequenceInfo* victim : candidates) {
+    if (relief.reachable >= needed) break;
+    relief.victims.push_back(victim->seq_id);
+    for (BlockId block : victim->block_ids) {
+      const uint32_t left = pool.block_ref_count(block) - ++released[block];
+      const bool unused = left == (pool.is_retained(block) ? 1u : 0u);  // free, or idle cached
+      if (unused && reused.count(block) == 0) ++relief.reachable;
+      // The requester alone holds its shared tail now: it writes there instead of copying it.
+      if (request.copied_tail == block && left == 1) --needed;
     }
   }
-  return best;
+  relief.enough = relief.reachable >= needed;
+  return relief;
+}
+
+void Coordinator::relieve(uint32_t replica, std::span<const SeqId> victims) {
+  if (!victims.empty()) replicas_[replica].relieved_this_step = true;
+  for (SeqId victim : victims) {
+    if (!swap_out(victim) && !park(victim)) preempt(victim);
+  }
 }
 
 bool Coordinator::swap_out(SeqId seq) {
@@ -157,7 +221,7 @@ bool Coordinator::park(SeqId seq) {
   // The peer with the most room that can take the whole sequence (ties: lowest replica id).
   std::optional<uint32_t> peer;
   for (uint32_t p = 0; p < replicas_.size(); ++p) {
-    if (p == s.replica) continue;
+    if (p == s.replica || is_full(p)) continue;
     const size_t room = replicas_[p].cache.pool().available_block_count();
     if (room >= info->block_ids.size() &&
         (!peer || room > replicas_[*peer].cache.pool().available_block_count())) {
@@ -193,38 +257,28 @@ void Coordinator::preempt(SeqId seq) {
   ++stats_.preempted;
 }
 
-Status Coordinator::relieve_pressure(uint32_t replica, size_t needed, SeqId exclude,
-                                     uint32_t below_priority) {
-  PagedKvCache& pool = replicas_[replica].cache.pool();
-  if (pool.available_block_count() < needed) replicas_[replica].relieved_this_step = true;
-  while (pool.available_block_count() < needed) {
-    const auto victim = pick_victim(replica, exclude, below_priority);
-    if (!victim) break;
-    if (swap_out(*victim) || park(*victim)) continue;
-    preempt(*victim);
-  }
-  if (pool.available_block_count() >= needed) return ok_status();
-  return out_of_memory(needed, pool.available_block_count());
-}
-
 Result<Placement> Coordinator::admit(SeqId seq, std::span<const TokenId> prompt, uint32_t priority) {
   return admit(seq, std::vector<TokenId>(prompt.begin(), prompt.end()), priority);
 }
 
 Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, uint32_t priority) {
-  if (seq.value >= kMaxUserSeqId) {
-    return invalid_argument(to_string(seq) + " is in the reserved range (ids must be < 2^63)");
-  }
-  if (seqs_.count(seq) > 0) return invalid_operation("Sequence " + to_string(seq) + " already exists");
+  KVF_RETURN_IF_ERROR(check_new_sequence(seq, "Sequence "));
   if (prompt.empty()) return invalid_argument("admit " + to_string(seq) + ": the prompt is empty");
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
-  const CoordinatorConfig& w = config_.coordinator;
-  const size_t bs = config_.cache.block_size;
-  const size_t n = prompt.size();
-  const size_t total_blocks = blocks_for(n, bs);
+  // The prompt's unit keys, hashed once for every replica's lookup.
+  const RadixKey key(prompt, config_.cache.block_size);
+  KVF_ASSIGN_OR_RETURN(AdmitChoice choice, choose_replica(seq, key, priority));
+  relieve(choice.replica, choice.victims);
+  return place(seq, std::move(prompt), key, priority, choice);
+}
 
-  // The global view: what every replica has cached of this prompt (each unit hashed once).
-  const RadixKey key(prompt, static_cast<uint32_t>(bs));
+Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const RadixKey& key,
+                                                             uint32_t priority) const {
+  const CoordinatorConfig& w = config_.coordinator;
+  const size_t n = key.tokens().size();
+  const size_t total_blocks = blocks_for(n, config_.cache.block_size);
+
+  // The global view: what every replica has cached of this prompt.
   std::vector<PrefixMatch> matches;
   matches.reserve(replicas_.size());
   uint32_t best_source = 0;
@@ -237,10 +291,16 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
   struct Option {
     double cost;
     uint32_t replica;
-    size_t migrated_blocks;
+    bool migrate_prefix;
+    size_t needed;  // new blocks, plus the idle cached ones of the match that become used
   };
-  std::optional<Option> chosen;
+  std::vector<Option> options;
+  uint32_t full = 0;
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    if (is_full(r)) {
+      ++full;
+      continue;
+    }
     // Swapped sequences that rank with the newcomer return first (as vLLM schedules swap-ins
     // before new prefills): their replica takes no newcomer until they are back.
     if (replicas_[r].swapped_by_priority.lower_bound(priority) != replicas_[r].swapped_by_priority.end()) {
@@ -255,49 +315,71 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, u
     double cost = w.prefill_token_cost * static_cast<double>(n - covered) +
                   w.queue_weight * replicas_[r].running + w.memory_weight * pool.utilization();
     if (migrate_prefix) cost += w.migration_token_cost * static_cast<double>(best_tokens - local);
+    const size_t needed = total_blocks - matches[r].blocks.size() + matches[r].idle_blocks;
     // A replica that must first swap or preempt others ranks behind one that has room.
-    const size_t new_blocks = total_blocks - matches[r].blocks.size() + matches[r].idle_blocks;
-    if (new_blocks > pool.available_block_count()) cost += 1e18;
-    if (!chosen || cost < chosen->cost) {
-      chosen = Option{cost, r, migrate_prefix ? matches[best_source].blocks.size() - matches[r].blocks.size() : 0};
-    }
+    if (needed > pool.available_block_count()) cost += 1e18;
+    options.push_back({cost, r, migrate_prefix, needed});
   }
-  if (!chosen) {
+  if (full == replicas_.size()) {
+    return Status(ErrorCode::kResourceExhausted,
+                  "admit " + to_string(seq) + ": every replica holds " +
+                      sequence_limit_text(config_.coordinator.max_sequences_per_replica));
+  }
+  if (options.empty()) {
     return Status(ErrorCode::kOutOfMemory, "admit " + to_string(seq) +
                                                ": every replica is bringing back swapped "
                                                "sequences of the same or a higher priority first");
   }
-  const uint32_t r = chosen->replica;
-  Replica& rep = replicas_[r];
-  // New blocks, plus the idle cached ones of the match that stop being available once shared.
-  const size_t needed = total_blocks - matches[r].blocks.size() + matches[r].idle_blocks;
-  if (needed > rep.cache.pool().total_blocks()) {
-    return out_of_memory(needed, rep.cache.pool().available_block_count());
+  // The cheapest replica that has room or can make it (ties: the lower replica id). A newcomer
+  // displaces only sequences of lower priority: others keep running; the scheduler retries it.
+  std::stable_sort(options.begin(), options.end(),
+                   [](const Option& a, const Option& b) { return a.cost < b.cost; });
+  std::optional<Relief> first_refusal;
+  for (const Option& o : options) {
+    AdmitChoice choice{o.replica, o.migrate_prefix ? std::optional(best_source) : std::nullopt, {}};
+    if (o.needed <= replicas_[o.replica].cache.pool().available_block_count()) return choice;
+    Relief relief = plan_relief(o.replica, {o.needed, seq, priority, matches[o.replica].blocks, {}});
+    if (relief.enough) {
+      choice.victims = std::move(relief.victims);
+      return choice;
+    }
+    if (!first_refusal) first_refusal = std::move(relief);
   }
-  // Room first: a newcomer displaces only sequences of lower priority (others keep running; the
-  // scheduler retries it later).
-  KVF_RETURN_IF_ERROR(relieve_pressure(r, needed, seq, priority));
-  KVF_ASSIGN_OR_RETURN(const size_t local_cached, rep.cache.allocate(seq, key));
+  const Option& best = options.front();
+  return no_room("admit " + to_string(seq), best.replica, best.needed, *first_refusal);
+}
+
+Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, const RadixKey& key,
+                                     uint32_t priority, const AdmitChoice& choice) {
+  const uint32_t r = choice.replica;
+  Replica& rep = replicas_[r];
+  const auto allocated = rep.cache.allocate(seq, key);
+  if (!allocated.ok()) {
+    return Status(ErrorCode::kInternal, "admit " + to_string(seq) + ": replica " + std::to_string(r) +
+                                            " had room made but refused the allocation (" +
+                                            allocated.status().to_string() + ")");
+  }
+  const size_t local_cached = *allocated;
   if (priority != 0) {
     const Status p = rep.cache.pool().set_priority(seq, priority);
-    if (!p.ok()) {
-      (void)rep.cache.pool().free(seq);
-      return p;
-    }
+    KVF_CHECK(p.ok(), p.message());  // check_priority() admitted it
   }
+  const size_t bs = config_.cache.block_size;
+  const size_t n = prompt.size();
   const std::vector<BlockId>& table = rep.cache.pool().get_sequence(seq)->block_ids;
   Placement placement;
   placement.replica = r;
   placement.cached_tokens = local_cached;
-  if (chosen->migrated_blocks > 0) {
+  if (choice.migration_source) {
     // Look again: making room may have parked sequences on the source, evicting (and reusing)
-    // part of the prefix found above.
-    const PrefixMatch source = replicas_[best_source].cache.index().peek(key);
+    // part of the prefix found before.
+    const uint32_t source_replica = *choice.migration_source;
+    const PrefixMatch source = replicas_[source_replica].cache.index().peek(key);
     // The source's cached blocks after the target's own prefix fill the target's next blocks.
     const size_t first = local_cached / bs;
     const size_t count = std::min(source.blocks.size(), table.size());
     if (count > first && source.tokens > local_cached) {
-      migrate(best_source, std::span(source.blocks).subspan(first, count - first), r,
+      migrate(source_replica, std::span(source.blocks).subspan(first, count - first), r,
               std::span(table).subspan(first, count - first));
       placement.migrated_tokens = std::min(source.tokens, n) - local_cached;
       placement.cached_tokens += placement.migrated_tokens;
@@ -325,6 +407,10 @@ Status Coordinator::append(SeqId seq, size_t num_tokens) {
   }
   PagedKvCache& pool = replicas_[s->replica].cache.pool();
   const SequenceInfo* info = pool.get_sequence(seq);
+  if (num_tokens > std::numeric_limits<size_t>::max() - info->num_tokens) {
+    return invalid_argument("appending " + std::to_string(num_tokens) + " tokens to " +
+                            to_string(seq) + " overflows its length");
+  }
   // New blocks, plus one when the partly filled tail is shared (copied before the write).
   const size_t bs = config_.cache.block_size;
   const bool shared_tail = num_tokens > 0 && info->num_tokens % bs != 0 &&
@@ -332,7 +418,11 @@ Status Coordinator::append(SeqId seq, size_t num_tokens) {
   const size_t needed = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks() +
                         (shared_tail ? 1 : 0);
   if (pool.available_block_count() < needed) {
-    KVF_RETURN_IF_ERROR(relieve_pressure(s->replica, needed, seq, kAnyPriority));
+    const std::optional<BlockId> copied_tail =
+        shared_tail ? std::optional(info->block_ids.back()) : std::nullopt;
+    const Relief relief = plan_relief(s->replica, {needed, seq, kAnyPriority, {}, copied_tail});
+    if (!relief.enough) return no_room("append " + to_string(seq), s->replica, needed, relief);
+    relieve(s->replica, relief.victims);
   }
   KVF_RETURN_IF_ERROR(pool.append(seq, num_tokens));
   collect_copies(s->replica);
@@ -342,12 +432,7 @@ Status Coordinator::append(SeqId seq, size_t num_tokens) {
 }
 
 Status Coordinator::fork(SeqId src, SeqId dst, std::optional<uint32_t> replica) {
-  if (dst.value >= kMaxUserSeqId) {
-    return invalid_argument(to_string(dst) + " is in the reserved range (ids must be < 2^63)");
-  }
-  if (seqs_.count(dst) > 0) {
-    return invalid_operation("Destination sequence " + to_string(dst) + " already exists");
-  }
+  KVF_RETURN_IF_ERROR(check_new_sequence(dst, "Destination sequence "));
   Sequence* s = find(src);
   if (s == nullptr) return sequence_not_found(src);
   if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
@@ -357,13 +442,26 @@ Status Coordinator::fork(SeqId src, SeqId dst, std::optional<uint32_t> replica) 
   }
   const uint32_t from = s->replica;
   const uint32_t to = replica.value_or(from);
+  if (is_full(to)) {
+    return Status(ErrorCode::kResourceExhausted,
+                  "fork " + to_string(src) + " -> " + to_string(dst) + ": replica " +
+                      std::to_string(to) + " holds " +
+                      sequence_limit_text(config_.coordinator.max_sequences_per_replica));
+  }
   PagedKvCache& src_pool = replicas_[from].cache.pool();
   if (to == from) {
     KVF_RETURN_IF_ERROR(src_pool.fork(src, dst));
   } else {
     const SequenceInfo* info = src_pool.get_sequence(src);
     PagedKvCache& dst_pool = replicas_[to].cache.pool();
-    KVF_RETURN_IF_ERROR(relieve_pressure(to, info->num_blocks(), dst, info->priority));
+    const size_t needed = info->num_blocks();
+    if (dst_pool.available_block_count() < needed) {
+      const Relief relief = plan_relief(to, {needed, dst, info->priority, {}, {}});
+      if (!relief.enough) {
+        return no_room("fork " + to_string(src) + " -> " + to_string(dst), to, needed, relief);
+      }
+      relieve(to, relief.victims);
+    }
     KVF_RETURN_IF_ERROR(dst_pool.allocate(dst, info->num_tokens));
     (void)dst_pool.set_priority(dst, info->priority);
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);

@@ -31,6 +31,7 @@ enum class ErrorCode : uint8_t {
   kUnavailable,       //!< a device or peer is not reachable; may succeed later
   kDataLoss,          //!< data arrived corrupted (checksum mismatch)
   kInternal,          //!< a failure in a lower layer (CUDA, MPI, NCCL) with its message
+  kResourceExhausted,  //!< a configured limit (sequences, connections, batch or reply size) is reached
 };
 
 //! \brief The code's name without the leading k, e.g. "OutOfMemory".

@@ -67,6 +67,9 @@ struct CoordinatorConfig {
   double migration_token_cost = 0.1;
   double queue_weight = 16.0;
   double memory_weight = 4096.0;
+  //! Running and swapped sequences a replica may hold; admit, fork and parking beyond it are
+  //! refused (ResourceExhausted). Forks share blocks, so memory alone does not bound them.
+  uint32_t max_sequences_per_replica = 4096;
 };
 
 //! \brief The control plane on rank 0 (DESIGN.md §1): a JSON-lines TCP endpoint for a scheduler

@@ -7,6 +7,8 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "kvfabric/block/block_allocator.h"
@@ -58,8 +60,9 @@ struct CoordinatorStats {
 //! step. A growing sequence (append) may displace any other; a newcomer (admit, a fork onto
 //! another replica) only sequences of lower priority, so new requests never churn running ones
 //! and the scheduler retries them later; and admit() skips a replica whose swapped sequences of
-//! the same or a higher priority are waiting to come back. Relief taken for a request that still fails stays (each
-//! action is valid on its own); the request itself changes nothing.
+//! the same or a higher priority are waiting to come back. Feasibility is decided before any
+//! relief: a request that displacing every sequence it may displace would not make room for is
+//! refused, and a refused request changes nothing (no swap, park, preemption or eviction).
 //!
 //! The plan's tables are authoritative: a placement returned by admit() can change later in the
 //! same step when another request moves the sequence. The engine's contract: in each step's
@@ -130,11 +133,42 @@ class Coordinator {
     std::vector<TokenId> tokens;
   };
 
+  //! What making room on a replica would take (plan_relief()).
+  struct Relief {
+    std::vector<SeqId> victims;  //!< in the order they are displaced
+    bool enough = false;         //!< whether displacing them makes the room asked for
+    size_t reachable = 0;        //!< blocks available once every allowed victim is displaced
+  };
+  //! Who may be displaced to make room for a request.
+  struct ReliefRequest {
+    size_t needed = 0;                 //!< blocks the request takes
+    SeqId exclude;                     //!< the sequence making the request
+    uint32_t below_priority = 0;       //!< only victims of a lower priority
+    std::span<const BlockId> reused;   //!< cached blocks the request shares (not room it gains)
+    std::optional<BlockId> copied_tail;  //!< a shared tail the request copies unless freed
+  };
+
+  //! Where admit() places a prompt, and whom it displaces there first.
+  struct AdmitChoice {
+    uint32_t replica = 0;
+    std::optional<uint32_t> migration_source;  //!< the replica whose longer prefix is moved
+    std::vector<SeqId> victims;
+  };
+
   explicit Coordinator(const Config& config);
   Sequence* find(SeqId seq);
+  [[nodiscard]] bool is_full(uint32_t replica) const;
+  //! An id admit() or fork() may give a new sequence; `role` starts the "exists" message.
+  Status check_new_sequence(SeqId seq, std::string_view role) const;
   Status check_priority(SeqId seq, uint32_t priority) const;
-  Status relieve_pressure(uint32_t replica, size_t needed, SeqId exclude, uint32_t below_priority);
-  std::optional<SeqId> pick_victim(uint32_t replica, SeqId exclude, uint32_t below_priority) const;
+  Result<AdmitChoice> choose_replica(SeqId seq, const RadixKey& key, uint32_t priority) const;
+  Result<Placement> place(SeqId seq, std::vector<TokenId>&& prompt, const RadixKey& key,
+                          uint32_t priority, const AdmitChoice& choice);
+  //! OutOfMemory for a request that making room could not satisfy, with the numbers.
+  Status no_room(const std::string& request, uint32_t replica, size_t needed,
+                 const Relief& relief) const;
+  Relief plan_relief(uint32_t replica, const ReliefRequest& request) const;
+  void relieve(uint32_t replica, std::span<const SeqId> victims);
   bool swap_out(SeqId seq);
   bool park(SeqId seq);
   void preempt(SeqId seq);

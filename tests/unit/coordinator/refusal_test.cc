@@ -1,0 +1,170 @@
+// A refused request changes nothing (DESIGN.md §5): not the counters, not any sequence's replica,
+// tier or blocks, not the prefix caches, not what the next plans hold. Each case builds the same
+// state twice, sends the refused request to one coordinator only, and compares everything a
+// scheduler or a rank can observe.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kvfabric/coordinator/coordinator.h"
+#include "testing/serving_harness.h"
+
+namespace kvfabric {
+namespace {
+
+using testing::serving_config;
+using testing::token_run;
+using ::testing::HasSubstr;
+
+// Everything observable of `c` for the sequences S0 .. S<max_seq>.
+std::string observe(const Coordinator& c, uint64_t max_seq) {
+  std::ostringstream out;
+  const CoordinatorStats& s = c.stats();
+  out << "admitted " << s.admitted << " prompt " << s.prompt_tokens << " hit " << s.local_hit_tokens
+      << " migrated " << s.migrated_tokens << "/" << s.migrated_blocks << " swapped "
+      << s.swapped_out << "/" << s.swapped_in << " parked " << s.parked << " preempted "
+      << s.preempted << " steps " << s.steps << "\n";
+  for (uint32_t r = 0; r < c.num_replicas(); ++r) {
+    const PagedKvCache& pool = c.replica_cache(r).pool();
+    out << "replica " << r << ": used " << pool.used_block_count() << " cached "
+        << pool.cached_block_count() << " free " << pool.free_block_count() << " sequences "
+        << pool.num_sequences() << " host free " << c.host_free_blocks(r) << " indexed "
+        << c.replica_cache(r).index().cached_blocks() << "\n";
+  }
+  for (uint64_t id = 0; id <= max_seq; ++id) {
+    const SeqId seq{id};
+    const auto replica = c.replica_of(seq);
+    if (!replica) continue;
+    out << seq << " on " << *replica << (c.is_swapped(seq) ? " swapped" : "") << ":";
+    for (BlockId b : c.blocks_of(seq)) out << " " << b.value;
+    out << "\n";
+  }
+  return out.str();
+}
+
+// Builds a state twice with `setup`, refuses `request` on one copy, and checks that both then
+// look and plan alike for two more steps.
+template <typename Setup, typename Request>
+void expect_refusal_changes_nothing(const Config& config, Setup setup, Request request,
+                                    ErrorCode code, const std::string& message) {
+  auto refused = Coordinator::create(config), control = Coordinator::create(config);
+  ASSERT_TRUE(refused.ok() && control.ok());
+  setup(*refused);
+  setup(*control);
+  ASSERT_EQ(observe(*refused, 64), observe(*control, 64));
+  const Status status = request(*refused);
+  EXPECT_EQ(status.code(), code) << status;
+  EXPECT_THAT(status.message(), HasSubstr(message));
+  EXPECT_EQ(observe(*refused, 64), observe(*control, 64));
+  for (int step = 0; step < 2; ++step) {
+    const auto a = refused->step(), b = control->step();
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(*a, *b) << "step " << step;
+  }
+  EXPECT_EQ(observe(*refused, 64), observe(*control, 64));
+  EXPECT_TRUE(refused->verify_integrity().ok());
+}
+
+// `count` sequences of 2 blocks each, computed (one step); placement alternates over replicas.
+void admit_pairs(Coordinator& c, uint64_t first, size_t count, uint32_t priority = 0) {
+  for (uint64_t i = 0; i < count; ++i) {
+    const auto placed = c.admit(SeqId{first + i}, token_run(32, static_cast<TokenId>(1000 * (first + i))), priority);
+    ASSERT_TRUE(placed.ok()) << placed.status();
+  }
+  ASSERT_TRUE(c.step().ok());
+}
+
+// Regression: append(seq, 2^32 - 1) on a full replica answered OutOfMemory after swapping out,
+// parking and preempting the other sequences.
+TEST(RefusalTest, AnAppendNothingCouldMakeRoomForDisplacesNobody) {
+  expect_refusal_changes_nothing(
+      serving_config(2, 1, 4, 2, 8, 4), [](Coordinator& c) { admit_pairs(c, 1, 8); },
+      [](Coordinator& c) { return c.append(SeqId{7}, std::numeric_limits<uint32_t>::max()); },
+      ErrorCode::kOutOfMemory, "append S7: needs 268435456 blocks on replica 0, which holds 8");
+  // Within the pool, but more than every other sequence frees.
+  expect_refusal_changes_nothing(
+      serving_config(2, 1, 4, 2, 8, 4), [](Coordinator& c) { admit_pairs(c, 1, 8); },
+      [](Coordinator& c) { return c.append(SeqId{7}, 16 * 6 + 1); }, ErrorCode::kOutOfMemory,
+      "needs 7 blocks on replica 0, which has 0 available and could free 6 more");
+}
+
+// Regression: an admit that could not fit even after relief still swapped out a sequence of
+// lower priority first.
+TEST(RefusalTest, AnAdmitThatCannotFitEvenAfterReliefDisplacesNobody) {
+  Config config = serving_config(1, 1, 4, 2, 8, 8);
+  auto setup = [](Coordinator& c) {
+    ASSERT_TRUE(c.admit(SeqId{1}, token_run(32, 100), 0).ok());   // 2 blocks, may be displaced
+    ASSERT_TRUE(c.admit(SeqId{2}, token_run(96, 5000), 1).ok());  // 6 blocks, may not
+    ASSERT_TRUE(c.step().ok());
+  };
+  expect_refusal_changes_nothing(
+      config, setup, [](Coordinator& c) { return c.admit(SeqId{3}, token_run(64, 9000), 1).status(); },
+      ErrorCode::kOutOfMemory, "admit S3: needs 4 blocks on replica 0, which has 0 available and could free 2 more");
+  // A newcomer of priority 2 may displace both, and then it fits.
+  auto c = Coordinator::create(config);
+  ASSERT_TRUE(c.ok());
+  setup(*c);
+  ASSERT_TRUE(c->admit(SeqId{3}, token_run(64, 9000), 2).ok());
+  EXPECT_EQ(c->stats().swapped_out, 2u);
+}
+
+// Regression: a cross-replica fork that could not fit parked another sequence first.
+TEST(RefusalTest, ARefusedCrossReplicaForkDisplacesNobody) {
+  Config config = serving_config(2, 1, 4, 2, 8, 0);  // no host tier: victims would be parked
+  config.coordinator.queue_weight = 1e6;            // placement follows the running count
+  config.coordinator.memory_weight = 0;
+  auto setup = [](Coordinator& c) {
+    ASSERT_EQ(c.admit(SeqId{1}, token_run(64, 100), 1)->replica, 0u);   // 4 blocks: the parent
+    ASSERT_EQ(c.admit(SeqId{2}, token_run(32, 900), 0)->replica, 1u);   // 2 blocks, displaceable
+    ASSERT_EQ(c.admit(SeqId{3}, token_run(16, 2000), 1)->replica, 0u);  // 1 block: 3 stay free
+    ASSERT_EQ(c.admit(SeqId{4}, token_run(96, 5000), 1)->replica, 1u);  // 6 blocks: replica 1 full
+    ASSERT_TRUE(c.step().ok());
+  };
+  expect_refusal_changes_nothing(
+      config, setup, [](Coordinator& c) { return c.fork(SeqId{1}, SeqId{9}, 1u); },
+      ErrorCode::kOutOfMemory, "fork S1 -> S9: needs 4 blocks on replica 1");
+}
+
+// Forks share their parent's blocks, so memory never stopped them: 200,000 forks of one sequence
+// made 200,000 sequences in a pool of 64 blocks.
+TEST(RefusalTest, SequencesBeyondTheReplicaLimitAreRefused) {
+  Config config = serving_config(2, 1, 4, 2, 64, 0);
+  config.coordinator.max_sequences_per_replica = 4;
+  auto setup = [](Coordinator& c) {
+    ASSERT_EQ(c.admit(SeqId{1}, token_run(40, 100))->replica, 0u);
+    for (uint64_t child = 2; child <= 4; ++child) ASSERT_TRUE(c.fork(SeqId{1}, SeqId{child}).ok());
+  };
+  expect_refusal_changes_nothing(
+      config, setup, [](Coordinator& c) { return c.fork(SeqId{1}, SeqId{5}); },
+      ErrorCode::kResourceExhausted,
+      "fork S1 -> S5: replica 0 holds 4 sequences (coordinator.max_sequences_per_replica)");
+  // A newcomer goes to a replica with room; when every replica is full it is refused.
+  auto c = Coordinator::create(config);
+  ASSERT_TRUE(c.ok());
+  setup(*c);
+  for (uint64_t id = 10; id < 14; ++id) {
+    const auto placed = c->admit(SeqId{id}, token_run(40, 100));
+    ASSERT_TRUE(placed.ok()) << placed.status();
+    EXPECT_EQ(placed->replica, 1u);
+  }
+  const auto refused = c->admit(SeqId{20}, token_run(8, 7));
+  EXPECT_EQ(refused.status().code(), ErrorCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("every replica holds 4 sequences"));
+  EXPECT_EQ(c->stats().admitted, 5u);
+
+  // The default limit bounds a flood of forks.
+  auto flood = Coordinator::create(serving_config(1, 1, 4, 2, 64, 0));
+  ASSERT_TRUE(flood.ok());
+  ASSERT_TRUE(flood->admit(SeqId{1}, token_run(40, 100)).ok());
+  uint64_t forked = 0;
+  for (uint64_t child = 2; child < 6000; ++child) forked += flood->fork(SeqId{1}, SeqId{child}).ok() ? 1 : 0;
+  EXPECT_EQ(forked, 4095u);
+  EXPECT_TRUE(flood->verify_integrity().ok());
+}
+
+}  // namespace
+}  // namespace kvfabric
