@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <string>
 
+#include "common/checked_math.h"
+
 namespace kvfabric {
 namespace {
 
@@ -24,9 +26,13 @@ Result<KvCache> KvCache::create(Backend& backend, const KvCacheOptions& options)
     return invalid_argument("KvCache pool_blocks exceeds " + std::to_string(kMaxBlocksPerPool));
   }
   const uint32_t max_blocks = (options.capacity + block_size - 1) / block_size;
-  KVF_ASSIGN_OR_RETURN(
-      KvArena arena,
-      backend.allocate_arena(options.pool_blocks * layout.block_bytes(), Tier::kDevice));
+  const auto bytes = detail::checked_product({options.pool_blocks, layout.block_bytes()});
+  if (!bytes) {
+    return invalid_argument("KvCache pool_blocks " + std::to_string(options.pool_blocks) + " x " +
+                            std::to_string(layout.block_bytes()) +
+                            "-byte blocks is more than 2^64 bytes");
+  }
+  KVF_ASSIGN_OR_RETURN(KvArena arena, backend.allocate_arena(*bytes, Tier::kDevice));
   const PagedKvView view = PagedKvView::make(layout, arena.data(), options.pool_blocks);
   return KvCache(backend, options, paged, max_blocks, std::move(arena), view);
 }

@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "common/checked_math.h"
+
 namespace kvfabric {
 
 Result<KvStorageSpec> KvStorageSpec::from_config(const Config& config) {
@@ -44,7 +46,13 @@ Result<KvStorage> KvStorage::create(Backend& backend, const KvStorageSpec& spec)
     const uint64_t block_bytes = group.layout.block_bytes();
     for (Tier tier : {Tier::kDevice, Tier::kHost}) {
       const uint64_t blocks = tier == Tier::kDevice ? gs.device_blocks : gs.host_blocks;
-      auto arena = backend.allocate_arena(blocks * block_bytes, tier);
+      const auto bytes = detail::checked_product({blocks, block_bytes});
+      if (!bytes) {
+        return invalid_argument("layer group " + std::to_string(g) + ": " + std::to_string(blocks) +
+                                " blocks of " + std::to_string(block_bytes) +
+                                " bytes are more than 2^64 bytes");
+      }
+      auto arena = backend.allocate_arena(*bytes, tier);
       if (!arena.ok()) {
         return Status(arena.status().code(),
                       "layer group " + std::to_string(g) + ": " + arena.status().message());

@@ -8,6 +8,7 @@
 
 #include "block/compaction_plan.h"
 #include "block/victim_index.h"
+#include "common/host_memory.h"
 #include "common/log.h"
 
 namespace kvfabric {
@@ -48,6 +49,9 @@ Result<PagedKvCache> PagedKvCache::create(size_t num_blocks, size_t block_size, 
                             std::to_string(kMaxBlocksPerPool));
   }
   KVF_ASSIGN_OR_RETURN(const BlockLayout layout, seed_layout(block_size, num_heads, head_dim));
+  KVF_RETURN_IF_ERROR(detail::check_host_memory(num_blocks * BlockAllocator::kBytesPerBlock,
+                                                "a block manager of " +
+                                                    std::to_string(num_blocks) + " blocks"));
   return PagedKvCache(layout, num_blocks, ok_status());
 }
 
@@ -55,6 +59,9 @@ Result<PagedKvCache> PagedKvCache::create(const Config& config) {
   KVF_RETURN_IF_ERROR(validate(config));
   KVF_ASSIGN_OR_RETURN(const BlockLayout layout, kvfabric::block_layout(config));
   KVF_ASSIGN_OR_RETURN(const uint64_t num_blocks, resolved_num_blocks(config));
+  KVF_RETURN_IF_ERROR(detail::check_host_memory(
+      num_blocks * BlockAllocator::kBytesPerBlock,
+      "the block manager of cache.num_blocks " + std::to_string(num_blocks)));
   PagedKvCache cache(layout, num_blocks, ok_status());
   KVF_RETURN_IF_ERROR(
       cache.set_eviction_strategy(EvictionStrategy::from_config(config.cache.eviction)));

@@ -3,11 +3,35 @@
 #include <sstream>
 #include <string>
 
+#include "common/checked_math.h"
+
 namespace kvfabric {
 namespace {
 
 uint64_t round_up(uint64_t value, uint64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
+}
+
+// The bytes of one block, as block_bytes() computes them, or nullopt when a step overflows.
+std::optional<uint64_t> checked_block_bytes(const BlockLayout& l) {
+  using detail::checked_product;
+  using detail::checked_sum;
+  const auto tile_bits = checked_product({l.block_size, l.head_dim, dtype_bits(l.dtype)});
+  if (!tile_bits) return std::nullopt;
+  const auto data = checked_product({l.num_layers, 2, l.num_kv_heads, *tile_bits / 8});
+  const auto groups =
+      checked_product({l.num_layers, 2, l.num_kv_heads, l.block_size, l.groups_per_row()});
+  if (!data || !groups || *data > UINT64_MAX - 16) return std::nullopt;
+  if (!is_quantized(l.dtype)) return *data;
+  const auto scales = checked_product({*groups, 4});
+  const uint64_t zeros = is_integer_quantized(l.dtype) ? *groups : 0;
+  if (!scales) return std::nullopt;
+  // round_up(round_up(data, 4) + scales + zeros, 16), each step checked.
+  auto total = checked_sum(round_up(*data, 4), *scales);
+  if (total) total = checked_sum(*total, zeros);
+  if (total) total = checked_sum(*total, 15);
+  if (!total) return std::nullopt;
+  return *total / 16 * 16;
 }
 
 }  // namespace
@@ -50,6 +74,21 @@ Result<BlockLayout> BlockLayout::create(uint32_t num_layers, uint32_t num_kv_hea
   layout.head_dim = head_dim;
   layout.dtype = dtype;
   layout.group_size = group_size;
+  // Every size derived from the layout is computed in 64 bits; refuse shapes that do not fit.
+  const std::optional<uint64_t> bytes = checked_block_bytes(layout);
+  if (!bytes || *bytes > kMaxBlockBytes) {
+    std::ostringstream why;
+    why << "a KV block of " << num_layers << " layers x 2 (K and V) x " << num_kv_heads
+        << " KV heads x " << block_size << " tokens x head_dim " << head_dim << " at "
+        << dtype_name(dtype) << " needs ";
+    if (bytes) {
+      why << *bytes << " bytes";
+    } else {
+      why << "more than 2^64 bytes";
+    }
+    why << ", more than the " << kMaxBlockBytes << " bytes (1 TiB) one block may take";
+    return Status(ErrorCode::kInvalidArgument, why.str());
+  }
   return layout;
 }
 

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/checked_math.h"
 #include "config/config_fields.h"
 
 namespace kvfabric {
@@ -161,8 +162,19 @@ Status validate(const Config& config) {
   }
 
   auto layout = block_layout(config);
-  if (!layout.ok()) return invalid_argument("cache: " + layout.status().message());
-  return resolved_num_blocks(config).status();
+  if (!layout.ok()) {
+    return Status(ErrorCode::kInvalidArgument, "model and cache shape: " + layout.status().message());
+  }
+  KVF_ASSIGN_OR_RETURN(const uint64_t blocks, resolved_num_blocks(config));
+  for (const auto& [key, count] : {std::pair{"cache.num_blocks", blocks},
+                                   std::pair{"cache.host_num_blocks", c.host_num_blocks}}) {
+    if (!detail::checked_product({count, layout->block_bytes()})) {
+      return invalid_argument(std::string(key) + " " + std::to_string(count) + " x " +
+                              std::to_string(layout->block_bytes()) +
+                              "-byte blocks is more than 2^64 bytes per rank");
+    }
+  }
+  return ok_status();
 }
 
 Result<uint64_t> parse_byte_size(std::string_view text) {

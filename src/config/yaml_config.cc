@@ -2,10 +2,12 @@
 #include <yaml-cpp/yaml.h>
 
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string>
 
+#include "common/checked_math.h"
 #include "config/config_fields.h"
 #include "kvfabric/config/config.h"
 
@@ -40,9 +42,16 @@ bool is_section(std::string_view path) {
 
 Status apply_map(const YAML::Node& map, const std::string& prefix, std::string_view source,
                  Config& config) {
+  std::map<std::string, int> first_line;  // keys of this mapping: YAML would let the last win
   for (const auto& item : map) {
     const std::string name = item.first.as<std::string>();
     const std::string path = prefix + name;
+    const auto [seen, fresh] = first_line.emplace(name, item.first.Mark().line + 1);
+    if (!fresh) {
+      return Status(ErrorCode::kInvalidArgument,
+                    where(source, item.first) + ": '" + path + "' appears twice (first on line " +
+                        std::to_string(seen->second) + ")");
+    }
     const YAML::Node& value = item.second;
     const bool section = is_section(path);
     const bool leaf = detail::find_config_field(path) != nullptr;
@@ -142,9 +151,10 @@ std::string dump_config(const Config& config) {
   text << "#   block_bytes: " << layout->block_bytes() << " (" << layout->to_string() << ")\n";
   auto blocks = resolved_num_blocks(config);
   if (blocks.ok()) {
+    const auto bytes = detail::checked_product({blocks.value(), layout->block_bytes()});
     text << "#   num_blocks: " << blocks.value() << " per rank ("
          << blocks.value() * config.cache.block_size << " tokens, "
-         << blocks.value() * layout->block_bytes() << " bytes)\n";
+         << (bytes ? std::to_string(*bytes) : std::string("more than 2^64")) << " bytes)\n";
   } else {
     text << "#   num_blocks: invalid (" << blocks.status().message() << ")\n";
   }

@@ -6,6 +6,7 @@
 #include <string>
 #include <tuple>
 
+#include "common/host_memory.h"
 #include "common/log.h"
 
 namespace kvfabric {
@@ -19,6 +20,21 @@ constexpr uint64_t kMaxUserSeqId = uint64_t{1} << 63;
 constexpr uint32_t kAnyPriority = std::numeric_limits<uint32_t>::max();
 
 size_t blocks_for(size_t tokens, size_t block_size) { return (tokens + block_size - 1) / block_size; }
+
+// The block tables of every replica are allocated up front: refuse a config whose tables this
+// host cannot hold (dp <= 2^16 and pools < 2^32 blocks: the product fits in 64 bits).
+Status check_bookkeeping_memory(const Config& config) {
+  KVF_ASSIGN_OR_RETURN(const uint64_t device_blocks, resolved_num_blocks(config));
+  const uint64_t host_blocks = config.cache.host_num_blocks;
+  const uint64_t per_replica =
+      device_blocks * (BlockAllocator::kBytesPerBlock + PrefixBlockIndex::kBytesPerBlock) +
+      host_blocks * BlockAllocator::kBytesPerBlock;
+  return detail::check_host_memory(
+      per_replica * config.topology.dp,
+      "the coordinator's block tables (topology.dp " + std::to_string(config.topology.dp) +
+          " x cache.num_blocks " + std::to_string(device_blocks) + " device + cache.host_num_blocks " +
+          std::to_string(host_blocks) + " host blocks)");
+}
 
 std::string sequence_limit_text(uint32_t limit) {
   return std::to_string(limit) + " sequences (coordinator.max_sequences_per_replica)";
@@ -52,6 +68,7 @@ Result<Coordinator> Coordinator::create(const Config& config) {
     return Status(ErrorCode::kUnimplemented,
                   "the coordinator manages one layer group; set cache.layers_per_group to 0");
   }
+  KVF_RETURN_IF_ERROR(check_bookkeeping_memory(config));
   Coordinator c(config);
   for (uint32_t r = 0; r < config.topology.dp; ++r) {
     KVF_ASSIGN_OR_RETURN(PagedKvCache pool, PagedKvCache::create(config));

@@ -15,6 +15,9 @@ namespace kvfabric {
 //! Every operation is O(1) per block; misuse (an unknown or free block) is an error, not a crash.
 class BlockAllocator {
  public:
+  //! Host memory per block: its reference count and its free-list slot.
+  static constexpr uint64_t kBytesPerBlock = 2 * sizeof(uint32_t);
+
   explicit BlockAllocator(uint32_t num_blocks = 0);
 
   [[nodiscard]] uint32_t total() const { return static_cast<uint32_t>(ref_counts_.size()); }

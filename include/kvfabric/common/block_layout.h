@@ -18,6 +18,10 @@ namespace kvfabric {
 //! fp8_e4m3 has one group per (token, head); the integer formats have head_dim / group_size.
 //! The block manager, the storage arenas and the kernels all size blocks with this struct.
 struct BlockLayout {
+  //! The largest block create() accepts (1 TiB, far beyond any model), so that every size
+  //! derived from one block fits in 64 bits.
+  static constexpr uint64_t kMaxBlockBytes = uint64_t{1} << 40;
+
   uint32_t num_layers = 0;
   uint32_t num_kv_heads = 0;  //!< KV heads stored on this rank (its TP shard)
   uint32_t block_size = 0;    //!< tokens per block
@@ -26,7 +30,8 @@ struct BlockLayout {
   uint32_t group_size = 0;  //!< elements per quantization group; head_dim for non-integer types
 
   //! Validates the shape: all counts > 0, group_size divides head_dim, sub-byte rows and groups
-  //! end on byte boundaries. group_size 0 means "one group per head" (head_dim).
+  //! end on byte boundaries, and a block takes at most kMaxBlockBytes (the message gives the
+  //! bytes the shape would need). group_size 0 means "one group per head" (head_dim).
   static Result<BlockLayout> create(uint32_t num_layers, uint32_t num_kv_heads, uint32_t block_size,
                                     uint32_t head_dim, DType dtype, uint32_t group_size = 0);
 

@@ -3,7 +3,7 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -106,13 +106,18 @@ Result<Config> parse_config(std::string_view yaml_text, std::string_view source 
 //! Reads and parses a YAML file (see parse_config).
 Result<Config> load_config_file(const std::string& path);
 
-//! Looks up an environment variable; nullptr when unset.
-using EnvLookup = std::function<const char*(const char*)>;
+//! Environment variables by name.
+using Environment = std::map<std::string, std::string>;
+//! The KVF_* variables of this process's environment.
+Environment process_environment();
 
 //! \brief Applies KVF_<SECTION>_<KEY> overrides (e.g. KVF_CACHE_BLOCK_SIZE, KVF_TOPOLOGY_TP,
 //! KVF_CACHE_EVICTION_THRESHOLD), then validates. On error the config is unchanged.
+//! A KVF_ variable that looks meant for a key but names none (it starts with a section,
+//! KVF_CACHE_..., or is a near miss such as KVF_CAHCE_BLOCK_SIZE) is an error naming the closest
+//! key's variable; other KVF_ variables (KVF_LOG, KVF_CPU_ISA) are not config and are ignored.
 //! Each applied override is logged at info level.
-Status apply_env_overrides(Config& config, const EnvLookup& lookup = nullptr);
+Status apply_env_overrides(Config& config, const Environment& env = process_environment());
 
 //! \brief The effective config as YAML, followed by the derived values as comments
 //! (local KV heads, block layout and bytes, resolved num_blocks).

@@ -102,6 +102,9 @@ struct PrefixMatch {
 //! unpinned nodes. Not thread-safe.
 class PrefixBlockIndex final : public BlockRetainer {
  public:
+  //! Host memory per block of the pool (the node holding it and the node it is pinned at).
+  static constexpr uint64_t kBytesPerBlock = 2 * sizeof(RadixNodeId);
+
   //! An index for a pool of `num_blocks` blocks (ids 0 .. num_blocks - 1). InvalidArgument for a
   //! block size of 0.
   static Result<std::unique_ptr<PrefixBlockIndex>> create(const PrefixIndexOptions& options,

@@ -11,6 +11,7 @@
 
 #include "backend/cpu/kernels.h"
 #include "backend/validate.h"
+#include "common/host_memory.h"
 #include "common/log.h"
 
 namespace kvfabric {
@@ -34,6 +35,11 @@ class CpuBackend final : public Backend {
 
   Result<KvArena> allocate_arena(uint64_t bytes, Tier tier) override {
     if (bytes == 0) return KvArena(nullptr, 0, tier, nullptr);
+    // This backend's tiers are both host memory: a pool the host cannot hold would only fail
+    // later, when its pages are touched (the OOM killer), so it is refused here.
+    KVF_RETURN_IF_ERROR(detail::check_host_memory(
+        bytes, std::string("cpu backend: the ") + (tier == Tier::kDevice ? "device" : "host") +
+                   " tier's arena"));
     // Anonymous mappings are page aligned and zero-filled lazily, so a large pool costs nothing
     // until its blocks are written.
     void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -2,6 +2,8 @@
 
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "kvfabric/config/config.h"
 
@@ -16,12 +18,6 @@ cache: {block_size: 16, num_blocks: 64, kv_dtype: f16}
 topology: {tp: 1, dp: 1}
 )";
 
-EnvLookup env_of(const std::map<std::string, std::string>& vars) {
-  return [vars](const char* name) -> const char* {
-    const auto it = vars.find(name);
-    return it == vars.end() ? nullptr : it->second.c_str();
-  };
-}
 
 TEST(Config, ShippedConfigsLoad) {
   const auto llama8b = load_config_file(kConfigDir + "llama3-8b.yaml");
@@ -132,7 +128,7 @@ TEST(Config, MemoryBudgetDerivesBlocks) {
 
 TEST(Config, EnvOverridesApplyAndValidate) {
   Config config = parse_config(kTiny).value();
-  ASSERT_TRUE(apply_env_overrides(config, env_of({{"KVF_CACHE_BLOCK_SIZE", "32"},
+  ASSERT_TRUE(apply_env_overrides(config, Environment({{"KVF_CACHE_BLOCK_SIZE", "32"},
                                                   {"KVF_CACHE_EVICTION_STRATEGY", "lfu"},
                                                   {"KVF_TOPOLOGY_DP", "4"},
                                                   {"KVF_UNRELATED", "x"}}))
@@ -142,14 +138,84 @@ TEST(Config, EnvOverridesApplyAndValidate) {
   EXPECT_EQ(config.topology.dp, 4u);
 
   const Config before = config;
-  const Status malformed = apply_env_overrides(config, env_of({{"KVF_CACHE_NUM_BLOCKS", "lots"}}));
+  const Status malformed = apply_env_overrides(config, Environment({{"KVF_CACHE_NUM_BLOCKS", "lots"}}));
   EXPECT_EQ(malformed.code(), ErrorCode::kInvalidArgument);
   EXPECT_NE(malformed.message().find("KVF_CACHE_NUM_BLOCKS"), std::string::npos);
   const Status invalid = apply_env_overrides(
-      config, env_of({{"KVF_CACHE_BLOCK_SIZE", "0"}, {"KVF_TOPOLOGY_TP", "2"}}));
+      config, Environment({{"KVF_CACHE_BLOCK_SIZE", "0"}, {"KVF_TOPOLOGY_TP", "2"}}));
   EXPECT_NE(invalid.message().find("cache.block_size"), std::string::npos);
   EXPECT_EQ(config.cache.block_size, before.cache.block_size);
   EXPECT_EQ(config.topology.tp, before.topology.tp);
+}
+
+TEST(Config, AMisspeltVariableIsAnErrorNamingTheKey) {
+  Config config = parse_config(kTiny).value();
+  const Config before = config;
+  for (const auto& [name, closest] : {std::pair{"KVF_CAHCE_BLOCK_SIZE", "KVF_CACHE_BLOCK_SIZE"},
+                                      std::pair{"KVF_CACHE_BLOKSIZE", "KVF_CACHE_BLOCK_SIZE"},
+                                      std::pair{"KVF_SERVER_PROT", "KVF_SERVER_PORT"},
+                                      std::pair{"KVF_TOPOLOGY_REPLICAS", "KVF_TOPOLOGY_TP"}}) {
+    const Status s = apply_env_overrides(config, Environment{{name, "32"}, {"KVF_TOPOLOGY_DP", "2"}});
+    EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument) << name;
+    EXPECT_NE(s.message().find(std::string(name) + " is not a configuration variable (did you mean " +
+                               closest + "?"),
+              std::string::npos)
+        << s;
+    EXPECT_EQ(config.topology.dp, before.topology.dp);  // nothing applied
+  }
+  // kvfabric's other variables and unrelated ones are not config.
+  EXPECT_TRUE(apply_env_overrides(config, Environment{{"KVF_LOG", "debug"}, {"KVF_CPU_ISA", "avx2"}}).ok());
+  // The process environment is read by default.
+  EXPECT_EQ(process_environment().count("PATH"), 0u);  // only KVF_ variables
+}
+
+TEST(Config, ADuplicateKeyIsAnErrorNamingBothLines) {
+  const auto twice = parse_config(std::string(kTiny) + "cache: {block_size: 32, num_blocks: 8}\n",
+                                  "dup.yaml");
+  ASSERT_FALSE(twice.ok());
+  EXPECT_NE(twice.status().message().find("dup.yaml:5: 'cache' appears twice (first on line 3)"),
+            std::string::npos)
+      << twice.status();
+  const auto inner = parse_config(
+      "model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64, num_layers: 4}\n"
+      "cache: {num_blocks: 8}\n");
+  ASSERT_FALSE(inner.ok());
+  EXPECT_NE(inner.status().message().find("'model.num_layers' appears twice"), std::string::npos)
+      << inner.status();
+}
+
+// Every product of config sizes is checked: shapes whose bytes overflow 64 bits crashed the
+// tools (SIGFPE dividing the memory budget by a block size of 0) or were accepted with a wrapped
+// block size of 4 bytes.
+TEST(Config, SizesThatOverflowAreRefusedNamingTheShape) {
+  const std::vector<std::string> shapes = {
+      "num_layers: 1073741824, num_query_heads: 1048576, num_kv_heads: 1048576, head_dim: 1024",
+      "num_layers: 4294967295, num_query_heads: 4294967295, num_kv_heads: 4294967295, head_dim: 1024",
+      "num_layers: 2147483648, num_query_heads: 2147483648, num_kv_heads: 2147483648, head_dim: 2",
+  };
+  for (const std::string& shape : shapes) {
+    for (const char* size : {"memory_budget: 16GiB", "num_blocks: 8"}) {
+      const auto parsed = parse_config("model: {" + shape + "}\ncache: {block_size: 4096, " + size +
+                                       ", kv_dtype: int4}\n");
+      ASSERT_FALSE(parsed.ok()) << shape;
+      EXPECT_EQ(parsed.status().code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(parsed.status().message().find("model and cache shape: a KV block of"),
+                std::string::npos)
+          << parsed.status();
+      EXPECT_NE(parsed.status().message().find("more than the 1099511627776 bytes (1 TiB)"),
+                std::string::npos)
+          << parsed.status();
+    }
+  }
+  // A block within limits, but a pool whose bytes do not fit in 64 bits.
+  const auto pool = parse_config(
+      "model: {num_layers: 128, num_query_heads: 64, num_kv_heads: 64, head_dim: 1024}\n"
+      "cache: {block_size: 4096, num_blocks: 4294967295, kv_dtype: f32}\n");
+  ASSERT_FALSE(pool.ok());
+  EXPECT_NE(pool.status().message().find(
+                "cache.num_blocks 4294967295 x 274877906944-byte blocks is more than 2^64 bytes"),
+            std::string::npos)
+      << pool.status();
 }
 
 TEST(Config, DumpRoundTripsAndShowsDerivedValues) {
@@ -200,7 +266,7 @@ server: {address: 0.0.0.0, port: 7100, metrics_port: 9464, max_request_bytes: 65
   EXPECT_FALSE(no_address.ok());
 
   Config config = *defaults;
-  ASSERT_TRUE(apply_env_overrides(config, env_of({{"KVF_SERVER_METRICS_PORT", "9100"}})).ok());
+  ASSERT_TRUE(apply_env_overrides(config, Environment({{"KVF_SERVER_METRICS_PORT", "9100"}})).ok());
   EXPECT_EQ(config.server.metrics_port, 9100);
 }
 
