@@ -1,5 +1,6 @@
 #include "kvfabric/common/logging.h"
 
+#include <spdlog/sinks/base_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -7,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -124,8 +126,30 @@ Result<LevelSpec> parse_level_spec(std::string_view spec) {
   return parsed;
 }
 
-// All subsystem loggers share one stderr sink; they are not registered with spdlog's global
-// registry so that an embedding application's own loggers are left alone.
+// Hands every line to the LogObserver, if one is set (the base sink's mutex guards it).
+class ObserverSink final : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  void set(LogObserver observer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    observer_ = std::move(observer);
+  }
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    if (!observer_) return;
+    const std::string_view name(msg.logger_name.data(), msg.logger_name.size());
+    const auto subsystem = parse_subsystem(name.substr(name.find('.') + 1));
+    observer_(subsystem.value_or(Subsystem::kCommon), from_spdlog(msg.level),
+              std::string_view(msg.payload.data(), msg.payload.size()));
+  }
+  void flush_() override {}
+
+ private:
+  LogObserver observer_;
+};
+
+// All subsystem loggers share one stderr sink and the observer sink; they are not registered
+// with spdlog's global registry so that an embedding application's own loggers are left alone.
 class LoggerTable {
  public:
   static LoggerTable& instance() {
@@ -134,6 +158,7 @@ class LoggerTable {
   }
 
   spdlog::logger& get(Subsystem subsystem) { return *loggers_[static_cast<size_t>(subsystem)]; }
+  void observe(LogObserver observer) { observer_->set(std::move(observer)); }
 
   void apply(const LevelSpec& spec) {
     if (spec.default_level) {
@@ -148,8 +173,8 @@ class LoggerTable {
   LoggerTable() {
     auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
     for (size_t i = 0; i < kNumSubsystems; ++i) {
-      auto logger =
-          std::make_shared<spdlog::logger>("kvf." + std::string(kSubsystemNames[i]), sink);
+      auto logger = std::make_shared<spdlog::logger>(
+          "kvf." + std::string(kSubsystemNames[i]), spdlog::sinks_init_list{sink, observer_});
       logger->set_pattern("[%H:%M:%S.%e] [%n] [%l] %v");
       logger->set_level(to_spdlog(kDefaultLevel));
       loggers_[i] = std::move(logger);
@@ -165,6 +190,7 @@ class LoggerTable {
     }
   }
 
+  std::shared_ptr<ObserverSink> observer_ = std::make_shared<ObserverSink>();
   std::array<std::shared_ptr<spdlog::logger>, kNumSubsystems> loggers_;
 };
 
@@ -212,6 +238,8 @@ void set_log_level(Subsystem subsystem, LogLevel level) {
 LogLevel log_level(Subsystem subsystem) {
   return from_spdlog(LoggerTable::instance().get(subsystem).level());
 }
+
+void set_log_observer(LogObserver observer) { LoggerTable::instance().observe(std::move(observer)); }
 
 namespace detail {
 

@@ -1,6 +1,7 @@
 // Leveled, per-subsystem logging (spdlog underneath; configured from KVF_LOG).
 #pragma once
 
+#include <functional>
 #include <string_view>
 
 #include "kvfabric/common/status.h"
@@ -37,5 +38,11 @@ Status configure_logging(std::string_view spec);
 Status configure_logging_from_env();
 void set_log_level(Subsystem subsystem, LogLevel level);
 LogLevel log_level(Subsystem subsystem);
+
+//! Receives every line kvfabric logs (at the levels set above), besides stderr: an engine can
+//! forward them to its own logger. Called from the thread that logs.
+using LogObserver = std::function<void(Subsystem subsystem, LogLevel level, std::string_view line)>;
+//! Sets the observer (nullptr removes it).
+void set_log_observer(LogObserver observer);
 
 }  // namespace kvfabric

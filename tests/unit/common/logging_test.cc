@@ -1,5 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <string>
+#include <tuple>
+#include <vector>
+
 #include "common/log.h"
 #include "kvfabric/common/logging.h"
 
@@ -37,6 +41,22 @@ TEST_F(LoggingTest, DisabledLevelDoesNotFormatArguments) {
   set_log_level(Subsystem::kBlock, LogLevel::kDebug);
   EXPECT_EQ(log_level(Subsystem::kBlock), LogLevel::kDebug);
   EXPECT_EQ(subsystem_name(Subsystem::kCoordinator), "coordinator");
+}
+
+TEST_F(LoggingTest, AnObserverSeesEveryLoggedLineWithItsSubsystemAndLevel) {
+  std::vector<std::tuple<Subsystem, LogLevel, std::string>> seen;
+  set_log_observer([&](Subsystem s, LogLevel l, std::string_view line) {
+    seen.emplace_back(s, l, std::string(line));
+  });
+  set_log_level(Subsystem::kServer, LogLevel::kInfo);
+  KVF_LOG_WARN(kServer, "listening on {}", "0.0.0.0");
+  KVF_LOG_DEBUG(kServer, "not logged at info");
+  set_log_observer(nullptr);
+  KVF_LOG_WARN(kServer, "after the observer is gone");
+  ASSERT_EQ(seen.size(), 1u);
+  EXPECT_EQ(std::get<0>(seen[0]), Subsystem::kServer);
+  EXPECT_EQ(std::get<1>(seen[0]), LogLevel::kWarn);
+  EXPECT_EQ(std::get<2>(seen[0]), "listening on 0.0.0.0");
 }
 
 }  // namespace
