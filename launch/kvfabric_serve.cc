@@ -32,7 +32,9 @@ Status coordinate(const Config& config, const ServeOptions& options,
   PlanSink sink;
   if (executors)
     sink = [&](const StepPlan& plan) { return executors->broadcast_and_execute(plan); };
-  ControlProtocol protocol(coordinator, sink, ControlProtocolOptions{options.allow_shutdown});
+  ControlProtocolOptions limits = ControlProtocolOptions::from(config.server);
+  limits.allow_shutdown = options.allow_shutdown;
+  ControlProtocol protocol(coordinator, sink, limits);
   KVF_ASSIGN_OR_RETURN(std::unique_ptr<ControlServer> server,
                        ControlServer::create(protocol, ControlServerOptions::from(config.server)));
   // Scripts wait for this line (and read the ports from it when 0 was asked for).

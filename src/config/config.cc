@@ -18,6 +18,8 @@ constexpr uint32_t kMaxHeadDim = 1024;
 constexpr uint32_t kMaxWorldSize = 1u << 16;
 // Room for a small request (an admit of a few tokens); below this nothing useful fits.
 constexpr uint32_t kMinRequestBytes = 256;
+// Room for one ordinary reply (a step's plan of a few tables, the stats of a few replicas).
+constexpr uint32_t kMinReplyBytes = 4096;
 
 Status out_of_range(std::string_view key, uint64_t value, std::string_view rule) {
   return invalid_argument(std::string(key) + " must be " + std::string(rule) + " (got " +
@@ -160,6 +162,12 @@ Status validate(const Config& config) {
     return out_of_range("server.max_request_bytes", srv.max_request_bytes,
                         ">= " + std::to_string(kMinRequestBytes));
   }
+  if (srv.max_batch_requests == 0) return out_of_range("server.max_batch_requests", 0, ">= 1");
+  if (srv.max_reply_bytes < kMinReplyBytes) {
+    return out_of_range("server.max_reply_bytes", srv.max_reply_bytes,
+                        ">= " + std::to_string(kMinReplyBytes));
+  }
+  if (srv.max_connections == 0) return out_of_range("server.max_connections", 0, ">= 1");
 
   auto layout = block_layout(config);
   if (!layout.ok()) {

@@ -188,6 +188,22 @@ const std::vector<ConfigField>& config_fields() {
                                [](Config& c) -> auto& { return c.server.metrics_port; }),
       unsigned_field<uint32_t>("server.max_request_bytes", "longest accepted request line",
                                [](Config& c) -> auto& { return c.server.max_request_bytes; }),
+      unsigned_field<uint32_t>("server.max_batch_requests", "requests in one batch line",
+                               [](Config& c) -> auto& { return c.server.max_batch_requests; }),
+      unsigned_field<uint32_t>("server.max_reply_bytes",
+                               "a batch stops running requests once its reply is this large",
+                               [](Config& c) -> auto& { return c.server.max_reply_bytes; }),
+      unsigned_field<uint32_t>("server.max_connections", "open control connections",
+                               [](Config& c) -> auto& { return c.server.max_connections; }),
+      unsigned_field<uint32_t>("server.idle_timeout_ms",
+                               "close a connection idle this long (0 = never)",
+                               [](Config& c) -> auto& { return c.server.idle_timeout_ms; }),
+      unsigned_field<uint32_t>("server.fault_grace_ms",
+                               "after a rank fault, answer this long before the job exits",
+                               [](Config& c) -> auto& { return c.server.fault_grace_ms; }),
+      unsigned_field<uint32_t>("runtime.plan_deadline_ms",
+                               "rank 0 waits this long for every rank to run a plan (0 = forever)",
+                               [](Config& c) -> auto& { return c.runtime.plan_deadline_ms; }),
   };
   return kFields;
 }

@@ -5,6 +5,7 @@
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -105,6 +106,32 @@ class Request {
   std::string_view op_;
 };
 
+// At most this much of a client's key is quoted back in an error.
+constexpr size_t kQuotedKeyChars = 64;
+
+// Parses a request line. A key given twice in one object is refused: nlohmann keeps the last
+// one, and a request must mean exactly one thing.
+Result<json> parse_line(std::string_view line) {
+  std::vector<std::set<std::string>> open_objects;  // the keys seen in each object being read
+  std::optional<std::string> duplicate;
+  const json::parser_callback_t check_keys = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) open_objects.emplace_back();
+    if (event == json::parse_event_t::object_end) open_objects.pop_back();
+    if (event == json::parse_event_t::key && !duplicate &&
+        !open_objects.back().insert(parsed.get<std::string>()).second) {
+      duplicate = parsed.get<std::string>().substr(0, kQuotedKeyChars);
+    }
+    return true;
+  };
+  json parsed = json::parse(line, check_keys, /*allow_exceptions=*/false);
+  if (parsed.is_discarded()) return Status(ErrorCode::kParseError, "the request is not valid JSON");
+  if (duplicate) {
+    return invalid_argument("the key \"" + *duplicate +
+                            "\" appears twice in one object; each may appear once");
+  }
+  return parsed;
+}
+
 json error_reply(const Status& status) {
   return {{"ok", false},
           {"error", {{"code", error_code_name(status.code())}, {"message", status.message()}}}};
@@ -178,11 +205,19 @@ std::string_view control_op_name(ControlOp op) {
   return "?";
 }
 
+ControlProtocolOptions ControlProtocolOptions::from(const ServerConfig& config) {
+  ControlProtocolOptions o;
+  o.max_batch_requests = config.max_batch_requests;
+  o.max_reply_bytes = config.max_reply_bytes;
+  return o;
+}
+
 ControlProtocol::ControlProtocol(Coordinator& coordinator, PlanSink sink,
                                  ControlProtocolOptions options)
     : coordinator_(&coordinator), sink_(std::move(sink)), options_(options) {}
 
 std::string ControlProtocol::refuse(const Status& why) {
+  std::lock_guard<std::mutex> lock(mutex_);
   ++stats_.malformed;
   return error_reply(why).dump();
 }
@@ -191,28 +226,90 @@ std::string ControlProtocol::refuse(const Status& why) {
 class ControlRequestHandler {
  public:
   static json handle(ControlProtocol& protocol, const json& request);
+  static std::string handle_batch(ControlProtocol& protocol, const json& batch);
 
  private:
-  static Result<json> run(ControlProtocol& protocol, ControlOp op, const Request& fields);
+  using Lock = std::unique_lock<std::mutex>;
+  static json handle_locked(ControlProtocol& protocol, const json& request, Lock& lock);
+  static Result<json> run(ControlProtocol& protocol, ControlOp op, const Request& fields,
+                          Lock& lock);
+  static Result<json> step(ControlProtocol& protocol, Lock& lock);
 };
 
 std::string ControlProtocol::metrics_text() const {
+  std::lock_guard<std::mutex> lock(mutex_);
   return render_metrics(*coordinator_, &stats_);
 }
 
+ControlHealth ControlProtocol::health() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return ControlHealth{failure_.ok(), stepping_, coordinator_->stats().steps, failure_.message()};
+}
+
+ControlStats ControlProtocol::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+bool ControlProtocol::shutdown_requested() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return shutdown_requested_;
+}
+
+Status ControlProtocol::failure() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return failure_;
+}
+
 std::string ControlProtocol::handle(std::string_view line) {
-  json parsed = json::parse(line, nullptr, /*allow_exceptions=*/false);
-  if (parsed.is_discarded()) {
-    return refuse(Status(ErrorCode::kParseError, "the request is not valid JSON"));
-  }
-  if (!parsed.is_array()) return ControlRequestHandler::handle(*this, parsed).dump();
-  json replies = json::array();
-  for (const json& request : parsed)
-    replies.push_back(ControlRequestHandler::handle(*this, request));
-  return replies.dump();
+  Result<json> parsed = parse_line(line);
+  if (!parsed.ok()) return refuse(parsed.status());
+  if (parsed->is_array()) return ControlRequestHandler::handle_batch(*this, *parsed);
+  return ControlRequestHandler::handle(*this, *parsed).dump();
 }
 
 json ControlRequestHandler::handle(ControlProtocol& protocol, const json& request) {
+  Lock lock(protocol.mutex_);
+  return handle_locked(protocol, request, lock);
+}
+
+std::string ControlRequestHandler::handle_batch(ControlProtocol& protocol, const json& batch) {
+  const ControlProtocolOptions& limits = protocol.options_;
+  if (batch.size() > limits.max_batch_requests) {
+    return protocol.refuse(Status(
+        ErrorCode::kResourceExhausted,
+        "a batch holds at most " + std::to_string(limits.max_batch_requests) +
+            " requests (server.max_batch_requests); this one has " + std::to_string(batch.size()) +
+            " and none of them ran"));
+  }
+  // Replies are joined as text, so that each is serialized once and the size is known as it grows.
+  std::string replies = "[";
+  bool full = false;
+  for (const json& request : batch) {
+    if (replies.size() > 1) replies += ',';
+    if (!full) {
+      replies += handle(protocol, request).dump();
+      full = replies.size() >= limits.max_reply_bytes;
+      continue;
+    }
+    json not_run = error_reply(Status(
+        ErrorCode::kResourceExhausted, "not run: the batch's reply reached " +
+                                           std::to_string(limits.max_reply_bytes) +
+                                           " bytes (server.max_reply_bytes)"));
+    if (request.is_object()) {
+      const auto id = request.find("id");
+      if (id != request.end() && !id->is_structured()) not_run["id"] = *id;
+    }
+    Lock lock(protocol.mutex_);
+    ++protocol.stats_.limited;
+    lock.unlock();
+    replies += not_run.dump();
+  }
+  return replies + "]";
+}
+
+json ControlRequestHandler::handle_locked(ControlProtocol& protocol, const json& request,
+                                          Lock& lock) {
   auto malformed = [&](const Status& why) {
     ++protocol.stats_.malformed;
     return error_reply(why);
@@ -239,7 +336,7 @@ json ControlRequestHandler::handle(ControlProtocol& protocol, const json& reques
     }
     if (!op) return malformed(invalid_argument("unknown op \"" + name + "\""));
     const size_t index = static_cast<size_t>(*op);
-    Result<json> result = run(protocol, *op, Request(request, name));
+    Result<json> result = run(protocol, *op, Request(request, name), lock);
     if (!result.ok()) {
       ++protocol.stats_.failed[index];
       return error_reply(result.status());
@@ -253,8 +350,29 @@ json ControlRequestHandler::handle(ControlProtocol& protocol, const json& reques
   return reply;
 }
 
+Result<json> ControlRequestHandler::step(ControlProtocol& protocol, Lock& lock) {
+  KVF_ASSIGN_OR_RETURN(const StepPlan plan, protocol.coordinator_->step());
+  if (protocol.sink_) {
+    // The ranks execute the plan without the lock: metrics, health and other readers answer
+    // meanwhile, and nothing else changes the coordinator (handle() has one caller at a time).
+    protocol.stepping_ = true;
+    lock.unlock();
+    const Status delivered = protocol.sink_(plan);
+    lock.lock();
+    protocol.stepping_ = false;
+    if (!delivered.ok()) {
+      protocol.failure_ =
+          Status(ErrorCode::kUnavailable,
+                 "step " + std::to_string(plan.step) + "'s plan did not reach the ranks (" +
+                     delivered.to_string() + "); the control plane accepts no more changes");
+      return protocol.failure_;
+    }
+  }
+  return plan_reply(plan);
+}
+
 Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
-                                        const Request& fields) {
+                                        const Request& fields, Lock& lock) {
   Coordinator& coordinator = *protocol.coordinator_;
   if (!protocol.failure_.ok() && !is_read_only(op)) return protocol.failure_;
   switch (op) {
@@ -312,20 +430,9 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       KVF_RETURN_IF_ERROR(coordinator.set_priority(SeqId{seq}, static_cast<uint32_t>(priority)));
       return json::object();
     }
-    case ControlOp::kStep: {
+    case ControlOp::kStep:
       KVF_RETURN_IF_ERROR(fields.only({}));
-      KVF_ASSIGN_OR_RETURN(const StepPlan plan, coordinator.step());
-      if (protocol.sink_) {
-        if (const Status delivered = protocol.sink_(plan); !delivered.ok()) {
-          protocol.failure_ =
-              Status(ErrorCode::kUnavailable,
-                     "step " + std::to_string(plan.step) + "'s plan did not reach the ranks (" +
-                         delivered.to_string() + "); the control plane accepts no more changes");
-          return protocol.failure_;
-        }
-      }
-      return plan_reply(plan);
-    }
+      return step(protocol, lock);
     case ControlOp::kQuery: {
       KVF_RETURN_IF_ERROR(fields.only({"seq"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));

@@ -1,11 +1,21 @@
 #include "kvfabric/server/control_server.h"
 
 #include <boost/asio.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string_view>
+#include <thread>
 #include <utility>
+#include <variant>
 
 #include "common/log.h"
 
@@ -15,8 +25,9 @@ namespace {
 namespace asio = boost::asio;
 using asio::ip::tcp;
 using ErrorCodeT = boost::system::error_code;
+using Clock = std::chrono::steady_clock;
 
-// The request head of the metrics endpoint may not exceed this.
+// The request head of the HTTP endpoint may not exceed this.
 constexpr size_t kMaxHttpHeadBytes = 8192;
 
 std::string endpoint_text(const tcp::endpoint& e) {
@@ -45,9 +56,8 @@ std::string http_response(std::string_view status, std::string_view type, const 
          body;
 }
 
-// Answers an HTTP request head; `metrics` renders the body of GET /metrics.
-template <typename Metrics>
-std::string http_reply(std::string_view head, const Metrics& metrics) {
+// The path of a GET request head, or the response refusing it.
+std::variant<std::string_view, std::string> http_get_path(std::string_view head) {
   const std::string_view request_line = head.substr(0, head.find("\r\n"));
   const size_t method_end = request_line.find(' ');
   const size_t path_end =
@@ -56,15 +66,39 @@ std::string http_reply(std::string_view head, const Metrics& metrics) {
       request_line.substr(path_end + 1).rfind("HTTP/", 0) != 0) {
     return http_response("400 Bad Request", "text/plain", "not an HTTP request line\n");
   }
-  const std::string_view method = request_line.substr(0, method_end);
-  const std::string_view target = request_line.substr(method_end + 1, path_end - method_end - 1);
-  if (method != "GET")
+  if (request_line.substr(0, method_end) != "GET") {
     return http_response("405 Method Not Allowed", "text/plain", "only GET is served\n");
-  const std::string_view path = target.substr(0, target.find('?'));
-  if (path != "/metrics")
-    return http_response("404 Not Found", "text/plain", "the metrics are at /metrics\n");
-  return http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics());
+  }
+  const std::string_view target = request_line.substr(method_end + 1, path_end - method_end - 1);
+  return target.substr(0, target.find('?'));
 }
+
+std::string health_body(const ControlHealth& h) {
+  nlohmann::json body = {{"status", h.ok ? "ok" : "unavailable"},
+                         {"steps", h.steps},
+                         {"stepping", h.stepping}};
+  if (!h.ok) body["problem"] = h.problem;
+  return body.dump() + "\n";
+}
+
+// Waits before accepting again after a failed accept (EMFILE when the process is out of file
+// descriptors): 10 ms, doubling up to 1 s, so a loop that cannot accept does not spin.
+class AcceptBackoff {
+ public:
+  static constexpr std::chrono::milliseconds kFirst{10}, kLongest{1000};
+
+  std::chrono::milliseconds failed() {
+    delay_ = failures_++ == 0 ? kFirst : std::min(delay_ * 2, kLongest);
+    return delay_;
+  }
+  // Returns the failures since the last success.
+  uint64_t succeeded() { return std::exchange(failures_, 0); }
+  [[nodiscard]] uint64_t failures() const { return failures_; }
+
+ private:
+  uint64_t failures_ = 0;
+  std::chrono::milliseconds delay_{0};
+};
 
 }  // namespace
 
@@ -74,118 +108,320 @@ ControlServerOptions ControlServerOptions::from(const ServerConfig& config) {
   o.port = config.port;
   if (config.metrics_port != 0) o.metrics_port = config.metrics_port;
   o.max_request_bytes = config.max_request_bytes;
+  o.max_connections = config.max_connections;
+  o.idle_timeout = std::chrono::milliseconds(config.idle_timeout_ms);
+  o.fault_grace = std::chrono::milliseconds(config.fault_grace_ms);
   return o;
 }
 
+// Two threads: the io thread (started by run()) runs every socket, the accept loops and the
+// HTTP endpoint; the thread that calls run() takes the control requests one at a time from a
+// queue and answers them through the protocol, so a long step never holds up the sockets, and
+// on rank 0 the plans are broadcast from the thread that initialized MPI.
 struct ControlServer::Impl {
-  Impl(ControlProtocol& p, size_t max_request) : protocol(p), max_request_bytes(max_request) {}
+  Impl(ControlProtocol& p, const ControlServerOptions& o) : protocol(p), options(o) {}
 
-  // Accepts connections on `acceptor` until it closes, each served by a new Session.
+  class ControlSession;
+  class HttpSession;
+
+  // One endpoint: its acceptor, the back-off of its accept loop, and its open connections
+  // (counted by the sessions, whose destructors may run on either thread, and as late as the
+  // io_context's destruction: the count lives in Impl, which outlives it).
+  struct Listener {
+    Listener(tcp::acceptor a, std::string_view name, std::atomic<uint32_t>& connections)
+        : acceptor(std::move(a)), what(name), open(connections) {}
+    tcp::acceptor acceptor;
+    asio::steady_timer retry{acceptor.get_executor()};
+    AcceptBackoff backoff;
+    std::string_view what;
+    std::atomic<uint32_t>& open;
+  };
+
+  struct Job {
+    std::shared_ptr<ControlSession> session;
+    std::string line;
+  };
+
+  // Accepts connections on `listener` until it closes, each served by a new Session.
   template <typename Session>
-  void accept(tcp::acceptor& acceptor) {
-    acceptor.async_accept([this, &acceptor](ErrorCodeT ec, tcp::socket socket) {
+  void accept(Listener& listener) {
+    listener.acceptor.async_accept([this, &listener](ErrorCodeT ec, tcp::socket socket) {
       if (ec == asio::error::operation_aborted) return;
       if (ec) {
-        KVF_LOG_WARN(kServer, "accept on port {} failed: {}", acceptor.local_endpoint().port(),
-                     ec.message());
-      } else {
-        socket.set_option(tcp::no_delay(true), ec);
-        std::make_shared<Session>(*this, std::move(socket))->read();
+        accept_failed<Session>(listener, ec);
+        return;
       }
-      accept<Session>(acceptor);
+      if (const uint64_t failures = listener.backoff.succeeded(); failures > 0) {
+        KVF_LOG_INFO(kServer, "the {} accepts connections again after {} failed accepts",
+                     listener.what, failures);
+      }
+      socket.set_option(tcp::no_delay(true), ec);
+      std::make_shared<Session>(*this, listener.open, std::move(socket))->start();
+      accept<Session>(listener);
     });
   }
 
-  // One control connection: read a line, answer it, repeat.
-  class ControlSession : public std::enable_shared_from_this<ControlSession> {
-   public:
-    ControlSession(Impl& server, tcp::socket socket)
-        : server_(server), socket_(std::move(socket)) {}
-
-    void read() {
-      asio::async_read_until(
-          socket_, asio::dynamic_buffer(buffer_, server_.max_request_bytes), '\n',
-          [self = shared_from_this()](ErrorCodeT ec, size_t n) { self->on_line(ec, n); });
+  template <typename Session>
+  void accept_failed(Listener& listener, ErrorCodeT ec) {
+    ++accept_errors;
+    const std::chrono::milliseconds delay = listener.backoff.failed();
+    // One warning per run of failures: a loop out of file descriptors would otherwise log
+    // thousands of lines a second.
+    if (listener.backoff.failures() == 1) {
+      KVF_LOG_WARN(kServer,
+                   "accept on {} failed: {} ({} connections open); retrying with back-off up to "
+                   "{} ms, without further warnings until an accept succeeds",
+                   endpoint_text(listener.acceptor.local_endpoint()), ec.message(),
+                   listener.open.load(), AcceptBackoff::kLongest.count());
     }
+    listener.retry.expires_after(delay);
+    listener.retry.async_wait([this, &listener](ErrorCodeT wait) {
+      if (!wait) accept<Session>(listener);  // else cancelled: the server stops
+    });
+  }
 
-   private:
-    void on_line(ErrorCodeT ec, size_t n) {
-      if (ec == asio::error::not_found) {  // no newline within max_request_bytes
-        reply_ = server_.protocol.refuse(invalid_argument(
-                     "the request exceeds " + std::to_string(server_.max_request_bytes) +
-                     " bytes (server.max_request_bytes); closing the connection")) +
-                 "\n";
-        asio::async_write(socket_, asio::buffer(reply_),
-                          [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
-        return;
-      }
-      if (ec) return;  // the client went away
-      std::string_view line(buffer_.data(), n - 1);
-      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-      if (line.empty()) {  // blank lines are not requests
-        buffer_.erase(0, n);
-        read();
-        return;
-      }
-      reply_ = server_.protocol.handle(line) + "\n";
-      buffer_.erase(0, n);
-      asio::async_write(socket_, asio::buffer(reply_),
-                        [self = shared_from_this()](ErrorCodeT e, size_t) {
-                          if (self->server_.protocol.shutdown_requested()) {
-                            self->server_.io.stop();
-                            return;
-                          }
-                          if (!e) self->read();
-                        });
+  // Called on the io thread; the request thread answers `line` and posts the reply back.
+  void submit(Job job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      jobs.push_back(std::move(job));
     }
-    void close() {
-      ErrorCodeT ignored;
-      socket_.shutdown(tcp::socket::shutdown_both, ignored);
-      socket_.close(ignored);
+    wake.notify_one();
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stopping = true;
     }
+    wake.notify_all();
+    io.stop();
+  }
 
-    Impl& server_;
-    tcp::socket socket_;
-    std::string buffer_;
-    std::string reply_;
-  };
-
-  // One metrics connection: read the request head, answer, close.
-  class MetricsSession : public std::enable_shared_from_this<MetricsSession> {
-   public:
-    MetricsSession(Impl& server, tcp::socket socket)
-        : server_(server), socket_(std::move(socket)) {}
-
-    void read() {
-      asio::async_read_until(
-          socket_, asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), "\r\n\r\n",
-          [self = shared_from_this()](ErrorCodeT ec, size_t n) {
-            if (ec && ec != asio::error::not_found) return;
-            self->reply_ = ec ? http_response("431 Request Header Fields Too Large", "text/plain",
-                                              "the request head exceeds 8 KiB\n")
-                              : http_reply(std::string_view(self->buffer_.data(), n),
-                                           [&] { return self->server_.protocol.metrics_text(); });
-            asio::async_write(self->socket_, asio::buffer(self->reply_),
-                              [self](ErrorCodeT, size_t) {
-                                ErrorCodeT ignored;
-                                self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
-                              });
-          });
-    }
-
-   private:
-    Impl& server_;
-    tcp::socket socket_;
-    std::string buffer_;
-    std::string reply_;
-  };
+  // The request thread: answers queued lines until stop(), or until fault_grace after the
+  // protocol failed (a rank did not answer).
+  void serve_requests();
+  std::string metrics_text() const;
+  std::string http_reply(std::string_view head) const;
 
   ControlProtocol& protocol;
-  size_t max_request_bytes;
+  ControlServerOptions options;
+  // Declared before io: sessions destroyed with io's pending handlers still count down here.
+  std::atomic<uint32_t> control_open{0}, http_open{0};
+  std::atomic<uint64_t> refused_connections{0}, idle_closed{0}, accept_errors{0};
   asio::io_context io;
-  std::optional<tcp::acceptor> control;
-  std::optional<tcp::acceptor> metrics;
+  std::unique_ptr<Listener> control, http;
+
+  std::mutex mutex;  // guards jobs and stopping
+  std::condition_variable wake;
+  std::deque<Job> jobs;
+  bool stopping = false;
 };
+
+// One control connection: read a line, queue it, write its reply, repeat. An idle timer closes
+// a connection that sends no request (or does not read its reply) for options.idle_timeout.
+class ControlServer::Impl::ControlSession
+    : public std::enable_shared_from_this<ControlServer::Impl::ControlSession> {
+ public:
+  ControlSession(Impl& server, std::atomic<uint32_t>& open, tcp::socket socket)
+      : server_(server), open_(open), socket_(std::move(socket)), idle_(socket_.get_executor()) {}
+  ~ControlSession() { --open_; }
+
+  void start() {
+    if (++open_ > server_.options.max_connections) {
+      ++server_.refused_connections;
+      reply_ = server_.protocol.refuse(Status(
+                   ErrorCode::kResourceExhausted,
+                   "the control plane serves at most " +
+                       std::to_string(server_.options.max_connections) +
+                       " connections (server.max_connections); closing this one")) +
+               "\n";
+      asio::async_write(socket_, asio::buffer(reply_),
+                        [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
+      return;
+    }
+    read();
+  }
+
+  // On the io thread, posted by the request thread.
+  void send(std::string reply) {
+    reply_ = std::move(reply);
+    arm_idle_timer();  // a client that does not read its reply is idle too
+    asio::async_write(socket_, asio::buffer(reply_),
+                      [self = shared_from_this()](ErrorCodeT e, size_t) {
+                        self->idle_.cancel();
+                        if (self->server_.protocol.shutdown_requested()) {
+                          self->server_.stop();
+                          return;
+                        }
+                        if (!e) self->read();
+                      });
+  }
+
+ private:
+  void read() {
+    arm_idle_timer();
+    asio::async_read_until(
+        socket_, asio::dynamic_buffer(buffer_, server_.options.max_request_bytes), '\n',
+        [self = shared_from_this()](ErrorCodeT ec, size_t n) { self->on_line(ec, n); });
+  }
+
+  void on_line(ErrorCodeT ec, size_t n) {
+    idle_.cancel();
+    if (ec == asio::error::not_found) {  // no newline within max_request_bytes
+      reply_ = server_.protocol.refuse(invalid_argument(
+                   "the request exceeds " + std::to_string(server_.options.max_request_bytes) +
+                   " bytes (server.max_request_bytes); closing the connection")) +
+               "\n";
+      asio::async_write(socket_, asio::buffer(reply_),
+                        [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
+      return;
+    }
+    if (ec) return;  // the client went away, or the idle timer closed the socket
+    std::string_view line(buffer_.data(), n - 1);
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    std::string request(line);
+    buffer_.erase(0, n);
+    if (request.empty()) {  // blank lines are not requests
+      read();
+      return;
+    }
+    server_.submit(Job{shared_from_this(), std::move(request)});
+  }
+
+  void arm_idle_timer() {
+    if (server_.options.idle_timeout.count() == 0) return;
+    idle_.expires_after(server_.options.idle_timeout);
+    idle_.async_wait([self = shared_from_this()](ErrorCodeT ec) {
+      if (ec) return;  // cancelled: the connection was active
+      ++self->server_.idle_closed;
+      KVF_LOG_DEBUG(kServer, "closing a control connection idle for {} ms (server.idle_timeout_ms)",
+                    self->server_.options.idle_timeout.count());
+      self->close();
+    });
+  }
+
+  void close() {
+    ErrorCodeT ignored;
+    socket_.shutdown(tcp::socket::shutdown_both, ignored);
+    socket_.close(ignored);
+  }
+
+  Impl& server_;
+  std::atomic<uint32_t>& open_;
+  tcp::socket socket_;
+  asio::steady_timer idle_;
+  std::string buffer_;
+  std::string reply_;
+};
+
+// One HTTP connection: read the request head, answer /metrics or /health, close.
+class ControlServer::Impl::HttpSession
+    : public std::enable_shared_from_this<ControlServer::Impl::HttpSession> {
+ public:
+  HttpSession(Impl& server, std::atomic<uint32_t>& open, tcp::socket socket)
+      : server_(server), open_(open), socket_(std::move(socket)), idle_(socket_.get_executor()) {}
+  ~HttpSession() { --open_; }
+
+  void start() {
+    if (++open_ > server_.options.max_connections) {
+      ++server_.refused_connections;
+      return;  // closed when this session goes away
+    }
+    if (server_.options.idle_timeout.count() != 0) {
+      idle_.expires_after(server_.options.idle_timeout);
+      idle_.async_wait([self = shared_from_this()](ErrorCodeT ec) {
+        if (ec) return;
+        ++self->server_.idle_closed;
+        ErrorCodeT ignored;
+        self->socket_.close(ignored);
+      });
+    }
+    asio::async_read_until(
+        socket_, asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), "\r\n\r\n",
+        [self = shared_from_this()](ErrorCodeT ec, size_t n) {
+          if (ec && ec != asio::error::not_found) return;
+          self->reply_ = ec ? http_response("431 Request Header Fields Too Large", "text/plain",
+                                            "the request head exceeds 8 KiB\n")
+                            : self->server_.http_reply(std::string_view(self->buffer_.data(), n));
+          asio::async_write(self->socket_, asio::buffer(self->reply_), [self](ErrorCodeT, size_t) {
+            self->idle_.cancel();
+            ErrorCodeT ignored;
+            self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
+          });
+        });
+  }
+
+ private:
+  Impl& server_;
+  std::atomic<uint32_t>& open_;
+  tcp::socket socket_;
+  asio::steady_timer idle_;
+  std::string buffer_;
+  std::string reply_;
+};
+
+void ControlServer::Impl::serve_requests() {
+  std::optional<Clock::time_point> give_up;  // fault_grace after the protocol failed
+  while (true) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      const auto ready = [&] { return stopping || !jobs.empty(); };
+      if (give_up) {
+        if (!wake.wait_until(lock, *give_up, ready)) break;  // the grace period is over
+      } else {
+        wake.wait(lock, ready);
+      }
+      if (stopping) break;
+      job = std::move(jobs.front());
+      jobs.pop_front();
+    }
+    std::string reply = protocol.handle(job.line) + "\n";
+    asio::post(io, [session = std::move(job.session), reply = std::move(reply)]() mutable {
+      session->send(std::move(reply));
+    });
+    if (!give_up && !protocol.failure().ok()) {
+      give_up = Clock::now() + options.fault_grace;
+      KVF_LOG_ERROR(kServer, "{}; the control plane answers reads for {} ms (server.fault_grace_ms), "
+                    "then stops", protocol.failure().message(), options.fault_grace.count());
+    }
+  }
+}
+
+std::string ControlServer::Impl::metrics_text() const {
+  std::string text = protocol.metrics_text();
+  const auto gauge = [&](std::string_view name, std::string_view type, std::string_view help,
+                         uint64_t value) {
+    text += fmt::format("# HELP {} {}\n# TYPE {} {}\n{} {}\n", name, help, name, type, name, value);
+  };
+  gauge("kvfabric_control_connections", "gauge", "Open control-plane connections.",
+        control_open.load());
+  gauge("kvfabric_control_refused_connections_total", "counter",
+        "Connections refused because server.max_connections were open.",
+        refused_connections.load());
+  gauge("kvfabric_control_idle_closed_total", "counter",
+        "Connections closed after server.idle_timeout_ms without a request.", idle_closed.load());
+  gauge("kvfabric_control_accept_errors_total", "counter",
+        "Failed accepts (for example out of file descriptors), retried with back-off.",
+        accept_errors.load());
+  return text;
+}
+
+std::string ControlServer::Impl::http_reply(std::string_view head) const {
+  auto path = http_get_path(head);
+  if (auto* refusal = std::get_if<std::string>(&path)) return std::move(*refusal);
+  const std::string_view target = std::get<std::string_view>(path);
+  if (target == "/metrics") {
+    return http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics_text());
+  }
+  if (target == "/health") {
+    const ControlHealth health = protocol.health();
+    return http_response(health.ok ? "200 OK" : "503 Service Unavailable", "application/json",
+                         health_body(health));
+  }
+  return http_response("404 Not Found", "text/plain", "served here: /metrics and /health\n");
+}
 
 Result<std::unique_ptr<ControlServer>> ControlServer::create(ControlProtocol& protocol,
                                                              const ControlServerOptions& options) {
@@ -196,41 +432,62 @@ Result<std::unique_ptr<ControlServer>> ControlServer::create(ControlProtocol& pr
   }
   if (options.max_request_bytes == 0)
     return invalid_argument("server.max_request_bytes must be >= 1");
-  auto impl = std::make_unique<Impl>(protocol, options.max_request_bytes);
+  if (options.max_connections == 0) return invalid_argument("server.max_connections must be >= 1");
+  auto impl = std::make_unique<Impl>(protocol, options);
   KVF_ASSIGN_OR_RETURN(tcp::acceptor control,
                        listen(impl->io, address, options.port, "control plane"));
-  impl->control.emplace(std::move(control));
+  impl->control =
+      std::make_unique<Impl::Listener>(std::move(control), "control plane", impl->control_open);
   if (options.metrics_port) {
-    KVF_ASSIGN_OR_RETURN(tcp::acceptor metrics,
+    KVF_ASSIGN_OR_RETURN(tcp::acceptor http,
                          listen(impl->io, address, *options.metrics_port, "metrics endpoint"));
-    impl->metrics.emplace(std::move(metrics));
+    impl->http =
+        std::make_unique<Impl::Listener>(std::move(http), "metrics endpoint", impl->http_open);
+  }
+  if (!address.is_loopback()) {
+    KVF_LOG_WARN(kServer,
+                 "the control plane listens on {} ({}): other hosts can reach it, and it has no "
+                 "authentication; serve it only on a private network",
+                 options.address, address.is_unspecified() ? "every interface" : "not loopback");
   }
   impl->accept<Impl::ControlSession>(*impl->control);
-  if (impl->metrics) impl->accept<Impl::MetricsSession>(*impl->metrics);
+  if (impl->http) impl->accept<Impl::HttpSession>(*impl->http);
   return std::unique_ptr<ControlServer>(new ControlServer(std::move(impl)));
 }
 
 ControlServer::ControlServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-ControlServer::~ControlServer() = default;
+ControlServer::~ControlServer() {
+  impl_->stop();
+}
 
 uint16_t ControlServer::port() const {
-  return impl_->control->local_endpoint().port();
+  return impl_->control->acceptor.local_endpoint().port();
 }
 
 uint16_t ControlServer::metrics_port() const {
-  return impl_->metrics ? impl_->metrics->local_endpoint().port() : 0;
+  return impl_->http ? impl_->http->acceptor.local_endpoint().port() : 0;
+}
+
+ControlServerStats ControlServer::stats() const {
+  return ControlServerStats{impl_->control_open.load(), impl_->refused_connections.load(),
+                            impl_->idle_closed.load(), impl_->accept_errors.load()};
 }
 
 Status ControlServer::run() {
-  KVF_LOG_INFO(
-      kServer, "control plane listening on {}{}", endpoint_text(impl_->control->local_endpoint()),
-      impl_->metrics ? ", metrics on " + endpoint_text(impl_->metrics->local_endpoint()) : "");
-  impl_->io.run();
+  KVF_LOG_INFO(kServer, "control plane listening on {}{}",
+               endpoint_text(impl_->control->acceptor.local_endpoint()),
+               impl_->http ? ", metrics and health on " +
+                                 endpoint_text(impl_->http->acceptor.local_endpoint())
+                           : "");
+  std::thread io_thread([this] { impl_->io.run(); });
+  impl_->serve_requests();
+  impl_->io.stop();
+  io_thread.join();
   return impl_->protocol.failure();
 }
 
 void ControlServer::stop() {
-  impl_->io.stop();
+  impl_->stop();
 }
 
 // --- client ---------------------------------------------------------------------------------
@@ -317,7 +574,8 @@ Result<std::string> http_get(const std::string& host, uint16_t port, const std::
     return Status(ErrorCode::kParseError, "GET " + path + ": not an HTTP response");
   }
   if (status_line.compare(9, 3, "200") != 0) {
-    return Status(ErrorCode::kUnavailable, "GET " + path + ": " + status_line.substr(9));
+    return Status(ErrorCode::kUnavailable, "GET " + path + ": " + status_line.substr(9) + ": " +
+                                               response.substr(head_end + 4));
   }
   return response.substr(head_end + 4);
 }

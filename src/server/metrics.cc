@@ -88,6 +88,9 @@ std::string render_metrics(const Coordinator& coordinator, const ControlStats* r
            });
     counter(out, "kvfabric_control_malformed_requests_total",
             "Control-plane requests refused before reaching an op.", requests->malformed);
+    counter(out, "kvfabric_control_limited_requests_total",
+            "Batch requests not run because the batch's reply reached server.max_reply_bytes.",
+            requests->limited);
   }
   return out;
 }

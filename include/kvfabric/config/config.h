@@ -77,8 +77,24 @@ struct CoordinatorConfig {
 struct ServerConfig {
   std::string address = "127.0.0.1";  //!< listen address; "0.0.0.0" listens on every interface
   uint16_t port = 7070;                //!< control protocol; 0 picks a free port
-  uint16_t metrics_port = 0;           //!< GET /metrics; 0 serves no metrics
+  uint16_t metrics_port = 0;           //!< GET /metrics and /health; 0 serves neither
   uint32_t max_request_bytes = 1u << 20;  //!< longest accepted request line
+  uint32_t max_batch_requests = 1024;     //!< requests in one batch (a JSON array line)
+  //! A batch stops running requests once its reply has reached this size (the rest are
+  //! refused in one closing element), so a small request line cannot ask for a huge reply.
+  uint32_t max_reply_bytes = 8u << 20;
+  uint32_t max_connections = 256;       //!< open control connections; more are refused and closed
+  uint32_t idle_timeout_ms = 300'000;   //!< a connection with no request for this long is closed; 0 = never
+  //! After a rank fault the control plane keeps answering (reads, /health, Unavailable to
+  //! changes) this long, then the job ends with a non-zero status.
+  uint32_t fault_grace_ms = 5'000;
+};
+
+//! \brief How the ranks run the plans (DESIGN.md §5).
+struct RuntimeConfig {
+  //! Rank 0 waits this long for every rank to take, agree on and execute a step's plan; a rank
+  //! that does not answer is named and the control plane stops accepting changes. 0 = wait forever.
+  uint32_t plan_deadline_ms = 30'000;
 };
 
 struct Config {
@@ -87,6 +103,7 @@ struct Config {
   TopologyConfig topology;
   CoordinatorConfig coordinator;
   ServerConfig server;
+  RuntimeConfig runtime;
 };
 
 //! KV heads stored on each rank: Hkv / tp, or 1 when Hkv < tp (heads replicated, as vLLM does).

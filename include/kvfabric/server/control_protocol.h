@@ -4,10 +4,12 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <string_view>
 
 #include "kvfabric/common/status.h"
+#include "kvfabric/config/config.h"
 #include "kvfabric/coordinator/coordinator.h"
 
 namespace kvfabric {
@@ -33,15 +35,29 @@ inline constexpr size_t kNumControlOps = 10;
 std::string_view control_op_name(ControlOp op);  // "hello", "admit", ..., "set_priority", ...
 
 //! Requests handled so far, by op, and those refused before reaching an op (unreadable JSON,
-//! unknown op, a line too long).
+//! unknown op, a line too long, a batch too large) or not run because a batch's reply was full.
 struct ControlStats {
   std::array<uint64_t, kNumControlOps> ok{};
   std::array<uint64_t, kNumControlOps> failed{};
   uint64_t malformed = 0;
+  uint64_t limited = 0;  //!< batch requests not run: the batch's reply reached max_reply_bytes
 };
 
 struct ControlProtocolOptions {
-  bool allow_shutdown = false;  //!< whether a client may stop the server
+  bool allow_shutdown = false;       //!< whether a client may stop the server
+  uint32_t max_batch_requests = 1024;  //!< server.max_batch_requests
+  uint32_t max_reply_bytes = 8u << 20;  //!< server.max_reply_bytes
+
+  //! The limits of config.server (allow_shutdown stays false).
+  static ControlProtocolOptions from(const ServerConfig& config);
+};
+
+//! What /health reports: whether the control plane accepts changes, and why not.
+struct ControlHealth {
+  bool ok = true;         //!< false once a plan failed to reach the ranks
+  bool stepping = false;  //!< a step's plan is being executed by the ranks right now
+  uint64_t steps = 0;     //!< plans issued so far
+  std::string problem;    //!< why it is not ok (names the rank, host and step)
 };
 
 //! \brief Turns request lines into Coordinator calls and their replies (DESIGN.md §1, §5).
@@ -50,8 +66,13 @@ struct ControlProtocolOptions {
 //! value) is echoed in the reply. A line holding a JSON array is a batch: its requests run in
 //! order, independently, and the reply is the array of their replies. Every reply carries
 //! "ok": true and the op's result, or "ok": false and "error": {"code", "message"}; a refused
-//! request changes nothing. Unknown fields are refused, so a misspelt optional field is not
-//! silently ignored.
+//! request changes nothing. Unknown fields and a key given twice in one object are refused, so a
+//! request means exactly one thing.
+//!
+//! Limits (each refusal names its config key): a batch of more than max_batch_requests requests
+//! is refused whole (nothing runs); once a batch's reply has reached max_reply_bytes, its
+//! remaining requests do not run and each gets a ResourceExhausted reply, so that a short line
+//! cannot ask for a large reply. A single request's reply is never cut (a step has happened).
 //!
 //! | op | fields | result |
 //! |---|---|---|
@@ -68,7 +89,13 @@ struct ControlProtocolOptions {
 //!
 //! A step's plan goes to the PlanSink before the reply. When the sink fails, the ranks may no
 //! longer agree with the coordinator, so the protocol fails for good: that reply and every later
-//! one is an Unavailable error naming the step. Not thread-safe (one event loop drives it).
+//! change is an Unavailable error naming the step and the sink's reason (a rank that did not
+//! answer); reads still answer.
+//!
+//! Threads: handle() is called by one thread at a time (the server's request thread, which on
+//! rank 0 also broadcasts the plans); refuse(), metrics_text() and health() may be called from
+//! any thread at any time, also while handle() waits for a step's PlanSink, which runs without
+//! the protocol's lock.
 class ControlProtocol {
  public:
   static constexpr int kVersion = 1;
@@ -84,12 +111,13 @@ class ControlProtocol {
   //! Prometheus text exposition of the coordinator's counters, the replicas' pools and
   //! the request counts.
   [[nodiscard]] std::string metrics_text() const;
+  [[nodiscard]] ControlHealth health() const;
 
-  [[nodiscard]] const ControlStats& stats() const { return stats_; }
+  [[nodiscard]] ControlStats stats() const;
   //! A shutdown request was accepted: the server stops after sending its reply.
-  [[nodiscard]] bool shutdown_requested() const { return shutdown_requested_; }
+  [[nodiscard]] bool shutdown_requested() const;
   //! Ok, or why the control plane stopped accepting requests (a failed PlanSink).
-  [[nodiscard]] const Status& failure() const { return failure_; }
+  [[nodiscard]] Status failure() const;
 
  private:
   friend class ControlRequestHandler;  // the op handlers, in control_protocol.cc
@@ -97,8 +125,10 @@ class ControlProtocol {
   Coordinator* coordinator_;
   PlanSink sink_;
   ControlProtocolOptions options_;
+  mutable std::mutex mutex_;  // guards everything below and the coordinator (see above)
   ControlStats stats_;
   bool shutdown_requested_ = false;
+  bool stepping_ = false;
   Status failure_;
 };
 

@@ -1,6 +1,7 @@
 // The control plane's network side: the JSON-lines TCP endpoint and the /metrics HTTP endpoint.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -12,22 +13,46 @@
 
 namespace kvfabric {
 
+//! What the network side has done (also on /metrics).
+struct ControlServerStats {
+  uint32_t connections = 0;          //!< control connections open now
+  uint64_t refused_connections = 0;  //!< beyond max_connections
+  uint64_t idle_closed = 0;          //!< closed after idle_timeout
+  uint64_t accept_errors = 0;        //!< failed accepts, retried with back-off
+};
+
 struct ControlServerOptions {
   std::string address = "127.0.0.1";     //!< an IPv4 or IPv6 literal
   uint16_t port = 0;                     //!< 0 picks a free port (see ControlServer::port())
-  std::optional<uint16_t> metrics_port;  //!< HTTP GET /metrics; none when empty, 0 = free port
+  std::optional<uint16_t> metrics_port;  //!< HTTP /metrics and /health; none when empty, 0 = free port
   size_t max_request_bytes = 1u << 20;   //!< a longer line is refused and its connection closed
+  uint32_t max_connections = 256;        //!< per endpoint; more are refused and closed
+  std::chrono::milliseconds idle_timeout{300'000};  //!< 0: connections are never closed for idling
+  std::chrono::milliseconds fault_grace{5'000};     //!< run() returns this long after a rank fault
 
   //! The options of config.server (a metrics_port of 0 there means no metrics endpoint).
   static ControlServerOptions from(const ServerConfig& config);
 };
 
 //! \brief Serves a ControlProtocol over TCP (Boost.Asio): each connection sends requests, one JSON
-//! line each, and reads one reply line per request, in order. Requests from all connections run
-//! one at a time on the thread that calls run(), so the protocol (and its Coordinator and
-//! PlanSink) is only ever used from that thread; on rank 0 that is the thread that broadcasts
-//! plans. The optional metrics endpoint answers `GET /metrics` with
-//! ControlProtocol::metrics_text().
+//! line each, and reads one reply line per request, in order.
+//!
+//! Threads: run() starts an io thread for every socket and answers the control requests of all
+//! connections one at a time on the thread that called it, in arrival order, so the protocol's
+//! handle() (and its Coordinator and PlanSink) is only ever used from that thread; on rank 0 that
+//! is the thread that initialized MPI and broadcasts the plans. While a step's plan runs on the
+//! ranks, the sockets stay served and the HTTP endpoint answers `GET /metrics` (the protocol's
+//! metrics and the server's own) and `GET /health` (200, or 503 with the problem once a plan
+//! failed to reach the ranks).
+//!
+//! Limits: at most max_connections per endpoint (a further control connection gets one
+//! ResourceExhausted line naming server.max_connections, then is closed); a connection that sends
+//! no request, or does not read its reply, for idle_timeout is closed; a failed accept (EMFILE:
+//! out of file descriptors) is retried after 10 ms, doubling to 1 s, with one warning per run of
+//! failures. The protocol limits batches and replies (ControlProtocolOptions).
+//!
+//! Faults: once the protocol has failed (a rank did not answer a plan), run() keeps answering
+//! for fault_grace (reads, /health, Unavailable to changes), then returns the failure.
 class ControlServer {
  public:
   //! Binds the endpoints (nothing is served until run()). Errors: an address that is not an IP
@@ -42,9 +67,11 @@ class ControlServer {
   //! The bound ports (useful when 0 was asked for); metrics_port() is 0 without metrics.
   [[nodiscard]] uint16_t port() const;
   [[nodiscard]] uint16_t metrics_port() const;
+  //! Callable from any thread.
+  [[nodiscard]] ControlServerStats stats() const;
 
-  //! Serves until stop() or an accepted shutdown request (after its reply is sent). Returns the
-  //! protocol's failure(), if any, once stopped.
+  //! Serves until stop(), an accepted shutdown request (after its reply is sent), or fault_grace
+  //! after the protocol failed. Returns the protocol's failure(), if any.
   Status run();
   //! Makes run() return soon; callable from any thread, also before run().
   void stop();
@@ -75,7 +102,7 @@ class ControlClient {
 };
 
 //! GETs `path` from an HTTP server (the metrics endpoint) and returns the body of a 200 reply;
-//! another status is Unavailable naming it.
+//! another status is Unavailable naming it and quoting the body.
 Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path);
 
 }  // namespace kvfabric

@@ -270,6 +270,44 @@ server: {address: 0.0.0.0, port: 7100, metrics_port: 9464, max_request_bytes: 65
   EXPECT_EQ(config.server.metrics_port, 9100);
 }
 
+TEST(Config, LimitsAndDeadlines) {
+  const auto parsed = parse_config(std::string(kTiny) + R"(
+server: {max_batch_requests: 64, max_reply_bytes: 65536, max_connections: 8, idle_timeout_ms: 0,
+         fault_grace_ms: 100}
+coordinator: {max_sequences_per_replica: 512}
+runtime: {plan_deadline_ms: 2500}
+)");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->server.max_batch_requests, 64u);
+  EXPECT_EQ(parsed->server.max_reply_bytes, 65536u);
+  EXPECT_EQ(parsed->server.max_connections, 8u);
+  EXPECT_EQ(parsed->server.idle_timeout_ms, 0u);
+  EXPECT_EQ(parsed->server.fault_grace_ms, 100u);
+  EXPECT_EQ(parsed->coordinator.max_sequences_per_replica, 512u);
+  EXPECT_EQ(parsed->runtime.plan_deadline_ms, 2500u);
+
+  const auto defaults = parse_config(kTiny);
+  EXPECT_EQ(defaults->server.max_batch_requests, 1024u);
+  EXPECT_EQ(defaults->server.max_reply_bytes, 8u << 20);
+  EXPECT_EQ(defaults->server.max_connections, 256u);
+  EXPECT_EQ(defaults->server.idle_timeout_ms, 300000u);
+  EXPECT_EQ(defaults->coordinator.max_sequences_per_replica, 4096u);
+  EXPECT_EQ(defaults->runtime.plan_deadline_ms, 30000u);
+
+  for (const auto& [yaml, message] :
+       {std::pair{"server: {max_batch_requests: 0}", "server.max_batch_requests must be >= 1"},
+        std::pair{"server: {max_reply_bytes: 100}", "server.max_reply_bytes must be >= 4096"},
+        std::pair{"server: {max_connections: 0}", "server.max_connections must be >= 1"},
+        std::pair{"coordinator: {max_sequences_per_replica: 0}",
+                  "coordinator.max_sequences_per_replica must be >= 1"}}) {
+    const auto bad = parse_config(std::string(kTiny) + yaml + "\n");
+    EXPECT_NE(bad.status().message().find(message), std::string::npos) << bad.status();
+  }
+  Config config = *defaults;
+  ASSERT_TRUE(apply_env_overrides(config, Environment({{"KVF_RUNTIME_PLAN_DEADLINE_MS", "750"}})).ok());
+  EXPECT_EQ(config.runtime.plan_deadline_ms, 750u);
+}
+
 TEST(Config, ByteSizes) {
   EXPECT_EQ(parse_byte_size("1024").value(), 1024u);
   EXPECT_EQ(parse_byte_size("16GiB").value(), 16ull << 30);

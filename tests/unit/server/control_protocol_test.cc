@@ -240,6 +240,96 @@ TEST(ControlProtocolTest, DeeplyNestedRequestsAreRefusedWithoutRecursion) {
   EXPECT_EQ(c.stats().admitted, 0u);
 }
 
+// nlohmann keeps the last of two equal keys; a request that says seq twice means two things.
+TEST(ControlProtocolTest, AKeyGivenTwiceIsRefused) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlProtocol protocol(c);
+  for (const std::string& line :
+       {std::string(R"({"op": "admit", "seq": 1, "tokens": [1], "seq": 2})"),
+        std::string(R"({"op": "admit", "op": "free", "seq": 1, "tokens": [1]})"),
+        std::string(R"([{"op": "hello"}, {"op": "admit", "seq": 3, "tokens": [1], "tokens": [2]}])"),
+        std::string(R"({"op": "hello", "id": 1, "x": {"a": 1, "a": 2}})")}) {
+    const json reply = json::parse(protocol.handle(line));
+    EXPECT_EQ(error_code(reply), "InvalidArgument") << line;
+    EXPECT_THAT(reply["error"]["message"].get<std::string>(), HasSubstr("appears twice in one object"));
+  }
+  EXPECT_EQ(c.stats().admitted, 0u);
+  // Equal keys in different objects are fine.
+  const json batch = json::parse(protocol.handle(R"([{"op": "hello", "id": 1}, {"op": "hello", "id": 2}])"));
+  EXPECT_EQ(batch[1]["ok"], true);
+}
+
+TEST(ControlProtocolTest, ABatchOverTheRequestLimitRunsNothing) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlProtocol protocol(c, nullptr, ControlProtocolOptions{.max_batch_requests = 4});
+  json batch = json::array();
+  for (uint64_t s = 1; s <= 5; ++s) batch.push_back({{"op", "admit"}, {"seq", s}, {"tokens", token_run(4, 0)}});
+  const json reply = json::parse(protocol.handle(batch.dump()));
+  ASSERT_TRUE(reply.is_object()) << reply;
+  EXPECT_EQ(error_code(reply), "ResourceExhausted");
+  EXPECT_THAT(reply["error"]["message"].get<std::string>(),
+              HasSubstr("a batch holds at most 4 requests (server.max_batch_requests); this one has 5 "
+                        "and none of them ran"));
+  EXPECT_EQ(c.stats().admitted, 0u);
+  batch.erase(batch.size() - 1);
+  EXPECT_EQ(json::parse(protocol.handle(batch.dump())).size(), 4u);
+  EXPECT_EQ(c.stats().admitted, 4u);
+}
+
+// A 1 MiB batch of stats asked for 21 MB of replies: a batch stops running requests once its
+// reply has reached server.max_reply_bytes, and says so in each reply it did not run.
+TEST(ControlProtocolTest, ABatchStopsOnceItsReplyIsFull) {
+  Coordinator c = make(serving_config(4, 1, 4, 2, 16, 0));
+  ControlProtocol protocol(c, nullptr, ControlProtocolOptions{.max_reply_bytes = 4096});
+  json batch = json::array();
+  for (int i = 0; i < 1000; ++i) batch.push_back({{"op", "stats"}, {"id", i}});
+  batch.push_back({{"op", "admit"}, {"id", "last"}, {"seq", 1}, {"tokens", token_run(4, 0)}});
+  const std::string text = protocol.handle(batch.dump());
+  const json replies = json::parse(text);
+  ASSERT_EQ(replies.size(), 1001u);
+  size_t ran = 0;
+  while (replies[ran]["ok"] == true) ++ran;
+  EXPECT_GT(ran, 1u);
+  EXPECT_LT(ran, 20u);
+  for (size_t i = ran; i < replies.size(); ++i) {
+    ASSERT_EQ(error_code(replies[i]), "ResourceExhausted") << i;
+    EXPECT_THAT(replies[i]["error"]["message"].get<std::string>(),
+                HasSubstr("not run: the batch's reply reached 4096 bytes (server.max_reply_bytes)"));
+  }
+  EXPECT_EQ(replies[1000]["id"], "last");
+  EXPECT_EQ(c.stats().admitted, 0u);  // the admit after the limit did not run
+  EXPECT_EQ(protocol.stats().limited, 1001u - ran);
+  // What the reply costs is bounded by the limit plus a short refusal per request.
+  EXPECT_LT(text.size(), 4096u + 1001u * 160u);
+  // A single request's reply is never cut.
+  EXPECT_EQ(call(protocol, {{"op", "stats"}})["ok"], true);
+}
+
+TEST(ControlProtocolTest, HealthSaysWhenAStepRunsAndWhyChangesStopped) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlHealth during;
+  ControlProtocol* self = nullptr;
+  bool fail = false;
+  ControlProtocol protocol(c, [&](const StepPlan&) {
+    during = self->health();  // the sink runs without the protocol's lock
+    return fail ? Status(ErrorCode::kUnavailable, "rank 1 (node-b) did not answer step 1")
+                : ok_status();
+  });
+  self = &protocol;
+  EXPECT_TRUE(protocol.health().ok);
+  EXPECT_FALSE(protocol.health().stepping);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+  EXPECT_TRUE(during.stepping);
+  EXPECT_EQ(during.steps, 1u);
+  EXPECT_FALSE(protocol.health().stepping);
+  fail = true;
+  EXPECT_EQ(error_code(call(protocol, {{"op", "step"}})), "Unavailable");
+  const ControlHealth after = protocol.health();
+  EXPECT_FALSE(after.ok);
+  EXPECT_THAT(after.problem, HasSubstr("rank 1 (node-b) did not answer step 1"));
+  EXPECT_EQ(after.steps, 2u);
+}
+
 TEST(ControlProtocolTest, PlansReachTheSinkBeforeTheReply) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
   std::vector<StepPlan> delivered;
