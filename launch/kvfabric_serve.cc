@@ -1,15 +1,24 @@
 // kvfabric-serve: the control plane of a dp x tp job. Under mpirun every rank holds its shard of
 // the KV cache (CPU backend, MPI transport); rank 0 also runs the Coordinator and serves the
-// control protocol, and every step plan a scheduler asks for is broadcast to the ranks and
-// executed before the reply. Without mpirun the coordinator serves alone (no KV is held).
+// control protocol, and every step plan a scheduler asks for is executed by every rank before
+// the reply. Without mpirun the coordinator serves alone (no KV is held).
+//
+// Faults: when a rank does not answer a plan within runtime.plan_deadline_ms, the control plane
+// names it in every reply and on /health for server.fault_grace_ms, then the job ends with a
+// non-zero status (MPI_Abort: MPI_Finalize would wait for that rank for ever). When a rank dies,
+// mpirun ends the job itself and names the rank; the other ranks say when the launcher ended them.
 #include <fmt/format.h>
+#include <unistd.h>
 #include <CLI/CLI.hpp>
 
+#include <atomic>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <optional>
 
-#include "bench/plan_executors.h"
+#include "bench/mpi_job.h"
 #include "kvfabric/common/logging.h"
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/server/control_server.h"
@@ -25,13 +34,49 @@ struct ServeOptions {
   bool allow_shutdown = false;
 };
 
+// What a rank says when the launcher ends it (SIGTERM: mpirun does so when another rank of the
+// job dies): composed before, written by the handler with async-signal-safe calls only.
+char g_ended_by_launcher[256] = "kvfabric-serve: ended by the launcher (SIGTERM)\n";
+std::atomic<bool> g_coordinating{false};  // rank 0: the handler also says which step was last
+std::atomic<uint64_t> g_step{0};
+
+void on_sigterm(int) {
+  (void)!write(STDERR_FILENO, g_ended_by_launcher, std::strlen(g_ended_by_launcher));
+  if (!g_coordinating) {
+    std::signal(SIGTERM, SIG_DFL);
+    std::raise(SIGTERM);
+  }
+  char step[48] = "kvfabric-serve: the last plan was step ";
+  char digits[21];
+  size_t n = 0;
+  for (uint64_t v = g_step.load(); n == 0 || v > 0; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
+  size_t at = std::strlen(step);
+  while (n > 0) step[at++] = digits[--n];
+  step[at++] = '\n';
+  (void)!write(STDERR_FILENO, step, at);
+  std::signal(SIGTERM, SIG_DFL);
+  std::raise(SIGTERM);
+}
+
+void say_when_ended(const std::string& who) {
+  std::snprintf(g_ended_by_launcher, sizeof g_ended_by_launcher,
+                "kvfabric-serve: %s was ended by the launcher (SIGTERM); when another rank of the "
+                "job died, the launcher's message names it\n",
+                who.c_str());
+  std::signal(SIGTERM, on_sigterm);
+}
+
 // Rank 0's role: the Coordinator behind the control server, until a shutdown or an error.
-Status coordinate(const Config& config, const ServeOptions& options,
-                  bench::PlanExecutors* executors) {
+Status coordinate(const Config& config, const ServeOptions& options, RankJob* ranks) {
   KVF_ASSIGN_OR_RETURN(Coordinator coordinator, Coordinator::create(config));
   PlanSink sink;
-  if (executors)
-    sink = [&](const StepPlan& plan) { return executors->broadcast_and_execute(plan); };
+  if (ranks) {
+    g_coordinating = true;
+    sink = [&](const StepPlan& plan) {
+      g_step = plan.step;
+      return ranks->execute(plan);
+    };
+  }
   ControlProtocolOptions limits = ControlProtocolOptions::from(config.server);
   limits.allow_shutdown = options.allow_shutdown;
   ControlProtocol protocol(coordinator, sink, limits);
@@ -41,35 +86,73 @@ Status coordinate(const Config& config, const ServeOptions& options,
   fmt::print(
       "kvfabric-serve: control plane on {}:{}{}; model {}, dp {} x tp {}, {}\n",
       config.server.address, server->port(),
-      server->metrics_port() ? fmt::format(", metrics on port {}", server->metrics_port()) : "",
+      server->metrics_port() ? fmt::format(", metrics and health on port {}", server->metrics_port())
+                             : "",
       config.model.name, config.topology.dp, config.topology.tp,
-      executors
-          ? fmt::format("{} MPI ranks execute the plans (CPU backend)", executors->world_size())
-          : "coordinator only (no MPI launcher: no KV is held)");
+      ranks ? fmt::format("{} MPI ranks execute the plans (CPU backend)", ranks->world_size())
+            : "coordinator only (no MPI launcher: no KV is held)");
   std::fflush(stdout);
   KVF_RETURN_IF_ERROR(server->run());
   fmt::print("kvfabric-serve: stopped after {} steps\n", coordinator.stats().steps);
   return coordinator.verify_integrity();
 }
 
-Status serve(const ServeOptions& options) {
-  KVF_ASSIGN_OR_RETURN(Config config, load_config_file(options.config_path));
-  KVF_RETURN_IF_ERROR(apply_env_overrides(config));
-  if (options.address) config.server.address = *options.address;
-  if (options.port) config.server.port = *options.port;
-  if (options.metrics_port) config.server.metrics_port = *options.metrics_port;
-  KVF_RETURN_IF_ERROR(validate(config));
+// Every rank says where it runs: rank, host, process id, its shard.
+void announce(const RankJob& ranks) {
+  const RankLayout& l = ranks.cache().layout();
+  const std::string who = ranks.transport().describe(RankId{static_cast<int32_t>(l.rank)});
+  fmt::print("kvfabric-serve: {} (pid {}, {} ranks): replica {}, shard {}, CPU backend, MPI "
+             "transport\n",
+             who, getpid(), l.world_size, l.replica, l.shard);
+  std::fflush(stdout);
+  say_when_ended(who);
+}
 
-  KVF_ASSIGN_OR_RETURN(const std::unique_ptr<bench::MpiPlanJob> job,
-                       bench::MpiPlanJob::launch(config.topology));
-  if (!job) return coordinate(config, options, nullptr);
-  bench::PlanExecutors& executors = job->executors();
-  KVF_RETURN_IF_ERROR(executors.start(config));
-  if (!executors.is_root()) return executors.serve();
-  // Rank 0. Whatever happens here, the other ranks are released at the end.
-  const Status served = coordinate(config, options, &executors);
-  const Status finished = executors.finish();
-  return served.ok() ? finished : served;
+int serve(const ServeOptions& options) {
+  auto fail = [](const Status& status) {
+    fmt::print(stderr, "kvfabric-serve: {}\n", status.to_string());
+    return 1;
+  };
+  auto config = load_config_file(options.config_path);
+  if (!config.ok()) return fail(config.status());
+  if (const Status env = apply_env_overrides(*config); !env.ok()) return fail(env);
+  if (options.address) config->server.address = *options.address;
+  if (options.port) config->server.port = *options.port;
+  if (options.metrics_port) config->server.metrics_port = *options.metrics_port;
+  if (const Status valid = validate(*config); !valid.ok()) return fail(valid);
+
+  auto job = bench::MpiPlanJob::launch(config->topology);
+  if (!job.ok()) return fail(job.status());
+  if (!*job) {
+    const Status served = coordinate(*config, options, nullptr);
+    return served.ok() ? 0 : fail(served);
+  }
+  bench::MpiPlanJob& mpi = **job;
+  if (const Status started = mpi.start(*config); !started.ok()) return fail(started);
+  RankJob& ranks = mpi.ranks();
+  announce(ranks);
+  if (!ranks.is_root()) {
+    const Status served = ranks.serve();
+    if (served.ok()) return 0;
+    // The job cannot go on, and rank 0 decides how it ends: it names the fault to the clients
+    // for server.fault_grace_ms, then ends every rank.
+    fail(served);
+    fmt::print(stderr, "kvfabric-serve: rank {} waits for rank 0 to end the job\n",
+               ranks.transport().rank().value);
+    while (true) pause();
+  }
+  const Status served = coordinate(*config, options, &ranks);
+  if (!served.ok()) {
+    // A rank that does not answer would hold MPI_Finalize (and mpirun) for ever.
+    fail(served);
+    mpi.abort(1);
+  }
+  const Status finished = ranks.finish();
+  if (!finished.ok()) {
+    fail(finished);
+    mpi.abort(1);
+  }
+  return 0;
 }
 
 }  // namespace
@@ -87,7 +170,7 @@ int main(int argc, char** argv) {
   app.add_option("--address", options.address, "listen address (overrides server.address)");
   app.add_option("--port", options.port, "control port, 0 = any free port (overrides server.port)");
   app.add_option("--metrics-port", options.metrics_port,
-                 "Prometheus /metrics port, 0 = none (overrides server.metrics_port)");
+                 "HTTP /metrics and /health port, 0 = none (overrides server.metrics_port)");
   app.add_flag("--allow-shutdown", options.allow_shutdown,
                "accept {\"op\": \"shutdown\"} from clients (ends every rank)");
   CLI11_PARSE(app, argc, argv);
@@ -96,9 +179,5 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "kvfabric-serve: {}\n", log.message());
     return 2;
   }
-  if (const Status status = serve(options); !status.ok()) {
-    fmt::print(stderr, "kvfabric-serve: {}\n", status.to_string());
-    return 1;
-  }
-  return 0;
+  return serve(options);
 }

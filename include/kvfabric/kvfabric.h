@@ -35,6 +35,7 @@
 #include "kvfabric/quant/tensor_quantize.h"
 #include "kvfabric/quant/token_selection.h"
 #include "kvfabric/runtime/rank_cache.h"
+#include "kvfabric/runtime/rank_job.h"
 #include "kvfabric/server/control_protocol.h"
 #include "kvfabric/server/control_server.h"
 #include "kvfabric/server/metrics.h"

@@ -6,7 +6,7 @@
 #include <optional>
 #include <sstream>
 
-#include "bench/plan_executors.h"
+#include "bench/mpi_job.h"
 #include "bench/report.h"
 
 namespace kvfabric::bench {
@@ -75,8 +75,7 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
   // runs alone and nothing moves.
   KVF_ASSIGN_OR_RETURN(const std::unique_ptr<MpiPlanJob> job,
                        MpiPlanJob::launch(sim.config.topology));
-  PlanExecutors* const executors = job ? &job->executors() : nullptr;
-  const bool root = !executors || executors->is_root();
+  const bool root = !job || job->transport().rank().value == 0;
   if (root) {
     KVF_ASSIGN_OR_RETURN(const Config shown,
                          cluster_replay_config(sim, ClusterRouting::kGlobalMigration));
@@ -88,14 +87,14 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
         format_count(static_cast<double>(sim.capacity_tokens)),
         format_count(static_cast<double>(shown.cache.num_blocks * sim.block_tokens)),
         format_count(static_cast<double>(sim.host_capacity_tokens)), sim.step_ms,
-        executors ? fmt::format(", plans executed by {} MPI ranks (CPU backend, model {})",
-                                executors->world_size(), shown.model.name)
+        job ? fmt::format(", plans executed by {} MPI ranks (CPU backend, model {})",
+                          job->transport().world_size(), shown.model.name)
                   : ", coordinator only (no MPI launcher: no KV moves)");
     results["routine"] = "replay";
     results["trace"] = trace_name;
     results["dp"] = shown.topology.dp;
     results["tp"] = shown.topology.tp;
-    results["mpi_ranks"] = executors ? executors->world_size() : 0;
+    results["mpi_ranks"] = job ? job->transport().world_size() : 0;
     results["block_tokens"] = sim.block_tokens;
     results["capacity_tokens"] = sim.capacity_tokens;
     results["host_capacity_tokens"] = sim.host_capacity_tokens;
@@ -107,21 +106,21 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
   std::vector<ClusterReplayResult> runs;
   for (ClusterRouting routing : command.routings) {
     KVF_ASSIGN_OR_RETURN(const Config config, cluster_replay_config(sim, routing));
-    if (executors) KVF_RETURN_IF_ERROR(executors->start(config));
+    if (job) KVF_RETURN_IF_ERROR(job->start(config));
+    RankJob* const ranks = job ? &job->ranks() : nullptr;
     if (!root) {
-      KVF_RETURN_IF_ERROR(executors->serve());
-      KVF_RETURN_IF_ERROR(executors->received_blocks().status());
+      KVF_RETURN_IF_ERROR(ranks->serve());
+      KVF_RETURN_IF_ERROR(ranks->received_blocks().status());
       continue;
     }
     std::function<Status(const StepPlan&)> execute;
-    if (executors)
-      execute = [&](const StepPlan& plan) { return executors->broadcast_and_execute(plan); };
+    if (ranks) execute = [&](const StepPlan& plan) { return ranks->execute(plan); };
     if (!command.quiet) fmt::print("[{}] replaying...\n", cluster_routing_name(routing));
     auto r = run_cluster_replay(trace, sim, routing, execute);
-    if (executors) {
+    if (ranks) {
       // The other ranks wait for the end of the run whatever happened here.
-      KVF_RETURN_IF_ERROR(executors->finish());
-      KVF_ASSIGN_OR_RETURN(const std::vector<uint64_t> received, executors->received_blocks());
+      KVF_RETURN_IF_ERROR(ranks->finish());
+      KVF_ASSIGN_OR_RETURN(const std::vector<uint64_t> received, ranks->received_blocks());
       KVF_RETURN_IF_ERROR(r.status());
       uint64_t total = 0;
       for (uint64_t b : received)
@@ -136,7 +135,7 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
       if (!command.quiet) {
         fmt::print(
             "[{}] {} ranks executed {} step plans; the {} migrated blocks arrived as planned\n",
-            cluster_routing_name(routing), executors->world_size(), r->steps, total);
+            cluster_routing_name(routing), ranks->world_size(), r->steps, total);
       }
     }
     KVF_RETURN_IF_ERROR(r.status());

@@ -1,12 +1,20 @@
 #include "kvfabric/runtime/rank_cache.h"
 
 #include <algorithm>
+#include <cstring>
 #include <sstream>
 #include <string>
 
 #include "common/log.h"
 
 namespace kvfabric {
+namespace {
+
+std::span<const uint8_t> as_bytes(const uint64_t& value) {
+  return {reinterpret_cast<const uint8_t*>(&value), sizeof(value)};
+}
+
+}  // namespace
 
 Result<RankLayout> rank_layout(const Config& config, uint32_t rank) {
   KVF_RETURN_IF_ERROR(validate(config));
@@ -236,10 +244,8 @@ Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId roo
   const Result<StepPlan> plan = StepPlan::deserialize(plan_bytes);
   const Status verdict = plan.ok() ? validate(*plan) : plan.status();
   // Every rank learns every verdict before any block moves: a rank that refused the plan must not
-  // leave its peers waiting for it in a migration. Each value: the step the rank expects, and
-  // whether it refused.
-  std::vector<uint64_t> verdicts;
-  KVF_RETURN_IF_ERROR(transport_->all_gather((next_step_ << 1) | (verdict.ok() ? 0u : 1u), verdicts));
+  // leave its peers waiting for it in a migration.
+  KVF_ASSIGN_OR_RETURN(const std::vector<uint64_t> verdicts, agree(verdict, root));
   std::string refused_by;
   for (size_t r = 0; r < verdicts.size(); ++r) {
     if ((verdicts[r] & 1) == 0) continue;
@@ -248,13 +254,52 @@ Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId roo
                   ", shard " + std::to_string(r % layout_.tp) + ", expecting step " +
                   std::to_string(verdicts[r] >> 1) + ")";
   }
-  if (refused_by.empty()) return run(*plan);  // every rank validated it
+  if (refused_by.empty()) return report(run(*plan), root, plan->step);  // every rank validated it
   const std::string which =
       plan.ok() ? "the plan of step " + std::to_string(plan->step) : "the plan";
   const std::string what = which + " broadcast by rank " + std::to_string(root.value) +
                            " was refused by " + refused_by + "; no rank executed it";
   if (!verdict.ok()) return Status(verdict.code(), verdict.message() + "; " + what);
   return invalid_operation(where() + ": " + what);
+}
+
+Result<std::vector<uint64_t>> RankCache::agree(const Status& verdict, RankId root) {
+  // Each value: the step the rank expects, and whether it refused. Gathered point to point, so a
+  // rank that does not answer is named; then every rank gets all of them.
+  const uint64_t mine = (next_step_ << 1) | (verdict.ok() ? 0u : 1u);
+  std::vector<std::vector<uint8_t>> gathered;
+  KVF_RETURN_IF_ERROR(transport_->gather(as_bytes(mine), root, gathered));
+  std::vector<uint8_t> all;
+  for (const auto& bytes : gathered) all.insert(all.end(), bytes.begin(), bytes.end());
+  KVF_RETURN_IF_ERROR(transport_->broadcast(all, root));
+  if (all.size() != layout_.world_size * sizeof(uint64_t)) {
+    return Status(ErrorCode::kInternal, where() + ": the verdicts of " +
+                                            std::to_string(layout_.world_size) + " ranks came as " +
+                                            std::to_string(all.size()) + " bytes");
+  }
+  std::vector<uint64_t> verdicts(layout_.world_size);
+  std::memcpy(verdicts.data(), all.data(), all.size());
+  return verdicts;
+}
+
+Status RankCache::report(const Status& ran, RankId root, uint64_t step) {
+  // [code][message]: rank `root` answers for the whole step.
+  std::vector<uint8_t> mine(1, static_cast<uint8_t>(ran.code()));
+  mine.insert(mine.end(), ran.message().begin(), ran.message().end());
+  std::vector<std::vector<uint8_t>> reports;
+  KVF_RETURN_IF_ERROR(transport_->gather(mine, root, reports));
+  if (transport_->rank() != root) return ran;
+  std::string failures;
+  ErrorCode first = ErrorCode::kOk;
+  for (size_t r = 0; r < reports.size(); ++r) {
+    if (reports[r].empty() || reports[r][0] == 0) continue;
+    if (first == ErrorCode::kOk) first = static_cast<ErrorCode>(reports[r][0]);
+    failures += (failures.empty() ? "" : "; ") +
+                transport_->describe(RankId{static_cast<int32_t>(r)}) + ": " +
+                std::string(reports[r].begin() + 1, reports[r].end());
+  }
+  if (failures.empty()) return ok_status();
+  return Status(first, "step " + std::to_string(step) + " failed on " + failures);
 }
 
 uint64_t RankCache::tables_digest() const {

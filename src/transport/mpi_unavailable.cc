@@ -1,6 +1,8 @@
 // The MPI runtime and transport for builds without MPI: they are absent and say so.
 #include "kvfabric/transport/mpi_transport.h"
 
+#include <cstdlib>
+
 namespace kvfabric {
 namespace {
 
@@ -34,6 +36,8 @@ MpiRuntime& MpiRuntime::operator=(MpiRuntime&& other) noexcept {
 MpiRuntime::~MpiRuntime() = default;
 
 void MpiRuntime::release() {}
+
+void MpiRuntime::abort(int code) const { std::_Exit(code); }  // no runtime can exist
 
 Result<std::unique_ptr<Transport>> make_mpi_transport(const MpiRuntime&,
                                                       const MpiTransportOptions&) {

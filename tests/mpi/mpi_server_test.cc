@@ -11,7 +11,7 @@
 #include <numeric>
 #include <thread>
 
-#include "bench/plan_executors.h"
+#include "kvfabric/runtime/rank_job.h"
 #include "kvfabric/server/control_server.h"
 #include "mpi/mpi_env.h"
 #include "testing/serving_harness.h"
@@ -71,8 +71,9 @@ TEST(MpiServerTest, StepPlansRequestedOverTcpRunOnEveryRank) {
   const Config config = testing::serving_config(2, 2, 8, 4, 24, 8);
   auto backend = make_cpu_backend();
   ASSERT_TRUE(backend.ok());
-  bench::PlanExecutors executors(transport, std::move(backend).value());
-  ASSERT_TRUE(executors.start(config).ok());
+  auto job = RankJob::create(config, transport, **backend);
+  ASSERT_TRUE(job.ok()) << job.status();
+  RankJob& executors = **job;
 
   uint64_t migrated_blocks = 0;
   if (executors.is_root()) {
@@ -80,7 +81,7 @@ TEST(MpiServerTest, StepPlansRequestedOverTcpRunOnEveryRank) {
     EXPECT_TRUE(coordinator.ok()) << coordinator.status();
     if (coordinator.ok()) {
       ControlProtocol protocol(
-          *coordinator, [&](const StepPlan& plan) { return executors.broadcast_and_execute(plan); },
+          *coordinator, [&](const StepPlan& plan) { return executors.execute(plan); },
           ControlProtocolOptions{.allow_shutdown = true});
       auto server = ControlServer::create(protocol, ControlServerOptions{});
       EXPECT_TRUE(server.ok()) << server.status();

@@ -79,10 +79,15 @@ class RankCache {
   [[nodiscard]] uint64_t next_step() const { return next_step_; }
 
   Status execute(const StepPlan& plan);
+  //! The checks execute() makes before anything runs: the step number, and every op against this
+  //! rank's pools. The error names this rank, the step and the op.
+  [[nodiscard]] Status validate(const StepPlan& plan) const;
   //! Collective: receives the plan broadcast by `root` (whose `plan_bytes` hold it) and executes
   //! it. The ranks agree first: when any rank refuses the plan (a wrong step number, an invalid
   //! op, unreadable bytes), none executes it and every rank's error names the refusing ranks and
-  //! the steps they expect.
+  //! the steps they expect. Then every rank reports to `root`, which returns OK only when every
+  //! rank executed the plan, and otherwise an error naming the ranks that failed and why. The
+  //! waits are bounded by the transport's timeout (a rank that does not answer is named).
   Status receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId root);
   //! The second half of receive_and_execute(), for callers that broadcast the plan themselves:
   //! collective, every rank passes the bytes `root` sent.
@@ -103,8 +108,11 @@ class RankCache {
   RankCache(const RankLayout& layout, KvStorage storage, Backend& backend, Transport& transport)
       : layout_(layout), storage_(std::move(storage)), backend_(&backend), transport_(&transport) {}
 
-  Status validate(const StepPlan& plan) const;
   Status run(const StepPlan& plan);  // executes a validated plan
+  //! Every rank's verdict on a plan (the step it expects << 1 | refused), known to all.
+  Result<std::vector<uint64_t>> agree(const Status& verdict, RankId root);
+  //! Gathers every rank's outcome of a step on `root`; there, the step's overall outcome.
+  Status report(const Status& ran, RankId root, uint64_t step);
   // Runs a backend call on the pool of `layer`'s group with the layer index inside the group.
   template <typename Args>
   Status on_layer(uint32_t layer, Args args, Status (Backend::*op)(const PagedKvView&, const Args&));

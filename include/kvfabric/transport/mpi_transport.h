@@ -51,6 +51,11 @@ class MpiRuntime {
   //! Whether this object called MPI_Init_thread (and will call MPI_Finalize).
   [[nodiscard]] bool owns_mpi() const { return owns_; }
 
+  //! Ends every process of the job with `code` (MPI_Abort on MPI_COMM_WORLD; the launcher
+  //! reports it). For a job that cannot finish because a rank stopped answering: MPI_Finalize
+  //! would wait for that rank for ever.
+  [[noreturn]] void abort(int code) const;
+
  private:
   MpiRuntime() = default;
   void release();  // MPI_Finalize when owned; gives the one-per-process slot back

@@ -22,7 +22,9 @@ struct NcclTransportOptions {
 //! device and creates its stream; the ranks agree that all of them succeeded (so one rank
 //! without a GPU fails every rank instead of hanging them); rank 0 creates the ncclUniqueId and
 //! broadcasts it over `bootstrap`; then ncclCommInitRank. `bootstrap` must outlive the
-//! transport; broadcast, barrier and all_gather are delegated to it (host memory).
+//! transport; broadcast, barrier, all_gather, gather, set_timeout and describe are delegated to
+//! it (host memory). A timeout bounds those host-side calls only: exchange_blocks waits for its
+//! CUDA stream without a bound.
 //!
 //! exchange_blocks, on the transport's own CUDA stream: one kernel launch packs every sent
 //! block into a contiguous device staging buffer (one contiguous region per batch); one NCCL

@@ -1,9 +1,12 @@
 // Moving KV blocks and small control messages between the ranks of a kvfabric job.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -28,8 +31,13 @@ struct BlockBatch {
 
 //! \brief The communication a distributed kvfabric job needs (DESIGN.md §2, §5): batched block
 //! transfers between ranks (one message per peer and batch, never one per block), broadcast of
-//! plan bytes, a barrier and an all-gather of small values. Every call is collective or paired as
-//! its comment says; errors name this rank, the peer and the MPI/NCCL error string.
+//! plan bytes, a gather of reports to one rank, a barrier and an all-gather of small values. Every
+//! call is collective or paired as its comment says; errors name this rank, the peer and the
+//! MPI/NCCL error string.
+//!
+//! Timeouts (set_timeout): a call that has waited that long for its peers gives up with
+//! Unavailable naming the ranks that do not answer. Messages still in flight cannot be withdrawn,
+//! so a transport that timed out refuses every later call with the same error: the job must end.
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -62,11 +70,26 @@ class Transport {
   virtual Status barrier() = 0;
   //! Collective: `out` receives `value` of every rank, in rank order.
   virtual Status all_gather(uint64_t value, std::vector<uint64_t>& out) = 0;
+  //! Collective, point to point: `root` receives every rank's `bytes` (its own included) in rank
+  //! order in `out`; the other ranks send theirs and leave `out` empty. Sent one message per rank,
+  //! so a timeout on the root names exactly the ranks whose bytes did not arrive.
+  virtual Status gather(std::span<const uint8_t> bytes, RankId root,
+                        std::vector<std::vector<uint8_t>>& out) = 0;
+
+  //! Bounds this rank's later blocking calls (see the class comment); nullopt, the default,
+  //! waits for ever.
+  virtual void set_timeout(std::optional<std::chrono::milliseconds> timeout) = 0;
+  //! How messages name `rank`: "rank 3", with its host where the transport knows it
+  //! ("rank 3 on node-b").
+  [[nodiscard]] virtual std::string describe(RankId rank) const {
+    return "rank " + std::to_string(rank.value);
+  }
 };
 
 //! One process, world size 1 (rank R0): sends to itself are copied into its own receives with
 //! memcpy, so its blocks must be host memory (or memory the host can address). broadcast,
-//! barrier and all_gather are trivial. Useful for single-process runs and tests.
+//! barrier, all_gather and gather are trivial, and nothing ever waits (timeouts do not apply).
+//! Useful for single-process runs and tests.
 std::unique_ptr<Transport> make_local_transport();
 
 }  // namespace kvfabric

@@ -1,6 +1,7 @@
 // The single-process transport: world size 1, every exchange is a copy from this rank's sent
 // blocks into its received blocks (host memory, memcpy).
 #include <cstring>
+#include <string>
 
 #include "kvfabric/transport/transport.h"
 #include "transport/batch_check.h"
@@ -34,12 +35,19 @@ class LocalTransport final : public Transport {
     out.assign(1, value);
     return ok_status();
   }
+  Status gather(std::span<const uint8_t> bytes, RankId root,
+                std::vector<std::vector<uint8_t>>& out) override {
+    KVF_RETURN_IF_ERROR(check_root(root, "gather"));
+    out.assign(1, std::vector<uint8_t>(bytes.begin(), bytes.end()));
+    return ok_status();
+  }
+  void set_timeout(std::optional<std::chrono::milliseconds>) override {}
 
  private:
-  static Status check_root(RankId root) {
+  static Status check_root(RankId root, std::string_view op = "broadcast") {
     if (root.value != 0) {
-      return invalid_argument("local transport R0: broadcast root " + to_string(root) +
-                              " is not a rank (world size 1)");
+      return invalid_argument("local transport R0: " + std::string(op) + " root " +
+                              to_string(root) + " is not a rank (world size 1)");
     }
     return ok_status();
   }

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <string>
 
 #include "common/log.h"
@@ -108,6 +109,11 @@ Result<MpiRuntime> MpiRuntime::init(int* argc, char*** argv, MpiThreadLevel leve
                runtime.owns_ ? "initialized" : "borrowed from the application",
                level_name(provided), runtime.world_size_);
   return runtime;
+}
+
+void MpiRuntime::abort(int code) const {
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);  // MPI_Abort does not return; should it, the process ends all the same
 }
 
 MpiRuntime::MpiRuntime(MpiRuntime&& other) noexcept {

@@ -1,5 +1,5 @@
 // The MPI host transport: one derived-datatype message per peer, batch and direction, posted
-// nonblocking (receives first) and completed with one MPI_Waitall.
+// nonblocking and polled to completion (with back-off, a timeout and liveness pings: mpi_wait.h).
 #include "kvfabric/transport/mpi_transport.h"
 
 #include <mpi.h>
@@ -14,12 +14,16 @@
 #include "common/log.h"
 #include "transport/batch_check.h"
 #include "transport/mpi/mpi_error.h"
+#include "transport/mpi/mpi_wait.h"
 
 namespace kvfabric {
 namespace {
 
-constexpr int kBlockTag = 0x4b56;  // exchange_blocks messages
-constexpr int kRawTag = 0x4b57;    // mpi_raw_transfer messages
+constexpr int kBlockTag = 0x4b56;   // exchange_blocks messages
+constexpr int kRawTag = 0x4b57;     // mpi_raw_transfer messages
+constexpr int kGatherTag = 0x4b58;  // gather messages
+// A rank that timed out asks the ranks it waited for whether they are alive for this long at most.
+constexpr std::chrono::milliseconds kLivenessGrace{1000};
 // Largest piece one MPI count describes here: datatypes above INT_MAX bytes are built from
 // chunks of this size, and broadcasts and raw transfers are sent in pieces of it.
 constexpr uint64_t kChunkBytes = uint64_t{1} << 30;
@@ -66,6 +70,7 @@ class MpiTransport final : public Transport {
     KVF_RETURN_IF_ERROR(transport->call(
         MPI_Comm_set_errhandler(transport->comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler"));
     MPI_Comm_set_name(transport->comm_, "kvfabric-transport");
+    KVF_RETURN_IF_ERROR(transport->learn_hosts());
     KVF_LOG_INFO(kTransport, "{}: communicator of {} ranks", transport->who_, transport->size_);
     return std::unique_ptr<Transport>(std::move(transport));
   }
@@ -83,9 +88,18 @@ class MpiTransport final : public Transport {
   MPI_Comm comm() const { return comm_; }
   const std::string& who() const { return who_; }
 
+  void set_timeout(std::optional<std::chrono::milliseconds> timeout) override { timeout_ = timeout; }
+
+  std::string describe(RankId rank) const override {
+    const bool known = rank.value >= 0 && static_cast<size_t>(rank.value) < hosts_.size();
+    return "rank " + std::to_string(rank.value) + (known ? " on " + hosts_[rank.value] : "");
+  }
+
   Status exchange_blocks(std::span<const BlockBatch> sends,
                          std::span<const BlockBatch> recvs) override {
+    KVF_RETURN_IF_ERROR(failure_);
     KVF_RETURN_IF_ERROR(detail::check_exchange(who_, rank_, size_, sends, recvs));
+    detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kBusy);
 
     // Every message's datatype is built before the first message is posted, so a failure here
     // leaves nothing in flight.
@@ -156,30 +170,41 @@ class MpiTransport final : public Transport {
     }
     Status receive_status;
     while (!pending.empty() && receive_status.ok()) {
+      bool matched = false;
       for (size_t g = 0; g < pending.size() && receive_status.ok();) {
         auto& [next, end] = pending[g];
         const size_t m = order[next];
         receive_status =
             match_receive(messages[m], recvs[messages[m].batch], scratch[m], requests[m]);
+        matched = matched || requests[m] != MPI_REQUEST_NULL;
         if (requests[m] != MPI_REQUEST_NULL && ++next == end) {
           pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(g));
         } else {
           ++g;
         }
       }
+      if (pending.empty() || matched || !receive_status.ok()) continue;
+      if (poller.expired()) {
+        std::vector<int> silent_peers;
+        for (const auto& [next, end] : pending) silent_peers.push_back(messages[order[next]].peer);
+        return timed_out("exchange_blocks (waiting for the messages of the peers)", silent_peers);
+      }
+      poller.pause();
     }
 
     KVF_LOG_DEBUG(kTransport, "{}: exchange_blocks: {} messages posted, waiting", who_,
                   messages.size());
     std::vector<MPI_Status> statuses(messages.size());
-    const int err =
-        MPI_Waitall(static_cast<int>(requests.size()), requests.data(), statuses.data());
-    KVF_RETURN_IF_ERROR(receive_status);
-    if (err != MPI_SUCCESS && err != MPI_ERR_IN_STATUS) {
-      return Status(ErrorCode::kInternal, who_ + ": MPI_Waitall over " +
-                                              std::to_string(messages.size()) +
-                                              " messages failed: " + detail::mpi_error_string(err));
+    std::vector<int> peers;
+    for (const Message& m : messages) peers.push_back(m.peer);
+    int err = MPI_SUCCESS;
+    const Status waited = wait(requests, peers, "exchange_blocks", poller, &statuses, &err);
+    if (!waited.ok()) {
+      // Receives may still land in the scratch buffers: they live as long as the transport.
+      for (auto& buffer : scratch) abandoned_.push_back(std::move(buffer));
+      return waited;
     }
+    KVF_RETURN_IF_ERROR(receive_status);
     if (err == MPI_ERR_IN_STATUS) {
       // Requests reported as pending have neither failed nor completed: wait for them.
       for (size_t m = 0; m < messages.size(); ++m) {
@@ -191,36 +216,204 @@ class MpiTransport final : public Transport {
     return check_completions(messages, statuses, sends, recvs, err == MPI_ERR_IN_STATUS);
   }
 
+  // Nonblocking collectives, polled: an idle rank waiting for the next plan sleeps between polls
+  // instead of spinning in a blocking MPI_Bcast, and a timeout can give up.
   Status broadcast(std::vector<uint8_t>& bytes, RankId root) override {
+    KVF_RETURN_IF_ERROR(failure_);
     KVF_RETURN_IF_ERROR(check_root(root, "broadcast"));
+    // Waiting for the size may take long (the next plan); the body follows right away.
+    detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kIdle);
     uint64_t size = bytes.size();
-    KVF_RETURN_IF_ERROR(call(MPI_Bcast(&size, 1, MPI_UINT64_T, root.value, comm_),
-                             "MPI_Bcast of the size from " + to_string(root)));
+    const std::string what = "the broadcast from " + describe(root);
+    KVF_RETURN_IF_ERROR(collective(
+        [&](MPI_Request* r) { return MPI_Ibcast(&size, 1, MPI_UINT64_T, root.value, comm_, r); },
+        what, poller));
     if (rank_ != root) bytes.resize(size);
+    poller.set_pace(detail::MpiPoller::Pace::kBusy);
     for (uint64_t offset = 0; offset < size; offset += kChunkBytes) {
       const int count = static_cast<int>(std::min(kChunkBytes, size - offset));
-      KVF_RETURN_IF_ERROR(
-          call(MPI_Bcast(bytes.data() + offset, count, MPI_BYTE, root.value, comm_),
-               "MPI_Bcast of " + std::to_string(size) + " bytes from " + to_string(root)));
+      KVF_RETURN_IF_ERROR(collective(
+          [&](MPI_Request* r) {
+            return MPI_Ibcast(bytes.data() + offset, count, MPI_BYTE, root.value, comm_, r);
+          },
+          what + " (" + std::to_string(size) + " bytes)", poller));
     }
     return ok_status();
   }
 
-  Status barrier() override { return call(MPI_Barrier(comm_), "MPI_Barrier"); }
+  Status barrier() override {
+    KVF_RETURN_IF_ERROR(failure_);
+    detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kIdle);
+    return collective([&](MPI_Request* r) { return MPI_Ibarrier(comm_, r); }, "the barrier",
+                      poller);
+  }
 
   Status all_gather(uint64_t value, std::vector<uint64_t>& out) override {
+    KVF_RETURN_IF_ERROR(failure_);
+    detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kIdle);
     std::vector<uint64_t> gathered(static_cast<size_t>(size_));
-    KVF_RETURN_IF_ERROR(
-        call(MPI_Allgather(&value, 1, MPI_UINT64_T, gathered.data(), 1, MPI_UINT64_T, comm_),
-             "MPI_Allgather"));
+    KVF_RETURN_IF_ERROR(collective(
+        [&](MPI_Request* r) {
+          return MPI_Iallgather(&value, 1, MPI_UINT64_T, gathered.data(), 1, MPI_UINT64_T, comm_, r);
+        },
+        "the all-gather", poller));
     out = std::move(gathered);
     return ok_status();
+  }
+
+  Status gather(std::span<const uint8_t> bytes, RankId root,
+                std::vector<std::vector<uint8_t>>& out) override {
+    KVF_RETURN_IF_ERROR(failure_);
+    KVF_RETURN_IF_ERROR(check_root(root, "gather"));
+    if (bytes.size() > static_cast<size_t>(INT_MAX)) {
+      return invalid_argument(who_ + ": gather of " + std::to_string(bytes.size()) +
+                              " bytes (at most 2^31 - 1 per rank)");
+    }
+    // Reports are small; the ranks send them as they finish, which may take a while.
+    detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kIdle);
+    out.clear();
+    if (rank_ != root) {
+      MPI_Request request = MPI_REQUEST_NULL;
+      KVF_RETURN_IF_ERROR(call(MPI_Isend(bytes.data(), static_cast<int>(bytes.size()), MPI_BYTE,
+                                         root.value, kGatherTag, comm_, &request),
+                               "MPI_Isend of a gather to " + to_string(root)));
+      const int peer = root.value;
+      return wait(std::span(&request, 1), std::span(&peer, 1), "a gather to " + describe(root),
+                  poller);
+    }
+    out.resize(static_cast<size_t>(size_));
+    out[rank_.value].assign(bytes.begin(), bytes.end());
+    std::vector<int> missing;
+    for (int r = 0; r < size_; ++r) {
+      if (r != rank_.value) missing.push_back(r);
+    }
+    std::vector<MPI_Request> requests;
+    std::vector<int> peers;
+    while (!missing.empty()) {
+      for (auto it = missing.begin(); it != missing.end();) {
+        int found = 0;
+        MPI_Message message = MPI_MESSAGE_NULL;
+        MPI_Status status;
+        KVF_RETURN_IF_ERROR(call(MPI_Improbe(*it, kGatherTag, comm_, &found, &message, &status),
+                                 "MPI_Improbe of a gather"));
+        if (!found) {
+          ++it;
+          continue;
+        }
+        int count = 0;
+        MPI_Get_count(&status, MPI_BYTE, &count);
+        out[*it].resize(static_cast<size_t>(count));
+        requests.push_back(MPI_REQUEST_NULL);
+        peers.push_back(*it);
+        KVF_RETURN_IF_ERROR(call(MPI_Imrecv(out[*it].data(), count, MPI_BYTE, &message,
+                                            &requests.back()),
+                                 "MPI_Imrecv of a gather"));
+        it = missing.erase(it);
+      }
+      if (missing.empty()) break;
+      if (poller.expired()) return timed_out("the gather to " + describe(root), missing);
+      poller.pause();
+    }
+    const Status waited = wait(requests, peers, "the gather to " + describe(root), poller);
+    if (!waited.ok()) {
+      // Receives may still land in these buffers: they live as long as the transport.
+      for (auto& buffer : out) abandoned_.push_back(std::move(buffer));
+      out.clear();
+    }
+    return waited;
   }
 
   Status call(int err, const std::string& what) const {
     if (err == MPI_SUCCESS) return ok_status();
     return Status(ErrorCode::kInternal,
                   who_ + ": " + what + " failed: " + detail::mpi_error_string(err));
+  }
+
+  // Polls `requests` (peers[i]: the rank request i waits for; -1 for a collective) until all
+  // have completed or the poller's deadline passes. `statuses` and `mpi_error` take what
+  // MPI_Testall reports, for callers that check each request.
+  Status wait(std::span<MPI_Request> requests, std::span<const int> peers, const std::string& what,
+              detail::MpiPoller& poller, std::vector<MPI_Status>* statuses = nullptr,
+              int* mpi_error = nullptr) {
+    while (true) {
+      int done = 0;
+      const int err = MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
+                                  statuses != nullptr ? statuses->data() : MPI_STATUSES_IGNORE);
+      if (err != MPI_SUCCESS && (mpi_error == nullptr || err != MPI_ERR_IN_STATUS)) {
+        return call(err, what);
+      }
+      if (err == MPI_ERR_IN_STATUS) {
+        *mpi_error = err;
+        return ok_status();
+      }
+      if (done) return ok_status();
+      if (poller.expired()) {
+        std::vector<int> waited_for;
+        for (size_t i = 0; i < requests.size(); ++i) {
+          int complete = 0;
+          if (requests[i] != MPI_REQUEST_NULL) MPI_Request_get_status(requests[i], &complete, MPI_STATUS_IGNORE);
+          if (requests[i] != MPI_REQUEST_NULL && !complete) waited_for.push_back(peers[i]);
+        }
+        return timed_out(what, waited_for);
+      }
+      poller.pause();
+    }
+  }
+
+  // Starts one nonblocking collective with `start` and waits for it.
+  template <typename Start>
+  Status collective(Start start, const std::string& what, detail::MpiPoller& poller) {
+    MPI_Request request = MPI_REQUEST_NULL;
+    KVF_RETURN_IF_ERROR(call(start(&request), "starting " + what));
+    const int every_rank = -1;
+    return wait(std::span(&request, 1), std::span(&every_rank, 1), what, poller);
+  }
+
+  // The error of a wait that ran out of time: it names the ranks among those waited for (every
+  // rank for a collective) that do not answer a liveness ping, and the transport refuses every
+  // later call with it.
+  Status timed_out(const std::string& what, std::vector<int> waited_for) {
+    if (std::find(waited_for.begin(), waited_for.end(), -1) != waited_for.end()) {
+      waited_for.clear();
+      for (int r = 0; r < size_; ++r) {
+        if (r != rank_.value) waited_for.push_back(r);
+      }
+    }
+    std::sort(waited_for.begin(), waited_for.end());
+    waited_for.erase(std::unique(waited_for.begin(), waited_for.end()), waited_for.end());
+    const std::vector<int> silent =
+        detail::unresponsive(comm_, waited_for, std::min(*timeout_, kLivenessGrace));
+    auto names = [&](const std::vector<int>& ranks) {
+      std::string text;
+      for (int r : ranks) text += (text.empty() ? "" : ", ") + describe(RankId{r});
+      return text;
+    };
+    std::string message = who_ + ": " + what + " did not complete within " +
+                          std::to_string(timeout_->count()) + " ms: ";
+    if (!silent.empty()) {
+      message += names(silent) + (silent.size() == 1 ? " does" : " do") + " not answer";
+    } else {
+      message += names(waited_for) + " answer but did not take part (they wait for another rank)";
+    }
+    failure_ = Status(ErrorCode::kUnavailable, message);
+    KVF_LOG_ERROR(kTransport, "{}", message);
+    return failure_;
+  }
+
+  // Every rank's host name, for describe().
+  Status learn_hosts() {
+    char name[MPI_MAX_PROCESSOR_NAME] = {};
+    int length = 0;
+    KVF_RETURN_IF_ERROR(call(MPI_Get_processor_name(name, &length), "MPI_Get_processor_name"));
+    std::vector<char> all(static_cast<size_t>(size_) * MPI_MAX_PROCESSOR_NAME);
+    KVF_RETURN_IF_ERROR(call(MPI_Allgather(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, all.data(),
+                                           MPI_MAX_PROCESSOR_NAME, MPI_CHAR, comm_),
+                             "MPI_Allgather of the host names"));
+    for (int r = 0; r < size_; ++r) {
+      const char* host = all.data() + static_cast<size_t>(r) * MPI_MAX_PROCESSOR_NAME;
+      hosts_.emplace_back(host, strnlen(host, MPI_MAX_PROCESSOR_NAME));
+    }
+    return ok_status();
   }
 
   Status check_rank(RankId r, std::string_view role) const {
@@ -391,6 +584,10 @@ class MpiTransport final : public Transport {
   RankId rank_{0};
   int size_ = 0;
   std::string who_;
+  std::vector<std::string> hosts_;  // by rank
+  std::optional<std::chrono::milliseconds> timeout_;
+  Status failure_;  // set by a timeout: every later call returns it
+  std::vector<std::vector<uint8_t>> abandoned_;  // buffers of receives a timeout left posted
 };
 
 }  // namespace

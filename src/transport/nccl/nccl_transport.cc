@@ -216,6 +216,16 @@ class NcclTransport final : public Transport {
   Status all_gather(uint64_t value, std::vector<uint64_t>& out) override {
     return bootstrap_.all_gather(value, out);
   }
+  Status gather(std::span<const uint8_t> bytes, RankId root,
+                std::vector<std::vector<uint8_t>>& out) override {
+    return bootstrap_.gather(bytes, root, out);
+  }
+  // Bounds the host-side calls (delegated to the bootstrap). exchange_blocks waits for its CUDA
+  // stream without a bound.
+  void set_timeout(std::optional<std::chrono::milliseconds> timeout) override {
+    bootstrap_.set_timeout(timeout);
+  }
+  std::string describe(RankId rank) const override { return bootstrap_.describe(rank); }
 
  private:
   explicit NcclTransport(Transport& bootstrap)

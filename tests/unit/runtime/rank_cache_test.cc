@@ -244,6 +244,11 @@ class SimulatedPeerTransport final : public Transport {
     out = {value, value};
     return ok_status();
   }
+  Status gather(std::span<const uint8_t> bytes, RankId, std::vector<std::vector<uint8_t>>& out) override {
+    out.assign(2, std::vector<uint8_t>(bytes.begin(), bytes.end()));
+    return ok_status();
+  }
+  void set_timeout(std::optional<std::chrono::milliseconds>) override {}
 
  private:
   QueuingBackend* backend_;
