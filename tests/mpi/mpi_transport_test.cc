@@ -3,10 +3,12 @@
 // peer, empty batches), its collectives behave, and bad or mismatched batches give errors that
 // name both ranks without hanging anyone.
 #include <fcntl.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -265,6 +267,60 @@ TEST_F(MpiTransportTest, AllGatherInRankOrder) {
     expected.push_back((uint64_t{1} << 63) | uint64_t(r));
   EXPECT_TRUE(t_.all_gather((uint64_t{1} << 63) | uint64_t(me_), out).ok());
   EXPECT_EQ(out, expected);
+}
+
+TEST_F(MpiTransportTest, GatherCollectsEveryRanksBytesOnTheRoot) {
+  for (int root = 0; root < n_; ++root) {
+    std::vector<uint8_t> mine(static_cast<size_t>(me_ * 100 + root), static_cast<uint8_t>(me_));
+    std::vector<std::vector<uint8_t>> out;
+    EXPECT_TRUE(t_.gather(mine, RankId{root}, out).ok());
+    if (me_ != root) {
+      EXPECT_TRUE(out.empty());
+      continue;
+    }
+    ASSERT_EQ(out.size(), static_cast<size_t>(n_));
+    for (int r = 0; r < n_; ++r) {
+      EXPECT_EQ(out[r], std::vector<uint8_t>(static_cast<size_t>(r * 100 + root), static_cast<uint8_t>(r)));
+    }
+  }
+  std::vector<std::vector<uint8_t>> out;
+  EXPECT_THAT(t_.gather({}, RankId{n_}, out).message(), HasSubstr("gather root R" + std::to_string(n_)));
+  char host[256] = {};
+  gethostname(host, sizeof host - 1);
+  EXPECT_EQ(t_.describe(RankId{1}), std::string("rank 1 on ") + host);
+}
+
+// A rank that waits for a peer that does not take part gives up after its timeout, says whether
+// the peer answers at all (a liveness ping: here it does, it waits elsewhere), and refuses every
+// later call. A stopped peer ("does not answer") is tested with real jobs (serve_fault_test).
+TEST_F(MpiTransportTest, AWaitPastTheTimeoutNamesTheRanksAndFailsTheTransport) {
+  auto fresh = make_mpi_transport(testing::mpi_runtime());
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  Transport& t = **fresh;
+  const int absent = n_ - 1;
+  std::vector<std::vector<uint8_t>> out;
+  if (me_ == absent) {
+    // Waits in a barrier nobody else joins, answering pings meanwhile.
+    t.set_timeout(std::chrono::milliseconds(3000));
+    const Status alone = t.barrier();
+    EXPECT_EQ(alone.code(), ErrorCode::kUnavailable);
+    EXPECT_THAT(alone.message(), HasSubstr("the barrier did not complete within 3000 ms"));
+  } else {
+    t.set_timeout(std::chrono::milliseconds(200));
+    const Status gathered = t.gather(std::vector<uint8_t>{1}, RankId{0}, out);
+    if (me_ == 0) {
+      EXPECT_EQ(gathered.code(), ErrorCode::kUnavailable);
+      EXPECT_THAT(gathered.message(),
+                  HasSubstr("the gather to " + t.describe(RankId{0}) +
+                            " did not complete within 200 ms: " + t.describe(RankId{absent}) +
+                            " answers but did not take part"));
+      // Failed for good: the gather's messages cannot be withdrawn.
+      EXPECT_EQ(t.barrier(), gathered);
+    } else {
+      EXPECT_TRUE(gathered.ok()) << gathered;  // its message went out
+    }
+  }
+  EXPECT_TRUE(t_.barrier().ok());  // the shared transport is untouched
 }
 
 TEST_F(MpiTransportTest, BarrierSeparatesRounds) {

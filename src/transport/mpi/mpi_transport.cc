@@ -393,7 +393,8 @@ class MpiTransport final : public Transport {
     if (!silent.empty()) {
       message += names(silent) + (silent.size() == 1 ? " does" : " do") + " not answer";
     } else {
-      message += names(waited_for) + " answer but did not take part (they wait for another rank)";
+      message += names(waited_for) + (waited_for.size() == 1 ? " answers" : " answer") +
+                 " but did not take part (waiting for another rank, or elsewhere)";
     }
     failure_ = Status(ErrorCode::kUnavailable, message);
     KVF_LOG_ERROR(kTransport, "{}", message);
