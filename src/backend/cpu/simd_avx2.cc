@@ -543,8 +543,10 @@ void encode_row(const PagedKvView& pool, const void* src_void, DType src_dtype, 
   alignas(32) float row[1024];  // head_dim <= 1024 (config limit); [0, hd) is written here
   for (uint32_t d = 0; d < hd; d += 8)
     _mm256_store_ps(row + d, load_activation8(src, src_dtype, d));
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC cannot see that hd >= 8
+#endif
   switch (pool.dtype) {
     case DType::kFP8E4M3: {
       const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -621,7 +623,9 @@ void encode_row(const PagedKvView& pool, const void* src_void, DType src_dtype, 
       return;
     }
   }
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 }
 
 }  // namespace
