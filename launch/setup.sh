@@ -8,6 +8,7 @@ KVF_APT_PACKAGES=(
   libspdlog-dev libfmt-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libboost-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
+  clang libclang-rt-14-dev
   python3 python3-matplotlib
 )
 

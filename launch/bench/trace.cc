@@ -7,11 +7,6 @@
 #include <fstream>
 #include <sstream>
 
-extern "C" const char kvf_trace_azure_code[];
-extern "C" const char kvf_trace_azure_code_end[];
-extern "C" const char kvf_trace_mooncake_conversation[];
-extern "C" const char kvf_trace_mooncake_conversation_end[];
-
 namespace kvfabric::bench {
 namespace {
 
@@ -160,17 +155,6 @@ Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl
     return Status(ErrorCode::kParseError, std::string(source) + ": the trace has no requests");
   }
   return requests;
-}
-
-std::string_view embedded_azure_code_trace() {
-  return std::string_view(kvf_trace_azure_code,
-                          static_cast<size_t>(kvf_trace_azure_code_end - kvf_trace_azure_code));
-}
-
-std::string_view embedded_mooncake_conversation_trace() {
-  return std::string_view(
-      kvf_trace_mooncake_conversation,
-      static_cast<size_t>(kvf_trace_mooncake_conversation_end - kvf_trace_mooncake_conversation));
 }
 
 Result<std::string> read_text_file(const std::string& path) {
