@@ -11,6 +11,7 @@
 
 #include "kvfabric/kvfabric.h"
 #include "testing/fifo_retainer.h"
+#include "testing/property_env.h"
 #include "testing/slot_model.h"
 
 namespace kvfabric {
@@ -274,14 +275,15 @@ class BlockManagerProperty : public ::testing::TestWithParam<PropertyCase> {
   testing::SlotModel slots_;
   std::map<SeqId, std::vector<int64_t>> expected_;
   std::map<BlockId, std::vector<int64_t>> snapshots_;  // retained block -> tokens it held
-  std::mt19937_64 rng_{20261122};
-  std::mt19937_64 retain_rng_{4};
+  std::mt19937_64 rng_{testing::property_seed(20261122)};
+  std::mt19937_64 retain_rng_{testing::property_seed(4)};
   int64_t next_token_ = 0;
   uint64_t next_seq_ = 1;
 };
 
 TEST_P(BlockManagerProperty, RandomOperationsKeepEveryInvariant) {
-  for (int i = 0; i < kOperations; ++i) {
+  SCOPED_TRACE(testing::property_trace());
+  for (uint64_t i = 0; i < testing::property_count(kOperations); ++i) {
     ASSERT_NO_FATAL_FAILURE(step()) << "operation " << i;
   }
   // The mix must actually exercise the interesting paths.

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <set>
 
+#include "testing/property_env.h"
 #include "testing/serving_harness.h"
 
 namespace kvfabric {
@@ -357,11 +358,12 @@ std::vector<std::vector<uint8_t>> run_workload(const Config& config, uint64_t se
                                                testing::WorkloadCounts* counts = nullptr,
                                                CoordinatorStats* stats = nullptr,
                                                bool reuse_ids = false) {
+  SCOPED_TRACE(testing::property_trace());
   Coordinator c = make(config);
   testing::EngineModel engine(config);
-  testing::ServingWorkload workload(seed, config.topology.dp, reuse_ids);
+  testing::ServingWorkload workload(testing::property_seed(seed), config.topology.dp, reuse_ids);
   std::vector<std::vector<uint8_t>> plans;
-  for (int s = 0; s < steps; ++s) {
+  for (uint64_t s = 0; s < testing::property_count(steps); ++s) {
     EXPECT_TRUE(workload.issue(c, engine).ok());
     const Status integrity = c.verify_integrity();
     EXPECT_TRUE(integrity.ok()) << "step " << s << ": " << integrity;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kvfabric/kvfabric.h"
+#include "testing/property_env.h"
 #include "testing/slot_model.h"
 
 namespace kvfabric {
@@ -48,7 +49,7 @@ class PagedPrefixProperty : public ::testing::TestWithParam<Case> {
       : cache_(PagedPrefixCache::create(PagedKvCache(kBlocks, kBlockSize, 2, 8), GetParam().options)
                    .value()),
         slots_(kBlocks, kBlockSize),
-        rng_(GetParam().seed) {}
+        rng_(testing::property_seed(GetParam().seed)) {}
 
   std::vector<int64_t> fingerprints(const Tokens& tokens) const {
     std::vector<int64_t> out(tokens.size());
@@ -190,7 +191,8 @@ class PagedPrefixProperty : public ::testing::TestWithParam<Case> {
 };
 
 TEST_P(PagedPrefixProperty, HitsServeTheRightBlocksAndNothingLeaks) {
-  for (int i = 0; i < kOperations; ++i) {
+  SCOPED_TRACE(testing::property_trace());
+  for (uint64_t i = 0; i < testing::property_count(kOperations); ++i) {
     ASSERT_NO_FATAL_FAILURE(step()) << "operation " << i;
     ASSERT_NO_FATAL_FAILURE(check()) << "after operation " << i;
   }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kvfabric/prefix/radix_tree.h"
+#include "testing/property_env.h"
 
 namespace kvfabric {
 namespace {
@@ -338,7 +339,7 @@ class RadixTreeProperty : public ::testing::TestWithParam<Case> {
       : tree_(RadixTreeOptions{GetParam().granularity, GetParam().order, GetParam().scope},
               TestTraits{GetParam().granularity, GetParam().scope == RadixEvictScope::kLeaves}),
         model_(GetParam()),
-        rng_(GetParam().seed) {}
+        rng_(testing::property_seed(GetParam().seed)) {}
 
   Tokens key_of(RadixNodeId id) const {
     Tokens key;
@@ -586,7 +587,8 @@ class RadixTreeProperty : public ::testing::TestWithParam<Case> {
 };
 
 TEST_P(RadixTreeProperty, RandomOperationsMatchTheModel) {
-  for (int i = 0; i < kOperations; ++i) {
+  SCOPED_TRACE(testing::property_trace());
+  for (uint64_t i = 0; i < testing::property_count(kOperations); ++i) {
     ASSERT_NO_FATAL_FAILURE(step()) << "operation " << i << ": " << last_op_;
     ASSERT_NO_FATAL_FAILURE(compare()) << "after operation " << i << ": " << last_op_;
   }

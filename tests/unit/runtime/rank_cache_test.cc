@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "testing/backend_fixture.h"
+#include "testing/property_env.h"
 #include "testing/serving_harness.h"
 
 namespace kvfabric {
@@ -421,9 +422,10 @@ void run_kv_exact_workload(uint64_t seed, bool reuse_ids, testing::WorkloadCount
   auto coordinator = Coordinator::create(config);
   ASSERT_TRUE(coordinator.ok());
   testing::EngineModel engine(config);
-  testing::ServingWorkload workload(seed, 1, reuse_ids);
+  SCOPED_TRACE(testing::property_trace());
+  testing::ServingWorkload workload(testing::property_seed(seed), 1, reuse_ids);
   uint64_t copies = 0, swaps = 0;
-  for (int step = 0; step < 150; ++step) {
+  for (uint64_t step = 0; step < testing::property_count(150); ++step) {
     ASSERT_TRUE(workload.issue(*coordinator, engine).ok());
     auto plan = coordinator->step();
     ASSERT_TRUE(plan.ok());
