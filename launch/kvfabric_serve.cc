@@ -40,20 +40,22 @@ char g_ended_by_launcher[256] = "kvfabric-serve: ended by the launcher (SIGTERM)
 std::atomic<bool> g_coordinating{false};  // rank 0: the handler also says which step was last
 std::atomic<uint64_t> g_step{0};
 
-void on_sigterm(int) {
-  (void)!write(STDERR_FILENO, g_ended_by_launcher, std::strlen(g_ended_by_launcher));
-  if (!g_coordinating) {
-    std::signal(SIGTERM, SIG_DFL);
-    std::raise(SIGTERM);
-  }
-  char step[48] = "kvfabric-serve: the last plan was step ";
+// "kvfabric-serve: the last plan was step N", with async-signal-safe calls only.
+void write_last_step() {
+  char line[64] = "kvfabric-serve: the last plan was step ";
   char digits[21];
   size_t n = 0;
   for (uint64_t v = g_step.load(); n == 0 || v > 0; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
-  size_t at = std::strlen(step);
-  while (n > 0) step[at++] = digits[--n];
-  step[at++] = '\n';
-  (void)!write(STDERR_FILENO, step, at);
+  size_t at = std::strlen(line);
+  while (n > 0) line[at++] = digits[--n];
+  line[at++] = '\n';
+  (void)!write(STDERR_FILENO, line, at);
+}
+
+void on_sigterm(int) {
+  (void)!write(STDERR_FILENO, g_ended_by_launcher, std::strlen(g_ended_by_launcher));
+  if (g_coordinating) write_last_step();
+  // SIGTERM is blocked while its handler runs: the default action ends the process on return.
   std::signal(SIGTERM, SIG_DFL);
   std::raise(SIGTERM);
 }

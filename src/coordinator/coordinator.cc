@@ -16,7 +16,7 @@ namespace {
 // sequences without a clash with a scheduler's ids.
 constexpr uint64_t kMaxUserSeqId = uint64_t{1} << 63;
 
-// relieve_pressure() may displace sequences of every priority (a running sequence growing).
+// Relief for a running sequence that grows may displace sequences of every priority.
 constexpr uint32_t kAnyPriority = std::numeric_limits<uint32_t>::max();
 
 size_t blocks_for(size_t tokens, size_t block_size) { return (tokens + block_size - 1) / block_size; }
