@@ -139,6 +139,9 @@ Status validate(const Config& config) {
   if (k.max_sequences_per_replica == 0) {
     return out_of_range("coordinator.max_sequences_per_replica", 0, ">= 1");
   }
+  if (k.max_pending_plan_entries == 0) {
+    return out_of_range("coordinator.max_pending_plan_entries", 0, ">= 1");
+  }
 
   const TopologyConfig& t = config.topology;
   if (t.tp == 0) return out_of_range("topology.tp", 0, ">= 1");

@@ -176,6 +176,10 @@ const std::vector<ConfigField>& config_fields() {
       unsigned_field<uint32_t>(
           "coordinator.max_sequences_per_replica", "running and swapped sequences per replica",
           [](Config& c) -> auto& { return c.coordinator.max_sequences_per_replica; }),
+      unsigned_field<uint32_t>(
+          "coordinator.max_pending_plan_entries",
+          "ops, tables, releases and admitted prompt blocks gathered before a step",
+          [](Config& c) -> auto& { return c.coordinator.max_pending_plan_entries; }),
       ConfigField{"server.address", "control plane listen address (IPv4 or IPv6 literal)",
                   [](Config& c, std::string_view text) -> Status {
                     c.server.address = std::string(text);

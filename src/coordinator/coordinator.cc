@@ -278,8 +278,20 @@ Result<Placement> Coordinator::admit(SeqId seq, std::span<const TokenId> prompt,
   return admit(seq, std::vector<TokenId>(prompt.begin(), prompt.end()), priority);
 }
 
+Status Coordinator::check_pending_room(const std::string& request) const {
+  const uint64_t pending = plan_.ops.size() + dirty_.size() + plan_.released.size() +
+                           admitted_now_blocks_;
+  const uint32_t limit = config_.coordinator.max_pending_plan_entries;
+  if (pending < limit) return ok_status();
+  return Status(ErrorCode::kResourceExhausted,
+                request + ": the next plan holds " + std::to_string(pending) + " entries, at most " +
+                    std::to_string(limit) +
+                    " (coordinator.max_pending_plan_entries); call step first; nothing was changed");
+}
+
 Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, uint32_t priority) {
   KVF_RETURN_IF_ERROR(check_new_sequence(seq, "Sequence "));
+  KVF_RETURN_IF_ERROR(check_pending_room("admit " + to_string(seq)));
   if (prompt.empty()) return invalid_argument("admit " + to_string(seq) + ": the prompt is empty");
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
   // The prompt's unit keys, hashed once for every replica's lookup.
@@ -409,6 +421,7 @@ Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, c
   seqs_[seq] = Sequence{r, false, n, priority, 0, {}, incarnation};
   ++rep.running;
   mark_table(seq);
+  admitted_now_blocks_ += blocks_for(prompt.size(), config_.cache.block_size);
   admitted_now_.push_back({seq, incarnation, std::move(prompt)});
   ++stats_.admitted;
   stats_.prompt_tokens += n;
@@ -419,6 +432,7 @@ Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, c
 Status Coordinator::append(SeqId seq, size_t num_tokens) {
   Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);
+  KVF_RETURN_IF_ERROR(check_pending_room("append " + to_string(seq)));
   if (s->swapped) {
     return invalid_operation(to_string(seq) + " is swapped out; it returns at a step with room");
   }
@@ -452,6 +466,7 @@ Status Coordinator::fork(SeqId src, SeqId dst, std::optional<uint32_t> replica) 
   KVF_RETURN_IF_ERROR(check_new_sequence(dst, "Destination sequence "));
   Sequence* s = find(src);
   if (s == nullptr) return sequence_not_found(src);
+  KVF_RETURN_IF_ERROR(check_pending_room("fork " + to_string(src) + " -> " + to_string(dst)));
   if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
   if (replica && *replica >= replicas_.size()) {
     return invalid_argument("fork to replica " + std::to_string(*replica) + " of " +
@@ -545,6 +560,7 @@ void Coordinator::index_computed_prompts() {
   }
   admitted_before_ = std::move(admitted_now_);
   admitted_now_.clear();
+  admitted_now_blocks_ = 0;
 }
 
 void Coordinator::swap_back_in() {

@@ -70,6 +70,11 @@ struct CoordinatorConfig {
   //! Running and swapped sequences a replica may hold; admit, fork and parking beyond it are
   //! refused (ResourceExhausted). Forks share blocks, so memory alone does not bound them.
   uint32_t max_sequences_per_replica = 4096;
+  //! What the next plan may gather before step() is called: its ops, tables to publish and
+  //! released sequences, plus the blocks of the prompts admitted since the last step (held to be
+  //! indexed). Beyond it admit, append and fork are refused (ResourceExhausted) until a step, so
+  //! a client that never steps cannot grow the coordinator without bound.
+  uint32_t max_pending_plan_entries = 1u << 20;
 };
 
 //! \brief The control plane on rank 0 (DESIGN.md §1): a JSON-lines TCP endpoint for a scheduler

@@ -179,6 +179,8 @@ class Coordinator {
   void collect_copies(uint32_t replica);
   void swap_back_in();
   void index_computed_prompts();
+  // Refuses `request` once the next plan has gathered max_pending_plan_entries.
+  [[nodiscard]] Status check_pending_room(const std::string& request) const;
 
   Config config_;
   uint64_t block_bytes_ = 0;
@@ -188,6 +190,7 @@ class Coordinator {
   StepPlan plan_;
   std::vector<SeqId> dirty_;                      // tables to publish in the next plan
   std::vector<AdmittedPrompt> admitted_now_, admitted_before_;
+  uint64_t admitted_now_blocks_ = 0;  // the blocks of admitted_now_'s prompts
   std::vector<std::pair<uint32_t, BlockId>> host_blocks_to_free_;  // after this step's swap-ins
   uint64_t next_swap_order_ = 0;
   uint64_t next_incarnation_ = 0;

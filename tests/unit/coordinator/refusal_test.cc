@@ -166,5 +166,45 @@ TEST(RefusalTest, SequencesBeyondTheReplicaLimitAreRefused) {
   EXPECT_TRUE(flood->verify_integrity().ok());
 }
 
+// Regression: a client that never stepped grew the coordinator without bound (a loop of admit
+// and free, or of append(seq, 0), gathered tables, releases and prompts for the next plan).
+TEST(RefusalTest, APlanThatGathersTooMuchBeforeAStepRefusesMore) {
+  Config config = serving_config(1, 1, 4, 2, 64, 0);
+  config.coordinator.max_pending_plan_entries = 64;
+  auto c = Coordinator::create(config);
+  ASSERT_TRUE(c.ok());
+  uint64_t admitted = 0;
+  Status refused;
+  for (int i = 0; i < 1000 && refused.ok(); ++i) {
+    const auto placed = c->admit(SeqId{1}, token_run(40, 100));
+    refused = placed.status();
+    if (placed.ok()) {
+      ++admitted;
+      ASSERT_TRUE(c->free(SeqId{1}).ok());
+    }
+  }
+  EXPECT_EQ(refused.code(), ErrorCode::kResourceExhausted);
+  EXPECT_THAT(refused.message(),
+              HasSubstr("admit S1: the next plan holds 65 entries, at most 64 "
+                        "(coordinator.max_pending_plan_entries); call step first"));
+  EXPECT_EQ(admitted, 13u);  // 3 prompt blocks + 1 table + 1 release each: 65 after 13
+  ASSERT_TRUE(c->admit(SeqId{2}, token_run(8, 7)).status().code() == ErrorCode::kResourceExhausted);
+  ASSERT_TRUE(c->step().ok());
+  EXPECT_TRUE(c->admit(SeqId{1}, token_run(40, 100)).ok());
+  EXPECT_TRUE(c->verify_integrity().ok());
+
+  // append(seq, 0) adds a table to publish each time: also bounded, and the refusal changes nothing.
+  expect_refusal_changes_nothing(
+      config,
+      [](Coordinator& c) {
+        ASSERT_TRUE(c.admit(SeqId{1}, token_run(40, 100)).ok());
+        ASSERT_TRUE(c.step().ok());
+        while (c.append(SeqId{1}, 0).ok()) {
+        }
+      },
+      [](Coordinator& c) { return c.append(SeqId{1}, 1); }, ErrorCode::kResourceExhausted,
+      "append S1: the next plan holds 64 entries");
+}
+
 }  // namespace
 }  // namespace kvfabric
