@@ -324,35 +324,41 @@ class ControlServer::Impl::HttpSession
   ~HttpSession() { --open_; }
 
   void start() {
+    idle_.expires_after(server_.options.http_timeout);
+    idle_.async_wait([self = shared_from_this()](ErrorCodeT ec) {
+      if (ec) return;
+      ++self->server_.idle_closed;
+      ErrorCodeT ignored;
+      self->socket_.close(ignored);
+    });
     if (++open_ > server_.options.max_connections) {
       ++server_.refused_connections;
-      return;  // closed when this session goes away
-    }
-    if (server_.options.idle_timeout.count() != 0) {
-      idle_.expires_after(server_.options.idle_timeout);
-      idle_.async_wait([self = shared_from_this()](ErrorCodeT ec) {
-        if (ec) return;
-        ++self->server_.idle_closed;
-        ErrorCodeT ignored;
-        self->socket_.close(ignored);
-      });
+      respond(http_response("503 Service Unavailable", "text/plain",
+                            "at most " + std::to_string(server_.options.max_connections) +
+                                " HTTP connections are served (server.max_connections)\n"));
+      return;
     }
     asio::async_read_until(
         socket_, asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), "\r\n\r\n",
         [self = shared_from_this()](ErrorCodeT ec, size_t n) {
           if (ec && ec != asio::error::not_found) return;
-          self->reply_ = ec ? http_response("431 Request Header Fields Too Large", "text/plain",
-                                            "the request head exceeds 8 KiB\n")
-                            : self->server_.http_reply(std::string_view(self->buffer_.data(), n));
-          asio::async_write(self->socket_, asio::buffer(self->reply_), [self](ErrorCodeT, size_t) {
-            self->idle_.cancel();
-            ErrorCodeT ignored;
-            self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
-          });
+          self->respond(ec ? http_response("431 Request Header Fields Too Large", "text/plain",
+                                           "the request head exceeds 8 KiB\n")
+                           : self->server_.http_reply(std::string_view(self->buffer_.data(), n)));
         });
   }
 
  private:
+  void respond(std::string reply) {
+    reply_ = std::move(reply);
+    asio::async_write(socket_, asio::buffer(reply_),
+                      [self = shared_from_this()](ErrorCodeT, size_t) {
+                        self->idle_.cancel();
+                        ErrorCodeT ignored;
+                        self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
+                      });
+  }
+
   Impl& server_;
   std::atomic<uint32_t>& open_;
   tcp::socket socket_;

@@ -85,8 +85,8 @@ struct ServerConfig {
   uint16_t metrics_port = 0;           //!< GET /metrics and /health; 0 serves neither
   uint32_t max_request_bytes = 1u << 20;  //!< longest accepted request line
   uint32_t max_batch_requests = 1024;     //!< requests in one batch (a JSON array line)
-  //! A batch stops running requests once its reply has reached this size (the rest are
-  //! refused in one closing element), so a small request line cannot ask for a huge reply.
+  //! A batch stops running requests once its reply has reached this size (each of the rest gets
+  //! a short "not run" reply), so a small request line cannot ask for a huge reply.
   uint32_t max_reply_bytes = 8u << 20;
   uint32_t max_connections = 256;       //!< open control connections; more are refused and closed
   uint32_t idle_timeout_ms = 300'000;   //!< a connection with no request for this long is closed; 0 = never

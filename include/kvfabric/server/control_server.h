@@ -29,6 +29,9 @@ struct ControlServerOptions {
   uint32_t max_connections = 256;        //!< per endpoint; more are refused and closed
   std::chrono::milliseconds idle_timeout{300'000};  //!< 0: connections are never closed for idling
   std::chrono::milliseconds fault_grace{5'000};     //!< run() returns this long after a rank fault
+  //! An HTTP connection must send its request and read the reply within this, whatever
+  //! idle_timeout is: silent sockets would otherwise lock the scrapers and probes out.
+  std::chrono::milliseconds http_timeout{10'000};
 
   //! The options of config.server (a metrics_port of 0 there means no metrics endpoint).
   static ControlServerOptions from(const ServerConfig& config);
@@ -46,8 +49,9 @@ struct ControlServerOptions {
 //! failed to reach the ranks).
 //!
 //! Limits: at most max_connections per endpoint (a further control connection gets one
-//! ResourceExhausted line naming server.max_connections, then is closed); a connection that sends
-//! no request, or does not read its reply, for idle_timeout is closed; a failed accept (EMFILE:
+//! ResourceExhausted line naming server.max_connections, a further HTTP one a 503, then each is
+//! closed); a control connection that sends no request, or does not read its reply, for
+//! idle_timeout is closed, an HTTP one after http_timeout; a failed accept (EMFILE:
 //! out of file descriptors) is retried after 10 ms, doubling to 1 s, with one warning per run of
 //! failures. The protocol limits batches and replies (ControlProtocolOptions).
 //!

@@ -217,6 +217,39 @@ TEST(ControlServerTest, AfterARankFaultReadsAnswerAndRunEndsWithTheFailure) {
   EXPECT_THAT(ended.message(), HasSubstr("rank 1 (node-b)"));
 }
 
+// Regression: the grace ended only when no request was queued, so clients that kept asking kept
+// a job with a dead rank serving for ever.
+TEST(ControlServerTest, TheFaultGraceEndsWhileClientsKeepAsking) {
+  ControlServerOptions options = ServedCoordinator::loopback();
+  options.fault_grace = std::chrono::milliseconds(200);
+  auto served = std::make_unique<ServedCoordinator>(options, ControlProtocolOptions{},
+                                                    [](const StepPlan&) {
+    return Status(ErrorCode::kUnavailable, "rank 1 (node-b) did not answer");
+  });
+  // Four clients poll with batches of reads that take longer to answer than to send, so that
+  // a request is always queued, until the server goes away or for 5 s (so that a regression
+  // fails instead of hanging).
+  json reads = json::array();
+  for (int i = 0; i < 200; ++i) reads.push_back({{"op", "stats"}});
+  const std::string batch = reads.dump();
+  const auto started = std::chrono::steady_clock::now();
+  std::vector<std::thread> pollers;
+  for (int i = 0; i < 4; ++i) {
+    pollers.emplace_back([&, client = served->client()]() mutable {
+      (void)client.call("{\"op\": \"step\"}");
+      while (std::chrono::steady_clock::now() - started < std::chrono::seconds(5) &&
+             client.call(batch).ok()) {
+      }
+    });
+  }
+  const Status status = served->join();
+  const auto took = std::chrono::steady_clock::now() - started;
+  served.reset();  // closes the connections that still wait for a reply
+  for (std::thread& poller : pollers) poller.join();
+  EXPECT_EQ(status.code(), ErrorCode::kUnavailable);
+  EXPECT_LT(took, std::chrono::seconds(4)) << "the grace is 200 ms";
+}
+
 TEST(ControlServerTest, ConnectionsBeyondTheLimitAreRefusedNamingIt) {
   ControlServerOptions options = ServedCoordinator::loopback();
   options.max_connections = 2;
@@ -237,6 +270,37 @@ TEST(ControlServerTest, ConnectionsBeyondTheLimitAreRefusedNamingIt) {
   while (served.server().stats().connections > 1) std::this_thread::yield();
   ControlClient fourth = served.client();
   EXPECT_EQ(call(fourth, {{"op", "hello"}})["ok"], true);
+}
+
+// Regression: silent HTTP connections were kept for idle_timeout (or for ever with 0), so a few
+// hundred of them locked Prometheus and the health probes out; beyond the limit a probe got no
+// answer at all.
+TEST(ControlServerTest, SilentHttpConnectionsCannotLockTheProbesOut) {
+  ControlServerOptions options = ServedCoordinator::loopback();
+  options.max_connections = 2;
+  options.idle_timeout = std::chrono::milliseconds(0);  // never, for control connections
+  options.http_timeout = std::chrono::milliseconds(300);
+  ServedCoordinator served(options);
+  const uint16_t port = served.server().metrics_port();
+  boost::asio::io_context io;
+  std::vector<boost::asio::ip::tcp::socket> silent;
+  for (int i = 0; i < 2; ++i) {
+    silent.emplace_back(io).connect({boost::asio::ip::make_address("127.0.0.1"), port});
+  }
+  while (served.server().stats().refused_connections == 0) {
+    const auto refused = http_get("127.0.0.1", port, "/health");
+    if (refused.ok()) continue;  // the silent ones were not accepted yet
+    EXPECT_THAT(refused.status().message(), HasSubstr("503"));
+    EXPECT_THAT(refused.status().message(),
+                HasSubstr("at most 2 HTTP connections are served (server.max_connections)"));
+  }
+  // The silent connections are closed after http_timeout, and the probe answers again.
+  char byte = 0;
+  boost::system::error_code ec;
+  boost::asio::read(silent[0], boost::asio::buffer(&byte, 1), ec);
+  EXPECT_EQ(ec, boost::asio::error::eof);
+  while (served.server().stats().idle_closed < 2) std::this_thread::yield();
+  EXPECT_TRUE(http_get("127.0.0.1", port, "/health").ok());
 }
 
 TEST(ControlServerTest, AnIdleConnectionIsClosed) {
