@@ -62,7 +62,7 @@ void on_sigterm(int) {
 
 void say_when_ended(const std::string& who) {
   std::snprintf(g_ended_by_launcher, sizeof g_ended_by_launcher,
-                "kvfabric-serve: %s was ended by the launcher (SIGTERM); when another rank of the "
+                "kvfabric-serve: %s was ended by the launcher (SIGTERM); if another rank of the "
                 "job died, the launcher's message names it\n",
                 who.c_str());
   std::signal(SIGTERM, on_sigterm);
@@ -130,7 +130,11 @@ int serve(const ServeOptions& options) {
     return served.ok() ? 0 : fail(served);
   }
   bench::MpiPlanJob& mpi = **job;
-  if (const Status started = mpi.start(*config); !started.ok()) return fail(started);
+  if (const Status started = mpi.start(*config); !started.ok()) {
+    // The other ranks would wait for this one for ever (or, on rank 0, until the first deadline).
+    fail(started);
+    mpi.abort(1);
+  }
   RankJob& ranks = mpi.ranks();
   announce(ranks);
   if (!ranks.is_root()) {

@@ -5,6 +5,8 @@
 // Each test adds property_trace() to its failure messages, which says how to rerun it.
 #pragma once
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -16,10 +18,12 @@ inline uint64_t env_u64(const char* name, uint64_t fallback) {
   const char* text = std::getenv(name);
   if (text == nullptr || *text == '\0') return fallback;
   char* end = nullptr;
+  errno = 0;
   const unsigned long long value = std::strtoull(text, &end, 10);
-  if (*end != '\0') {
-    // A soak that silently ran the default seeds would prove nothing: refuse the typo.
-    std::fprintf(stderr, "%s=%s is not a non-negative integer\n", name, text);
+  // strtoull takes "-1" (as 2^64 - 1) and saturates on overflow: refuse both, and typos. A soak
+  // that silently ran other counts than asked would prove nothing.
+  if (*end != '\0' || *text == '-' || errno == ERANGE) {
+    std::fprintf(stderr, "%s=%s is not a non-negative 64-bit integer\n", name, text);
     std::exit(2);
   }
   return value;
@@ -29,8 +33,14 @@ inline uint64_t env_u64(const char* name, uint64_t fallback) {
 inline uint64_t property_seed(uint64_t base) { return base + env_u64("KVF_TEST_SEED", 0); }
 //! A test's operation count, times KVF_TEST_SCALE (at least 1).
 inline uint64_t property_count(uint64_t base) {
-  const uint64_t scale = env_u64("KVF_TEST_SCALE", 1);
-  return base * (scale == 0 ? 1 : scale);
+  const uint64_t scale = std::max<uint64_t>(env_u64("KVF_TEST_SCALE", 1), 1);
+  uint64_t count = 0;
+  if (__builtin_mul_overflow(base, scale, &count)) {
+    std::fprintf(stderr, "KVF_TEST_SCALE=%llu overflows an operation count\n",
+                 static_cast<unsigned long long>(scale));
+    std::exit(2);
+  }
+  return count;
 }
 //! "KVF_TEST_SEED=7 KVF_TEST_SCALE=10": what reproduces a failed run.
 inline std::string property_trace() {
