@@ -187,6 +187,7 @@ class MpiTransport final : public Transport {
       if (poller.expired()) {
         std::vector<int> silent_peers;
         for (const auto& [next, end] : pending) silent_peers.push_back(messages[order[next]].peer);
+        abandon(scratch);  // receives matched so far may still land there
         return timed_out("exchange_blocks (waiting for the messages of the peers)", silent_peers);
       }
       poller.pause();
@@ -200,17 +201,34 @@ class MpiTransport final : public Transport {
     int err = MPI_SUCCESS;
     const Status waited = wait(requests, peers, "exchange_blocks", poller, &statuses, &err);
     if (!waited.ok()) {
-      // Receives may still land in the scratch buffers: they live as long as the transport.
-      for (auto& buffer : scratch) abandoned_.push_back(std::move(buffer));
+      abandon(scratch);
       return waited;
     }
     KVF_RETURN_IF_ERROR(receive_status);
     if (err == MPI_ERR_IN_STATUS) {
-      // Requests reported as pending have neither failed nor completed: wait for them.
+      // Requests reported as pending have neither failed nor completed: wait for them too, with
+      // what is left of the deadline.
+      std::vector<size_t> still;
+      std::vector<MPI_Request> still_requests;
+      std::vector<int> still_peers;
       for (size_t m = 0; m < messages.size(); ++m) {
-        if (statuses[m].MPI_ERROR == MPI_ERR_PENDING) {
-          statuses[m].MPI_ERROR = MPI_Wait(&requests[m], &statuses[m]);
-        }
+        if (statuses[m].MPI_ERROR != MPI_ERR_PENDING) continue;
+        still.push_back(m);
+        still_requests.push_back(requests[m]);
+        still_peers.push_back(messages[m].peer);
+      }
+      std::vector<MPI_Status> still_statuses(still.size());
+      int still_err = MPI_SUCCESS;
+      const Status rest = wait(still_requests, still_peers, "exchange_blocks", poller,
+                               &still_statuses, &still_err);
+      if (!rest.ok()) {
+        abandon(scratch);
+        return rest;
+      }
+      for (size_t i = 0; i < still.size(); ++i) {
+        statuses[still[i]] = still_statuses[i];
+        if (still_err != MPI_ERR_IN_STATUS) statuses[still[i]].MPI_ERROR = still_err;
+        if (statuses[still[i]].MPI_ERROR == MPI_ERR_PENDING) abandon(scratch);
       }
     }
     return check_completions(messages, statuses, sends, recvs, err == MPI_ERR_IN_STATUS);
@@ -223,20 +241,29 @@ class MpiTransport final : public Transport {
     KVF_RETURN_IF_ERROR(check_root(root, "broadcast"));
     // Waiting for the size may take long (the next plan); the body follows right away.
     detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kIdle);
-    uint64_t size = bytes.size();
+    // In a buffer that can outlive a failed wait, as can `bytes` (then taken from the caller).
+    std::vector<uint8_t> size_bytes(sizeof(uint64_t));
+    const uint64_t sent_size = bytes.size();
+    std::memcpy(size_bytes.data(), &sent_size, sizeof sent_size);
     const std::string what = "the broadcast from " + describe(root);
-    KVF_RETURN_IF_ERROR(collective(
-        [&](MPI_Request* r) { return MPI_Ibcast(&size, 1, MPI_UINT64_T, root.value, comm_, r); },
-        what, poller));
+    if (Status s = collective([&](MPI_Request* r) {
+          return MPI_Ibcast(size_bytes.data(), 1, MPI_UINT64_T, root.value, comm_, r);
+        }, what, poller); !s.ok()) {
+      abandon(std::span(&size_bytes, 1));
+      return s;
+    }
+    uint64_t size = 0;
+    std::memcpy(&size, size_bytes.data(), sizeof size);
     if (rank_ != root) bytes.resize(size);
     poller.set_pace(detail::MpiPoller::Pace::kBusy);
     for (uint64_t offset = 0; offset < size; offset += kChunkBytes) {
       const int count = static_cast<int>(std::min(kChunkBytes, size - offset));
-      KVF_RETURN_IF_ERROR(collective(
-          [&](MPI_Request* r) {
+      if (Status s = collective([&](MPI_Request* r) {
             return MPI_Ibcast(bytes.data() + offset, count, MPI_BYTE, root.value, comm_, r);
-          },
-          what + " (" + std::to_string(size) + " bytes)", poller));
+          }, what + " (" + std::to_string(size) + " bytes)", poller); !s.ok()) {
+        abandon(std::span(&bytes, 1));
+        return s;
+      }
     }
     return ok_status();
   }
@@ -251,13 +278,21 @@ class MpiTransport final : public Transport {
   Status all_gather(uint64_t value, std::vector<uint64_t>& out) override {
     KVF_RETURN_IF_ERROR(failure_);
     detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kIdle);
-    std::vector<uint64_t> gathered(static_cast<size_t>(size_));
-    KVF_RETURN_IF_ERROR(collective(
+    // Both buffers can outlive a failed wait: [0] is sent, the rest receives.
+    std::vector<uint8_t> buffer((1 + static_cast<size_t>(size_)) * sizeof(uint64_t));
+    std::memcpy(buffer.data(), &value, sizeof value);
+    const Status gathered = collective(
         [&](MPI_Request* r) {
-          return MPI_Iallgather(&value, 1, MPI_UINT64_T, gathered.data(), 1, MPI_UINT64_T, comm_, r);
+          return MPI_Iallgather(buffer.data(), 1, MPI_UINT64_T, buffer.data() + sizeof value, 1,
+                                MPI_UINT64_T, comm_, r);
         },
-        "the all-gather", poller));
-    out = std::move(gathered);
+        "the all-gather", poller);
+    if (!gathered.ok()) {
+      abandon(std::span(&buffer, 1));
+      return gathered;
+    }
+    out.resize(static_cast<size_t>(size_));
+    std::memcpy(out.data(), buffer.data() + sizeof value, out.size() * sizeof value);
     return ok_status();
   }
 
@@ -273,13 +308,17 @@ class MpiTransport final : public Transport {
     detail::MpiPoller poller(comm_, timeout_, detail::MpiPoller::Pace::kIdle);
     out.clear();
     if (rank_ != root) {
+      // A copy that can outlive a failed wait (the caller's bytes may not).
+      std::vector<uint8_t> sent(bytes.begin(), bytes.end());
       MPI_Request request = MPI_REQUEST_NULL;
-      KVF_RETURN_IF_ERROR(call(MPI_Isend(bytes.data(), static_cast<int>(bytes.size()), MPI_BYTE,
+      KVF_RETURN_IF_ERROR(call(MPI_Isend(sent.data(), static_cast<int>(sent.size()), MPI_BYTE,
                                          root.value, kGatherTag, comm_, &request),
                                "MPI_Isend of a gather to " + to_string(root)));
       const int peer = root.value;
-      return wait(std::span(&request, 1), std::span(&peer, 1), "a gather to " + describe(root),
-                  poller);
+      const Status waited = wait(std::span(&request, 1), std::span(&peer, 1),
+                                 "a gather to " + describe(root), poller);
+      if (!waited.ok()) abandon(std::span(&sent, 1));
+      return waited;
     }
     out.resize(static_cast<size_t>(size_));
     out[rank_.value].assign(bytes.begin(), bytes.end());
@@ -311,16 +350,25 @@ class MpiTransport final : public Transport {
         it = missing.erase(it);
       }
       if (missing.empty()) break;
-      if (poller.expired()) return timed_out("the gather to " + describe(root), missing);
+      if (poller.expired()) {
+        abandon(out);  // the receives posted so far may still land
+        out.clear();
+        return timed_out("the gather to " + describe(root), missing);
+      }
       poller.pause();
     }
     const Status waited = wait(requests, peers, "the gather to " + describe(root), poller);
     if (!waited.ok()) {
-      // Receives may still land in these buffers: they live as long as the transport.
-      for (auto& buffer : out) abandoned_.push_back(std::move(buffer));
+      abandon(out);
       out.clear();
     }
     return waited;
+  }
+
+  // Buffers of operations a failed wait left posted: MPI may still read or write them, so they
+  // live as long as the transport (which refuses every call after a failure).
+  void abandon(std::span<std::vector<uint8_t>> buffers) {
+    for (auto& buffer : buffers) abandoned_.push_back(std::move(buffer));
   }
 
   Status call(int err, const std::string& what) const {
@@ -588,7 +636,7 @@ class MpiTransport final : public Transport {
   std::vector<std::string> hosts_;  // by rank
   std::optional<std::chrono::milliseconds> timeout_;
   Status failure_;  // set by a timeout: every later call returns it
-  std::vector<std::vector<uint8_t>> abandoned_;  // buffers of receives a timeout left posted
+  std::vector<std::vector<uint8_t>> abandoned_;  // see abandon()
 };
 
 }  // namespace
