@@ -171,16 +171,16 @@ TEST(RefusalTest, SequencesBeyondTheReplicaLimitAreRefused) {
 TEST(RefusalTest, APlanThatGathersTooMuchBeforeAStepRefusesMore) {
   Config config = serving_config(1, 1, 4, 2, 64, 0);
   config.coordinator.max_pending_plan_entries = 64;
-  auto c = Coordinator::create(config);
-  ASSERT_TRUE(c.ok());
+  auto flood = Coordinator::create(config);
+  ASSERT_TRUE(flood.ok());
   uint64_t admitted = 0;
   Status refused;
   for (int i = 0; i < 1000 && refused.ok(); ++i) {
-    const auto placed = c->admit(SeqId{1}, token_run(40, 100));
+    const auto placed = flood->admit(SeqId{1}, token_run(40, 100));
     refused = placed.status();
     if (placed.ok()) {
       ++admitted;
-      ASSERT_TRUE(c->free(SeqId{1}).ok());
+      ASSERT_TRUE(flood->free(SeqId{1}).ok());
     }
   }
   EXPECT_EQ(refused.code(), ErrorCode::kResourceExhausted);
@@ -188,10 +188,10 @@ TEST(RefusalTest, APlanThatGathersTooMuchBeforeAStepRefusesMore) {
               HasSubstr("admit S1: the next plan holds 65 entries, at most 64 "
                         "(coordinator.max_pending_plan_entries); call step first"));
   EXPECT_EQ(admitted, 13u);  // 3 prompt blocks + 1 table + 1 release each: 65 after 13
-  ASSERT_TRUE(c->admit(SeqId{2}, token_run(8, 7)).status().code() == ErrorCode::kResourceExhausted);
-  ASSERT_TRUE(c->step().ok());
-  EXPECT_TRUE(c->admit(SeqId{1}, token_run(40, 100)).ok());
-  EXPECT_TRUE(c->verify_integrity().ok());
+  ASSERT_TRUE(flood->admit(SeqId{2}, token_run(8, 7)).status().code() == ErrorCode::kResourceExhausted);
+  ASSERT_TRUE(flood->step().ok());
+  EXPECT_TRUE(flood->admit(SeqId{1}, token_run(40, 100)).ok());
+  EXPECT_TRUE(flood->verify_integrity().ok());
 
   // append(seq, 0) adds a table to publish each time: also bounded, and the refusal changes nothing.
   expect_refusal_changes_nothing(
