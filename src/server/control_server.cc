@@ -375,7 +375,10 @@ void ControlServer::Impl::serve_requests() {
       std::unique_lock<std::mutex> lock(mutex);
       const auto ready = [&] { return stopping || !jobs.empty(); };
       if (give_up) {
-        if (!wake.wait_until(lock, *give_up, ready)) break;  // the grace period is over
+        // The clock ends the grace, not a quiet moment: clients that keep asking (retrying
+        // after Unavailable, polling stats) must not keep a job with a dead rank alive.
+        wake.wait_until(lock, *give_up, ready);
+        if (Clock::now() >= *give_up) break;
       } else {
         wake.wait(lock, ready);
       }
