@@ -323,6 +323,11 @@ TEST(ControlServerTest, AnIdleConnectionIsClosed) {
 // CPU and logged 886 MB of warnings in 15 s. It now backs off (10 ms doubling to 1 s) and warns
 // once until an accept succeeds.
 TEST(ControlServerTest, AcceptBacksOffWhenOutOfFileDescriptors) {
+#ifdef KVF_UBSAN_BUILD
+  // With every descriptor taken, UBSan cannot open the pipe it probes memory through and reports
+  // each virtual call as an invalid vptr; the plain build runs this test.
+  GTEST_SKIP() << "UBSan's vptr check needs a free file descriptor";
+#endif
   std::atomic<int> warnings{0};
   set_log_observer([&](Subsystem s, LogLevel level, std::string_view line) {
     if (s == Subsystem::kServer && level == LogLevel::kWarn && line.find("accept on") != std::string_view::npos) {
