@@ -121,6 +121,7 @@ ControlServerOptions ControlServerOptions::from(const ServerConfig& config) {
 struct ControlServer::Impl {
   Impl(ControlProtocol& p, const ControlServerOptions& o) : protocol(p), options(o) {}
 
+  class Session;
   class ControlSession;
   class HttpSession;
 
@@ -218,18 +219,40 @@ struct ControlServer::Impl {
   bool stopping = false;
 };
 
+// What every connection has: its socket, a timer, buffers, and its place among the endpoint's
+// open connections (counted in `open` for as long as the session lives).
+class ControlServer::Impl::Session {
+ public:  // inherited by the sessions' own constructors
+  Session(Impl& server, std::atomic<uint32_t>& open, tcp::socket socket)
+      : server_(server), open_(open), socket_(std::move(socket)), idle_(socket_.get_executor()) {}
+
+ protected:
+  ~Session() { --open_; }
+
+  // Counts this connection in; false (and counted as refused) beyond max_connections.
+  bool within_limit() {
+    if (++open_ <= server_.options.max_connections) return true;
+    ++server_.refused_connections;
+    return false;
+  }
+
+  Impl& server_;
+  std::atomic<uint32_t>& open_;
+  tcp::socket socket_;
+  asio::steady_timer idle_;
+  std::string buffer_;
+  std::string reply_;
+};
+
 // One control connection: read a line, queue it, write its reply, repeat. An idle timer closes
 // a connection that sends no request (or does not read its reply) for options.idle_timeout.
 class ControlServer::Impl::ControlSession
-    : public std::enable_shared_from_this<ControlServer::Impl::ControlSession> {
+    : public Session, public std::enable_shared_from_this<ControlServer::Impl::ControlSession> {
  public:
-  ControlSession(Impl& server, std::atomic<uint32_t>& open, tcp::socket socket)
-      : server_(server), open_(open), socket_(std::move(socket)), idle_(socket_.get_executor()) {}
-  ~ControlSession() { --open_; }
+  using Session::Session;
 
   void start() {
-    if (++open_ > server_.options.max_connections) {
-      ++server_.refused_connections;
+    if (!within_limit()) {
       reply_ = server_.protocol.refuse(Status(
                    ErrorCode::kResourceExhausted,
                    "the control plane serves at most " +
@@ -306,22 +329,13 @@ class ControlServer::Impl::ControlSession
     socket_.shutdown(tcp::socket::shutdown_both, ignored);
     socket_.close(ignored);
   }
-
-  Impl& server_;
-  std::atomic<uint32_t>& open_;
-  tcp::socket socket_;
-  asio::steady_timer idle_;
-  std::string buffer_;
-  std::string reply_;
 };
 
 // One HTTP connection: read the request head, answer /metrics or /health, close.
 class ControlServer::Impl::HttpSession
-    : public std::enable_shared_from_this<ControlServer::Impl::HttpSession> {
+    : public Session, public std::enable_shared_from_this<ControlServer::Impl::HttpSession> {
  public:
-  HttpSession(Impl& server, std::atomic<uint32_t>& open, tcp::socket socket)
-      : server_(server), open_(open), socket_(std::move(socket)), idle_(socket_.get_executor()) {}
-  ~HttpSession() { --open_; }
+  using Session::Session;
 
   void start() {
     idle_.expires_after(server_.options.http_timeout);
@@ -331,8 +345,7 @@ class ControlServer::Impl::HttpSession
       ErrorCodeT ignored;
       self->socket_.close(ignored);
     });
-    if (++open_ > server_.options.max_connections) {
-      ++server_.refused_connections;
+    if (!within_limit()) {
       respond(http_response("503 Service Unavailable", "text/plain",
                             "at most " + std::to_string(server_.options.max_connections) +
                                 " HTTP connections are served (server.max_connections)\n"));
@@ -358,13 +371,6 @@ class ControlServer::Impl::HttpSession
                         self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
                       });
   }
-
-  Impl& server_;
-  std::atomic<uint32_t>& open_;
-  tcp::socket socket_;
-  asio::steady_timer idle_;
-  std::string buffer_;
-  std::string reply_;
 };
 
 void ControlServer::Impl::serve_requests() {
