@@ -37,16 +37,18 @@ struct ServeOptions {
 // What a rank says when the launcher ends it (SIGTERM: mpirun does so when another rank of the
 // job dies): composed before, written by the handler with async-signal-safe calls only.
 char g_ended_by_launcher[256] = "kvfabric-serve: ended by the launcher (SIGTERM)\n";
+char g_last_step_prefix[128] = "kvfabric-serve: the last plan was step ";
 std::atomic<bool> g_coordinating{false};  // rank 0: the handler also says which step was last
 std::atomic<uint64_t> g_step{0};
 
-// "kvfabric-serve: the last plan was step N", with async-signal-safe calls only.
+// "kvfabric-serve: rank 0 on HOST: the last plan was step N", async-signal-safe.
 void write_last_step() {
-  char line[64] = "kvfabric-serve: the last plan was step ";
+  char line[160];
+  size_t at = std::strlen(g_last_step_prefix);
+  std::memcpy(line, g_last_step_prefix, at);
   char digits[21];
   size_t n = 0;
   for (uint64_t v = g_step.load(); n == 0 || v > 0; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
-  size_t at = std::strlen(line);
   while (n > 0) line[at++] = digits[--n];
   line[at++] = '\n';
   (void)!write(STDERR_FILENO, line, at);
@@ -65,6 +67,8 @@ void say_when_ended(const std::string& who) {
                 "kvfabric-serve: %s was ended by the launcher (SIGTERM); if another rank of the "
                 "job died, the launcher's message names it\n",
                 who.c_str());
+  std::snprintf(g_last_step_prefix, sizeof g_last_step_prefix,
+                "kvfabric-serve: %s: the last plan was step ", who.c_str());
   std::signal(SIGTERM, on_sigterm);
 }
 
