@@ -22,6 +22,7 @@
 #include "kvfabric/config/config.h"
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/prefix/cache_salt.h"
 #include "kvfabric/prefix/cached_kv_state.h"
 #include "kvfabric/prefix/host_kv_cache.h"
 #include "kvfabric/prefix/paged_prefix_cache.h"

@@ -55,6 +55,11 @@ Result<size_t> PagedPrefixCache::allocate(SeqId seq, const RadixKey& key) {
 
 Result<size_t> PagedPrefixCache::insert(SeqId seq, std::span<const TokenId> tokens,
                                         uint32_t priority) {
+  return insert(seq, RadixKey(tokens, pool_.block_size()), priority);
+}
+
+Result<size_t> PagedPrefixCache::insert(SeqId seq, const RadixKey& key, uint32_t priority) {
+  const std::span<const TokenId> tokens = key.tokens();
   KVF_RETURN_IF_ERROR(pool_.init_status());
   const SequenceInfo* info = pool_.get_sequence(seq);
   if (info == nullptr) return sequence_not_found(seq);
@@ -63,7 +68,7 @@ Result<size_t> PagedPrefixCache::insert(SeqId seq, std::span<const TokenId> toke
                             to_string(seq) + ", which holds " + std::to_string(info->num_tokens));
   }
   KVF_ASSIGN_OR_RETURN(const std::vector<BlockId> added,
-                       index_->insert(tokens, info->block_ids, priority));
+                       index_->insert(key, info->block_ids, priority));
   for (BlockId block : added) {
     const Status status = pool_.retain_block(block);
     KVF_CHECK(status.ok(), "retaining a newly indexed block failed: " + status.to_string());

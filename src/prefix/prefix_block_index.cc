@@ -123,10 +123,17 @@ Result<PrefixMatch> PrefixBlockIndex::match_if(
 Result<std::vector<BlockId>> PrefixBlockIndex::insert(std::span<const TokenId> tokens,
                                                       std::span<const BlockId> blocks,
                                                       uint32_t priority) {
+  return insert(RadixKey(tokens, options_.block_size), blocks, priority);
+}
+
+Result<std::vector<BlockId>> PrefixBlockIndex::insert(const RadixKey& full_key,
+                                                      std::span<const BlockId> blocks,
+                                                      uint32_t priority) {
   const size_t bs = options_.block_size;
+  const std::span<const TokenId> tokens = full_key.tokens();
   const size_t key_length =
       options_.cache_partial_blocks ? tokens.size() : tokens.size() - tokens.size() % bs;
-  const auto key = tokens.first(key_length);
+  const RadixKey key = full_key.first(key_length);
   const size_t needed = (key_length + bs - 1) / bs;
   if (blocks.size() < needed) {
     return invalid_argument(std::to_string(tokens.size()) + " tokens need " +
@@ -162,8 +169,9 @@ Result<std::vector<BlockId>> PrefixBlockIndex::insert(std::span<const TokenId> t
   };
   KVF_ASSIGN_OR_RETURN(const auto ins, tree_.insert_checked(key, priority, check, make_value));
   if (ins.split) adopt_blocks(*ins.split);
-  // The new blocks lie in at most two new nodes below the split point: the full-block node and
-  // the partial tail. Each is pinned once per block, because the sequence holds them all.
+  // The new blocks lie in at most three new nodes below the split point: the rest of a public
+  // range, the full salted blocks and the partial tail. Each is pinned once per block, because
+  // the sequence holds them all.
   std::vector<BlockId> added;
   for (RadixNodeId id = ins.node; id != tree_.root();) {
     const Tree::Node* n = tree_.find(id);
@@ -189,8 +197,12 @@ Result<std::vector<BlockId>> PrefixBlockIndex::insert(std::span<const TokenId> t
 }
 
 std::vector<BlockPlacement> PrefixBlockIndex::placements(std::span<const TokenId> tokens) const {
+  return placements(RadixKey(tokens, options_.block_size));
+}
+
+std::vector<BlockPlacement> PrefixBlockIndex::placements(const RadixKey& key) const {
   std::vector<BlockPlacement> out;
-  for (RadixNodeId id = tree_.peek(tokens).node; id != tree_.root();) {
+  for (RadixNodeId id = tree_.peek(key).node; id != tree_.root();) {
     const Tree::Node* n = tree_.find(id);
     out.insert(out.begin(), *n->value());
     id = n->parent();

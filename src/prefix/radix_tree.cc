@@ -67,5 +67,17 @@ uint64_t radix_unit_key(std::span<const TokenId> unit, uint32_t granularity) {
   return unit.size() < granularity ? (h | kPartialBit) : (h & ~kPartialBit);
 }
 
+uint64_t radix_salted_key(uint64_t unit_key, const CacheSalt& salt) {
+  if (salt.empty()) return unit_key;
+  constexpr uint64_t kMul = 0x9fb21c651e98df25ULL;
+  uint64_t h = unit_key;
+  for (uint64_t word : {salt.hi, salt.lo}) {
+    h = (h ^ word) * kMul;
+    h ^= h >> 31;
+  }
+  constexpr uint64_t kPartialBit = 1ULL << 63;
+  return (h & ~kPartialBit) | (unit_key & kPartialBit);
+}
+
 }  // namespace detail
 }  // namespace kvfabric

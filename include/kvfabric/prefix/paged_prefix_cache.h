@@ -50,6 +50,8 @@ class PagedPrefixCache {
   //! K/V of a prefix: do not index it. Errors: an unknown sequence, more tokens than it holds,
   //! and as PrefixBlockIndex::insert.
   Result<size_t> insert(SeqId seq, std::span<const TokenId> tokens, uint32_t priority = 0);
+  //! insert() of a key that may be salted (see PrefixBlockIndex::insert).
+  Result<size_t> insert(SeqId seq, const RadixKey& key, uint32_t priority = 0);
   //! Empties the index; cached blocks no sequence holds return to the free list.
   void clear_index();
 

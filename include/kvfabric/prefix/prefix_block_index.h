@@ -136,9 +136,14 @@ class PrefixBlockIndex final : public BlockRetainer {
   //! outside the pool, a new block that is already indexed or listed twice.
   Result<std::vector<BlockId>> insert(std::span<const TokenId> tokens,
                                       std::span<const BlockId> blocks, uint32_t priority = 0);
+  //! insert() of a key that may be salted: its blocks match only keys of the same salt (those
+  //! of its public range match every key with the same public tokens).
+  Result<std::vector<BlockId>> insert(const RadixKey& key, std::span<const BlockId> blocks,
+                                      uint32_t priority = 0);
 
   //! Where the blocks of the longest cached prefix of `tokens` live, one placement per node.
   [[nodiscard]] std::vector<BlockPlacement> placements(std::span<const TokenId> tokens) const;
+  [[nodiscard]] std::vector<BlockPlacement> placements(const RadixKey& key) const;
 
   //! Forgets every block and returns them; the caller drops its references.
   std::vector<BlockId> clear();

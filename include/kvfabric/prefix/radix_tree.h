@@ -19,6 +19,7 @@
 
 #include "kvfabric/common/check.h"
 #include "kvfabric/common/status.h"
+#include "kvfabric/prefix/cache_salt.h"
 
 namespace kvfabric {
 
@@ -73,32 +74,61 @@ namespace detail {
 //! The child-map key of a unit of tokens: the token itself at granularity 1, otherwise a hash of
 //! the whole unit, with partial units (shorter than the granularity) in a separate key space.
 uint64_t radix_unit_key(std::span<const TokenId> unit, uint32_t granularity);
+//! A unit key moved into `salt`'s key space (the same key for the empty salt); partial units stay
+//! apart from full ones.
+uint64_t radix_salted_key(uint64_t unit_key, const CacheSalt& salt);
 }  // namespace detail
 
 //! \brief Tokens to look up, with the child-map key of each unit computed on first use and kept:
 //! looking the same prompt up in several trees of one granularity (one per replica) hashes each
 //! unit once. Borrows `tokens`, which must outlive it. Not thread-safe.
+//!
+//! A salted key (SaltScope) matches only nodes of its salt from public_end() on; before that it
+//! matches only public (unsalted) nodes, and no edge of the tree crosses that boundary.
 class RadixKey {
  public:
-  RadixKey(std::span<const TokenId> tokens, uint32_t granularity)
-      : tokens_(tokens), granularity_(granularity),
+  RadixKey(std::span<const TokenId> tokens, uint32_t granularity, SaltScope scope = {})
+      : tokens_(tokens), granularity_(granularity), scope_(scope),
+        public_end_(public_end_of(tokens.size(), granularity, scope)),
         unit_keys_(granularity == 0 ? 0 : (tokens.size() + granularity - 1) / granularity) {}
 
   [[nodiscard]] std::span<const TokenId> tokens() const { return tokens_; }
   [[nodiscard]] uint32_t granularity() const { return granularity_; }
+  [[nodiscard]] const SaltScope& scope() const { return scope_; }
+  //! Where the salted part starts: the public tokens rounded down to whole units, at most the
+  //! key's whole units (a partial last unit is salted); the length itself for an unsalted key.
+  [[nodiscard]] size_t public_end() const { return public_end_; }
+  //! The salt of the unit starting at `pos`: none before public_end().
+  [[nodiscard]] const CacheSalt& salt_at(size_t pos) const {
+    static constexpr CacheSalt kPublic{};
+    return pos < public_end_ ? kPublic : scope_.salt;
+  }
   //! The key of the unit starting at `pos`, a multiple of the granularity below the length.
   [[nodiscard]] uint64_t unit_key(size_t pos) const {
     std::optional<uint64_t>& known = unit_keys_[pos / granularity_];
     if (!known) {
       const size_t length = std::min<size_t>(granularity_, tokens_.size() - pos);
-      known = detail::radix_unit_key(tokens_.subspan(pos, length), granularity_);
+      known = detail::radix_salted_key(
+          detail::radix_unit_key(tokens_.subspan(pos, length), granularity_), salt_at(pos));
     }
     return *known;
   }
+  //! The key of the first `length` tokens, in the same scope.
+  [[nodiscard]] RadixKey first(size_t length) const {
+    return RadixKey(tokens_.first(length), granularity_, scope_);
+  }
 
  private:
+  static size_t public_end_of(size_t length, uint32_t granularity, const SaltScope& scope) {
+    if (scope.salt.empty() || granularity == 0) return length;
+    const size_t whole = length - length % granularity;
+    return std::min(whole, scope.public_tokens - scope.public_tokens % granularity);
+  }
+
   std::span<const TokenId> tokens_;
   uint32_t granularity_;
+  SaltScope scope_;
+  size_t public_end_;
   mutable std::vector<std::optional<uint64_t>> unit_keys_;
 };
 
@@ -151,6 +181,8 @@ class RadixTree {
     [[nodiscard]] size_t bytes() const { return bytes_; }
     //! Creation order; the older node goes first among equals.
     [[nodiscard]] uint64_t serial() const { return serial_; }
+    //! The cache salt the node's tokens belong to (empty: public).
+    [[nodiscard]] const CacheSalt& salt() const { return salt_; }
 
    private:
     friend class RadixTree;
@@ -170,6 +202,7 @@ class RadixTree {
     uint64_t last_access_ = 0;
     uint32_t priority_ = 0;
     uint64_t serial_ = 0;
+    CacheSalt salt_;
   };
 
   //! \brief Result of match(): `node` is the deepest node whose whole key is a prefix of the
@@ -231,7 +264,14 @@ class RadixTree {
   //! splits that edge so the result always ends at a node; otherwise nothing changes. Matching
   //! does not touch: call touch() on what the caller uses.
   Match match(std::span<const TokenId> key, bool split_at_end = false) {
-    const Walk w = walk(RadixKey(key, options_.granularity));
+    return match(RadixKey(key, options_.granularity), split_at_end);
+  }
+  //! match() of a key that may be salted.
+  Match match(const RadixKey& key, bool split_at_end = false) {
+    if (key.granularity() != options_.granularity) {
+      return match(RadixKey(key.tokens(), options_.granularity, key.scope()), split_at_end);
+    }
+    const Walk w = walk(key);
     if (w.child == kNone) return Match{id_of(w.node), w.pos, std::nullopt, 0};
     if (split_at_end) {
       const uint32_t upper = split_node(w.child, w.child_lcp);
@@ -244,9 +284,11 @@ class RadixTree {
     return peek(RadixKey(key, options_.granularity));
   }
   //! peek() reusing the unit keys `key` has computed (and keeping the new ones); a key of another
-  //! granularity is looked up as plain tokens.
+  //! granularity is looked up afresh, in its scope.
   [[nodiscard]] Match peek(const RadixKey& key) const {
-    if (key.granularity() != options_.granularity) return peek(key.tokens());
+    if (key.granularity() != options_.granularity) {
+      return peek(RadixKey(key.tokens(), options_.granularity, key.scope()));
+    }
     const Walk w = walk(key);
     if (w.child == kNone) return Match{id_of(w.node), w.pos, std::nullopt, 0};
     return Match{id_of(w.node), w.pos, id_of(w.child), w.child_lcp};
@@ -269,7 +311,21 @@ class RadixTree {
   template <typename Check, typename MakeValue>
   Result<Insertion> insert_checked(std::span<const TokenId> key, uint32_t priority, Check&& check,
                                    MakeValue&& make_value) {
-    const RadixKey query(key, options_.granularity);
+    return insert_checked(RadixKey(key, options_.granularity), priority,
+                          std::forward<Check>(check), std::forward<MakeValue>(make_value));
+  }
+  //! insert_checked() of a key that may be salted: its public part and its salted part become
+  //! separate nodes, so that no edge holds tokens of both. The key must have this tree's
+  //! granularity.
+  template <typename Check, typename MakeValue>
+  Result<Insertion> insert_checked(const RadixKey& query, uint32_t priority, Check&& check,
+                                   MakeValue&& make_value) {
+    if (query.granularity() != options_.granularity) {
+      return invalid_argument("a key of granularity " + std::to_string(query.granularity()) +
+                              " inserted into a tree of granularity " +
+                              std::to_string(options_.granularity));
+    }
+    const std::span<const TokenId> key = query.tokens();
     const Walk w = walk(query);
     KVF_RETURN_IF_ERROR(check(w.pos + w.child_lcp));
     uint32_t cur = w.node;
@@ -281,16 +337,18 @@ class RadixTree {
       split = id_of(cur);
     }
     const size_t existing = pos;
-    const size_t g = options_.granularity;
-    const size_t rest = key.size() - pos;
-    const size_t pieces[2] = {rest - rest % g, rest % g};
-    for (const size_t length : pieces) {
-      if (length == 0) continue;
-      const auto piece = key.subspan(pos, length);
+    // New nodes: the rest of the public part, the salted full units, a partial last unit.
+    const size_t whole_end = key.size() - key.size() % options_.granularity;
+    const size_t public_end = std::min(query.public_end(), whole_end);
+    while (pos < key.size()) {
+      const size_t end = pos < public_end  ? public_end
+                         : pos < whole_end ? whole_end
+                                           : key.size();
       const uint64_t child_key = query.unit_key(pos);
       if (nodes_[cur].children_.count(child_key) > 0) break;  // a colliding, different unit
-      cur = new_node(cur, piece, child_key, make_value(pos, length));
-      pos += length;
+      cur = new_node(cur, key.subspan(pos, end - pos), child_key, query.salt_at(pos),
+                     make_value(pos, end - pos));
+      pos = end;
     }
     ++tick_;
     for (uint32_t i = cur; i != 0; i = nodes_[i].parent_) {
@@ -470,9 +528,11 @@ class RadixTree {
     size_t child_lcp = 0;
   };
 
-  uint64_t unit_key_at(std::span<const TokenId> tokens) const {
+  // The key of a node's edge in its parent's map.
+  uint64_t unit_key_of(const Node& n) const {
     const size_t g = options_.granularity;
-    return detail::radix_unit_key(tokens.first(std::min(tokens.size(), g)), options_.granularity);
+    return detail::radix_salted_key(
+        detail::radix_unit_key(std::span(n.edge_).first(std::min(n.edge_.size(), g)), g), n.salt_);
   }
 
   Walk walk(const RadixKey& query) const {
@@ -481,10 +541,13 @@ class RadixTree {
     uint32_t cur = 0;
     size_t pos = 0;
     while (pos < key.size()) {
-      const auto rest = key.subspan(pos);
+      // The public part of a salted key is compared only up to its end (edges never cross it).
+      const auto rest = pos < query.public_end() ? key.subspan(pos, query.public_end() - pos)
+                                                 : key.subspan(pos);
       const auto it = nodes_[cur].children_.find(query.unit_key(pos));
       if (it == nodes_[cur].children_.end()) break;
       const uint32_t child = it->second;
+      if (nodes_[child].salt_ != query.salt_at(pos)) break;  // another salt's key in this bucket
       const std::vector<TokenId>& edge = nodes_[child].edge_;
       if (rest.size() < g) {  // only a partial leaf with exactly these tokens matches
         if (edge.size() == rest.size() && common_prefix_len(edge, rest) == rest.size()) {
@@ -593,10 +656,11 @@ class RadixTree {
 
   // `key`: the unit key of the edge's first unit.
   uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, uint64_t key,
-                    std::optional<Value> value) {
+                    const CacheSalt& salt, std::optional<Value> value) {
     const uint32_t i = take_slot();
     Node& n = nodes_[i];
     n.alive_ = true;
+    n.salt_ = salt;
     n.edge_.assign(edge.begin(), edge.end());
     n.parent_ = parent;
     n.parent_id_ = id_of(parent);
@@ -627,9 +691,10 @@ class RadixTree {
     upper.last_access_ = n.last_access_;
     upper.priority_ = n.priority_;
     upper.serial_ = ++serial_;
+    upper.salt_ = n.salt_;
     if (n.value_) upper.value_ = traits_.split_front(*n.value_, at / options_.granularity);
     upper.unit_key_ = key_in_parent;
-    n.unit_key_ = unit_key_at(n.edge_);
+    n.unit_key_ = unit_key_of(n);
     upper.children_.emplace(n.unit_key_, i);
     n.parent_ = u;
     n.parent_id_ = id_of(u);
@@ -669,6 +734,7 @@ class RadixTree {
     const uint32_t c = n.children_.begin()->second;
     Node& child = nodes_[c];
     if (child.edge_.size() % options_.granularity != 0) return;
+    if (child.salt_ != n.salt_) return;  // a public edge and a salted one stay apart
     const uint32_t parent = n.parent_;
     const uint64_t key = n.unit_key_;
     child.edge_.insert(child.edge_.begin(), n.edge_.begin(), n.edge_.end());
@@ -702,11 +768,14 @@ Status RadixTree<Value, Traits>::verify() const {
     if (!n.alive_) continue;
     if (n.parent_ >= nodes_.size() || !nodes_[n.parent_].alive_) return fail("dangling parent");
     const Node& p = nodes_[n.parent_];
-    const auto it = p.children_.find(unit_key_at(n.edge_));
+    const auto it = p.children_.find(unit_key_of(n));
     if (it == p.children_.end() || it->second != i) return fail("parent does not list its child");
     if (it->first != n.unit_key_) return fail("stale unit key");
     if (n.parent_id_ != id_of(n.parent_)) return fail("stale parent id");
     if (n.edge_.empty()) return fail("empty edge");
+    if (n.parent_ != 0 && !p.salt_.empty() && p.salt_ != n.salt_) {
+      return fail("a salted node with a child of another salt");
+    }
     if (n.depth_ != p.depth_ + n.edge_.size()) return fail("wrong depth");
     if (n.edge_.size() % options_.granularity != 0 &&
         (n.edge_.size() > options_.granularity || !n.children_.empty())) {
