@@ -41,6 +41,17 @@ ConfigField unsigned_field(std::string_view key, std::string_view help, Access a
       [access](const Config& c) { return std::to_string(access(const_cast<Config&>(c))); }};
 }
 
+// A field holding free text (a path); `access` returns a reference into the Config.
+template <typename Access>
+ConfigField string_field(std::string_view key, std::string_view help, Access access) {
+  return ConfigField{key, help,
+                     [access](Config& c, std::string_view text) -> Status {
+                       access(c) = std::string(text);
+                       return ok_status();
+                     },
+                     [access](const Config& c) { return access(const_cast<Config&>(c)); }};
+}
+
 template <typename Access>
 ConfigField double_field(std::string_view key, std::string_view help, Access access) {
   return ConfigField{key, help,
@@ -180,12 +191,8 @@ const std::vector<ConfigField>& config_fields() {
           "coordinator.max_pending_plan_entries",
           "ops, tables, releases and admitted prompt blocks gathered before a step",
           [](Config& c) -> auto& { return c.coordinator.max_pending_plan_entries; }),
-      ConfigField{"server.address", "control plane listen address (IPv4 or IPv6 literal)",
-                  [](Config& c, std::string_view text) -> Status {
-                    c.server.address = std::string(text);
-                    return ok_status();
-                  },
-                  [](const Config& c) { return c.server.address; }},
+      string_field("server.address", "control plane listen address (IPv4 or IPv6 literal)",
+                   [](Config& c) -> auto& { return c.server.address; }),
       unsigned_field<uint16_t>("server.port", "control plane TCP port (0 = any free port)",
                                [](Config& c) -> auto& { return c.server.port; }),
       unsigned_field<uint16_t>("server.metrics_port", "Prometheus /metrics HTTP port (0 = none)",
@@ -205,6 +212,21 @@ const std::vector<ConfigField>& config_fields() {
       unsigned_field<uint32_t>("server.fault_grace_ms",
                                "after a rank fault, answer this long before the job exits",
                                [](Config& c) -> auto& { return c.server.fault_grace_ms; }),
+      string_field("server.tenants_file", "tenants, tokens and quotas (YAML); empty = no auth",
+                   [](Config& c) -> auto& { return c.server.tenants_file; }),
+      string_field("server.tls_cert_file", "PEM certificate chain for TLS; empty = plain TCP",
+                   [](Config& c) -> auto& { return c.server.tls_cert_file; }),
+      string_field("server.tls_key_file", "PEM private key of server.tls_cert_file",
+                   [](Config& c) -> auto& { return c.server.tls_key_file; }),
+      unsigned_field<uint64_t>("tenants.max_blocks",
+                               "blocks a tenant's live sequences may hold (0 = no limit)",
+                               [](Config& c) -> auto& { return c.tenants.max_blocks; }),
+      unsigned_field<uint64_t>("tenants.max_host_blocks",
+                               "of those, blocks swapped to the host tier (0 = no limit)",
+                               [](Config& c) -> auto& { return c.tenants.max_host_blocks; }),
+      unsigned_field<uint32_t>("tenants.max_sequences",
+                               "live sequences of one tenant (0 = no limit)",
+                               [](Config& c) -> auto& { return c.tenants.max_sequences; }),
       unsigned_field<uint32_t>("runtime.plan_deadline_ms",
                                "rank 0 waits this long for every rank to run a plan (0 = forever)",
                                [](Config& c) -> auto& { return c.runtime.plan_deadline_ms; }),

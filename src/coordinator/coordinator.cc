@@ -70,6 +70,7 @@ Result<Coordinator> Coordinator::create(const Config& config) {
   }
   KVF_RETURN_IF_ERROR(check_bookkeeping_memory(config));
   Coordinator c(config);
+  (void)c.tenant_index("");  // the default tenant: index 0
   for (uint32_t r = 0; r < config.topology.dp; ++r) {
     KVF_ASSIGN_OR_RETURN(PagedKvCache pool, PagedKvCache::create(config));
     PrefixIndexOptions options;
@@ -162,25 +163,67 @@ void Coordinator::migrate(uint32_t src_replica, std::span<const BlockId> src, ui
   stats_.migrated_blocks += src.size();
 }
 
-// Victims in the order relief takes them: lowest priority, then least recently used, then
-// lowest SeqId, among the replica's running sequences below `below_priority`. Displacing one does
-// not reorder the others, so the whole order is known up front, and so is what each frees: its
-// blocks that no other sequence holds (reused blocks excepted: the request takes them itself).
+// Victims in the order relief takes them, among the replica's running sequences below
+// `below_priority`: each next one from the tenant holding the most blocks on the replica once the
+// victims before it are gone (ties: the tenant's name), and within a tenant the lowest priority,
+// then least recently used, then lowest SeqId. The order depends only on the replica's state, so
+// it is known up front.
+std::vector<const SequenceInfo*> Coordinator::victim_order(uint32_t replica,
+                                                           const ReliefRequest& request) const {
+  const PagedKvCache& pool = replicas_[replica].cache.pool();
+  // Per tenant: the blocks it holds on the replica, and its candidates in their own order.
+  struct Queue {
+    uint64_t held = 0;
+    std::vector<const SequenceInfo*> candidates;
+    size_t next = 0;
+  };
+  std::map<uint32_t, Queue> queues;
+  for (const auto& [seq, state] : seqs_) {  // ordered map: deterministic
+    if (state.swapped || state.replica != replica) continue;
+    const SequenceInfo* info = pool.get_sequence(seq);
+    Queue& q = queues[state.tenant];
+    q.held += info->block_ids.size();
+    if (seq != request.exclude && info->priority < request.below_priority) {
+      q.candidates.push_back(info);
+    }
+  }
+  for (auto& [tenant, q] : queues) {
+    std::sort(q.candidates.begin(), q.candidates.end(),
+              [](const SequenceInfo* a, const SequenceInfo* b) {
+                return std::tie(a->priority, a->last_access, a->seq_id) <
+                       std::tie(b->priority, b->last_access, b->seq_id);
+              });
+  }
+  // Fairness: each next victim comes from the tenant that then holds the most blocks here.
+  std::vector<const SequenceInfo*> order;
+  for (;;) {
+    Queue* from = nullptr;
+    uint32_t from_tenant = 0;
+    for (auto& [tenant, q] : queues) {
+      if (q.next == q.candidates.size()) continue;
+      const bool better =
+          from == nullptr || q.held > from->held ||
+          (q.held == from->held && tenants_[tenant].name < tenants_[from_tenant].name);
+      if (better) {
+        from = &q;
+        from_tenant = tenant;
+      }
+    }
+    if (from == nullptr) return order;
+    const SequenceInfo* victim = from->candidates[from->next++];
+    from->held -= victim->block_ids.size();
+    order.push_back(victim);
+  }
+}
+
+// What displacing victims in victim_order() makes free: each victim's blocks that no other
+// sequence holds (reused blocks excepted: the request takes them itself).
 Coordinator::Relief Coordinator::plan_relief(uint32_t replica, const ReliefRequest& request) const {
   const PagedKvCache& pool = replicas_[replica].cache.pool();
   Relief relief;
   relief.reachable = pool.available_block_count();
   if (request.needed > pool.total_blocks() + (request.copied_tail ? 1 : 0)) return relief;
-  std::vector<const SequenceInfo*> candidates;
-  for (const auto& [seq, state] : seqs_) {  // ordered map: deterministic
-    if (state.swapped || state.replica != replica || seq == request.exclude) continue;
-    const SequenceInfo* info = pool.get_sequence(seq);
-    if (info->priority < request.below_priority) candidates.push_back(info);
-  }
-  std::sort(candidates.begin(), candidates.end(), [](const SequenceInfo* a, const SequenceInfo* b) {
-    return std::tie(a->priority, a->last_access, a->seq_id) <
-           std::tie(b->priority, b->last_access, b->seq_id);
-  });
+  const std::vector<const SequenceInfo*> candidates = victim_order(replica, request);
   const std::set<BlockId> reused(request.reused.begin(), request.reused.end());
   std::map<BlockId, uint32_t> released;  // references the victims so far give up, per block
   size_t needed = request.needed;
@@ -210,8 +253,14 @@ bool Coordinator::swap_out(SeqId seq) {
   Sequence& s = seqs_.at(seq);
   Replica& rep = replicas_[s.replica];
   const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
+  Tenant& tenant = tenants_[s.tenant];
+  const uint64_t host_quota = quota_of(tenant).max_host_blocks;
+  if (host_quota != 0 && tenant.stats.host_blocks + info->block_ids.size() > host_quota) {
+    return false;  // the tenant's host tier is full: parked or preempted instead
+  }
   auto host = rep.host.allocate(info->block_ids.size());
   if (!host.ok()) return false;
+  tenant.stats.host_blocks += info->block_ids.size();
   for (size_t i = 0; i < info->block_ids.size(); ++i) {
     plan_.ops.push_back(StepPlan::Op::swap_out(s.replica, info->block_ids[i], host.value()[i]));
   }
@@ -268,7 +317,8 @@ void Coordinator::preempt(SeqId seq) {
   const Status freed = replicas_[s.replica].cache.pool().free(seq);
   KVF_CHECK(freed.ok(), freed.message());
   --replicas_[s.replica].running;
-  seqs_.erase(seq);
+  ++tenants_[s.tenant].stats.preempted;
+  erase_sequence(seq);
   plan_.released.push_back(seq);
   plan_.preempted.push_back(seq);
   ++stats_.preempted;
@@ -276,6 +326,25 @@ void Coordinator::preempt(SeqId seq) {
 
 Result<Placement> Coordinator::admit(SeqId seq, std::span<const TokenId> prompt, uint32_t priority) {
   return admit(seq, std::vector<TokenId>(prompt.begin(), prompt.end()), priority);
+}
+
+Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, uint32_t priority) {
+  AdmitOptions options;
+  options.priority = priority;
+  return admit(seq, std::move(prompt), options);
+}
+
+Result<Placement> Coordinator::admit(SeqId seq, std::span<const TokenId> prompt,
+                                     const AdmitOptions& options) {
+  return admit(seq, std::vector<TokenId>(prompt.begin(), prompt.end()), options);
+}
+
+Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt,
+                                     const AdmitOptions& options) {
+  const uint32_t tenant = tenant_index(options.tenant);
+  auto placed = admit_for(seq, std::move(prompt), tenant, options);
+  if (!placed.ok()) note_refusal(tenant, placed.status());
+  return placed;
 }
 
 Status Coordinator::check_pending_room(const std::string& request) const {
@@ -289,16 +358,23 @@ Status Coordinator::check_pending_room(const std::string& request) const {
                     " (coordinator.max_pending_plan_entries); call step first; nothing was changed");
 }
 
-Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt, uint32_t priority) {
+Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& prompt, uint32_t tenant,
+                                         const AdmitOptions& options) {
+  const std::string request = "admit " + to_string(seq);
   KVF_RETURN_IF_ERROR(check_new_sequence(seq, "Sequence "));
-  KVF_RETURN_IF_ERROR(check_pending_room("admit " + to_string(seq)));
-  if (prompt.empty()) return invalid_argument("admit " + to_string(seq) + ": the prompt is empty");
+  KVF_RETURN_IF_ERROR(check_pending_room(request));
+  if (prompt.empty()) return invalid_argument(request + ": the prompt is empty");
+  const uint32_t priority = options.priority;
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
-  // The prompt's unit keys, hashed once for every replica's lookup.
-  const RadixKey key(prompt, config_.cache.block_size);
+  KVF_RETURN_IF_ERROR(
+      check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
+  // The prompt's unit keys in its salt's namespace, hashed once for every replica's lookup.
+  const SaltScope scope{CacheSalt::of(options.cache_salt.value_or(options.tenant)),
+                        options.public_tokens};
+  const RadixKey key(prompt, config_.cache.block_size, scope);
   KVF_ASSIGN_OR_RETURN(AdmitChoice choice, choose_replica(seq, key, priority));
   relieve(choice.replica, choice.victims);
-  return place(seq, std::move(prompt), key, priority, choice);
+  return place(seq, std::move(prompt), key, priority, tenant, choice);
 }
 
 Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const RadixKey& key,
@@ -379,7 +455,8 @@ Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const Ra
 }
 
 Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, const RadixKey& key,
-                                     uint32_t priority, const AdmitChoice& choice) {
+                                     uint32_t priority, uint32_t tenant,
+                                     const AdmitChoice& choice) {
   const uint32_t r = choice.replica;
   Replica& rep = replicas_[r];
   const auto allocated = rep.cache.allocate(seq, key);
@@ -418,18 +495,31 @@ Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, c
   placement.blocks = table;
   collect_copies(r);
   const uint64_t incarnation = next_incarnation_++;
-  seqs_[seq] = Sequence{r, false, n, priority, 0, {}, incarnation};
+  Sequence& s = seqs_[seq] = Sequence{r, false, n, priority, 0, {}, incarnation, tenant, 0};
+  charge(s, table.size());
   ++rep.running;
   mark_table(seq);
   admitted_now_blocks_ += blocks_for(prompt.size(), config_.cache.block_size);
-  admitted_now_.push_back({seq, incarnation, std::move(prompt)});
+  admitted_now_.push_back({seq, incarnation, std::move(prompt), key.scope()});
   ++stats_.admitted;
   stats_.prompt_tokens += n;
   stats_.local_hit_tokens += local_cached;
+  TenantStats& t = tenants_[tenant].stats;
+  ++t.admitted;
+  ++t.sequences;
+  t.prompt_tokens += n;
+  t.cached_tokens += placement.cached_tokens;
+  t.migrated_tokens += placement.migrated_tokens;
   return placement;
 }
 
 Status Coordinator::append(SeqId seq, size_t num_tokens) {
+  const Status status = append_blocks(seq, num_tokens);
+  if (const Sequence* s = find(seq); !status.ok() && s != nullptr) note_refusal(s->tenant, status);
+  return status;
+}
+
+Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
   Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);
   KVF_RETURN_IF_ERROR(check_pending_room("append " + to_string(seq)));
@@ -446,8 +536,9 @@ Status Coordinator::append(SeqId seq, size_t num_tokens) {
   const size_t bs = config_.cache.block_size;
   const bool shared_tail = num_tokens > 0 && info->num_tokens % bs != 0 &&
                            pool.block_ref_count(info->block_ids.back()) > 1;
-  const size_t needed = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks() +
-                        (shared_tail ? 1 : 0);
+  const size_t grown = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks();
+  const size_t needed = grown + (shared_tail ? 1 : 0);
+  KVF_RETURN_IF_ERROR(check_quota("append " + to_string(seq), s->tenant, 0, grown));
   if (pool.available_block_count() < needed) {
     const std::optional<BlockId> copied_tail =
         shared_tail ? std::optional(info->block_ids.back()) : std::nullopt;
@@ -458,16 +549,26 @@ Status Coordinator::append(SeqId seq, size_t num_tokens) {
   KVF_RETURN_IF_ERROR(pool.append(seq, num_tokens));
   collect_copies(s->replica);
   s->num_tokens = pool.get_sequence(seq)->num_tokens;
+  charge(*s, pool.get_sequence(seq)->num_blocks());
   mark_table(seq);
   return ok_status();
 }
 
 Status Coordinator::fork(SeqId src, SeqId dst, std::optional<uint32_t> replica) {
+  const Status status = fork_sequence(src, dst, replica);
+  if (const Sequence* s = find(src); !status.ok() && s != nullptr) note_refusal(s->tenant, status);
+  return status;
+}
+
+Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> replica) {
   KVF_RETURN_IF_ERROR(check_new_sequence(dst, "Destination sequence "));
   Sequence* s = find(src);
   if (s == nullptr) return sequence_not_found(src);
-  KVF_RETURN_IF_ERROR(check_pending_room("fork " + to_string(src) + " -> " + to_string(dst)));
+  const std::string request = "fork " + to_string(src) + " -> " + to_string(dst);
+  KVF_RETURN_IF_ERROR(check_pending_room(request));
   if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
+  KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 1, s->charged_blocks));
+  const uint32_t tenant = s->tenant;
   if (replica && *replica >= replicas_.size()) {
     return invalid_argument("fork to replica " + std::to_string(*replica) + " of " +
                             std::to_string(replicas_.size()));
@@ -499,7 +600,10 @@ Status Coordinator::fork(SeqId src, SeqId dst, std::optional<uint32_t> replica) 
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
   }
   const SequenceInfo* child = replicas_[to].cache.pool().get_sequence(dst);
-  seqs_[dst] = Sequence{to, false, child->num_tokens, child->priority, 0, {}, next_incarnation_++};
+  Sequence& forked = seqs_[dst] = Sequence{to,  false, child->num_tokens, child->priority, 0, {},
+                                           next_incarnation_++, tenant, 0};
+  charge(forked, child->num_blocks());
+  ++tenants_[tenant].stats.sequences;
   ++replicas_[to].running;
   mark_table(dst);
   return ok_status();
@@ -516,9 +620,92 @@ Status Coordinator::free(SeqId seq) {
     KVF_RETURN_IF_ERROR(replicas_[s->replica].cache.pool().free(seq));
     --replicas_[s->replica].running;
   }
-  seqs_.erase(seq);
+  erase_sequence(seq);
   plan_.released.push_back(seq);
   return ok_status();
+}
+
+void Coordinator::erase_sequence(SeqId seq) {
+  Sequence& s = seqs_.at(seq);
+  TenantStats& t = tenants_[s.tenant].stats;
+  charge(s, 0);
+  if (s.swapped) t.host_blocks -= s.host_blocks.size();
+  --t.sequences;
+  seqs_.erase(seq);
+}
+
+void Coordinator::charge(Sequence& s, uint64_t blocks) {
+  TenantStats& t = tenants_[s.tenant].stats;
+  t.blocks = t.blocks - s.charged_blocks + blocks;
+  s.charged_blocks = blocks;
+}
+
+uint32_t Coordinator::tenant_index(std::string_view name) {
+  const auto it = tenant_ids_.find(name);
+  if (it != tenant_ids_.end()) return it->second;
+  const auto id = static_cast<uint32_t>(tenants_.size());
+  tenants_.push_back(Tenant{std::string(name), std::nullopt, {}});
+  tenant_ids_.emplace(std::string(name), id);
+  return id;
+}
+
+const TenantQuota& Coordinator::quota_of(const Tenant& tenant) const {
+  return tenant.own_quota ? *tenant.own_quota : config_.tenants;
+}
+
+Status Coordinator::check_quota(const std::string& request, uint32_t tenant, uint64_t sequences,
+                                uint64_t blocks) const {
+  const Tenant& t = tenants_[tenant];
+  const TenantQuota& quota = quota_of(t);
+  const std::string source = t.own_quota ? "its own quota" : "the tenants section";
+  const std::string who = t.name.empty() ? "the default tenant" : "tenant '" + t.name + "'";
+  if (sequences > 0 && quota.max_sequences != 0 &&
+      t.stats.sequences + sequences > quota.max_sequences) {
+    return Status(ErrorCode::kResourceExhausted,
+                  request + ": " + who + " holds " + std::to_string(t.stats.sequences) +
+                      " sequences, at most " + std::to_string(quota.max_sequences) +
+                      " (max_sequences, " + source + "); nothing was changed");
+  }
+  if (blocks > 0 && quota.max_blocks != 0 && t.stats.blocks + blocks > quota.max_blocks) {
+    return Status(ErrorCode::kResourceExhausted,
+                  request + ": " + who + " holds " + std::to_string(t.stats.blocks) +
+                      " blocks and asks for " + std::to_string(blocks) + " more, at most " +
+                      std::to_string(quota.max_blocks) + " (max_blocks, " + source +
+                      "); nothing was changed");
+  }
+  return ok_status();
+}
+
+void Coordinator::note_refusal(uint32_t tenant, const Status& status) {
+  if (status.code() == ErrorCode::kOutOfMemory || status.code() == ErrorCode::kResourceExhausted) {
+    ++tenants_[tenant].stats.refused;
+  }
+}
+
+std::optional<std::string_view> Coordinator::tenant_of(SeqId seq) const {
+  const auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return std::nullopt;
+  return tenants_[it->second.tenant].name;
+}
+
+void Coordinator::set_tenant_quota(const std::string& tenant, const TenantQuota& quota) {
+  tenants_[tenant_index(tenant)].own_quota = quota;
+}
+
+TenantQuota Coordinator::tenant_quota(std::string_view tenant) const {
+  const auto it = tenant_ids_.find(tenant);
+  return it == tenant_ids_.end() ? config_.tenants : quota_of(tenants_[it->second]);
+}
+
+TenantStats Coordinator::tenant_stats(std::string_view tenant) const {
+  const auto it = tenant_ids_.find(tenant);
+  return it == tenant_ids_.end() ? TenantStats{} : tenants_[it->second].stats;
+}
+
+std::vector<std::string> Coordinator::tenants() const {
+  std::vector<std::string> names;
+  for (const auto& [name, id] : tenant_ids_) names.push_back(name);
+  return names;
 }
 
 Status Coordinator::check_priority(SeqId seq, uint32_t priority) const {
@@ -546,14 +733,15 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
 }
 
 void Coordinator::index_computed_prompts() {
-  for (const auto& [seq, incarnation, prompt] : admitted_before_) {
+  for (const auto& [seq, incarnation, prompt, scope] : admitted_before_) {
     const auto it = seqs_.find(seq);
     // Gone, swapped out, or a new sequence under the same id: its blocks do not hold this prompt.
     if (it == seqs_.end() || it->second.swapped || it->second.incarnation != incarnation) continue;
     Replica& rep = replicas_[it->second.replica];
     const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
     if (info == nullptr || info->num_tokens < prompt.size()) continue;  // compacted meanwhile
-    const auto inserted = rep.cache.insert(seq, prompt, info->priority);
+    const RadixKey key(prompt, config_.cache.block_size, scope);
+    const auto inserted = rep.cache.insert(seq, key, info->priority);
     if (!inserted.ok()) {
       KVF_LOG_WARN(kCoordinator, "not indexing {}: {}", to_string(seq), inserted.status().message());
     }
@@ -584,6 +772,7 @@ void Coordinator::swap_back_in() {
       // Freed after this step, so no later op of the step can reuse the block before it is read.
       host_blocks_to_free_.emplace_back(s.replica, s.host_blocks[i]);
     }
+    tenants_[s.tenant].stats.host_blocks -= s.host_blocks.size();
     s.host_blocks.clear();
     s.swapped = false;
     forget_swapped(s.replica, s.priority);
@@ -621,6 +810,7 @@ Result<StepPlan> Coordinator::step() {
 
 Status Coordinator::verify_integrity() const {
   std::vector<uint32_t> running(replicas_.size(), 0);
+  std::vector<TenantStats> held(tenants_.size());
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     KVF_RETURN_IF_ERROR(replicas_[r].cache.verify_integrity());
   }
@@ -632,6 +822,29 @@ Status Coordinator::verify_integrity() const {
                                               (info ? " holds it" : " does not hold it"));
     }
     if (!s.swapped) ++running[s.replica];
+    const uint64_t table = s.swapped ? s.host_blocks.size() : info->num_blocks();
+    if (s.charged_blocks != table) {
+      return Status(ErrorCode::kInternal, to_string(seq) + " is charged " +
+                                              std::to_string(s.charged_blocks) + " blocks, holds " +
+                                              std::to_string(table));
+    }
+    TenantStats& t = held[s.tenant];
+    ++t.sequences;
+    t.blocks += table;
+    if (s.swapped) t.host_blocks += table;
+  }
+  for (size_t i = 0; i < tenants_.size(); ++i) {
+    const TenantStats& want = held[i];
+    const TenantStats& have = tenants_[i].stats;
+    if (want.sequences != have.sequences || want.blocks != have.blocks ||
+        want.host_blocks != have.host_blocks) {
+      return Status(ErrorCode::kInternal,
+                    "tenant '" + tenants_[i].name + "' counts " + std::to_string(have.sequences) +
+                        " sequences, " + std::to_string(have.blocks) + " blocks (" +
+                        std::to_string(have.host_blocks) + " on the host); its sequences hold " +
+                        std::to_string(want.sequences) + ", " + std::to_string(want.blocks) +
+                        " (" + std::to_string(want.host_blocks) + ")");
+    }
   }
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     if (running[r] != replicas_[r].running ||

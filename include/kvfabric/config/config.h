@@ -77,6 +77,19 @@ struct CoordinatorConfig {
   uint32_t max_pending_plan_entries = 1u << 20;
 };
 
+//! \brief What one tenant's sequences may hold at once; 0 = no limit. The `tenants` section is
+//! every tenant's default; a tenants file (server.tenants_file) or Coordinator::set_tenant_quota
+//! gives a tenant its own.
+struct TenantQuota {
+  //! Blocks in the tables of its live sequences (running or swapped out), counted per sequence:
+  //! a block two of its sequences share counts twice, a cached block none holds not at all.
+  uint64_t max_blocks = 0;
+  uint64_t max_host_blocks = 0;  //!< of those, blocks swapped out to the host tier
+  uint32_t max_sequences = 0;    //!< live sequences (running or swapped out)
+
+  friend bool operator==(const TenantQuota&, const TenantQuota&) = default;
+};
+
 //! \brief The control plane on rank 0 (DESIGN.md §1): a JSON-lines TCP endpoint for a scheduler
 //! in another process, and an optional HTTP endpoint serving Prometheus metrics.
 struct ServerConfig {
@@ -93,6 +106,13 @@ struct ServerConfig {
   //! After a rank fault the control plane keeps answering (reads, /health, Unavailable to
   //! changes) this long, then the job ends with a non-zero status.
   uint32_t fault_grace_ms = 5'000;
+  //! Who may connect: a YAML file of tenants with their tokens, roles and quotas (see
+  //! TenantDirectory). Empty: no authentication, allowed only on a loopback address.
+  std::string tenants_file;
+  //! TLS for the control connections: a PEM certificate chain and its private key (both or
+  //! neither). Empty: plain TCP.
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 //! \brief How the ranks run the plans (DESIGN.md §5).
@@ -109,6 +129,7 @@ struct Config {
   CoordinatorConfig coordinator;
   ServerConfig server;
   RuntimeConfig runtime;
+  TenantQuota tenants;
 };
 
 //! KV heads stored on each rank: Hkv / tp, or 1 when Hkv < tp (heads replicated, as vLLM does).

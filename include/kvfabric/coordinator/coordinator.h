@@ -28,6 +28,33 @@ struct Placement {
   std::vector<BlockId> blocks;
 };
 
+//! How admit() is asked to place a prompt, beyond its tokens.
+struct AdmitOptions {
+  uint32_t priority = 0;
+  //! Who the sequence belongs to: its quota, its statistics, and (by default) its cache salt.
+  //! "" is the default tenant, whose default salt is no salt: everyone's requests share.
+  std::string tenant;
+  //! The namespace of its cached prefix: blocks computed under one salt serve only prompts of the
+  //! same salt (see CacheSalt). Default: the tenant's name.
+  std::optional<std::string> cache_salt;
+  //! Leading prompt tokens shared across salts (a system prompt every tenant sends), in whole
+  //! blocks (rounded down).
+  size_t public_tokens = 0;
+};
+
+//! A tenant's counters and what it holds now.
+struct TenantStats {
+  uint64_t admitted = 0;
+  uint64_t prompt_tokens = 0;
+  uint64_t cached_tokens = 0;    //!< prompt tokens found cached (on the replica or migrated)
+  uint64_t migrated_tokens = 0;  //!< of those, moved from another replica's cache
+  uint64_t refused = 0;          //!< admit, append and fork requests refused for room or quota
+  uint64_t preempted = 0;
+  uint64_t sequences = 0;        //!< live now (running or swapped out)
+  uint64_t blocks = 0;           //!< in their tables (TenantQuota::max_blocks counts these)
+  uint64_t host_blocks = 0;      //!< of those, swapped out to the host tier
+};
+
 struct CoordinatorStats {
   uint64_t admitted = 0;
   uint64_t prompt_tokens = 0;
@@ -64,6 +91,14 @@ struct CoordinatorStats {
 //! relief: a request that displacing every sequence it may displace would not make room for is
 //! refused, and a refused request changes nothing (no swap, park, preemption or eviction).
 //!
+//! Tenants: every sequence belongs to one (AdmitOptions; a fork to its source's). A tenant's
+//! quota (TenantQuota) is checked before anything else, and a victim whose tenant is at its
+//! host-block quota is parked or preempted instead of swapped. Victims are chosen fairly: the
+//! next one comes from the tenant that then holds the most blocks on the replica (ties: the
+//! tenant named first in byte order), and within a tenant by the order above (priority, least
+//! recently used, SeqId). Prompts are indexed under their cache salt (SaltScope), so sharing,
+//! placement and migration never cross salts except for public ranges.
+//!
 //! The plan's tables are authoritative: a placement returned by admit() can change later in the
 //! same step when another request moves the sequence. The engine's contract: in each step's
 //! forward pass it computes the slots of every sequence in the tables that it has not computed
@@ -86,6 +121,10 @@ class Coordinator {
   Result<Placement> admit(SeqId seq, std::span<const TokenId> prompt, uint32_t priority = 0);
   //! The same, taking over the prompt (kept until the next step() indexes it) instead of copying.
   Result<Placement> admit(SeqId seq, std::vector<TokenId>&& prompt, uint32_t priority = 0);
+  //! admit() for a tenant, with a cache salt and a public range. Errors as above, and
+  //! ResourceExhausted when the tenant's quota would be exceeded.
+  Result<Placement> admit(SeqId seq, std::vector<TokenId>&& prompt, const AdmitOptions& options);
+  Result<Placement> admit(SeqId seq, std::span<const TokenId> prompt, const AdmitOptions& options);
   //! Adds tokens to a running sequence (the slots the next forward pass writes), making room on
   //! its replica as described above.
   Status append(SeqId seq, size_t num_tokens);
@@ -105,6 +144,16 @@ class Coordinator {
   [[nodiscard]] std::optional<uint32_t> replica_of(SeqId seq) const;
   [[nodiscard]] bool is_swapped(SeqId seq) const;
   [[nodiscard]] const CoordinatorStats& stats() const { return stats_; }
+  //! The tenant a live sequence belongs to (nullopt when unknown).
+  [[nodiscard]] std::optional<std::string_view> tenant_of(SeqId seq) const;
+  //! Gives `tenant` its own quota instead of the config's `tenants` defaults. It bounds what the
+  //! tenant asks for next; what it holds already stays.
+  void set_tenant_quota(const std::string& tenant, const TenantQuota& quota);
+  [[nodiscard]] TenantQuota tenant_quota(std::string_view tenant) const;
+  //! A tenant's statistics (zeros for a tenant that never asked for anything).
+  [[nodiscard]] TenantStats tenant_stats(std::string_view tenant) const;
+  //! Every tenant that has a quota or has asked for something, in byte order.
+  [[nodiscard]] std::vector<std::string> tenants() const;
   [[nodiscard]] const PagedPrefixCache& replica_cache(uint32_t replica) const;
   [[nodiscard]] size_t host_free_blocks(uint32_t replica) const;
   [[nodiscard]] uint64_t block_bytes() const { return block_bytes_; }
@@ -125,12 +174,20 @@ class Coordinator {
     //! Which admission or fork made this record: a SeqId the scheduler frees and uses again
     //! names a new sequence, and the old one's prompt must never be indexed onto its blocks.
     uint64_t incarnation = 0;
+    uint32_t tenant = 0;         //!< index into tenants_
+    uint64_t charged_blocks = 0;  //!< its table's blocks, as counted in its tenant's stats
+  };
+  struct Tenant {
+    std::string name;
+    std::optional<TenantQuota> own_quota;
+    TenantStats stats;
   };
   //! A prompt admitted in a step, indexed once the forward pass after that step computed it.
   struct AdmittedPrompt {
     SeqId seq;
     uint64_t incarnation = 0;
     std::vector<TokenId> tokens;
+    SaltScope scope;
   };
 
   //! What making room on a replica would take (plan_relief()).
@@ -163,10 +220,29 @@ class Coordinator {
   Status check_priority(SeqId seq, uint32_t priority) const;
   Result<AdmitChoice> choose_replica(SeqId seq, const RadixKey& key, uint32_t priority) const;
   Result<Placement> place(SeqId seq, std::vector<TokenId>&& prompt, const RadixKey& key,
-                          uint32_t priority, const AdmitChoice& choice);
+                          uint32_t priority, uint32_t tenant, const AdmitChoice& choice);
+  Result<Placement> admit_for(SeqId seq, std::vector<TokenId>&& prompt, uint32_t tenant,
+                              const AdmitOptions& options);
+  Status append_blocks(SeqId seq, size_t num_tokens);
+  Status fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> replica);
+  //! The tenant's index, registering it on first use.
+  uint32_t tenant_index(std::string_view name);
+  [[nodiscard]] const TenantQuota& quota_of(const Tenant& tenant) const;
+  //! ResourceExhausted when `tenant` taking `sequences` more sequences and `blocks` more blocks
+  //! would pass its quota.
+  Status check_quota(const std::string& request, uint32_t tenant, uint64_t sequences,
+                     uint64_t blocks) const;
+  //! Sets the blocks a sequence's table holds in its tenant's count (`host`: on the host tier).
+  void charge(Sequence& s, uint64_t blocks);
+  //! Counts a refusal of `status` (room or quota) against the tenant.
+  void note_refusal(uint32_t tenant, const Status& status);
+  //! Drops a sequence's record and its tenant's share.
+  void erase_sequence(SeqId seq);
   //! OutOfMemory for a request that making room could not satisfy, with the numbers.
   Status no_room(const std::string& request, uint32_t replica, size_t needed,
                  const Relief& relief) const;
+  [[nodiscard]] std::vector<const SequenceInfo*> victim_order(uint32_t replica,
+                                                             const ReliefRequest& request) const;
   Relief plan_relief(uint32_t replica, const ReliefRequest& request) const;
   void relieve(uint32_t replica, std::span<const SeqId> victims);
   bool swap_out(SeqId seq);
@@ -185,6 +261,8 @@ class Coordinator {
   Config config_;
   uint64_t block_bytes_ = 0;
   std::vector<Replica> replicas_;
+  std::vector<Tenant> tenants_;  // in registration order; Sequence::tenant indexes it
+  std::map<std::string, uint32_t, std::less<>> tenant_ids_;
   std::map<SeqId, Sequence> seqs_;
   std::map<uint64_t, SeqId> swap_queue_;  // swapped sequences by swap order, oldest first
   StepPlan plan_;

@@ -1,0 +1,325 @@
+// Tenants in the coordinator: cache salts keep tenants' prefixes apart in every placement path
+// (local hits, cost-model routing, migration), public ranges are shared, quotas refuse what would
+// pass them and change nothing, victims are chosen fairly across tenants, and a seeded workload
+// of several tenants keeps every invariant.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvfabric/coordinator/coordinator.h"
+#include "testing/property_env.h"
+#include "testing/serving_harness.h"
+
+namespace kvfabric {
+namespace {
+
+using testing::serving_config;
+using testing::token_run;
+using ::testing::HasSubstr;
+
+constexpr size_t kBlock = 16;
+
+AdmitOptions as(std::string tenant, size_t public_tokens = 0) {
+  AdmitOptions o;
+  o.tenant = std::move(tenant);
+  o.public_tokens = public_tokens;
+  return o;
+}
+
+std::vector<TokenId> concat(std::vector<TokenId> a, const std::vector<TokenId>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+Placement admit_ok(Coordinator& c, uint64_t seq, std::vector<TokenId> prompt,
+                   const AdmitOptions& options) {
+  auto placed = c.admit(SeqId{seq}, std::move(prompt), options);
+  EXPECT_TRUE(placed.ok()) << placed.status();
+  return placed.value_or(Placement{});
+}
+
+void step_ok(Coordinator& c) {
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_TRUE(c.verify_integrity().ok()) << c.verify_integrity();
+}
+
+TEST(TenantTest, APromptCachedByOneTenantIsNotServedToAnother) {
+  auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
+  const auto prompt = token_run(4 * kBlock, 100);
+  admit_ok(c, 1, prompt, as("alice"));
+  step_ok(c);
+  step_ok(c);  // computed and indexed
+  EXPECT_EQ(admit_ok(c, 2, prompt, as("alice")).cached_tokens, 4 * kBlock);
+  EXPECT_EQ(admit_ok(c, 3, prompt, as("bob")).cached_tokens, 0u);
+  // An explicit salt replaces the tenant's: two tenants that agree on one share.
+  AdmitOptions shared = as("carol");
+  shared.cache_salt = "alice";
+  EXPECT_EQ(admit_ok(c, 4, prompt, shared).cached_tokens, 4 * kBlock);
+  // The default tenant has no salt: it shares only with other unsalted requests.
+  EXPECT_EQ(admit_ok(c, 5, prompt, AdmitOptions{}).cached_tokens, 0u);
+  EXPECT_EQ(c.tenant_stats("alice").cached_tokens, 4 * kBlock);
+  EXPECT_EQ(c.tenant_stats("bob").cached_tokens, 0u);
+  EXPECT_EQ(c.tenant_of(SeqId{3}), std::optional<std::string_view>("bob"));
+  EXPECT_EQ(c.tenant_of(SeqId{99}), std::nullopt);
+}
+
+// The oracle an attacker used: admit a guess, read cached_tokens. Across salts it reads 0 for
+// a wrong guess, a right first block and the whole prompt alike.
+TEST(TenantTest, CachedTokensRevealNothingAboutAnotherTenantsPrompt) {
+  auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
+  const auto secret = token_run(3 * kBlock, 7000);
+  admit_ok(c, 1, secret, as("victim"));
+  step_ok(c);
+  step_ok(c);
+  const std::vector<std::vector<TokenId>> guesses = {
+      token_run(3 * kBlock, 9),                                   // wrong
+      concat(token_run(kBlock, 7000), token_run(2 * kBlock, 1)),  // first block right
+      secret,                                                     // all right
+  };
+  uint64_t seq = 10;
+  for (const auto& guess : guesses) {
+    const Placement p = admit_ok(c, seq, guess, as("attacker"));
+    EXPECT_EQ(p.cached_tokens, 0u);
+    EXPECT_EQ(p.migrated_tokens, 0u);
+    ASSERT_TRUE(c.free(SeqId{seq++}).ok());
+  }
+}
+
+TEST(TenantTest, APublicRangeIsComputedOnceForEveryTenant) {
+  auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
+  const auto system = token_run(2 * kBlock, 1);
+  const auto question = token_run(2 * kBlock, 500);
+  admit_ok(c, 1, concat(system, question), as("alice", system.size()));
+  step_ok(c);
+  step_ok(c);
+  // Bob asks the same question after the same system prompt: only the public part is shared.
+  EXPECT_EQ(admit_ok(c, 2, concat(system, question), as("bob", system.size())).cached_tokens,
+            system.size());
+  // A public range given in tokens that are not whole blocks shares the whole blocks in it.
+  EXPECT_EQ(admit_ok(c, 3, concat(system, question), as("carol", system.size() + 5)).cached_tokens,
+            system.size());
+  // Without a public range nothing is shared.
+  EXPECT_EQ(admit_ok(c, 4, concat(system, question), as("dave")).cached_tokens, 0u);
+}
+
+// dp 2: Alice's prompt is cached on replica 0 only. Bob's identical prompt is neither drawn to
+// replica 0 by the cost model nor migrated; Alice's next one is, in every routing.
+class TenantRoutingTest : public ::testing::TestWithParam<double> {};
+
+TEST_P(TenantRoutingTest, RoutingAndMigrationNeverCrossSalts) {
+  Config config = serving_config(2, 1, 4, 4, 64, 0);
+  config.coordinator.migration_token_cost = GetParam();
+  auto c = Coordinator::create(config).value();
+  const auto prompt = token_run(6 * kBlock, 3000);
+  ASSERT_EQ(admit_ok(c, 1, prompt, as("alice")).replica, 0u);
+  step_ok(c);
+  step_ok(c);
+  // Load replica 0 so that a request without a cached prefix goes to replica 1.
+  for (uint64_t s = 2; s < 6; ++s) admit_ok(c, s, token_run(kBlock, 100 * s), as("filler"));
+  std::vector<uint32_t> filler_replicas;
+  for (uint64_t s = 2; s < 6; ++s) filler_replicas.push_back(*c.replica_of(SeqId{s}));
+  const Placement bob = admit_ok(c, 10, prompt, as("bob"));
+  EXPECT_EQ(bob.cached_tokens, 0u);
+  EXPECT_EQ(bob.migrated_tokens, 0u);
+  const Placement alice = admit_ok(c, 11, prompt, as("alice"));
+  EXPECT_EQ(alice.cached_tokens, prompt.size());
+  if (GetParam() < config.coordinator.prefill_token_cost && alice.replica == 1) {
+    EXPECT_EQ(alice.migrated_tokens, prompt.size());
+  }
+  step_ok(c);
+  step_ok(c);
+  // Bob's own copy is indexed under his salt: he hits it now, where it is or by moving it.
+  const uint32_t bobs_copy = *c.replica_of(SeqId{10});
+  const Placement again = admit_ok(c, 12, prompt, as("bob"));
+  const bool reachable = again.replica == bobs_copy || GetParam() < 1.0;
+  EXPECT_EQ(again.cached_tokens, reachable ? prompt.size() : 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(MigrationCost, TenantRoutingTest, ::testing::Values(0.1, 2.0));
+
+TEST(TenantQuotaTest, QuotasRefuseWhatWouldPassThemAndChangeNothing) {
+  Config config = serving_config(1, 1, 4, 4, 64, 0);
+  config.tenants.max_sequences = 3;
+  auto c = Coordinator::create(config).value();
+  c.set_tenant_quota("small", TenantQuota{4, 0, 0});
+  EXPECT_EQ(c.tenant_quota("small").max_blocks, 4u);
+  EXPECT_EQ(c.tenant_quota("anyone").max_sequences, 3u);
+
+  // max_blocks (its own quota): 3 blocks, then 2 more would be 5 > 4.
+  admit_ok(c, 1, token_run(3 * kBlock, 1), as("small"));
+  const auto before = c.step();
+  ASSERT_TRUE(before.ok());
+  auto refused = c.admit(SeqId{2}, token_run(2 * kBlock, 900), as("small"));
+  EXPECT_EQ(refused.status().code(), ErrorCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("max_blocks, its own quota"));
+  EXPECT_THAT(refused.status().message(), HasSubstr("tenant 'small' holds 3 blocks"));
+  // append: the 4th block fits, a 5th does not.
+  ASSERT_TRUE(c.append(SeqId{1}, kBlock).ok());
+  const Status append = c.append(SeqId{1}, kBlock);
+  EXPECT_EQ(append.code(), ErrorCode::kResourceExhausted) << append;
+  EXPECT_EQ(c.tenant_stats("small").blocks, 4u);
+  // fork: the child's table counts too.
+  EXPECT_EQ(c.fork(SeqId{1}, SeqId{3}).code(), ErrorCode::kResourceExhausted);
+  EXPECT_FALSE(c.replica_of(SeqId{3}).has_value());
+  EXPECT_EQ(c.tenant_stats("small").refused, 3u);
+
+  // max_sequences (the tenants section) for a tenant without its own quota.
+  for (uint64_t s = 10; s < 13; ++s) admit_ok(c, s, token_run(kBlock, 100 * s), as("big"));
+  refused = c.admit(SeqId{13}, token_run(kBlock, 7), as("big"));
+  EXPECT_EQ(refused.status().code(), ErrorCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("at most 3 (max_sequences, the tenants section)"));
+  EXPECT_EQ(c.fork(SeqId{10}, SeqId{14}).code(), ErrorCode::kResourceExhausted);
+  // Freeing gives the room back.
+  ASSERT_TRUE(c.free(SeqId{10}).ok());
+  admit_ok(c, 13, token_run(kBlock, 7), as("big"));
+  EXPECT_EQ(c.tenant_stats("big").sequences, 3u);
+  EXPECT_TRUE(c.verify_integrity().ok()) << c.verify_integrity();
+  EXPECT_THAT(c.tenants(), ::testing::ElementsAre("", "big", "small"));
+}
+
+// The same state built twice; the quota refusal goes to one copy only; both then plan alike.
+TEST(TenantQuotaTest, ARefusalForQuotaChangesNoPlan) {
+  Config config = serving_config(1, 1, 4, 4, 8, 0);
+  auto build = [&] {
+    auto c = Coordinator::create(config).value();
+    c.set_tenant_quota("t", TenantQuota{6, 0, 0});
+    admit_ok(c, 1, token_run(4 * kBlock, 1), as("t"));
+    admit_ok(c, 2, token_run(4 * kBlock, 500), as("other"));
+    return c;
+  };
+  Coordinator refused = build(), control = build();
+  // The pool is full: were it admitted, the request would displace "other"; it is refused first.
+  const auto r = refused.admit(SeqId{3}, token_run(3 * kBlock, 900), [] {
+    AdmitOptions o = as("t");
+    o.priority = 1;
+    return o;
+  }());
+  EXPECT_EQ(r.status().code(), ErrorCode::kResourceExhausted);
+  for (int i = 0; i < 2; ++i) {
+    const auto a = refused.step(), b = control.step();
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(*a, *b);
+  }
+  EXPECT_EQ(refused.stats().preempted + refused.stats().swapped_out, 0u);
+}
+
+// Replica of 8 blocks: "hog" holds 6 in three sequences, "light" 2 in one, older and of lower
+// priority. Light's append needs a block: the victim is hog's (it holds the most), not light's.
+TEST(TenantFairnessTest, TheTenantHoldingTheMostBlocksGivesWayFirst) {
+  auto c = Coordinator::create(serving_config(1, 1, 4, 4, 8, 16)).value();
+  AdmitOptions light = as("light");
+  admit_ok(c, 1, token_run(2 * kBlock, 1), light);
+  AdmitOptions light2 = as("light");
+  admit_ok(c, 5, token_run(kBlock - 1, 900), light2);
+  AdmitOptions hog = as("hog");
+  hog.priority = 1;
+  for (uint64_t s = 2; s < 4; ++s) admit_ok(c, s, token_run(2 * kBlock, 100 * s), hog);
+  admit_ok(c, 4, token_run(kBlock, 700), hog);
+  step_ok(c);
+  ASSERT_EQ(c.replica_cache(0).pool().available_block_count(), 0u);
+  // Without tenants the victim would be S5 (priority 0, the older of the low ones after S1).
+  ASSERT_TRUE(c.append(SeqId{1}, kBlock).ok());
+  EXPECT_TRUE(c.is_swapped(SeqId{2}));  // hog's lowest-ordered sequence
+  EXPECT_FALSE(c.is_swapped(SeqId{5}));
+  EXPECT_EQ(c.tenant_stats("hog").host_blocks, 2u);
+  step_ok(c);
+}
+
+TEST(TenantQuotaTest, AVictimAtItsHostQuotaIsPreemptedInsteadOfSwapped) {
+  Config config = serving_config(1, 1, 4, 4, 4, 16);
+  auto c = Coordinator::create(config).value();
+  c.set_tenant_quota("capped", TenantQuota{0, 1, 0});
+  admit_ok(c, 1, token_run(2 * kBlock, 1), as("capped"));  // 2 blocks > its 1 host block
+  admit_ok(c, 2, token_run(2 * kBlock, 500), as("growing"));
+  step_ok(c);
+  ASSERT_TRUE(c.append(SeqId{2}, 2 * kBlock).ok());
+  EXPECT_FALSE(c.replica_of(SeqId{1}).has_value());  // dp 1: no peer to park on
+  EXPECT_EQ(c.tenant_stats("capped").preempted, 1u);
+  EXPECT_EQ(c.tenant_stats("capped").host_blocks, 0u);
+  EXPECT_EQ(c.stats().swapped_out, 0u);
+  step_ok(c);
+}
+
+// Three tenants with quotas share a dp 2 job; prompts overlap heavily across tenants. After every
+// step the coordinator's integrity holds, no tenant passes its quota, and every admission's
+// cached tokens are at most what its own salt (or the public range) has computed before.
+TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
+  Config config = serving_config(2, 1, 4, 4, 24, 16);
+  auto c = Coordinator::create(config).value();
+  const std::vector<std::string> names = {"a", "b", "c"};
+  c.set_tenant_quota("a", TenantQuota{20, 6, 5});
+  c.set_tenant_quota("b", TenantQuota{30, 0, 0});
+  c.set_tenant_quota("c", TenantQuota{0, 4, 8});
+  std::mt19937_64 rng(testing::property_seed(1800));
+  // What each salt computed: the prompts admitted under it (the public one: their public part).
+  std::map<std::string, std::vector<std::vector<TokenId>>> computed;
+  auto longest_known = [&](const std::string& salt, const std::vector<TokenId>& p, size_t pub) {
+    size_t best = 0;
+    auto common = [&](const std::vector<TokenId>& q, size_t limit) {
+      size_t n = 0;
+      while (n < std::min({p.size(), q.size(), limit}) && p[n] == q[n]) ++n;
+      return n;
+    };
+    for (const auto& q : computed[salt]) best = std::max(best, common(q, SIZE_MAX));
+    for (const auto& q : computed[""]) best = std::max(best, common(q, pub - pub % kBlock));
+    return best;
+  };
+  std::map<uint64_t, std::string> live;
+  uint64_t next = 1;
+  const size_t steps = testing::property_count(150);
+  for (size_t step = 0; step < steps; ++step) {
+    for (int op = 0; op < 4; ++op) {
+      const std::string& tenant = names[rng() % names.size()];
+      const uint64_t choice = rng() % 10;
+      if (choice < 4) {
+        std::vector<TokenId> prompt = token_run(kBlock * (1 + rng() % 3), 0);  // shared start
+        for (size_t i = kBlock; i < prompt.size(); ++i) prompt[i] = static_cast<TokenId>(rng() % 2);
+        const size_t pub = (rng() % 2) * kBlock;
+        const size_t bound = longest_known(tenant, prompt, pub);
+        auto placed = c.admit(SeqId{next}, prompt, as(tenant, pub));
+        if (placed.ok()) {
+          ASSERT_LE(placed->cached_tokens, bound) << testing::property_trace();
+          computed[tenant].push_back(prompt);
+          computed[""].push_back(prompt);  // only its public part counts (see longest_known)
+          live[next] = tenant;
+        }
+        ++next;
+      } else if (choice < 6 && !live.empty()) {
+        auto it = live.begin();
+        std::advance(it, static_cast<long>(rng() % live.size()));
+        (void)c.append(SeqId{it->first}, 1 + rng() % (2 * kBlock));
+      } else if (choice < 7 && !live.empty()) {
+        auto it = live.begin();
+        std::advance(it, static_cast<long>(rng() % live.size()));
+        if (c.fork(SeqId{it->first}, SeqId{next}).ok()) live[next] = it->second;
+        ++next;
+      } else if (!live.empty()) {
+        auto it = live.begin();
+        std::advance(it, static_cast<long>(rng() % live.size()));
+        ASSERT_TRUE(c.free(SeqId{it->first}).ok());
+        live.erase(it);
+      }
+    }
+    const auto plan = c.step();
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    for (SeqId gone : plan->preempted) live.erase(gone.value);
+    ASSERT_TRUE(c.verify_integrity().ok()) << c.verify_integrity() << testing::property_trace();
+    for (const std::string& t : names) {
+      const TenantQuota q = c.tenant_quota(t);
+      const TenantStats s = c.tenant_stats(t);
+      if (q.max_blocks) ASSERT_LE(s.blocks, q.max_blocks) << t;
+      if (q.max_host_blocks) ASSERT_LE(s.host_blocks, q.max_host_blocks) << t;
+      if (q.max_sequences) ASSERT_LE(s.sequences, q.max_sequences) << t;
+    }
+  }
+  EXPECT_GT(c.stats().admitted, 0u);
+}
+
+}  // namespace
+}  // namespace kvfabric
