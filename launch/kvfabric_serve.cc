@@ -85,13 +85,21 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
   }
   ControlProtocolOptions limits = ControlProtocolOptions::from(config.server);
   limits.allow_shutdown = options.allow_shutdown;
+  std::optional<TenantDirectory> tenants;
+  if (!config.server.tenants_file.empty()) {
+    KVF_ASSIGN_OR_RETURN(tenants, TenantDirectory::load(config.server.tenants_file));
+    limits.tenants = &*tenants;
+  }
   ControlProtocol protocol(coordinator, sink, limits);
   KVF_ASSIGN_OR_RETURN(std::unique_ptr<ControlServer> server,
                        ControlServer::create(protocol, ControlServerOptions::from(config.server)));
   // Scripts wait for this line (and read the ports from it when 0 was asked for).
   fmt::print(
-      "kvfabric-serve: control plane on {}:{}{}; model {}, dp {} x tp {}, {}\n",
+      "kvfabric-serve: control plane on {}:{} ({}, {}){}; model {}, dp {} x tp {}, {}\n",
       config.server.address, server->port(),
+      config.server.tls_cert_file.empty() ? "plain TCP" : "TLS",
+      tenants ? fmt::format("{} tenants, tokens required", tenants->entries().size())
+              : "no authentication",
       server->metrics_port() ? fmt::format(", metrics and health on port {}", server->metrics_port())
                              : "",
       config.model.name, config.topology.dp, config.topology.tp,

@@ -36,6 +36,10 @@ std::string_view error_code_name(ErrorCode code) {
       return "Internal";
     case ErrorCode::kResourceExhausted:
       return "ResourceExhausted";
+    case ErrorCode::kUnauthenticated:
+      return "Unauthenticated";
+    case ErrorCode::kPermissionDenied:
+      return "PermissionDenied";
   }
   return "Unknown";
 }

@@ -36,6 +36,15 @@ Status check_bookkeeping_memory(const Config& config) {
           std::to_string(host_blocks) + " host blocks)");
 }
 
+// The salt a request's prefix is indexed under: the tenant's own, or a salt within the tenant.
+// Lengths make the text unambiguous; the default tenant without a salt has none (shared).
+CacheSalt salt_of(const AdmitOptions& options) {
+  if (!options.cache_salt && options.tenant.empty()) return {};
+  std::string text = std::to_string(options.tenant.size()) + ":" + options.tenant;
+  if (options.cache_salt) text += ":" + *options.cache_salt;
+  return CacheSalt::of(text);
+}
+
 std::string sequence_limit_text(uint32_t limit) {
   return std::to_string(limit) + " sequences (coordinator.max_sequences_per_replica)";
 }
@@ -369,8 +378,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   KVF_RETURN_IF_ERROR(
       check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
   // The prompt's unit keys in its salt's namespace, hashed once for every replica's lookup.
-  const SaltScope scope{CacheSalt::of(options.cache_salt.value_or(options.tenant)),
-                        options.public_tokens};
+  const SaltScope scope{salt_of(options), options.public_tokens};
   const RadixKey key(prompt, config_.cache.block_size, scope);
   KVF_ASSIGN_OR_RETURN(AdmitChoice choice, choose_replica(seq, key, priority));
   relieve(choice.replica, choice.victims);

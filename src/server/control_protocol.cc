@@ -43,6 +43,8 @@ std::string describe(const json& v) {
   return v.dump();
 }
 
+constexpr size_t kMaxSaltBytes = 256;
+
 // A request object whose fields are read with their types and ranges checked; errors name the
 // op and the field.
 class Request {
@@ -71,6 +73,15 @@ class Request {
     if (it == object_.end() || it->is_null()) return std::optional<uint64_t>();
     KVF_ASSIGN_OR_RETURN(const uint64_t v, to_unsigned(key, *it, max));
     return std::optional<uint64_t>(v);
+  }
+  Result<std::optional<std::string>> optional_string(const char* key, size_t max_bytes) const {
+    const auto it = object_.find(key);
+    if (it == object_.end() || it->is_null()) return std::optional<std::string>();
+    if (!it->is_string() || it->get_ref<const std::string&>().size() > max_bytes) {
+      return error(std::string("field \"") + key + "\" must be a string of at most " +
+                   std::to_string(max_bytes) + " bytes");
+    }
+    return std::optional<std::string>(it->get<std::string>());
   }
   Result<std::vector<TokenId>> tokens(const char* key) const {
     const auto it = object_.find(key);
@@ -170,6 +181,26 @@ json plan_reply(const StepPlan& plan) {
             {"copy", plan.count(StepPlan::OpKind::kCopy)}}}};
 }
 
+json tenant_reply(const TenantStats& t) {
+  return {{"admitted", t.admitted},       {"prompt_tokens", t.prompt_tokens},
+          {"cached_tokens", t.cached_tokens}, {"migrated_tokens", t.migrated_tokens},
+          {"refused", t.refused},         {"preempted", t.preempted},
+          {"sequences", t.sequences},     {"blocks", t.blocks},
+          {"host_blocks", t.host_blocks}};
+}
+
+// What a tenant that is not an admin may know: its own counters and the cluster's shape.
+json own_stats_reply(const Coordinator& coordinator, const std::string& tenant) {
+  json own = tenant_reply(coordinator.tenant_stats(tenant));
+  own["tenant"] = tenant;
+  own["steps"] = coordinator.stats().steps;
+  const TenantQuota q = coordinator.tenant_quota(tenant);
+  own["quota"] = {{"max_blocks", q.max_blocks},
+                  {"max_host_blocks", q.max_host_blocks},
+                  {"max_sequences", q.max_sequences}};
+  return own;
+}
+
 json stats_reply(const Coordinator& coordinator) {
   const CoordinatorStats& s = coordinator.stats();
   json replicas = json::array();
@@ -183,7 +214,12 @@ json stats_reply(const Coordinator& coordinator) {
                         {"sequences", pool.num_sequences()},
                         {"host_free_blocks", coordinator.host_free_blocks(r)}});
   }
+  json tenants = json::object();
+  for (const std::string& name : coordinator.tenants()) {
+    tenants[name] = tenant_reply(coordinator.tenant_stats(name));
+  }
   return {{"admitted", s.admitted},
+          {"tenants", std::move(tenants)},
           {"prompt_tokens", s.prompt_tokens},
           {"local_hit_tokens", s.local_hit_tokens},
           {"migrated_tokens", s.migrated_tokens},
@@ -214,7 +250,12 @@ ControlProtocolOptions ControlProtocolOptions::from(const ServerConfig& config) 
 
 ControlProtocol::ControlProtocol(Coordinator& coordinator, PlanSink sink,
                                  ControlProtocolOptions options)
-    : coordinator_(&coordinator), sink_(std::move(sink)), options_(options) {}
+    : coordinator_(&coordinator), sink_(std::move(sink)), options_(options) {
+  if (options_.tenants == nullptr) return;
+  for (const TenantEntry& tenant : options_.tenants->entries()) {
+    if (tenant.quota) coordinator_->set_tenant_quota(tenant.name, *tenant.quota);
+  }
+}
 
 std::string ControlProtocol::refuse(const Status& why) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -225,14 +266,22 @@ std::string ControlProtocol::refuse(const Status& why) {
 // The handlers of one request, with access to the protocol's state.
 class ControlRequestHandler {
  public:
-  static json handle(ControlProtocol& protocol, const json& request);
-  static std::string handle_batch(ControlProtocol& protocol, const json& batch);
+  static json handle(ControlProtocol& protocol, const json& request, ControlIdentity& who);
+  static std::string handle_batch(ControlProtocol& protocol, const json& batch,
+                                  ControlIdentity& who);
 
  private:
   using Lock = std::unique_lock<std::mutex>;
-  static json handle_locked(ControlProtocol& protocol, const json& request, Lock& lock);
+  static json handle_locked(ControlProtocol& protocol, const json& request, ControlIdentity& who,
+                            Lock& lock);
   static Result<json> run(ControlProtocol& protocol, ControlOp op, const Request& fields,
-                          Lock& lock);
+                          ControlIdentity& who, Lock& lock);
+  static Result<json> hello(ControlProtocol& protocol, const Request& fields,
+                            ControlIdentity& who);
+  // SequenceNotFound, as for an unknown id, when `seq` is another tenant's and `who` no admin.
+  static Status check_owner(const ControlProtocol& protocol, const ControlIdentity& who,
+                            SeqId seq);
+  static Status check_admin(const ControlIdentity& who, ControlOp op);
   static Result<json> step(ControlProtocol& protocol, Lock& lock);
 };
 
@@ -261,19 +310,31 @@ Status ControlProtocol::failure() const {
   return failure_;
 }
 
+ControlIdentity ControlProtocol::new_connection() const {
+  if (options_.tenants != nullptr) return ControlIdentity{};
+  return ControlIdentity{"", /*admin=*/true, /*authenticated=*/true};
+}
+
 std::string ControlProtocol::handle(std::string_view line) {
+  ControlIdentity local{"", /*admin=*/true, /*authenticated=*/true};
+  return handle(line, local);
+}
+
+std::string ControlProtocol::handle(std::string_view line, ControlIdentity& who) {
   Result<json> parsed = parse_line(line);
   if (!parsed.ok()) return refuse(parsed.status());
-  if (parsed->is_array()) return ControlRequestHandler::handle_batch(*this, *parsed);
-  return ControlRequestHandler::handle(*this, *parsed).dump();
+  if (parsed->is_array()) return ControlRequestHandler::handle_batch(*this, *parsed, who);
+  return ControlRequestHandler::handle(*this, *parsed, who).dump();
 }
 
-json ControlRequestHandler::handle(ControlProtocol& protocol, const json& request) {
+json ControlRequestHandler::handle(ControlProtocol& protocol, const json& request,
+                                   ControlIdentity& who) {
   Lock lock(protocol.mutex_);
-  return handle_locked(protocol, request, lock);
+  return handle_locked(protocol, request, who, lock);
 }
 
-std::string ControlRequestHandler::handle_batch(ControlProtocol& protocol, const json& batch) {
+std::string ControlRequestHandler::handle_batch(ControlProtocol& protocol, const json& batch,
+                                                ControlIdentity& who) {
   const ControlProtocolOptions& limits = protocol.options_;
   if (batch.size() > limits.max_batch_requests) {
     return protocol.refuse(Status(
@@ -288,7 +349,7 @@ std::string ControlRequestHandler::handle_batch(ControlProtocol& protocol, const
   for (const json& request : batch) {
     if (replies.size() > 1) replies += ',';
     if (!full) {
-      replies += handle(protocol, request).dump();
+      replies += handle(protocol, request, who).dump();
       full = replies.size() >= limits.max_reply_bytes;
       continue;
     }
@@ -309,7 +370,7 @@ std::string ControlRequestHandler::handle_batch(ControlProtocol& protocol, const
 }
 
 json ControlRequestHandler::handle_locked(ControlProtocol& protocol, const json& request,
-                                          Lock& lock) {
+                                          ControlIdentity& who, Lock& lock) {
   auto malformed = [&](const Status& why) {
     ++protocol.stats_.malformed;
     return error_reply(why);
@@ -336,7 +397,7 @@ json ControlRequestHandler::handle_locked(ControlProtocol& protocol, const json&
     }
     if (!op) return malformed(invalid_argument("unknown op \"" + name + "\""));
     const size_t index = static_cast<size_t>(*op);
-    Result<json> result = run(protocol, *op, Request(request, name), lock);
+    Result<json> result = run(protocol, *op, Request(request, name), who, lock);
     if (!result.ok()) {
       ++protocol.stats_.failed[index];
       return error_reply(result.status());
@@ -371,30 +432,80 @@ Result<json> ControlRequestHandler::step(ControlProtocol& protocol, Lock& lock) 
   return plan_reply(plan);
 }
 
+Result<json> ControlRequestHandler::hello(ControlProtocol& protocol, const Request& fields,
+                                          ControlIdentity& who) {
+  KVF_RETURN_IF_ERROR(fields.only({"token"}));
+  KVF_ASSIGN_OR_RETURN(const auto token, fields.optional_string("token", 4096));
+  const TenantDirectory* tenants = protocol.options_.tenants;
+  if (token && tenants == nullptr) {
+    return invalid_argument("hello: this server has no tenants file; send hello without a token");
+  }
+  if (tenants != nullptr) {
+    if (who.authenticated) {
+      if (token) {
+        return invalid_operation("hello: this connection is already authenticated as tenant '" +
+                                 who.tenant + "'; a token is sent once per connection");
+      }
+    } else {
+      if (!token) return Status(ErrorCode::kUnauthenticated, "hello: this server needs a token");
+      const std::optional<TenantEntry> entry = tenants->authenticate(*token);
+      if (!entry) return Status(ErrorCode::kUnauthenticated, "hello: the token is not valid");
+      who = ControlIdentity{entry->name, entry->admin, /*authenticated=*/true};
+    }
+  }
+  const Coordinator& coordinator = *protocol.coordinator_;
+  const Config& c = coordinator.config();
+  return json{{"protocol", ControlProtocol::kVersion},
+              {"model", c.model.name},
+              {"dp", c.topology.dp},
+              {"tp", c.topology.tp},
+              {"block_size", c.cache.block_size},
+              {"block_bytes", coordinator.block_bytes()},
+              {"next_step", coordinator.stats().steps},
+              {"tenant", who.tenant},
+              {"admin", who.admin}};
+}
+
+Status ControlRequestHandler::check_owner(const ControlProtocol& protocol,
+                                          const ControlIdentity& who, SeqId seq) {
+  if (who.admin) return ok_status();
+  const auto owner = protocol.coordinator_->tenant_of(seq);
+  return owner && *owner == who.tenant ? ok_status() : sequence_not_found(seq);
+}
+
+Status ControlRequestHandler::check_admin(const ControlIdentity& who, ControlOp op) {
+  if (who.admin) return ok_status();
+  return Status(ErrorCode::kPermissionDenied,
+                std::string(control_op_name(op)) + ": only an admin tenant may do this (tenant '" +
+                    who.tenant + "' is not one)");
+}
+
 Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
-                                        const Request& fields, Lock& lock) {
+                                        const Request& fields, ControlIdentity& who, Lock& lock) {
   Coordinator& coordinator = *protocol.coordinator_;
+  if (!who.authenticated && op != ControlOp::kHello) {
+    return Status(ErrorCode::kUnauthenticated, std::string(control_op_name(op)) +
+                                                   ": send hello with this tenant's token first");
+  }
   if (!protocol.failure_.ok() && !is_read_only(op)) return protocol.failure_;
   switch (op) {
-    case ControlOp::kHello: {
-      KVF_RETURN_IF_ERROR(fields.only({}));
-      const Config& c = coordinator.config();
-      return json{{"protocol", ControlProtocol::kVersion},
-                  {"model", c.model.name},
-                  {"dp", c.topology.dp},
-                  {"tp", c.topology.tp},
-                  {"block_size", c.cache.block_size},
-                  {"block_bytes", coordinator.block_bytes()},
-                  {"next_step", coordinator.stats().steps}};
-    }
+    case ControlOp::kHello:
+      return hello(protocol, fields, who);
     case ControlOp::kAdmit: {
-      KVF_RETURN_IF_ERROR(fields.only({"seq", "tokens", "priority"}));
+      KVF_RETURN_IF_ERROR(fields.only({"seq", "tokens", "priority", "cache_salt", "public_tokens"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
       KVF_ASSIGN_OR_RETURN(std::vector<TokenId> tokens, fields.tokens("tokens"));
       KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
+      KVF_ASSIGN_OR_RETURN(const auto salt, fields.optional_string("cache_salt", kMaxSaltBytes));
+      KVF_ASSIGN_OR_RETURN(const auto public_tokens,
+                           fields.optional_unsigned("public_tokens", UINT64_MAX));
+      AdmitOptions options;
+      options.priority = static_cast<uint32_t>(priority.value_or(0));
+      options.tenant = who.tenant;
+      options.cache_salt = salt;
+      options.public_tokens = public_tokens.value_or(0);
       KVF_ASSIGN_OR_RETURN(const Placement placed,
-                           coordinator.admit(SeqId{seq}, std::move(tokens),
-                                             static_cast<uint32_t>(priority.value_or(0))));
+                           coordinator.admit(SeqId{seq}, std::move(tokens), options));
       return json{{"replica", placed.replica},
                   {"cached_tokens", placed.cached_tokens},
                   {"migrated_tokens", placed.migrated_tokens},
@@ -404,6 +515,7 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       KVF_RETURN_IF_ERROR(fields.only({"seq", "num_tokens"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
       KVF_ASSIGN_OR_RETURN(const uint64_t n, fields.unsigned_field("num_tokens", kMaxU32));
+      KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{seq}));
       KVF_RETURN_IF_ERROR(coordinator.append(SeqId{seq}, n));
       return json::object();
     }
@@ -414,12 +526,14 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       KVF_ASSIGN_OR_RETURN(const auto replica, fields.optional_unsigned("replica", kMaxU32));
       std::optional<uint32_t> target;
       if (replica) target = static_cast<uint32_t>(*replica);
+      KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{src}));
       KVF_RETURN_IF_ERROR(coordinator.fork(SeqId{src}, SeqId{dst}, target));
       return json{{"replica", coordinator.replica_of(SeqId{dst}).value_or(0)}};
     }
     case ControlOp::kFree: {
       KVF_RETURN_IF_ERROR(fields.only({"seq"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{seq}));
       KVF_RETURN_IF_ERROR(coordinator.free(SeqId{seq}));
       return json::object();
     }
@@ -427,15 +541,18 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       KVF_RETURN_IF_ERROR(fields.only({"seq", "priority"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
       KVF_ASSIGN_OR_RETURN(const uint64_t priority, fields.unsigned_field("priority", kMaxU32));
+      KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{seq}));
       KVF_RETURN_IF_ERROR(coordinator.set_priority(SeqId{seq}, static_cast<uint32_t>(priority)));
       return json::object();
     }
     case ControlOp::kStep:
       KVF_RETURN_IF_ERROR(fields.only({}));
+      KVF_RETURN_IF_ERROR(check_admin(who, op));
       return step(protocol, lock);
     case ControlOp::kQuery: {
       KVF_RETURN_IF_ERROR(fields.only({"seq"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{seq}));
       const auto replica = coordinator.replica_of(SeqId{seq});
       if (!replica) return sequence_not_found(SeqId{seq});
       return json{{"replica", *replica},
@@ -444,9 +561,10 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
     }
     case ControlOp::kStats:
       KVF_RETURN_IF_ERROR(fields.only({}));
-      return stats_reply(coordinator);
+      return who.admin ? stats_reply(coordinator) : own_stats_reply(coordinator, who.tenant);
     case ControlOp::kShutdown:
       KVF_RETURN_IF_ERROR(fields.only({}));
+      KVF_RETURN_IF_ERROR(check_admin(who, op));
       if (!protocol.options_.allow_shutdown) {
         return invalid_operation("shutdown: this server does not accept shutdown requests");
       }

@@ -18,6 +18,7 @@
 #include <variant>
 
 #include "common/log.h"
+#include "server/byte_stream.h"
 
 namespace kvfabric {
 namespace {
@@ -26,6 +27,8 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 using ErrorCodeT = boost::system::error_code;
 using Clock = std::chrono::steady_clock;
+using detail::ByteStream;
+namespace ssl = asio::ssl;
 
 // The request head of the HTTP endpoint may not exceed this.
 constexpr size_t kMaxHttpHeadBytes = 8192;
@@ -50,10 +53,53 @@ Result<tcp::acceptor> listen(asio::io_context& io, const asio::ip::address& addr
   return acceptor;
 }
 
-std::string http_response(std::string_view status, std::string_view type, const std::string& body) {
+std::string http_response(std::string_view status, std::string_view type, const std::string& body,
+                          std::string_view extra_headers = "") {
   return "HTTP/1.1 " + std::string(status) + "\r\nContent-Type: " + std::string(type) +
-         "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" +
-         body;
+         "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n" +
+         std::string(extra_headers) + "Connection: close\r\n\r\n" + body;
+}
+
+// The token of an "Authorization: Bearer <token>" header (the header name in any case).
+std::optional<std::string_view> bearer_token(std::string_view head) {
+  constexpr std::string_view kHeader = "authorization:";
+  for (size_t at = head.find("\r\n"); at != std::string_view::npos;) {
+    const size_t start = at + 2;
+    const size_t end = head.find("\r\n", start);
+    const std::string_view line = head.substr(start, end == std::string_view::npos ? end : end - start);
+    at = end;
+    if (line.size() < kHeader.size()) continue;
+    bool match = true;
+    for (size_t i = 0; i < kHeader.size(); ++i) {
+      const char c = line[i];
+      match = match && (c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c) == kHeader[i];
+    }
+    if (!match) continue;
+    std::string_view value = line.substr(kHeader.size());
+    while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+    if (value.rfind("Bearer ", 0) != 0) return std::nullopt;
+    return value.substr(7);
+  }
+  return std::nullopt;
+}
+
+// The TLS context of a server with a certificate, or why it cannot be made.
+Result<std::unique_ptr<ssl::context>> server_tls(const ControlServerOptions& options) {
+  auto tls = std::make_unique<ssl::context>(ssl::context::tls_server);
+  tls->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+                   ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+  ErrorCodeT ec;
+  tls->use_certificate_chain_file(options.tls_cert_file, ec);
+  if (ec) {
+    return invalid_argument("server.tls_cert_file '" + options.tls_cert_file +
+                            "': " + ec.message());
+  }
+  tls->use_private_key_file(options.tls_key_file, ssl::context::pem, ec);
+  if (ec) {
+    return invalid_argument("server.tls_key_file '" + options.tls_key_file + "': " + ec.message() +
+                            " (it must be the PEM key of server.tls_cert_file)");
+  }
+  return tls;
 }
 
 // The path of a GET request head, or the response refusing it.
@@ -111,6 +157,8 @@ ControlServerOptions ControlServerOptions::from(const ServerConfig& config) {
   o.max_connections = config.max_connections;
   o.idle_timeout = std::chrono::milliseconds(config.idle_timeout_ms);
   o.fault_grace = std::chrono::milliseconds(config.fault_grace_ms);
+  o.tls_cert_file = config.tls_cert_file;
+  o.tls_key_file = config.tls_key_file;
   return o;
 }
 
@@ -129,13 +177,15 @@ struct ControlServer::Impl {
   // (counted by the sessions, whose destructors may run on either thread, and as late as the
   // io_context's destruction: the count lives in Impl, which outlives it).
   struct Listener {
-    Listener(tcp::acceptor a, std::string_view name, std::atomic<uint32_t>& connections)
-        : acceptor(std::move(a)), what(name), open(connections) {}
+    Listener(tcp::acceptor a, std::string_view name, std::atomic<uint32_t>& connections,
+             ssl::context* tls_context = nullptr)
+        : acceptor(std::move(a)), what(name), open(connections), tls(tls_context) {}
     tcp::acceptor acceptor;
     asio::steady_timer retry{acceptor.get_executor()};
     AcceptBackoff backoff;
     std::string_view what;
     std::atomic<uint32_t>& open;
+    ssl::context* tls;  // the connections speak TLS; nullptr: plain TCP
   };
 
   struct Job {
@@ -157,7 +207,9 @@ struct ControlServer::Impl {
                      listener.what, failures);
       }
       socket.set_option(tcp::no_delay(true), ec);
-      std::make_shared<Session>(*this, listener.open, std::move(socket))->start();
+      ByteStream stream = listener.tls ? ByteStream(std::move(socket), *listener.tls)
+                                       : ByteStream(std::move(socket));
+      std::make_shared<Session>(*this, listener.open, std::move(stream))->start();
       accept<Session>(listener);
     });
   }
@@ -207,6 +259,7 @@ struct ControlServer::Impl {
 
   ControlProtocol& protocol;
   ControlServerOptions options;
+  std::unique_ptr<ssl::context> tls;  // with a certificate: the control connections' TLS
   // Declared before io: sessions destroyed with io's pending handlers still count down here.
   std::atomic<uint32_t> control_open{0}, http_open{0};
   std::atomic<uint64_t> refused_connections{0}, idle_closed{0}, accept_errors{0};
@@ -223,8 +276,9 @@ struct ControlServer::Impl {
 // open connections (counted in `open` for as long as the session lives).
 class ControlServer::Impl::Session {
  public:  // inherited by the sessions' own constructors
-  Session(Impl& server, std::atomic<uint32_t>& open, tcp::socket socket)
-      : server_(server), open_(open), socket_(std::move(socket)), idle_(socket_.get_executor()) {}
+  Session(Impl& server, std::atomic<uint32_t>& open, ByteStream stream)
+      : server_(server), open_(open), stream_(std::move(stream)),
+        idle_(stream_.socket().get_executor()) {}
 
  protected:
   ~Session() { --open_; }
@@ -238,7 +292,7 @@ class ControlServer::Impl::Session {
 
   Impl& server_;
   std::atomic<uint32_t>& open_;
-  tcp::socket socket_;
+  ByteStream stream_;
   asio::steady_timer idle_;
   std::string buffer_;
   std::string reply_;
@@ -252,25 +306,31 @@ class ControlServer::Impl::ControlSession
   using Session::Session;
 
   void start() {
-    if (!within_limit()) {
-      reply_ = server_.protocol.refuse(Status(
-                   ErrorCode::kResourceExhausted,
-                   "the control plane serves at most " +
-                       std::to_string(server_.options.max_connections) +
-                       " connections (server.max_connections); closing this one")) +
-               "\n";
-      asio::async_write(socket_, asio::buffer(reply_),
-                        [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
-      return;
-    }
-    read();
+    const bool admitted = within_limit();
+    identity_ = server_.protocol.new_connection();
+    arm_idle_timer();  // a client that never finishes its TLS handshake is idle too
+    stream_.async_handshake(ssl::stream_base::server,
+                            [self = shared_from_this(), admitted](ErrorCodeT ec) {
+                              self->idle_.cancel();
+                              if (ec) {
+                                KVF_LOG_DEBUG(kServer, "TLS handshake failed: {}", ec.message());
+                                self->close();
+                              } else if (admitted) {
+                                self->read();
+                              } else {
+                                self->refuse_connection();
+                              }
+                            });
   }
+
+  //! Who this connection is: used (and changed by hello) on the request thread only.
+  ControlIdentity& identity() { return identity_; }
 
   // On the io thread, posted by the request thread.
   void send(std::string reply) {
     reply_ = std::move(reply);
     arm_idle_timer();  // a client that does not read its reply is idle too
-    asio::async_write(socket_, asio::buffer(reply_),
+    stream_.async_write(asio::buffer(reply_),
                       [self = shared_from_this()](ErrorCodeT e, size_t) {
                         self->idle_.cancel();
                         if (self->server_.protocol.shutdown_requested()) {
@@ -282,10 +342,21 @@ class ControlServer::Impl::ControlSession
   }
 
  private:
+  void refuse_connection() {
+    reply_ = server_.protocol.refuse(Status(
+                 ErrorCode::kResourceExhausted,
+                 "the control plane serves at most " +
+                     std::to_string(server_.options.max_connections) +
+                     " connections (server.max_connections); closing this one")) +
+             "\n";
+    stream_.async_write(asio::buffer(reply_),
+                        [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
+  }
+
   void read() {
     arm_idle_timer();
-    asio::async_read_until(
-        socket_, asio::dynamic_buffer(buffer_, server_.options.max_request_bytes), '\n',
+    stream_.async_read_until(
+        asio::dynamic_buffer(buffer_, server_.options.max_request_bytes), '\n',
         [self = shared_from_this()](ErrorCodeT ec, size_t n) { self->on_line(ec, n); });
   }
 
@@ -296,8 +367,8 @@ class ControlServer::Impl::ControlSession
                    "the request exceeds " + std::to_string(server_.options.max_request_bytes) +
                    " bytes (server.max_request_bytes); closing the connection")) +
                "\n";
-      asio::async_write(socket_, asio::buffer(reply_),
-                        [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
+      stream_.async_write(asio::buffer(reply_),
+                          [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
       return;
     }
     if (ec) return;  // the client went away, or the idle timer closed the socket
@@ -324,11 +395,9 @@ class ControlServer::Impl::ControlSession
     });
   }
 
-  void close() {
-    ErrorCodeT ignored;
-    socket_.shutdown(tcp::socket::shutdown_both, ignored);
-    socket_.close(ignored);
-  }
+  void close() { stream_.close(); }
+
+  ControlIdentity identity_;
 };
 
 // One HTTP connection: read the request head, answer /metrics or /health, close.
@@ -342,8 +411,7 @@ class ControlServer::Impl::HttpSession
     idle_.async_wait([self = shared_from_this()](ErrorCodeT ec) {
       if (ec) return;
       ++self->server_.idle_closed;
-      ErrorCodeT ignored;
-      self->socket_.close(ignored);
+      self->stream_.close();
     });
     if (!within_limit()) {
       respond(http_response("503 Service Unavailable", "text/plain",
@@ -351,8 +419,8 @@ class ControlServer::Impl::HttpSession
                                 " HTTP connections are served (server.max_connections)\n"));
       return;
     }
-    asio::async_read_until(
-        socket_, asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), "\r\n\r\n",
+    stream_.async_read_until(
+        asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), std::string_view("\r\n\r\n"),
         [self = shared_from_this()](ErrorCodeT ec, size_t n) {
           if (ec && ec != asio::error::not_found) return;
           self->respond(ec ? http_response("431 Request Header Fields Too Large", "text/plain",
@@ -364,12 +432,11 @@ class ControlServer::Impl::HttpSession
  private:
   void respond(std::string reply) {
     reply_ = std::move(reply);
-    asio::async_write(socket_, asio::buffer(reply_),
-                      [self = shared_from_this()](ErrorCodeT, size_t) {
-                        self->idle_.cancel();
-                        ErrorCodeT ignored;
-                        self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
-                      });
+    stream_.async_write(asio::buffer(reply_), [self = shared_from_this()](ErrorCodeT, size_t) {
+      self->idle_.cancel();
+      ErrorCodeT ignored;
+      self->stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    });
   }
 };
 
@@ -392,7 +459,7 @@ void ControlServer::Impl::serve_requests() {
       job = std::move(jobs.front());
       jobs.pop_front();
     }
-    std::string reply = protocol.handle(job.line) + "\n";
+    std::string reply = protocol.handle(job.line, job.session->identity()) + "\n";
     asio::post(io, [session = std::move(job.session), reply = std::move(reply)]() mutable {
       session->send(std::move(reply));
     });
@@ -428,6 +495,21 @@ std::string ControlServer::Impl::http_reply(std::string_view head) const {
   if (auto* refusal = std::get_if<std::string>(&path)) return std::move(*refusal);
   const std::string_view target = std::get<std::string_view>(path);
   if (target == "/metrics") {
+    // Per-tenant figures are an admin's: with tenants, the scraper sends an admin's token.
+    if (protocol.requires_auth()) {
+      const std::optional<std::string_view> token = bearer_token(head);
+      const std::optional<TenantEntry> who =
+          token ? protocol.authenticate(*token) : std::nullopt;
+      if (!who) {
+        return http_response("401 Unauthorized", "text/plain",
+                             "send an admin tenant's token: Authorization: Bearer <token>\n",
+                             "WWW-Authenticate: Bearer\r\n");
+      }
+      if (!who->admin) {
+        return http_response("403 Forbidden", "text/plain",
+                             "tenant '" + who->name + "' is not an admin\n");
+      }
+    }
     return http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics_text());
   }
   if (target == "/health") {
@@ -448,21 +530,33 @@ Result<std::unique_ptr<ControlServer>> ControlServer::create(ControlProtocol& pr
   if (options.max_request_bytes == 0)
     return invalid_argument("server.max_request_bytes must be >= 1");
   if (options.max_connections == 0) return invalid_argument("server.max_connections must be >= 1");
+  if (!address.is_loopback() && !protocol.requires_auth()) {
+    return Status(ErrorCode::kPermissionDenied,
+                  "server.address " + options.address + " is not a loopback address: other hosts " +
+                      "could connect, and without server.tenants_file nobody is authenticated; "
+                      "set a tenants file (tokens) or listen on 127.0.0.1");
+  }
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return invalid_argument("server.tls_cert_file and server.tls_key_file go together");
+  }
   auto impl = std::make_unique<Impl>(protocol, options);
+  if (!options.tls_cert_file.empty()) {
+    KVF_ASSIGN_OR_RETURN(impl->tls, server_tls(options));
+  }
   KVF_ASSIGN_OR_RETURN(tcp::acceptor control,
                        listen(impl->io, address, options.port, "control plane"));
-  impl->control =
-      std::make_unique<Impl::Listener>(std::move(control), "control plane", impl->control_open);
+  impl->control = std::make_unique<Impl::Listener>(std::move(control), "control plane",
+                                                   impl->control_open, impl->tls.get());
   if (options.metrics_port) {
     KVF_ASSIGN_OR_RETURN(tcp::acceptor http,
                          listen(impl->io, address, *options.metrics_port, "metrics endpoint"));
     impl->http =
         std::make_unique<Impl::Listener>(std::move(http), "metrics endpoint", impl->http_open);
   }
-  if (!address.is_loopback()) {
+  if (!address.is_loopback() && !impl->tls) {
     KVF_LOG_WARN(kServer,
-                 "the control plane listens on {} ({}): other hosts can reach it, and it has no "
-                 "authentication; serve it only on a private network",
+                 "the control plane listens on {} ({}) without TLS: tokens and requests cross "
+                 "the network in clear text; set server.tls_cert_file and server.tls_key_file",
                  options.address, address.is_unspecified() ? "every interface" : "not loopback");
   }
   impl->accept<Impl::ControlSession>(*impl->control);
@@ -489,8 +583,10 @@ ControlServerStats ControlServer::stats() const {
 }
 
 Status ControlServer::run() {
-  KVF_LOG_INFO(kServer, "control plane listening on {}{}",
+  KVF_LOG_INFO(kServer, "control plane listening on {} ({}, {}){}",
                endpoint_text(impl_->control->acceptor.local_endpoint()),
+               impl_->tls ? "TLS" : "plain TCP",
+               impl_->protocol.requires_auth() ? "tokens required" : "no authentication",
                impl_->http ? ", metrics and health on " +
                                  endpoint_text(impl_->http->acceptor.local_endpoint())
                            : "");
@@ -527,24 +623,82 @@ Result<tcp::socket> connect_to(asio::io_context& io, const std::string& host, ui
 
 struct ControlClient::Impl {
   asio::io_context io;
-  tcp::socket socket{io};
+  std::unique_ptr<ssl::context> tls;  // outlives the stream that uses it
+  std::optional<ByteStream> stream;
+  bool open = false;
   std::string where;
   std::string buffer;
 };
+
+namespace {
+
+// The client's TLS context: verify the server's chain against `ca_file` (or the system's CAs).
+Result<std::unique_ptr<ssl::context>> client_tls(const ControlClientOptions& options) {
+  auto tls = std::make_unique<ssl::context>(ssl::context::tls_client);
+  tls->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+                   ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+  ErrorCodeT ec;
+  if (options.ca_file.empty()) {
+    tls->set_default_verify_paths(ec);
+  } else {
+    tls->load_verify_file(options.ca_file, ec);
+  }
+  if (ec) {
+    return invalid_argument("TLS certificate authorities '" +
+                            (options.ca_file.empty() ? std::string("system default") : options.ca_file) +
+                            "': " + ec.message());
+  }
+  tls->set_verify_mode(ssl::verify_peer);
+  return tls;
+}
+
+}  // namespace
 
 ControlClient::ControlClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ControlClient::ControlClient(ControlClient&&) noexcept = default;
 ControlClient& ControlClient::operator=(ControlClient&&) noexcept = default;
 ControlClient::~ControlClient() = default;
 
-Result<ControlClient> ControlClient::connect(const std::string& host, uint16_t port) {
+Result<ControlClient> ControlClient::connect(const std::string& host, uint16_t port,
+                                             const ControlClientOptions& options) {
   auto impl = std::make_unique<Impl>();
-  KVF_ASSIGN_OR_RETURN(tcp::socket socket, connect_to(impl->io, host, port));
-  ErrorCodeT ignored;
-  socket.set_option(tcp::no_delay(true), ignored);
-  impl->socket = std::move(socket);
   impl->where = host + ":" + std::to_string(port);
-  return ControlClient(std::move(impl));
+  KVF_ASSIGN_OR_RETURN(tcp::socket socket, connect_to(impl->io, host, port));
+  ErrorCodeT ec;
+  socket.set_option(tcp::no_delay(true), ec);
+  if (options.tls) {
+    KVF_ASSIGN_OR_RETURN(impl->tls, client_tls(options));
+    impl->stream.emplace(std::move(socket), *impl->tls);
+    const std::string name = options.server_name.empty() ? host : options.server_name;
+    detail::TlsSocket& tls = *impl->stream->tls();
+    tls.set_verify_callback(ssl::host_name_verification(name));
+    if (SSL_set_tlsext_host_name(tls.native_handle(), name.c_str()) != 1) {
+      return invalid_argument("TLS server name '" + name + "' cannot be sent (SNI)");
+    }
+    impl->stream->handshake(ssl::stream_base::client, ec);
+    if (ec) {
+      return Status(ErrorCode::kUnavailable, "TLS handshake with " + impl->where +
+                                                 " (expecting '" + name + "') failed: " +
+                                                 ec.message());
+    }
+  } else {
+    impl->stream.emplace(std::move(socket));
+  }
+  impl->open = true;
+  ControlClient client(std::move(impl));
+  if (!options.token.empty()) {
+    nlohmann::json hello = {{"op", "hello"}, {"token", options.token}};
+    KVF_ASSIGN_OR_RETURN(const std::string reply, client.call(hello.dump()));
+    const nlohmann::json parsed = nlohmann::json::parse(reply, nullptr, /*allow_exceptions=*/false);
+    if (!parsed.is_object() || parsed.value("ok", false) != true) {
+      const std::string why = parsed.is_object() && parsed.contains("error")
+                                  ? parsed["error"].value("message", reply)
+                                  : reply;
+      return Status(ErrorCode::kUnauthenticated,
+                    "the control plane at " + client.impl_->where + " refused the token: " + why);
+    }
+  }
+  return client;
 }
 
 Result<std::string> ControlClient::call(const std::string& request) {
@@ -552,16 +706,17 @@ Result<std::string> ControlClient::call(const std::string& request) {
     return invalid_argument("a control request is one line; this one holds a newline");
   }
   Impl& c = *impl_;
-  if (!c.socket.is_open()) {
+  if (!c.open) {
     return Status(ErrorCode::kUnavailable, "the connection to " + c.where + " is closed");
   }
   ErrorCodeT ec;
   const std::string line = request + "\n";
-  asio::write(c.socket, asio::buffer(line), ec);
+  c.stream->write(asio::buffer(line), ec);
   size_t n = 0;
-  if (!ec) n = asio::read_until(c.socket, asio::dynamic_buffer(c.buffer), '\n', ec);
+  if (!ec) n = c.stream->read_until(asio::dynamic_buffer(c.buffer), '\n', ec);
   if (ec) {
-    c.socket.close(ec);
+    c.stream->close();
+    c.open = false;
     return Status(ErrorCode::kUnavailable,
                   "the control plane at " + c.where + " closed the connection: " + ec.message());
   }
@@ -570,11 +725,14 @@ Result<std::string> ControlClient::call(const std::string& request) {
   return reply;
 }
 
-Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path) {
+Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path,
+                             const std::string& bearer_token) {
   asio::io_context io;
   KVF_ASSIGN_OR_RETURN(tcp::socket socket, connect_to(io, host, port));
-  const std::string request =
-      "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\nConnection: close\r\n\r\n";
+  const std::string auth =
+      bearer_token.empty() ? "" : "Authorization: Bearer " + bearer_token + "\r\n";
+  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n" + auth +
+                              "Connection: close\r\n\r\n";
   ErrorCodeT ec;
   asio::write(socket, asio::buffer(request), ec);
   std::string response;

@@ -27,6 +27,55 @@ void counter(std::string& out, std::string_view name, std::string_view help, uin
   family(out, name, "counter", help, [&](auto&& sample) { sample("", value); });
 }
 
+// A label value as the text format wants it: backslash, quote and newline escaped. (Tenant names
+// from a tenants file are plain; the in-process API takes any string.)
+std::string label_value(std::string_view text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+// One family per TenantStats field, a sample per tenant (the default tenant is tenant="").
+void render_tenant_metrics(std::string& out, const Coordinator& coordinator) {
+  const std::vector<std::string> names = coordinator.tenants();
+  std::vector<TenantStats> stats;
+  for (const std::string& name : names) stats.push_back(coordinator.tenant_stats(name));
+  const auto per_tenant = [&](std::string_view metric, std::string_view type,
+                              std::string_view help, uint64_t TenantStats::*field) {
+    family(out, metric, type, help, [&](auto&& sample) {
+      for (size_t i = 0; i < names.size(); ++i) {
+        sample(fmt::format("tenant=\"{}\"", label_value(names[i])), stats[i].*field);
+      }
+    });
+  };
+  per_tenant("kvfabric_tenant_admitted_total", "counter", "Sequences admitted, by tenant.",
+             &TenantStats::admitted);
+  per_tenant("kvfabric_tenant_prompt_tokens_total", "counter",
+             "Prompt tokens of admitted sequences, by tenant.", &TenantStats::prompt_tokens);
+  per_tenant("kvfabric_tenant_cached_tokens_total", "counter",
+             "Prompt tokens served from cache (local or migrated), by tenant.",
+             &TenantStats::cached_tokens);
+  per_tenant("kvfabric_tenant_refused_total", "counter",
+             "Admit, append and fork requests refused for room or quota, by tenant.",
+             &TenantStats::refused);
+  per_tenant("kvfabric_tenant_preempted_total", "counter",
+             "Sequences dropped for recomputation, by tenant.", &TenantStats::preempted);
+  per_tenant("kvfabric_tenant_sequences", "gauge", "Live sequences, by tenant.",
+             &TenantStats::sequences);
+  per_tenant("kvfabric_tenant_blocks", "gauge",
+             "Blocks in the tables of live sequences (counted per sequence), by tenant.",
+             &TenantStats::blocks);
+  per_tenant("kvfabric_tenant_host_blocks", "gauge",
+             "Of those, blocks swapped out to the host tier, by tenant.", &TenantStats::host_blocks);
+}
+
 }  // namespace
 
 std::string render_metrics(const Coordinator& coordinator, const ControlStats* requests) {
@@ -76,6 +125,7 @@ std::string render_metrics(const Coordinator& coordinator, const ControlStats* r
          });
   family(out, "kvfabric_block_bytes", "gauge", "Bytes of one block on one rank.",
          [&](auto&& sample) { sample("", coordinator.block_bytes()); });
+  render_tenant_metrics(out, coordinator);
 
   if (requests != nullptr) {
     family(out, "kvfabric_control_requests_total", "counter",

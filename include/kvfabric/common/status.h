@@ -32,6 +32,8 @@ enum class ErrorCode : uint8_t {
   kDataLoss,          //!< data arrived corrupted (checksum mismatch)
   kInternal,          //!< a failure in a lower layer (CUDA, MPI, NCCL) with its message
   kResourceExhausted,  //!< a configured limit (sequences, connections, batch or reply size) is reached
+  kUnauthenticated,    //!< the caller has not proven who it is (no or a wrong token)
+  kPermissionDenied,   //!< the caller is known but may not do this (an admin's op)
 };
 
 //! \brief The code's name without the leading k, e.g. "OutOfMemory".

@@ -35,7 +35,8 @@ struct AdmitOptions {
   //! "" is the default tenant, whose default salt is no salt: everyone's requests share.
   std::string tenant;
   //! The namespace of its cached prefix: blocks computed under one salt serve only prompts of the
-  //! same salt (see CacheSalt). Default: the tenant's name.
+  //! same salt (see CacheSalt). A salt is the tenant's own: the same salt given by two tenants
+  //! is two namespaces (a tenant uses salts to keep its own users apart). Default: the tenant.
   std::optional<std::string> cache_salt;
   //! Leading prompt tokens shared across salts (a system prompt every tenant sends), in whole
   //! blocks (rounded down).

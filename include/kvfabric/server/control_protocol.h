@@ -5,12 +5,14 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 
 #include "kvfabric/common/status.h"
 #include "kvfabric/config/config.h"
 #include "kvfabric/coordinator/coordinator.h"
+#include "kvfabric/server/tenant_directory.h"
 
 namespace kvfabric {
 
@@ -43,8 +45,18 @@ struct ControlStats {
   uint64_t limited = 0;  //!< batch requests not run: the batch's reply reached max_reply_bytes
 };
 
+//! Who is on one connection (the server keeps one per connection).
+struct ControlIdentity {
+  std::string tenant;          //!< "" = the default tenant
+  bool admin = false;          //!< may see and change every tenant's sequences, step, shut down
+  bool authenticated = false;  //!< false until hello presents a valid token
+};
+
 struct ControlProtocolOptions {
-  bool allow_shutdown = false;       //!< whether a client may stop the server
+  bool allow_shutdown = false;       //!< whether a client (an admin) may stop the server
+  //! Who may connect (server.tenants_file); must outlive the protocol. nullptr: no
+  //! authentication, every connection is the admin of the default tenant.
+  const TenantDirectory* tenants = nullptr;
   uint32_t max_batch_requests = 1024;  //!< server.max_batch_requests
   uint32_t max_reply_bytes = 8u << 20;  //!< server.max_reply_bytes
 
@@ -76,16 +88,24 @@ struct ControlHealth {
 //!
 //! | op | fields | result |
 //! |---|---|---|
-//! | hello | | protocol, model, dp, tp, block_size, block_bytes, next_step |
-//! | admit | seq, tokens, priority? | replica, cached_tokens, migrated_tokens, blocks |
+//! | hello | token? | protocol, model, dp, tp, block_size, block_bytes, next_step, tenant, admin |
+//! | admit | seq, tokens, priority?, cache_salt?, public_tokens? | replica, cached_tokens, migrated_tokens, blocks |
 //! | append | seq, num_tokens | |
 //! | fork | src, dst, replica? | replica |
 //! | free | seq | |
 //! | set_priority | seq, priority | |
 //! | step | | step, tables, released, preempted, ops {swap_out, migrate, swap_in, copy} |
 //! | query | seq | replica, swapped, blocks |
-//! | stats | | the coordinator's counters and each replica's pool |
-//! | shutdown | | (when allowed) |
+//! | stats | | the coordinator's counters, each replica's pool and each tenant (an admin); the caller's tenant (others) |
+//! | shutdown | | (when allowed, an admin) |
+//!
+//! Tenants (with options.tenants): a connection first sends hello with its token; any other
+//! request before that is Unauthenticated. A tenant admits under its own name (and cache salt),
+//! and sees and changes only its own sequences: another tenant's sequence answers exactly as an
+//! unknown one (SequenceNotFound). step, shutdown and the cluster-wide stats are an admin's
+//! (PermissionDenied otherwise): a step's plan lists every tenant's tables. A cache_salt is
+//! scoped to the tenant (two tenants giving the same salt do not share); public_tokens marks
+//! the leading tokens shared with every tenant.
 //!
 //! A step's plan goes to the PlanSink before the reply. When the sink fails, the ranks may no
 //! longer agree with the coordinator, so the protocol fails for good: that reply and every later
@@ -100,11 +120,23 @@ class ControlProtocol {
  public:
   static constexpr int kVersion = 1;
 
+  //! With options.tenants, gives each tenant of the file that names a quota that quota.
   ControlProtocol(Coordinator& coordinator, PlanSink sink = nullptr,
                   ControlProtocolOptions options = {});
 
-  //! One request line (without its newline) to one reply line (without newline).
+  //! One request line (without its newline) from the connection `who`, to one reply line
+  //! (without newline). hello may change `who`.
+  std::string handle(std::string_view line, ControlIdentity& who);
+  //! handle() as the in-process admin of the default tenant (tools and tests in this process).
   std::string handle(std::string_view line);
+  //! Who a new connection is before its hello.
+  [[nodiscard]] ControlIdentity new_connection() const;
+  //! Whether connections must present a token (options.tenants is set).
+  [[nodiscard]] bool requires_auth() const { return options_.tenants != nullptr; }
+  //! The tenant owning `token` (nullopt without tenants or for a wrong token).
+  [[nodiscard]] std::optional<TenantEntry> authenticate(std::string_view token) const {
+    return options_.tenants ? options_.tenants->authenticate(token) : std::nullopt;
+  }
   //! The reply to a line the transport refused (too long), counted as malformed.
   std::string refuse(const Status& why);
 

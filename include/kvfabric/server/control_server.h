@@ -32,6 +32,9 @@ struct ControlServerOptions {
   //! An HTTP connection must send its request and read the reply within this, whatever
   //! idle_timeout is: silent sockets would otherwise lock the scrapers and probes out.
   std::chrono::milliseconds http_timeout{10'000};
+  //! TLS on the control connections: a PEM certificate chain and its key (both or neither).
+  std::string tls_cert_file;
+  std::string tls_key_file;
 
   //! The options of config.server (a metrics_port of 0 there means no metrics endpoint).
   static ControlServerOptions from(const ServerConfig& config);
@@ -55,13 +58,18 @@ struct ControlServerOptions {
 //! out of file descriptors) is retried after 10 ms, doubling to 1 s, with one warning per run of
 //! failures. The protocol limits batches and replies (ControlProtocolOptions).
 //!
+//! Security: a listen address that is not loopback is refused unless the protocol authenticates
+//! (a tenants file); with a certificate the control connections speak TLS 1.2 or later; with
+//! tenants, /metrics answers only an admin's bearer token (401/403 otherwise), /health anyone.
+//!
 //! Faults: once the protocol has failed (a rank did not answer a plan), run() keeps answering
 //! for fault_grace (reads, /health, Unavailable to changes), then returns the failure.
 class ControlServer {
  public:
   //! Binds the endpoints (nothing is served until run()). Errors: an address that is not an IP
   //! literal (InvalidArgument), a port in use or not permitted (Unavailable), naming the
-  //! endpoint.
+  //! endpoint; a public address without authentication (PermissionDenied); an unreadable
+  //! certificate or key (InvalidArgument, naming the file).
   static Result<std::unique_ptr<ControlServer>> create(ControlProtocol& protocol,
                                                        const ControlServerOptions& options);
   ~ControlServer();
@@ -86,11 +94,24 @@ class ControlServer {
   std::unique_ptr<Impl> impl_;
 };
 
+//! How a ControlClient reaches a server that has TLS or tokens.
+struct ControlClientOptions {
+  bool tls = false;
+  //! PEM file of the certificate authorities to trust; empty: the system's.
+  std::string ca_file;
+  //! The name the server's certificate must carry (and SNI); empty: the host connected to.
+  std::string server_name;
+  //! A tenant's token: connect() sends hello with it and fails (Unauthenticated) if refused.
+  std::string token;
+};
+
 //! \brief A blocking client of the control protocol, for schedulers and tools written in C++.
 class ControlClient {
  public:
-  //! Connects to `host` (a name or IP literal) at `port`; Unavailable when nobody answers.
-  static Result<ControlClient> connect(const std::string& host, uint16_t port);
+  //! Connects to `host` (a name or IP literal) at `port`; Unavailable when nobody answers (or
+  //! the TLS handshake or the certificate check fails, with OpenSSL's reason).
+  static Result<ControlClient> connect(const std::string& host, uint16_t port,
+                                       const ControlClientOptions& options = {});
   ControlClient(ControlClient&&) noexcept;
   ControlClient& operator=(ControlClient&&) noexcept;
   ~ControlClient();
@@ -106,7 +127,9 @@ class ControlClient {
 };
 
 //! GETs `path` from an HTTP server (the metrics endpoint) and returns the body of a 200 reply;
-//! another status is Unavailable naming it and quoting the body.
-Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path);
+//! another status is Unavailable naming it and quoting the body. A `bearer_token` is sent as
+//! `Authorization: Bearer` (the metrics of a server with tenants).
+Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path,
+                             const std::string& bearer_token = "");
 
 }  // namespace kvfabric

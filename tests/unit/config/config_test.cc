@@ -270,6 +270,35 @@ server: {address: 0.0.0.0, port: 7100, metrics_port: 9464, max_request_bytes: 65
   EXPECT_EQ(config.server.metrics_port, 9100);
 }
 
+TEST(Config, TenantsAndTls) {
+  const auto parsed = parse_config(std::string(kTiny) + R"(
+server: {tenants_file: /etc/kvfabric/tenants.yaml, tls_cert_file: a.crt, tls_key_file: a.key}
+tenants: {max_blocks: 4096, max_host_blocks: 512, max_sequences: 64}
+)");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->server.tenants_file, "/etc/kvfabric/tenants.yaml");
+  EXPECT_EQ(parsed->server.tls_cert_file, "a.crt");
+  EXPECT_EQ(parsed->tenants, (TenantQuota{4096, 512, 64}));
+  const auto defaults = parse_config(kTiny);
+  ASSERT_TRUE(defaults.ok());
+  EXPECT_EQ(defaults->tenants, TenantQuota{});  // no limits
+  EXPECT_TRUE(defaults->server.tenants_file.empty());
+  // The dump reads back the same (empty paths included).
+  const auto again = parse_config(dump_config(*parsed));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->tenants, parsed->tenants);
+  EXPECT_EQ(again->server.tls_key_file, "a.key");
+  const auto half = parse_config(std::string(kTiny) + "server: {tls_cert_file: a.crt}\n");
+  ASSERT_FALSE(half.ok());
+  EXPECT_NE(half.status().message().find("server.tls_cert_file and server.tls_key_file go together "
+                                         "(the key is missing)"),
+            std::string::npos)
+      << half.status();
+  Config config = *defaults;
+  ASSERT_TRUE(apply_env_overrides(config, Environment({{"KVF_TENANTS_MAX_SEQUENCES", "8"}})).ok());
+  EXPECT_EQ(config.tenants.max_sequences, 8u);
+}
+
 TEST(Config, LimitsAndDeadlines) {
   const auto parsed = parse_config(std::string(kTiny) + R"(
 server: {max_batch_requests: 64, max_reply_bytes: 65536, max_connections: 8, idle_timeout_ms: 0,

@@ -57,13 +57,20 @@ TEST(TenantTest, APromptCachedByOneTenantIsNotServedToAnother) {
   step_ok(c);  // computed and indexed
   EXPECT_EQ(admit_ok(c, 2, prompt, as("alice")).cached_tokens, 4 * kBlock);
   EXPECT_EQ(admit_ok(c, 3, prompt, as("bob")).cached_tokens, 0u);
-  // An explicit salt replaces the tenant's: two tenants that agree on one share.
-  AdmitOptions shared = as("carol");
-  shared.cache_salt = "alice";
-  EXPECT_EQ(admit_ok(c, 4, prompt, shared).cached_tokens, 4 * kBlock);
+  // An explicit salt is a namespace within the tenant: Carol naming Alice's tenant as her salt
+  // gets nothing, Alice's user "u1" is apart from Alice's default, and shares with itself.
+  AdmitOptions carol = as("carol");
+  carol.cache_salt = "alice";
+  EXPECT_EQ(admit_ok(c, 4, prompt, carol).cached_tokens, 0u);
+  AdmitOptions alice_user = as("alice");
+  alice_user.cache_salt = "u1";
+  EXPECT_EQ(admit_ok(c, 6, prompt, alice_user).cached_tokens, 0u);
+  step_ok(c);
+  step_ok(c);
+  EXPECT_EQ(admit_ok(c, 7, prompt, alice_user).cached_tokens, 4 * kBlock);
   // The default tenant has no salt: it shares only with other unsalted requests.
   EXPECT_EQ(admit_ok(c, 5, prompt, AdmitOptions{}).cached_tokens, 0u);
-  EXPECT_EQ(c.tenant_stats("alice").cached_tokens, 4 * kBlock);
+  EXPECT_EQ(c.tenant_stats("alice").cached_tokens, 8 * kBlock);  // S2 and S7
   EXPECT_EQ(c.tenant_stats("bob").cached_tokens, 0u);
   EXPECT_EQ(c.tenant_of(SeqId{3}), std::optional<std::string_view>("bob"));
   EXPECT_EQ(c.tenant_of(SeqId{99}), std::nullopt);

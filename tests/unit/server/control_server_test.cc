@@ -361,13 +361,17 @@ TEST(ControlServerTest, AcceptBacksOffWhenOutOfFileDescriptors) {
   EXPECT_EQ(warnings.load(), 1);
 }
 
-TEST(ControlServerTest, APublicAddressIsWarnedAbout) {
+TEST(ControlServerTest, APublicAddressWithoutTlsIsWarnedAbout) {
   std::vector<std::string> warnings;
   set_log_observer([&](Subsystem, LogLevel level, std::string_view line) {
     if (level == LogLevel::kWarn) warnings.emplace_back(line);
   });
   Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
-  ControlProtocol protocol(c);
+  const TenantDirectory tenants =
+      TenantDirectory::parse("tenants: [{name: a, token: 0123456789abcdef}]", "inline").value();
+  ControlProtocolOptions with_tokens;
+  with_tokens.tenants = &tenants;
+  ControlProtocol protocol(c, nullptr, with_tokens);
   ControlServerOptions loopback;
   ASSERT_TRUE(ControlServer::create(protocol, loopback).ok());
   EXPECT_TRUE(warnings.empty());
@@ -376,8 +380,7 @@ TEST(ControlServerTest, APublicAddressIsWarnedAbout) {
   ASSERT_TRUE(ControlServer::create(protocol, everywhere).ok());
   set_log_observer(nullptr);
   ASSERT_EQ(warnings.size(), 1u);
-  EXPECT_THAT(warnings[0], HasSubstr("listens on 0.0.0.0 (every interface)"));
-  EXPECT_THAT(warnings[0], HasSubstr("no authentication"));
+  EXPECT_THAT(warnings[0], HasSubstr("listens on 0.0.0.0 (every interface) without TLS"));
 }
 
 TEST(ControlServerTest, OptionsFromConfig) {

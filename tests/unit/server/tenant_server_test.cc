@@ -1,0 +1,328 @@
+// Tenants over the control plane: the tenants file, authentication (hello, tokens, /metrics),
+// isolation (another tenant's sequence is an unknown one, and nothing changes), the prefix-cache
+// oracle closed, admin-only ops, a public address refused without tokens, and TLS over loopback.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <thread>
+
+#include "kvfabric/server/control_server.h"
+#include "kvfabric/server/tenant_directory.h"
+#include "testing/self_signed_cert.h"
+#include "testing/serving_harness.h"
+
+namespace kvfabric {
+namespace {
+
+using nlohmann::json;
+using ::testing::HasSubstr;
+using testing::serving_config;
+using testing::token_run;
+
+constexpr char kTenants[] = R"(tenants:
+  - name: ops
+    token: ops-token-0123456789
+    admin: true
+  - name: alice
+    token: alice-token-0123456789
+    max_sequences: 4
+  - name: bob
+    token: bob-token-0123456789
+)";
+
+TenantDirectory directory() { return TenantDirectory::parse(kTenants, "tenants.yaml").value(); }
+
+TEST(TenantDirectoryTest, ParsesTenantsAndAuthenticatesOnlyTheirTokens) {
+  const TenantDirectory d = directory();
+  ASSERT_EQ(d.entries().size(), 3u);
+  EXPECT_TRUE(d.entries()[0].admin);
+  ASSERT_TRUE(d.entries()[1].quota.has_value());
+  EXPECT_EQ(d.entries()[1].quota->max_sequences, 4u);
+  EXPECT_FALSE(d.entries()[2].quota.has_value());
+  EXPECT_EQ(d.authenticate("bob-token-0123456789")->name, "bob");
+  EXPECT_FALSE(d.authenticate("bob-token-012345678").has_value());
+  EXPECT_FALSE(d.authenticate("").has_value());
+  EXPECT_FALSE(d.authenticate("alice-token-0123456789 ").has_value());
+}
+
+TEST(TenantDirectoryTest, RefusesBadFilesNamingTheProblem) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"tenants: []\n", "empty"},
+      {"users: []\n", "one key, 'tenants'"},
+      {"tenants:\n  - name: a\n    token: short\n", "token of 16..512"},
+      {"tenants:\n  - name: 'a b'\n    token: 0123456789abcdef\n", "[A-Za-z0-9._-]"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    color: red\n", "unknown key 'color'"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n  - name: a\n    token: "
+       "0123456789abcdeX\n",
+       "'a' appears twice"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n  - name: b\n    token: "
+       "0123456789abcdef\n",
+       "reuses a token"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    admin: yes\n", "true or false"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    max_blocks: -1\n", "max_blocks"},
+      {"tenants: [", "tenants.yaml"},
+  };
+  for (const auto& [text, message] : cases) {
+    const auto parsed = TenantDirectory::parse(text, "tenants.yaml");
+    ASSERT_FALSE(parsed.ok()) << text;
+    EXPECT_THAT(parsed.status().message(), HasSubstr(message)) << text;
+  }
+  EXPECT_EQ(TenantDirectory::load("/nonexistent/tenants.yaml").status().code(), ErrorCode::kIoError);
+}
+
+// A protocol with the tenants above; each caller is a connection's identity.
+class TenantProtocolTest : public ::testing::Test {
+ protected:
+  TenantProtocolTest()
+      : tenants_(directory()),
+        coordinator_(Coordinator::create(serving_config(2, 1, 4, 2, 64, 8)).value()),
+        protocol_(coordinator_, nullptr, [&] {
+          ControlProtocolOptions o;
+          o.tenants = &tenants_;
+          o.allow_shutdown = true;
+          return o;
+        }()) {
+    login(ops_, "ops-token-0123456789");
+    login(alice_, "alice-token-0123456789");
+    login(bob_, "bob-token-0123456789");
+  }
+
+  void login(ControlIdentity& who, const std::string& token) {
+    who = protocol_.new_connection();
+    const json reply = call(who, {{"op", "hello"}, {"token", token}});
+    ASSERT_EQ(reply["ok"], true) << reply;
+  }
+  json call(ControlIdentity& who, const json& request) {
+    return json::parse(protocol_.handle(request.dump(), who));
+  }
+  std::string code(const json& reply) { return reply["error"].value("code", ""); }
+  // What the admin sees of everything, to compare before and after a refused request.
+  std::string everything() {
+    json seen = call(ops_, {{"op", "stats"}});
+    for (int s = 0; s < 16; ++s) seen["q" + std::to_string(s)] = call(ops_, {{"op", "query"}, {"seq", s}});
+    return seen.dump();
+  }
+
+  TenantDirectory tenants_;
+  Coordinator coordinator_;
+  ControlProtocol protocol_;
+  ControlIdentity ops_, alice_, bob_;
+};
+
+TEST_F(TenantProtocolTest, NothingButHelloBeforeAValidToken) {
+  ControlIdentity fresh = protocol_.new_connection();
+  EXPECT_FALSE(fresh.authenticated);
+  for (const char* op : {"stats", "step", "query", "admit"}) {
+    const json reply = call(fresh, {{"op", op}});
+    EXPECT_EQ(code(reply), "Unauthenticated") << reply;
+  }
+  EXPECT_EQ(code(call(fresh, {{"op", "hello"}})), "Unauthenticated");
+  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "guess-guess-guess-guess"}})), "Unauthenticated");
+  EXPECT_FALSE(fresh.authenticated);
+  const json hello = call(fresh, {{"op", "hello"}, {"token", "bob-token-0123456789"}});
+  EXPECT_EQ(hello["tenant"], "bob");
+  EXPECT_EQ(hello["admin"], false);
+  // Once per connection.
+  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "ops-token-0123456789"}})), "InvalidOperation");
+  EXPECT_EQ(fresh.tenant, "bob");
+  EXPECT_EQ(call(fresh, {{"op", "hello"}})["tenant"], "bob");  // a plain hello still answers
+}
+
+TEST_F(TenantProtocolTest, EveryOpOnAnotherTenantsSequenceIsRefusedAsUnknownAndChangesNothing) {
+  ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(40, 1)}})["ok"], true);
+  ASSERT_EQ(call(ops_, {{"op", "step"}})["ok"], true);
+  const std::string before = everything();
+  const json unknown = call(bob_, {{"op", "append"}, {"seq", 9}, {"num_tokens", 1}});
+  const std::vector<json> requests = {
+      {{"op", "append"}, {"seq", 1}, {"num_tokens", 1}},
+      {{"op", "fork"}, {"src", 1}, {"dst", 2}},
+      {{"op", "fork"}, {"src", 1}, {"dst", 2}, {"replica", 1}},
+      {{"op", "free"}, {"seq", 1}},
+      {{"op", "set_priority"}, {"seq", 1}, {"priority", 0}},
+      {{"op", "query"}, {"seq", 1}},
+  };
+  for (const json& request : requests) {
+    const json reply = call(bob_, request);
+    EXPECT_EQ(code(reply), "SequenceNotFound") << request << reply;
+    EXPECT_EQ(reply["error"]["message"], "Sequence not found: S1") << reply;
+  }
+  EXPECT_EQ(unknown["error"]["message"], "Sequence not found: S9");
+  EXPECT_EQ(everything(), before);
+  // The owner and the admin may.
+  EXPECT_EQ(call(alice_, {{"op", "query"}, {"seq", 1}})["ok"], true);
+  EXPECT_EQ(call(ops_, {{"op", "append"}, {"seq", 1}, {"num_tokens", 1}})["ok"], true);
+}
+
+TEST_F(TenantProtocolTest, StepShutdownAndClusterStatsAreAnAdminsOnly) {
+  for (const char* op : {"step", "shutdown"}) {
+    const json reply = call(alice_, {{"op", op}});
+    EXPECT_EQ(code(reply), "PermissionDenied") << reply;
+    EXPECT_THAT(reply["error"]["message"].get<std::string>(), HasSubstr("tenant 'alice' is not one"));
+  }
+  EXPECT_FALSE(protocol_.shutdown_requested());
+  ASSERT_EQ(call(bob_, {{"op", "admit"}, {"seq", 5}, {"tokens", token_run(20, 1)}})["ok"], true);
+  const json mine = call(alice_, {{"op", "stats"}});
+  EXPECT_EQ(mine["tenant"], "alice");
+  EXPECT_EQ(mine["admitted"], 0);
+  EXPECT_EQ(mine["quota"]["max_sequences"], 4);
+  EXPECT_FALSE(mine.contains("replicas"));
+  EXPECT_FALSE(mine.contains("tenants"));
+  const json all = call(ops_, {{"op", "stats"}});
+  EXPECT_EQ(all["tenants"]["bob"]["admitted"], 1);
+  EXPECT_EQ(all["replicas"].size(), 2u);
+  EXPECT_EQ(call(ops_, {{"op", "shutdown"}})["ok"], true);
+}
+
+// The attack that found the leak: guess a prompt, read cached_tokens.
+TEST_F(TenantProtocolTest, ThePrefixCacheOracleIsClosed) {
+  const auto secret = token_run(48, 5000);
+  ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", 1}, {"tokens", secret}})["ok"], true);
+  call(ops_, {{"op", "step"}});
+  call(ops_, {{"op", "step"}});
+  std::vector<TokenId> first_block_right = token_run(48, 1);
+  std::copy_n(secret.begin(), 16, first_block_right.begin());
+  uint64_t seq = 10;
+  for (const auto& guess : {token_run(48, 1), first_block_right, secret}) {
+    const json placed = call(bob_, {{"op", "admit"}, {"seq", seq}, {"tokens", guess}});
+    ASSERT_EQ(placed["ok"], true) << placed;
+    EXPECT_EQ(placed["cached_tokens"], 0) << placed;
+    EXPECT_EQ(placed["migrated_tokens"], 0) << placed;
+    call(bob_, {{"op", "free"}, {"seq", seq++}});
+  }
+  // Bob giving Alice's name as his salt reaches nothing either; Alice herself hits.
+  const json salted = call(bob_, {{"op", "admit"}, {"seq", 20}, {"tokens", secret}, {"cache_salt", "alice"}});
+  EXPECT_EQ(salted["cached_tokens"], 0) << salted;
+  EXPECT_EQ(call(alice_, {{"op", "admit"}, {"seq", 21}, {"tokens", secret}})["cached_tokens"], 48);
+}
+
+TEST_F(TenantProtocolTest, PublicTokensAreSharedAcrossTenantsAndQuotasApply) {
+  auto prompt = token_run(32, 1);
+  const auto question = token_run(16, 900);
+  prompt.insert(prompt.end(), question.begin(), question.end());
+  ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", 1}, {"tokens", prompt}, {"public_tokens", 32}})["ok"], true);
+  call(ops_, {{"op", "step"}});
+  call(ops_, {{"op", "step"}});
+  const json bob = call(bob_, {{"op", "admit"}, {"seq", 2}, {"tokens", prompt}, {"public_tokens", 32}});
+  EXPECT_EQ(bob["cached_tokens"], 32) << bob;
+  EXPECT_EQ(code(call(bob_, {{"op", "admit"}, {"seq", 3}, {"tokens", {1}}, {"cache_salt", 7}})),
+            "InvalidArgument");
+  // Alice's own quota (the tenants file): 4 sequences.
+  for (uint64_t s = 10; s < 13; ++s) {
+    ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", s}, {"tokens", token_run(8, 100 * s)}})["ok"], true);
+  }
+  const json over = call(alice_, {{"op", "admit"}, {"seq", 13}, {"tokens", {1, 2}}});
+  EXPECT_EQ(code(over), "ResourceExhausted");
+  EXPECT_THAT(over["error"]["message"].get<std::string>(), HasSubstr("max_sequences"));
+}
+
+// --- over TCP -------------------------------------------------------------------------------
+
+class TenantServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("kvf-tls-" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+    cert_ = testing::write_self_signed_cert(dir_, "server");
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::filesystem::path dir_;
+  testing::PemFiles cert_;
+};
+
+TEST_F(TenantServerTest, APublicAddressNeedsTokens) {
+  Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
+  ControlProtocol open(c);
+  ControlServerOptions everywhere;
+  everywhere.address = "0.0.0.0";
+  const auto refused = ControlServer::create(open, everywhere);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), ErrorCode::kPermissionDenied);
+  EXPECT_THAT(refused.status().message(), HasSubstr("server.tenants_file"));
+  const TenantDirectory tenants = directory();
+  ControlProtocolOptions with_tokens;
+  with_tokens.tenants = &tenants;
+  ControlProtocol guarded(c, nullptr, with_tokens);
+  EXPECT_TRUE(ControlServer::create(guarded, everywhere).ok());
+}
+
+TEST_F(TenantServerTest, TlsRoundTripWithTokensAndGuardedMetrics) {
+  Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
+  const TenantDirectory tenants = directory();
+  ControlProtocolOptions po;
+  po.tenants = &tenants;
+  ControlProtocol protocol(c, nullptr, po);
+  ControlServerOptions so;
+  so.metrics_port = 0;
+  so.tls_cert_file = cert_.cert;
+  so.tls_key_file = cert_.key;
+  auto server = ControlServer::create(protocol, so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::thread loop([&] { (void)(*server)->run(); });
+  const uint16_t port = (*server)->port();
+
+  ControlClientOptions tls;
+  tls.tls = true;
+  tls.ca_file = cert_.cert;
+  tls.token = "alice-token-0123456789";
+  {
+    auto alice = ControlClient::connect("127.0.0.1", port, tls);
+    ASSERT_TRUE(alice.ok()) << alice.status();
+    const auto placed = alice->call(json{{"op", "admit"}, {"seq", 1}, {"tokens", {1, 2, 3}}}.dump());
+    ASSERT_TRUE(placed.ok());
+    EXPECT_EQ(json::parse(*placed)["ok"], true) << *placed;
+  }
+  // A wrong token, a certificate for another name, and plain TCP to a TLS port all fail.
+  ControlClientOptions wrong = tls;
+  wrong.token = "alice-token-9999999999";
+  EXPECT_EQ(ControlClient::connect("127.0.0.1", port, wrong).status().code(),
+            ErrorCode::kUnauthenticated);
+  ControlClientOptions other_name = tls;
+  other_name.server_name = "kvfabric.example";
+  const auto mismatch = ControlClient::connect("127.0.0.1", port, other_name);
+  EXPECT_EQ(mismatch.status().code(), ErrorCode::kUnavailable);
+  EXPECT_THAT(mismatch.status().message(), HasSubstr("TLS handshake"));
+  const testing::PemFiles stranger = testing::write_self_signed_cert(dir_, "stranger");
+  ControlClientOptions untrusted = tls;
+  untrusted.ca_file = stranger.cert;
+  EXPECT_EQ(ControlClient::connect("127.0.0.1", port, untrusted).status().code(),
+            ErrorCode::kUnavailable);
+  auto plain = ControlClient::connect("127.0.0.1", port);
+  if (plain.ok()) EXPECT_FALSE(plain->call(R"({"op":"hello"})").ok());
+
+  // /metrics: an admin's bearer token only; /health: anyone.
+  const uint16_t metrics = (*server)->metrics_port();
+  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics").status().message(), HasSubstr("401"));
+  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", "bob-token-0123456789").status().message(),
+              HasSubstr("403"));
+  const auto text = http_get("127.0.0.1", metrics, "/metrics", "ops-token-0123456789");
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_THAT(*text, HasSubstr("kvfabric_tenant_admitted_total{tenant=\"alice\"} 1"));
+  EXPECT_TRUE(http_get("127.0.0.1", metrics, "/health").ok());
+  (*server)->stop();
+  loop.join();
+}
+
+TEST_F(TenantServerTest, AnUnreadableCertificateOrKeyIsNamed) {
+  Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
+  ControlProtocol protocol(c);
+  ControlServerOptions so;
+  so.tls_cert_file = (dir_ / "missing.crt").string();
+  so.tls_key_file = cert_.key;
+  auto bad = ControlServer::create(protocol, so);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), HasSubstr("server.tls_cert_file"));
+  const testing::PemFiles other = testing::write_self_signed_cert(dir_, "other");
+  so.tls_cert_file = cert_.cert;
+  so.tls_key_file = other.key;  // not this certificate's key
+  bad = ControlServer::create(protocol, so);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), HasSubstr("server.tls_key_file"));
+}
+
+}  // namespace
+}  // namespace kvfabric
