@@ -1,6 +1,7 @@
 // The control protocol, fed request lines (one per input line) on a small coordinator: every
-// line gets exactly one reply that is valid JSON, the coordinator keeps its integrity, and
-// nothing crashes or leaks (ASan, UBSan).
+// line gets exactly one reply that is valid JSON, the coordinator keeps its integrity (tenants'
+// counts included), and nothing crashes or leaks (ASan, UBSan). Lines take turns on four
+// connections: an admin, two tenants (one with a quota) and one that has not said hello.
 #include <nlohmann/json.hpp>
 
 #include <cstddef>
@@ -32,6 +33,15 @@ Config fuzz_config() {
   return c;
 }
 
+const TenantDirectory& fuzz_tenants() {
+  static const TenantDirectory tenants = TenantDirectory::parse(R"(tenants:
+  - {name: ops, token: ops-token-0123456789, admin: true}
+  - {name: a, token: a-token-0123456789, max_blocks: 10, max_host_blocks: 2, max_sequences: 3}
+  - {name: b, token: b-token-0123456789}
+)", "fuzz").value();
+  return tenants;
+}
+
 }  // namespace
 }  // namespace kvfabric
 
@@ -44,18 +54,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   ControlProtocolOptions limits;
   limits.max_batch_requests = 32;
   limits.max_reply_bytes = 16 << 10;
+  limits.tenants = &fuzz_tenants();
   // Every 13th plan does not reach the ranks: the protocol's failed state is fuzzed too.
   const PlanSink sink = [&](const StepPlan&) {
     return ++sunk % 13 == 0 ? Status(ErrorCode::kUnavailable, "a rank did not answer")
                             : ok_status();
   };
   ControlProtocol protocol(*coordinator, sink, limits);
+  ControlIdentity connections[4] = {{"ops", true, true}, {"a", false, true}, {"b", false, true},
+                                    protocol.new_connection()};
+  size_t turn = 0;
   std::string_view input(reinterpret_cast<const char*>(data), size);
   while (!input.empty()) {
     const size_t end = input.find('\n');
     const std::string_view line = input.substr(0, end);
     input = end == std::string_view::npos ? std::string_view() : input.substr(end + 1);
-    const std::string reply = protocol.handle(line);
+    const std::string reply = protocol.handle(line, connections[turn++ % 4]);
     fuzz::require(!reply.empty() && (reply.front() == '{' || reply.front() == '['),
                   "the reply is an object or a batch: " + reply);
     fuzz::require(nlohmann::json::accept(reply), "the reply is JSON: " + reply);
