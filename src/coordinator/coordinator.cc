@@ -375,6 +375,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   if (prompt.empty()) return invalid_argument(request + ": the prompt is empty");
   const uint32_t priority = options.priority;
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
+  KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
   KVF_RETURN_IF_ERROR(
       check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
   // The prompt's unit keys in its salt's namespace, hashed once for every replica's lookup.
@@ -684,6 +685,16 @@ Status Coordinator::check_quota(const std::string& request, uint32_t tenant, uin
   return ok_status();
 }
 
+Status Coordinator::check_tenant_priority(const std::string& request, uint32_t tenant,
+                                          uint32_t priority) const {
+  const Tenant& t = tenants_[tenant];
+  const uint32_t highest = quota_of(t).max_priority;
+  if (priority <= highest) return ok_status();
+  return invalid_argument(request + ": priority " + std::to_string(priority) + " is above " +
+                          std::to_string(highest) + ", the highest this tenant may give (max_priority, " +
+                          (t.own_quota ? "its own quota" : "the tenants section") + ")");
+}
+
 void Coordinator::note_refusal(uint32_t tenant, const Status& status) {
   if (status.code() == ErrorCode::kOutOfMemory || status.code() == ErrorCode::kResourceExhausted) {
     ++tenants_[tenant].stats.refused;
@@ -730,6 +741,7 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
   Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
+  KVF_RETURN_IF_ERROR(check_tenant_priority("set_priority " + to_string(seq), s->tenant, priority));
   if (s->swapped) {
     forget_swapped(s->replica, s->priority);
     ++replicas_[s->replica].swapped_by_priority[priority];

@@ -189,10 +189,7 @@ Result<std::vector<BlockId>> PrefixBlockIndex::insert(const RadixKey& full_key,
   used_blocks_ += added.size();
   stats_.insertions += 1;
   stats_.inserted_blocks += added.size();
-  if (ins.length < key_length) {
-    KVF_LOG_DEBUG(kPrefix, "insert stopped at {} of {} tokens (a block hash collision)", ins.length,
-                  key_length);
-  }
+  KVF_CHECK(ins.length == key_length, "a prefix insert stopped short of its key");
   return added;
 }
 

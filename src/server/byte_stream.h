@@ -60,6 +60,10 @@ class ByteStream {
   size_t write(const Buffer& buffer, boost::system::error_code& ec) {
     return std::visit([&](auto& s) { return asio::write(s, buffer, ec); }, stream_);
   }
+  template <typename Buffer>
+  size_t read_all(Buffer buffer, boost::system::error_code& ec) {
+    return std::visit([&](auto& s) { return asio::read(s, std::move(buffer), ec); }, stream_);
+  }
   template <typename Buffer, typename Delimiter>
   size_t read_until(Buffer buffer, const Delimiter& delimiter, boost::system::error_code& ec) {
     return std::visit(

@@ -120,6 +120,21 @@ class Request {
 // At most this much of a client's key is quoted back in an error.
 constexpr size_t kQuotedKeyChars = 64;
 
+// The first `max_bytes` of UTF-8 `text`, never cutting a character in two (a cut one would make
+// the reply invalid JSON).
+std::string utf8_prefix(const std::string& text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return text;
+  size_t end = max_bytes;
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+  return text.substr(0, end);
+}
+
+// Replies are serialized replacing any invalid UTF-8 rather than throwing: a reply must always go
+// out, whatever a message quotes.
+std::string to_line(const json& reply) {
+  return reply.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 // Parses a request line. A key given twice in one object is refused: nlohmann keeps the last
 // one, and a request must mean exactly one thing.
 Result<json> parse_line(std::string_view line) {
@@ -130,7 +145,7 @@ Result<json> parse_line(std::string_view line) {
     if (event == json::parse_event_t::object_end) open_objects.pop_back();
     if (event == json::parse_event_t::key && !duplicate &&
         !open_objects.back().insert(parsed.get<std::string>()).second) {
-      duplicate = parsed.get<std::string>().substr(0, kQuotedKeyChars);
+      duplicate = utf8_prefix(parsed.get<std::string>(), kQuotedKeyChars);
     }
     return true;
   };
@@ -197,7 +212,8 @@ json own_stats_reply(const Coordinator& coordinator, const std::string& tenant) 
   const TenantQuota q = coordinator.tenant_quota(tenant);
   own["quota"] = {{"max_blocks", q.max_blocks},
                   {"max_host_blocks", q.max_host_blocks},
-                  {"max_sequences", q.max_sequences}};
+                  {"max_sequences", q.max_sequences},
+                  {"max_priority", q.max_priority}};
   return own;
 }
 
@@ -260,7 +276,7 @@ ControlProtocol::ControlProtocol(Coordinator& coordinator, PlanSink sink,
 std::string ControlProtocol::refuse(const Status& why) {
   std::lock_guard<std::mutex> lock(mutex_);
   ++stats_.malformed;
-  return error_reply(why).dump();
+  return to_line(error_reply(why));
 }
 
 // The handlers of one request, with access to the protocol's state.
@@ -321,10 +337,15 @@ std::string ControlProtocol::handle(std::string_view line) {
 }
 
 std::string ControlProtocol::handle(std::string_view line, ControlIdentity& who) {
-  Result<json> parsed = parse_line(line);
-  if (!parsed.ok()) return refuse(parsed.status());
-  if (parsed->is_array()) return ControlRequestHandler::handle_batch(*this, *parsed, who);
-  return ControlRequestHandler::handle(*this, *parsed, who).dump();
+  try {
+    Result<json> parsed = parse_line(line);
+    if (!parsed.ok()) return refuse(parsed.status());
+    if (parsed->is_array()) return ControlRequestHandler::handle_batch(*this, *parsed, who);
+    return to_line(ControlRequestHandler::handle(*this, *parsed, who));
+  } catch (const std::exception& e) {
+    // A bug, not the client's fault; the reply still goes out and the server keeps serving.
+    return refuse(Status(ErrorCode::kInternal, std::string("the request failed: ") + e.what()));
+  }
 }
 
 json ControlRequestHandler::handle(ControlProtocol& protocol, const json& request,
@@ -349,7 +370,7 @@ std::string ControlRequestHandler::handle_batch(ControlProtocol& protocol, const
   for (const json& request : batch) {
     if (replies.size() > 1) replies += ',';
     if (!full) {
-      replies += handle(protocol, request, who).dump();
+      replies += to_line(handle(protocol, request, who));
       full = replies.size() >= limits.max_reply_bytes;
       continue;
     }
@@ -364,7 +385,7 @@ std::string ControlRequestHandler::handle_batch(ControlProtocol& protocol, const
     Lock lock(protocol.mutex_);
     ++protocol.stats_.limited;
     lock.unlock();
-    replies += not_run.dump();
+    replies += to_line(not_run);
   }
   return replies + "]";
 }
@@ -449,7 +470,11 @@ Result<json> ControlRequestHandler::hello(ControlProtocol& protocol, const Reque
     } else {
       if (!token) return Status(ErrorCode::kUnauthenticated, "hello: this server needs a token");
       const std::optional<TenantEntry> entry = tenants->authenticate(*token);
-      if (!entry) return Status(ErrorCode::kUnauthenticated, "hello: the token is not valid");
+      if (!entry) {
+        who.refused = true;
+        return Status(ErrorCode::kUnauthenticated,
+                      "hello: the token is not valid; closing the connection");
+      }
       who = ControlIdentity{entry->name, entry->admin, /*authenticated=*/true};
     }
   }
@@ -483,6 +508,10 @@ Status ControlRequestHandler::check_admin(const ControlIdentity& who, ControlOp 
 Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
                                         const Request& fields, ControlIdentity& who, Lock& lock) {
   Coordinator& coordinator = *protocol.coordinator_;
+  if (who.refused) {
+    return Status(ErrorCode::kUnauthenticated, std::string(control_op_name(op)) +
+                                                   ": this connection presented a wrong token");
+  }
   if (!who.authenticated && op != ControlOp::kHello) {
     return Status(ErrorCode::kUnauthenticated, std::string(control_op_name(op)) +
                                                    ": send hello with this tenant's token first");

@@ -308,10 +308,14 @@ class ControlServer::Impl::ControlSession
   void start() {
     const bool admitted = within_limit();
     identity_ = server_.protocol.new_connection();
-    arm_idle_timer();  // a client that never finishes its TLS handshake is idle too
+    logged_in_ = identity_.authenticated && !stream_.is_tls();
+    if (!logged_in_) arm_login_timer();
     stream_.async_handshake(ssl::stream_base::server,
                             [self = shared_from_this(), admitted](ErrorCodeT ec) {
-                              self->idle_.cancel();
+                              if (self->identity_.authenticated) {
+                                self->logged_in_ = true;  // no tokens: the handshake was all
+                                self->login_.cancel();
+                              }
                               if (ec) {
                                 KVF_LOG_DEBUG(kServer, "TLS handshake failed: {}", ec.message());
                                 self->close();
@@ -325,6 +329,14 @@ class ControlServer::Impl::ControlSession
 
   //! Who this connection is: used (and changed by hello) on the request thread only.
   ControlIdentity& identity() { return identity_; }
+  //! Called on the request thread after each request: the io thread reads the outcome.
+  void note_identity() {
+    if (identity_.authenticated && !logged_in_) {
+      logged_in_ = true;
+      asio::post(stream_.socket().get_executor(), [self = shared_from_this()] { self->login_.cancel(); });
+    }
+    close_after_reply_ = identity_.refused;
+  }
 
   // On the io thread, posted by the request thread.
   void send(std::string reply) {
@@ -335,6 +347,10 @@ class ControlServer::Impl::ControlSession
                         self->idle_.cancel();
                         if (self->server_.protocol.shutdown_requested()) {
                           self->server_.stop();
+                          return;
+                        }
+                        if (self->close_after_reply_) {
+                          self->close();
                           return;
                         }
                         if (!e) self->read();
@@ -395,9 +411,23 @@ class ControlServer::Impl::ControlSession
     });
   }
 
+  void arm_login_timer() {
+    login_.expires_after(server_.options.login_timeout);
+    login_.async_wait([self = shared_from_this()](ErrorCodeT ec) {
+      if (ec || self->logged_in_) return;
+      ++self->server_.idle_closed;
+      KVF_LOG_DEBUG(kServer, "closing a control connection that did not log in within {} ms",
+                    self->server_.options.login_timeout.count());
+      self->close();
+    });
+  }
+
   void close() { stream_.close(); }
 
   ControlIdentity identity_;
+  asio::steady_timer login_{stream_.socket().get_executor()};
+  std::atomic<bool> logged_in_{false};          // handshake done and, with tenants, hello
+  std::atomic<bool> close_after_reply_{false};  // a wrong token was presented
 };
 
 // One HTTP connection: read the request head, answer /metrics or /health, close.
@@ -413,12 +443,25 @@ class ControlServer::Impl::HttpSession
       ++self->server_.idle_closed;
       self->stream_.close();
     });
-    if (!within_limit()) {
-      respond(http_response("503 Service Unavailable", "text/plain",
-                            "at most " + std::to_string(server_.options.max_connections) +
-                                " HTTP connections are served (server.max_connections)\n"));
-      return;
-    }
+    const bool admitted = within_limit();
+    stream_.async_handshake(ssl::stream_base::server,
+                            [self = shared_from_this(), admitted](ErrorCodeT ec) {
+                              if (ec) {
+                                self->stream_.close();
+                              } else if (admitted) {
+                                self->read_request();
+                              } else {
+                                self->respond(http_response(
+                                    "503 Service Unavailable", "text/plain",
+                                    "at most " +
+                                        std::to_string(self->server_.options.max_connections) +
+                                        " HTTP connections are served (server.max_connections)\n"));
+                              }
+                            });
+  }
+
+ private:
+  void read_request() {
     stream_.async_read_until(
         asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), std::string_view("\r\n\r\n"),
         [self = shared_from_this()](ErrorCodeT ec, size_t n) {
@@ -429,7 +472,6 @@ class ControlServer::Impl::HttpSession
         });
   }
 
- private:
   void respond(std::string reply) {
     reply_ = std::move(reply);
     stream_.async_write(asio::buffer(reply_), [self = shared_from_this()](ErrorCodeT, size_t) {
@@ -460,6 +502,7 @@ void ControlServer::Impl::serve_requests() {
       jobs.pop_front();
     }
     std::string reply = protocol.handle(job.line, job.session->identity()) + "\n";
+    job.session->note_identity();
     asio::post(io, [session = std::move(job.session), reply = std::move(reply)]() mutable {
       session->send(std::move(reply));
     });
@@ -551,7 +594,8 @@ Result<std::unique_ptr<ControlServer>> ControlServer::create(ControlProtocol& pr
     KVF_ASSIGN_OR_RETURN(tcp::acceptor http,
                          listen(impl->io, address, *options.metrics_port, "metrics endpoint"));
     impl->http =
-        std::make_unique<Impl::Listener>(std::move(http), "metrics endpoint", impl->http_open);
+        std::make_unique<Impl::Listener>(std::move(http), "metrics endpoint", impl->http_open,
+                                         impl->tls.get());  // the bearer token is a secret too
   }
   if (!address.is_loopback() && !impl->tls) {
     KVF_LOG_WARN(kServer,
@@ -659,41 +703,53 @@ ControlClient::ControlClient(ControlClient&&) noexcept = default;
 ControlClient& ControlClient::operator=(ControlClient&&) noexcept = default;
 ControlClient::~ControlClient() = default;
 
+static Status open_client_stream(asio::io_context& io, const std::string& host, uint16_t port,
+                                 const ControlClientOptions& options,
+                                 std::unique_ptr<ssl::context>& tls,
+                                 std::optional<ByteStream>& stream) {
+  KVF_ASSIGN_OR_RETURN(tcp::socket socket, connect_to(io, host, port));
+  ErrorCodeT ec;
+  socket.set_option(tcp::no_delay(true), ec);
+  if (!options.tls) {
+    stream.emplace(std::move(socket));
+    return ok_status();
+  }
+  KVF_ASSIGN_OR_RETURN(tls, client_tls(options));
+  stream.emplace(std::move(socket), *tls);
+  const std::string name = options.server_name.empty() ? host : options.server_name;
+  detail::TlsSocket& tls_stream = *stream->tls();
+  tls_stream.set_verify_callback(ssl::host_name_verification(name));
+  if (SSL_set_tlsext_host_name(tls_stream.native_handle(), name.c_str()) != 1) {
+    return invalid_argument("TLS server name '" + name + "' cannot be sent (SNI)");
+  }
+  stream->handshake(ssl::stream_base::client, ec);
+  if (ec) {
+    return Status(ErrorCode::kUnavailable, "TLS handshake with " + host + ":" +
+                                               std::to_string(port) + " (expecting '" + name +
+                                               "') failed: " + ec.message());
+  }
+  return ok_status();
+}
+
 Result<ControlClient> ControlClient::connect(const std::string& host, uint16_t port,
                                              const ControlClientOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->where = host + ":" + std::to_string(port);
-  KVF_ASSIGN_OR_RETURN(tcp::socket socket, connect_to(impl->io, host, port));
-  ErrorCodeT ec;
-  socket.set_option(tcp::no_delay(true), ec);
-  if (options.tls) {
-    KVF_ASSIGN_OR_RETURN(impl->tls, client_tls(options));
-    impl->stream.emplace(std::move(socket), *impl->tls);
-    const std::string name = options.server_name.empty() ? host : options.server_name;
-    detail::TlsSocket& tls = *impl->stream->tls();
-    tls.set_verify_callback(ssl::host_name_verification(name));
-    if (SSL_set_tlsext_host_name(tls.native_handle(), name.c_str()) != 1) {
-      return invalid_argument("TLS server name '" + name + "' cannot be sent (SNI)");
-    }
-    impl->stream->handshake(ssl::stream_base::client, ec);
-    if (ec) {
-      return Status(ErrorCode::kUnavailable, "TLS handshake with " + impl->where +
-                                                 " (expecting '" + name + "') failed: " +
-                                                 ec.message());
-    }
-  } else {
-    impl->stream.emplace(std::move(socket));
-  }
+  KVF_RETURN_IF_ERROR(open_client_stream(impl->io, host, port, options, impl->tls, impl->stream));
   impl->open = true;
   ControlClient client(std::move(impl));
   if (!options.token.empty()) {
     nlohmann::json hello = {{"op", "hello"}, {"token", options.token}};
     KVF_ASSIGN_OR_RETURN(const std::string reply, client.call(hello.dump()));
     const nlohmann::json parsed = nlohmann::json::parse(reply, nullptr, /*allow_exceptions=*/false);
-    if (!parsed.is_object() || parsed.value("ok", false) != true) {
-      const std::string why = parsed.is_object() && parsed.contains("error")
-                                  ? parsed["error"].value("message", reply)
-                                  : reply;
+    const auto ok = parsed.is_object() ? parsed.find("ok") : parsed.end();
+    if (!parsed.is_object() || ok == parsed.end() || *ok != true) {
+      // The server's own words when they are where they should be; the raw reply otherwise.
+      std::string why = reply;
+      if (parsed.is_object() && parsed.contains("error") && parsed["error"].is_object() &&
+          parsed["error"].contains("message") && parsed["error"]["message"].is_string()) {
+        why = parsed["error"]["message"].get<std::string>();
+      }
       return Status(ErrorCode::kUnauthenticated,
                     "the control plane at " + client.impl_->where + " refused the token: " + why);
     }
@@ -726,17 +782,21 @@ Result<std::string> ControlClient::call(const std::string& request) {
 }
 
 Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path,
-                             const std::string& bearer_token) {
+                             const ControlClientOptions& options) {
   asio::io_context io;
-  KVF_ASSIGN_OR_RETURN(tcp::socket socket, connect_to(io, host, port));
+  std::unique_ptr<ssl::context> tls;
+  std::optional<ByteStream> stream;
+  KVF_RETURN_IF_ERROR(open_client_stream(io, host, port, options, tls, stream));
   const std::string auth =
-      bearer_token.empty() ? "" : "Authorization: Bearer " + bearer_token + "\r\n";
+      options.token.empty() ? "" : "Authorization: Bearer " + options.token + "\r\n";
   const std::string request = "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n" + auth +
                               "Connection: close\r\n\r\n";
   ErrorCodeT ec;
-  asio::write(socket, asio::buffer(request), ec);
+  stream->write(asio::buffer(request), ec);
   std::string response;
-  if (!ec) asio::read(socket, asio::dynamic_buffer(response), ec);
+  if (!ec) stream->read_all(asio::dynamic_buffer(response), ec);
+  // The server closes after its reply; over TLS without a close_notify, which is no error here.
+  if (ec == ssl::error::stream_truncated) ec = asio::error::eof;
   if (ec && ec != asio::error::eof) {
     return Status(ErrorCode::kUnavailable, "GET " + path + " from " + host + ":" +
                                                std::to_string(port) + ": " + ec.message());

@@ -83,14 +83,15 @@ class Parser {
         KVF_ASSIGN_OR_RETURN(const uint64_t v, number(value, key, UINT64_MAX));
         (key == "max_blocks" ? quota.max_blocks : quota.max_host_blocks) = v;
         has_quota = true;
-      } else if (key == "max_sequences") {
+      } else if (key == "max_sequences" || key == "max_priority") {
         KVF_ASSIGN_OR_RETURN(const uint64_t v, number(value, key, UINT32_MAX));
-        quota.max_sequences = static_cast<uint32_t>(v);
+        (key == "max_sequences" ? quota.max_sequences : quota.max_priority) =
+            static_cast<uint32_t>(v);
         has_quota = true;
       } else {
         return error(item.first, "unknown key '" + key +
                                      "' (known: name, token, admin, max_blocks, max_host_blocks, "
-                                     "max_sequences)");
+                                     "max_sequences, max_priority)");
       }
     }
     if (!valid_name(e.name)) {
@@ -113,33 +114,33 @@ class Parser {
 }  // namespace
 
 Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text, std::string_view source) {
-  YAML::Node root;
+  // yaml-cpp throws on malformed text and on a key that is not a scalar, wherever it is read.
   try {
-    root = YAML::Load(std::string(yaml_text));
+    const YAML::Node root = YAML::Load(std::string(yaml_text));
+    const Parser parser(source);
+    if (!root.IsMap() || root.size() != 1 || !root["tenants"] || !root["tenants"].IsSequence()) {
+      return parser.error(root, "the tenants file holds one key, 'tenants': a list of tenants");
+    }
+    TenantDirectory directory;
+    std::set<std::string> names;
+    for (const YAML::Node& node : root["tenants"]) {
+      std::string token;
+      KVF_ASSIGN_OR_RETURN(TenantEntry entry, parser.entry(node, token));
+      if (!names.insert(entry.name).second) {
+        return parser.error(node, "tenant '" + entry.name + "' appears twice");
+      }
+      std::string digest = sha256(token);
+      for (const std::string& other : directory.digests_) {
+        if (other == digest) return parser.error(node, "tenant '" + entry.name + "' reuses a token");
+      }
+      directory.entries_.push_back(std::move(entry));
+      directory.digests_.push_back(std::move(digest));
+    }
+    if (directory.entries_.empty()) return parser.error(root, "the tenants list is empty");
+    return directory;
   } catch (const YAML::Exception& e) {
     return Status(ErrorCode::kParseError, std::string(source) + ": " + e.what());
   }
-  const Parser parser(source);
-  if (!root.IsMap() || root.size() != 1 || !root["tenants"] || !root["tenants"].IsSequence()) {
-    return parser.error(root, "the tenants file holds one key, 'tenants': a list of tenants");
-  }
-  TenantDirectory directory;
-  std::set<std::string> names;
-  for (const YAML::Node& node : root["tenants"]) {
-    std::string token;
-    KVF_ASSIGN_OR_RETURN(TenantEntry entry, parser.entry(node, token));
-    if (!names.insert(entry.name).second) {
-      return parser.error(node, "tenant '" + entry.name + "' appears twice");
-    }
-    std::string digest = sha256(token);
-    for (const std::string& other : directory.digests_) {
-      if (other == digest) return parser.error(node, "tenant '" + entry.name + "' reuses a token");
-    }
-    directory.entries_.push_back(std::move(entry));
-    directory.digests_.push_back(std::move(digest));
-  }
-  if (directory.entries_.empty()) return parser.error(root, "the tenants list is empty");
-  return directory;
 }
 
 Result<TenantDirectory> TenantDirectory::load(const std::string& path) {

@@ -86,6 +86,9 @@ struct TenantQuota {
   uint64_t max_blocks = 0;
   uint64_t max_host_blocks = 0;  //!< of those, blocks swapped out to the host tier
   uint32_t max_sequences = 0;    //!< live sequences (running or swapped out)
+  //! The highest priority it may give a sequence (admit, set_priority): priorities decide who
+  //! a newcomer may displace, so an unbounded one would let a tenant shield all it holds.
+  uint32_t max_priority = UINT32_MAX;
 
   friend bool operator==(const TenantQuota&, const TenantQuota&) = default;
 };

@@ -235,6 +235,8 @@ class Coordinator {
                      uint64_t blocks) const;
   //! Sets the blocks a sequence's table holds in its tenant's count (`host`: on the host tier).
   void charge(Sequence& s, uint64_t blocks);
+  Status check_tenant_priority(const std::string& request, uint32_t tenant,
+                               uint32_t priority) const;
   //! Counts a refusal of `status` (room or quota) against the tenant.
   void note_refusal(uint32_t tenant, const Status& status);
   //! Drops a sequence's record and its tenant's share.

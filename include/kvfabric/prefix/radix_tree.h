@@ -188,7 +188,9 @@ class RadixTree {
     friend class RadixTree;
     std::vector<TokenId> edge_;
     std::optional<Value> value_;
-    std::unordered_map<uint64_t, uint32_t> children_;  // unit key -> index; lookups only
+    // unit key -> index; lookups only. A multimap: two children whose first units hash alike
+    // (by chance, or computed by a client) are siblings, told apart by their tokens and salt.
+    std::unordered_multimap<uint64_t, uint32_t> children_;
     uint64_t unit_key_ = 0;                            // this node's key in its parent's map
     uint32_t parent_ = kNone;
     RadixNodeId parent_id_;
@@ -216,10 +218,9 @@ class RadixTree {
     size_t partial_length = 0;
   };
 
-  //! \brief Result of insert(): `node` ends at `length` tokens of the key (the whole key unless a
-  //! hash collision between different units stopped it, which a 64-bit key makes vanishingly
-  //! rare); `existing` tokens were in the tree before; `split` is the node created by splitting
-  //! an existing edge, if any.
+  //! \brief Result of insert(): `node` ends at `length` tokens of the key (the whole key: units
+  //! whose keys collide become siblings); `existing` tokens were in the tree before; `split` is
+  //! the node created by splitting an existing edge, if any.
   struct Insertion {
     RadixNodeId node;
     size_t length = 0;
@@ -345,7 +346,6 @@ class RadixTree {
                          : pos < whole_end ? whole_end
                                            : key.size();
       const uint64_t child_key = query.unit_key(pos);
-      if (nodes_[cur].children_.count(child_key) > 0) break;  // a colliding, different unit
       cur = new_node(cur, key.subspan(pos, end - pos), child_key, query.salt_at(pos),
                      make_value(pos, end - pos));
       pos = end;
@@ -544,10 +544,8 @@ class RadixTree {
       // The public part of a salted key is compared only up to its end (edges never cross it).
       const auto rest = pos < query.public_end() ? key.subspan(pos, query.public_end() - pos)
                                                  : key.subspan(pos);
-      const auto it = nodes_[cur].children_.find(query.unit_key(pos));
-      if (it == nodes_[cur].children_.end()) break;
-      const uint32_t child = it->second;
-      if (nodes_[child].salt_ != query.salt_at(pos)) break;  // another salt's key in this bucket
+      const uint32_t child = find_child(cur, query, pos, rest);
+      if (child == kNone) break;
       const std::vector<TokenId>& edge = nodes_[child].edge_;
       if (rest.size() < g) {  // only a partial leaf with exactly these tokens matches
         if (edge.size() == rest.size() && common_prefix_len(edge, rest) == rest.size()) {
@@ -564,9 +562,36 @@ class RadixTree {
         continue;
       }
       if (units > 0) return Walk{cur, pos, child, units};
-      break;  // a different unit with the same key
+      break;
     }
     return Walk{cur, pos, kNone, 0};
+  }
+
+  // The child of `parent` that `query`'s unit at `pos` enters (`rest`: the query from there):
+  // same salt and same first unit (a partial unit: the whole edge). kNone when there is none.
+  uint32_t find_child(uint32_t parent, const RadixKey& query, size_t pos,
+                      std::span<const TokenId> rest) const {
+    const size_t g = options_.granularity;
+    const auto [first, last] = nodes_[parent].children_.equal_range(query.unit_key(pos));
+    for (auto it = first; it != last; ++it) {
+      const Node& c = nodes_[it->second];
+      if (c.salt_ != query.salt_at(pos)) continue;
+      const size_t unit = std::min(rest.size(), g);
+      if (rest.size() < g ? c.edge_.size() != rest.size() : c.edge_.size() < g) continue;
+      if (std::equal(rest.begin(), rest.begin() + static_cast<ptrdiff_t>(unit), c.edge_.begin())) {
+        return it->second;
+      }
+    }
+    return kNone;
+  }
+  // Where `parent` lists child `index` under `key`.
+  auto child_entry(uint32_t parent, uint64_t key, uint32_t index) {
+    auto [first, last] = nodes_[parent].children_.equal_range(key);
+    for (auto it = first; it != last; ++it) {
+      if (it->second == index) return it;
+    }
+    KVF_CHECK(false, "a radix node is missing from its parent's children");
+    return last;
   }
 
   RadixNodeId id_of(uint32_t i) const { return RadixNodeId{i, nodes_[i].generation_}; }
@@ -698,7 +723,7 @@ class RadixTree {
     upper.children_.emplace(n.unit_key_, i);
     n.parent_ = u;
     n.parent_id_ = id_of(u);
-    nodes_[parent].children_[key_in_parent] = u;
+    child_entry(parent, key_in_parent, i)->second = u;
     attach(u);
     attach(i);
     return u;
@@ -717,7 +742,8 @@ class RadixTree {
     const uint32_t parent = nodes_[i].parent_;
     const uint64_t key = nodes_[i].unit_key_;
     free_node(i);
-    rekey(parent, [&](Node& p) { p.children_.erase(key); });
+    const auto entry = child_entry(parent, key, i);
+    rekey(parent, [&](Node& p) { p.children_.erase(entry); });
     if (parent != 0 && !nodes_[parent].value_ && nodes_[parent].children_.empty() &&
         nodes_[parent].pins_ == 0) {
       remove_leaf(parent);
@@ -743,7 +769,7 @@ class RadixTree {
     child.parent_id_ = n.parent_id_;
     detach(i);
     free_node(i);
-    nodes_[parent].children_[key] = c;
+    child_entry(parent, key, i)->second = c;
   }
 
   RadixTreeOptions options_;
@@ -768,9 +794,11 @@ Status RadixTree<Value, Traits>::verify() const {
     if (!n.alive_) continue;
     if (n.parent_ >= nodes_.size() || !nodes_[n.parent_].alive_) return fail("dangling parent");
     const Node& p = nodes_[n.parent_];
-    const auto it = p.children_.find(unit_key_of(n));
-    if (it == p.children_.end() || it->second != i) return fail("parent does not list its child");
-    if (it->first != n.unit_key_) return fail("stale unit key");
+    const auto [first, last] = p.children_.equal_range(unit_key_of(n));
+    if (std::find_if(first, last, [&](const auto& e) { return e.second == i; }) == last) {
+      return fail("parent does not list its child");
+    }
+    if (unit_key_of(n) != n.unit_key_) return fail("stale unit key");
     if (n.parent_id_ != id_of(n.parent_)) return fail("stale parent id");
     if (n.edge_.empty()) return fail("empty edge");
     if (n.parent_ != 0 && !p.salt_.empty() && p.salt_ != n.salt_) {

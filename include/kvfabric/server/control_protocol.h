@@ -50,6 +50,9 @@ struct ControlIdentity {
   std::string tenant;          //!< "" = the default tenant
   bool admin = false;          //!< may see and change every tenant's sequences, step, shut down
   bool authenticated = false;  //!< false until hello presents a valid token
+  //! A hello presented a wrong token: every later request is refused and the server closes the
+  //! connection, so that tokens cannot be guessed at a batch's pace.
+  bool refused = false;
 };
 
 struct ControlProtocolOptions {

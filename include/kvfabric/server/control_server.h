@@ -32,6 +32,10 @@ struct ControlServerOptions {
   //! An HTTP connection must send its request and read the reply within this, whatever
   //! idle_timeout is: silent sockets would otherwise lock the scrapers and probes out.
   std::chrono::milliseconds http_timeout{10'000};
+  //! A control connection must finish its TLS handshake and (with tenants) its hello within
+  //! this, whatever idle_timeout is: connections that never log in would otherwise hold the
+  //! max_connections slots.
+  std::chrono::milliseconds login_timeout{10'000};
   //! TLS on the control connections: a PEM certificate chain and its key (both or neither).
   std::string tls_cert_file;
   std::string tls_key_file;
@@ -59,8 +63,9 @@ struct ControlServerOptions {
 //! failures. The protocol limits batches and replies (ControlProtocolOptions).
 //!
 //! Security: a listen address that is not loopback is refused unless the protocol authenticates
-//! (a tenants file); with a certificate the control connections speak TLS 1.2 or later; with
-//! tenants, /metrics answers only an admin's bearer token (401/403 otherwise), /health anyone.
+//! (a tenants file); with a certificate both endpoints speak TLS 1.2 or later (HTTPS for
+//! /metrics and /health); with tenants, /metrics answers only an admin's bearer token (401/403
+//! otherwise), /health anyone.
 //!
 //! Faults: once the protocol has failed (a rank did not answer a plan), run() keeps answering
 //! for fault_grace (reads, /health, Unavailable to changes), then returns the failure.
@@ -127,9 +132,10 @@ class ControlClient {
 };
 
 //! GETs `path` from an HTTP server (the metrics endpoint) and returns the body of a 200 reply;
-//! another status is Unavailable naming it and quoting the body. A `bearer_token` is sent as
+//! another status is Unavailable naming it and quoting the body. With options.tls it speaks
+//! HTTPS (the metrics endpoint of a server with a certificate); options.token is sent as
 //! `Authorization: Bearer` (the metrics of a server with tenants).
 Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path,
-                             const std::string& bearer_token = "");
+                             const ControlClientOptions& options = {});
 
 }  // namespace kvfabric

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <random>
 #include <string>
@@ -190,6 +191,24 @@ TEST(TenantQuotaTest, QuotasRefuseWhatWouldPassThemAndChangeNothing) {
   EXPECT_THAT(c.tenants(), ::testing::ElementsAre("", "big", "small"));
 }
 
+TEST(TenantQuotaTest, APriorityAboveTheTenantsMaximumIsRefused) {
+  Config config = serving_config(1, 1, 4, 4, 64, 0);
+  config.tenants.max_priority = 2;
+  auto c = Coordinator::create(config).value();
+  AdmitOptions high = as("t");
+  high.priority = 3;
+  const auto refused = c.admit(SeqId{1}, token_run(kBlock, 1), high);
+  EXPECT_EQ(refused.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("priority 3 is above 2, the highest this tenant may give (max_priority, "
+                        "the tenants section)"));
+  high.priority = 2;
+  admit_ok(c, 1, token_run(kBlock, 1), high);
+  EXPECT_EQ(c.set_priority(SeqId{1}, 7).code(), ErrorCode::kInvalidArgument);
+  c.set_tenant_quota("t", TenantQuota{0, 0, 0, 7});
+  EXPECT_TRUE(c.set_priority(SeqId{1}, 7).ok());
+}
+
 // The same state built twice; the quota refusal goes to one copy only; both then plan alike.
 TEST(TenantQuotaTest, ARefusalForQuotaChangesNoPlan) {
   Config config = serving_config(1, 1, 4, 4, 8, 0);
@@ -326,6 +345,115 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
     }
   }
   EXPECT_GT(c.stats().admitted, 0u);
+}
+
+}  // namespace
+}  // namespace kvfabric
+
+namespace kvfabric {
+namespace {
+
+// A client can compute 16 tokens whose salted block key equals another tenant's block key (the
+// unit hash is fast, not cryptographic, and invertible). Colliding blocks must be siblings told
+// apart by tokens and salt: neither reading the victim's presence (cached_tokens) nor keeping
+// the victim's prompt out of the cache.
+class CollidingBlockTest : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kMul = 0xff51afd7ed558ccdULL, kSaltMul = 0x9fb21c651e98df25ULL;
+  static constexpr uint64_t kTop = 1ULL << 63;
+  static uint64_t inverse(uint64_t a) {  // of an odd number, mod 2^64 (Newton)
+    uint64_t x = a;
+    for (int i = 0; i < 6; ++i) x *= 2 - a * x;
+    return x;
+  }
+  static uint64_t undo_xorshift(uint64_t y, int s) {
+    uint64_t x = y;
+    for (int i = 0; i < 64 / s + 1; ++i) x = y ^ (x >> s);
+    return x;
+  }
+  static CacheSalt tenant_salt(const std::string& tenant) {
+    return CacheSalt::of(std::to_string(tenant.size()) + ":" + tenant);
+  }
+  // A unit key u with radix_salted_key(u, salt) == target.
+  static std::optional<uint64_t> unsalt(uint64_t target, const CacheSalt& salt) {
+    for (uint64_t h2 : {target, target | kTop}) {
+      const uint64_t h1 = (undo_xorshift(h2, 31) * inverse(kSaltMul)) ^ salt.lo;
+      const uint64_t h = (undo_xorshift(h1, 31) * inverse(kSaltMul)) ^ salt.hi;
+      if ((h & kTop) == 0) return h;
+    }
+    return std::nullopt;
+  }
+  // 16 tokens whose unit key (granularity 16) is h.
+  static std::vector<TokenId> unhash(uint64_t h) {
+    std::vector<TokenId> t(16, 5);
+    uint64_t lanes[4] = {0x9e3779b97f4a7c15ULL, 0xc2b2ae3d27d4eb4fULL, 0x165667b19e3779f9ULL,
+                         0x27d4eb2f165667c5ULL};
+    auto round = [](uint64_t x) {
+      x *= kMul;
+      return x ^ (x >> 29);
+    };
+    for (int l = 0; l < 4; ++l) {
+      for (int i : {0, 8}) {
+        if (l == 0 && i == 8) continue;  // the word solved for below
+        uint64_t w;
+        std::memcpy(&w, &t[i + 2 * l], sizeof w);
+        lanes[l] = round(lanes[l] ^ w);
+      }
+    }
+    uint64_t x = h;
+    for (int l = 3; l >= 1; --l) x = (undo_xorshift(x, 32) * inverse(kMul)) ^ lanes[l];
+    const uint64_t lane0 = (undo_xorshift(x, 32) * inverse(kMul)) ^ 16;
+    const uint64_t w = (undo_xorshift(lane0, 29) * inverse(kMul)) ^ lanes[0];
+    t[8] = static_cast<TokenId>(w);
+    t[9] = static_cast<TokenId>(w >> 32);
+    return t;
+  }
+
+  void SetUp() override {
+    secret_ = token_run(3 * kBlock, 7000);
+    const uint64_t target = detail::radix_salted_key(
+        detail::radix_unit_key(std::span(secret_).first(kBlock), kBlock), tenant_salt("alice"));
+    const auto unit = unsalt(target, tenant_salt("mallory"));
+    ASSERT_TRUE(unit.has_value());
+    probe_ = unhash(*unit);
+    // The construction follows the hash: if the hash changes, this test must change with it.
+    ASSERT_EQ(detail::radix_salted_key(detail::radix_unit_key(probe_, kBlock), tenant_salt("mallory")),
+              target);
+    const auto tail = token_run(kBlock, 1);
+    probe_.insert(probe_.end(), tail.begin(), tail.end());
+  }
+
+  std::vector<TokenId> secret_, probe_;
+};
+
+TEST_F(CollidingBlockTest, ACollidingBlockRevealsNothingAndBlocksNothing) {
+  for (bool victim_cached : {false, true}) {
+    auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
+    if (victim_cached) {
+      admit_ok(c, 1, secret_, as("alice"));
+      step_ok(c);
+      step_ok(c);
+    }
+    admit_ok(c, 10, probe_, as("mallory"));
+    step_ok(c);
+    step_ok(c);
+    EXPECT_EQ(admit_ok(c, 11, probe_, as("mallory")).cached_tokens, probe_.size())
+        << "victim cached: " << victim_cached;
+    if (victim_cached) EXPECT_EQ(admit_ok(c, 2, secret_, as("alice")).cached_tokens, secret_.size());
+  }
+  // Planted first, the attacker's block does not keep Alice's prompt out of the cache.
+  auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
+  admit_ok(c, 10, probe_, as("mallory"));
+  step_ok(c);
+  step_ok(c);
+  admit_ok(c, 1, secret_, as("alice"));
+  step_ok(c);
+  step_ok(c);
+  EXPECT_EQ(admit_ok(c, 2, secret_, as("alice")).cached_tokens, secret_.size());
+  EXPECT_EQ(admit_ok(c, 12, probe_, as("mallory")).cached_tokens, probe_.size());
+  // Freed and evicted in any order, the siblings leave the index consistent.
+  for (uint64_t s : {1, 2, 10, 12}) ASSERT_TRUE(c.free(SeqId{s}).ok());
+  step_ok(c);
 }
 
 }  // namespace

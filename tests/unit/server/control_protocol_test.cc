@@ -240,6 +240,21 @@ TEST(ControlProtocolTest, DeeplyNestedRequestsAreRefusedWithoutRecursion) {
   EXPECT_EQ(c.stats().admitted, 0u);
 }
 
+// A duplicate key is quoted back cut to 64 bytes; cut inside a character, the reply was invalid
+// UTF-8 and serializing it threw, ending the process. Every reply must be valid JSON.
+TEST(ControlProtocolTest, AQuotedKeyIsNeverCutInsideACharacter) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
+  ControlProtocol protocol(c);
+  const std::string key = std::string(63, 'a') + "\xC3\xA9";  // "é" straddles byte 64
+  const std::string line = "{\"" + key + "\": 1, \"" + key + "\": 1}";
+  const std::string reply = protocol.handle(line);
+  ASSERT_TRUE(json::accept(reply)) << reply;
+  const json parsed = json::parse(reply);
+  EXPECT_EQ(error_code(parsed), "InvalidArgument");
+  EXPECT_THAT(parsed["error"]["message"].get<std::string>(),
+              HasSubstr("\"" + std::string(63, 'a') + "\" appears twice"));
+}
+
 // nlohmann keeps the last of two equal keys; a request that says seq twice means two things.
 TEST(ControlProtocolTest, AKeyGivenTwiceIsRefused) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));

@@ -63,6 +63,7 @@ TEST(TenantDirectoryTest, RefusesBadFilesNamingTheProblem) {
       {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    admin: yes\n", "true or false"},
       {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    max_blocks: -1\n", "max_blocks"},
       {"tenants: [", "tenants.yaml"},
+      {"tenants:\n  - {[a]: 1}\n", "tenants.yaml"},
   };
   for (const auto& [text, message] : cases) {
     const auto parsed = TenantDirectory::parse(text, "tenants.yaml");
@@ -121,6 +122,10 @@ TEST_F(TenantProtocolTest, NothingButHelloBeforeAValidToken) {
   EXPECT_EQ(code(call(fresh, {{"op", "hello"}})), "Unauthenticated");
   EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "guess-guess-guess-guess"}})), "Unauthenticated");
   EXPECT_FALSE(fresh.authenticated);
+  EXPECT_TRUE(fresh.refused);  // after a wrong token even the right one is refused
+  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "bob-token-0123456789"}})), "Unauthenticated");
+  EXPECT_FALSE(fresh.authenticated);
+  fresh = protocol_.new_connection();  // a new connection
   const json hello = call(fresh, {{"op", "hello"}, {"token", "bob-token-0123456789"}});
   EXPECT_EQ(hello["tenant"], "bob");
   EXPECT_EQ(hello["admin"], false);
@@ -294,15 +299,60 @@ TEST_F(TenantServerTest, TlsRoundTripWithTokensAndGuardedMetrics) {
   auto plain = ControlClient::connect("127.0.0.1", port);
   if (plain.ok()) EXPECT_FALSE(plain->call(R"({"op":"hello"})").ok());
 
-  // /metrics: an admin's bearer token only; /health: anyone.
+  // /metrics (HTTPS, like the control port): an admin's bearer token only; /health: anyone.
   const uint16_t metrics = (*server)->metrics_port();
-  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics").status().message(), HasSubstr("401"));
-  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", "bob-token-0123456789").status().message(),
-              HasSubstr("403"));
-  const auto text = http_get("127.0.0.1", metrics, "/metrics", "ops-token-0123456789");
+  ControlClientOptions https;
+  https.tls = true;
+  https.ca_file = cert_.cert;
+  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", https).status().message(), HasSubstr("401"));
+  https.token = "bob-token-0123456789";
+  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", https).status().message(), HasSubstr("403"));
+  https.token = "ops-token-0123456789";
+  const auto text = http_get("127.0.0.1", metrics, "/metrics", https);
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_THAT(*text, HasSubstr("kvfabric_tenant_admitted_total{tenant=\"alice\"} 1"));
-  EXPECT_TRUE(http_get("127.0.0.1", metrics, "/health").ok());
+  https.token.clear();
+  EXPECT_TRUE(http_get("127.0.0.1", metrics, "/health", https).ok());
+  ControlClientOptions plain_http;
+  plain_http.token = "ops-token-0123456789";
+  EXPECT_FALSE(http_get("127.0.0.1", metrics, "/metrics", plain_http).ok());  // no clear text
+  (*server)->stop();
+  loop.join();
+}
+
+// Connections that never log in, or guess a token, do not keep their slot.
+TEST_F(TenantServerTest, AWrongTokenOrNoLoginClosesTheConnection) {
+  Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
+  const TenantDirectory tenants = directory();
+  ControlProtocolOptions po;
+  po.tenants = &tenants;
+  ControlProtocol protocol(c, nullptr, po);
+  ControlServerOptions so;
+  so.login_timeout = std::chrono::milliseconds(200);
+  auto server = ControlServer::create(protocol, so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::thread loop([&] { (void)(*server)->run(); });
+  const uint16_t port = (*server)->port();
+
+  auto guesser = ControlClient::connect("127.0.0.1", port).value();
+  const auto batch = guesser.call(
+      R"([{"op":"hello","token":"guess-number-one-0000"},{"op":"hello","token":"ops-token-0123456789"}])");
+  ASSERT_TRUE(batch.ok());
+  const json replies = json::parse(*batch);
+  EXPECT_THAT(replies[0]["error"]["message"].get<std::string>(), HasSubstr("closing the connection"));
+  EXPECT_THAT(replies[1]["error"]["message"].get<std::string>(), HasSubstr("wrong token"));
+  EXPECT_FALSE(guesser.call(R"({"op":"hello"})").ok());  // closed
+
+  auto idle = ControlClient::connect("127.0.0.1", port).value();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_FALSE(idle.call(R"({"op":"hello","token":"ops-token-0123456789"})").ok());
+
+  ControlClientOptions ok;
+  ok.token = "ops-token-0123456789";
+  auto ops = ControlClient::connect("127.0.0.1", port, ok);
+  ASSERT_TRUE(ops.ok()) << ops.status();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // logged in: the deadline is off
+  EXPECT_TRUE(ops->call(R"({"op":"stats"})").ok());
   (*server)->stop();
   loop.join();
 }
