@@ -1,6 +1,7 @@
 #include "kvfabric/coordinator/coordinator.h"
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <set>
 #include <string>
@@ -377,7 +378,8 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
   KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
   KVF_RETURN_IF_ERROR(
-      check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
+      check_quota([&] { return request; }, tenant, 1,
+                  blocks_for(prompt.size(), config_.cache.block_size)));
   // The prompt's unit keys in its salt's namespace, hashed once for every replica's lookup.
   const SaltScope scope{salt_of(options), options.public_tokens};
   const RadixKey key(prompt, config_.cache.block_size, scope);
@@ -547,7 +549,8 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
                            pool.block_ref_count(info->block_ids.back()) > 1;
   const size_t grown = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks();
   const size_t needed = grown + (shared_tail ? 1 : 0);
-  KVF_RETURN_IF_ERROR(check_quota("append " + to_string(seq), s->tenant, 0, grown));
+  KVF_RETURN_IF_ERROR(
+      check_quota([&] { return "append " + to_string(seq); }, s->tenant, 0, grown));
   if (pool.available_block_count() < needed) {
     const std::optional<BlockId> copied_tail =
         shared_tail ? std::optional(info->block_ids.back()) : std::nullopt;
@@ -557,8 +560,9 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
   }
   KVF_RETURN_IF_ERROR(pool.append(seq, num_tokens));
   collect_copies(s->replica);
-  s->num_tokens = pool.get_sequence(seq)->num_tokens;
-  charge(*s, pool.get_sequence(seq)->num_blocks());
+  const SequenceInfo* grown_info = pool.get_sequence(seq);
+  s->num_tokens = grown_info->num_tokens;
+  charge(*s, grown_info->num_blocks());
   mark_table(seq);
   return ok_status();
 }
@@ -576,7 +580,7 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
   const std::string request = "fork " + to_string(src) + " -> " + to_string(dst);
   KVF_RETURN_IF_ERROR(check_pending_room(request));
   if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
-  KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 1, s->charged_blocks));
+  KVF_RETURN_IF_ERROR(check_quota([&] { return request; }, s->tenant, 1, s->charged_blocks));
   const uint32_t tenant = s->tenant;
   if (replica && *replica >= replicas_.size()) {
     return invalid_argument("fork to replica " + std::to_string(*replica) + " of " +
@@ -662,27 +666,28 @@ const TenantQuota& Coordinator::quota_of(const Tenant& tenant) const {
   return tenant.own_quota ? *tenant.own_quota : config_.tenants;
 }
 
-Status Coordinator::check_quota(const std::string& request, uint32_t tenant, uint64_t sequences,
-                                uint64_t blocks) const {
+Status Coordinator::check_quota(const std::function<std::string()>& request, uint32_t tenant,
+                                uint64_t sequences, uint64_t blocks) const {
   const Tenant& t = tenants_[tenant];
   const TenantQuota& quota = quota_of(t);
+  const bool too_many = sequences > 0 && quota.max_sequences != 0 &&
+                        t.stats.sequences + sequences > quota.max_sequences;
+  const bool too_large =
+      blocks > 0 && quota.max_blocks != 0 && t.stats.blocks + blocks > quota.max_blocks;
+  if (!too_many && !too_large) return ok_status();
   const std::string source = t.own_quota ? "its own quota" : "the tenants section";
   const std::string who = t.name.empty() ? "the default tenant" : "tenant '" + t.name + "'";
-  if (sequences > 0 && quota.max_sequences != 0 &&
-      t.stats.sequences + sequences > quota.max_sequences) {
+  if (too_many) {
     return Status(ErrorCode::kResourceExhausted,
-                  request + ": " + who + " holds " + std::to_string(t.stats.sequences) +
+                  request() + ": " + who + " holds " + std::to_string(t.stats.sequences) +
                       " sequences, at most " + std::to_string(quota.max_sequences) +
                       " (max_sequences, " + source + "); nothing was changed");
   }
-  if (blocks > 0 && quota.max_blocks != 0 && t.stats.blocks + blocks > quota.max_blocks) {
-    return Status(ErrorCode::kResourceExhausted,
-                  request + ": " + who + " holds " + std::to_string(t.stats.blocks) +
-                      " blocks and asks for " + std::to_string(blocks) + " more, at most " +
-                      std::to_string(quota.max_blocks) + " (max_blocks, " + source +
-                      "); nothing was changed");
-  }
-  return ok_status();
+  return Status(ErrorCode::kResourceExhausted,
+                request() + ": " + who + " holds " + std::to_string(t.stats.blocks) +
+                    " blocks and asks for " + std::to_string(blocks) + " more, at most " +
+                    std::to_string(quota.max_blocks) + " (max_blocks, " + source +
+                    "); nothing was changed");
 }
 
 Status Coordinator::check_tenant_priority(const std::string& request, uint32_t tenant,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -230,9 +231,10 @@ class Coordinator {
   uint32_t tenant_index(std::string_view name);
   [[nodiscard]] const TenantQuota& quota_of(const Tenant& tenant) const;
   //! ResourceExhausted when `tenant` taking `sequences` more sequences and `blocks` more blocks
-  //! would pass its quota.
-  Status check_quota(const std::string& request, uint32_t tenant, uint64_t sequences,
-                     uint64_t blocks) const;
+  //! would pass its quota; `request` names the request in the message (built only then: this
+  //! runs for every decoded token).
+  Status check_quota(const std::function<std::string()>& request, uint32_t tenant,
+                     uint64_t sequences, uint64_t blocks) const;
   //! Sets the blocks a sequence's table holds in its tenant's count (`host`: on the host tier).
   void charge(Sequence& s, uint64_t blocks);
   Status check_tenant_priority(const std::string& request, uint32_t tenant,
