@@ -94,17 +94,18 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
   KVF_ASSIGN_OR_RETURN(std::unique_ptr<ControlServer> server,
                        ControlServer::create(protocol, ControlServerOptions::from(config.server)));
   // Scripts wait for this line (and read the ports from it when 0 was asked for).
-  fmt::print(
-      "kvfabric-serve: control plane on {}:{} ({}, {}){}; model {}, dp {} x tp {}, {}\n",
-      config.server.address, server->port(),
-      config.server.tls_cert_file.empty() ? "plain TCP" : "TLS",
-      tenants ? fmt::format("{} tenants, tokens required", tenants->entries().size())
-              : "no authentication",
-      server->metrics_port() ? fmt::format(", metrics and health on port {}", server->metrics_port())
-                             : "",
-      config.model.name, config.topology.dp, config.topology.tp,
-      ranks ? fmt::format("{} MPI ranks execute the plans (CPU backend)", ranks->world_size())
-            : "coordinator only (no MPI launcher: no KV is held)");
+  fmt::print("kvfabric-serve: control plane on {}:{} ({}, {}){}; model {}, dp {} x tp {}, {}\n",
+             config.server.address, server->port(),
+             config.server.tls_cert_file.empty() ? "plain TCP" : "TLS",
+             tenants ? fmt::format("{} tenants, tokens required", tenants->entries().size())
+                     : "no authentication",
+             server->metrics_port()
+                 ? fmt::format(", metrics and health on port {}", server->metrics_port())
+                 : "",
+             config.model.name, config.topology.dp, config.topology.tp,
+             ranks
+                 ? fmt::format("{} MPI ranks execute the plans (CPU backend)", ranks->world_size())
+                 : "coordinator only (no MPI launcher: no KV is held)");
   std::fflush(stdout);
   KVF_RETURN_IF_ERROR(server->run());
   fmt::print("kvfabric-serve: stopped after {} steps\n", coordinator.stats().steps);

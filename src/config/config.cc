@@ -172,9 +172,9 @@ Status validate(const Config& config) {
   }
   if (srv.max_connections == 0) return out_of_range("server.max_connections", 0, ">= 1");
   if (srv.tls_cert_file.empty() != srv.tls_key_file.empty()) {
-    return invalid_argument(std::string("server.tls_cert_file and server.tls_key_file go together (") +
-                            (srv.tls_cert_file.empty() ? "the certificate" : "the key") +
-                            " is missing)");
+    return invalid_argument(
+        std::string("server.tls_cert_file and server.tls_key_file go together (") +
+        (srv.tls_cert_file.empty() ? "the certificate" : "the key") + " is missing)");
   }
 
   auto layout = block_layout(config);

@@ -377,9 +377,8 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   const uint32_t priority = options.priority;
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
   KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
-  KVF_RETURN_IF_ERROR(
-      check_quota([&] { return request; }, tenant, 1,
-                  blocks_for(prompt.size(), config_.cache.block_size)));
+  KVF_RETURN_IF_ERROR(check_quota([&] { return request; }, tenant, 1,
+                                  blocks_for(prompt.size(), config_.cache.block_size)));
   // The prompt's unit keys in its salt's namespace, hashed once for every replica's lookup.
   const SaltScope scope{salt_of(options), options.public_tokens};
   const RadixKey key(prompt, config_.cache.block_size, scope);
@@ -549,8 +548,7 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
                            pool.block_ref_count(info->block_ids.back()) > 1;
   const size_t grown = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks();
   const size_t needed = grown + (shared_tail ? 1 : 0);
-  KVF_RETURN_IF_ERROR(
-      check_quota([&] { return "append " + to_string(seq); }, s->tenant, 0, grown));
+  KVF_RETURN_IF_ERROR(check_quota([&] { return "append " + to_string(seq); }, s->tenant, 0, grown));
   if (pool.available_block_count() < needed) {
     const std::optional<BlockId> copied_tail =
         shared_tail ? std::optional(info->block_ids.back()) : std::nullopt;
@@ -613,8 +611,8 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
   }
   const SequenceInfo* child = replicas_[to].cache.pool().get_sequence(dst);
-  Sequence& forked = seqs_[dst] = Sequence{to,  false, child->num_tokens, child->priority, 0, {},
-                                           next_incarnation_++, tenant, 0};
+  Sequence& forked = seqs_[dst] = Sequence{
+      to, false, child->num_tokens, child->priority, 0, {}, next_incarnation_++, tenant, 0};
   charge(forked, child->num_blocks());
   ++tenants_[tenant].stats.sequences;
   ++replicas_[to].running;
@@ -696,7 +694,8 @@ Status Coordinator::check_tenant_priority(const std::string& request, uint32_t t
   const uint32_t highest = quota_of(t).max_priority;
   if (priority <= highest) return ok_status();
   return invalid_argument(request + ": priority " + std::to_string(priority) + " is above " +
-                          std::to_string(highest) + ", the highest this tenant may give (max_priority, " +
+                          std::to_string(highest) +
+                          ", the highest this tenant may give (max_priority, " +
                           (t.own_quota ? "its own quota" : "the tenants section") + ")");
 }
 
@@ -728,7 +727,8 @@ TenantStats Coordinator::tenant_stats(std::string_view tenant) const {
 
 std::vector<std::string> Coordinator::tenants() const {
   std::vector<std::string> names;
-  for (const auto& [name, id] : tenant_ids_) names.push_back(name);
+  for (const auto& [name, id] : tenant_ids_)
+    names.push_back(name);
   return names;
 }
 
@@ -867,8 +867,8 @@ Status Coordinator::verify_integrity() const {
                     "tenant '" + tenants_[i].name + "' counts " + std::to_string(have.sequences) +
                         " sequences, " + std::to_string(have.blocks) + " blocks (" +
                         std::to_string(have.host_blocks) + " on the host); its sequences hold " +
-                        std::to_string(want.sequences) + ", " + std::to_string(want.blocks) +
-                        " (" + std::to_string(want.host_blocks) + ")");
+                        std::to_string(want.sequences) + ", " + std::to_string(want.blocks) + " (" +
+                        std::to_string(want.host_blocks) + ")");
     }
   }
   for (uint32_t r = 0; r < replicas_.size(); ++r) {

@@ -17,7 +17,8 @@ CacheSalt CacheSalt::of(std::string_view salt) {
   KVF_CHECK(ok == 1 && length >= 16, "SHA-256 of a cache salt failed");
   auto word = [&](size_t at) {
     uint64_t w = 0;
-    for (size_t i = 0; i < 8; ++i) w = (w << 8) | digest[at + i];
+    for (size_t i = 0; i < 8; ++i)
+      w = (w << 8) | digest[at + i];
     return w;
   };
   CacheSalt id{word(0), word(8)};

@@ -34,8 +34,9 @@ class ByteStream {
     if (TlsSocket* t = tls()) {
       t->async_handshake(side, std::forward<Handler>(handler));
     } else {
-      asio::post(socket().get_executor(),
-                 [h = std::forward<Handler>(handler)]() mutable { h(boost::system::error_code{}); });
+      asio::post(socket().get_executor(), [h = std::forward<Handler>(handler)]() mutable {
+        h(boost::system::error_code{});
+      });
     }
   }
   template <typename Buffer, typename Delimiter, typename Handler>

@@ -125,7 +125,8 @@ constexpr size_t kQuotedKeyChars = 64;
 std::string utf8_prefix(const std::string& text, size_t max_bytes) {
   if (text.size() <= max_bytes) return text;
   size_t end = max_bytes;
-  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80)
+    --end;
   return text.substr(0, end);
 }
 
@@ -197,10 +198,14 @@ json plan_reply(const StepPlan& plan) {
 }
 
 json tenant_reply(const TenantStats& t) {
-  return {{"admitted", t.admitted},       {"prompt_tokens", t.prompt_tokens},
-          {"cached_tokens", t.cached_tokens}, {"migrated_tokens", t.migrated_tokens},
-          {"refused", t.refused},         {"preempted", t.preempted},
-          {"sequences", t.sequences},     {"blocks", t.blocks},
+  return {{"admitted", t.admitted},
+          {"prompt_tokens", t.prompt_tokens},
+          {"cached_tokens", t.cached_tokens},
+          {"migrated_tokens", t.migrated_tokens},
+          {"refused", t.refused},
+          {"preempted", t.preempted},
+          {"sequences", t.sequences},
+          {"blocks", t.blocks},
           {"host_blocks", t.host_blocks}};
 }
 
@@ -292,11 +297,9 @@ class ControlRequestHandler {
                             Lock& lock);
   static Result<json> run(ControlProtocol& protocol, ControlOp op, const Request& fields,
                           ControlIdentity& who, Lock& lock);
-  static Result<json> hello(ControlProtocol& protocol, const Request& fields,
-                            ControlIdentity& who);
+  static Result<json> hello(ControlProtocol& protocol, const Request& fields, ControlIdentity& who);
   // SequenceNotFound, as for an unknown id, when `seq` is another tenant's and `who` no admin.
-  static Status check_owner(const ControlProtocol& protocol, const ControlIdentity& who,
-                            SeqId seq);
+  static Status check_owner(const ControlProtocol& protocol, const ControlIdentity& who, SeqId seq);
   static Status check_admin(const ControlIdentity& who, ControlOp op);
   static Result<json> step(ControlProtocol& protocol, Lock& lock);
 };
@@ -500,28 +503,29 @@ Status ControlRequestHandler::check_owner(const ControlProtocol& protocol,
 
 Status ControlRequestHandler::check_admin(const ControlIdentity& who, ControlOp op) {
   if (who.admin) return ok_status();
-  return Status(ErrorCode::kPermissionDenied,
-                std::string(control_op_name(op)) + ": only an admin tenant may do this (tenant '" +
-                    who.tenant + "' is not one)");
+  return Status(ErrorCode::kPermissionDenied, std::string(control_op_name(op)) +
+                                                  ": only an admin tenant may do this (tenant '" +
+                                                  who.tenant + "' is not one)");
 }
 
 Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
                                         const Request& fields, ControlIdentity& who, Lock& lock) {
   Coordinator& coordinator = *protocol.coordinator_;
   if (who.refused) {
-    return Status(ErrorCode::kUnauthenticated, std::string(control_op_name(op)) +
-                                                   ": this connection presented a wrong token");
+    return Status(ErrorCode::kUnauthenticated,
+                  std::string(control_op_name(op)) + ": this connection presented a wrong token");
   }
   if (!who.authenticated && op != ControlOp::kHello) {
-    return Status(ErrorCode::kUnauthenticated, std::string(control_op_name(op)) +
-                                                   ": send hello with this tenant's token first");
+    return Status(ErrorCode::kUnauthenticated,
+                  std::string(control_op_name(op)) + ": send hello with this tenant's token first");
   }
   if (!protocol.failure_.ok() && !is_read_only(op)) return protocol.failure_;
   switch (op) {
     case ControlOp::kHello:
       return hello(protocol, fields, who);
     case ControlOp::kAdmit: {
-      KVF_RETURN_IF_ERROR(fields.only({"seq", "tokens", "priority", "cache_salt", "public_tokens"}));
+      KVF_RETURN_IF_ERROR(
+          fields.only({"seq", "tokens", "priority", "cache_salt", "public_tokens"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
       KVF_ASSIGN_OR_RETURN(std::vector<TokenId> tokens, fields.tokens("tokens"));
       KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));

@@ -66,7 +66,8 @@ std::optional<std::string_view> bearer_token(std::string_view head) {
   for (size_t at = head.find("\r\n"); at != std::string_view::npos;) {
     const size_t start = at + 2;
     const size_t end = head.find("\r\n", start);
-    const std::string_view line = head.substr(start, end == std::string_view::npos ? end : end - start);
+    const std::string_view line =
+        head.substr(start, end == std::string_view::npos ? end : end - start);
     at = end;
     if (line.size() < kHeader.size()) continue;
     bool match = true;
@@ -76,7 +77,8 @@ std::optional<std::string_view> bearer_token(std::string_view head) {
     }
     if (!match) continue;
     std::string_view value = line.substr(kHeader.size());
-    while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+    while (!value.empty() && value.front() == ' ')
+      value.remove_prefix(1);
     if (value.rfind("Bearer ", 0) != 0) return std::nullopt;
     return value.substr(7);
   }
@@ -277,7 +279,9 @@ struct ControlServer::Impl {
 class ControlServer::Impl::Session {
  public:  // inherited by the sessions' own constructors
   Session(Impl& server, std::atomic<uint32_t>& open, ByteStream stream)
-      : server_(server), open_(open), stream_(std::move(stream)),
+      : server_(server),
+        open_(open),
+        stream_(std::move(stream)),
         idle_(stream_.socket().get_executor()) {}
 
  protected:
@@ -333,7 +337,8 @@ class ControlServer::Impl::ControlSession
   void note_identity() {
     if (identity_.authenticated && !logged_in_) {
       logged_in_ = true;
-      asio::post(stream_.socket().get_executor(), [self = shared_from_this()] { self->login_.cancel(); });
+      asio::post(stream_.socket().get_executor(),
+                 [self = shared_from_this()] { self->login_.cancel(); });
     }
     close_after_reply_ = identity_.refused;
   }
@@ -342,29 +347,28 @@ class ControlServer::Impl::ControlSession
   void send(std::string reply) {
     reply_ = std::move(reply);
     arm_idle_timer();  // a client that does not read its reply is idle too
-    stream_.async_write(asio::buffer(reply_),
-                      [self = shared_from_this()](ErrorCodeT e, size_t) {
-                        self->idle_.cancel();
-                        if (self->server_.protocol.shutdown_requested()) {
-                          self->server_.stop();
-                          return;
-                        }
-                        if (self->close_after_reply_) {
-                          self->close();
-                          return;
-                        }
-                        if (!e) self->read();
-                      });
+    stream_.async_write(asio::buffer(reply_), [self = shared_from_this()](ErrorCodeT e, size_t) {
+      self->idle_.cancel();
+      if (self->server_.protocol.shutdown_requested()) {
+        self->server_.stop();
+        return;
+      }
+      if (self->close_after_reply_) {
+        self->close();
+        return;
+      }
+      if (!e) self->read();
+    });
   }
 
  private:
   void refuse_connection() {
-    reply_ = server_.protocol.refuse(Status(
-                 ErrorCode::kResourceExhausted,
-                 "the control plane serves at most " +
-                     std::to_string(server_.options.max_connections) +
-                     " connections (server.max_connections); closing this one")) +
-             "\n";
+    reply_ =
+        server_.protocol.refuse(Status(
+            ErrorCode::kResourceExhausted,
+            "the control plane serves at most " + std::to_string(server_.options.max_connections) +
+                " connections (server.max_connections); closing this one")) +
+        "\n";
     stream_.async_write(asio::buffer(reply_),
                         [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
   }
@@ -444,20 +448,19 @@ class ControlServer::Impl::HttpSession
       self->stream_.close();
     });
     const bool admitted = within_limit();
-    stream_.async_handshake(ssl::stream_base::server,
-                            [self = shared_from_this(), admitted](ErrorCodeT ec) {
-                              if (ec) {
-                                self->stream_.close();
-                              } else if (admitted) {
-                                self->read_request();
-                              } else {
-                                self->respond(http_response(
-                                    "503 Service Unavailable", "text/plain",
-                                    "at most " +
-                                        std::to_string(self->server_.options.max_connections) +
-                                        " HTTP connections are served (server.max_connections)\n"));
-                              }
-                            });
+    stream_.async_handshake(
+        ssl::stream_base::server, [self = shared_from_this(), admitted](ErrorCodeT ec) {
+          if (ec) {
+            self->stream_.close();
+          } else if (admitted) {
+            self->read_request();
+          } else {
+            self->respond(
+                http_response("503 Service Unavailable", "text/plain",
+                              "at most " + std::to_string(self->server_.options.max_connections) +
+                                  " HTTP connections are served (server.max_connections)\n"));
+          }
+        });
   }
 
  private:
@@ -541,8 +544,7 @@ std::string ControlServer::Impl::http_reply(std::string_view head) const {
     // Per-tenant figures are an admin's: with tenants, the scraper sends an admin's token.
     if (protocol.requires_auth()) {
       const std::optional<std::string_view> token = bearer_token(head);
-      const std::optional<TenantEntry> who =
-          token ? protocol.authenticate(*token) : std::nullopt;
+      const std::optional<TenantEntry> who = token ? protocol.authenticate(*token) : std::nullopt;
       if (!who) {
         return http_response("401 Unauthorized", "text/plain",
                              "send an admin tenant's token: Authorization: Bearer <token>\n",
@@ -627,13 +629,13 @@ ControlServerStats ControlServer::stats() const {
 }
 
 Status ControlServer::run() {
-  KVF_LOG_INFO(kServer, "control plane listening on {} ({}, {}){}",
-               endpoint_text(impl_->control->acceptor.local_endpoint()),
-               impl_->tls ? "TLS" : "plain TCP",
-               impl_->protocol.requires_auth() ? "tokens required" : "no authentication",
-               impl_->http ? ", metrics and health on " +
-                                 endpoint_text(impl_->http->acceptor.local_endpoint())
-                           : "");
+  KVF_LOG_INFO(
+      kServer, "control plane listening on {} ({}, {}){}",
+      endpoint_text(impl_->control->acceptor.local_endpoint()), impl_->tls ? "TLS" : "plain TCP",
+      impl_->protocol.requires_auth() ? "tokens required" : "no authentication",
+      impl_->http
+          ? ", metrics and health on " + endpoint_text(impl_->http->acceptor.local_endpoint())
+          : "");
   std::thread io_thread([this] { impl_->io.run(); });
   impl_->serve_requests();
   impl_->io.stop();
@@ -688,9 +690,10 @@ Result<std::unique_ptr<ssl::context>> client_tls(const ControlClientOptions& opt
     tls->load_verify_file(options.ca_file, ec);
   }
   if (ec) {
-    return invalid_argument("TLS certificate authorities '" +
-                            (options.ca_file.empty() ? std::string("system default") : options.ca_file) +
-                            "': " + ec.message());
+    return invalid_argument(
+        "TLS certificate authorities '" +
+        (options.ca_file.empty() ? std::string("system default") : options.ca_file) +
+        "': " + ec.message());
   }
   tls->set_verify_mode(ssl::verify_peer);
   return tls;
@@ -789,8 +792,8 @@ Result<std::string> http_get(const std::string& host, uint16_t port, const std::
   KVF_RETURN_IF_ERROR(open_client_stream(io, host, port, options, tls, stream));
   const std::string auth =
       options.token.empty() ? "" : "Authorization: Bearer " + options.token + "\r\n";
-  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n" + auth +
-                              "Connection: close\r\n\r\n";
+  const std::string request =
+      "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "Connection: close\r\n\r\n";
   ErrorCodeT ec;
   stream->write(asio::buffer(request), ec);
   std::string response;

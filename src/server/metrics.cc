@@ -46,9 +46,10 @@ std::string label_value(std::string_view text) {
 void render_tenant_metrics(std::string& out, const Coordinator& coordinator) {
   const std::vector<std::string> names = coordinator.tenants();
   std::vector<TenantStats> stats;
-  for (const std::string& name : names) stats.push_back(coordinator.tenant_stats(name));
-  const auto per_tenant = [&](std::string_view metric, std::string_view type,
-                              std::string_view help, uint64_t TenantStats::*field) {
+  for (const std::string& name : names)
+    stats.push_back(coordinator.tenant_stats(name));
+  const auto per_tenant = [&](std::string_view metric, std::string_view type, std::string_view help,
+                              uint64_t TenantStats::*field) {
     family(out, metric, type, help, [&](auto&& sample) {
       for (size_t i = 0; i < names.size(); ++i) {
         sample(fmt::format("tenant=\"{}\"", label_value(names[i])), stats[i].*field);
@@ -73,7 +74,8 @@ void render_tenant_metrics(std::string& out, const Coordinator& coordinator) {
              "Blocks in the tables of live sequences (counted per sequence), by tenant.",
              &TenantStats::blocks);
   per_tenant("kvfabric_tenant_host_blocks", "gauge",
-             "Of those, blocks swapped out to the host tier, by tenant.", &TenantStats::host_blocks);
+             "Of those, blocks swapped out to the host tier, by tenant.",
+             &TenantStats::host_blocks);
 }
 
 }  // namespace

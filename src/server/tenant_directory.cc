@@ -45,8 +45,8 @@ class Parser {
   explicit Parser(std::string_view source) : source_(source) {}
 
   Status error(const YAML::Node& at, const std::string& what) const {
-    return invalid_argument(std::string(source_) + ":" + std::to_string(at.Mark().line + 1) +
-                            ": " + what);
+    return invalid_argument(std::string(source_) + ":" + std::to_string(at.Mark().line + 1) + ": " +
+                            what);
   }
 
   Result<uint64_t> number(const YAML::Node& value, const std::string& key, uint64_t max) const {
@@ -113,7 +113,8 @@ class Parser {
 
 }  // namespace
 
-Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text, std::string_view source) {
+Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text,
+                                               std::string_view source) {
   // yaml-cpp throws on malformed text and on a key that is not a scalar, wherever it is read.
   try {
     const YAML::Node root = YAML::Load(std::string(yaml_text));
@@ -131,7 +132,8 @@ Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text, std::
       }
       std::string digest = sha256(token);
       for (const std::string& other : directory.digests_) {
-        if (other == digest) return parser.error(node, "tenant '" + entry.name + "' reuses a token");
+        if (other == digest)
+          return parser.error(node, "tenant '" + entry.name + "' reuses a token");
       }
       directory.entries_.push_back(std::move(entry));
       directory.digests_.push_back(std::move(digest));

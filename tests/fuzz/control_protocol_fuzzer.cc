@@ -38,7 +38,9 @@ const TenantDirectory& fuzz_tenants() {
   - {name: ops, token: ops-token-0123456789, admin: true}
   - {name: a, token: a-token-0123456789, max_blocks: 10, max_host_blocks: 2, max_sequences: 3}
   - {name: b, token: b-token-0123456789}
-)", "fuzz").value();
+)",
+                                                                "fuzz")
+                                             .value();
   return tenants;
 }
 
@@ -61,8 +63,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                             : ok_status();
   };
   ControlProtocol protocol(*coordinator, sink, limits);
-  ControlIdentity connections[4] = {{"ops", true, true}, {"a", false, true}, {"b", false, true},
-                                    protocol.new_connection()};
+  ControlIdentity connections[4] = {
+      {"ops", true, true}, {"a", false, true}, {"b", false, true}, protocol.new_connection()};
   size_t turn = 0;
   std::string_view input(reinterpret_cast<const char*>(data), size);
   while (!input.empty()) {

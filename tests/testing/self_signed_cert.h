@@ -31,7 +31,8 @@ inline PemFiles write_self_signed_cert(const std::filesystem::path& dir, const s
   X509_set_pubkey(cert.get(), key.get());
   X509_NAME* subject = X509_get_subject_name(cert.get());
   X509_NAME_add_entry_by_txt(subject, "CN", MBSTRING_ASC,
-                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1, 0);
+                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1,
+                             0);
   X509_set_issuer_name(cert.get(), subject);
   X509V3_CTX ctx;
   X509V3_set_ctx_nodb(&ctx);

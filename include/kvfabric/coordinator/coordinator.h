@@ -52,9 +52,9 @@ struct TenantStats {
   uint64_t migrated_tokens = 0;  //!< of those, moved from another replica's cache
   uint64_t refused = 0;          //!< admit, append and fork requests refused for room or quota
   uint64_t preempted = 0;
-  uint64_t sequences = 0;        //!< live now (running or swapped out)
-  uint64_t blocks = 0;           //!< in their tables (TenantQuota::max_blocks counts these)
-  uint64_t host_blocks = 0;      //!< of those, swapped out to the host tier
+  uint64_t sequences = 0;    //!< live now (running or swapped out)
+  uint64_t blocks = 0;       //!< in their tables (TenantQuota::max_blocks counts these)
+  uint64_t host_blocks = 0;  //!< of those, swapped out to the host tier
 };
 
 struct CoordinatorStats {
@@ -176,7 +176,7 @@ class Coordinator {
     //! Which admission or fork made this record: a SeqId the scheduler frees and uses again
     //! names a new sequence, and the old one's prompt must never be indexed onto its blocks.
     uint64_t incarnation = 0;
-    uint32_t tenant = 0;         //!< index into tenants_
+    uint32_t tenant = 0;          //!< index into tenants_
     uint64_t charged_blocks = 0;  //!< its table's blocks, as counted in its tenant's stats
   };
   struct Tenant {
@@ -247,7 +247,7 @@ class Coordinator {
   Status no_room(const std::string& request, uint32_t replica, size_t needed,
                  const Relief& relief) const;
   [[nodiscard]] std::vector<const SequenceInfo*> victim_order(uint32_t replica,
-                                                             const ReliefRequest& request) const;
+                                                              const ReliefRequest& request) const;
   Relief plan_relief(uint32_t replica, const ReliefRequest& request) const;
   void relieve(uint32_t replica, std::span<const SeqId> victims);
   bool swap_out(SeqId seq);

@@ -88,7 +88,9 @@ uint64_t radix_salted_key(uint64_t unit_key, const CacheSalt& salt);
 class RadixKey {
  public:
   RadixKey(std::span<const TokenId> tokens, uint32_t granularity, SaltScope scope = {})
-      : tokens_(tokens), granularity_(granularity), scope_(scope),
+      : tokens_(tokens),
+        granularity_(granularity),
+        scope_(scope),
         public_end_(public_end_of(tokens.size(), granularity, scope)),
         unit_keys_(granularity == 0 ? 0 : (tokens.size() + granularity - 1) / granularity) {}
 
@@ -312,8 +314,8 @@ class RadixTree {
   template <typename Check, typename MakeValue>
   Result<Insertion> insert_checked(std::span<const TokenId> key, uint32_t priority, Check&& check,
                                    MakeValue&& make_value) {
-    return insert_checked(RadixKey(key, options_.granularity), priority,
-                          std::forward<Check>(check), std::forward<MakeValue>(make_value));
+    return insert_checked(RadixKey(key, options_.granularity), priority, std::forward<Check>(check),
+                          std::forward<MakeValue>(make_value));
   }
   //! insert_checked() of a key that may be salted: its public part and its salted part become
   //! separate nodes, so that no edge holds tokens of both. The key must have this tree's
@@ -342,9 +344,7 @@ class RadixTree {
     const size_t whole_end = key.size() - key.size() % options_.granularity;
     const size_t public_end = std::min(query.public_end(), whole_end);
     while (pos < key.size()) {
-      const size_t end = pos < public_end  ? public_end
-                         : pos < whole_end ? whole_end
-                                           : key.size();
+      const size_t end = pos < public_end ? public_end : pos < whole_end ? whole_end : key.size();
       const uint64_t child_key = query.unit_key(pos);
       cur = new_node(cur, key.subspan(pos, end - pos), child_key, query.salt_at(pos),
                      make_value(pos, end - pos));
@@ -542,8 +542,8 @@ class RadixTree {
     size_t pos = 0;
     while (pos < key.size()) {
       // The public part of a salted key is compared only up to its end (edges never cross it).
-      const auto rest = pos < query.public_end() ? key.subspan(pos, query.public_end() - pos)
-                                                 : key.subspan(pos);
+      const auto rest =
+          pos < query.public_end() ? key.subspan(pos, query.public_end() - pos) : key.subspan(pos);
       const uint32_t child = find_child(cur, query, pos, rest);
       if (child == kNone) break;
       const std::vector<TokenId>& edge = nodes_[child].edge_;

@@ -56,7 +56,7 @@ struct ControlIdentity {
 };
 
 struct ControlProtocolOptions {
-  bool allow_shutdown = false;       //!< whether a client (an admin) may stop the server
+  bool allow_shutdown = false;  //!< whether a client (an admin) may stop the server
   //! Who may connect (server.tenants_file); must outlive the protocol. nullptr: no
   //! authentication, every connection is the admin of the default tenant.
   const TenantDirectory* tenants = nullptr;
@@ -92,15 +92,14 @@ struct ControlHealth {
 //! | op | fields | result |
 //! |---|---|---|
 //! | hello | token? | protocol, model, dp, tp, block_size, block_bytes, next_step, tenant, admin |
-//! | admit | seq, tokens, priority?, cache_salt?, public_tokens? | replica, cached_tokens, migrated_tokens, blocks |
-//! | append | seq, num_tokens | |
-//! | fork | src, dst, replica? | replica |
+//! | admit | seq, tokens, priority?, cache_salt?, public_tokens? | replica, cached_tokens,
+//! migrated_tokens, blocks | | append | seq, num_tokens | | | fork | src, dst, replica? | replica |
 //! | free | seq | |
 //! | set_priority | seq, priority | |
 //! | step | | step, tables, released, preempted, ops {swap_out, migrate, swap_in, copy} |
 //! | query | seq | replica, swapped, blocks |
-//! | stats | | the coordinator's counters, each replica's pool and each tenant (an admin); the caller's tenant (others) |
-//! | shutdown | | (when allowed, an admin) |
+//! | stats | | the coordinator's counters, each replica's pool and each tenant (an admin); the
+//! caller's tenant (others) | | shutdown | | (when allowed, an admin) |
 //!
 //! Tenants (with options.tenants): a connection first sends hello with its token; any other
 //! request before that is Unauthenticated. A tenant admits under its own name (and cache salt),

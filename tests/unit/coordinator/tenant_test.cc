@@ -19,9 +19,9 @@
 namespace kvfabric {
 namespace {
 
+using ::testing::HasSubstr;
 using testing::serving_config;
 using testing::token_run;
-using ::testing::HasSubstr;
 
 constexpr size_t kBlock = 16;
 
@@ -129,9 +129,11 @@ TEST_P(TenantRoutingTest, RoutingAndMigrationNeverCrossSalts) {
   step_ok(c);
   step_ok(c);
   // Load replica 0 so that a request without a cached prefix goes to replica 1.
-  for (uint64_t s = 2; s < 6; ++s) admit_ok(c, s, token_run(kBlock, 100 * s), as("filler"));
+  for (uint64_t s = 2; s < 6; ++s)
+    admit_ok(c, s, token_run(kBlock, 100 * s), as("filler"));
   std::vector<uint32_t> filler_replicas;
-  for (uint64_t s = 2; s < 6; ++s) filler_replicas.push_back(*c.replica_of(SeqId{s}));
+  for (uint64_t s = 2; s < 6; ++s)
+    filler_replicas.push_back(*c.replica_of(SeqId{s}));
   const Placement bob = admit_ok(c, 10, prompt, as("bob"));
   EXPECT_EQ(bob.cached_tokens, 0u);
   EXPECT_EQ(bob.migrated_tokens, 0u);
@@ -178,10 +180,12 @@ TEST(TenantQuotaTest, QuotasRefuseWhatWouldPassThemAndChangeNothing) {
   EXPECT_EQ(c.tenant_stats("small").refused, 3u);
 
   // max_sequences (the tenants section) for a tenant without its own quota.
-  for (uint64_t s = 10; s < 13; ++s) admit_ok(c, s, token_run(kBlock, 100 * s), as("big"));
+  for (uint64_t s = 10; s < 13; ++s)
+    admit_ok(c, s, token_run(kBlock, 100 * s), as("big"));
   refused = c.admit(SeqId{13}, token_run(kBlock, 7), as("big"));
   EXPECT_EQ(refused.status().code(), ErrorCode::kResourceExhausted);
-  EXPECT_THAT(refused.status().message(), HasSubstr("at most 3 (max_sequences, the tenants section)"));
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("at most 3 (max_sequences, the tenants section)"));
   EXPECT_EQ(c.fork(SeqId{10}, SeqId{14}).code(), ErrorCode::kResourceExhausted);
   // Freeing gives the room back.
   ASSERT_TRUE(c.free(SeqId{10}).ok());
@@ -245,7 +249,8 @@ TEST(TenantFairnessTest, TheTenantHoldingTheMostBlocksGivesWayFirst) {
   admit_ok(c, 5, token_run(kBlock - 1, 900), light2);
   AdmitOptions hog = as("hog");
   hog.priority = 1;
-  for (uint64_t s = 2; s < 4; ++s) admit_ok(c, s, token_run(2 * kBlock, 100 * s), hog);
+  for (uint64_t s = 2; s < 4; ++s)
+    admit_ok(c, s, token_run(2 * kBlock, 100 * s), hog);
   admit_ok(c, 4, token_run(kBlock, 700), hog);
   step_ok(c);
   ASSERT_EQ(c.replica_cache(0).pool().available_block_count(), 0u);
@@ -289,11 +294,14 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
     size_t best = 0;
     auto common = [&](const std::vector<TokenId>& q, size_t limit) {
       size_t n = 0;
-      while (n < std::min({p.size(), q.size(), limit}) && p[n] == q[n]) ++n;
+      while (n < std::min({p.size(), q.size(), limit}) && p[n] == q[n])
+        ++n;
       return n;
     };
-    for (const auto& q : computed[salt]) best = std::max(best, common(q, SIZE_MAX));
-    for (const auto& q : computed[""]) best = std::max(best, common(q, pub - pub % kBlock));
+    for (const auto& q : computed[salt])
+      best = std::max(best, common(q, SIZE_MAX));
+    for (const auto& q : computed[""])
+      best = std::max(best, common(q, pub - pub % kBlock));
     return best;
   };
   std::map<uint64_t, std::string> live;
@@ -305,7 +313,8 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
       const uint64_t choice = rng() % 10;
       if (choice < 4) {
         std::vector<TokenId> prompt = token_run(kBlock * (1 + rng() % 3), 0);  // shared start
-        for (size_t i = kBlock; i < prompt.size(); ++i) prompt[i] = static_cast<TokenId>(rng() % 2);
+        for (size_t i = kBlock; i < prompt.size(); ++i)
+          prompt[i] = static_cast<TokenId>(rng() % 2);
         const size_t pub = (rng() % 2) * kBlock;
         const size_t bound = longest_known(tenant, prompt, pub);
         auto placed = c.admit(SeqId{next}, prompt, as(tenant, pub));
@@ -334,7 +343,8 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
     }
     const auto plan = c.step();
     ASSERT_TRUE(plan.ok()) << plan.status();
-    for (SeqId gone : plan->preempted) live.erase(gone.value);
+    for (SeqId gone : plan->preempted)
+      live.erase(gone.value);
     ASSERT_TRUE(c.verify_integrity().ok()) << c.verify_integrity() << testing::property_trace();
     for (const std::string& t : names) {
       const TenantQuota q = c.tenant_quota(t);
@@ -363,12 +373,14 @@ class CollidingBlockTest : public ::testing::Test {
   static constexpr uint64_t kTop = 1ULL << 63;
   static uint64_t inverse(uint64_t a) {  // of an odd number, mod 2^64 (Newton)
     uint64_t x = a;
-    for (int i = 0; i < 6; ++i) x *= 2 - a * x;
+    for (int i = 0; i < 6; ++i)
+      x *= 2 - a * x;
     return x;
   }
   static uint64_t undo_xorshift(uint64_t y, int s) {
     uint64_t x = y;
-    for (int i = 0; i < 64 / s + 1; ++i) x = y ^ (x >> s);
+    for (int i = 0; i < 64 / s + 1; ++i)
+      x = y ^ (x >> s);
     return x;
   }
   static CacheSalt tenant_salt(const std::string& tenant) {
@@ -401,7 +413,8 @@ class CollidingBlockTest : public ::testing::Test {
       }
     }
     uint64_t x = h;
-    for (int l = 3; l >= 1; --l) x = (undo_xorshift(x, 32) * inverse(kMul)) ^ lanes[l];
+    for (int l = 3; l >= 1; --l)
+      x = (undo_xorshift(x, 32) * inverse(kMul)) ^ lanes[l];
     const uint64_t lane0 = (undo_xorshift(x, 32) * inverse(kMul)) ^ 16;
     const uint64_t w = (undo_xorshift(lane0, 29) * inverse(kMul)) ^ lanes[0];
     t[8] = static_cast<TokenId>(w);
@@ -417,8 +430,9 @@ class CollidingBlockTest : public ::testing::Test {
     ASSERT_TRUE(unit.has_value());
     probe_ = unhash(*unit);
     // The construction follows the hash: if the hash changes, this test must change with it.
-    ASSERT_EQ(detail::radix_salted_key(detail::radix_unit_key(probe_, kBlock), tenant_salt("mallory")),
-              target);
+    ASSERT_EQ(
+        detail::radix_salted_key(detail::radix_unit_key(probe_, kBlock), tenant_salt("mallory")),
+        target);
     const auto tail = token_run(kBlock, 1);
     probe_.insert(probe_.end(), tail.begin(), tail.end());
   }
@@ -439,7 +453,8 @@ TEST_F(CollidingBlockTest, ACollidingBlockRevealsNothingAndBlocksNothing) {
     step_ok(c);
     EXPECT_EQ(admit_ok(c, 11, probe_, as("mallory")).cached_tokens, probe_.size())
         << "victim cached: " << victim_cached;
-    if (victim_cached) EXPECT_EQ(admit_ok(c, 2, secret_, as("alice")).cached_tokens, secret_.size());
+    if (victim_cached)
+      EXPECT_EQ(admit_ok(c, 2, secret_, as("alice")).cached_tokens, secret_.size());
   }
   // Planted first, the attacker's block does not keep Alice's prompt out of the cache.
   auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
@@ -452,7 +467,8 @@ TEST_F(CollidingBlockTest, ACollidingBlockRevealsNothingAndBlocksNothing) {
   EXPECT_EQ(admit_ok(c, 2, secret_, as("alice")).cached_tokens, secret_.size());
   EXPECT_EQ(admit_ok(c, 12, probe_, as("mallory")).cached_tokens, probe_.size());
   // Freed and evicted in any order, the siblings leave the index consistent.
-  for (uint64_t s : {1, 2, 10, 12}) ASSERT_TRUE(c.free(SeqId{s}).ok());
+  for (uint64_t s : {1, 2, 10, 12})
+    ASSERT_TRUE(c.free(SeqId{s}).ok());
   step_ok(c);
 }
 

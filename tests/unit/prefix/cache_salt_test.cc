@@ -43,7 +43,8 @@ class SaltedIndexTest : public ::testing::Test {
   // Indexes `tokens` under `scope` on fresh block ids; returns the newly indexed blocks.
   size_t insert(const Tokens& tokens, SaltScope scope) {
     std::vector<BlockId> blocks;
-    for (size_t i = 0; i < tokens.size() / kBlockSize; ++i) blocks.push_back(BlockId{next_++});
+    for (size_t i = 0; i < tokens.size() / kBlockSize; ++i)
+      blocks.push_back(BlockId{next_++});
     const auto added = index_->insert(RadixKey(tokens, kBlockSize, scope), blocks);
     EXPECT_TRUE(added.ok()) << added.status();
     EXPECT_TRUE(index_->verify().ok()) << index_->verify();
@@ -122,7 +123,8 @@ TEST_F(SaltedIndexTest, PropertyMatchesTheModelOfSaltedBlocks) {
   const size_t rounds = testing::property_count(300);
   for (size_t round = 0; round < rounds && next_ + 8 < 1024; ++round) {
     Tokens t(kBlockSize * (1 + rng() % 6));
-    for (TokenId& x : t) x = static_cast<TokenId>(rng() % 2);  // few symbols: long shared runs
+    for (TokenId& x : t)
+      x = static_cast<TokenId>(rng() % 2);  // few symbols: long shared runs
     const SaltScope scope{salts[rng() % salts.size()], static_cast<size_t>(rng() % 30)};
     const RadixKey key(t, kBlockSize, scope);
     size_t expected = 0;
@@ -132,7 +134,8 @@ TEST_F(SaltedIndexTest, PropertyMatchesTheModelOfSaltedBlocks) {
     ASSERT_EQ(index_->peek(key).tokens, expected * kBlockSize) << testing::property_trace();
     if (rng() % 3 != 0) {
       insert(t, scope);
-      for (size_t i = 0; i < t.size() / kBlockSize; ++i) model.insert(block_key(t, key, i));
+      for (size_t i = 0; i < t.size() / kBlockSize; ++i)
+        model.insert(block_key(t, key, i));
     }
   }
 }

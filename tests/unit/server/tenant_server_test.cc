@@ -32,7 +32,9 @@ constexpr char kTenants[] = R"(tenants:
     token: bob-token-0123456789
 )";
 
-TenantDirectory directory() { return TenantDirectory::parse(kTenants, "tenants.yaml").value(); }
+TenantDirectory directory() {
+  return TenantDirectory::parse(kTenants, "tenants.yaml").value();
+}
 
 TEST(TenantDirectoryTest, ParsesTenantsAndAuthenticatesOnlyTheirTokens) {
   const TenantDirectory d = directory();
@@ -53,7 +55,8 @@ TEST(TenantDirectoryTest, RefusesBadFilesNamingTheProblem) {
       {"users: []\n", "one key, 'tenants'"},
       {"tenants:\n  - name: a\n    token: short\n", "token of 16..512"},
       {"tenants:\n  - name: 'a b'\n    token: 0123456789abcdef\n", "[A-Za-z0-9._-]"},
-      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    color: red\n", "unknown key 'color'"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    color: red\n",
+       "unknown key 'color'"},
       {"tenants:\n  - name: a\n    token: 0123456789abcdef\n  - name: a\n    token: "
        "0123456789abcdeX\n",
        "'a' appears twice"},
@@ -70,7 +73,8 @@ TEST(TenantDirectoryTest, RefusesBadFilesNamingTheProblem) {
     ASSERT_FALSE(parsed.ok()) << text;
     EXPECT_THAT(parsed.status().message(), HasSubstr(message)) << text;
   }
-  EXPECT_EQ(TenantDirectory::load("/nonexistent/tenants.yaml").status().code(), ErrorCode::kIoError);
+  EXPECT_EQ(TenantDirectory::load("/nonexistent/tenants.yaml").status().code(),
+            ErrorCode::kIoError);
 }
 
 // A protocol with the tenants above; each caller is a connection's identity.
@@ -102,7 +106,8 @@ class TenantProtocolTest : public ::testing::Test {
   // What the admin sees of everything, to compare before and after a refused request.
   std::string everything() {
     json seen = call(ops_, {{"op", "stats"}});
-    for (int s = 0; s < 16; ++s) seen["q" + std::to_string(s)] = call(ops_, {{"op", "query"}, {"seq", s}});
+    for (int s = 0; s < 16; ++s)
+      seen["q" + std::to_string(s)] = call(ops_, {{"op", "query"}, {"seq", s}});
     return seen.dump();
   }
 
@@ -120,17 +125,20 @@ TEST_F(TenantProtocolTest, NothingButHelloBeforeAValidToken) {
     EXPECT_EQ(code(reply), "Unauthenticated") << reply;
   }
   EXPECT_EQ(code(call(fresh, {{"op", "hello"}})), "Unauthenticated");
-  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "guess-guess-guess-guess"}})), "Unauthenticated");
+  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "guess-guess-guess-guess"}})),
+            "Unauthenticated");
   EXPECT_FALSE(fresh.authenticated);
   EXPECT_TRUE(fresh.refused);  // after a wrong token even the right one is refused
-  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "bob-token-0123456789"}})), "Unauthenticated");
+  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "bob-token-0123456789"}})),
+            "Unauthenticated");
   EXPECT_FALSE(fresh.authenticated);
   fresh = protocol_.new_connection();  // a new connection
   const json hello = call(fresh, {{"op", "hello"}, {"token", "bob-token-0123456789"}});
   EXPECT_EQ(hello["tenant"], "bob");
   EXPECT_EQ(hello["admin"], false);
   // Once per connection.
-  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "ops-token-0123456789"}})), "InvalidOperation");
+  EXPECT_EQ(code(call(fresh, {{"op", "hello"}, {"token", "ops-token-0123456789"}})),
+            "InvalidOperation");
   EXPECT_EQ(fresh.tenant, "bob");
   EXPECT_EQ(call(fresh, {{"op", "hello"}})["tenant"], "bob");  // a plain hello still answers
 }
@@ -164,7 +172,8 @@ TEST_F(TenantProtocolTest, StepShutdownAndClusterStatsAreAnAdminsOnly) {
   for (const char* op : {"step", "shutdown"}) {
     const json reply = call(alice_, {{"op", op}});
     EXPECT_EQ(code(reply), "PermissionDenied") << reply;
-    EXPECT_THAT(reply["error"]["message"].get<std::string>(), HasSubstr("tenant 'alice' is not one"));
+    EXPECT_THAT(reply["error"]["message"].get<std::string>(),
+                HasSubstr("tenant 'alice' is not one"));
   }
   EXPECT_FALSE(protocol_.shutdown_requested());
   ASSERT_EQ(call(bob_, {{"op", "admit"}, {"seq", 5}, {"tokens", token_run(20, 1)}})["ok"], true);
@@ -197,7 +206,8 @@ TEST_F(TenantProtocolTest, ThePrefixCacheOracleIsClosed) {
     call(bob_, {{"op", "free"}, {"seq", seq++}});
   }
   // Bob giving Alice's name as his salt reaches nothing either; Alice herself hits.
-  const json salted = call(bob_, {{"op", "admit"}, {"seq", 20}, {"tokens", secret}, {"cache_salt", "alice"}});
+  const json salted =
+      call(bob_, {{"op", "admit"}, {"seq", 20}, {"tokens", secret}, {"cache_salt", "alice"}});
   EXPECT_EQ(salted["cached_tokens"], 0) << salted;
   EXPECT_EQ(call(alice_, {{"op", "admit"}, {"seq", 21}, {"tokens", secret}})["cached_tokens"], 48);
 }
@@ -206,16 +216,20 @@ TEST_F(TenantProtocolTest, PublicTokensAreSharedAcrossTenantsAndQuotasApply) {
   auto prompt = token_run(32, 1);
   const auto question = token_run(16, 900);
   prompt.insert(prompt.end(), question.begin(), question.end());
-  ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", 1}, {"tokens", prompt}, {"public_tokens", 32}})["ok"], true);
+  ASSERT_EQ(
+      call(alice_, {{"op", "admit"}, {"seq", 1}, {"tokens", prompt}, {"public_tokens", 32}})["ok"],
+      true);
   call(ops_, {{"op", "step"}});
   call(ops_, {{"op", "step"}});
-  const json bob = call(bob_, {{"op", "admit"}, {"seq", 2}, {"tokens", prompt}, {"public_tokens", 32}});
+  const json bob =
+      call(bob_, {{"op", "admit"}, {"seq", 2}, {"tokens", prompt}, {"public_tokens", 32}});
   EXPECT_EQ(bob["cached_tokens"], 32) << bob;
   EXPECT_EQ(code(call(bob_, {{"op", "admit"}, {"seq", 3}, {"tokens", {1}}, {"cache_salt", 7}})),
             "InvalidArgument");
   // Alice's own quota (the tenants file): 4 sequences.
   for (uint64_t s = 10; s < 13; ++s) {
-    ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", s}, {"tokens", token_run(8, 100 * s)}})["ok"], true);
+    ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", s}, {"tokens", token_run(8, 100 * s)}})["ok"],
+              true);
   }
   const json over = call(alice_, {{"op", "admit"}, {"seq", 13}, {"tokens", {1, 2}}});
   EXPECT_EQ(code(over), "ResourceExhausted");
@@ -277,7 +291,8 @@ TEST_F(TenantServerTest, TlsRoundTripWithTokensAndGuardedMetrics) {
   {
     auto alice = ControlClient::connect("127.0.0.1", port, tls);
     ASSERT_TRUE(alice.ok()) << alice.status();
-    const auto placed = alice->call(json{{"op", "admit"}, {"seq", 1}, {"tokens", {1, 2, 3}}}.dump());
+    const auto placed =
+        alice->call(json{{"op", "admit"}, {"seq", 1}, {"tokens", {1, 2, 3}}}.dump());
     ASSERT_TRUE(placed.ok());
     EXPECT_EQ(json::parse(*placed)["ok"], true) << *placed;
   }
@@ -304,9 +319,11 @@ TEST_F(TenantServerTest, TlsRoundTripWithTokensAndGuardedMetrics) {
   ControlClientOptions https;
   https.tls = true;
   https.ca_file = cert_.cert;
-  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", https).status().message(), HasSubstr("401"));
+  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", https).status().message(),
+              HasSubstr("401"));
   https.token = "bob-token-0123456789";
-  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", https).status().message(), HasSubstr("403"));
+  EXPECT_THAT(http_get("127.0.0.1", metrics, "/metrics", https).status().message(),
+              HasSubstr("403"));
   https.token = "ops-token-0123456789";
   const auto text = http_get("127.0.0.1", metrics, "/metrics", https);
   ASSERT_TRUE(text.ok()) << text.status();
@@ -339,7 +356,8 @@ TEST_F(TenantServerTest, AWrongTokenOrNoLoginClosesTheConnection) {
       R"([{"op":"hello","token":"guess-number-one-0000"},{"op":"hello","token":"ops-token-0123456789"}])");
   ASSERT_TRUE(batch.ok());
   const json replies = json::parse(*batch);
-  EXPECT_THAT(replies[0]["error"]["message"].get<std::string>(), HasSubstr("closing the connection"));
+  EXPECT_THAT(replies[0]["error"]["message"].get<std::string>(),
+              HasSubstr("closing the connection"));
   EXPECT_THAT(replies[1]["error"]["message"].get<std::string>(), HasSubstr("wrong token"));
   EXPECT_FALSE(guesser.call(R"({"op":"hello"})").ok());  // closed
 
