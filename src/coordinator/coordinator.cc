@@ -357,28 +357,29 @@ Result<Placement> Coordinator::admit(SeqId seq, std::vector<TokenId>&& prompt,
   return placed;
 }
 
-Status Coordinator::check_pending_room(const std::string& request) const {
+Status Coordinator::check_pending_room(const std::function<std::string()>& request) const {
   const uint64_t pending = plan_.ops.size() + dirty_.size() + plan_.released.size() +
                            admitted_now_blocks_;
   const uint32_t limit = config_.coordinator.max_pending_plan_entries;
   if (pending < limit) return ok_status();
-  return Status(ErrorCode::kResourceExhausted,
-                request + ": the next plan holds " + std::to_string(pending) + " entries, at most " +
-                    std::to_string(limit) +
-                    " (coordinator.max_pending_plan_entries); call step first; nothing was changed");
+  return Status(
+      ErrorCode::kResourceExhausted,
+      request() + ": the next plan holds " + std::to_string(pending) + " entries, at most " +
+          std::to_string(limit) +
+          " (coordinator.max_pending_plan_entries); call step first; nothing was changed");
 }
 
 Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& prompt, uint32_t tenant,
                                          const AdmitOptions& options) {
-  const std::string request = "admit " + to_string(seq);
+  const auto request = [&] { return "admit " + to_string(seq); };
   KVF_RETURN_IF_ERROR(check_new_sequence(seq, "Sequence "));
   KVF_RETURN_IF_ERROR(check_pending_room(request));
-  if (prompt.empty()) return invalid_argument(request + ": the prompt is empty");
+  if (prompt.empty()) return invalid_argument(request() + ": the prompt is empty");
   const uint32_t priority = options.priority;
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
   KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
-  KVF_RETURN_IF_ERROR(check_quota([&] { return request; }, tenant, 1,
-                                  blocks_for(prompt.size(), config_.cache.block_size)));
+  KVF_RETURN_IF_ERROR(
+      check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
   // The prompt's unit keys in its salt's namespace, hashed once for every replica's lookup.
   const SaltScope scope{salt_of(options), options.public_tokens};
   const RadixKey key(prompt, config_.cache.block_size, scope);
@@ -505,8 +506,7 @@ Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, c
   placement.blocks = table;
   collect_copies(r);
   const uint64_t incarnation = next_incarnation_++;
-  Sequence& s = seqs_[seq] = Sequence{r, false, n, priority, 0, {}, incarnation, tenant, 0};
-  charge(s, table.size());
+  add_sequence(seq, Sequence{r, false, n, priority, 0, {}, incarnation, tenant, 0}, table.size());
   ++rep.running;
   mark_table(seq);
   admitted_now_blocks_ += blocks_for(prompt.size(), config_.cache.block_size);
@@ -516,7 +516,6 @@ Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, c
   stats_.local_hit_tokens += local_cached;
   TenantStats& t = tenants_[tenant].stats;
   ++t.admitted;
-  ++t.sequences;
   t.prompt_tokens += n;
   t.cached_tokens += placement.cached_tokens;
   t.migrated_tokens += placement.migrated_tokens;
@@ -532,7 +531,9 @@ Status Coordinator::append(SeqId seq, size_t num_tokens) {
 Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
   Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);
-  KVF_RETURN_IF_ERROR(check_pending_room("append " + to_string(seq)));
+  // Messages are built only for a refusal: this runs for every decoded token.
+  const auto request = [&] { return "append " + to_string(seq); };
+  KVF_RETURN_IF_ERROR(check_pending_room(request));
   if (s->swapped) {
     return invalid_operation(to_string(seq) + " is swapped out; it returns at a step with room");
   }
@@ -548,12 +549,12 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
                            pool.block_ref_count(info->block_ids.back()) > 1;
   const size_t grown = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks();
   const size_t needed = grown + (shared_tail ? 1 : 0);
-  KVF_RETURN_IF_ERROR(check_quota([&] { return "append " + to_string(seq); }, s->tenant, 0, grown));
+  KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 0, grown));
   if (pool.available_block_count() < needed) {
     const std::optional<BlockId> copied_tail =
         shared_tail ? std::optional(info->block_ids.back()) : std::nullopt;
     const Relief relief = plan_relief(s->replica, {needed, seq, kAnyPriority, {}, copied_tail});
-    if (!relief.enough) return no_room("append " + to_string(seq), s->replica, needed, relief);
+    if (!relief.enough) return no_room(request(), s->replica, needed, relief);
     relieve(s->replica, relief.victims);
   }
   KVF_RETURN_IF_ERROR(pool.append(seq, num_tokens));
@@ -575,10 +576,10 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
   KVF_RETURN_IF_ERROR(check_new_sequence(dst, "Destination sequence "));
   Sequence* s = find(src);
   if (s == nullptr) return sequence_not_found(src);
-  const std::string request = "fork " + to_string(src) + " -> " + to_string(dst);
+  const auto request = [&] { return "fork " + to_string(src) + " -> " + to_string(dst); };
   KVF_RETURN_IF_ERROR(check_pending_room(request));
   if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
-  KVF_RETURN_IF_ERROR(check_quota([&] { return request; }, s->tenant, 1, s->charged_blocks));
+  KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 1, s->charged_blocks));
   const uint32_t tenant = s->tenant;
   if (replica && *replica >= replicas_.size()) {
     return invalid_argument("fork to replica " + std::to_string(*replica) + " of " +
@@ -611,10 +612,11 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
   }
   const SequenceInfo* child = replicas_[to].cache.pool().get_sequence(dst);
-  Sequence& forked = seqs_[dst] = Sequence{
-      to, false, child->num_tokens, child->priority, 0, {}, next_incarnation_++, tenant, 0};
-  charge(forked, child->num_blocks());
-  ++tenants_[tenant].stats.sequences;
+  add_sequence(
+      dst,
+      Sequence{
+          to, false, child->num_tokens, child->priority, 0, {}, next_incarnation_++, tenant, 0},
+      child->num_blocks());
   ++replicas_[to].running;
   mark_table(dst);
   return ok_status();
@@ -634,6 +636,12 @@ Status Coordinator::free(SeqId seq) {
   erase_sequence(seq);
   plan_.released.push_back(seq);
   return ok_status();
+}
+
+void Coordinator::add_sequence(SeqId seq, Sequence record, uint64_t blocks) {
+  Sequence& s = seqs_[seq] = std::move(record);
+  ++tenants_[s.tenant].stats.sequences;
+  charge(s, blocks);
 }
 
 void Coordinator::erase_sequence(SeqId seq) {
@@ -664,6 +672,10 @@ const TenantQuota& Coordinator::quota_of(const Tenant& tenant) const {
   return tenant.own_quota ? *tenant.own_quota : config_.tenants;
 }
 
+const char* Coordinator::quota_source(const Tenant& tenant) {
+  return tenant.own_quota ? "its own quota" : "the tenants section";
+}
+
 Status Coordinator::check_quota(const std::function<std::string()>& request, uint32_t tenant,
                                 uint64_t sequences, uint64_t blocks) const {
   const Tenant& t = tenants_[tenant];
@@ -673,7 +685,7 @@ Status Coordinator::check_quota(const std::function<std::string()>& request, uin
   const bool too_large =
       blocks > 0 && quota.max_blocks != 0 && t.stats.blocks + blocks > quota.max_blocks;
   if (!too_many && !too_large) return ok_status();
-  const std::string source = t.own_quota ? "its own quota" : "the tenants section";
+  const std::string source = quota_source(t);
   const std::string who = t.name.empty() ? "the default tenant" : "tenant '" + t.name + "'";
   if (too_many) {
     return Status(ErrorCode::kResourceExhausted,
@@ -688,15 +700,15 @@ Status Coordinator::check_quota(const std::function<std::string()>& request, uin
                     "); nothing was changed");
 }
 
-Status Coordinator::check_tenant_priority(const std::string& request, uint32_t tenant,
-                                          uint32_t priority) const {
+Status Coordinator::check_tenant_priority(const std::function<std::string()>& request,
+                                          uint32_t tenant, uint32_t priority) const {
   const Tenant& t = tenants_[tenant];
   const uint32_t highest = quota_of(t).max_priority;
   if (priority <= highest) return ok_status();
-  return invalid_argument(request + ": priority " + std::to_string(priority) + " is above " +
+  return invalid_argument(request() + ": priority " + std::to_string(priority) + " is above " +
                           std::to_string(highest) +
-                          ", the highest this tenant may give (max_priority, " +
-                          (t.own_quota ? "its own quota" : "the tenants section") + ")");
+                          ", the highest this tenant may give (max_priority, " + quota_source(t) +
+                          ")");
 }
 
 void Coordinator::note_refusal(uint32_t tenant, const Status& status) {
@@ -746,7 +758,8 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
   Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
-  KVF_RETURN_IF_ERROR(check_tenant_priority("set_priority " + to_string(seq), s->tenant, priority));
+  KVF_RETURN_IF_ERROR(
+      check_tenant_priority([&] { return "set_priority " + to_string(seq); }, s->tenant, priority));
   if (s->swapped) {
     forget_swapped(s->replica, s->priority);
     ++replicas_[s->replica].swapped_by_priority[priority];

@@ -329,13 +329,19 @@ Status ControlProtocol::failure() const {
   return failure_;
 }
 
-ControlIdentity ControlProtocol::new_connection() const {
-  if (options_.tenants != nullptr) return ControlIdentity{};
+namespace {
+// Who a connection is when nobody needs to authenticate: the admin of the default tenant.
+ControlIdentity default_admin() {
   return ControlIdentity{"", /*admin=*/true, /*authenticated=*/true};
+}
+}  // namespace
+
+ControlIdentity ControlProtocol::new_connection() const {
+  return options_.tenants != nullptr ? ControlIdentity{} : default_admin();
 }
 
 std::string ControlProtocol::handle(std::string_view line) {
-  ControlIdentity local{"", /*admin=*/true, /*authenticated=*/true};
+  ControlIdentity local = default_admin();
   return handle(line, local);
 }
 
@@ -464,22 +470,19 @@ Result<json> ControlRequestHandler::hello(ControlProtocol& protocol, const Reque
   if (token && tenants == nullptr) {
     return invalid_argument("hello: this server has no tenants file; send hello without a token");
   }
-  if (tenants != nullptr) {
-    if (who.authenticated) {
-      if (token) {
-        return invalid_operation("hello: this connection is already authenticated as tenant '" +
-                                 who.tenant + "'; a token is sent once per connection");
-      }
-    } else {
-      if (!token) return Status(ErrorCode::kUnauthenticated, "hello: this server needs a token");
-      const std::optional<TenantEntry> entry = tenants->authenticate(*token);
-      if (!entry) {
-        who.refused = true;
-        return Status(ErrorCode::kUnauthenticated,
-                      "hello: the token is not valid; closing the connection");
-      }
-      who = ControlIdentity{entry->name, entry->admin, /*authenticated=*/true};
+  if (token && who.authenticated && tenants != nullptr) {
+    return invalid_operation("hello: this connection is already authenticated as tenant '" +
+                             who.tenant + "'; a token is sent once per connection");
+  }
+  if (tenants != nullptr && !who.authenticated) {
+    if (!token) return Status(ErrorCode::kUnauthenticated, "hello: this server needs a token");
+    const std::optional<TenantEntry> entry = tenants->authenticate(*token);
+    if (!entry) {
+      who.refused = true;
+      return Status(ErrorCode::kUnauthenticated,
+                    "hello: the token is not valid; closing the connection");
     }
+    who = ControlIdentity{entry->name, entry->admin, /*authenticated=*/true};
   }
   const Coordinator& coordinator = *protocol.coordinator_;
   const Config& c = coordinator.config();

@@ -312,23 +312,25 @@ class ControlServer::Impl::ControlSession
   void start() {
     const bool admitted = within_limit();
     identity_ = server_.protocol.new_connection();
-    logged_in_ = identity_.authenticated && !stream_.is_tls();
-    if (!logged_in_) arm_login_timer();
-    stream_.async_handshake(ssl::stream_base::server,
-                            [self = shared_from_this(), admitted](ErrorCodeT ec) {
-                              if (self->identity_.authenticated) {
-                                self->logged_in_ = true;  // no tokens: the handshake was all
-                                self->login_.cancel();
-                              }
-                              if (ec) {
-                                KVF_LOG_DEBUG(kServer, "TLS handshake failed: {}", ec.message());
-                                self->close();
-                              } else if (admitted) {
-                                self->read();
-                              } else {
-                                self->refuse_connection();
-                              }
-                            });
+    arm_login_timer();
+    stream_.async_handshake(ssl::stream_base::server, [self = shared_from_this(),
+                                                       admitted](ErrorCodeT ec) {
+      if (ec) {
+        KVF_LOG_DEBUG(kServer, "TLS handshake failed: {}", ec.message());
+        self->close();
+        return;
+      }
+      if (self->identity_.authenticated) self->logged_in();  // no tokens
+      if (admitted) {
+        self->read();
+      } else {
+        self->refuse_and_close(Status(ErrorCode::kResourceExhausted,
+                                      "the control plane serves at most " +
+                                          std::to_string(self->server_.options.max_connections) +
+                                          " connections (server.max_connections); closing this "
+                                          "one"));
+      }
+    });
   }
 
   //! Who this connection is: used (and changed by hello) on the request thread only.
@@ -336,9 +338,8 @@ class ControlServer::Impl::ControlSession
   //! Called on the request thread after each request: the io thread reads the outcome.
   void note_identity() {
     if (identity_.authenticated && !logged_in_) {
-      logged_in_ = true;
       asio::post(stream_.socket().get_executor(),
-                 [self = shared_from_this()] { self->login_.cancel(); });
+                 [self = shared_from_this()] { self->logged_in(); });
     }
     close_after_reply_ = identity_.refused;
   }
@@ -362,13 +363,15 @@ class ControlServer::Impl::ControlSession
   }
 
  private:
-  void refuse_connection() {
-    reply_ =
-        server_.protocol.refuse(Status(
-            ErrorCode::kResourceExhausted,
-            "the control plane serves at most " + std::to_string(server_.options.max_connections) +
-                " connections (server.max_connections); closing this one")) +
-        "\n";
+  // On the io thread: the login deadline no longer applies.
+  void logged_in() {
+    logged_in_ = true;
+    login_.cancel();
+  }
+
+  // Sends one refusal line, then closes the connection.
+  void refuse_and_close(const Status& why) {
+    reply_ = server_.protocol.refuse(why) + "\n";
     stream_.async_write(asio::buffer(reply_),
                         [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
   }
@@ -383,12 +386,9 @@ class ControlServer::Impl::ControlSession
   void on_line(ErrorCodeT ec, size_t n) {
     idle_.cancel();
     if (ec == asio::error::not_found) {  // no newline within max_request_bytes
-      reply_ = server_.protocol.refuse(invalid_argument(
-                   "the request exceeds " + std::to_string(server_.options.max_request_bytes) +
-                   " bytes (server.max_request_bytes); closing the connection")) +
-               "\n";
-      stream_.async_write(asio::buffer(reply_),
-                          [self = shared_from_this()](ErrorCodeT, size_t) { self->close(); });
+      refuse_and_close(invalid_argument(
+          "the request exceeds " + std::to_string(server_.options.max_request_bytes) +
+          " bytes (server.max_request_bytes); closing the connection"));
       return;
     }
     if (ec) return;  // the client went away, or the idle timer closed the socket

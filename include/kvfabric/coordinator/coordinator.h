@@ -230,6 +230,8 @@ class Coordinator {
   //! The tenant's index, registering it on first use.
   uint32_t tenant_index(std::string_view name);
   [[nodiscard]] const TenantQuota& quota_of(const Tenant& tenant) const;
+  //! Where quota_of() took the tenant's quota from, for messages.
+  static const char* quota_source(const Tenant& tenant);
   //! ResourceExhausted when `tenant` taking `sequences` more sequences and `blocks` more blocks
   //! would pass its quota; `request` names the request in the message (built only then: this
   //! runs for every decoded token).
@@ -237,10 +239,12 @@ class Coordinator {
                      uint64_t sequences, uint64_t blocks) const;
   //! Sets the blocks a sequence's table holds in its tenant's count (`host`: on the host tier).
   void charge(Sequence& s, uint64_t blocks);
-  Status check_tenant_priority(const std::string& request, uint32_t tenant,
+  Status check_tenant_priority(const std::function<std::string()>& request, uint32_t tenant,
                                uint32_t priority) const;
   //! Counts a refusal of `status` (room or quota) against the tenant.
   void note_refusal(uint32_t tenant, const Status& status);
+  //! Records a new sequence holding `blocks` blocks in its table, counted for its tenant.
+  void add_sequence(SeqId seq, Sequence record, uint64_t blocks);
   //! Drops a sequence's record and its tenant's share.
   void erase_sequence(SeqId seq);
   //! OutOfMemory for a request that making room could not satisfy, with the numbers.
@@ -261,7 +265,7 @@ class Coordinator {
   void swap_back_in();
   void index_computed_prompts();
   // Refuses `request` once the next plan has gathered max_pending_plan_entries.
-  [[nodiscard]] Status check_pending_room(const std::string& request) const;
+  [[nodiscard]] Status check_pending_room(const std::function<std::string()>& request) const;
 
   Config config_;
   uint64_t block_bytes_ = 0;

@@ -544,25 +544,21 @@ class RadixTree {
       // The public part of a salted key is compared only up to its end (edges never cross it).
       const auto rest =
           pos < query.public_end() ? key.subspan(pos, query.public_end() - pos) : key.subspan(pos);
+      // find_child() matched the first unit (a partial one: the whole edge), so at least one
+      // unit of the child is matched.
       const uint32_t child = find_child(cur, query, pos, rest);
       if (child == kNone) break;
       const std::vector<TokenId>& edge = nodes_[child].edge_;
-      if (rest.size() < g) {  // only a partial leaf with exactly these tokens matches
-        if (edge.size() == rest.size() && common_prefix_len(edge, rest) == rest.size()) {
-          pos += rest.size();
-          cur = child;
-        }
+      if (rest.size() < g) {  // a partial leaf with exactly these tokens
+        pos += rest.size();
+        cur = child;
         break;
       }
       const size_t lcp = common_prefix_len(edge, rest);
       const size_t units = lcp - lcp % g;
-      if (units == edge.size()) {
-        pos += units;
-        cur = child;
-        continue;
-      }
-      if (units > 0) return Walk{cur, pos, child, units};
-      break;
+      if (units < edge.size()) return Walk{cur, pos, child, units};
+      pos += units;
+      cur = child;
     }
     return Walk{cur, pos, kNone, 0};
   }

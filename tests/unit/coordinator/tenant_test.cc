@@ -50,12 +50,18 @@ void step_ok(Coordinator& c) {
   ASSERT_TRUE(c.verify_integrity().ok()) << c.verify_integrity();
 }
 
+// Admits, then steps twice: the forward pass computes the prompt and the next step indexes it.
+void admit_computed(Coordinator& c, uint64_t seq, std::vector<TokenId> prompt,
+                    const AdmitOptions& options) {
+  admit_ok(c, seq, std::move(prompt), options);
+  step_ok(c);
+  step_ok(c);
+}
+
 TEST(TenantTest, APromptCachedByOneTenantIsNotServedToAnother) {
   auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
   const auto prompt = token_run(4 * kBlock, 100);
-  admit_ok(c, 1, prompt, as("alice"));
-  step_ok(c);
-  step_ok(c);  // computed and indexed
+  admit_computed(c, 1, prompt, as("alice"));  // computed and indexed
   EXPECT_EQ(admit_ok(c, 2, prompt, as("alice")).cached_tokens, 4 * kBlock);
   EXPECT_EQ(admit_ok(c, 3, prompt, as("bob")).cached_tokens, 0u);
   // An explicit salt is a namespace within the tenant: Carol naming Alice's tenant as her salt
@@ -82,9 +88,7 @@ TEST(TenantTest, APromptCachedByOneTenantIsNotServedToAnother) {
 TEST(TenantTest, CachedTokensRevealNothingAboutAnotherTenantsPrompt) {
   auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
   const auto secret = token_run(3 * kBlock, 7000);
-  admit_ok(c, 1, secret, as("victim"));
-  step_ok(c);
-  step_ok(c);
+  admit_computed(c, 1, secret, as("victim"));
   const std::vector<std::vector<TokenId>> guesses = {
       token_run(3 * kBlock, 9),                                   // wrong
       concat(token_run(kBlock, 7000), token_run(2 * kBlock, 1)),  // first block right
@@ -103,9 +107,7 @@ TEST(TenantTest, APublicRangeIsComputedOnceForEveryTenant) {
   auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
   const auto system = token_run(2 * kBlock, 1);
   const auto question = token_run(2 * kBlock, 500);
-  admit_ok(c, 1, concat(system, question), as("alice", system.size()));
-  step_ok(c);
-  step_ok(c);
+  admit_computed(c, 1, concat(system, question), as("alice", system.size()));
   // Bob asks the same question after the same system prompt: only the public part is shared.
   EXPECT_EQ(admit_ok(c, 2, concat(system, question), as("bob", system.size())).cached_tokens,
             system.size());
@@ -349,9 +351,15 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
     for (const std::string& t : names) {
       const TenantQuota q = c.tenant_quota(t);
       const TenantStats s = c.tenant_stats(t);
-      if (q.max_blocks) ASSERT_LE(s.blocks, q.max_blocks) << t;
-      if (q.max_host_blocks) ASSERT_LE(s.host_blocks, q.max_host_blocks) << t;
-      if (q.max_sequences) ASSERT_LE(s.sequences, q.max_sequences) << t;
+      if (q.max_blocks) {
+        ASSERT_LE(s.blocks, q.max_blocks) << t;
+      }
+      if (q.max_host_blocks) {
+        ASSERT_LE(s.host_blocks, q.max_host_blocks) << t;
+      }
+      if (q.max_sequences) {
+        ASSERT_LE(s.sequences, q.max_sequences) << t;
+      }
     }
   }
   EXPECT_GT(c.stats().admitted, 0u);
@@ -443,27 +451,18 @@ class CollidingBlockTest : public ::testing::Test {
 TEST_F(CollidingBlockTest, ACollidingBlockRevealsNothingAndBlocksNothing) {
   for (bool victim_cached : {false, true}) {
     auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
-    if (victim_cached) {
-      admit_ok(c, 1, secret_, as("alice"));
-      step_ok(c);
-      step_ok(c);
-    }
-    admit_ok(c, 10, probe_, as("mallory"));
-    step_ok(c);
-    step_ok(c);
+    if (victim_cached) admit_computed(c, 1, secret_, as("alice"));
+    admit_computed(c, 10, probe_, as("mallory"));
     EXPECT_EQ(admit_ok(c, 11, probe_, as("mallory")).cached_tokens, probe_.size())
         << "victim cached: " << victim_cached;
-    if (victim_cached)
+    if (victim_cached) {
       EXPECT_EQ(admit_ok(c, 2, secret_, as("alice")).cached_tokens, secret_.size());
+    }
   }
   // Planted first, the attacker's block does not keep Alice's prompt out of the cache.
   auto c = Coordinator::create(serving_config(1, 1, 4, 4, 64, 0)).value();
-  admit_ok(c, 10, probe_, as("mallory"));
-  step_ok(c);
-  step_ok(c);
-  admit_ok(c, 1, secret_, as("alice"));
-  step_ok(c);
-  step_ok(c);
+  admit_computed(c, 10, probe_, as("mallory"));
+  admit_computed(c, 1, secret_, as("alice"));
   EXPECT_EQ(admit_ok(c, 2, secret_, as("alice")).cached_tokens, secret_.size());
   EXPECT_EQ(admit_ok(c, 12, probe_, as("mallory")).cached_tokens, probe_.size());
   // Freed and evicted in any order, the siblings leave the index consistent.

@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <map>
-#include <numeric>
 #include <random>
 #include <set>
 #include <tuple>
@@ -12,18 +11,14 @@
 
 #include "kvfabric/kvfabric.h"
 #include "testing/property_env.h"
+#include "testing/serving_harness.h"
 
 namespace kvfabric {
 namespace {
 
 using Tokens = std::vector<TokenId>;
+using testing::token_run;
 constexpr uint32_t kBlockSize = 4;
-
-Tokens seq_tokens(TokenId first, size_t n) {
-  Tokens t(n);
-  std::iota(t.begin(), t.end(), first);
-  return t;
-}
 
 TEST(CacheSaltTest, IdentitiesAreStableDistinctAndEmptyMeansNoSalt) {
   EXPECT_TRUE(CacheSalt::of("").empty());
@@ -60,7 +55,7 @@ class SaltedIndexTest : public ::testing::Test {
 
 TEST_F(SaltedIndexTest, ASaltedPrefixMatchesOnlyItsOwnSalt) {
   const SaltScope alice{CacheSalt::of("alice")}, bob{CacheSalt::of("bob")};
-  const Tokens prompt = seq_tokens(100, 16);
+  const Tokens prompt = token_run(16, 100);
   EXPECT_EQ(insert(prompt, alice), 4u);
   EXPECT_EQ(cached(prompt, alice), 16u);
   EXPECT_EQ(cached(prompt, bob), 0u);
@@ -70,13 +65,13 @@ TEST_F(SaltedIndexTest, ASaltedPrefixMatchesOnlyItsOwnSalt) {
   EXPECT_EQ(cached(prompt, bob), 16u);
   EXPECT_EQ(cached(prompt, alice), 16u);
   // And unsalted blocks are not served to a salted key without a public range.
-  const Tokens other = seq_tokens(500, 8);
+  const Tokens other = token_run(8, 500);
   EXPECT_EQ(insert(other, {}), 2u);
   EXPECT_EQ(cached(other, alice), 0u);
 }
 
 TEST_F(SaltedIndexTest, APublicRangeIsSharedAcrossSaltsAndNothingAfterIt) {
-  const Tokens system = seq_tokens(1, 8);  // two blocks every tenant sends
+  const Tokens system = token_run(8, 1);  // two blocks every tenant sends
   Tokens a = system, b = system;
   a.insert(a.end(), {50, 51, 52, 53, 54, 55, 56, 57});
   b.insert(b.end(), {50, 51, 52, 53, 90, 91, 92, 93});
@@ -95,7 +90,7 @@ TEST_F(SaltedIndexTest, APublicRangeIsSharedAcrossSaltsAndNothingAfterIt) {
 }
 
 TEST_F(SaltedIndexTest, APublicRangeEndingInsideAnUnsaltedEdgeSplitsIt) {
-  const Tokens prompt = seq_tokens(7, 16);
+  const Tokens prompt = token_run(16, 7);
   EXPECT_EQ(insert(prompt, {}), 4u);  // one unsalted edge of four blocks
   const SaltScope alice{CacheSalt::of("alice"), 8};
   EXPECT_EQ(cached(prompt, alice), 8u);  // compared up to the public end only
@@ -142,7 +137,7 @@ TEST_F(SaltedIndexTest, PropertyMatchesTheModelOfSaltedBlocks) {
 
 TEST_F(SaltedIndexTest, EvictionKeepsASaltedIndexConsistent) {
   const SaltScope alice{CacheSalt::of("alice"), 8};
-  const Tokens prompt = seq_tokens(7, 16);
+  const Tokens prompt = token_run(16, 7);
   insert(prompt, {});
   insert(prompt, alice);
   // Every block is in use by the sequence that indexed it; idle them all, then evict.

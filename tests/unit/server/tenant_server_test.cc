@@ -238,6 +238,36 @@ TEST_F(TenantProtocolTest, PublicTokensAreSharedAcrossTenantsAndQuotasApply) {
 
 // --- over TCP -------------------------------------------------------------------------------
 
+// A dp-1 coordinator served with the tenants above, its event loop on a thread until destroyed.
+class ServedWithTenants {
+ public:
+  explicit ServedWithTenants(const ControlServerOptions& options)
+      : coordinator_(Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value()),
+        tenants_(directory()),
+        protocol_(coordinator_, nullptr, [&] {
+          ControlProtocolOptions o;
+          o.tenants = &tenants_;
+          return o;
+        }()) {
+    auto server = ControlServer::create(protocol_, options);
+    KVF_CHECK(server.ok(), server.status().to_string());
+    server_ = std::move(server).value();
+    loop_ = std::thread([this] { (void)server_->run(); });
+  }
+  ~ServedWithTenants() {
+    server_->stop();
+    loop_.join();
+  }
+  ControlServer& server() { return *server_; }
+
+ private:
+  Coordinator coordinator_;
+  TenantDirectory tenants_;
+  ControlProtocol protocol_;
+  std::unique_ptr<ControlServer> server_;
+  std::thread loop_;
+};
+
 class TenantServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -270,19 +300,12 @@ TEST_F(TenantServerTest, APublicAddressNeedsTokens) {
 }
 
 TEST_F(TenantServerTest, TlsRoundTripWithTokensAndGuardedMetrics) {
-  Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
-  const TenantDirectory tenants = directory();
-  ControlProtocolOptions po;
-  po.tenants = &tenants;
-  ControlProtocol protocol(c, nullptr, po);
   ControlServerOptions so;
   so.metrics_port = 0;
   so.tls_cert_file = cert_.cert;
   so.tls_key_file = cert_.key;
-  auto server = ControlServer::create(protocol, so);
-  ASSERT_TRUE(server.ok()) << server.status();
-  std::thread loop([&] { (void)(*server)->run(); });
-  const uint16_t port = (*server)->port();
+  ServedWithTenants served(so);
+  const uint16_t port = served.server().port();
 
   ControlClientOptions tls;
   tls.tls = true;
@@ -312,10 +335,12 @@ TEST_F(TenantServerTest, TlsRoundTripWithTokensAndGuardedMetrics) {
   EXPECT_EQ(ControlClient::connect("127.0.0.1", port, untrusted).status().code(),
             ErrorCode::kUnavailable);
   auto plain = ControlClient::connect("127.0.0.1", port);
-  if (plain.ok()) EXPECT_FALSE(plain->call(R"({"op":"hello"})").ok());
+  if (plain.ok()) {
+    EXPECT_FALSE(plain->call(R"({"op":"hello"})").ok());
+  }
 
   // /metrics (HTTPS, like the control port): an admin's bearer token only; /health: anyone.
-  const uint16_t metrics = (*server)->metrics_port();
+  const uint16_t metrics = served.server().metrics_port();
   ControlClientOptions https;
   https.tls = true;
   https.ca_file = cert_.cert;
@@ -333,23 +358,14 @@ TEST_F(TenantServerTest, TlsRoundTripWithTokensAndGuardedMetrics) {
   ControlClientOptions plain_http;
   plain_http.token = "ops-token-0123456789";
   EXPECT_FALSE(http_get("127.0.0.1", metrics, "/metrics", plain_http).ok());  // no clear text
-  (*server)->stop();
-  loop.join();
 }
 
 // Connections that never log in, or guess a token, do not keep their slot.
 TEST_F(TenantServerTest, AWrongTokenOrNoLoginClosesTheConnection) {
-  Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
-  const TenantDirectory tenants = directory();
-  ControlProtocolOptions po;
-  po.tenants = &tenants;
-  ControlProtocol protocol(c, nullptr, po);
   ControlServerOptions so;
   so.login_timeout = std::chrono::milliseconds(200);
-  auto server = ControlServer::create(protocol, so);
-  ASSERT_TRUE(server.ok()) << server.status();
-  std::thread loop([&] { (void)(*server)->run(); });
-  const uint16_t port = (*server)->port();
+  ServedWithTenants served(so);
+  const uint16_t port = served.server().port();
 
   auto guesser = ControlClient::connect("127.0.0.1", port).value();
   const auto batch = guesser.call(
@@ -371,8 +387,6 @@ TEST_F(TenantServerTest, AWrongTokenOrNoLoginClosesTheConnection) {
   ASSERT_TRUE(ops.ok()) << ops.status();
   std::this_thread::sleep_for(std::chrono::milliseconds(500));  // logged in: the deadline is off
   EXPECT_TRUE(ops->call(R"({"op":"stats"})").ok());
-  (*server)->stop();
-  loop.join();
 }
 
 TEST_F(TenantServerTest, AnUnreadableCertificateOrKeyIsNamed) {
