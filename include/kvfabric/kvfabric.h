@@ -21,7 +21,7 @@
 #include "kvfabric/common/status.h"
 #include "kvfabric/config/config.h"
 #include "kvfabric/coordinator/coordinator.h"
-#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/plan/step_plan.h"
 #include "kvfabric/prefix/cache_salt.h"
 #include "kvfabric/prefix/cached_kv_state.h"
 #include "kvfabric/prefix/host_kv_cache.h"

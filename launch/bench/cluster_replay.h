@@ -12,7 +12,7 @@
 
 #include "bench/trace.h"
 #include "kvfabric/config/config.h"
-#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/plan/step_plan.h"
 
 namespace kvfabric::bench {
 

@@ -506,7 +506,14 @@ Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, c
   placement.blocks = table;
   collect_copies(r);
   const uint64_t incarnation = next_incarnation_++;
-  add_sequence(seq, Sequence{r, false, n, priority, 0, {}, incarnation, tenant, 0}, table.size());
+  add_sequence(seq,
+               Sequence{.replica = r,
+                        .num_tokens = n,
+                        .priority = priority,
+                        .incarnation = incarnation,
+                        .tenant = tenant,
+                        .computed_tokens = placement.cached_tokens},
+               table.size());
   ++rep.running;
   mark_table(seq);
   admitted_now_blocks_ += blocks_for(prompt.size(), config_.cache.block_size);
@@ -581,6 +588,8 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
   if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
   KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 1, s->charged_blocks));
   const uint32_t tenant = s->tenant;
+  // The child's K/V is its source's: what is computed of it (shared or migrated) and no more.
+  const uint64_t computed = s->computed_tokens;
   if (replica && *replica >= replicas_.size()) {
     return invalid_argument("fork to replica " + std::to_string(*replica) + " of " +
                             std::to_string(replicas_.size()));
@@ -612,11 +621,14 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
   }
   const SequenceInfo* child = replicas_[to].cache.pool().get_sequence(dst);
-  add_sequence(
-      dst,
-      Sequence{
-          to, false, child->num_tokens, child->priority, 0, {}, next_incarnation_++, tenant, 0},
-      child->num_blocks());
+  add_sequence(dst,
+               Sequence{.replica = to,
+                        .num_tokens = child->num_tokens,
+                        .priority = child->priority,
+                        .incarnation = next_incarnation_++,
+                        .tenant = tenant,
+                        .computed_tokens = computed},
+               child->num_blocks());
   ++replicas_[to].running;
   mark_table(dst);
   return ok_status();
@@ -829,8 +841,12 @@ Result<StepPlan> Coordinator::step() {
   for (SeqId seq : dirty_) {
     const auto it = seqs_.find(seq);
     if (it == seqs_.end() || it->second.swapped) continue;
-    const SequenceInfo* info = replicas_[it->second.replica].cache.pool().get_sequence(seq);
-    plan_.tables.push_back({seq, it->second.replica, info->num_tokens, info->block_ids});
+    Sequence& s = it->second;
+    const SequenceInfo* info = replicas_[s.replica].cache.pool().get_sequence(seq);
+    plan_.tables.push_back({seq, s.replica, info->num_tokens, s.computed_tokens, info->block_ids});
+    // The forward pass after this plan computes the rest. A sequence that still has slots to
+    // compute is always in the plan: admit, append, fork, park and swap-in mark its table.
+    s.computed_tokens = info->num_tokens;
   }
   dirty_.clear();
   for (Replica& rep : replicas_) rep.relieved_this_step = false;

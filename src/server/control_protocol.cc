@@ -184,6 +184,7 @@ json plan_reply(const StepPlan& plan) {
     tables.push_back({{"seq", t.seq.value},
                       {"replica", t.replica},
                       {"num_tokens", t.num_tokens},
+                      {"computed_tokens", t.computed_tokens},
                       {"blocks", block_list(t.blocks)}});
   }
   return {{"step", plan.step},

@@ -6,7 +6,7 @@
 #include <span>
 
 #include "fuzz_check.h"
-#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/plan/step_plan.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace kvfabric;

@@ -20,6 +20,7 @@
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/runtime/rank_cache.h"
 #include "testing/block_pattern.h"
+#include "testing/token_run.h"
 
 namespace kvfabric::testing {
 
@@ -30,13 +31,6 @@ inline float token_kv(uint64_t prefix_hash, uint32_t layer, uint32_t kv_head, ui
   const uint64_t h = splitmix64(prefix_hash ^ (uint64_t{layer} << 56) ^ (uint64_t{kv_head} << 40) ^
                            (uint64_t{dim} << 1) ^ uint64_t{is_value});
   return static_cast<float>(static_cast<int>(h & 0xFF) - 128) / 64.0f;
-}
-
-//! The tokens first, first + 1, ..., first + n - 1.
-inline std::vector<TokenId> token_run(size_t n, TokenId first) {
-  std::vector<TokenId> t(n);
-  for (size_t i = 0; i < n; ++i) t[i] = first + static_cast<TokenId>(i);
-  return t;
 }
 
 //! A test config: 2 layers, head_dim 64, f16 KV, block size 16.
@@ -79,10 +73,21 @@ class EngineModel {
   [[nodiscard]] bool knows(SeqId seq) const { return seqs_.count(seq) > 0; }
   [[nodiscard]] const std::vector<TokenId>& tokens(SeqId seq) const { return seqs_.at(seq).tokens; }
 
-  //! Takes in a plan: preempted sequences lose their K/V (the workload re-admits them).
+  //! Takes in a plan: preempted sequences lose their K/V (the workload re-admits them). Each
+  //! table's computed-token count must be what the engine itself knows is computed: the plan
+  //! alone tells a TP worker what its forward pass fills.
   void planned(const StepPlan& plan) {
     for (SeqId seq : plan.preempted) seqs_.erase(seq);
-    for (const auto& t : plan.tables) live_[t.seq] = t.num_tokens;
+    for (const auto& t : plan.tables) {
+      live_[t.seq] = t.num_tokens;
+      const auto it = seqs_.find(t.seq);
+      if (it != seqs_.end() && it->second.computed != t.computed_tokens && plan_error_.empty()) {
+        plan_error_ = "engine model: step " + std::to_string(plan.step) + "'s table of " +
+                      to_string(t.seq) + " says " + std::to_string(t.computed_tokens) +
+                      " tokens are computed, the engine computed " +
+                      std::to_string(it->second.computed);
+      }
+    }
     for (SeqId seq : plan.released) {
       const bool retabled = std::any_of(plan.tables.begin(), plan.tables.end(),
                                         [&](const StepPlan::Table& t) { return t.seq == seq; });
@@ -94,6 +99,7 @@ class EngineModel {
   //! (every layer, the rank's KV heads). Afterwards every running sequence counts as computed on
   //! every rank, as the engine's ranks all finish the same step.
   Status forward(RankCache& rank) {
+    if (!plan_error_.empty()) return Status(ErrorCode::kInternal, plan_error_);
     const RankLayout& l = rank.layout();
     const uint32_t hd = config_.model.head_dim;
     const uint32_t bs = config_.cache.block_size;
@@ -124,12 +130,21 @@ class EngineModel {
         KVF_RETURN_IF_ERROR(rank.append_kv(layer, args));
       }
     }
+    computed_everywhere();
+    return ok_status();
+  }
+
+  //! What the forward pass leaves behind on every rank: each running sequence computed to its
+  //! table's end. (A run of the coordinator alone calls this instead of forward().)
+  void computed_everywhere() {
     for (const auto& [seq, num_tokens] : live_) {
       const auto it = seqs_.find(seq);
       if (it != seqs_.end()) it->second.computed = std::max<size_t>(it->second.computed, num_tokens);
     }
-    return ok_status();
   }
+
+  //! The first plan table whose computed-token count differed from the engine's ("" if none).
+  [[nodiscard]] const std::string& plan_error() const { return plan_error_; }
 
   //! Gathers every sequence of the rank's replica and compares it with its tokens' K/V.
   ::testing::AssertionResult verify(RankCache& rank) const {
@@ -194,6 +209,7 @@ class EngineModel {
   Config config_;
   std::map<SeqId, Seq> seqs_;
   std::map<SeqId, uint64_t> live_;  // running sequences and their lengths, every replica
+  std::string plan_error_;          // the first table whose computed-token count was wrong
 };
 
 //! Counts of what a workload did, to check that a run exercised what it claims to.

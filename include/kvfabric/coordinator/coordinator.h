@@ -14,7 +14,7 @@
 
 #include "kvfabric/block/block_allocator.h"
 #include "kvfabric/config/config.h"
-#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/plan/step_plan.h"
 #include "kvfabric/prefix/paged_prefix_cache.h"
 
 namespace kvfabric {
@@ -172,12 +172,15 @@ class Coordinator {
     size_t num_tokens = 0;
     uint32_t priority = 0;
     uint64_t swap_order = 0;
-    std::vector<BlockId> host_blocks;
+    std::vector<BlockId> host_blocks = {};
     //! Which admission or fork made this record: a SeqId the scheduler frees and uses again
     //! names a new sequence, and the old one's prompt must never be indexed onto its blocks.
     uint64_t incarnation = 0;
     uint32_t tenant = 0;          //!< index into tenants_
     uint64_t charged_blocks = 0;  //!< its table's blocks, as counted in its tenant's stats
+    //! Tokens whose K/V is in place before the next forward pass (StepPlan::Table); the rest
+    //! are computed by it, unless the sequence is swapped out first.
+    uint64_t computed_tokens = 0;
   };
   struct Tenant {
     std::string name;

@@ -9,7 +9,7 @@
 
 #include "kvfabric/backend/backend.h"
 #include "kvfabric/config/config.h"
-#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/plan/step_plan.h"
 #include "kvfabric/runtime/rank_cache.h"
 #include "kvfabric/transport/transport.h"
 

@@ -4,7 +4,11 @@
 
 #include <cmath>
 
-#include "kvfabric/kvfabric.h"
+#include "kvfabric/block/block_allocator.h"
+#include "kvfabric/block/block_retainer.h"
+#include "kvfabric/block/eviction_strategy.h"
+#include "kvfabric/block/paged_kv_cache.h"
+#include "kvfabric/config/config.h"
 
 namespace kvfabric {
 namespace {

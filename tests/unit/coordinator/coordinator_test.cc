@@ -370,6 +370,8 @@ std::vector<std::vector<uint8_t>> run_workload(const Config& config, uint64_t se
     auto plan = c.step();
     EXPECT_TRUE(plan.ok());
     workload.planned(*plan, engine);
+    engine.computed_everywhere();
+    EXPECT_EQ(engine.plan_error(), "");
     plans.push_back(plan->serialize());
   }
   EXPECT_TRUE(workload.drain(c, engine).ok());

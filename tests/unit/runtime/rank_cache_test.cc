@@ -75,7 +75,7 @@ TEST(RankCacheTest, APlanOfTheWrongStepIsRefusedAndChangesNothing) {
   SingleRank r(serving_config(1, 1, 4, 2, 8, 4));
   StepPlan plan;
   plan.step = 3;
-  plan.tables = {{SeqId{1}, 0, 5, {BlockId{2}}}};
+  plan.tables = {{SeqId{1}, 0, 5, 0, {BlockId{2}}}};
   const Status s = r.rank->execute(plan);
   EXPECT_EQ(s.code(), ErrorCode::kInvalidOperation);
   EXPECT_THAT(s.message(), HasSubstr("rank 0 (replica 0, shard 0) received the plan of step 3 but expects step 0"));

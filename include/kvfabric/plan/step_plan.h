@@ -53,10 +53,14 @@ struct StepPlan {
     friend bool operator==(const Op&, const Op&) = default;
   };
   //! A sequence's block table as of this step (new or changed), on the replica that serves it.
+  //! Its tokens [computed_tokens, num_tokens) are what this step's forward pass must fill: the
+  //! ones before are in place once the plan's ops ran (cached, migrated, swapped back in, or
+  //! computed in an earlier step). Every TP worker reads it from the plan, with no side channel.
   struct Table {
     SeqId seq;
     uint32_t replica = 0;
     uint64_t num_tokens = 0;
+    uint64_t computed_tokens = 0;  //!< <= num_tokens
     std::vector<BlockId> blocks;
     friend bool operator==(const Table&, const Table&) = default;
   };

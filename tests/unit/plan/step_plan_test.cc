@@ -1,4 +1,4 @@
-#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/plan/step_plan.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -20,7 +20,7 @@ StepPlan sample_plan() {
   plan.ops = {Op::swap_out(1, BlockId{3}, BlockId{0}), Op::migrate(0, BlockId{7}, 1, BlockId{3}),
               Op::swap_in(0, BlockId{2}, BlockId{9}),
               Op::token_copy(1, TokenCopy{BlockId{5}, 2, BlockId{6}, 4, 9, CopyReason::kCompaction})};
-  plan.tables = {{SeqId{4}, 1, 33, {BlockId{3}, BlockId{6}, BlockId{8}}}, {SeqId{9}, 0, 0, {}}};
+  plan.tables = {{SeqId{4}, 1, 33, 17, {BlockId{3}, BlockId{6}, BlockId{8}}}, {SeqId{9}, 0, 0, 0, {}}};
   plan.released = {SeqId{2}, SeqId{11}};
   plan.preempted = {SeqId{11}};
   return plan;
@@ -64,6 +64,12 @@ TEST(StepPlanTest, MalformedBytesAreRefusedWithTheirReason) {
   EXPECT_THAT(with(first_op + 1 + 4, 3).message(), HasSubstr("only migrations do"));
   // An op count far beyond the bytes that follow.
   EXPECT_THAT(with(4 + 4 + 8 + 7, 0xFF).message(), HasSubstr("ops but only"));
+
+  // A table that claims more computed tokens than it has.
+  StepPlan overcomputed = sample_plan();
+  overcomputed.tables[0].computed_tokens = 34;
+  EXPECT_THAT(StepPlan::deserialize(overcomputed.serialize()).status().message(),
+              HasSubstr("says 34 of its 33 tokens are computed"));
 
   auto trailing = good;
   trailing.push_back(0);

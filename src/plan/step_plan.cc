@@ -1,4 +1,4 @@
-#include "kvfabric/coordinator/step_plan.h"
+#include "kvfabric/plan/step_plan.h"
 
 #include <algorithm>
 #include <cstring>
@@ -9,7 +9,7 @@ namespace kvfabric {
 namespace {
 
 constexpr uint32_t kMagic = 0x4B564650;  // "KVFP"
-constexpr uint32_t kVersion = 2;
+constexpr uint32_t kVersion = 3;  // 3: tables carry computed_tokens
 
 class Writer {
  public:
@@ -110,6 +110,7 @@ std::vector<uint8_t> StepPlan::serialize() const {
     w.seq(t.seq);
     w.u32(t.replica);
     w.u64(t.num_tokens);
+    w.u64(t.computed_tokens);
     w.u64(t.blocks.size());
     for (BlockId b : t.blocks) w.block(b);
   }
@@ -176,12 +177,20 @@ Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
       if (!read_op(r, op)) break;
     }
   }
-  if (r.count(n, 28, "tables")) {
+  if (r.count(n, 36, "tables")) {
     plan.tables.resize(n);
     for (auto& t : plan.tables) {
       uint64_t blocks = 0;
       if (!r.get(t.seq.value, "tables") || !r.get(t.replica, "tables") ||
-          !r.get(t.num_tokens, "tables") || !r.count(blocks, 4, "table blocks")) {
+          !r.get(t.num_tokens, "tables") || !r.get(t.computed_tokens, "tables") ||
+          !r.count(blocks, 4, "table blocks")) {
+        break;
+      }
+      if (t.computed_tokens > t.num_tokens) {
+        r.fail(Status(ErrorCode::kParseError,
+                      "step plan table of " + to_string(t.seq) + " says " +
+                          std::to_string(t.computed_tokens) + " of its " +
+                          std::to_string(t.num_tokens) + " tokens are computed"));
         break;
       }
       t.blocks.resize(blocks);
