@@ -782,10 +782,13 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
   return ok_status();
 }
 
-void Coordinator::index_computed_prompts() {
-  for (const auto& [seq, incarnation, prompt, scope] : admitted_before_) {
+void Coordinator::index_planned_prompts() {
+  // This step's plan is issued next and its forward pass computes these prompts, so a request of
+  // the next step may share them; none of this step's requests could (they are all placed).
+  for (const auto& [seq, incarnation, prompt, scope] : admitted_now_) {
     const auto it = seqs_.find(seq);
-    // Gone, swapped out, or a new sequence under the same id: its blocks do not hold this prompt.
+    // Gone, swapped out (its slots stay uncomputed), or a new sequence under the same id: its
+    // blocks will not hold this prompt.
     if (it == seqs_.end() || it->second.swapped || it->second.incarnation != incarnation) continue;
     Replica& rep = replicas_[it->second.replica];
     const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
@@ -796,7 +799,6 @@ void Coordinator::index_computed_prompts() {
       KVF_LOG_WARN(kCoordinator, "not indexing {}: {}", to_string(seq), inserted.status().message());
     }
   }
-  admitted_before_ = std::move(admitted_now_);
   admitted_now_.clear();
   admitted_now_blocks_ = 0;
 }
@@ -834,7 +836,7 @@ void Coordinator::swap_back_in() {
 }
 
 Result<StepPlan> Coordinator::step() {
-  index_computed_prompts();
+  index_planned_prompts();
   swap_back_in();
   std::sort(dirty_.begin(), dirty_.end());
   dirty_.erase(std::unique(dirty_.begin(), dirty_.end()), dirty_.end());

@@ -108,8 +108,9 @@ struct CoordinatorStats {
 //! (swapped out) keeps its uncomputed slots, which the engine computes when it comes back.
 //!
 //! A step: admit/append/fork/free/set_priority calls, then step() returns the plan every rank
-//! executes before the forward pass. Prompts admitted in one step are indexed at the next step()
-//! (their K/V has been computed by then). Every decision is deterministic. Not thread-safe.
+//! executes before the forward pass. A prompt is indexed when step() issues the plan whose forward
+//! pass computes it: a request of the next step shares its blocks, and no request sees them
+//! before their K/V is computed. Every decision is deterministic. Not thread-safe.
 class Coordinator {
  public:
   static Result<Coordinator> create(const Config& config);
@@ -137,8 +138,8 @@ class Coordinator {
   Status free(SeqId seq);
   Status set_priority(SeqId seq, uint32_t priority);
 
-  //! Closes the step: indexes the prompts computed in the previous step, swaps sequences back in
-  //! where there is room, collects copy-on-write copies, and returns the plan with its number.
+  //! Closes the step: indexes the prompts this plan's forward pass computes, swaps sequences back
+  //! in where there is room, collects copy-on-write copies, and returns the plan with its number.
   Result<StepPlan> step();
 
   [[nodiscard]] const Config& config() const { return config_; }
@@ -187,7 +188,7 @@ class Coordinator {
     std::optional<TenantQuota> own_quota;
     TenantStats stats;
   };
-  //! A prompt admitted in a step, indexed once the forward pass after that step computed it.
+  //! A prompt admitted in this step, indexed when step() issues the plan that computes it.
   struct AdmittedPrompt {
     SeqId seq;
     uint64_t incarnation = 0;
@@ -266,7 +267,7 @@ class Coordinator {
   void forget_swapped(uint32_t replica, uint32_t priority);
   void collect_copies(uint32_t replica);
   void swap_back_in();
-  void index_computed_prompts();
+  void index_planned_prompts();
   // Refuses `request` once the next plan has gathered max_pending_plan_entries.
   [[nodiscard]] Status check_pending_room(const std::function<std::string()>& request) const;
 
@@ -279,7 +280,7 @@ class Coordinator {
   std::map<uint64_t, SeqId> swap_queue_;  // swapped sequences by swap order, oldest first
   StepPlan plan_;
   std::vector<SeqId> dirty_;                      // tables to publish in the next plan
-  std::vector<AdmittedPrompt> admitted_now_, admitted_before_;
+  std::vector<AdmittedPrompt> admitted_now_;      // prompts of this step, indexed by step()
   uint64_t admitted_now_blocks_ = 0;  // the blocks of admitted_now_'s prompts
   std::vector<std::pair<uint32_t, BlockId>> host_blocks_to_free_;  // after this step's swap-ins
   uint64_t next_swap_order_ = 0;

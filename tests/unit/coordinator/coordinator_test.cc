@@ -32,24 +32,31 @@ std::vector<StepPlan::Op> ops_of(const StepPlan& plan, Kind kind) {
   return out;
 }
 
-TEST(CoordinatorTest, AdmitPlacesPublishesAndIndexesAfterTheComputeStep) {
+TEST(CoordinatorTest, AdmitPlacesPublishesAndIndexesWithThePlanThatComputesIt) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 32, 8));
   const auto prompt = token_run(70, 100);
   const auto a = c.admit(SeqId{1}, prompt);
   ASSERT_TRUE(a.ok()) << a.status();
   EXPECT_EQ(a->cached_tokens, 0u);
   EXPECT_EQ(a->blocks.size(), 5u);
+  // A request in the same step finds nothing: step 0's forward pass has not computed A yet.
+  const auto same_step = c.admit(SeqId{3}, prompt);
+  ASSERT_TRUE(same_step.ok());
+  EXPECT_EQ(same_step->cached_tokens, 0u);
+  EXPECT_NE(same_step->blocks[0], a->blocks[0]);
   auto plan = c.step();
   ASSERT_TRUE(plan.ok());
   EXPECT_EQ(plan->step, 0u);
-  ASSERT_EQ(plan->tables.size(), 1u);
+  ASSERT_EQ(plan->tables.size(), 2u);
   EXPECT_EQ(plan->tables[0].seq, SeqId{1});
   EXPECT_EQ(plan->tables[0].replica, a->replica);
   EXPECT_EQ(plan->tables[0].num_tokens, 70u);
+  EXPECT_EQ(plan->tables[0].computed_tokens, 0u);
   EXPECT_EQ(plan->tables[0].blocks, a->blocks);
+  ASSERT_TRUE(c.free(SeqId{3}).ok());
 
-  // Step 1 indexes the prompt computed in step 0; a request sharing 64 tokens then hits.
-  ASSERT_TRUE(c.step().ok());
+  // Step 0's plan indexed the prompt its forward pass computes: a request of step 1 sharing 64
+  // tokens hits at once (no step of lag), and its table says those 64 are computed.
   auto second = prompt;
   second.resize(64);
   second.push_back(9);
@@ -61,6 +68,11 @@ TEST(CoordinatorTest, AdmitPlacesPublishesAndIndexesAfterTheComputeStep) {
   EXPECT_EQ(std::vector(b->blocks.begin(), b->blocks.begin() + 4),
             std::vector(a->blocks.begin(), a->blocks.begin() + 4));
   EXPECT_EQ(c.stats().local_hit_tokens, 64u);
+  const auto plan1 = c.step();
+  ASSERT_TRUE(plan1.ok());
+  ASSERT_EQ(plan1->tables.size(), 1u);
+  EXPECT_EQ(plan1->tables[0].num_tokens, 65u);
+  EXPECT_EQ(plan1->tables[0].computed_tokens, 64u);
   EXPECT_TRUE(c.verify_integrity().ok());
 }
 
@@ -71,8 +83,7 @@ TEST(CoordinatorTest, ACachedPrefixMigratesToALessLoadedReplica) {
   const auto prompt = token_run(64, 100);
   const auto a = c.admit(SeqId{1}, prompt);
   ASSERT_TRUE(a.ok());
-  ASSERT_TRUE(c.step().ok());
-  ASSERT_TRUE(c.step().ok());  // indexed now
+  ASSERT_TRUE(c.step().ok());  // indexed with the plan whose forward pass computes it
 
   auto longer = prompt;
   longer.push_back(5);
@@ -93,8 +104,7 @@ TEST(CoordinatorTest, ACachedPrefixMigratesToALessLoadedReplica) {
   }
   EXPECT_EQ(c.stats().migrated_tokens, 64u);
 
-  // The next step records the new residency: both replicas now hold the prefix.
-  ASSERT_TRUE(c.step().ok());
+  // The plan that moves the prefix indexes the copy: both replicas now hold it.
   EXPECT_EQ(c.replica_cache(b->replica).index().peek(prompt).tokens, 64u);
   EXPECT_EQ(c.replica_cache(a->replica).index().peek(prompt).tokens, 64u);
   EXPECT_TRUE(c.verify_integrity().ok());

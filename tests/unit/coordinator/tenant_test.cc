@@ -50,11 +50,10 @@ void step_ok(Coordinator& c) {
   ASSERT_TRUE(c.verify_integrity().ok()) << c.verify_integrity();
 }
 
-// Admits, then steps twice: the forward pass computes the prompt and the next step indexes it.
+// Admits, then steps: the plan's forward pass computes the prompt, and later requests share it.
 void admit_computed(Coordinator& c, uint64_t seq, std::vector<TokenId> prompt,
                     const AdmitOptions& options) {
   admit_ok(c, seq, std::move(prompt), options);
-  step_ok(c);
   step_ok(c);
 }
 

@@ -377,14 +377,32 @@ struct ServedRank {
   }
 };
 
-// Regression: a sequence id freed and admitted again before the next step() was indexed with its
-// first prompt, so a later request for that prompt was served the blocks holding the second
-// prompt's K/V. The same happened to an id re-used by a fork.
+// A prompt is shared from the step after the plan that computes it, and the K/V served is what
+// that forward pass wrote; a request in the same step computes its own copy.
+TEST(RankCacheTest, APromptIsSharedFromTheNextStepWithTheKvItsForwardPassWrote) {
+  ServedRank s(serving_config(1, 1, 4, 2, 32, 0));
+  const auto a = testing::token_run(64, 100);
+  auto longer = a;
+  longer.push_back(7);
+  ASSERT_TRUE(s.admit(SeqId{1}, a).ok());
+  const auto same_step = s.admit(SeqId{2}, longer);
+  ASSERT_TRUE(same_step.ok());
+  EXPECT_EQ(same_step->cached_tokens, 0u);
+  ASSERT_TRUE(s.step());
+  const auto next_step = s.admit(SeqId{3}, longer);
+  ASSERT_TRUE(next_step.ok());
+  EXPECT_EQ(next_step->cached_tokens, 64u);
+  ASSERT_TRUE(s.step());  // the engine gathers sequence 3 and checks every token's K/V
+  EXPECT_TRUE(s.coordinator.verify_integrity().ok());
+}
+
+// Regression: a sequence id freed and admitted again before the step() that indexes it was indexed
+// with its first prompt, so a later request for that prompt was served the blocks holding the
+// second prompt's K/V. The same happened to an id re-used by a fork.
 TEST(RankCacheTest, AReusedSequenceIdNeverServesAnotherPromptsKv) {
   ServedRank s(serving_config(1, 1, 4, 2, 32, 0));
   const auto a = testing::token_run(64, 100), b = testing::token_run(64, 5000);
   ASSERT_TRUE(s.admit(SeqId{5}, a).ok());
-  ASSERT_TRUE(s.step());
   s.free(SeqId{5});
   ASSERT_TRUE(s.admit(SeqId{5}, b).ok());
   ASSERT_TRUE(s.step());
@@ -401,7 +419,6 @@ TEST(RankCacheTest, AReusedSequenceIdNeverServesAnotherPromptsKv) {
   // A fork onto a freed id: the fork holds C's blocks, never D's prompt.
   const auto c = testing::token_run(48, 9000), d = testing::token_run(48, 12000);
   ASSERT_TRUE(s.admit(SeqId{8}, d).ok());
-  ASSERT_TRUE(s.step());
   s.free(SeqId{8});
   ASSERT_TRUE(s.admit(SeqId{9}, c).ok());
   s.fork(SeqId{9}, SeqId{8});
