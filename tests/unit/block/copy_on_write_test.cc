@@ -1,11 +1,7 @@
 // Copy-on-write (seed-semantics.md §E1.2): a write never lands in a block another sequence holds.
 #include <gtest/gtest.h>
 
-#include "kvfabric/block/block_allocator.h"
-#include "kvfabric/block/block_retainer.h"
-#include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/paged_kv_cache.h"
-#include "kvfabric/config/config.h"
 #include "testing/slot_model.h"
 
 namespace kvfabric {

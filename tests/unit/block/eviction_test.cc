@@ -4,8 +4,6 @@
 
 #include <cmath>
 
-#include "kvfabric/block/block_allocator.h"
-#include "kvfabric/block/block_retainer.h"
 #include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/paged_kv_cache.h"
 #include "kvfabric/config/config.h"

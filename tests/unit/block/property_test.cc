@@ -9,11 +9,8 @@
 #include <random>
 #include <sstream>
 
-#include "kvfabric/block/block_allocator.h"
-#include "kvfabric/block/block_retainer.h"
 #include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/paged_kv_cache.h"
-#include "kvfabric/config/config.h"
 #include "testing/fifo_retainer.h"
 #include "testing/property_env.h"
 #include "testing/slot_model.h"

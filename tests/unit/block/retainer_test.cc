@@ -5,11 +5,8 @@
 #include <sstream>
 #include <vector>
 
-#include "kvfabric/block/block_allocator.h"
 #include "kvfabric/block/block_retainer.h"
-#include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/paged_kv_cache.h"
-#include "kvfabric/config/config.h"
 #include "testing/fifo_retainer.h"
 
 namespace kvfabric {

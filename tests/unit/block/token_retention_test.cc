@@ -6,11 +6,7 @@
 #include <random>
 #include <sstream>
 
-#include "kvfabric/block/block_allocator.h"
-#include "kvfabric/block/block_retainer.h"
-#include "kvfabric/block/eviction_strategy.h"
 #include "kvfabric/block/paged_kv_cache.h"
-#include "kvfabric/config/config.h"
 #include "testing/slot_model.h"
 
 namespace kvfabric {

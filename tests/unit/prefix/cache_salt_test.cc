@@ -9,13 +9,8 @@
 #include <tuple>
 #include <vector>
 
-#include "kvfabric/block/paged_kv_cache.h"
-#include "kvfabric/config/config.h"
 #include "kvfabric/prefix/cache_salt.h"
-#include "kvfabric/prefix/host_kv_cache.h"
-#include "kvfabric/prefix/paged_prefix_cache.h"
 #include "kvfabric/prefix/prefix_block_index.h"
-#include "kvfabric/prefix/prefix_kv_cache.h"
 #include "testing/property_env.h"
 #include "testing/token_run.h"
 

@@ -7,12 +7,8 @@
 #include <numeric>
 #include <vector>
 
-#include "kvfabric/block/paged_kv_cache.h"
-#include "kvfabric/config/config.h"
-#include "kvfabric/prefix/cache_salt.h"
+#include "kvfabric/prefix/cached_kv_state.h"
 #include "kvfabric/prefix/host_kv_cache.h"
-#include "kvfabric/prefix/paged_prefix_cache.h"
-#include "kvfabric/prefix/prefix_block_index.h"
 #include "kvfabric/prefix/prefix_kv_cache.h"
 
 namespace kvfabric {
