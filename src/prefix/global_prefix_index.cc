@@ -1,0 +1,594 @@
+#include "kvfabric/prefix/global_prefix_index.h"
+
+#include <algorithm>
+#include <string>
+
+namespace kvfabric {
+
+// One replica's view of the index, as its pool sees it.
+class GlobalPrefixIndex::Retainer final : public BlockRetainer {
+ public:
+  Retainer(GlobalPrefixIndex& index, uint32_t replica) : index_(index), replica_(replica) {}
+  [[nodiscard]] size_t idle_blocks() const override { return index_.idle_blocks(replica_); }
+  std::vector<BlockId> release_idle(size_t count) override {
+    return index_.release_idle(replica_, count);
+  }
+  void on_block_used(BlockId block) override { index_.on_block_used(replica_, block); }
+  void on_block_idle(BlockId block) override { index_.on_block_idle(replica_, block); }
+
+ private:
+  GlobalPrefixIndex& index_;
+  uint32_t replica_;
+};
+
+Result<std::unique_ptr<GlobalPrefixIndex>> GlobalPrefixIndex::create(
+    const GlobalPrefixOptions& options) {
+  if (options.block_size == 0) return invalid_argument("global prefix index block_size must be >= 1");
+  if (options.num_replicas == 0) {
+    return invalid_argument("global prefix index num_replicas must be >= 1");
+  }
+  return std::unique_ptr<GlobalPrefixIndex>(new GlobalPrefixIndex(options));
+}
+
+GlobalPrefixIndex::GlobalPrefixIndex(const GlobalPrefixOptions& options)
+    : options_(options), replicas_(options.num_replicas) {
+  nodes_.emplace_back();
+  nodes_[0].alive = true;
+  for (uint32_t r = 0; r < options.num_replicas; ++r) {
+    replicas_[r].node_of.assign(options.blocks_per_replica, kNone);
+    replicas_[r].in_use.assign(options.blocks_per_replica, 0);
+    retainers_.push_back(std::make_unique<Retainer>(*this, r));
+  }
+}
+
+GlobalPrefixIndex::~GlobalPrefixIndex() = default;
+
+BlockRetainer& GlobalPrefixIndex::retainer(uint32_t replica) {
+  KVF_CHECK(replica < retainers_.size(), "no replica " + std::to_string(replica));
+  return *retainers_[replica];
+}
+
+bool GlobalPrefixIndex::is_indexed(uint32_t replica, BlockId block) const {
+  return replica < replicas_.size() && block.value < options_.blocks_per_replica &&
+         replicas_[replica].node_of[block.value] != kNone;
+}
+
+size_t GlobalPrefixIndex::node_blocks(uint32_t node) const {
+  return nodes_[node].edge.size() / options_.block_size;
+}
+
+GlobalPrefixIndex::Holding* GlobalPrefixIndex::holding(uint32_t node, uint32_t replica) {
+  Node& n = nodes_[node];
+  const auto it = std::lower_bound(n.holders.begin(), n.holders.end(), replica);
+  if (it == n.holders.end() || *it != replica) return nullptr;
+  return &n.holdings[static_cast<size_t>(it - n.holders.begin())];
+}
+
+const GlobalPrefixIndex::Holding* GlobalPrefixIndex::holding(uint32_t node, uint32_t replica) const {
+  return const_cast<GlobalPrefixIndex*>(this)->holding(node, replica);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lookups
+
+uint32_t GlobalPrefixIndex::find_child(uint32_t parent, const RadixKey& key, size_t pos,
+                                       std::span<const TokenId> rest) const {
+  const size_t bs = options_.block_size;
+  const auto [first, last] = nodes_[parent].children.equal_range(key.unit_key(pos));
+  for (auto it = first; it != last; ++it) {
+    const Node& child = nodes_[it->second];
+    if (child.salt != key.salt_at(pos)) continue;
+    if (std::equal(rest.begin(), rest.begin() + static_cast<ptrdiff_t>(bs), child.edge.begin())) {
+      return it->second;
+    }
+  }
+  return kNone;
+}
+
+void GlobalPrefixIndex::walk(const RadixKey& key, size_t length, PrefixLookup& out) const {
+  out.steps.clear();
+  const size_t bs = options_.block_size;
+  const std::span<const TokenId> tokens = key.tokens();
+  uint32_t cur = 0;
+  size_t pos = 0;
+  while (pos < length) {
+    // The public part of a salted key is compared only up to its end (no edge crosses it).
+    const size_t limit = pos < key.public_end() ? std::min(key.public_end(), length) : length;
+    const std::span<const TokenId> rest = tokens.subspan(pos, limit - pos);
+    const uint32_t child = find_child(cur, key, pos, rest);
+    if (child == kNone) break;
+    const std::vector<TokenId>& edge = nodes_[child].edge;
+    // find_child() compared the first block: at least one block matches.
+    const size_t lcp = common_prefix_len(edge, rest);
+    const size_t matched = lcp - lcp % bs;
+    out.steps.push_back({child, static_cast<uint32_t>(matched / bs), pos + matched});
+    if (matched < edge.size()) break;
+    pos += matched;
+    cur = child;
+  }
+}
+
+void GlobalPrefixIndex::lookup(const RadixKey& key, PrefixLookup& out) const {
+  const size_t bs = options_.block_size;
+  if (key.granularity() != bs) {
+    lookup(RadixKey(key.tokens(), options_.block_size, key.scope()), out);
+    return;
+  }
+  const size_t length = key.tokens().size() - key.tokens().size() % bs;
+  walk(key, length, out);
+}
+
+ReplicaPrefix GlobalPrefixIndex::prefix_on(const PrefixLookup& lookup, uint32_t replica) const {
+  ReplicaPrefix prefix;
+  for (const PrefixLookup::Step& step : lookup.steps) {
+    const Holding* h = holding(step.node, replica);
+    if (h == nullptr) break;
+    prefix.tokens = step.end;
+    prefix.blocks += step.blocks;
+    if (h->subtree_used == 0) prefix.idle_blocks += step.blocks;
+    ++prefix.steps;
+  }
+  return prefix;
+}
+
+std::span<const uint32_t> GlobalPrefixIndex::holders(const PrefixLookup& lookup,
+                                                     size_t step) const {
+  return nodes_[lookup.steps.at(step).node].holders;
+}
+
+void GlobalPrefixIndex::blocks_on(const PrefixLookup& lookup, uint32_t replica, size_t blocks,
+                                  std::vector<BlockId>& out) const {
+  for (const PrefixLookup::Step& step : lookup.steps) {
+    if (blocks == 0) return;
+    const Holding* h = holding(step.node, replica);
+    KVF_CHECK(h != nullptr, "replica " + std::to_string(replica) + " does not hold the prefix asked for");
+    const size_t take = std::min<size_t>(step.blocks, blocks);
+    out.insert(out.end(), h->blocks.begin(), h->blocks.begin() + static_cast<ptrdiff_t>(take));
+    blocks -= take;
+  }
+  KVF_CHECK(blocks == 0, "a lookup holds fewer blocks than asked for");
+}
+
+void GlobalPrefixIndex::use(const PrefixLookup& lookup, uint32_t replica) {
+  const ReplicaPrefix held = prefix_on(lookup, replica);
+  if (held.steps == 0) return;
+  const PrefixLookup::Step& last = lookup.steps[held.steps - 1];
+  uint32_t end = last.node;
+  // The used front becomes its own node, so that using it pins only it and the rest of the edge
+  // stays evictable.
+  if (last.blocks < node_blocks(last.node)) end = split(last.node, last.blocks);
+  touch_path(end, replica);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Holdings, clocks and counts
+
+template <typename Change>
+void GlobalPrefixIndex::update(uint32_t node, uint32_t replica, Change&& change) {
+  Holding* h = holding(node, replica);
+  auto& victims = replicas_[replica].victims;
+  if (h->in_victims) victims.erase(VictimKey{h->last_access, h->serial, node});
+  change(*h);
+  h->in_victims = evictable(*h);
+  if (h->in_victims) victims.insert(VictimKey{h->last_access, h->serial, node});
+}
+
+void GlobalPrefixIndex::touch_path(uint32_t node, uint32_t replica) {
+  ++tick_;
+  for (uint32_t n = node; n != 0; n = nodes_[n].parent) {
+    update(n, replica, [&](Holding& h) { h.last_access = tick_; });
+  }
+}
+
+void GlobalPrefixIndex::change_used(uint32_t node, uint32_t replica, uint32_t count, bool add) {
+  ReplicaState& rs = replicas_[replica];
+  Holding* own = holding(node, replica);
+  own->own_used = add ? own->own_used + count : own->own_used - count;
+  // A subtree count never decreases towards the root: only the holdings at the bottom of the
+  // path whose count leaves 0 (add) or reaches it (remove) change idleness; above them the path
+  // only counts.
+  const uint64_t crossing = add ? 0 : count;
+  uint32_t n = node;
+  for (; n != 0; n = nodes_[n].parent) {
+    Holding* h = holding(n, replica);
+    if (h->subtree_used != crossing) break;
+    update(n, replica, [&](Holding& x) { x.subtree_used = add ? x.subtree_used + count : 0; });
+    const size_t blocks = h->blocks.size();
+    rs.idle = add ? rs.idle - blocks : rs.idle + blocks;
+  }
+  for (; n != 0; n = nodes_[n].parent) {
+    Holding* h = holding(n, replica);
+    h->subtree_used = add ? h->subtree_used + count : h->subtree_used - count;
+  }
+}
+
+uint32_t GlobalPrefixIndex::new_node(uint32_t parent, std::span<const TokenId> edge, uint64_t key,
+                                     const CacheSalt& salt) {
+  uint32_t i = 0;
+  if (free_slots_.empty()) {
+    i = static_cast<uint32_t>(nodes_.size());
+    nodes_.emplace_back();
+  } else {
+    i = free_slots_.back();
+    free_slots_.pop_back();
+  }
+  Node& n = nodes_[i];
+  n.alive = true;
+  n.edge.assign(edge.begin(), edge.end());
+  n.parent = parent;
+  n.depth = nodes_[parent].depth + edge.size();
+  n.unit_key = key;
+  n.salt = salt;
+  nodes_[parent].children.emplace(key, i);
+  return i;
+}
+
+uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
+  const size_t bs = options_.block_size;
+  const size_t at = blocks * bs;
+  const uint32_t parent = nodes_[node].parent;
+  const uint64_t old_key = nodes_[node].unit_key;
+  const uint32_t u = new_node(parent, std::span(nodes_[node].edge).first(at), old_key,
+                              nodes_[node].salt);
+  // new_node listed the upper part as a second child under the same key: drop the old entry.
+  Node& p = nodes_[parent];
+  for (auto [it, last] = p.children.equal_range(old_key); it != last; ++it) {
+    if (it->second == node) {
+      p.children.erase(it);
+      break;
+    }
+  }
+  Node& n = nodes_[node];
+  Node& upper = nodes_[u];
+  n.edge.erase(n.edge.begin(), n.edge.begin() + static_cast<ptrdiff_t>(at));
+  n.parent = u;
+  n.unit_key = detail::radix_salted_key(detail::radix_unit_key(std::span(n.edge).first(bs),
+                                                               options_.block_size),
+                                        n.salt);
+  upper.children.emplace(n.unit_key, node);
+  upper.holders = n.holders;
+  upper.holdings.resize(n.holdings.size());
+  for (size_t i = 0; i < n.holders.size(); ++i) {
+    const uint32_t r = n.holders[i];
+    ReplicaState& rs = replicas_[r];
+    Holding& lower = n.holdings[i];
+    Holding& up = upper.holdings[i];
+    up.blocks.assign(lower.blocks.begin(), lower.blocks.begin() + static_cast<ptrdiff_t>(blocks));
+    lower.blocks.erase(lower.blocks.begin(), lower.blocks.begin() + static_cast<ptrdiff_t>(blocks));
+    uint32_t front_used = 0;
+    for (BlockId b : up.blocks) {
+      rs.node_of[b.value] = u;
+      front_used += rs.in_use[b.value];
+    }
+    up.own_used = front_used;
+    up.subtree_used = lower.subtree_used;
+    up.held_children = 1;
+    up.last_access = lower.last_access;
+    up.serial = ++serial_;
+    // The lower part loses the front's uses: it may become idle, and evictable.
+    const bool was_idle = lower.subtree_used == 0;
+    if (lower.in_victims) rs.victims.erase(VictimKey{lower.last_access, lower.serial, node});
+    lower.own_used -= front_used;
+    lower.subtree_used -= front_used;
+    if (!was_idle && lower.subtree_used == 0) rs.idle += lower.blocks.size();
+    lower.in_victims = evictable(lower);
+    if (lower.in_victims) rs.victims.insert(VictimKey{lower.last_access, lower.serial, node});
+  }
+  return u;
+}
+
+void GlobalPrefixIndex::add_holding(uint32_t node, uint32_t replica,
+                                    std::span<const BlockId> blocks) {
+  ReplicaState& rs = replicas_[replica];
+  Node& n = nodes_[node];
+  const auto at = std::lower_bound(n.holders.begin(), n.holders.end(), replica);
+  const auto index = at - n.holders.begin();
+  n.holders.insert(at, replica);
+  Holding h;
+  h.blocks.assign(blocks.begin(), blocks.end());
+  h.last_access = tick_;
+  h.serial = ++serial_;
+  n.holdings.insert(n.holdings.begin() + index, std::move(h));
+  for (BlockId b : blocks) {
+    rs.node_of[b.value] = node;
+    rs.in_use[b.value] = 1;
+  }
+  rs.cached += blocks.size();
+  rs.used += blocks.size();
+  rs.idle += blocks.size();  // until change_used() counts the uses below
+  if (n.parent != 0) update(n.parent, replica, [](Holding& p) { ++p.held_children; });
+  change_used(node, replica, static_cast<uint32_t>(blocks.size()), /*add=*/true);
+}
+
+void GlobalPrefixIndex::drop_holding(uint32_t node, uint32_t replica,
+                                     std::vector<BlockId>& released) {
+  ReplicaState& rs = replicas_[replica];
+  Node& n = nodes_[node];
+  const auto at = std::lower_bound(n.holders.begin(), n.holders.end(), replica);
+  const auto index = at - n.holders.begin();
+  Holding& h = n.holdings[static_cast<size_t>(index)];
+  KVF_CHECK(evictable(h), "dropping a holding that is in use or has a held child");
+  if (h.in_victims) rs.victims.erase(VictimKey{h.last_access, h.serial, node});
+  for (BlockId b : h.blocks) {
+    rs.node_of[b.value] = kNone;
+    released.push_back(b);
+  }
+  rs.cached -= h.blocks.size();
+  rs.idle -= h.blocks.size();
+  rs.evicted += h.blocks.size();
+  n.holders.erase(at);
+  n.holdings.erase(n.holdings.begin() + index);
+  const uint32_t parent = n.parent;
+  if (parent != 0) update(parent, replica, [](Holding& p) { --p.held_children; });
+  if (nodes_[node].holders.empty()) remove_node(node);
+}
+
+void GlobalPrefixIndex::trim_holding(uint32_t node, uint32_t replica, size_t keep,
+                                     std::vector<BlockId>& released) {
+  ReplicaState& rs = replicas_[replica];
+  if (nodes_[node].holders.size() > 1) {
+    // Others hold the whole edge: the replica keeps the front as a node of its own, which keeps
+    // the trimmed holding's place in the eviction order.
+    const uint64_t serial = holding(node, replica)->serial;
+    const uint32_t front = split(node, keep);
+    drop_holding(node, replica, released);
+    update(front, replica, [&](Holding& h) { h.serial = serial; });
+    return;
+  }
+  // The replica alone holds the node, so nothing hangs below it: shorten it in place.
+  Node& n = nodes_[node];
+  KVF_CHECK(n.children.empty(), "a node held by one replica has children it does not hold");
+  Holding& h = n.holdings.front();
+  for (size_t i = keep; i < h.blocks.size(); ++i) {
+    rs.node_of[h.blocks[i].value] = kNone;
+    released.push_back(h.blocks[i]);
+  }
+  const size_t dropped = h.blocks.size() - keep;
+  rs.cached -= dropped;
+  rs.idle -= dropped;
+  rs.evicted += dropped;
+  h.blocks.resize(keep);
+  n.edge.resize(keep * options_.block_size);
+  n.depth = nodes_[n.parent].depth + n.edge.size();
+}
+
+void GlobalPrefixIndex::remove_node(uint32_t node) {
+  Node& n = nodes_[node];
+  KVF_CHECK(n.children.empty(), "removing a node that has children");
+  Node& p = nodes_[n.parent];
+  for (auto [it, last] = p.children.equal_range(n.unit_key); it != last; ++it) {
+    if (it->second == node) {
+      p.children.erase(it);
+      break;
+    }
+  }
+  nodes_[node] = Node{};
+  free_slots_.push_back(node);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Indexing and eviction
+
+Result<std::vector<BlockId>> GlobalPrefixIndex::insert(uint32_t replica, const RadixKey& key,
+                                                       std::span<const BlockId> blocks) {
+  const size_t bs = options_.block_size;
+  if (key.granularity() != bs) {
+    return insert(replica, RadixKey(key.tokens(), options_.block_size, key.scope()), blocks);
+  }
+  if (replica >= replicas_.size()) {
+    return invalid_argument("replica " + std::to_string(replica) + " of " +
+                            std::to_string(replicas_.size()));
+  }
+  const std::span<const TokenId> tokens = key.tokens();
+  const size_t length = tokens.size() - tokens.size() % bs;
+  const size_t needed = length / bs;
+  if (blocks.size() < needed) {
+    return invalid_argument(std::to_string(tokens.size()) + " tokens need " +
+                            std::to_string(needed) + " blocks to index, got " +
+                            std::to_string(blocks.size()));
+  }
+  PrefixLookup path;
+  walk(key, length, path);
+  const ReplicaPrefix held = prefix_on(path, replica);
+  // The blocks that would become new are checked before anything changes.
+  std::vector<BlockId> fresh(blocks.begin() + static_cast<ptrdiff_t>(held.blocks),
+                             blocks.begin() + static_cast<ptrdiff_t>(needed));
+  for (BlockId b : fresh) {
+    if (b.value >= options_.blocks_per_replica) {
+      return invalid_argument(to_string(b) + " is outside the pool of " +
+                              std::to_string(options_.blocks_per_replica) + " blocks");
+    }
+    if (is_indexed(replica, b)) {
+      return invalid_argument(to_string(b) + " is already indexed on replica " +
+                              std::to_string(replica) + " for another prefix");
+    }
+  }
+  {
+    std::vector<BlockId> sorted = fresh;
+    std::sort(sorted.begin(), sorted.end());
+    if (const auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
+      return invalid_argument(to_string(*dup) + " is listed twice");
+    }
+  }
+  uint32_t cur = 0;
+  size_t pos = 0;
+  for (size_t i = 0; i < path.steps.size(); ++i) {
+    const PrefixLookup::Step& step = path.steps[i];
+    uint32_t node = step.node;
+    // The key leaves this edge (or ends) inside it: the shared front becomes its own node.
+    if (step.blocks < node_blocks(node)) node = split(node, step.blocks);
+    if (i >= held.steps) add_holding(node, replica, blocks.subspan(pos / bs, step.blocks));
+    cur = node;
+    pos = step.end;
+  }
+  // New nodes for the rest: the rest of the public part, then the salted part.
+  const size_t public_end = std::min(key.public_end(), length);
+  while (pos < length) {
+    const size_t end = pos < public_end ? public_end : length;
+    cur = new_node(cur, tokens.subspan(pos, end - pos), key.unit_key(pos), key.salt_at(pos));
+    add_holding(cur, replica, blocks.subspan(pos / bs, (end - pos) / bs));
+    pos = end;
+  }
+  if (cur != 0) touch_path(cur, replica);
+  return fresh;
+}
+
+std::vector<BlockId> GlobalPrefixIndex::release_idle(uint32_t replica, size_t count) {
+  std::vector<BlockId> released;
+  auto& victims = replicas_[replica].victims;
+  while (released.size() < count && !victims.empty()) {
+    const uint32_t node = std::get<2>(*victims.begin());
+    const size_t held = node_blocks(node);
+    const size_t take = std::min(held, count - released.size());
+    // A leaf holding more than needed is trimmed from its end: its deepest blocks are the least
+    // reusable.
+    if (take < held) {
+      trim_holding(node, replica, held - take, released);
+    } else {
+      drop_holding(node, replica, released);
+    }
+  }
+  return released;
+}
+
+void GlobalPrefixIndex::on_block_used(uint32_t replica, BlockId block) {
+  ReplicaState& rs = replicas_[replica];
+  KVF_CHECK(is_indexed(replica, block) && rs.in_use[block.value] == 0,
+            to_string(block) + " was not an idle indexed block of replica " +
+                std::to_string(replica));
+  rs.in_use[block.value] = 1;
+  ++rs.used;
+  change_used(rs.node_of[block.value], replica, 1, /*add=*/true);
+}
+
+void GlobalPrefixIndex::on_block_idle(uint32_t replica, BlockId block) {
+  ReplicaState& rs = replicas_[replica];
+  KVF_CHECK(is_indexed(replica, block) && rs.in_use[block.value] == 1,
+            to_string(block) + " was not a used indexed block of replica " +
+                std::to_string(replica));
+  rs.in_use[block.value] = 0;
+  --rs.used;
+  change_used(rs.node_of[block.value], replica, 1, /*add=*/false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accounting and checks
+
+size_t GlobalPrefixIndex::memory_bytes() const {
+  size_t bytes = nodes_.size() * sizeof(Node) + free_slots_.capacity() * sizeof(uint32_t);
+  for (const Node& n : nodes_) {
+    bytes += n.edge.capacity() * sizeof(TokenId) + n.holders.capacity() * sizeof(uint32_t) +
+             n.holdings.capacity() * sizeof(Holding) +
+             n.children.size() * (sizeof(std::pair<const uint64_t, uint32_t>) + 2 * sizeof(void*)) +
+             n.children.bucket_count() * sizeof(void*);
+    for (const Holding& h : n.holdings) bytes += h.blocks.capacity() * sizeof(BlockId);
+  }
+  for (const ReplicaState& rs : replicas_) {
+    bytes += rs.node_of.capacity() * sizeof(uint32_t) + rs.in_use.capacity() +
+             rs.victims.size() * (sizeof(VictimKey) + 4 * sizeof(void*));
+  }
+  return bytes;
+}
+
+Status GlobalPrefixIndex::verify() const {
+  auto fail = [](const std::string& what) { return Status(ErrorCode::kInternal, what); };
+  const size_t bs = options_.block_size;
+  struct Counts {
+    size_t cached = 0, used = 0, idle = 0, victims = 0;
+  };
+  std::vector<Counts> counts(replicas_.size());
+  // Subtree uses recomputed bottom-up need children first: collect them per node.
+  std::vector<std::vector<uint32_t>> children(nodes_.size());
+  for (uint32_t i = 1; i < nodes_.size(); ++i) {
+    const Node& n = nodes_[i];
+    if (!n.alive) continue;
+    const std::string where = "node at depth " + std::to_string(n.depth);
+    if (n.parent >= nodes_.size() || !nodes_[n.parent].alive) return fail(where + ": dangling parent");
+    const Node& p = nodes_[n.parent];
+    children[n.parent].push_back(i);
+    const auto [first, last] = p.children.equal_range(n.unit_key);
+    if (std::find_if(first, last, [&](const auto& e) { return e.second == i; }) == last) {
+      return fail(where + ": its parent does not list it");
+    }
+    if (n.edge.empty() || n.edge.size() % bs != 0) return fail(where + ": an edge of partial blocks");
+    const uint64_t key = detail::radix_salted_key(
+        detail::radix_unit_key(std::span(n.edge).first(bs), options_.block_size), n.salt);
+    if (key != n.unit_key) return fail(where + ": stale unit key");
+    if (n.depth != p.depth + n.edge.size()) return fail(where + ": wrong depth");
+    if (n.parent != 0 && !p.salt.empty() && p.salt != n.salt) {
+      return fail(where + ": a salted node with a child of another salt");
+    }
+    if (n.holders.empty()) return fail(where + ": nobody holds it");
+    if (n.holders.size() != n.holdings.size() ||
+        !std::is_sorted(n.holders.begin(), n.holders.end()) ||
+        std::adjacent_find(n.holders.begin(), n.holders.end()) != n.holders.end()) {
+      return fail(where + ": holders out of order");
+    }
+    for (size_t k = 0; k < n.holders.size(); ++k) {
+      const uint32_t r = n.holders[k];
+      const Holding& h = n.holdings[k];
+      const ReplicaState& rs = replicas_[r];
+      if (n.parent != 0 && holding(n.parent, r) == nullptr) {
+        return fail(where + ": replica " + std::to_string(r) + " holds it without its parent");
+      }
+      if (h.blocks.size() != n.edge.size() / bs) return fail(where + ": wrong block count");
+      uint32_t used = 0;
+      for (BlockId b : h.blocks) {
+        if (b.value >= rs.node_of.size() || rs.node_of[b.value] != i) {
+          return fail(to_string(b) + " of replica " + std::to_string(r) + " does not map back");
+        }
+        used += rs.in_use[b.value];
+      }
+      if (used != h.own_used) return fail(where + ": stale own use count");
+      counts[r].cached += h.blocks.size();
+      counts[r].used += used;
+    }
+  }
+  // Subtree counts, held children, idleness and victims, per holding.
+  for (uint32_t i = 1; i < nodes_.size(); ++i) {
+    const Node& n = nodes_[i];
+    if (!n.alive) continue;
+    if (n.children.size() != children[i].size()) return fail("stale child entries");
+    for (size_t k = 0; k < n.holders.size(); ++k) {
+      const uint32_t r = n.holders[k];
+      const Holding& h = n.holdings[k];
+      uint64_t below = 0;
+      uint32_t held_children = 0;
+      for (uint32_t c : children[i]) {
+        if (const Holding* ch = holding(c, r)) {
+          below += ch->subtree_used;
+          ++held_children;
+        }
+      }
+      if (h.subtree_used != h.own_used + below) return fail("stale subtree use count");
+      if (h.held_children != held_children) return fail("stale held-children count");
+      if (h.subtree_used == 0) counts[r].idle += h.blocks.size();
+      const bool listed = replicas_[r].victims.count(VictimKey{h.last_access, h.serial, i}) > 0;
+      if (h.in_victims != evictable(h) || listed != h.in_victims) return fail("victim set out of date");
+      counts[r].victims += h.in_victims ? 1 : 0;
+    }
+  }
+  if (nodes_[0].children.size() != children[0].size()) return fail("stale child entries at the root");
+  for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    const ReplicaState& rs = replicas_[r];
+    size_t mapped = 0, in_use = 0;
+    for (uint32_t b = 0; b < rs.node_of.size(); ++b) {
+      if (rs.node_of[b] != kNone) ++mapped;
+      if (rs.in_use[b] != 0) {
+        if (rs.node_of[b] == kNone) return fail("an unindexed block marked in use");
+        ++in_use;
+      }
+    }
+    const Counts& c = counts[r];
+    if (mapped != c.cached || rs.cached != c.cached || rs.used != c.used || in_use != c.used ||
+        rs.idle != c.idle || rs.victims.size() != c.victims) {
+      return fail("replica " + std::to_string(r) + " counts " + std::to_string(rs.cached) +
+                  " cached, " + std::to_string(rs.used) + " used, " + std::to_string(rs.idle) +
+                  " idle; its holdings " + std::to_string(c.cached) + ", " +
+                  std::to_string(c.used) + ", " + std::to_string(c.idle));
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace kvfabric

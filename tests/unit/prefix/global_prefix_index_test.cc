@@ -1,0 +1,283 @@
+// The global prefix index: one tree over several replicas' pools, each replica holding, sharing and
+// evicting its own blocks.
+#include "kvfabric/prefix/global_prefix_index.h"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <vector>
+
+#include "kvfabric/block/paged_kv_cache.h"
+#include "testing/token_run.h"
+
+namespace kvfabric {
+namespace {
+
+using testing::token_run;
+using Tokens = std::vector<TokenId>;
+constexpr uint32_t kBlockSize = 4;
+
+Tokens concat(Tokens a, const Tokens& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// `replicas` pools of `blocks` blocks, each with the index as its retainer.
+class Cluster {
+ public:
+  Cluster(uint32_t replicas, uint32_t blocks) {
+    index_ = GlobalPrefixIndex::create({kBlockSize, replicas, blocks}).value();
+    for (uint32_t r = 0; r < replicas; ++r) {
+      pools_.push_back(std::make_unique<PagedKvCache>(blocks, kBlockSize, 1, 8));
+      EXPECT_TRUE(pools_.back()->set_block_retainer(&index_->retainer(r)).ok());
+    }
+  }
+
+  GlobalPrefixIndex& index() { return *index_; }
+  PagedKvCache& pool(uint32_t r) { return *pools_[r]; }
+
+  ReplicaPrefix peek(uint32_t r, const Tokens& prompt) {
+    index_->lookup(RadixKey(prompt, kBlockSize), lookup_);
+    return index_->prefix_on(lookup_, r);
+  }
+
+  // Creates `seq` on replica `r` sharing what r caches of the prompt; returns the cached tokens.
+  size_t admit(uint32_t r, uint64_t seq, const Tokens& prompt, SaltScope scope = {}) {
+    const RadixKey key(prompt, kBlockSize, scope);
+    index_->lookup(key, lookup_);
+    const ReplicaPrefix held = index_->prefix_on(lookup_, r);
+    std::vector<BlockId> shared;
+    index_->blocks_on(lookup_, r, held.blocks, shared);
+    index_->use(lookup_, r);
+    EXPECT_TRUE(pools_[r]->allocate_shared(SeqId{seq}, prompt.size(), shared).ok());
+    return held.tokens;
+  }
+
+  // Indexes the full blocks of `seq` (which holds `prompt`) on replica `r`.
+  size_t index_prompt(uint32_t r, uint64_t seq, const Tokens& prompt, SaltScope scope = {}) {
+    const RadixKey key(prompt, kBlockSize, scope);
+    auto added = index_->insert(r, key, pools_[r]->get_sequence(SeqId{seq})->block_ids);
+    EXPECT_TRUE(added.ok()) << added.status().to_string();
+    for (BlockId b : *added) EXPECT_TRUE(pools_[r]->retain_block(b).ok());
+    return added->size();
+  }
+
+  void check() {
+    ASSERT_TRUE(index_->verify().ok()) << index_->verify().to_string();
+    for (auto& pool : pools_) ASSERT_TRUE(pool->verify_integrity().ok());
+  }
+
+ private:
+  std::unique_ptr<GlobalPrefixIndex> index_;
+  std::vector<std::unique_ptr<PagedKvCache>> pools_;
+  PrefixLookup lookup_;
+};
+
+TEST(GlobalPrefixIndex, RefusesBadOptions) {
+  EXPECT_FALSE(GlobalPrefixIndex::create({0, 2, 8}).ok());
+  EXPECT_FALSE(GlobalPrefixIndex::create({4, 0, 8}).ok());
+}
+
+TEST(GlobalPrefixIndex, EachReplicaSeesItsOwnBlocksOfOnePath) {
+  Cluster c(3, 16);
+  const Tokens prompt = token_run(12, 100);
+  EXPECT_EQ(c.admit(0, 1, prompt), 0u);
+  EXPECT_EQ(c.index_prompt(0, 1, prompt), 3u);
+  EXPECT_EQ(c.admit(2, 1, prompt), 0u);  // another replica: not cached there
+  EXPECT_EQ(c.index_prompt(2, 1, prompt), 3u);
+  c.check();
+  EXPECT_EQ(c.index().node_count(), 1u);
+
+  PrefixLookup lookup;
+  c.index().lookup(RadixKey(prompt, kBlockSize), lookup);
+  ASSERT_EQ(lookup.steps.size(), 1u);
+  EXPECT_EQ(lookup.tokens(), 12u);
+  const auto holders = c.index().holders(lookup, 0);
+  EXPECT_EQ(std::vector<uint32_t>(holders.begin(), holders.end()), (std::vector<uint32_t>{0, 2}));
+  EXPECT_EQ(c.index().prefix_on(lookup, 1).tokens, 0u);
+  for (uint32_t r : {0u, 2u}) {
+    std::vector<BlockId> blocks;
+    c.index().blocks_on(lookup, r, 3, blocks);
+    EXPECT_EQ(blocks, c.pool(r).get_sequence(SeqId{1})->block_ids);
+  }
+  // A new request shares on the replica holding the prefix, partly filled tail excepted.
+  EXPECT_EQ(c.admit(0, 2, concat(prompt, {7, 7})), 12u);
+  EXPECT_EQ(c.pool(0).get_sequence(SeqId{2})->block_ids.front(),
+            c.pool(0).get_sequence(SeqId{1})->block_ids.front());
+  c.check();
+}
+
+TEST(GlobalPrefixIndex, HoldingsThatEndInsideAnEdgeSplitIt) {
+  Cluster c(2, 16);
+  const Tokens long_prompt = token_run(16, 1);
+  const Tokens short_prompt = token_run(8, 1);
+  c.admit(0, 1, long_prompt);
+  c.index_prompt(0, 1, long_prompt);
+  c.admit(1, 1, short_prompt);
+  EXPECT_EQ(c.index_prompt(1, 1, short_prompt), 2u);
+  c.check();
+  EXPECT_EQ(c.index().node_count(), 2u);  // [0, 8) held by both, [8, 16) by replica 0
+  EXPECT_EQ(c.peek(0, long_prompt).tokens, 16u);
+  EXPECT_EQ(c.peek(1, long_prompt).tokens, 8u);
+  EXPECT_EQ(c.peek(1, long_prompt).steps, 1u);
+  // A prompt that leaves the edge inside it splits it too, for every holder.
+  const Tokens fork = concat(token_run(12, 1), {99, 99, 99, 99});
+  c.admit(1, 2, fork);
+  c.index_prompt(1, 2, fork);
+  c.check();
+  EXPECT_EQ(c.peek(0, fork).tokens, 12u);
+  EXPECT_EQ(c.peek(1, fork).tokens, 16u);
+  EXPECT_EQ(c.peek(1, long_prompt).tokens, 12u);
+}
+
+TEST(GlobalPrefixIndex, EvictionIsPerReplicaLeastRecentlyUsedLeafFirst) {
+  Cluster c(2, 6);
+  const Tokens a = token_run(8, 1);    // 2 blocks
+  const Tokens b = token_run(8, 100);  // 2 blocks
+  for (uint32_t r : {0u, 1u}) {
+    c.admit(r, 1, a);
+    c.index_prompt(r, 1, a);
+    c.admit(r, 2, b);
+    c.index_prompt(r, 2, b);
+    ASSERT_TRUE(c.pool(r).free(SeqId{1}).ok());
+    ASSERT_TRUE(c.pool(r).free(SeqId{2}).ok());
+  }
+  c.admit(0, 3, a);  // a is now more recent than b on replica 0 only
+  ASSERT_TRUE(c.pool(0).free(SeqId{3}).ok());
+  EXPECT_EQ(c.index().idle_blocks(0), 4u);
+  // Four blocks on replica 0: its two free ones, then b's (its least recently used prefix).
+  ASSERT_TRUE(c.pool(0).allocate(SeqId{4}, 4 * kBlockSize).ok());
+  c.check();
+  EXPECT_EQ(c.peek(0, a).tokens, 8u);
+  EXPECT_EQ(c.peek(0, b).tokens, 0u);
+  EXPECT_EQ(c.index().evicted_blocks(0), 2u);
+  // Replica 1 evicted nothing: both prefixes still live there.
+  EXPECT_EQ(c.peek(1, a).tokens, 8u);
+  EXPECT_EQ(c.peek(1, b).tokens, 8u);
+  // One more block takes a's last block, trimmed from its end.
+  ASSERT_TRUE(c.pool(0).append(SeqId{4}, kBlockSize).ok());
+  c.check();
+  EXPECT_EQ(c.peek(0, a).tokens, 4u);
+  EXPECT_EQ(c.peek(1, a).tokens, 8u);
+}
+
+TEST(GlobalPrefixIndex, ANodeNobodyHoldsLeavesTheTree) {
+  Cluster c(2, 4);
+  const Tokens a = token_run(8, 1);
+  c.admit(0, 1, a);
+  c.index_prompt(0, 1, a);
+  ASSERT_TRUE(c.pool(0).free(SeqId{1}).ok());
+  EXPECT_EQ(c.index().node_count(), 1u);
+  ASSERT_TRUE(c.pool(0).allocate(SeqId{2}, 4 * kBlockSize).ok());
+  c.check();
+  EXPECT_EQ(c.index().node_count(), 0u);
+  EXPECT_EQ(c.index().cached_blocks(0), 0u);
+}
+
+TEST(GlobalPrefixIndex, TrimmingAHoldingOthersShareKeepsTheirWholeEdge) {
+  Cluster c(2, 4);
+  const Tokens a = token_run(16, 1);  // 4 blocks
+  for (uint32_t r : {0u, 1u}) {
+    c.admit(r, 1, a);
+    c.index_prompt(r, 1, a);
+    ASSERT_TRUE(c.pool(r).free(SeqId{1}).ok());
+  }
+  ASSERT_TRUE(c.pool(0).allocate(SeqId{2}, kBlockSize).ok());  // one block: trims a's end
+  c.check();
+  EXPECT_EQ(c.peek(0, a).tokens, 12u);
+  EXPECT_EQ(c.peek(1, a).tokens, 16u);
+  EXPECT_EQ(c.index().node_count(), 2u);
+  // The kept front stays replica 0's least recently used leaf: the next block comes from it.
+  ASSERT_TRUE(c.pool(0).append(SeqId{2}, kBlockSize).ok());
+  c.check();
+  EXPECT_EQ(c.peek(0, a).tokens, 8u);
+}
+
+TEST(GlobalPrefixIndex, UsingAPartOfAnEdgeLeavesTheRestEvictable) {
+  Cluster c(1, 6);
+  const Tokens a = token_run(16, 1);  // 4 blocks
+  c.admit(0, 1, a);
+  c.index_prompt(0, 1, a);
+  ASSERT_TRUE(c.pool(0).free(SeqId{1}).ok());
+  // A prompt sharing the first 2 blocks of the edge pins them only.
+  EXPECT_EQ(c.admit(0, 2, concat(token_run(8, 1), {50, 51, 52, 53})), 8u);
+  c.check();
+  EXPECT_EQ(c.index().idle_blocks(0), 2u);
+  EXPECT_EQ(c.pool(0).available_block_count(), 2u + 1u);  // 2 idle cached + 1 free
+  ASSERT_TRUE(c.pool(0).allocate(SeqId{3}, 3 * kBlockSize).ok());
+  c.check();
+  EXPECT_EQ(c.peek(0, a).tokens, 8u);
+}
+
+TEST(GlobalPrefixIndex, ADeeperBlockInUseKeepsItsIdleAncestorsCached) {
+  Cluster c(1, 8);
+  const Tokens a = token_run(8, 1);
+  // Two sequences compute the same prompt in one step; the first indexes it, the second's
+  // blocks then add nothing, and a third extends it from the second's blocks.
+  c.admit(0, 1, a);
+  c.admit(0, 2, concat(a, token_run(4, 60)));
+  c.index_prompt(0, 1, a);
+  EXPECT_EQ(c.index_prompt(0, 2, concat(a, token_run(4, 60))), 1u);  // only the third block
+  ASSERT_TRUE(c.pool(0).free(SeqId{1}).ok());
+  c.check();
+  // Sequence 2 uses the deeper block, so the path above it cannot be evicted before it.
+  EXPECT_EQ(c.index().idle_blocks(0), 0u);
+  ASSERT_TRUE(c.pool(0).free(SeqId{2}).ok());
+  EXPECT_EQ(c.index().idle_blocks(0), 3u);
+  c.check();
+}
+
+TEST(GlobalPrefixIndex, SaltsKeepPrefixesApartExceptPublicRanges) {
+  Cluster c(2, 16);
+  const Tokens system = token_run(8, 1);
+  const Tokens prompt = concat(system, token_run(8, 500));
+  const SaltScope alice{CacheSalt::of("alice"), 8};
+  const SaltScope bob{CacheSalt::of("bob"), 8};
+  c.admit(0, 1, prompt, alice);
+  c.index_prompt(0, 1, prompt, alice);
+  c.check();
+  PrefixLookup lookup;
+  c.index().lookup(RadixKey(prompt, kBlockSize, bob), lookup);
+  EXPECT_EQ(c.index().prefix_on(lookup, 0).tokens, 8u);  // the public system prompt only
+  c.index().lookup(RadixKey(prompt, kBlockSize, alice), lookup);
+  EXPECT_EQ(c.index().prefix_on(lookup, 0).tokens, 16u);
+  c.index().lookup(RadixKey(prompt, kBlockSize), lookup);
+  EXPECT_EQ(c.index().prefix_on(lookup, 0).tokens, 8u);  // unsalted: public part only
+  // Bob's own prompt on replica 1 shares nothing there, and leaves alice's blocks alone.
+  c.admit(1, 1, prompt, bob);
+  c.index_prompt(1, 1, prompt, bob);
+  c.check();
+  c.index().lookup(RadixKey(prompt, kBlockSize, alice), lookup);
+  EXPECT_EQ(c.index().prefix_on(lookup, 1).tokens, 8u);
+  EXPECT_EQ(c.index().prefix_on(lookup, 0).tokens, 16u);
+}
+
+TEST(GlobalPrefixIndex, BadInsertsAreRefusedAndChangeNothing) {
+  Cluster c(2, 8);
+  const Tokens a = token_run(8, 1);
+  c.admit(0, 1, a);
+  c.index_prompt(0, 1, a);
+  const std::vector<BlockId> blocks = c.pool(0).get_sequence(SeqId{1})->block_ids;
+  const Tokens b = token_run(8, 40);
+  const RadixKey key(b, kBlockSize);
+  auto expect_refused = [&](uint32_t r, std::vector<BlockId> given, const char* why) {
+    const auto inserted = c.index().insert(r, key, given);
+    ASSERT_FALSE(inserted.ok()) << why;
+    EXPECT_EQ(inserted.status().code(), ErrorCode::kInvalidArgument) << why;
+    EXPECT_EQ(c.index().node_count(), 1u) << why;
+    EXPECT_EQ(c.peek(r, b).tokens, 0u) << why;
+    c.check();
+  };
+  expect_refused(0, {BlockId{5}}, "too few blocks");
+  expect_refused(0, {BlockId{5}, BlockId{8}}, "outside the pool");
+  expect_refused(0, {BlockId{5}, blocks[0]}, "already indexed");
+  expect_refused(0, {BlockId{5}, BlockId{5}}, "listed twice");
+  expect_refused(2, {BlockId{5}, BlockId{6}}, "unknown replica");
+  // The same block id is fine on another replica: each replica has its own pool.
+  c.admit(1, 1, b);
+  EXPECT_EQ(c.index_prompt(1, 1, b), 2u);
+  c.check();
+}
+
+}  // namespace
+}  // namespace kvfabric
