@@ -39,8 +39,17 @@ PrefixBlockIndex::PrefixBlockIndex(const PrefixIndexOptions& options, uint32_t n
       pinned_at_(num_blocks, kNoNode) {}
 
 void PrefixBlockIndex::adopt_blocks(RadixNodeId node) {
-  for (BlockId b : tree_.find(node)->value()->blocks)
+  for (BlockId b : tree_.find(node)->value()->blocks) {
     node_of_[b.value] = node;
+    // A use pinned where the block was before the split moves with it: otherwise the node it
+    // left stays pinned, neither idle nor evictable, for as long as the block is in use.
+    const RadixNodeId pinned = pinned_at_[b.value];
+    if (pinned == kNoNode || pinned == node) continue;
+    (void)tree_.pin(node);  // first, so that the path above never passes through 0 pins
+    const Status unpinned = tree_.unpin(pinned);
+    KVF_CHECK(unpinned.ok(), unpinned.message());
+    pinned_at_[b.value] = node;
+  }
 }
 
 PrefixMatch PrefixBlockIndex::collect(RadixNodeId node, std::optional<RadixNodeId> partial,

@@ -134,6 +134,22 @@ TEST_F(PagedPrefixCacheTest, APartialHitSplitsTheNodeAndLeavesItsRestEvictable) 
   expect_consistent();
 }
 
+// S uses all of a node; T's hit splits it; when S ends, the half T does not use is idle. Its
+// pins used to stay where S placed them, on the lower half, keeping those blocks counted as used
+// and out of eviction's reach for as long as T ran.
+TEST_F(PagedPrefixCacheTest, AUseMovesWithItsBlockWhenAHitSplitsTheNode) {
+  const Tokens a = seq_tokens(100, 16);
+  run(SeqId{1}, a);
+  EXPECT_EQ(cache_.allocate(SeqId{2}, concat(seq_tokens(100, 8), seq_tokens(7, 8))).value(), 8u);
+  ASSERT_TRUE(cache_.pool().free(SeqId{1}).ok());
+  EXPECT_EQ(cache_.pool().cached_block_count(), 2u);  // [8, 16) of a: idle and evictable
+  EXPECT_EQ(cache_.pool().used_block_count(), 4u);    // S2's shared half and its own two blocks
+  expect_consistent();
+  ASSERT_TRUE(cache_.pool().allocate(SeqId{3}, 12 * kBlockSize).ok());  // 10 free + the idle 2
+  EXPECT_EQ(cache_.index().peek(a).tokens, 8u);
+  expect_consistent();
+}
+
 TEST_F(PagedPrefixCacheTest, ConcurrentPrefillsOfTheSamePromptIndexOneCopy) {
   const Tokens a = seq_tokens(100, 8);
   ASSERT_EQ(cache_.allocate(SeqId{1}, a).value(), 0u);
