@@ -223,6 +223,13 @@ void PagedKvCache::reclaim_for(size_t count) {
   KVF_LOG_DEBUG(kBlock, "reclaimed {} cached blocks", missing);
 }
 
+size_t PagedKvCache::free_cached_blocks(size_t count) {
+  if (!init_status_.ok()) return 0;
+  const size_t freed = std::min(count, cached_block_count());
+  reclaim_for(free_block_count() + freed);
+  return freed;
+}
+
 BlockId PagedKvCache::take_block() {
   auto block = allocator_.allocate();
   KVF_CHECK(block.ok(), "free blocks were counted before allocating");

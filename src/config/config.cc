@@ -182,6 +182,12 @@ Status validate(const Config& config) {
     return Status(ErrorCode::kInvalidArgument, "model and cache shape: " + layout.status().message());
   }
   KVF_ASSIGN_OR_RETURN(const uint64_t blocks, resolved_num_blocks(config));
+  if (k.free_watermark_blocks > blocks) {
+    return invalid_argument("coordinator.free_watermark_blocks " +
+                            std::to_string(k.free_watermark_blocks) +
+                            " is more than the device pool's " + std::to_string(blocks) +
+                            " blocks (cache.num_blocks)");
+  }
   for (const auto& [key, count] : {std::pair{"cache.num_blocks", blocks},
                                    std::pair{"cache.host_num_blocks", c.host_num_blocks}}) {
     if (!detail::checked_product({count, layout->block_bytes()})) {

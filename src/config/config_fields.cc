@@ -191,6 +191,10 @@ const std::vector<ConfigField>& config_fields() {
           "coordinator.max_pending_plan_entries",
           "ops, tables, releases and admitted prompt blocks gathered before a step",
           [](Config& c) -> auto& { return c.coordinator.max_pending_plan_entries; }),
+      unsigned_field<uint32_t>(
+          "coordinator.free_watermark_blocks",
+          "free blocks step() keeps on each replica by evicting idle cached prefixes early",
+          [](Config& c) -> auto& { return c.coordinator.free_watermark_blocks; }),
       string_field("server.address", "control plane listen address (IPv4 or IPv6 literal)",
                    [](Config& c) -> auto& { return c.server.address; }),
       unsigned_field<uint16_t>("server.port", "control plane TCP port (0 = any free port)",

@@ -28,7 +28,7 @@ Status check_bookkeeping_memory(const Config& config) {
   KVF_ASSIGN_OR_RETURN(const uint64_t device_blocks, resolved_num_blocks(config));
   const uint64_t host_blocks = config.cache.host_num_blocks;
   const uint64_t per_replica =
-      device_blocks * (BlockAllocator::kBytesPerBlock + PrefixBlockIndex::kBytesPerBlock) +
+      device_blocks * (BlockAllocator::kBytesPerBlock + GlobalPrefixIndex::kBytesPerBlock) +
       host_blocks * BlockAllocator::kBytesPerBlock;
   return detail::check_host_memory(
       per_replica * config.topology.dp,
@@ -53,11 +53,13 @@ std::string sequence_limit_text(uint32_t limit) {
 }  // namespace
 
 struct Coordinator::Replica {
-  PagedPrefixCache cache;
+  PagedKvCache pool;  // its retainer is the global prefix index
   BlockAllocator host;
   uint32_t running = 0;
   std::map<uint32_t, uint32_t> swapped_by_priority = {};  // waiting swapped sequences per priority
   bool relieved_this_step = false;  // swapped, parked or preempted a sequence in this step
+  double load = 0;                  // its key in by_load_
+  bool load_stale = false;          // listed in stale_loads_
 
   // Running and swapped sequences (what coordinator.max_sequences_per_replica bounds).
   [[nodiscard]] uint64_t sequences() const {
@@ -79,15 +81,20 @@ Result<Coordinator> Coordinator::create(const Config& config) {
                   "the coordinator manages one layer group; set cache.layers_per_group to 0");
   }
   KVF_RETURN_IF_ERROR(check_bookkeeping_memory(config));
+  KVF_ASSIGN_OR_RETURN(const uint64_t device_blocks, resolved_num_blocks(config));
   Coordinator c(config);
   (void)c.tenant_index("");  // the default tenant: index 0
+  KVF_ASSIGN_OR_RETURN(c.index_,
+                       GlobalPrefixIndex::create({config.cache.block_size, config.topology.dp,
+                                                  static_cast<uint32_t>(device_blocks)}));
   for (uint32_t r = 0; r < config.topology.dp; ++r) {
     KVF_ASSIGN_OR_RETURN(PagedKvCache pool, PagedKvCache::create(config));
-    PrefixIndexOptions options;
-    options.replica = r;
-    KVF_ASSIGN_OR_RETURN(PagedPrefixCache cache, PagedPrefixCache::create(std::move(pool), options));
-    c.block_bytes_ = cache.pool().block_memory_bytes();
-    c.replicas_.push_back(Replica{std::move(cache), BlockAllocator(static_cast<uint32_t>(config.cache.host_num_blocks))});
+    KVF_RETURN_IF_ERROR(pool.set_block_retainer(&c.index_->retainer(r)));
+    c.block_bytes_ = pool.block_memory_bytes();
+    c.replicas_.push_back(
+        Replica{std::move(pool), BlockAllocator(static_cast<uint32_t>(config.cache.host_num_blocks))});
+    c.replicas_.back().load = c.load_of(r);
+    c.by_load_.emplace(c.replicas_.back().load, r);
   }
   return c;
 }
@@ -106,7 +113,7 @@ Status Coordinator::check_new_sequence(SeqId seq, std::string_view role) const {
 
 Status Coordinator::no_room(const std::string& request, uint32_t replica, size_t needed,
                             const Relief& relief) const {
-  const PagedKvCache& pool = replicas_[replica].cache.pool();
+  const PagedKvCache& pool = replicas_[replica].pool;
   std::string why = request + ": needs " + std::to_string(needed) + " blocks on replica " +
                     std::to_string(replica) + ", which ";
   if (needed > pool.total_blocks()) {
@@ -137,8 +144,28 @@ bool Coordinator::is_swapped(SeqId seq) const {
   return it != seqs_.end() && it->second.swapped;
 }
 
-const PagedPrefixCache& Coordinator::replica_cache(uint32_t replica) const {
-  return replicas_.at(replica).cache;
+ReplicaStats Coordinator::replica_stats(uint32_t replica) const {
+  const Replica& rep = replicas_.at(replica);
+  ReplicaStats stats;
+  stats.device_blocks = rep.pool.total_blocks();
+  stats.used_blocks = rep.pool.used_block_count();
+  stats.cached_blocks = rep.pool.cached_block_count();
+  stats.free_blocks = rep.pool.free_block_count();
+  stats.indexed_blocks = index_->cached_blocks(replica);
+  stats.sequences = rep.pool.num_sequences();
+  for (const auto& [priority, count] : rep.swapped_by_priority) stats.swapped += count;
+  stats.host_blocks = rep.host.total();
+  stats.host_free_blocks = rep.host.free_count();
+  return stats;
+}
+
+size_t Coordinator::cached_tokens(uint32_t replica, std::span<const TokenId> prompt,
+                                  const AdmitOptions& options) const {
+  if (replica >= replicas_.size()) return 0;
+  PrefixLookup lookup;
+  index_->lookup(RadixKey(prompt, config_.cache.block_size, {salt_of(options), options.public_tokens}),
+                 lookup);
+  return index_->prefix_on(lookup, replica).tokens;
 }
 
 size_t Coordinator::host_free_blocks(uint32_t replica) const { return replicas_.at(replica).host.free_count(); }
@@ -146,12 +173,12 @@ size_t Coordinator::host_free_blocks(uint32_t replica) const { return replicas_.
 std::vector<BlockId> Coordinator::blocks_of(SeqId seq) const {
   const auto it = seqs_.find(seq);
   if (it == seqs_.end() || it->second.swapped) return {};
-  return replicas_[it->second.replica].cache.pool().get_sequence(seq)->block_ids;
+  return replicas_[it->second.replica].pool.get_sequence(seq)->block_ids;
 }
 
 void Coordinator::collect_copies(uint32_t replica) {
   // Taken right away so they keep their place among the step's ops (plan order is meaning).
-  for (const TokenCopy& c : replicas_[replica].cache.pool().take_pending_copies()) {
+  for (const TokenCopy& c : replicas_[replica].pool.take_pending_copies()) {
     plan_.ops.push_back(StepPlan::Op::token_copy(replica, c));
   }
 }
@@ -180,7 +207,7 @@ void Coordinator::migrate(uint32_t src_replica, std::span<const BlockId> src, ui
 // it is known up front.
 std::vector<const SequenceInfo*> Coordinator::victim_order(uint32_t replica,
                                                            const ReliefRequest& request) const {
-  const PagedKvCache& pool = replicas_[replica].cache.pool();
+  const PagedKvCache& pool = replicas_[replica].pool;
   // Per tenant: the blocks it holds on the replica, and its candidates in their own order.
   struct Queue {
     uint64_t held = 0;
@@ -229,7 +256,7 @@ std::vector<const SequenceInfo*> Coordinator::victim_order(uint32_t replica,
 // What displacing victims in victim_order() makes free: each victim's blocks that no other
 // sequence holds (reused blocks excepted: the request takes them itself).
 Coordinator::Relief Coordinator::plan_relief(uint32_t replica, const ReliefRequest& request) const {
-  const PagedKvCache& pool = replicas_[replica].cache.pool();
+  const PagedKvCache& pool = replicas_[replica].pool;
   Relief relief;
   relief.reachable = pool.available_block_count();
   if (request.needed > pool.total_blocks() + (request.copied_tail ? 1 : 0)) return relief;
@@ -262,7 +289,7 @@ void Coordinator::relieve(uint32_t replica, std::span<const SeqId> victims) {
 bool Coordinator::swap_out(SeqId seq) {
   Sequence& s = seqs_.at(seq);
   Replica& rep = replicas_[s.replica];
-  const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
+  const SequenceInfo* info = rep.pool.get_sequence(seq);
   Tenant& tenant = tenants_[s.tenant];
   const uint64_t host_quota = quota_of(tenant).max_host_blocks;
   if (host_quota != 0 && tenant.stats.host_blocks + info->block_ids.size() > host_quota) {
@@ -281,9 +308,10 @@ bool Coordinator::swap_out(SeqId seq) {
   s.swap_order = next_swap_order_++;
   swap_queue_.emplace(s.swap_order, seq);
   ++rep.swapped_by_priority[s.priority];
-  const Status freed = rep.cache.pool().free(seq);
+  const Status freed = rep.pool.free(seq);
   KVF_CHECK(freed.ok(), freed.message());
   --rep.running;
+  mark_load(s.replica);
   plan_.released.push_back(seq);
   ++stats_.swapped_out;
   KVF_LOG_DEBUG(kCoordinator, "swapped {} out of replica {}", to_string(seq), s.replica);
@@ -292,29 +320,31 @@ bool Coordinator::swap_out(SeqId seq) {
 
 bool Coordinator::park(SeqId seq) {
   Sequence& s = seqs_.at(seq);
-  const PagedKvCache& from_pool = replicas_[s.replica].cache.pool();
+  const PagedKvCache& from_pool = replicas_[s.replica].pool;
   const SequenceInfo* info = from_pool.get_sequence(seq);
   // The peer with the most room that can take the whole sequence (ties: lowest replica id).
   std::optional<uint32_t> peer;
   for (uint32_t p = 0; p < replicas_.size(); ++p) {
     if (p == s.replica || is_full(p)) continue;
-    const size_t room = replicas_[p].cache.pool().available_block_count();
+    const size_t room = replicas_[p].pool.available_block_count();
     if (room >= info->block_ids.size() &&
-        (!peer || room > replicas_[*peer].cache.pool().available_block_count())) {
+        (!peer || room > replicas_[*peer].pool.available_block_count())) {
       peer = p;
     }
   }
   if (!peer) return false;
-  PagedKvCache& to_pool = replicas_[*peer].cache.pool();
+  PagedKvCache& to_pool = replicas_[*peer].pool;
   if (!to_pool.allocate(seq, info->num_tokens).ok()) return false;
   const std::vector<BlockId> from = info->block_ids;
   const uint32_t priority = info->priority;
   migrate(s.replica, from, *peer, to_pool.get_sequence(seq)->block_ids);
   (void)to_pool.set_priority(seq, priority);
-  const Status freed = replicas_[s.replica].cache.pool().free(seq);
+  const Status freed = replicas_[s.replica].pool.free(seq);
   KVF_CHECK(freed.ok(), freed.message());
   --replicas_[s.replica].running;
   ++replicas_[*peer].running;
+  mark_load(s.replica);
+  mark_load(*peer);
   KVF_LOG_DEBUG(kCoordinator, "parked {} from replica {} on replica {}", to_string(seq), s.replica, *peer);
   s.replica = *peer;
   mark_table(seq);
@@ -324,9 +354,10 @@ bool Coordinator::park(SeqId seq) {
 
 void Coordinator::preempt(SeqId seq) {
   Sequence& s = seqs_.at(seq);
-  const Status freed = replicas_[s.replica].cache.pool().free(seq);
+  const Status freed = replicas_[s.replica].pool.free(seq);
   KVF_CHECK(freed.ok(), freed.message());
   --replicas_[s.replica].running;
+  mark_load(s.replica);
   ++tenants_[s.tenant].stats.preempted;
   erase_sequence(seq);
   plan_.released.push_back(seq);
@@ -380,61 +411,107 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
   KVF_RETURN_IF_ERROR(
       check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
-  // The prompt's unit keys in its salt's namespace, hashed once for every replica's lookup.
-  const SaltScope scope{salt_of(options), options.public_tokens};
-  const RadixKey key(prompt, config_.cache.block_size, scope);
-  KVF_ASSIGN_OR_RETURN(AdmitChoice choice, choose_replica(seq, key, priority));
-  relieve(choice.replica, choice.victims);
-  return place(seq, std::move(prompt), key, priority, tenant, choice);
+  // One walk of the global tree; every replica's share of the prompt is read off its path. The
+  // key keeps the unit hashes it computes for indexing the prompt at step().
+  RadixKey key(prompt, config_.cache.block_size, {salt_of(options), options.public_tokens});
+  index_->lookup(key, lookup_);
+  KVF_ASSIGN_OR_RETURN(AdmitChoice choice, choose_replica(seq, match_of(prompt.size()), priority));
+  if (!choice.victims.empty()) {
+    relieve(choice.replica, choice.victims);
+    index_->lookup(key, lookup_);  // making room may have evicted or moved cached blocks
+  }
+  return place(seq, std::move(prompt), std::move(key), priority, tenant, choice);
 }
 
-Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const RadixKey& key,
-                                                             uint32_t priority) const {
+Coordinator::PromptMatch Coordinator::match_of(size_t tokens) const {
+  PromptMatch m;
+  m.tokens = tokens;
+  m.blocks = blocks_for(tokens, config_.cache.block_size);
+  m.best_tokens = lookup_.tokens();
+  if (!lookup_.steps.empty()) m.best_source = index_->holders(lookup_, lookup_.steps.size() - 1).front();
+  return m;
+}
+
+bool Coordinator::migrates(const PromptMatch& prompt, uint32_t replica, size_t local) const {
   const CoordinatorConfig& w = config_.coordinator;
-  const size_t n = key.tokens().size();
-  const size_t total_blocks = blocks_for(n, config_.cache.block_size);
+  return replica != prompt.best_source && prompt.best_tokens > local &&
+         w.migration_token_cost < w.prefill_token_cost;
+}
 
-  // The global view: what every replica has cached of this prompt.
-  std::vector<PrefixMatch> matches;
-  matches.reserve(replicas_.size());
-  uint32_t best_source = 0;
-  for (uint32_t r = 0; r < replicas_.size(); ++r) {
-    matches.push_back(replicas_[r].cache.index().peek(key));
-    if (matches[r].tokens > matches[best_source].tokens) best_source = r;
-  }
-  const size_t best_tokens = matches[best_source].tokens;
+double Coordinator::prefix_cost(const PromptMatch& prompt, size_t local, bool migrate) const {
+  const CoordinatorConfig& w = config_.coordinator;
+  const size_t covered = migrate ? prompt.best_tokens : local;
+  double cost = w.prefill_token_cost * static_cast<double>(prompt.tokens - covered);
+  if (migrate) cost += w.migration_token_cost * static_cast<double>(prompt.best_tokens - local);
+  return cost;
+}
 
-  struct Option {
-    double cost;
-    uint32_t replica;
-    bool migrate_prefix;
-    size_t needed;  // new blocks, plus the idle cached ones of the match that become used
+Coordinator::Candidate Coordinator::evaluate(const PromptMatch& prompt, uint32_t replica) const {
+  const ReplicaPrefix local = index_->prefix_on(lookup_, replica);
+  const bool migrate = migrates(prompt, replica, local.tokens);
+  return Candidate{replica, prefix_cost(prompt, local.tokens, migrate) + replicas_[replica].load,
+                   migrate, prompt.blocks - local.blocks + local.idle_blocks};
+}
+
+bool Coordinator::accepts(uint32_t replica, uint32_t priority) const {
+  // Swapped sequences that rank with the newcomer return first (as vLLM schedules swap-ins
+  // before new prefills): their replica takes no newcomer until they are back.
+  const auto& waiting = replicas_[replica].swapped_by_priority;
+  return !is_full(replica) && waiting.lower_bound(priority) == waiting.end();
+}
+
+bool Coordinator::has_room(const Candidate& c) const {
+  return c.needed <= replicas_[c.replica].pool.available_block_count();
+}
+
+Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const PromptMatch& prompt,
+                                                             uint32_t priority) {
+  refresh_loads();
+  std::optional<Candidate> best;  // the cheapest with room; ties: the lower replica id
+  auto consider = [&](const Candidate& c) {
+    if (!has_room(c)) return;
+    if (!best || c.cost < best->cost || (c.cost == best->cost && c.replica < best->replica)) best = c;
   };
-  std::vector<Option> options;
+  // The replicas holding the deepest steps of the prompt are few: each is ranked on its own.
+  constexpr size_t kFewHolders = 8;
+  size_t few_from = 0;
+  while (few_from < lookup_.steps.size() && index_->holders(lookup_, few_from).size() > kFewHolders) {
+    ++few_from;
+  }
+  std::span<const uint32_t> few;
+  if (few_from < lookup_.steps.size()) few = index_->holders(lookup_, few_from);
+  for (uint32_t r : few) {
+    if (accepts(r, priority)) consider(evaluate(prompt, r));
+  }
+  // Every other replica caches at most the steps before few_from, so none costs less than
+  // `floor` plus its load: they are searched in load order while one still could win.
+  const size_t shallow = few_from == 0 ? 0 : lookup_.steps[few_from - 1].end;
+  const double floor = std::min(prefix_cost(prompt, shallow, false), prefix_cost(prompt, shallow, true));
+  for (const auto& [load, r] : by_load_) {
+    if (best) {
+      // by_load_ lists equal loads in replica order, so past the best's id an equal bound loses.
+      const double bound = floor + load;
+      if (bound > best->cost || (bound == best->cost && r > best->replica)) break;
+    }
+    if (std::binary_search(few.begin(), few.end(), r)) continue;
+    if (accepts(r, priority)) consider(evaluate(prompt, r));
+  }
+  if (!best) return choose_under_pressure(seq, prompt, priority);
+  return AdmitChoice{best->replica,
+                     best->migrate_prefix ? std::optional(prompt.best_source) : std::nullopt, {}};
+}
+
+Result<Coordinator::AdmitChoice> Coordinator::choose_under_pressure(SeqId seq,
+                                                                    const PromptMatch& prompt,
+                                                                    uint32_t priority) const {
+  std::vector<Candidate> options;
   uint32_t full = 0;
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     if (is_full(r)) {
       ++full;
-      continue;
+    } else if (accepts(r, priority)) {
+      options.push_back(evaluate(prompt, r));
     }
-    // Swapped sequences that rank with the newcomer return first (as vLLM schedules swap-ins
-    // before new prefills): their replica takes no newcomer until they are back.
-    if (replicas_[r].swapped_by_priority.lower_bound(priority) != replicas_[r].swapped_by_priority.end()) {
-      continue;
-    }
-    const PagedKvCache& pool = replicas_[r].cache.pool();
-    const size_t local = matches[r].tokens;
-    // Migrate the longer prefix when moving a token is cheaper than computing it.
-    const bool migrate_prefix = r != best_source && best_tokens > local &&
-                                w.migration_token_cost < w.prefill_token_cost;
-    const size_t covered = migrate_prefix ? best_tokens : local;
-    double cost = w.prefill_token_cost * static_cast<double>(n - covered) +
-                  w.queue_weight * replicas_[r].running + w.memory_weight * pool.utilization();
-    if (migrate_prefix) cost += w.migration_token_cost * static_cast<double>(best_tokens - local);
-    const size_t needed = total_blocks - matches[r].blocks.size() + matches[r].idle_blocks;
-    // A replica that must first swap or preempt others ranks behind one that has room.
-    if (needed > pool.available_block_count()) cost += 1e18;
-    options.push_back({cost, r, migrate_prefix, needed});
   }
   if (full == replicas_.size()) {
     return Status(ErrorCode::kResourceExhausted,
@@ -446,87 +523,132 @@ Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const Ra
                                                ": every replica is bringing back swapped "
                                                "sequences of the same or a higher priority first");
   }
-  // The cheapest replica that has room or can make it (ties: the lower replica id). A newcomer
-  // displaces only sequences of lower priority: others keep running; the scheduler retries it.
-  std::stable_sort(options.begin(), options.end(),
-                   [](const Option& a, const Option& b) { return a.cost < b.cost; });
+  // The cheapest replica that can make room (ties: the lower replica id). A newcomer displaces
+  // only sequences of lower priority: others keep running; the scheduler retries it.
+  std::sort(options.begin(), options.end(), [](const Candidate& a, const Candidate& b) {
+    return std::tie(a.cost, a.replica) < std::tie(b.cost, b.replica);
+  });
   std::optional<Relief> first_refusal;
-  for (const Option& o : options) {
-    AdmitChoice choice{o.replica, o.migrate_prefix ? std::optional(best_source) : std::nullopt, {}};
-    if (o.needed <= replicas_[o.replica].cache.pool().available_block_count()) return choice;
-    Relief relief = plan_relief(o.replica, {o.needed, seq, priority, matches[o.replica].blocks, {}});
+  for (const Candidate& o : options) {
+    AdmitChoice choice{o.replica, o.migrate_prefix ? std::optional(prompt.best_source) : std::nullopt, {}};
+    if (has_room(o)) return choice;
+    std::vector<BlockId> reused;
+    index_->blocks_on(lookup_, o.replica, index_->prefix_on(lookup_, o.replica).blocks, reused);
+    Relief relief = plan_relief(o.replica, {o.needed, seq, priority, reused, {}});
     if (relief.enough) {
       choice.victims = std::move(relief.victims);
       return choice;
     }
     if (!first_refusal) first_refusal = std::move(relief);
   }
-  const Option& best = options.front();
-  return no_room("admit " + to_string(seq), best.replica, best.needed, *first_refusal);
+  const Candidate& cheapest = options.front();
+  return no_room("admit " + to_string(seq), cheapest.replica, cheapest.needed, *first_refusal);
 }
 
-Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, const RadixKey& key,
+std::vector<BlockId> Coordinator::migration_blocks(const AdmitChoice& choice,
+                                                   const ReplicaPrefix& local) const {
+  if (!choice.migration_source) return {};
+  const ReplicaPrefix source = index_->prefix_on(lookup_, *choice.migration_source);
+  if (source.blocks <= local.blocks) return {};
+  std::vector<BlockId> blocks;
+  index_->blocks_on(lookup_, *choice.migration_source, source.blocks, blocks);
+  // The source's blocks after the target's own prefix fill the target's next blocks.
+  blocks.erase(blocks.begin(), blocks.begin() + static_cast<ptrdiff_t>(local.blocks));
+  return blocks;
+}
+
+Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, RadixKey&& key,
                                      uint32_t priority, uint32_t tenant,
                                      const AdmitChoice& choice) {
   const uint32_t r = choice.replica;
   Replica& rep = replicas_[r];
-  const auto allocated = rep.cache.allocate(seq, key);
-  if (!allocated.ok()) {
+  // Everything is read off the lookup before use() reshapes the tree.
+  const ReplicaPrefix local = index_->prefix_on(lookup_, r);
+  std::vector<BlockId> shared;
+  index_->blocks_on(lookup_, r, local.blocks, shared);
+  const std::vector<BlockId> moved = migration_blocks(choice, local);
+  const size_t fresh = blocks_for(prompt.size(), config_.cache.block_size) - local.blocks;
+  if (fresh + local.idle_blocks > rep.pool.available_block_count()) {
     return Status(ErrorCode::kInternal, "admit " + to_string(seq) + ": replica " + std::to_string(r) +
-                                            " had room made but refused the allocation (" +
-                                            allocated.status().to_string() + ")");
+                                            " had room made but has " +
+                                            std::to_string(rep.pool.available_block_count()) +
+                                            " blocks for " + std::to_string(fresh) + " new ones");
   }
-  const size_t local_cached = *allocated;
+  index_->use(lookup_, r);
+  const Status allocated = rep.pool.allocate_shared(seq, prompt.size(), shared);
+  KVF_CHECK(allocated.ok(), "allocation failed after its room check: " + allocated.to_string());
   if (priority != 0) {
-    const Status p = rep.cache.pool().set_priority(seq, priority);
+    const Status p = rep.pool.set_priority(seq, priority);
     KVF_CHECK(p.ok(), p.message());  // check_priority() admitted it
   }
-  const size_t bs = config_.cache.block_size;
-  const size_t n = prompt.size();
-  const std::vector<BlockId>& table = rep.cache.pool().get_sequence(seq)->block_ids;
+  const std::vector<BlockId>& table = rep.pool.get_sequence(seq)->block_ids;
   Placement placement;
   placement.replica = r;
-  placement.cached_tokens = local_cached;
-  if (choice.migration_source) {
-    // Look again: making room may have parked sequences on the source, evicting (and reusing)
-    // part of the prefix found before.
-    const uint32_t source_replica = *choice.migration_source;
-    const PrefixMatch source = replicas_[source_replica].cache.index().peek(key);
-    // The source's cached blocks after the target's own prefix fill the target's next blocks.
-    const size_t first = local_cached / bs;
-    const size_t count = std::min(source.blocks.size(), table.size());
-    if (count > first && source.tokens > local_cached) {
-      migrate(source_replica, std::span(source.blocks).subspan(first, count - first), r,
-              std::span(table).subspan(first, count - first));
-      placement.migrated_tokens = std::min(source.tokens, n) - local_cached;
-      placement.cached_tokens += placement.migrated_tokens;
-      stats_.migrated_tokens += placement.migrated_tokens;
-    }
+  placement.cached_tokens = local.tokens;
+  if (!moved.empty()) {
+    migrate(*choice.migration_source, moved, r, std::span(table).subspan(local.blocks, moved.size()));
+    placement.migrated_tokens = moved.size() * config_.cache.block_size;
+    placement.cached_tokens += placement.migrated_tokens;
+    stats_.migrated_tokens += placement.migrated_tokens;
   }
   placement.blocks = table;
   collect_copies(r);
+  record_admission(seq, std::move(prompt), std::move(key), priority, tenant, placement);
+  return placement;
+}
+
+void Coordinator::record_admission(SeqId seq, std::vector<TokenId>&& prompt, RadixKey&& key,
+                                   uint32_t priority, uint32_t tenant, const Placement& placement) {
+  const size_t n = prompt.size();
   const uint64_t incarnation = next_incarnation_++;
   add_sequence(seq,
-               Sequence{.replica = r,
+               Sequence{.replica = placement.replica,
                         .num_tokens = n,
                         .priority = priority,
                         .incarnation = incarnation,
                         .tenant = tenant,
                         .computed_tokens = placement.cached_tokens},
-               table.size());
-  ++rep.running;
+               placement.blocks.size());
+  ++replicas_[placement.replica].running;
+  mark_load(placement.replica);
   mark_table(seq);
-  admitted_now_blocks_ += blocks_for(prompt.size(), config_.cache.block_size);
-  admitted_now_.push_back({seq, incarnation, std::move(prompt), key.scope()});
+  admitted_now_blocks_ += placement.blocks.size();
+  admitted_now_.emplace_back(seq, incarnation, std::move(prompt), std::move(key));
   ++stats_.admitted;
   stats_.prompt_tokens += n;
-  stats_.local_hit_tokens += local_cached;
+  stats_.local_hit_tokens += placement.cached_tokens - placement.migrated_tokens;
   TenantStats& t = tenants_[tenant].stats;
   ++t.admitted;
   t.prompt_tokens += n;
   t.cached_tokens += placement.cached_tokens;
   t.migrated_tokens += placement.migrated_tokens;
-  return placement;
+}
+
+void Coordinator::mark_load(uint32_t replica) {
+  Replica& rep = replicas_[replica];
+  if (rep.load_stale) return;
+  rep.load_stale = true;
+  stale_loads_.push_back(replica);
+}
+
+double Coordinator::load_of(uint32_t replica) const {
+  const CoordinatorConfig& w = config_.coordinator;
+  const Replica& rep = replicas_[replica];
+  return w.queue_weight * rep.running + w.memory_weight * rep.pool.utilization();
+}
+
+void Coordinator::refresh_loads() {
+  for (uint32_t r : stale_loads_) {
+    Replica& rep = replicas_[r];
+    rep.load_stale = false;
+    const double load = load_of(r);
+    if (load == rep.load) continue;
+    auto node = by_load_.extract({rep.load, r});
+    KVF_CHECK(!node.empty(), "replica " + std::to_string(r) + " is missing from the load order");
+    node.value().first = rep.load = load;
+    by_load_.insert(std::move(node));
+  }
+  stale_loads_.clear();
 }
 
 Status Coordinator::append(SeqId seq, size_t num_tokens) {
@@ -544,7 +666,7 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
   if (s->swapped) {
     return invalid_operation(to_string(seq) + " is swapped out; it returns at a step with room");
   }
-  PagedKvCache& pool = replicas_[s->replica].cache.pool();
+  PagedKvCache& pool = replicas_[s->replica].pool;
   const SequenceInfo* info = pool.get_sequence(seq);
   if (num_tokens > std::numeric_limits<size_t>::max() - info->num_tokens) {
     return invalid_argument("appending " + std::to_string(num_tokens) + " tokens to " +
@@ -565,6 +687,7 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
     relieve(s->replica, relief.victims);
   }
   KVF_RETURN_IF_ERROR(pool.append(seq, num_tokens));
+  mark_load(s->replica);
   collect_copies(s->replica);
   const SequenceInfo* grown_info = pool.get_sequence(seq);
   s->num_tokens = grown_info->num_tokens;
@@ -602,12 +725,12 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
                       std::to_string(to) + " holds " +
                       sequence_limit_text(config_.coordinator.max_sequences_per_replica));
   }
-  PagedKvCache& src_pool = replicas_[from].cache.pool();
+  PagedKvCache& src_pool = replicas_[from].pool;
   if (to == from) {
     KVF_RETURN_IF_ERROR(src_pool.fork(src, dst));
   } else {
     const SequenceInfo* info = src_pool.get_sequence(src);
-    PagedKvCache& dst_pool = replicas_[to].cache.pool();
+    PagedKvCache& dst_pool = replicas_[to].pool;
     const size_t needed = info->num_blocks();
     if (dst_pool.available_block_count() < needed) {
       const Relief relief = plan_relief(to, {needed, dst, info->priority, {}, {}});
@@ -620,7 +743,7 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     (void)dst_pool.set_priority(dst, info->priority);
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
   }
-  const SequenceInfo* child = replicas_[to].cache.pool().get_sequence(dst);
+  const SequenceInfo* child = replicas_[to].pool.get_sequence(dst);
   add_sequence(dst,
                Sequence{.replica = to,
                         .num_tokens = child->num_tokens,
@@ -630,6 +753,7 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
                         .computed_tokens = computed},
                child->num_blocks());
   ++replicas_[to].running;
+  mark_load(to);
   mark_table(dst);
   return ok_status();
 }
@@ -642,8 +766,9 @@ Status Coordinator::free(SeqId seq) {
     forget_swapped(s->replica, s->priority);
     swap_queue_.erase(s->swap_order);
   } else {
-    KVF_RETURN_IF_ERROR(replicas_[s->replica].cache.pool().free(seq));
+    KVF_RETURN_IF_ERROR(replicas_[s->replica].pool.free(seq));
     --replicas_[s->replica].running;
+    mark_load(s->replica);
   }
   erase_sequence(seq);
   plan_.released.push_back(seq);
@@ -776,7 +901,7 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
     forget_swapped(s->replica, s->priority);
     ++replicas_[s->replica].swapped_by_priority[priority];
   } else {
-    KVF_RETURN_IF_ERROR(replicas_[s->replica].cache.pool().set_priority(seq, priority));
+    KVF_RETURN_IF_ERROR(replicas_[s->replica].pool.set_priority(seq, priority));
   }
   s->priority = priority;
   return ok_status();
@@ -785,22 +910,39 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
 void Coordinator::index_planned_prompts() {
   // This step's plan is issued next and its forward pass computes these prompts, so a request of
   // the next step may share them; none of this step's requests could (they are all placed).
-  for (const auto& [seq, incarnation, prompt, scope] : admitted_now_) {
-    const auto it = seqs_.find(seq);
+  for (const AdmittedPrompt& admitted : admitted_now_) {
+    const auto it = seqs_.find(admitted.seq);
     // Gone, swapped out (its slots stay uncomputed), or a new sequence under the same id: its
     // blocks will not hold this prompt.
-    if (it == seqs_.end() || it->second.swapped || it->second.incarnation != incarnation) continue;
-    Replica& rep = replicas_[it->second.replica];
-    const SequenceInfo* info = rep.cache.pool().get_sequence(seq);
-    if (info == nullptr || info->num_tokens < prompt.size()) continue;  // compacted meanwhile
-    const RadixKey key(prompt, config_.cache.block_size, scope);
-    const auto inserted = rep.cache.insert(seq, key, info->priority);
-    if (!inserted.ok()) {
-      KVF_LOG_WARN(kCoordinator, "not indexing {}: {}", to_string(seq), inserted.status().message());
+    if (it == seqs_.end() || it->second.swapped || it->second.incarnation != admitted.incarnation) {
+      continue;
+    }
+    const uint32_t r = it->second.replica;
+    PagedKvCache& pool = replicas_[r].pool;
+    const SequenceInfo* info = pool.get_sequence(admitted.seq);
+    if (info == nullptr || info->num_tokens < admitted.tokens.size()) continue;  // compacted
+    const auto added = index_->insert(r, admitted.key, info->block_ids);
+    if (!added.ok()) {
+      KVF_LOG_WARN(kCoordinator, "not indexing {}: {}", to_string(admitted.seq),
+                   added.status().message());
+      continue;
+    }
+    for (BlockId block : *added) {
+      const Status retained = pool.retain_block(block);
+      KVF_CHECK(retained.ok(), "retaining a newly indexed block failed: " + retained.to_string());
     }
   }
   admitted_now_.clear();
   admitted_now_blocks_ = 0;
+}
+
+void Coordinator::refill_free_blocks() {
+  const uint32_t watermark = config_.coordinator.free_watermark_blocks;
+  if (watermark == 0) return;
+  for (Replica& rep : replicas_) {
+    const size_t free = rep.pool.free_block_count();
+    if (free < watermark) (void)rep.pool.free_cached_blocks(watermark - free);
+  }
 }
 
 void Coordinator::swap_back_in() {
@@ -813,7 +955,7 @@ void Coordinator::swap_back_in() {
       ++it;
       continue;
     }
-    PagedKvCache& pool = replicas_[s.replica].cache.pool();
+    PagedKvCache& pool = replicas_[s.replica].pool;
     if (pool.available_block_count() < s.host_blocks.size() || !pool.allocate(seq, s.num_tokens).ok()) {
       break;
     }
@@ -829,6 +971,7 @@ void Coordinator::swap_back_in() {
     s.swapped = false;
     forget_swapped(s.replica, s.priority);
     ++replicas_[s.replica].running;
+    mark_load(s.replica);
     mark_table(seq);
     ++stats_.swapped_in;
     it = swap_queue_.erase(it);
@@ -844,7 +987,7 @@ Result<StepPlan> Coordinator::step() {
     const auto it = seqs_.find(seq);
     if (it == seqs_.end() || it->second.swapped) continue;
     Sequence& s = it->second;
-    const SequenceInfo* info = replicas_[s.replica].cache.pool().get_sequence(seq);
+    const SequenceInfo* info = replicas_[s.replica].pool.get_sequence(seq);
     plan_.tables.push_back({seq, s.replica, info->num_tokens, s.computed_tokens, info->block_ids});
     // The forward pass after this plan computes the rest. A sequence that still has slots to
     // compute is always in the plan: admit, append, fork, park and swap-in mark its table.
@@ -852,6 +995,7 @@ Result<StepPlan> Coordinator::step() {
   }
   dirty_.clear();
   for (Replica& rep : replicas_) rep.relieved_this_step = false;
+  refill_free_blocks();
   for (const auto& [replica, block] : host_blocks_to_free_) {
     const auto freed = replicas_[replica].host.release(block);
     KVF_CHECK(freed.ok(), freed.status().message());
@@ -864,14 +1008,46 @@ Result<StepPlan> Coordinator::step() {
   return plan;
 }
 
+Status Coordinator::verify_replica(uint32_t r) const {
+  const PagedKvCache& pool = replicas_[r].pool;
+  KVF_RETURN_IF_ERROR(pool.verify_integrity());
+  const std::string name = "replica " + std::to_string(r);
+  size_t retained = 0, used = 0;
+  for (uint32_t b = 0; b < pool.total_blocks(); ++b) {
+    const BlockId block{b};
+    if (pool.is_retained(block) != index_->is_indexed(r, block)) {
+      return Status(ErrorCode::kInternal, name + ": " + to_string(block) + " is " +
+                                              (pool.is_retained(block) ? "" : "not ") +
+                                              "retained but " +
+                                              (index_->is_indexed(r, block) ? "" : "not ") +
+                                              "indexed");
+    }
+    retained += pool.is_retained(block) ? 1 : 0;
+    used += pool.is_retained(block) && pool.block_ref_count(block) > 1 ? 1 : 0;
+  }
+  if (retained != index_->cached_blocks(r) || used != index_->used_blocks(r)) {
+    return Status(ErrorCode::kInternal,
+                  name + ": the pool retains " + std::to_string(retained) + " blocks (" +
+                      std::to_string(used) + " in use), the index holds " +
+                      std::to_string(index_->cached_blocks(r)) + " (" +
+                      std::to_string(index_->used_blocks(r)) + ")");
+  }
+  const Replica& rep = replicas_[r];
+  if (by_load_.count({rep.load, r}) == 0 || (!rep.load_stale && rep.load != load_of(r))) {
+    return Status(ErrorCode::kInternal, name + " is out of place in the load order");
+  }
+  return ok_status();
+}
+
 Status Coordinator::verify_integrity() const {
   std::vector<uint32_t> running(replicas_.size(), 0);
   std::vector<TenantStats> held(tenants_.size());
+  KVF_RETURN_IF_ERROR(index_->verify());
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
-    KVF_RETURN_IF_ERROR(replicas_[r].cache.verify_integrity());
+    KVF_RETURN_IF_ERROR(verify_replica(r));
   }
   for (const auto& [seq, s] : seqs_) {
-    const SequenceInfo* info = replicas_[s.replica].cache.pool().get_sequence(seq);
+    const SequenceInfo* info = replicas_[s.replica].pool.get_sequence(seq);
     if (s.swapped != (info == nullptr)) {
       return Status(ErrorCode::kInternal, to_string(seq) + " is " + (s.swapped ? "swapped" : "running") +
                                               " but replica " + std::to_string(s.replica) +
@@ -904,10 +1080,10 @@ Status Coordinator::verify_integrity() const {
   }
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     if (running[r] != replicas_[r].running ||
-        running[r] != replicas_[r].cache.pool().num_sequences()) {
+        running[r] != replicas_[r].pool.num_sequences()) {
       return Status(ErrorCode::kInternal, "replica " + std::to_string(r) + " counts " +
                                               std::to_string(replicas_[r].running) + " running sequences, its pool " +
-                                              std::to_string(replicas_[r].cache.pool().num_sequences()) +
+                                              std::to_string(replicas_[r].pool.num_sequences()) +
                                               ", the records " + std::to_string(running[r]));
     }
   }

@@ -227,14 +227,15 @@ json stats_reply(const Coordinator& coordinator) {
   const CoordinatorStats& s = coordinator.stats();
   json replicas = json::array();
   for (uint32_t r = 0; r < coordinator.num_replicas(); ++r) {
-    const PagedKvCache& pool = coordinator.replica_cache(r).pool();
+    const ReplicaStats pools = coordinator.replica_stats(r);
     replicas.push_back({{"replica", r},
-                        {"device_blocks", pool.total_blocks()},
-                        {"used_blocks", pool.used_block_count()},
-                        {"cached_blocks", pool.cached_block_count()},
-                        {"free_blocks", pool.free_block_count()},
-                        {"sequences", pool.num_sequences()},
-                        {"host_free_blocks", coordinator.host_free_blocks(r)}});
+                        {"device_blocks", pools.device_blocks},
+                        {"used_blocks", pools.used_blocks},
+                        {"cached_blocks", pools.cached_blocks},
+                        {"free_blocks", pools.free_blocks},
+                        {"sequences", pools.sequences},
+                        {"swapped", pools.swapped},
+                        {"host_free_blocks", pools.host_free_blocks}});
   }
   json tenants = json::object();
   for (const std::string& name : coordinator.tenants()) {

@@ -106,10 +106,10 @@ std::string render_metrics(const Coordinator& coordinator, const ControlStats* r
          "indexed prefixes no sequence holds; free).",
          [&](auto&& sample) {
            for (uint32_t r = 0; r < coordinator.num_replicas(); ++r) {
-             const PagedKvCache& pool = coordinator.replica_cache(r).pool();
-             sample(fmt::format("replica=\"{}\",state=\"used\"", r), pool.used_block_count());
-             sample(fmt::format("replica=\"{}\",state=\"cached\"", r), pool.cached_block_count());
-             sample(fmt::format("replica=\"{}\",state=\"free\"", r), pool.free_block_count());
+             const ReplicaStats pools = coordinator.replica_stats(r);
+             sample(fmt::format("replica=\"{}\",state=\"used\"", r), pools.used_blocks);
+             sample(fmt::format("replica=\"{}\",state=\"cached\"", r), pools.cached_blocks);
+             sample(fmt::format("replica=\"{}\",state=\"free\"", r), pools.free_blocks);
            }
          });
   family(out, "kvfabric_host_free_blocks", "gauge", "Free host-tier (swap) blocks of each replica.",
@@ -121,8 +121,7 @@ std::string render_metrics(const Coordinator& coordinator, const ControlStats* r
   family(out, "kvfabric_sequences", "gauge", "Sequences resident on each replica's device pool.",
          [&](auto&& sample) {
            for (uint32_t r = 0; r < coordinator.num_replicas(); ++r) {
-             sample(fmt::format("replica=\"{}\"", r),
-                    coordinator.replica_cache(r).pool().num_sequences());
+             sample(fmt::format("replica=\"{}\"", r), coordinator.replica_stats(r).sequences);
            }
          });
   family(out, "kvfabric_block_bytes", "gauge", "Bytes of one block on one rank.",

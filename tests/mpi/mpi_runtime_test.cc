@@ -346,12 +346,11 @@ TEST_P(RuntimeLayoutTest, ServingWorkloadKeepsShardsIdenticalAndLeaksNothing) {
   EXPECT_TRUE(r.cache->tables().empty());
   EXPECT_TRUE(coordinator->verify_integrity().ok()) << coordinator->verify_integrity();
   for (uint32_t rep = 0; rep < l.dp; ++rep) {
-    const PagedPrefixCache& cache = coordinator->replica_cache(rep);
-    const PagedKvCache& pool = cache.pool();
-    EXPECT_EQ(pool.num_sequences(), 0u);
+    const ReplicaStats pools = coordinator->replica_stats(rep);
+    EXPECT_EQ(pools.sequences, 0u);
     // Every block is free or an idle cached prefix.
-    EXPECT_EQ(pool.used_block_count(), 0u) << "replica " << rep;
-    EXPECT_EQ(pool.free_block_count() + cache.index().idle_blocks(), pool.total_blocks()) << "replica " << rep;
+    EXPECT_EQ(pools.used_blocks, 0u) << "replica " << rep;
+    EXPECT_EQ(pools.free_blocks + pools.cached_blocks, pools.device_blocks) << "replica " << rep;
     EXPECT_EQ(coordinator->host_free_blocks(rep), c.cache.host_num_blocks) << "replica " << rep;
   }
   // The run exercised what it claims to.

@@ -34,6 +34,12 @@ inline float token_kv(uint64_t prefix_hash, uint32_t layer, uint32_t kv_head, ui
 }
 
 //! A test config: 2 layers, head_dim 64, f16 KV, block size 16.
+//! Blocks an allocation on `replica` can take: free plus idle cached.
+inline uint64_t available_blocks(const Coordinator& c, uint32_t replica) {
+  const ReplicaStats pools = c.replica_stats(replica);
+  return pools.free_blocks + pools.cached_blocks;
+}
+
 inline Config serving_config(uint32_t dp, uint32_t tp, uint32_t q_heads, uint32_t kv_heads,
                              uint64_t device_blocks, uint64_t host_blocks) {
   Config c;

@@ -133,6 +133,9 @@ class PagedKvCache {
   //! cached when its last sequence releases it. Errors: no retainer (InvalidOperation), a block
   //! no sequence holds (BlockNotFound), a block already retained (InvalidOperation).
   Status retain_block(BlockId block);
+  //! Gives up to `count` cached blocks back to the free list, in the retainer's eviction order
+  //! (ahead of an allocation that would otherwise do it). Returns how many were freed.
+  size_t free_cached_blocks(size_t count);
   //! Drops the retainer's reference; the block returns to the free list if no sequence holds it.
   //! The retainer forgets the block itself (no notification). Error BlockNotFound if not retained.
   Status release_retained_block(BlockId block);

@@ -75,6 +75,10 @@ struct CoordinatorConfig {
   //! indexed). Beyond it admit, append and fork are refused (ResourceExhausted) until a step, so
   //! a client that never steps cannot grow the coordinator without bound.
   uint32_t max_pending_plan_entries = 1u << 20;
+  //! Free blocks step() keeps on every replica by evicting idle cached prefixes ahead of time
+  //! (least recently used first), so that an admission usually finds its blocks free instead of
+  //! evicting them itself. 0 = evict only when an allocation needs the room.
+  uint32_t free_watermark_blocks = 0;
 };
 
 //! \brief What one tenant's sequences may hold at once; 0 = no limit. The `tenants` section is

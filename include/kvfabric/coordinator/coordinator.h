@@ -7,15 +7,17 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "kvfabric/block/block_allocator.h"
+#include "kvfabric/block/paged_kv_cache.h"
 #include "kvfabric/config/config.h"
 #include "kvfabric/plan/step_plan.h"
-#include "kvfabric/prefix/paged_prefix_cache.h"
+#include "kvfabric/prefix/global_prefix_index.h"
 
 namespace kvfabric {
 
@@ -70,18 +72,36 @@ struct CoordinatorStats {
   uint64_t steps = 0;
 };
 
-//! \brief The scheduler-facing API of a dp x tp job (DESIGN.md §5). One PagedPrefixCache per
-//! replica (a block manager with automatic prefix caching; block ids are the same on every shard
-//! of the replica) and one host-tier block allocator per replica; the prefix caches together are
-//! the global prefix index: admit() looks a prompt up in every replica's cache and knows which
-//! replicas hold which prefix.
+//! What one replica's pools hold now (Coordinator::replica_stats).
+struct ReplicaStats {
+  uint64_t device_blocks = 0;
+  uint64_t used_blocks = 0;     //!< held by sequences
+  uint64_t cached_blocks = 0;   //!< indexed prefixes no sequence holds (given back on demand)
+  uint64_t free_blocks = 0;
+  uint64_t indexed_blocks = 0;  //!< in the prefix index, used or cached
+  uint64_t sequences = 0;       //!< running on the device pool
+  uint64_t swapped = 0;         //!< waiting on the host tier
+  uint64_t host_blocks = 0;
+  uint64_t host_free_blocks = 0;
+};
+
+//! \brief The scheduler-facing API of a dp x tp job (DESIGN.md §5). One block pool per replica
+//! (block ids are the same on every shard of the replica), one host-tier block allocator per
+//! replica, and one global prefix index over all pools (GlobalPrefixIndex): admit() compares the
+//! prompt against it once and reads off which replicas hold which part of it.
 //!
-//! Placement: the replica with the lowest cost (CoordinatorConfig); when a longer prefix is cached
-//! on another replica and migration_token_cost < prefill_token_cost, its blocks are migrated
-//! (shard s to shard s) and the new copy is indexed on the target once computed.
+//! Placement: the replica with the lowest cost, prefill_token_cost per uncached prompt token
+//! (plus migration_token_cost per token moved) plus its load, queue_weight per running sequence
+//! plus memory_weight times its utilization (CoordinatorConfig); ties go to the lower replica id.
+//! When a longer prefix is cached on another replica and migration_token_cost <
+//! prefill_token_cost, its blocks are migrated (shard s to shard s) and the new copy is indexed on
+//! the target once computed. Replicas that hold none of the prompt differ only by load, so they
+//! are searched in load order, as far as one could still win: an admission costs about the same
+//! for any number of replicas.
 //!
-//! Memory pressure on a replica, in order: idle cached prefixes are evicted (the prefix cache does
-//! this on allocation); then the victim (lowest priority, then least recently used, then lowest
+//! Memory pressure on a replica, in order: idle cached prefixes are evicted (step() keeps
+//! coordinator.free_watermark_blocks free on each replica this way, and an allocation that finds
+//! fewer free does it itself); then the victim (lowest priority, then least recently used, then lowest
 //! SeqId) is swapped to the replica's host tier; with the host tier full it moves to the peer
 //! replica with the most room (it continues there); failing both it is preempted (the engine
 //! recomputes it). Swapped sequences come back,
@@ -157,7 +177,12 @@ class Coordinator {
   [[nodiscard]] TenantStats tenant_stats(std::string_view tenant) const;
   //! Every tenant that has a quota or has asked for something, in byte order.
   [[nodiscard]] std::vector<std::string> tenants() const;
-  [[nodiscard]] const PagedPrefixCache& replica_cache(uint32_t replica) const;
+  //! What `replica`'s pools hold now.
+  [[nodiscard]] ReplicaStats replica_stats(uint32_t replica) const;
+  //! Leading tokens of `prompt` cached on `replica` under the salt `options` give (whole blocks).
+  [[nodiscard]] size_t cached_tokens(uint32_t replica, std::span<const TokenId> prompt,
+                                     const AdmitOptions& options = {}) const;
+  [[nodiscard]] const GlobalPrefixIndex& prefix_index() const { return *index_; }
   [[nodiscard]] size_t host_free_blocks(uint32_t replica) const;
   [[nodiscard]] uint64_t block_bytes() const { return block_bytes_; }
   //! The block table of a running sequence (empty when unknown or swapped).
@@ -188,12 +213,21 @@ class Coordinator {
     std::optional<TenantQuota> own_quota;
     TenantStats stats;
   };
-  //! A prompt admitted in this step, indexed when step() issues the plan that computes it.
+  //! A prompt admitted in this step, indexed when step() issues the plan that computes it. Its
+  //! key borrows `tokens` (whose buffer moves with it) and keeps the unit keys the lookup hashed.
   struct AdmittedPrompt {
+    //! `k` is a key over `t`'s buffer, which moving `t` keeps.
+    AdmittedPrompt(SeqId s, uint64_t i, std::vector<TokenId>&& t, RadixKey&& k)
+        : seq(s), incarnation(i), tokens(std::move(t)), key(std::move(k)) {}
+    AdmittedPrompt(AdmittedPrompt&&) noexcept = default;
+    AdmittedPrompt& operator=(AdmittedPrompt&&) noexcept = default;
+    AdmittedPrompt(const AdmittedPrompt&) = delete;
+    AdmittedPrompt& operator=(const AdmittedPrompt&) = delete;
+
     SeqId seq;
     uint64_t incarnation = 0;
     std::vector<TokenId> tokens;
-    SaltScope scope;
+    RadixKey key;
   };
 
   //! What making room on a replica would take (plan_relief()).
@@ -217,6 +251,20 @@ class Coordinator {
     std::optional<uint32_t> migration_source;  //!< the replica whose longer prefix is moved
     std::vector<SeqId> victims;
   };
+  //! The looked-up prompt as placement sees it: its length and the deepest cached prefix.
+  struct PromptMatch {
+    size_t tokens = 0;
+    size_t blocks = 0;       //!< blocks the whole prompt takes
+    size_t best_tokens = 0;  //!< the longest prefix any replica caches
+    uint32_t best_source = 0;  //!< the lowest replica caching it
+  };
+  //! What placing the looked-up prompt on one replica would cost and take.
+  struct Candidate {
+    uint32_t replica = 0;
+    double cost = 0;
+    bool migrate_prefix = false;
+    size_t needed = 0;  //!< new blocks, plus the idle cached ones of the match that become used
+  };
 
   explicit Coordinator(const Config& config);
   Sequence* find(SeqId seq);
@@ -224,9 +272,40 @@ class Coordinator {
   //! An id admit() or fork() may give a new sequence; `role` starts the "exists" message.
   Status check_new_sequence(SeqId seq, std::string_view role) const;
   Status check_priority(SeqId seq, uint32_t priority) const;
-  Result<AdmitChoice> choose_replica(SeqId seq, const RadixKey& key, uint32_t priority) const;
-  Result<Placement> place(SeqId seq, std::vector<TokenId>&& prompt, const RadixKey& key,
+  //! Where the prompt in lookup_ goes: the cheapest replica that has room, found among the
+  //! replicas holding its deepest parts and, in load order, the rest; else choose_under_pressure().
+  Result<AdmitChoice> choose_replica(SeqId seq, const PromptMatch& prompt, uint32_t priority);
+  //! Every replica ranked by cost, the first that has room or can make it by displacing lower
+  //! priorities. O(replicas): only when no replica has room.
+  Result<AdmitChoice> choose_under_pressure(SeqId seq, const PromptMatch& prompt,
+                                            uint32_t priority) const;
+  [[nodiscard]] PromptMatch match_of(size_t tokens) const;
+  //! The cost of covering a prompt from `local` cached tokens on a replica (migrating the best
+  //! prefix when that is cheaper), before the replica's load.
+  [[nodiscard]] double prefix_cost(const PromptMatch& prompt, size_t local, bool migrate) const;
+  [[nodiscard]] bool migrates(const PromptMatch& prompt, uint32_t replica, size_t local) const;
+  [[nodiscard]] Candidate evaluate(const PromptMatch& prompt, uint32_t replica) const;
+  //! Whether a newcomer of `priority` may go to the replica at all (not full, no swapped sequence
+  //! of the same or a higher priority waiting to come back).
+  [[nodiscard]] bool accepts(uint32_t replica, uint32_t priority) const;
+  [[nodiscard]] bool has_room(const Candidate& c) const;
+  Result<Placement> place(SeqId seq, std::vector<TokenId>&& prompt, RadixKey&& key,
                           uint32_t priority, uint32_t tenant, const AdmitChoice& choice);
+  //! The source blocks of the prefix admit() migrates onto a replica that caches `local` of it.
+  [[nodiscard]] std::vector<BlockId> migration_blocks(const AdmitChoice& choice,
+                                                      const ReplicaPrefix& local) const;
+  void record_admission(SeqId seq, std::vector<TokenId>&& prompt, RadixKey&& key,
+                        uint32_t priority, uint32_t tenant, const Placement& placement);
+  //! Marks a replica whose running count or memory changed: its place in the load order is
+  //! brought up to date before the next placement.
+  void mark_load(uint32_t replica);
+  void refresh_loads();
+  [[nodiscard]] double load_of(uint32_t replica) const;
+  //! Evicts idle cached blocks until every replica has coordinator.free_watermark_blocks free.
+  void refill_free_blocks();
+  //! A replica's pool checks, that its pool and the index agree on every block, and its place in
+  //! the load order.
+  [[nodiscard]] Status verify_replica(uint32_t replica) const;
   Result<Placement> admit_for(SeqId seq, std::vector<TokenId>&& prompt, uint32_t tenant,
                               const AdmitOptions& options);
   Status append_blocks(SeqId seq, size_t num_tokens);
@@ -273,7 +352,11 @@ class Coordinator {
 
   Config config_;
   uint64_t block_bytes_ = 0;
+  std::unique_ptr<GlobalPrefixIndex> index_;  // heap: every pool points to its retainer
   std::vector<Replica> replicas_;
+  std::set<std::pair<double, uint32_t>> by_load_;  // (load, replica): least loaded first
+  std::vector<uint32_t> stale_loads_;              // replicas whose load may have changed
+  PrefixLookup lookup_;                            // the prompt being admitted
   std::vector<Tenant> tenants_;  // in registration order; Sequence::tenant indexes it
   std::map<std::string, uint32_t, std::less<>> tenant_ids_;
   std::map<SeqId, Sequence> seqs_;

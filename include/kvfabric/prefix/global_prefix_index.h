@@ -74,8 +74,9 @@ struct ReplicaPrefix {
 //! choosing an eviction victim O(log n). Not thread-safe.
 class GlobalPrefixIndex {
  public:
-  //! Host memory per block of each replica's pool (its node and its use flag).
-  static constexpr uint64_t kBytesPerBlock = sizeof(uint32_t) + 1;
+  //! Host memory per block of each replica's pool: its node, its use flag, and its id in the
+  //! node's holding when it is indexed (edges and nodes come on top, per cached prefix).
+  static constexpr uint64_t kBytesPerBlock = sizeof(uint32_t) + 1 + sizeof(BlockId);
 
   //! InvalidArgument for a block size or replica count of 0.
   static Result<std::unique_ptr<GlobalPrefixIndex>> create(const GlobalPrefixOptions& options);

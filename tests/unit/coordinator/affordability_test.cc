@@ -17,14 +17,14 @@ using ::testing::HasSubstr;
 
 constexpr uint64_t kMaxBlocks = 4294967295;  // 2^32 - 1, the largest pool a config may ask for
 
-// The block tables of a pool of kMaxBlocks need 32 GiB (allocator) to 96 GiB (with the prefix
+// The block tables of a pool of kMaxBlocks need 32 GiB (allocator) to 68 GiB (with the prefix
 // index): refused on hosts with less memory, which these checks need to be meaningful.
 bool host_is_smaller_than(uint64_t bytes) {
   const uint64_t memory = detail::host_memory_bytes();
   return memory != 0 && memory < bytes;
 }
 
-// 1,024 replicas of the largest pool: 96 TiB of tables, more than any host holds.
+// 1,024 replicas of the largest pool: 68 TiB of tables, more than any host holds.
 TEST(AffordabilityTest, ACoordinatorWhoseBlockTablesDoNotFitIsRefused) {
   Config config = testing::serving_config(1024, 1, 4, 2, kMaxBlocks, 0);
   config.model.num_layers = 1;
@@ -36,7 +36,7 @@ TEST(AffordabilityTest, ACoordinatorWhoseBlockTablesDoNotFitIsRefused) {
   EXPECT_EQ(created.status().code(), ErrorCode::kResourceExhausted);
   EXPECT_THAT(created.status().message(),
               HasSubstr("the coordinator's block tables (topology.dp 1024 x cache.num_blocks "
-                        "4294967295 device + cache.host_num_blocks 0 host blocks): 105553116241920 "
+                        "4294967295 device + cache.host_num_blocks 0 host blocks): 74766790671360 "
                         "bytes of host memory needed, this host has"));
 }
 

@@ -105,8 +105,8 @@ TEST(CoordinatorTest, ACachedPrefixMigratesToALessLoadedReplica) {
   EXPECT_EQ(c.stats().migrated_tokens, 64u);
 
   // The plan that moves the prefix indexes the copy: both replicas now hold it.
-  EXPECT_EQ(c.replica_cache(b->replica).index().peek(prompt).tokens, 64u);
-  EXPECT_EQ(c.replica_cache(a->replica).index().peek(prompt).tokens, 64u);
+  EXPECT_EQ(c.cached_tokens(b->replica, prompt), 64u);
+  EXPECT_EQ(c.cached_tokens(a->replica, prompt), 64u);
   EXPECT_TRUE(c.verify_integrity().ok());
 }
 
@@ -182,10 +182,10 @@ TEST(CoordinatorTest, PressureEvictsIdleCacheFirst) {
   ASSERT_TRUE(c.step().ok());
   ASSERT_TRUE(c.step().ok());
   ASSERT_TRUE(c.free(SeqId{1}).ok());  // 4 blocks stay cached, idle
-  EXPECT_EQ(c.replica_cache(0).pool().cached_block_count(), 4u);
+  EXPECT_EQ(c.replica_stats(0).cached_blocks, 4u);
   ASSERT_TRUE(c.admit(SeqId{2}, token_run(128, 5000)).ok());  // needs all 8
   EXPECT_EQ(c.stats().swapped_out, 0u);
-  EXPECT_EQ(c.replica_cache(0).pool().cached_block_count(), 0u);
+  EXPECT_EQ(c.replica_stats(0).cached_blocks, 0u);
 }
 
 TEST(CoordinatorTest, PressureSwapsThenParksThenPreempts) {
@@ -195,8 +195,8 @@ TEST(CoordinatorTest, PressureSwapsThenParksThenPreempts) {
   fill_replica(c, 8, SeqId{1});
   const std::vector<SeqId> on0 = {SeqId{1}, SeqId{3}, SeqId{5}, SeqId{7}};
   for (SeqId s : on0) ASSERT_EQ(c.replica_of(s), 0u);
-  ASSERT_EQ(c.replica_cache(0).pool().available_block_count(), 0u);
-  ASSERT_EQ(c.replica_cache(1).pool().available_block_count(), 0u);
+  ASSERT_EQ(testing::available_blocks(c, 0), 0u);
+  ASSERT_EQ(testing::available_blocks(c, 1), 0u);
 
   // Swap: the least recently used computed sequence goes to the host tier.
   ASSERT_TRUE(c.append(SeqId{7}, 1).ok());
@@ -266,9 +266,9 @@ TEST(CoordinatorTest, AMigratedPrefixIsReadAfterMakingRoomNotBefore) {
   ASSERT_TRUE(c.step().ok());  // the prefix is indexed
   ASSERT_TRUE(c.free(SeqId{2}).ok());
   ASSERT_TRUE(c.step().ok());
-  ASSERT_EQ(c.replica_cache(1).index().idle_blocks(), 3u);
-  ASSERT_EQ(c.replica_cache(1).pool().free_block_count(), 3u);
-  ASSERT_EQ(c.replica_cache(0).pool().free_block_count(), 2u);
+  ASSERT_EQ(c.replica_stats(1).cached_blocks, 3u);
+  ASSERT_EQ(c.replica_stats(1).free_blocks, 3u);
+  ASSERT_EQ(c.replica_stats(0).free_blocks, 2u);
 
   // 7 blocks fit neither replica; replica 0 runs fewer sequences and is chosen, the prefix to be
   // migrated from replica 1; making room parks X (5 blocks) on replica 1, which takes its 3 free
@@ -390,10 +390,10 @@ std::vector<std::vector<uint8_t>> run_workload(const Config& config, uint64_t se
   EXPECT_TRUE(c.verify_integrity().ok());
   // Nothing leaked: every replica's blocks are free or idle in its prefix cache.
   for (uint32_t r = 0; r < c.num_replicas(); ++r) {
-    const PagedKvCache& pool = c.replica_cache(r).pool();
-    EXPECT_EQ(pool.num_sequences(), 0u);
-    EXPECT_EQ(pool.used_block_count(), 0u) << "replica " << r;
-    EXPECT_EQ(pool.free_block_count() + pool.cached_block_count(), pool.total_blocks());
+    const ReplicaStats pools = c.replica_stats(r);
+    EXPECT_EQ(pools.sequences, 0u);
+    EXPECT_EQ(pools.used_blocks, 0u) << "replica " << r;
+    EXPECT_EQ(pools.free_blocks + pools.cached_blocks, pools.device_blocks);
     EXPECT_EQ(c.host_free_blocks(r), config.cache.host_num_blocks);
   }
   if (counts != nullptr) *counts = workload.counts();

@@ -29,11 +29,10 @@ std::string observe(const Coordinator& c, uint64_t max_seq) {
       << s.swapped_out << "/" << s.swapped_in << " parked " << s.parked << " preempted "
       << s.preempted << " steps " << s.steps << "\n";
   for (uint32_t r = 0; r < c.num_replicas(); ++r) {
-    const PagedKvCache& pool = c.replica_cache(r).pool();
-    out << "replica " << r << ": used " << pool.used_block_count() << " cached "
-        << pool.cached_block_count() << " free " << pool.free_block_count() << " sequences "
-        << pool.num_sequences() << " host free " << c.host_free_blocks(r) << " indexed "
-        << c.replica_cache(r).index().cached_blocks() << "\n";
+    const ReplicaStats pools = c.replica_stats(r);
+    out << "replica " << r << ": used " << pools.used_blocks << " cached " << pools.cached_blocks
+        << " free " << pools.free_blocks << " sequences " << pools.sequences << " host free "
+        << pools.host_free_blocks << " indexed " << pools.indexed_blocks << "\n";
   }
   for (uint64_t id = 0; id <= max_seq; ++id) {
     const SeqId seq{id};

@@ -254,7 +254,7 @@ TEST(TenantFairnessTest, TheTenantHoldingTheMostBlocksGivesWayFirst) {
     admit_ok(c, s, token_run(2 * kBlock, 100 * s), hog);
   admit_ok(c, 4, token_run(kBlock, 700), hog);
   step_ok(c);
-  ASSERT_EQ(c.replica_cache(0).pool().available_block_count(), 0u);
+  ASSERT_EQ(testing::available_blocks(c, 0), 0u);
   // Without tenants the victim would be S5 (priority 0, the older of the low ones after S1).
   ASSERT_TRUE(c.append(SeqId{1}, kBlock).ok());
   EXPECT_TRUE(c.is_swapped(SeqId{2}));  // hog's lowest-ordered sequence

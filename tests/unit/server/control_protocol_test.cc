@@ -123,8 +123,8 @@ TEST(ControlProtocolTest, RequestsMatchTheInProcessApi) {
   ASSERT_EQ(stats["replicas"].size(), 2u);
   for (uint32_t r = 0; r < 2; ++r) {
     EXPECT_EQ(stats["replicas"][r]["free_blocks"],
-              local.replica_cache(r).pool().free_block_count());
-    EXPECT_EQ(stats["replicas"][r]["sequences"], local.replica_cache(r).pool().num_sequences());
+              local.replica_stats(r).free_blocks);
+    EXPECT_EQ(stats["replicas"][r]["sequences"], local.replica_stats(r).sequences);
   }
   EXPECT_TRUE(remote.verify_integrity().ok());
   EXPECT_EQ(protocol.stats().ok[static_cast<size_t>(ControlOp::kAdmit)], 3u);
@@ -136,7 +136,7 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
   ControlProtocol protocol(c);
   ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(20, 5)}})["ok"], true);
   ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
-  const auto free_before = c.replica_cache(0).pool().free_block_count();
+  const auto free_before = c.replica_stats(0).free_blocks;
 
   struct Case {
     std::string line;
@@ -185,7 +185,7 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
     }
     EXPECT_THAT(reply["error"]["message"].get<std::string>(), HasSubstr(k.message));
   }
-  EXPECT_EQ(c.replica_cache(0).pool().free_block_count(), free_before);
+  EXPECT_EQ(c.replica_stats(0).free_blocks, free_before);
   EXPECT_EQ(c.stats().admitted, 1u);
   EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
   EXPECT_FALSE(c.replica_of(SeqId{3}).has_value());
