@@ -25,6 +25,8 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected);
 //! `transfer`: MPI block migration bandwidth (exchange_blocks of scattered host blocks) vs raw
 //! MPI_Send/MPI_Recv of the same bytes; needs mpirun with >= 2 ranks, only rank 0 reports.
 void add_transfer_routine(CLI::App& app, RoutineFn& selected);
+//! `seed-ops`: the seed op script through PagedKvCache (ops/s), or written for the Rust seed.
+void add_seed_ops_routine(CLI::App& app, RoutineFn& selected);
 //! `config`: prints the effective config (file + KVF_* overrides) with derived values.
 void add_config_routine(CLI::App& app, RoutineFn& selected);
 

@@ -1,18 +1,41 @@
 #include "kvfabric/block/paged_kv_cache.h"
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <limits>
 #include <string>
 
 #include "block/compaction_plan.h"
+#include "block/sequence_table.h"
 #include "block/victim_index.h"
 #include "common/host_memory.h"
 #include "common/log.h"
 
 namespace kvfabric {
 namespace {
+
+// The first block listed twice, found without allocating for the usual short lists.
+std::optional<BlockId> duplicate_in(std::span<const BlockId> blocks) {
+  if (blocks.size() < 2) return std::nullopt;
+  constexpr size_t kOnStack = 256;
+  std::array<BlockId, kOnStack> stack;
+  std::vector<BlockId> heap;
+  std::span<BlockId> sorted;
+  if (blocks.size() <= kOnStack) {
+    sorted = std::span(stack).first(blocks.size());
+  } else {
+    heap.resize(blocks.size());
+    sorted = heap;
+  }
+  std::copy(blocks.begin(), blocks.end(), sorted.begin());
+  std::sort(sorted.begin(), sorted.end());
+  const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+  if (dup == sorted.end()) return std::nullopt;
+  return *dup;
+}
 
 std::string describe_bad_threshold(double threshold) {
   return "eviction threshold must be in [0, 1] (got " + std::to_string(threshold) + ")";
@@ -35,8 +58,10 @@ Result<BlockLayout> PagedKvCache::seed_layout(size_t block_size, size_t num_head
 
 PagedKvCache::PagedKvCache(BlockLayout layout, uint64_t num_blocks, Status init_status)
     : layout_(layout),
+      block_shift_(std::has_single_bit(layout.block_size) ? std::countr_zero(layout.block_size) : -1),
       allocator_(init_status.ok() ? static_cast<uint32_t>(num_blocks) : 0),
-      victims_(std::make_unique<detail::VictimIndex>(EvictionPolicy::kLru)),
+      table_(std::make_unique<detail::SequenceTable>()),
+      victims_(std::make_unique<detail::VictimIndex>(EvictionPolicy::kLru, *table_)),
       init_status_(std::move(init_status)) {
   if (!init_status_.ok())
     KVF_LOG_ERROR(kBlock, "PagedKvCache unusable: {}", init_status_.message());
@@ -98,9 +123,16 @@ PagedKvCache::~PagedKvCache() = default;
 Status PagedKvCache::set_eviction_strategy(EvictionStrategy strategy) {
   KVF_RETURN_IF_ERROR(strategy.validate());
   strategy_ = strategy;
-  auto index = std::make_unique<detail::VictimIndex>(strategy.policy());
-  for (const auto& [seq, info] : sequences_)
-    index->insert(info);
+  auto index = std::make_unique<detail::VictimIndex>(strategy.policy(), *table_);
+  // Ranked in access order, as an LRU queue must be filled.
+  std::vector<uint32_t> live;
+  for (uint32_t slot = 0; slot < table_->slot_limit(); ++slot) {
+    if (table_->alive(slot)) live.push_back(slot);
+  }
+  std::sort(live.begin(), live.end(), [&](uint32_t a, uint32_t b) {
+    return table_->at(a).last_access < table_->at(b).last_access;
+  });
+  for (uint32_t slot : live) index->insert(slot);
   victims_ = std::move(index);
   return ok_status();
 }
@@ -151,52 +183,65 @@ bool PagedKvCache::needs_eviction() const {
   return utilization() > threshold_;
 }
 
+size_t PagedKvCache::num_sequences() const { return table_->size(); }
+
+uint32_t PagedKvCache::slot_of(SeqId seq) const { return table_->slot_of(seq); }
+
 const SequenceInfo* PagedKvCache::get_sequence(SeqId seq) const {
-  const auto it = sequences_.find(seq);
-  return it == sequences_.end() ? nullptr : &it->second;
+  const uint32_t slot = slot_of(seq);
+  return slot == detail::SequenceTable::kNoSlot ? nullptr : &table_->at(slot);
 }
 
 std::vector<SeqId> PagedKvCache::sequence_ids() const {
   std::vector<SeqId> ids;
-  ids.reserve(sequences_.size());
-  for (const auto& [seq, info] : sequences_)
-    ids.push_back(seq);
+  ids.reserve(table_->size());
+  for (uint32_t slot = 0; slot < table_->slot_limit(); ++slot) {
+    if (table_->alive(slot)) ids.push_back(table_->at(slot).seq_id);
+  }
   std::sort(ids.begin(), ids.end());
   return ids;
 }
 
 std::optional<SeqId> PagedKvCache::select_eviction_target() const {
-  if (victims_->empty()) return std::nullopt;
-  return detail::VictimIndex::seq_of(*victims_->begin());
+  const std::optional<uint32_t> slot = victims_->first();
+  if (!slot) return std::nullopt;
+  return table_->at(*slot).seq_id;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-size_t PagedKvCache::blocks_for(size_t num_tokens) const {
-  return num_tokens / layout_.block_size + (num_tokens % layout_.block_size != 0 ? 1 : 0);
-}
 
-SequenceInfo* PagedKvCache::find(SeqId seq) {
-  const auto it = sequences_.find(seq);
-  return it == sequences_.end() ? nullptr : &it->second;
-}
 
-void PagedKvCache::touch(SequenceInfo& info, const VictimKey& key_before_change) {
+void PagedKvCache::touch(uint32_t slot, const VictimKey& key_before_change) {
+  SequenceInfo& info = table_->at(slot);
   info.last_access = ++clock_;
   info.access_count += 1;
-  victims_->update(key_before_change, info);
+  victims_->update(key_before_change, slot);
+}
+
+template <typename Fill>
+void PagedKvCache::add_sequence(SeqId seq, Fill&& fill) {
+  const uint32_t slot = table_->insert(seq);
+  SequenceInfo& info = table_->at(slot);
+  fill(info);
+  info.last_access = ++clock_;
+  info.access_count = 1;
+  victims_->insert(slot);
 }
 
 uint32_t PagedKvCache::sequence_refs(BlockId block) const {
   return allocator_.ref_count(block) - (is_retained(block) ? 1 : 0);
 }
 
-void PagedKvCache::share_block(BlockId block) {
-  const bool was_idle = is_retained(block) && allocator_.ref_count(block) == 1;
-  const Status status = allocator_.add_ref(block);
-  KVF_CHECK(status.ok(), status.message());
-  if (was_idle) retainer_->on_block_used(block);
+void PagedKvCache::share_blocks(std::span<const BlockId> blocks) {
+  notify_.clear();
+  for (BlockId block : blocks) {
+    if (is_retained(block) && allocator_.ref_count(block) == 1) notify_.push_back(block);
+    const Status status = allocator_.add_ref(block);
+    KVF_CHECK(status.ok(), status.message());
+  }
+  if (!notify_.empty()) retainer_->on_blocks_used(notify_);
 }
 
 void PagedKvCache::drop_retained(BlockId block) {
@@ -238,16 +283,18 @@ BlockId PagedKvCache::take_block() {
   return block.value();
 }
 
-void PagedKvCache::release_blocks(const std::vector<BlockId>& blocks) {
+void PagedKvCache::release_blocks(std::span<const BlockId> blocks) {
+  notify_.clear();
   for (BlockId block : blocks) {
     auto freed = allocator_.release(block);
     KVF_CHECK(freed.ok(), "a block table referenced " + to_string(block) + " without a reference");
     if (freed.value()) {
       stats_.total_frees += 1;
     } else if (is_retained(block) && allocator_.ref_count(block) == 1) {
-      retainer_->on_block_idle(block);  // cached from now on
+      notify_.push_back(block);  // cached from now on
     }
   }
+  if (!notify_.empty()) retainer_->on_blocks_idle(notify_);
 }
 
 bool PagedKvCache::frees_a_block(const SequenceInfo& info) const {
@@ -255,11 +302,10 @@ bool PagedKvCache::frees_a_block(const SequenceInfo& info) const {
                      [this](BlockId b) { return sequence_refs(b) == 1; });
 }
 
-void PagedKvCache::remove_sequence(SeqId seq) {
-  const auto it = sequences_.find(seq);
-  victims_->erase(it->second);
-  release_blocks(it->second.block_ids);
-  sequences_.erase(it);
+void PagedKvCache::remove_sequence(uint32_t slot) {
+  victims_->erase(slot);
+  release_blocks(table_->at(slot).block_ids);
+  table_->erase(slot);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -272,7 +318,7 @@ Status PagedKvCache::allocate(SeqId seq, size_t num_tokens) {
 Status PagedKvCache::allocate_shared(SeqId seq, size_t num_tokens,
                                      std::span<const BlockId> shared) {
   KVF_RETURN_IF_ERROR(init_status_);
-  if (sequences_.count(seq) > 0) {
+  if (table_->contains(seq)) {
     return invalid_operation("Sequence " + to_string(seq) + " already exists");
   }
   const size_t needed = blocks_for(num_tokens);
@@ -284,35 +330,27 @@ Status PagedKvCache::allocate_shared(SeqId seq, size_t num_tokens,
   for (BlockId block : shared) {
     if (allocator_.ref_count(block) == 0) return block_not_found(block);
   }
-  std::vector<BlockId> sorted(shared.begin(), shared.end());
-  std::sort(sorted.begin(), sorted.end());
-  if (const auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
+  if (const std::optional<BlockId> dup = duplicate_in(shared)) {
     return invalid_argument(to_string(*dup) + " appears twice in the shared prefix of " +
                             to_string(seq));
   }
 
   // Sharing first: a shared block that was cached is no longer available for the new blocks.
-  for (BlockId block : shared)
-    share_block(block);
+  share_blocks(shared);
   const size_t fresh = needed - shared.size();
   if (fresh > available_block_count()) {
     const size_t available = available_block_count();
-    release_blocks(std::vector<BlockId>(shared.begin(), shared.end()));
+    release_blocks(shared);
     return out_of_memory(fresh, available);
   }
   reclaim_for(fresh);
 
-  SequenceInfo info;
-  info.seq_id = seq;
-  info.num_tokens = num_tokens;
-  info.block_ids.reserve(needed);
-  info.block_ids.assign(shared.begin(), shared.end());
-  for (size_t i = 0; i < fresh; ++i)
-    info.block_ids.push_back(take_block());
-  info.last_access = ++clock_;
-  info.access_count = 1;
-  victims_->insert(info);
-  sequences_.emplace(seq, std::move(info));
+  add_sequence(seq, [&](SequenceInfo& info) {
+    info.num_tokens = num_tokens;
+    info.block_ids.assign(shared.begin(), shared.end());
+    for (size_t i = 0; i < fresh; ++i)
+      info.block_ids.push_back(take_block());
+  });
   stats_.shared_prefix_blocks += shared.size();
   KVF_LOG_TRACE(kBlock, "allocate {} tokens={} blocks={} shared={}", to_string(seq), num_tokens,
                 needed, shared.size());
@@ -353,29 +391,32 @@ Status PagedKvCache::release_retained_block(BlockId block) {
 
 Status PagedKvCache::append(SeqId seq, size_t num_new_tokens) {
   KVF_RETURN_IF_ERROR(init_status_);
-  SequenceInfo* info = find(seq);
-  if (info == nullptr) return sequence_not_found(seq);
+  const uint32_t slot = slot_of(seq);
+  if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
+  SequenceInfo* info = &table_->at(slot);
   if (num_new_tokens == 0) return ok_status();
   if (num_new_tokens > std::numeric_limits<size_t>::max() - info->num_tokens) {
     return invalid_argument("appending " + std::to_string(num_new_tokens) + " tokens to " +
                             to_string(seq) + " overflows its length");
   }
-  const VictimKey old_key = victims_->key_of(*info);
+  const VictimKey old_key = victims_->key_of(slot);
   const size_t old_tokens = info->num_tokens;
-  const size_t filled = old_tokens % layout_.block_size;
+  const size_t filled = tail_tokens(old_tokens);
   // Writing into a partly filled block that another sequence also holds would corrupt it.
   const bool copy_tail = filled != 0 && allocator_.ref_count(info->block_ids.back()) > 1;
   const size_t extra = blocks_for(old_tokens + num_new_tokens) - blocks_for(old_tokens);
   const size_t needed = extra + (copy_tail ? 1 : 0);
-  if (needed > available_block_count()) return out_of_memory(needed, available_block_count());
-  reclaim_for(needed);
+  if (needed > free_block_count()) {  // the free list is short: the retainer's idle blocks count
+    if (needed > available_block_count()) return out_of_memory(needed, available_block_count());
+    reclaim_for(needed);
+  }
 
   if (copy_tail) {
     const BlockId shared = info->block_ids.back();
     const BlockId private_copy = take_block();
     pending_copies_.push_back(TokenCopy{shared, 0, private_copy, 0, static_cast<uint32_t>(filled),
                                         CopyReason::kCopyOnWrite});
-    release_blocks({shared});
+    release_blocks(std::span(&shared, 1));
     info->block_ids.back() = private_copy;
     stats_.cow_copies += 1;
     stats_.cow_copied_tokens += filled;
@@ -383,62 +424,60 @@ Status PagedKvCache::append(SeqId seq, size_t num_new_tokens) {
   for (size_t i = 0; i < extra; ++i)
     info->block_ids.push_back(take_block());
   info->num_tokens = old_tokens + num_new_tokens;
-  touch(*info, old_key);
+  touch(slot, old_key);
   return ok_status();
 }
 
 Status PagedKvCache::free(SeqId seq) {
   KVF_RETURN_IF_ERROR(init_status_);
-  if (sequences_.count(seq) == 0) return sequence_not_found(seq);
-  remove_sequence(seq);
+  const uint32_t slot = slot_of(seq);
+  if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
+  remove_sequence(slot);
   return ok_status();
 }
 
 Status PagedKvCache::fork(SeqId src, SeqId dst) {
   KVF_RETURN_IF_ERROR(init_status_);
-  if (sequences_.count(dst) > 0) {
+  if (table_->contains(dst)) {
     return invalid_operation("Destination sequence " + to_string(dst) + " already exists");
   }
-  const SequenceInfo* source = find(src);
-  if (source == nullptr) return sequence_not_found(src);
+  const uint32_t source = slot_of(src);
+  if (source == detail::SequenceTable::kNoSlot) return sequence_not_found(src);
 
-  SequenceInfo child;
-  child.seq_id = dst;
-  child.num_tokens = source->num_tokens;
-  child.block_ids = source->block_ids;
-  child.priority = source->priority;
-  for (BlockId block : child.block_ids)
-    share_block(block);
-  child.last_access = ++clock_;
-  child.access_count = 1;
-  victims_->insert(child);
-  sequences_.emplace(dst, std::move(child));
+  share_blocks(table_->at(source).block_ids);
+  add_sequence(dst, [&](SequenceInfo& child) {  // records stay in place: `source` stays valid
+    const SequenceInfo& parent = table_->at(source);
+    child.num_tokens = parent.num_tokens;
+    child.block_ids.assign(parent.block_ids.begin(), parent.block_ids.end());
+    child.priority = parent.priority;
+  });
   stats_.total_forks += 1;
   return ok_status();
 }
 
 Status PagedKvCache::set_priority(SeqId seq, uint32_t priority) {
   KVF_RETURN_IF_ERROR(init_status_);
-  SequenceInfo* info = find(seq);
-  if (info == nullptr) return sequence_not_found(seq);
+  const uint32_t slot = slot_of(seq);
+  if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
   if (strategy_.policy() == EvictionPolicy::kPriority && priority >= strategy_.levels()) {
     return invalid_argument("priority " + std::to_string(priority) + " for " + to_string(seq) +
                             " is out of range for " + strategy_.to_string() + " (valid 0.." +
                             std::to_string(strategy_.levels() - 1) + ")");
   }
-  const VictimKey old_key = victims_->key_of(*info);
-  info->priority = priority;
-  victims_->update(old_key, *info);
+  const VictimKey old_key = victims_->key_of(slot);
+  table_->at(slot).priority = priority;
+  victims_->update(old_key, slot);
   return ok_status();
 }
 
 Result<SeqId> PagedKvCache::evict() {
   KVF_RETURN_IF_ERROR(init_status_);
-  const auto target = select_eviction_target();
-  if (!target) return Status(ErrorCode::kNothingToEvict, "No sequences to evict");
-  remove_sequence(*target);
+  const std::optional<uint32_t> slot = victims_->first();
+  if (!slot) return Status(ErrorCode::kNothingToEvict, "No sequences to evict");
+  const SeqId target = table_->at(*slot).seq_id;
+  remove_sequence(*slot);
   stats_.total_evictions += 1;
-  return *target;
+  return target;
 }
 
 Result<std::vector<SeqId>> PagedKvCache::evict_to_threshold(double target_util) {
@@ -448,20 +487,18 @@ Result<std::vector<SeqId>> PagedKvCache::evict_to_threshold(double target_util) 
                             std::to_string(target_util) + ")");
   }
   std::vector<SeqId> evicted;
-  while (utilization() > target_util && !victims_->empty()) {
+  while (utilization() > target_util && num_sequences() > 0) {
     // Evicting a sequence whose blocks are all shared frees nothing; take the first victim in
     // strategy order that frees memory, and fall back to the first one only when none does.
-    SeqId victim = detail::VictimIndex::seq_of(*victims_->begin());
-    for (const auto& key : *victims_) {
-      const SeqId candidate = detail::VictimIndex::seq_of(key);
-      if (frees_a_block(sequences_.at(candidate))) {
-        victim = candidate;
-        break;
-      }
-    }
-    remove_sequence(victim);
+    std::optional<uint32_t> victim;
+    victims_->visit_in_order([&](uint32_t slot) {
+      if (frees_a_block(table_->at(slot))) victim = slot;
+      return victim.has_value();
+    });
+    if (!victim) victim = victims_->first();
+    evicted.push_back(table_->at(*victim).seq_id);
+    remove_sequence(*victim);
     stats_.total_evictions += 1;
-    evicted.push_back(victim);
   }
   return evicted;
 }
@@ -481,8 +518,9 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq) {
 Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
                                                  size_t window_tokens) {
   KVF_RETURN_IF_ERROR(init_status_);
-  SequenceInfo* info = find(seq);
-  if (info == nullptr) return sequence_not_found(seq);
+  const uint32_t slot = slot_of(seq);
+  if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
+  const SequenceInfo* info = &table_->at(slot);
   if (sink_tokens > std::numeric_limits<size_t>::max() - window_tokens) {
     return invalid_argument("sink_tokens + window_tokens overflows");
   }
@@ -492,15 +530,16 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
   const detail::CompactionPlan plan = detail::plan_streaming_compaction(
       info->num_tokens, layout_.block_size, sink_tokens, window_tokens);
   const size_t dropped = info->num_tokens - keep;
-  KVF_RETURN_IF_ERROR(compact(*info, plan, keep));
+  KVF_RETURN_IF_ERROR(compact(slot, plan, keep));
   stats_.streaming_evicted_tokens += dropped;
   return dropped;
 }
 
 Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> positions) {
   KVF_RETURN_IF_ERROR(init_status_);
-  SequenceInfo* info = find(seq);
-  if (info == nullptr) return sequence_not_found(seq);
+  const uint32_t slot = slot_of(seq);
+  if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
+  const SequenceInfo* info = &table_->at(slot);
   for (size_t i = 0; i < positions.size(); ++i) {
     if (positions[i] >= info->num_tokens) {
       return invalid_argument("position " + std::to_string(positions[i]) + " past the " +
@@ -516,13 +555,13 @@ Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> po
   const detail::CompactionPlan plan =
       detail::plan_token_retention(info->num_tokens, layout_.block_size, positions);
   const size_t dropped = info->num_tokens - positions.size();
-  KVF_RETURN_IF_ERROR(compact(*info, plan, positions.size()));
+  KVF_RETURN_IF_ERROR(compact(slot, plan, positions.size()));
   stats_.selection_evicted_tokens += dropped;
   return dropped;
 }
 
-Status PagedKvCache::compact(SequenceInfo& info, const detail::CompactionPlan& plan,
-                                       size_t keep) {
+Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep) {
+  SequenceInfo& info = table_->at(seq_slot);
   const std::vector<BlockId>& old_table = info.block_ids;
   // A block that receives moved tokens must be private to this sequence; a shared one is replaced
   // by a fresh block that first gets the tokens the shared block kept in place.
@@ -585,10 +624,10 @@ Status PagedKvCache::compact(SequenceInfo& info, const detail::CompactionPlan& p
     released.push_back(old_table[index]);
   release_blocks(released);
 
-  const VictimKey old_key = victims_->key_of(info);
+  const VictimKey old_key = victims_->key_of(seq_slot);
   info.block_ids = std::move(new_table);
   info.num_tokens = keep;
-  touch(info, old_key);
+  touch(seq_slot, old_key);
   stats_.compactions += 1;
   stats_.compaction_copied_tokens += copied_tokens;
   return ok_status();
@@ -605,7 +644,13 @@ std::vector<TokenCopy> PagedKvCache::take_pending_copies() {
 
 Status PagedKvCache::verify_integrity() const {
   std::vector<uint32_t> refs(total_blocks(), 0);
-  for (const auto& [seq, info] : sequences_) {
+  for (uint32_t slot = 0; slot < table_->slot_limit(); ++slot) {
+    if (!table_->alive(slot)) continue;
+    const SequenceInfo& info = table_->at(slot);
+    const SeqId seq = info.seq_id;
+    if (table_->slot_of(seq) != slot) {
+      return Status(ErrorCode::kInternal, to_string(seq) + " is not found in its own slot");
+    }
     if (info.block_ids.size() != blocks_for(info.num_tokens)) {
       return Status(ErrorCode::kInternal,
                     to_string(seq) + " has " + std::to_string(info.block_ids.size()) +
@@ -615,10 +660,8 @@ Status PagedKvCache::verify_integrity() const {
       if (block.value >= refs.size()) return block_not_found(block);
       ++refs[block.value];
     }
-    if (!victims_->contains(info)) {
-      return Status(ErrorCode::kInternal, to_string(seq) + " is missing from the victim index");
-    }
   }
+  KVF_RETURN_IF_ERROR(victims_->verify());
   size_t free_blocks = 0;
   size_t idle_retained = 0;
   size_t retained = 0;
@@ -650,9 +693,6 @@ Status PagedKvCache::verify_integrity() const {
     return Status(ErrorCode::kInternal, "free list holds " + std::to_string(free_block_count()) +
                                             " blocks but " + std::to_string(free_blocks) +
                                             " are unreferenced");
-  }
-  if (victims_->size() != sequences_.size()) {
-    return Status(ErrorCode::kInternal, "victim index size differs from the sequence count");
   }
   return ok_status();
 }

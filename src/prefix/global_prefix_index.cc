@@ -13,8 +13,14 @@ class GlobalPrefixIndex::Retainer final : public BlockRetainer {
   std::vector<BlockId> release_idle(size_t count) override {
     return index_.release_idle(replica_, count);
   }
-  void on_block_used(BlockId block) override { index_.on_block_used(replica_, block); }
-  void on_block_idle(BlockId block) override { index_.on_block_idle(replica_, block); }
+  void on_block_used(BlockId block) override { on_blocks_used(std::span(&block, 1)); }
+  void on_block_idle(BlockId block) override { on_blocks_idle(std::span(&block, 1)); }
+  void on_blocks_used(std::span<const BlockId> blocks) override {
+    index_.on_blocks_used(replica_, blocks, /*used=*/true);
+  }
+  void on_blocks_idle(std::span<const BlockId> blocks) override {
+    index_.on_blocks_used(replica_, blocks, /*used=*/false);
+  }
 
  private:
   GlobalPrefixIndex& index_;
@@ -54,7 +60,7 @@ bool GlobalPrefixIndex::is_indexed(uint32_t replica, BlockId block) const {
 }
 
 size_t GlobalPrefixIndex::node_blocks(uint32_t node) const {
-  return nodes_[node].edge.size() / options_.block_size;
+  return nodes_[node].edge_size() / options_.block_size;
 }
 
 GlobalPrefixIndex::Holding* GlobalPrefixIndex::holding(uint32_t node, uint32_t replica) {
@@ -71,18 +77,69 @@ const GlobalPrefixIndex::Holding* GlobalPrefixIndex::holding(uint32_t node, uint
 // ---------------------------------------------------------------------------------------------
 // Lookups
 
-uint32_t GlobalPrefixIndex::find_child(uint32_t parent, const RadixKey& key, size_t pos,
-                                       std::span<const TokenId> rest) const {
-  const size_t bs = options_.block_size;
-  const auto [first, last] = nodes_[parent].children.equal_range(key.unit_key(pos));
+std::pair<uint32_t, size_t> GlobalPrefixIndex::find_child(uint32_t parent, const RadixKey& key,
+                                                          size_t pos,
+                                                          std::span<const TokenId> rest) const {
+  const Node& p = nodes_[parent];
+  const CacheSalt& salt = key.salt_at(pos);
+  // A child shares at least its first block with the key; siblings differ inside theirs.
+  auto shared = [&](uint32_t c) -> size_t {
+    const Node& child = nodes_[c];
+    if (child.salt != salt) return 0;
+    const size_t lcp = common_prefix_len(child.edge(), rest);
+    return lcp >= options_.block_size ? lcp : 0;
+  };
+  if (p.by_key.empty()) {
+    for (uint32_t c : p.children) {
+      if (const size_t lcp = shared(c); lcp > 0) return {c, lcp};
+    }
+    return {kNone, 0};
+  }
+  const auto [first, last] = p.by_key.equal_range(key.unit_key(pos));
   for (auto it = first; it != last; ++it) {
-    const Node& child = nodes_[it->second];
-    if (child.salt != key.salt_at(pos)) continue;
-    if (std::equal(rest.begin(), rest.begin() + static_cast<ptrdiff_t>(bs), child.edge.begin())) {
-      return it->second;
+    if (const size_t lcp = shared(it->second); lcp > 0) return {it->second, lcp};
+  }
+  return {kNone, 0};
+}
+
+uint64_t GlobalPrefixIndex::unit_key_of(const Node& n) const {
+  const uint32_t bs = options_.block_size;
+  return detail::radix_salted_key(detail::radix_unit_key(n.edge().first(bs), bs), n.salt);
+}
+
+void GlobalPrefixIndex::add_child(uint32_t parent, uint32_t child) {
+  Node& p = nodes_[parent];
+  p.children.push_back(child);
+  auto keyed = [&](uint32_t c) {
+    Node& n = nodes_[c];
+    if (!n.unit_key) n.unit_key = unit_key_of(n);
+    return *n.unit_key;
+  };
+  if (!p.by_key.empty()) {
+    p.by_key.emplace(keyed(child), child);
+  } else if (p.children.size() > kMappedChildren) {
+    for (uint32_t c : p.children) p.by_key.emplace(keyed(c), c);
+  }
+}
+
+void GlobalPrefixIndex::remove_child(uint32_t parent, uint32_t child) {
+  Node& p = nodes_[parent];
+  const auto at = std::find(p.children.begin(), p.children.end(), child);
+  KVF_CHECK(at != p.children.end(), "a radix node is missing from its parent's children");
+  *at = p.children.back();
+  p.children.pop_back();
+  if (p.by_key.empty()) return;
+  if (p.children.size() <= kMappedChildren / 2) {
+    p.by_key.clear();  // few enough to compare one by one again
+    return;
+  }
+  for (auto [it, last] = p.by_key.equal_range(*nodes_[child].unit_key); it != last; ++it) {
+    if (it->second == child) {
+      p.by_key.erase(it);
+      return;
     }
   }
-  return kNone;
+  KVF_CHECK(false, "a radix node is missing from its parent's key map");
 }
 
 void GlobalPrefixIndex::walk(const RadixKey& key, size_t length, PrefixLookup& out) const {
@@ -94,15 +151,11 @@ void GlobalPrefixIndex::walk(const RadixKey& key, size_t length, PrefixLookup& o
   while (pos < length) {
     // The public part of a salted key is compared only up to its end (no edge crosses it).
     const size_t limit = pos < key.public_end() ? std::min(key.public_end(), length) : length;
-    const std::span<const TokenId> rest = tokens.subspan(pos, limit - pos);
-    const uint32_t child = find_child(cur, key, pos, rest);
+    const auto [child, lcp] = find_child(cur, key, pos, tokens.subspan(pos, limit - pos));
     if (child == kNone) break;
-    const std::vector<TokenId>& edge = nodes_[child].edge;
-    // find_child() compared the first block: at least one block matches.
-    const size_t lcp = common_prefix_len(edge, rest);
     const size_t matched = lcp - lcp % bs;
     out.steps.push_back({child, static_cast<uint32_t>(matched / bs), pos + matched});
-    if (matched < edge.size()) break;
+    if (matched < nodes_[child].edge_size()) break;
     pos += matched;
     cur = child;
   }
@@ -165,18 +218,27 @@ void GlobalPrefixIndex::use(const PrefixLookup& lookup, uint32_t replica) {
 
 template <typename Change>
 void GlobalPrefixIndex::update(uint32_t node, uint32_t replica, Change&& change) {
-  Holding* h = holding(node, replica);
+  update(node, *holding(node, replica), replica, std::forward<Change>(change));
+}
+
+template <typename Change>
+void GlobalPrefixIndex::update(uint32_t node, Holding& h, uint32_t replica, Change&& change) {
   auto& victims = replicas_[replica].victims;
-  if (h->in_victims) victims.erase(VictimKey{h->last_access, h->serial, node});
-  change(*h);
-  h->in_victims = evictable(*h);
-  if (h->in_victims) victims.insert(VictimKey{h->last_access, h->serial, node});
+  if (h.in_victims) victims.erase(VictimKey{h.last_access, h.serial, node});
+  change(h);
+  h.in_victims = evictable(h);
+  if (h.in_victims) victims.insert(VictimKey{h.last_access, h.serial, node});
 }
 
 void GlobalPrefixIndex::touch_path(uint32_t node, uint32_t replica) {
   ++tick_;
   for (uint32_t n = node; n != 0; n = nodes_[n].parent) {
-    update(n, replica, [&](Holding& h) { h.last_access = tick_; });
+    Holding& h = *holding(n, replica);
+    if (h.in_victims) {
+      update(n, h, replica, [&](Holding& x) { x.last_access = tick_; });
+    } else {
+      h.last_access = tick_;  // not a victim: no place in the victim set to move
+    }
   }
 }
 
@@ -188,64 +250,69 @@ void GlobalPrefixIndex::change_used(uint32_t node, uint32_t replica, uint32_t co
   // path whose count leaves 0 (add) or reaches it (remove) change idleness; above them the path
   // only counts.
   const uint64_t crossing = add ? 0 : count;
-  uint32_t n = node;
-  for (; n != 0; n = nodes_[n].parent) {
-    Holding* h = holding(n, replica);
-    if (h->subtree_used != crossing) break;
-    update(n, replica, [&](Holding& x) { x.subtree_used = add ? x.subtree_used + count : 0; });
-    const size_t blocks = h->blocks.size();
+  for (uint32_t n = node; n != 0; n = nodes_[n].parent) {
+    Holding& h = n == node ? *own : *holding(n, replica);
+    if (h.subtree_used != crossing) {
+      h.subtree_used = add ? h.subtree_used + count : h.subtree_used - count;
+      continue;
+    }
+    update(n, h, replica, [&](Holding& x) { x.subtree_used = add ? x.subtree_used + count : 0; });
+    const size_t blocks = h.blocks.size();
     rs.idle = add ? rs.idle - blocks : rs.idle + blocks;
-  }
-  for (; n != 0; n = nodes_[n].parent) {
-    Holding* h = holding(n, replica);
-    h->subtree_used = add ? h->subtree_used + count : h->subtree_used - count;
   }
 }
 
-uint32_t GlobalPrefixIndex::new_node(uint32_t parent, std::span<const TokenId> edge, uint64_t key,
-                                     const CacheSalt& salt) {
-  uint32_t i = 0;
+uint32_t GlobalPrefixIndex::take_slot() {
   if (free_slots_.empty()) {
-    i = static_cast<uint32_t>(nodes_.size());
     nodes_.emplace_back();
-  } else {
-    i = free_slots_.back();
-    free_slots_.pop_back();
+    return static_cast<uint32_t>(nodes_.size() - 1);
   }
+  const uint32_t i = free_slots_.back();
+  free_slots_.pop_back();
+  return i;
+}
+
+uint32_t GlobalPrefixIndex::new_node(uint32_t parent, std::span<const TokenId> edge,
+                                     std::optional<uint64_t> key, const CacheSalt& salt) {
+  const uint32_t i = take_slot();
   Node& n = nodes_[i];
   n.alive = true;
-  n.edge.assign(edge.begin(), edge.end());
+  n.tokens.assign(edge.begin(), edge.end());
+  n.edge_begin = 0;
   n.parent = parent;
   n.depth = nodes_[parent].depth + edge.size();
   n.unit_key = key;
   n.salt = salt;
-  nodes_[parent].children.emplace(key, i);
+  add_child(parent, i);
   return i;
 }
 
 uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
-  const size_t bs = options_.block_size;
-  const size_t at = blocks * bs;
-  const uint32_t parent = nodes_[node].parent;
-  const uint64_t old_key = nodes_[node].unit_key;
-  const uint32_t u = new_node(parent, std::span(nodes_[node].edge).first(at), old_key,
-                              nodes_[node].salt);
-  // new_node listed the upper part as a second child under the same key: drop the old entry.
-  Node& p = nodes_[parent];
-  for (auto [it, last] = p.children.equal_range(old_key); it != last; ++it) {
-    if (it->second == node) {
-      p.children.erase(it);
-      break;
-    }
-  }
+  const size_t at = blocks * options_.block_size;
+  const uint32_t u = take_slot();
   Node& n = nodes_[node];
   Node& upper = nodes_[u];
-  n.edge.erase(n.edge.begin(), n.edge.begin() + static_cast<ptrdiff_t>(at));
+  // The upper part takes the node's place under its parent (same first block, same key) and the
+  // node hangs below it; the node's new first block gets a key only if it is ever needed.
+  upper.alive = true;
+  const std::span<const TokenId> front = n.edge().first(at);
+  upper.tokens.assign(front.begin(), front.end());
+  upper.edge_begin = 0;
+  upper.parent = n.parent;
+  upper.depth = nodes_[n.parent].depth + at;
+  upper.salt = n.salt;
+  upper.unit_key = n.unit_key;
+  upper.children.push_back(node);
+  Node& p = nodes_[n.parent];
+  *std::find(p.children.begin(), p.children.end(), node) = u;
+  if (!p.by_key.empty()) {
+    for (auto [it, last] = p.by_key.equal_range(*n.unit_key); it != last; ++it) {
+      if (it->second == node) it->second = u;
+    }
+  }
+  n.edge_begin += at;
   n.parent = u;
-  n.unit_key = detail::radix_salted_key(detail::radix_unit_key(std::span(n.edge).first(bs),
-                                                               options_.block_size),
-                                        n.salt);
-  upper.children.emplace(n.unit_key, node);
+  n.unit_key.reset();
   upper.holders = n.holders;
   upper.holdings.resize(n.holdings.size());
   for (size_t i = 0; i < n.holders.size(); ++i) {
@@ -348,20 +415,18 @@ void GlobalPrefixIndex::trim_holding(uint32_t node, uint32_t replica, size_t kee
   rs.idle -= dropped;
   rs.evicted += dropped;
   h.blocks.resize(keep);
-  n.edge.resize(keep * options_.block_size);
-  n.depth = nodes_[n.parent].depth + n.edge.size();
+  n.tokens.resize(n.edge_begin + keep * options_.block_size);
+  if (n.edge_begin > n.edge_size()) {  // more dead front than edge: keep the edge alone
+    n.tokens.erase(n.tokens.begin(), n.tokens.begin() + static_cast<ptrdiff_t>(n.edge_begin));
+    n.tokens.shrink_to_fit();
+    n.edge_begin = 0;
+  }
+  n.depth = nodes_[n.parent].depth + n.edge_size();
 }
 
 void GlobalPrefixIndex::remove_node(uint32_t node) {
-  Node& n = nodes_[node];
-  KVF_CHECK(n.children.empty(), "removing a node that has children");
-  Node& p = nodes_[n.parent];
-  for (auto [it, last] = p.children.equal_range(n.unit_key); it != last; ++it) {
-    if (it->second == node) {
-      p.children.erase(it);
-      break;
-    }
-  }
+  KVF_CHECK(nodes_[node].children.empty(), "removing a node that has children");
+  remove_child(nodes_[node].parent, node);
   nodes_[node] = Node{};
   free_slots_.push_back(node);
 }
@@ -425,7 +490,10 @@ Result<std::vector<BlockId>> GlobalPrefixIndex::insert(uint32_t replica, const R
   const size_t public_end = std::min(key.public_end(), length);
   while (pos < length) {
     const size_t end = pos < public_end ? public_end : length;
-    cur = new_node(cur, tokens.subspan(pos, end - pos), key.unit_key(pos), key.salt_at(pos));
+    // The key's hash of this block, when the parent looks children up by key anyway.
+    const std::optional<uint64_t> unit =
+        nodes_[cur].by_key.empty() ? std::nullopt : std::optional(key.unit_key(pos));
+    cur = new_node(cur, tokens.subspan(pos, end - pos), unit, key.salt_at(pos));
     add_holding(cur, replica, blocks.subspan(pos / bs, (end - pos) / bs));
     pos = end;
   }
@@ -451,24 +519,25 @@ std::vector<BlockId> GlobalPrefixIndex::release_idle(uint32_t replica, size_t co
   return released;
 }
 
-void GlobalPrefixIndex::on_block_used(uint32_t replica, BlockId block) {
+void GlobalPrefixIndex::on_blocks_used(uint32_t replica, std::span<const BlockId> blocks,
+                                       bool used) {
   ReplicaState& rs = replicas_[replica];
-  KVF_CHECK(is_indexed(replica, block) && rs.in_use[block.value] == 0,
-            to_string(block) + " was not an idle indexed block of replica " +
-                std::to_string(replica));
-  rs.in_use[block.value] = 1;
-  ++rs.used;
-  change_used(rs.node_of[block.value], replica, 1, /*add=*/true);
-}
-
-void GlobalPrefixIndex::on_block_idle(uint32_t replica, BlockId block) {
-  ReplicaState& rs = replicas_[replica];
-  KVF_CHECK(is_indexed(replica, block) && rs.in_use[block.value] == 1,
-            to_string(block) + " was not a used indexed block of replica " +
-                std::to_string(replica));
-  rs.in_use[block.value] = 0;
-  --rs.used;
-  change_used(rs.node_of[block.value], replica, 1, /*add=*/false);
+  for (size_t i = 0; i < blocks.size();) {
+    // A run of blocks in one node (a shared prefix lists its nodes' blocks in order).
+    const uint32_t node = is_indexed(replica, blocks[i]) ? rs.node_of[blocks[i].value] : kNone;
+    uint32_t run = 0;
+    for (; i < blocks.size(); ++i, ++run) {
+      const BlockId b = blocks[i];
+      if (!is_indexed(replica, b) || rs.node_of[b.value] != node) break;
+      KVF_CHECK(rs.in_use[b.value] == (used ? 0 : 1),
+                to_string(b) + " was not " + (used ? "an idle" : "a used") +
+                    " indexed block of replica " + std::to_string(replica));
+      rs.in_use[b.value] = used ? 1 : 0;
+    }
+    KVF_CHECK(run > 0, to_string(blocks[i]) + " is not indexed on replica " + std::to_string(replica));
+    rs.used = used ? rs.used + run : rs.used - run;
+    change_used(node, replica, run, used);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,10 +546,11 @@ void GlobalPrefixIndex::on_block_idle(uint32_t replica, BlockId block) {
 size_t GlobalPrefixIndex::memory_bytes() const {
   size_t bytes = nodes_.size() * sizeof(Node) + free_slots_.capacity() * sizeof(uint32_t);
   for (const Node& n : nodes_) {
-    bytes += n.edge.capacity() * sizeof(TokenId) + n.holders.capacity() * sizeof(uint32_t) +
+    bytes += n.tokens.capacity() * sizeof(TokenId) + n.holders.capacity() * sizeof(uint32_t) +
              n.holdings.capacity() * sizeof(Holding) +
-             n.children.size() * (sizeof(std::pair<const uint64_t, uint32_t>) + 2 * sizeof(void*)) +
-             n.children.bucket_count() * sizeof(void*);
+             n.children.capacity() * sizeof(uint32_t) +
+             n.by_key.size() * (sizeof(std::pair<const uint64_t, uint32_t>) + 2 * sizeof(void*)) +
+             n.by_key.bucket_count() * sizeof(void*);
     for (const Holding& h : n.holdings) bytes += h.blocks.capacity() * sizeof(BlockId);
   }
   for (const ReplicaState& rs : replicas_) {
@@ -506,15 +576,19 @@ Status GlobalPrefixIndex::verify() const {
     if (n.parent >= nodes_.size() || !nodes_[n.parent].alive) return fail(where + ": dangling parent");
     const Node& p = nodes_[n.parent];
     children[n.parent].push_back(i);
-    const auto [first, last] = p.children.equal_range(n.unit_key);
-    if (std::find_if(first, last, [&](const auto& e) { return e.second == i; }) == last) {
+    if (std::find(p.children.begin(), p.children.end(), i) == p.children.end()) {
       return fail(where + ": its parent does not list it");
     }
-    if (n.edge.empty() || n.edge.size() % bs != 0) return fail(where + ": an edge of partial blocks");
-    const uint64_t key = detail::radix_salted_key(
-        detail::radix_unit_key(std::span(n.edge).first(bs), options_.block_size), n.salt);
-    if (key != n.unit_key) return fail(where + ": stale unit key");
-    if (n.depth != p.depth + n.edge.size()) return fail(where + ": wrong depth");
+    if (n.edge_size() == 0 || n.edge_size() % bs != 0) return fail(where + ": an edge of partial blocks");
+    if (n.unit_key && *n.unit_key != unit_key_of(n)) return fail(where + ": stale unit key");
+    if (!p.by_key.empty()) {
+      if (!n.unit_key) return fail(where + ": no key under a parent that maps its children");
+      const auto [first, last] = p.by_key.equal_range(*n.unit_key);
+      if (std::find_if(first, last, [&](const auto& e) { return e.second == i; }) == last) {
+        return fail(where + ": its parent's key map does not list it");
+      }
+    }
+    if (n.depth != p.depth + n.edge_size()) return fail(where + ": wrong depth");
     if (n.parent != 0 && !p.salt.empty() && p.salt != n.salt) {
       return fail(where + ": a salted node with a child of another salt");
     }
@@ -531,7 +605,7 @@ Status GlobalPrefixIndex::verify() const {
       if (n.parent != 0 && holding(n.parent, r) == nullptr) {
         return fail(where + ": replica " + std::to_string(r) + " holds it without its parent");
       }
-      if (h.blocks.size() != n.edge.size() / bs) return fail(where + ": wrong block count");
+      if (h.blocks.size() != n.edge_size() / bs) return fail(where + ": wrong block count");
       uint32_t used = 0;
       for (BlockId b : h.blocks) {
         if (b.value >= rs.node_of.size() || rs.node_of[b.value] != i) {
@@ -548,7 +622,10 @@ Status GlobalPrefixIndex::verify() const {
   for (uint32_t i = 1; i < nodes_.size(); ++i) {
     const Node& n = nodes_[i];
     if (!n.alive) continue;
-    if (n.children.size() != children[i].size()) return fail("stale child entries");
+    if (n.children.size() != children[i].size() ||
+        (!n.by_key.empty() && n.by_key.size() != n.children.size())) {
+      return fail("stale child entries");
+    }
     for (size_t k = 0; k < n.holders.size(); ++k) {
       const uint32_t r = n.holders[k];
       const Holding& h = n.holdings[k];
@@ -568,7 +645,10 @@ Status GlobalPrefixIndex::verify() const {
       counts[r].victims += h.in_victims ? 1 : 0;
     }
   }
-  if (nodes_[0].children.size() != children[0].size()) return fail("stale child entries at the root");
+  if (nodes_[0].children.size() != children[0].size() ||
+      (!nodes_[0].by_key.empty() && nodes_[0].by_key.size() != nodes_[0].children.size())) {
+    return fail("stale child entries at the root");
+  }
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     const ReplicaState& rs = replicas_[r];
     size_t mapped = 0, in_use = 0;

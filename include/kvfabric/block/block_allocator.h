@@ -26,20 +26,44 @@ class BlockAllocator {
   [[nodiscard]] size_t peak_used() const { return peak_used_; }
 
   //! References held on `block`; 0 when it is free or out of range.
-  [[nodiscard]] uint32_t ref_count(BlockId block) const;
+  [[nodiscard]] uint32_t ref_count(BlockId block) const {
+    return block.value < ref_counts_.size() ? ref_counts_[block.value] : 0;
+  }
   [[nodiscard]] bool is_free(BlockId block) const { return ref_count(block) == 0; }
 
   //! Takes one free block with reference count 1.
-  Result<BlockId> allocate();
+  Result<BlockId> allocate() {
+    if (free_count_ == 0) return out_of_memory(1, 0);
+    return pop_front();
+  }
   //! Takes `count` blocks, all or none.
   Result<std::vector<BlockId>> allocate(size_t count);
   //! Adds a reference to an allocated block (a fork or a prefix-cache hit sharing it).
-  Status add_ref(BlockId block);
+  Status add_ref(BlockId block) {
+    if (ref_count(block) == 0) return block_not_found(block);
+    ++ref_counts_[block.value];
+    return ok_status();
+  }
   //! Drops one reference; returns true when that was the last and the block is free again.
-  Result<bool> release(BlockId block);
+  Result<bool> release(BlockId block) {
+    if (ref_count(block) == 0) return block_not_found(block);
+    if (--ref_counts_[block.value] > 0) return false;
+    size_t tail = head_ + free_count_;
+    if (tail >= free_ring_.size()) tail -= free_ring_.size();
+    free_ring_[tail] = block.value;
+    ++free_count_;
+    return true;
+  }
 
  private:
-  BlockId pop_front();
+  BlockId pop_front() {
+    const BlockId block{free_ring_[head_]};
+    head_ = head_ + 1 == free_ring_.size() ? 0 : head_ + 1;
+    --free_count_;
+    ref_counts_[block.value] = 1;
+    if (used_count() > peak_used_) peak_used_ = used_count();
+    return block;
+  }
 
   std::vector<uint32_t> ref_counts_;
   std::vector<uint32_t> free_ring_;  // FIFO of free ids: [head_, head_ + free_count_) mod total

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <span>
 #include <vector>
 
 #include "kvfabric/common/ids.h"
@@ -33,6 +34,14 @@ class BlockRetainer {
   virtual void on_block_used(BlockId block) = 0;
   //! A retained block lost its last sequence reference: it is cached and idle now.
   virtual void on_block_idle(BlockId block) = 0;
+  //! Several blocks became used (or idle) in one operation, in table order: a retainer can take
+  //! them together. The defaults notify them one by one.
+  virtual void on_blocks_used(std::span<const BlockId> blocks) {
+    for (BlockId b : blocks) on_block_used(b);
+  }
+  virtual void on_blocks_idle(std::span<const BlockId> blocks) {
+    for (BlockId b : blocks) on_block_idle(b);
+  }
 };
 
 }  // namespace kvfabric

@@ -7,7 +7,7 @@
 #include <optional>
 #include <ostream>
 #include <span>
-#include <unordered_map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -23,6 +23,7 @@
 namespace kvfabric {
 
 namespace detail {
+class SequenceTable;
 class VictimIndex;
 struct CompactionPlan;
 }  // namespace detail
@@ -110,7 +111,7 @@ class PagedKvCache {
   //! utilization() > eviction_threshold().
   [[nodiscard]] bool needs_eviction() const;
   [[nodiscard]] double eviction_threshold() const { return threshold_; }
-  [[nodiscard]] size_t num_sequences() const { return sequences_.size(); }
+  [[nodiscard]] size_t num_sequences() const;
   //! The sequence's record, or nullptr. Does not count as an access.
   [[nodiscard]] const SequenceInfo* get_sequence(SeqId seq) const;
   [[nodiscard]] const CacheStats& stats() const { return stats_; }
@@ -206,14 +207,28 @@ class PagedKvCache {
   PagedKvCache(BlockLayout layout, uint64_t num_blocks, Status init_status);
   static Result<BlockLayout> seed_layout(size_t block_size, size_t num_heads, size_t head_dim);
 
-  size_t blocks_for(size_t num_tokens) const;
-  SequenceInfo* find(SeqId seq);
-  using VictimKey = std::pair<uint64_t, uint64_t>;  // detail::VictimIndex::Key
-  //! Records an access; `key_before_change` is the victim key before the caller's mutation.
-  void touch(SequenceInfo& info, const VictimKey& key_before_change);
-  void release_blocks(const std::vector<BlockId>& blocks);
-  //! Adds a sequence reference to a held or retained block.
-  void share_block(BlockId block);
+  size_t blocks_for(size_t num_tokens) const {
+    if (block_shift_ >= 0) return (num_tokens >> block_shift_) + (tail_tokens(num_tokens) != 0);
+    return num_tokens / layout_.block_size + (num_tokens % layout_.block_size != 0);
+  }
+  //! Tokens in the last, partly filled block of `num_tokens` (0 when it is full).
+  size_t tail_tokens(size_t num_tokens) const {
+    return block_shift_ >= 0 ? num_tokens & (layout_.block_size - 1)
+                             : num_tokens % layout_.block_size;
+  }
+  //! The slot of a live sequence (SequenceTable::kNoSlot when unknown).
+  uint32_t slot_of(SeqId seq) const;
+  using VictimKey = std::tuple<uint64_t, uint64_t, uint32_t>;  // detail::VictimIndex::Key
+  //! Records an access to the sequence in `slot`; `key_before_change` is its victim key before
+  //! the caller's mutation.
+  void touch(uint32_t slot, const VictimKey& key_before_change);
+  //! Adds `seq`'s record, filled in by fill(info) (tokens, blocks, priority), and ranks it as
+  //! just used.
+  template <typename Fill>
+  void add_sequence(SeqId seq, Fill&& fill);
+  void release_blocks(std::span<const BlockId> blocks);
+  //! Adds a sequence reference to each held or retained block.
+  void share_blocks(std::span<const BlockId> blocks);
   //! References held by sequence tables (the retainer's excluded).
   uint32_t sequence_refs(BlockId block) const;
   //! Drops the retainer's reference (the block goes free when no sequence holds it).
@@ -224,13 +239,16 @@ class PagedKvCache {
   BlockId take_block();
   //! Executes a compaction plan on a sequence that keeps `keep` tokens and counts it in the stats.
   //! OutOfMemory (nothing changed) if shared blocks cannot be replaced.
-  Status compact(SequenceInfo& info, const detail::CompactionPlan& plan, size_t keep);
+  Status compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep);
   bool frees_a_block(const SequenceInfo& info) const;
-  void remove_sequence(SeqId seq);
+  void remove_sequence(uint32_t slot);
 
   BlockLayout layout_;
+  // log2 of the block size when it is a power of two (the usual case), so the per-token paths
+  // shift instead of dividing; -1 otherwise.
+  int block_shift_ = -1;
   BlockAllocator allocator_;
-  std::unordered_map<SeqId, SequenceInfo> sequences_;  // lookups only; never iterated to decide
+  std::unique_ptr<detail::SequenceTable> table_;  // heap: victims_ refers to it across moves
   std::unique_ptr<detail::VictimIndex> victims_;
   EvictionStrategy strategy_;
   double threshold_ = 0.9;
@@ -240,6 +258,7 @@ class PagedKvCache {
   BlockRetainer* retainer_ = nullptr;
   std::vector<bool> retained_;  // per block; sized when a retainer is attached
   size_t retained_count_ = 0;
+  std::vector<BlockId> notify_;  // the blocks of one retainer notification (reused)
   Status init_status_;
 };
 

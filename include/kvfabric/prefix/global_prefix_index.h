@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <set>
 #include <span>
 #include <tuple>
@@ -132,6 +133,8 @@ class GlobalPrefixIndex {
 
  private:
   static constexpr uint32_t kNone = UINT32_MAX;
+  // A node's children are found through a map of their unit keys above this many.
+  static constexpr size_t kMappedChildren = 4;
   class Retainer;
 
   // One replica's copy of a node's blocks.
@@ -145,14 +148,24 @@ class GlobalPrefixIndex {
     bool in_victims = false;
   };
   struct Node {
-    std::vector<TokenId> edge;  // whole blocks
+    // The edge is tokens[edge_begin, end): a split copies the (usually short) front to the new
+    // upper node and leaves the rest in place instead of moving it.
+    std::vector<TokenId> tokens;
+    size_t edge_begin = 0;
+    [[nodiscard]] std::span<const TokenId> edge() const {
+      return std::span(tokens).subspan(edge_begin);
+    }
+    [[nodiscard]] size_t edge_size() const { return tokens.size() - edge_begin; }
     uint32_t parent = kNone;
-    size_t depth = 0;           // tokens from the root to the end of the edge
-    uint64_t unit_key = 0;      // this node's key in its parent's children
+    size_t depth = 0;  // tokens from the root to the end of the edge
     CacheSalt salt;
-    std::unordered_multimap<uint64_t, uint32_t> children;  // unit key -> node (collisions kept)
-    std::vector<uint32_t> holders;  // replicas, increasing
-    std::vector<Holding> holdings;  // parallel to holders
+    std::vector<uint32_t> children;  // in no particular order
+    // Unit key -> child, kept while the node has many children (kMappedChildren); a few are
+    // compared one by one, which costs less than hashing the query's block to find one.
+    std::unordered_multimap<uint64_t, uint32_t> by_key;
+    std::optional<uint64_t> unit_key;  // its first block's key among its siblings, once needed
+    std::vector<uint32_t> holders;     // replicas, increasing
+    std::vector<Holding> holdings;     // parallel to holders
     bool alive = false;
   };
   // (last access, serial, node): the smallest idle leaf is the next victim.
@@ -171,8 +184,14 @@ class GlobalPrefixIndex {
 
   // The walk shared by lookup and insert: whole blocks of `key`, stopping at the first mismatch.
   void walk(const RadixKey& key, size_t length, PrefixLookup& out) const;
-  [[nodiscard]] uint32_t find_child(uint32_t parent, const RadixKey& key, size_t pos,
-                                    std::span<const TokenId> rest) const;
+  // The child of `parent` whose edge `rest` (the key from `pos`) enters, with the tokens they
+  // share (at least a block); {kNone, 0} when none.
+  [[nodiscard]] std::pair<uint32_t, size_t> find_child(uint32_t parent, const RadixKey& key,
+                                                       size_t pos,
+                                                       std::span<const TokenId> rest) const;
+  [[nodiscard]] uint64_t unit_key_of(const Node& n) const;
+  void add_child(uint32_t parent, uint32_t child);
+  void remove_child(uint32_t parent, uint32_t child);
   [[nodiscard]] Holding* holding(uint32_t node, uint32_t replica);
   [[nodiscard]] const Holding* holding(uint32_t node, uint32_t replica) const;
   [[nodiscard]] size_t node_blocks(uint32_t node) const;
@@ -180,6 +199,8 @@ class GlobalPrefixIndex {
   // Changes a holding's clock, serial or counts with its victim-set entry kept current.
   template <typename Change>
   void update(uint32_t node, uint32_t replica, Change&& change);
+  template <typename Change>
+  void update(uint32_t node, Holding& h, uint32_t replica, Change&& change);
   [[nodiscard]] bool evictable(const Holding& h) const {
     return h.subtree_used == 0 && h.held_children == 0;
   }
@@ -188,7 +209,9 @@ class GlobalPrefixIndex {
   void change_used(uint32_t node, uint32_t replica, uint32_t count, bool add);
   void touch_path(uint32_t node, uint32_t replica);
 
-  uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, uint64_t key,
+  uint32_t take_slot();
+  // `key`: the edge's unit key when the caller has it (else computed if the parent needs it).
+  uint32_t new_node(uint32_t parent, std::span<const TokenId> edge, std::optional<uint64_t> key,
                     const CacheSalt& salt);
   // Splits a node after `blocks` blocks; returns the new upper node (the node keeps the rest).
   uint32_t split(uint32_t node, size_t blocks);
@@ -201,10 +224,10 @@ class GlobalPrefixIndex {
   void trim_holding(uint32_t node, uint32_t replica, size_t keep, std::vector<BlockId>& released);
   void remove_node(uint32_t node);
 
-  // BlockRetainer, per replica.
+  // BlockRetainer, per replica. Blocks of one notification that lie in one node change its
+  // counts together.
   std::vector<BlockId> release_idle(uint32_t replica, size_t count);
-  void on_block_used(uint32_t replica, BlockId block);
-  void on_block_idle(uint32_t replica, BlockId block);
+  void on_blocks_used(uint32_t replica, std::span<const BlockId> blocks, bool used);
 
   GlobalPrefixOptions options_;
   std::deque<Node> nodes_;  // 0 is the root; a deque keeps references stable as it grows

@@ -227,6 +227,35 @@ TEST(GlobalPrefixIndex, ADeeperBlockInUseKeepsItsIdleAncestorsCached) {
   c.check();
 }
 
+// Above a few children a node finds them by key, and compares them one by one again once most
+// are gone; splits hand the key map entry to the new upper node.
+TEST(GlobalPrefixIndex, ManyChildrenAreFoundThroughTheirKeys) {
+  Cluster c(1, 64);
+  const Tokens system = token_run(8, 1);
+  for (uint64_t s = 0; s < 10; ++s) {
+    const Tokens prompt = concat(system, token_run(8, 100 + 10 * static_cast<TokenId>(s)));
+    c.admit(0, s, prompt);
+    c.index_prompt(0, s, prompt);
+  }
+  c.check();
+  // A partial hit splits a mapped child; the new upper part must be found under the same key.
+  EXPECT_EQ(c.admit(0, 20, concat(system, concat(token_run(4, 130), {7, 7, 7, 7}))), 12u);
+  c.check();
+  for (uint64_t s = 0; s < 10; ++s) {
+    EXPECT_EQ(c.peek(0, concat(system, token_run(8, 100 + 10 * static_cast<TokenId>(s)))).tokens, 16u);
+  }
+  for (uint64_t s = 0; s < 10; ++s) ASSERT_TRUE(c.pool(0).free(SeqId{s}).ok());
+  ASSERT_TRUE(c.pool(0).free(SeqId{20}).ok());
+  // 42 free blocks, then 17 evicted in LRU order: prompts 0-2, 3's unused half, 4-8. The system
+  // node keeps two children (prompt 9 and 3's used half) and compares them one by one again.
+  ASSERT_TRUE(c.pool(0).allocate(SeqId{30}, 59 * kBlockSize).ok());
+  c.check();
+  EXPECT_EQ(c.peek(0, concat(system, token_run(8, 190))).tokens, 16u);
+  EXPECT_EQ(c.peek(0, concat(system, token_run(8, 130))).tokens, 12u);
+  EXPECT_EQ(c.peek(0, concat(system, token_run(8, 180))).tokens, 8u);
+  EXPECT_EQ(c.index().node_count(), 3u);
+}
+
 TEST(GlobalPrefixIndex, SaltsKeepPrefixesApartExceptPublicRanges) {
   Cluster c(2, 16);
   const Tokens system = token_run(8, 1);
