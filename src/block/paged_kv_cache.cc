@@ -192,6 +192,20 @@ const SequenceInfo* PagedKvCache::get_sequence(SeqId seq) const {
   return slot == detail::SequenceTable::kNoSlot ? nullptr : &table_->at(slot);
 }
 
+bool PagedKvCache::holds(uint32_t slot, SeqId seq) const {
+  return table_->alive(slot) && table_->at(slot).seq_id == seq;
+}
+
+std::optional<SequenceSlot> PagedKvCache::find_slot(SeqId seq) const {
+  const uint32_t slot = slot_of(seq);
+  if (slot == detail::SequenceTable::kNoSlot) return std::nullopt;
+  return SequenceSlot{slot};
+}
+
+const SequenceInfo* PagedKvCache::get_sequence(SeqId seq, SequenceSlot slot) const {
+  return holds(slot.value, seq) ? &table_->at(slot.value) : nullptr;
+}
+
 std::vector<SeqId> PagedKvCache::sequence_ids() const {
   std::vector<SeqId> ids;
   ids.reserve(table_->size());
@@ -393,11 +407,21 @@ Status PagedKvCache::append(SeqId seq, size_t num_new_tokens) {
   KVF_RETURN_IF_ERROR(init_status_);
   const uint32_t slot = slot_of(seq);
   if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
+  return append_in_slot(slot, num_new_tokens);
+}
+
+Status PagedKvCache::append(SeqId seq, SequenceSlot slot, size_t num_new_tokens) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  if (!holds(slot.value, seq)) return sequence_not_found(seq);
+  return append_in_slot(slot.value, num_new_tokens);
+}
+
+Status PagedKvCache::append_in_slot(uint32_t slot, size_t num_new_tokens) {
   SequenceInfo* info = &table_->at(slot);
   if (num_new_tokens == 0) return ok_status();
   if (num_new_tokens > std::numeric_limits<size_t>::max() - info->num_tokens) {
     return invalid_argument("appending " + std::to_string(num_new_tokens) + " tokens to " +
-                            to_string(seq) + " overflows its length");
+                            to_string(info->seq_id) + " overflows its length");
   }
   const VictimKey old_key = victims_->key_of(slot);
   const size_t old_tokens = info->num_tokens;

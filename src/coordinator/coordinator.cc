@@ -9,6 +9,7 @@
 
 #include "common/host_memory.h"
 #include "common/log.h"
+#include "common/slot_map.h"
 
 namespace kvfabric {
 namespace {
@@ -16,6 +17,9 @@ namespace {
 // SeqIds from 2^63 up are reserved (none are issued today); refusing them keeps room for internal
 // sequences without a clash with a scheduler's ids.
 constexpr uint64_t kMaxUserSeqId = uint64_t{1} << 63;
+
+// A replica that holds none of the looked-up prompt, in questions asked of any such one.
+constexpr uint32_t kNoReplica = std::numeric_limits<uint32_t>::max();
 
 // Relief for a running sequence that grows may displace sequences of every priority.
 constexpr uint32_t kAnyPriority = std::numeric_limits<uint32_t>::max();
@@ -52,6 +56,9 @@ std::string sequence_limit_text(uint32_t limit) {
 
 }  // namespace
 
+// Live sequences in stable slots, by id; nothing is decided by their order.
+struct Coordinator::SequenceMap : detail::SlotMap<Sequence> {};
+
 struct Coordinator::Replica {
   PagedKvCache pool;  // its retainer is the global prefix index
   BlockAllocator host;
@@ -69,7 +76,8 @@ struct Coordinator::Replica {
   }
 };
 
-Coordinator::Coordinator(const Config& config) : config_(config) {}
+Coordinator::Coordinator(const Config& config)
+    : config_(config), seqs_(std::make_unique<SequenceMap>()) {}
 Coordinator::Coordinator(Coordinator&&) noexcept = default;
 Coordinator& Coordinator::operator=(Coordinator&&) noexcept = default;
 Coordinator::~Coordinator() = default;
@@ -107,7 +115,7 @@ Status Coordinator::check_new_sequence(SeqId seq, std::string_view role) const {
   if (seq.value >= kMaxUserSeqId) {
     return invalid_argument(to_string(seq) + " is in the reserved range (ids must be < 2^63)");
   }
-  if (seqs_.count(seq) > 0) return invalid_operation(std::string(role) + to_string(seq) + " already exists");
+  if (seqs_->contains(seq.value)) return invalid_operation(std::string(role) + to_string(seq) + " already exists");
   return ok_status();
 }
 
@@ -127,21 +135,30 @@ Status Coordinator::no_room(const std::string& request, uint32_t replica, size_t
 }
 
 Coordinator::Sequence* Coordinator::find(SeqId seq) {
-  const auto it = seqs_.find(seq);
-  return it == seqs_.end() ? nullptr : &it->second;
+  const uint32_t slot = seqs_->find(seq.value);
+  return slot == SequenceMap::kNone ? nullptr : &seqs_->at(slot);
+}
+
+const Coordinator::Sequence* Coordinator::find(SeqId seq) const {
+  const uint32_t slot = seqs_->find(seq.value);
+  return slot == SequenceMap::kNone ? nullptr : &seqs_->at(slot);
+}
+
+const SequenceInfo* Coordinator::running_info(SeqId seq, const Sequence& s) const {
+  return replicas_[s.replica].pool.get_sequence(seq, s.slot);
 }
 
 uint32_t Coordinator::num_replicas() const { return static_cast<uint32_t>(replicas_.size()); }
 
 std::optional<uint32_t> Coordinator::replica_of(SeqId seq) const {
-  const auto it = seqs_.find(seq);
-  if (it == seqs_.end()) return std::nullopt;
-  return it->second.replica;
+  const Sequence* s = find(seq);
+  if (s == nullptr) return std::nullopt;
+  return s->replica;
 }
 
 bool Coordinator::is_swapped(SeqId seq) const {
-  const auto it = seqs_.find(seq);
-  return it != seqs_.end() && it->second.swapped;
+  const Sequence* s = find(seq);
+  return s != nullptr && s->swapped;
 }
 
 ReplicaStats Coordinator::replica_stats(uint32_t replica) const {
@@ -171,9 +188,9 @@ size_t Coordinator::cached_tokens(uint32_t replica, std::span<const TokenId> pro
 size_t Coordinator::host_free_blocks(uint32_t replica) const { return replicas_.at(replica).host.free_count(); }
 
 std::vector<BlockId> Coordinator::blocks_of(SeqId seq) const {
-  const auto it = seqs_.find(seq);
-  if (it == seqs_.end() || it->second.swapped) return {};
-  return replicas_[it->second.replica].pool.get_sequence(seq)->block_ids;
+  const Sequence* s = find(seq);
+  if (s == nullptr || s->swapped) return {};
+  return running_info(seq, *s)->block_ids;
 }
 
 void Coordinator::collect_copies(uint32_t replica) {
@@ -190,7 +207,11 @@ void Coordinator::forget_swapped(uint32_t replica, uint32_t priority) {
   if (--it->second == 0) waiting.erase(it);
 }
 
-void Coordinator::mark_table(SeqId seq) { dirty_.push_back(seq); }
+void Coordinator::mark_table(Sequence& s) {
+  if (s.in_plan) return;
+  s.in_plan = true;
+  dirty_.emplace_back(s.record_slot, s.incarnation);
+}
 
 void Coordinator::migrate(uint32_t src_replica, std::span<const BlockId> src, uint32_t dst_replica,
                           std::span<const BlockId> dst) {
@@ -207,7 +228,6 @@ void Coordinator::migrate(uint32_t src_replica, std::span<const BlockId> src, ui
 // it is known up front.
 std::vector<const SequenceInfo*> Coordinator::victim_order(uint32_t replica,
                                                            const ReliefRequest& request) const {
-  const PagedKvCache& pool = replicas_[replica].pool;
   // Per tenant: the blocks it holds on the replica, and its candidates in their own order.
   struct Queue {
     uint64_t held = 0;
@@ -215,15 +235,17 @@ std::vector<const SequenceInfo*> Coordinator::victim_order(uint32_t replica,
     size_t next = 0;
   };
   std::map<uint32_t, Queue> queues;
-  for (const auto& [seq, state] : seqs_) {  // ordered map: deterministic
-    if (state.swapped || state.replica != replica) continue;
-    const SequenceInfo* info = pool.get_sequence(seq);
+  // Any visiting order: each tenant's candidates are sorted by a total order below.
+  seqs_->for_each([&](uint32_t slot, const Sequence& state) {
+    const SeqId seq{seqs_->id_at(slot)};
+    if (state.swapped || state.replica != replica) return;
+    const SequenceInfo* info = running_info(seq, state);
     Queue& q = queues[state.tenant];
     q.held += info->block_ids.size();
     if (seq != request.exclude && info->priority < request.below_priority) {
       q.candidates.push_back(info);
     }
-  }
+  });
   for (auto& [tenant, q] : queues) {
     std::sort(q.candidates.begin(), q.candidates.end(),
               [](const SequenceInfo* a, const SequenceInfo* b) {
@@ -287,7 +309,7 @@ void Coordinator::relieve(uint32_t replica, std::span<const SeqId> victims) {
 }
 
 bool Coordinator::swap_out(SeqId seq) {
-  Sequence& s = seqs_.at(seq);
+  Sequence& s = *find(seq);
   Replica& rep = replicas_[s.replica];
   const SequenceInfo* info = rep.pool.get_sequence(seq);
   Tenant& tenant = tenants_[s.tenant];
@@ -319,7 +341,7 @@ bool Coordinator::swap_out(SeqId seq) {
 }
 
 bool Coordinator::park(SeqId seq) {
-  Sequence& s = seqs_.at(seq);
+  Sequence& s = *find(seq);
   const PagedKvCache& from_pool = replicas_[s.replica].pool;
   const SequenceInfo* info = from_pool.get_sequence(seq);
   // The peer with the most room that can take the whole sequence (ties: lowest replica id).
@@ -337,7 +359,8 @@ bool Coordinator::park(SeqId seq) {
   if (!to_pool.allocate(seq, info->num_tokens).ok()) return false;
   const std::vector<BlockId> from = info->block_ids;
   const uint32_t priority = info->priority;
-  migrate(s.replica, from, *peer, to_pool.get_sequence(seq)->block_ids);
+  const SequenceSlot to_slot = *to_pool.find_slot(seq);
+  migrate(s.replica, from, *peer, to_pool.get_sequence(seq, to_slot)->block_ids);
   (void)to_pool.set_priority(seq, priority);
   const Status freed = replicas_[s.replica].pool.free(seq);
   KVF_CHECK(freed.ok(), freed.message());
@@ -347,13 +370,15 @@ bool Coordinator::park(SeqId seq) {
   mark_load(*peer);
   KVF_LOG_DEBUG(kCoordinator, "parked {} from replica {} on replica {}", to_string(seq), s.replica, *peer);
   s.replica = *peer;
-  mark_table(seq);
+  s.slot = to_slot;
+  s.published_blocks = 0;  // a table new to its replica
+  mark_table(s);
   ++stats_.parked;
   return true;
 }
 
 void Coordinator::preempt(SeqId seq) {
-  Sequence& s = seqs_.at(seq);
+  Sequence& s = *find(seq);
   const Status freed = replicas_[s.replica].pool.free(seq);
   KVF_CHECK(freed.ok(), freed.message());
   --replicas_[s.replica].running;
@@ -464,41 +489,75 @@ bool Coordinator::has_room(const Candidate& c) const {
   return c.needed <= replicas_[c.replica].pool.available_block_count();
 }
 
+// The cheapest candidate with room offered so far; ties go to the lower replica id.
+class Coordinator::Cheapest {
+ public:
+  void offer(const Candidate& c) {
+    if (!best_ || c.cost < best_->cost || (c.cost == best_->cost && c.replica < best_->replica)) {
+      best_ = c;
+    }
+  }
+  // Whether a replica costing at least `bound` can no longer win. Replicas come in load order,
+  // equal loads in replica order, so past the best's id an equal bound loses too. (Two unequal
+  // loads whose bounds round to the same value could hide a lower id behind the stop: loads
+  // differ by at least a running sequence's or a block's weight, far above a rounding step.)
+  [[nodiscard]] bool beats(double bound, uint32_t replica) const {
+    return best_ && (bound > best_->cost || (bound == best_->cost && replica > best_->replica));
+  }
+  [[nodiscard]] const std::optional<Candidate>& best() const { return best_; }
+
+ private:
+  std::optional<Candidate> best_;
+};
+
 Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const PromptMatch& prompt,
                                                              uint32_t priority) {
   refresh_loads();
-  std::optional<Candidate> best;  // the cheapest with room; ties: the lower replica id
-  auto consider = [&](const Candidate& c) {
-    if (!has_room(c)) return;
-    if (!best || c.cost < best->cost || (c.cost == best->cost && c.replica < best->replica)) best = c;
+  Cheapest cheapest;
+  auto rank = [&](uint32_t r) {
+    if (!accepts(r, priority)) return;
+    const Candidate c = evaluate(prompt, r);
+    if (has_room(c)) cheapest.offer(c);
   };
-  // The replicas holding the deepest steps of the prompt are few: each is ranked on its own.
-  constexpr size_t kFewHolders = 8;
+  // The holders of the prompt's deepest steps are few: each is ranked on its own.
+  constexpr size_t kFewHolders = 16;
   size_t few_from = 0;
   while (few_from < lookup_.steps.size() && index_->holders(lookup_, few_from).size() > kFewHolders) {
     ++few_from;
   }
-  std::span<const uint32_t> few;
-  if (few_from < lookup_.steps.size()) few = index_->holders(lookup_, few_from);
-  for (uint32_t r : few) {
-    if (accepts(r, priority)) consider(evaluate(prompt, r));
-  }
-  // Every other replica caches at most the steps before few_from, so none costs less than
-  // `floor` plus its load: they are searched in load order while one still could win.
+  const std::span<const uint32_t> few =
+      few_from < lookup_.steps.size() ? index_->holders(lookup_, few_from) : std::span<const uint32_t>{};
+  for (uint32_t r : few) rank(r);
+  // Every other replica caches the steps before few_from or fewer, down to none of the prompt,
+  // so none costs less than a floor plus its load: they are searched in load order while one
+  // still could win. Once even a replica caching nothing could not, only the holders of the
+  // first step are left to rank, and where they are not many they are ranked directly.
   const size_t shallow = few_from == 0 ? 0 : lookup_.steps[few_from - 1].end;
-  const double floor = std::min(prefix_cost(prompt, shallow, false), prefix_cost(prompt, shallow, true));
+  const double floor_none = prefix_cost(prompt, 0, migrates(prompt, kNoReplica, 0));
+  const double floor = std::min({floor_none, prefix_cost(prompt, shallow, false),
+                                 prefix_cost(prompt, shallow, true)});
+  constexpr size_t kRankedDirectly = 64;
+  const bool holders_ranked_directly =
+      few_from > 0 && index_->holders(lookup_, 0).size() <= kRankedDirectly;
+  std::optional<std::pair<double, uint32_t>> stopped;  // the first replica the scan left
   for (const auto& [load, r] : by_load_) {
-    if (best) {
-      // by_load_ lists equal loads in replica order, so past the best's id an equal bound loses.
-      const double bound = floor + load;
-      if (bound > best->cost || (bound == best->cost && r > best->replica)) break;
+    if (cheapest.beats(floor + load, r)) break;
+    if (holders_ranked_directly && cheapest.beats(floor_none + load, r)) {
+      stopped = {load, r};
+      break;
     }
-    if (std::binary_search(few.begin(), few.end(), r)) continue;
-    if (accepts(r, priority)) consider(evaluate(prompt, r));
+    if (!std::binary_search(few.begin(), few.end(), r)) rank(r);
   }
-  if (!best) return choose_under_pressure(seq, prompt, priority);
-  return AdmitChoice{best->replica,
-                     best->migrate_prefix ? std::optional(prompt.best_source) : std::nullopt, {}};
+  if (stopped) {
+    for (uint32_t r : index_->holders(lookup_, 0)) {
+      const bool scanned = std::pair(replicas_[r].load, r) < *stopped;
+      if (!scanned && !std::binary_search(few.begin(), few.end(), r)) rank(r);
+    }
+  }
+  if (!cheapest.best()) return choose_under_pressure(seq, prompt, priority);
+  const Candidate& best = *cheapest.best();
+  return AdmitChoice{best.replica,
+                     best.migrate_prefix ? std::optional(prompt.best_source) : std::nullopt, {}};
 }
 
 Result<Coordinator::AdmitChoice> Coordinator::choose_under_pressure(SeqId seq,
@@ -601,17 +660,18 @@ void Coordinator::record_admission(SeqId seq, std::vector<TokenId>&& prompt, Rad
                                    uint32_t priority, uint32_t tenant, const Placement& placement) {
   const size_t n = prompt.size();
   const uint64_t incarnation = next_incarnation_++;
-  add_sequence(seq,
+  Sequence& s = add_sequence(seq,
                Sequence{.replica = placement.replica,
                         .num_tokens = n,
                         .priority = priority,
                         .incarnation = incarnation,
                         .tenant = tenant,
-                        .computed_tokens = placement.cached_tokens},
+                        .computed_tokens = placement.cached_tokens,
+                        .slot = *replicas_[placement.replica].pool.find_slot(seq)},
                placement.blocks.size());
   ++replicas_[placement.replica].running;
   mark_load(placement.replica);
-  mark_table(seq);
+  mark_table(s);
   admitted_now_blocks_ += placement.blocks.size();
   admitted_now_.emplace_back(seq, incarnation, std::move(prompt), std::move(key));
   ++stats_.admitted;
@@ -657,6 +717,18 @@ Status Coordinator::append(SeqId seq, size_t num_tokens) {
   return status;
 }
 
+Coordinator::BatchResult Coordinator::append(std::span<const SeqId> seqs, size_t num_tokens) {
+  constexpr size_t kAhead = 8;  // enough lookups in flight to hide a cache miss each
+  BatchResult result;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (i + kAhead < seqs.size()) seqs_->prefetch(seqs[i + kAhead].value);
+    result.status = append(seqs[i], num_tokens);
+    if (!result.status.ok()) return result;
+    ++result.done;
+  }
+  return result;
+}
+
 Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
   Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);
@@ -667,32 +739,40 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
     return invalid_operation(to_string(seq) + " is swapped out; it returns at a step with room");
   }
   PagedKvCache& pool = replicas_[s->replica].pool;
-  const SequenceInfo* info = pool.get_sequence(seq);
-  if (num_tokens > std::numeric_limits<size_t>::max() - info->num_tokens) {
+  if (num_tokens > std::numeric_limits<size_t>::max() - s->num_tokens) {
     return invalid_argument("appending " + std::to_string(num_tokens) + " tokens to " +
                             to_string(seq) + " overflows its length");
   }
-  // New blocks, plus one when the partly filled tail is shared (copied before the write).
   const size_t bs = config_.cache.block_size;
-  const bool shared_tail = num_tokens > 0 && info->num_tokens % bs != 0 &&
-                           pool.block_ref_count(info->block_ids.back()) > 1;
-  const size_t grown = blocks_for(info->num_tokens + num_tokens, bs) - info->num_blocks();
-  const size_t needed = grown + (shared_tail ? 1 : 0);
+  const size_t grown = blocks_for(s->num_tokens + num_tokens, bs) - blocks_for(s->num_tokens, bs);
   KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 0, grown));
-  if (pool.available_block_count() < needed) {
-    const std::optional<BlockId> copied_tail =
-        shared_tail ? std::optional(info->block_ids.back()) : std::nullopt;
-    const Relief relief = plan_relief(s->replica, {needed, seq, kAnyPriority, {}, copied_tail});
-    if (!relief.enough) return no_room(request(), s->replica, needed, relief);
-    relieve(s->replica, relief.victims);
+  // The free list covers even a copy of a shared tail: no need to look at the table (the usual
+  // decode step). Otherwise count exactly, and make room if the pool cannot.
+  if (pool.free_block_count() <= grown) {
+    const SequenceInfo* info = running_info(seq, *s);
+    const bool shared_tail = num_tokens > 0 && info->num_tokens % bs != 0 &&
+                             pool.block_ref_count(info->block_ids.back()) > 1;
+    const size_t needed = grown + (shared_tail ? 1 : 0);
+    if (pool.available_block_count() < needed) {
+      const std::optional<BlockId> copied_tail =
+          shared_tail ? std::optional(info->block_ids.back()) : std::nullopt;
+      const Relief relief = plan_relief(s->replica, {needed, seq, kAnyPriority, {}, copied_tail});
+      if (!relief.enough) return no_room(request(), s->replica, needed, relief);
+      relieve(s->replica, relief.victims);
+    }
   }
-  KVF_RETURN_IF_ERROR(pool.append(seq, num_tokens));
+  KVF_RETURN_IF_ERROR(pool.append(seq, s->slot, num_tokens));
   mark_load(s->replica);
+  if (!pool.pending_copies().empty()) {
+    // The shared tail was copied before the write: the ranks get the table from that block on.
+    const size_t tail = blocks_for(s->num_tokens, bs) - 1;
+    s->published_blocks = std::min(s->published_blocks, static_cast<uint32_t>(tail));
+  }
   collect_copies(s->replica);
-  const SequenceInfo* grown_info = pool.get_sequence(seq);
+  const SequenceInfo* grown_info = running_info(seq, *s);
   s->num_tokens = grown_info->num_tokens;
   charge(*s, grown_info->num_blocks());
-  mark_table(seq);
+  mark_table(*s);
   return ok_status();
 }
 
@@ -743,18 +823,20 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     (void)dst_pool.set_priority(dst, info->priority);
     migrate(from, info->block_ids, to, dst_pool.get_sequence(dst)->block_ids);
   }
-  const SequenceInfo* child = replicas_[to].pool.get_sequence(dst);
-  add_sequence(dst,
+  const SequenceSlot child_slot = *replicas_[to].pool.find_slot(dst);
+  const SequenceInfo* child = replicas_[to].pool.get_sequence(dst, child_slot);
+  Sequence& child_record = add_sequence(dst,
                Sequence{.replica = to,
                         .num_tokens = child->num_tokens,
                         .priority = child->priority,
                         .incarnation = next_incarnation_++,
                         .tenant = tenant,
-                        .computed_tokens = computed},
+                        .computed_tokens = computed,
+                        .slot = child_slot},
                child->num_blocks());
   ++replicas_[to].running;
   mark_load(to);
-  mark_table(dst);
+  mark_table(child_record);
   return ok_status();
 }
 
@@ -775,19 +857,22 @@ Status Coordinator::free(SeqId seq) {
   return ok_status();
 }
 
-void Coordinator::add_sequence(SeqId seq, Sequence record, uint64_t blocks) {
-  Sequence& s = seqs_[seq] = std::move(record);
+Coordinator::Sequence& Coordinator::add_sequence(SeqId seq, Sequence record, uint64_t blocks) {
+  const uint32_t slot = seqs_->insert(seq.value);
+  Sequence& s = seqs_->at(slot) = std::move(record);
+  s.record_slot = slot;
   ++tenants_[s.tenant].stats.sequences;
   charge(s, blocks);
+  return s;
 }
 
 void Coordinator::erase_sequence(SeqId seq) {
-  Sequence& s = seqs_.at(seq);
+  Sequence& s = *find(seq);
   TenantStats& t = tenants_[s.tenant].stats;
   charge(s, 0);
   if (s.swapped) t.host_blocks -= s.host_blocks.size();
   --t.sequences;
-  seqs_.erase(seq);
+  seqs_->erase(s.record_slot);
 }
 
 void Coordinator::charge(Sequence& s, uint64_t blocks) {
@@ -855,9 +940,9 @@ void Coordinator::note_refusal(uint32_t tenant, const Status& status) {
 }
 
 std::optional<std::string_view> Coordinator::tenant_of(SeqId seq) const {
-  const auto it = seqs_.find(seq);
-  if (it == seqs_.end()) return std::nullopt;
-  return tenants_[it->second.tenant].name;
+  const Sequence* s = find(seq);
+  if (s == nullptr) return std::nullopt;
+  return tenants_[s->tenant].name;
 }
 
 void Coordinator::set_tenant_quota(const std::string& tenant, const TenantQuota& quota) {
@@ -911,15 +996,13 @@ void Coordinator::index_planned_prompts() {
   // This step's plan is issued next and its forward pass computes these prompts, so a request of
   // the next step may share them; none of this step's requests could (they are all placed).
   for (const AdmittedPrompt& admitted : admitted_now_) {
-    const auto it = seqs_.find(admitted.seq);
+    const Sequence* s = find(admitted.seq);
     // Gone, swapped out (its slots stay uncomputed), or a new sequence under the same id: its
     // blocks will not hold this prompt.
-    if (it == seqs_.end() || it->second.swapped || it->second.incarnation != admitted.incarnation) {
-      continue;
-    }
-    const uint32_t r = it->second.replica;
+    if (s == nullptr || s->swapped || s->incarnation != admitted.incarnation) continue;
+    const uint32_t r = s->replica;
     PagedKvCache& pool = replicas_[r].pool;
-    const SequenceInfo* info = pool.get_sequence(admitted.seq);
+    const SequenceInfo* info = running_info(admitted.seq, *s);
     if (info == nullptr || info->num_tokens < admitted.tokens.size()) continue;  // compacted
     const auto added = index_->insert(r, admitted.key, info->block_ids);
     if (!added.ok()) {
@@ -949,7 +1032,7 @@ void Coordinator::swap_back_in() {
   // Oldest first; a sequence that does not fit waits (and so do the ones behind it, in order).
   for (auto it = swap_queue_.begin(); it != swap_queue_.end();) {
     const SeqId seq = it->second;
-    Sequence& s = seqs_.at(seq);
+    Sequence& s = *find(seq);
     // A replica that had to make room in this step is still under pressure: no ping-pong.
     if (replicas_[s.replica].relieved_this_step) {
       ++it;
@@ -960,7 +1043,9 @@ void Coordinator::swap_back_in() {
       break;
     }
     (void)pool.set_priority(seq, s.priority);
-    const std::vector<BlockId>& table = pool.get_sequence(seq)->block_ids;
+    s.slot = *pool.find_slot(seq);
+    s.published_blocks = 0;  // new blocks
+    const std::vector<BlockId>& table = running_info(seq, s)->block_ids;
     for (size_t i = 0; i < table.size(); ++i) {
       plan_.ops.push_back(StepPlan::Op::swap_in(s.replica, s.host_blocks[i], table[i]));
       // Freed after this step, so no later op of the step can reuse the block before it is read.
@@ -972,7 +1057,7 @@ void Coordinator::swap_back_in() {
     forget_swapped(s.replica, s.priority);
     ++replicas_[s.replica].running;
     mark_load(s.replica);
-    mark_table(seq);
+    mark_table(s);
     ++stats_.swapped_in;
     it = swap_queue_.erase(it);
   }
@@ -981,17 +1066,28 @@ void Coordinator::swap_back_in() {
 Result<StepPlan> Coordinator::step() {
   index_planned_prompts();
   swap_back_in();
-  std::sort(dirty_.begin(), dirty_.end());
-  dirty_.erase(std::unique(dirty_.begin(), dirty_.end()), dirty_.end());
-  for (SeqId seq : dirty_) {
-    const auto it = seqs_.find(seq);
-    if (it == seqs_.end() || it->second.swapped) continue;
-    Sequence& s = it->second;
-    const SequenceInfo* info = replicas_[s.replica].pool.get_sequence(seq);
-    plan_.tables.push_back({seq, s.replica, info->num_tokens, s.computed_tokens, info->block_ids});
+  // Tables in the order their sequences first changed in this step (deterministic, as every
+  // call is); a sequence marked twice is published once.
+  for (const auto& [slot, incarnation] : dirty_) {
+    if (!seqs_->alive(slot)) continue;
+    Sequence& s = seqs_->at(slot);
+    if (s.incarnation != incarnation || s.swapped || !s.in_plan) continue;
+    s.in_plan = false;
+    const SeqId seq{seqs_->id_at(slot)};
+    // The record knows the table's length (its charged blocks); the pool's table is read only
+    // for blocks the ranks do not hold yet.
+    const auto length = static_cast<uint32_t>(s.charged_blocks);
+    const uint32_t first = std::min(s.published_blocks, length);
+    StepPlan::Table& table = plan_.tables.emplace_back(
+        StepPlan::Table{seq, s.replica, s.num_tokens, s.computed_tokens, first, {}});
+    if (first < length) {
+      const std::vector<BlockId>& blocks = running_info(seq, s)->block_ids;
+      table.blocks.assign(blocks.begin() + first, blocks.end());
+    }
+    s.published_blocks = length;
     // The forward pass after this plan computes the rest. A sequence that still has slots to
     // compute is always in the plan: admit, append, fork, park and swap-in mark its table.
-    s.computed_tokens = info->num_tokens;
+    s.computed_tokens = s.num_tokens;
   }
   dirty_.clear();
   for (Replica& rep : replicas_) rep.relieved_this_step = false;
@@ -1039,6 +1135,36 @@ Status Coordinator::verify_replica(uint32_t r) const {
   return ok_status();
 }
 
+Status Coordinator::verify_sequence(SeqId seq, const Sequence& s, std::vector<uint32_t>& running,
+                                    std::vector<TenantStats>& held) const {
+  const SequenceInfo* info = replicas_[s.replica].pool.get_sequence(seq);
+  if (s.swapped != (info == nullptr)) {
+    return Status(ErrorCode::kInternal, to_string(seq) + " is " + (s.swapped ? "swapped" : "running") +
+                                            " but replica " + std::to_string(s.replica) +
+                                            (info ? " holds it" : " does not hold it"));
+  }
+  if (!s.swapped && running_info(seq, s) != info) {
+    return Status(ErrorCode::kInternal, to_string(seq) + " has a stale slot on replica " +
+                                            std::to_string(s.replica));
+  }
+  if (!s.swapped && s.num_tokens != info->num_tokens) {
+    return Status(ErrorCode::kInternal, to_string(seq) + " counts " + std::to_string(s.num_tokens) +
+                                            " tokens, its table " + std::to_string(info->num_tokens));
+  }
+  if (!s.swapped) ++running[s.replica];
+  const uint64_t table = s.swapped ? s.host_blocks.size() : info->num_blocks();
+  if (s.charged_blocks != table) {
+    return Status(ErrorCode::kInternal, to_string(seq) + " is charged " +
+                                            std::to_string(s.charged_blocks) + " blocks, holds " +
+                                            std::to_string(table));
+  }
+  TenantStats& t = held[s.tenant];
+  ++t.sequences;
+  t.blocks += table;
+  if (s.swapped) t.host_blocks += table;
+  return ok_status();
+}
+
 Status Coordinator::verify_integrity() const {
   std::vector<uint32_t> running(replicas_.size(), 0);
   std::vector<TenantStats> held(tenants_.size());
@@ -1046,25 +1172,12 @@ Status Coordinator::verify_integrity() const {
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     KVF_RETURN_IF_ERROR(verify_replica(r));
   }
-  for (const auto& [seq, s] : seqs_) {
-    const SequenceInfo* info = replicas_[s.replica].pool.get_sequence(seq);
-    if (s.swapped != (info == nullptr)) {
-      return Status(ErrorCode::kInternal, to_string(seq) + " is " + (s.swapped ? "swapped" : "running") +
-                                              " but replica " + std::to_string(s.replica) +
-                                              (info ? " holds it" : " does not hold it"));
-    }
-    if (!s.swapped) ++running[s.replica];
-    const uint64_t table = s.swapped ? s.host_blocks.size() : info->num_blocks();
-    if (s.charged_blocks != table) {
-      return Status(ErrorCode::kInternal, to_string(seq) + " is charged " +
-                                              std::to_string(s.charged_blocks) + " blocks, holds " +
-                                              std::to_string(table));
-    }
-    TenantStats& t = held[s.tenant];
-    ++t.sequences;
-    t.blocks += table;
-    if (s.swapped) t.host_blocks += table;
-  }
+  Status status;
+  seqs_->for_each([&](uint32_t slot, const Sequence& s) {
+    if (!status.ok()) return;
+    status = verify_sequence(SeqId{seqs_->id_at(slot)}, s, running, held);
+  });
+  KVF_RETURN_IF_ERROR(status);
   for (size_t i = 0; i < tenants_.size(); ++i) {
     const TenantStats& want = held[i];
     const TenantStats& have = tenants_[i].stats;

@@ -9,7 +9,7 @@ namespace kvfabric {
 namespace {
 
 constexpr uint32_t kMagic = 0x4B564650;  // "KVFP"
-constexpr uint32_t kVersion = 3;  // 3: tables carry computed_tokens
+constexpr uint32_t kVersion = 4;  // 3: tables carry computed_tokens; 4: and what changed only
 
 class Writer {
  public:
@@ -111,6 +111,7 @@ std::vector<uint8_t> StepPlan::serialize() const {
     w.u32(t.replica);
     w.u64(t.num_tokens);
     w.u64(t.computed_tokens);
+    w.u32(t.first_block);
     w.u64(t.blocks.size());
     for (BlockId b : t.blocks) w.block(b);
   }
@@ -177,13 +178,13 @@ Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
       if (!read_op(r, op)) break;
     }
   }
-  if (r.count(n, 36, "tables")) {
+  if (r.count(n, 40, "tables")) {
     plan.tables.resize(n);
     for (auto& t : plan.tables) {
       uint64_t blocks = 0;
       if (!r.get(t.seq.value, "tables") || !r.get(t.replica, "tables") ||
           !r.get(t.num_tokens, "tables") || !r.get(t.computed_tokens, "tables") ||
-          !r.count(blocks, 4, "table blocks")) {
+          !r.get(t.first_block, "tables") || !r.count(blocks, 4, "table blocks")) {
         break;
       }
       if (t.computed_tokens > t.num_tokens) {
@@ -209,6 +210,17 @@ Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
   if (!r.status().ok()) return r.status();
   if (!r.done()) return Status(ErrorCode::kParseError, "step plan has trailing bytes");
   return plan;
+}
+
+Status apply_table_change(std::vector<BlockId>& table, const StepPlan::Table& change) {
+  if (change.first_block > table.size()) {
+    return invalid_argument("the table of " + to_string(change.seq) + " continues from block " +
+                            std::to_string(change.first_block) + " but holds " +
+                            std::to_string(table.size()));
+  }
+  table.resize(change.first_block);
+  table.insert(table.end(), change.blocks.begin(), change.blocks.end());
+  return ok_status();
 }
 
 std::vector<uint32_t> plan_waves(std::span<const StepPlan::Op> ops) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
 #include <sstream>
 #include <string>
 
@@ -114,11 +115,23 @@ Status RankCache::validate(const StepPlan& plan) const {
       }
     }
   }
+  const std::set<SeqId> released(plan.released.begin(), plan.released.end());
   for (const auto& t : plan.tables) {
     if (t.replica >= layout_.dp) {
       return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": table of " +
                               to_string(t.seq) + " on replica " + std::to_string(t.replica) +
                               " of " + std::to_string(layout_.dp));
+    }
+    // A change continues the table this replica holds (released ones are gone by then).
+    if (t.replica != layout_.replica || t.first_block == 0) continue;
+    const auto held = tables_.find(t.seq);
+    const size_t blocks =
+        held == tables_.end() || released.count(t.seq) > 0 ? 0 : held->second.blocks.size();
+    if (t.first_block > blocks) {
+      return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": the table of " +
+                              to_string(t.seq) + " continues from block " +
+                              std::to_string(t.first_block) + " but this replica holds " +
+                              std::to_string(blocks));
     }
   }
   return ok_status();
@@ -222,11 +235,17 @@ Status RankCache::run(const StepPlan& plan) {
   const uint32_t me = layout_.replica;
   for (SeqId seq : plan.released) tables_.erase(seq);
   for (const auto& t : plan.tables) {
-    if (t.replica == me) {
-      tables_[t.seq] = t;
-    } else {
+    if (t.replica != me) {
       tables_.erase(t.seq);  // served by another replica now
+      continue;
     }
+    StepPlan::Table& held = tables_[t.seq];
+    const Status applied = apply_table_change(held.blocks, t);
+    KVF_CHECK(applied.ok(), applied.message());  // validate() checked every change
+    held.seq = t.seq;
+    held.replica = t.replica;
+    held.num_tokens = t.num_tokens;
+    held.computed_tokens = t.computed_tokens;
   }
   KVF_LOG_DEBUG(kRuntime, "{} executed step {}: {} ops in {} waves, {} tables", where(), plan.step,
                 plan.ops.size(), num_waves, plan.tables.size());

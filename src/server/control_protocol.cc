@@ -185,6 +185,7 @@ json plan_reply(const StepPlan& plan) {
                       {"replica", t.replica},
                       {"num_tokens", t.num_tokens},
                       {"computed_tokens", t.computed_tokens},
+                      {"first_block", t.first_block},
                       {"blocks", block_list(t.blocks)}});
   }
   return {{"step", plan.step},

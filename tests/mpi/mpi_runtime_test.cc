@@ -184,7 +184,7 @@ TEST_P(RuntimeLayoutTest, ShardedDecodeAttentionEqualsOneRank) {
         blocks.push_back(BlockId{pool[next++]});
       }
       for (uint32_t rep = 0; rep < replicas; ++rep) {
-        plan.tables.push_back({seq_id(s, rep), rep, lengths[s], 0, blocks});
+        plan.tables.push_back({seq_id(s, rep), rep, lengths[s], 0, 0, blocks});
       }
     }
     return plan;

@@ -22,6 +22,14 @@
 
 namespace kvfabric {
 
+//! \brief Where a live sequence's record sits in its PagedKvCache (find_slot()). A caller that
+//! keeps its own per-sequence records (the coordinator) remembers it to skip the id lookup on
+//! per-token paths; it stays the sequence's until the sequence is freed, and calls that take one
+//! also take the SeqId and refuse a slot that holds another sequence.
+struct SequenceSlot {
+  uint32_t value = UINT32_MAX;
+};
+
 namespace detail {
 class SequenceTable;
 class VictimIndex;
@@ -114,6 +122,10 @@ class PagedKvCache {
   [[nodiscard]] size_t num_sequences() const;
   //! The sequence's record, or nullptr. Does not count as an access.
   [[nodiscard]] const SequenceInfo* get_sequence(SeqId seq) const;
+  //! The slot of a live sequence, nullopt when unknown.
+  [[nodiscard]] std::optional<SequenceSlot> find_slot(SeqId seq) const;
+  //! get_sequence() at a known slot: nullptr unless the slot holds `seq`.
+  [[nodiscard]] const SequenceInfo* get_sequence(SeqId seq, SequenceSlot slot) const;
   [[nodiscard]] const CacheStats& stats() const { return stats_; }
   [[nodiscard]] const EvictionStrategy& eviction_strategy() const { return strategy_; }
   [[nodiscard]] const BlockLayout& block_layout() const { return layout_; }
@@ -153,6 +165,8 @@ class PagedKvCache {
   //! Adds `num_new_tokens` tokens. If the last block is partly filled and shared, it is first
   //! copied into a private block (a kCopyOnWrite TokenCopy). Appending 0 tokens is a no-op.
   Status append(SeqId seq, size_t num_new_tokens);
+  //! append() at a known slot; SequenceNotFound unless the slot holds `seq`.
+  Status append(SeqId seq, SequenceSlot slot, size_t num_new_tokens);
   //! Drops the sequence and its references; blocks with no references return to the free list.
   Status free(SeqId seq);
   //! Creates `dst` sharing every block of `src` (no copy until one of them writes).
@@ -218,6 +232,9 @@ class PagedKvCache {
   }
   //! The slot of a live sequence (SequenceTable::kNoSlot when unknown).
   uint32_t slot_of(SeqId seq) const;
+  //! Whether `slot` holds the live sequence `seq`.
+  bool holds(uint32_t slot, SeqId seq) const;
+  Status append_in_slot(uint32_t slot, size_t num_new_tokens);
   using VictimKey = std::tuple<uint64_t, uint64_t, uint32_t>;  // detail::VictimIndex::Key
   //! Records an access to the sequence in `slot`; `key_before_change` is its victim key before
   //! the caller's mutation.

@@ -151,6 +151,15 @@ class Coordinator {
   //! Adds tokens to a running sequence (the slots the next forward pass writes), making room on
   //! its replica as described above.
   Status append(SeqId seq, size_t num_tokens);
+  //! append() for a batch of sequences (one decode step of many): each of `seqs` gets
+  //! `num_tokens` slots, in order. A refusal stops the batch: the sequences before it grew, the
+  //! refused one and those after did not. Ids are looked up ahead of their turn, which makes a
+  //! batch cheaper than as many append() calls.
+  struct BatchResult {
+    size_t done = 0;  //!< sequences appended (all of them when status is OK)
+    Status status;    //!< the refusal that stopped the batch
+  };
+  BatchResult append(std::span<const SeqId> seqs, size_t num_tokens);
   //! Creates `dst` sharing `src`'s blocks on src's replica, or on `replica` (its blocks are then
   //! migrated there).
   Status fork(SeqId src, SeqId dst, std::optional<uint32_t> replica = std::nullopt);
@@ -207,7 +216,14 @@ class Coordinator {
     //! Tokens whose K/V is in place before the next forward pass (StepPlan::Table); the rest
     //! are computed by it, unless the sequence is swapped out first.
     uint64_t computed_tokens = 0;
+    SequenceSlot slot;         //!< its record in its replica's pool, while running
+    //! Leading blocks of its table the ranks hold already (from earlier plans): a plan sends the
+    //! rest (StepPlan::Table::first_block).
+    uint32_t published_blocks = 0;
+    bool in_plan = false;      //!< its table is listed for the next plan
+    uint32_t record_slot = 0;  //!< where this record sits among the coordinator's
   };
+  struct SequenceMap;
   struct Tenant {
     std::string name;
     std::optional<TenantQuota> own_quota;
@@ -265,9 +281,13 @@ class Coordinator {
     bool migrate_prefix = false;
     size_t needed = 0;  //!< new blocks, plus the idle cached ones of the match that become used
   };
+  class Cheapest;
 
   explicit Coordinator(const Config& config);
   Sequence* find(SeqId seq);
+  [[nodiscard]] const Sequence* find(SeqId seq) const;
+  //! The pool record of a running sequence (nullptr when swapped out).
+  [[nodiscard]] const SequenceInfo* running_info(SeqId seq, const Sequence& s) const;
   [[nodiscard]] bool is_full(uint32_t replica) const;
   //! An id admit() or fork() may give a new sequence; `role` starts the "exists" message.
   Status check_new_sequence(SeqId seq, std::string_view role) const;
@@ -306,6 +326,9 @@ class Coordinator {
   //! A replica's pool checks, that its pool and the index agree on every block, and its place in
   //! the load order.
   [[nodiscard]] Status verify_replica(uint32_t replica) const;
+  //! One sequence's record against its pool, counted into `running` and `held`.
+  [[nodiscard]] Status verify_sequence(SeqId seq, const Sequence& s, std::vector<uint32_t>& running,
+                                       std::vector<TenantStats>& held) const;
   Result<Placement> admit_for(SeqId seq, std::vector<TokenId>&& prompt, uint32_t tenant,
                               const AdmitOptions& options);
   Status append_blocks(SeqId seq, size_t num_tokens);
@@ -327,7 +350,7 @@ class Coordinator {
   //! Counts a refusal of `status` (room or quota) against the tenant.
   void note_refusal(uint32_t tenant, const Status& status);
   //! Records a new sequence holding `blocks` blocks in its table, counted for its tenant.
-  void add_sequence(SeqId seq, Sequence record, uint64_t blocks);
+  Sequence& add_sequence(SeqId seq, Sequence record, uint64_t blocks);
   //! Drops a sequence's record and its tenant's share.
   void erase_sequence(SeqId seq);
   //! OutOfMemory for a request that making room could not satisfy, with the numbers.
@@ -342,7 +365,7 @@ class Coordinator {
   void preempt(SeqId seq);
   void migrate(uint32_t src_replica, std::span<const BlockId> src, uint32_t dst_replica,
                std::span<const BlockId> dst);
-  void mark_table(SeqId seq);
+  void mark_table(Sequence& s);
   void forget_swapped(uint32_t replica, uint32_t priority);
   void collect_copies(uint32_t replica);
   void swap_back_in();
@@ -359,10 +382,11 @@ class Coordinator {
   PrefixLookup lookup_;                            // the prompt being admitted
   std::vector<Tenant> tenants_;  // in registration order; Sequence::tenant indexes it
   std::map<std::string, uint32_t, std::less<>> tenant_ids_;
-  std::map<SeqId, Sequence> seqs_;
+  std::unique_ptr<SequenceMap> seqs_;
   std::map<uint64_t, SeqId> swap_queue_;  // swapped sequences by swap order, oldest first
   StepPlan plan_;
-  std::vector<SeqId> dirty_;                      // tables to publish in the next plan
+  // Tables to publish in the next plan: (record slot, incarnation) in the order they changed.
+  std::vector<std::pair<uint32_t, uint64_t>> dirty_;
   std::vector<AdmittedPrompt> admitted_now_;      // prompts of this step, indexed by step()
   uint64_t admitted_now_blocks_ = 0;  // the blocks of admitted_now_'s prompts
   std::vector<std::pair<uint32_t, BlockId>> host_blocks_to_free_;  // after this step's swap-ins

@@ -56,11 +56,17 @@ struct StepPlan {
   //! Its tokens [computed_tokens, num_tokens) are what this step's forward pass must fill: the
   //! ones before are in place once the plan's ops ran (cached, migrated, swapped back in, or
   //! computed in an earlier step). Every TP worker reads it from the plan, with no side channel.
+  //!
+  //! A table carries what changed: `blocks` are the table's blocks from index `first_block` on,
+  //! and the first `first_block` are those of the sequence's previous table, unchanged (a decode
+  //! step that fills a block adds one, and most steps add none). A sequence new to its replica
+  //! (admitted, forked, swapped back in or moved there) comes whole, with first_block 0.
   struct Table {
     SeqId seq;
     uint32_t replica = 0;
     uint64_t num_tokens = 0;
     uint64_t computed_tokens = 0;  //!< <= num_tokens
+    uint32_t first_block = 0;
     std::vector<BlockId> blocks;
     friend bool operator==(const Table&, const Table&) = default;
   };
@@ -83,6 +89,11 @@ struct StepPlan {
 
   friend bool operator==(const StepPlan&, const StepPlan&) = default;
 };
+
+//! \brief `table` (the sequence's blocks as of its previous plan table; empty if none) updated
+//! by `change`: its first change.first_block blocks stay and change.blocks follow.
+//! InvalidArgument (nothing changes) when `table` holds fewer than change.first_block blocks.
+Status apply_table_change(std::vector<BlockId>& table, const StepPlan::Table& change);
 
 //! \brief The wave of each op of `ops` (same length): the earliest wave after every earlier op
 //! it conflicts with (the same block of the same replica and tier, one of them writing). Copies

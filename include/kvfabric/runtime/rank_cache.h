@@ -93,7 +93,8 @@ class RankCache {
   //! collective, every rank passes the bytes `root` sent.
   Status execute_agreed(std::span<const uint8_t> plan_bytes, RankId root);
 
-  //! The block tables of this replica's sequences as of the last executed plan.
+  //! The block tables of this replica's sequences as of the last executed plan (whole: the
+  //! plans' changes applied, first_block 0).
   [[nodiscard]] const std::map<SeqId, StepPlan::Table>& tables() const { return tables_; }
   //! A digest of tables(): equal on every shard of a replica that executed the same plans.
   [[nodiscard]] uint64_t tables_digest() const;

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <map>
 #include <numeric>
 #include <set>
 
@@ -73,6 +74,48 @@ TEST(CoordinatorTest, AdmitPlacesPublishesAndIndexesWithThePlanThatComputesIt) {
   ASSERT_EQ(plan1->tables.size(), 1u);
   EXPECT_EQ(plan1->tables[0].num_tokens, 65u);
   EXPECT_EQ(plan1->tables[0].computed_tokens, 64u);
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
+// A plan carries what changed in a table: a decode step that fills a block sends that block, one
+// that does not sends none, and a fork's first write sends its tail copy. The ranks' tables,
+// rebuilt from the changes, are the coordinator's.
+TEST(CoordinatorTest, APlanSendsOnlyWhatChangedInATable) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 32, 8));  // 16-token blocks
+  const auto a = c.admit(SeqId{1}, token_run(40, 100));
+  ASSERT_TRUE(a.ok());
+  std::map<SeqId, std::vector<BlockId>> ranks;  // the tables as a rank rebuilds them
+  auto step = [&] {
+    const auto plan = c.step();
+    EXPECT_TRUE(plan.ok());
+    for (SeqId seq : plan->released) ranks.erase(seq);
+    for (const auto& t : plan->tables) EXPECT_TRUE(apply_table_change(ranks[t.seq], t).ok());
+    for (const auto& [seq, blocks] : ranks) EXPECT_EQ(blocks, c.blocks_of(seq)) << seq;
+    return *plan;
+  };
+  StepPlan plan = step();
+  ASSERT_EQ(plan.tables.size(), 1u);
+  EXPECT_EQ(plan.tables[0].first_block, 0u);
+  EXPECT_EQ(plan.tables[0].blocks.size(), 3u);
+  ASSERT_TRUE(c.append(SeqId{1}, 1).ok());  // 41 tokens: the third block has room
+  plan = step();
+  ASSERT_EQ(plan.tables.size(), 1u);
+  EXPECT_EQ(plan.tables[0].first_block, 3u);
+  EXPECT_TRUE(plan.tables[0].blocks.empty());
+  EXPECT_EQ(plan.tables[0].num_tokens, 41u);
+  ASSERT_TRUE(c.append(SeqId{1}, 8).ok());  // 49 tokens: a fourth block
+  plan = step();
+  EXPECT_EQ(plan.tables[0].first_block, 3u);
+  EXPECT_EQ(plan.tables[0].blocks, std::vector<BlockId>{c.blocks_of(SeqId{1})[3]});
+  // A fork shares the partly filled tail; the child's first write copies it.
+  ASSERT_TRUE(c.fork(SeqId{1}, SeqId{2}).ok());
+  plan = step();
+  ASSERT_EQ(plan.tables.size(), 1u);
+  EXPECT_EQ(plan.tables[0].first_block, 0u);  // new to the replica: whole
+  ASSERT_TRUE(c.append(SeqId{2}, 1).ok());
+  plan = step();
+  EXPECT_EQ(plan.tables[0].first_block, 3u);
+  EXPECT_NE(plan.tables[0].blocks[0], c.blocks_of(SeqId{1})[3]);
   EXPECT_TRUE(c.verify_integrity().ok());
 }
 

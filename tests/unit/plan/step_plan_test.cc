@@ -20,7 +20,9 @@ StepPlan sample_plan() {
   plan.ops = {Op::swap_out(1, BlockId{3}, BlockId{0}), Op::migrate(0, BlockId{7}, 1, BlockId{3}),
               Op::swap_in(0, BlockId{2}, BlockId{9}),
               Op::token_copy(1, TokenCopy{BlockId{5}, 2, BlockId{6}, 4, 9, CopyReason::kCompaction})};
-  plan.tables = {{SeqId{4}, 1, 33, 17, {BlockId{3}, BlockId{6}, BlockId{8}}}, {SeqId{9}, 0, 0, 0, {}}};
+  plan.tables = {{SeqId{4}, 1, 33, 17, 0, {BlockId{3}, BlockId{6}, BlockId{8}}},
+                 {SeqId{9}, 0, 0, 0, 0, {}},
+                 {SeqId{5}, 2, 40, 39, 2, {BlockId{11}}}};
   plan.released = {SeqId{2}, SeqId{11}};
   plan.preempted = {SeqId{11}};
   return plan;
@@ -37,6 +39,18 @@ TEST(StepPlanTest, SerializeRoundTripsEveryField) {
   const auto empty = StepPlan::deserialize(StepPlan{}.serialize());
   ASSERT_TRUE(empty.ok());
   EXPECT_TRUE(empty->empty());
+}
+
+TEST(StepPlanTest, ATableChangeContinuesTheTableItFollows) {
+  std::vector<BlockId> table = {BlockId{1}, BlockId{2}, BlockId{3}};
+  StepPlan::Table change{SeqId{7}, 0, 49, 48, 2, {BlockId{9}, BlockId{4}}};
+  ASSERT_TRUE(apply_table_change(table, change).ok());
+  EXPECT_EQ(table, (std::vector<BlockId>{BlockId{1}, BlockId{2}, BlockId{9}, BlockId{4}}));
+  change.first_block = 5;
+  const Status refused = apply_table_change(table, change);
+  EXPECT_EQ(refused.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(refused.message(), HasSubstr("S7 continues from block 5 but holds 4"));
+  EXPECT_EQ(table.size(), 4u);  // unchanged
 }
 
 TEST(StepPlanTest, EveryTruncationIsAParseError) {

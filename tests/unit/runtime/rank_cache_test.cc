@@ -75,7 +75,7 @@ TEST(RankCacheTest, APlanOfTheWrongStepIsRefusedAndChangesNothing) {
   SingleRank r(serving_config(1, 1, 4, 2, 8, 4));
   StepPlan plan;
   plan.step = 3;
-  plan.tables = {{SeqId{1}, 0, 5, 0, {BlockId{2}}}};
+  plan.tables = {{SeqId{1}, 0, 5, 0, 0, {BlockId{2}}}};
   const Status s = r.rank->execute(plan);
   EXPECT_EQ(s.code(), ErrorCode::kInvalidOperation);
   EXPECT_THAT(s.message(), HasSubstr("rank 0 (replica 0, shard 0) received the plan of step 3 but expects step 0"));
@@ -86,6 +86,29 @@ TEST(RankCacheTest, APlanOfTheWrongStepIsRefusedAndChangesNothing) {
   EXPECT_EQ(r.rank->next_step(), 1u);
   EXPECT_EQ(r.rank->tables().size(), 1u);
   EXPECT_EQ(r.rank->execute(plan).code(), ErrorCode::kInvalidOperation);  // a replay
+}
+
+// A table change continues the table the rank holds: one that skips blocks the rank never got
+// (or continues a table the same plan releases) is refused before anything runs.
+TEST(RankCacheTest, ATableChangeBeyondWhatTheRankHoldsIsRefused) {
+  SingleRank r(serving_config(1, 1, 4, 2, 8, 4));
+  StepPlan plan;
+  plan.tables = {{SeqId{1}, 0, 20, 0, 0, {BlockId{2}, BlockId{5}}}};
+  ASSERT_TRUE(r.rank->execute(plan).ok());
+  plan.step = 1;
+  plan.tables = {{SeqId{1}, 0, 40, 20, 3, {BlockId{6}}}};
+  Status s = r.rank->execute(plan);
+  EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("the table of S1 continues from block 3 but this replica holds 2"));
+  plan.tables = {{SeqId{1}, 0, 40, 20, 2, {BlockId{6}}}};
+  plan.released = {SeqId{1}};
+  EXPECT_THAT(r.rank->execute(plan).message(), HasSubstr("continues from block 2 but this replica holds 0"));
+  EXPECT_EQ(r.rank->next_step(), 1u);
+  plan.released.clear();
+  ASSERT_TRUE(r.rank->execute(plan).ok());
+  EXPECT_EQ(r.rank->tables().at(SeqId{1}).blocks,
+            (std::vector<BlockId>{BlockId{2}, BlockId{5}, BlockId{6}}));
+  EXPECT_EQ(r.rank->tables().at(SeqId{1}).num_tokens, 40u);
 }
 
 TEST(RankCacheTest, AnOpOutsideThePoolsIsRefusedBeforeAnythingRuns) {

@@ -1,0 +1,86 @@
+// Google Benchmark micro-benchmarks of the coordinator's per-step work: every running sequence
+// decodes one token (append) and step() publishes the plan, at 1,000 to 100,000 running
+// sequences over 8 replicas. The figure is the time per running sequence per step.
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "kvfabric/kvfabric.h"
+
+namespace {
+
+using kvfabric::Config;
+using kvfabric::Coordinator;
+using kvfabric::SeqId;
+using kvfabric::TokenId;
+
+constexpr uint32_t kReplicas = 8;
+constexpr uint32_t kBlockSize = 16;
+constexpr size_t kPromptTokens = 64;
+
+// A coordinator with `running` sequences admitted and computed, and room for 4,096 more tokens
+// each.
+Coordinator running_coordinator(size_t running) {
+  Config config;
+  config.model.num_layers = 1;
+  config.model.num_query_heads = 1;
+  config.model.num_kv_heads = 1;
+  config.model.head_dim = 8;
+  config.cache.block_size = kBlockSize;
+  config.cache.num_blocks = (running / kReplicas + 1) * (kPromptTokens + 4096) / kBlockSize;
+  config.topology.dp = kReplicas;
+  config.coordinator.max_sequences_per_replica = static_cast<uint32_t>(running);
+  auto created = Coordinator::create(config);
+  if (!created.ok()) std::abort();
+  Coordinator c = std::move(created).value();
+  std::vector<TokenId> prompt(kPromptTokens);
+  for (size_t s = 0; s < running; ++s) {
+    for (size_t t = 0; t < kPromptTokens; ++t) prompt[t] = static_cast<TokenId>(s * kPromptTokens + t);
+    if (!c.admit(SeqId{s}, prompt).ok()) std::abort();
+  }
+  if (!c.step().ok() || !c.step().ok()) std::abort();
+  return c;
+}
+
+// One decode step: append(seq, 1) for every running sequence, then step().
+void BM_CoordinatorDecodeStep(benchmark::State& state) {
+  const auto running = static_cast<size_t>(state.range(0));
+  Coordinator c = running_coordinator(running);
+  for (auto _ : state) {
+    for (size_t s = 0; s < running; ++s) {
+      if (!c.append(SeqId{s}, 1).ok()) state.SkipWithError("append failed");
+    }
+    auto plan = c.step();
+    if (!plan.ok()) state.SkipWithError("step failed");
+    benchmark::DoNotOptimize(plan);
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(running));
+  state.counters["ns_per_sequence"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * static_cast<double>(running),
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+BENCHMARK(BM_CoordinatorDecodeStep)->Arg(1000)->Arg(10000)->Arg(100000)->Iterations(64)
+    ->Unit(benchmark::kMillisecond);
+
+// The same step with the batch's appends in one call (Coordinator::append(span, n)).
+void BM_CoordinatorDecodeStepBatched(benchmark::State& state) {
+  const auto running = static_cast<size_t>(state.range(0));
+  Coordinator c = running_coordinator(running);
+  std::vector<SeqId> batch(running);
+  for (size_t s = 0; s < running; ++s) batch[s] = SeqId{s};
+  for (auto _ : state) {
+    if (!c.append(batch, 1).status.ok()) state.SkipWithError("append failed");
+    auto plan = c.step();
+    if (!plan.ok()) state.SkipWithError("step failed");
+    benchmark::DoNotOptimize(plan);
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(running));
+  state.counters["ns_per_sequence"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * static_cast<double>(running),
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+BENCHMARK(BM_CoordinatorDecodeStepBatched)->Arg(1000)->Arg(10000)->Arg(100000)->Iterations(64)
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
