@@ -65,6 +65,11 @@ struct ClusterReplayResult {
   //! Wall time in the coordinator, reported only (never used in a decision): admit() per
   //! admission, and every coordinator call (admit, append, free, step) per request.
   double admit_mean_us = 0, admit_p50_us = 0, admit_p99_us = 0;
+  //! The physical limit beside it, timed in the same run: a memcpy of the prompt tokens each
+  //! admission found cached (what any index comparing tokens must read at least once).
+  double matched_memcpy_us = 0;
+  uint64_t coordinator_bytes = 0;  //!< Coordinator::host_memory_bytes() at the end of the run
+  uint64_t index_nodes = 0;        //!< nodes of the global prefix tree at the end
   double coordinator_us_per_request = 0;
   double executor_seconds = 0;  //!< wall time in the plan executor
   double wall_seconds = 0;

@@ -163,6 +163,11 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                                {"admit_mean_us", r->admit_mean_us},
                                {"admit_p50_us", r->admit_p50_us},
                                {"admit_p99_us", r->admit_p99_us},
+                               {"matched_memcpy_us", r->matched_memcpy_us},
+                               {"admissions_per_second",
+                                r->admit_mean_us > 0 ? 1e6 / r->admit_mean_us : 0.0},
+                               {"coordinator_bytes", r->coordinator_bytes},
+                               {"index_nodes", r->index_nodes},
                                {"coordinator_us_per_request", r->coordinator_us_per_request},
                                {"executor_seconds", r->executor_seconds},
                                {"wall_seconds", r->wall_seconds}});
@@ -172,8 +177,8 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
     return ok_status();
   }
   Table table({"routing", "hit_ratio", "prefill_tokens", "saved", "migrated_GiB", "swap_out/in",
-               "parked", "preempted", "queue_steps", "admit_us", "admit_p99", "coord_us/req",
-               "wall_s"});
+               "parked", "preempted", "queue_steps", "admit_us", "admit_p99", "memcpy_us",
+               "coord_us/req", "coord_MiB", "wall_s"});
   for (const auto& r : runs) {
     table.add_row({std::string(cluster_routing_name(r.routing)), fmt::format("{:.4f}", r.hit_ratio),
                    format_count(static_cast<double>(r.prefill_tokens)),
@@ -182,7 +187,9 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                    std::to_string(r.parked), std::to_string(r.preempted),
                    fmt::format("{:.1f}", r.mean_queue_steps),
                    fmt::format("{:.2f}", r.admit_mean_us), fmt::format("{:.2f}", r.admit_p99_us),
+                   fmt::format("{:.2f}", r.matched_memcpy_us),
                    fmt::format("{:.1f}", r.coordinator_us_per_request),
+                   fmt::format("{:.0f}", static_cast<double>(r.coordinator_bytes) / (1 << 20)),
                    fmt::format("{:.1f}", r.wall_seconds)});
   }
   fmt::print("\n{}", table.to_string());
@@ -192,8 +199,9 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
       "admitted;\nprefill_tokens = prompt tokens computed (re-admissions after preemption "
       "included); "
       "admit_us = wall time of\nCoordinator::admit (global lookup, placement, allocation); "
-      "coord_us/req "
-      "= every coordinator call\n(admit, append per decoded token, free, step) per request.\n");
+      "memcpy_us = a memcpy of the prompt tokens it found\ncached (what reading them once costs); "
+      "coord_us/req = every coordinator call (admit, append per decoded\ntoken, free, step) per "
+      "request; coord_MiB = the coordinator's bookkeeping at the end.\n");
   print_summary(runs);
   return ok_status();
 }

@@ -20,6 +20,7 @@ struct ReplayCommandOptions {
   std::string policy = "lru";
   bool full_blocks_only = false;
   size_t max_requests = 0;
+  uint32_t trace_copies = 1;
   bool quiet = false;
   // Across replicas (--dp > 1).
   ClusterCommand cluster;
@@ -52,8 +53,11 @@ Status run_replay(const ReplayCommandOptions& opts, nlohmann::json& results) {
     text = text_storage;
     trace_name = opts.trace_path;
   }
-  KVF_ASSIGN_OR_RETURN(const std::vector<MooncakeRequest> trace,
-                       parse_mooncake_trace(text, trace_name));
+  KVF_ASSIGN_OR_RETURN(std::vector<MooncakeRequest> trace, parse_mooncake_trace(text, trace_name));
+  if (opts.trace_copies > 1) {
+    trace = scale_out_trace(trace, opts.trace_copies);
+    trace_name += fmt::format(" x {} copies", opts.trace_copies);
+  }
   if (opts.cluster.sim.config.topology.dp > 1) {
     return run_replay_across_replicas(opts, trace, trace_name, results);
   }
@@ -157,6 +161,10 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected) {
   cmd->add_flag("--full-blocks-only", opts->full_blocks_only,
                 "cache full blocks only (the last, partly filled block of a prompt is not cached)");
   cmd->add_option("--max-requests", opts->max_requests, "replay only the first N requests");
+  cmd->add_option("--trace-copies", opts->trace_copies,
+                  "replay this many copies of the trace at once (disjoint hash ids, arrivals "
+                  "interleaved): more users for more replicas")
+      ->check(CLI::Range(1u, 100000u));
   cmd->add_flag("--quiet", opts->quiet, "no progress line");
   ClusterReplayOptions& sim = opts->cluster.sim;
   auto* across = "Across replicas";

@@ -11,6 +11,17 @@
 
 namespace kvfabric::bench {
 
+TokenId prompt_token(uint64_t hash_id, size_t offset) {
+  // splitmix64's finalizer over (id, offset): a block's tokens are a function of its id, and
+  // two ids share a block of tokens with probability about 2^-31 per token. Below 2^31: the
+  // replays' generated tokens live above.
+  uint64_t h = (hash_id << 16 | offset) + 0x9e3779b97f4a7c15ULL;
+  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  h = (h ^ (h >> 27)) * 0x94d049bb133111ebULL;
+  h ^= h >> 31;
+  return static_cast<TokenId>(h & 0x7FFFFFFFu);
+}
+
 Result<std::vector<TokenId>> expand_prompt(const MooncakeRequest& request, uint32_t block_tokens) {
   if (block_tokens == 0) return invalid_argument("block_tokens must be >= 1");
   const size_t blocks = request.hash_ids.size();
@@ -23,13 +34,11 @@ Result<std::vector<TokenId>> expand_prompt(const MooncakeRequest& request, uint3
   std::vector<TokenId> tokens(request.input_length);
   for (size_t b = 0; b < blocks; ++b) {
     const uint64_t id = request.hash_ids[b];
-    if (id >= (uint64_t{1} << 32) / n) {
-      return invalid_argument("hash id " + std::to_string(id) + " does not fit 32-bit tokens of " +
-                              std::to_string(n) + "-token blocks");
+    if (id >= (uint64_t{1} << 47)) {
+      return invalid_argument("hash id " + std::to_string(id) + " is above 2^47");
     }
     const size_t end = std::min<size_t>((b + 1) * n, tokens.size());
-    for (size_t pos = b * n; pos < end; ++pos)
-      tokens[pos] = static_cast<TokenId>(id * n + (pos - b * n));
+    for (size_t pos = b * n; pos < end; ++pos) tokens[pos] = prompt_token(id, pos - b * n);
   }
   return tokens;
 }

@@ -57,11 +57,13 @@ struct ReplaySimResult {
   size_t leaked_blocks = 0;  //!< blocks not free after every request ended and the index emptied
 };
 
-//! The prompt of a request as token ids: hash id h at block position b expands to tokens
-//! h * block_tokens + j, j < the block's length (the last block holds input_length -
-//! block_tokens * (blocks - 1) tokens), so equal hash ids give equal blocks and different ones
-//! differ from their first token. InvalidArgument when the ids do not fit the length or the token
-//! ids would overflow 32 bits.
+//! Token j of the block named `hash_id`: a 31-bit mix of the two, so equal hash ids give equal
+//! blocks and different ones differ (but for a 2^-31 chance per token), for any number of ids.
+TokenId prompt_token(uint64_t hash_id, size_t offset);
+
+//! The prompt of a request as token ids: the block at position b holds prompt_token(its hash id,
+//! j) for j below its length (the last block holds input_length - block_tokens * (blocks - 1)
+//! tokens). InvalidArgument when the ids do not fit the length or an id is 2^47 or more.
 Result<std::vector<TokenId>> expand_prompt(const MooncakeRequest& request, uint32_t block_tokens);
 
 //! Runs the replay. Deterministic apart from the wall-clock figures.

@@ -1,5 +1,7 @@
 #include "bench/trace.h"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include <charconv>
@@ -100,6 +102,27 @@ Result<std::vector<TraceRequest>> parse_azure_trace(std::string_view csv, std::s
     return Status(ErrorCode::kParseError, std::string(source) + ": the trace has no requests");
   }
   return requests;
+}
+
+std::vector<MooncakeRequest> scale_out_trace(const std::vector<MooncakeRequest>& trace,
+                                             uint32_t copies) {
+  uint64_t ids = 0;
+  for (const MooncakeRequest& r : trace) {
+    for (uint64_t h : r.hash_ids) ids = std::max(ids, h + 1);
+  }
+  std::vector<MooncakeRequest> out;
+  out.reserve(trace.size() * copies);
+  for (uint32_t k = 0; k < copies; ++k) {
+    for (const MooncakeRequest& r : trace) {
+      MooncakeRequest& copy = out.emplace_back(r);
+      for (uint64_t& h : copy.hash_ids) h += k * ids;
+    }
+  }
+  // The copies are each in arrival order: a stable sort by time interleaves them.
+  std::stable_sort(out.begin(), out.end(), [](const MooncakeRequest& a, const MooncakeRequest& b) {
+    return a.timestamp_ms < b.timestamp_ms;
+  });
+  return out;
 }
 
 Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl,

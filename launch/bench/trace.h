@@ -35,6 +35,13 @@ struct MooncakeRequest {
 Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl,
                                                           std::string_view source);
 
+//! `copies` copies of a Mooncake trace interleaved by arrival, for replays of more replicas than
+//! the trace has users: copy k renames every hash id h to h + k * (1 + the largest id), so copies
+//! share no prefix, and keeps the timestamps (arrivals come `copies` times as fast). Ties in
+//! time keep copy order, then trace order.
+std::vector<MooncakeRequest> scale_out_trace(const std::vector<MooncakeRequest>& trace,
+                                             uint32_t copies);
+
 //! Parses "TIMESTAMP,ContextTokens,GeneratedTokens" CSV (header first, timestamps like
 //! "2023-11-16 18:17:03.9799600"). Errors name the line. Rows must be in arrival order.
 Result<std::vector<TraceRequest>> parse_azure_trace(std::string_view csv, std::string_view source);

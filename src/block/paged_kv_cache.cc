@@ -657,6 +657,12 @@ Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& pl
   return ok_status();
 }
 
+size_t PagedKvCache::host_memory_bytes() const {
+  return allocator_.total() * BlockAllocator::kBytesPerBlock + retained_.capacity() / 8 +
+         table_->memory_bytes() + victims_->memory_bytes() +
+         pending_copies_.capacity() * sizeof(TokenCopy);
+}
+
 std::vector<TokenCopy> PagedKvCache::take_pending_copies() {
   std::vector<TokenCopy> copies;
   copies.swap(pending_copies_);

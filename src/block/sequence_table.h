@@ -37,6 +37,14 @@ class SequenceTable {
     return slot;
   }
   void erase(uint32_t slot) { map_.erase(slot); }
+  //! Host memory of the records, their block lists and the id map.
+  [[nodiscard]] size_t memory_bytes() const {
+    size_t bytes = map_.memory_bytes();
+    for (uint32_t slot = 0; slot < slot_limit(); ++slot) {
+      bytes += at(slot).block_ids.capacity() * sizeof(BlockId);
+    }
+    return bytes;
+  }
 
  private:
   SlotMap<SequenceInfo> map_;

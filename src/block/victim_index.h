@@ -49,6 +49,9 @@ class VictimIndex {
       if (f(node - 1)) return;
     }
   }
+  [[nodiscard]] size_t memory_bytes() const {
+    return links_.capacity() * sizeof(Link) + keys_.size() * (sizeof(Key) + 4 * sizeof(void*));
+  }
   //! That every live sequence is in the order exactly once, with its current key. O(n).
   [[nodiscard]] Status verify() const;
 

@@ -60,6 +60,12 @@ class SlotMap {
     alive_[slot] = false;
     free_.push_back(slot);
   }
+  //! Host memory of the records and the id map (what a record owns elsewhere not included).
+  [[nodiscard]] size_t memory_bytes() const {
+    return chunks_.size() * kChunk * sizeof(R) + ids_.capacity() * sizeof(uint64_t) +
+           alive_.capacity() / 8 + free_.capacity() * sizeof(uint32_t) +
+           slots_.capacity() * (sizeof(std::pair<const uint64_t, uint32_t>) + 1);
+  }
   //! Calls f(slot, record) for every live record, in slot order (not id order).
   template <typename F>
   void for_each(F&& f) const {

@@ -185,6 +185,18 @@ size_t Coordinator::cached_tokens(uint32_t replica, std::span<const TokenId> pro
   return index_->prefix_on(lookup, replica).tokens;
 }
 
+size_t Coordinator::host_memory_bytes() const {
+  size_t bytes = index_->memory_bytes() + seqs_->memory_bytes() +
+                 replicas_.size() * sizeof(Replica) + by_load_.size() * 48;
+  for (const Replica& rep : replicas_) {
+    bytes += rep.pool.host_memory_bytes() + rep.host.total() * BlockAllocator::kBytesPerBlock;
+  }
+  seqs_->for_each([&](uint32_t, const Sequence& s) {
+    bytes += s.host_blocks.capacity() * sizeof(BlockId);
+  });
+  return bytes;
+}
+
 size_t Coordinator::host_free_blocks(uint32_t replica) const { return replicas_.at(replica).host.free_count(); }
 
 std::vector<BlockId> Coordinator::blocks_of(SeqId seq) const {
@@ -549,9 +561,19 @@ Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const Pr
     if (!std::binary_search(few.begin(), few.end(), r)) rank(r);
   }
   if (stopped) {
+    // The holders left, in load order, while one could still win.
+    std::vector<std::pair<double, uint32_t>>& left = holders_left_;
+    left.clear();
     for (uint32_t r : index_->holders(lookup_, 0)) {
-      const bool scanned = std::pair(replicas_[r].load, r) < *stopped;
-      if (!scanned && !std::binary_search(few.begin(), few.end(), r)) rank(r);
+      const auto key = std::pair(replicas_[r].load, r);
+      if (key >= *stopped && !std::binary_search(few.begin(), few.end(), r)) left.push_back(key);
+    }
+    std::sort(left.begin(), left.end());
+    const double floor_holding =
+        std::min(prefix_cost(prompt, shallow, false), prefix_cost(prompt, shallow, true));
+    for (const auto& [load, r] : left) {
+      if (cheapest.beats(floor_holding + load, r)) break;
+      rank(r);
     }
   }
   if (!cheapest.best()) return choose_under_pressure(seq, prompt, priority);

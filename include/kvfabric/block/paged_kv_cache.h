@@ -209,6 +209,10 @@ class PagedKvCache {
   //! Returns and clears the queued copies.
   std::vector<TokenCopy> take_pending_copies();
 
+  //! Host memory of this bookkeeping: free list and reference counts, retained flags, sequence
+  //! records and their tables, the victim order. O(sequences).
+  [[nodiscard]] size_t host_memory_bytes() const;
+
   //! Recounts every reference from the block tables (plus the retainer's) and checks the free
   //! list, the cached count, table sizes and the victim index against them. For tests and
   //! debugging; O(blocks + sequences).

@@ -192,6 +192,9 @@ class Coordinator {
   [[nodiscard]] size_t cached_tokens(uint32_t replica, std::span<const TokenId> prompt,
                                      const AdmitOptions& options = {}) const;
   [[nodiscard]] const GlobalPrefixIndex& prefix_index() const { return *index_; }
+  //! Host memory of the coordinator's bookkeeping: the prefix index, every replica's pool
+  //! bookkeeping and host allocator, and the sequence records. O(nodes + sequences).
+  [[nodiscard]] size_t host_memory_bytes() const;
   [[nodiscard]] size_t host_free_blocks(uint32_t replica) const;
   [[nodiscard]] uint64_t block_bytes() const { return block_bytes_; }
   //! The block table of a running sequence (empty when unknown or swapped).
@@ -380,6 +383,7 @@ class Coordinator {
   std::set<std::pair<double, uint32_t>> by_load_;  // (load, replica): least loaded first
   std::vector<uint32_t> stale_loads_;              // replicas whose load may have changed
   PrefixLookup lookup_;                            // the prompt being admitted
+  std::vector<std::pair<double, uint32_t>> holders_left_;  // choose_replica's scratch
   std::vector<Tenant> tenants_;  // in registration order; Sequence::tenant indexes it
   std::map<std::string, uint32_t, std::less<>> tenant_ids_;
   std::unique_ptr<SequenceMap> seqs_;

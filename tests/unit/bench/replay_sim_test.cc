@@ -1,6 +1,8 @@
 // The Mooncake trace parser and the prefix-cache replay, on the shipped conversation trace.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <unordered_set>
 
 #include "bench/replay_sim.h"
@@ -61,12 +63,39 @@ TEST(ReplaySim, ExpandsHashIdsIntoDistinctTokenBlocks) {
   r.input_length = 10;
   r.hash_ids = {3, 5, 0};
   const auto tokens = expand_prompt(r, 4).value();
-  EXPECT_EQ(tokens, (std::vector<TokenId>{12, 13, 14, 15, 20, 21, 22, 23, 0, 1}));
+  ASSERT_EQ(tokens.size(), 10u);
+  for (size_t i = 0; i < 10; ++i) {
+    EXPECT_EQ(tokens[i], prompt_token(r.hash_ids[i / 4], i % 4));
+    EXPECT_LT(tokens[i], 1u << 31);  // generated tokens live above
+  }
+  // Equal ids give equal blocks; different ones differ, far beyond 32-bit ranges of ids.
+  MooncakeRequest again = r;
+  again.hash_ids = {3, 6, 0};
+  const auto other = expand_prompt(again, 4).value();
+  EXPECT_TRUE(std::equal(tokens.begin(), tokens.begin() + 4, other.begin()));
+  EXPECT_NE(tokens[4], other[4]);
+  EXPECT_NE(prompt_token(uint64_t{1} << 40, 0), prompt_token(0, 0));
   r.hash_ids = {3, 5};  // 10 tokens need 3 blocks of 4
   EXPECT_EQ(expand_prompt(r, 4).status().code(), ErrorCode::kInvalidArgument);
-  r.hash_ids = {3, 5, uint64_t{1} << 31};
+  r.hash_ids = {3, 5, uint64_t{1} << 47};
   EXPECT_EQ(expand_prompt(r, 4).status().message(),
-            "Invalid argument: hash id 2147483648 does not fit 32-bit tokens of 4-token blocks");
+            "Invalid argument: hash id 140737488355328 is above 2^47");
+}
+
+// Copies of a trace interleave by arrival and share no block.
+TEST(ReplaySim, ScaledOutCopiesShareNothing) {
+  std::vector<MooncakeRequest> trace(2);
+  trace[0].timestamp_ms = 0;
+  trace[0].hash_ids = {0, 1};
+  trace[1].timestamp_ms = 10;
+  trace[1].hash_ids = {0, 2};
+  const auto copies = scale_out_trace(trace, 3);
+  ASSERT_EQ(copies.size(), 6u);
+  EXPECT_EQ(copies[0].hash_ids, (std::vector<uint64_t>{0, 1}));
+  EXPECT_EQ(copies[1].hash_ids, (std::vector<uint64_t>{3, 4}));
+  EXPECT_EQ(copies[2].hash_ids, (std::vector<uint64_t>{6, 7}));
+  EXPECT_EQ(copies[3].hash_ids, (std::vector<uint64_t>{0, 2}));
+  EXPECT_EQ(copies[5].timestamp_ms, 10);
 }
 
 // The gate: with unlimited capacity the real radix tree, fed the expanded tokens, finds
