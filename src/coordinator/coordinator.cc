@@ -1090,6 +1090,7 @@ Result<StepPlan> Coordinator::step() {
   swap_back_in();
   // Tables in the order their sequences first changed in this step (deterministic, as every
   // call is); a sequence marked twice is published once.
+  plan_.tables.reserve(plan_.tables.size() + dirty_.size());
   for (const auto& [slot, incarnation] : dirty_) {
     if (!seqs_->alive(slot)) continue;
     Sequence& s = seqs_->at(slot);
