@@ -186,8 +186,7 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
         break;
       }
       admit_us.push_back(us);
-      {
-        const size_t n = std::min(placed->cached_tokens, kept.size());
+      if (const size_t n = std::min(placed->cached_tokens, kept.size()); n > 0) {
         matched.resize(std::max(matched.size(), n));
         const auto c0 = Clock::now();
         std::memcpy(matched.data(), kept.data(), n * sizeof(TokenId));

@@ -7,6 +7,8 @@
 #include <string>
 #include <tuple>
 
+#include <absl/container/btree_set.h>
+
 #include "common/host_memory.h"
 #include "common/log.h"
 #include "common/slot_map.h"
@@ -59,6 +61,9 @@ std::string sequence_limit_text(uint32_t limit) {
 // Live sequences in stable slots, by id; nothing is decided by their order.
 struct Coordinator::SequenceMap : detail::SlotMap<Sequence> {};
 
+// (load, replica), least loaded first: a B-tree, which a scan and a refresh walk in few lines.
+struct Coordinator::LoadOrder : absl::btree_set<std::pair<double, uint32_t>> {};
+
 struct Coordinator::Replica {
   PagedKvCache pool;  // its retainer is the global prefix index
   BlockAllocator host;
@@ -77,7 +82,9 @@ struct Coordinator::Replica {
 };
 
 Coordinator::Coordinator(const Config& config)
-    : config_(config), seqs_(std::make_unique<SequenceMap>()) {}
+    : config_(config),
+      by_load_(std::make_unique<LoadOrder>()),
+      seqs_(std::make_unique<SequenceMap>()) {}
 Coordinator::Coordinator(Coordinator&&) noexcept = default;
 Coordinator& Coordinator::operator=(Coordinator&&) noexcept = default;
 Coordinator::~Coordinator() = default;
@@ -102,7 +109,7 @@ Result<Coordinator> Coordinator::create(const Config& config) {
     c.replicas_.push_back(
         Replica{std::move(pool), BlockAllocator(static_cast<uint32_t>(config.cache.host_num_blocks))});
     c.replicas_.back().load = c.load_of(r);
-    c.by_load_.emplace(c.replicas_.back().load, r);
+    c.by_load_->emplace(c.replicas_.back().load, r);
   }
   return c;
 }
@@ -187,7 +194,7 @@ size_t Coordinator::cached_tokens(uint32_t replica, std::span<const TokenId> pro
 
 size_t Coordinator::host_memory_bytes() const {
   size_t bytes = index_->memory_bytes() + seqs_->memory_bytes() +
-                 replicas_.size() * sizeof(Replica) + by_load_.size() * 48;
+                 replicas_.size() * sizeof(Replica) + by_load_->size() * 24;
   for (const Replica& rep : replicas_) {
     bytes += rep.pool.host_memory_bytes() + rep.host.total() * BlockAllocator::kBytesPerBlock;
   }
@@ -297,17 +304,29 @@ Coordinator::Relief Coordinator::plan_relief(uint32_t replica, const ReliefReque
   const std::vector<const SequenceInfo*> candidates = victim_order(replica, request);
   const std::set<BlockId> reused(request.reused.begin(), request.reused.end());
   std::map<BlockId, uint32_t> released;  // references the victims so far give up, per block
+  // Blocks the victims free outright, and cached ones they stop using: those come back only as
+  // the index counts them idle (a holding with a used block below it stays in use).
+  size_t freed = 0;
+  std::vector<BlockId> unused_cached;
+  const size_t free_now = pool.free_block_count();
   size_t needed = request.needed;
   for (const SequenceInfo* victim : candidates) {
     if (relief.reachable >= needed) break;
     relief.victims.push_back(victim->seq_id);
     for (BlockId block : victim->block_ids) {
       const uint32_t left = pool.block_ref_count(block) - ++released[block];
-      const bool unused = left == (pool.is_retained(block) ? 1u : 0u);  // free, or idle cached
-      if (unused && reused.count(block) == 0) ++relief.reachable;
+      const bool retained = pool.is_retained(block);
+      if (left == (retained ? 1u : 0u) && reused.count(block) == 0) {
+        if (retained) {
+          unused_cached.push_back(block);
+        } else {
+          ++freed;
+        }
+      }
       // The requester alone holds its shared tail now: it writes there instead of copying it.
       if (request.copied_tail == block && left == 1) --needed;
     }
+    relief.reachable = free_now + freed + index_->idle_blocks_after(replica, unused_cached);
   }
   relief.enough = relief.reachable >= needed;
   return relief;
@@ -339,6 +358,7 @@ bool Coordinator::swap_out(SeqId seq) {
   s.num_tokens = info->num_tokens;
   s.priority = info->priority;
   s.swapped = true;
+  s.in_plan = false;  // its table goes with this plan's release; a swap-in publishes it whole
   s.swap_order = next_swap_order_++;
   swap_queue_.emplace(s.swap_order, seq);
   ++rep.swapped_by_priority[s.priority];
@@ -552,7 +572,7 @@ Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const Pr
   const bool holders_ranked_directly =
       few_from > 0 && index_->holders(lookup_, 0).size() <= kRankedDirectly;
   std::optional<std::pair<double, uint32_t>> stopped;  // the first replica the scan left
-  for (const auto& [load, r] : by_load_) {
+  for (const auto& [load, r] : *by_load_) {
     if (cheapest.beats(floor + load, r)) break;
     if (holders_ranked_directly && cheapest.beats(floor_none + load, r)) {
       stopped = {load, r};
@@ -725,10 +745,10 @@ void Coordinator::refresh_loads() {
     rep.load_stale = false;
     const double load = load_of(r);
     if (load == rep.load) continue;
-    auto node = by_load_.extract({rep.load, r});
-    KVF_CHECK(!node.empty(), "replica " + std::to_string(r) + " is missing from the load order");
-    node.value().first = rep.load = load;
-    by_load_.insert(std::move(node));
+    const size_t erased = by_load_->erase({rep.load, r});
+    KVF_CHECK(erased == 1, "replica " + std::to_string(r) + " is missing from the load order");
+    rep.load = load;
+    by_load_->emplace(load, r);
   }
   stale_loads_.clear();
 }
@@ -1036,6 +1056,8 @@ void Coordinator::index_planned_prompts() {
       const Status retained = pool.retain_block(block);
       KVF_CHECK(retained.ok(), "retaining a newly indexed block failed: " + retained.to_string());
     }
+    // Blocks hung under an idle cached prefix make it used: the replica's load moves.
+    mark_load(r);
   }
   admitted_now_.clear();
   admitted_now_blocks_ = 0;
@@ -1152,7 +1174,7 @@ Status Coordinator::verify_replica(uint32_t r) const {
                       std::to_string(index_->used_blocks(r)) + ")");
   }
   const Replica& rep = replicas_[r];
-  if (by_load_.count({rep.load, r}) == 0 || (!rep.load_stale && rep.load != load_of(r))) {
+  if (by_load_->count({rep.load, r}) == 0 || (!rep.load_stale && rep.load != load_of(r))) {
     return Status(ErrorCode::kInternal, name + " is out of place in the load order");
   }
   return ok_status();

@@ -1,9 +1,31 @@
 #include "kvfabric/prefix/global_prefix_index.h"
 
+#include <absl/container/btree_set.h>
+
 #include <algorithm>
+#include <map>
 #include <string>
 
 namespace kvfabric {
+
+struct GlobalPrefixIndex::ReplicaState {
+  std::vector<uint32_t> node_of;  // block -> node holding it there (kNone: not indexed)
+  std::vector<uint8_t> in_use;    // block -> a sequence uses it
+  // Evictable holdings: idle subtree, no held child. A B-tree: few allocations and cache lines
+  // per change, which eviction in a full cache makes on every admission.
+  absl::btree_set<VictimKey> victims;
+  size_t cached = 0;  // indexed blocks
+  size_t used = 0;    // of those, in use
+  size_t idle = 0;    // blocks of holdings with an idle subtree
+  uint64_t evicted = 0;
+};
+
+size_t GlobalPrefixIndex::cached_blocks(uint32_t replica) const { return replicas_[replica].cached; }
+size_t GlobalPrefixIndex::used_blocks(uint32_t replica) const { return replicas_[replica].used; }
+size_t GlobalPrefixIndex::idle_blocks(uint32_t replica) const { return replicas_[replica].idle; }
+uint64_t GlobalPrefixIndex::evicted_blocks(uint32_t replica) const {
+  return replicas_[replica].evicted;
+}
 
 // One replica's view of the index, as its pool sees it.
 class GlobalPrefixIndex::Retainer final : public BlockRetainer {
@@ -57,6 +79,22 @@ BlockRetainer& GlobalPrefixIndex::retainer(uint32_t replica) {
 bool GlobalPrefixIndex::is_indexed(uint32_t replica, BlockId block) const {
   return replica < replicas_.size() && block.value < options_.blocks_per_replica &&
          replicas_[replica].node_of[block.value] != kNone;
+}
+
+size_t GlobalPrefixIndex::idle_blocks_after(uint32_t replica,
+                                            std::span<const BlockId> released) const {
+  const ReplicaState& rs = replicas_[replica];
+  std::map<uint32_t, uint64_t> dropped;  // uses each holding's subtree would lose
+  for (BlockId b : released) {
+    if (!is_indexed(replica, b) || rs.in_use[b.value] == 0) continue;
+    for (uint32_t n = rs.node_of[b.value]; n != 0; n = nodes_[n].parent) ++dropped[n];
+  }
+  size_t idle = rs.idle;
+  for (const auto& [node, uses] : dropped) {
+    const Holding* h = holding(node, replica);
+    if (h->subtree_used == uses) idle += h->blocks.size();
+  }
+  return idle;
 }
 
 size_t GlobalPrefixIndex::node_blocks(uint32_t node) const {
@@ -555,7 +593,7 @@ size_t GlobalPrefixIndex::memory_bytes() const {
   }
   for (const ReplicaState& rs : replicas_) {
     bytes += rs.node_of.capacity() * sizeof(uint32_t) + rs.in_use.capacity() +
-             rs.victims.size() * (sizeof(VictimKey) + 4 * sizeof(void*));
+             rs.victims.size() * sizeof(VictimKey) * 3 / 2;
   }
   return bytes;
 }

@@ -116,7 +116,12 @@ Status RankCache::validate(const StepPlan& plan) const {
     }
   }
   const std::set<SeqId> released(plan.released.begin(), plan.released.end());
+  std::set<SeqId> tabled;
   for (const auto& t : plan.tables) {
+    if (!tabled.insert(t.seq).second) {
+      return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": the plan lists " +
+                              to_string(t.seq) + "'s table twice");
+    }
     if (t.replica >= layout_.dp) {
       return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": table of " +
                               to_string(t.seq) + " on replica " + std::to_string(t.replica) +

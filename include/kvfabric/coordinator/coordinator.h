@@ -7,7 +7,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <span>
 #include <string>
 #include <string_view>
@@ -380,7 +379,8 @@ class Coordinator {
   uint64_t block_bytes_ = 0;
   std::unique_ptr<GlobalPrefixIndex> index_;  // heap: every pool points to its retainer
   std::vector<Replica> replicas_;
-  std::set<std::pair<double, uint32_t>> by_load_;  // (load, replica): least loaded first
+  struct LoadOrder;
+  std::unique_ptr<LoadOrder> by_load_;             // (load, replica): least loaded first
   std::vector<uint32_t> stale_loads_;              // replicas whose load may have changed
   PrefixLookup lookup_;                            // the prompt being admitted
   std::vector<std::pair<double, uint32_t>> holders_left_;  // choose_replica's scratch

@@ -7,7 +7,6 @@
 #include <deque>
 #include <memory>
 #include <optional>
-#include <set>
 #include <span>
 #include <tuple>
 #include <unordered_map>
@@ -115,14 +114,16 @@ class GlobalPrefixIndex {
 
   //! Blocks indexed on `replica`, those of them some sequence uses, and the idle ones that
   //! eviction could give back now.
-  [[nodiscard]] size_t cached_blocks(uint32_t replica) const { return replicas_[replica].cached; }
-  [[nodiscard]] size_t used_blocks(uint32_t replica) const { return replicas_[replica].used; }
-  [[nodiscard]] size_t idle_blocks(uint32_t replica) const { return replicas_[replica].idle; }
+  [[nodiscard]] size_t cached_blocks(uint32_t replica) const;
+  [[nodiscard]] size_t used_blocks(uint32_t replica) const;
+  [[nodiscard]] size_t idle_blocks(uint32_t replica) const;
   [[nodiscard]] bool is_indexed(uint32_t replica, BlockId block) const;
+  //! What idle_blocks(replica) would be if the uses of `released` (indexed blocks in use on the
+  //! replica, each listed once) ended: a holding turns idle only when nothing below it is in use
+  //! either. Changes nothing; O(released · path length).
+  [[nodiscard]] size_t idle_blocks_after(uint32_t replica, std::span<const BlockId> released) const;
   //! Blocks evicted on `replica` since creation.
-  [[nodiscard]] uint64_t evicted_blocks(uint32_t replica) const {
-    return replicas_[replica].evicted;
-  }
+  [[nodiscard]] uint64_t evicted_blocks(uint32_t replica) const;
   //! Live nodes (the root excluded).
   [[nodiscard]] size_t node_count() const { return nodes_.size() - 1 - free_slots_.size(); }
   //! Host memory the tree holds (edges, holders, block lists, child maps, per-block tables); O(n).
@@ -170,15 +171,7 @@ class GlobalPrefixIndex {
   };
   // (last access, serial, node): the smallest idle leaf is the next victim.
   using VictimKey = std::tuple<uint64_t, uint64_t, uint32_t>;
-  struct ReplicaState {
-    std::vector<uint32_t> node_of;  // block -> node holding it there (kNone: not indexed)
-    std::vector<uint8_t> in_use;    // block -> a sequence uses it
-    std::set<VictimKey> victims;    // evictable holdings: idle subtree, no held child
-    size_t cached = 0;              // indexed blocks
-    size_t used = 0;                // of those, in use
-    size_t idle = 0;                // blocks of holdings with an idle subtree
-    uint64_t evicted = 0;
-  };
+  struct ReplicaState;  // a replica's block map, use flags, victim order and counts
 
   explicit GlobalPrefixIndex(const GlobalPrefixOptions& options);
 

@@ -119,6 +119,35 @@ TEST(CoordinatorTest, APlanSendsOnlyWhatChangedInATable) {
   EXPECT_TRUE(c.verify_integrity().ok());
 }
 
+// Regression: a sequence marked for the plan and then swapped out in the same step kept its mark,
+// so no plan ever published its table again, not even when it came back.
+TEST(CoordinatorTest, ASequenceSwappedOutAfterAChangeIsPublishedWhenItReturns) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 8, 8));
+  ASSERT_TRUE(c.admit(SeqId{1}, token_run(64, 100)).ok());  // 4 blocks
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.append(SeqId{1}, 1).ok());  // 5 blocks; marked for the next plan
+  ASSERT_TRUE(c.admit(SeqId{2}, token_run(64, 900), 1).ok());  // needs S1's room
+  ASSERT_TRUE(c.is_swapped(SeqId{1}));
+  auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->released, std::vector<SeqId>{SeqId{1}});
+  for (const auto& t : plan->tables) EXPECT_NE(t.seq, SeqId{1});
+  ASSERT_TRUE(c.free(SeqId{2}).ok());
+  plan = c.step();  // S1 comes back
+  ASSERT_TRUE(plan.ok());
+  ASSERT_FALSE(c.is_swapped(SeqId{1}));
+  ASSERT_EQ(plan->tables.size(), 1u);
+  EXPECT_EQ(plan->tables[0].seq, SeqId{1});
+  EXPECT_EQ(plan->tables[0].first_block, 0u);
+  EXPECT_EQ(plan->tables[0].blocks, c.blocks_of(SeqId{1}));
+  ASSERT_TRUE(c.append(SeqId{1}, 1).ok());  // and its changes keep coming
+  plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  ASSERT_EQ(plan->tables.size(), 1u);
+  EXPECT_EQ(plan->tables[0].num_tokens, 66u);
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
 TEST(CoordinatorTest, ACachedPrefixMigratesToALessLoadedReplica) {
   Config config = serving_config(2, 1, 4, 2, 32, 8);
   config.coordinator.queue_weight = 1000;  // one running sequence outweighs 64 prefill tokens

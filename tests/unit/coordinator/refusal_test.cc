@@ -111,6 +111,27 @@ TEST(RefusalTest, AnAdmitThatCannotFitEvenAfterReliefDisplacesNobody) {
   EXPECT_EQ(c->stats().swapped_out, 2u);
 }
 
+// Regression: relief counted a cached block as regained once its last sequence let go, though
+// the index keeps it in use while a longer prefix hangs below it: the admission swapped its
+// victim out, then failed with an internal error.
+TEST(RefusalTest, ACachedPrefixStillInUseBelowIsNotRoomARefusalCounts) {
+  Config config = serving_config(1, 1, 4, 2, 6, 8);
+  auto setup = [](Coordinator& c) {
+    // One step: V computes P, C computes P + Q from its own copy; the step indexes P on V's
+    // blocks and Q under it on C's.
+    ASSERT_TRUE(c.admit(SeqId{1}, token_run(32, 100), 0).ok());
+    auto longer = token_run(32, 100);
+    const auto q = token_run(16, 700);
+    longer.insert(longer.end(), q.begin(), q.end());
+    ASSERT_TRUE(c.admit(SeqId{2}, longer, 1).ok());
+    ASSERT_TRUE(c.step().ok());
+  };
+  // Displacing V leaves P's blocks in use under C's Q: one free block, not three.
+  expect_refusal_changes_nothing(
+      config, setup, [](Coordinator& c) { return c.admit(SeqId{3}, token_run(48, 9000), 1).status(); },
+      ErrorCode::kOutOfMemory, "admit S3: needs 3 blocks on replica 0, which has 1 available and could free 0 more");
+}
+
 // Regression: a cross-replica fork that could not fit parked another sequence first.
 TEST(RefusalTest, ARefusedCrossReplicaForkDisplacesNobody) {
   Config config = serving_config(2, 1, 4, 2, 8, 0);  // no host tier: victims would be parked

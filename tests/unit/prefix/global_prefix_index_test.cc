@@ -222,6 +222,10 @@ TEST(GlobalPrefixIndex, ADeeperBlockInUseKeepsItsIdleAncestorsCached) {
   c.check();
   // Sequence 2 uses the deeper block, so the path above it cannot be evicted before it.
   EXPECT_EQ(c.index().idle_blocks(0), 0u);
+  // What ending sequence 2's use of that block would leave idle: the whole path.
+  const BlockId deeper = c.pool(0).get_sequence(SeqId{2})->block_ids[2];
+  EXPECT_EQ(c.index().idle_blocks_after(0, std::vector<BlockId>{deeper}), 3u);
+  EXPECT_EQ(c.index().idle_blocks_after(0, std::vector<BlockId>{}), 0u);
   ASSERT_TRUE(c.pool(0).free(SeqId{2}).ok());
   EXPECT_EQ(c.index().idle_blocks(0), 3u);
   c.check();

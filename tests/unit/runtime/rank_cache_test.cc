@@ -105,6 +105,9 @@ TEST(RankCacheTest, ATableChangeBeyondWhatTheRankHoldsIsRefused) {
   EXPECT_THAT(r.rank->execute(plan).message(), HasSubstr("continues from block 2 but this replica holds 0"));
   EXPECT_EQ(r.rank->next_step(), 1u);
   plan.released.clear();
+  plan.tables.push_back({SeqId{1}, 0, 40, 20, 3, {}});  // listed twice
+  EXPECT_THAT(r.rank->execute(plan).message(), HasSubstr("the plan lists S1's table twice"));
+  plan.tables.pop_back();
   ASSERT_TRUE(r.rank->execute(plan).ok());
   EXPECT_EQ(r.rank->tables().at(SeqId{1}).blocks,
             (std::vector<BlockId>{BlockId{2}, BlockId{5}, BlockId{6}}));
