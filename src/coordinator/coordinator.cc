@@ -7,8 +7,6 @@
 #include <string>
 #include <tuple>
 
-#include <absl/container/btree_set.h>
-
 #include "common/host_memory.h"
 #include "common/log.h"
 #include "common/slot_map.h"
@@ -61,8 +59,8 @@ std::string sequence_limit_text(uint32_t limit) {
 // Live sequences in stable slots, by id; nothing is decided by their order.
 struct Coordinator::SequenceMap : detail::SlotMap<Sequence> {};
 
-// (load, replica), least loaded first: a B-tree, which a scan and a refresh walk in few lines.
-struct Coordinator::LoadOrder : absl::btree_set<std::pair<double, uint32_t>> {};
+// (load, replica), least loaded first.
+struct Coordinator::LoadOrder : std::set<std::pair<double, uint32_t>> {};
 
 struct Coordinator::Replica {
   PagedKvCache pool;  // its retainer is the global prefix index
@@ -745,10 +743,10 @@ void Coordinator::refresh_loads() {
     rep.load_stale = false;
     const double load = load_of(r);
     if (load == rep.load) continue;
-    const size_t erased = by_load_->erase({rep.load, r});
-    KVF_CHECK(erased == 1, "replica " + std::to_string(r) + " is missing from the load order");
-    rep.load = load;
-    by_load_->emplace(load, r);
+    auto node = by_load_->extract({rep.load, r});  // moved, not freed and allocated again
+    KVF_CHECK(!node.empty(), "replica " + std::to_string(r) + " is missing from the load order");
+    node.value().first = rep.load = load;
+    by_load_->insert(std::move(node));
   }
   stale_loads_.clear();
 }

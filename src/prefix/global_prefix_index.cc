@@ -1,6 +1,6 @@
 #include "kvfabric/prefix/global_prefix_index.h"
 
-#include <absl/container/btree_set.h>
+#include <set>
 
 #include <algorithm>
 #include <map>
@@ -11,9 +11,7 @@ namespace kvfabric {
 struct GlobalPrefixIndex::ReplicaState {
   std::vector<uint32_t> node_of;  // block -> node holding it there (kNone: not indexed)
   std::vector<uint8_t> in_use;    // block -> a sequence uses it
-  // Evictable holdings: idle subtree, no held child. A B-tree: few allocations and cache lines
-  // per change, which eviction in a full cache makes on every admission.
-  absl::btree_set<VictimKey> victims;
+  std::set<VictimKey> victims;  // evictable holdings: idle subtree, no held child
   size_t cached = 0;  // indexed blocks
   size_t used = 0;    // of those, in use
   size_t idle = 0;    // blocks of holdings with an idle subtree
@@ -593,7 +591,7 @@ size_t GlobalPrefixIndex::memory_bytes() const {
   }
   for (const ReplicaState& rs : replicas_) {
     bytes += rs.node_of.capacity() * sizeof(uint32_t) + rs.in_use.capacity() +
-             rs.victims.size() * sizeof(VictimKey) * 3 / 2;
+             rs.victims.size() * (sizeof(VictimKey) + 4 * sizeof(void*));
   }
   return bytes;
 }
