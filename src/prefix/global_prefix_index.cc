@@ -145,6 +145,7 @@ uint64_t GlobalPrefixIndex::unit_key_of(const Node& n) const {
 
 void GlobalPrefixIndex::add_child(uint32_t parent, uint32_t child) {
   Node& p = nodes_[parent];
+  nodes_[child].child_pos = static_cast<uint32_t>(p.children.size());
   p.children.push_back(child);
   auto keyed = [&](uint32_t c) {
     Node& n = nodes_[c];
@@ -160,9 +161,11 @@ void GlobalPrefixIndex::add_child(uint32_t parent, uint32_t child) {
 
 void GlobalPrefixIndex::remove_child(uint32_t parent, uint32_t child) {
   Node& p = nodes_[parent];
-  const auto at = std::find(p.children.begin(), p.children.end(), child);
-  KVF_CHECK(at != p.children.end(), "a radix node is missing from its parent's children");
-  *at = p.children.back();
+  const uint32_t pos = nodes_[child].child_pos;
+  KVF_CHECK(pos < p.children.size() && p.children[pos] == child,
+            "a radix node is missing from its parent's children");
+  p.children[pos] = p.children.back();  // the last child takes its place
+  nodes_[p.children[pos]].child_pos = pos;
   p.children.pop_back();
   if (p.by_key.empty()) return;
   if (p.children.size() <= kMappedChildren / 2) {
@@ -339,8 +342,10 @@ uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
   upper.salt = n.salt;
   upper.unit_key = n.unit_key;
   upper.children.push_back(node);
+  upper.child_pos = n.child_pos;
   Node& p = nodes_[n.parent];
-  *std::find(p.children.begin(), p.children.end(), node) = u;
+  p.children[n.child_pos] = u;
+  n.child_pos = 0;
   if (!p.by_key.empty()) {
     for (auto [it, last] = p.by_key.equal_range(*n.unit_key); it != last; ++it) {
       if (it->second == node) it->second = u;
@@ -612,8 +617,8 @@ Status GlobalPrefixIndex::verify() const {
     if (n.parent >= nodes_.size() || !nodes_[n.parent].alive) return fail(where + ": dangling parent");
     const Node& p = nodes_[n.parent];
     children[n.parent].push_back(i);
-    if (std::find(p.children.begin(), p.children.end(), i) == p.children.end()) {
-      return fail(where + ": its parent does not list it");
+    if (n.child_pos >= p.children.size() || p.children[n.child_pos] != i) {
+      return fail(where + ": its parent does not list it where it says");
     }
     if (n.edge_size() == 0 || n.edge_size() % bs != 0) return fail(where + ": an edge of partial blocks");
     if (n.unit_key && *n.unit_key != unit_key_of(n)) return fail(where + ": stale unit key");

@@ -161,6 +161,7 @@ class GlobalPrefixIndex {
     size_t depth = 0;  // tokens from the root to the end of the edge
     CacheSalt salt;
     std::vector<uint32_t> children;  // in no particular order
+    uint32_t child_pos = 0;          // where the parent lists this node in its children
     // Unit key -> child, kept while the node has many children (kMappedChildren); a few are
     // compared one by one, which costs less than hashing the query's block to find one.
     std::unordered_multimap<uint64_t, uint32_t> by_key;
