@@ -7,10 +7,12 @@
 #include "bench/report.h"
 #include "bench/routines.h"
 #include "kvfabric/common/logging.h"
+#include "kvfabric/common/version.h"
 
 int main(int argc, char** argv) {
   using namespace kvfabric;
   CLI::App app{"kvfabric-bench: benchmarks and trace replays for kvfabric"};
+  app.set_version_flag("--version", version_line("kvfabric-bench"));
   app.fallthrough();  // --json may follow the routine name
   app.require_subcommand(1);
   std::string json_path;

@@ -20,6 +20,7 @@
 
 #include "bench/mpi_job.h"
 #include "kvfabric/common/logging.h"
+#include "kvfabric/common/version.h"
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/server/control_server.h"
 
@@ -182,6 +183,7 @@ int main(int argc, char** argv) {
   CLI::App app{
       "kvfabric-serve: the coordinator's control plane (JSON lines over TCP) with the ranks "
       "executing its step plans; run under mpirun with dp x tp ranks"};
+  app.set_version_flag("--version", version_line("kvfabric-serve"));
   ServeOptions options;
   app.add_option("--config", options.config_path, "YAML config (model, cache, topology, server)")
       ->required()

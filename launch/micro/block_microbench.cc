@@ -177,5 +177,3 @@ void BM_RetainTokens(benchmark::State& state) {
 BENCHMARK(BM_RetainTokens)->Arg(1024)->Arg(8192);
 
 }  // namespace
-
-BENCHMARK_MAIN();

@@ -192,5 +192,3 @@ void BM_RadixPrefixIndexLookup(benchmark::State& state) {
 BENCHMARK(BM_RadixPrefixIndexLookup)->Iterations(3 * 12031)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
-
-BENCHMARK_MAIN();
