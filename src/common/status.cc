@@ -44,8 +44,32 @@ std::string_view error_code_name(ErrorCode code) {
   return "Unknown";
 }
 
+namespace {
+
+// The words the seed's Display strings open with, for the codes that have one.
+std::string_view seed_phrase(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kOutOfMemory:
+      return "Out of memory: ";
+    case ErrorCode::kSequenceNotFound:
+      return "Sequence not found: ";
+    case ErrorCode::kBlockNotFound:
+      return "Block not found: ";
+    case ErrorCode::kInvalidOperation:
+      return "Invalid operation: ";
+    default:
+      return {};
+  }
+}
+
+}  // namespace
+
 std::string Status::to_string() const {
   if (ok()) return "OK";
+  // A seed-compatible message already says what went wrong in words ("Out of memory: ..."),
+  // also after a caller put its context in front; naming the code again would only stutter.
+  const std::string_view phrase = seed_phrase(code_);
+  if (!phrase.empty() && message_.find(phrase) != std::string::npos) return message_;
   std::string out(error_code_name(code_));
   out += ": ";
   out += message_;
@@ -71,7 +95,7 @@ Status invalid_operation(std::string_view what) {
 }
 
 Status invalid_argument(std::string_view what) {
-  return Status(ErrorCode::kInvalidArgument, "Invalid argument: " + std::string(what));
+  return Status(ErrorCode::kInvalidArgument, std::string(what));
 }
 
 }  // namespace kvfabric

@@ -50,7 +50,8 @@ class [[nodiscard]] Status {
   [[nodiscard]] ErrorCode code() const { return code_; }
   //! The human-readable text, e.g. "Sequence not found: S7" (the seed's Display text).
   [[nodiscard]] const std::string& message() const { return message_; }
-  //! "OK" or "<CodeName>: <message>".
+  //! "OK", or "<CodeName>: <message>"; a seed-compatible message that already opens with its
+  //! error in words ("Out of memory: ...", also after a context) stands alone.
   [[nodiscard]] std::string to_string() const;
 
   friend bool operator==(const Status& a, const Status& b) {
@@ -67,7 +68,8 @@ inline Status ok_status() {
   return Status();
 }
 
-// Constructors for the common errors; their messages reproduce the seed's Display strings.
+// Constructors for the common errors. The seed's four reproduce its Display strings
+// ("Out of memory: requested 3 blocks, 2 available"); invalid_argument's message is `what`.
 Status out_of_memory(size_t requested_blocks, size_t available_blocks);
 Status sequence_not_found(SeqId seq);
 Status block_not_found(BlockId block);

@@ -3,6 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "bench/cluster_replay.h"
 #include "bench/cluster_routine.h"
 #include "bench/trace.h"
@@ -39,6 +42,39 @@ void expect_same_decisions(const ClusterReplayResult& a, const ClusterReplayResu
   EXPECT_EQ(a.swapped_out, b.swapped_out);
   EXPECT_EQ(a.preempted, b.preempted);
   EXPECT_EQ(a.admitted_per_replica, b.admitted_per_replica);
+  EXPECT_EQ(a.max_waiting, b.max_waiting);
+  EXPECT_EQ(a.queue_steps_per_point, b.queue_steps_per_point);
+  EXPECT_EQ(a.queue_mean, b.queue_mean);
+  EXPECT_EQ(a.queue_max, b.queue_max);
+}
+
+// The queue-length series and the admission-time distribution of a run that queues.
+void expect_queue_and_admission_shapes(const ClusterReplayResult& r) {
+  ASSERT_FALSE(r.queue_mean.empty());
+  EXPECT_LE(r.queue_mean.size(), kQueueSeriesPoints);
+  ASSERT_EQ(r.queue_max.size(), r.queue_mean.size());
+  // The buckets cover every step, the last one partly.
+  EXPECT_GE(r.queue_mean.size() * r.queue_steps_per_point, r.steps);
+  EXPECT_LT((r.queue_mean.size() - 1) * r.queue_steps_per_point, r.steps);
+  double highest = 0;
+  for (size_t i = 0; i < r.queue_mean.size(); ++i) {
+    EXPECT_LE(r.queue_mean[i], r.queue_max[i]);
+    highest = std::max(highest, r.queue_max[i]);
+  }
+  EXPECT_GT(r.max_waiting, 0u);
+  EXPECT_EQ(highest, static_cast<double>(r.max_waiting));
+  EXPECT_EQ(r.queue_mean.back(), 0.0);  // the run ends with nobody waiting
+
+  ASSERT_EQ(r.admit_histogram_edges_us.size(), r.admit_histogram.size() + 1);
+  EXPECT_DOUBLE_EQ(r.admit_histogram_edges_us.front(), kAdmitHistogramLowestUs);
+  uint64_t counted = 0;
+  for (uint64_t c : r.admit_histogram) counted += c;
+  EXPECT_EQ(counted, r.admissions);
+  EXPECT_LE(r.admit_p50_us, r.admit_p90_us);
+  EXPECT_LE(r.admit_p90_us, r.admit_p99_us);
+  EXPECT_LE(r.admit_p99_us, r.admit_p999_us);
+  EXPECT_LE(r.admit_p999_us, r.admit_max_us);
+  EXPECT_GT(r.admit_max_us, 0.0);
 }
 
 TEST(ClusterReplay, AGlobalPrefixViewFindsMoreThanIndependentCaches) {
@@ -77,6 +113,60 @@ TEST(ClusterReplay, UnderLoadItSwapsAndStaysDeterministic) {
   EXPECT_EQ(first->swapped_in, first->swapped_out);  // every swapped sequence came back
   EXPECT_GT(first->mean_queue_steps, 0.0);
   expect_same_decisions(*first, *again);
+  expect_queue_and_admission_shapes(*first);
+}
+
+TEST(ClusterReplay, ReportsProgressOncePerStepUpToEveryRequest) {
+  std::vector<ClusterReplayProgress> seen;
+  const auto r = run_cluster_replay(conversation_trace(), options(300, 6),
+                                    ClusterRouting::kGlobalMigration, nullptr,
+                                    [&](const ClusterReplayProgress& p) { seen.push_back(p); });
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(seen.size(), r->steps);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    EXPECT_EQ(seen[i].step, i);
+    EXPECT_EQ(seen[i].total, 300u);
+    if (i > 0) {
+      EXPECT_GE(seen[i].finished, seen[i - 1].finished);
+    }
+  }
+  EXPECT_EQ(seen.back().finished, 300u);
+  EXPECT_EQ(seen.back().waiting, 0u);
+  // Watching changes nothing.
+  const auto unwatched =
+      run_cluster_replay(conversation_trace(), options(300, 6), ClusterRouting::kGlobalMigration);
+  ASSERT_TRUE(unwatched.ok()) << unwatched.status();
+  expect_same_decisions(*r, *unwatched);
+}
+
+TEST(ClusterReplay, TheJsonCarriesWhatTheDemoFigureNeeds) {
+  ClusterCommand command;
+  command.sim = options(400, 6);
+  command.routings = {ClusterRouting::kIndependent, ClusterRouting::kGlobalMigration};
+  nlohmann::json results;
+  ASSERT_TRUE(run_cluster_command(command, conversation_trace(), "embedded", results).ok());
+  EXPECT_EQ(results["routine"], "replay");
+  EXPECT_EQ(results["dp"], 4);
+  ASSERT_EQ(results["runs"].size(), 2u);
+  for (const auto& run : results["runs"]) {
+    EXPECT_EQ(run["prefill_tokens_saved"].get<uint64_t>(),
+              run["prompt_tokens"].get<uint64_t>() - run["prefill_tokens"].get<uint64_t>());
+    EXPECT_GE(run["hit_ratio"].get<double>(), 0.0);
+    const auto& queue = run["queue_length"];
+    EXPECT_GE(queue["steps_per_point"].get<uint64_t>(), 1u);
+    EXPECT_LE(queue["mean"].size(), kQueueSeriesPoints);
+    EXPECT_EQ(queue["mean"].size(), queue["max"].size());
+    EXPECT_GE(queue["mean"].size() * queue["steps_per_point"].get<uint64_t>(),
+              run["steps"].get<uint64_t>());
+    const auto& histogram = run["admit_histogram"];
+    EXPECT_EQ(histogram["edges_us"].size(), histogram["counts"].size() + 1);
+    uint64_t counted = 0;
+    for (const auto& c : histogram["counts"]) counted += c.get<uint64_t>();
+    EXPECT_EQ(counted, run["admissions"].get<uint64_t>());
+    for (const char* q : {"p50", "p90", "p99", "p99.9", "max"}) {
+      EXPECT_TRUE(run["admit_quantiles_us"].contains(q)) << q;
+    }
+  }
 }
 
 TEST(ClusterReplay, ExecutesEveryPlanInOrder) {

@@ -79,7 +79,7 @@ TEST(ReplaySim, ExpandsHashIdsIntoDistinctTokenBlocks) {
   EXPECT_EQ(expand_prompt(r, 4).status().code(), ErrorCode::kInvalidArgument);
   r.hash_ids = {3, 5, uint64_t{1} << 47};
   EXPECT_EQ(expand_prompt(r, 4).status().message(),
-            "Invalid argument: hash id 140737488355328 is above 2^47");
+            "hash id 140737488355328 is above 2^47");
 }
 
 // Copies of a trace interleave by arrival and share no block.

@@ -151,7 +151,7 @@ TEST_F(RetainerTest, AllocateSharedRejectsBadPrefixesAndChangesNothing) {
   EXPECT_EQ(cache_.allocate_shared(SeqId{2}, 16, std::vector<BlockId>{BlockId{99}}).message(),
             "Block not found: B99");
   EXPECT_EQ(cache_.allocate_shared(SeqId{2}, 32, std::vector<BlockId>{held[0], held[0]}).message(),
-            "Invalid argument: B0 appears twice in the shared prefix of S2");
+            "B0 appears twice in the shared prefix of S2");
   EXPECT_EQ(cache_.allocate_shared(SeqId{2}, 10, held).code(), ErrorCode::kInvalidArgument);
   EXPECT_EQ(cache_.allocate_shared(SeqId{1}, 32, held).code(), ErrorCode::kInvalidOperation);
   EXPECT_EQ(cache_.num_sequences(), 1u);

@@ -25,7 +25,20 @@ TEST(Status, SeedErrorMessages) {
   EXPECT_EQ(invalid_operation("x").message(), "Invalid operation: x");
   EXPECT_EQ(invalid_operation("x").code(), ErrorCode::kInvalidOperation);
   EXPECT_EQ(invalid_argument("bad").code(), ErrorCode::kInvalidArgument);
-  EXPECT_EQ(sequence_not_found(SeqId{1}).to_string(), "SequenceNotFound: Sequence not found: S1");
+}
+
+// A message that already says its error in words is not prefixed with the code name again.
+TEST(Status, ToStringNamesTheErrorOnce) {
+  EXPECT_EQ(sequence_not_found(SeqId{1}).to_string(), "Sequence not found: S1");
+  EXPECT_EQ(out_of_memory(3, 2).to_string(), "Out of memory: requested 3 blocks, 2 available");
+  const Status wrapped(ErrorCode::kOutOfMemory, "step 4: " + out_of_memory(3, 2).message());
+  EXPECT_EQ(wrapped.to_string(), "step 4: Out of memory: requested 3 blocks, 2 available");
+  EXPECT_EQ(invalid_argument("cache.block_size: 0 is not a power of two").to_string(),
+            "InvalidArgument: cache.block_size: 0 is not a power of two");
+  EXPECT_EQ(Status(ErrorCode::kOutOfMemory, "replica 2 is full").to_string(),
+            "OutOfMemory: replica 2 is full");
+  EXPECT_EQ(Status(ErrorCode::kUnavailable, "rank 3 did not answer").to_string(),
+            "Unavailable: rank 3 did not answer");
 }
 
 Result<int> half(int x) {
@@ -46,7 +59,7 @@ TEST(Result, ValueAndError) {
   EXPECT_TRUE(good.status().ok());
   const Result<int> bad = half(3);
   EXPECT_FALSE(bad.ok());
-  EXPECT_EQ(bad.status().message(), "Invalid argument: 3 is odd");
+  EXPECT_EQ(bad.status().message(), "3 is odd");
   EXPECT_EQ(bad.value_or(-1), -1);
 }
 

@@ -204,7 +204,7 @@ TEST(PagedPrefixCacheCreate, RejectsMismatchedOrAttachedPools) {
   PrefixIndexOptions options;
   options.block_size = 8;
   EXPECT_EQ(PagedPrefixCache::create(PagedKvCache(4, kBlockSize, 2, 8), options).status().message(),
-            "Invalid argument: prefix index block_size 8 differs from the pool's 4");
+            "prefix index block_size 8 differs from the pool's 4");
   PagedKvCache bad(4, 0, 2, 8);
   EXPECT_EQ(PagedPrefixCache::create(std::move(bad)).status().code(), ErrorCode::kInvalidArgument);
   auto attached = PagedKvCache(4, kBlockSize, 2, 8);
@@ -305,12 +305,12 @@ TEST(PrefixBlockIndex, RejectsBadBlocks) {
   EXPECT_EQ(index->insert(key, std::vector<BlockId>{BlockId{1}}).status().code(),
             ErrorCode::kInvalidArgument);  // too few blocks
   EXPECT_EQ(index->insert(key, std::vector<BlockId>{BlockId{1}, BlockId{8}}).status().message(),
-            "Invalid argument: B8 is outside the pool of 8 blocks");
+            "B8 is outside the pool of 8 blocks");
   EXPECT_EQ(index->insert(key, std::vector<BlockId>{BlockId{1}, BlockId{1}}).status().message(),
-            "Invalid argument: B1 is listed twice");
+            "B1 is listed twice");
   ASSERT_TRUE(index->insert(key, std::vector<BlockId>{BlockId{1}, BlockId{2}}).ok());
   EXPECT_EQ(index->insert(Tokens{7, 7}, std::vector<BlockId>{BlockId{2}}).status().message(),
-            "Invalid argument: B2 is already indexed for another prefix");
+            "B2 is already indexed for another prefix");
   EXPECT_EQ(index->cached_blocks(), 2u);
   EXPECT_EQ(index->stats().insertions, 1u);
   EXPECT_TRUE(index->verify().ok()) << index->verify();

@@ -248,7 +248,7 @@ TEST(SeedPrefixKvCache, StoreRefusesAKvDimThatDiffersFromTheCache) {
   PrefixKvCache pcache(default_config());
   auto [cache, tokens] = make_filled_cache(1, 4, 5);
   const auto stored = pcache.store(tokens, cache, 5, 32, 1);
-  EXPECT_EQ(stored.status().message(), "Invalid argument: kv_dim 32 differs from the cache's 4");
+  EXPECT_EQ(stored.status().message(), "kv_dim 32 differs from the cache's 4");
   EXPECT_TRUE(pcache.is_empty());
 }
 
@@ -389,7 +389,7 @@ TEST(PrefixKvCacheFixes, AStoreWhoseLengthDiffersFromItsKeyIsRefused) {
   PrefixKvCache pcache(default_config());
   auto [cache, tokens] = make_filled_cache(1, 2, 10);
   EXPECT_EQ(pcache.store(Tokens{1, 2, 3, 4, 5}, cache, 3, 2, 1).status().message(),
-            "Invalid argument: a snapshot of 3 positions for a key of 5 tokens");
+            "a snapshot of 3 positions for a key of 5 tokens");
   EXPECT_EQ(pcache.store(Tokens{1, 2}, cache, 10, 2, 1).status().code(),
             ErrorCode::kInvalidArgument);
   EXPECT_EQ(pcache.store_snapshot(Tokens{1, 2, 3}, snapshot(0.0f, 4, 2)).status().code(),
@@ -402,11 +402,11 @@ TEST(PrefixKvCacheFixes, UnreadableOrShortLayersRefuseTheStore) {
   PrefixKvCache pcache(default_config());
   auto [cache, tokens] = make_filled_cache(1, 2, 4);
   EXPECT_EQ(pcache.store(tokens, cache, 4, 2, 3).status().message(),
-            "Invalid argument: layer 1 cannot be read: layer 1 out of range (1 layers)");
+            "layer 1 cannot be read: layer 1 out of range (1 layers)");
   // Positions the cache does not hold yet.
   Tokens six = {0, 1, 2, 3, 4, 5};
   EXPECT_EQ(pcache.store(six, cache, 6, 2, 1).status().message(),
-            "Invalid argument: layer 0 holds 8 floats, 12 needed");
+            "layer 0 holds 8 floats, 12 needed");
   EXPECT_TRUE(pcache.is_empty());
   EXPECT_EQ(CachedKvState::create({Floats(4)}, {Floats(3)}, 2, 2).status().code(),
             ErrorCode::kInvalidArgument);
@@ -419,7 +419,7 @@ TEST(PrefixKvCacheFixes, RestoreValidatesTheSnapshot) {
   HostKvCache target = HostKvCache::create(2, 4, 2).value();
   const CachedKvState one_layer = snapshot(1.0f, 2, 1);
   EXPECT_EQ(PrefixKvCache::restore(one_layer, target).message(),
-            "Invalid argument: snapshot of 1 layers, kv_dim 2 does not fit a cache of 2 layers, "
+            "snapshot of 1 layers, kv_dim 2 does not fit a cache of 2 layers, "
             "kv_dim 2");
   const CachedKvState too_long =
       CachedKvState::create({Floats(10), Floats(10)}, {Floats(10), Floats(10)}, 5, 2).value();

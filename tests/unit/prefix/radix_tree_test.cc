@@ -76,7 +76,7 @@ TEST(CommonPrefixLen, FindsTheFirstDifferenceAnywhere) {
 TEST(RadixTree, RejectsZeroGranularity) {
   const auto tree = RadixTree<int>::create(RadixTreeOptions{0});
   EXPECT_EQ(tree.status().message(),
-            "Invalid argument: radix tree granularity must be >= 1 (got 0)");
+            "radix tree granularity must be >= 1 (got 0)");
 }
 
 TEST(RadixTree, SplitsAtTheDivergenceAndSharesThePrefix) {
