@@ -4,6 +4,7 @@
 
 #include <cstdio>
 
+#include "bench/progress.h"
 #include "bench/report.h"
 #include "bench/routines.h"
 #include "kvfabric/common/logging.h"
@@ -13,10 +14,16 @@ int main(int argc, char** argv) {
   using namespace kvfabric;
   CLI::App app{"kvfabric-bench: benchmarks and trace replays for kvfabric"};
   app.set_version_flag("--version", version_line("kvfabric-bench"));
-  app.fallthrough();  // --json may follow the routine name
+  app.fallthrough();  // --json, --quiet may follow the routine name
   app.require_subcommand(1);
   std::string json_path;
   app.add_option("--json", json_path, "also write machine-readable results to FILE");
+  // Progress goes to stderr and never changes what a routine decides, prints to stdout or writes.
+  bench::ProgressSettings progress;
+  app.add_flag("--quiet", progress.quiet, "no progress on stderr");
+  app.add_option("--progress-interval", progress.line_interval_s,
+                 "seconds between progress lines when stderr is not a terminal")
+      ->check(CLI::NonNegativeNumber);
 
   bench::RoutineFn routine;
   bench::add_alloc_routine(app, routine);
@@ -31,6 +38,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "kvfabric-bench: {}\n", log.message());
     return 2;
   }
+  bench::set_progress_settings(progress);
   nlohmann::json results;
   Status status = routine(results);
   if (status.ok() && !json_path.empty() && !results.is_null())

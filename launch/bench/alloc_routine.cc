@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "bench/alloc_sim.h"
+#include "bench/progress.h"
 #include "bench/report.h"
 #include "bench/routines.h"
 #include "bench/trace.h"
@@ -22,7 +23,6 @@ struct AllocCommandOptions {
   std::string strategy = "lru";
   double watermark = 0.01;
   size_t max_requests = 0;
-  bool quiet = false;
 };
 
 Status run_alloc(const AllocCommandOptions& opts, nlohmann::json& results) {
@@ -69,16 +69,15 @@ Status run_alloc(const AllocCommandOptions& opts, nlohmann::json& results) {
     sim.admit_watermark = opts.watermark;
     sim.max_requests = opts.max_requests;
 
-    ProgressLine line;
+    ProgressReporter reporter(fmt::format("alloc block_size={}", block_size), requests,
+                              "requests");
     auto progress = [&](const AllocSimProgress& p) {
-      if (opts.quiet) return;
-      line.update(fmt::format("[alloc block_size={}] {:>5.1f}% ({}/{} requests), step {}, util {}",
-                              block_size, 100.0 * p.completed / std::max<size_t>(p.total, 1),
-                              p.completed, p.total, p.step, format_percent(p.utilization)),
-                  p.completed == p.total);
+      reporter.update(p.completed, [&] {
+        return fmt::format("step {}, util {}", p.step, format_percent(p.utilization));
+      });
     };
     KVF_ASSIGN_OR_RETURN(const AllocSimResult r, run_alloc_sim(trace, sim, progress));
-    line.finish();
+    reporter.finish();
     if (r.leaked_blocks != 0) {
       return Status(ErrorCode::kInternal,
                     fmt::format("{} blocks still used after the replay", r.leaked_blocks));
@@ -145,7 +144,6 @@ void add_alloc_routine(CLI::App& app, RoutineFn& selected) {
   cmd->add_option("--watermark", opts->watermark, "fraction of blocks kept free at admission")
       ->check(CLI::Range(0.0, 0.99));
   cmd->add_option("--max-requests", opts->max_requests, "replay only the first N requests");
-  cmd->add_flag("--quiet", opts->quiet, "no progress line");
   cmd->callback([&selected, opts] {
     selected = [opts](nlohmann::json& results) { return run_alloc(*opts, results); };
   });

@@ -155,7 +155,7 @@ Result<AllocSimResult> run_alloc_sim(const std::vector<TraceRequest>& trace,
     }
     if (progress && result.completed + result.rejected >= next_progress) {
       progress({result.completed + result.rejected, total, step, cache.utilization()});
-      next_progress += std::max<size_t>(1, total / 20);
+      next_progress += std::max<size_t>(1, total / 200);
     }
     ++step;
   }

@@ -57,7 +57,8 @@ struct AllocSimResult {
 };
 
 //! Runs the replay. Deterministic: the same trace and options give the same result (except the
-//! wall-clock figures). `progress` is called about every 5% of requests.
+//! wall-clock figures). `progress` is called about every 0.5% of requests
+//! and at the end.
 Result<AllocSimResult> run_alloc_sim(
     const std::vector<TraceRequest>& trace, const AllocSimOptions& options,
     const std::function<void(const AllocSimProgress&)>& progress = {});

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "bench/replay_sim.h"
+#include "bench/series.h"
 #include "bench/timing.h"
 #include "kvfabric/coordinator/coordinator.h"
 
@@ -103,7 +104,8 @@ Result<Config> cluster_replay_config(const ClusterReplayOptions& options, Cluste
 Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest>& trace,
                                                const ClusterReplayOptions& options,
                                                ClusterRouting routing,
-                                               const std::function<Status(const StepPlan&)>& execute) {
+                                               const std::function<Status(const StepPlan&)>& execute,
+                                               const std::function<void(const ClusterReplayProgress&)>& progress) {
   KVF_ASSIGN_OR_RETURN(const Config config, cluster_replay_config(options, routing));
   KVF_ASSIGN_OR_RETURN(Coordinator coordinator, Coordinator::create(config));
   if (options.step_ms <= 0 || options.time_scale <= 0) {
@@ -133,13 +135,15 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
   double memcpy_us = 0;
   std::vector<TokenId> matched;  // the copy the physical-limit memcpy writes
   double coordinator_us = 0, queue_steps = 0;
-  size_t next = 0;
+  DownsampledSeries waiting(kQueueSeriesPoints);
+  size_t next = 0, finished = 0;
   const auto start = Clock::now();
   for (uint64_t step = 0; next < count || !queue.empty() || !running.empty(); ++step) {
     // Arrivals up to this step's time. A request that cannot fit one replica is never served.
     while (next < count && trace[next].timestamp_ms <= static_cast<double>(step) * ms_per_step) {
       if (trace[next].input_length + uint64_t{output_of(next)} > replica_tokens) {
         ++r.unfit_requests;
+        ++finished;
       } else {
         queue.push_back({next, 0, step, false});
       }
@@ -159,6 +163,7 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
         coordinator_us += micros(t0, Clock::now());
         KVF_RETURN_IF_ERROR(freed);
         it = running.erase(it);
+        ++finished;
         continue;
       }
       const Status appended = coordinator.append(seq, 1);
@@ -221,6 +226,9 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
       running.erase(found);
     }
     r.steps = step + 1;
+    waiting.add(static_cast<double>(queue.size()));
+    r.max_waiting = std::max<uint64_t>(r.max_waiting, queue.size());
+    if (progress) progress({finished, count, step, queue.size()});
   }
   r.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   KVF_RETURN_IF_ERROR(coordinator.verify_integrity());
@@ -242,10 +250,21 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
   const uint64_t first_admissions = r.admissions - r.readmissions;
   r.mean_queue_steps = first_admissions == 0 ? 0.0 : queue_steps / static_cast<double>(first_admissions);
   r.coordinator_us_per_request = count == 0 ? 0.0 : coordinator_us / static_cast<double>(count);
+  r.queue_steps_per_point = waiting.steps_per_point();
+  r.queue_mean = waiting.means();
+  r.queue_max = waiting.maxima();
+  LogHistogram histogram(kAdmitHistogramLowestUs, kAdmitHistogramHighestUs,
+                         kAdmitHistogramBinsPerOctave);
+  for (double us : admit_us) histogram.add(us);
+  r.admit_histogram = histogram.counts();
+  r.admit_histogram_edges_us = histogram.edges();
   const LatencySummary admit = summarize_latencies(std::move(admit_us));
   r.admit_mean_us = admit.mean;
   r.admit_p50_us = admit.p50;
+  r.admit_p90_us = admit.p90;
   r.admit_p99_us = admit.p99;
+  r.admit_p999_us = admit.p999;
+  r.admit_max_us = admit.max;
   r.matched_memcpy_us = r.admissions == 0 ? 0.0 : memcpy_us / static_cast<double>(r.admissions);
   return r;
 }

@@ -61,10 +61,19 @@ struct ClusterReplayResult {
   uint64_t migrated_bytes = 0;   //!< migrated_blocks x block bytes x tp shards
   uint64_t swapped_out = 0, swapped_in = 0, parked = 0, preempted = 0;
   double mean_queue_steps = 0;   //!< steps from arrival to first admission
+  //! Waiting requests (arrived or preempted, not admitted) at the end of each step, folded into
+  //! at most kQueueSeriesPoints buckets of queue_steps_per_point steps: mean and maximum.
+  uint64_t queue_steps_per_point = 1;
+  std::vector<double> queue_mean, queue_max;
+  uint64_t max_waiting = 0;
   std::vector<uint64_t> admitted_per_replica;
   //! Wall time in the coordinator, reported only (never used in a decision): admit() per
   //! admission, and every coordinator call (admit, append, free, step) per request.
   double admit_mean_us = 0, admit_p50_us = 0, admit_p99_us = 0;
+  double admit_p90_us = 0, admit_p999_us = 0, admit_max_us = 0;
+  //! Every admit() time in log-spaced bins (kAdmitHistogram*); reported only, like the above.
+  std::vector<uint64_t> admit_histogram;
+  std::vector<double> admit_histogram_edges_us;
   //! The physical limit beside it, timed in the same run: a memcpy of the prompt tokens each
   //! admission found cached (what any index comparing tokens must read at least once).
   double matched_memcpy_us = 0;
@@ -75,11 +84,28 @@ struct ClusterReplayResult {
   double wall_seconds = 0;
 };
 
+//! The queue-length series' bound: the JSON stays small however long the run.
+inline constexpr size_t kQueueSeriesPoints = 2000;
+//! Admission-time histogram: 1/8 µs to 64 ms, four bins per octave.
+inline constexpr double kAdmitHistogramLowestUs = 0.125;
+inline constexpr double kAdmitHistogramHighestUs = 65536;
+inline constexpr int kAdmitHistogramBinsPerOctave = 4;
+
+//! Reported once per serving step, for a progress display only.
+struct ClusterReplayProgress {
+  size_t finished = 0;  //!< requests completed or found unfit
+  size_t total = 0;
+  uint64_t step = 0;
+  size_t waiting = 0;
+};
+
 //! Runs one routing mode. `execute` (optional) receives every step's plan and a last, empty plan
-//! is never sent: the caller ends its executors itself. Deterministic apart from wall times.
+//! is never sent: the caller ends its executors itself. `progress` (optional) is called after
+//! every step. Deterministic apart from wall times.
 Result<ClusterReplayResult> run_cluster_replay(
     const std::vector<MooncakeRequest>& trace, const ClusterReplayOptions& options,
-    ClusterRouting routing, const std::function<Status(const StepPlan&)>& execute = nullptr);
+    ClusterRouting routing, const std::function<Status(const StepPlan&)>& execute = nullptr,
+    const std::function<void(const ClusterReplayProgress&)>& progress = nullptr);
 
 //! The config run_cluster_replay builds its coordinator from (and the ranks their caches).
 Result<Config> cluster_replay_config(const ClusterReplayOptions& options, ClusterRouting routing);

@@ -2,11 +2,13 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <sstream>
 
 #include "bench/mpi_job.h"
+#include "bench/progress.h"
 #include "bench/report.h"
 
 namespace kvfabric::bench {
@@ -36,6 +38,15 @@ void print_summary(const std::vector<ClusterReplayResult>& runs) {
       format_count(static_cast<double>(best->prefill_tokens)),
       format_count(static_cast<double>(base->prefill_tokens)), gib(best->migrated_bytes),
       best->admit_mean_us, best->admit_p99_us);
+}
+
+// Waiting requests per bucket: three decimals of the means (and the integer maxima) are plenty
+// for a figure and keep the JSON small.
+nlohmann::json queue_length_json(const ClusterReplayResult& r) {
+  nlohmann::json mean = nlohmann::json::array(), max = nlohmann::json::array();
+  for (double m : r.queue_mean) mean.push_back(std::round(m * 1000) / 1000);
+  for (double m : r.queue_max) max.push_back(static_cast<uint64_t>(m));
+  return {{"steps_per_point", r.queue_steps_per_point}, {"mean", mean}, {"max", max}};
 }
 
 }  // namespace
@@ -115,8 +126,15 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
     }
     std::function<Status(const StepPlan&)> execute;
     if (ranks) execute = [&](const StepPlan& plan) { return ranks->execute(plan); };
-    if (!command.quiet) fmt::print("[{}] replaying...\n", cluster_routing_name(routing));
-    auto r = run_cluster_replay(trace, sim, routing, execute);
+    const size_t requests = sim.max_requests ? std::min(sim.max_requests, trace.size()) : trace.size();
+    ProgressReporter reporter(fmt::format("replay {}", cluster_routing_name(routing)), requests,
+                              "requests");
+    auto progress = [&](const ClusterReplayProgress& p) {
+      reporter.update(p.finished,
+                      [&] { return fmt::format("step {}, {} waiting", p.step, p.waiting); });
+    };
+    auto r = run_cluster_replay(trace, sim, routing, execute, progress);
+    reporter.finish();
     if (ranks) {
       // The other ranks wait for the end of the run whatever happened here.
       KVF_RETURN_IF_ERROR(ranks->finish());
@@ -132,11 +150,8 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
             fmt::format("the ranks received {} migrated blocks, the coordinator planned {}", total,
                         r->migrated_blocks * config.topology.tp));
       }
-      if (!command.quiet) {
-        fmt::print(
-            "[{}] {} ranks executed {} step plans; the {} migrated blocks arrived as planned\n",
-            cluster_routing_name(routing), ranks->world_size(), r->steps, total);
-      }
+      fmt::print("[{}] {} ranks executed {} step plans; the {} migrated blocks arrived as planned\n",
+                 cluster_routing_name(routing), ranks->world_size(), r->steps, total);
     }
     KVF_RETURN_IF_ERROR(r.status());
     runs.push_back(*r);
@@ -159,10 +174,21 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                                {"parked", r->parked},
                                {"preempted", r->preempted},
                                {"mean_queue_steps", r->mean_queue_steps},
+                               {"max_waiting", r->max_waiting},
+                               {"queue_length", queue_length_json(*r)},
                                {"admitted_per_replica", r->admitted_per_replica},
                                {"admit_mean_us", r->admit_mean_us},
                                {"admit_p50_us", r->admit_p50_us},
                                {"admit_p99_us", r->admit_p99_us},
+                               {"admit_quantiles_us",
+                                {{"p50", r->admit_p50_us},
+                                 {"p90", r->admit_p90_us},
+                                 {"p99", r->admit_p99_us},
+                                 {"p99.9", r->admit_p999_us},
+                                 {"max", r->admit_max_us}}},
+                               {"admit_histogram",
+                                {{"edges_us", r->admit_histogram_edges_us},
+                                 {"counts", r->admit_histogram}}},
                                {"matched_memcpy_us", r->matched_memcpy_us},
                                {"admissions_per_second",
                                 r->admit_mean_us > 0 ? 1e6 / r->admit_mean_us : 0.0},

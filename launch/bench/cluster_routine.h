@@ -17,7 +17,6 @@ struct ClusterCommand {
   std::vector<ClusterRouting> routings = {ClusterRouting::kIndependent,
                                           ClusterRouting::kGlobalRouting,
                                           ClusterRouting::kGlobalMigration};
-  bool quiet = false;
 };
 
 //! Parses "independent,global-routing,global-migration" (any subset, in any order).
@@ -25,7 +24,8 @@ Result<std::vector<ClusterRouting>> parse_cluster_routings(const std::string& li
 
 //! Runs every routing of `command` on `trace`; under mpirun with dp x tp ranks the ranks hold
 //! the KV caches and execute every plan (rank 0 coordinates and reports), otherwise the
-//! coordinator runs alone. Results go to `results` on rank 0 (null elsewhere).
+//! coordinator runs alone. Results go to `results` on rank 0 (null elsewhere); so does the
+//! progress display (progress.h).
 Status run_cluster_command(const ClusterCommand& command, const std::vector<MooncakeRequest>& trace,
                            const std::string& trace_name, nlohmann::json& results);
 

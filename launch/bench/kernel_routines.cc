@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include "bench/progress.h"
 #include "bench/report.h"
 #include "bench/routines.h"
 #include "bench/timing.h"
@@ -246,6 +247,8 @@ Status run_attention(const AttentionOptions& opts, nlohmann::json& results) {
   Table table({"kv_dtype", "kv_MB", "paged_ms", "GB/s", setup.cuda ? "vs_d2d" : "vs_memcpy",
                "vs_read", "contig_ms", "paged/contig", "time_vs_f16"});
   double f16_seconds = 0;
+  // Updated after each dtype, outside its timed calls.
+  ProgressReporter reporter("attention", setup.dtypes.size(), "dtypes");
   for (DType dtype : setup.dtypes) {
     KVF_ASSIGN_OR_RETURN(FilledPool paged,
                          fill_pool(setup, o, dtype, seqs, ctx, o.block_size, rng));
@@ -286,7 +289,9 @@ Status run_attention(const AttentionOptions& opts, nlohmann::json& results) {
                                {"ratio_vs_read", setup.cuda ? 0.0 : bw / read_bw},
                                {"paged_over_contiguous", t_paged / t_contig},
                                {"time_vs_f16", f16_seconds > 0 ? t_paged / f16_seconds : 0.0}});
+    reporter.update(results["runs"].size(), [&] { return std::string(dtype_name(dtype)); });
   }
+  reporter.finish();
   fmt::print("{}", table.to_string());
   fmt::print(
       "GB/s = (KV bytes as stored + queries + outputs) per second of one decode call (mean of "
@@ -326,6 +331,7 @@ Status run_quant(const QuantOptions& opts, nlohmann::json& results) {
   results["runs"] = nlohmann::json::array();
   Table table({"kv_dtype", "ms", "Mtokens/s", "in_GB/s", "in+out_GB/s", "vs_copy_traffic",
                "vs_copy_input"});
+  ProgressReporter reporter("quant", setup.dtypes.size(), "dtypes");
   for (DType dtype : setup.dtypes) {
     KVF_ASSIGN_OR_RETURN(
         const BlockLayout layout,
@@ -356,7 +362,9 @@ Status run_quant(const QuantOptions& opts, nlohmann::json& results) {
                                {"stored_bytes", stored},
                                {"ratio_vs_copy_traffic", traffic_bw / (2 * copy_bw)},
                                {"ratio_vs_copy_input", in_bw / copy_bw}});
+    reporter.update(results["runs"].size(), [&] { return std::string(dtype_name(dtype)); });
   }
+  reporter.finish();
   fmt::print("{}", table.to_string());
   fmt::print(
       "vs_copy_traffic = (input + stored bytes)/s over the copy's (read + written) bytes/s; "

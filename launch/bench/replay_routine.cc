@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "bench/cluster_routine.h"
+#include "bench/progress.h"
 #include "bench/replay_sim.h"
 #include "bench/report.h"
 #include "bench/routines.h"
@@ -21,7 +22,6 @@ struct ReplayCommandOptions {
   bool full_blocks_only = false;
   size_t max_requests = 0;
   uint32_t trace_copies = 1;
-  bool quiet = false;
   // Across replicas (--dp > 1).
   ClusterCommand cluster;
   std::string routings = "independent,global-routing,global-migration";
@@ -39,7 +39,6 @@ Status run_replay_across_replicas(ReplayCommandOptions opts, const std::vector<M
   }
   command.sim.block_tokens = opts.block_tokens;
   command.sim.max_requests = opts.max_requests;
-  command.quiet = opts.quiet;
   KVF_ASSIGN_OR_RETURN(command.routings, parse_cluster_routings(opts.routings));
   return run_cluster_command(command, trace, trace_name, results);
 }
@@ -90,17 +89,14 @@ Status run_replay(const ReplayCommandOptions& opts, nlohmann::json& results) {
                "evicted_blocks", "us/request", "p50_us", "p99_us", "unfit"});
   for (uint64_t capacity : opts.capacities) {
     sim.capacity_tokens = capacity;
-    ProgressLine line;
-    const std::string label = capacity == 0 ? "unlimited" : format_count(capacity);
+    ProgressReporter reporter(
+        fmt::format("replay {}", capacity == 0 ? "unlimited" : format_count(capacity)), requests,
+        "requests");
     auto progress = [&](const ReplaySimProgress& p) {
-      if (opts.quiet) return;
-      line.update(fmt::format("[replay {}] {:>5.1f}% ({}/{} requests), block hit {:.4f}", label,
-                              100.0 * p.done / std::max<size_t>(p.total, 1), p.done, p.total,
-                              p.block_hit_ratio),
-                  p.done == p.total);
+      reporter.update(p.done, [&] { return fmt::format("block hit {:.4f}", p.block_hit_ratio); });
     };
     KVF_ASSIGN_OR_RETURN(const ReplaySimResult r, run_replay_sim(trace, sim, progress));
-    line.finish();
+    reporter.finish();
     if (r.leaked_blocks != 0) {
       return Status(ErrorCode::kInternal,
                     fmt::format("{} blocks not free after the replay", r.leaked_blocks));
@@ -165,7 +161,6 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected) {
                   "replay this many copies of the trace at once (disjoint hash ids, arrivals "
                   "interleaved): more users for more replicas")
       ->check(CLI::Range(1u, 100000u));
-  cmd->add_flag("--quiet", opts->quiet, "no progress line");
   ClusterReplayOptions& sim = opts->cluster.sim;
   auto* across = "Across replicas";
   cmd->add_option("--dp", sim.config.topology.dp,

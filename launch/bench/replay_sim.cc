@@ -113,7 +113,8 @@ Result<ReplaySimResult> run_replay_sim(
     r.hit_tokens += hit.value();
     r.hit_blocks += (hit.value() + n - 1) / n;
     KVF_RETURN_IF_ERROR(cache.pool().free(seq));
-    if (progress && ((i + 1) % std::max<size_t>(count / 20, 1) == 0 || i + 1 == count)) {
+    // Often enough for a smooth bar; the reporter prints only every few seconds anyway.
+    if (progress && ((i + 1) % 64 == 0 || i + 1 == count)) {
       progress(
           {i + 1, count, static_cast<double>(r.hit_blocks) / static_cast<double>(r.block_refs)});
     }

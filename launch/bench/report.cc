@@ -1,7 +1,6 @@
 #include "bench/report.h"
 
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -36,25 +35,6 @@ std::string Table::to_string() const {
   for (const auto& row : rows_)
     emit(row);
   return out;
-}
-
-ProgressLine::ProgressLine() : tty_(isatty(STDERR_FILENO) != 0) {}
-
-void ProgressLine::update(const std::string& text, bool force) {
-  ++calls_;
-  if (tty_) {
-    std::fprintf(stderr, "\r%-100s", text.c_str());
-    dirty_ = true;
-  } else if (force || calls_ % 5 == 1) {
-    std::fprintf(stderr, "%s\n", text.c_str());
-  }
-  std::fflush(stderr);
-}
-
-void ProgressLine::finish() {
-  if (tty_ && dirty_) std::fprintf(stderr, "\n");
-  dirty_ = false;
-  calls_ = 0;
 }
 
 Status write_json(const std::string& path, const nlohmann::json& results) {

@@ -1,5 +1,5 @@
-// Output helpers shared by the kvfabric-bench routines: aligned text tables, progress lines and
-// the --json results file.
+// Output helpers shared by the kvfabric-bench routines: aligned text tables and the --json
+// results file (progress is in progress.h).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -21,19 +21,6 @@ class Table {
  private:
   std::vector<std::string> header_;
   std::vector<std::vector<std::string>> rows_;
-};
-
-//! Rewrites one status line on a terminal (\r); on a pipe, prints only every `every`-th call.
-class ProgressLine {
- public:
-  ProgressLine();
-  void update(const std::string& text, bool force = false);
-  void finish();
-
- private:
-  bool tty_;
-  int calls_ = 0;
-  bool dirty_ = false;
 };
 
 //! Writes `results` to `path` (pretty-printed). IoError names the path.

@@ -1,5 +1,6 @@
 #include "bench/seed_ops.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -135,7 +136,8 @@ Result<SeedOpScript> read_seed_op_script(const std::string& path) {
   return script;
 }
 
-Result<SeedOpRun> run_seed_op_script(const SeedOpScript& script) {
+Result<SeedOpRun> run_seed_op_script(const SeedOpScript& script,
+                                     const std::function<void(size_t, size_t)>& progress) {
   KVF_ASSIGN_OR_RETURN(PagedKvCache cache,
                        PagedKvCache::create(script.num_blocks, script.block_size, 8, 128));
   auto run = [&](const SeedOp& op, uint64_t& mismatches) -> Status {
@@ -158,9 +160,15 @@ Result<SeedOpRun> run_seed_op_script(const SeedOpScript& script) {
   };
   SeedOpRun result;
   for (const SeedOp& op : script.setup) KVF_RETURN_IF_ERROR(run(op, result.evict_mismatches));
-  const auto start = std::chrono::steady_clock::now();
-  for (const SeedOp& op : script.timed) KVF_RETURN_IF_ERROR(run(op, result.evict_mismatches));
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // Timed in chunks so that progress is reported between them, outside the timed work.
+  constexpr size_t kChunk = size_t{1} << 18;
+  for (size_t first = 0; first < script.timed.size(); first += kChunk) {
+    const size_t last = std::min(script.timed.size(), first + kChunk);
+    const auto start = std::chrono::steady_clock::now();
+    for (size_t i = first; i < last; ++i) KVF_RETURN_IF_ERROR(run(script.timed[i], result.evict_mismatches));
+    result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (progress) progress(last, script.timed.size());
+  }
   result.operations = script.timed.size();
   return result;
 }

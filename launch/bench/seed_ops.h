@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,8 @@ struct SeedOpRun {
 };
 
 //! Runs the script through kvfabric::PagedKvCache (LRU, the seed's default); times the timed part.
-Result<SeedOpRun> run_seed_op_script(const SeedOpScript& script);
+//! `progress(done, total)` (optional) is called between timed chunks of operations.
+Result<SeedOpRun> run_seed_op_script(const SeedOpScript& script,
+                                     const std::function<void(size_t, size_t)>& progress = nullptr);
 
 }  // namespace kvfabric::bench

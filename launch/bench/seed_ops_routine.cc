@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "bench/progress.h"
 #include "bench/routines.h"
 #include "bench/seed_ops.h"
 
@@ -28,7 +29,10 @@ Status run_seed_ops(const SeedOpsCommand& command, nlohmann::json& results) {
                command.write_path);
     return ok_status();
   }
-  KVF_ASSIGN_OR_RETURN(const SeedOpRun run, run_seed_op_script(script));
+  ProgressReporter reporter("seed-ops", script.timed.size(), "ops");
+  KVF_ASSIGN_OR_RETURN(const SeedOpRun run,
+                       run_seed_op_script(script, [&](size_t done, size_t) { reporter.update(done); }));
+  reporter.finish();
   const double rate = run.seconds > 0 ? static_cast<double>(run.operations) / run.seconds : 0.0;
   fmt::print("kvfabric PagedKvCache: {} live sequences, {} operations in {:.3f} s: {:.2f} M ops/s "
              "({} evictions chose another victim)\n",

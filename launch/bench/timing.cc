@@ -80,7 +80,10 @@ LatencySummary summarize_latencies(std::vector<double> samples) {
     return samples[std::clamp<size_t>(k, 1, samples.size()) - 1];
   };
   out.p50 = rank(0.50);
+  out.p90 = rank(0.90);
   out.p99 = rank(0.99);
+  out.p999 = rank(0.999);
+  out.max = samples.back();
   return out;
 }
 

@@ -18,7 +18,7 @@ double read_bandwidth(uint64_t bytes, int threads, int iterations);
 
 //! Mean and nearest-rank percentiles of a set of latencies (all 0 when there are none).
 struct LatencySummary {
-  double mean = 0, p50 = 0, p99 = 0;
+  double mean = 0, p50 = 0, p90 = 0, p99 = 0, p999 = 0, max = 0;
 };
 LatencySummary summarize_latencies(std::vector<double> samples);
 

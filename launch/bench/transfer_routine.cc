@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/progress.h"
 #include "bench/report.h"
 #include "bench/routines.h"
 #include "kvfabric/transport/mpi_transport.h"
@@ -138,6 +139,13 @@ Status run_transfer(const TransferOptions& o, nlohmann::json& results) {
   results["runs"] = nlohmann::json::array();
   std::vector<double> big_ratios[2], big_per_block_ratios[2];
   std::mt19937_64 rng(1234 + rank);
+  uint64_t points = 0;
+  for (const uint64_t block_bytes : o.block_bytes) {
+    for (const uint64_t count : o.blocks) points += block_bytes * count <= o.max_batch_bytes ? 2 : 0;
+  }
+  // Updated between points, outside every timed sample.
+  ProgressReporter reporter("transfer", points, "points", print);
+  uint64_t points_done = 0;
 
   for (const bool both : {false, true}) {
     for (const uint64_t block_bytes : o.block_bytes) {
@@ -232,6 +240,9 @@ Status run_transfer(const TransferOptions& o, nlohmann::json& results) {
           run["per_block_ratio"] = pb_bw / raw_bw;
         }
         results["runs"].push_back(std::move(run));
+        reporter.update(++points_done, [&] {
+          return fmt::format("{} {} KiB x {}", pattern, block_bytes >> 10, count);
+        });
         if (wrong != 0) {
           return Status(ErrorCode::kDataLoss,
                         fmt::format("transfer: {} blocks of {} bytes arrived wrong ({}, {} "
@@ -241,6 +252,7 @@ Status run_transfer(const TransferOptions& o, nlohmann::json& results) {
       }
     }
   }
+  reporter.finish();
   if (print) {
     fmt::print("{}", table.to_string());
     for (const bool both : {false, true}) {
