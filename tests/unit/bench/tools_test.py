@@ -1,0 +1,140 @@
+#!/usr/bin/python3
+"""ctest driver for kvfabric-bench's progress display and launch/plot.py (label tools).
+
+  tools_test.py progress BENCH                 --quiet silences stderr; without it a progress
+                                               line appears; neither changes stdout's figures
+                                               nor the JSON's (wall-clock fields aside)
+  tools_test.py plot BENCH PLOT CASE WORKDIR [MPIEXEC...]
+                                               runs CASE's routine on a small input and draws
+                                               it; CASE "unknown" and "config" must fail with 2
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+# Small inputs: each routine's JSON in well under a second.
+CASES = {
+    "alloc": [["alloc", "--max-requests", "400", "--block-size", "16,64"]],
+    "replay": [["replay", "--max-requests", "400", "--capacity-tokens", "1000000,0"]],
+    "replay-dp": [["replay", "--dp", "4", "--max-requests", "600", "--time-scale", "6",
+                   "--capacity-tokens", "4194304", "--host-capacity-tokens", "1048576"]],
+    "scale": [["replay", "--dp", str(dp), "--max-requests", "200", "--routing", "global-migration",
+               "--capacity-tokens", str(524288 * dp)] for dp in (2, 4)],
+    "attention": [["attention", "--seqs", "2", "--context", "256", "--dtype", "f16,int8",
+                   "--iterations", "1"]],
+    "quant": [["quant", "--tokens", "1024", "--dtype", "f16,int8", "--iterations", "1"]],
+    "copy": [["copy", "--blocks", "64", "--moves", "16", "--iterations", "1"]],
+    "seed-ops": [["seed-ops", "--ops", "20000", "--live", "100"]],
+    "transfer": [["transfer", "--block-bytes", "16384,1048576", "--blocks", "1,16", "--repeats",
+                  "1", "--warmup", "0", "--bytes-per-sample", "1048576"]],
+}
+# Keys whose values are wall-clock measurements: they may differ between two runs.
+TIMING_MARKERS = ("_us", "seconds", "per_second", "admit_histogram")
+
+
+def fail(message):
+    print(f"FAIL: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(command, **kwargs):
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, capture_output=True, text=True, **kwargs)
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items()
+                if not any(marker in k for marker in TIMING_MARKERS)}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def check_progress(bench, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    for name, args in (("replay", ["replay", "--max-requests", "300"]),
+                       ("replay-dp", ["replay", "--dp", "2", "--max-requests", "150",
+                                      "--routing", "global-migration"])):
+        quiet_json = os.path.join(workdir, f"{name}-quiet.json")
+        shown_json = os.path.join(workdir, f"{name}-shown.json")
+        quiet = run([bench, *args, "--quiet", "--json", quiet_json])
+        if quiet.returncode != 0:
+            fail(f"{name} --quiet exited {quiet.returncode}: {quiet.stderr}")
+        if quiet.stderr != "":
+            fail(f"{name} --quiet wrote to stderr: {quiet.stderr!r}")
+        # A zero interval prints a line at every update: the run is too short for the default.
+        shown = run([bench, *args, "--progress-interval", "0", "--json", shown_json])
+        if shown.returncode != 0:
+            fail(f"{name} exited {shown.returncode}: {shown.stderr}")
+        label = "[replay unlimited]" if name == "replay" else "[replay global-migration]"
+        lines = shown.stderr.splitlines()
+        if not any(line.startswith(label) and "requests/s" in line for line in lines):
+            fail(f"{name}: no progress line starting {label!r} in stderr: {shown.stderr!r}")
+        if "\r" in shown.stderr:
+            fail(f"{name}: a bar was drawn although stderr is not a terminal")
+        with open(quiet_json, encoding="utf-8") as f:
+            quiet_results = without_timings(json.load(f))
+        with open(shown_json, encoding="utf-8") as f:
+            shown_results = without_timings(json.load(f))
+        if quiet_results != shown_results:
+            fail(f"{name}: the JSON differs with and without progress")
+        print(f"{name}: quiet stderr empty; {len(lines)} progress lines otherwise; same JSON")
+
+
+def check_plot(bench, plot, case, workdir, mpiexec):
+    os.makedirs(workdir, exist_ok=True)
+    png = os.path.join(workdir, f"{case}.png")
+    if os.path.exists(png):
+        os.remove(png)
+    if case in ("unknown", "config"):
+        path = os.path.join(workdir, f"{case}.json")
+        if case == "unknown":
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"hello": [1, 2, 3]}, f)
+        else:
+            config = os.path.join(os.path.dirname(__file__), "../../../configs/llama3-8b.yaml")
+            made = run([bench, "--quiet", "config", config, "--json", path])
+            if made.returncode != 0:
+                fail(f"config exited {made.returncode}: {made.stderr}")
+        drawn = run([plot, path, "-o", png])
+        expected = "not kvfabric-bench --json results" if case == "unknown" else "nothing to plot"
+        if drawn.returncode != 2 or expected not in drawn.stderr:
+            fail(f"plot.py on {case} JSON: exit {drawn.returncode}, stderr {drawn.stderr!r}; "
+                 f"expected exit 2 and {expected!r}")
+        if os.path.exists(png):
+            fail(f"plot.py wrote {png} for {case} JSON")
+        print(f"{case}: exit 2, {drawn.stderr.strip()}")
+        return
+    jsons = []
+    for index, args in enumerate(CASES[case]):
+        path = os.path.join(workdir, f"{case}-{index}.json")
+        made = run([*mpiexec, bench, "--quiet", *args, "--json", path])
+        if made.returncode != 0:
+            fail(f"{' '.join(args)} exited {made.returncode}: {made.stdout}\n{made.stderr}")
+        jsons.append(path)
+    drawn = run([plot, *jsons, "-o", png])
+    if drawn.returncode != 0:
+        fail(f"plot.py exited {drawn.returncode}: {drawn.stderr}")
+    with open(png, "rb") as f:
+        head = f.read(8)
+    size = os.path.getsize(png)
+    if head != b"\x89PNG\r\n\x1a\n" or size < 10_000:
+        fail(f"{png} is not a PNG figure ({size} bytes)")
+    print(f"{case}: {png}, {size} bytes")
+
+
+def main():
+    if len(sys.argv) >= 3 and sys.argv[1] == "progress":
+        check_progress(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "tools_test_progress")
+    elif len(sys.argv) >= 6 and sys.argv[1] == "plot":
+        check_plot(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
+    else:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
