@@ -1144,7 +1144,56 @@ Result<StepPlan> Coordinator::step() {
   plan_ = StepPlan{};
   plan.step = stats_.steps++;
   plan_.step = stats_.steps;
+  publish_kv_events(plan.step);
   return plan;
+}
+
+Result<uint64_t> Coordinator::reset_prefix_cache(std::optional<uint32_t> replica) {
+  if (replica && *replica >= replicas_.size()) {
+    return invalid_argument("reset_prefix_cache: replica " + std::to_string(*replica) +
+                            " does not exist (dp " + std::to_string(replicas_.size()) + ")");
+  }
+  const uint32_t first = replica.value_or(0);
+  const uint32_t last = replica ? *replica + 1 : num_replicas();
+  uint64_t freed = 0;
+  std::vector<uint32_t> emptied;  // replicas that cached something and now cache nothing
+  for (uint32_t r = first; r < last; ++r) {
+    const size_t cached = index_->cached_blocks(r);
+    freed += replicas_[r].pool.free_cached_blocks(index_->idle_blocks(r));
+    if (cached > 0 && index_->cached_blocks(r) == 0) emptied.push_back(r);
+    mark_load(r);
+  }
+  if (kv_event_sink_) {
+    // An emptied replica's removals say less than "it caches nothing": one event instead.
+    KvEventBatch batch{plan_.step, index_->take_events()};
+    std::erase_if(batch.events, [&](const KvEvent& e) {
+      return e.type == KvEventType::kBlockRemoved &&
+             std::find(emptied.begin(), emptied.end(), e.replica) != emptied.end();
+    });
+    for (uint32_t r : emptied) {
+      KvEvent cleared;
+      cleared.type = KvEventType::kAllBlocksCleared;
+      cleared.replica = r;
+      batch.events.push_back(std::move(cleared));
+    }
+    if (!batch.events.empty()) kv_event_sink_(batch);
+  }
+  return freed;
+}
+
+void Coordinator::set_kv_event_sink(std::function<void(const KvEventBatch&)> sink) {
+  kv_event_sink_ = std::move(sink);
+  index_->record_events(kv_event_sink_ != nullptr);
+}
+
+KvEventBatch Coordinator::kv_event_snapshot() const {
+  return KvEventBatch{plan_.step, index_->holdings_as_events()};
+}
+
+void Coordinator::publish_kv_events(uint64_t step) {
+  if (!kv_event_sink_) return;
+  KvEventBatch batch{step, index_->take_events()};
+  if (!batch.events.empty()) kv_event_sink_(batch);
 }
 
 Status Coordinator::verify_replica(uint32_t r) const {

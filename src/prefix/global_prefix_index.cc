@@ -323,6 +323,7 @@ uint32_t GlobalPrefixIndex::new_node(uint32_t parent, std::span<const TokenId> e
   n.unit_key = key;
   n.salt = salt;
   add_child(parent, i);
+  if (recording_) hash_blocks(i);
   return i;
 }
 
@@ -354,6 +355,10 @@ uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
   n.edge_begin += at;
   n.parent = u;
   n.unit_key.reset();
+  if (recording_) {
+    upper.block_hashes.assign(n.block_hashes.begin(), n.block_hashes.begin() + static_cast<ptrdiff_t>(blocks));
+    n.block_hashes.erase(n.block_hashes.begin(), n.block_hashes.begin() + static_cast<ptrdiff_t>(blocks));
+  }
   upper.holders = n.holders;
   upper.holdings.resize(n.holdings.size());
   for (size_t i = 0; i < n.holders.size(); ++i) {
@@ -406,6 +411,7 @@ void GlobalPrefixIndex::add_holding(uint32_t node, uint32_t replica,
   rs.idle += blocks.size();  // until change_used() counts the uses below
   if (n.parent != 0) update(n.parent, replica, [](Holding& p) { ++p.held_children; });
   change_used(node, replica, static_cast<uint32_t>(blocks.size()), /*add=*/true);
+  if (recording_) note_stored(node, replica);
 }
 
 void GlobalPrefixIndex::drop_holding(uint32_t node, uint32_t replica,
@@ -424,6 +430,7 @@ void GlobalPrefixIndex::drop_holding(uint32_t node, uint32_t replica,
   rs.cached -= h.blocks.size();
   rs.idle -= h.blocks.size();
   rs.evicted += h.blocks.size();
+  if (recording_) note_removed(replica, n.block_hashes);
   n.holders.erase(at);
   n.holdings.erase(n.holdings.begin() + index);
   const uint32_t parent = n.parent;
@@ -456,6 +463,10 @@ void GlobalPrefixIndex::trim_holding(uint32_t node, uint32_t replica, size_t kee
   rs.idle -= dropped;
   rs.evicted += dropped;
   h.blocks.resize(keep);
+  if (recording_) {
+    note_removed(replica, std::span(n.block_hashes).subspan(keep));
+    n.block_hashes.resize(keep);
+  }
   n.tokens.resize(n.edge_begin + keep * options_.block_size);
   if (n.edge_begin > n.edge_size()) {  // more dead front than edge: keep the edge alone
     n.tokens.erase(n.tokens.begin(), n.tokens.begin() + static_cast<ptrdiff_t>(n.edge_begin));
@@ -470,6 +481,109 @@ void GlobalPrefixIndex::remove_node(uint32_t node) {
   remove_child(nodes_[node].parent, node);
   nodes_[node] = Node{};
   free_slots_.push_back(node);
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV events
+
+void GlobalPrefixIndex::hash_blocks(uint32_t node) {
+  Node& n = nodes_[node];
+  const Node& parent = nodes_[n.parent];
+  std::optional<uint64_t> previous;
+  if (!parent.block_hashes.empty()) previous = parent.block_hashes.back();
+  const std::span<const TokenId> edge = n.edge();
+  const size_t bs = options_.block_size;
+  n.block_hashes.clear();
+  n.block_hashes.reserve(edge.size() / bs);
+  for (size_t at = 0; at + bs <= edge.size(); at += bs) {
+    previous = kv_block_hash(previous, edge.subspan(at, bs), n.salt);
+    n.block_hashes.push_back(*previous);
+  }
+}
+
+namespace {
+
+// Appends a BlockStored event for `replica`'s holding of a node (its blocks' hashes, the hash of
+// its parent's last block), merged into the last event when that one ends where it starts: a
+// prompt indexed across several nodes is one run of blocks, as vLLM sends it.
+void add_stored(std::vector<KvEvent>& out, uint32_t replica, std::span<const uint64_t> hashes,
+                std::span<const uint64_t> parent_hashes, const CacheSalt& salt,
+                uint32_t block_size) {
+  const std::optional<uint64_t> parent =
+      parent_hashes.empty() ? std::nullopt : std::optional(parent_hashes.back());
+  const auto tokens = static_cast<uint32_t>(hashes.size() * block_size);
+  if (!out.empty()) {
+    KvEvent& last = out.back();
+    if (last.type == KvEventType::kBlockStored && last.replica == replica && last.salt == salt &&
+        parent && last.block_hashes.back() == *parent) {
+      last.block_hashes.insert(last.block_hashes.end(), hashes.begin(), hashes.end());
+      last.num_tokens += tokens;
+      return;
+    }
+  }
+  out.push_back(KvEvent{KvEventType::kBlockStored, replica,
+                        std::vector<uint64_t>(hashes.begin(), hashes.end()), parent, tokens, salt});
+}
+
+}  // namespace
+
+void GlobalPrefixIndex::note_stored(uint32_t node, uint32_t replica) {
+  const Node& n = nodes_[node];
+  add_stored(events_, replica, n.block_hashes, nodes_[n.parent].block_hashes, n.salt,
+             options_.block_size);
+}
+
+void GlobalPrefixIndex::note_removed(uint32_t replica, std::span<const uint64_t> hashes) {
+  if (!events_.empty() && events_.back().type == KvEventType::kBlockRemoved &&
+      events_.back().replica == replica) {
+    events_.back().block_hashes.insert(events_.back().block_hashes.end(), hashes.begin(),
+                                       hashes.end());
+    return;
+  }
+  KvEvent removed;
+  removed.type = KvEventType::kBlockRemoved;
+  removed.replica = replica;
+  removed.block_hashes.assign(hashes.begin(), hashes.end());
+  events_.push_back(std::move(removed));
+}
+
+void GlobalPrefixIndex::record_events(bool on) {
+  if (on == recording_) return;
+  recording_ = on;
+  events_.clear();
+  // Parents before children, so that each node hashes on from its parent's last block.
+  std::vector<uint32_t> pending(nodes_[0].children.begin(), nodes_[0].children.end());
+  while (!pending.empty()) {
+    const uint32_t node = pending.back();
+    pending.pop_back();
+    if (on) {
+      hash_blocks(node);
+    } else {
+      nodes_[node].block_hashes = {};
+    }
+    pending.insert(pending.end(), nodes_[node].children.begin(), nodes_[node].children.end());
+  }
+}
+
+std::vector<KvEvent> GlobalPrefixIndex::take_events() { return std::exchange(events_, {}); }
+
+std::vector<KvEvent> GlobalPrefixIndex::holdings_as_events() const {
+  std::vector<KvEvent> out;
+  if (!recording_) return out;
+  for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    // Depth first, so that a node's first child continues its run of blocks.
+    std::vector<uint32_t> pending(nodes_[0].children.rbegin(), nodes_[0].children.rend());
+    while (!pending.empty()) {
+      const uint32_t node = pending.back();
+      pending.pop_back();
+      const Node& n = nodes_[node];
+      if (!std::binary_search(n.holders.begin(), n.holders.end(), r)) continue;
+      add_stored(out, r, n.block_hashes, nodes_[n.parent].block_hashes, n.salt,
+                 options_.block_size);
+      pending.insert(pending.end(), n.children.rbegin(), n.children.rend());
+    }
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -590,6 +704,7 @@ size_t GlobalPrefixIndex::memory_bytes() const {
     bytes += n.tokens.capacity() * sizeof(TokenId) + n.holders.capacity() * sizeof(uint32_t) +
              n.holdings.capacity() * sizeof(Holding) +
              n.children.capacity() * sizeof(uint32_t) +
+             n.block_hashes.capacity() * sizeof(uint64_t) +
              n.by_key.size() * (sizeof(std::pair<const uint64_t, uint32_t>) + 2 * sizeof(void*)) +
              n.by_key.bucket_count() * sizeof(void*);
     for (const Holding& h : n.holdings) bytes += h.blocks.capacity() * sizeof(BlockId);
@@ -632,6 +747,18 @@ Status GlobalPrefixIndex::verify() const {
     if (n.depth != p.depth + n.edge_size()) return fail(where + ": wrong depth");
     if (n.parent != 0 && !p.salt.empty() && p.salt != n.salt) {
       return fail(where + ": a salted node with a child of another salt");
+    }
+    if (recording_) {
+      // The hashes chain on from the parent's last block, as a router computes them.
+      std::optional<uint64_t> previous;
+      if (!p.block_hashes.empty()) previous = p.block_hashes.back();
+      if (n.block_hashes.size() != n.edge_size() / bs) return fail(where + ": wrong hash count");
+      for (size_t b = 0; b < n.block_hashes.size(); ++b) {
+        previous = kv_block_hash(previous, n.edge().subspan(b * bs, bs), n.salt);
+        if (n.block_hashes[b] != *previous) return fail(where + ": a stale block hash");
+      }
+    } else if (!n.block_hashes.empty()) {
+      return fail(where + ": block hashes kept while not recording events");
     }
     if (n.holders.empty()) return fail(where + ": nobody holds it");
     if (n.holders.size() != n.holdings.size() ||

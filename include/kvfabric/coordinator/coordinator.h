@@ -170,6 +170,21 @@ class Coordinator {
   //! in where there is room, collects copy-on-write copies, and returns the plan with its number.
   Result<StepPlan> step();
 
+  //! Drops every cached prefix no sequence uses on `replica` (every replica when none), as a
+  //! benchmark does between runs; what sequences use stays. Returns the blocks freed.
+  //! InvalidArgument for an unknown replica (nothing changes). Emits KV events at once.
+  Result<uint64_t> reset_prefix_cache(std::optional<uint32_t> replica = std::nullopt);
+
+  //! Receives the KV events (what each replica's cache stores and drops) of each step() and
+  //! reset_prefix_cache(), on the calling thread, before the call returns; step()'s batch carries
+  //! the plan's number. Blocks are stored when the plan that computes them is issued; blocks
+  //! evicted for an admission are reported with the next step(). Setting a sink starts recording
+  //! (every cached block is hashed once), and nullptr stops it (KV events cost nothing then).
+  void set_kv_event_sink(std::function<void(const KvEventBatch&)> sink);
+  //! What every replica caches now as BlockStored events, for a subscriber that starts now; the
+  //! events of later batches follow on from it. Empty without a sink.
+  [[nodiscard]] KvEventBatch kv_event_snapshot() const;
+
   [[nodiscard]] const Config& config() const { return config_; }
   [[nodiscard]] uint32_t num_replicas() const;
   [[nodiscard]] std::optional<uint32_t> replica_of(SeqId seq) const;
@@ -372,6 +387,7 @@ class Coordinator {
   void collect_copies(uint32_t replica);
   void swap_back_in();
   void index_planned_prompts();
+  void publish_kv_events(uint64_t step);
   // Refuses `request` once the next plan has gathered max_pending_plan_entries.
   [[nodiscard]] Status check_pending_room(const std::function<std::string()>& request) const;
 
@@ -397,6 +413,7 @@ class Coordinator {
   uint64_t next_swap_order_ = 0;
   uint64_t next_incarnation_ = 0;
   CoordinatorStats stats_;
+  std::function<void(const KvEventBatch&)> kv_event_sink_;
 };
 
 }  // namespace kvfabric

@@ -14,6 +14,7 @@
 
 #include "kvfabric/block/block_retainer.h"
 #include "kvfabric/common/status.h"
+#include "kvfabric/prefix/kv_events.h"
 #include "kvfabric/prefix/radix_tree.h"
 
 namespace kvfabric {
@@ -124,6 +125,21 @@ class GlobalPrefixIndex {
   [[nodiscard]] size_t idle_blocks_after(uint32_t replica, std::span<const BlockId> released) const;
   //! Blocks evicted on `replica` since creation.
   [[nodiscard]] uint64_t evicted_blocks(uint32_t replica) const;
+  //! Starts or stops recording KV events (KvEvent): each replica's stored and evicted blocks,
+  //! named by their chained hashes (kv_block_hash). While recording, every node keeps its blocks'
+  //! hashes (8 bytes per cached block); starting hashes every cached block once, and stopping
+  //! drops the hashes and the events not taken yet. Off by default: hashing costs a SHA-256 per
+  //! new cached block.
+  void record_events(bool on);
+  [[nodiscard]] bool recording_events() const { return recording_; }
+  //! The events recorded since the last call, in order. Blocks stored on one replica along one
+  //! prefix by consecutive changes come as one event, and so do consecutive removals on one
+  //! replica.
+  std::vector<KvEvent> take_events();
+  //! What every replica holds now, as BlockStored events: replica by replica, each node after
+  //! its parent (what a subscriber that starts now needs to know). Empty when not recording.
+  [[nodiscard]] std::vector<KvEvent> holdings_as_events() const;
+
   //! Live nodes (the root excluded).
   [[nodiscard]] size_t node_count() const { return nodes_.size() - 1 - free_slots_.size(); }
   //! Host memory the tree holds (edges, holders, block lists, child maps, per-block tables); O(n).
@@ -166,6 +182,7 @@ class GlobalPrefixIndex {
     // compared one by one, which costs less than hashing the query's block to find one.
     std::unordered_multimap<uint64_t, uint32_t> by_key;
     std::optional<uint64_t> unit_key;  // its first block's key among its siblings, once needed
+    std::vector<uint64_t> block_hashes;  // one per block of the edge, while recording events
     std::vector<uint32_t> holders;     // replicas, increasing
     std::vector<Holding> holdings;     // parallel to holders
     bool alive = false;
@@ -218,6 +235,11 @@ class GlobalPrefixIndex {
   void trim_holding(uint32_t node, uint32_t replica, size_t keep, std::vector<BlockId>& released);
   void remove_node(uint32_t node);
 
+  // KV events: the hashes of a new node's blocks, and the events of holdings gained and lost.
+  void hash_blocks(uint32_t node);
+  void note_stored(uint32_t node, uint32_t replica);
+  void note_removed(uint32_t replica, std::span<const uint64_t> hashes);
+
   // BlockRetainer, per replica. Blocks of one notification that lie in one node change its
   // counts together.
   std::vector<BlockId> release_idle(uint32_t replica, size_t count);
@@ -230,6 +252,8 @@ class GlobalPrefixIndex {
   std::vector<std::unique_ptr<Retainer>> retainers_;
   uint64_t tick_ = 0;
   uint64_t serial_ = 0;
+  bool recording_ = false;
+  std::vector<KvEvent> events_;  // recorded, not taken yet
 };
 
 }  // namespace kvfabric

@@ -4,7 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <memory>
+#include <optional>
+#include <span>
 #include <vector>
 
 #include "kvfabric/block/paged_kv_cache.h"
@@ -310,6 +313,119 @@ TEST(GlobalPrefixIndex, BadInsertsAreRefusedAndChangeNothing) {
   c.admit(1, 1, b);
   EXPECT_EQ(c.index_prompt(1, 1, b), 2u);
   c.check();
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV events
+
+// The hashes a router computes for a prompt's full blocks, the way kv_block_hash defines them.
+std::vector<uint64_t> chain(const Tokens& prompt, const SaltScope& scope = {}) {
+  std::vector<uint64_t> hashes;
+  std::optional<uint64_t> parent;
+  for (size_t at = 0; at + kBlockSize <= prompt.size(); at += kBlockSize) {
+    const CacheSalt salt = at < scope.public_tokens ? CacheSalt{} : scope.salt;
+    parent = kv_block_hash(parent, std::span(prompt).subspan(at, kBlockSize), salt);
+    hashes.push_back(*parent);
+  }
+  return hashes;
+}
+
+TEST(KvBlockHash, IsSha256OfParentSaltAndTokens) {
+  // Reference values from Python: sha256(parent.to_bytes(8, 'little') + salt identity +
+  // tokens as '<I'), the digest's first 8 bytes read little-endian.
+  const Tokens first = {1, 2, 3, 4};
+  const Tokens second = {5, 6, 7, 8};
+  const uint64_t a = kv_block_hash(std::nullopt, first, CacheSalt{});
+  EXPECT_EQ(a, 0x30238dd4b4b13f9cULL);
+  EXPECT_EQ(kv_block_hash(a, second, CacheSalt{}), 0x3988b1a413934004ULL);
+  EXPECT_EQ(kv_block_hash(std::nullopt, first, CacheSalt::of("tenant")), 0x06b9909f9ffe88b2ULL);
+  EXPECT_EQ(kv_event_type_name(KvEventType::kBlockStored), "BlockStored");
+  EXPECT_EQ(kv_event_type_name(KvEventType::kBlockRemoved), "BlockRemoved");
+  EXPECT_EQ(kv_event_type_name(KvEventType::kAllBlocksCleared), "AllBlocksCleared");
+}
+
+TEST(GlobalPrefixIndex, RecordsNothingUntilAskedTo) {
+  Cluster c(1, 8);
+  const Tokens a = token_run(8, 1);
+  c.admit(0, 1, a);
+  c.index_prompt(0, 1, a);
+  EXPECT_TRUE(c.index().take_events().empty());
+  EXPECT_TRUE(c.index().holdings_as_events().empty());
+  // Starting on a filled index hashes what it holds; stopping forgets the hashes again.
+  c.index().record_events(true);
+  c.check();
+  const std::vector<KvEvent> held = c.index().holdings_as_events();
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(held[0].block_hashes, chain(a));
+  c.index().record_events(false);
+  c.check();
+  EXPECT_TRUE(c.index().holdings_as_events().empty());
+}
+
+TEST(GlobalPrefixIndex, EventsNameEachReplicasStoredRunsAndEvictions) {
+  Cluster c(2, 4);
+  c.index().record_events(true);
+  const Tokens a = token_run(12, 1);                          // 3 blocks
+  const Tokens b = concat(token_run(8, 1), token_run(4, 90));  // a's first 2, then its own
+  c.admit(0, 1, a);
+  c.index_prompt(0, 1, a);
+  std::vector<KvEvent> events = c.index().take_events();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].type, KvEventType::kBlockStored);
+  EXPECT_EQ(events[0].replica, 0u);
+  EXPECT_EQ(events[0].block_hashes, chain(a));
+  EXPECT_FALSE(events[0].parent_block_hash);
+  EXPECT_EQ(events[0].num_tokens, 12u);
+  EXPECT_TRUE(events[0].salt.empty());
+  // Replica 1 stores b across the node a's split leaves: one run of three blocks.
+  c.admit(1, 1, b);
+  c.index_prompt(1, 1, b);
+  events = c.index().take_events();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].replica, 1u);
+  EXPECT_EQ(events[0].block_hashes, chain(b));
+  // Replica 0 shares a's first two blocks and stores b's third after them.
+  ASSERT_TRUE(c.pool(0).free(SeqId{1}).ok());
+  EXPECT_EQ(c.admit(0, 2, b), 8u);
+  c.index_prompt(0, 2, b);  // takes a free block: nothing evicted yet
+  events = c.index().take_events();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].block_hashes, std::vector<uint64_t>{chain(b)[2]});
+  EXPECT_EQ(events[0].parent_block_hash, chain(a)[1]);
+  EXPECT_EQ(events[0].num_tokens, 4u);
+  // Two more blocks on replica 0 evict a's last block (its only idle leaf) and b's, in LRU order.
+  ASSERT_TRUE(c.pool(0).free(SeqId{2}).ok());
+  ASSERT_TRUE(c.pool(0).allocate(SeqId{3}, 2 * kBlockSize).ok());
+  c.check();
+  events = c.index().take_events();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].type, KvEventType::kBlockRemoved);
+  EXPECT_EQ(events[0].replica, 0u);
+  std::vector<uint64_t> removed = events[0].block_hashes;
+  std::sort(removed.begin(), removed.end());
+  std::vector<uint64_t> expected = {chain(a)[2], chain(b)[2]};
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(removed, expected);
+  EXPECT_EQ(c.peek(1, b).tokens, 12u);  // replica 1 keeps its copy
+}
+
+TEST(GlobalPrefixIndex, EventsCarryTheSaltOfSaltedBlocks) {
+  Cluster c(1, 8);
+  c.index().record_events(true);
+  const Tokens prompt = concat(token_run(8, 1), token_run(8, 500));
+  const SaltScope alice{CacheSalt::of("alice"), 8};
+  c.admit(0, 1, prompt, alice);
+  c.index_prompt(0, 1, prompt, alice);
+  const std::vector<KvEvent> events = c.index().take_events();
+  // The public system prompt and alice's own blocks: two runs, the second chained to the first.
+  ASSERT_EQ(events.size(), 2u);
+  const std::vector<uint64_t> hashes = chain(prompt, alice);
+  EXPECT_TRUE(events[0].salt.empty());
+  EXPECT_EQ(events[0].block_hashes, std::vector<uint64_t>(hashes.begin(), hashes.begin() + 2));
+  EXPECT_EQ(events[1].salt, alice.salt);
+  EXPECT_EQ(events[1].parent_block_hash, hashes[1]);
+  EXPECT_EQ(events[1].block_hashes, std::vector<uint64_t>(hashes.begin() + 2, hashes.end()));
+  EXPECT_NE(hashes[2], chain(prompt)[2]);  // the salt is in the hash
 }
 
 }  // namespace

@@ -4,13 +4,17 @@
 //  - every replica's cached prefix of a prompt is the model's longest cached prefix,
 //  - every block served holds exactly the K/V of the prompt's prefix (a fingerprint per block),
 //  - eviction took, on its replica, the idle prefixes least recently used first, deepest first,
-//  - the tree's own counters, links and victim sets agree with a recount (verify()).
+//  - the tree's own counters, links and victim sets agree with a recount (verify()),
+//  - from a quarter of the run on, the KV events replayed by a subscriber give every replica's
+//    cached blocks exactly as the model's prefixes hash them (kv_block_hash).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
+#include <span>
 #include <vector>
 
 #include "kvfabric/block/paged_kv_cache.h"
@@ -222,6 +226,49 @@ class GlobalPrefixProperty : public ::testing::TestWithParam<uint64_t> {
     live_.erase(it);
   }
 
+  // The chained hash of a block-aligned prefix's last block, as a router computes it.
+  uint64_t prefix_hash(const Tokens& prefix) {
+    auto known = hash_of_.find(prefix);
+    if (known != hash_of_.end()) return known->second;
+    std::optional<uint64_t> parent;
+    if (prefix.size() > kBlockSize) parent = prefix_hash(Tokens(prefix.begin(), prefix.end() - kBlockSize));
+    const uint64_t hash = kv_block_hash(
+        parent, std::span(prefix).subspan(prefix.size() - kBlockSize), CacheSalt{});
+    hash_of_.emplace(prefix, hash);
+    return hash;
+  }
+
+  // A subscriber's view: applies the events, each stored block's parent already held.
+  void apply_events(const std::vector<KvEvent>& events) {
+    for (const KvEvent& e : events) {
+      std::set<uint64_t>& held = subscriber_[e.replica];
+      if (e.type == KvEventType::kBlockStored) {
+        std::optional<uint64_t> parent = e.parent_block_hash;
+        ASSERT_EQ(e.num_tokens, e.block_hashes.size() * kBlockSize);
+        for (uint64_t h : e.block_hashes) {
+          ASSERT_TRUE(!parent || held.count(*parent)) << "stored after an unknown parent; "
+                                                      << testing::property_trace();
+          ASSERT_TRUE(held.insert(h).second) << "stored twice; " << testing::property_trace();
+          parent = h;
+        }
+      } else {
+        ASSERT_EQ(e.type, KvEventType::kBlockRemoved);
+        for (uint64_t h : e.block_hashes) {
+          ASSERT_EQ(held.erase(h), 1u) << "removed a block not stored; " << testing::property_trace();
+        }
+      }
+    }
+  }
+
+  void check_events() {
+    apply_events(index_->take_events());
+    for (uint32_t r = 0; r < kReplicas; ++r) {
+      std::set<uint64_t> expected;
+      for (const auto& [prefix, cached] : model_[r]) expected.insert(prefix_hash(prefix));
+      ASSERT_EQ(subscriber_[r], expected) << "replica " << r << "; " << testing::property_trace();
+    }
+  }
+
   std::mt19937_64 rng_;
   std::unique_ptr<GlobalPrefixIndex> index_;
   std::vector<std::unique_ptr<PagedKvCache>> pools_;
@@ -232,11 +279,17 @@ class GlobalPrefixProperty : public ::testing::TestWithParam<uint64_t> {
   PrefixLookup lookup_;
   uint64_t tick_ = 0;
   uint64_t next_seq_ = 0;
+  std::map<Tokens, uint64_t> hash_of_;
+  std::vector<std::set<uint64_t>> subscriber_ = std::vector<std::set<uint64_t>>(kReplicas);
 };
 
 TEST_P(GlobalPrefixProperty, MatchesTheModelAndNeverServesOtherKv) {
   const uint64_t operations = testing::property_count(kOperations);
   for (uint64_t op = 0; op < operations; ++op) {
+    if (op == operations / 4) {  // a subscriber joins a running index: the snapshot, then events
+      index_->record_events(true);
+      apply_events(index_->holdings_as_events());
+    }
     switch (rng_() % 5) {
       case 0:
       case 1:
@@ -260,6 +313,8 @@ TEST_P(GlobalPrefixProperty, MatchesTheModelAndNeverServesOtherKv) {
       ASSERT_TRUE(pools_[r]->verify_integrity().ok());
       ASSERT_EQ(index_->cached_blocks(r), model_[r].size()) << testing::property_trace();
     }
+    if (index_->recording_events()) check_events();
+    if (HasFatalFailure()) return;
   }
   uint64_t evicted = 0;
   for (uint32_t r = 0; r < kReplicas; ++r) evicted += index_->evicted_blocks(r);
