@@ -71,6 +71,7 @@ void ProgressReporter::update(uint64_t done, const std::function<std::string()>&
   if (!complete && detail) last_detail_ = detail();
   last_print_s_ = now;
   printed_ = true;
+  printed_done_ = done;
   const std::string text = render(done, now - start_s_, last_detail_, out_.terminal);
   out_.write(out_.terminal ? "\r" + text + "\x1b[K" : text + "\n");
 }
@@ -79,6 +80,11 @@ void ProgressReporter::finish() {
   if (finished_) return;
   finished_ = true;
   if (!enabled_ || !printed_) return;
+  // The end was already shown: only end the bar's line.
+  if (printed_done_ == done_ && done_ >= total_) {
+    if (out_.terminal) out_.write("\n");
+    return;
+  }
   const std::string text = render(done_, out_.now_s() - start_s_, last_detail_, out_.terminal);
   out_.write(out_.terminal ? "\r" + text + "\x1b[K\n" : text + "\n");
 }

@@ -67,6 +67,7 @@ class ProgressReporter {
   uint64_t done_ = 0;
   std::string last_detail_;
   bool printed_ = false;  // a line or a bar is on the stream
+  uint64_t printed_done_ = 0;  // the count the last line or bar showed
   bool finished_ = false;
 };
 

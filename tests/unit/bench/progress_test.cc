@@ -37,9 +37,9 @@ TEST(Progress, OffATerminalPrintsAPlainLineAtMostEveryInterval) {
     stream.now += 1.0 / 128;  // exact in binary: 10 s in all
     p.update(done);
   }
-  // 10 s of work at a 5 s interval: one line at 5 s, one at 10 s, then finish's last line.
+  // 10 s of work at a 5 s interval: one line at 5 s and one at 10 s, which already shows the end.
   p.finish();
-  ASSERT_EQ(stream.writes.size(), 3u);
+  ASSERT_EQ(stream.writes.size(), 2u);
   for (const std::string& line : stream.writes) {
     EXPECT_EQ(line.back(), '\n');
     EXPECT_EQ(line.find('\r'), std::string::npos);
@@ -47,8 +47,20 @@ TEST(Progress, OffATerminalPrintsAPlainLineAtMostEveryInterval) {
   EXPECT_THAT(stream.writes[0], HasSubstr("[replay test] 50.0% (640/1280 requests)"));
   EXPECT_THAT(stream.writes[0], HasSubstr("128 requests/s"));
   EXPECT_THAT(stream.writes[0], HasSubstr("ETA 5.0s"));
-  EXPECT_THAT(stream.writes[2], HasSubstr("100.0% (1280/1280 requests)"));
-  EXPECT_THAT(stream.writes[2], HasSubstr("took 10s"));
+  EXPECT_THAT(stream.writes[1], HasSubstr("100.0% (1280/1280 requests)"));
+  EXPECT_THAT(stream.writes[1], HasSubstr("took 10s"));
+}
+
+TEST(Progress, FinishPrintsTheEndWhenTheLastLineWasEarlier) {
+  FakeStream stream;
+  ProgressReporter p("tail", 100, "requests", settings(), stream.output(false));
+  stream.now += 6;
+  p.update(60);  // printed: 6 s since the start
+  stream.now += 1;
+  p.update(100);  // not printed: 1 s since the last line
+  p.finish();
+  ASSERT_EQ(stream.writes.size(), 2u);
+  EXPECT_THAT(stream.writes[1], HasSubstr("100.0% (100/100 requests)"));
 }
 
 TEST(Progress, ShortTasksOffATerminalPrintNothing) {
@@ -70,10 +82,10 @@ TEST(Progress, AZeroIntervalPrintsEveryUpdate) {
     stream.now += 1;
     p.update(done, [done] { return "detail " + std::to_string(done); });
   }
-  p.finish();
-  ASSERT_EQ(stream.writes.size(), 4u);
+  p.finish();  // the end is already printed: no second last line
+  ASSERT_EQ(stream.writes.size(), 3u);
   EXPECT_THAT(stream.writes[1], HasSubstr("(2/3 steps), 1.00 steps/s, elapsed 2.0s, ETA 1.0s, detail 2"));
-  EXPECT_THAT(stream.writes[3], HasSubstr("detail 3"));  // finish keeps the last detail
+  EXPECT_THAT(stream.writes[2], HasSubstr("(3/3 steps), 1.00 steps/s, took 3.0s, detail 3"));
 }
 
 TEST(Progress, OnATerminalRedrawsOneBarInPlace) {
