@@ -18,6 +18,7 @@ kvf_progress_update() {
   line=$(awk -v done="$done" -v total="$kvf_progress_total" -v elapsed="$elapsed" \
              -v unit="$kvf_progress_unit" -v label="$kvf_progress_label" -v detail="$detail" \
              -v bar="$([ -t 2 ] && echo 1 || echo 0)" '
+    function num(v) { return v >= 1e6 ? sprintf("%.2fM", v / 1e6) : v >= 1e3 ? sprintf("%.1fk", v / 1e3) : v >= 10 ? sprintf("%.0f", v) : sprintf("%.2f", v) }
     function dur(s) { s = int(s + 0.5); return s < 60 ? s "s" : s < 3600 ? sprintf("%dm%02ds", s / 60, s % 60) : sprintf("%dh%02dm", s / 3600, s % 3600 / 60) }
     BEGIN {
       frac = total > 0 ? done / total : 1; if (frac > 1) frac = 1
@@ -25,7 +26,7 @@ kvf_progress_update() {
       eta = done >= total ? "took " dur(elapsed) : rate > 0 ? "ETA " dur((total - done) / rate) : "ETA ?"
       out = sprintf("[%s] ", label)
       if (bar) { n = int(frac * 24 + 0.5); b = ""; for (i = 0; i < 24; i++) b = b (i < n ? "#" : "."); out = out "[" b "] " }
-      out = out sprintf("%.1f%% (%s/%s %s), %.3g %s/s, elapsed %s, %s", 100 * frac, done, total, unit, rate, unit, dur(elapsed), eta)
+      out = out sprintf("%.1f%% (%s/%s %s), %s %s/s, %s%s", 100 * frac, done, total, unit, num(rate), unit, done >= total ? "" : "elapsed " dur(elapsed) ", ", eta)
       if (detail != "") out = out ", " detail
       print out
     }')
