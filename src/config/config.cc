@@ -171,6 +171,7 @@ Status validate(const Config& config) {
                         ">= " + std::to_string(kMinReplyBytes));
   }
   if (srv.max_connections == 0) return out_of_range("server.max_connections", 0, ">= 1");
+  if (srv.event_queue_batches == 0) return out_of_range("server.event_queue_batches", 0, ">= 1");
   if (srv.tls_cert_file.empty() != srv.tls_key_file.empty()) {
     return invalid_argument(
         std::string("server.tls_cert_file and server.tls_key_file go together (") +

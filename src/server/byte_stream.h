@@ -48,6 +48,11 @@ class ByteStream {
         stream_);
   }
   template <typename Buffer, typename Handler>
+  void async_read_some(const Buffer& buffer, Handler&& handler) {
+    std::visit([&](auto& s) { s.async_read_some(buffer, std::forward<Handler>(handler)); },
+               stream_);
+  }
+  template <typename Buffer, typename Handler>
   void async_write(const Buffer& buffer, Handler&& handler) {
     std::visit([&](auto& s) { asio::async_write(s, buffer, std::forward<Handler>(handler)); },
                stream_);

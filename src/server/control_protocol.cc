@@ -25,13 +25,14 @@ constexpr std::pair<std::string_view, ControlOp> kOps[] = {
     {"free", ControlOp::kFree},     {"set_priority", ControlOp::kSetPriority},
     {"step", ControlOp::kStep},     {"query", ControlOp::kQuery},
     {"stats", ControlOp::kStats},   {"shutdown", ControlOp::kShutdown},
+    {"subscribe", ControlOp::kSubscribe}, {"reset_prefix_cache", ControlOp::kResetPrefixCache},
 };
 static_assert(std::size(kOps) == kNumControlOps);
 
 // Ops that change nothing; they are still answered after the control plane has failed.
 bool is_read_only(ControlOp op) {
   return op == ControlOp::kHello || op == ControlOp::kQuery || op == ControlOp::kStats ||
-         op == ControlOp::kShutdown;
+         op == ControlOp::kShutdown || op == ControlOp::kSubscribe;
 }
 
 // A value for an error message. Containers are named, not printed: printing (like copying) a
@@ -258,6 +259,24 @@ json stats_reply(const Coordinator& coordinator) {
 
 }  // namespace
 
+std::string kv_events_json(const KvEventBatch& batch, uint32_t block_size) {
+  json events = json::array();
+  for (const KvEvent& e : batch.events) {
+    json event = {{"type", kv_event_type_name(e.type)}, {"replica", e.replica}, {"tier", "device"}};
+    if (e.type == KvEventType::kBlockStored) {
+      event["block_hashes"] = e.block_hashes;
+      event["parent_block_hash"] = e.parent_block_hash ? json(*e.parent_block_hash) : json(nullptr);
+      event["block_size"] = block_size;
+      event["num_tokens"] = e.num_tokens;
+      event["salt"] = e.salt.empty() ? json(nullptr) : json(to_string(e.salt));
+    } else if (e.type == KvEventType::kBlockRemoved) {
+      event["block_hashes"] = e.block_hashes;
+    }
+    events.push_back(std::move(event));
+  }
+  return json{{"step", batch.step}, {"events", std::move(events)}}.dump();
+}
+
 std::string_view control_op_name(ControlOp op) {
   for (const auto& [name, o] : kOps) {
     if (o == op) return name;
@@ -269,12 +288,16 @@ ControlProtocolOptions ControlProtocolOptions::from(const ServerConfig& config) 
   ControlProtocolOptions o;
   o.max_batch_requests = config.max_batch_requests;
   o.max_reply_bytes = config.max_reply_bytes;
+  o.event_queue_batches = config.event_queue_batches;
   return o;
 }
 
 ControlProtocol::ControlProtocol(Coordinator& coordinator, PlanSink sink,
                                  ControlProtocolOptions options)
-    : coordinator_(&coordinator), sink_(std::move(sink)), options_(options) {
+    : coordinator_(&coordinator),
+      sink_(std::move(sink)),
+      options_(options),
+      events_(options.event_queue_batches) {
   if (options_.tenants == nullptr) return;
   for (const TenantEntry& tenant : options_.tenants->entries()) {
     if (tenant.quota) coordinator_->set_tenant_quota(tenant.name, *tenant.quota);
@@ -308,8 +331,9 @@ class ControlRequestHandler {
 };
 
 std::string ControlProtocol::metrics_text() const {
+  const ControlStats requests = stats();
   std::lock_guard<std::mutex> lock(mutex_);
-  return render_metrics(*coordinator_, &stats_);
+  return render_metrics(*coordinator_, &requests);
 }
 
 ControlHealth ControlProtocol::health() const {
@@ -319,7 +343,25 @@ ControlHealth ControlProtocol::health() const {
 
 ControlStats ControlProtocol::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return stats_;
+  ControlStats stats = stats_;
+  stats.kv_event_batches = events_.published();
+  stats.kv_event_batches_dropped = events_.dropped();
+  stats.kv_event_subscribers = events_.subscribers();
+  return stats;
+}
+
+void ControlProtocol::follow_subscribers() {
+  const bool wanted = events_.subscribers() > 0;
+  if (wanted == publishing_events_) return;
+  publishing_events_ = wanted;
+  if (!wanted) {
+    coordinator_->set_kv_event_sink(nullptr);
+    return;
+  }
+  const uint32_t block_size = coordinator_->config().cache.block_size;
+  coordinator_->set_kv_event_sink([this, block_size](const KvEventBatch& batch) {
+    events_.publish(kv_events_json(batch, block_size));
+  });
 }
 
 bool ControlProtocol::shutdown_requested() const {
@@ -335,7 +377,7 @@ Status ControlProtocol::failure() const {
 namespace {
 // Who a connection is when nobody needs to authenticate: the admin of the default tenant.
 ControlIdentity default_admin() {
-  return ControlIdentity{"", /*admin=*/true, /*authenticated=*/true};
+  return ControlIdentity{"", /*admin=*/true, /*authenticated=*/true, /*refused=*/false, nullptr};
 }
 }  // namespace
 
@@ -363,6 +405,7 @@ std::string ControlProtocol::handle(std::string_view line, ControlIdentity& who)
 json ControlRequestHandler::handle(ControlProtocol& protocol, const json& request,
                                    ControlIdentity& who) {
   Lock lock(protocol.mutex_);
+  protocol.follow_subscribers();  // the last subscriber may have gone since
   return handle_locked(protocol, request, who, lock);
 }
 
@@ -485,7 +528,8 @@ Result<json> ControlRequestHandler::hello(ControlProtocol& protocol, const Reque
       return Status(ErrorCode::kUnauthenticated,
                     "hello: the token is not valid; closing the connection");
     }
-    who = ControlIdentity{entry->name, entry->admin, /*authenticated=*/true};
+    who = ControlIdentity{entry->name, entry->admin, /*authenticated=*/true, /*refused=*/false,
+                          who.events};
   }
   const Coordinator& coordinator = *protocol.coordinator_;
   const Config& c = coordinator.config();
@@ -609,6 +653,31 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       }
       protocol.shutdown_requested_ = true;
       return json::object();
+    case ControlOp::kSubscribe: {
+      KVF_RETURN_IF_ERROR(fields.only({}));
+      KVF_RETURN_IF_ERROR(check_admin(who, op));
+      if (who.events) return invalid_operation("subscribe: this connection is subscribed already");
+      who.events = protocol.events_.subscribe();
+      protocol.follow_subscribers();
+      // What every replica caches now comes first; every later batch follows on from it.
+      const KvEventBatch snapshot = coordinator.kv_event_snapshot();
+      if (!snapshot.events.empty()) {
+        (void)who.events->offer(std::make_shared<const std::string>(
+            kv_events_json(snapshot, coordinator.config().cache.block_size)));
+      }
+      return json{{"subscribed", true},
+                  {"queue_limit", who.events->queue_limit()},
+                  {"step", snapshot.step}};
+    }
+    case ControlOp::kResetPrefixCache: {
+      KVF_RETURN_IF_ERROR(fields.only({"replica"}));
+      KVF_RETURN_IF_ERROR(check_admin(who, op));
+      KVF_ASSIGN_OR_RETURN(const auto replica, fields.optional_unsigned("replica", kMaxU32));
+      std::optional<uint32_t> which;
+      if (replica) which = static_cast<uint32_t>(*replica);
+      KVF_ASSIGN_OR_RETURN(const uint64_t freed, coordinator.reset_prefix_cache(which));
+      return json{{"freed_blocks", freed}};
+    }
   }
   return Status(ErrorCode::kInternal, "unhandled op " + std::string(control_op_name(op)));
 }

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -342,6 +343,7 @@ class ControlServer::Impl::ControlSession
                  [self = shared_from_this()] { self->logged_in(); });
     }
     close_after_reply_ = identity_.refused;
+    stream_after_reply_ = identity_.events != nullptr;
   }
 
   // On the io thread, posted by the request thread.
@@ -358,7 +360,12 @@ class ControlServer::Impl::ControlSession
         self->close();
         return;
       }
-      if (!e) self->read();
+      if (e) return;
+      if (self->stream_after_reply_) {
+        self->stream_events();
+      } else {
+        self->read();
+      }
     });
   }
 
@@ -403,6 +410,47 @@ class ControlServer::Impl::ControlSession
     server_.submit(Job{shared_from_this(), std::move(request)});
   }
 
+  // A subscribed connection: from now on it carries its subscription's event lines, written as
+  // they are queued, and whatever the client sends is read and dropped (which also notices when
+  // it goes away). It is not closed for idling: a subscriber only listens.
+  void stream_events() {
+    const std::weak_ptr<ControlSession> weak = shared_from_this();
+    auto executor = stream_.socket().get_executor();
+    identity_.events->set_notify([weak, executor] {
+      asio::post(executor, [weak] {
+        if (auto self = weak.lock()) self->write_events();
+      });
+    });
+    write_events();  // the snapshot, and whatever was queued since the subscription
+    discard_input();
+  }
+
+  void write_events() {
+    if (writing_events_) return;
+    events_out_ = identity_.events->take();
+    if (events_out_.empty()) return;
+    writing_events_ = true;
+    stream_.async_write(asio::buffer(events_out_), [self = shared_from_this()](ErrorCodeT ec, size_t) {
+      self->writing_events_ = false;
+      if (ec) {
+        self->close();
+        return;
+      }
+      self->write_events();
+    });
+  }
+
+  void discard_input() {
+    stream_.async_read_some(asio::buffer(discarded_), [self = shared_from_this()](ErrorCodeT ec, size_t) {
+      if (ec) {  // the subscriber went away: no more batches for it
+        self->identity_.events->close();
+        self->close();
+        return;
+      }
+      self->discard_input();
+    });
+  }
+
   void arm_idle_timer() {
     if (server_.options.idle_timeout.count() == 0) return;
     idle_.expires_after(server_.options.idle_timeout);
@@ -432,6 +480,10 @@ class ControlServer::Impl::ControlSession
   asio::steady_timer login_{stream_.socket().get_executor()};
   std::atomic<bool> logged_in_{false};          // handshake done and, with tenants, hello
   std::atomic<bool> close_after_reply_{false};  // a wrong token was presented
+  std::atomic<bool> stream_after_reply_{false};  // subscribed: carries KV events from now on
+  bool writing_events_ = false;                  // io thread only
+  std::string events_out_;
+  std::array<char, 4096> discarded_{};
 };
 
 // One HTTP connection: read the request head, answer /metrics or /health, close.
@@ -771,17 +823,29 @@ Result<std::string> ControlClient::call(const std::string& request) {
   ErrorCodeT ec;
   const std::string line = request + "\n";
   c.stream->write(asio::buffer(line), ec);
-  size_t n = 0;
-  if (!ec) n = c.stream->read_until(asio::dynamic_buffer(c.buffer), '\n', ec);
-  if (ec) {
-    c.stream->close();
-    c.open = false;
-    return Status(ErrorCode::kUnavailable,
-                  "the control plane at " + c.where + " closed the connection: " + ec.message());
+  if (ec) return lost(ec.message());
+  return read_line();
+}
+
+Result<std::string> ControlClient::read_line() {
+  Impl& c = *impl_;
+  if (!c.open) {
+    return Status(ErrorCode::kUnavailable, "the connection to " + c.where + " is closed");
   }
+  ErrorCodeT ec;
+  const size_t n = c.stream->read_until(asio::dynamic_buffer(c.buffer), '\n', ec);
+  if (ec) return lost(ec.message());
   std::string reply = c.buffer.substr(0, n - 1);
   c.buffer.erase(0, n);
   return reply;
+}
+
+Status ControlClient::lost(const std::string& why) {
+  Impl& c = *impl_;
+  c.stream->close();
+  c.open = false;
+  return Status(ErrorCode::kUnavailable,
+                "the control plane at " + c.where + " closed the connection: " + why);
 }
 
 Result<std::string> http_get(const std::string& host, uint16_t port, const std::string& path,

@@ -142,6 +142,15 @@ std::string render_metrics(const Coordinator& coordinator, const ControlStats* r
     counter(out, "kvfabric_control_limited_requests_total",
             "Batch requests not run because the batch's reply reached server.max_reply_bytes.",
             requests->limited);
+    family(out, "kvfabric_kv_event_subscribers", "gauge",
+           "Connections subscribed to KV events.",
+           [&](auto&& sample) { sample("", requests->kv_event_subscribers); });
+    counter(out, "kvfabric_kv_event_batches_total", "KV-event batches published to subscribers.",
+            requests->kv_event_batches);
+    counter(out, "kvfabric_kv_event_batches_dropped_total",
+            "KV-event batches dropped for a subscriber whose queue (server.event_queue_batches) "
+            "was full, counted once per subscriber.",
+            requests->kv_event_batches_dropped);
   }
   return out;
 }

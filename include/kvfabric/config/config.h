@@ -120,6 +120,9 @@ struct ServerConfig {
   //! neither). Empty: plain TCP.
   std::string tls_cert_file;
   std::string tls_key_file;
+  //! KV-event batches queued per subscriber; a batch that finds the queue full is dropped (and
+  //! counted) for that subscriber instead of holding up the coordinator.
+  uint32_t event_queue_batches = 1024;
 };
 
 //! \brief How the ranks run the plans (DESIGN.md §5).

@@ -12,6 +12,7 @@
 #include "kvfabric/common/status.h"
 #include "kvfabric/config/config.h"
 #include "kvfabric/coordinator/coordinator.h"
+#include "kvfabric/server/kv_event_hub.h"
 #include "kvfabric/server/tenant_directory.h"
 
 namespace kvfabric {
@@ -32,8 +33,10 @@ enum class ControlOp : uint8_t {
   kQuery,
   kStats,
   kShutdown,
+  kSubscribe,
+  kResetPrefixCache,
 };
-inline constexpr size_t kNumControlOps = 10;
+inline constexpr size_t kNumControlOps = 12;
 std::string_view control_op_name(ControlOp op);  // "hello", "admit", ..., "set_priority", ...
 
 //! Requests handled so far, by op, and those refused before reaching an op (unreadable JSON,
@@ -43,6 +46,9 @@ struct ControlStats {
   std::array<uint64_t, kNumControlOps> failed{};
   uint64_t malformed = 0;
   uint64_t limited = 0;  //!< batch requests not run: the batch's reply reached max_reply_bytes
+  uint64_t kv_event_batches = 0;          //!< KV-event batches published to subscribers
+  uint64_t kv_event_batches_dropped = 0;  //!< not queued: a subscriber's queue was full
+  uint64_t kv_event_subscribers = 0;      //!< subscribed connections open now
 };
 
 //! Who is on one connection (the server keeps one per connection).
@@ -53,6 +59,8 @@ struct ControlIdentity {
   //! A hello presented a wrong token: every later request is refused and the server closes the
   //! connection, so that tokens cannot be guessed at a batch's pace.
   bool refused = false;
+  //! Set by subscribe: from the reply on, the connection carries this subscription's events.
+  std::shared_ptr<KvEventSubscription> events;
 };
 
 struct ControlProtocolOptions {
@@ -62,6 +70,7 @@ struct ControlProtocolOptions {
   const TenantDirectory* tenants = nullptr;
   uint32_t max_batch_requests = 1024;  //!< server.max_batch_requests
   uint32_t max_reply_bytes = 8u << 20;  //!< server.max_reply_bytes
+  uint32_t event_queue_batches = 1024;  //!< server.event_queue_batches
 
   //! The limits of config.server (allow_shutdown stays false).
   static ControlProtocolOptions from(const ServerConfig& config);
@@ -74,6 +83,13 @@ struct ControlHealth {
   uint64_t steps = 0;     //!< plans issued so far
   std::string problem;    //!< why it is not ok (names the rank, host and step)
 };
+
+//! A batch of KV events as subscribers read it (JSON text): {"step", "events": [{"type",
+//! "replica", "tier": "device", and for BlockStored "block_hashes", "parent_block_hash" (null at
+//! a prompt's start), "block_size", "num_tokens", "salt" (hex of the salt's identity, null for
+//! public blocks); for BlockRemoved "block_hashes"}]}. Hashes are unsigned 64-bit integers
+//! (kv_block_hash).
+std::string kv_events_json(const KvEventBatch& batch, uint32_t block_size);
 
 //! \brief Turns request lines into Coordinator calls and their replies (DESIGN.md §1, §5).
 //!
@@ -92,14 +108,17 @@ struct ControlHealth {
 //! | op | fields | result |
 //! |---|---|---|
 //! | hello | token? | protocol, model, dp, tp, block_size, block_bytes, next_step, tenant, admin |
-//! | admit | seq, tokens, priority?, cache_salt?, public_tokens? | replica, cached_tokens,
-//! migrated_tokens, blocks | | append | seq, num_tokens | | | fork | src, dst, replica? | replica |
+//! | admit | seq, tokens, priority?, cache_salt?, public_tokens? | replica, cached_tokens, migrated_tokens, blocks |
+//! | append | seq, num_tokens | |
+//! | fork | src, dst, replica? | replica |
 //! | free | seq | |
 //! | set_priority | seq, priority | |
 //! | step | | step, tables, released, preempted, ops {swap_out, migrate, swap_in, copy} |
 //! | query | seq | replica, swapped, blocks |
-//! | stats | | the coordinator's counters, each replica's pool and each tenant (an admin); the
-//! caller's tenant (others) | | shutdown | | (when allowed, an admin) |
+//! | stats | | the coordinator's counters, replicas and tenants (an admin); the caller's tenant (others) |
+//! | shutdown | | (when allowed, an admin) |
+//! | subscribe | | subscribed, queue_limit, step (an admin; see KV events below) |
+//! | reset_prefix_cache | replica? | freed_blocks (an admin) |
 //!
 //! Tenants (with options.tenants): a connection first sends hello with its token; any other
 //! request before that is Unauthenticated. A tenant admits under its own name (and cache salt),
@@ -108,6 +127,16 @@ struct ControlHealth {
 //! (PermissionDenied otherwise): a step's plan lists every tenant's tables. A cache_salt is
 //! scoped to the tenant (two tenants giving the same salt do not share); public_tokens marks
 //! the leading tokens shared with every tenant.
+//!
+//! KV events (subscribe): the connection then carries only event lines, each
+//! `{"kv_events": {"step", "events": [...]}, "dropped": D}`: first a snapshot of what every
+//! replica caches (BlockStored events), then the changes of each step and reset
+//! (Coordinator::set_kv_event_sink; kv_events_json names the fields). Lines the client sends
+//! afterwards are discarded. Each subscriber has a queue of server.event_queue_batches batches; a
+//! batch that finds it full is dropped for that subscriber and counted, and D (batches dropped
+//! before this one) tells the subscriber its view has a gap: it subscribes again for a fresh
+//! snapshot. The protocol holds the coordinator's event sink while it has subscribers and gives
+//! it up (no hashing cost) when the last one goes.
 //!
 //! A step's plan goes to the PlanSink before the reply. When the sink fails, the ranks may no
 //! longer agree with the coordinator, so the protocol fails for good: that reply and every later
@@ -156,9 +185,14 @@ class ControlProtocol {
  private:
   friend class ControlRequestHandler;  // the op handlers, in control_protocol.cc
 
+  // Keeps the coordinator's event sink set while someone subscribes (under mutex_).
+  void follow_subscribers();
+
   Coordinator* coordinator_;
   PlanSink sink_;
   ControlProtocolOptions options_;
+  mutable KvEventHub events_;
+  bool publishing_events_ = false;
   mutable std::mutex mutex_;  // guards everything below and the coordinator (see above)
   ControlStats stats_;
   bool shutdown_requested_ = false;

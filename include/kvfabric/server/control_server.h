@@ -124,10 +124,14 @@ class ControlClient {
   //! Sends one request (a JSON object or batch array, without newline) and returns the reply
   //! line. A request holding a newline is InvalidArgument; a lost connection is Unavailable.
   Result<std::string> call(const std::string& request);
+  //! The next line the server sends (after subscribe: a batch of KV events), waiting for it.
+  Result<std::string> read_line();
 
  private:
   struct Impl;
   explicit ControlClient(std::unique_ptr<Impl> impl);
+  // Closes the connection after a failed read or write; Unavailable naming the server and why.
+  Status lost(const std::string& why);
   std::unique_ptr<Impl> impl_;
 };
 

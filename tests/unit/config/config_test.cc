@@ -302,7 +302,7 @@ tenants: {max_blocks: 4096, max_host_blocks: 512, max_sequences: 64}
 TEST(Config, LimitsAndDeadlines) {
   const auto parsed = parse_config(std::string(kTiny) + R"(
 server: {max_batch_requests: 64, max_reply_bytes: 65536, max_connections: 8, idle_timeout_ms: 0,
-         fault_grace_ms: 100}
+         fault_grace_ms: 100, event_queue_batches: 16}
 coordinator: {max_sequences_per_replica: 512}
 runtime: {plan_deadline_ms: 2500}
 )");
@@ -312,6 +312,7 @@ runtime: {plan_deadline_ms: 2500}
   EXPECT_EQ(parsed->server.max_connections, 8u);
   EXPECT_EQ(parsed->server.idle_timeout_ms, 0u);
   EXPECT_EQ(parsed->server.fault_grace_ms, 100u);
+  EXPECT_EQ(parsed->server.event_queue_batches, 16u);
   EXPECT_EQ(parsed->coordinator.max_sequences_per_replica, 512u);
   EXPECT_EQ(parsed->runtime.plan_deadline_ms, 2500u);
 
@@ -320,6 +321,7 @@ runtime: {plan_deadline_ms: 2500}
   EXPECT_EQ(defaults->server.max_reply_bytes, 8u << 20);
   EXPECT_EQ(defaults->server.max_connections, 256u);
   EXPECT_EQ(defaults->server.idle_timeout_ms, 300000u);
+  EXPECT_EQ(defaults->server.event_queue_batches, 1024u);
   EXPECT_EQ(defaults->coordinator.max_sequences_per_replica, 4096u);
   EXPECT_EQ(defaults->runtime.plan_deadline_ms, 30000u);
 
@@ -327,6 +329,7 @@ runtime: {plan_deadline_ms: 2500}
        {std::pair{"server: {max_batch_requests: 0}", "server.max_batch_requests must be >= 1"},
         std::pair{"server: {max_reply_bytes: 100}", "server.max_reply_bytes must be >= 4096"},
         std::pair{"server: {max_connections: 0}", "server.max_connections must be >= 1"},
+        std::pair{"server: {event_queue_batches: 0}", "server.event_queue_batches must be >= 1"},
         std::pair{"coordinator: {max_sequences_per_replica: 0}",
                   "coordinator.max_sequences_per_replica must be >= 1"}}) {
     const auto bad = parse_config(std::string(kTiny) + yaml + "\n");

@@ -2,9 +2,12 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <numeric>
+#include <optional>
+#include <span>
 
 #include "kvfabric/server/metrics.h"
 #include "testing/serving_harness.h"
@@ -392,6 +395,127 @@ TEST(ControlProtocolTest, ShutdownOnlyWhenAllowed) {
 // One sample line of a Prometheus exposition, e.g. `name{labels} value`.
 bool has_sample(const std::string& text, const std::string& sample) {
   return text.find("\n" + sample + "\n") != std::string::npos;
+}
+
+// A subscriber's lines, parsed: {"kv_events": batch, "dropped": n} each.
+std::vector<json> event_lines(KvEventSubscription& subscription) {
+  std::vector<json> lines;
+  const std::string text = subscription.take();
+  for (size_t at = 0; at < text.size();) {
+    const size_t end = text.find('\n', at);
+    lines.push_back(json::parse(text.substr(at, end - at)));
+    at = end + 1;
+  }
+  return lines;
+}
+
+TEST(ControlProtocolTest, SubscribersGetASnapshotThenEachStepsChanges) {
+  Coordinator coordinator = make(serving_config(2, 1, 4, 2, 16, 4));
+  ControlProtocol protocol(coordinator);
+  const auto prompt = token_run(40, 3);  // two full blocks
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", prompt}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+
+  ControlIdentity who = protocol.new_connection();
+  const json subscribed = json::parse(protocol.handle(R"({"op": "subscribe", "id": 7})", who));
+  ASSERT_EQ(subscribed["ok"], true) << subscribed;
+  EXPECT_EQ(subscribed["id"], 7);
+  EXPECT_EQ(subscribed["queue_limit"], 1024);
+  EXPECT_EQ(subscribed["step"], 1);
+  ASSERT_NE(who.events, nullptr);
+  EXPECT_TRUE(coordinator.prefix_index().recording_events());
+  std::vector<json> lines = event_lines(*who.events);
+  ASSERT_EQ(lines.size(), 1u);
+  const std::optional<uint64_t> none;
+  const uint64_t first = kv_block_hash(none, std::span(prompt).first(16), CacheSalt{});
+  const uint64_t second = kv_block_hash(first, std::span(prompt).subspan(16, 16), CacheSalt{});
+  EXPECT_EQ(lines[0], json::parse(fmt::format(
+                          R"({{"kv_events": {{"step": 1, "events": [{{"type": "BlockStored",
+                          "replica": 0, "tier": "device", "block_hashes": [{}, {}],
+                          "parent_block_hash": null, "block_size": 16, "num_tokens": 32,
+                          "salt": null}}]}}, "dropped": 0}})",
+                          first, second)));
+
+  // A prompt extending it, on the same replica, is stored after the snapshot's last block.
+  auto longer = prompt;
+  longer.insert(longer.end(), {50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65});
+  ASSERT_EQ(call(protocol, {{"op", "free"}, {"seq", 1}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 2}, {"tokens", longer}})["cached_tokens"], 32);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["step"], 1);
+  lines = event_lines(*who.events);
+  ASSERT_EQ(lines.size(), 1u);
+  const json& stored = lines[0]["kv_events"]["events"][0];
+  EXPECT_EQ(lines[0]["kv_events"]["step"], 1);
+  EXPECT_EQ(stored["parent_block_hash"], second);
+  EXPECT_EQ(stored["block_hashes"].size(), 1u);
+
+  // A reset that empties a replica says so in one event.
+  ASSERT_EQ(call(protocol, {{"op", "free"}, {"seq", 2}})["ok"], true);
+  const json reset = call(protocol, {{"op", "reset_prefix_cache"}, {"replica", 0}});
+  EXPECT_EQ(reset["freed_blocks"], 3) << reset;
+  lines = event_lines(*who.events);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0]["kv_events"]["events"],
+            json::parse(R"([{"type": "AllBlocksCleared", "replica": 0, "tier": "device"}])"));
+
+  // Twice on one connection is refused; when the subscriber goes, recording stops.
+  EXPECT_EQ(error_code(json::parse(protocol.handle(R"({"op": "subscribe"})", who))),
+            "InvalidOperation");
+  who.events.reset();
+  ASSERT_EQ(call(protocol, {{"op", "stats"}})["ok"], true);
+  EXPECT_FALSE(coordinator.prefix_index().recording_events());
+  EXPECT_EQ(protocol.stats().kv_event_subscribers, 0u);
+  EXPECT_EQ(protocol.stats().kv_event_batches, 2u);
+}
+
+TEST(ControlProtocolTest, BadResetsAreRefusedAndChangeNothing) {
+  Coordinator coordinator = make(serving_config(2, 1, 4, 2, 16, 4));
+  ControlProtocol protocol(coordinator);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(32, 3)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "free"}, {"seq", 1}})["ok"], true);
+  const json unknown = call(protocol, {{"op", "reset_prefix_cache"}, {"replica", 5}});
+  EXPECT_EQ(error_code(unknown), "InvalidArgument");
+  EXPECT_EQ(unknown["error"]["message"], "reset_prefix_cache: replica 5 does not exist (dp 2)");
+  EXPECT_EQ(error_code(call(protocol, {{"op", "reset_prefix_cache"}, {"replica", -1}})),
+            "InvalidArgument");
+  EXPECT_EQ(error_code(call(protocol, {{"op", "reset_prefix_cache"}, {"all", true}})),
+            "InvalidArgument");
+  EXPECT_EQ(coordinator.cached_tokens(0, token_run(32, 3)), 32u);
+  EXPECT_EQ(call(protocol, {{"op", "reset_prefix_cache"}})["freed_blocks"], 2);
+  EXPECT_EQ(coordinator.cached_tokens(0, token_run(32, 3)), 0u);
+}
+
+TEST(KvEventHubTest, AFullQueueDropsAndCountsInsteadOfWaiting) {
+  KvEventHub hub(2);
+  auto slow = hub.subscribe();
+  auto fast = hub.subscribe();
+  int woken = 0;
+  fast->set_notify([&] { ++woken; });
+  for (int i = 0; i < 5; ++i) {
+    hub.publish(fmt::format(R"({{"step": {}, "events": []}})", i));
+    if (i < 3) (void)fast->take();  // the fast one keeps up for three batches
+  }
+  EXPECT_EQ(woken, 5);
+  // The slow subscriber kept the first two; the next three were dropped for it.
+  std::vector<json> lines = event_lines(*slow);
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_EQ(lines[0]["kv_events"]["step"], 0);
+  EXPECT_EQ(lines[1]["dropped"], 0);
+  EXPECT_EQ(slow->dropped(), 3u);
+  EXPECT_EQ(event_lines(*fast).size(), 2u);
+  EXPECT_EQ(hub.dropped(), 3u);
+  EXPECT_EQ(hub.published(), 5u);
+  // The next batch after a gap says how many were lost before it.
+  hub.publish(R"({"step": 5, "events": []})");
+  lines = event_lines(*slow);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0]["dropped"], 3);
+  // A released or closed subscription is forgotten.
+  EXPECT_EQ(hub.subscribers(), 2u);
+  fast->close();
+  slow.reset();
+  EXPECT_EQ(hub.subscribers(), 0u);
 }
 
 TEST(MetricsTest, ExposeCountersPoolsAndRequests) {

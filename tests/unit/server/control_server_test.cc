@@ -88,6 +88,37 @@ TEST(ControlServerTest, ServesRequestsFromSeveralConnectionsInOrder) {
             ErrorCode::kInvalidArgument);
 }
 
+TEST(ControlServerTest, ASubscribedConnectionCarriesKvEventsAsStepsHappen) {
+  ServedCoordinator served;
+  ControlClient scheduler = served.client();
+  ControlClient router = served.client();
+  const json subscribed = call(router, {{"op", "subscribe"}});
+  ASSERT_EQ(subscribed["ok"], true) << subscribed;
+  // Nothing is cached yet, so no snapshot: the first line is step 0's batch.
+  ASSERT_EQ(call(scheduler, {{"op", "admit"}, {"seq", 1}, {"tokens", testing::token_run(48, 1)}})["ok"],
+            true);
+  ASSERT_EQ(call(scheduler, {{"op", "step"}})["ok"], true);
+  auto line = router.read_line();
+  ASSERT_TRUE(line.ok()) << line.status();
+  json batch = json::parse(*line);
+  EXPECT_EQ(batch["dropped"], 0);
+  EXPECT_EQ(batch["kv_events"]["step"], 0);
+  ASSERT_EQ(batch["kv_events"]["events"].size(), 1u);
+  EXPECT_EQ(batch["kv_events"]["events"][0]["type"], "BlockStored");
+  EXPECT_EQ(batch["kv_events"]["events"][0]["num_tokens"], 48);
+  ASSERT_EQ(call(scheduler, {{"op", "free"}, {"seq", 1}})["ok"], true);
+  ASSERT_EQ(call(scheduler, {{"op", "reset_prefix_cache"}})["freed_blocks"], 3);
+  // A request from the subscriber is read and dropped: the next line is the reset's batch.
+  line = router.call(R"({"op": "stats"})");
+  ASSERT_TRUE(line.ok()) << line.status();
+  batch = json::parse(*line);
+  EXPECT_EQ(batch["kv_events"]["events"][0]["type"], "AllBlocksCleared");
+  const auto text = http_get("127.0.0.1", served.server().metrics_port(), "/metrics");
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_THAT(*text, HasSubstr("\nkvfabric_kv_event_subscribers 1\n"));
+  EXPECT_THAT(*text, HasSubstr("\nkvfabric_kv_event_batches_total 2\n"));
+}
+
 TEST(ControlServerTest, MetricsEndpointServesPrometheusText) {
   ServedCoordinator served;
   ControlClient client = served.client();

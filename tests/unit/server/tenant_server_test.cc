@@ -169,7 +169,7 @@ TEST_F(TenantProtocolTest, EveryOpOnAnotherTenantsSequenceIsRefusedAsUnknownAndC
 }
 
 TEST_F(TenantProtocolTest, StepShutdownAndClusterStatsAreAnAdminsOnly) {
-  for (const char* op : {"step", "shutdown"}) {
+  for (const char* op : {"step", "shutdown", "subscribe", "reset_prefix_cache"}) {
     const json reply = call(alice_, {{"op", op}});
     EXPECT_EQ(code(reply), "PermissionDenied") << reply;
     EXPECT_THAT(reply["error"]["message"].get<std::string>(),
