@@ -11,6 +11,7 @@ KVF_APT_PACKAGES=(
   libopenmpi-dev openmpi-bin
   clang libclang-rt-14-dev
   python3 python3-matplotlib
+  python3-dev python3-venv pybind11-dev python3-numpy python3-mpi4py python3-pytest openssl
 )
 
 kvf_install_packages() {

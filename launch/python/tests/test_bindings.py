@@ -1,0 +1,344 @@
+"""The native bindings in one process: Config, Coordinator, StepPlan, RankCache (CPU backend)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import kvfabric
+from kvfabric import _native  # noqa: F401  (fails here, loudly, when the module is not built)
+
+from conftest import REPO
+
+
+@pytest.fixture
+def config(tiny_yaml) -> kvfabric.Config:
+    return kvfabric.Config.parse(tiny_yaml)
+
+
+# --- Config ----------------------------------------------------------------------------------
+
+
+def test_config_loads_sets_and_validates(config):
+    assert kvfabric.Config.load(str(REPO / "configs" / "tiny-cpu.yaml")).model.name == "tiny-cpu"
+    assert (config.model.num_layers, config.model.head_dim, config.cache.kv_dtype) == (2, 16, "f32")
+    config.cache.block_size = 32  # sections are set in place
+    config.cache.eviction.strategy = "priority"
+    assert config.cache.block_size == 32 and config.cache.eviction.strategy == "priority"
+    config.validate()
+    assert "block_size: 32" in config.dump()
+    # 2 layers x 2 KV heads x 32 tokens x 16 dims x K,V x 4 bytes
+    assert config.block_bytes == 2 * 2 * 32 * 16 * 2 * 4
+
+    config.model.num_kv_heads = 3  # 4 query heads are not a multiple of 3
+    with pytest.raises(kvfabric.InvalidArgumentError) as refused:
+        config.validate()
+    assert refused.value.code == "InvalidArgument" and "num_kv_heads" in refused.value.message
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(kvfabric.Error) as refused:
+        kvfabric.Config.parse("model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, "
+                              "head_dim: 16}\ncache: {block_sise: 16, num_blocks: 8}\n", "bad.yaml")
+    assert refused.value.code == "ParseError" or refused.value.code == "InvalidArgument"
+    assert "block_sise" in refused.value.message
+    with pytest.raises(kvfabric.Error) as missing:
+        kvfabric.Config.load(str(tmp_path / "none.yaml"))
+    assert missing.value.code in ("IoError", "NotFound")
+    with pytest.raises(kvfabric.InvalidArgumentError):
+        kvfabric.Config().cache.kv_dtype = "float7"
+    with pytest.raises(kvfabric.InvalidArgumentError, match="no field 'layers'"):
+        kvfabric.ModelConfig(layers=2)
+
+
+def test_env_overrides_apply_or_change_nothing(config):
+    config.apply_env_overrides({"KVF_CACHE_BLOCK_SIZE": "32"})
+    assert config.cache.block_size == 32
+    with pytest.raises(kvfabric.Error) as refused:
+        config.apply_env_overrides({"KVF_CACHE_BLOKC_SIZE": "64"})
+    assert "KVF_CACHE_BLOCK_SIZE" in refused.value.message  # the closest key
+    assert config.cache.block_size == 32
+
+
+# --- Coordinator and StepPlan ----------------------------------------------------------------
+
+
+def test_coordinator_workflow_and_plan_contents(config):
+    c = kvfabric.Coordinator(config)
+    prompt = list(range(1000, 1040))  # 40 tokens: 2 full blocks and 8 tokens
+    placed = c.admit(1, prompt)
+    assert (placed.replica, placed.cached_tokens, len(placed.blocks)) == (0, 0, 3)
+
+    plan = c.step()
+    assert plan.step == 0 and plan.ops == [] and plan.released == []
+    (table,) = plan.tables
+    assert (table.seq, table.replica, table.num_tokens, table.computed_tokens) == (1, 0, 40, 0)
+    assert (table.first_block, table.blocks) == (0, placed.blocks)
+
+    # A second prompt with the same first 32 tokens finds them cached (indexed by step 0).
+    again = c.admit(2, prompt[:32] + [7, 8, 9])
+    assert again.cached_tokens == 32 and again.blocks[:2] == placed.blocks[:2]
+    c.fork(1, 3)
+    c.append([1, 3], 1)  # they share a partly filled block: the first to write copies it
+    c.set_priority(2, 1)
+    plan = c.step()
+    assert plan.step == 1
+    assert [op.kind for op in plan.ops] == ["copy"]
+    copy = plan.ops[0].copy
+    assert (copy.src_block, copy.src_offset, copy.num_tokens, copy.reason) == (
+        placed.blocks[2], 0, 8, "copy_on_write")
+    assert c.query(1).blocks == placed.blocks[:2] + [copy.dst_block]
+    assert c.query(3).blocks == placed.blocks  # the fork keeps the original, now its own
+    tables = {t.seq: t for t in plan.tables}
+    assert tables[2].computed_tokens == 32 and tables[2].num_tokens == 35
+    assert (tables[1].num_tokens, tables[1].computed_tokens) == (41, 40)
+    # Seq 1's table carries only what changed: its last block, from index 2 on.
+    assert tables[1].first_block == 2 and tables[1].blocks == [copy.dst_block]
+    assert kvfabric.apply_table_change(placed.blocks, tables[1]) == c.query(1).blocks
+    assert (tables[3].first_block, tables[3].blocks) == (0, placed.blocks)  # new: whole
+
+    c.free(2)
+    plan = c.step()
+    assert plan.released == [2]
+    assert c.stats().admitted == 2 and c.stats().steps == 3
+    assert c.replica_stats(0).sequences == 2
+    c.verify_integrity()
+    assert "StepPlan(step=2" in repr(plan) and "released=[2]" in repr(plan)
+
+
+def test_step_plan_serializes_and_refuses_garbage(config):
+    c = kvfabric.Coordinator(config)
+    c.admit(1, list(range(40)))
+    plan = c.step()
+    data = plan.serialize()
+    assert isinstance(data, bytes)
+    assert kvfabric.StepPlan.deserialize(data) == plan
+    assert kvfabric.StepPlan.deserialize(bytearray(data)) == plan
+    with pytest.raises(kvfabric.ParseError) as refused:
+        kvfabric.StepPlan.deserialize(data[: len(data) // 2])
+    assert refused.value.code == "ParseError" and refused.value.message
+    built = kvfabric.StepPlan(step=4, ops=[kvfabric.PlanOp.swap_out(0, 3, 1),
+                                           kvfabric.PlanOp.swap_in(0, 1, 3)])
+    assert kvfabric.StepPlan.deserialize(built.serialize()) == built
+    assert built.count("swap_out") == 1 and kvfabric.plan_waves(built.ops) == [0, 1]
+
+
+def test_errors_carry_code_and_message(config):
+    c = kvfabric.Coordinator(config)
+    with pytest.raises(kvfabric.SequenceNotFoundError) as missing:
+        c.append(99, 1)
+    assert missing.value.code == "SequenceNotFound"
+    assert missing.value.message == "Sequence not found: S99"
+    assert isinstance(missing.value, kvfabric.Error)
+    c.admit(1, [1, 2, 3])
+    with pytest.raises(kvfabric.Error) as exists:
+        c.admit(1, [4, 5, 6])
+    assert exists.value.code == "InvalidOperation" and "S1" in exists.value.message
+    with pytest.raises(kvfabric.InvalidArgumentError):
+        c.admit(2, [])  # an empty prompt
+    with pytest.raises(kvfabric.InvalidArgumentError, match="replica 5 is out of range"):
+        c.replica_stats(5)
+
+
+def test_a_refused_call_changes_nothing(config):
+    config.cache.num_blocks = 8
+    config.cache.host_num_blocks = 0
+    c = kvfabric.Coordinator(config)
+    c.admit(1, list(range(100)))  # 7 blocks of 8
+    c.step()
+    before = (c.stats(), c.replica_stats(0), c.query(1), c.tenant_stats(""))
+    with pytest.raises(kvfabric.OutOfMemoryError) as refused:
+        c.admit(2, list(range(500, 548)))  # 3 blocks; seq 1 has the same priority
+    assert "nothing was changed" in refused.value.message
+    assert (c.stats(), c.replica_stats(0), c.query(1)) == before[:3]
+    assert c.tenant_stats("").refused == before[3].refused + 1  # only the refusal is counted
+    with pytest.raises(kvfabric.SequenceNotFoundError):
+        c.query(2)
+    # The next plan is what it would have been without the refused request.
+    c.append(1, 1)
+    twin = kvfabric.Coordinator(config)
+    twin.admit(1, list(range(100)))
+    twin.step()
+    twin.append(1, 1)
+    assert c.step().serialize() == twin.step().serialize()
+
+
+def test_a_refused_batch_append_says_how_far_it_got(config):
+    c = kvfabric.Coordinator(config)
+    c.admit(1, list(range(32)))
+    c.admit(2, list(range(100, 132)))
+    with pytest.raises(kvfabric.Error) as refused:
+        c.append([1, 2, 77], 1)
+    assert refused.value.code == "SequenceNotFound" and refused.value.done == 2
+    assert refused.value.message == "Sequence not found: S77"
+    assert len(c.query(1).blocks) == 3 and len(c.query(2).blocks) == 3  # both grew
+
+
+def test_tenants_and_quotas(config):
+    c = kvfabric.Coordinator(config)
+    c.set_tenant_quota("team-a", kvfabric.TenantQuota(max_sequences=1))
+    c.admit(1, list(range(20)), tenant="team-a")
+    with pytest.raises(kvfabric.ResourceExhaustedError, match="max_sequences"):
+        c.admit(2, list(range(20)), tenant="team-a")
+    assert c.query(1).tenant == "team-a"
+    assert c.tenant_stats("team-a").sequences == 1 and "team-a" in c.tenants()
+    c.step()
+    # Another tenant's salt does not see team-a's cached prompt.
+    assert c.cached_tokens(0, list(range(20)), tenant="team-a") == 16
+    assert c.cached_tokens(0, list(range(20)), tenant="team-b") == 0
+
+
+def test_dp2_fork_migrates(config):
+    config.topology.dp = 2
+    c = kvfabric.Coordinator(config)
+    c.admit(1, list(range(40)))
+    c.step()
+    assert c.fork(1, 2, replica=1) == 1
+    plan = c.step()
+    migrations = [op for op in plan.ops if op.kind == "migrate"]
+    assert len(migrations) == 3 and {(op.replica, op.dst_replica) for op in migrations} == {(0, 1)}
+    assert plan.count("migrate") == 3
+
+
+# --- RankCache on the CPU backend ------------------------------------------------------------
+
+
+def attention_reference(q, k, v, first):
+    """float64 causal attention: q [m, hq, d] for positions first.., k/v [n, hkv, d]."""
+    m, hq, d = q.shape
+    group = hq // k.shape[1]
+    out = np.empty((m, hq, d))
+    for i in range(m):
+        pos = first + i
+        for h in range(hq):
+            s = k[: pos + 1, h // group].astype(np.float64) @ q[i, h] / np.sqrt(d)
+            w = np.exp(s - s.max())
+            out[i, h] = (w / w.sum()) @ v[: pos + 1, h // group]
+    return out
+
+
+def test_rank_cache_runs_a_plan_and_attention_matches_numpy(config):
+    c = kvfabric.Coordinator(config)
+    cache = kvfabric.RankCache(config)  # CPU backend, one-rank local transport
+    assert cache.layout.num_q_heads == 4 and cache.layout.num_kv_heads == 2
+    rng = np.random.default_rng(1)
+    n, bs = 37, config.cache.block_size
+    c.admit(5, list(range(n)))
+    plan = c.step()
+    cache.execute(plan)
+    blocks = cache.block_table(5)
+    assert blocks == plan.tables[0].blocks and cache.next_step == 1
+    k = rng.standard_normal((n + 1, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((n + 1, 2, 16)).astype(np.float32)
+    q = rng.standard_normal((n + 1, 4, 16)).astype(np.float32)
+    slots = [blocks[p // bs] * bs + p % bs for p in range(n)]
+    cache.append_kv(0, k[:n], v[:n], np.array(slots))
+    out = cache.prefill_attention(0, q[:n], [0, n], [n], [blocks])
+    assert out.shape == (n, 4, 16) and out.dtype == np.float32
+    np.testing.assert_allclose(out, attention_reference(q[:n], k[:n], v[:n], 0), atol=1e-5)
+    gathered_k, gathered_v = cache.gather_kv(0, blocks, n)
+    assert np.array_equal(gathered_k, k[:n]) and np.array_equal(gathered_v, v[:n])
+
+    # A decode step: one more slot, its K/V, one query token over the whole context.
+    c.append(5, 1)
+    cache.execute(c.step())
+    blocks = cache.block_table(5)
+    cache.append_kv(0, k[n:], v[n:], [blocks[n // bs] * bs + n % bs])
+    out, mass = cache.decode_attention(0, q[n:], [blocks], [n + 1], attention_mass=True)
+    np.testing.assert_allclose(out, attention_reference(q[n:], k, v, n), atol=1e-5)
+    assert mass.shape == (1, n + 1) and abs(mass.sum() - 4.0) < 1e-4  # 4 heads, each sums to 1
+    # float16 queries give float16 outputs; `out` is filled in place.
+    into = np.zeros((1, 4, 16), np.float16)
+    assert cache.decode_attention(0, q[n:].astype(np.float16), [blocks], [n + 1], out=into) is into
+    np.testing.assert_allclose(into, attention_reference(q[n:], k, v, n), atol=2e-2)
+
+
+def test_a_plan_of_the_wrong_step_is_refused_and_changes_nothing(config):
+    cache = kvfabric.RankCache(config)
+    with pytest.raises(kvfabric.InvalidOperationError, match="expects step 0"):
+        cache.execute(kvfabric.StepPlan(step=3))
+    with pytest.raises(kvfabric.Error, match="B999"):
+        cache.execute(kvfabric.StepPlan(step=0, ops=[kvfabric.PlanOp.swap_out(0, 999, 0)]))
+    assert cache.next_step == 0 and cache.stats.steps == 0
+    cache.execute(kvfabric.StepPlan(step=0))
+    assert cache.next_step == 1
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        (np.zeros((3, 2, 16), np.float64), "key has dtype float64; expected float32 or float16"),
+        (np.zeros((3, 2, 16), np.int32), "key has dtype int32"),
+        (np.zeros((3, 3, 16), np.float32), "dimension 1 (this rank's KV heads) must be 2"),
+        (np.zeros((3, 2, 8), np.float32), "dimension 2 (head_dim) must be 16"),
+        (np.zeros((3, 32), np.float32), "key must have 3 dimensions"),
+        (np.zeros((3, 2, 32), np.float32)[:, :, ::2], "key (shape (3, 2, 16)) is not C-contiguous"),
+        ([[[0.0] * 16] * 2] * 3, "key must be a NumPy array (got list)"),
+    ],
+)
+def test_bad_numpy_input_is_refused_by_name(config, key, message):
+    cache = kvfabric.RankCache(config)
+    value = np.zeros((3, 2, 16), np.float32)
+    with pytest.raises(ValueError) as refused:  # InvalidArgumentError is a ValueError
+        cache.append_kv(0, key, value, [0, 1, 2])
+    assert message in str(refused.value)
+    assert refused.value.code == "InvalidArgument"
+
+
+def test_bad_metadata_and_outputs_are_refused(config):
+    cache = kvfabric.RankCache(config)
+    k = np.zeros((3, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="slot_mapping has 2 entries; key has 3 tokens"):
+        cache.append_kv(0, k, k, [0, 1])
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = -7"):
+        cache.append_kv(0, k, k, [0, -7, 2])
+    with pytest.raises(ValueError, match="value has shape"):
+        cache.append_kv(0, k, np.zeros((2, 2, 16), np.float32), [0, 1, 2])
+    q = np.zeros((1, 4, 16), np.float32)
+    with pytest.raises(ValueError, match="context_lens has 2 entries"):
+        cache.decode_attention(0, q, [[0]], [1, 1])
+    with pytest.raises(ValueError, match="block_tables has 2 rows"):
+        cache.decode_attention(0, q, [[0], [1]], [1])
+    read_only = np.zeros((1, 4, 16), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        cache.decode_attention(0, q, [[0]], [1], out=read_only)
+    with pytest.raises(ValueError, match="out has dtype float16"):
+        cache.decode_attention(0, q, [[0]], [1], out=np.zeros((1, 4, 16), np.float16))
+    with pytest.raises(ValueError, match="query_start must rise from 0"):
+        cache.prefill_attention(0, q, [0, 2], [1], [[0]])
+    # Values the C++ side checks (a block outside the pool) are refused there, by name too.
+    with pytest.raises(kvfabric.Error, match="64"):
+        cache.decode_attention(0, q, [[64]], [1])
+
+
+def test_long_calls_release_the_gil(config):
+    """A Python thread keeps running while another waits in attention: the counter thread only
+    advances while the GIL is free."""
+    config.cache.num_blocks = 512
+    config.model.head_dim = 128
+    c = kvfabric.Coordinator(config)
+    cache = kvfabric.RankCache(config, backend=kvfabric.Backend.cpu(threads=1))
+    n = 4096
+    c.admit(1, list(range(n)))
+    cache.execute(c.step())
+    blocks = cache.block_table(1)
+    q = np.ones((n, 4, 128), np.float32)
+    ticks, done = [0], threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        start = ticks[0]
+        cache.prefill_attention(0, q, [0, n], [n], [blocks])  # a few hundred ms on one core
+        during = ticks[0] - start
+    finally:
+        done.set()
+        counter.join()
+    assert during > 1000, f"the counter thread ran {during} times during prefill attention"
