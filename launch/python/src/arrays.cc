@@ -48,11 +48,25 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return out + (shape.size() == 1 ? ",)" : ")");
 }
 
+// Array dtypes by their NumPy / PyTorch names.
+std::string dtype_text(DType d) {
+  switch (d) {
+    case DType::kF32:
+      return "float32";
+    case DType::kF16:
+      return "float16";
+    case DType::kBF16:
+      return "bfloat16";
+    default:
+      return std::string(dtype_name(d));
+  }
+}
+
 std::string dtype_list(std::initializer_list<DType> dtypes) {
   std::string out;
   for (DType d : dtypes) {
     if (!out.empty()) out += " or ";
-    out += d == DType::kF32 ? "float32" : d == DType::kF16 ? "float16" : std::string(dtype_name(d));
+    out += dtype_text(d);
   }
   return out;
 }
@@ -221,7 +235,7 @@ Tensor Tensor::from(const py::handle& obj, const char* name, Memory memory,
   }
 
   if (std::find(dtypes.begin(), dtypes.end(), t.dtype_) == dtypes.end()) {
-    raise_invalid(fmt::format("{} has dtype {}; expected {}", name, dtype_name(t.dtype_),
+    raise_invalid(fmt::format("{} has dtype {}; expected {}", name, dtype_text(t.dtype_),
                               dtype_list(dtypes)));
   }
   if (static_cast<int>(t.shape_.size()) != ndim) {
