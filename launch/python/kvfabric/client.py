@@ -85,10 +85,13 @@ class SequenceState:
 
 @dataclass(frozen=True)
 class KvEventBatch:
-    """One step's KV events: blocks stored in or removed from a replica's prefix cache.
+    """KV events of one step (or the subscription's snapshot, or a reset): blocks stored in or
+    removed from a replica's prefix cache.
 
-    Each event is a dict with "type" (BlockStored, BlockRemoved, AllBlocksCleared), "replica",
-    "tier", "block_hashes", "parent_block_hash", "block_size", "num_tokens" and "salt".
+    Each event is a dict with "type" (BlockStored, BlockRemoved, AllBlocksCleared), "replica"
+    and "tier"; BlockStored adds "block_hashes" (in prompt order), "parent_block_hash" (None at
+    a prompt's start), "block_size", "num_tokens" and "salt" (None for public blocks);
+    BlockRemoved adds "block_hashes".
     ``dropped`` counts the batches the server dropped for this subscriber so far (it keeps at
     most ``queue_limit`` waiting for a slow reader)."""
 
@@ -139,6 +142,9 @@ class Batch:
 
     def stats(self) -> int:
         return self._add("stats")
+
+    def reset_prefix_cache(self, replica: Optional[int] = None) -> int:
+        return self._add("reset_prefix_cache", replica=replica)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -293,29 +299,39 @@ class Client:
         r.pop("ok", None)
         return r
 
+    def reset_prefix_cache(self, replica: Optional[int] = None) -> int:
+        """Drops every idle cached prefix, of one replica or all (an admin's); returns the
+        blocks freed. Blocks running sequences use stay."""
+        return self.request("reset_prefix_cache", replica=replica)["freed_blocks"]
+
     def shutdown(self) -> None:
         """Stops the server (an admin's, and only when it runs with --allow-shutdown)."""
         self.request("shutdown")
 
     def events(self, timeout: Optional[float] = None) -> "EventStream":
         """Subscribes this connection to the KV events (an admin's): from now on it carries
-        only event lines, so send other requests on another connection. ``timeout`` bounds each
-        wait for the next batch (None: wait for ever)."""
+        only event lines, so send other requests on another connection. The first batch, when
+        anything is cached, is a snapshot of every cached block (BlockStored events); each
+        later one holds the changes of one step or reset. ``timeout`` bounds each wait for the
+        next batch (None: wait for ever; a timeout raises TimeoutError)."""
         reply = self.request("subscribe")
         if reply.get("subscribed") is not True:
             raise error_for("Internal", f"subscribe was answered with {reply!r}")
         self._subscribed = True
         self._sock.settimeout(timeout)
-        return EventStream(self, int(reply.get("queue_limit", 0)))
+        return EventStream(self, int(reply["queue_limit"]), int(reply.get("step", 0)))
 
 
 class EventStream:
-    """An iterator over KvEventBatch, one per step that changed a prefix cache. It ends when
-    the server closes the connection; ``close()`` closes it from this side."""
+    """An iterator over KvEventBatch: the snapshot, then one per step or reset that changed a
+    prefix cache. It ends when the server closes the connection; ``close()`` closes it from
+    this side. A batch whose ``dropped`` grew follows a gap: subscribe again (a new connection)
+    for a fresh snapshot."""
 
-    def __init__(self, client: Client, queue_limit: int) -> None:
+    def __init__(self, client: Client, queue_limit: int, step: int) -> None:
         self._client = client
         self.queue_limit = queue_limit  #: batches the server queues for us before dropping
+        self.step = step  #: the step the snapshot was taken before
 
     def __iter__(self) -> Iterator[KvEventBatch]:
         return self

@@ -47,6 +47,24 @@ def test_events_stream_the_blocks_each_step_stores(server):
         assert scheduler.step().step == 1
         batch = next(stream)
         (stored,) = [e for e in batch.events if e["type"] == "BlockStored"]
+        third = block_hash(first, other[16:])
         assert batch.step == 1 and stored["parent_block_hash"] == first
-        assert stored["block_hashes"] == [block_hash(first, other[16:])]
+        assert stored["block_hashes"] == [third]
+
+        # A new subscriber starts from a snapshot of everything cached.
+        with kvfabric.Client.connect(server.host, server.port) as late:
+            snapshot_stream = late.events(timeout=10)
+            assert snapshot_stream.step == 2
+            snapshot = next(snapshot_stream)
+            assert {h for e in snapshot.events for h in e["block_hashes"]} == {first, second, third}
+            assert all(e["type"] == "BlockStored" for e in snapshot.events)
+
+        # Freed sequences leave their blocks cached; a reset drops them all.
+        scheduler.free(1)
+        scheduler.free(2)
+        scheduler.step()
+        assert scheduler.reset_prefix_cache() == 3
+        batch = next(stream)
+        assert batch.step == 3 and batch.dropped == 0
+        assert batch.events == [{"type": "AllBlocksCleared", "replica": 0, "tier": "device"}]
         stream.close()
