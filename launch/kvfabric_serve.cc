@@ -7,16 +7,24 @@
 // names it in every reply and on /health for server.fault_grace_ms, then the job ends with a
 // non-zero status (MPI_Abort: MPI_Finalize would wait for that rank for ever). When a rank dies,
 // mpirun ends the job itself and names the rank; the other ranks say when the launcher ended them.
+//
+// Stopping: SIGTERM or SIGINT drains. Rank 0 (or the lone coordinator) takes no new connections,
+// answers the requests it has received, ends every rank and exits 0; the other ranks wait for
+// rank 0 to end them. A second signal ends the process at once.
 #include <fmt/format.h>
 #include <unistd.h>
 #include <CLI/CLI.hpp>
 
+#include <pthread.h>
+#include <signal.h>
+
 #include <atomic>
-#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <thread>
 
 #include "bench/mpi_job.h"
 #include "kvfabric/common/logging.h"
@@ -35,42 +43,73 @@ struct ServeOptions {
   bool allow_shutdown = false;
 };
 
-// What a rank says when the launcher ends it (SIGTERM: mpirun does so when another rank of the
-// job dies): composed before, written by the handler with async-signal-safe calls only.
-char g_ended_by_launcher[256] = "kvfabric-serve: ended by the launcher (SIGTERM)\n";
-char g_last_step_prefix[128] = "kvfabric-serve: the last plan was step ";
-std::atomic<bool> g_coordinating{false};  // rank 0: the handler also says which step was last
+// What a rank says when a signal arrives, composed once the rank knows who it is.
+struct SignalWords {
+  std::mutex mutex;
+  std::string who = "kvfabric-serve";
+  ControlServer* server = nullptr;  // rank 0 while it serves: the signal drains it
+  bool coordinating = false;        // rank 0: a signal before the server exists drains at once
+  bool drain_requested = false;
+};
+SignalWords g_signal;
 std::atomic<uint64_t> g_step{0};
 
-// "kvfabric-serve: rank 0 on HOST: the last plan was step N", async-signal-safe.
-void write_last_step() {
-  char line[160];
-  size_t at = std::strlen(g_last_step_prefix);
-  std::memcpy(line, g_last_step_prefix, at);
-  char digits[21];
-  size_t n = 0;
-  for (uint64_t v = g_step.load(); n == 0 || v > 0; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
-  while (n > 0) line[at++] = digits[--n];
-  line[at++] = '\n';
-  (void)!write(STDERR_FILENO, line, at);
+// SIGTERM and SIGINT go to one thread (they are blocked in every other, MPI's included, since
+// threads inherit the mask), so that draining runs as ordinary code, not in a signal handler.
+void block_stop_signals(sigset_t& set) {
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
-void on_sigterm(int) {
-  (void)!write(STDERR_FILENO, g_ended_by_launcher, std::strlen(g_ended_by_launcher));
-  if (g_coordinating) write_last_step();
-  // SIGTERM is blocked while its handler runs: the default action ends the process on return.
-  std::signal(SIGTERM, SIG_DFL);
-  std::raise(SIGTERM);
+void on_stop_signal(int signal) {
+  std::lock_guard<std::mutex> lock(g_signal.mutex);
+  const char* name = signal == SIGINT ? "SIGINT" : "SIGTERM";
+  if (g_signal.coordinating) {
+    fmt::print(stderr,
+               "kvfabric-serve: {} received {}: draining (no new connections, the requests "
+               "received are answered), then every rank ends; if another rank of the job died, "
+               "the launcher's message names it\nkvfabric-serve: {}: the last plan was step {}\n",
+               g_signal.who, name, g_signal.who, g_step.load());
+    g_signal.drain_requested = true;
+    if (g_signal.server != nullptr) g_signal.server->drain();
+  } else {
+    fmt::print(stderr,
+               "kvfabric-serve: {} received {}: it waits for rank 0 to end the job (a second "
+               "signal ends it now); if another rank of the job died, the launcher's message "
+               "names it\n",
+               g_signal.who, name);
+  }
+  std::fflush(stderr);
 }
 
-void say_when_ended(const std::string& who) {
-  std::snprintf(g_ended_by_launcher, sizeof g_ended_by_launcher,
-                "kvfabric-serve: %s was ended by the launcher (SIGTERM); if another rank of the "
-                "job died, the launcher's message names it\n",
-                who.c_str());
-  std::snprintf(g_last_step_prefix, sizeof g_last_step_prefix,
-                "kvfabric-serve: %s: the last plan was step ", who.c_str());
-  std::signal(SIGTERM, on_sigterm);
+// Runs for the life of the process: the first signal drains, a second ends the process.
+void watch_stop_signals(sigset_t set) {
+  std::thread([set] {
+    int signal = 0;
+    if (sigwait(&set, &signal) != 0) return;
+    on_stop_signal(signal);
+    if (sigwait(&set, &signal) != 0) return;
+    fmt::print(stderr, "kvfabric-serve: {}: a second signal: ending now\n", g_signal.who);
+    std::fflush(stderr);
+    pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+    ::signal(signal, SIG_DFL);
+    raise(signal);
+  }).detach();
+}
+
+void say_who(const std::string& who, bool coordinating) {
+  std::lock_guard<std::mutex> lock(g_signal.mutex);
+  g_signal.who = who;
+  g_signal.coordinating = coordinating;
+}
+
+// The running server, drained at once when a signal came before it existed.
+void serve_until_signalled(ControlServer* server) {
+  std::lock_guard<std::mutex> lock(g_signal.mutex);
+  g_signal.server = server;
+  if (server != nullptr && g_signal.drain_requested) server->drain();
 }
 
 // Rank 0's role: the Coordinator behind the control server, until a shutdown or an error.
@@ -78,7 +117,6 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
   KVF_ASSIGN_OR_RETURN(Coordinator coordinator, Coordinator::create(config));
   PlanSink sink;
   if (ranks) {
-    g_coordinating = true;
     sink = [&](const StepPlan& plan) {
       g_step = plan.step;
       return ranks->execute(plan);
@@ -108,7 +146,10 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
                  ? fmt::format("{} MPI ranks execute the plans (CPU backend)", ranks->world_size())
                  : "coordinator only (no MPI launcher: no KV is held)");
   std::fflush(stdout);
-  KVF_RETURN_IF_ERROR(server->run());
+  serve_until_signalled(server.get());
+  const Status served = server->run();
+  serve_until_signalled(nullptr);
+  KVF_RETURN_IF_ERROR(served);
   fmt::print("kvfabric-serve: stopped after {} steps\n", coordinator.stats().steps);
   return coordinator.verify_integrity();
 }
@@ -121,7 +162,7 @@ void announce(const RankJob& ranks) {
              "transport\n",
              who, getpid(), l.world_size, l.replica, l.shard);
   std::fflush(stdout);
-  say_when_ended(who);
+  say_who(who, ranks.is_root());
 }
 
 int serve(const ServeOptions& options) {
@@ -140,6 +181,7 @@ int serve(const ServeOptions& options) {
   auto job = bench::MpiPlanJob::launch(config->topology);
   if (!job.ok()) return fail(job.status());
   if (!*job) {
+    say_who("the coordinator", /*coordinating=*/true);
     const Status served = coordinate(*config, options, nullptr);
     return served.ok() ? 0 : fail(served);
   }
@@ -200,5 +242,9 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "kvfabric-serve: {}\n", log.message());
     return 2;
   }
+  // Before MPI starts its threads, so that they inherit the mask.
+  sigset_t stop_signals;
+  block_stop_signals(stop_signals);
+  watch_stop_signals(stop_signals);
   return serve(options);
 }

@@ -122,8 +122,8 @@ std::variant<std::string_view, std::string> http_get_path(std::string_view head)
   return target.substr(0, target.find('?'));
 }
 
-std::string health_body(const ControlHealth& h) {
-  nlohmann::json body = {{"status", h.ok ? "ok" : "unavailable"},
+std::string health_body(const ControlHealth& h, bool draining) {
+  nlohmann::json body = {{"status", !h.ok ? "unavailable" : draining ? "draining" : "ok"},
                          {"steps", h.steps},
                          {"stepping", h.stepping}};
   if (!h.ok) body["problem"] = h.problem;
@@ -254,6 +254,28 @@ struct ControlServer::Impl {
     io.stop();
   }
 
+  // No new connections; the requests received are answered, then run() returns.
+  void drain() {
+    draining = true;
+    {
+      std::lock_guard<std::mutex> lock(mutex);  // serve_requests() waits on `wake` under it
+    }
+    wake.notify_all();
+    asio::post(io, [this] {
+      ErrorCodeT ignored;
+      control->acceptor.close(ignored);
+    });
+  }
+
+  // A reply has been written (or failed): drain() waits for the last one.
+  void reply_done() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      --replies_in_flight;
+    }
+    wake.notify_all();
+  }
+
   // The request thread: answers queued lines until stop(), or until fault_grace after the
   // protocol failed (a rank did not answer).
   void serve_requests();
@@ -269,10 +291,12 @@ struct ControlServer::Impl {
   asio::io_context io;
   std::unique_ptr<Listener> control, http;
 
-  std::mutex mutex;  // guards jobs and stopping
+  std::mutex mutex;  // guards jobs, stopping and replies_in_flight
   std::condition_variable wake;
   std::deque<Job> jobs;
   bool stopping = false;
+  uint64_t replies_in_flight = 0;  // posted to the io thread, not written yet
+  std::atomic<bool> draining{false};
 };
 
 // What every connection has: its socket, a timer, buffers, and its place among the endpoint's
@@ -352,11 +376,12 @@ class ControlServer::Impl::ControlSession
     arm_idle_timer();  // a client that does not read its reply is idle too
     stream_.async_write(asio::buffer(reply_), [self = shared_from_this()](ErrorCodeT e, size_t) {
       self->idle_.cancel();
+      self->server_.reply_done();
       if (self->server_.protocol.shutdown_requested()) {
         self->server_.stop();
         return;
       }
-      if (self->close_after_reply_) {
+      if (self->close_after_reply_ || self->server_.draining) {
         self->close();
         return;
       }
@@ -538,23 +563,33 @@ class ControlServer::Impl::HttpSession
 };
 
 void ControlServer::Impl::serve_requests() {
-  std::optional<Clock::time_point> give_up;  // fault_grace after the protocol failed
+  std::optional<Clock::time_point> give_up;   // fault_grace after the protocol failed
+  std::optional<Clock::time_point> drain_by;  // a drain waits this long for slow readers at most
   while (true) {
     Job job;
     {
       std::unique_lock<std::mutex> lock(mutex);
-      const auto ready = [&] { return stopping || !jobs.empty(); };
-      if (give_up) {
+      // Draining ends once every received request is answered and its reply written.
+      const auto drained = [&] { return draining && jobs.empty() && replies_in_flight == 0; };
+      const auto ready = [&] {
+        return stopping || !jobs.empty() || drained() || (draining && !drain_by);
+      };
+      if (draining && !drain_by) drain_by = Clock::now() + options.http_timeout;
+      std::optional<Clock::time_point> until = give_up;
+      if (drain_by && (!until || *drain_by < *until)) until = drain_by;
+      if (until) {
         // The clock ends the grace, not a quiet moment: clients that keep asking (retrying
         // after Unavailable, polling stats) must not keep a job with a dead rank alive.
-        wake.wait_until(lock, *give_up, ready);
-        if (Clock::now() >= *give_up) break;
+        wake.wait_until(lock, *until, ready);
+        if (Clock::now() >= *until) break;
       } else {
         wake.wait(lock, ready);
       }
-      if (stopping) break;
+      if (draining && !drain_by) continue;  // woken by drain(): wait again, with its deadline
+      if (stopping || drained()) break;
       job = std::move(jobs.front());
       jobs.pop_front();
+      ++replies_in_flight;
     }
     std::string reply = protocol.handle(job.line, job.session->identity()) + "\n";
     job.session->note_identity();
@@ -610,9 +645,11 @@ std::string ControlServer::Impl::http_reply(std::string_view head) const {
     return http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics_text());
   }
   if (target == "/health") {
+    // Draining is not ready: a load balancer stops sending before the server goes.
     const ControlHealth health = protocol.health();
-    return http_response(health.ok ? "200 OK" : "503 Service Unavailable", "application/json",
-                         health_body(health));
+    const bool drain = draining.load();
+    return http_response(health.ok && !drain ? "200 OK" : "503 Service Unavailable",
+                         "application/json", health_body(health, drain));
   }
   return http_response("404 Not Found", "text/plain", "served here: /metrics and /health\n");
 }
@@ -697,6 +734,10 @@ Status ControlServer::run() {
 
 void ControlServer::stop() {
   impl_->stop();
+}
+
+void ControlServer::drain() {
+  impl_->drain();
 }
 
 // --- client ---------------------------------------------------------------------------------

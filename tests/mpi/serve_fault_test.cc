@@ -48,7 +48,8 @@ uint16_t free_port() {
 // the test ends, so that no test leaves a job behind.
 class ServeJob {
  public:
-  explicit ServeJob(const std::vector<std::string>& mpirun_flags = {}) {
+  //! Without `under_mpirun`, kvfabric-serve runs alone (the coordinator, no ranks).
+  explicit ServeJob(const std::vector<std::string>& mpirun_flags = {}, bool under_mpirun = true) {
     config_path_ = ::testing::TempDir() + "kvf_fault_" + std::to_string(getpid()) + ".yaml";
     metrics_port_ = free_port();
     std::ofstream(config_path_)
@@ -58,9 +59,12 @@ class ServeJob {
            "topology: {dp: 2, tp: 1}\n"
            "server: {port: 0, metrics_port: "
         << metrics_port_ << ", fault_grace_ms: 1500}\nruntime: {plan_deadline_ms: 500}\n";
-    std::vector<std::string> args = {KVF_MPIEXEC, "-n", "2"};
-    if (std::string(KVF_MPIEXEC_FLAGS).size() > 0) args.push_back(KVF_MPIEXEC_FLAGS);
-    args.insert(args.end(), mpirun_flags.begin(), mpirun_flags.end());
+    std::vector<std::string> args;
+    if (under_mpirun) {
+      args = {KVF_MPIEXEC, "-n", "2"};
+      if (std::string(KVF_MPIEXEC_FLAGS).size() > 0) args.push_back(KVF_MPIEXEC_FLAGS);
+      args.insert(args.end(), mpirun_flags.begin(), mpirun_flags.end());
+    }
     args.insert(args.end(), {KVF_SERVE_BINARY, "--config", config_path_});
     start(args);
   }
@@ -100,6 +104,7 @@ class ServeJob {
     return output_;
   }
   uint16_t metrics_port() const { return metrics_port_; }
+  pid_t pid() const { return pid_; }
 
  private:
   void start(const std::vector<std::string>& args) {
@@ -235,8 +240,41 @@ TEST(ServeFaultTest, AKilledRankEndsTheJobAndIsNamed) {
   ASSERT_TRUE(status.has_value()) << "the job hangs:\n" << job.output();
   EXPECT_NE(*status, 0);
   EXPECT_THAT(job.output(), ContainsRegex("process rank 1 .* on node \\S+ exited on signal 9"));
-  EXPECT_THAT(job.output(), ContainsRegex("rank 0 on \\S+ was ended by the launcher"));
+  EXPECT_THAT(job.output(), ContainsRegex("rank 0 on \\S+ received SIGTERM"));
   EXPECT_THAT(job.output(), ContainsRegex("rank 0 on \\S+: the last plan was step 0"));
+}
+
+// An operator's SIGTERM (mpirun hands it to every rank) drains: the request in progress is
+// answered, rank 0 ends the other ranks, and every process exits 0.
+TEST(ServeFaultTest, SigtermDrainsAndTheJobExitsZero) {
+  ServeJob job;
+  const Started started = wait_until_serving(job);
+  const auto rank0 = job.wait_for(R"(rank 0 on \S+ \(pid (\d+))", kStartup);
+  ASSERT_TRUE(started.port != 0 && rank0) << job.output();
+  auto client = ControlClient::connect("127.0.0.1", started.port);
+  ASSERT_TRUE(client.ok()) << client.status();
+  ASSERT_EQ(call(*client, {{"op", "admit"}, {"seq", 1}, {"tokens", {1, 2, 3}}})["ok"], true);
+  ASSERT_EQ(call(*client, {{"op", "step"}})["ok"], true);
+  ASSERT_EQ(kill(started.rank1, SIGTERM), 0);
+  ASSERT_EQ(kill(static_cast<pid_t>(std::stoi(*rank0)), SIGTERM), 0);
+  const auto status = job.wait_exit(std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value()) << "the job hangs:\n" << job.output();
+  EXPECT_EQ(*status, 0) << job.output();
+  EXPECT_THAT(job.output(), ContainsRegex("rank 0 on \\S+ received SIGTERM: draining"));
+  EXPECT_THAT(job.output(), ContainsRegex("rank 1 on \\S+ received SIGTERM: it waits for rank 0"));
+  EXPECT_THAT(job.output(), HasSubstr("stopped after 1 steps"));
+}
+
+TEST(ServeFaultTest, SigtermDrainsTheLoneCoordinator) {
+  ServeJob job({}, /*under_mpirun=*/false);
+  const auto port = job.wait_for(R"(control plane on 127\.0\.0\.1:(\d+))", kStartup);
+  ASSERT_TRUE(port) << job.output();
+  ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
+  const auto status = job.wait_exit(std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value()) << "it hangs:\n" << job.output();
+  EXPECT_EQ(*status, 0) << job.output();
+  EXPECT_THAT(job.output(), HasSubstr("the coordinator received SIGTERM: draining"));
+  EXPECT_THAT(job.output(), HasSubstr("stopped after 0 steps"));
 }
 
 // With mpirun --enable-recovery the job outlives the dead rank, and the deadline names it.

@@ -92,6 +92,10 @@ class ControlServer {
   Status run();
   //! Makes run() return soon; callable from any thread, also before run().
   void stop();
+  //! A graceful stop (SIGTERM): no new connections, /health answers 503 "draining", the
+  //! requests already received are answered and each connection is closed after its reply; then
+  //! run() returns. Callable from any thread (not from a signal handler).
+  void drain();
 
  private:
   struct Impl;

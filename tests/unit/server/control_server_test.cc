@@ -224,6 +224,41 @@ TEST(ControlServerTest, HealthAndMetricsAnswerWhileAStepRuns) {
 
 // After a plan failed to reach the ranks, reads and /health still answer, changes are refused
 // naming the cause, and run() returns the failure once the grace period is over.
+TEST(ControlServerTest, DrainAnswersTheRequestInProgressThenRunReturns) {
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> in_sink{false};
+  ServedCoordinator served(ServedCoordinator::loopback(), {}, [&](const StepPlan&) {
+    in_sink = true;
+    released.wait();
+    return ok_status();
+  });
+  const uint16_t port = served.server().port();
+  std::thread stepper([&] {
+    ControlClient client = served.client();
+    EXPECT_EQ(call(client, {{"op", "step"}})["step"], 0);  // answered although draining
+    // The connection closes after that reply.
+    EXPECT_EQ(client.call(R"({"op": "stats"})").status().code(), ErrorCode::kUnavailable);
+  });
+  while (!in_sink) std::this_thread::yield();
+  served.server().drain();
+  // Not ready any more, and no new connection is taken.
+  const auto health = http_get("127.0.0.1", served.server().metrics_port(), "/health");
+  ASSERT_FALSE(health.ok());
+  EXPECT_THAT(health.status().message(), HasSubstr("503"));
+  EXPECT_THAT(health.status().message(), HasSubstr("draining"));
+  // The io thread closes the acceptor soon after.
+  bool refused = false;
+  for (int i = 0; i < 500 && !refused; ++i) {
+    refused = !ControlClient::connect("127.0.0.1", port).ok();
+    if (!refused) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(refused);
+  release.set_value();
+  stepper.join();
+  EXPECT_TRUE(served.join().ok());
+}
+
 TEST(ControlServerTest, AfterARankFaultReadsAnswerAndRunEndsWithTheFailure) {
   ControlServerOptions options = ServedCoordinator::loopback();
   options.fault_grace = std::chrono::milliseconds(200);
