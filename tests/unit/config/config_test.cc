@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <map>
 #include <string>
 #include <utility>
@@ -38,6 +39,23 @@ TEST(Config, ShippedConfigsLoad) {
   EXPECT_EQ(tiny->cache.num_blocks, 256u);
   EXPECT_EQ(tiny->cache.kv_dtype, DType::kF32);
   EXPECT_EQ(tiny->cache.eviction.window_tokens, 64u);
+}
+
+// Every file shipped in configs/ (examples and docs use them; `cmake --install` installs them)
+// loads, validates and has a valid block layout, so none goes stale unnoticed.
+TEST(Config, EveryFileInConfigsLoads) {
+  size_t files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(kConfigDir)) {
+    if (!entry.is_regular_file()) continue;
+    ++files;
+    const std::string path = entry.path().string();
+    EXPECT_EQ(entry.path().extension(), ".yaml") << path << ": configs/ holds only YAML configs";
+    const auto config = load_config_file(path);
+    ASSERT_TRUE(config.ok()) << path << ": " << config.status();
+    EXPECT_TRUE(block_layout(*config).ok()) << path;
+    EXPECT_TRUE(resolved_num_blocks(*config).ok()) << path;
+  }
+  EXPECT_GE(files, 4u);
 }
 
 TEST(Config, MissingFileIsIoError) {
