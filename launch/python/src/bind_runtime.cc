@@ -22,6 +22,7 @@ namespace {
 struct TransportHandle {
   std::optional<MpiRuntime> mpi;
   std::unique_ptr<Transport> transport;
+  int caches = 0;  // RankCaches made on it (they hold a reference to `transport`)
 
   Transport& get() {
     if (!transport) raise_status(invalid_operation("the transport was closed"));
@@ -46,7 +47,14 @@ class PyRankCache {
     Transport& t = transport_->get();
     const uint32_t r = rank.value_or(static_cast<uint32_t>(t.rank().value));
     cache_ = unwrap(RankCache::create(config, r, *backend_->backend, t));
+    ++transport_->caches;
   }
+  ~PyRankCache() {
+    cache_.reset();
+    --transport_->caches;
+  }
+  PyRankCache(const PyRankCache&) = delete;
+  PyRankCache& operator=(const PyRankCache&) = delete;
 
   template <typename F>
   auto locked(F&& f) {
@@ -202,6 +210,11 @@ void bind_runtime(py::module_& m) {
       .def(
           "close",
           [](TransportHandle& h) {
+            if (h.caches > 0) {
+              raise_status(invalid_operation(
+                  std::to_string(h.caches) + " RankCache(s) still use this transport: delete "
+                  "them before closing it"));
+            }
             h.transport.reset();
             h.mpi.reset();
           },

@@ -142,6 +142,7 @@ class Record {
   }
   py::class_<T>& cls() { return cls_; }
 
+  // __repr__ and __eq__ are defined last, once every field() has named its attribute.
   ~Record() {
     auto fields = fields_;
     std::string type = name_;

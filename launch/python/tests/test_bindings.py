@@ -255,6 +255,17 @@ def test_rank_cache_runs_a_plan_and_attention_matches_numpy(config):
     np.testing.assert_allclose(into, attention_reference(q[n:], k, v, n), atol=2e-2)
 
 
+def test_a_transport_outlives_its_caches(config):
+    transport = kvfabric.Transport.local()
+    cache = kvfabric.RankCache(config, transport=transport)
+    with pytest.raises(kvfabric.InvalidOperationError, match="1 RankCache"):
+        transport.close()
+    del cache
+    transport.close()
+    with pytest.raises(kvfabric.InvalidOperationError, match="closed"):
+        transport.barrier()
+
+
 def test_a_plan_of_the_wrong_step_is_refused_and_changes_nothing(config):
     cache = kvfabric.RankCache(config)
     with pytest.raises(kvfabric.InvalidOperationError, match="expects step 0"):
