@@ -124,6 +124,12 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
   }
   ControlProtocolOptions limits = ControlProtocolOptions::from(config.server);
   limits.allow_shutdown = options.allow_shutdown;
+  if (ranks) {
+    limits.backend = "cpu";
+    limits.extra_metrics = [ranks, tp = config.topology.tp] {
+      return bench::rank_metrics_text(ranks->rank_stats(), tp);
+    };
+  }
   std::optional<TenantDirectory> tenants;
   if (!config.server.tenants_file.empty()) {
     KVF_ASSIGN_OR_RETURN(tenants, TenantDirectory::load(config.server.tenants_file));

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <memory>
+#include <span>
+#include <string>
 
 #include "kvfabric/backend/backend.h"
 #include "kvfabric/config/config.h"
@@ -38,5 +40,9 @@ class MpiPlanJob {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<RankJob> ranks_;
 };
+
+//! Every rank's RankCacheStats (RankJob::rank_stats(), in rank order) as Prometheus families
+//! labelled rank, replica and shard (`tp` shards per replica), for rank 0's /metrics.
+std::string rank_metrics_text(std::span<const RankCacheStats> ranks, uint32_t tp);
 
 }  // namespace kvfabric::bench

@@ -10,6 +10,7 @@
 #include "common/host_memory.h"
 #include "common/log.h"
 #include "common/slot_map.h"
+#include "coordinator/seen_blocks.h"
 
 namespace kvfabric {
 namespace {
@@ -100,6 +101,7 @@ Result<Coordinator> Coordinator::create(const Config& config) {
   KVF_ASSIGN_OR_RETURN(c.index_,
                        GlobalPrefixIndex::create({config.cache.block_size, config.topology.dp,
                                                   static_cast<uint32_t>(device_blocks)}));
+  c.seen_ = std::make_unique<detail::SeenBlocks>(device_blocks * config.topology.dp);
   for (uint32_t r = 0; r < config.topology.dp; ++r) {
     KVF_ASSIGN_OR_RETURN(PagedKvCache pool, PagedKvCache::create(config));
     KVF_RETURN_IF_ERROR(pool.set_block_retainer(&c.index_->retainer(r)));
@@ -191,7 +193,7 @@ size_t Coordinator::cached_tokens(uint32_t replica, std::span<const TokenId> pro
 }
 
 size_t Coordinator::host_memory_bytes() const {
-  size_t bytes = index_->memory_bytes() + seqs_->memory_bytes() +
+  size_t bytes = index_->memory_bytes() + seqs_->memory_bytes() + seen_->memory_bytes() +
                  replicas_.size() * sizeof(Replica) + by_load_->size() * 24;
   for (const Replica& rep : replicas_) {
     bytes += rep.pool.host_memory_bytes() + rep.host.total() * BlockAllocator::kBytesPerBlock;
@@ -475,7 +477,53 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
     relieve(choice.replica, choice.victims);
     index_->lookup(key, lookup_);  // making room may have evicted or moved cached blocks
   }
-  return place(seq, std::move(prompt), std::move(key), priority, tenant, choice);
+  const size_t best_tokens = lookup_.tokens();
+  KVF_ASSIGN_OR_RETURN(Placement placed,
+                       place(seq, std::move(prompt), std::move(key), priority, tenant, choice));
+  count_misses(admitted_now_.back().key, best_tokens, placed);
+  return placed;
+}
+
+void Coordinator::count_misses(const RadixKey& key, size_t best_tokens, const Placement& placed) {
+  const size_t bs = config_.cache.block_size;
+  const size_t length = key.tokens().size();
+  const size_t full = length - length % bs;
+  MissedTokens& missed = stats_.missed;
+  missed.partial_block += length - full;
+  const size_t served = placed.cached_tokens;
+  const size_t covered = std::max(best_tokens, served);
+  missed.other_replica += covered - served;
+  // Past what any replica holds: blocks seen before were evicted; then, for a salted prompt,
+  // blocks seen under another salt; the rest are new. Each run stops at the first block that is
+  // not seen, as the blocks after it extend a prefix nobody cached.
+  size_t pos = covered;
+  while (pos < full && seen_->contains(detail::SeenBlocks::key(key.unit_key(pos), pos / bs, false))) {
+    pos += bs;
+  }
+  missed.evicted += pos - covered;
+  const size_t salted_from = pos;
+  if (!key.scope().salt.empty()) {
+    while (pos < full && seen_->contains(detail::SeenBlocks::key(
+                             detail::radix_unit_key(key.tokens().subspan(pos, bs), bs), pos / bs,
+                             /*any_salt=*/true))) {
+      pos += bs;
+    }
+  }
+  missed.other_salt += pos - salted_from;
+  missed.never_seen += full - pos;
+}
+
+void Coordinator::remember_blocks(const RadixKey& key, size_t fresh) {
+  const size_t bs = config_.cache.block_size;
+  const size_t full = key.tokens().size() / bs * bs;
+  for (size_t pos = full - fresh * bs; pos < full; pos += bs) {
+    const uint64_t unit = key.unit_key(pos);
+    seen_->add(detail::SeenBlocks::key(unit, pos / bs, false));
+    // The content under any salt: a public block's unit key has no salt in it already.
+    const uint64_t content =
+        key.salt_at(pos).empty() ? unit : detail::radix_unit_key(key.tokens().subspan(pos, bs), bs);
+    seen_->add(detail::SeenBlocks::key(content, pos / bs, true));
+  }
 }
 
 Coordinator::PromptMatch Coordinator::match_of(size_t tokens) const {
@@ -1054,6 +1102,7 @@ void Coordinator::index_planned_prompts() {
       const Status retained = pool.retain_block(block);
       KVF_CHECK(retained.ok(), "retaining a newly indexed block failed: " + retained.to_string());
     }
+    remember_blocks(admitted.key, added->size());
     // Blocks hung under an idle cached prefix make it used: the replica's load moves.
     mark_load(r);
   }

@@ -1,6 +1,7 @@
 #include "kvfabric/runtime/rank_cache.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <set>
 #include <sstream>
@@ -306,21 +307,51 @@ Result<std::vector<uint64_t>> RankCache::agree(const Status& verdict, RankId roo
   return verdicts;
 }
 
+namespace {
+
+// RankCacheStats as the words a report carries, and back.
+constexpr size_t kStatsWords = 8;
+std::array<uint64_t, kStatsWords> stats_words(const RankCacheStats& s) {
+  return {s.steps, s.waves, s.swapped_out_blocks, s.swapped_in_blocks, s.migrated_blocks_sent,
+          s.migrated_blocks_received, s.token_copies, s.overlapped_waves};
+}
+RankCacheStats stats_from(const std::array<uint64_t, kStatsWords>& w) {
+  return RankCacheStats{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]};
+}
+
+}  // namespace
+
 Status RankCache::report(const Status& ran, RankId root, uint64_t step) {
-  // [code][message]: rank `root` answers for the whole step.
-  std::vector<uint8_t> mine(1, static_cast<uint8_t>(ran.code()));
+  // [code][this rank's stats][message]: rank `root` answers for the whole step and keeps every
+  // rank's figures for its metrics.
+  const std::array<uint64_t, kStatsWords> words = stats_words(stats_);
+  std::vector<uint8_t> mine(1 + sizeof words);
+  mine[0] = static_cast<uint8_t>(ran.code());
+  std::memcpy(mine.data() + 1, words.data(), sizeof words);
   mine.insert(mine.end(), ran.message().begin(), ran.message().end());
   std::vector<std::vector<uint8_t>> reports;
   KVF_RETURN_IF_ERROR(transport_->gather(mine, root, reports));
   if (transport_->rank() != root) return ran;
   std::string failures;
   ErrorCode first = ErrorCode::kOk;
+  job_stats_.assign(reports.size(), RankCacheStats{});
   for (size_t r = 0; r < reports.size(); ++r) {
-    if (reports[r].empty() || reports[r][0] == 0) continue;
-    if (first == ErrorCode::kOk) first = static_cast<ErrorCode>(reports[r][0]);
+    const std::vector<uint8_t>& report = reports[r];
+    if (report.size() < 1 + sizeof words) {
+      failures += (failures.empty() ? "" : "; ") +
+                  transport_->describe(RankId{static_cast<int32_t>(r)}) + ": a report of " +
+                  std::to_string(report.size()) + " bytes";
+      if (first == ErrorCode::kOk) first = ErrorCode::kInternal;
+      continue;
+    }
+    std::array<uint64_t, kStatsWords> theirs{};
+    std::memcpy(theirs.data(), report.data() + 1, sizeof theirs);
+    job_stats_[r] = stats_from(theirs);
+    if (report[0] == 0) continue;
+    if (first == ErrorCode::kOk) first = static_cast<ErrorCode>(report[0]);
     failures += (failures.empty() ? "" : "; ") +
                 transport_->describe(RankId{static_cast<int32_t>(r)}) + ": " +
-                std::string(reports[r].begin() + 1, reports[r].end());
+                std::string(report.begin() + 1 + sizeof words, report.end());
   }
   if (failures.empty()) return ok_status();
   return Status(first, "step " + std::to_string(step) + " failed on " + failures);

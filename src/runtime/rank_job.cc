@@ -39,7 +39,16 @@ Status RankJob::execute(const StepPlan& plan) {
   std::vector<uint8_t> bytes = plan.serialize();
   Status done = transport_->broadcast(bytes, kRoot);
   if (done.ok()) done = cache_->execute_agreed(bytes, kRoot);
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    rank_stats_ = cache_->job_stats();
+  }
   return with_deadline_key(std::move(done), plan.step);
+}
+
+std::vector<RankCacheStats> RankJob::rank_stats() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  return rank_stats_;
 }
 
 Status RankJob::finish() {

@@ -1,7 +1,9 @@
 #include "kvfabric/server/control_protocol.h"
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -9,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvfabric/common/version.h"
 #include "kvfabric/server/metrics.h"
 
 namespace kvfabric {
@@ -254,6 +257,12 @@ json stats_reply(const Coordinator& coordinator) {
           {"parked", s.parked},
           {"preempted", s.preempted},
           {"steps", s.steps},
+          {"missed_tokens",
+           {{"partial_block", s.missed.partial_block},
+            {"other_replica", s.missed.other_replica},
+            {"evicted", s.missed.evicted},
+            {"other_salt", s.missed.other_salt},
+            {"never_seen", s.missed.never_seen}}},
           {"replicas", std::move(replicas)}};
 }
 
@@ -332,8 +341,34 @@ class ControlRequestHandler {
 
 std::string ControlProtocol::metrics_text() const {
   const ControlStats requests = stats();
-  std::lock_guard<std::mutex> lock(mutex_);
-  return render_metrics(*coordinator_, &requests);
+  std::string text;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    text = render_metrics(*coordinator_, &requests);
+    const Config& config = coordinator_->config();
+    const BuildFeatures built = build_features();
+    const MetricSample info{
+        fmt::format("version=\"{}\",model=\"{}\",dp=\"{}\",tp=\"{}\",backend=\"{}\","
+                    "kv_dtype=\"{}\",cuda=\"{}\",nccl=\"{}\",mpi=\"{}\"",
+                    version(), prometheus_label_value(config.model.name), config.topology.dp,
+                    config.topology.tp, prometheus_label_value(options_.backend),
+                    dtype_name(config.cache.kv_dtype), built.cuda ? "on" : "off",
+                    built.nccl ? "on" : "off", built.mpi ? "on" : "off"),
+        1};
+    append_metric_family(text, "kvfabric_build_info", "gauge",
+                         "The build and the job: version, model, topology, backend and KV dtype "
+                         "as labels; the value is always 1.",
+                         std::span(&info, 1));
+    admit_seconds_.render(text, "kvfabric_admit_duration_seconds",
+                          "Coordinator time of each admit request (lookup, placement, allocation).");
+    step_seconds_.render(text, "kvfabric_step_duration_seconds",
+                         "Coordinator time of each step request, before its plan goes out.");
+    plan_seconds_.render(text, "kvfabric_plan_execution_duration_seconds",
+                         "From a step's plan going out to every rank having executed it.");
+  }
+  // Outside the lock: the ranks' figures come from the plan sink's side (kvfabric-serve).
+  if (options_.extra_metrics) text += options_.extra_metrics();
+  return text;
 }
 
 ControlHealth ControlProtocol::health() const {
@@ -488,14 +523,21 @@ json ControlRequestHandler::handle_locked(ControlProtocol& protocol, const json&
 }
 
 Result<json> ControlRequestHandler::step(ControlProtocol& protocol, Lock& lock) {
-  KVF_ASSIGN_OR_RETURN(const StepPlan plan, protocol.coordinator_->step());
+  using Clock = std::chrono::steady_clock;  // for the histograms only
+  const auto started = Clock::now();
+  Result<StepPlan> planned = protocol.coordinator_->step();
+  protocol.step_seconds_.observe(Clock::now() - started);
+  KVF_ASSIGN_OR_RETURN(const StepPlan plan, std::move(planned));
   if (protocol.sink_) {
     // The ranks execute the plan without the lock: metrics, health and other readers answer
     // meanwhile, and nothing else changes the coordinator (handle() has one caller at a time).
     protocol.stepping_ = true;
     lock.unlock();
+    const auto sent = Clock::now();
     const Status delivered = protocol.sink_(plan);
+    const auto executed = Clock::now();
     lock.lock();
+    protocol.plan_seconds_.observe(executed - sent);
     protocol.stepping_ = false;
     if (!delivered.ok()) {
       protocol.failure_ =
@@ -587,8 +629,10 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       options.tenant = who.tenant;
       options.cache_salt = salt;
       options.public_tokens = public_tokens.value_or(0);
-      KVF_ASSIGN_OR_RETURN(const Placement placed,
-                           coordinator.admit(SeqId{seq}, std::move(tokens), options));
+      const auto started = std::chrono::steady_clock::now();
+      Result<Placement> admitted = coordinator.admit(SeqId{seq}, std::move(tokens), options);
+      protocol.admit_seconds_.observe(std::chrono::steady_clock::now() - started);
+      KVF_ASSIGN_OR_RETURN(const Placement placed, std::move(admitted));
       return json{{"replica", placed.replica},
                   {"cached_tokens", placed.cached_tokens},
                   {"migrated_tokens", placed.migrated_tokens},

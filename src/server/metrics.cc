@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <iterator>
 
 #include "kvfabric/server/control_protocol.h"
@@ -27,21 +28,6 @@ void counter(std::string& out, std::string_view name, std::string_view help, uin
   family(out, name, "counter", help, [&](auto&& sample) { sample("", value); });
 }
 
-// A label value as the text format wants it: backslash, quote and newline escaped. (Tenant names
-// from a tenants file are plain; the in-process API takes any string.)
-std::string label_value(std::string_view text) {
-  std::string out;
-  for (char c : text) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
-
 // One family per TenantStats field, a sample per tenant (the default tenant is tenant="").
 void render_tenant_metrics(std::string& out, const Coordinator& coordinator) {
   const std::vector<std::string> names = coordinator.tenants();
@@ -52,7 +38,7 @@ void render_tenant_metrics(std::string& out, const Coordinator& coordinator) {
                               uint64_t TenantStats::*field) {
     family(out, metric, type, help, [&](auto&& sample) {
       for (size_t i = 0; i < names.size(); ++i) {
-        sample(fmt::format("tenant=\"{}\"", label_value(names[i])), stats[i].*field);
+        sample(fmt::format("tenant=\"{}\"", prometheus_label_value(names[i])), stats[i].*field);
       }
     });
   };
@@ -80,6 +66,51 @@ void render_tenant_metrics(std::string& out, const Coordinator& coordinator) {
 
 }  // namespace
 
+std::string prometheus_label_value(std::string_view text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+void append_metric_family(std::string& out, std::string_view name, std::string_view type,
+                          std::string_view help, std::span<const MetricSample> samples) {
+  fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+  for (const MetricSample& s : samples) {
+    if (s.labels.empty()) {
+      fmt::format_to(std::back_inserter(out), "{} {}\n", name, s.value);
+    } else {
+      fmt::format_to(std::back_inserter(out), "{}{{{}}} {}\n", name, s.labels, s.value);
+    }
+  }
+}
+
+void LatencyHistogram::observe(std::chrono::nanoseconds took) {
+  const double seconds = std::chrono::duration<double>(took).count();
+  const auto bucket = std::lower_bound(kBounds.begin(), kBounds.end(), seconds) - kBounds.begin();
+  ++counts_[static_cast<size_t>(bucket)];
+  sum_seconds_ += seconds;
+  ++count_;
+}
+
+void LatencyHistogram::render(std::string& out, std::string_view name, std::string_view help) const {
+  fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} histogram\n", name, help, name);
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < kBounds.size(); ++i) {
+    cumulative += counts_[i];
+    fmt::format_to(std::back_inserter(out), "{}_bucket{{le=\"{}\"}} {}\n", name, kBounds[i],
+                   cumulative);
+  }
+  fmt::format_to(std::back_inserter(out), "{}_bucket{{le=\"+Inf\"}} {}\n{}_sum {}\n{}_count {}\n",
+                 name, count_, name, sum_seconds_, name, count_);
+}
+
 std::string render_metrics(const Coordinator& coordinator, const ControlStats* requests) {
   std::string out;
   const CoordinatorStats& s = coordinator.stats();
@@ -91,6 +122,31 @@ std::string render_metrics(const Coordinator& coordinator, const ControlStats* r
            sample("source=\"local\"", s.local_hit_tokens);
            sample("source=\"migrated\"", s.migrated_tokens);
          });
+  family(out, "kvfabric_prefix_miss_tokens_total", "counter",
+         "Prompt tokens no cache served, by why: partial_block (the last, partial block), "
+         "other_replica (cached on another replica, not moved), evicted (cached before), "
+         "other_salt (cached under another tenant or salt), never_seen.",
+         [&](auto&& sample) {
+           sample("cause=\"partial_block\"", s.missed.partial_block);
+           sample("cause=\"other_replica\"", s.missed.other_replica);
+           sample("cause=\"evicted\"", s.missed.evicted);
+           sample("cause=\"other_salt\"", s.missed.other_salt);
+           sample("cause=\"never_seen\"", s.missed.never_seen);
+         });
+  {
+    const auto ratio = [&](uint64_t tokens) {
+      return s.prompt_tokens == 0 ? 0.0 : static_cast<double>(tokens) / s.prompt_tokens;
+    };
+    const MetricSample ratios[] = {
+        {"tier=\"local\"", ratio(s.local_hit_tokens)},
+        {"tier=\"migrated\"", ratio(s.migrated_tokens)},
+        {"tier=\"any\"", ratio(s.local_hit_tokens + s.migrated_tokens)}};
+    append_metric_family(out, "kvfabric_prefix_hit_ratio", "gauge",
+                         "Prompt tokens served from cache / prompt tokens admitted, by where the "
+                         "cache was: the chosen replica's device pool (local), another replica's "
+                         "moved to it (migrated), either (any).",
+                         ratios);
+  }
   counter(out, "kvfabric_migrated_blocks_total", "Blocks moved between replicas.",
           s.migrated_blocks);
   counter(out, "kvfabric_swapped_out_total", "Sequences moved to the host tier.", s.swapped_out);

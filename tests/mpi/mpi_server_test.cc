@@ -92,6 +92,15 @@ TEST(MpiServerTest, StepPlansRequestedOverTcpRunOnEveryRank) {
       }
       EXPECT_TRUE(coordinator->verify_integrity().ok());
       migrated_blocks = coordinator->stats().migrated_blocks;
+      // Rank 0 knows every rank's figures as of the last plan (its /metrics shows them).
+      const std::vector<RankCacheStats> ranks = executors.rank_stats();
+      ASSERT_EQ(ranks.size(), 4u);
+      uint64_t received = 0;
+      for (const RankCacheStats& r : ranks) {
+        EXPECT_EQ(r.steps, coordinator->stats().steps);
+        received += r.migrated_blocks_received;
+      }
+      EXPECT_EQ(received, migrated_blocks * config.topology.tp);
       // Rank 0 is shard 0 of replica 0: its tables are the coordinator's for that replica.
       for (const auto& [seq, table] : executors.cache().tables()) {
         EXPECT_EQ(coordinator->replica_of(seq), 0u) << seq;

@@ -255,6 +255,12 @@ TEST(ServeFaultTest, SigtermDrainsAndTheJobExitsZero) {
   ASSERT_TRUE(client.ok()) << client.status();
   ASSERT_EQ(call(*client, {{"op", "admit"}, {"seq", 1}, {"tokens", {1, 2, 3}}})["ok"], true);
   ASSERT_EQ(call(*client, {{"op", "step"}})["ok"], true);
+  // Rank 0's /metrics shows every rank's figures, as of that step.
+  const auto metrics = http_get("127.0.0.1", job.metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_THAT(*metrics, HasSubstr("\nkvfabric_rank_steps_total{rank=\"1\",replica=\"1\",shard=\"0\"} 1\n"));
+  EXPECT_THAT(*metrics, HasSubstr("backend=\"cpu\""));
+  EXPECT_THAT(*metrics, HasSubstr("\nkvfabric_plan_execution_duration_seconds_count 1\n"));
   ASSERT_EQ(kill(started.rank1, SIGTERM), 0);
   ASSERT_EQ(kill(static_cast<pid_t>(std::stoi(*rank0)), SIGTERM), 0);
   const auto status = job.wait_exit(std::chrono::seconds(30));

@@ -19,6 +19,9 @@
 #include "kvfabric/prefix/global_prefix_index.h"
 
 namespace kvfabric {
+namespace detail {
+class SeenBlocks;
+}  // namespace detail
 
 //! Where admit() put a sequence.
 struct Placement {
@@ -58,6 +61,21 @@ struct TenantStats {
   uint64_t host_blocks = 0;  //!< of those, swapped out to the host tier
 };
 
+//! Prompt tokens no cache served, by why. With local_hit_tokens and migrated_tokens they add up
+//! to prompt_tokens.
+struct MissedTokens {
+  //! The prompt's last, partial block: only full blocks are cached.
+  uint64_t partial_block = 0;
+  //! Cached on another replica but not moved here (migration would cost more, or is off).
+  uint64_t other_replica = 0;
+  //! Cached before and evicted since (no replica holds them now).
+  uint64_t evicted = 0;
+  //! Cached under another cache salt (another tenant's, or unsalted), never under this one.
+  uint64_t other_salt = 0;
+  //! Never cached.
+  uint64_t never_seen = 0;
+};
+
 struct CoordinatorStats {
   uint64_t admitted = 0;
   uint64_t prompt_tokens = 0;
@@ -69,6 +87,10 @@ struct CoordinatorStats {
   uint64_t parked = 0;               //!< sequences moved to a peer replica under pressure
   uint64_t preempted = 0;            //!< sequences dropped for recomputation
   uint64_t steps = 0;
+  //! Why prompt tokens missed. "Evicted" and "other salt" come from a fixed-size filter of the
+  //! blocks ever cached (keyed by content and position): as it fills, a never-seen block is
+  //! sometimes counted as evicted, never the other way.
+  MissedTokens missed;
 };
 
 //! What one replica's pools hold now (Coordinator::replica_stats).
@@ -388,6 +410,11 @@ class Coordinator {
   void swap_back_in();
   void index_planned_prompts();
   void publish_kv_events(uint64_t step);
+  // Why the prompt of the admission just placed missed what it missed (stats_.missed); the
+  // deepest prefix any replica cached was `best_tokens` when it was placed.
+  void count_misses(const RadixKey& key, size_t best_tokens, const Placement& placed);
+  // Records the newly indexed blocks, the last `fresh` full blocks of `key`, as seen.
+  void remember_blocks(const RadixKey& key, size_t fresh);
   // Refuses `request` once the next plan has gathered max_pending_plan_entries.
   [[nodiscard]] Status check_pending_room(const std::function<std::string()>& request) const;
 
@@ -414,6 +441,7 @@ class Coordinator {
   uint64_t next_incarnation_ = 0;
   CoordinatorStats stats_;
   std::function<void(const KvEventBatch&)> kv_event_sink_;
+  std::unique_ptr<detail::SeenBlocks> seen_;  // every block ever cached (miss causes)
 };
 
 }  // namespace kvfabric

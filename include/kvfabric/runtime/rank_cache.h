@@ -40,6 +40,8 @@ struct RankLayout {
 Result<RankLayout> rank_layout(const Config& config, uint32_t rank);
 
 //! What a rank's plan executor has done, in blocks (each block: every layer of the rank's heads).
+//! What a rank has done, counted since it started. (The fields travel between ranks in this
+//! order: see RankCache::report.)
 struct RankCacheStats {
   uint64_t steps = 0;
   uint64_t waves = 0;
@@ -75,6 +77,9 @@ class RankCache {
   [[nodiscard]] const PagedKvView& device_pool() const { return storage_.view(0, Tier::kDevice); }
   [[nodiscard]] const PagedKvView& host_pool() const { return storage_.view(0, Tier::kHost); }
   [[nodiscard]] const RankCacheStats& stats() const { return stats_; }
+  //! On the root of execute_agreed(): every rank's stats as each reported them after the last
+  //! plan it executed, in rank order (empty before the first plan).
+  [[nodiscard]] const std::vector<RankCacheStats>& job_stats() const { return job_stats_; }
   //! The step number the next plan must carry.
   [[nodiscard]] uint64_t next_step() const { return next_step_; }
 
@@ -128,6 +133,7 @@ class RankCache {
   uint64_t next_step_ = 0;
   bool backend_work_queued_ = false;  // swaps or copies queued since the last synchronize()
   RankCacheStats stats_;
+  std::vector<RankCacheStats> job_stats_;  // the root's view of every rank (report())
   std::map<SeqId, StepPlan::Table> tables_;
 };
 

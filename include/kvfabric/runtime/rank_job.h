@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -28,8 +29,8 @@ namespace kvfabric {
 //! (the job must end: see MpiRuntime::abort). A rank waiting for the next plan waits without a
 //! deadline and without spinning a core.
 //!
-//! The transport and backend are the caller's and must outlive the job. Not thread-safe: call it
-//! from the thread that initialized the transport.
+//! The transport and backend are the caller's and must outlive the job. Not thread-safe (but for
+//! rank_stats()): call it from the thread that initialized the transport.
 class RankJob {
  public:
   static Result<std::unique_ptr<RankJob>> create(const Config& config, Transport& transport,
@@ -46,6 +47,10 @@ class RankJob {
   //! Collective: every rank's RankCache::tables_digest(), in rank order.
   Result<std::vector<uint64_t>> table_digests();
 
+  //! Rank 0: every rank's RankCacheStats as of the last plan (empty before the first). Unlike
+  //! the rest of the job, callable from any thread (a metrics endpoint) while a plan runs.
+  [[nodiscard]] std::vector<RankCacheStats> rank_stats() const;
+
   [[nodiscard]] bool is_root() const { return transport_->rank().value == 0; }
   [[nodiscard]] int world_size() const { return transport_->world_size(); }
   [[nodiscard]] const RankCache& cache() const { return *cache_; }
@@ -60,6 +65,8 @@ class RankJob {
   std::unique_ptr<RankCache> cache_;
   Transport* transport_;
   std::optional<std::chrono::milliseconds> deadline_;
+  mutable std::mutex stats_mutex_;  // guards rank_stats_
+  std::vector<RankCacheStats> rank_stats_;
 };
 
 }  // namespace kvfabric

@@ -13,6 +13,7 @@
 #include "kvfabric/config/config.h"
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/server/kv_event_hub.h"
+#include "kvfabric/server/metrics.h"
 #include "kvfabric/server/tenant_directory.h"
 
 namespace kvfabric {
@@ -71,6 +72,12 @@ struct ControlProtocolOptions {
   uint32_t max_batch_requests = 1024;  //!< server.max_batch_requests
   uint32_t max_reply_bytes = 8u << 20;  //!< server.max_reply_bytes
   uint32_t event_queue_batches = 1024;  //!< server.event_queue_batches
+  //! What executes the plans, for the info metric: "cpu" or "cuda" when ranks hold the KV,
+  //! "none" when the coordinator serves alone.
+  std::string backend = "none";
+  //! More Prometheus families for /metrics (kvfabric-serve adds every rank's RankCacheStats);
+  //! called from the metrics thread without the protocol's lock.
+  std::function<std::string()> extra_metrics{};
 
   //! The limits of config.server (allow_shutdown stays false).
   static ControlProtocolOptions from(const ServerConfig& config);
@@ -171,8 +178,9 @@ class ControlProtocol {
   //! The reply to a line the transport refused (too long), counted as malformed.
   std::string refuse(const Status& why);
 
-  //! Prometheus text exposition of the coordinator's counters, the replicas' pools and
-  //! the request counts.
+  //! Prometheus text exposition of the coordinator's counters, the replicas' pools, the request
+  //! counts, the build info, the admit / step / plan-execution latency histograms and
+  //! options.extra_metrics.
   [[nodiscard]] std::string metrics_text() const;
   [[nodiscard]] ControlHealth health() const;
 
@@ -193,6 +201,9 @@ class ControlProtocol {
   ControlProtocolOptions options_;
   mutable KvEventHub events_;
   bool publishing_events_ = false;
+  LatencyHistogram admit_seconds_;
+  LatencyHistogram step_seconds_;
+  LatencyHistogram plan_seconds_;
   mutable std::mutex mutex_;  // guards everything below and the coordinator (see above)
   ControlStats stats_;
   bool shutdown_requested_ = false;

@@ -9,6 +9,7 @@
 #include <optional>
 #include <span>
 
+#include "kvfabric/common/version.h"
 #include "kvfabric/server/metrics.h"
 #include "testing/serving_harness.h"
 
@@ -518,6 +519,34 @@ TEST(KvEventHubTest, AFullQueueDropsAndCountsInsteadOfWaiting) {
   EXPECT_EQ(hub.subscribers(), 0u);
 }
 
+TEST(MetricsTest, HistogramBucketsAreCumulativeAndNamedByTheirUpperBound) {
+  LatencyHistogram h;
+  h.observe(std::chrono::microseconds(1));    // on a bound: that bucket
+  h.observe(std::chrono::microseconds(3));    // (2.5 µs, 5 µs]
+  h.observe(std::chrono::seconds(20));        // above every bound
+  std::string text;
+  h.render(text, "kvfabric_test_seconds", "A test.");
+  EXPECT_THAT(text, HasSubstr("# TYPE kvfabric_test_seconds histogram\n"));
+  EXPECT_TRUE(has_sample(text, "kvfabric_test_seconds_bucket{le=\"1e-06\"} 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_test_seconds_bucket{le=\"2.5e-06\"} 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_test_seconds_bucket{le=\"5e-06\"} 2")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_test_seconds_bucket{le=\"10\"} 2")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_test_seconds_bucket{le=\"+Inf\"} 3")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_test_seconds_count 3")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_test_seconds_sum 20.000004")) << text;
+}
+
+TEST(MetricsTest, ExtraFamiliesFollowTheProtocolsOwn) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 4));
+  ControlProtocolOptions options;
+  options.backend = "cpu";
+  options.extra_metrics = [] { return std::string("# TYPE kvfabric_rank_steps_total counter\n"); };
+  ControlProtocol protocol(c, nullptr, options);
+  const std::string text = protocol.metrics_text();
+  EXPECT_THAT(text, HasSubstr("backend=\"cpu\""));
+  EXPECT_THAT(text, HasSubstr("\n# TYPE kvfabric_rank_steps_total counter\n"));
+}
+
 TEST(MetricsTest, ExposeCountersPoolsAndRequests) {
   Coordinator c = make(serving_config(2, 1, 4, 2, 16, 4));
   ControlProtocol protocol(c);
@@ -548,6 +577,20 @@ TEST(MetricsTest, ExposeCountersPoolsAndRequests) {
   EXPECT_TRUE(has_sample(text, "kvfabric_control_requests_total{op=\"free\",outcome=\"error\"} 1"))
       << text;
   EXPECT_TRUE(has_sample(text, "kvfabric_control_malformed_requests_total 1")) << text;
+
+  // Why tokens missed, the hit ratio by tier, the build, and how long requests took.
+  EXPECT_TRUE(has_sample(text, "kvfabric_prefix_miss_tokens_total{cause=\"never_seen\"} 32")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_prefix_miss_tokens_total{cause=\"partial_block\"} 8"))
+      << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_prefix_hit_ratio{tier=\"any\"} 0")) << text;
+  EXPECT_THAT(text, HasSubstr("kvfabric_build_info{version=\"" + std::string(version()) +
+                              "\",model=\"serving-test\",dp=\"2\",tp=\"1\",backend=\"none\","
+                              "kv_dtype=\"f16\","));
+  EXPECT_THAT(text, HasSubstr("# TYPE kvfabric_admit_duration_seconds histogram\n"));
+  EXPECT_TRUE(has_sample(text, "kvfabric_admit_duration_seconds_bucket{le=\"+Inf\"} 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_admit_duration_seconds_count 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_step_duration_seconds_count 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_plan_execution_duration_seconds_count 0")) << text;
 
   // Without request counts (an engine using the in-process API).
   const std::string plain = render_metrics(c);

@@ -1,0 +1,118 @@
+// Why prompt tokens missed the cache (CoordinatorStats::missed): each cause on its own, and the
+// causes with the hits adding up to every prompt token over a mixed workload.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "kvfabric/coordinator/coordinator.h"
+#include "testing/serving_harness.h"
+
+namespace kvfabric {
+namespace {
+
+using testing::serving_config;
+using testing::token_run;
+
+Coordinator make(const Config& config) { return Coordinator::create(config).value(); }
+
+// Admits, steps (indexing the prompt) and frees: the prompt stays cached, idle.
+void cache_prompt(Coordinator& c, uint64_t seq, const std::vector<TokenId>& prompt,
+                  const AdmitOptions& options = {}) {
+  ASSERT_TRUE(c.admit(SeqId{seq}, prompt, options).ok());
+  ASSERT_TRUE(c.step().ok());
+  ASSERT_TRUE(c.free(SeqId{seq}).ok());
+}
+
+uint64_t sum(const MissedTokens& m) {
+  return m.partial_block + m.other_replica + m.evicted + m.other_salt + m.never_seen;
+}
+
+TEST(MissCauses, ANewPromptIsNeverSeenButItsPartialBlock) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 8));
+  ASSERT_TRUE(c.admit(SeqId{1}, token_run(70, 1)).ok());
+  const MissedTokens& m = c.stats().missed;
+  EXPECT_EQ(m.never_seen, 64u);
+  EXPECT_EQ(m.partial_block, 6u);
+  EXPECT_EQ(sum(m), 70u);
+}
+
+TEST(MissCauses, AnEvictedPrefixIsNamed) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 8));  // 16 blocks
+  const auto a = token_run(64, 1);
+  cache_prompt(c, 1, a);
+  cache_prompt(c, 2, token_run(16 * 16, 5000));  // takes every block: a is evicted
+  const MissedTokens before = c.stats().missed;
+  const auto again = c.admit(SeqId{3}, a);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->cached_tokens, 0u);
+  EXPECT_EQ(c.stats().missed.evicted - before.evicted, 64u);
+  EXPECT_EQ(c.stats().missed.never_seen, before.never_seen);
+}
+
+TEST(MissCauses, APrefixLeftOnAnotherReplicaIsNamed) {
+  Config config = serving_config(2, 1, 4, 2, 16, 8);
+  config.coordinator.max_sequences_per_replica = 1;
+  config.coordinator.migration_token_cost = config.coordinator.prefill_token_cost * 2;  // no moves
+  Coordinator c = make(config);
+  const auto prompt = token_run(64, 1);
+  const auto first = c.admit(SeqId{1}, prompt);
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(c.step().ok());  // indexed on its replica, which its sequence now fills
+  const auto second = c.admit(SeqId{2}, prompt);
+  ASSERT_TRUE(second.ok());
+  ASSERT_NE(second->replica, first->replica);
+  EXPECT_EQ(second->cached_tokens, 0u);
+  EXPECT_EQ(c.stats().missed.other_replica, 64u);
+  EXPECT_EQ(c.stats().missed.never_seen, 64u);  // the first admission's
+}
+
+TEST(MissCauses, AnotherTenantsPrefixIsNamed) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 16, 8));
+  const auto prompt = token_run(64, 1);
+  AdmitOptions alice, bob;
+  alice.tenant = "alice";
+  bob.tenant = "bob";
+  cache_prompt(c, 1, prompt, alice);
+  const MissedTokens before = c.stats().missed;
+  const auto placed = c.admit(SeqId{2}, prompt, bob);
+  ASSERT_TRUE(placed.ok());
+  EXPECT_EQ(placed->cached_tokens, 0u);
+  EXPECT_EQ(c.stats().missed.other_salt - before.other_salt, 64u);
+  EXPECT_EQ(c.stats().missed.never_seen, before.never_seen);
+}
+
+TEST(MissCauses, HitsAndCausesAddUpToEveryPromptToken) {
+  Config config = serving_config(3, 1, 4, 2, 24, 8);
+  Coordinator c = make(config);
+  std::mt19937_64 rng(11);
+  std::vector<uint64_t> live;
+  uint64_t next = 1;
+  for (int op = 0; op < 3000; ++op) {
+    if (rng() % 3 != 0 || live.empty()) {
+      // Prompts share a few prefixes, under a few tenants, at random lengths.
+      std::vector<TokenId> prompt = token_run(16 * (1 + rng() % 3), 100 * static_cast<TokenId>(rng() % 4));
+      const auto tail = token_run(rng() % 40, 7000 + static_cast<TokenId>(rng() % 3) * 100);
+      prompt.insert(prompt.end(), tail.begin(), tail.end());
+      AdmitOptions options;
+      options.tenant = rng() % 4 == 0 ? "other" : "";
+      if (c.admit(SeqId{next}, prompt, options).ok()) live.push_back(next);
+      ++next;
+    } else {
+      const size_t i = rng() % live.size();
+      ASSERT_TRUE(c.free(SeqId{live[i]}).ok());
+      live.erase(live.begin() + static_cast<ptrdiff_t>(i));
+    }
+    if (op % 7 == 0) {
+      ASSERT_TRUE(c.step().ok());
+    }
+  }
+  const CoordinatorStats& s = c.stats();
+  EXPECT_EQ(s.local_hit_tokens + s.migrated_tokens + sum(s.missed), s.prompt_tokens);
+  EXPECT_GT(s.missed.evicted, 0u);
+  EXPECT_GT(s.missed.other_salt, 0u);
+  EXPECT_GT(s.missed.never_seen, 0u);
+  EXPECT_GT(s.local_hit_tokens, 0u);
+}
+
+}  // namespace
+}  // namespace kvfabric
