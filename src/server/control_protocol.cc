@@ -576,6 +576,7 @@ Result<json> ControlRequestHandler::hello(ControlProtocol& protocol, const Reque
   const Coordinator& coordinator = *protocol.coordinator_;
   const Config& c = coordinator.config();
   return json{{"protocol", ControlProtocol::kVersion},
+              {"version", version()},
               {"model", c.model.name},
               {"dp", c.topology.dp},
               {"tp", c.topology.tp},

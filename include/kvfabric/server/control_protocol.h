@@ -114,7 +114,7 @@ std::string kv_events_json(const KvEventBatch& batch, uint32_t block_size);
 //!
 //! | op | fields | result |
 //! |---|---|---|
-//! | hello | token? | protocol, model, dp, tp, block_size, block_bytes, next_step, tenant, admin |
+//! | hello | token? | protocol, version, model, dp, tp, block_size, block_bytes, next_step, tenant, admin |
 //! | admit | seq, tokens, priority?, cache_salt?, public_tokens? | replica, cached_tokens, migrated_tokens, blocks |
 //! | append | seq, num_tokens | |
 //! | fork | src, dst, replica? | replica |
@@ -122,7 +122,7 @@ std::string kv_events_json(const KvEventBatch& batch, uint32_t block_size);
 //! | set_priority | seq, priority | |
 //! | step | | step, tables, released, preempted, ops {swap_out, migrate, swap_in, copy} |
 //! | query | seq | replica, swapped, blocks |
-//! | stats | | the coordinator's counters, replicas and tenants (an admin); the caller's tenant (others) |
+//! | stats | | the coordinator's counters with missed_tokens by cause, replicas and tenants (an admin); the caller's tenant (others) |
 //! | shutdown | | (when allowed, an admin) |
 //! | subscribe | | subscribed, queue_limit, step (an admin; see KV events below) |
 //! | reset_prefix_cache | replica? | freed_blocks (an admin) |

@@ -55,6 +55,7 @@ TEST(ControlProtocolTest, HelloDescribesTheJob) {
   EXPECT_EQ(reply["ok"], true);
   EXPECT_EQ(reply["id"], "h1");
   EXPECT_EQ(reply["protocol"], ControlProtocol::kVersion);
+  EXPECT_EQ(reply["version"], std::string(version()));
   EXPECT_EQ(reply["model"], "serving-test");
   EXPECT_EQ(reply["dp"], 2);
   EXPECT_EQ(reply["tp"], 2);
@@ -591,6 +592,9 @@ TEST(MetricsTest, ExposeCountersPoolsAndRequests) {
   EXPECT_TRUE(has_sample(text, "kvfabric_admit_duration_seconds_count 1")) << text;
   EXPECT_TRUE(has_sample(text, "kvfabric_step_duration_seconds_count 1")) << text;
   EXPECT_TRUE(has_sample(text, "kvfabric_plan_execution_duration_seconds_count 0")) << text;
+  const json stats = call(protocol, {{"op", "stats"}});
+  EXPECT_EQ(stats["missed_tokens"], json::parse(R"({"partial_block": 8, "other_replica": 0,
+                                       "evicted": 0, "other_salt": 0, "never_seen": 32})"));
 
   // Without request counts (an engine using the in-process API).
   const std::string plain = render_metrics(c);
