@@ -67,14 +67,7 @@ class Section {
   ~Section() {
     auto fields = fields_;
     std::string type = name_;
-    cls_.def("__repr__", [fields, type](const py::object& self) {
-      std::string out = type + "(";
-      for (size_t i = 0; i < fields->size(); ++i) {
-        out += (i ? ", " : "") + (*fields)[i] + "=" +
-               py::repr(self.attr((*fields)[i].c_str())).cast<std::string>();
-      }
-      return out + ")";
-    });
+    def_repr_and_eq(cls_, name_, fields_);
     // Keyword construction: ModelConfig(num_layers=2, head_dim=64); unknown names are refused.
     cls_.def(py::init([fields, type](const py::kwargs& kwargs) {
       py::object self = py::cast(T{});
@@ -87,14 +80,6 @@ class Section {
       }
       return self.cast<T>();
     }));
-    cls_.def("__eq__", [fields](const py::object& self, const py::object& other) {
-      if (!py::type::of(self).is(py::type::of(other))) return false;
-      for (const std::string& f : *fields) {
-        if (!self.attr(f.c_str()).equal(other.attr(f.c_str()))) return false;
-      }
-      return true;
-    });
-    cls_.attr("__hash__") = py::none();
   }
 
  private:

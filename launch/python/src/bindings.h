@@ -119,6 +119,29 @@ struct BackendHandle {
 
 // --- records ------------------------------------------------------------------------------------
 
+//! Gives `cls` a __repr__ listing `fields` as `Type(a=1, b=[2, 3])` and an __eq__ comparing
+//! them (and no __hash__: the objects compare by value but may change).
+template <typename T>
+void def_repr_and_eq(py::class_<T>& cls, const std::string& type,
+                     const std::shared_ptr<std::vector<std::string>>& fields) {
+  cls.def("__repr__", [fields, type](const py::object& self) {
+    std::string out = type + "(";
+    for (size_t i = 0; i < fields->size(); ++i) {
+      if (i) out += ", ";
+      out += (*fields)[i] + "=" + py::repr(self.attr((*fields)[i].c_str())).cast<std::string>();
+    }
+    return out + ")";
+  });
+  cls.def("__eq__", [fields](const py::object& self, const py::object& other) {
+    if (!py::type::of(self).is(py::type::of(other))) return false;
+    for (const std::string& f : *fields) {
+      if (!self.attr(f.c_str()).equal(other.attr(f.c_str()))) return false;
+    }
+    return true;
+  });
+  cls.attr("__hash__") = py::none();
+}
+
 //! A read-only Python view of a C++ struct: each field becomes an attribute, and __repr__ lists
 //! them as `Name(a=1, b=[2, 3])`; __eq__ compares the fields.
 template <typename T>
@@ -143,26 +166,7 @@ class Record {
   py::class_<T>& cls() { return cls_; }
 
   // __repr__ and __eq__ are defined last, once every field() has named its attribute.
-  ~Record() {
-    auto fields = fields_;
-    std::string type = name_;
-    cls_.def("__repr__", [fields, type](const py::object& self) {
-      std::string out = type + "(";
-      for (size_t i = 0; i < fields->size(); ++i) {
-        if (i) out += ", ";
-        out += (*fields)[i] + "=" + py::repr(self.attr((*fields)[i].c_str())).cast<std::string>();
-      }
-      return out + ")";
-    });
-    cls_.def("__eq__", [fields](const py::object& self, const py::object& other) {
-      if (!py::type::of(self).is(py::type::of(other))) return false;
-      for (const std::string& f : *fields) {
-        if (!self.attr(f.c_str()).equal(other.attr(f.c_str()))) return false;
-      }
-      return true;
-    });
-    cls_.attr("__hash__") = py::none();
-  }
+  ~Record() { def_repr_and_eq(cls_, name_, fields_); }
 
  private:
   py::class_<T> cls_;

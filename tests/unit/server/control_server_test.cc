@@ -88,6 +88,28 @@ TEST(ControlServerTest, ServesRequestsFromSeveralConnectionsInOrder) {
             ErrorCode::kInvalidArgument);
 }
 
+// A plan sink that holds every step's plan until release(): a step in progress, as long as a
+// test needs one.
+class HeldPlans {
+ public:
+  PlanSink sink() {
+    return [this](const StepPlan&) {
+      held_ = true;
+      released_.wait();
+      return ok_status();
+    };
+  }
+  void wait_until_held() const {
+    while (!held_) std::this_thread::yield();
+  }
+  void release() { release_.set_value(); }
+
+ private:
+  std::promise<void> release_;
+  std::shared_future<void> released_ = release_.get_future().share();
+  std::atomic<bool> held_{false};
+};
+
 TEST(ControlServerTest, ASubscribedConnectionCarriesKvEventsAsStepsHappen) {
   ServedCoordinator served;
   ControlClient scheduler = served.client();
@@ -193,19 +215,13 @@ TEST(ControlServerTest, StopBeforeRunReturnsAtOnce) {
 // A step used to run on the network thread: /metrics waited for it, and a rank that hung held
 // every connection. Now the ranks execute the plan while the sockets are served.
 TEST(ControlServerTest, HealthAndMetricsAnswerWhileAStepRuns) {
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  std::atomic<bool> in_sink{false};
-  ServedCoordinator served(ServedCoordinator::loopback(), {}, [&](const StepPlan&) {
-    in_sink = true;
-    released.wait();
-    return ok_status();
-  });
+  HeldPlans plans;
+  ServedCoordinator served(ServedCoordinator::loopback(), {}, plans.sink());
   std::thread stepper([&] {
     ControlClient client = served.client();
     EXPECT_EQ(call(client, {{"op", "step"}})["step"], 0);
   });
-  while (!in_sink) std::this_thread::yield();
+  plans.wait_until_held();
   const auto health = http_get("127.0.0.1", served.server().metrics_port(), "/health");
   ASSERT_TRUE(health.ok()) << health.status();
   const json h = json::parse(*health);
@@ -216,23 +232,17 @@ TEST(ControlServerTest, HealthAndMetricsAnswerWhileAStepRuns) {
   ASSERT_TRUE(metrics.ok()) << metrics.status();
   EXPECT_THAT(*metrics, HasSubstr("\nkvfabric_steps_total 1\n"));
   EXPECT_THAT(*metrics, HasSubstr("\nkvfabric_control_connections 1\n"));
-  release.set_value();
+  plans.release();
   stepper.join();
   EXPECT_EQ(json::parse(*http_get("127.0.0.1", served.server().metrics_port(), "/health"))["stepping"],
             false);
 }
 
-// After a plan failed to reach the ranks, reads and /health still answer, changes are refused
-// naming the cause, and run() returns the failure once the grace period is over.
+// A drain (SIGTERM in kvfabric-serve) answers the request in progress, takes no new connection,
+// says "draining" on /health, and then run() returns.
 TEST(ControlServerTest, DrainAnswersTheRequestInProgressThenRunReturns) {
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  std::atomic<bool> in_sink{false};
-  ServedCoordinator served(ServedCoordinator::loopback(), {}, [&](const StepPlan&) {
-    in_sink = true;
-    released.wait();
-    return ok_status();
-  });
+  HeldPlans plans;
+  ServedCoordinator served(ServedCoordinator::loopback(), {}, plans.sink());
   const uint16_t port = served.server().port();
   std::thread stepper([&] {
     ControlClient client = served.client();
@@ -240,7 +250,7 @@ TEST(ControlServerTest, DrainAnswersTheRequestInProgressThenRunReturns) {
     // The connection closes after that reply.
     EXPECT_EQ(client.call(R"({"op": "stats"})").status().code(), ErrorCode::kUnavailable);
   });
-  while (!in_sink) std::this_thread::yield();
+  plans.wait_until_held();
   served.server().drain();
   // Not ready any more, and no new connection is taken.
   const auto health = http_get("127.0.0.1", served.server().metrics_port(), "/health");
@@ -254,11 +264,13 @@ TEST(ControlServerTest, DrainAnswersTheRequestInProgressThenRunReturns) {
     if (!refused) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_TRUE(refused);
-  release.set_value();
+  plans.release();
   stepper.join();
   EXPECT_TRUE(served.join().ok());
 }
 
+// After a plan failed to reach the ranks, reads and /health still answer, changes are refused
+// naming the cause, and run() returns the failure once the grace period is over.
 TEST(ControlServerTest, AfterARankFaultReadsAnswerAndRunEndsWithTheFailure) {
   ControlServerOptions options = ServedCoordinator::loopback();
   options.fault_grace = std::chrono::milliseconds(200);
