@@ -66,13 +66,15 @@ void block_stop_signals(sigset_t& set) {
 void on_stop_signal(int signal) {
   std::lock_guard<std::mutex> lock(g_signal.mutex);
   const char* name = signal == SIGINT ? "SIGINT" : "SIGTERM";
+  // Remembered whatever this process turns out to be: a signal during start-up drains rank 0 as
+  // soon as its server exists.
+  g_signal.drain_requested = true;
   if (g_signal.coordinating) {
     fmt::print(stderr,
                "kvfabric-serve: {} received {}: draining (no new connections, the requests "
                "received are answered), then every rank ends; if another rank of the job died, "
                "the launcher's message names it\nkvfabric-serve: {}: the last plan was step {}\n",
                g_signal.who, name, g_signal.who, g_step.load());
-    g_signal.drain_requested = true;
     if (g_signal.server != nullptr) g_signal.server->drain();
   } else {
     fmt::print(stderr,

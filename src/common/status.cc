@@ -69,7 +69,10 @@ std::string Status::to_string() const {
   // A seed-compatible message already says what went wrong in words ("Out of memory: ..."),
   // also after a caller put its context in front; naming the code again would only stutter.
   const std::string_view phrase = seed_phrase(code_);
-  if (!phrase.empty() && message_.find(phrase) != std::string::npos) return message_;
+  if (!phrase.empty() && (message_.starts_with(phrase) ||
+                          message_.find(": " + std::string(phrase)) != std::string::npos)) {
+    return message_;
+  }
   std::string out(error_code_name(code_));
   out += ": ";
   out += message_;

@@ -36,7 +36,8 @@ Status check_bookkeeping_memory(const Config& config) {
       device_blocks * (BlockAllocator::kBytesPerBlock + GlobalPrefixIndex::kBytesPerBlock) +
       host_blocks * BlockAllocator::kBytesPerBlock;
   return detail::check_host_memory(
-      per_replica * config.topology.dp,
+      per_replica * config.topology.dp +
+          detail::SeenBlocks::bytes_for(device_blocks * config.topology.dp),
       "the coordinator's block tables (topology.dp " + std::to_string(config.topology.dp) +
           " x cache.num_blocks " + std::to_string(device_blocks) + " device + cache.host_num_blocks " +
           std::to_string(host_blocks) + " host blocks)");
@@ -1238,6 +1239,8 @@ void Coordinator::set_kv_event_sink(std::function<void(const KvEventBatch&)> sin
 KvEventBatch Coordinator::kv_event_snapshot() const {
   return KvEventBatch{plan_.step, index_->holdings_as_events()};
 }
+
+void Coordinator::flush_kv_events() { publish_kv_events(plan_.step); }
 
 void Coordinator::publish_kv_events(uint64_t step) {
   if (!kv_event_sink_) return;

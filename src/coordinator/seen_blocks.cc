@@ -1,14 +1,17 @@
 #include "coordinator/seen_blocks.h"
 
 #include <algorithm>
-#include <array>
 #include <bit>
 
 namespace kvfabric::detail {
 namespace {
 
 constexpr uint64_t kMinBits = uint64_t{1} << 19;  // 64 KiB
-constexpr uint64_t kMaxBits = uint64_t{1} << 30;  // 128 MiB
+constexpr uint64_t kMaxBits = uint64_t{1} << 29;  // 64 MiB
+
+uint64_t bits_for(uint64_t total_device_blocks) {
+  return std::bit_ceil(std::clamp(total_device_blocks * 16, kMinBits, kMaxBits));
+}
 
 // The two bits a key sets: its low bits, and a second hash of it (golden-ratio multiply of the
 // key with its halves swapped).
@@ -28,10 +31,18 @@ uint64_t mix(uint64_t x) {  // the SplitMix64 finalizer: every input bit reaches
 }  // namespace
 
 SeenBlocks::SeenBlocks(uint64_t total_device_blocks) {
-  const uint64_t wanted = std::clamp(total_device_blocks * 16, kMinBits, kMaxBits);
-  const uint64_t bits = std::bit_ceil(wanted);
-  words_.assign(bits / 64, 0);
+  const uint64_t bits = bits_for(total_device_blocks);
+  for (Bits& generation : generations_) generation.assign(bits / 64, 0);
   mask_ = bits - 1;
+  capacity_ = bits / 8;
+}
+
+uint64_t SeenBlocks::bytes_for(uint64_t total_device_blocks) {
+  return 2 * bits_for(total_device_blocks) / 8;
+}
+
+size_t SeenBlocks::memory_bytes() const {
+  return (generations_[0].size() + generations_[1].size()) * sizeof(uint64_t);
 }
 
 uint64_t SeenBlocks::key(uint64_t unit, size_t position, bool any_salt) {
@@ -39,16 +50,26 @@ uint64_t SeenBlocks::key(uint64_t unit, size_t position, bool any_salt) {
 }
 
 void SeenBlocks::add(uint64_t key) {
-  for (const uint64_t bit : probes(key, mask_)) {
-    words_[bit / 64] |= uint64_t{1} << (bit % 64);
+  if (added_ == capacity_) {  // full: it becomes the old generation, the oldest is forgotten
+    current_ ^= 1;
+    std::fill(generations_[current_].begin(), generations_[current_].end(), 0);
+    added_ = 0;
   }
+  for (const uint64_t bit : probes(key, mask_)) {
+    generations_[current_][bit / 64] |= uint64_t{1} << (bit % 64);
+  }
+  ++added_;
+}
+
+bool SeenBlocks::in(const Bits& bits, uint64_t key) const {
+  for (const uint64_t bit : probes(key, mask_)) {
+    if ((bits[bit / 64] & (uint64_t{1} << (bit % 64))) == 0) return false;
+  }
+  return true;
 }
 
 bool SeenBlocks::contains(uint64_t key) const {
-  for (const uint64_t bit : probes(key, mask_)) {
-    if ((words_[bit / 64] & (uint64_t{1} << (bit % 64))) == 0) return false;
-  }
-  return true;
+  return in(generations_[0], key) || in(generations_[1], key);
 }
 
 }  // namespace kvfabric::detail

@@ -1,34 +1,44 @@
-// Which blocks the job has cached at some time: the memory behind the "evicted" and "other salt"
-// causes of a prefix miss (Coordinator::stats().misses).
+// Which blocks the job has cached lately: the memory behind the "evicted" and "other salt" causes
+// of a prefix miss (Coordinator::stats().missed).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
 namespace kvfabric::detail {
 
-//! \brief A Bloom filter of (block content, position in the prompt) keys, two probes per key, of
-//! a fixed size chosen from the job's block count. It only grows: a block once cached stays
-//! "seen", and as the filter fills a never-seen block is taken for a seen one now and then (the
-//! miss metrics are approximate in that direction, and only there). Keys are the coordinator's
-//! unit keys, so recording a block costs no hashing beyond what indexing already does for it.
+//! \brief Two generations of a Bloom filter of (block content, position in the prompt) keys, two
+//! probes per key, sized from the job's block count. A generation takes keys until it holds one
+//! per 8 of its bits (about 1 false positive in 20), then becomes the old one and the oldest is
+//! cleared: the filter remembers the blocks of the last one to two pool-fulls of the whole job,
+//! with a bounded error that errs only towards "seen". Keys are the coordinator's unit keys, so
+//! recording a block costs no hashing beyond what indexing already does for it.
 class SeenBlocks {
  public:
-  //! About 16 bits per block of every replica's pool, at least 64 KiB and at most 128 MiB.
+  //! 16 bits per block of every replica's pool in each generation, 64 KiB to 64 MiB each.
   explicit SeenBlocks(uint64_t total_device_blocks);
+  //! Host memory the filter takes for a job of `total_device_blocks`.
+  static uint64_t bytes_for(uint64_t total_device_blocks);
 
   void add(uint64_t key);
   [[nodiscard]] bool contains(uint64_t key) const;
-  [[nodiscard]] size_t memory_bytes() const { return words_.size() * sizeof(uint64_t); }
+  [[nodiscard]] size_t memory_bytes() const;
 
   //! The key of a block whose unit key is `unit` at block index `position` of its prompt;
   //! `any_salt` keys the block's content without its salt (see Coordinator's miss causes).
   static uint64_t key(uint64_t unit, size_t position, bool any_salt);
 
  private:
-  std::vector<uint64_t> words_;
-  uint64_t mask_ = 0;  // bit index mask (the size is a power of two)
+  using Bits = std::vector<uint64_t>;
+  [[nodiscard]] bool in(const Bits& bits, uint64_t key) const;
+
+  std::array<Bits, 2> generations_;
+  size_t current_ = 0;
+  uint64_t added_ = 0;     // keys added to the current generation
+  uint64_t capacity_ = 0;  // keys a generation takes before it is the old one
+  uint64_t mask_ = 0;      // bit index mask (a generation's size is a power of two)
 };
 
 }  // namespace kvfabric::detail

@@ -334,7 +334,7 @@ Status RankCache::report(const Status& ran, RankId root, uint64_t step) {
   if (transport_->rank() != root) return ran;
   std::string failures;
   ErrorCode first = ErrorCode::kOk;
-  job_stats_.assign(reports.size(), RankCacheStats{});
+  job_stats_.resize(reports.size());  // a rank that cannot report keeps its last figures
   for (size_t r = 0; r < reports.size(); ++r) {
     const std::vector<uint8_t>& report = reports[r];
     if (report.size() < 1 + sizeof words) {

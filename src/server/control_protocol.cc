@@ -313,6 +313,10 @@ ControlProtocol::ControlProtocol(Coordinator& coordinator, PlanSink sink,
   }
 }
 
+ControlProtocol::~ControlProtocol() {
+  if (publishing_events_) coordinator_->set_kv_event_sink(nullptr);
+}
+
 std::string ControlProtocol::refuse(const Status& why) {
   std::lock_guard<std::mutex> lock(mutex_);
   ++stats_.malformed;
@@ -702,6 +706,9 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       KVF_RETURN_IF_ERROR(fields.only({}));
       KVF_RETURN_IF_ERROR(check_admin(who, op));
       if (who.events) return invalid_operation("subscribe: this connection is subscribed already");
+      // Changes not delivered yet (evictions since the last step) go to the subscribers that
+      // came before: the newcomer's snapshot already reflects them.
+      if (protocol.publishing_events_) coordinator.flush_kv_events();
       who.events = protocol.events_.subscribe();
       protocol.follow_subscribers();
       // What every replica caches now comes first; every later batch follows on from it.

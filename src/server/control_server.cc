@@ -725,8 +725,12 @@ Status ControlServer::run() {
       impl_->http
           ? ", metrics and health on " + endpoint_text(impl_->http->acceptor.local_endpoint())
           : "");
+  // The io thread runs until serve_requests() is done, also when it has nothing to wait for:
+  // a drain closes the acceptor, and the replies still to come must find it running.
+  auto keep_running = asio::make_work_guard(impl_->io);
   std::thread io_thread([this] { impl_->io.run(); });
   impl_->serve_requests();
+  keep_running.reset();
   impl_->io.stop();
   io_thread.join();
   return impl_->protocol.failure();

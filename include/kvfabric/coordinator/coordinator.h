@@ -87,9 +87,10 @@ struct CoordinatorStats {
   uint64_t parked = 0;               //!< sequences moved to a peer replica under pressure
   uint64_t preempted = 0;            //!< sequences dropped for recomputation
   uint64_t steps = 0;
-  //! Why prompt tokens missed. "Evicted" and "other salt" come from a fixed-size filter of the
-  //! blocks ever cached (keyed by content and position): as it fills, a never-seen block is
-  //! sometimes counted as evicted, never the other way.
+  //! Why prompt tokens missed. "Evicted" and "other salt" come from a bounded filter of the
+  //! blocks cached lately (keyed by content and position; about the last one to two pool-fulls
+  //! of the whole job): a block evicted before that counts as never seen, and about 1 in 10
+  //! never-seen blocks may count as evicted, never the other way.
   MissedTokens missed;
 };
 
@@ -204,8 +205,12 @@ class Coordinator {
   //! (every cached block is hashed once), and nullptr stops it (KV events cost nothing then).
   void set_kv_event_sink(std::function<void(const KvEventBatch&)> sink);
   //! What every replica caches now as BlockStored events, for a subscriber that starts now; the
-  //! events of later batches follow on from it. Empty without a sink.
+  //! events of later batches follow on from it once flush_kv_events() has delivered the changes
+  //! still pending to the sink. Empty without a sink.
   [[nodiscard]] KvEventBatch kv_event_snapshot() const;
+  //! Delivers the changes recorded since the last batch (evictions for admissions) to the sink
+  //! now, as a batch of the coming plan's number, instead of with the next step().
+  void flush_kv_events();
 
   [[nodiscard]] const Config& config() const { return config_; }
   [[nodiscard]] uint32_t num_replicas() const;

@@ -161,6 +161,10 @@ class ControlProtocol {
   //! With options.tenants, gives each tenant of the file that names a quota that quota.
   ControlProtocol(Coordinator& coordinator, PlanSink sink = nullptr,
                   ControlProtocolOptions options = {});
+  //! Gives the coordinator's KV-event sink back (it points into this protocol).
+  ~ControlProtocol();
+  ControlProtocol(const ControlProtocol&) = delete;
+  ControlProtocol& operator=(const ControlProtocol&) = delete;
 
   //! One request line (without its newline) from the connection `who`, to one reply line
   //! (without newline). hello may change `who`.

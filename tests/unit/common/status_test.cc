@@ -39,6 +39,9 @@ TEST(Status, ToStringNamesTheErrorOnce) {
             "OutOfMemory: replica 2 is full");
   EXPECT_EQ(Status(ErrorCode::kUnavailable, "rank 3 did not answer").to_string(),
             "Unavailable: rank 3 did not answer");
+  // The words inside a quoted name are not the message's own.
+  EXPECT_EQ(Status(ErrorCode::kInvalidOperation, "tenant 'Invalid operation: x' is paused").to_string(),
+            "InvalidOperation: tenant 'Invalid operation: x' is paused");
 }
 
 Result<int> half(int x) {

@@ -4,6 +4,7 @@
 
 #include <random>
 
+#include "coordinator/seen_blocks.h"
 #include "kvfabric/coordinator/coordinator.h"
 #include "testing/serving_harness.h"
 
@@ -112,6 +113,29 @@ TEST(MissCauses, HitsAndCausesAddUpToEveryPromptToken) {
   EXPECT_GT(s.missed.other_salt, 0u);
   EXPECT_GT(s.missed.never_seen, 0u);
   EXPECT_GT(s.local_hit_tokens, 0u);
+}
+
+// The filter behind "evicted": what it was given lately it always knows; what it was given two
+// generations ago it forgets; what it never saw it takes for seen only now and then.
+TEST(SeenBlocks, RemembersTheRecentPastAndForgetsTheRest) {
+  detail::SeenBlocks seen(1);  // the smallest filter: 2^19 bits per generation, 65,536 keys
+  const uint64_t per_generation = (uint64_t{1} << 19) / 8;
+  auto key = [](uint64_t i) { return detail::SeenBlocks::key(i, i % 7, false); };
+  for (uint64_t i = 0; i < per_generation; ++i) seen.add(key(i));
+  for (uint64_t i = 0; i < per_generation; ++i) ASSERT_TRUE(seen.contains(key(i))) << i;
+  // A second generation: the first is still known.
+  for (uint64_t i = per_generation; i < 2 * per_generation; ++i) seen.add(key(i));
+  for (uint64_t i = 0; i < 2 * per_generation; ++i) ASSERT_TRUE(seen.contains(key(i))) << i;
+  uint64_t false_positives = 0;
+  for (uint64_t i = 10 * per_generation; i < 11 * per_generation; ++i) false_positives += seen.contains(key(i));
+  EXPECT_LT(false_positives, per_generation / 8);  // two generations of about 1 in 20 each
+  // A third: the first is forgotten (but for the same false-positive rate).
+  for (uint64_t i = 2 * per_generation; i < 3 * per_generation + 1; ++i) seen.add(key(i));
+  uint64_t remembered = 0;
+  for (uint64_t i = 0; i < per_generation; ++i) remembered += seen.contains(key(i));
+  EXPECT_LT(remembered, per_generation / 8);
+  EXPECT_EQ(seen.memory_bytes(), detail::SeenBlocks::bytes_for(1));
+  EXPECT_EQ(detail::SeenBlocks::bytes_for(1), 2u * (uint64_t{1} << 19) / 8);
 }
 
 }  // namespace

@@ -470,6 +470,35 @@ TEST(ControlProtocolTest, SubscribersGetASnapshotThenEachStepsChanges) {
   EXPECT_EQ(protocol.stats().kv_event_batches, 2u);
 }
 
+// Evictions wait for the next step's batch; a subscriber who joins before it must not get them
+// after a snapshot that no longer lists those blocks.
+TEST(ControlProtocolTest, ALateSubscriberGetsNoChangeItsSnapshotAlreadyShows) {
+  Coordinator coordinator = make(serving_config(1, 1, 4, 2, 16, 4));  // 16 blocks
+  ControlProtocol protocol(coordinator);
+  ControlIdentity early = protocol.new_connection();
+  ASSERT_EQ(json::parse(protocol.handle(R"({"op": "subscribe"})", early))["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(64, 1)}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "free"}, {"seq", 1}})["ok"], true);
+  ASSERT_EQ(event_lines(*early.events).size(), 1u);  // stored
+  // Every block for a new prompt: the cached one is evicted, reported at the next step.
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 2}, {"tokens", token_run(256, 900)}})["ok"],
+            true);
+  ControlIdentity late = protocol.new_connection();
+  ASSERT_EQ(json::parse(protocol.handle(R"({"op": "subscribe"})", late))["ok"], true);
+  std::vector<json> lines = event_lines(*early.events);
+  ASSERT_EQ(lines.size(), 1u);  // the eviction, delivered before the newcomer's snapshot
+  EXPECT_EQ(lines[0]["kv_events"]["events"][0]["type"], "BlockRemoved");
+  EXPECT_TRUE(event_lines(*late.events).empty());  // nothing is cached: an empty snapshot
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+  for (ControlIdentity* who : {&early, &late}) {
+    lines = event_lines(*who->events);
+    ASSERT_EQ(lines.size(), 1u);
+    ASSERT_EQ(lines[0]["kv_events"]["events"].size(), 1u) << lines[0];
+    EXPECT_EQ(lines[0]["kv_events"]["events"][0]["type"], "BlockStored");
+  }
+}
+
 TEST(ControlProtocolTest, BadResetsAreRefusedAndChangeNothing) {
   Coordinator coordinator = make(serving_config(2, 1, 4, 2, 16, 4));
   ControlProtocol protocol(coordinator);

@@ -269,6 +269,27 @@ TEST(ControlServerTest, DrainAnswersTheRequestInProgressThenRunReturns) {
   EXPECT_TRUE(served.join().ok());
 }
 
+// Without a metrics endpoint the drain leaves the io thread nothing to wait on but the reply of
+// the request in progress: it must still be sent.
+TEST(ControlServerTest, DrainWithoutAMetricsEndpointStillAnswersTheRequestInProgress) {
+  HeldPlans plans;
+  ControlServerOptions options;  // no metrics_port
+  options.http_timeout = std::chrono::milliseconds(20'000);  // the drain's limit: not reached
+  ServedCoordinator served(options, {}, plans.sink());
+  std::thread stepper([&] {
+    ControlClient client = served.client();
+    EXPECT_EQ(call(client, {{"op", "step"}})["step"], 0);
+  });
+  plans.wait_until_held();
+  served.server().drain();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the acceptor closes meanwhile
+  const auto released = std::chrono::steady_clock::now();
+  plans.release();
+  stepper.join();
+  EXPECT_TRUE(served.join().ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - released, std::chrono::seconds(10));
+}
+
 // After a plan failed to reach the ranks, reads and /health still answer, changes are refused
 // naming the cause, and run() returns the failure once the grace period is over.
 TEST(ControlServerTest, AfterARankFaultReadsAnswerAndRunEndsWithTheFailure) {
