@@ -497,16 +497,18 @@ void Coordinator::count_misses(const RadixKey& key, size_t best_tokens, const Pl
   // Past what any replica holds: blocks seen before were evicted; then, for a salted prompt,
   // blocks seen under another salt; the rest are new. Each run stops at the first block that is
   // not seen, as the blocks after it extend a prefix nobody cached.
+  const std::span<const TokenId> tokens = key.tokens();
+  using detail::SeenBlocks;
   size_t pos = covered;
-  while (pos < full && seen_->contains(detail::SeenBlocks::key(key.unit_key(pos), pos / bs, false))) {
+  while (pos < full &&
+         seen_->contains(SeenBlocks::key(tokens.subspan(pos, bs), pos / bs, key.salt_at(pos), false))) {
     pos += bs;
   }
   missed.evicted += pos - covered;
   const size_t salted_from = pos;
   if (!key.scope().salt.empty()) {
-    while (pos < full && seen_->contains(detail::SeenBlocks::key(
-                             detail::radix_unit_key(key.tokens().subspan(pos, bs), bs), pos / bs,
-                             /*any_salt=*/true))) {
+    while (pos < full &&
+           seen_->contains(SeenBlocks::key(tokens.subspan(pos, bs), pos / bs, {}, /*any_salt=*/true))) {
       pos += bs;
     }
   }
@@ -516,14 +518,12 @@ void Coordinator::count_misses(const RadixKey& key, size_t best_tokens, const Pl
 
 void Coordinator::remember_blocks(const RadixKey& key, size_t fresh) {
   const size_t bs = config_.cache.block_size;
-  const size_t full = key.tokens().size() / bs * bs;
+  const std::span<const TokenId> tokens = key.tokens();
+  const size_t full = tokens.size() / bs * bs;
   for (size_t pos = full - fresh * bs; pos < full; pos += bs) {
-    const uint64_t unit = key.unit_key(pos);
-    seen_->add(detail::SeenBlocks::key(unit, pos / bs, false));
-    // The content under any salt: a public block's unit key has no salt in it already.
-    const uint64_t content =
-        key.salt_at(pos).empty() ? unit : detail::radix_unit_key(key.tokens().subspan(pos, bs), bs);
-    seen_->add(detail::SeenBlocks::key(content, pos / bs, true));
+    const std::span<const TokenId> block = tokens.subspan(pos, bs);
+    seen_->add(detail::SeenBlocks::key(block, pos / bs, key.salt_at(pos), false));
+    seen_->add(detail::SeenBlocks::key(block, pos / bs, {}, /*any_salt=*/true));
   }
 }
 

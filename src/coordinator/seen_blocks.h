@@ -5,7 +5,11 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
+
+#include "kvfabric/prefix/cache_salt.h"
+#include "kvfabric/prefix/radix_tree.h"
 
 namespace kvfabric::detail {
 
@@ -13,8 +17,8 @@ namespace kvfabric::detail {
 //! probes per key, sized from the job's block count. A generation takes keys until it holds one
 //! per 8 of its bits (about 1 false positive in 20), then becomes the old one and the oldest is
 //! cleared: the filter remembers the blocks of the last one to two pool-fulls of the whole job,
-//! with a bounded error that errs only towards "seen". Keys are the coordinator's unit keys, so
-//! recording a block costs no hashing beyond what indexing already does for it.
+//! with a bounded error that errs only towards "seen". Keys sample a block's tokens (key()), so
+//! recording a block costs the same for any block size.
 class SeenBlocks {
  public:
   //! 16 bits per block of every replica's pool in each generation, 64 KiB to 64 MiB each.
@@ -26,9 +30,14 @@ class SeenBlocks {
   [[nodiscard]] bool contains(uint64_t key) const;
   [[nodiscard]] size_t memory_bytes() const;
 
-  //! The key of a block whose unit key is `unit` at block index `position` of its prompt;
-  //! `any_salt` keys the block's content without its salt (see Coordinator's miss causes).
-  static uint64_t key(uint64_t unit, size_t position, bool any_salt);
+  //! The key of the block `tokens` at block index `position` of its prompt, under `salt`, or
+  //! under any salt (`any_salt`: the salt is left out). A block is known by a sample of its
+  //! tokens, the first and last kSampled, so that a key costs the same for any block size
+  //! (the filter sees every newly cached block): two blocks that agree on those tokens at the
+  //! same position count as one, which only ever makes a miss look evicted.
+  static uint64_t key(std::span<const TokenId> tokens, size_t position, const CacheSalt& salt,
+                      bool any_salt);
+  static constexpr size_t kSampled = 8;
 
  private:
   using Bits = std::vector<uint64_t>;

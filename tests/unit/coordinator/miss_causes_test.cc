@@ -120,7 +120,10 @@ TEST(MissCauses, HitsAndCausesAddUpToEveryPromptToken) {
 TEST(SeenBlocks, RemembersTheRecentPastAndForgetsTheRest) {
   detail::SeenBlocks seen(1);  // the smallest filter: 2^19 bits per generation, 65,536 keys
   const uint64_t per_generation = (uint64_t{1} << 19) / 8;
-  auto key = [](uint64_t i) { return detail::SeenBlocks::key(i, i % 7, false); };
+  auto key = [](uint64_t i) {
+    const TokenId block[2] = {static_cast<TokenId>(i), static_cast<TokenId>(i >> 32)};
+    return detail::SeenBlocks::key(block, i % 7, CacheSalt{}, false);
+  };
   for (uint64_t i = 0; i < per_generation; ++i) seen.add(key(i));
   for (uint64_t i = 0; i < per_generation; ++i) ASSERT_TRUE(seen.contains(key(i))) << i;
   // A second generation: the first is still known.
@@ -135,6 +138,15 @@ TEST(SeenBlocks, RemembersTheRecentPastAndForgetsTheRest) {
   for (uint64_t i = 0; i < per_generation; ++i) remembered += seen.contains(key(i));
   EXPECT_LT(remembered, per_generation / 8);
   EXPECT_EQ(seen.memory_bytes(), detail::SeenBlocks::bytes_for(1));
+  // A key names the sampled tokens, the position and the salt; "any salt" leaves the salt out.
+  const auto block = token_run(16, 3);
+  const CacheSalt alice = CacheSalt::of("alice"), bob = CacheSalt::of("bob");
+  using detail::SeenBlocks;
+  EXPECT_NE(SeenBlocks::key(block, 2, alice, false), SeenBlocks::key(block, 2, bob, false));
+  EXPECT_NE(SeenBlocks::key(block, 2, alice, false), SeenBlocks::key(block, 3, alice, false));
+  EXPECT_NE(SeenBlocks::key(block, 2, alice, false), SeenBlocks::key(token_run(16, 4), 2, alice, false));
+  EXPECT_EQ(SeenBlocks::key(block, 2, alice, true), SeenBlocks::key(block, 2, bob, true));
+  EXPECT_NE(SeenBlocks::key(block, 2, CacheSalt{}, false), SeenBlocks::key(block, 2, CacheSalt{}, true));
   EXPECT_EQ(detail::SeenBlocks::bytes_for(1), 2u * (uint64_t{1} << 19) / 8);
 }
 
