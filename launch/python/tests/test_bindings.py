@@ -298,6 +298,22 @@ def test_bad_numpy_input_is_refused_by_name(config, key, message):
     assert refused.value.code == "InvalidArgument"
 
 
+class _FakeCudaArray:
+    """Looks like a CuPy/PyTorch CUDA tensor to the bindings (it is never read)."""
+
+    __cuda_array_interface__ = {"shape": (3, 2, 16), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+
+
+def test_a_cuda_array_is_refused_by_the_cpu_backend(config):
+    cache = kvfabric.RankCache(config)
+    value = np.zeros((3, 2, 16), np.float32)
+    with pytest.raises(kvfabric.InvalidArgumentError,
+                       match="key is a CUDA array, but this cache's backend is the CPU backend"):
+        cache.append_kv(0, _FakeCudaArray(), value, [0, 1, 2])
+    assert cache.stats.steps == 0
+
+
 def test_bad_metadata_and_outputs_are_refused(config):
     cache = kvfabric.RankCache(config)
     k = np.zeros((3, 2, 16), np.float32)
