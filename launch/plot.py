@@ -284,6 +284,14 @@ def plot_transfer(inputs, args):
 
 # --- kernels -----------------------------------------------------------------------------------
 
+def paired_bars(ax, names, left, left_label, right, right_label):
+    """Two bars per name, side by side."""
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], left, 0.4, label=left_label)
+    ax.bar([x + 0.2 for x in xs], right, 0.4, label=right_label)
+    ax.set_xticks(list(xs), names)
+
+
 def plot_attention(inputs, args):
     path, results = inputs[0]
     runs = results["runs"]
@@ -299,12 +307,8 @@ def plot_attention(inputs, args):
     bw_ax.set_ylabel("GB/s (KV as stored + queries + outputs)")
     bw_ax.set_title("Paged decode attention bandwidth")
     bw_ax.legend(fontsize=8)
-    xs = range(len(runs))
-    time_ax.bar([x - 0.2 for x in xs], [r["paged_seconds"] * 1e3 for r in runs], 0.4,
-                label="paged blocks")
-    time_ax.bar([x + 0.2 for x in xs], [r["contiguous_seconds"] * 1e3 for r in runs], 0.4,
-                label="one block per sequence")
-    time_ax.set_xticks(list(xs), names)
+    paired_bars(time_ax, names, [r["paged_seconds"] * 1e3 for r in runs], "paged blocks",
+                [r["contiguous_seconds"] * 1e3 for r in runs], "one block per sequence")
     time_ax.set_ylabel("ms per decode call")
     time_ax.set_title("Paged vs contiguous")
     time_ax.legend(fontsize=8)
@@ -325,13 +329,10 @@ def plot_quant(inputs, args):
     rate_ax.bar(names, [tokens / r["seconds"] / 1e6 for r in runs], color="C0")
     rate_ax.set_ylabel("million tokens / s")
     rate_ax.set_title("append_kv (quantize on write)")
-    xs = range(len(runs))
-    ratio_ax.bar([x - 0.2 for x in xs], [r["ratio_vs_copy_traffic"] for r in runs], 0.4,
-                 label="(input + stored) vs 2 x copy")
-    ratio_ax.bar([x + 0.2 for x in xs], [r["ratio_vs_copy_input"] for r in runs], 0.4,
-                 label="input vs copy")
+    paired_bars(ratio_ax, names, [r["ratio_vs_copy_traffic"] for r in runs],
+                "(input + stored) vs 2 x copy", [r["ratio_vs_copy_input"] for r in runs],
+                "input vs copy")
     ratio_ax.axhline(1, color="black", linewidth=1)
-    ratio_ax.set_xticks(list(xs), names)
     ratio_ax.set_ylabel("bandwidth / copy bandwidth of the same run")
     ratio_ax.set_title("Against a copy")
     ratio_ax.legend(fontsize=8)

@@ -521,9 +521,9 @@ void Coordinator::remember_blocks(const RadixKey& key, size_t fresh) {
   const std::span<const TokenId> tokens = key.tokens();
   const size_t full = tokens.size() / bs * bs;
   for (size_t pos = full - fresh * bs; pos < full; pos += bs) {
-    const std::span<const TokenId> block = tokens.subspan(pos, bs);
-    seen_->add(detail::SeenBlocks::key(block, pos / bs, key.salt_at(pos), false));
-    seen_->add(detail::SeenBlocks::key(block, pos / bs, {}, /*any_salt=*/true));
+    const uint64_t sampled = detail::SeenBlocks::sample(tokens.subspan(pos, bs));
+    seen_->add(detail::SeenBlocks::key(sampled, pos / bs, key.salt_at(pos), false));
+    seen_->add(detail::SeenBlocks::key(sampled, pos / bs, {}, /*any_salt=*/true));
   }
 }
 

@@ -45,15 +45,19 @@ size_t SeenBlocks::memory_bytes() const {
   return (generations_[0].size() + generations_[1].size()) * sizeof(uint64_t);
 }
 
-uint64_t SeenBlocks::key(std::span<const TokenId> tokens, size_t position, const CacheSalt& salt,
-                         bool any_salt) {
-  uint64_t h = mix(position * 2 + (any_salt ? 1 : 0));
-  if (!any_salt) h = mix(h ^ salt.hi) ^ mix(salt.lo + 1);
+uint64_t SeenBlocks::sample(std::span<const TokenId> tokens) {
   const size_t head = std::min(tokens.size(), kSampled);
   const size_t tail_from = std::max(head, tokens.size() - std::min(tokens.size(), kSampled));
+  uint64_t h = mix(tokens.size());
   for (size_t i = 0; i < head; ++i) h = mix(h + tokens[i]);
   for (size_t i = tail_from; i < tokens.size(); ++i) h = mix(h + tokens[i]);
-  return mix(h + tokens.size());
+  return h;
+}
+
+uint64_t SeenBlocks::key(uint64_t sampled, size_t position, const CacheSalt& salt, bool any_salt) {
+  uint64_t h = mix(position * 2 + (any_salt ? 1 : 0));
+  if (!any_salt) h = mix(h ^ salt.hi) ^ mix(salt.lo + 1);
+  return mix(h ^ sampled);
 }
 
 void SeenBlocks::add(uint64_t key) {

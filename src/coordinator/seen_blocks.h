@@ -36,7 +36,13 @@ class SeenBlocks {
   //! (the filter sees every newly cached block): two blocks that agree on those tokens at the
   //! same position count as one, which only ever makes a miss look evicted.
   static uint64_t key(std::span<const TokenId> tokens, size_t position, const CacheSalt& salt,
-                      bool any_salt);
+                      bool any_salt) {
+    return key(sample(tokens), position, salt, any_salt);
+  }
+  //! key() from a block's sample(), for a caller that keys one block twice.
+  static uint64_t key(uint64_t sampled, size_t position, const CacheSalt& salt, bool any_salt);
+  //! A hash of the tokens a key samples.
+  static uint64_t sample(std::span<const TokenId> tokens);
   static constexpr size_t kSampled = 8;
 
  private:
