@@ -1,13 +1,17 @@
 // Host launchers of the CUDA kernels. Only src/backend/cuda and src/transport/nccl include this
 // header. Every pointer argument is device memory; launchers enqueue on `stream`, never allocate
-// and never synchronize.
+// and never synchronize. The kernels see plain data only: the pool view and the operations'
+// arguments, never the Backend interface (tests/kernel_includes.cmake enforces it).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "kvfabric/backend/backend.h"
+#include "kvfabric/backend/kernel_args.h"
+#include "kvfabric/backend/paged_kv_view.h"
+#include "kvfabric/block/token_copy.h"
+#include "kvfabric/common/dtype.h"
 
 namespace kvfabric::kernels {
 
