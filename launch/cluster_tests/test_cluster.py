@@ -132,6 +132,22 @@ def test_submit_without_sbatch_is_a_clear_error(cluster, config, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_submit_runs_sbatch_on_the_script(cluster, config, tmp_path):
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
+                                 'echo "Submitted batch job 7"\n')
+    (fake / "sbatch").chmod(0o755)
+    result = cluster("--slurm", "--nodes", "2", "--gpus-per-node", "2", "--config", str(config),
+                     "--name", "job", "--submit", "--", "serve",
+                     path=f"{fake}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Submitted batch job 7\n"
+    script = tmp_path / "runs" / "job" / "job.sbatch"
+    assert (fake / "args").read_text() == f"{script}\n"
+    assert "#SBATCH --nodes=2\n" in script.read_text()
+
+
 def test_writes_the_slurm_script_without_submitting(cluster, config, tmp_path):
     result = cluster("--slurm", "--nodes", "1", "--gpus-per-node", "4", "--config", str(config),
                      "--name", "job", "--", "serve")
