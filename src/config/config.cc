@@ -16,6 +16,7 @@ namespace {
 constexpr uint32_t kMaxBlockSize = 4096;
 constexpr uint32_t kMaxHeadDim = 1024;
 constexpr uint32_t kMaxWorldSize = 1u << 16;
+constexpr int32_t kMaxDeviceIndex = 1023;
 // Room for a small request (an admit of a few tokens); below this nothing useful fits.
 constexpr uint32_t kMinRequestBytes = 256;
 // Room for one ordinary reply (a step's plan of a few tables, the stats of a few replicas).
@@ -52,6 +53,45 @@ Result<EvictionPolicy> parse_eviction_policy(std::string_view name) {
   }
   return invalid_argument("unknown eviction strategy '" + std::string(name) +
                           "' (expected lru, lfu, longest_first, priority or streaming_llm)");
+}
+
+std::string_view backend_kind_name(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::kAuto:
+      return "auto";
+    case BackendKind::kCpu:
+      return "cpu";
+    case BackendKind::kCuda:
+      return "cuda";
+  }
+  return "unknown";
+}
+
+std::string_view transport_kind_name(TransportKind kind) {
+  switch (kind) {
+    case TransportKind::kAuto:
+      return "auto";
+    case TransportKind::kMpi:
+      return "mpi";
+    case TransportKind::kNccl:
+      return "nccl";
+  }
+  return "unknown";
+}
+
+Result<BackendKind> parse_backend_kind(std::string_view name) {
+  for (BackendKind kind : {BackendKind::kAuto, BackendKind::kCpu, BackendKind::kCuda}) {
+    if (backend_kind_name(kind) == name) return kind;
+  }
+  return invalid_argument("unknown backend '" + std::string(name) + "' (expected auto, cpu or cuda)");
+}
+
+Result<TransportKind> parse_transport_kind(std::string_view name) {
+  for (TransportKind kind : {TransportKind::kAuto, TransportKind::kMpi, TransportKind::kNccl}) {
+    if (transport_kind_name(kind) == name) return kind;
+  }
+  return invalid_argument("unknown transport '" + std::string(name) +
+                          "' (expected auto, mpi or nccl)");
 }
 
 uint32_t local_kv_heads(const ModelConfig& model, const TopologyConfig& topology) {
@@ -176,6 +216,17 @@ Status validate(const Config& config) {
     return invalid_argument(
         std::string("server.tls_cert_file and server.tls_key_file go together (") +
         (srv.tls_cert_file.empty() ? "the certificate" : "the key") + " is missing)");
+  }
+
+  const RuntimeConfig& rt = config.runtime;
+  if (rt.transport == TransportKind::kNccl && rt.backend == BackendKind::kCpu) {
+    return invalid_argument(
+        "runtime.transport nccl moves GPU memory and needs runtime.backend cuda or auto (got cpu)");
+  }
+  if (rt.device < kLocalRankDevice || rt.device > kMaxDeviceIndex) {
+    return invalid_argument("runtime.device must be local-rank or an index in [0, " +
+                            std::to_string(kMaxDeviceIndex) + "] (got " +
+                            std::to_string(rt.device) + ")");
   }
 
   auto layout = block_layout(config);

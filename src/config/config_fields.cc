@@ -91,6 +91,47 @@ ConfigField dtype_field(std::string_view key, std::string_view help, Access acce
       }};
 }
 
+// A field holding one of an enum's names; `parse` and `name` convert, `access` returns a
+// reference into the Config.
+template <typename Parse, typename Name, typename Access>
+ConfigField choice_field(std::string_view key, std::string_view help, Parse parse, Name name,
+                         Access access) {
+  return ConfigField{key, help,
+                     [key, parse, access](Config& c, std::string_view text) -> Status {
+                       auto value = parse(text);
+                       if (!value.ok()) {
+                         return invalid_argument(std::string(key) + ": " +
+                                                 value.status().message());
+                       }
+                       access(c) = value.value();
+                       return ok_status();
+                     },
+                     [name, access](const Config& c) {
+                       return std::string(name(access(const_cast<Config&>(c))));
+                     }};
+}
+
+constexpr std::string_view kLocalRankName = "local-rank";
+
+Status set_device(Config& c, std::string_view text) {
+  if (text == kLocalRankName) {
+    c.runtime.device = kLocalRankDevice;
+    return ok_status();
+  }
+  int32_t index = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), index);
+  if (ec != std::errc() || end != text.data() + text.size() || index < 0) {
+    return bad_value("runtime.device", text, "local-rank or a device index (0, 1, ...)");
+  }
+  c.runtime.device = index;
+  return ok_status();
+}
+
+std::string device_text(const Config& c) {
+  return c.runtime.device == kLocalRankDevice ? std::string(kLocalRankName)
+                                              : std::to_string(c.runtime.device);
+}
+
 }  // namespace
 
 const std::vector<ConfigField>& config_fields() {
@@ -240,6 +281,14 @@ const std::vector<ConfigField>& config_fields() {
       unsigned_field<uint32_t>("runtime.plan_deadline_ms",
                                "rank 0 waits this long for every rank to run a plan (0 = forever)",
                                [](Config& c) -> auto& { return c.runtime.plan_deadline_ms; }),
+      choice_field("runtime.backend", "where ranks keep KV: auto (CUDA when a GPU is seen), cpu, cuda",
+                   parse_backend_kind, backend_kind_name,
+                   [](Config& c) -> auto& { return c.runtime.backend; }),
+      choice_field("runtime.transport", "how ranks move blocks: auto (NCCL on CUDA), mpi, nccl",
+                   parse_transport_kind, transport_kind_name,
+                   [](Config& c) -> auto& { return c.runtime.transport; }),
+      ConfigField{"runtime.device", "CUDA device: local-rank (the launcher's, modulo the visible) or an index",
+                  set_device, device_text},
   };
   return kFields;
 }

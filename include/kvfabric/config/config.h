@@ -125,11 +125,36 @@ struct ServerConfig {
   uint32_t event_queue_batches = 1024;
 };
 
+//! \brief Where a rank keeps its KV shard and runs its kernels.
+enum class BackendKind : uint8_t {
+  kAuto,  //!< CUDA when this build has it and the process sees a GPU, else CPU
+  kCpu,
+  kCuda,
+};
+//! \brief How a job's ranks move blocks between each other.
+enum class TransportKind : uint8_t {
+  kAuto,  //!< NCCL when the backend is CUDA and this build has NCCL, else MPI
+  kMpi,   //!< host memory; a CUDA rank stages its blocks through pinned host memory
+  kNccl,  //!< GPU memory; bootstrapped over MPI (the unique id is broadcast)
+};
+std::string_view backend_kind_name(BackendKind kind);        // "auto", "cpu", "cuda"
+std::string_view transport_kind_name(TransportKind kind);    // "auto", "mpi", "nccl"
+Result<BackendKind> parse_backend_kind(std::string_view name);
+Result<TransportKind> parse_transport_kind(std::string_view name);
+
+//! runtime.device: the launcher's local rank (modulo the visible devices) picks the device.
+inline constexpr int32_t kLocalRankDevice = -1;
+
 //! \brief How the ranks run the plans (DESIGN.md §5).
 struct RuntimeConfig {
   //! Rank 0 waits this long for every rank to take, agree on and execute a step's plan; a rank
   //! that does not answer is named and the control plane stops accepting changes. 0 = wait forever.
   uint32_t plan_deadline_ms = 30'000;
+  BackendKind backend = BackendKind::kAuto;
+  TransportKind transport = TransportKind::kAuto;
+  //! The CUDA device of a GPU rank, an index among the visible ones (CUDA_VISIBLE_DEVICES is
+  //! honoured), or kLocalRankDevice ("local-rank" in YAML).
+  int32_t device = kLocalRankDevice;
 };
 
 struct Config {

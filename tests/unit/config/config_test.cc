@@ -358,6 +358,62 @@ runtime: {plan_deadline_ms: 2500}
   EXPECT_EQ(config.runtime.plan_deadline_ms, 750u);
 }
 
+TEST(Config, RuntimeBackendTransportAndDevice) {
+  const auto defaults = parse_config(kTiny);
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(defaults->runtime.backend, BackendKind::kAuto);
+  EXPECT_EQ(defaults->runtime.transport, TransportKind::kAuto);
+  EXPECT_EQ(defaults->runtime.device, kLocalRankDevice);
+
+  const auto parsed = parse_config(std::string(kTiny) + "runtime: {backend: cuda, transport: nccl, device: 3}\n");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->runtime.backend, BackendKind::kCuda);
+  EXPECT_EQ(parsed->runtime.transport, TransportKind::kNccl);
+  EXPECT_EQ(parsed->runtime.device, 3);
+  // The dump reads back as the same config.
+  const std::string dumped = dump_config(*parsed);
+  EXPECT_NE(dumped.find("backend: cuda"), std::string::npos) << dumped;
+  EXPECT_NE(dumped.find("device: 3"), std::string::npos) << dumped;
+  const auto again = parse_config(dumped);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->runtime.device, 3);
+  EXPECT_NE(dump_config(*defaults).find("device: local-rank"), std::string::npos);
+
+  for (const auto& [yaml, message] :
+       {std::pair{"runtime: {backend: tpu}",
+                  "runtime.backend: unknown backend 'tpu' (expected auto, cpu or cuda)"},
+        std::pair{"runtime: {transport: ucx}",
+                  "runtime.transport: unknown transport 'ucx' (expected auto, mpi or nccl)"},
+        std::pair{"runtime: {device: first}",
+                  "runtime.device: 'first' is not local-rank or a device index"},
+        std::pair{"runtime: {device: -2}", "runtime.device: '-2' is not local-rank"},
+        std::pair{"runtime: {device: 4096}", "runtime.device must be local-rank or an index in [0, 1023] (got 4096)"},
+        std::pair{"runtime: {backend: cpu, transport: nccl}",
+                  "runtime.transport nccl moves GPU memory and needs runtime.backend cuda or auto "
+                  "(got cpu)"}}) {
+    const auto bad = parse_config(std::string(kTiny) + yaml + "\n");
+    ASSERT_FALSE(bad.ok()) << yaml;
+    EXPECT_NE(bad.status().message().find(message), std::string::npos) << bad.status();
+  }
+
+  Config config = *defaults;
+  ASSERT_TRUE(apply_env_overrides(config, Environment({{"KVF_RUNTIME_BACKEND", "cpu"},
+                                                       {"KVF_RUNTIME_TRANSPORT", "mpi"},
+                                                       {"KVF_RUNTIME_DEVICE", "1"}}))
+                  .ok());
+  EXPECT_EQ(config.runtime.backend, BackendKind::kCpu);
+  EXPECT_EQ(config.runtime.transport, TransportKind::kMpi);
+  EXPECT_EQ(config.runtime.device, 1);
+  // A refused override changes nothing.
+  const Status refused =
+      apply_env_overrides(config, Environment({{"KVF_RUNTIME_BACKEND", "cuda"},
+                                               {"KVF_RUNTIME_TRANSPORT", "nccl"},
+                                               {"KVF_RUNTIME_DEVICE", "gpu0"}}));
+  EXPECT_NE(refused.message().find("KVF_RUNTIME_DEVICE"), std::string::npos) << refused;
+  EXPECT_EQ(config.runtime.backend, BackendKind::kCpu);
+  EXPECT_EQ(config.runtime.device, 1);
+}
+
 TEST(Config, ByteSizes) {
   EXPECT_EQ(parse_byte_size("1024").value(), 1024u);
   EXPECT_EQ(parse_byte_size("16GiB").value(), 16ull << 30);
