@@ -1,7 +1,9 @@
 // kvfabric-serve: the control plane of a dp x tp job. Under mpirun every rank holds its shard of
-// the KV cache (CPU backend, MPI transport); rank 0 also runs the Coordinator and serves the
-// control protocol, and every step plan a scheduler asks for is executed by every rank before
-// the reply. Without mpirun the coordinator serves alone (no KV is held).
+// the KV cache on the backend and transport runtime.* picks (CUDA + NCCL on a GPU machine, else
+// CPU + MPI); rank 0 also runs the Coordinator and serves the control protocol, and every step
+// plan a scheduler asks for is executed by every rank before the reply. Without mpirun the
+// coordinator serves alone (no KV is held). --dry-run prints the effective config and every
+// rank's choice, and serves nothing.
 //
 // Faults: when a rank does not answer a plan within runtime.plan_deadline_ms, the control plane
 // names it in every reply and on /health for server.fault_grace_ms, then the job ends with a
@@ -26,11 +28,12 @@
 #include <optional>
 #include <thread>
 
-#include "bench/mpi_job.h"
 #include "kvfabric/common/logging.h"
 #include "kvfabric/common/version.h"
 #include "kvfabric/coordinator/coordinator.h"
+#include "kvfabric/runtime/mpi_job.h"
 #include "kvfabric/server/control_server.h"
+#include "serve/rank_metrics.h"
 
 namespace kvfabric {
 namespace {
@@ -41,6 +44,7 @@ struct ServeOptions {
   std::optional<uint16_t> port;
   std::optional<uint16_t> metrics_port;
   bool allow_shutdown = false;
+  bool dry_run = false;
 };
 
 // What a rank says when a signal arrives, composed once the rank knows who it is.
@@ -115,7 +119,8 @@ void serve_until_signalled(ControlServer* server) {
 }
 
 // Rank 0's role: the Coordinator behind the control server, until a shutdown or an error.
-Status coordinate(const Config& config, const ServeOptions& options, RankJob* ranks) {
+Status coordinate(const Config& config, const ServeOptions& options, MpiJob* job) {
+  RankJob* ranks = job ? &job->ranks() : nullptr;
   KVF_ASSIGN_OR_RETURN(Coordinator coordinator, Coordinator::create(config));
   PlanSink sink;
   if (ranks) {
@@ -127,9 +132,9 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
   ControlProtocolOptions limits = ControlProtocolOptions::from(config.server);
   limits.allow_shutdown = options.allow_shutdown;
   if (ranks) {
-    limits.backend = "cpu";
+    limits.backend = std::string(backend_kind_name(job->placement().backend));
     limits.extra_metrics = [ranks, tp = config.topology.tp] {
-      return bench::rank_metrics_text(ranks->rank_stats(), tp);
+      return serve::rank_metrics_text(ranks->rank_stats(), tp);
     };
   }
   std::optional<TenantDirectory> tenants;
@@ -150,9 +155,9 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
                  ? fmt::format(", metrics and health on port {}", server->metrics_port())
                  : "",
              config.model.name, config.topology.dp, config.topology.tp,
-             ranks
-                 ? fmt::format("{} MPI ranks execute the plans (CPU backend)", ranks->world_size())
-                 : "coordinator only (no MPI launcher: no KV is held)");
+             ranks ? fmt::format("{} MPI ranks execute the plans (rank 0: {})", ranks->world_size(),
+                                 job->placement().describe())
+                   : "coordinator only (no MPI launcher: no KV is held)");
   std::fflush(stdout);
   serve_until_signalled(server.get());
   const Status served = server->run();
@@ -162,18 +167,45 @@ Status coordinate(const Config& config, const ServeOptions& options, RankJob* ra
   return coordinator.verify_integrity();
 }
 
-// Every rank says where it runs: rank, host, process id, its shard.
-void announce(const RankJob& ranks) {
-  const RankLayout& l = ranks.cache().layout();
-  const std::string who = ranks.transport().describe(RankId{static_cast<int32_t>(l.rank)});
-  fmt::print("kvfabric-serve: {} (pid {}, {} ranks): replica {}, shard {}, CPU backend, MPI "
-             "transport\n",
-             who, getpid(), l.world_size, l.replica, l.shard);
+// Every rank says where it runs: rank, host, process id, its shard, backend, device, transport.
+void announce(const MpiJob& job, const Config& config) {
+  const int rank = job.rank();
+  fmt::print("kvfabric-serve: {} (pid {}, {} ranks): replica {}, shard {}, {}\n", job.who(),
+             getpid(), config.topology.dp * config.topology.tp, rank / config.topology.tp,
+             rank % config.topology.tp, job.placement().describe());
   std::fflush(stdout);
-  say_who(who, ranks.is_root());
+  say_who(job.who(), rank == 0);
 }
 
-int serve(const ServeOptions& options) {
+// --dry-run: the effective config and what each rank got, then nothing is served.
+Status dry_run(const Config& config, MpiJob* job) {
+  std::vector<std::string> placements;
+  if (job) {
+    KVF_ASSIGN_OR_RETURN(placements, job->gather_placements());
+    if (job->rank() != 0) return ok_status();
+  } else {
+    KVF_ASSIGN_OR_RETURN(const RankPlacement alone,
+                         place_rank(config.runtime, observe_process(), "this process"));
+    placements.push_back(alone.describe());
+  }
+  fmt::print("# kvfabric-serve --dry-run: the effective config\n{}\n", dump_config(config));
+  if (!job) {
+    fmt::print("# no MPI launcher: the coordinator would serve alone and hold no KV; under mpirun "
+               "with {} ranks, a rank of this machine would get: {}\n",
+               config.topology.dp * config.topology.tp, placements.front());
+  }
+  for (size_t r = 0; job && r < placements.size(); ++r) {
+    const auto rank = static_cast<uint32_t>(r);
+    fmt::print("# {}: replica {}, shard {}, {}\n",
+               job->transport().describe(RankId{static_cast<int32_t>(rank)}),
+               rank / config.topology.tp, rank % config.topology.tp, placements[r]);
+  }
+  fmt::print("# dry run: nothing served\n");
+  std::fflush(stdout);
+  return ok_status();
+}
+
+int serve_job(const ServeOptions& options) {
   auto fail = [](const Status& status) {
     fmt::print(stderr, "kvfabric-serve: {}\n", status.to_string());
     return 1;
@@ -186,21 +218,25 @@ int serve(const ServeOptions& options) {
   if (options.metrics_port) config->server.metrics_port = *options.metrics_port;
   if (const Status valid = validate(*config); !valid.ok()) return fail(valid);
 
-  auto job = bench::MpiPlanJob::launch(config->topology);
+  auto job = MpiJob::launch(*config);
   if (!job.ok()) return fail(job.status());
+  if (options.dry_run) {
+    const Status shown = dry_run(*config, job->get());
+    return shown.ok() ? 0 : fail(shown);
+  }
   if (!*job) {
     say_who("the coordinator", /*coordinating=*/true);
     const Status served = coordinate(*config, options, nullptr);
     return served.ok() ? 0 : fail(served);
   }
-  bench::MpiPlanJob& mpi = **job;
+  MpiJob& mpi = **job;
   if (const Status started = mpi.start(*config); !started.ok()) {
     // The other ranks would wait for this one for ever (or, on rank 0, until the first deadline).
     fail(started);
     mpi.abort(1);
   }
   RankJob& ranks = mpi.ranks();
-  announce(ranks);
+  announce(mpi, *config);
   if (!ranks.is_root()) {
     const Status served = ranks.serve();
     if (served.ok()) return 0;
@@ -211,7 +247,7 @@ int serve(const ServeOptions& options) {
                ranks.transport().rank().value);
     while (true) pause();
   }
-  const Status served = coordinate(*config, options, &ranks);
+  const Status served = coordinate(*config, options, &mpi);
   if (!served.ok()) {
     // A rank that does not answer would hold MPI_Finalize (and mpirun) for ever.
     fail(served);
@@ -244,6 +280,9 @@ int main(int argc, char** argv) {
                  "HTTP /metrics and /health port, 0 = none (overrides server.metrics_port)");
   app.add_flag("--allow-shutdown", options.allow_shutdown,
                "accept {\"op\": \"shutdown\"} from clients (ends every rank)");
+  app.add_flag("--dry-run", options.dry_run,
+               "print the effective config and each rank's backend, device and transport; serve "
+               "nothing");
   CLI11_PARSE(app, argc, argv);
 
   if (const Status log = configure_logging_from_env(); !log.ok()) {
@@ -254,5 +293,5 @@ int main(int argc, char** argv) {
   sigset_t stop_signals;
   block_stop_signals(stop_signals);
   watch_stop_signals(stop_signals);
-  return serve(options);
+  return serve_job(options);
 }

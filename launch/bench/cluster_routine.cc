@@ -7,9 +7,9 @@
 #include <optional>
 #include <sstream>
 
-#include "bench/mpi_job.h"
 #include "bench/progress.h"
 #include "bench/report.h"
+#include "kvfabric/runtime/mpi_job.h"
 
 namespace kvfabric::bench {
 namespace {
@@ -84,9 +84,12 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
 
   // Under mpirun the ranks hold the caches and execute the plans; otherwise the coordinator
   // runs alone and nothing moves.
-  KVF_ASSIGN_OR_RETURN(const std::unique_ptr<MpiPlanJob> job,
-                       MpiPlanJob::launch(sim.config.topology));
+  KVF_ASSIGN_OR_RETURN(const std::unique_ptr<MpiJob> job, MpiJob::launch(sim.config));
   const bool root = !job || job->transport().rank().value == 0;
+  std::vector<std::string> placements;  // every rank's, at rank 0
+  if (job) {
+    KVF_ASSIGN_OR_RETURN(placements, job->gather_placements());
+  }
   if (root) {
     KVF_ASSIGN_OR_RETURN(const Config shown,
                          cluster_replay_config(sim, ClusterRouting::kGlobalMigration));
@@ -98,14 +101,15 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
         format_count(static_cast<double>(sim.capacity_tokens)),
         format_count(static_cast<double>(shown.cache.num_blocks * sim.block_tokens)),
         format_count(static_cast<double>(sim.host_capacity_tokens)), sim.step_ms,
-        job ? fmt::format(", plans executed by {} MPI ranks (CPU backend, model {})",
-                          job->transport().world_size(), shown.model.name)
+        job ? fmt::format(", plans executed by {} MPI ranks (rank 0: {}; model {})",
+                          job->transport().world_size(), placements.front(), shown.model.name)
                   : ", coordinator only (no MPI launcher: no KV moves)");
     results["routine"] = "replay";
     results["trace"] = trace_name;
     results["dp"] = shown.topology.dp;
     results["tp"] = shown.topology.tp;
     results["mpi_ranks"] = job ? job->transport().world_size() : 0;
+    results["rank_placements"] = placements;
     results["block_tokens"] = sim.block_tokens;
     results["capacity_tokens"] = sim.capacity_tokens;
     results["host_capacity_tokens"] = sim.host_capacity_tokens;

@@ -1,40 +1,12 @@
-#include "bench/mpi_job.h"
+#include "serve/rank_metrics.h"
 
 #include <fmt/format.h>
 
-#include <cstdlib>
 #include <vector>
 
 #include "kvfabric/server/metrics.h"
 
-namespace kvfabric::bench {
-
-bool under_mpi_launcher() {
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
-    if (std::getenv(var) != nullptr) return true;
-  }
-  return false;
-}
-
-Result<std::unique_ptr<MpiPlanJob>> MpiPlanJob::launch(const TopologyConfig& topology) {
-  if (!under_mpi_launcher() || !mpi_transport_built()) return std::unique_ptr<MpiPlanJob>();
-  KVF_ASSIGN_OR_RETURN(MpiRuntime runtime, MpiRuntime::init(nullptr, nullptr));
-  const uint32_t world = topology.dp * topology.tp;
-  if (runtime.world_size() != static_cast<int>(world)) {
-    return invalid_argument(fmt::format("dp {} x tp {} needs {} MPI ranks, this job has {}",
-                                        topology.dp, topology.tp, world, runtime.world_size()));
-  }
-  std::unique_ptr<MpiPlanJob> job(new MpiPlanJob(std::move(runtime)));
-  KVF_ASSIGN_OR_RETURN(job->transport_, make_mpi_transport(job->mpi_));
-  KVF_ASSIGN_OR_RETURN(job->backend_, make_cpu_backend(CpuBackendOptions{best_cpu_isa(), 1}));
-  return job;
-}
-
-Status MpiPlanJob::start(const Config& config) {
-  ranks_.reset();  // its arenas go before the next ones are allocated
-  KVF_ASSIGN_OR_RETURN(ranks_, RankJob::create(config, *transport_, *backend_));
-  return ok_status();
-}
+namespace kvfabric::serve {
 
 std::string rank_metrics_text(std::span<const RankCacheStats> ranks, uint32_t tp) {
   std::string text;
@@ -65,4 +37,4 @@ std::string rank_metrics_text(std::span<const RankCacheStats> ranks, uint32_t tp
   return text;
 }
 
-}  // namespace kvfabric::bench
+}  // namespace kvfabric::serve

@@ -13,4 +13,8 @@ bool cuda_backend_built() {
   return false;
 }
 
+Result<std::vector<CudaDeviceInfo>> cuda_devices() {
+  return Status(ErrorCode::kUnimplemented, "kvfabric was built without CUDA");
+}
+
 }  // namespace kvfabric

@@ -1,7 +1,10 @@
 // The CUDA backend: device arenas, a pinned host swap tier and the kernels in kernels/.
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "kvfabric/backend/backend.h"
 
@@ -21,5 +24,14 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(const CudaBackendOptions& opt
 
 //! Whether this build contains the CUDA backend.
 bool cuda_backend_built();
+
+struct CudaDeviceInfo {
+  int ordinal = 0;  //!< among the visible devices (after CUDA_VISIBLE_DEVICES)
+  std::string name;
+  uint64_t memory_bytes = 0;
+};
+//! The CUDA devices this process sees. Unavailable with the CUDA error string when there is no
+//! driver or no device; Unimplemented when kvfabric was built without CUDA.
+Result<std::vector<CudaDeviceInfo>> cuda_devices();
 
 }  // namespace kvfabric

@@ -12,6 +12,7 @@
 
 #include "api.h"
 #include "backend/validate.h"
+#include "common/device_probe.h"
 #include "common/log.h"
 
 namespace kvfabric {
@@ -498,6 +499,15 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(const CudaBackendOptions& opt
 
 bool cuda_backend_built() {
   return true;
+}
+
+Result<std::vector<CudaDeviceInfo>> cuda_devices() {
+  KVF_ASSIGN_OR_RETURN(const std::vector<kernels::DeviceInfo> found, kernels::list_devices());
+  std::vector<CudaDeviceInfo> devices;
+  for (const kernels::DeviceInfo& d : found) {
+    devices.push_back(CudaDeviceInfo{d.ordinal, d.name, d.memory_bytes});
+  }
+  return devices;
 }
 
 }  // namespace kvfabric

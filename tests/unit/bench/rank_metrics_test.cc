@@ -4,9 +4,9 @@
 
 #include <vector>
 
-#include "bench/mpi_job.h"
+#include "serve/rank_metrics.h"
 
-namespace kvfabric::bench {
+namespace kvfabric::serve {
 namespace {
 
 using ::testing::HasSubstr;
@@ -27,4 +27,4 @@ TEST(RankMetrics, EachRankIsLabelledWithItsReplicaAndShard) {
 }
 
 }  // namespace
-}  // namespace kvfabric::bench
+}  // namespace kvfabric::serve

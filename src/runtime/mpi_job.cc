@@ -1,0 +1,133 @@
+#include "kvfabric/runtime/mpi_job.h"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+
+#include "kvfabric/backend/cuda_backend.h"
+#include "kvfabric/runtime/staged_transport.h"
+#include "kvfabric/transport/nccl_transport.h"
+
+namespace kvfabric {
+namespace {
+
+constexpr RankId kRoot{0};
+// What a rank reports to the others about its placement: failed, or the transport it chose.
+constexpr uint64_t kPlacementFailed = 0;
+
+uint64_t placement_code(const Status& mine, const RankPlacement& placement) {
+  return mine.ok() ? 1 + static_cast<uint64_t>(placement.transport) : kPlacementFailed;
+}
+
+std::string rank_list(const std::vector<int>& ranks) {
+  return fmt::format("{}", fmt::join(ranks, ", "));
+}
+
+}  // namespace
+
+bool under_mpi_launcher() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
+    if (std::getenv(var) != nullptr) return true;
+  }
+  return false;
+}
+
+Result<std::unique_ptr<MpiJob>> MpiJob::launch(const Config& config) {
+  if (!under_mpi_launcher() || !mpi_transport_built()) return std::unique_ptr<MpiJob>();
+  KVF_ASSIGN_OR_RETURN(MpiRuntime runtime, MpiRuntime::init(nullptr, nullptr));
+  const uint32_t world = config.topology.dp * config.topology.tp;
+  if (runtime.world_size() != static_cast<int>(world)) {
+    return invalid_argument(fmt::format("dp {} x tp {} needs {} MPI ranks, this job has {}",
+                                        config.topology.dp, config.topology.tp, world,
+                                        runtime.world_size()));
+  }
+  std::unique_ptr<MpiJob> job(new MpiJob(std::move(runtime)));
+  KVF_ASSIGN_OR_RETURN(job->host_transport_, make_mpi_transport(job->mpi_));
+  KVF_RETURN_IF_ERROR(job->agree_on_placement(job->place_this_rank(config.runtime)));
+  KVF_RETURN_IF_ERROR(job->make_transport());
+  return job;
+}
+
+Status MpiJob::place_this_rank(const RuntimeConfig& runtime) {
+  KVF_ASSIGN_OR_RETURN(placement_, place_rank(runtime, observe_process(), who()));
+  if (placement_.backend == BackendKind::kCpu) {
+    // One thread per rank: the ranks of a host share its cores.
+    KVF_ASSIGN_OR_RETURN(backend_, make_cpu_backend(CpuBackendOptions{best_cpu_isa(), 1}));
+    return ok_status();
+  }
+  auto backend = make_cuda_backend(CudaBackendOptions{.device = placement_.device});
+  if (!backend.ok()) {
+    return Status(backend.status().code(),
+                  fmt::format("{}: the CUDA backend on device {} ({}) did not start: {}", who(),
+                              placement_.device, placement_.device_name,
+                              backend.status().message()));
+  }
+  backend_ = std::move(*backend);
+  return ok_status();
+}
+
+// Every rank learns whether every other one got what it asked for, and with which transport,
+// before any of them waits on a device transport's setup.
+Status MpiJob::agree_on_placement(const Status& mine) {
+  std::vector<uint64_t> codes;
+  KVF_RETURN_IF_ERROR(host_transport_->all_gather(placement_code(mine, placement_), codes));
+  KVF_RETURN_IF_ERROR(mine);
+  std::vector<int> failed, differ;
+  for (size_t r = 0; r < codes.size(); ++r) {
+    if (codes[r] == kPlacementFailed) failed.push_back(static_cast<int>(r));
+    else if (codes[r] != codes[0]) differ.push_back(static_cast<int>(r));
+  }
+  if (!failed.empty()) {
+    return Status(ErrorCode::kUnavailable,
+                  fmt::format("{}: the job cannot start: rank(s) {} could not place themselves "
+                              "(their own messages say why)",
+                              who(), rank_list(failed)));
+  }
+  if (!differ.empty()) {
+    return invalid_argument(fmt::format(
+        "{}: the ranks chose different transports (rank 0 and rank(s) {} differ: some see a GPU, "
+        "others not); set runtime.transport (and runtime.backend) explicitly",
+        who(), rank_list(differ)));
+  }
+  return ok_status();
+}
+
+Status MpiJob::make_transport() {
+  transport_ = host_transport_.get();
+  if (placement_.transport == TransportKind::kNccl) {
+    auto nccl = make_nccl_transport(*host_transport_, NcclTransportOptions{placement_.device});
+    if (!nccl.ok()) {
+      return Status(nccl.status().code(),
+                    fmt::format("{}: the NCCL transport on device {} ({}) did not start: {}", who(),
+                                placement_.device, placement_.device_name,
+                                nccl.status().message()));
+    }
+    gpu_transport_ = std::move(*nccl);
+  } else if (placement_.staged()) {
+    KVF_ASSIGN_OR_RETURN(gpu_transport_, make_host_staged_transport(*host_transport_, *backend_));
+  }
+  if (gpu_transport_) transport_ = gpu_transport_.get();
+  return ok_status();
+}
+
+Status MpiJob::start(const Config& config) {
+  ranks_.reset();  // its arenas go before the next ones are allocated
+  KVF_ASSIGN_OR_RETURN(ranks_, RankJob::create(config, *transport_, *backend_));
+  return ok_status();
+}
+
+std::string MpiJob::who() const {
+  return host_transport_->describe(host_transport_->rank());
+}
+
+Result<std::vector<std::string>> MpiJob::gather_placements() {
+  const std::string mine = placement_.describe();
+  std::vector<std::vector<uint8_t>> all;
+  KVF_RETURN_IF_ERROR(host_transport_->gather(
+      std::span(reinterpret_cast<const uint8_t*>(mine.data()), mine.size()), kRoot, all));
+  std::vector<std::string> described;
+  for (const std::vector<uint8_t>& bytes : all) described.emplace_back(bytes.begin(), bytes.end());
+  return described;
+}
+
+}  // namespace kvfabric
