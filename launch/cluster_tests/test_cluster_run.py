@@ -2,9 +2,14 @@
 dp 2 x tp 2 config under mpirun, then the run folder it leaves."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
 
 import pytest
+
+from conftest import BIN_DIR, REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
 
@@ -41,3 +46,69 @@ def test_replay_on_four_local_ranks_fills_the_run_folder(cluster, config, tmp_pa
     assert "rank logs: ranks/1/rank.0, ranks/1/rank.1, ranks/1/rank.2, ranks/1/rank.3" in text
     # The figure when matplotlib is there, else a note saying why not.
     assert (run_dir / "replay.png").is_file() or "figure skipped: " in text
+    # Every rank of this GPU-less machine is placed on the CPU backend and the MPI transport.
+    assert results["rank_placements"] == ["cpu backend, mpi transport"] * 4
+
+
+def test_serve_dry_run_names_every_ranks_placement_and_serves_nothing(cluster, config, tmp_path):
+    result = cluster("--hosts", "localhost:4", "--config", str(config), "--name", "dry",
+                     "--mpirun-arg=--oversubscribe", "--", "serve", "--dry-run", env=ROOT_CONSENT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert "# kvfabric-serve --dry-run: the effective config" in out
+    assert "  backend: auto\n" in out.replace("[1,0]<stdout>:", "")
+    for rank in range(4):
+        assert (f"# rank {rank} on ") in out
+        assert (f": replica {rank // 2}, shard {rank % 2}, cpu backend, mpi transport") in out
+    assert "# dry run: nothing served" in out
+    assert "control plane on" not in out
+
+
+MPIRUN = ["mpirun", "--oversubscribe"]
+
+
+def serve_ranks(config, *per_rank_env):
+    """kvfabric-serve on one rank per entry of per_rank_env (MPMD: each its own variables)."""
+    command = list(MPIRUN)
+    for i, env in enumerate(per_rank_env):
+        if i:
+            command.append(":")
+        command += ["-n", "1"]
+        for name, value in env.items():
+            command += ["-x", f"{name}={value}"]
+        command += [str(BIN_DIR / "kvfabric-serve"), "--config", str(config), "--dry-run"]
+    return subprocess.run(command, env={**os.environ, **ROOT_CONSENT}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_rank_that_cannot_have_its_backend_fails_every_rank(tmp_path):
+    config = tmp_path / "dp2.yaml"
+    config.write_text((REPO / "configs" / "tiny-cpu-dp2.yaml").read_text())
+    result = serve_ranks(config, {"KVF_RUNTIME_BACKEND": "cpu"}, {"KVF_RUNTIME_BACKEND": "cuda"})
+    assert result.returncode != 0
+    err = result.stderr
+    # Rank 1 says why (no device, or a build without CUDA); rank 0 names rank 1 instead of
+    # waiting for it.
+    assert re.search(r"rank 1 on \S+: runtime.backend cuda, but ", err), err
+    assert re.search(r"rank 0 on \S+: the job cannot start: rank\(s\) 1 could not place "
+                     r"themselves", err), err
+
+
+def test_ranks_agree_on_what_their_settings_resolve_to_not_on_the_settings(tmp_path):
+    if "cpu backend, mpi transport" not in serve_ranks_alone(tmp_path):
+        pytest.skip("this machine's ranks do not land on the CPU")
+    config = tmp_path / "dp2.yaml"
+    config.write_text((REPO / "configs" / "tiny-cpu-dp2.yaml").read_text())
+    # auto resolves to MPI on a CPU rank: the same transport as the other's explicit mpi.
+    result = serve_ranks(config, {"KVF_RUNTIME_TRANSPORT": "mpi"}, {"KVF_RUNTIME_TRANSPORT": "auto"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("cpu backend, mpi transport") == 2
+
+
+def serve_ranks_alone(tmp_path):
+    config = tmp_path / "alone.yaml"
+    config.write_text((REPO / "configs" / "tiny-cpu-dp2.yaml").read_text())
+    result = subprocess.run([str(BIN_DIR / "kvfabric-serve"), "--config", str(config), "--dry-run"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
