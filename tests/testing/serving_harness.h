@@ -124,12 +124,15 @@ class EngineModel {
         slots[i] = int64_t{table.blocks[pos / bs].value} * bs + static_cast<int64_t>(pos % bs);
       }
       std::vector<float> k(n * l.num_kv_heads * hd), v(k.size());
+      RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
       for (uint32_t layer = 0; layer < config_.model.num_layers; ++layer) {
         fill(s, s.computed, n, layer, l, k.data(), v.data());
+        KVF_RETURN_IF_ERROR(rank_k.upload(k));
+        KVF_RETURN_IF_ERROR(rank_v.upload(v));
         AppendKvArgs args;
         args.layer = layer;
-        args.key = k.data();
-        args.value = v.data();
+        args.key = rank_k.data(k);
+        args.value = rank_v.data(v);
         args.input_dtype = DType::kF32;
         args.num_tokens = static_cast<uint32_t>(n);
         args.slot_mapping = slots.data();
@@ -164,14 +167,17 @@ class EngineModel {
       std::vector<uint32_t> blocks;
       for (BlockId b : table.blocks) blocks.push_back(b.value);
       std::vector<float> k(n * l.num_kv_heads * hd), v(k.size()), want_k(k.size()), want_v(k.size());
+      RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
       for (uint32_t layer = 0; layer < config_.model.num_layers; ++layer) {
         GatherKvArgs args;
         args.layer = layer;
         args.block_table = blocks.data();
         args.num_tokens = static_cast<uint32_t>(n);
-        args.key_out = k.data();
-        args.value_out = v.data();
-        const Status gathered = rank.gather_kv(layer, args);
+        args.key_out = rank_k.data(k);
+        args.value_out = rank_v.data(v);
+        Status gathered = rank.gather_kv(layer, args);
+        if (gathered.ok()) gathered = rank_k.download(k);
+        if (gathered.ok()) gathered = rank_v.download(v);
         if (!gathered.ok()) return ::testing::AssertionFailure() << gathered;
         fill(s, 0, n, layer, l, want_k.data(), want_v.data());
         for (size_t i = 0; i < k.size(); ++i) {
@@ -188,10 +194,42 @@ class EngineModel {
     return ::testing::AssertionSuccess();
   }
 
+  //! The rank keeps its KV in `backend`'s device memory (a CUDA rank): forward() and verify()
+  //! pass it their tensors through device buffers. Without this, tensors are host memory.
+  void use_device_buffers(Backend& backend) { device_ = &backend; }
+
  private:
   struct Seq {
     std::vector<TokenId> tokens;
     size_t computed = 0;
+  };
+
+  // A tensor where the rank's kernels read or write it: the host vector itself, or (with a
+  // device backend) a device buffer copied to or from it.
+  class RankBuffer {
+   public:
+    RankBuffer(Backend* device, size_t floats) : device_(device) {
+      if (device_ == nullptr) return;
+      auto arena = device_->allocate_arena(std::max<size_t>(floats, 4) * sizeof(float), Tier::kDevice);
+      if (arena.ok()) arena_ = std::move(arena).value();
+      status_ = arena.status();
+    }
+    float* data(std::vector<float>& host) {
+      return device_ ? reinterpret_cast<float*>(arena_.data()) : host.data();
+    }
+    Status upload(const std::vector<float>& host) {
+      if (device_ == nullptr || !status_.ok()) return status_;
+      return device_->upload(arena_.data(), host.data(), host.size() * sizeof(float));
+    }
+    Status download(std::vector<float>& host) {
+      if (device_ == nullptr || !status_.ok()) return status_;
+      return device_->download(host.data(), arena_.data(), host.size() * sizeof(float));
+    }
+
+   private:
+    Backend* device_;
+    KvArena arena_;
+    Status status_ = ok_status();
   };
 
   // K and V of tokens [first, first + n) for the rank's KV heads: [n, local heads, head_dim].
@@ -216,6 +254,7 @@ class EngineModel {
   std::map<SeqId, Seq> seqs_;
   std::map<SeqId, uint64_t> live_;  // running sequences and their lengths, every replica
   std::string plan_error_;          // the first table whose computed-token count was wrong
+  Backend* device_ = nullptr;       // see use_device_buffers()
 };
 
 //! Counts of what a workload did, to check that a run exercised what it claims to.
@@ -388,5 +427,50 @@ class ServingWorkload {
   uint64_t next_seq_ = 1;
   WorkloadCounts counts_;
 };
+
+//! The scripted workload on one rank (dp 1, tp 1) whose KV lives in `backend` and whose blocks
+//! travel on `transport`; with `device_buffers` the forward pass hands the rank device tensors
+//! (a CUDA rank). After every step every sequence's gathered K/V must be its tokens' K/V; at the
+//! end no block is held, and the run must have made forks, copies, swaps and prefix hits.
+inline void run_one_rank_workload(Backend& backend, Transport& transport, bool device_buffers) {
+  const Config c = serving_config(1, 1, 4, 2, 40, 12);
+  auto rank = RankCache::create(c, 0, backend, transport);
+  ASSERT_TRUE(rank.ok()) << rank.status();
+  auto coordinator = Coordinator::create(c);
+  ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+  EngineModel engine(c);
+  if (device_buffers) engine.use_device_buffers(backend);
+  ServingWorkload workload(11, 1);
+  uint64_t copies = 0, swap_ins = 0;
+  auto run_step = [&](int step) {
+    const auto plan = coordinator->step();
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    copies += plan->count(StepPlan::OpKind::kCopy);
+    swap_ins += plan->count(StepPlan::OpKind::kSwapIn);
+    const Status executed = (*rank)->execute(*plan);
+    ASSERT_TRUE(executed.ok()) << "step " << step << ": " << executed;
+    workload.planned(*plan, engine);
+    const Status forward = engine.forward(**rank);
+    ASSERT_TRUE(forward.ok()) << "step " << step << ": " << forward;
+    ASSERT_TRUE(engine.verify(**rank)) << "step " << step;
+  };
+  for (int step = 0; step < 120; ++step) {
+    ASSERT_TRUE(workload.issue(*coordinator, engine).ok());
+    ASSERT_NO_FATAL_FAILURE(run_step(step));
+  }
+  ASSERT_TRUE(workload.drain(*coordinator, engine).ok());
+  ASSERT_NO_FATAL_FAILURE(run_step(120));
+
+  EXPECT_TRUE((*rank)->tables().empty());
+  EXPECT_TRUE(coordinator->verify_integrity().ok()) << coordinator->verify_integrity();
+  const ReplicaStats pools = coordinator->replica_stats(0);
+  EXPECT_EQ(pools.used_blocks, 0u);
+  EXPECT_EQ(pools.free_blocks + pools.cached_blocks, pools.device_blocks);
+  EXPECT_EQ(coordinator->host_free_blocks(0), c.cache.host_num_blocks);
+  EXPECT_GT(workload.counts().forks, 0u);
+  EXPECT_GT(copies, 0u);
+  EXPECT_GT(swap_ins, 0u);
+  EXPECT_GT(coordinator->stats().local_hit_tokens, 0u);
+}
 
 }  // namespace kvfabric::testing

@@ -9,6 +9,7 @@
 #include <string>
 #include <numeric>
 
+#include "kvfabric/runtime/staged_transport.h"
 #include "testing/backend_fixture.h"
 #include "testing/property_env.h"
 #include "testing/serving_harness.h"
@@ -501,6 +502,23 @@ TEST(RankCacheTest, ReusedIdsKeepEverySequencesKvExact) {
   testing::WorkloadCounts counts;
   run_kv_exact_workload(3, true, counts);
   EXPECT_GT(counts.reused_ids, 5u);
+}
+
+// The one-rank serving workload that gpu_runtime_test runs on a GPU, here on the CPU backend:
+// on the local transport with host tensors, and through the host-staged transport with the
+// forward pass's tensors in the backend's own buffers (the path a CUDA rank takes).
+TEST(RankCacheWorkload, OneRankServesOnTheLocalTransport) {
+  auto backend = testing::cpu_backend(best_cpu_isa());
+  auto local = make_local_transport();
+  testing::run_one_rank_workload(*backend, *local, /*device_buffers=*/false);
+}
+
+TEST(RankCacheWorkload, OneRankServesThroughTheStagedTransportWithBackendBuffers) {
+  auto backend = testing::cpu_backend(best_cpu_isa());
+  auto local = make_local_transport();
+  auto staged = make_host_staged_transport(*local, *backend);
+  ASSERT_TRUE(staged.ok()) << staged.status();
+  testing::run_one_rank_workload(*backend, **staged, /*device_buffers=*/true);
 }
 
 }  // namespace
