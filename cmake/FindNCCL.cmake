@@ -7,18 +7,27 @@
 # NCCL_VERSION, NCCL_INCLUDE_DIR and NCCL_LIBRARY (cache: pass either to pick an install).
 find_path(NCCL_INCLUDE_DIR nccl.h
   HINTS ${CUDAToolkit_INCLUDE_DIRS} $ENV{NCCL_HOME}/include)
+# The library beside the header first (an install under one prefix, e.g. /opt/nccl).
+set(nccl_prefix)
+if(NCCL_INCLUDE_DIR)
+  get_filename_component(nccl_prefix "${NCCL_INCLUDE_DIR}" DIRECTORY)
+endif()
 find_library(NCCL_LIBRARY nccl
-  HINTS ${CUDAToolkit_LIBRARY_DIR} $ENV{NCCL_HOME}/lib $ENV{NCCL_HOME}/lib64)
+  HINTS ${nccl_prefix}/lib ${nccl_prefix}/lib64 ${CUDAToolkit_LIBRARY_DIR} $ENV{NCCL_HOME}/lib
+        $ENV{NCCL_HOME}/lib64)
 mark_as_advanced(NCCL_INCLUDE_DIR NCCL_LIBRARY)
 
 if(NCCL_INCLUDE_DIR AND EXISTS "${NCCL_INCLUDE_DIR}/nccl.h")
-  file(STRINGS "${NCCL_INCLUDE_DIR}/nccl.h" nccl_version_lines
-       REGEX "^#define NCCL_(MAJOR|MINOR|PATCH) +[0-9]+")
+  set(nccl_version_parts)
   foreach(part MAJOR MINOR PATCH)
-    string(REGEX REPLACE ".*#define NCCL_${part} +([0-9]+).*" "\\1" nccl_${part} "${nccl_version_lines}")
+    file(STRINGS "${NCCL_INCLUDE_DIR}/nccl.h" nccl_line REGEX "^#define NCCL_${part} +[0-9]+")
+    if(nccl_line MATCHES "NCCL_${part} +([0-9]+)")
+      list(APPEND nccl_version_parts ${CMAKE_MATCH_1})
+    endif()
   endforeach()
-  if(nccl_MAJOR MATCHES "^[0-9]+$" AND nccl_MINOR MATCHES "^[0-9]+$" AND nccl_PATCH MATCHES "^[0-9]+$")
-    set(NCCL_VERSION "${nccl_MAJOR}.${nccl_MINOR}.${nccl_PATCH}")
+  list(LENGTH nccl_version_parts nccl_version_length)
+  if(nccl_version_length EQUAL 3)
+    list(JOIN nccl_version_parts "." NCCL_VERSION)
   endif()
 endif()
 
