@@ -115,23 +115,26 @@ class HostStagedTransport final : public Transport {
   static uint8_t* stage_batch(const BlockBatch& batch, uint8_t* region,
                               std::vector<uint8_t*>& blocks, BlockBatch& staged) {
     blocks.resize(batch.blocks.size());
-    for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = region + i * batch.block_bytes;
+    for (size_t i = 0; i < blocks.size(); ++i)
+      blocks[i] = region + i * batch.block_bytes;
     staged = BlockBatch{batch.peer, blocks, batch.block_bytes};
     return region + align_up(detail::batch_bytes(batch), kRegionAlign);
   }
 
   // Copies batch `index` between its blocks and their staged copies (into the staging buffer
-  // when `download`: a sent batch; out of it otherwise: a received one), one copy per run of blocks adjacent in the backend's
-  // memory; the staged copies are adjacent by construction.
+  // when `download`: a sent batch; out of it otherwise: a received one), one copy per run of blocks
+  // adjacent in the backend's memory; the staged copies are adjacent by construction.
   Status copy_runs(size_t index, const BlockBatch& batch, const std::vector<uint8_t*>& staged,
                    bool download) {
     const uint64_t size = batch.block_bytes;
     for (size_t first = 0; first < batch.blocks.size();) {
       size_t end = first + 1;
-      while (end < batch.blocks.size() && batch.blocks[end] == batch.blocks[end - 1] + size) ++end;
+      while (end < batch.blocks.size() && batch.blocks[end] == batch.blocks[end - 1] + size)
+        ++end;
       const uint64_t bytes = (end - first) * size;
-      const Status copied = download ? backend_.copy_bytes(staged[first], batch.blocks[first], bytes)
-                                     : backend_.copy_bytes(batch.blocks[first], staged[first], bytes);
+      const Status copied = download
+                                ? backend_.copy_bytes(staged[first], batch.blocks[first], bytes)
+                                : backend_.copy_bytes(batch.blocks[first], staged[first], bytes);
       if (!copied.ok()) {
         return Status(copied.code(), who_ + ": " + detail::describe_batch(download, index, batch) +
                                          ": copying blocks " + std::to_string(first) + ".." +

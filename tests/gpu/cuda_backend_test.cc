@@ -1,15 +1,20 @@
 // gpu label: every CUDA kernel against the CPU backend on the same inputs. Bytes written and moved
 // must be identical; attention agrees within float tolerance (different summation order and the
-// GPU's exp). Skips with the driver's reason when there is no device.
+// GPU's exp). The host-staged transport moves device blocks through pinned host memory bit-exact.
+// Skips with the driver's reason when there is no device.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <tuple>
 
 #include "kvfabric/backend/cuda_backend.h"
 #include "kvfabric/quant/numeric.h"
+#include "kvfabric/runtime/staged_transport.h"
 #include "testing/backend_fixture.h"
+#include "testing/block_pattern.h"
 #include "testing/kv_reference.h"
 
 namespace kvfabric {
@@ -263,6 +268,47 @@ TEST_F(CudaVsCpu, CopiesCompactionsAndSwapsMoveTheSameBytes) {
                              bytes.begin() + to * bb))
           << dtype_name(dtype) << " swap of B" << from;
     }
+  }
+}
+
+// make_host_staged_transport on this backend over the local transport: device blocks (a run of
+// adjacent ones and scattered ones) go to pinned host memory and back to other device blocks
+// bit-exact, the sent blocks keep their bytes, and an exchange larger than the first
+// staging granule grows the staging and still arrives exact.
+TEST_F(CudaVsCpu, StagedTransportMovesDeviceBlocksBitExact) {
+  const std::unique_ptr<Transport> local = make_local_transport();
+  auto made = make_host_staged_transport(*local, *cuda_);
+  ASSERT_TRUE(made.ok()) << made.status();
+  Transport& staged = **made;
+  for (const uint64_t block_bytes : {uint64_t{4000}, uint64_t{700} * 1024}) {
+    constexpr uint64_t kBlocks = 12;  // sent from [0, 12), received into a shuffle of [12, 24)
+    std::vector<uint8_t> host(2 * kBlocks * block_bytes, 0x5A);
+    for (uint64_t i = 0; i < kBlocks; ++i)
+      testing::fill_pattern(host.data() + i * block_bytes, block_bytes,
+                            testing::block_seed(0, 0, 0, i));
+    KvArena arena = to_device(host);
+    std::vector<uint64_t> order(kBlocks);
+    std::iota(order.begin(), order.end(), kBlocks);
+    std::shuffle(order.begin(), order.end(), std::mt19937_64(block_bytes));
+    // Sent: blocks 0..5 in order (one run), then 11, 7, 9, 6, 10, 8 (scattered).
+    const std::vector<uint64_t> sent_index = {0, 1, 2, 3, 4, 5, 11, 7, 9, 6, 10, 8};
+    std::vector<uint8_t*> sent, received;
+    for (uint64_t i = 0; i < kBlocks; ++i) {
+      sent.push_back(arena.data() + sent_index[i] * block_bytes);
+      received.push_back(arena.data() + order[i] * block_bytes);
+    }
+    const BlockBatch send{RankId{0}, sent, block_bytes};
+    const BlockBatch recv{RankId{0}, received, block_bytes};
+    const Status s = staged.exchange_blocks({&send, 1}, {&recv, 1});
+    ASSERT_TRUE(s.ok()) << s;
+    const std::vector<uint8_t> after = to_host<uint8_t>(arena, host.size());
+    for (uint64_t i = 0; i < kBlocks; ++i) {
+      EXPECT_TRUE(testing::has_pattern(after.data() + order[i] * block_bytes, block_bytes,
+                                       testing::block_seed(0, 0, 0, sent_index[i])))
+          << block_bytes << "-byte block " << i;
+    }
+    EXPECT_TRUE(std::equal(after.begin(), after.begin() + kBlocks * block_bytes, host.begin()))
+        << "the sent blocks are unchanged";
   }
 }
 

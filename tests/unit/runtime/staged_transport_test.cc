@@ -135,11 +135,13 @@ struct SelfBatch {
                                        testing::block_seed(0, 0, batch, i, round)))
           << "batch " << batch << " block " << i << " round " << round;
     }
-    for (uint64_t i = count; i < count + 3; ++i) expect_marker(dst.block(i));
+    for (uint64_t i = count; i < count + 3; ++i)
+      expect_marker(dst.block(i));
   }
   // Nothing was written to the receiving blocks.
   void expect_untouched() {
-    for (uint64_t i = 0; i < count + 3; ++i) expect_marker(dst.block(i));
+    for (uint64_t i = 0; i < count + 3; ++i)
+      expect_marker(dst.block(i));
   }
   void expect_marker(const uint8_t* block) const {
     const std::vector<uint8_t> marker(block_bytes, 0x22);
@@ -206,9 +208,11 @@ TEST_F(StagedTransportTest, SeveralBatchesOfScatteredBlocksArriveBitExact) {
   batches.emplace_back(0, 64, 20, true);
   batches.emplace_back(11, 336, 30, true);
   batches.emplace_back(5, 8, 40, true);
-  for (uint64_t b = 0; b < batches.size(); ++b) batches[b].fill(b, 0);
+  for (uint64_t b = 0; b < batches.size(); ++b)
+    batches[b].fill(b, 0);
   ASSERT_TRUE(exchange(batches).ok());
-  for (uint64_t b = 0; b < batches.size(); ++b) batches[b].expect_delivered(b, 0);
+  for (uint64_t b = 0; b < batches.size(); ++b)
+    batches[b].expect_delivered(b, 0);
   // One wait for the sent blocks' copies, one for the received blocks'.
   EXPECT_EQ(backend_.synchronizations, 2);
 }
@@ -237,8 +241,7 @@ TEST_F(StagedTransportTest, RunsOfAdjacentAmongScatteredBlocksMoveOneCopyPerRun)
   ASSERT_TRUE(staged_->exchange_blocks({&send, 1}, {&recv, 1}).ok());
   for (uint64_t i = 0; i < to.size(); ++i)
     EXPECT_TRUE(testing::has_pattern(to[i], 256, testing::block_seed(0, 0, 0, i))) << i;
-  EXPECT_EQ(backend_.copies,
-            (std::vector<uint64_t>{3 * 256, 2 * 256, 256, 256, 4 * 256, 256}));
+  EXPECT_EQ(backend_.copies, (std::vector<uint64_t>{3 * 256, 2 * 256, 256, 256, 4 * 256, 256}));
 }
 
 TEST_F(StagedTransportTest, EmptyExchangesCopyNothing) {
@@ -254,9 +257,11 @@ TEST_F(StagedTransportTest, RepeatedRoundsDeliverTheirOwnBytesAndReuseTheStaging
   batches.emplace_back(40, 1000, 5, true);
   batches.emplace_back(9, 4096, 6, true);
   for (uint64_t round = 0; round < 4; ++round) {
-    for (uint64_t b = 0; b < batches.size(); ++b) batches[b].fill(b, round);
+    for (uint64_t b = 0; b < batches.size(); ++b)
+      batches[b].fill(b, round);
     ASSERT_TRUE(exchange(batches).ok()) << "round " << round;
-    for (uint64_t b = 0; b < batches.size(); ++b) batches[b].expect_delivered(b, round);
+    for (uint64_t b = 0; b < batches.size(); ++b)
+      batches[b].expect_delivered(b, round);
   }
   EXPECT_EQ(backend_.arenas.size(), 1u) << "the first granule holds every round";
 }
