@@ -56,14 +56,16 @@ Status MpiJob::place_this_rank(const RuntimeConfig& runtime) {
     return ok_status();
   }
   auto backend = make_cuda_backend(CudaBackendOptions{.device = placement_.device});
-  if (!backend.ok()) {
-    return Status(backend.status().code(),
-                  fmt::format("{}: the CUDA backend on device {} ({}) did not start: {}", who(),
-                              placement_.device, placement_.device_name,
-                              backend.status().message()));
-  }
+  KVF_RETURN_IF_ERROR(on_device("the CUDA backend", backend.status()));
   backend_ = std::move(*backend);
   return ok_status();
+}
+
+Status MpiJob::on_device(std::string_view what, const Status& status) const {
+  if (status.ok()) return status;
+  return Status(status.code(), fmt::format("{}: {} on device {} ({}) did not start: {}", who(),
+                                           what, placement_.device, placement_.device_name,
+                                           status.message()));
 }
 
 // Every rank learns whether every other one got what it asked for, and with which transport,
@@ -96,15 +98,12 @@ Status MpiJob::make_transport() {
   transport_ = host_transport_.get();
   if (placement_.transport == TransportKind::kNccl) {
     auto nccl = make_nccl_transport(*host_transport_, NcclTransportOptions{placement_.device});
-    if (!nccl.ok()) {
-      return Status(nccl.status().code(),
-                    fmt::format("{}: the NCCL transport on device {} ({}) did not start: {}", who(),
-                                placement_.device, placement_.device_name,
-                                nccl.status().message()));
-    }
+    KVF_RETURN_IF_ERROR(on_device("the NCCL transport", nccl.status()));
     gpu_transport_ = std::move(*nccl);
   } else if (placement_.staged()) {
-    KVF_ASSIGN_OR_RETURN(gpu_transport_, make_host_staged_transport(*host_transport_, *backend_));
+    auto staged = make_host_staged_transport(*host_transport_, *backend_);
+    KVF_RETURN_IF_ERROR(on_device("the staged transport", staged.status()));
+    gpu_transport_ = std::move(*staged);
   }
   if (gpu_transport_) transport_ = gpu_transport_.get();
   return ok_status();

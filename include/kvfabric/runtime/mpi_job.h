@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kvfabric/backend/backend.h"
@@ -50,6 +51,8 @@ class MpiJob {
   Status place_this_rank(const RuntimeConfig& runtime);
   Status agree_on_placement(const Status& mine);
   Status make_transport();
+  // `status` of starting `what` on this rank's device, naming rank, host and device.
+  Status on_device(std::string_view what, const Status& status) const;
 
   // Destroyed bottom-up: the rank job, then the transports, then the backend, then MPI.
   MpiRuntime mpi_;
