@@ -195,3 +195,17 @@ def test_arguments_the_launcher_owns_are_refused(cluster, config):
     result = cluster("--hosts", "a:4", "--config", str(config), "--dry-run")
     assert result.returncode == 2
     assert "name the tool after `--`: -- serve|replay" in result.stderr
+
+
+def test_slot_counts_that_are_not_plain_digits_are_an_error_not_a_crash(cluster, config, tmp_path):
+    # str.isdigit() accepts '²', which int() does not.
+    result = cluster("--hosts", "a:\u00b2,b:2", "--config", str(config), "--dry-run", "--", "serve")
+    assert result.returncode == 2, result.stderr
+    assert "--hosts: slots must be a positive integer, not '\u00b2'" in result.stderr
+    assert "Traceback" not in result.stderr
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=\u00b2\n")
+    result = cluster("--hostfile", str(hostfile), "--config", str(config), "--dry-run", "--",
+                     "serve")
+    assert result.returncode == 2, result.stderr
+    assert f"{hostfile}:1: slots must be a positive integer" in result.stderr
