@@ -209,3 +209,9 @@ def test_slot_counts_that_are_not_plain_digits_are_an_error_not_a_crash(cluster,
                      "serve")
     assert result.returncode == 2, result.stderr
     assert f"{hostfile}:1: slots must be a positive integer" in result.stderr
+
+
+def test_a_host_name_with_whitespace_is_refused(cluster, config):
+    result = cluster("--hosts", "a b:2,c:2", "--config", str(config), "--dry-run", "--", "serve")
+    assert result.returncode == 2
+    assert "--hosts: host name 'a b' has whitespace in it" in result.stderr
