@@ -215,3 +215,20 @@ def test_a_host_name_with_whitespace_is_refused(cluster, config):
     result = cluster("--hosts", "a b:2,c:2", "--config", str(config), "--dry-run", "--", "serve")
     assert result.returncode == 2
     assert "--hosts: host name 'a b' has whitespace in it" in result.stderr
+
+
+def test_run_folders_mpirun_or_slurm_would_misread_are_refused(cluster, config, tmp_path):
+    # Open MPI 4.1 reads `--output-filename DIR:options`: the rank logs would land elsewhere.
+    result = cluster("--hosts", "a:4", "--config", str(config), "--name", "a:b", "--dry-run", "--",
+                     "serve")
+    assert result.returncode == 2
+    assert "':'" in result.stderr and "--output-filename" in result.stderr
+    # A newline would end the #SBATCH lines and run the rest as a command; whitespace and '%'
+    # (Slurm's filename patterns) would send the output elsewhere.
+    for name in ["x\necho injected", "my run", "run%j"]:
+        result = cluster("--slurm", "--nodes", "2", "--gpus-per-node", "2", "--config",
+                         str(config), "--name", name, "--dry-run", "--", "serve")
+        assert result.returncode == 2, (name, result.stdout)
+        assert "injected" not in result.stdout
+        assert "cannot carry" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
