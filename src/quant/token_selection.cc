@@ -46,6 +46,101 @@ std::vector<size_t> select_sliding_window(size_t num_tokens, size_t budget, size
   return kept;
 }
 
+namespace {
+
+Status check_snapkv_arguments(std::span<const double> window_attention, size_t num_heads,
+                              size_t num_tokens, const SnapKvOptions& o) {
+  if (num_heads == 0) return invalid_argument("SnapKV num_heads must be >= 1");
+  if (o.window == 0) return invalid_argument("SnapKV window must be >= 1 (the queries that vote)");
+  if (o.window > num_tokens) {
+    return invalid_argument("SnapKV window " + std::to_string(o.window) +
+                            " is longer than the prompt (num_tokens " +
+                            std::to_string(num_tokens) + ")");
+  }
+  if (o.kernel % 2 == 0) {
+    return invalid_argument("SnapKV kernel " + std::to_string(o.kernel) +
+                            " must be odd and >= 1 (centred on the token)");
+  }
+  const size_t expected = num_heads * o.window * num_tokens;
+  if (window_attention.size() != expected) {
+    return invalid_argument("SnapKV window_attention holds " +
+                            std::to_string(window_attention.size()) +
+                            " weights; num_heads x window x num_tokens is " +
+                            std::to_string(expected));
+  }
+  for (size_t i = 0; i < window_attention.size(); ++i) {
+    if (!(std::isfinite(window_attention[i]) && window_attention[i] >= 0.0)) {
+      return invalid_argument("SnapKV window_attention[" + std::to_string(i) + "] is " +
+                              std::to_string(window_attention[i]) +
+                              "; weights must be finite and >= 0");
+    }
+  }
+  return ok_status();
+}
+
+// One head's votes: the window's weights summed per token before the window.
+std::vector<double> head_votes(std::span<const double> head_attention, size_t window,
+                               size_t num_tokens) {
+  std::vector<double> votes(num_tokens - window, 0.0);
+  for (size_t q = 0; q < window; ++q) {
+    const double* row = head_attention.data() + q * num_tokens;
+    for (size_t t = 0; t < votes.size(); ++t)
+      votes[t] += row[t];
+  }
+  return votes;
+}
+
+// 1-D pooling with stride 1, centred, clipped at the ends (no padding value enters).
+std::vector<double> pool(const std::vector<double>& votes, size_t kernel, SnapKvPooling pooling) {
+  const size_t n = votes.size();
+  const size_t half = kernel / 2;
+  std::vector<double> pooled(n);
+  for (size_t t = 0; t < n; ++t) {
+    const size_t first = t >= half ? t - half : 0;
+    const size_t last = std::min(n - 1, t + half);
+    const auto begin = votes.begin() + static_cast<ptrdiff_t>(first);
+    const auto end = votes.begin() + static_cast<ptrdiff_t>(last + 1);
+    pooled[t] = pooling == SnapKvPooling::kMax
+                    ? *std::max_element(begin, end)
+                    : std::accumulate(begin, end, 0.0) / static_cast<double>(last + 1 - first);
+  }
+  return pooled;
+}
+
+}  // namespace
+
+Result<std::vector<double>> snapkv_scores(std::span<const double> window_attention,
+                                          size_t num_heads, size_t num_tokens,
+                                          const SnapKvOptions& options) {
+  KVF_RETURN_IF_ERROR(check_snapkv_arguments(window_attention, num_heads, num_tokens, options));
+  std::vector<double> scores(num_tokens - options.window, 0.0);
+  if (scores.empty()) return scores;
+  const size_t per_head = options.window * num_tokens;
+  for (size_t h = 0; h < num_heads; ++h) {
+    const auto votes =
+        head_votes(window_attention.subspan(h * per_head, per_head), options.window, num_tokens);
+    const auto pooled = pool(votes, options.kernel, options.pooling);
+    for (size_t t = 0; t < scores.size(); ++t)
+      scores[t] += pooled[t];
+  }
+  return scores;
+}
+
+Result<std::vector<size_t>> select_snapkv(std::span<const double> window_attention,
+                                          size_t num_heads, size_t num_tokens,
+                                          const SnapKvOptions& options) {
+  KVF_ASSIGN_OR_RETURN(std::vector<double> scores,
+                       snapkv_scores(window_attention, num_heads, num_tokens, options));
+  if (options.budget < options.window) {
+    return invalid_argument("SnapKV budget " + std::to_string(options.budget) +
+                            " is smaller than its window " + std::to_string(options.window) +
+                            " (the window is always kept)");
+  }
+  // The window's own scores never compete: select_heavy_hitters protects the newest `window`.
+  scores.resize(num_tokens, 0.0);
+  return select_heavy_hitters(scores, options.budget, options.window);
+}
+
 Result<std::vector<size_t>> pyramid_layer_budgets(size_t average_budget, size_t num_layers,
                                                   double beta) {
   if (num_layers == 0) return invalid_argument("PyramidKV needs at least one layer");
