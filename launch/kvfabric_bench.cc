@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   bench::add_kernel_routines(app, routine);
   bench::add_replay_routine(app, routine);
   bench::add_transfer_routine(app, routine);
+  bench::add_compress_routine(app, routine);
   bench::add_config_routine(app, routine);
   bench::add_seed_ops_routine(app, routine);
   CLI11_PARSE(app, argc, argv);

@@ -27,6 +27,9 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected);
 void add_transfer_routine(CLI::App& app, RoutineFn& selected);
 //! `seed-ops`: the seed op script through PagedKvCache (ops/s), or written for the Rust seed.
 void add_seed_ops_routine(CLI::App& app, RoutineFn& selected);
+//! `compress`: attention error, mass kept and memory of token-compression policies (streaming,
+//! H2O, SnapKV, PyramidKV) against full attention on synthetic workloads.
+void add_compress_routine(CLI::App& app, RoutineFn& selected);
 //! `config`: prints the effective config (file + KVF_* overrides) with derived values.
 void add_config_routine(CLI::App& app, RoutineFn& selected);
 
