@@ -87,8 +87,7 @@ void add_compress_routine(CLI::App& app, RoutineFn& selected) {
   sub->add_option("--layers", o.layers,
                   "layers of the synthetic model (deeper = more concentrated attention)");
   sub->add_option("--seed", o.seed, "seed of the synthetic K, V and queries");
-  sub->add_option("--budgets", o.budgets,
-                  "tokens held, as fractions of T + D (comma separated)")
+  sub->add_option("--budgets", o.budgets, "tokens held, as fractions of T + D (comma separated)")
       ->delimiter(',');
   sub->add_option("--workloads", cmd->workloads, "planted, power-law (comma separated)")
       ->delimiter(',');

@@ -66,9 +66,7 @@ struct Layer {
   const float* key_row(size_t h, size_t c) const { return keys.data() + (h * dim + c) * total; }
   const float* value(size_t h, size_t t) const { return values.data() + (h * total + t) * dim; }
   float* query(size_t h, size_t t) { return queries.data() + (h * total + t) * dim; }
-  const float* query(size_t h, size_t t) const {
-    return queries.data() + (h * total + t) * dim;
-  }
+  const float* query(size_t h, size_t t) const { return queries.data() + (h * total + t) * dim; }
 };
 
 std::mt19937_64 layer_rng(uint64_t seed, CompressWorkload workload, size_t layer) {
@@ -224,9 +222,12 @@ void prompt_logits(const Layer& L, size_t h, const float* q, size_t n, std::vect
 
 // What the prompt's causal attention gives the selection policies.
 struct PromptScores {
-  std::vector<double> received;  // per prompt token: softmax weight from every prompt query, all heads
-  size_t window = 0;             // rows kept per head: the last min(kSnapKvWindow, T) queries
-  std::vector<double> window_attention;  // [head][window][T], zero after each query's position
+  // Per prompt token: the softmax weight it received from every prompt query of every head.
+  std::vector<double> received;
+  // Per head, the rows of the last `window` = min(kSnapKvWindow, T) queries: [head][window][T],
+  // zero after each query's own position.
+  size_t window = 0;
+  std::vector<double> window_attention;
 };
 
 PromptScores prompt_pass(const Layer& L) {
@@ -336,7 +337,7 @@ std::vector<std::vector<DecodeQuery>> decode_pass(const Layer& L) {
 struct LayerOutcome {
   double error2 = 0;      // sum ||held output - full output||^2
   double reference2 = 0;  // sum ||full output||^2
-  double mass = 0;       // sum of the held share of each query's softmax
+  double mass = 0;        // sum of the held share of each query's softmax
   size_t queries = 0;
   size_t held_at_end = 0;
   size_t planted_held = 0;
@@ -376,8 +377,9 @@ Result<std::vector<size_t>> select_prompt(CompressPolicy policy, const Layer& L,
     case CompressPolicy::kPyramid: {
       const size_t window = std::min({kSnapKvWindow, prompt_budget, P.window});
       const auto rows = observation_window(P, L.heads, L.prompt, window);
-      return quant::select_snapkv(rows, L.heads, L.prompt,
-                                  {prompt_budget, window, kSnapKvKernel, quant::SnapKvPooling::kMax});
+      return quant::select_snapkv(
+          rows, L.heads, L.prompt,
+          {prompt_budget, window, kSnapKvKernel, quant::SnapKvPooling::kMax});
     }
   }
   return invalid_argument("unknown compression policy");
@@ -461,8 +463,9 @@ struct Run {
 Result<std::vector<size_t>> pyramid_prompt_budgets(const CompressOptions& o, size_t prompt_budget) {
   const size_t window = std::min(kSnapKvWindow, prompt_budget);
   if (prompt_budget == window) return std::vector<size_t>(o.layers, prompt_budget);
-  KVF_ASSIGN_OR_RETURN(std::vector<size_t> per_layer,
-                       quant::pyramid_layer_budgets(prompt_budget - window, o.layers, kPyramidBeta));
+  KVF_ASSIGN_OR_RETURN(
+      std::vector<size_t> per_layer,
+      quant::pyramid_layer_budgets(prompt_budget - window, o.layers, kPyramidBeta));
   for (size_t& b : per_layer)
     b = std::min(o.tokens, window + b);  // a shallow layer cannot keep more than the prompt
   return per_layer;
@@ -585,9 +588,9 @@ Result<std::vector<CompressPoint>> run_compress_sim(
       const PromptScores P = prompt_pass(L);
       const auto decode = decode_pass(L);
       for (Run& run : runs) {
-        KVF_ASSIGN_OR_RETURN(const LayerOutcome outcome,
-                             simulate(run.policy, L, P, decode, run.budget_tokens,
-                                      run.prompt_budgets[layer]));
+        KVF_ASSIGN_OR_RETURN(
+            const LayerOutcome outcome,
+            simulate(run.policy, L, P, decode, run.budget_tokens, run.prompt_budgets[layer]));
         add(run.total, outcome);
         run.layer_errors += std::sqrt(outcome.error2 / outcome.reference2);
       }
@@ -607,14 +610,10 @@ nlohmann::json compress_json(const CompressOptions& o, const std::vector<Compres
     workloads.emplace_back(workload_name(w));
   for (const CompressPolicy p : o.policies)
     policies.emplace_back(policy_name(p));
-  results["options"] = {{"tokens", o.tokens},
-                        {"heads", o.heads},
-                        {"head_dim", o.head_dim},
-                        {"decode_steps", o.decode_steps},
-                        {"layers", o.layers},
-                        {"seed", o.seed},
-                        {"budgets", o.budgets},
-                        {"workloads", workloads},
+  results["options"] = {{"tokens", o.tokens},     {"heads", o.heads},
+                        {"head_dim", o.head_dim}, {"decode_steps", o.decode_steps},
+                        {"layers", o.layers},     {"seed", o.seed},
+                        {"budgets", o.budgets},   {"workloads", workloads},
                         {"policies", policies}};
   results["parameters"] = {{"streaming_sink", kStreamingSink},
                            {"h2o_recent", "half the budget"},

@@ -47,8 +47,8 @@ inline constexpr size_t kPlantedSpan = 8;
 inline constexpr size_t kAttentionSinks = 4;
 
 struct CompressOptions {
-  size_t tokens = 2048;     //!< prompt tokens T
-  size_t heads = 4;         //!< attention heads per layer (one KV head each)
+  size_t tokens = 2048;  //!< prompt tokens T
+  size_t heads = 4;      //!< attention heads per layer (one KV head each)
   size_t head_dim = 128;
   size_t decode_steps = 64;  //!< D
   //! Layers of the synthetic model; deeper layers' attention is more concentrated.
@@ -75,8 +75,8 @@ struct CompressPoint {
   //! The held tokens' share of each decode query's full softmax, averaged over steps, heads and
   //! layers.
   double mass_kept = 0;
-  double kept_tokens = 0;   //!< tokens held after the last step, mean over layers
-  double memory_saved = 0;  //!< 1 - kept_tokens / (T + D)
+  double kept_tokens = 0;     //!< tokens held after the last step, mean over layers
+  double memory_saved = 0;    //!< 1 - kept_tokens / (T + D)
   uint64_t kv_bytes_f16 = 0;  //!< K and V of the held tokens of every layer, f16
   //! planted workload: share of the planted prompt tokens held after the last step (mean over
   //! layers); -1 on the power-law workload.

@@ -54,8 +54,8 @@ Status check_snapkv_arguments(std::span<const double> window_attention, size_t n
   if (o.window == 0) return invalid_argument("SnapKV window must be >= 1 (the queries that vote)");
   if (o.window > num_tokens) {
     return invalid_argument("SnapKV window " + std::to_string(o.window) +
-                            " is longer than the prompt (num_tokens " +
-                            std::to_string(num_tokens) + ")");
+                            " is longer than the prompt (num_tokens " + std::to_string(num_tokens) +
+                            ")");
   }
   if (o.kernel % 2 == 0) {
     return invalid_argument("SnapKV kernel " + std::to_string(o.kernel) +
@@ -63,10 +63,9 @@ Status check_snapkv_arguments(std::span<const double> window_attention, size_t n
   }
   const size_t expected = num_heads * o.window * num_tokens;
   if (window_attention.size() != expected) {
-    return invalid_argument("SnapKV window_attention holds " +
-                            std::to_string(window_attention.size()) +
-                            " weights; num_heads x window x num_tokens is " +
-                            std::to_string(expected));
+    return invalid_argument(
+        "SnapKV window_attention holds " + std::to_string(window_attention.size()) +
+        " weights; num_heads x window x num_tokens is " + std::to_string(expected));
   }
   for (size_t i = 0; i < window_attention.size(); ++i) {
     if (!(std::isfinite(window_attention[i]) && window_attention[i] >= 0.0)) {

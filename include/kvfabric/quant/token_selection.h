@@ -1,6 +1,6 @@
 // Which tokens a compressed KV cache keeps: H2O heavy hitters with a recent window, StreamingLLM
-// sink + window, SnapKV's observation-window votes, and PyramidKV per-layer budgets. Pure functions of scores and lengths, so every
-// rank and every replay picks the same tokens.
+// sink + window, SnapKV's observation-window votes, and PyramidKV per-layer budgets. Pure
+// functions of scores and lengths, so every rank and every replay picks the same tokens.
 #pragma once
 
 #include <cstddef>
@@ -28,7 +28,7 @@ std::vector<size_t> select_sliding_window(size_t num_tokens, size_t budget, size
 enum class SnapKvPooling { kMax, kAvg };
 
 struct SnapKvOptions {
-  size_t budget = 0;  //!< tokens kept, the observation window included; >= window
+  size_t budget = 0;   //!< tokens kept, the observation window included; >= window
   size_t window = 32;  //!< the prompt's last `window` tokens, whose queries vote; >= 1
   size_t kernel = 7;   //!< pooling width over positions; odd, >= 1 (1 = no pooling)
   SnapKvPooling pooling = SnapKvPooling::kMax;

@@ -51,7 +51,8 @@ TEST(CompressSim, FullAttentionIsTheExactReference) {
     EXPECT_EQ(p.mass_kept, 1.0) << workload_name(p.workload);
     EXPECT_EQ(p.kept_tokens, 528.0);
     EXPECT_EQ(p.memory_saved, 0.0);
-    EXPECT_EQ(p.kv_bytes_f16, 528u * 2 * 2 * 64 * 2 * 2);  // tokens x layers x heads x dim x K,V x f16
+    EXPECT_EQ(p.kv_bytes_f16,
+              528u * 2 * 2 * 64 * 2 * 2);  // tokens x layers x heads x dim x K,V x f16
   }
   EXPECT_EQ(points[0].planted_kept, 1.0);
   EXPECT_EQ(points[1].planted_kept, -1.0);  // power-law has nothing planted
@@ -154,8 +155,9 @@ TEST(CompressSim, RefusesBadOptionsNamingThem) {
   EXPECT_THAT(with([](auto& o) { o.budgets = {}; }), HasSubstr("--budgets"));
   EXPECT_THAT(with([](auto& o) { o.budgets = {0.2, 0.0}; }), HasSubstr("--budgets 0 must be"));
   EXPECT_THAT(with([](auto& o) { o.budgets = {1.5}; }), HasSubstr("--budgets 1.5 must be"));
-  EXPECT_THAT(with([](auto& o) { o.budgets = {0.02}; }),
-              HasSubstr("--budgets 0.02 holds 11 of the 528 tokens, not more than --decode-steps 16"));
+  EXPECT_THAT(
+      with([](auto& o) { o.budgets = {0.02}; }),
+      HasSubstr("--budgets 0.02 holds 11 of the 528 tokens, not more than --decode-steps 16"));
   EXPECT_THAT(with([](auto& o) { o.policies = {}; }), HasSubstr("--policies"));
   EXPECT_THAT(parse_compress_policy("lru").status().message(),
               HasSubstr("--policies \"lru\" is not one of full, streaming, h2o, snapkv, pyramid"));
@@ -165,7 +167,8 @@ TEST(CompressSim, RefusesBadOptionsNamingThem) {
                  CompressOptions o = small_options();
                  o.heads = 0;
                  return o;
-               }()).ok());
+               }())
+                   .ok());
 }
 
 }  // namespace
