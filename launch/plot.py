@@ -9,7 +9,8 @@ The routine is read from each file's "routine" field (several files must come fr
 routine; each becomes a series or a bar). Figures: alloc; replay (hit ratio and time against
 capacity); replay --dp (one file: hit ratio, prefill tokens saved, queue length over time and
 admission-time distribution per routing; several files with different dp: the scale figure);
-transfer; attention; quant; copy and swap; seed-ops; seed-bench (launch/seed-bench/run --json).
+transfer; attention; quant; copy and swap; seed-ops; seed-bench (launch/seed-bench/run --json);
+compress (attention error and mass kept against budget, per policy and workload).
 `config` results hold text only and have no figure. What each panel shows: docs/plotting.md.
 Exit status 2 when a file cannot be plotted (not JSON, no known routine, no figure).
 
@@ -399,6 +400,43 @@ def plot_seed_bench(inputs, args):
     return finish(fig, "seed-bench: the same op script, kvfabric vs the seed's Rust PagedKvCache")
 
 
+# --- compress: attention error and mass kept against budget ------------------------------------
+
+def plot_compress(inputs, args):
+    path, results = inputs[0]
+    runs = results["runs"]
+    workloads = list(dict.fromkeys(r["workload"] for r in runs))
+    policies = [p for p in dict.fromkeys(r["policy"] for r in runs) if p != "full"]
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 7.5), squeeze=False)
+    for column, workload in enumerate(workloads):
+        error_ax, mass_ax = axes[0][column], axes[1][column]
+        for index, policy in enumerate(policies):
+            points = sorted((r for r in runs
+                             if r["workload"] == workload and r["policy"] == policy),
+                            key=lambda r: r["budget"])
+            xs = [100 * r["budget"] for r in points]
+            error_ax.plot(xs, [r["relative_error"] for r in points], "o-", color=f"C{index}",
+                          label=policy)
+            mass_ax.plot(xs, [r["mass_kept"] for r in points], "o-", color=f"C{index}",
+                         label=policy)
+        error_ax.axhline(0, color="black", linestyle="--", linewidth=1, label="full (reference)")
+        mass_ax.axhline(1, color="black", linestyle="--", linewidth=1, label="full (reference)")
+        error_ax.set_title(f"{workload}: attention output error")
+        error_ax.set_ylabel("relative L2 error vs full attention")
+        mass_ax.set_title(f"{workload}: attention mass kept")
+        mass_ax.set_ylabel("held tokens' share of the full softmax")
+        mass_ax.set_ylim(top=1.02)
+        for ax in (error_ax, mass_ax):
+            ax.set_xlabel("budget (% of the tokens the full cache holds)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    o = results.get("options", {})
+    return finish(fig, (f"compress: {o.get('tokens', '?')} prompt tokens + "
+                        f"{o.get('decode_steps', '?')} decode steps, {o.get('layers', '?')} layers "
+                        f"x {o.get('heads', '?')} heads x {o.get('head_dim', '?')} "
+                        f"(synthetic, seed {o.get('seed', '?')})"))
+
+
 FIGURES = {
     "alloc": plot_alloc,
     "replay": plot_replay,
@@ -409,6 +447,7 @@ FIGURES = {
     "copy": plot_copy,
     "seed-ops": plot_seed_ops,
     "seed-bench": plot_seed_bench,
+    "compress": plot_compress,
 }
 
 
@@ -425,7 +464,7 @@ def load(paths):
         raise CannotPlot(f"these files come from different routines ({', '.join(sorted(kinds))}); "
                          "plot one routine at a time")
     kind = kinds.pop()
-    single = {"attention", "quant", "copy"}
+    single = {"attention", "quant", "copy", "compress"}
     if kind in single and len(inputs) > 1:
         raise CannotPlot(f"{kind} results are drawn one file at a time")
     return kind, inputs

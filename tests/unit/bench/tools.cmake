@@ -13,7 +13,7 @@ add_test(NAME kvfabric-bench_progress
                  ${CMAKE_CURRENT_BINARY_DIR}/tools_test/progress)
 set_tests_properties(kvfabric-bench_progress PROPERTIES LABELS tools TIMEOUT 120)
 
-set(kvf_plot_cases alloc replay replay-dp scale attention quant copy seed-ops config unknown)
+set(kvf_plot_cases alloc replay replay-dp scale attention quant copy seed-ops compress config unknown)
 foreach(case ${kvf_plot_cases})
   add_test(NAME plot_${case}
            COMMAND ${KVF_SYSTEM_PYTHON3} ${kvf_tools_driver} plot $<TARGET_FILE:kvfabric-bench>

@@ -27,6 +27,8 @@ CASES = {
     "quant": [["quant", "--tokens", "1024", "--dtype", "f16,int8", "--iterations", "1"]],
     "copy": [["copy", "--blocks", "64", "--moves", "16", "--iterations", "1"]],
     "seed-ops": [["seed-ops", "--ops", "20000", "--live", "100"]],
+    "compress": [["compress", "--tokens", "256", "--heads", "2", "--head-dim", "32",
+                  "--decode-steps", "8", "--layers", "2", "--budgets", "0.1,0.3"]],
     "transfer": [["transfer", "--block-bytes", "16384,1048576", "--blocks", "1,16", "--repeats",
                   "1", "--warmup", "0", "--bytes-per-sample", "1048576"]],
 }
