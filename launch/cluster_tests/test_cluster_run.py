@@ -5,7 +5,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +116,54 @@ def serve_ranks_alone(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def test_sigterm_to_the_launcher_ends_the_job_and_records_it(tmp_path, config):
+    # A stand-in kvfabric-serve that records its pid and waits; the real kvfabric-bench reads the
+    # config.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kvfabric-bench").symlink_to(BIN_DIR / "kvfabric-bench")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (bin_dir / "kvfabric-serve").write_text(f'#!/bin/sh\necho $$ > {pids}/$$\nexec sleep 300\n')
+    (bin_dir / "kvfabric-serve").chmod(0o755)
+    environ = {name: value for name, value in os.environ.items()
+               if not name.startswith(("KVF_", "NCCL_", "OMPI_", "UCX_"))}
+    out_path = tmp_path / "launcher.out"
+    with open(out_path, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "cluster"), "--bin", str(bin_dir), "--hosts",
+             "localhost:4", "--config", str(config), "--name", "term",
+             "--mpirun-arg=--oversubscribe", "--", "serve"],
+            cwd=tmp_path, env={**environ, **ROOT_CONSENT}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(pids.iterdir())) == 4
+        launcher.send_signal(signal.SIGTERM)  # a scheduler or `timeout`: to the launcher alone
+        assert launcher.wait(timeout=60) != 0
+        # mpirun was told: the ranks end (rather than run on without the launcher) ...
+        deadline = time.monotonic() + 20
+        while any(running(path.name) for path in pids.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(running(path.name) for path in pids.iterdir()), "the ranks still run"
+    finally:
+        launcher.kill()
+        for path in pids.iterdir():
+            if running(path.name):
+                os.kill(int(path.name), signal.SIGKILL)
+    # ... and the summary says how the job ended.
+    text = out_path.read_text()
+    assert "cluster: serve on 4 ranks (localhost: 4), exit " in text, text
+    assert (tmp_path / "runs" / "term" / "summary.txt").is_file()
+
+
+def running(pid):
+    """Whether the process runs (a zombie no longer does)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
