@@ -71,7 +71,7 @@ def test_serve_dry_run_names_every_ranks_placement_and_serves_nothing(cluster, c
 MPIRUN = ["mpirun", "--oversubscribe"]
 
 
-def serve_ranks(config, *per_rank_env):
+def serve_ranks(config, *per_rank_env, timeout=120):
     """kvfabric-serve on one rank per entry of per_rank_env (MPMD: each its own variables)."""
     command = list(MPIRUN)
     for i, env in enumerate(per_rank_env):
@@ -82,7 +82,7 @@ def serve_ranks(config, *per_rank_env):
             command += ["-x", f"{name}={value}"]
         command += [str(BIN_DIR / "kvfabric-serve"), "--config", str(config), "--dry-run"]
     return subprocess.run(command, env={**os.environ, **ROOT_CONSENT}, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=timeout)
 
 
 def test_a_rank_that_cannot_have_its_backend_fails_every_rank(tmp_path):
@@ -96,6 +96,18 @@ def test_a_rank_that_cannot_have_its_backend_fails_every_rank(tmp_path):
     assert re.search(r"rank 1 on \S+: runtime.backend cuda, but ", err), err
     assert re.search(r"rank 0 on \S+: the job cannot start: rank\(s\) 1 could not place "
                      r"themselves", err), err
+
+
+def test_a_rank_whose_config_gives_another_rank_count_fails_every_rank(tmp_path):
+    config = tmp_path / "dp2.yaml"
+    config.write_text((REPO / "configs" / "tiny-cpu-dp2.yaml").read_text())
+    # Rank 1 alone sees dp 1: it used to return before the placement agreement, so rank 0 waited
+    # in it and rank 1 in MPI_Finalize, both for ever and without a message.
+    result = serve_ranks(config, {}, {"KVF_TOPOLOGY_DP": "1"}, timeout=60)
+    assert result.returncode != 0
+    err = result.stderr
+    assert re.search(r"rank 1 on \S+: dp 1 x tp 1 needs 1 MPI ranks, this job has 2", err), err
+    assert re.search(r"rank 0 on \S+: the job cannot start: rank\(s\) 1 could not place", err), err
 
 
 def test_ranks_agree_on_what_their_settings_resolve_to_not_on_the_settings(tmp_path):

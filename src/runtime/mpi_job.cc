@@ -35,15 +35,19 @@ bool under_mpi_launcher() {
 Result<std::unique_ptr<MpiJob>> MpiJob::launch(const Config& config) {
   if (!under_mpi_launcher() || !mpi_transport_built()) return std::unique_ptr<MpiJob>();
   KVF_ASSIGN_OR_RETURN(MpiRuntime runtime, MpiRuntime::init(nullptr, nullptr));
-  const uint32_t world = config.topology.dp * config.topology.tp;
-  if (runtime.world_size() != static_cast<int>(world)) {
-    return invalid_argument(fmt::format("dp {} x tp {} needs {} MPI ranks, this job has {}",
-                                        config.topology.dp, config.topology.tp, world,
-                                        runtime.world_size()));
-  }
   std::unique_ptr<MpiJob> job(new MpiJob(std::move(runtime)));
   KVF_ASSIGN_OR_RETURN(job->host_transport_, make_mpi_transport(job->mpi_));
-  KVF_RETURN_IF_ERROR(job->agree_on_placement(job->place_this_rank(config.runtime)));
+  // The rank count is agreed like the placement: a rank whose own config (its KVF_TOPOLOGY_*)
+  // gives another count must not return alone, since the others would wait for it in the
+  // agreement and its MPI_Finalize would wait for them, without a word from either.
+  const uint32_t world = config.topology.dp * config.topology.tp;
+  const Status mine =
+      job->mpi_.world_size() != static_cast<int>(world)
+          ? invalid_argument(fmt::format("{}: dp {} x tp {} needs {} MPI ranks, this job has {}",
+                                         job->who(), config.topology.dp, config.topology.tp,
+                                         world, job->mpi_.world_size()))
+          : job->place_this_rank(config.runtime);
+  KVF_RETURN_IF_ERROR(job->agree_on_placement(mine));
   KVF_RETURN_IF_ERROR(job->make_transport());
   return job;
 }

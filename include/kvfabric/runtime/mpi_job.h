@@ -27,7 +27,8 @@ bool under_mpi_launcher();
 class MpiJob {
  public:
   //! Null when no MPI launcher started this process or kvfabric was built without MPI (the
-  //! coordinator then runs alone). InvalidArgument when the job does not have dp x tp ranks.
+  //! coordinator then runs alone). InvalidArgument when the job does not have dp x tp ranks
+  //! (agreed like the placement: a rank whose own config gives another count fails every rank).
   //! Errors name the rank, its host, the device and the CUDA, NCCL or MPI error string.
   static Result<std::unique_ptr<MpiJob>> launch(const Config& config);
 
