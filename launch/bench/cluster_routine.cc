@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <cstdio>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -121,7 +122,16 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
   std::vector<ClusterReplayResult> runs;
   for (ClusterRouting routing : command.routings) {
     KVF_ASSIGN_OR_RETURN(const Config config, cluster_replay_config(sim, routing));
-    if (job) KVF_RETURN_IF_ERROR(job->start(config));
+    if (job) {
+      if (const Status started = job->start(config); !started.ok()) {
+        // A rank's own failure (its arenas, say): returning would leave the other ranks waiting
+        // for it until the transport's deadline, and this rank's MPI_Finalize waiting for them,
+        // its message unprinted meanwhile. Say which rank and why, and end the job now.
+        fmt::print(stderr, "kvfabric-bench: {}: {}\n", job->who(), started.to_string());
+        std::fflush(stderr);
+        job->abort(1);
+      }
+    }
     RankJob* const ranks = job ? &job->ranks() : nullptr;
     if (!root) {
       KVF_RETURN_IF_ERROR(ranks->serve());

@@ -110,6 +110,25 @@ def test_a_rank_whose_config_gives_another_rank_count_fails_every_rank(tmp_path)
     assert re.search(r"rank 0 on \S+: the job cannot start: rank\(s\) 1 could not place", err), err
 
 
+def test_a_replay_rank_that_cannot_start_ends_the_job_at_once_naming_itself(tmp_path):
+    config = tmp_path / "dp2.yaml"
+    config.write_text((REPO / "configs" / "tiny-cpu-dp2.yaml").read_text())
+    replay = [str(BIN_DIR / "kvfabric-bench"), "replay", "--config", str(config), "--dp", "2",
+              "--tp", "1", "--max-requests", "20", "--routing", "independent"]
+    # Rank 1 alone asks for arenas far beyond this host's memory.
+    command = MPIRUN + ["-n", "1", *replay, ":", "-n", "1", "-x", "KVF_MODEL_NUM_LAYERS=4096",
+                        *replay]
+    started = time.monotonic()
+    result = subprocess.run(command, env={**os.environ, **ROOT_CONSENT}, capture_output=True,
+                            text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert result.returncode != 0
+    assert re.search(r"kvfabric-bench: rank 1 on \S+: ResourceExhausted: ", result.stderr), \
+        result.stderr
+    # Not after rank 0's transport deadline (runtime.plan_deadline_ms, 30 s).
+    assert seconds < 20, seconds
+
+
 def test_ranks_agree_on_what_their_settings_resolve_to_not_on_the_settings(tmp_path):
     if "cpu backend, mpi transport" not in serve_ranks_alone(tmp_path):
         pytest.skip("this machine's ranks do not land on the CPU")
