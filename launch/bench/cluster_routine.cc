@@ -78,8 +78,12 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
   Config model = cluster_replay_model();
   if (!command.config_path.empty()) {
     KVF_ASSIGN_OR_RETURN(model, load_config_file(command.config_path));
-    KVF_RETURN_IF_ERROR(apply_env_overrides(model));
+  } else {
+    model.cache.num_blocks = 1;  // a valid config until cluster_replay_config sizes each run's
   }
+  // The built-in model too: without --config, KVF_RUNTIME_BACKEND=cuda (say) was ignored and the
+  // ranks ran on whatever auto picked.
+  KVF_RETURN_IF_ERROR(apply_env_overrides(model));
   model.topology = sim.config.topology;
   sim.config = model;
 

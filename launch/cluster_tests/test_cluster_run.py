@@ -129,6 +129,21 @@ def test_a_replay_rank_that_cannot_start_ends_the_job_at_once_naming_itself(tmp_
     assert seconds < 20, seconds
 
 
+def test_replay_without_a_config_still_takes_the_runtime_from_the_environment():
+    # The built-in model (no --config): KVF_RUNTIME_BACKEND=cuda must not be passed over.
+    command = MPIRUN + ["-n", "2", "-x", "KVF_RUNTIME_BACKEND=cuda", "-x",
+                        "KVF_RUNTIME_TRANSPORT=mpi", str(BIN_DIR / "kvfabric-bench"), "replay",
+                        "--dp", "2", "--tp", "1", "--max-requests", "10", "--routing",
+                        "independent"]
+    result = subprocess.run(command, env={**os.environ, **ROOT_CONSENT}, capture_output=True,
+                            text=True, timeout=120)
+    if result.returncode == 0:  # a GPU machine: the ranks are on it
+        assert "(rank 0: cuda backend on device" in result.stdout, result.stdout
+    else:  # no GPU or no CUDA: refused by name, not run on the CPU
+        assert re.search(r"rank \d on \S+: runtime.backend cuda, but ", result.stderr), \
+            result.stdout + result.stderr
+
+
 def test_ranks_agree_on_what_their_settings_resolve_to_not_on_the_settings(tmp_path):
     if "cpu backend, mpi transport" not in serve_ranks_alone(tmp_path):
         pytest.skip("this machine's ranks do not land on the CPU")
