@@ -12,12 +12,8 @@ namespace kvfabric {
 namespace {
 
 constexpr RankId kRoot{0};
-// What a rank reports to the others about its placement: failed, or the transport it chose.
-constexpr uint64_t kPlacementFailed = 0;
-
-uint64_t placement_code(const Status& mine, const RankPlacement& placement) {
-  return mine.ok() ? 1 + static_cast<uint64_t>(placement.transport) : kPlacementFailed;
-}
+// What a rank reports in an agreement for a stage it could not get through.
+constexpr uint64_t kStageFailed = 0;
 
 std::string rank_list(const std::vector<int>& ranks) {
   return fmt::format("{}", fmt::join(ranks, ", "));
@@ -48,7 +44,7 @@ Result<std::unique_ptr<MpiJob>> MpiJob::launch(const Config& config) {
                                          world, job->mpi_.world_size()))
           : job->place_this_rank(config.runtime);
   KVF_RETURN_IF_ERROR(job->agree_on_placement(mine));
-  KVF_RETURN_IF_ERROR(job->make_transport());
+  KVF_RETURN_IF_ERROR(job->agree("start their transport", job->make_transport(), 0).status());
   return job;
 }
 
@@ -72,28 +68,48 @@ Status MpiJob::on_device(std::string_view what, const Status& status) const {
                                            status.message()));
 }
 
-// Every rank learns whether every other one got what it asked for, and with which transport,
-// before any of them waits on a device transport's setup.
-Status MpiJob::agree_on_placement(const Status& mine) {
-  std::vector<uint64_t> codes;
-  KVF_RETURN_IF_ERROR(host_transport_->all_gather(placement_code(mine, placement_), codes));
+// Collective: every rank learns whether every other one got through start-up stage `stage`. When
+// one did not, every rank fails naming it (its own message says why), so none waits for it in a
+// later collective or in MPI_Finalize. On success, every rank's `value`, in rank order.
+Result<std::vector<uint64_t>> MpiJob::agree(std::string_view stage, const Status& mine,
+                                            uint64_t value) {
+  std::vector<uint64_t> values;
+  KVF_RETURN_IF_ERROR(host_transport_->all_gather(mine.ok() ? value + 1 : kStageFailed, values));
   KVF_RETURN_IF_ERROR(mine);
-  std::vector<int> failed, differ;
-  for (size_t r = 0; r < codes.size(); ++r) {
-    if (codes[r] == kPlacementFailed) failed.push_back(static_cast<int>(r));
-    else if (codes[r] != codes[0]) differ.push_back(static_cast<int>(r));
+  std::vector<int> failed;
+  for (size_t r = 0; r < values.size(); ++r) {
+    if (values[r] == kStageFailed) failed.push_back(static_cast<int>(r));
+    --values[r];
   }
   if (!failed.empty()) {
     return Status(ErrorCode::kUnavailable,
-                  fmt::format("{}: the job cannot start: rank(s) {} could not place themselves "
-                              "(their own messages say why)",
-                              who(), rank_list(failed)));
+                  fmt::format("{}: the job cannot start: rank(s) {} could not {} (their own "
+                              "messages say why)",
+                              who(), rank_list(failed), stage));
   }
-  if (!differ.empty()) {
+  return values;
+}
+
+// Every rank learns what every other one got before any of them waits on a device transport's
+// setup: the ranks must agree on the transport, and on the backend, so that a node that does not
+// see its GPUs (a wrong CUDA_VISIBLE_DEVICES) is not left on the CPU without a word.
+Status MpiJob::agree_on_placement(const Status& mine) {
+  const uint64_t choice = static_cast<uint64_t>(placement_.backend) << 8 |
+                          static_cast<uint64_t>(placement_.transport);
+  KVF_ASSIGN_OR_RETURN(const std::vector<uint64_t> choices,
+                       agree("place themselves", mine, choice));
+  for (const auto& [what, shift] : {std::pair{"backends", 8}, std::pair{"transports", 0}}) {
+    std::vector<int> differ;
+    for (size_t r = 0; r < choices.size(); ++r) {
+      if ((choices[r] >> shift & 0xFF) != (choices[0] >> shift & 0xFF)) {
+        differ.push_back(static_cast<int>(r));
+      }
+    }
+    if (differ.empty()) continue;
     return invalid_argument(fmt::format(
-        "{}: the ranks chose different transports (rank 0 and rank(s) {} differ: some see a GPU, "
-        "others not); set runtime.transport (and runtime.backend) explicitly",
-        who(), rank_list(differ)));
+        "{}: the ranks chose different {} (rank 0 and rank(s) {} differ: some see a GPU, others "
+        "not); set runtime.backend and runtime.transport explicitly",
+        who(), what, rank_list(differ)));
   }
   return ok_status();
 }

@@ -4,6 +4,7 @@
 
 #include <charconv>
 #include <cstdlib>
+#include <span>
 
 #include "kvfabric/backend/cuda_backend.h"
 #include "kvfabric/transport/nccl_transport.h"
@@ -14,6 +15,9 @@ namespace {
 // The variables launchers set for a rank's index on its host, in the order they are trusted.
 constexpr std::string_view kLocalRankVariables[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
                                                    "MPI_LOCALRANKID", "LOCAL_RANK"};
+
+constexpr std::string_view kLocalSizeVariables[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                                                   "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"};
 
 std::optional<uint32_t> parse_index(std::string_view text) {
   uint32_t value = 0;
@@ -50,12 +54,18 @@ Result<BackendKind> resolve_backend(BackendKind asked, const ProcessView& view,
   return BackendKind::kCuda;
 }
 
+// Whether the host's ranks outnumber its devices, so that some must share one.
+bool ranks_share_devices(const ProcessView& view) {
+  return view.local_size && *view.local_size > view.devices.size();
+}
+
 Result<TransportKind> resolve_transport(TransportKind asked, BackendKind backend,
                                         const ProcessView& view, std::string_view who) {
   if (asked == TransportKind::kMpi) return TransportKind::kMpi;
   if (asked == TransportKind::kAuto) {
-    return backend == BackendKind::kCuda && view.nccl_built ? TransportKind::kNccl
-                                                            : TransportKind::kMpi;
+    return backend == BackendKind::kCuda && view.nccl_built && !ranks_share_devices(view)
+               ? TransportKind::kNccl
+               : TransportKind::kMpi;
   }
   if (backend != BackendKind::kCuda) {
     return Status(ErrorCode::kInvalidArgument,
@@ -66,6 +76,12 @@ Result<TransportKind> resolve_transport(TransportKind asked, BackendKind backend
   if (!view.nccl_built) {
     return Status(ErrorCode::kUnimplemented,
                   fmt::format("{}: runtime.transport nccl, but kvfabric was built without NCCL", who));
+  }
+  if (ranks_share_devices(view)) {
+    return invalid_argument(fmt::format(
+        "{}: runtime.transport nccl needs a device per rank, but {} ranks of this host share {} "
+        "(NCCL refuses two ranks on one device): use runtime.transport mpi, or fewer ranks per host",
+        who, *view.local_size, visible_devices_phrase(view)));
   }
   return TransportKind::kNccl;
 }
@@ -81,15 +97,25 @@ Result<int> resolve_device(int32_t asked, const ProcessView& view, std::string_v
   return asked;
 }
 
+// The first of `names` set in `env` to a number.
+template <size_t N>
+std::optional<uint32_t> first_number(const Environment& env, const std::string_view (&names)[N]) {
+  for (std::string_view name : names) {
+    const auto found = env.find(std::string(name));
+    if (found == env.end()) continue;
+    if (const auto number = parse_index(found->second)) return number;
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::optional<uint32_t> launcher_local_rank(const Environment& env) {
-  for (std::string_view name : kLocalRankVariables) {
-    const auto found = env.find(std::string(name));
-    if (found == env.end()) continue;
-    if (const auto index = parse_index(found->second)) return index;
-  }
-  return std::nullopt;
+  return first_number(env, kLocalRankVariables);
+}
+
+std::optional<uint32_t> launcher_local_size(const Environment& env) {
+  return first_number(env, kLocalSizeVariables);
 }
 
 ProcessView observe_process() {
@@ -102,10 +128,14 @@ ProcessView observe_process() {
     view.no_device_reason = devices.status().message();
   }
   Environment env;
-  for (std::string_view name : kLocalRankVariables) {
-    if (const char* value = std::getenv(std::string(name).c_str())) env[std::string(name)] = value;
+  for (const auto& names : {std::span<const std::string_view>(kLocalRankVariables),
+                            std::span<const std::string_view>(kLocalSizeVariables)}) {
+    for (std::string_view name : names) {
+      if (const char* value = std::getenv(std::string(name).c_str())) env[std::string(name)] = value;
+    }
   }
   view.local_rank = launcher_local_rank(env);
+  view.local_size = launcher_local_size(env);
   if (const char* visible = std::getenv("CUDA_VISIBLE_DEVICES")) {
     view.cuda_visible_devices = visible;
   }

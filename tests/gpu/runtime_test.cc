@@ -1,9 +1,11 @@
 // gpu label: a rank of the tools on the GPU. Placement on a GPU machine picks CUDA + NCCL and
 // names the device; one CUDA rank runs the scripted serving workload (prefix hits, forks,
-// copy-on-write, swaps to its pinned host tier) on the NCCL transport and again on the MPI-style
-// host-staged transport, and after every step every sequence's K/V gathered from the GPU is
-// exactly its tokens' K/V, with no block leaked at the end. Skips with the reason when there is no
-// device. (Several ranks sharing the GPU need mpirun: see launch/gpu-check.)
+// copy-on-write, swaps to its pinned host tier) with the NCCL transport in place and again with
+// the MPI-style host-staged one, and after every step every sequence's K/V gathered from the GPU
+// is exactly its tokens' K/V, with no block leaked at the end. One rank is one replica, so no
+// block migrates here: the transports' own block moves are gpu_nccl_transport_test's and
+// gpu_backend_test's (staged), and several ranks on the GPU need mpirun (launch/gpu-check). Skips
+// with the reason when there is no device.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -43,14 +45,14 @@ TEST_F(GpuRankTest, AutoPlacesTheRankOnTheGpu) {
   std::printf("placement on this machine: %s\n", placed->describe().c_str());
 }
 
-TEST_F(GpuRankTest, ServingWorkloadOnTheNcclTransport) {
+TEST_F(GpuRankTest, ServingWorkloadWithTheNcclTransportInPlace) {
   if (!nccl_transport_built()) GTEST_SKIP() << "kvfabric was built without NCCL";
   auto nccl = make_nccl_transport(*bootstrap_, {.device = 0});
   ASSERT_TRUE(nccl.ok()) << nccl.status();
   testing::run_one_rank_workload(*cuda_, **nccl, /*device_buffers=*/true);
 }
 
-TEST_F(GpuRankTest, ServingWorkloadOnTheHostStagedTransport) {
+TEST_F(GpuRankTest, ServingWorkloadWithTheStagedTransportInPlace) {
   auto staged = make_host_staged_transport(*bootstrap_, *cuda_);
   ASSERT_TRUE(staged.ok()) << staged.status();
   testing::run_one_rank_workload(*cuda_, **staged, /*device_buffers=*/true);

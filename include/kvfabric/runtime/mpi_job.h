@@ -21,9 +21,9 @@ namespace kvfabric {
 bool under_mpi_launcher();
 
 //! \brief MPI for the tool, this rank's backend and transport as runtime.* asks, and its
-//! RankJob. Placement is agreed: when any rank cannot have what it asked for, or the ranks would
-//! use different transports, every rank's launch() fails (each naming what it knows), so no rank
-//! waits for a peer that gave up.
+//! RankJob. Start-up is agreed: when any rank cannot have what it asked for or cannot start its
+//! transport, or the ranks would use different backends or transports, every rank's launch()
+//! fails (each naming what it knows), so no rank waits for a peer that gave up.
 class MpiJob {
  public:
   //! Null when no MPI launcher started this process or kvfabric was built without MPI (the
@@ -50,6 +50,7 @@ class MpiJob {
  private:
   explicit MpiJob(MpiRuntime mpi) : mpi_(std::move(mpi)) {}
   Status place_this_rank(const RuntimeConfig& runtime);
+  Result<std::vector<uint64_t>> agree(std::string_view stage, const Status& mine, uint64_t value);
   Status agree_on_placement(const Status& mine);
   Status make_transport();
   // `status` of starting `what` on this rank's device, naming rank, host and device.

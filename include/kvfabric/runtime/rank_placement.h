@@ -26,9 +26,15 @@ struct ProcessView {
   //! This rank's index among the job's ranks on its host, as the launcher says (Open MPI,
   //! Slurm, MPICH Hydra); nullopt when no launcher says it.
   std::optional<uint32_t> local_rank;
+  //! How many of the job's ranks run on this host, as the launcher says; nullopt when unknown.
+  std::optional<uint32_t> local_size;
   //! CUDA_VISIBLE_DEVICES as set; nullopt when unset.
   std::optional<std::string> cuda_visible_devices;
 };
+
+//! The launcher's count of the job's ranks on this host in `env`: OMPI_COMM_WORLD_LOCAL_SIZE,
+//! MPI_LOCALNRANKS (Hydra), SLURM_NTASKS_PER_NODE or LOCAL_WORLD_SIZE.
+std::optional<uint32_t> launcher_local_size(const Environment& env);
 
 //! This process's view: the build's parts, cuda_devices(), and the launcher's variables.
 ProcessView observe_process();
@@ -53,7 +59,8 @@ struct RankPlacement {
 
 //! \brief Resolves `runtime` for one rank. `auto` backend: CUDA when this build has it and a
 //! device is visible, else CPU. `auto` transport: NCCL on the CUDA backend when this build has
-//! NCCL, else MPI. Device: runtime.device, or the local rank modulo the visible devices (0 when
+//! NCCL and every rank of the host can have a device of its own (NCCL refuses two ranks on one
+//! device), else MPI (staged through pinned host memory). Device: runtime.device, or the local rank modulo the visible devices (0 when
 //! no launcher names a local rank). An explicit choice this build or process cannot honour is
 //! an error that names `who` (rank and host), the device and the reason (the CUDA error string,
 //! CUDA_VISIBLE_DEVICES): nothing falls back silently.

@@ -130,6 +130,26 @@ TEST(RankPlacement, WhatCannotBeHonouredIsRefusedNamingRankDeviceAndReason) {
   EXPECT_THAT(unbuilt_nccl.status().message(), HasSubstr("built without NCCL"));
 }
 
+TEST(RankPlacement, RanksSharingTheHostsDevicesAreStagedOverMpiNotNccl) {
+  ProcessView view = gpu_machine(2, 3);
+  view.local_size = 4;  // 4 ranks of this host, 2 GPUs: NCCL would find two ranks on one device
+  const auto placed = place_rank(RuntimeConfig{}, view, "rank 3 on node-a");
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(placed->backend, BackendKind::kCuda);
+  EXPECT_EQ(placed->transport, TransportKind::kMpi);
+  EXPECT_TRUE(placed->staged());
+  EXPECT_EQ(placed->device, 1);  // local rank 3 modulo 2
+
+  const auto nccl = place_rank(runtime(BackendKind::kAuto, TransportKind::kNccl), view, "rank 3 on node-a");
+  EXPECT_EQ(nccl.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(nccl.status().message(),
+              HasSubstr("rank 3 on node-a: runtime.transport nccl needs a device per rank, but 4 ranks "
+                        "of this host share 2 CUDA device(s) visible"));
+
+  view.local_size = 2;  // one device each: NCCL
+  EXPECT_EQ(place_rank(RuntimeConfig{}, view, "r")->transport, TransportKind::kNccl);
+}
+
 TEST(RankPlacement, TheLauncherNamesTheLocalRank) {
   EXPECT_EQ(launcher_local_rank({}), std::nullopt);
   EXPECT_EQ(launcher_local_rank({{"OMPI_COMM_WORLD_LOCAL_RANK", "3"}}), 3u);
@@ -138,6 +158,12 @@ TEST(RankPlacement, TheLauncherNamesTheLocalRank) {
   // Open MPI's variable wins over Slurm's; a variable that is not a number is passed over.
   EXPECT_EQ(launcher_local_rank({{"OMPI_COMM_WORLD_LOCAL_RANK", "2"}, {"SLURM_LOCALID", "0"}}), 2u);
   EXPECT_EQ(launcher_local_rank({{"OMPI_COMM_WORLD_LOCAL_RANK", "x"}, {"SLURM_LOCALID", "4"}}), 4u);
+
+  EXPECT_EQ(launcher_local_size({}), std::nullopt);
+  EXPECT_EQ(launcher_local_size({{"OMPI_COMM_WORLD_LOCAL_SIZE", "8"}}), 8u);
+  EXPECT_EQ(launcher_local_size({{"MPI_LOCALNRANKS", "2"}, {"SLURM_NTASKS_PER_NODE", "4"}}), 2u);
+  EXPECT_EQ(launcher_local_size({{"SLURM_NTASKS_PER_NODE", "4"}}), 4u);
+  EXPECT_EQ(launcher_local_size({{"LOCAL_WORLD_SIZE", "two"}}), std::nullopt);
 }
 
 }  // namespace
