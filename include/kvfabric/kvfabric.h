@@ -43,6 +43,7 @@
 #include "kvfabric/server/control_protocol.h"
 #include "kvfabric/server/control_server.h"
 #include "kvfabric/server/metrics.h"
+#include "kvfabric/transport/host_controlled_transport.h"
 #include "kvfabric/transport/mpi_transport.h"
 #include "kvfabric/transport/nccl_transport.h"
 #include "kvfabric/transport/transport.h"

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "kvfabric/transport/host_controlled_transport.h"
 #include "transport/batch_check.h"
 
 namespace kvfabric {
@@ -21,10 +22,10 @@ uint64_t align_up(uint64_t n, uint64_t a) {
   return (n + a - 1) / a * a;
 }
 
-class HostStagedTransport final : public Transport {
+class HostStagedTransport final : public HostControlledTransport {
  public:
   HostStagedTransport(Transport& host, Backend& backend)
-      : host_(host),
+      : HostControlledTransport(host),
         backend_(backend),
         name_(std::string(host.name()) + " (staged through pinned host memory)"),
         who_(std::string(host.name()) + " transport " + to_string(host.rank()) + " (staged)") {}
@@ -45,8 +46,6 @@ class HostStagedTransport final : public Transport {
   }
 
   std::string_view name() const override { return name_; }
-  RankId rank() const override { return host_.rank(); }
-  int world_size() const override { return host_.world_size(); }
 
   Status exchange_blocks(std::span<const BlockBatch> sends,
                          std::span<const BlockBatch> recvs) override {
@@ -70,28 +69,12 @@ class HostStagedTransport final : public Transport {
       KVF_RETURN_IF_ERROR(copy_runs(b, sends[b], send_blocks_[b], /*download=*/true));
     KVF_RETURN_IF_ERROR(wait("copying the sent blocks into the staging buffer"));
 
-    KVF_RETURN_IF_ERROR(host_.exchange_blocks(staged_sends_, staged_recvs_));
+    KVF_RETURN_IF_ERROR(control().exchange_blocks(staged_sends_, staged_recvs_));
 
     for (size_t b = 0; b < recvs.size(); ++b)
       KVF_RETURN_IF_ERROR(copy_runs(b, recvs[b], recv_blocks_[b], /*download=*/false));
     return wait("copying the received blocks out of the staging buffer");
   }
-
-  Status broadcast(std::vector<uint8_t>& bytes, RankId root) override {
-    return host_.broadcast(bytes, root);
-  }
-  Status barrier() override { return host_.barrier(); }
-  Status all_gather(uint64_t value, std::vector<uint64_t>& out) override {
-    return host_.all_gather(value, out);
-  }
-  Status gather(std::span<const uint8_t> bytes, RankId root,
-                std::vector<std::vector<uint8_t>>& out) override {
-    return host_.gather(bytes, root, out);
-  }
-  void set_timeout(std::optional<std::chrono::milliseconds> timeout) override {
-    host_.set_timeout(timeout);
-  }
-  std::string describe(RankId rank) const override { return host_.describe(rank); }
 
  private:
   // Staging bytes the exchange needs (every batch's region, aligned).
@@ -153,7 +136,6 @@ class HostStagedTransport final : public Transport {
     return Status(s.code(), who_ + ": " + std::string(what) + " failed: " + s.message());
   }
 
-  Transport& host_;
   Backend& backend_;
   const std::string name_;
   const std::string who_;  // how errors name this rank's transport

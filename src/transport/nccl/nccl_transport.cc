@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "api.h"
+#include "kvfabric/transport/host_controlled_transport.h"
 #include "common/log.h"
 #include "transport/batch_check.h"
 
@@ -46,7 +47,7 @@ struct DeviceBuffer {
   uint64_t capacity = 0;
 };
 
-class NcclTransport final : public Transport {
+class NcclTransport final : public HostControlledTransport {
  public:
   static Result<std::unique_ptr<Transport>> create(Transport& bootstrap,
                                                    const NcclTransportOptions& options) {
@@ -103,9 +104,9 @@ class NcclTransport final : public Transport {
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
+  // Every control call is the bootstrap's (HostControlledTransport): set_timeout bounds those
+  // host-side calls, and exchange_blocks waits for its CUDA stream without a bound.
   std::string_view name() const override { return "nccl"; }
-  RankId rank() const override { return rank_; }
-  int world_size() const override { return world_; }
 
   Status exchange_blocks(std::span<const BlockBatch> sends,
                          std::span<const BlockBatch> recvs) override {
@@ -209,27 +210,11 @@ class NcclTransport final : public Transport {
     return ok_status();
   }
 
-  Status broadcast(std::vector<uint8_t>& bytes, RankId root) override {
-    return bootstrap_.broadcast(bytes, root);
-  }
-  Status barrier() override { return bootstrap_.barrier(); }
-  Status all_gather(uint64_t value, std::vector<uint64_t>& out) override {
-    return bootstrap_.all_gather(value, out);
-  }
-  Status gather(std::span<const uint8_t> bytes, RankId root,
-                std::vector<std::vector<uint8_t>>& out) override {
-    return bootstrap_.gather(bytes, root, out);
-  }
-  // Bounds the host-side calls (delegated to the bootstrap). exchange_blocks waits for its CUDA
-  // stream without a bound.
-  void set_timeout(std::optional<std::chrono::milliseconds> timeout) override {
-    bootstrap_.set_timeout(timeout);
-  }
-  std::string describe(RankId rank) const override { return bootstrap_.describe(rank); }
-
  private:
   explicit NcclTransport(Transport& bootstrap)
-      : bootstrap_(bootstrap), rank_(bootstrap.rank()), world_(bootstrap.world_size()) {
+      : HostControlledTransport(bootstrap),
+        rank_(bootstrap.rank()),
+        world_(bootstrap.world_size()) {
     who_ = "nccl transport " + to_string(rank_);
   }
 
@@ -355,7 +340,6 @@ class NcclTransport final : public Transport {
             (last != nullptr && *last != '\0' ? std::string(" (") + last + ")" : std::string()));
   }
 
-  Transport& bootstrap_;
   RankId rank_;
   int world_ = 0;
   std::string who_;
