@@ -155,7 +155,7 @@ def test_writes_the_slurm_script_without_submitting(cluster, config, tmp_path):
     run_dir = tmp_path / "runs" / "job"
     assert f"sbatch {run_dir / 'job.sbatch'}" in result.stdout
     assert sorted(path.name for path in run_dir.iterdir()) == [
-        "command.txt", "config.yaml", "job.sbatch", "ranks"]
+        "command.txt", "config.yaml", "environment.sh", "job.sbatch", "ranks"]
     assert (run_dir / "command.txt").read_text().startswith("srun --mpi=pmix ")
     assert "  tp: 2\n" in (run_dir / "config.yaml").read_text()
 
@@ -232,3 +232,19 @@ def test_run_folders_mpirun_or_slurm_would_misread_are_refused(cluster, config, 
         assert "injected" not in result.stdout
         assert "cannot carry" in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_run_folder_keeps_the_forwarded_values_and_slurm_keeps_its_gpu_mask(cluster, config,
+                                                                                tmp_path):
+    env = {"NCCL_DEBUG": "INFO", "KVF_RUNTIME_TRANSPORT": "mpi", "CUDA_VISIBLE_DEVICES": "0,1",
+           "NCCL_SOCKET_IFNAME": "eth0 lo"}
+    result = cluster("--slurm", "--nodes", "1", "--gpus-per-node", "4", "--config", str(config),
+                     "--name", "job", "--", "serve", env=env)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "job"
+    assert (run_dir / "environment.sh").read_text() == (
+        "export CUDA_VISIBLE_DEVICES=0,1\nexport KVF_RUNTIME_TRANSPORT=mpi\n"
+        "export NCCL_DEBUG=INFO\nexport NCCL_SOCKET_IFNAME='eth0 lo'\n")
+    script = (run_dir / "job.sbatch").read_text()
+    assert "export NCCL_DEBUG=INFO\n" in script
+    assert "CUDA_VISIBLE_DEVICES=" not in script
