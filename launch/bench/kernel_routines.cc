@@ -40,7 +40,7 @@ struct KernelOptions {
 
 void add_kernel_options(CLI::App* cmd, KernelOptions& o) {
   cmd->add_option("--device", o.device, "backend: cpu or cuda");
-  cmd->add_option("--isa", o.isa, "CPU kernels: auto, generic or avx2");
+  cmd->add_option("--isa", o.isa, "CPU kernels: auto, generic, avx2 or avx2-vnni");
   cmd->add_option("--threads", o.threads, "threads (0 = all cores)");
   cmd->add_option("--iterations", o.iterations, "timed repetitions (the median is reported)")
       ->check(CLI::PositiveNumber);
@@ -117,8 +117,10 @@ Result<Setup> make_setup(const KernelOptions& o) {
     isa = CpuIsa::kGeneric;
   } else if (o.isa == "avx2") {
     isa = CpuIsa::kAvx2;
+  } else if (o.isa == "avx2-vnni") {
+    isa = CpuIsa::kAvx2Vnni;
   } else if (o.isa != "auto") {
-    return invalid_argument("--isa must be auto, generic or avx2 (got " + o.isa + ")");
+    return invalid_argument("--isa must be auto, generic, avx2 or avx2-vnni (got " + o.isa + ")");
   }
   Setup setup;
   KVF_ASSIGN_OR_RETURN(setup.backend, make_cpu_backend(CpuBackendOptions{isa, o.threads}));

@@ -15,7 +15,9 @@ namespace kvfabric::testing {
 //! The ISAs to test: generic always, AVX2 when the processor has it.
 inline std::vector<CpuIsa> cpu_isas() {
   std::vector<CpuIsa> isas = {CpuIsa::kGeneric};
-  if (best_cpu_isa() == CpuIsa::kAvx2) isas.push_back(CpuIsa::kAvx2);
+  for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx2Vnni}) {
+    if (make_cpu_backend(CpuBackendOptions{isa, 1}).ok()) isas.push_back(isa);
+  }
   return isas;
 }
 

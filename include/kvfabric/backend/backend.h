@@ -83,9 +83,10 @@ class Backend {
 
 //! Vector instruction set of the CPU kernels.
 enum class CpuIsa : uint8_t {
-  kAuto,     //!< the best the processor supports (KVF_CPU_ISA=generic|avx2 overrides)
-  kGeneric,  //!< portable C++
-  kAvx2,     //!< AVX2 + FMA + F16C
+  kAuto,      //!< the best the processor supports (KVF_CPU_ISA=generic|avx2|avx2-vnni overrides)
+  kGeneric,   //!< portable C++
+  kAvx2,      //!< AVX2 + FMA + F16C
+  kAvx2Vnni,  //!< kAvx2 with the 256-bit VNNI dot product (AVX512-VNNI + AVX512VL)
 };
 
 struct CpuBackendOptions {

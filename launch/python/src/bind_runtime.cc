@@ -34,7 +34,8 @@ CpuIsa isa_arg(const std::string& name) {
   if (name == "auto") return CpuIsa::kAuto;
   if (name == "generic") return CpuIsa::kGeneric;
   if (name == "avx2") return CpuIsa::kAvx2;
-  raise_invalid(fmt::format("unknown CPU ISA '{}' (auto, generic, avx2)", name));
+  if (name == "avx2-vnni") return CpuIsa::kAvx2Vnni;
+  raise_invalid(fmt::format("unknown CPU ISA '{}' (auto, generic, avx2, avx2-vnni)", name));
 }
 
 // One rank's RankCache with the backend and transport it uses (destroyed after it). Not

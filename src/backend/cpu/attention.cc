@@ -55,6 +55,38 @@ void prefetch_block(const PagedKvView& pool, uint32_t block, uint32_t layer, uin
   }
 }
 
+// The query rows of one work item as qk reads them, with their quantized form for integer formats.
+class QueryBuffer {
+ public:
+  explicit QueryBuffer(const PagedKvView& pool) : pool_(pool) {}
+
+  //! f32 rows to fill ([rows][head_dim]); call prepare() once they are written.
+  float* f32(uint32_t rows) {
+    rows_ = rows;
+    f32_.resize(uint64_t{rows} * pool_.head_dim);
+    return f32_.data();
+  }
+
+  QueryRows prepare() {
+    QueryRows q{f32_.data(), nullptr, nullptr, nullptr, pool_.head_dim, pool_.groups_per_row};
+    if (is_integer_quantized(pool_.dtype)) {
+      codes_.resize(f32_.size());
+      scales_.resize(rows_);
+      sums_.resize(uint64_t{rows_} * pool_.groups_per_row);
+      quantize_query(pool_, rows_, codes_.data(), scales_.data(), sums_.data(), q);
+    }
+    return q;
+  }
+
+ private:
+  const PagedKvView& pool_;
+  uint32_t rows_ = 0;
+  std::vector<float> f32_;
+  std::vector<int8_t> codes_;
+  std::vector<float> scales_;
+  std::vector<float> sums_;
+};
+
 // Running softmax state of one query row (flash decoding).
 struct OnlineSoftmax {
   float max = -std::numeric_limits<float>::infinity();
@@ -81,7 +113,8 @@ void decode_attention(const SimdOps& ops, const PagedKvView& pool, const DecodeA
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> q(uint64_t{rows} * hd), acc(uint64_t{rows} * hd);
+    QueryBuffer query(pool);
+    std::vector<float> acc(uint64_t{rows} * hd);
     std::vector<float> scratch(uint64_t{kChunk} * hd), scores(uint64_t{group} * kChunk), logits;
     std::vector<OnlineSoftmax> state(rows);
 #pragma omp for schedule(dynamic, 1)
@@ -92,7 +125,8 @@ void decode_attention(const SimdOps& ops, const PagedKvView& pool, const DecodeA
       const uint32_t ctx = a.context_lens[s];
       const uint32_t* table = a.block_tables + uint64_t{s} * a.max_blocks_per_seq;
       const uint64_t q_first = (uint64_t{s} * a.num_q_heads + uint64_t{first_head} * group) * hd;
-      load_scaled_rows(a.query, a.query_dtype, q_first, rows, hd, a.softmax_scale, q.data());
+      load_scaled_rows(a.query, a.query_dtype, q_first, rows, hd, a.softmax_scale, query.f32(rows));
+      const QueryRows q = query.prepare();
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(state.begin(), state.end(), OnlineSoftmax{});
       if (want_mass) logits.resize(uint64_t{rows} * ctx);
@@ -109,8 +143,8 @@ void decode_attention(const SimdOps& ops, const PagedKvView& pool, const DecodeA
           for (uint32_t hi = 0; hi < heads_per_item; ++hi) {
             const uint32_t h = first_head + hi;
             const uint32_t row0 = hi * group;
-            ops.qk(pool, tile_of(pool, block, a.layer, 0, h, sub), n,
-                   q.data() + uint64_t{row0} * hd, group, scores.data(), kChunk, scratch.data());
+            ops.qk(pool, tile_of(pool, block, a.layer, 0, h, sub), n, q.from(row0), group,
+                   scores.data(), kChunk, scratch.data());
             for (uint32_t g = 0; g < group; ++g) {
               float* sc = scores.data() + uint64_t{g} * kChunk;
               OnlineSoftmax& st = state[row0 + g];
@@ -164,7 +198,8 @@ void prefill_attention(const SimdOps& ops, const PagedKvView& pool, const Prefil
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> q, acc, scores, running_max, running_sum, scratch(uint64_t{kChunk} * hd);
+    QueryBuffer query(pool);
+    std::vector<float> acc, scores, running_max, running_sum, scratch(uint64_t{kChunk} * hd);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const uint32_t s = static_cast<uint32_t>(item / heads);
@@ -176,13 +211,14 @@ void prefill_attention(const SimdOps& ops, const PagedKvView& pool, const Prefil
       const uint32_t* table = a.block_tables + uint64_t{s} * a.max_blocks_per_seq;
       // Row r = i * group + g: query token i, query head h * group + g.
       const uint32_t rows = q_len * group;
-      q.resize(uint64_t{rows} * hd);
+      float* q_f32 = query.f32(rows);
       for (uint32_t i = 0; i < q_len; ++i) {
         const uint64_t first =
             ((uint64_t{a.query_start[s]} + i) * a.num_q_heads + uint64_t{h} * group) * hd;
         load_scaled_rows(a.query, a.query_dtype, first, group, hd, a.softmax_scale,
-                         q.data() + uint64_t{i} * group * hd);
+                         q_f32 + uint64_t{i} * group * hd);
       }
+      const QueryRows q = query.prepare();
       acc.assign(uint64_t{rows} * hd, 0.0f);
       scores.resize(uint64_t{rows} * kChunk);
       running_max.assign(rows, kNegInf);
@@ -195,8 +231,8 @@ void prefill_attention(const SimdOps& ops, const PagedKvView& pool, const Prefil
         for (uint32_t sub = 0; sub < block_tokens; sub += kChunk) {
           const uint32_t first = start + sub;  // context position of the chunk's first token
           const uint32_t n = std::min(kChunk, block_tokens - sub);
-          ops.qk(pool, tile_of(pool, block, a.layer, 0, h, sub), n, q.data(), rows, scores.data(),
-                 kChunk, scratch.data());
+          ops.qk(pool, tile_of(pool, block, a.layer, 0, h, sub), n, q, rows, scores.data(), kChunk,
+                 scratch.data());
           for (uint32_t r = 0; r < rows; ++r) {
             float* row = scores.data() + uint64_t{r} * kChunk;
             const uint32_t limit = first_query_pos + r / group;  // last position this query sees

@@ -31,6 +31,36 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+bool supported(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx2:
+      return cpu::avx2_simd_ops() != nullptr && cpu_has_avx2();
+    case CpuIsa::kAvx2Vnni:
+      return cpu::avx2_vnni_simd_ops() != nullptr && cpu_has_avx2() && cpu_has_avx512_vnni();
+    default:
+      return true;
+  }
+}
+
+const cpu::SimdOps& simd_ops(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx2:
+      return *cpu::avx2_simd_ops();
+    case CpuIsa::kAvx2Vnni:
+      return *cpu::avx2_vnni_simd_ops();
+    default:
+      return cpu::generic_simd_ops();
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   CpuBackend(const cpu::SimdOps& ops, int threads)
@@ -137,7 +167,10 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 CpuIsa best_cpu_isa() {
-  return cpu::avx2_simd_ops() != nullptr && cpu_has_avx2() ? CpuIsa::kAvx2 : CpuIsa::kGeneric;
+  for (CpuIsa isa : {CpuIsa::kAvx2Vnni, CpuIsa::kAvx2}) {
+    if (supported(isa)) return isa;
+  }
+  return CpuIsa::kGeneric;
 }
 
 std::string_view cpu_isa_name(CpuIsa isa) {
@@ -148,6 +181,8 @@ std::string_view cpu_isa_name(CpuIsa isa) {
       return "generic";
     case CpuIsa::kAvx2:
       return "avx2";
+    case CpuIsa::kAvx2Vnni:
+      return "avx2-vnni";
   }
   return "unknown";
 }
@@ -157,22 +192,30 @@ Result<std::unique_ptr<Backend>> make_cpu_backend(const CpuBackendOptions& optio
   if (isa == CpuIsa::kAuto) {
     isa = best_cpu_isa();
     if (const char* forced = std::getenv("KVF_CPU_ISA"); forced != nullptr) {
-      if (std::string_view(forced) == "generic") {
+      const std::string_view name(forced);
+      if (name == "generic") {
         isa = CpuIsa::kGeneric;
-      } else if (std::string_view(forced) != "avx2") {
+      } else if (name == "avx2") {
+        isa = CpuIsa::kAvx2;
+      } else if (name == "avx2-vnni") {
+        isa = CpuIsa::kAvx2Vnni;
+      } else {
         return invalid_argument("KVF_CPU_ISA='" + std::string(forced) +
-                                "' (expected generic or avx2)");
+                                "' (expected generic, avx2 or avx2-vnni)");
       }
     }
   }
-  if (isa == CpuIsa::kAvx2 && best_cpu_isa() != CpuIsa::kAvx2) {
-    return Status(ErrorCode::kUnavailable, "this processor lacks AVX2, FMA or F16C");
+  if (!supported(isa)) {
+    return Status(ErrorCode::kUnavailable,
+                  isa == CpuIsa::kAvx2 ? "this processor lacks AVX2, FMA or F16C"
+                                       : "this processor lacks AVX2, FMA, F16C, AVX512-VNNI or "
+                                         "AVX512VL");
   }
   if (options.num_threads < 0) {
     return invalid_argument("num_threads must be >= 0 (got " + std::to_string(options.num_threads) +
                             ")");
   }
-  const cpu::SimdOps& ops = isa == CpuIsa::kAvx2 ? *cpu::avx2_simd_ops() : cpu::generic_simd_ops();
+  const cpu::SimdOps& ops = simd_ops(isa);
   int threads = options.num_threads;
 #ifdef _OPENMP
   if (threads == 0) threads = omp_get_num_procs();

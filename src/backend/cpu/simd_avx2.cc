@@ -2,10 +2,11 @@
 // Everything except the table getter has internal linkage, so none of this code can be picked
 // by the linker for the generic translation units.
 //
-// Attention dequantizes on the fly: each K or V row is converted to f32 in registers, 8 elements
-// at a time, and used by every query head of the GQA group before the next row is read. With
-// 4 query heads per KV head that is 4 FMAs per element of K and of V, so on few cores the kernels
-// are bound by FMA throughput, not memory: dequantization has to stay a small share of it.
+// Attention reads each K or V row once and uses it for every query head of the GQA group before
+// the next row is read. With 4 query heads per KV head that is 4 multiply-adds per element of K
+// and of V, so on few cores the kernels are bound by arithmetic, not memory: the float formats
+// convert to f32 in registers and keep dequantization a small share of the FMAs; the integer
+// formats' qk works in integers against a quantized query (simd_int_x86.h).
 #include "backend/cpu/simd_ops.h"
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -14,6 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "backend/cpu/simd_int_x86.h"
 #include "kvfabric/quant/kv_format.h"
 #include "kvfabric/quant/quantize.h"
 
@@ -109,56 +111,43 @@ struct RowReader {
   }
 };
 
-// How qk and pv read one chunk of a tile. Scale factors leave the inner loops where the algebra
-// allows: integer codes take one FMA per 8 elements (code * scale + offset, with offset =
-// -(zero * scale) computed once per token and group), and fp8's per-row scale multiplies the dot
-// product (qk) or the softmax weight (pv) instead of every element. That is one rounding more
-// than quant::decode_row's exact form, far below the formats' own error; gather (decode_rows)
-// keeps the exact form.
+// 16 e4m3 codes as values times 2^-8, as load_fp8_times_2_pow_minus_8 but with one widening and
+// one mask for both halves.
+void load_fp8x16_times_2_pow_minus_8(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i shifted = _mm256_slli_epi16(
+      _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 7);
+  const __m256i f16 = _mm256_and_si256(shifted, _mm256_set1_epi16(static_cast<short>(0xBFFF)));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(f16));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1));
+}
+
+// How qk and pv read one chunk of a tile of a float format (f32, f16, bf16, fp8), 16 elements at
+// a time. fp8's per-row scale multiplies the dot product (qk) or the softmax weight (pv) instead
+// of every element: one rounding more than quant::decode_row's exact form, far below the format's
+// own error; gather (decode_rows) keeps the exact form.
 template <DType D>
 struct ChunkReader {
+  static_assert(!is_integer_quantized(D), "integer formats take qk_int and pv_int_rows");
   const uint8_t* codes;
   uint64_t row_bytes;
-  const float* scales;   // the tile's, from the chunk's first token
-  const float* offsets;  // integer formats: [token][group] -(zero * scale)
-  uint32_t groups_per_row;
-  uint32_t group_shift;  // log2(group_size): the fast path takes power-of-two groups only
-  uint32_t affine_span;  // elements sharing one affine(): a group, or the whole row
+  const float* scales;  // fp8: the tile's, from the chunk's first token
 
-  ChunkReader(const PagedKvView& pool, const TileRef& tile, const float* offsets_)
-      : codes(tile.codes),
-        row_bytes(pool.row_bytes),
-        scales(tile.scales),
-        offsets(offsets_),
-        groups_per_row(pool.groups_per_row),
-        group_shift(static_cast<uint32_t>(__builtin_ctz(pool.group_size))),
-        affine_span(is_integer_quantized(D) ? pool.group_size : pool.head_dim) {}
+  ChunkReader(const PagedKvView& pool, const TileRef& tile)
+      : codes(tile.codes), row_bytes(pool.row_bytes), scales(tile.scales) {}
 
-  //! Scale and offset of the integer group holding element d of token t (unused otherwise).
-  struct Affine {
-    __m256 scale, offset;
-  };
-  Affine affine(uint32_t t, uint32_t d) const {
-    if constexpr (is_integer_quantized(D)) {
-      const uint64_t group = uint64_t{t} * groups_per_row + (d >> group_shift);
-      return {_mm256_broadcast_ss(scales + group), _mm256_broadcast_ss(offsets + group)};
+  //! Elements [d, d + 16) of token t, without fp8's row scale.
+  void load16(uint32_t t, uint32_t d, __m256& lo, __m256& hi) const {
+    const uint8_t* row = codes + t * row_bytes;
+    if constexpr (D == DType::kFP8E4M3) {
+      load_fp8x16_times_2_pow_minus_8(row + d, lo, hi);
     } else {
-      return {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    }
-  }
-
-  //! Elements [d, d + 8) of token t, without fp8's row scale; `affine` is affine(t, d).
-  __m256 load(uint32_t t, uint32_t d, const Affine& affine) const {
-    const __m256 stored = load_stored8<D>(codes + t * row_bytes, d);
-    if constexpr (is_integer_quantized(D)) {
-      return _mm256_fmadd_ps(stored, affine.scale, affine.offset);
-    } else {
-      return stored;
+      lo = load_stored8<D>(row, d);
+      hi = load_stored8<D>(row, d + 8);
     }
   }
 
   //! The factor token t's loaded values still need: fp8's row scale (times the 2^8 that
-  //! load_fp8_times_2_pow_minus_8 leaves out), 1 for the other formats.
+  //! the fp8 loads leave out), 1 for the other formats.
   float row_scale(uint32_t t) const {
     if constexpr (D == DType::kFP8E4M3) {
       return scales[t] * 256.0f;
@@ -168,44 +157,28 @@ struct ChunkReader {
   }
 };
 
-// offsets[i] = -(zero * scale) for the n * groups_per_row (token, group) records of a chunk.
-void write_group_offsets(const PagedKvView& pool, const TileRef& tile, uint32_t n,
-                         float* offsets) {
-  const uint32_t count = n * pool.groups_per_row;
-  uint32_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    uint64_t raw;
-    std::memcpy(&raw, tile.zeros + i, 8);
-    const __m256 zero = _mm256_cvtepi32_ps(
-        _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
-    _mm256_storeu_ps(offsets + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), zero),
-                                                _mm256_loadu_ps(tile.scales + i)));
-  }
-  for (; i < count; ++i)
-    offsets[i] = -static_cast<float>(tile.zeros[i]) * tile.scales[i];
-}
-
-// R query rows against each key row: out[r][t] = dot(q[r], K[t]).
+// R query rows against each key row: out[r][t] = dot(q[r], K[t]). Two accumulators per row keep
+// 2R FMA chains in flight (an FMA's latency is several times its issue interval).
 template <DType D, uint32_t R>
 void qk_rows(const PagedKvView& pool, const ChunkReader<D>& keys, uint32_t n, const float* q,
              float* out, uint32_t out_stride) {
   const uint32_t hd = pool.head_dim;
   for (uint32_t t = 0; t < n; ++t) {
-    __m256 acc[R];
+    __m256 acc[R][2];
     for (uint32_t j = 0; j < R; ++j)
-      acc[j] = _mm256_setzero_ps();
-    for (uint32_t span = 0; span < hd; span += keys.affine_span) {
-      const auto affine = keys.affine(t, span);
-      for (uint32_t d = span; d < span + keys.affine_span; d += 8) {
-        const __m256 k = keys.load(t, d, affine);
-        for (uint32_t j = 0; j < R; ++j) {
-          acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + uint64_t{j} * hd + d), k, acc[j]);
-        }
+      acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (uint32_t d = 0; d < hd; d += 16) {
+      __m256 k0, k1;
+      keys.load16(t, d, k0, k1);
+      for (uint32_t j = 0; j < R; ++j) {
+        const float* qj = q + uint64_t{j} * hd + d;
+        acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(qj), k0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8), k1, acc[j][1]);
       }
     }
     const float row_scale = keys.row_scale(t);
     for (uint32_t j = 0; j < R; ++j)
-      out[uint64_t{j} * out_stride + t] = hsum(acc[j]) * row_scale;
+      out[uint64_t{j} * out_stride + t] = hsum(_mm256_add_ps(acc[j][0], acc[j][1])) * row_scale;
   }
 }
 
@@ -230,9 +203,8 @@ void pv_rows(const PagedKvView& pool, const ChunkReader<D>& values, uint32_t n, 
       a[j][1] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d + 8);
     }
     for (uint32_t t = 0; t < n; ++t) {
-      const auto affine0 = values.affine(t, d);
-      const auto affine1 = values.affine_span < 16 ? values.affine(t, d + 8) : affine0;
-      const __m256 v0 = values.load(t, d, affine0), v1 = values.load(t, d + 8, affine1);
+      __m256 v0, v1;
+      values.load16(t, d, v0, v1);
       for (uint32_t j = 0; j < R; ++j) {
         const __m256 w = _mm256_broadcast_ss(p + uint64_t{j} * p_stride + t);
         a[j][0] = _mm256_fmadd_ps(w, v0, a[j][0]);
@@ -246,18 +218,14 @@ void pv_rows(const PagedKvView& pool, const ChunkReader<D>& values, uint32_t n, 
   }
 }
 
-// Splits `rows` into passes of 8/4/2/1 (qk) or 4/2/1 (pv) rows with register accumulators.
-// `scratch` (kMaxChunkRows * head_dim floats) holds the chunk's offsets (integer formats) or
-// pv's weights (fp8).
+// Splits `rows` into passes of 4/2/1 rows with register accumulators. pv's `scratch`
+// (kMaxChunkRows * head_dim floats) holds fp8's weights.
 template <DType D>
 void qk_typed(const PagedKvView& pool, const TileRef& tile, uint32_t n, const float* q,
-              uint32_t rows, float* out, uint32_t out_stride, float* scratch) {
-  if constexpr (is_integer_quantized(D)) write_group_offsets(pool, tile, n, scratch);
-  const ChunkReader<D> keys(pool, tile, scratch);
+              uint32_t rows, float* out, uint32_t out_stride) {
+  const ChunkReader<D> keys(pool, tile);
   const uint32_t hd = pool.head_dim;
   uint32_t r = 0;
-  for (; r + 8 <= rows; r += 8)
-    qk_rows<D, 8>(pool, keys, n, q + uint64_t{r} * hd, out + uint64_t{r} * out_stride, out_stride);
   for (; r + 4 <= rows; r += 4)
     qk_rows<D, 4>(pool, keys, n, q + uint64_t{r} * hd, out + uint64_t{r} * out_stride, out_stride);
   for (; r + 2 <= rows; r += 2)
@@ -269,22 +237,18 @@ void qk_typed(const PagedKvView& pool, const TileRef& tile, uint32_t n, const fl
 template <DType D>
 void pv_typed(const PagedKvView& pool, const TileRef& tile, uint32_t n, const float* p,
               uint32_t p_stride, uint32_t rows, float* acc, float* scratch) {
-  if constexpr (is_integer_quantized(D)) write_group_offsets(pool, tile, n, scratch);
-  const ChunkReader<D> values(pool, tile, scratch);
+  const ChunkReader<D> values(pool, tile);
   const uint32_t hd = pool.head_dim;
   uint32_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
+  for (; r + 4 <= rows; r += 4)
     pv_rows<D, 4>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd,
                   scratch);
-  }
-  for (; r + 2 <= rows; r += 2) {
+  for (; r + 2 <= rows; r += 2)
     pv_rows<D, 2>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd,
                   scratch);
-  }
-  for (; r < rows; ++r) {
+  for (; r < rows; ++r)
     pv_rows<D, 1>(pool, values, n, p + uint64_t{r} * p_stride, p_stride, acc + uint64_t{r} * hd,
                   scratch);
-  }
 }
 
 // The register paths need head_dim in whole 16-element steps and integer groups of a power of
@@ -293,6 +257,11 @@ bool fast_path(const PagedKvView& pool) {
   const uint32_t g = pool.group_size;
   return pool.head_dim % 16 == 0 &&
          (!is_integer_quantized(pool.dtype) || (g >= 8 && (g & (g - 1)) == 0));
+}
+
+// qk and pv: the integer kernels need whole 32-element units (int_kernels_fit).
+bool attention_fast_path(const PagedKvView& pool) {
+  return is_integer_quantized(pool.dtype) ? int_kernels_fit(pool) : fast_path(pool);
 }
 
 void decode_rows(const PagedKvView& pool, const TileRef& tile, uint32_t n, float* out) {
@@ -334,40 +303,40 @@ void decode_rows(const PagedKvView& pool, const TileRef& tile, uint32_t n, float
   }
 }
 
-void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q, uint32_t rows,
+void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const QueryRows& q, uint32_t rows,
         float* out, uint32_t out_stride, float* scratch) {
-  if (!fast_path(pool)) {
+  if (!attention_fast_path(pool)) {
     generic_simd_ops().qk(pool, keys, n, q, rows, out, out_stride, scratch);
     return;
   }
   switch (pool.dtype) {
     case DType::kF32:
-      qk_typed<DType::kF32>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_typed<DType::kF32>(pool, keys, n, q.f32, rows, out, out_stride);
       break;
     case DType::kF16:
-      qk_typed<DType::kF16>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_typed<DType::kF16>(pool, keys, n, q.f32, rows, out, out_stride);
       break;
     case DType::kBF16:
-      qk_typed<DType::kBF16>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_typed<DType::kBF16>(pool, keys, n, q.f32, rows, out, out_stride);
       break;
     case DType::kFP8E4M3:
-      qk_typed<DType::kFP8E4M3>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_typed<DType::kFP8E4M3>(pool, keys, n, q.f32, rows, out, out_stride);
       break;
     case DType::kInt8:
-      qk_typed<DType::kInt8>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_int<8, Avx2ByteCodeDot>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kInt4:
-      qk_typed<DType::kInt4>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_int<4, Avx2SmallCodeDot>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case DType::kInt2:
-      qk_typed<DType::kInt2>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_int<2, Avx2SmallCodeDot>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
   }
 }
 
 void pv(const PagedKvView& pool, const TileRef& values, uint32_t n, const float* p,
         uint32_t p_stride, uint32_t rows, float* acc, float* scratch) {
-  if (!fast_path(pool)) {
+  if (!attention_fast_path(pool)) {
     generic_simd_ops().pv(pool, values, n, p, p_stride, rows, acc, scratch);
     return;
   }
@@ -385,13 +354,13 @@ void pv(const PagedKvView& pool, const TileRef& values, uint32_t n, const float*
       pv_typed<DType::kFP8E4M3>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kInt8:
-      pv_typed<DType::kInt8>(pool, values, n, p, p_stride, rows, acc, scratch);
+      pv_int<8>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kInt4:
-      pv_typed<DType::kInt4>(pool, values, n, p, p_stride, rows, acc, scratch);
+      pv_int<4>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
     case DType::kInt2:
-      pv_typed<DType::kInt2>(pool, values, n, p, p_stride, rows, acc, scratch);
+      pv_int<2>(pool, values, n, p, p_stride, rows, acc, scratch);
       break;
   }
 }

@@ -1,9 +1,37 @@
+#include <algorithm>
 #include <cmath>
 
 #include "backend/cpu/simd_ops.h"
+#include "kvfabric/quant/numeric.h"
 #include "kvfabric/quant/quantize.h"
 
 namespace kvfabric::cpu {
+
+void quantize_query(const PagedKvView& pool, uint32_t rows, int8_t* codes, float* scales,
+                    float* group_sums, QueryRows& q) {
+  const uint32_t hd = pool.head_dim, gpr = pool.groups_per_row;
+  for (uint32_t r = 0; r < rows; ++r) {
+    const float* x = q.f32 + uint64_t{r} * hd;
+    float absmax = 0.0f;
+    for (uint32_t d = 0; d < hd; ++d)
+      absmax = std::max(absmax, std::fabs(x[d]));
+    const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    scales[r] = absmax / 127.0f;
+    int8_t* c = codes + uint64_t{r} * hd;
+    for (uint32_t d = 0; d < hd; ++d)  // |x * inv| <= 127 up to rounding: clamp anyway
+      c[d] = static_cast<int8_t>(std::clamp(std::rint(x[d] * inv), -127.0f, 127.0f));
+    for (uint32_t g = 0; g < gpr; ++g) {
+      int32_t sum = 0;
+      for (uint32_t i = g * pool.group_size; i < (g + 1) * pool.group_size; ++i)
+        sum += c[i];
+      group_sums[uint64_t{r} * gpr + g] = static_cast<float>(sum);
+    }
+  }
+  q.codes = codes;
+  q.scales = scales;
+  q.group_sums = group_sums;
+}
+
 namespace {
 
 void decode_rows(const PagedKvView& pool, const TileRef& tile, uint32_t n, float* out) {
@@ -15,12 +43,44 @@ void decode_rows(const PagedKvView& pool, const TileRef& tile, uint32_t n, float
   }
 }
 
-void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const float* q, uint32_t rows,
+// Integer formats against the quantized query: per group, scale * (q.c) + offset * sum(q), in the
+// query's units, with offset = -(zero * scale).
+void qk_integer(const PagedKvView& pool, const TileRef& keys, uint32_t n, const QueryRows& q,
+                uint32_t rows, float* out, uint32_t out_stride) {
+  const uint32_t hd = pool.head_dim, gs = pool.group_size, gpr = pool.groups_per_row;
+  const uint32_t bits = dtype_bits(pool.dtype);
+  uint8_t codes[1024];  // head_dim <= 1024 (config limit)
+  for (uint32_t t = 0; t < n; ++t) {
+    for (uint32_t d = 0; d < hd; ++d)
+      codes[d] =
+          static_cast<uint8_t>(numeric::unpack_code(keys.codes + t * pool.row_bytes, d, bits));
+    const float* scales = keys.scales + uint64_t{t} * gpr;
+    const uint8_t* zeros = keys.zeros + uint64_t{t} * gpr;
+    for (uint32_t r = 0; r < rows; ++r) {
+      const int8_t* qc = q.codes + uint64_t{r} * hd;
+      float sum = 0.0f;
+      for (uint32_t g = 0; g < gpr; ++g) {
+        int32_t dot = 0;
+        for (uint32_t i = g * gs; i < (g + 1) * gs; ++i)
+          dot += int32_t{qc[i]} * codes[i];
+        const float offset = -static_cast<float>(zeros[g]) * scales[g];
+        sum += scales[g] * static_cast<float>(dot) + offset * q.group_sums[uint64_t{r} * gpr + g];
+      }
+      out[uint64_t{r} * out_stride + t] = q.scales[r] * sum;
+    }
+  }
+}
+
+void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const QueryRows& q, uint32_t rows,
         float* out, uint32_t out_stride, float* scratch) {
+  if (is_integer_quantized(pool.dtype)) {
+    qk_integer(pool, keys, n, q, rows, out, out_stride);
+    return;
+  }
   const uint32_t hd = pool.head_dim;
   decode_rows(pool, keys, n, scratch);
   for (uint32_t r = 0; r < rows; ++r) {
-    const float* qr = q + uint64_t{r} * hd;
+    const float* qr = q.f32 + uint64_t{r} * hd;
     for (uint32_t t = 0; t < n; ++t) {
       const float* kt = scratch + uint64_t{t} * hd;
       float sum = 0.0f;

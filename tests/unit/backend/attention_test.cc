@@ -2,6 +2,7 @@
 // and per-dtype error bounds against attention over the original f32 inputs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -47,9 +48,11 @@ struct Scenario {
   }
 };
 
+// `constant_keys`: every (token, head) key row holds one value, so integer groups store all-equal
+// codes.
 Scenario make_scenario(CpuIsa isa, DType dtype, uint32_t head_dim, uint32_t block_size,
                        uint32_t heads, std::vector<uint32_t> lens, uint32_t seed,
-                       uint32_t int_group_size = 32) {
+                       uint32_t int_group_size = 32, bool constant_keys = false) {
   Scenario sc;
   sc.backend = testing::cpu_backend(isa);
   sc.heads = heads;
@@ -75,6 +78,11 @@ Scenario make_scenario(CpuIsa isa, DType dtype, uint32_t head_dim, uint32_t bloc
     for (uint32_t b = 0; b < (len + block_size - 1) / block_size; ++b)
       sc.tables[s * sc.max_blocks + b] = blocks[next++];
     sc.keys.push_back(testing::random_normal(uint64_t{len} * heads * head_dim, rng));
+    if (constant_keys) {
+      auto& k = sc.keys.back();
+      for (uint64_t i = 0; i < k.size(); ++i)
+        k[i] = k[i - i % head_dim];
+    }
     sc.values.push_back(testing::random_normal(uint64_t{len} * heads * head_dim, rng));
     std::vector<int64_t> slots(len);
     for (uint32_t t = 0; t < len; ++t)
@@ -117,8 +125,9 @@ struct ErrorBound {
     }
   }
 
+  // `delta_q`: the logits' further error from quantizing the query (query_quantization_delta).
   [[nodiscard]] std::vector<double> for_query(const std::vector<double>& q, uint32_t n, uint32_t hd,
-                                              double scale) const {
+                                              double scale, double delta_q = 0) const {
     double delta = 0;
     for (uint32_t t = 0; t < n; ++t) {
       double logit_err = 0;
@@ -126,6 +135,7 @@ struct ErrorBound {
         logit_err += std::fabs(q[i]) * k_err[uint64_t{t} * hd + i];
       delta = std::max(delta, scale * logit_err);
     }
+    delta += delta_q;
     std::vector<double> bound(hd);
     for (uint32_t d = 0; d < hd; ++d)
       bound[d] = (std::exp(2 * delta) - 1) * v_max[d] + v_err[d] + 1e-4;
@@ -133,18 +143,76 @@ struct ErrorBound {
   }
 };
 
+// Integer formats read the query quantized per row to int8 (scale max|q| / 127, so each element
+// moves by at most max|q| / 254; cpu::QueryRows): each logit moves by at most
+// delta_q = max|q| / 254 * sum_i |k_ti| (q times the softmax scale), each softmax weight by a
+// factor e^{+-2 delta_q}, and each output element by (e^{2 delta_q} - 1) * max_t |v_td|.
+double query_quantization_delta(DType dtype, const std::vector<double>& q, const double* k,
+                                uint32_t n, uint32_t hd, double scale) {
+  if (!is_integer_quantized(dtype)) return 0.0;
+  double qmax = 0, kmax = 0;
+  for (double x : q)
+    qmax = std::max(qmax, std::fabs(x) * scale);
+  for (uint32_t t = 0; t < n; ++t) {
+    double sum = 0;
+    for (uint32_t i = 0; i < hd; ++i)
+      sum += std::fabs(k[uint64_t{t} * hd + i]);
+    kmax = std::max(kmax, sum);
+  }
+  return qmax / 254.0 * kmax;
+}
+
+// The query row as the integer formats' kernels use it (cpu::quantize_query, in the same float
+// steps): q * scale rounded to a multiple of max|q * scale| / 127, softmax scale included.
+std::vector<double> quantized_query(const float* q, uint32_t hd, float scale) {
+  std::vector<float> scaled(q, q + hd);
+  float absmax = 0.0f;
+  for (float& x : scaled) {
+    x *= scale;
+    absmax = std::max(absmax, std::fabs(x));
+  }
+  const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f, step = absmax / 127.0f;
+  std::vector<double> out(hd);
+  for (uint32_t d = 0; d < hd; ++d)
+    out[d] = double{step} * std::clamp(std::rint(scaled[d] * inv), -127.0f, 127.0f);
+  return out;
+}
+
+double max_abs_column(const std::vector<double>& v, uint32_t n, uint32_t hd, uint32_t d) {
+  double m = 0;
+  for (uint32_t t = 0; t < n; ++t)
+    m = std::max(m, std::fabs(v[uint64_t{t} * hd + d]));
+  return m;
+}
+
+enum class QueryShape {
+  kNormal,   // N(0, 1)
+  kOutlier,  // N(0, 1) with one element per row at +-40 (the int8 step is then 40 / 127)
+};
+
+std::vector<float> make_query(QueryShape shape, uint64_t rows, uint32_t hd, std::mt19937& rng) {
+  auto q = testing::random_normal(rows * hd, rng);
+  if (shape == QueryShape::kOutlier) {
+    for (uint64_t r = 0; r < rows; ++r)
+      q[r * hd + (r * 7) % hd] = r % 2 == 0 ? 40.0f : -40.0f;
+  }
+  return q;
+}
+
 // Decode attention over ragged lengths (a single token, a partial last block, exact multiples, a
 // longer context) against the exact math over the stored values and the format's error bound.
 void expect_decode_matches_reference(CpuIsa isa, DType dtype, uint32_t head_dim,
                                      uint32_t block_size, uint32_t gqa,
-                                     uint32_t int_group_size = 32) {
+                                     uint32_t int_group_size = 32,
+                                     QueryShape query_shape = QueryShape::kNormal,
+                                     bool constant_keys = false) {
   const uint32_t heads = 2, q_heads = heads * gqa;
-  Scenario sc =
-      make_scenario(isa, dtype, head_dim, block_size, heads, {1, block_size + 3, 2 * block_size, 97},
-                    head_dim + block_size + gqa + int_group_size, int_group_size);
+  Scenario sc = make_scenario(
+      isa, dtype, head_dim, block_size, heads, {1, block_size + 3, 2 * block_size, 97},
+      head_dim + block_size + gqa + int_group_size, int_group_size, constant_keys);
   const uint32_t seqs = static_cast<uint32_t>(sc.lens.size());
   std::mt19937 rng(99);
-  const auto query = testing::random_normal(uint64_t{seqs} * q_heads * head_dim, rng);
+  const auto query = make_query(query_shape, uint64_t{seqs} * q_heads, head_dim, rng);
   std::vector<float> out(query.size());
   const uint32_t mass_stride = 100;
   std::vector<float> mass(uint64_t{seqs} * mass_stride, -7.0f);
@@ -164,6 +232,7 @@ void expect_decode_matches_reference(CpuIsa isa, DType dtype, uint32_t head_dim,
 
   for (uint32_t s = 0; s < seqs; ++s) {
     std::vector<double> mass_ref(sc.lens[s], 0.0);
+    double mass_factor = 1.0;  // max over the rows of e^{2 delta_q}
     for (uint32_t h = 0; h < heads; ++h) {
       const auto k_stored = sc.stored(s, h, 0), v_stored = sc.stored(s, h, 1);
       const auto k_orig = sc.original(s, h, 0), v_orig = sc.original(s, h, 1);
@@ -173,7 +242,10 @@ void expect_decode_matches_reference(CpuIsa isa, DType dtype, uint32_t head_dim,
         const uint32_t qh = h * gqa + g;
         const float* qp = query.data() + (uint64_t{s} * q_heads + qh) * head_dim;
         const std::vector<double> q(qp, qp + head_dim);
-        const auto bound = bounds.for_query(q, sc.lens[s], head_dim, scale);
+        const double delta_q =
+            query_quantization_delta(dtype, q, k_stored.data(), sc.lens[s], head_dim, scale);
+        mass_factor = std::max(mass_factor, std::exp(2 * delta_q));
+        const auto bound = bounds.for_query(q, sc.lens[s], head_dim, scale, delta_q);
         std::vector<double> weights;
         const auto exact = testing::ref_attention(q, k_stored.data(), v_stored.data(), sc.lens[s],
                                                   head_dim, scale, &weights);
@@ -181,9 +253,20 @@ void expect_decode_matches_reference(CpuIsa isa, DType dtype, uint32_t head_dim,
             testing::ref_attention(q, k_orig.data(), v_orig.data(), sc.lens[s], head_dim, scale);
         for (uint32_t t = 0; t < sc.lens[s]; ++t)
           mass_ref[t] += weights[t];
+        // Integer formats: the exact math over the stored values with the quantized query, which
+        // the kernels compute up to float rounding.
+        const auto exact_quantized =
+            is_integer_quantized(dtype)
+                ? testing::ref_attention(quantized_query(qp, head_dim, scale), k_stored.data(),
+                                         v_stored.data(), sc.lens[s], head_dim, 1.0)
+                : exact;
         for (uint32_t d = 0; d < head_dim; ++d) {
           const double got = out[(uint64_t{s} * q_heads + qh) * head_dim + d];
-          ASSERT_NEAR(got, exact[d], 2e-5 + 2e-5 * std::fabs(exact[d]))
+          ASSERT_NEAR(got, exact_quantized[d], 2e-5 + 2e-5 * std::fabs(exact_quantized[d]))
+              << "seq " << s << " head " << qh << " dim " << d << " (with the quantized query)";
+          const double query_error =
+              (std::exp(2 * delta_q) - 1) * max_abs_column(v_stored, sc.lens[s], head_dim, d);
+          ASSERT_NEAR(got, exact[d], 2e-5 + 2e-5 * std::fabs(exact[d]) + query_error)
               << "seq " << s << " head " << qh << " dim " << d << " (math over the stored values)";
           ASSERT_LE(std::fabs(got - ideal[d]), bound[d])
               << dtype_name(dtype) << " seq " << s << " head " << qh << " dim " << d;
@@ -191,7 +274,7 @@ void expect_decode_matches_reference(CpuIsa isa, DType dtype, uint32_t head_dim,
       }
     }
     for (uint32_t t = 0; t < sc.lens[s]; ++t) {
-      ASSERT_NEAR(mass[s * mass_stride + t], mass_ref[t], 1e-5)
+      ASSERT_NEAR(mass[s * mass_stride + t], mass_ref[t], 1e-5 + (mass_factor - 1) * mass_ref[t])
           << "mass of seq " << s << " token " << t;
     }
     for (uint32_t t = sc.lens[s]; t < mass_stride; ++t)
@@ -224,12 +307,39 @@ TEST_P(DecodeAttentionGroups, MatchesFp64Reference) {
   expect_decode_matches_reference(isa, dtype, 128, 16, gqa, group_size);
 }
 
-INSTANTIATE_TEST_SUITE_P(IntegerFormats, DecodeAttentionGroups,
-                         ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
-                                            ::testing::Values(DType::kInt8, DType::kInt4,
-                                                              DType::kInt2),
-                                            ::testing::Values(8u, 16u, 64u, 128u),
-                                            ::testing::Values(1u, 4u)));
+INSTANTIATE_TEST_SUITE_P(
+    IntegerFormats, DecodeAttentionGroups,
+    ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
+                       ::testing::Values(DType::kInt8, DType::kInt4, DType::kInt2),
+                       ::testing::Values(8u, 16u, 64u, 128u), ::testing::Values(1u, 4u)));
+
+// The quantized query's bound on the integer formats' edge cases: a query with outliers (a coarse
+// int8 step for the other elements), keys whose groups hold all-equal codes, groups smaller than
+// the kernels' 32-element steps, head_dims that are not a multiple of 32 (the generic kernel
+// then), ragged sequences.
+enum class IntCase { kNormal, kQueryOutliers, kConstantKeys };
+
+class DecodeAttentionQuantizedQuery
+    : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t, IntCase>> {};
+
+TEST_P(DecodeAttentionQuantizedQuery, StaysWithinTheStatedBound) {
+  const auto [isa, dtype, head_dim, group_param, int_case] = GetParam();
+  const uint32_t group = group_param == 0 ? head_dim : group_param;
+  if (head_dim % group != 0) GTEST_SKIP() << "group " << group << " does not divide " << head_dim;
+  expect_decode_matches_reference(
+      isa, dtype, head_dim, 16, 4, group,
+      int_case == IntCase::kQueryOutliers ? QueryShape::kOutlier : QueryShape::kNormal,
+      int_case == IntCase::kConstantKeys);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    IntegerFormats, DecodeAttentionQuantizedQuery,
+    ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
+                       ::testing::Values(DType::kInt8, DType::kInt4, DType::kInt2),
+                       ::testing::Values(64u, 80u, 96u, 128u, 256u),
+                       ::testing::Values(8u, 16u, 32u, 0u),  // 0: the whole row
+                       ::testing::Values(IntCase::kNormal, IntCase::kQueryOutliers,
+                                         IntCase::kConstantKeys)));
 
 class PrefillAttention
     : public ::testing::TestWithParam<std::tuple<CpuIsa, DType, uint32_t, uint32_t>> {};
@@ -271,8 +381,13 @@ TEST_P(PrefillAttention, CausalOverCachedPrefixAndNewTokens) {
           const std::vector<double> q(query.begin() + row * head_dim,
                                       query.begin() + (row + 1) * head_dim);
           const auto ref = testing::ref_attention(q, k.data(), v.data(), visible, head_dim, scale);
+          const double delta_q =
+              query_quantization_delta(dtype, q, k.data(), visible, head_dim, scale);
           for (uint32_t d = 0; d < head_dim; ++d) {
-            ASSERT_NEAR(out[row * head_dim + d], ref[d], 2e-5 + 2e-5 * std::fabs(ref[d]))
+            const double query_error =
+                (std::exp(2 * delta_q) - 1) * max_abs_column(v, visible, head_dim, d);
+            ASSERT_NEAR(out[row * head_dim + d], ref[d],
+                        2e-5 + 2e-5 * std::fabs(ref[d]) + query_error)
                 << "seq " << s << " query " << i << " head " << qh << " dim " << d;
           }
         }
