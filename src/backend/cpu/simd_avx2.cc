@@ -422,6 +422,23 @@ __m256 load_activation8(const uint8_t* src, DType dtype, uint32_t d) {
   }
 }
 
+// A row of hd activations as f32, the source format chosen once per row rather than per vector.
+void load_row(const uint8_t* src, DType dtype, uint32_t hd, float* row) {
+  switch (dtype) {
+    case DType::kF16:
+      for (uint32_t d = 0; d < hd; d += 8)
+        _mm256_storeu_ps(row + d, load_f16(src + 2 * d));
+      return;
+    case DType::kBF16:
+      for (uint32_t d = 0; d < hd; d += 8)
+        _mm256_storeu_ps(row + d, load_bf16(src + 2 * d));
+      return;
+    default:
+      std::memcpy(row, src, sizeof(float) * hd);
+      return;
+  }
+}
+
 float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -448,6 +465,37 @@ void store_bytes8(__m256i v, uint8_t* out) {
                                                      _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
   const uint64_t bytes = static_cast<uint64_t>(_mm256_extract_epi64(packed, 0));
   std::memcpy(out, &bytes, 8);
+}
+
+// Stores 32 codes of `bits` bits given one a byte (in order), packed as quant::encode_row packs
+// them: lowest bits first.
+void store_codes32(__m256i bytes, uint32_t bits, uint8_t* out) {
+  if (bits == 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bytes);
+    return;
+  }
+  __m256i packed;
+  if (bits == 4) {  // each 16-bit lane's two codes into its low byte
+    packed = _mm256_and_si256(_mm256_or_si256(bytes, _mm256_srli_epi16(bytes, 4)),
+                              _mm256_set1_epi16(0x00FF));
+    packed = _mm256_packus_epi16(packed, packed);
+  } else {  // each 32-bit lane's four codes into its low byte
+    packed = _mm256_or_si256(
+        _mm256_or_si256(bytes, _mm256_srli_epi32(bytes, 6)),
+        _mm256_or_si256(_mm256_srli_epi32(bytes, 12), _mm256_srli_epi32(bytes, 18)));
+    packed = _mm256_and_si256(packed, _mm256_set1_epi32(0xFF));
+    packed = _mm256_packus_epi32(packed, packed);
+    packed = _mm256_packus_epi16(packed, packed);
+  }
+  // the low 8 (4) bytes of each 128-bit lane, in order
+  const __m128i out16 = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+  if (bits == 4) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), out16);
+  } else {
+    const uint64_t raw = static_cast<uint64_t>(
+        _mm_cvtsi128_si64(_mm_unpacklo_epi32(out16, _mm_srli_si128(out16, 8))));
+    std::memcpy(out, &raw, 8);
+  }
 }
 
 // f32 -> e4m3 codes for 8 lanes, as numeric::f32_to_fp8_e4m3 (RNE, saturating to 448).
@@ -510,8 +558,7 @@ void encode_row(const PagedKvView& pool, const void* src_void, DType src_dtype, 
   }
   // Quantized formats read each element twice (range, then codes): convert the row once.
   alignas(32) float row[1024];  // head_dim <= 1024 (config limit); [0, hd) is written here
-  for (uint32_t d = 0; d < hd; d += 8)
-    _mm256_store_ps(row + d, load_activation8(src, src_dtype, d));
+  load_row(src, src_dtype, hd, row);
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC cannot see that hd >= 8
@@ -558,26 +605,23 @@ void encode_row(const PagedKvView& pool, const void* src_void, DType src_dtype, 
         scales[g] = p.scale;
         zeros[g] = static_cast<uint8_t>(p.zero);
         const __m256 inv = _mm256_set1_ps(p.inv_scale);
-        const __m256 zero = _mm256_set1_ps(static_cast<float>(p.zero));
-        const __m256 top = _mm256_set1_ps(static_cast<float>(qmax));
+        const __m256i zero = _mm256_set1_epi32(static_cast<int>(p.zero));
+        const __m256i top = _mm256_set1_epi32(static_cast<int>(qmax));
         // rint(x / scale) + zero is never below 0 (rint is odd and x >= lo); only the top clamps.
+        // The conversion rounds to nearest even (the default MXCSR mode), as rint does, and
+        // |x / scale| <= qmax keeps it in range.
         auto codes8 = [&](uint32_t d) {
           if (p.constant) return _mm256_set1_epi32(static_cast<int>(p.constant_code));
-          const __m256 v =
-              _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_load_ps(row + d), inv),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                            zero);
-          return _mm256_cvtps_epi32(_mm256_min_ps(v, top));
+          const __m256i rounded = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(row + d), inv));
+          return _mm256_min_epi32(_mm256_add_epi32(rounded, zero), top);
         };
         uint32_t d = begin;
-        if (bits == 8) {  // 32 codes per store: pack 4 vectors, then undo the per-lane order
-          for (; d + 32 <= end; d += 32) {
-            const __m256i ab = _mm256_packus_epi32(codes8(d), codes8(d + 8));
-            const __m256i cd = _mm256_packus_epi32(codes8(d + 16), codes8(d + 24));
-            const __m256i bytes = _mm256_permutevar8x32_epi32(
-                _mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + d), bytes);
-          }
+        for (; d + 32 <= end; d += 32) {  // 32 codes at a time: pack 4 vectors to bytes
+          const __m256i ab = _mm256_packus_epi32(codes8(d), codes8(d + 8));
+          const __m256i cd = _mm256_packus_epi32(codes8(d + 16), codes8(d + 24));
+          const __m256i bytes = _mm256_permutevar8x32_epi32(  // undo packus' per-lane order
+              _mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+          store_codes32(bytes, bits, codes + d * bits / 8);
         }
         for (; d < end; d += 8) {
           const __m256i q = codes8(d);
