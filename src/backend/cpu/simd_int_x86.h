@@ -2,9 +2,10 @@
 //
 // qk works in integers: the key codes against the query quantized to int8 (QueryRows), 32
 // elements at a time summed exactly in int32 by a dot-product policy (AVX2 or VNNI), then
-// q.(s*c + o) = s*(q.c) + o*sum(q) per group. Eight tokens are reduced together, so the
-// conversion to f32, the group scale's FMA and the zero points' share cost one vector operation
-// per eight tokens instead of one per token.
+// q.(s*c + o) = s*(q.c) + o*sum(q) per group. Eight tokens are reduced together, so with groups
+// of 32 or more the conversion to f32, the group scale's FMA and the zero points' share cost one
+// vector operation per eight tokens instead of one per token (smaller groups scale each token's
+// int32 lanes first).
 //
 // pv reads the codes unpacked to bytes once per chunk, so every bit width converts 8 codes with
 // two instructions, and dequantizes each with one FMA shared by the GQA group's rows.
