@@ -13,14 +13,9 @@
 namespace kvfabric {
 namespace {
 
-// Each batch's region in the staging buffer starts on this boundary (cache lines, DMA).
-constexpr uint64_t kRegionAlign = 256;
-// The staging buffer starts at, and grows in steps of, this size.
-constexpr uint64_t kStagingGranule = uint64_t{1} << 20;
-
-uint64_t align_up(uint64_t n, uint64_t a) {
-  return (n + a - 1) / a * a;
-}
+using detail::align_up;
+using detail::kStagingGranule;
+using detail::kStagingRegionAlign;
 
 class HostStagedTransport final : public HostControlledTransport {
  public:
@@ -83,7 +78,7 @@ class HostStagedTransport final : public HostControlledTransport {
     uint64_t total = 0;
     for (const std::span<const BlockBatch> list : {sends, recvs}) {
       for (const BlockBatch& batch : list) {
-        const uint64_t region = align_up(detail::batch_bytes(batch), kRegionAlign);
+        const uint64_t region = align_up(detail::batch_bytes(batch), kStagingRegionAlign);
         if (region < detail::batch_bytes(batch) || total + region < total) {
           return invalid_argument(who_ + ": the exchange's blocks overflow 64 bits of staging");
         }
@@ -101,7 +96,7 @@ class HostStagedTransport final : public HostControlledTransport {
     for (size_t i = 0; i < blocks.size(); ++i)
       blocks[i] = region + i * batch.block_bytes;
     staged = BlockBatch{batch.peer, blocks, batch.block_bytes};
-    return region + align_up(detail::batch_bytes(batch), kRegionAlign);
+    return region + align_up(detail::batch_bytes(batch), kStagingRegionAlign);
   }
 
   // Copies batch `index` between its blocks and their staged copies (into the staging buffer

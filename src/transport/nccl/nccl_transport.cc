@@ -20,14 +20,9 @@
 namespace kvfabric {
 namespace {
 
-// Each batch's region in a staging buffer starts on this boundary.
-constexpr uint64_t kRegionAlign = 256;
-// Staging buffers grow in steps of this size.
-constexpr uint64_t kStagingGranule = uint64_t{1} << 20;
-
-uint64_t align_up(uint64_t n, uint64_t a) {
-  return (n + a - 1) / a * a;
-}
+using detail::align_up;
+using detail::kStagingGranule;
+using detail::kStagingRegionAlign;
 
 // FNV-1a of the host name: ranks with equal hashes share a host (and its GPUs).
 uint64_t host_hash() {
@@ -120,13 +115,13 @@ class NcclTransport final : public HostControlledTransport {
     uint64_t send_max = 0, recv_max = 0;
     for (size_t i = 0; i < sends.size(); ++i) {
       send_at[i] = send_total;
-      send_total += align_up(detail::batch_bytes(sends[i]), kRegionAlign);
+      send_total += align_up(detail::batch_bytes(sends[i]), kStagingRegionAlign);
       send_blocks += sends[i].blocks.size();
       if (!sends[i].blocks.empty()) send_max = std::max(send_max, sends[i].block_bytes);
     }
     for (size_t i = 0; i < recvs.size(); ++i) {
       recv_at[i] = recv_total;
-      recv_total += align_up(detail::batch_bytes(recvs[i]), kRegionAlign);
+      recv_total += align_up(detail::batch_bytes(recvs[i]), kStagingRegionAlign);
       recv_blocks += recvs[i].blocks.size();
       if (!recvs[i].blocks.empty()) recv_max = std::max(recv_max, recvs[i].block_bytes);
     }
