@@ -3,6 +3,7 @@ the environment, the Slurm script, and the errors that stop a job before it star
 
 import os
 import shlex
+import socket
 
 import pytest
 
@@ -248,3 +249,11 @@ def test_the_run_folder_keeps_the_forwarded_values_and_slurm_keeps_its_gpu_mask(
     script = (run_dir / "job.sbatch").read_text()
     assert "export NCCL_DEBUG=INFO\n" in script
     assert "CUDA_VISIBLE_DEVICES=" not in script
+
+
+def test_two_names_of_this_machine_are_refused(cluster, config, tmp_path):
+    result = cluster("--hosts", f"localhost:2,{socket.gethostname()}:2", "--config", str(config),
+                     "--dry-run", "--", "serve")
+    assert result.returncode == 2
+    assert f"hosts localhost, {socket.gethostname()} all name this machine" in result.stderr
+
