@@ -182,8 +182,8 @@ void qk_rows(const PagedKvView& pool, const ChunkReader<D>& keys, uint32_t n, co
   }
 }
 
-// acc[r][d] += sum_t p[r][t] * V[t][d] for R rows, 16 dimensions at a time kept in registers.
-// fp8 moves each token's row scale into its weights first (`weights` holds R * n floats).
+// pv_accumulate16 over a float format's values. fp8 moves each token's row scale into its
+// weights first (`weights` holds R * n floats).
 template <DType D, uint32_t R>
 void pv_rows(const PagedKvView& pool, const ChunkReader<D>& values, uint32_t n, const float* p,
              uint32_t p_stride, float* acc, float* weights) {
@@ -196,26 +196,9 @@ void pv_rows(const PagedKvView& pool, const ChunkReader<D>& values, uint32_t n, 
     p = weights;
     p_stride = n;
   }
-  for (uint32_t d = 0; d < hd; d += 16) {
-    __m256 a[R][2];
-    for (uint32_t j = 0; j < R; ++j) {
-      a[j][0] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d);
-      a[j][1] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d + 8);
-    }
-    for (uint32_t t = 0; t < n; ++t) {
-      __m256 v0, v1;
-      values.load16(t, d, v0, v1);
-      for (uint32_t j = 0; j < R; ++j) {
-        const __m256 w = _mm256_broadcast_ss(p + uint64_t{j} * p_stride + t);
-        a[j][0] = _mm256_fmadd_ps(w, v0, a[j][0]);
-        a[j][1] = _mm256_fmadd_ps(w, v1, a[j][1]);
-      }
-    }
-    for (uint32_t j = 0; j < R; ++j) {
-      _mm256_storeu_ps(acc + uint64_t{j} * hd + d, a[j][0]);
-      _mm256_storeu_ps(acc + uint64_t{j} * hd + d + 8, a[j][1]);
-    }
-  }
+  pv_accumulate16<R>(hd, n, p, p_stride, acc, [&](uint32_t d) {
+    return [&values, d](uint32_t t, __m256& v0, __m256& v1) { values.load16(t, d, v0, v1); };
+  });
 }
 
 // Splits `rows` into passes of 4/2/1 rows with register accumulators. pv's `scratch`

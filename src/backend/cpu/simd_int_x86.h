@@ -129,6 +129,22 @@ uint32_t round_up(uint32_t x, uint32_t m) {
   return (x + m - 1) / m * m;
 }
 
+// offsets[i] = -(zero * scale) of the first `count` group records of `tile`: a code then
+// dequantizes with one FMA, code * scale + offset.
+void store_group_offsets(const TileRef& tile, uint32_t count, float* offsets) {
+  uint32_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    uint64_t raw;
+    std::memcpy(&raw, tile.zeros + i, 8);
+    const __m256 zero =
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
+    _mm256_storeu_ps(offsets + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), zero),
+                                                _mm256_loadu_ps(tile.scales + i)));
+  }
+  for (; i < count; ++i)
+    offsets[i] = -static_cast<float>(tile.zeros[i]) * tile.scales[i];
+}
+
 // A chunk's per-(token, group) scales and biases, -(scale * zero), transposed to
 // [group][token] so that eight tokens' records load as one vector; tokens are padded to a
 // multiple of 8 by repeating the last.
@@ -142,17 +158,7 @@ struct GroupRecords {
                            float* scratch) {
     const uint32_t gpr = pool.groups_per_row, padded_n = round_up(n, 8), count = n * gpr;
     float* bias_by_token = scratch;  // [token][group]
-    uint32_t i = 0;
-    for (; i + 8 <= count; i += 8) {
-      uint64_t raw;
-      std::memcpy(&raw, tile.zeros + i, 8);
-      const __m256 zero =
-          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
-      _mm256_storeu_ps(bias_by_token + i, _mm256_mul_ps(_mm256_loadu_ps(tile.scales + i),
-                                                        _mm256_sub_ps(_mm256_setzero_ps(), zero)));
-    }
-    for (; i < count; ++i)
-      bias_by_token[i] = -tile.scales[i] * static_cast<float>(tile.zeros[i]);
+    store_group_offsets(tile, count, bias_by_token);
     float* scales = scratch + uint64_t{padded_n} * gpr;
     float* bias = scales + uint64_t{padded_n} * gpr;
     for (uint32_t g = 0; g < gpr; ++g) {  // gathers measured slower than this
@@ -305,32 +311,22 @@ __m256 load_codes8(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
 }
 
-// acc[r][d] += sum_t p[r][t] * V[t][d] for R rows, 16 dimensions at a time kept in registers:
-// each code is converted to f32 once and dequantized with one FMA (code * scale + offset, offset
-// = -(zero * scale) from `offsets`), then used by every row. One rounding more than
-// quant::decode_row's exact form, far below the formats' own error.
-template <uint32_t R>
-void pv_int_rows(const PagedKvView& pool, const uint8_t* codes, const float* scales,
-                 const float* offsets, uint32_t n, const float* p, uint32_t p_stride, float* acc) {
-  const uint32_t hd = pool.head_dim, gpr = pool.groups_per_row;
-  const uint32_t group_shift = static_cast<uint32_t>(__builtin_ctz(pool.group_size));
+// acc[r][d] += sum_t p[r][t] * V[t][d] for R rows, 16 dimensions at a time kept in registers.
+// `column(d)` returns the reader of dimensions [d, d + 16): read(t, v0, v1) gives token t's 16
+// values as f32, however the format stores them. Shared by every format's pv.
+template <uint32_t R, class Column>
+void pv_accumulate16(uint32_t hd, uint32_t n, const float* p, uint32_t p_stride, float* acc,
+                     Column column) {
   for (uint32_t d = 0; d < hd; d += 16) {
-    const uint32_t g0 = d >> group_shift, g1 = (d + 8) >> group_shift;
+    const auto read = column(d);
     __m256 a[R][2];
     for (uint32_t j = 0; j < R; ++j) {
       a[j][0] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d);
       a[j][1] = _mm256_loadu_ps(acc + uint64_t{j} * hd + d + 8);
     }
     for (uint32_t t = 0; t < n; ++t) {
-      const uint8_t* row = codes + uint64_t{t} * hd + d;
-      const uint64_t record = uint64_t{t} * gpr;
-      const __m256 scale0 = _mm256_broadcast_ss(scales + record + g0);
-      const __m256 offset0 = _mm256_broadcast_ss(offsets + record + g0);
-      const __m256 v0 = _mm256_fmadd_ps(load_codes8(row), scale0, offset0);
-      const __m256 v1 = g1 == g0 ? _mm256_fmadd_ps(load_codes8(row + 8), scale0, offset0)
-                                 : _mm256_fmadd_ps(load_codes8(row + 8),
-                                                   _mm256_broadcast_ss(scales + record + g1),
-                                                   _mm256_broadcast_ss(offsets + record + g1));
+      __m256 v0, v1;
+      read(t, v0, v1);
       for (uint32_t j = 0; j < R; ++j) {
         const __m256 w = _mm256_broadcast_ss(p + uint64_t{j} * p_stride + t);
         a[j][0] = _mm256_fmadd_ps(w, v0, a[j][0]);
@@ -344,6 +340,31 @@ void pv_int_rows(const PagedKvView& pool, const uint8_t* codes, const float* sca
   }
 }
 
+// pv_accumulate16 over unpacked integer codes: each code is converted to f32 once and
+// dequantized with one FMA (code * scale + offset, offset = -(zero * scale) from `offsets`), then
+// used by every row. One rounding more than quant::decode_row's exact form, far below the
+// formats' own error.
+template <uint32_t R>
+void pv_int_rows(const PagedKvView& pool, const uint8_t* codes, const float* scales,
+                 const float* offsets, uint32_t n, const float* p, uint32_t p_stride, float* acc) {
+  const uint32_t hd = pool.head_dim, gpr = pool.groups_per_row;
+  const uint32_t group_shift = static_cast<uint32_t>(__builtin_ctz(pool.group_size));
+  pv_accumulate16<R>(hd, n, p, p_stride, acc, [&](uint32_t d) {
+    const uint32_t g0 = d >> group_shift, g1 = (d + 8) >> group_shift;
+    return [=](uint32_t t, __m256& v0, __m256& v1) {
+      const uint8_t* row = codes + uint64_t{t} * hd + d;
+      const uint64_t record = uint64_t{t} * gpr;
+      const __m256 scale0 = _mm256_broadcast_ss(scales + record + g0);
+      const __m256 offset0 = _mm256_broadcast_ss(offsets + record + g0);
+      v0 = _mm256_fmadd_ps(load_codes8(row), scale0, offset0);
+      v1 = g1 == g0 ? _mm256_fmadd_ps(load_codes8(row + 8), scale0, offset0)
+                    : _mm256_fmadd_ps(load_codes8(row + 8),
+                                      _mm256_broadcast_ss(scales + record + g1),
+                                      _mm256_broadcast_ss(offsets + record + g1));
+    };
+  });
+}
+
 // pv of an integer format in passes of 4/2/1 rows. `scratch` (kMaxChunkRows * head_dim floats)
 // holds the unpacked codes and the offsets.
 template <uint32_t Bits>
@@ -352,17 +373,7 @@ void pv_int(const PagedKvView& pool, const TileRef& values, uint32_t n, const fl
   const uint32_t hd = pool.head_dim, count = n * pool.groups_per_row;
   const uint8_t* codes = chunk_codes<Bits>(pool, values, n, reinterpret_cast<uint8_t*>(scratch));
   float* offsets = scratch + uint64_t{n} * hd / 4;
-  uint32_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    uint64_t raw;
-    std::memcpy(&raw, values.zeros + i, 8);
-    const __m256 zero =
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw))));
-    _mm256_storeu_ps(offsets + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), zero),
-                                                _mm256_loadu_ps(values.scales + i)));
-  }
-  for (; i < count; ++i)
-    offsets[i] = -static_cast<float>(values.zeros[i]) * values.scales[i];
+  store_group_offsets(values, count, offsets);
   uint32_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     pv_int_rows<4>(pool, codes, values.scales, offsets, n, p + uint64_t{r} * p_stride, p_stride,
