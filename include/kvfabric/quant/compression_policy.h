@@ -1,0 +1,69 @@
+// A sequence's token-compression policy in a coordinated job (DESIGN.md §5): which rule picks the
+// tokens its cache keeps, how many, and how often the coordinator compacts it.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvfabric/common/status.h"
+
+namespace kvfabric::quant {
+
+//! \brief What admit() is asked to compress a sequence's KV with (AdmitOptions::compression).
+//!
+//! - `streaming` (StreamingLLM): the first `sink_tokens` and the newest tokens, every
+//!   `interval_steps`; needs no scores.
+//! - `h2o`: the newest `recent_tokens` and the heaviest older ones by accumulated attention mass
+//!   (every shard's decode mass, summed over the replica's shards), every `interval_steps`.
+//! - `snapkv`: once, after the prompt is computed: the prompt's last `window_tokens` (the
+//!   observation window) and the older prompt tokens with the most pooled votes from that window
+//!   (quant::snapkv_scores, summed over shards). Tokens decoded after the prompt are all kept.
+//!
+//! The budget is `budget_tokens`, or `budget_ratio` of the prompt's length (rounded up); exactly
+//! one of them is set. Tokens whose K/V the next forward pass has yet to compute are always kept.
+struct CompressionPolicy {
+  enum class Kind : uint8_t { kStreaming, kH2o, kSnapKv };
+  Kind kind = Kind::kH2o;
+  uint64_t budget_tokens = 0;
+  double budget_ratio = 0;
+  uint32_t interval_steps = 1;   //!< streaming, h2o: steps between compactions (>= 1)
+  uint64_t sink_tokens = 4;      //!< streaming: leading tokens always kept
+  uint64_t recent_tokens = 0;    //!< h2o: newest tokens always kept (<= budget); 0 = budget / 2
+  uint64_t window_tokens = 32;   //!< snapkv: the observation window (>= 1, <= budget)
+
+  //! Whether the coordinator needs the sequence's attention scores to compact it.
+  [[nodiscard]] bool needs_scores() const { return kind != Kind::kStreaming; }
+
+  friend bool operator==(const CompressionPolicy&, const CompressionPolicy&) = default;
+};
+
+//! "streaming", "h2o", "snapkv".
+std::string_view to_string(CompressionPolicy::Kind kind);
+//! The kind named `name`; InvalidArgument naming the accepted names otherwise (and, for
+//! "pyramid", why a coordinated job does not offer it).
+Result<CompressionPolicy::Kind> parse_compression_kind(std::string_view name);
+
+//! The checks admit() makes: exactly one of budget_tokens and budget_ratio (a ratio in (0, 1]),
+//! interval_steps >= 1, recent_tokens and window_tokens within the budget, window_tokens >= 1.
+//! Errors name the field ("compression.budget_ratio ...").
+Status validate(const CompressionPolicy& policy);
+
+//! The budget in tokens for a prompt of `prompt_tokens`: budget_tokens, or
+//! ceil(budget_ratio * prompt_tokens) (at least 1). For snapkv at least window_tokens.
+uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens);
+
+//! \brief What a compaction keeps of a sequence (ascending positions), or all `num_tokens` of
+//! them when compacting would not drop any.
+//!
+//! Positions at or past `computed_tokens` are always kept (their K/V is not computed yet), and
+//! so are positions the scores do not cover (`scores` covers [0, scores.size())). For snapkv,
+//! `prompt_tokens` is the prompt's length (the observation window ends there, and decoded tokens
+//! after it stay); for streaming the scores are ignored. Deterministic: ties keep the newer token.
+std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
+                                       size_t num_tokens, size_t computed_tokens,
+                                       size_t prompt_tokens, std::span<const double> scores);
+
+}  // namespace kvfabric::quant

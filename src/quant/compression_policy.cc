@@ -1,0 +1,153 @@
+#include "kvfabric/quant/compression_policy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "kvfabric/quant/token_selection.h"
+
+namespace kvfabric::quant {
+namespace {
+
+// [from, to) appended to `kept`.
+void keep_range(std::vector<size_t>& kept, size_t from, size_t to) {
+  for (size_t i = from; i < to; ++i) kept.push_back(i);
+}
+
+std::vector<size_t> all_tokens(size_t n) {
+  std::vector<size_t> kept(n);
+  std::iota(kept.begin(), kept.end(), size_t{0});
+  return kept;
+}
+
+// The heaviest of the scored candidates [0, scored) (the newest `recent` of them always), then
+// every position from `scored` to `n`, kept whatever the budget: so `budget` counts them first.
+std::vector<size_t> heaviest_then_rest(std::span<const double> scores, size_t scored, size_t n,
+                                       uint64_t budget, uint64_t recent) {
+  const size_t rest = n - scored;
+  const size_t heavy_budget = budget > rest ? static_cast<size_t>(budget - rest) : 0;
+  const size_t recent_left = recent > rest ? static_cast<size_t>(recent - rest) : 0;
+  std::vector<size_t> kept =
+      select_heavy_hitters(scores.first(scored), heavy_budget, std::min(recent_left, heavy_budget));
+  keep_range(kept, scored, n);
+  return kept;
+}
+
+std::string field(std::string_view name) { return "compression." + std::string(name); }
+
+}  // namespace
+
+std::string_view to_string(CompressionPolicy::Kind kind) {
+  switch (kind) {
+    case CompressionPolicy::Kind::kStreaming:
+      return "streaming";
+    case CompressionPolicy::Kind::kH2o:
+      return "h2o";
+    case CompressionPolicy::Kind::kSnapKv:
+      return "snapkv";
+  }
+  return "unknown";
+}
+
+Result<CompressionPolicy::Kind> parse_compression_kind(std::string_view name) {
+  if (name == "streaming") return CompressionPolicy::Kind::kStreaming;
+  if (name == "h2o") return CompressionPolicy::Kind::kH2o;
+  if (name == "snapkv") return CompressionPolicy::Kind::kSnapKv;
+  if (name == "pyramid") {
+    return invalid_argument(
+        "compression.policy 'pyramid' is not offered in a coordinated job: its budgets differ per "
+        "layer group, and step plans carry one block table per sequence (quant::"
+        "pyramid_layer_budgets serves a single-process cache)");
+  }
+  return invalid_argument("compression.policy '" + std::string(name) +
+                          "' is unknown; expected streaming, h2o or snapkv");
+}
+
+Status validate(const CompressionPolicy& p) {
+  const bool has_tokens = p.budget_tokens != 0;
+  const bool has_ratio = p.budget_ratio != 0;
+  if (has_tokens == has_ratio) {
+    return invalid_argument(field("budget_tokens") + " and " + field("budget_ratio") +
+                            ": set exactly one (" + std::to_string(p.budget_tokens) + " and " +
+                            std::to_string(p.budget_ratio) + " given)");
+  }
+  if (has_ratio && !(std::isfinite(p.budget_ratio) && p.budget_ratio > 0 && p.budget_ratio <= 1)) {
+    return invalid_argument(field("budget_ratio") + " " + std::to_string(p.budget_ratio) +
+                            " must be in (0, 1] (the share of the prompt kept)");
+  }
+  if (p.interval_steps == 0) {
+    return invalid_argument(field("interval_steps") + " must be >= 1 (steps between compactions)");
+  }
+  switch (p.kind) {
+    case CompressionPolicy::Kind::kStreaming:
+      break;
+    case CompressionPolicy::Kind::kH2o:
+      if (has_tokens && p.recent_tokens > p.budget_tokens) {
+        return invalid_argument(field("recent_tokens") + " " + std::to_string(p.recent_tokens) +
+                                " exceeds " + field("budget_tokens") + " " +
+                                std::to_string(p.budget_tokens));
+      }
+      break;
+    case CompressionPolicy::Kind::kSnapKv:
+      if (p.window_tokens == 0) {
+        return invalid_argument(field("window_tokens") +
+                                " must be >= 1 (the prompt's last queries vote)");
+      }
+      if (has_tokens && p.window_tokens > p.budget_tokens) {
+        return invalid_argument(field("window_tokens") + " " + std::to_string(p.window_tokens) +
+                                " exceeds " + field("budget_tokens") + " " +
+                                std::to_string(p.budget_tokens) +
+                                " (the observation window is kept whole)");
+      }
+      break;
+  }
+  return ok_status();
+}
+
+uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens) {
+  uint64_t budget = policy.budget_tokens;
+  if (budget == 0) {
+    budget = static_cast<uint64_t>(std::ceil(policy.budget_ratio * static_cast<double>(prompt_tokens)));
+    budget = std::max<uint64_t>(budget, 1);
+  }
+  if (policy.kind == CompressionPolicy::Kind::kSnapKv) budget = std::max(budget, policy.window_tokens);
+  return budget;
+}
+
+std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
+                                       size_t num_tokens, size_t computed_tokens,
+                                       size_t prompt_tokens, std::span<const double> scores) {
+  const size_t n = num_tokens;
+  const size_t computed = std::min(computed_tokens, n);
+  switch (policy.kind) {
+    case CompressionPolicy::Kind::kStreaming: {
+      if (n <= budget) return all_tokens(n);
+      const size_t sink = static_cast<size_t>(std::min<uint64_t>(policy.sink_tokens, budget));
+      // The newest budget - sink tokens, reaching back over any uncomputed ones.
+      const size_t window_from = std::min(n - (static_cast<size_t>(budget) - sink), computed);
+      if (window_from <= sink) return all_tokens(n);
+      std::vector<size_t> kept;
+      keep_range(kept, 0, sink);
+      keep_range(kept, window_from, n);
+      return kept;
+    }
+    case CompressionPolicy::Kind::kH2o: {
+      if (n <= budget) return all_tokens(n);
+      const uint64_t recent = policy.recent_tokens != 0 ? policy.recent_tokens : budget / 2;
+      return heaviest_then_rest(scores, std::min(scores.size(), computed), n, budget, recent);
+    }
+    case CompressionPolicy::Kind::kSnapKv: {
+      const size_t prompt = std::min(prompt_tokens, computed);
+      if (prompt <= budget) return all_tokens(n);
+      // Budget the prompt; everything decoded after it stays.
+      const size_t voters_from = prompt - static_cast<size_t>(std::min<uint64_t>(policy.window_tokens, prompt));
+      const size_t scored = std::min(scores.size(), voters_from);
+      std::vector<size_t> kept = heaviest_then_rest(scores, scored, prompt, budget, 0);
+      keep_range(kept, prompt, n);
+      return kept;
+    }
+  }
+  return all_tokens(n);
+}
+
+}  // namespace kvfabric::quant

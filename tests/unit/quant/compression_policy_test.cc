@@ -1,0 +1,106 @@
+#include "kvfabric/quant/compression_policy.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+namespace kvfabric::quant {
+namespace {
+
+using Kind = CompressionPolicy::Kind;
+using ::testing::ElementsAre;
+
+std::vector<size_t> range(size_t from, size_t to) {
+  std::vector<size_t> r(to - from);
+  std::iota(r.begin(), r.end(), from);
+  return r;
+}
+
+std::vector<size_t> join(std::vector<size_t> a, const std::vector<size_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+CompressionPolicy policy(Kind kind, uint64_t budget) {
+  CompressionPolicy p;
+  p.kind = kind;
+  p.budget_tokens = budget;
+  return p;
+}
+
+TEST(CompressionPolicyTest, TheBudgetIsTokensOrAShareOfThePrompt) {
+  CompressionPolicy p = policy(Kind::kH2o, 0);
+  p.budget_ratio = 0.3;
+  EXPECT_EQ(budget_for(p, 100), 30u);
+  EXPECT_EQ(budget_for(p, 101), 31u);  // rounded up
+  EXPECT_EQ(budget_for(p, 1), 1u);
+  p.kind = Kind::kSnapKv;
+  p.window_tokens = 32;
+  EXPECT_EQ(budget_for(p, 50), 32u);  // the observation window always fits
+  EXPECT_EQ(budget_for(policy(Kind::kStreaming, 64), 1000), 64u);
+}
+
+TEST(CompressionPolicyTest, StreamingKeepsSinksAndTheNewestTokensAndAnyUncomputedOnes) {
+  CompressionPolicy p = policy(Kind::kStreaming, 10);
+  p.sink_tokens = 2;
+  EXPECT_EQ(select_kept_tokens(p, 10, 30, 30, 20, {}), join(range(0, 2), range(22, 30)));
+  EXPECT_EQ(select_kept_tokens(p, 10, 10, 10, 10, {}), range(0, 10));  // nothing to drop
+  // Twelve tokens not computed yet: all stay, past the budget.
+  EXPECT_EQ(select_kept_tokens(p, 10, 30, 18, 20, {}), join(range(0, 2), range(18, 30)));
+  // A sink as large as the budget keeps the sink.
+  p.sink_tokens = 20;
+  EXPECT_EQ(select_kept_tokens(p, 10, 30, 30, 20, {}), range(0, 10));
+}
+
+TEST(CompressionPolicyTest, H2oKeepsTheRecentWindowAndTheHeaviestScoredTokens) {
+  CompressionPolicy p = policy(Kind::kH2o, 6);
+  p.recent_tokens = 2;
+  std::vector<double> scores(20, 0.0);
+  scores[3] = 5;
+  scores[9] = 4;
+  scores[12] = 3;
+  scores[15] = 2;
+  EXPECT_THAT(select_kept_tokens(p, 6, 20, 20, 20, scores), ElementsAre(3, 9, 12, 15, 18, 19));
+  // Scores that stop short: the unscored tokens count as recent and stay.
+  EXPECT_THAT(select_kept_tokens(p, 6, 20, 20, 20, std::span(scores).first(17)),
+              ElementsAre(3, 9, 12, 17, 18, 19));
+  // Ties keep the newer token; without scores nothing can be judged, and nothing is dropped.
+  EXPECT_EQ(select_kept_tokens(p, 6, 20, 20, 20, std::vector<double>(20, 1.0)), range(14, 20));
+  EXPECT_EQ(select_kept_tokens(p, 6, 20, 20, 20, {}), range(0, 20));
+  // recent 0 means half the budget.
+  p.recent_tokens = 0;
+  EXPECT_THAT(select_kept_tokens(p, 6, 20, 20, 20, scores), ElementsAre(3, 9, 12, 17, 18, 19));
+}
+
+TEST(CompressionPolicyTest, SnapKvBudgetsThePromptAndKeepsItsWindowAndDecodedTokens) {
+  CompressionPolicy p = policy(Kind::kSnapKv, 6);
+  p.window_tokens = 3;
+  std::vector<double> votes(17, 0.0);  // the prompt's 20 tokens before its window of 3
+  votes[2] = 9;
+  votes[11] = 8;
+  votes[16] = 7;
+  // 25 tokens: the prompt of 20 and 5 decoded.
+  EXPECT_EQ(select_kept_tokens(p, 6, 25, 25, 20, votes),
+            join({2, 11, 16}, range(17, 25)));
+  // A prompt within the budget keeps everything.
+  EXPECT_EQ(select_kept_tokens(p, 6, 9, 9, 6, votes), range(0, 9));
+}
+
+TEST(CompressionPolicyTest, ValidationNamesTheField) {
+  CompressionPolicy p = policy(Kind::kH2o, 8);
+  EXPECT_TRUE(validate(p).ok());
+  p.budget_ratio = 0.5;
+  EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("set exactly one"));
+  p.budget_tokens = 0;
+  p.budget_ratio = std::nan("");
+  EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("compression.budget_ratio"));
+  p = policy(Kind::kSnapKv, 8);
+  p.window_tokens = 0;
+  EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("compression.window_tokens"));
+  EXPECT_EQ(parse_compression_kind("h2o").value(), Kind::kH2o);
+  EXPECT_EQ(to_string(Kind::kSnapKv), "snapkv");
+}
+
+}  // namespace
+}  // namespace kvfabric::quant
