@@ -9,7 +9,8 @@ namespace kvfabric {
 namespace {
 
 constexpr uint32_t kMagic = 0x4B564650;  // "KVFP"
-constexpr uint32_t kVersion = 4;  // 3: tables carry computed_tokens; 4: and what changed only
+// 3: tables carry computed_tokens; 4: and what changed only; 5: compactions and score requests
+constexpr uint32_t kVersion = 5;
 
 class Writer {
  public:
@@ -119,6 +120,22 @@ std::vector<uint8_t> StepPlan::serialize() const {
     w.u64(ids->size());
     for (SeqId s : *ids) w.seq(s);
   }
+  w.u64(compactions.size());
+  for (const Compaction& c : compactions) {
+    w.seq(c.seq);
+    w.u32(c.replica);
+    w.u64(c.tokens_before);
+    w.u64(c.kept.size());
+    for (const TokenRange& range : c.kept) {
+      w.u64(range.first);
+      w.u64(range.count);
+    }
+  }
+  w.u64(score_requests.size());
+  for (const ScoreRequest& request : score_requests) {
+    w.seq(request.seq);
+    w.u32(request.replica);
+  }
   return w.take();
 }
 
@@ -152,6 +169,32 @@ bool read_op(Reader& r, StepPlan::Op& op) {
     r.fail(Status(ErrorCode::kParseError, "step plan op of replica " + std::to_string(op.replica) +
                                               " names a destination replica; only migrations do"));
     return false;
+  }
+  return true;
+}
+
+// The kept ranges must be what a compaction can mean: non-empty, ascending, disjoint, inside
+// the sequence.
+bool read_compaction(Reader& r, StepPlan::Compaction& c) {
+  uint64_t ranges = 0;
+  if (!r.get(c.seq.value, "compactions") || !r.get(c.replica, "compactions") ||
+      !r.get(c.tokens_before, "compactions") || !r.count(ranges, 16, "kept ranges")) {
+    return false;
+  }
+  c.kept.resize(ranges);
+  uint64_t next_free = 0;
+  for (StepPlan::TokenRange& range : c.kept) {
+    if (!r.get(range.first, "kept ranges") || !r.get(range.count, "kept ranges")) return false;
+    if (range.count == 0 || range.first < next_free || range.first > c.tokens_before ||
+        range.count > c.tokens_before - range.first) {
+      r.fail(Status(ErrorCode::kParseError,
+                    "step plan compaction of " + to_string(c.seq) + " keeps [" +
+                        std::to_string(range.first) + ", +" + std::to_string(range.count) +
+                        ") of " + std::to_string(c.tokens_before) +
+                        " tokens; ranges must be non-empty, ascending, disjoint and inside"));
+      return false;
+    }
+    next_free = range.first + range.count;
   }
   return true;
 }
@@ -207,9 +250,30 @@ Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
       if (!r.get(s.value, "sequence ids")) break;
     }
   }
+  if (r.count(n, 28, "compactions")) {
+    plan.compactions.resize(n);
+    for (auto& c : plan.compactions) {
+      if (!read_compaction(r, c)) break;
+    }
+  }
+  if (r.count(n, 12, "score requests")) {
+    plan.score_requests.resize(n);
+    for (auto& request : plan.score_requests) {
+      if (!r.get(request.seq.value, "score requests") ||
+          !r.get(request.replica, "score requests")) {
+        break;
+      }
+    }
+  }
   if (!r.status().ok()) return r.status();
   if (!r.done()) return Status(ErrorCode::kParseError, "step plan has trailing bytes");
   return plan;
+}
+
+uint64_t StepPlan::Compaction::tokens_after() const {
+  uint64_t total = 0;
+  for (const TokenRange& range : kept) total += range.count;
+  return total;
 }
 
 Status apply_table_change(std::vector<BlockId>& table, const StepPlan::Table& change) {

@@ -16,7 +16,8 @@ namespace kvfabric {
 //! every rank before the forward pass. All shards of a replica run the ops of their replica; a
 //! migration runs between shard s of one replica and shard s of another. Block ids are per
 //! replica (every shard of a replica uses the same id for the same logical block); there is one
-//! layer group.
+//! layer group. Token compression adds compactions (copies, then renumbered tables) and requests
+//! for the attention scores the next compaction needs.
 //!
 //! `ops` are in the order the coordinator decided them, and that order is their meaning: a block
 //! freed by one op may be reused by a later one in the same step (a swapped-out sequence's blocks
@@ -71,14 +72,45 @@ struct StepPlan {
     friend bool operator==(const Table&, const Table&) = default;
   };
 
+  //! Positions [first, first + count) of a sequence.
+  struct TokenRange {
+    uint64_t first = 0;
+    uint64_t count = 0;
+    friend bool operator==(const TokenRange&, const TokenRange&) = default;
+  };
+  //! A sequence the coordinator compacted in this step (token compression): the plan's copies
+  //! moved the tokens it keeps, and its table (listed too) holds them. `kept` are the positions
+  //! (numbered before the compaction, ascending, disjoint) that stay, in order: the i-th kept
+  //! token is now at position i. The engine renumbers what it keeps per token (its positions,
+  //! the ranks' attention scores) the same way.
+  struct Compaction {
+    SeqId seq;
+    uint32_t replica = 0;
+    uint64_t tokens_before = 0;
+    std::vector<TokenRange> kept;
+    [[nodiscard]] uint64_t tokens_after() const;
+    friend bool operator==(const Compaction&, const Compaction&) = default;
+  };
+  //! A sequence whose attention scores the coordinator needs to compact it: after running this
+  //! plan, every shard of `replica` sends its accumulated scores of `seq` with its report
+  //! (RankCache::accumulate_attention), and the root sums them.
+  struct ScoreRequest {
+    SeqId seq;
+    uint32_t replica = 0;
+    friend bool operator==(const ScoreRequest&, const ScoreRequest&) = default;
+  };
+
   uint64_t step = 0;
   std::vector<Op> ops;
   std::vector<Table> tables;
   std::vector<SeqId> released;   //!< sequences whose tables are gone (freed, swapped, preempted)
   std::vector<SeqId> preempted;  //!< released sequences the engine must recompute from scratch
+  std::vector<Compaction> compactions;
+  std::vector<ScoreRequest> score_requests;
 
   [[nodiscard]] bool empty() const {
-    return ops.empty() && tables.empty() && released.empty() && preempted.empty();
+    return ops.empty() && tables.empty() && released.empty() && preempted.empty() &&
+           compactions.empty() && score_requests.empty();
   }
   [[nodiscard]] size_t count(OpKind kind) const;
 

@@ -25,6 +25,8 @@ StepPlan sample_plan() {
                  {SeqId{5}, 2, 40, 39, 2, {BlockId{11}}}};
   plan.released = {SeqId{2}, SeqId{11}};
   plan.preempted = {SeqId{11}};
+  plan.compactions = {{SeqId{4}, 1, 60, {{0, 4}, {31, 29}}}};
+  plan.score_requests = {{SeqId{5}, 2}, {SeqId{4}, 1}};
   return plan;
 }
 
@@ -39,6 +41,22 @@ TEST(StepPlanTest, SerializeRoundTripsEveryField) {
   const auto empty = StepPlan::deserialize(StepPlan{}.serialize());
   ASSERT_TRUE(empty.ok());
   EXPECT_TRUE(empty->empty());
+}
+
+TEST(StepPlanTest, ACompactionKeepsOnlyRangesItCanMean) {
+  EXPECT_EQ(sample_plan().compactions[0].tokens_after(), 33u);
+  const auto refused_with = [](std::vector<StepPlan::TokenRange> kept) {
+    StepPlan plan;
+    plan.compactions = {{SeqId{3}, 0, 50, std::move(kept)}};
+    return StepPlan::deserialize(plan.serialize()).status();
+  };
+  EXPECT_TRUE(refused_with({{0, 10}, {20, 30}}).ok());
+  for (const auto& kept : std::vector<std::vector<StepPlan::TokenRange>>{
+           {{0, 0}}, {{10, 5}, {12, 3}}, {{20, 5}, {10, 5}}, {{40, 11}}, {{51, 1}}}) {
+    const Status refused = refused_with(kept);
+    EXPECT_EQ(refused.code(), ErrorCode::kParseError);
+    EXPECT_THAT(refused.message(), HasSubstr("compaction of S3"));
+  }
 }
 
 TEST(StepPlanTest, ATableChangeContinuesTheTableItFollows) {
