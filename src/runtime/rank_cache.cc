@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <set>
 #include <sstream>
@@ -140,7 +141,85 @@ Status RankCache::validate(const StepPlan& plan) const {
                               std::to_string(blocks));
     }
   }
+  return validate_compression(plan);
+}
+
+Status RankCache::validate_compression(const StepPlan& plan) const {
+  const auto bad = [&](const std::string& what) {
+    return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": " + what);
+  };
+  for (const auto& c : plan.compactions) {
+    if (c.replica >= layout_.dp) {
+      return bad("compaction of " + to_string(c.seq) + " on replica " +
+                 std::to_string(c.replica) + " of " + std::to_string(layout_.dp));
+    }
+    // Its table, listed in the same plan, holds what it keeps.
+    const auto table = std::find_if(plan.tables.begin(), plan.tables.end(),
+                                    [&](const StepPlan::Table& t) { return t.seq == c.seq; });
+    if (table == plan.tables.end() || table->replica != c.replica ||
+        table->num_tokens != c.tokens_after()) {
+      return bad("compaction of " + to_string(c.seq) + " keeps " +
+                 std::to_string(c.tokens_after()) + " tokens on replica " +
+                 std::to_string(c.replica) + " but the plan lists no table of that length there");
+    }
+  }
+  for (const auto& request : plan.score_requests) {
+    if (request.replica >= layout_.dp) {
+      return bad("score request of " + to_string(request.seq) + " on replica " +
+                 std::to_string(request.replica) + " of " + std::to_string(layout_.dp));
+    }
+  }
   return ok_status();
+}
+
+Status RankCache::accumulate_attention(SeqId seq, std::span<const float> mass) {
+  const auto table = tables_.find(seq);
+  if (table == tables_.end()) {
+    return invalid_argument(where() + ": attention of " + to_string(seq) +
+                            ", which this replica does not hold");
+  }
+  if (mass.size() > table->second.num_tokens) {
+    return invalid_argument(where() + ": attention over " + std::to_string(mass.size()) +
+                            " tokens of " + to_string(seq) + ", which holds " +
+                            std::to_string(table->second.num_tokens));
+  }
+  for (size_t i = 0; i < mass.size(); ++i) {
+    if (!(std::isfinite(mass[i]) && mass[i] >= 0.0f)) {
+      return invalid_argument(where() + ": attention of " + to_string(seq) + " at token " +
+                              std::to_string(i) + " is " + std::to_string(mass[i]) +
+                              "; mass must be finite and >= 0");
+    }
+  }
+  std::vector<double>& scores = scores_[seq];
+  if (scores.size() < mass.size()) scores.resize(mass.size(), 0.0);
+  for (size_t i = 0; i < mass.size(); ++i) scores[i] += mass[i];
+  return ok_status();
+}
+
+std::span<const double> RankCache::attention_scores(SeqId seq) const {
+  const auto it = scores_.find(seq);
+  if (it == scores_.end()) return {};
+  return it->second;
+}
+
+void RankCache::follow_scores(const StepPlan& plan) {
+  for (SeqId seq : plan.released) scores_.erase(seq);
+  for (const auto& t : plan.tables) {
+    if (t.replica != layout_.replica) scores_.erase(t.seq);
+  }
+  for (const auto& c : plan.compactions) {
+    const auto it = scores_.find(c.seq);
+    if (c.replica != layout_.replica || it == scores_.end()) continue;
+    const std::vector<double>& before = it->second;
+    std::vector<double> after;
+    after.reserve(std::min<uint64_t>(before.size(), c.tokens_after()));
+    for (const auto& range : c.kept) {
+      for (uint64_t i = range.first; i < range.first + range.count && i < before.size(); ++i) {
+        after.push_back(before[i]);
+      }
+    }
+    it->second = std::move(after);
+  }
 }
 
 Status RankCache::run_migrations(std::span<const StepPlan::Op> migrations) {
@@ -253,6 +332,7 @@ Status RankCache::run(const StepPlan& plan) {
     held.num_tokens = t.num_tokens;
     held.computed_tokens = t.computed_tokens;
   }
+  follow_scores(plan);
   KVF_LOG_DEBUG(kRuntime, "{} executed step {}: {} ops in {} waves, {} tables", where(), plan.step,
                 plan.ops.size(), num_waves, plan.tables.size());
   ++next_step_;
@@ -279,7 +359,7 @@ Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId roo
                   ", shard " + std::to_string(r % layout_.tp) + ", expecting step " +
                   std::to_string(verdicts[r] >> 1) + ")";
   }
-  if (refused_by.empty()) return report(run(*plan), root, plan->step);  // every rank validated it
+  if (refused_by.empty()) return report(run(*plan), root, *plan);  // every rank validated it
   const std::string which =
       plan.ok() ? "the plan of step " + std::to_string(plan->step) : "the plan";
   const std::string what = which + " broadcast by rank " + std::to_string(root.value) +
@@ -311,6 +391,7 @@ namespace {
 
 // RankCacheStats as the words a report carries, and back.
 constexpr size_t kStatsWords = 8;
+constexpr size_t kReportHeader = 1 + kStatsWords * sizeof(uint64_t) + sizeof(uint32_t);
 std::array<uint64_t, kStatsWords> stats_words(const RankCacheStats& s) {
   return {s.steps, s.waves, s.swapped_out_blocks, s.swapped_in_blocks, s.migrated_blocks_sent,
           s.migrated_blocks_received, s.token_copies, s.overlapped_waves};
@@ -321,40 +402,113 @@ RankCacheStats stats_from(const std::array<uint64_t, kStatsWords>& w) {
 
 }  // namespace
 
-Status RankCache::report(const Status& ran, RankId root, uint64_t step) {
-  // [code][this rank's stats][message]: rank `root` answers for the whole step and keeps every
-  // rank's figures for its metrics.
+Status RankCache::report(const Status& ran, RankId root, const StepPlan& plan) {
+  // [code][this rank's stats][message length][message][requested scores]: rank `root` answers
+  // for the whole step, keeps every rank's figures for its metrics, and sums the scores.
   const std::array<uint64_t, kStatsWords> words = stats_words(stats_);
-  std::vector<uint8_t> mine(1 + sizeof words);
+  const std::string& message = ran.message();
+  const auto message_length = static_cast<uint32_t>(message.size());
+  std::vector<uint8_t> mine(kReportHeader);
   mine[0] = static_cast<uint8_t>(ran.code());
   std::memcpy(mine.data() + 1, words.data(), sizeof words);
-  mine.insert(mine.end(), ran.message().begin(), ran.message().end());
+  std::memcpy(mine.data() + 1 + sizeof words, &message_length, sizeof message_length);
+  mine.insert(mine.end(), message.begin(), message.end());
+  if (ran.ok()) {
+    const std::vector<uint8_t> scores = requested_scores(plan);
+    mine.insert(mine.end(), scores.begin(), scores.end());
+  }
   std::vector<std::vector<uint8_t>> reports;
   KVF_RETURN_IF_ERROR(transport_->gather(mine, root, reports));
   if (transport_->rank() != root) return ran;
   std::string failures;
   ErrorCode first = ErrorCode::kOk;
+  const auto fail = [&](size_t r, ErrorCode code, const std::string& what) {
+    failures += (failures.empty() ? "" : "; ") +
+                transport_->describe(RankId{static_cast<int32_t>(r)}) + ": " + what;
+    if (first == ErrorCode::kOk) first = code;
+  };
   job_stats_.resize(reports.size());  // a rank that cannot report keeps its last figures
+  std::vector<std::span<const uint8_t>> payloads(reports.size());
   for (size_t r = 0; r < reports.size(); ++r) {
     const std::vector<uint8_t>& report = reports[r];
-    if (report.size() < 1 + sizeof words) {
-      failures += (failures.empty() ? "" : "; ") +
-                  transport_->describe(RankId{static_cast<int32_t>(r)}) + ": a report of " +
-                  std::to_string(report.size()) + " bytes";
-      if (first == ErrorCode::kOk) first = ErrorCode::kInternal;
+    uint32_t length = 0;
+    if (report.size() >= kReportHeader) {
+      std::memcpy(&length, report.data() + 1 + sizeof words, sizeof length);
+    }
+    if (report.size() < kReportHeader || report.size() - kReportHeader < length) {
+      fail(r, ErrorCode::kInternal, "a report of " + std::to_string(report.size()) + " bytes");
       continue;
     }
     std::array<uint64_t, kStatsWords> theirs{};
     std::memcpy(theirs.data(), report.data() + 1, sizeof theirs);
     job_stats_[r] = stats_from(theirs);
+    payloads[r] = std::span(report).subspan(kReportHeader + length);
     if (report[0] == 0) continue;
-    if (first == ErrorCode::kOk) first = static_cast<ErrorCode>(report[0]);
-    failures += (failures.empty() ? "" : "; ") +
-                transport_->describe(RankId{static_cast<int32_t>(r)}) + ": " +
-                std::string(report.begin() + 1 + sizeof words, report.end());
+    fail(r, static_cast<ErrorCode>(report[0]),
+         std::string(report.begin() + kReportHeader, report.begin() + kReportHeader + length));
   }
-  if (failures.empty()) return ok_status();
-  return Status(first, "step " + std::to_string(step) + " failed on " + failures);
+  reported_scores_.clear();
+  if (failures.empty()) {
+    const Status summed = sum_reported_scores(plan, payloads);
+    if (summed.ok()) return summed;
+    failures = summed.message();
+    first = summed.code();
+  }
+  return Status(first, "step " + std::to_string(plan.step) + " failed on " + failures);
+}
+
+std::vector<uint8_t> RankCache::requested_scores(const StepPlan& plan) const {
+  std::vector<uint8_t> bytes;
+  const auto put = [&bytes](const void* p, size_t n) {
+    const size_t at = bytes.size();
+    bytes.resize(at + n);
+    std::memcpy(bytes.data() + at, p, n);
+  };
+  for (const auto& request : plan.score_requests) {
+    if (request.replica != layout_.replica) continue;
+    const std::span<const double> scores = attention_scores(request.seq);
+    const uint64_t count = scores.size();
+    put(&request.seq.value, sizeof request.seq.value);
+    put(&count, sizeof count);
+    for (double score : scores) {
+      const auto narrow = static_cast<float>(score);  // half the bytes; summed in double
+      put(&narrow, sizeof narrow);
+    }
+  }
+  return bytes;
+}
+
+Status RankCache::sum_reported_scores(const StepPlan& plan,
+                                      const std::vector<std::span<const uint8_t>>& payloads) {
+  std::vector<size_t> read(payloads.size(), 0);
+  for (const auto& request : plan.score_requests) {
+    ReplicaScores summed{request.seq, request.replica, {}};
+    for (uint32_t shard = 0; shard < layout_.tp; ++shard) {
+      const uint32_t r = layout_.rank_of(request.replica, shard);
+      const std::span<const uint8_t> payload = payloads[r].subspan(read[r]);
+      uint64_t seq = 0, count = 0;
+      if (payload.size() >= 16) {
+        std::memcpy(&seq, payload.data(), 8);
+        std::memcpy(&count, payload.data() + 8, 8);
+      }
+      if (payload.size() < 16 || seq != request.seq.value || (payload.size() - 16) / 4 < count) {
+        return Status(ErrorCode::kInternal,
+                      transport_->describe(RankId{static_cast<int32_t>(r)}) +
+                          ": its report does not carry the scores of " + to_string(request.seq) +
+                          " that step " + std::to_string(plan.step) + " requested");
+      }
+      read[r] += 16 + count * 4;
+      // Only tokens every shard scored count: a shorter shard bounds the sum.
+      if (shard == 0 || count < summed.scores.size()) summed.scores.resize(count, 0.0);
+      for (size_t i = 0; i < summed.scores.size(); ++i) {
+        float value = 0;
+        std::memcpy(&value, payload.data() + 16 + i * 4, 4);
+        summed.scores[i] += value;
+      }
+    }
+    reported_scores_.push_back(std::move(summed));
+  }
+  return ok_status();
 }
 
 uint64_t RankCache::tables_digest() const {

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <vector>
 #include <span>
 
 #include "kvfabric/backend/backend.h"
@@ -55,6 +56,14 @@ struct RankCacheStats {
   uint64_t overlapped_waves = 0;
 };
 
+//! A sequence's attention scores summed over the shards of its replica, in shard order (what
+//! the root of execute_agreed() gathered for a plan's score request).
+struct ReplicaScores {
+  SeqId seq;
+  uint32_t replica = 0;
+  std::vector<double> scores;  //!< per token, as long as the shortest shard's
+};
+
 //! \brief A rank's arenas (its KV-head shard of every layer, device and host tier) and the
 //! executor of the coordinator's step plans. A serving engine's TP worker owns one and calls
 //! append_kv / attention from its forward pass.
@@ -98,6 +107,22 @@ class RankCache {
   //! collective, every rank passes the bytes `root` sent.
   Status execute_agreed(std::span<const uint8_t> plan_bytes, RankId root);
 
+  //! Token compression: adds this shard's attention mass of `seq` per token (its query heads,
+  //! summed over whatever layers the engine counts; DecodeAttentionArgs::attention_mass gives
+  //! it per layer) to the sequence's scores, oldest token first. The scores follow the plans'
+  //! compactions (renumbered) and go when the sequence leaves this replica. A plan's score
+  //! request sends them to the root with this rank's report (execute_agreed()), which sums the
+  //! shards. InvalidArgument (nothing changes): a sequence this replica does not hold, more
+  //! values than its tokens, a value that is negative or not finite.
+  Status accumulate_attention(SeqId seq, std::span<const float> mass);
+  //! The accumulated scores of `seq` (empty when none).
+  [[nodiscard]] std::span<const double> attention_scores(SeqId seq) const;
+  //! On the root of execute_agreed(): the scores the last plan's score requests gathered,
+  //! summed over each replica's shards, in request order.
+  [[nodiscard]] const std::vector<ReplicaScores>& reported_scores() const {
+    return reported_scores_;
+  }
+
   //! The block tables of this replica's sequences as of the last executed plan (whole: the
   //! plans' changes applied, first_block 0).
   [[nodiscard]] const std::map<SeqId, StepPlan::Table>& tables() const { return tables_; }
@@ -115,10 +140,21 @@ class RankCache {
       : layout_(layout), storage_(std::move(storage)), backend_(&backend), transport_(&transport) {}
 
   Status run(const StepPlan& plan);  // executes a validated plan
+  [[nodiscard]] Status validate_compression(const StepPlan& plan) const;
   //! Every rank's verdict on a plan (the step it expects << 1 | refused), known to all.
   Result<std::vector<uint64_t>> agree(const Status& verdict, RankId root);
-  //! Gathers every rank's outcome of a step on `root`; there, the step's overall outcome.
-  Status report(const Status& ran, RankId root, uint64_t step);
+  //! Gathers every rank's outcome of `plan` on `root` (and the scores it requests); there, the
+  //! step's overall outcome.
+  Status report(const Status& ran, RankId root, const StepPlan& plan);
+  //! This rank's scores for the plan's requests on its replica: [seq][count][count x f32] each.
+  [[nodiscard]] std::vector<uint8_t> requested_scores(const StepPlan& plan) const;
+  //! On the root: the shards' scores summed per request from every rank's `payloads`; an error
+  //! names a rank whose payload does not match the requests.
+  Status sum_reported_scores(const StepPlan& plan,
+                             const std::vector<std::span<const uint8_t>>& payloads);
+  //! Renumbers the scores of the plan's compactions on this replica, drops those of sequences
+  //! that left it.
+  void follow_scores(const StepPlan& plan);
   // Runs a backend call on the pool of `layer`'s group with the layer index inside the group.
   template <typename Args>
   Status on_layer(uint32_t layer, Args args, Status (Backend::*op)(const PagedKvView&, const Args&));
@@ -135,6 +171,8 @@ class RankCache {
   RankCacheStats stats_;
   std::vector<RankCacheStats> job_stats_;  // the root's view of every rank (report())
   std::map<SeqId, StepPlan::Table> tables_;
+  std::map<SeqId, std::vector<double>> scores_;   // accumulate_attention()
+  std::vector<ReplicaScores> reported_scores_;    // the root's, of the last plan
 };
 
 }  // namespace kvfabric
