@@ -156,6 +156,8 @@ const SequenceInfo* Coordinator::running_info(SeqId seq, const Sequence& s) cons
   return replicas_[s.replica].pool.get_sequence(seq, s.slot);
 }
 
+PagedKvCache& Coordinator::pool_of(uint32_t replica) { return replicas_[replica].pool; }
+
 uint32_t Coordinator::num_replicas() const { return static_cast<uint32_t>(replicas_.size()); }
 
 std::optional<uint32_t> Coordinator::replica_of(SeqId seq) const {
@@ -368,6 +370,7 @@ bool Coordinator::swap_out(SeqId seq) {
   --rep.running;
   mark_load(s.replica);
   plan_.released.push_back(seq);
+  forget_scores(seq);
   ++stats_.swapped_out;
   KVF_LOG_DEBUG(kCoordinator, "swapped {} out of replica {}", to_string(seq), s.replica);
   return true;
@@ -406,6 +409,7 @@ bool Coordinator::park(SeqId seq) {
   s.slot = to_slot;
   s.published_blocks = 0;  // a table new to its replica
   mark_table(s);
+  forget_scores(seq);
   ++stats_.parked;
   return true;
 }
@@ -469,6 +473,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
   KVF_RETURN_IF_ERROR(
       check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
+  KVF_RETURN_IF_ERROR(check_compression(seq, options));
   // One walk of the global tree; every replica's share of the prompt is read off its path. The
   // key keeps the unit hashes it computes for indexing the prompt at step().
   RadixKey key(prompt, config_.cache.block_size, {salt_of(options), options.public_tokens});
@@ -479,9 +484,11 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
     index_->lookup(key, lookup_);  // making room may have evicted or moved cached blocks
   }
   const size_t best_tokens = lookup_.tokens();
+  const size_t prompt_tokens = prompt.size();
   KVF_ASSIGN_OR_RETURN(Placement placed,
                        place(seq, std::move(prompt), std::move(key), priority, tenant, choice));
   count_misses(admitted_now_.back().key, best_tokens, placed);
+  record_compression(seq, options, prompt_tokens);
   return placed;
 }
 
@@ -926,6 +933,11 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
   ++replicas_[to].running;
   mark_load(to);
   mark_table(child_record);
+  if (const auto parent = compressed_.find(src); parent != compressed_.end()) {
+    Compressed& child_compression = compressed_[dst] = parent->second;
+    child_compression.scores.clear();  // the ranks score the child from now on
+    child_compression.has_scores = false;
+  }
   return ok_status();
 }
 
@@ -958,6 +970,7 @@ Coordinator::Sequence& Coordinator::add_sequence(SeqId seq, Sequence record, uin
 void Coordinator::erase_sequence(SeqId seq) {
   Sequence& s = *find(seq);
   TenantStats& t = tenants_[s.tenant].stats;
+  compressed_.erase(seq);
   charge(s, 0);
   if (s.swapped) t.host_blocks -= s.host_blocks.size();
   --t.sequences;
@@ -1157,6 +1170,7 @@ void Coordinator::swap_back_in() {
 
 Result<StepPlan> Coordinator::step() {
   index_planned_prompts();
+  compact_due_sequences();  // after indexing: a cached prompt block is copied, never written
   swap_back_in();
   // Tables in the order their sequences first changed in this step (deterministic, as every
   // call is); a sequence marked twice is published once.
@@ -1183,6 +1197,7 @@ Result<StepPlan> Coordinator::step() {
     s.computed_tokens = s.num_tokens;
   }
   dirty_.clear();
+  request_scores();
   for (Replica& rep : replicas_) rep.relieved_this_step = false;
   refill_free_blocks();
   for (const auto& [replica, block] : host_blocks_to_free_) {

@@ -9,7 +9,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
+#include <optional>
+#include <numeric>
 #include <random>
 #include <set>
 #include <span>
@@ -68,22 +71,44 @@ class EngineModel {
   void admitted(SeqId seq, std::span<const TokenId> prompt, const Placement& placement) {
     Seq& s = seqs_[seq];
     s.tokens.assign(prompt.begin(), prompt.end());
+    s.origin.resize(prompt.size());
+    std::iota(s.origin.begin(), s.origin.end(), size_t{0});
     s.computed = placement.cached_tokens;
   }
   void appended(SeqId seq, std::span<const TokenId> tokens) {
-    auto& t = seqs_.at(seq).tokens;
-    t.insert(t.end(), tokens.begin(), tokens.end());
+    Seq& s = seqs_.at(seq);
+    for (TokenId token : tokens) {
+      s.origin.push_back(s.tokens.size());
+      s.tokens.push_back(token);
+    }
   }
   void forked(SeqId src, SeqId dst) { seqs_[dst] = seqs_.at(src); }
   void freed(SeqId seq) { seqs_.erase(seq); }
   [[nodiscard]] bool knows(SeqId seq) const { return seqs_.count(seq) > 0; }
   [[nodiscard]] const std::vector<TokenId>& tokens(SeqId seq) const { return seqs_.at(seq).tokens; }
+  //! Where each cached token of `seq` was in its token list (compaction drops some).
+  [[nodiscard]] const std::vector<size_t>& origins(SeqId seq) const { return seqs_.at(seq).origin; }
 
   //! Takes in a plan: preempted sequences lose their K/V (the workload re-admits them). Each
   //! table's computed-token count must be what the engine itself knows is computed: the plan
   //! alone tells a TP worker what its forward pass fills.
   void planned(const StepPlan& plan) {
     for (SeqId seq : plan.preempted) seqs_.erase(seq);
+    for (const auto& c : plan.compactions) {
+      const auto it = seqs_.find(c.seq);
+      if (it == seqs_.end()) continue;
+      Seq& s = it->second;
+      std::vector<size_t> kept_origin;
+      size_t kept_computed = 0;
+      for (const auto& range : c.kept) {
+        for (uint64_t pos = range.first; pos < range.first + range.count; ++pos) {
+          kept_origin.push_back(s.origin.at(pos));
+          if (pos < s.computed) ++kept_computed;
+        }
+      }
+      s.origin = std::move(kept_origin);
+      s.computed = kept_computed;
+    }
     for (const auto& t : plan.tables) {
       live_[t.seq] = t.num_tokens;
       const auto it = seqs_.find(t.seq);
@@ -112,9 +137,9 @@ class EngineModel {
     for (const auto& [seq, table] : rank.tables()) {
       Seq& s = seqs_.at(seq);
       if (s.computed >= table.num_tokens) continue;
-      if (s.tokens.size() < table.num_tokens) {
+      if (s.origin.size() < table.num_tokens) {
         return invalid_argument("engine model: " + to_string(seq) + " has " +
-                                std::to_string(s.tokens.size()) + " tokens, its table " +
+                                std::to_string(s.origin.size()) + " tokens, its table " +
                                 std::to_string(table.num_tokens));
       }
       const size_t n = table.num_tokens - s.computed;
@@ -140,6 +165,24 @@ class EngineModel {
       }
     }
     computed_everywhere();
+    return ok_status();
+  }
+
+  //! The attention part of token compression: adds `mass(seq, origin, shard)` for every cached
+  //! token of every sequence of the rank's replica to its scores (origin: the token's index in
+  //! the sequence's token list), as a shard's decode attention would.
+  Status attend(RankCache& rank,
+                const std::function<float(SeqId, size_t origin, uint32_t shard)>& mass) const {
+    for (const auto& [seq, table] : rank.tables()) {
+      const auto it = seqs_.find(seq);
+      if (it == seqs_.end()) continue;
+      const size_t n = std::min<size_t>(table.num_tokens, it->second.computed);
+      std::vector<float> values(n);
+      for (size_t pos = 0; pos < n; ++pos) {
+        values[pos] = mass(seq, it->second.origin[pos], rank.layout().shard);
+      }
+      KVF_RETURN_IF_ERROR(rank.accumulate_attention(seq, values));
+    }
     return ok_status();
   }
 
@@ -201,7 +244,8 @@ class EngineModel {
  private:
   struct Seq {
     std::vector<TokenId> tokens;
-    size_t computed = 0;
+    std::vector<size_t> origin;  // cached position -> index in tokens (identity until compacted)
+    size_t computed = 0;         // cached positions with K/V
   };
 
   // A tensor where the rank's kernels read or write it: the host vector itself, or (with a
@@ -232,14 +276,17 @@ class EngineModel {
     Status status_ = ok_status();
   };
 
-  // K and V of tokens [first, first + n) for the rank's KV heads: [n, local heads, head_dim].
+  // K and V of cached positions [first, first + n) for the rank's KV heads: [n, local heads,
+  // head_dim]. A token's K/V is a function of its whole token history, also once compaction
+  // dropped some of the tokens before it.
   void fill(const Seq& s, size_t first, size_t n, uint32_t layer, const RankLayout& l, float* k,
             float* v) const {
     const uint32_t hd = config_.model.head_dim;
+    std::vector<uint64_t> prefix_hash(n == 0 ? 0 : s.origin[first + n - 1] + 1);
     uint64_t h = 0;
-    for (size_t pos = 0; pos < first + n; ++pos) {
-      h = splitmix64(h ^ s.tokens[pos]);
-      if (pos < first) continue;
+    for (size_t i = 0; i < prefix_hash.size(); ++i) prefix_hash[i] = h = splitmix64(h ^ s.tokens[i]);
+    for (size_t pos = first; pos < first + n; ++pos) {
+      h = prefix_hash[s.origin[pos]];
       for (uint32_t head = 0; head < l.num_kv_heads; ++head) {
         for (uint32_t d = 0; d < hd; ++d) {
           const size_t at = ((pos - first) * l.num_kv_heads + head) * hd + d;
@@ -338,6 +385,10 @@ class ServingWorkload {
     return ok_status();
   }
 
+  //! Admits about half of the requests from now on with `policy` (their ids: compressed()).
+  void compress_some(const quant::CompressionPolicy& policy) { compression_ = policy; }
+  [[nodiscard]] const std::set<SeqId>& compressed() const { return compressed_; }
+
   //! Takes in the step's plan, for the workload and the engine: preempted sequences are
   //! re-admitted at the next step.
   void planned(const StepPlan& plan, EngineModel& engine) {
@@ -397,11 +448,15 @@ class ServingWorkload {
     return ok_status();
   }
   bool admit(Coordinator& c, EngineModel& engine, SeqId seq, const std::vector<TokenId>& prompt) {
-    const auto placed = c.admit(seq, prompt, static_cast<uint32_t>(pick(3)));
+    AdmitOptions options;
+    options.priority = static_cast<uint32_t>(pick(3));
+    if (compression_ && coin(0.5)) options.compression = compression_;
+    const auto placed = c.admit(seq, prompt, options);
     if (!placed.ok()) {
       ++counts_.refused;
       return false;
     }
+    if (options.compression) compressed_.insert(seq);
     engine.admitted(seq, prompt, *placed);
     live_[seq] = prompt.size() + 4 + pick(coin(0.2) ? 60 : 16);
     ++counts_.admitted;
@@ -426,6 +481,8 @@ class ServingWorkload {
   uint64_t steps_ = 0;
   uint64_t next_seq_ = 1;
   WorkloadCounts counts_;
+  std::optional<quant::CompressionPolicy> compression_;
+  std::set<SeqId> compressed_;  // ever admitted with compression_
 };
 
 //! The scripted workload on one rank (dp 1, tp 1) whose KV lives in `backend` and whose blocks

@@ -17,6 +17,7 @@
 #include "kvfabric/config/config.h"
 #include "kvfabric/plan/step_plan.h"
 #include "kvfabric/prefix/global_prefix_index.h"
+#include "kvfabric/quant/compression_policy.h"
 
 namespace kvfabric {
 namespace detail {
@@ -46,6 +47,10 @@ struct AdmitOptions {
   //! Leading prompt tokens shared across salts (a system prompt every tenant sends), in whole
   //! blocks (rounded down).
   size_t public_tokens = 0;
+  //! Token compression (StreamingLLM, H2O, SnapKV) planned by the coordinator; none by default.
+  //! The prompt is cached whole before any compaction, and compacted blocks are never indexed:
+  //! a request shares only blocks holding the K/V its prompt says.
+  std::optional<quant::CompressionPolicy> compression;
 };
 
 //! A tenant's counters and what it holds now.
@@ -87,6 +92,9 @@ struct CoordinatorStats {
   uint64_t parked = 0;               //!< sequences moved to a peer replica under pressure
   uint64_t preempted = 0;            //!< sequences dropped for recomputation
   uint64_t steps = 0;
+  uint64_t compactions = 0;       //!< token compactions planned
+  uint64_t compacted_tokens = 0;  //!< tokens those compactions dropped
+  uint64_t compacted_blocks = 0;  //!< blocks they gave back to their replica's pool
   //! Why prompt tokens missed. "Evicted" and "other salt" come from a bounded filter of the
   //! blocks cached lately (keyed by content and position; about the last one to two pool-fulls
   //! of the whole job): a block evicted before that counts as never seen, and about 1 in 10
@@ -188,9 +196,17 @@ class Coordinator {
   //! Drops a running or swapped sequence.
   Status free(SeqId seq);
   Status set_priority(SeqId seq, uint32_t priority);
+  //! Token compression: the attention scores of `seq`, per token from its oldest, summed over
+  //! its replica's shards (RankCache::reported_scores() gathers them for the plans' score
+  //! requests). Its next h2o or snapkv compaction reads them; they replace earlier ones and are
+  //! used once. InvalidArgument (nothing changes): an unknown sequence, one without a policy that
+  //! reads scores, more scores than its tokens, a score negative or not finite.
+  Status report_attention(SeqId seq, std::span<const double> scores);
 
-  //! Closes the step: indexes the prompts this plan's forward pass computes, swaps sequences back
-  //! in where there is room, collects copy-on-write copies, and returns the plan with its number.
+  //! Closes the step: indexes the prompts this plan's forward pass computes, compacts the
+  //! compressed sequences that are due, swaps sequences back in where there is room, collects
+  //! copy-on-write copies, requests the scores the next compactions need, and returns the plan
+  //! with its number.
   Result<StepPlan> step();
 
   //! Drops every cached prefix no sequence uses on `replica` (every replica when none), as a
@@ -326,9 +342,21 @@ class Coordinator {
     size_t needed = 0;  //!< new blocks, plus the idle cached ones of the match that become used
   };
   class Cheapest;
+  //! A compressed sequence's policy, budget and the scores its next compaction reads.
+  struct Compressed {
+    quant::CompressionPolicy policy;
+    uint64_t budget = 0;         //!< tokens (quant::budget_for)
+    uint64_t prompt_tokens = 0;
+    bool prefilled = false;      //!< its prompt's K/V has been computed
+    bool compacted_once = false;
+    uint64_t last_compaction_step = 0;  //!< the step of its admission, then of its compactions
+    std::vector<double> scores;  //!< reported since its last compaction (report_attention)
+    bool has_scores = false;
+  };
 
   explicit Coordinator(const Config& config);
   Sequence* find(SeqId seq);
+  PagedKvCache& pool_of(uint32_t replica);
   [[nodiscard]] const Sequence* find(SeqId seq) const;
   //! The pool record of a running sequence (nullptr when swapped out).
   [[nodiscard]] const SequenceInfo* running_info(SeqId seq, const Sequence& s) const;
@@ -414,6 +442,17 @@ class Coordinator {
   void collect_copies(uint32_t replica);
   void swap_back_in();
   void index_planned_prompts();
+  // Token compression (compression.cc).
+  Status check_compression(SeqId seq, const AdmitOptions& options) const;
+  void record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens);
+  void compact_due_sequences();
+  //! Compacts one sequence to what its policy keeps; false when it keeps everything or its
+  //! replica cannot give the fresh blocks a shared block's copy needs (it waits).
+  bool compact(SeqId seq, Sequence& s, Compressed& c);
+  [[nodiscard]] bool due(const Sequence& s, const Compressed& c, uint64_t step) const;
+  void request_scores();
+  //! The scores of a sequence that left its replica's ranks (swapped, parked) are gone there.
+  void forget_scores(SeqId seq);
   void publish_kv_events(uint64_t step);
   // Why the prompt of the admission just placed missed what it missed (stats_.missed); the
   // deepest prefix any replica cached was `best_tokens` when it was placed.
@@ -447,6 +486,7 @@ class Coordinator {
   CoordinatorStats stats_;
   std::function<void(const KvEventBatch&)> kv_event_sink_;
   std::unique_ptr<detail::SeenBlocks> seen_;  // every block ever cached (miss causes)
+  std::map<SeqId, Compressed> compressed_;    // by id: compactions run in a fixed order
 };
 
 }  // namespace kvfabric

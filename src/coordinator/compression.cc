@@ -1,0 +1,160 @@
+// Token compression in the coordinator: which compressed sequences are due, what they keep, and
+// the plan's compactions and score requests (DESIGN.md §5).
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "common/log.h"
+#include "kvfabric/coordinator/coordinator.h"
+
+namespace kvfabric {
+namespace {
+
+// Ascending positions as maximal runs.
+std::vector<StepPlan::TokenRange> ranges_of(std::span<const size_t> positions) {
+  std::vector<StepPlan::TokenRange> ranges;
+  for (size_t p : positions) {
+    if (!ranges.empty() && ranges.back().first + ranges.back().count == p) {
+      ++ranges.back().count;
+    } else {
+      ranges.push_back({p, 1});
+    }
+  }
+  return ranges;
+}
+
+}  // namespace
+
+Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) const {
+  if (!options.compression) return ok_status();
+  const Status valid = quant::validate(*options.compression);
+  if (valid.ok()) return valid;
+  return Status(valid.code(),
+                "admit " + to_string(seq) + ": " + valid.message() + "; nothing was changed");
+}
+
+void Coordinator::record_compression(SeqId seq, const AdmitOptions& options,
+                                     size_t prompt_tokens) {
+  if (!options.compression) return;
+  const quant::CompressionPolicy& policy = *options.compression;
+  compressed_[seq] = Compressed{.policy = policy,
+                                .budget = quant::budget_for(policy, prompt_tokens),
+                                .prompt_tokens = prompt_tokens,
+                                .last_compaction_step = plan_.step,
+                                .scores = {}};
+}
+
+Status Coordinator::report_attention(SeqId seq, std::span<const double> scores) {
+  const Sequence* s = find(seq);
+  if (s == nullptr) return sequence_not_found(seq);
+  const auto it = compressed_.find(seq);
+  const std::string what = "attention scores of " + to_string(seq);
+  if (it == compressed_.end() || !it->second.policy.needs_scores()) {
+    return invalid_argument(what + ": it was admitted without a compression policy that reads "
+                                   "scores (h2o, snapkv); nothing was changed");
+  }
+  if (scores.size() > s->num_tokens) {
+    return invalid_argument(what + ": " + std::to_string(scores.size()) + " scores for " +
+                            std::to_string(s->num_tokens) + " tokens; nothing was changed");
+  }
+  for (size_t i = 0; i < scores.size(); ++i) {
+    if (!(std::isfinite(scores[i]) && scores[i] >= 0)) {
+      return invalid_argument(what + ": token " + std::to_string(i) + " scores " +
+                              std::to_string(scores[i]) +
+                              "; scores must be finite and >= 0; nothing was changed");
+    }
+  }
+  Compressed& c = it->second;
+  c.scores.assign(scores.begin(), scores.end());
+  c.has_scores = true;
+  return ok_status();
+}
+
+bool Coordinator::due(const Sequence& s, const Compressed& c, uint64_t step) const {
+  if (s.swapped || !c.prefilled) return false;
+  const bool interval_passed = step - c.last_compaction_step >= c.policy.interval_steps;
+  switch (c.policy.kind) {
+    case quant::CompressionPolicy::Kind::kStreaming:
+      return interval_passed && s.num_tokens > c.budget;
+    case quant::CompressionPolicy::Kind::kH2o:
+      return c.has_scores && interval_passed && s.num_tokens > c.budget;
+    case quant::CompressionPolicy::Kind::kSnapKv:
+      return c.has_scores && !c.compacted_once;
+  }
+  return false;
+}
+
+void Coordinator::compact_due_sequences() {
+  const uint64_t step = plan_.step;
+  for (auto& [seq, c] : compressed_) {
+    Sequence& s = *find(seq);
+    // Tokens before computed_tokens have their K/V by now (earlier forward passes, or this
+    // plan's cached and migrated blocks).
+    if (!s.swapped && s.computed_tokens >= c.prompt_tokens) c.prefilled = true;
+    if (!due(s, c, step)) continue;
+    if (!compact(seq, s, c)) continue;  // room is short: it stays due, with its scores
+    c.last_compaction_step = step;
+    c.compacted_once = true;
+    c.scores.clear();  // the ranks renumber theirs with the plan; the next report is fresh
+    c.has_scores = false;
+  }
+}
+
+bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
+  const size_t before = s.num_tokens;
+  const std::vector<size_t> kept = quant::select_kept_tokens(
+      c.policy, c.budget, before, s.computed_tokens, c.prompt_tokens, c.scores);
+  if (kept.size() >= before) return true;  // nothing to drop: the interval restarts
+  PagedKvCache& pool = pool_of(s.replica);
+  const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;
+  // A block shared with the prefix index or a fork is copied, never written: a cached prompt
+  // keeps the K/V its key says.
+  const Result<size_t> dropped = pool.retain_tokens(seq, kept);
+  if (!dropped.ok()) {
+    KVF_LOG_DEBUG(kCoordinator, "compaction of {} waits: {}", to_string(seq),
+                  dropped.status().message());
+    return false;
+  }
+  collect_copies(s.replica);
+  const std::vector<BlockId>& table = running_info(seq, s)->block_ids;
+  // The ranks keep the leading blocks the compaction left in place.
+  const auto unchanged = static_cast<uint32_t>(
+      std::mismatch(table.begin(), table.end(), old_table.begin(), old_table.end()).first -
+      table.begin());
+  s.published_blocks = std::min(s.published_blocks, unchanged);
+  const size_t uncomputed = before - s.computed_tokens;  // kept, at the end
+  s.num_tokens = kept.size();
+  s.computed_tokens = kept.size() - uncomputed;
+  charge(s, table.size());
+  mark_table(s);
+  mark_load(s.replica);
+  plan_.compactions.push_back({seq, s.replica, before, ranges_of(kept)});
+  ++stats_.compactions;
+  stats_.compacted_tokens += before - kept.size();
+  stats_.compacted_blocks += old_table.size() - table.size();
+  return true;
+}
+
+void Coordinator::request_scores() {
+  const uint64_t next_step = plan_.step + 1;
+  for (const auto& [seq, c] : compressed_) {
+    if (!c.policy.needs_scores() || c.has_scores) continue;
+    const Sequence& s = *find(seq);
+    if (s.swapped || !c.prefilled) continue;
+    const bool wanted =
+        c.policy.kind == quant::CompressionPolicy::Kind::kSnapKv
+            ? !c.compacted_once
+            : next_step - c.last_compaction_step >= c.policy.interval_steps &&
+                  s.num_tokens >= c.budget;
+    if (wanted) plan_.score_requests.push_back({seq, s.replica});
+  }
+}
+
+void Coordinator::forget_scores(SeqId seq) {
+  const auto it = compressed_.find(seq);
+  if (it == compressed_.end()) return;
+  it->second.scores.clear();
+  it->second.has_scores = false;
+}
+
+}  // namespace kvfabric

@@ -1,0 +1,410 @@
+// Token compression planned by the coordinator and run by a rank: compactions keep exactly the
+// tokens their policy picks, bit-exact, and never disturb K/V that a prefix hit serves.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "kvfabric/coordinator/coordinator.h"
+#include "kvfabric/runtime/rank_cache.h"
+#include "testing/backend_fixture.h"
+#include "testing/kv_reference.h"
+#include "testing/property_env.h"
+#include "testing/serving_harness.h"
+
+namespace kvfabric {
+namespace {
+
+using quant::CompressionPolicy;
+using testing::serving_config;
+using testing::splitmix64;
+using ::testing::HasSubstr;
+
+CompressionPolicy streaming(uint64_t budget, uint64_t sink) {
+  CompressionPolicy p;
+  p.kind = CompressionPolicy::Kind::kStreaming;
+  p.budget_tokens = budget;
+  p.sink_tokens = sink;
+  return p;
+}
+
+CompressionPolicy h2o(uint64_t budget, uint64_t recent, uint32_t interval) {
+  CompressionPolicy p;
+  p.kind = CompressionPolicy::Kind::kH2o;
+  p.budget_tokens = budget;
+  p.recent_tokens = recent;
+  p.interval_steps = interval;
+  return p;
+}
+
+// One rank (dp 1, tp 1) serving the coordinator's plans; the engine model writes and checks
+// every cached token's K/V after each step, and its attention feeds the scores.
+struct CompressedRank {
+  Config config;
+  std::unique_ptr<Backend> backend = testing::cpu_backend(best_cpu_isa());
+  std::unique_ptr<Transport> transport = make_local_transport();
+  std::unique_ptr<RankCache> rank;
+  Coordinator coordinator;
+  testing::EngineModel engine{config};
+  std::function<float(SeqId, size_t, uint32_t)> mass = [](SeqId, size_t, uint32_t) { return 0.0f; };
+
+  explicit CompressedRank(const Config& c)
+      : config(c), coordinator(std::move(Coordinator::create(c)).value()) {
+    rank = std::move(RankCache::create(config, 0, *backend, *transport)).value();
+  }
+
+  Result<Placement> admit(SeqId seq, const std::vector<TokenId>& prompt,
+                          std::optional<CompressionPolicy> policy) {
+    AdmitOptions options;
+    options.compression = policy;
+    auto placed = coordinator.admit(seq, prompt, options);
+    if (placed.ok()) engine.admitted(seq, prompt, *placed);
+    return placed;
+  }
+  void decode(SeqId seq) {
+    const TokenId token = static_cast<TokenId>(engine.tokens(seq).size() * 7 + 3);
+    ASSERT_TRUE(coordinator.append(seq, 1).ok());
+    engine.appended(seq, std::span(&token, 1));
+  }
+  // One step: plan, execute (the root gathers requested scores), forward pass, check, attend.
+  ::testing::AssertionResult step(StepPlan* out = nullptr) {
+    auto plan = coordinator.step();
+    if (!plan.ok()) return ::testing::AssertionFailure() << plan.status();
+    std::vector<uint8_t> bytes = plan->serialize();
+    if (const Status s = rank->receive_and_execute(bytes, RankId{0}); !s.ok()) {
+      return ::testing::AssertionFailure() << s;
+    }
+    for (const ReplicaScores& r : rank->reported_scores()) {
+      if (const Status s = coordinator.report_attention(r.seq, r.scores); !s.ok()) {
+        return ::testing::AssertionFailure() << s;
+      }
+    }
+    engine.planned(*plan);
+    if (const Status s = engine.forward(*rank); !s.ok()) return ::testing::AssertionFailure() << s;
+    if (const Status s = engine.attend(*rank, mass); !s.ok()) {
+      return ::testing::AssertionFailure() << s;
+    }
+    if (out != nullptr) *out = *plan;
+    return engine.verify(*rank);
+  }
+};
+
+std::vector<size_t> kept_origins(const testing::EngineModel& engine, SeqId seq) {
+  return engine.origins(seq);
+}
+
+TEST(CompressionTest, StreamingKeepsTheSinksAndTheNewestTokensBitExact) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  const SeqId seq{1};
+  ASSERT_TRUE(r.admit(seq, testing::token_run(100, 10), streaming(48, 4)).ok());
+  ASSERT_TRUE(r.step());  // the prefill
+  r.decode(seq);
+  StepPlan plan;
+  ASSERT_TRUE(r.step(&plan));  // compacted, then the decoded token computed in place
+  ASSERT_EQ(plan.compactions.size(), 1u);
+  const StepPlan::Compaction& c = plan.compactions[0];
+  EXPECT_EQ(c.tokens_before, 101u);
+  EXPECT_EQ(c.kept, (std::vector<StepPlan::TokenRange>{{0, 4}, {57, 44}}));
+  EXPECT_EQ(r.coordinator.blocks_of(seq).size(), 3u);  // 48 tokens
+  std::vector<size_t> want = {0, 1, 2, 3};
+  for (size_t i = 57; i <= 100; ++i) want.push_back(i);
+  EXPECT_EQ(kept_origins(r.engine, seq), want);
+  EXPECT_EQ(r.coordinator.stats().compactions, 1u);
+  EXPECT_EQ(r.coordinator.stats().compacted_tokens, 53u);
+  // The next compactions keep the cache at its budget as it decodes.
+  for (int i = 0; i < 20; ++i) {
+    r.decode(seq);
+    ASSERT_TRUE(r.step());
+  }
+  EXPECT_EQ(r.engine.origins(seq).size(), 48u);
+  EXPECT_EQ(r.engine.origins(seq).back(), 120u);
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
+// The ranks' scores reach the coordinator through the plan's score requests; the heaviest
+// tokens survive, with the recent window.
+TEST(CompressionTest, H2oKeepsPlantedHeavyHittersFromTheRanksScores) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  const std::set<size_t> heavy = {3, 17, 40, 41, 66};
+  r.mass = [&](SeqId, size_t origin, uint32_t) {
+    return heavy.count(origin) ? 1.0f : 0.01f * static_cast<float>(origin % 5);
+  };
+  const SeqId seq{1};
+  ASSERT_TRUE(r.admit(seq, testing::token_run(90, 10), h2o(32, 16, 4)).ok());
+  uint64_t requested = 0;
+  for (int i = 0; i < 8; ++i) {
+    StepPlan plan;
+    ASSERT_TRUE(r.step(&plan));
+    requested += plan.score_requests.size();
+    r.decode(seq);
+  }
+  EXPECT_GT(requested, 0u);
+  ASSERT_GE(r.coordinator.stats().compactions, 1u);
+  const std::vector<size_t>& kept = r.engine.origins(seq);
+  for (size_t h : heavy) EXPECT_TRUE(std::count(kept.begin(), kept.end(), h)) << "token " << h;
+  // Newest 16 always stay (the last decoded token is not computed yet, so it stays too).
+  const size_t newest = r.engine.tokens(seq).size() - 1;
+  for (size_t i = newest - 15; i <= newest; ++i) {
+    EXPECT_TRUE(std::count(kept.begin(), kept.end(), i)) << "recent token " << i;
+  }
+  EXPECT_LE(kept.size(), 32u + 4u);  // the budget plus what decoded since the last compaction
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
+TEST(CompressionTest, SnapKvCompactsThePromptOnceAndKeepsDecodedTokens) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  r.mass = [](SeqId, size_t origin, uint32_t) { return origin == 10 || origin == 20 ? 5.0f : 0.1f; };
+  CompressionPolicy policy;
+  policy.kind = CompressionPolicy::Kind::kSnapKv;
+  policy.budget_ratio = 0.25;  // of 96 prompt tokens: 24
+  policy.window_tokens = 8;
+  const SeqId seq{4};
+  ASSERT_TRUE(r.admit(seq, testing::token_run(96, 1), policy).ok());
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_TRUE(r.step());
+    r.decode(seq);
+  }
+  EXPECT_EQ(r.coordinator.stats().compactions, 1u);
+  const std::vector<size_t>& kept = r.engine.origins(seq);
+  EXPECT_TRUE(std::count(kept.begin(), kept.end(), 10u));
+  EXPECT_TRUE(std::count(kept.begin(), kept.end(), 20u));
+  for (size_t i = 88; i < 96; ++i) EXPECT_TRUE(std::count(kept.begin(), kept.end(), i));
+  // 24 of the prompt, then every decoded token.
+  const size_t prompt_kept = std::count_if(kept.begin(), kept.end(), [](size_t o) { return o < 96; });
+  EXPECT_EQ(prompt_kept, 24u);
+  EXPECT_EQ(kept.size(), 24u + (r.engine.tokens(seq).size() - 96));
+}
+
+// A compressed sequence's prompt is cached whole before it is compacted, and the compaction
+// copies the cached blocks instead of writing them: a later request for the same prompt is
+// served the full, unchanged K/V (engine.verify checks every token of both).
+TEST(CompressionTest, ACompactedPromptIsNeverServedToARequestExpectingFullKv) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  const auto prompt = testing::token_run(64, 500);
+  ASSERT_TRUE(r.admit(SeqId{1}, prompt, streaming(20, 4)).ok());
+  ASSERT_TRUE(r.step());
+  r.decode(SeqId{1});
+  ASSERT_TRUE(r.step());
+  ASSERT_EQ(r.coordinator.stats().compactions, 1u);
+  auto longer = prompt;
+  longer.push_back(9);
+  const auto full = r.admit(SeqId{2}, longer, std::nullopt);
+  ASSERT_TRUE(full.ok());
+  EXPECT_EQ(full->cached_tokens, 64u);
+  ASSERT_TRUE(r.step());
+  // The same compressed request shares the full prompt too, and compacts its own copy.
+  ASSERT_TRUE(r.admit(SeqId{3}, prompt, streaming(20, 4)).ok());
+  ASSERT_TRUE(r.step());
+  r.decode(SeqId{3});
+  ASSERT_TRUE(r.step());
+  EXPECT_EQ(r.coordinator.stats().compactions, 2u);
+  const auto again = r.admit(SeqId{5}, longer, std::nullopt);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->cached_tokens, 64u);
+  ASSERT_TRUE(r.step());
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
+// After a compaction, decode attention reads exactly the kept rows: it equals fp64 attention over
+// the kept tokens' K/V, and its attention mass (the H2O score a shard reports) equals the fp64
+// softmax weights summed over the query heads.
+TEST(CompressionTest, DecodeOverACompactedSequenceEqualsFp64OverTheKeptRows) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  const SeqId seq{1};
+  const auto prompt = testing::token_run(70, 3);
+  ASSERT_TRUE(r.admit(seq, prompt, streaming(40, 4)).ok());
+  ASSERT_TRUE(r.step());
+  r.decode(seq);
+  ASSERT_TRUE(r.step());
+  ASSERT_EQ(r.coordinator.stats().compactions, 1u);
+  const std::vector<size_t>& origins = r.engine.origins(seq);
+  const auto n = static_cast<uint32_t>(origins.size());
+  const uint32_t hd = 64, q_heads = 4, kv_heads = 2, layer = 1;
+  std::vector<uint64_t> prefix(r.engine.tokens(seq).size());
+  uint64_t h = 0;
+  for (size_t i = 0; i < prefix.size(); ++i) prefix[i] = h = splitmix64(h ^ r.engine.tokens(seq)[i]);
+
+  std::mt19937 rng(5);
+  const std::vector<float> query = testing::random_normal(q_heads * hd, rng);
+  std::vector<float> output(q_heads * hd), mass(n, 0.0f);
+  std::vector<uint32_t> table;
+  for (BlockId b : r.coordinator.blocks_of(seq)) table.push_back(b.value);
+  DecodeAttentionArgs args;
+  args.layer = layer;
+  args.query = query.data();
+  args.output = output.data();
+  args.num_seqs = 1;
+  args.num_q_heads = q_heads;
+  args.block_tables = table.data();
+  args.max_blocks_per_seq = static_cast<uint32_t>(table.size());
+  args.context_lens = &n;
+  args.softmax_scale = 0.125f;
+  args.attention_mass = mass.data();
+  args.mass_stride = n;
+  ASSERT_TRUE(r.rank->decode_attention(layer, args).ok());
+
+  std::vector<double> want_mass(n, 0.0);
+  for (uint32_t qh = 0; qh < q_heads; ++qh) {
+    const uint32_t kvh = qh / (q_heads / kv_heads);
+    std::vector<double> k(size_t{n} * hd), v(k.size()), q(hd), weights;
+    for (uint32_t t = 0; t < n; ++t) {
+      for (uint32_t d = 0; d < hd; ++d) {
+        k[size_t{t} * hd + d] = testing::token_kv(prefix[origins[t]], layer, kvh, d, false);
+        v[size_t{t} * hd + d] = testing::token_kv(prefix[origins[t]], layer, kvh, d, true);
+      }
+    }
+    for (uint32_t d = 0; d < hd; ++d) q[d] = query[qh * hd + d];
+    const std::vector<double> want = testing::ref_attention(q, k.data(), v.data(), n, hd, 0.125, &weights);
+    for (uint32_t d = 0; d < hd; ++d) EXPECT_NEAR(output[qh * hd + d], want[d], 1e-4) << qh << "," << d;
+    for (uint32_t t = 0; t < n; ++t) want_mass[t] += weights[t];
+  }
+  for (uint32_t t = 0; t < n; ++t) EXPECT_NEAR(mass[t], want_mass[t], 1e-5) << "token " << t;
+  // What a shard does with it: the scores the coordinator's next H2O compaction reads.
+  ASSERT_TRUE(r.rank->accumulate_attention(seq, mass).ok());
+  EXPECT_EQ(r.rank->attention_scores(seq).size(), n);
+}
+
+TEST(CompressionTest, BadPoliciesAreRefusedNamingTheFieldAndChangeNothing) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 8, 0));
+  const auto prompt = testing::token_run(40, 1);
+  const ReplicaStats before = r.coordinator.replica_stats(0);
+  struct Case {
+    CompressionPolicy policy;
+    const char* field;
+  };
+  CompressionPolicy both = streaming(10, 4);
+  both.budget_ratio = 0.5;
+  CompressionPolicy neither = streaming(0, 4);
+  CompressionPolicy ratio = h2o(0, 0, 1);
+  ratio.budget_ratio = 1.5;
+  CompressionPolicy interval = h2o(16, 0, 0);
+  CompressionPolicy recent = h2o(16, 17, 1);
+  CompressionPolicy window;
+  window.kind = CompressionPolicy::Kind::kSnapKv;
+  window.budget_tokens = 8;
+  window.window_tokens = 9;
+  for (const Case& c : {Case{both, "budget_ratio"}, Case{neither, "budget_tokens"},
+                        Case{ratio, "compression.budget_ratio"}, Case{interval, "interval_steps"},
+                        Case{recent, "compression.recent_tokens"},
+                        Case{window, "compression.window_tokens"}}) {
+    AdmitOptions options;
+    options.compression = c.policy;
+    const auto refused = r.coordinator.admit(SeqId{1}, prompt, options);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(refused.status().message(), HasSubstr(c.field));
+    EXPECT_FALSE(r.coordinator.replica_of(SeqId{1}).has_value());
+  }
+  EXPECT_EQ(r.coordinator.replica_stats(0).free_blocks, before.free_blocks);
+  EXPECT_EQ(r.coordinator.stats().admitted, 0u);
+  EXPECT_THAT(quant::parse_compression_kind("pyramid").status().message(),
+              HasSubstr("layer group"));
+  EXPECT_FALSE(quant::parse_compression_kind("lru").ok());
+
+  // Scores: only for a sequence whose policy reads them, no longer than it, finite, >= 0.
+  ASSERT_TRUE(r.admit(SeqId{2}, prompt, streaming(20, 4)).ok());
+  ASSERT_TRUE(r.admit(SeqId{3}, prompt, h2o(20, 0, 1)).ok());
+  const std::vector<double> ok_scores(40, 1.0), too_many(41, 1.0);
+  EXPECT_EQ(r.coordinator.report_attention(SeqId{2}, ok_scores).code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(r.coordinator.report_attention(SeqId{9}, ok_scores).code(), ErrorCode::kSequenceNotFound);
+  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, too_many).message(), HasSubstr("41 scores"));
+  std::vector<double> negative(10, 1.0);
+  negative[4] = -1;
+  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, negative).message(), HasSubstr("token 4"));
+  EXPECT_TRUE(r.coordinator.report_attention(SeqId{3}, ok_scores).ok());
+  // And on the rank: unknown sequences and non-finite mass are refused.
+  ASSERT_TRUE(r.step());
+  const std::vector<float> nan_mass = {1.0f, NAN};
+  EXPECT_EQ(r.rank->accumulate_attention(SeqId{3}, nan_mass).code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(r.rank->accumulate_attention(SeqId{77}, nan_mass).code(), ErrorCode::kInvalidArgument);
+}
+
+// A seeded serving load where half the requests compress (streaming or H2O with the engine's
+// scores), mixed with prefix hits, forks, swaps and preemption: every cached token's K/V is
+// checked after every step, and at the end no block is held.
+void run_compressed_workload(const CompressionPolicy& policy, uint64_t seed) {
+  Config config = serving_config(1, 1, 4, 2, 32, 12);
+  CompressedRank r(config);
+  r.mass = [](SeqId seq, size_t origin, uint32_t) {
+    return static_cast<float>(splitmix64(seq.value * 131 + origin) % 100) / 100.0f;
+  };
+  SCOPED_TRACE(testing::property_trace());
+  testing::ServingWorkload workload(testing::property_seed(seed), 1);
+  workload.compress_some(policy);
+  uint64_t swaps = 0, copies = 0;
+  for (uint64_t step = 0; step < testing::property_count(150); ++step) {
+    ASSERT_TRUE(workload.issue(r.coordinator, r.engine).ok());
+    auto plan = r.coordinator.step();
+    ASSERT_TRUE(plan.ok());
+    swaps += plan->count(StepPlan::OpKind::kSwapIn);
+    copies += plan->count(StepPlan::OpKind::kCopy);
+    std::vector<uint8_t> bytes = plan->serialize();
+    ASSERT_TRUE(r.rank->receive_and_execute(bytes, RankId{0}).ok());
+    for (const ReplicaScores& s : r.rank->reported_scores()) {
+      ASSERT_TRUE(r.coordinator.report_attention(s.seq, s.scores).ok());
+    }
+    workload.planned(*plan, r.engine);
+    ASSERT_TRUE(r.engine.forward(*r.rank).ok());
+    ASSERT_TRUE(r.engine.attend(*r.rank, r.mass).ok());
+    ASSERT_TRUE(r.engine.verify(*r.rank)) << "step " << step;
+    ASSERT_TRUE(r.coordinator.verify_integrity().ok()) << "step " << step;
+  }
+  ASSERT_TRUE(workload.drain(r.coordinator, r.engine).ok());
+  std::vector<uint8_t> last = r.coordinator.step()->serialize();
+  ASSERT_TRUE(r.rank->receive_and_execute(last, RankId{0}).ok());
+  EXPECT_TRUE(r.rank->tables().empty());
+  EXPECT_EQ(r.coordinator.replica_stats(0).used_blocks, 0u);
+  EXPECT_GT(r.coordinator.stats().compactions, 5u);
+  EXPECT_GT(r.coordinator.stats().local_hit_tokens, 0u);
+  EXPECT_GT(swaps, 0u);
+  EXPECT_GT(copies, 0u);
+  EXPECT_GT(workload.counts().forks, 0u);
+}
+
+TEST(CompressionTest, AStreamingWorkloadKeepsKvExactAndLeaksNothing) {
+  run_compressed_workload(streaming(48, 4), 21);
+}
+
+TEST(CompressionTest, AnH2oWorkloadKeepsKvExactAndLeaksNothing) {
+  run_compressed_workload(h2o(40, 12, 3), 22);
+}
+
+// Across replicas (coordinator alone): compression with migrations, parking and cross-replica
+// forks gives back every block.
+TEST(CompressionTest, CompressionWithMigrationsLeaksNoBlockOnAnyReplica) {
+  Config config = serving_config(2, 1, 4, 2, 24, 8);
+  auto coordinator = Coordinator::create(config);
+  ASSERT_TRUE(coordinator.ok());
+  testing::EngineModel engine(config);
+  testing::ServingWorkload workload(testing::property_seed(31), 2);
+  workload.compress_some(h2o(30, 10, 2));
+  for (uint64_t step = 0; step < testing::property_count(200); ++step) {
+    ASSERT_TRUE(workload.issue(*coordinator, engine).ok());
+    auto plan = coordinator->step();
+    ASSERT_TRUE(plan.ok());
+    workload.planned(*plan, engine);
+    engine.computed_everywhere();
+    for (const auto& request : plan->score_requests) {
+      const size_t n = coordinator->blocks_of(request.seq).empty()
+                           ? 0
+                           : engine.origins(request.seq).size();
+      std::vector<double> scores(n);
+      for (size_t i = 0; i < n; ++i) scores[i] = static_cast<double>(splitmix64(i + step) % 7);
+      ASSERT_TRUE(coordinator->report_attention(request.seq, scores).ok());
+    }
+    ASSERT_TRUE(coordinator->verify_integrity().ok()) << "step " << step;
+  }
+  ASSERT_TRUE(workload.drain(*coordinator, engine).ok());
+  ASSERT_TRUE(coordinator->step().ok());
+  EXPECT_GT(coordinator->stats().compactions, 5u);
+  EXPECT_GT(coordinator->stats().migrated_blocks, 0u);
+  for (uint32_t replica = 0; replica < 2; ++replica) {
+    EXPECT_EQ(coordinator->replica_stats(replica).used_blocks, 0u);
+    EXPECT_EQ(coordinator->replica_stats(replica).host_blocks - coordinator->replica_stats(replica).host_free_blocks, 0u);
+  }
+}
+
+}  // namespace
+}  // namespace kvfabric
