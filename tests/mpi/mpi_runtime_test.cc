@@ -3,7 +3,8 @@
 // over the MPI transport. Moved blocks arrive bit-exact (checksums on both sides), TP-sharded
 // decode attention gathered equals one rank's result, a scripted serving workload keeps every
 // sequence's K/V exact with identical tables on every shard and no leaked block, and a plan of
-// the wrong step is refused by every rank with an error naming the ranks and steps. Blocks sent
+// the wrong step is refused by every rank with an error naming the ranks and steps; token
+// compression keeps the same tokens on every shard of a replica. Blocks sent
 // through the host-staged transport arrive bit-exact.
 //
 // Every rank runs the same tests and the same collectives in the same order; checks use EXPECT_*
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -368,6 +370,127 @@ TEST_P(RuntimeLayoutTest, ServingWorkloadKeepsShardsIdenticalAndLeaksNothing) {
     EXPECT_GT(migrations, 0u);
     EXPECT_EQ(r.cache->stats().migrated_blocks_received + r.cache->stats().migrated_blocks_sent > 0, true);
   }
+}
+
+// The scores rank 0 gathered for a plan, broadcast so that every rank's coordinator (each plays
+// the whole job here) reads the same ones.
+std::vector<ReplicaScores> share_scores(const RankCache& cache) {
+  std::vector<uint8_t> bytes;
+  const auto put = [&bytes](const void* p, size_t n) {
+    bytes.insert(bytes.end(), static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + n);
+  };
+  for (const ReplicaScores& r : cache.reported_scores()) {
+    const uint64_t n = r.scores.size();
+    put(&r.seq.value, 8);
+    put(&n, 8);
+    put(r.scores.data(), n * sizeof(double));
+  }
+  EXPECT_TRUE(testing::mpi_transport().broadcast(bytes, RankId{0}).ok());
+  std::vector<ReplicaScores> shared;
+  for (size_t at = 0; at < bytes.size();) {
+    ReplicaScores r;
+    uint64_t n = 0;
+    std::memcpy(&r.seq.value, bytes.data() + at, 8);
+    std::memcpy(&n, bytes.data() + at + 8, 8);
+    r.scores.resize(n);
+    std::memcpy(r.scores.data(), bytes.data() + at + 16, n * sizeof(double));
+    at += 16 + n * sizeof(double);
+    shared.push_back(std::move(r));
+  }
+  return shared;
+}
+
+// Token compression across shards: every shard scores only its own heads (here each shard's
+// mass differs, so a shard choosing alone would keep other tokens), rank 0 sums the shards of
+// each replica, and the coordinator's compactions keep the same tokens on every shard: the
+// kept positions and tables agree across shards, every kept token's K/V is exact, and the
+// summed scores are exactly the shards' masses added up. Nothing leaks.
+TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
+  const Config c = config(GetParam().dp == 2 ? 64 : 40, 12);
+  Rank r(c);
+  ASSERT_NE(r.cache, nullptr);
+  const RankLayout& l = r.layout();
+  auto coordinator = Coordinator::create(c);
+  ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+  testing::EngineModel engine(c);
+  testing::ServingWorkload workload(17, l.dp);
+  quant::CompressionPolicy policy;
+  policy.kind = quant::CompressionPolicy::Kind::kH2o;
+  policy.budget_tokens = 36;
+  policy.recent_tokens = 8;
+  policy.interval_steps = 2;
+  workload.compress_some(policy);
+  const auto shard_mass = [](SeqId seq, size_t origin, uint32_t shard) {
+    return static_cast<float>(testing::splitmix64(seq.value * 7919 + origin * 31 + shard) % 63 + 1) /
+           16.0f;
+  };
+  bool data_ok = true, kept_agree = true, sums_ok = true;
+  uint64_t requests = 0;
+  for (int step = 0; step <= 100; ++step) {
+    if (step < 100) {
+      ASSERT_TRUE(workload.issue(*coordinator, engine).ok());
+    } else {
+      ASSERT_TRUE(workload.drain(*coordinator, engine).ok());
+    }
+    const auto plan = coordinator->step();
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    requests += plan->score_requests.size();
+    std::vector<uint8_t> bytes;
+    if (is_root()) bytes = plan->serialize();
+    const Status executed = r.cache->receive_and_execute(bytes, RankId{0});
+    ASSERT_TRUE(executed.ok()) << "step " << step << ": " << executed;
+    // Rank 0's sums are every shard's mass of each token added up, once per forward pass that
+    // scored it (a whole number of passes; a shard missing or counted twice would not be).
+    if (is_root()) {
+      for (const ReplicaScores& got : r.cache->reported_scores()) {
+        const std::vector<size_t>& origins = engine.origins(got.seq);
+        for (size_t i = 0; i < got.scores.size() && sums_ok; ++i) {
+          double one_pass = 0;
+          for (uint32_t s = 0; s < l.tp; ++s) one_pass += shard_mass(got.seq, origins[i], s);
+          const double passes = one_pass == 0 ? 1 : got.scores[i] / one_pass;
+          if (passes != std::round(passes) || passes < 1 || passes > step) {
+            ADD_FAILURE() << "step " << step << ": " << got.seq << " token " << i << " scores "
+                          << got.scores[i] << ", not a whole number of passes of the shards' "
+                          << "masses added up (" << one_pass << ")";
+            sums_ok = false;
+          }
+        }
+      }
+    }
+    for (const ReplicaScores& shared : share_scores(*r.cache)) {
+      EXPECT_TRUE(coordinator->report_attention(shared.seq, shared.scores).ok());
+    }
+    workload.planned(*plan, engine);
+    ASSERT_TRUE(engine.forward(*r.cache).ok());
+    ASSERT_TRUE(engine.attend(*r.cache, shard_mass).ok());
+    if (data_ok) {
+      const auto verified = engine.verify(*r.cache);
+      EXPECT_TRUE(verified) << "step " << step;
+      data_ok = static_cast<bool>(verified);
+    }
+    // What each shard keeps of every sequence it holds, folded: equal across a replica's shards.
+    uint64_t kept = r.cache->tables_digest();
+    for (const auto& [seq, table] : r.cache->tables()) {
+      for (size_t origin : engine.origins(seq)) kept = testing::splitmix64(kept ^ origin);
+    }
+    const std::vector<uint64_t> all = all_gather(kept);
+    for (uint32_t s = 0; s < l.tp && kept_agree; ++s) {
+      if (all[l.rank_of(l.replica, s)] != all[l.rank]) {
+        ADD_FAILURE() << "step " << step << ": shards " << s << " and " << l.shard
+                      << " of replica " << l.replica << " keep different tokens";
+        kept_agree = false;
+      }
+    }
+  }
+  EXPECT_TRUE(r.cache->tables().empty());
+  EXPECT_TRUE(coordinator->verify_integrity().ok()) << coordinator->verify_integrity();
+  for (uint32_t rep = 0; rep < l.dp; ++rep) {
+    EXPECT_EQ(coordinator->replica_stats(rep).used_blocks, 0u) << "replica " << rep;
+    EXPECT_EQ(coordinator->host_free_blocks(rep), c.cache.host_num_blocks) << "replica " << rep;
+  }
+  EXPECT_GT(requests, 0u);
+  EXPECT_GT(coordinator->stats().compactions, 5u);
+  EXPECT_GT(workload.counts().forks, 0u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, RuntimeLayoutTest, ::testing::ValuesIn(kLayouts),
