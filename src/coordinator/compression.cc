@@ -102,14 +102,20 @@ void Coordinator::compact_due_sequences() {
 
 bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   const size_t before = s.num_tokens;
-  const std::vector<size_t> kept = quant::select_kept_tokens(
-      c.policy, c.budget, before, s.computed_tokens, c.prompt_tokens, c.scores);
+  const std::vector<size_t> kept =
+      quant::select_kept_tokens(c.policy, c.budget, before, s.computed_tokens, c.prompt_tokens,
+                                c.scores, config_.cache.block_size);
   if (kept.size() >= before) return true;  // nothing to drop: the interval restarts
+  std::vector<StepPlan::TokenRange> ranges = ranges_of(kept);
   PagedKvCache& pool = pool_of(s.replica);
   const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;
   // A block shared with the prefix index or a fork is copied, never written: a cached prompt
-  // keeps the K/V its key says.
-  const Result<size_t> dropped = pool.retain_tokens(seq, kept);
+  // keeps the K/V its key says. A sliding window (a sink and the newest tokens, whole blocks
+  // dropped) keeps the window's blocks in place.
+  const bool sliding = c.policy.kind == quant::CompressionPolicy::Kind::kStreaming;
+  const size_t sink = sliding && ranges.size() == 2 ? ranges.front().count : 0;
+  const Result<size_t> dropped = sliding ? pool.apply_streaming_llm(seq, sink, ranges.back().count)
+                                         : pool.retain_tokens(seq, kept);
   if (!dropped.ok()) {
     KVF_LOG_DEBUG(kCoordinator, "compaction of {} waits: {}", to_string(seq),
                   dropped.status().message());
@@ -128,7 +134,7 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   charge(s, table.size());
   mark_table(s);
   mark_load(s.replica);
-  plan_.compactions.push_back({seq, s.replica, before, ranges_of(kept)});
+  plan_.compactions.push_back({seq, s.replica, before, std::move(ranges)});
   ++stats_.compactions;
   stats_.compacted_tokens += before - kept.size();
   stats_.compacted_blocks += old_table.size() - table.size();

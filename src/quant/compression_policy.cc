@@ -116,16 +116,21 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens) {
 
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
                                        size_t num_tokens, size_t computed_tokens,
-                                       size_t prompt_tokens, std::span<const double> scores) {
+                                       size_t prompt_tokens, std::span<const double> scores,
+                                       size_t block_size) {
   const size_t n = num_tokens;
   const size_t computed = std::min(computed_tokens, n);
   switch (policy.kind) {
     case CompressionPolicy::Kind::kStreaming: {
       if (n <= budget) return all_tokens(n);
       const size_t sink = static_cast<size_t>(std::min<uint64_t>(policy.sink_tokens, budget));
-      // The newest budget - sink tokens, reaching back over any uncomputed ones.
-      const size_t window_from = std::min(n - (static_cast<size_t>(budget) - sink), computed);
-      if (window_from <= sink) return all_tokens(n);
+      // The newest budget - sink tokens, reaching back over any uncomputed ones, and then back
+      // to a whole number of blocks dropped.
+      const size_t budget_from = std::min(n - (static_cast<size_t>(budget) - sink), computed);
+      if (budget_from <= sink) return all_tokens(n);
+      const size_t bs = std::max<size_t>(block_size, 1);
+      const size_t window_from = sink + (budget_from - sink) / bs * bs;
+      if (window_from == sink) return all_tokens(n);
       std::vector<size_t> kept;
       keep_range(kept, 0, sink);
       keep_range(kept, window_from, n);

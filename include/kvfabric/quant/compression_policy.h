@@ -15,7 +15,9 @@ namespace kvfabric::quant {
 //! \brief What admit() is asked to compress a sequence's KV with (AdmitOptions::compression).
 //!
 //! - `streaming` (StreamingLLM): the first `sink_tokens` and the newest tokens, every
-//!   `interval_steps`; needs no scores.
+//!   `interval_steps`; needs no scores. It drops whole blocks' worth of tokens, so that the
+//!   blocks after the dropped span stay in place and a compaction copies at most one block: the
+//!   cache holds up to budget + block size - 1 tokens.
 //! - `h2o`: the newest `recent_tokens` and the heaviest older ones by accumulated attention mass
 //!   (every shard's decode mass, summed over the replica's shards), every `interval_steps`.
 //! - `snapkv`: once, after the prompt is computed: the prompt's last `window_tokens` (the
@@ -61,9 +63,11 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens);
 //! Positions at or past `computed_tokens` are always kept (their K/V is not computed yet), and
 //! so are positions the scores do not cover (`scores` covers [0, scores.size())). For snapkv,
 //! `prompt_tokens` is the prompt's length (the observation window ends there, and decoded tokens
-//! after it stay); for streaming the scores are ignored. Deterministic: ties keep the newer token.
+//! after it stay); for streaming the scores are ignored and `block_size` rounds the dropped span
+//! down to whole blocks. Deterministic: ties keep the newer token.
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
                                        size_t num_tokens, size_t computed_tokens,
-                                       size_t prompt_tokens, std::span<const double> scores);
+                                       size_t prompt_tokens, std::span<const double> scores,
+                                       size_t block_size = 1);
 
 }  // namespace kvfabric::quant

@@ -48,6 +48,9 @@ TEST(CompressionPolicyTest, StreamingKeepsSinksAndTheNewestTokensAndAnyUncompute
   EXPECT_EQ(select_kept_tokens(p, 10, 10, 10, 10, {}), range(0, 10));  // nothing to drop
   // Twelve tokens not computed yet: all stay, past the budget.
   EXPECT_EQ(select_kept_tokens(p, 10, 30, 18, 20, {}), join(range(0, 2), range(18, 30)));
+  // In whole blocks of 6: 20 droppable tokens drop as 18; in blocks of 4, 3 droppable wait.
+  EXPECT_EQ(select_kept_tokens(p, 10, 30, 30, 20, {}, 6), join(range(0, 2), range(20, 30)));
+  EXPECT_EQ(select_kept_tokens(p, 10, 13, 13, 13, {}, 4), range(0, 13));
   // A sink as large as the budget keeps the sink.
   p.sink_tokens = 20;
   EXPECT_EQ(select_kept_tokens(p, 10, 30, 30, 20, {}), range(0, 10));

@@ -106,20 +106,26 @@ TEST(CompressionTest, StreamingKeepsTheSinksAndTheNewestTokensBitExact) {
   ASSERT_EQ(plan.compactions.size(), 1u);
   const StepPlan::Compaction& c = plan.compactions[0];
   EXPECT_EQ(c.tokens_before, 101u);
-  EXPECT_EQ(c.kept, (std::vector<StepPlan::TokenRange>{{0, 4}, {57, 44}}));
-  EXPECT_EQ(r.coordinator.blocks_of(seq).size(), 3u);  // 48 tokens
+  // 53 tokens past the budget drop as three whole blocks: the window keeps its blocks in place,
+  // and only the block where the sink meets the window is copied.
+  EXPECT_EQ(c.kept, (std::vector<StepPlan::TokenRange>{{0, 4}, {52, 49}}));
+  EXPECT_EQ(r.coordinator.blocks_of(seq).size(), 4u);  // 53 tokens
+  uint32_t copied = 0;
+  for (const StepPlan::Op& op : plan.ops) copied += op.kind == StepPlan::OpKind::kCopy ? op.copy.num_tokens : 0;
+  EXPECT_EQ(copied, 16u);  // the cached prompt's first block is copied whole, never written
   std::vector<size_t> want = {0, 1, 2, 3};
-  for (size_t i = 57; i <= 100; ++i) want.push_back(i);
+  for (size_t i = 52; i <= 100; ++i) want.push_back(i);
   EXPECT_EQ(kept_origins(r.engine, seq), want);
   EXPECT_EQ(r.coordinator.stats().compactions, 1u);
-  EXPECT_EQ(r.coordinator.stats().compacted_tokens, 53u);
-  // The next compactions keep the cache at its budget as it decodes.
-  for (int i = 0; i < 20; ++i) {
+  EXPECT_EQ(r.coordinator.stats().compacted_tokens, 48u);
+  // The next compactions keep the cache within a block of its budget as it decodes.
+  for (int i = 0; i < 40; ++i) {
     r.decode(seq);
     ASSERT_TRUE(r.step());
+    EXPECT_LE(r.engine.origins(seq).size(), 48u + 15u);
   }
-  EXPECT_EQ(r.engine.origins(seq).size(), 48u);
-  EXPECT_EQ(r.engine.origins(seq).back(), 120u);
+  EXPECT_GE(r.coordinator.stats().compactions, 3u);
+  EXPECT_EQ(r.engine.origins(seq).back(), 140u);
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
