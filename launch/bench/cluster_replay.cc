@@ -49,6 +49,14 @@ struct Running {
 
 }  // namespace
 
+double synthetic_attention(size_t request, size_t position) {
+  uint64_t h = (uint64_t{request} << 24 ^ position) * 0x9E3779B97F4A7C15ull;
+  h ^= h >> 31;
+  const double u = static_cast<double>(h >> 11) * 0x1.0p-53;  // uniform in [0, 1)
+  const double u2 = u * u, u4 = u2 * u2;
+  return u4 * u4;  // u^8, heavy-tailed: about 1 token in 10 holds most of the mass
+}
+
 std::string_view cluster_routing_name(ClusterRouting routing) {
   switch (routing) {
     case ClusterRouting::kIndependent: return "independent";
@@ -101,6 +109,24 @@ Result<Config> cluster_replay_config(const ClusterReplayOptions& options, Cluste
   return c;
 }
 
+namespace {
+
+// The ranks of a replay run no forward pass, so the scores the plan's requests ask for come
+// from synthetic_attention (by position as the sequence holds it now).
+Status report_synthetic_scores(Coordinator& coordinator, const StepPlan& plan,
+                               ClusterReplayResult& r) {
+  for (const StepPlan::ScoreRequest& request : plan.score_requests) {
+    std::vector<double> scores(coordinator.tokens_of(request.seq));
+    for (size_t i = 0; i < scores.size(); ++i) scores[i] = synthetic_attention(request.seq.value, i);
+    KVF_RETURN_IF_ERROR(coordinator.report_attention(request.seq, scores));
+    ++r.score_requests;
+    r.score_bytes += scores.size() * sizeof(float) * coordinator.config().topology.tp;
+  }
+  return ok_status();
+}
+
+}  // namespace
+
 Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest>& trace,
                                                const ClusterReplayOptions& options,
                                                ClusterRouting routing,
@@ -135,6 +161,9 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
   double memcpy_us = 0;
   std::vector<TokenId> matched;  // the copy the physical-limit memcpy writes
   double coordinator_us = 0, queue_steps = 0;
+  double context_tokens = 0, sequence_steps = 0;  // for kv_tokens_per_sequence
+  AdmitOptions admit_options;
+  admit_options.compression = options.compression;
   DownsampledSeries waiting(kQueueSeriesPoints);
   size_t next = 0, finished = 0;
   const auto start = Clock::now();
@@ -183,7 +212,7 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
       const std::vector<TokenId> kept = prompt;  // for the memcpy, after admit took the prompt
       const SeqId seq{p.request};
       const auto t0 = Clock::now();
-      const auto placed = coordinator.admit(seq, std::move(prompt));
+      const auto placed = coordinator.admit(seq, std::move(prompt), admit_options);
       const double us = micros(t0, Clock::now());
       coordinator_us += us;
       if (!placed.ok()) {
@@ -218,6 +247,17 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
       KVF_RETURN_IF_ERROR(execute(plan));
       r.executor_seconds += micros(t1, Clock::now()) * 1e-6;
     }
+    for (const StepPlan::Op& op : plan.ops) {
+      if (op.kind == StepPlan::OpKind::kCopy && op.copy.reason == CopyReason::kCompaction) {
+        r.compaction_copied_tokens += op.copy.num_tokens;
+      }
+    }
+    KVF_RETURN_IF_ERROR(report_synthetic_scores(coordinator, plan, r));
+    for (const auto& [seq, s] : running) {
+      if (coordinator.is_swapped(seq) || !coordinator.replica_of(seq)) continue;
+      context_tokens += static_cast<double>(coordinator.tokens_of(seq));
+      sequence_steps += 1;
+    }
     // Preempted sequences start over (keeping what they generated), ahead of new arrivals.
     for (auto it = plan.preempted.rbegin(); it != plan.preempted.rend(); ++it) {
       const auto found = running.find(*it);
@@ -231,6 +271,8 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
     if (progress) progress({finished, count, step, queue.size()});
   }
   r.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  r.kv_tokens_per_sequence = sequence_steps == 0 ? 0.0 : context_tokens / sequence_steps;
+  r.decode_context_tokens_per_step = r.steps == 0 ? 0.0 : context_tokens / static_cast<double>(r.steps);
   KVF_RETURN_IF_ERROR(coordinator.verify_integrity());
   r.coordinator_bytes = coordinator.host_memory_bytes();
   r.index_nodes = coordinator.prefix_index().node_count();
@@ -247,6 +289,8 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
   r.swapped_in = stats.swapped_in;
   r.parked = stats.parked;
   r.preempted = stats.preempted;
+  r.compactions = stats.compactions;
+  r.compacted_tokens = stats.compacted_tokens;
   const uint64_t first_admissions = r.admissions - r.readmissions;
   r.mean_queue_steps = first_admissions == 0 ? 0.0 : queue_steps / static_cast<double>(first_admissions);
   r.coordinator_us_per_request = count == 0 ? 0.0 : coordinator_us / static_cast<double>(count);

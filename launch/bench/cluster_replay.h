@@ -7,12 +7,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string_view>
 #include <vector>
 
 #include "bench/trace.h"
 #include "kvfabric/config/config.h"
 #include "kvfabric/plan/step_plan.h"
+#include "kvfabric/quant/compression_policy.h"
 
 namespace kvfabric::bench {
 
@@ -43,7 +45,15 @@ struct ClusterReplayOptions {
   double time_scale = 1;                //!< arrivals this many times faster than recorded
   uint32_t max_output_tokens = 0;       //!< caps each request's output; 0 = as in the trace
   size_t max_requests = 0;              //!< 0 = the whole trace
+  //! Every request admitted with this token compression. The replay has no model: H2O and
+  //! SnapKV read a synthetic heavy-tailed attention mass (synthetic_attention), so a run shows
+  //! what compression costs and saves in memory and plans, not its quality (`compress` does).
+  std::optional<quant::CompressionPolicy> compression;
 };
+
+//! The replay's stand-in for a model's attention: a deterministic heavy-tailed mass per token
+//! of a request (a few tokens take most of it), the same on every run.
+double synthetic_attention(size_t request, size_t position);
 
 struct ClusterReplayResult {
   ClusterRouting routing = ClusterRouting::kGlobalMigration;
@@ -82,6 +92,15 @@ struct ClusterReplayResult {
   double coordinator_us_per_request = 0;
   double executor_seconds = 0;  //!< wall time in the plan executor
   double wall_seconds = 0;
+  //! KV the running sequences hold, averaged over steps and sequences (tokens of context each
+  //! decode step attends to: what decode attention reads).
+  double kv_tokens_per_sequence = 0;
+  double decode_context_tokens_per_step = 0;
+  uint64_t compactions = 0;
+  uint64_t compacted_tokens = 0;         //!< dropped by them
+  uint64_t compaction_copied_tokens = 0;  //!< moved by their copy ops (per shard)
+  uint64_t score_requests = 0;
+  uint64_t score_bytes = 0;  //!< sent to rank 0 for them: 4 bytes per token per shard
 };
 
 //! The queue-length series' bound: the JSON stays small however long the run.

@@ -72,6 +72,50 @@ Result<std::vector<ClusterRouting>> parse_cluster_routings(const std::string& li
   return out;
 }
 
+Result<std::optional<quant::CompressionPolicy>> parse_compression_spec(const std::string& spec) {
+  if (spec == "none") return std::optional<quant::CompressionPolicy>();
+  const size_t colon = spec.find(':');
+  quant::CompressionPolicy policy;
+  KVF_ASSIGN_OR_RETURN(policy.kind, quant::parse_compression_kind(spec.substr(0, colon)));
+  std::stringstream in(colon == std::string::npos ? "" : spec.substr(colon + 1));
+  std::string pair;
+  while (std::getline(in, pair, ',')) {
+    const size_t eq = pair.find('=');
+    const std::string key = pair.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "" : pair.substr(eq + 1);
+    const auto bad = [&] {
+      return invalid_argument("--compression '" + spec + "': " + key + "=" + value +
+                              " is not a number (keys: tokens, ratio, interval, sink, recent, "
+                              "window)");
+    };
+    char* end = nullptr;
+    const double number = std::strtod(value.c_str(), &end);
+    if (value.empty() || end != value.c_str() + value.size() || !(number >= 0)) return bad();
+    const auto count = static_cast<uint64_t>(number);
+    if (key == "ratio") {
+      policy.budget_ratio = number;
+    } else if (static_cast<double>(count) != number) {
+      return bad();
+    } else if (key == "tokens") {
+      policy.budget_tokens = count;
+    } else if (key == "interval") {
+      policy.interval_steps = static_cast<uint32_t>(std::min<uint64_t>(count, UINT32_MAX));
+    } else if (key == "sink") {
+      policy.sink_tokens = count;
+    } else if (key == "recent") {
+      policy.recent_tokens = count;
+    } else if (key == "window") {
+      policy.window_tokens = count;
+    } else {
+      return invalid_argument("--compression '" + spec + "': unknown key '" + key +
+                              "' (tokens, ratio, interval, sink, recent, window)");
+    }
+  }
+  const Status valid = quant::validate(policy);
+  if (!valid.ok()) return invalid_argument("--compression '" + spec + "': " + valid.message());
+  return std::optional(policy);
+}
+
 Status run_cluster_command(const ClusterCommand& command, const std::vector<MooncakeRequest>& trace,
                            const std::string& trace_name, nlohmann::json& results) {
   ClusterReplayOptions sim = command.sim;
@@ -124,6 +168,9 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
   }
 
   std::vector<ClusterReplayResult> runs;
+  std::vector<std::string> run_compressions;  // each run's compression, as given
+  for (size_t c = 0; c < command.compressions.size(); ++c) {
+  sim.compression = command.compressions[c];
   for (ClusterRouting routing : command.routings) {
     KVF_ASSIGN_OR_RETURN(const Config config, cluster_replay_config(sim, routing));
     if (job) {
@@ -173,7 +220,9 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
     }
     KVF_RETURN_IF_ERROR(r.status());
     runs.push_back(*r);
+    run_compressions.push_back(command.compression_names[c]);
     results["runs"].push_back({{"routing", cluster_routing_name(routing)},
+                               {"compression", command.compression_names[c]},
                                {"requests", r->requests},
                                {"unfit_requests", r->unfit_requests},
                                {"steps", r->steps},
@@ -214,17 +263,34 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                                {"index_nodes", r->index_nodes},
                                {"coordinator_us_per_request", r->coordinator_us_per_request},
                                {"executor_seconds", r->executor_seconds},
-                               {"wall_seconds", r->wall_seconds}});
+                               {"wall_seconds", r->wall_seconds},
+                               {"kv_tokens_per_sequence", r->kv_tokens_per_sequence},
+                               {"decode_context_tokens_per_step", r->decode_context_tokens_per_step},
+                               {"compactions", r->compactions},
+                               {"compacted_tokens", r->compacted_tokens},
+                               {"compaction_copied_tokens", r->compaction_copied_tokens},
+                               {"score_requests", r->score_requests},
+                               {"score_bytes", r->score_bytes}});
+  }
   }
   if (!root) {
     results = nullptr;
     return ok_status();
   }
-  Table table({"routing", "hit_ratio", "prefill_tokens", "saved", "migrated_GiB", "swap_out/in",
-               "parked", "preempted", "queue_steps", "admit_us", "admit_p99", "memcpy_us",
-               "coord_us/req", "coord_MiB", "wall_s"});
-  for (const auto& r : runs) {
-    table.add_row({std::string(cluster_routing_name(r.routing)), fmt::format("{:.4f}", r.hit_ratio),
+  const bool compressing = command.compressions.size() > 1 || command.compressions[0].has_value();
+  std::vector<std::string> columns = {"routing", "hit_ratio", "prefill_tokens", "saved",
+                                      "migrated_GiB", "swap_out/in", "parked", "preempted",
+                                      "queue_steps", "admit_us", "admit_p99", "memcpy_us",
+                                      "coord_us/req", "coord_MiB", "wall_s"};
+  if (compressing) {
+    columns.insert(columns.begin(), "compression");
+    columns.insert(columns.end(), {"kv_tok/seq", "compactions", "copied_tok", "score_MiB",
+                                   "exec_s"});
+  }
+  Table table(columns);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const ClusterReplayResult& r = runs[i];
+    std::vector<std::string> row = {std::string(cluster_routing_name(r.routing)), fmt::format("{:.4f}", r.hit_ratio),
                    format_count(static_cast<double>(r.prefill_tokens)),
                    format_count(static_cast<double>(r.prompt_tokens - r.prefill_tokens)),
                    gib(r.migrated_bytes), fmt::format("{}/{}", r.swapped_out, r.swapped_in),
@@ -234,7 +300,16 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                    fmt::format("{:.2f}", r.matched_memcpy_us),
                    fmt::format("{:.1f}", r.coordinator_us_per_request),
                    fmt::format("{:.0f}", static_cast<double>(r.coordinator_bytes) / (1 << 20)),
-                   fmt::format("{:.1f}", r.wall_seconds)});
+                   fmt::format("{:.1f}", r.wall_seconds)};
+    if (compressing) {
+      row.insert(row.begin(), run_compressions[i]);
+      row.insert(row.end(),
+                 {fmt::format("{:.0f}", r.kv_tokens_per_sequence), std::to_string(r.compactions),
+                  format_count(static_cast<double>(r.compaction_copied_tokens)),
+                  fmt::format("{:.1f}", static_cast<double>(r.score_bytes) / (1 << 20)),
+                  fmt::format("{:.2f}", r.executor_seconds)});
+    }
+    table.add_row(row);
   }
   fmt::print("\n{}", table.to_string());
   fmt::print(
@@ -246,7 +321,20 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
       "memcpy_us = a memcpy of the prompt tokens it found\ncached (what reading them once costs); "
       "coord_us/req = every coordinator call (admit, append per decoded\ntoken, free, step) per "
       "request; coord_MiB = the coordinator's bookkeeping at the end.\n");
-  print_summary(runs);
+  if (compressing) {
+    fmt::print(
+        "kv_tok/seq = KV tokens a running sequence holds, averaged over steps (what its decode "
+        "attention reads);\ncopied_tok = tokens the compactions' copy ops moved (per shard); "
+        "score_MiB = attention scores the shards sent\nfor the score requests; exec_s = wall "
+        "time of the ranks' plan execution. H2O and SnapKV read a synthetic\nheavy-tailed "
+        "attention mass here: these runs show memory and plan costs, not quality.\n");
+  }
+  // The summary compares routings without compression (or with the first one given).
+  std::vector<ClusterReplayResult> first;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (run_compressions[i] == command.compression_names.front()) first.push_back(runs[i]);
+  }
+  print_summary(first);
   return ok_status();
 }
 

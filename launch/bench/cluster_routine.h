@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,7 +18,17 @@ struct ClusterCommand {
   std::vector<ClusterRouting> routings = {ClusterRouting::kIndependent,
                                           ClusterRouting::kGlobalRouting,
                                           ClusterRouting::kGlobalMigration};
+  //! Token compression of every request, one replay per entry and routing (nullopt: none),
+  //! with the text each was given as.
+  std::vector<std::optional<quant::CompressionPolicy>> compressions = {std::nullopt};
+  std::vector<std::string> compression_names = {"none"};
 };
+
+//! Parses a compression spec: "none", or KIND[:KEY=VALUE,...] with KIND streaming, h2o or snapkv
+//! and KEY tokens (the budget), ratio (the budget as a share of the prompt), interval, sink,
+//! recent, window, e.g. "h2o:ratio=0.25,interval=16". Errors name the key or value; the policy
+//! is validated as admit() would.
+Result<std::optional<quant::CompressionPolicy>> parse_compression_spec(const std::string& spec);
 
 //! Parses "independent,global-routing,global-migration" (any subset, in any order).
 Result<std::vector<ClusterRouting>> parse_cluster_routings(const std::string& list);

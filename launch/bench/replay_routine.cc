@@ -25,6 +25,7 @@ struct ReplayCommandOptions {
   // Across replicas (--dp > 1).
   ClusterCommand cluster;
   std::string routings = "independent,global-routing,global-migration";
+  std::vector<std::string> compressions = {"none"};
   bool capacity_given = false;
 };
 
@@ -40,6 +41,13 @@ Status run_replay_across_replicas(ReplayCommandOptions opts, const std::vector<M
   command.sim.block_tokens = opts.block_tokens;
   command.sim.max_requests = opts.max_requests;
   KVF_ASSIGN_OR_RETURN(command.routings, parse_cluster_routings(opts.routings));
+  command.compressions.clear();
+  command.compression_names.clear();
+  for (const std::string& spec : opts.compressions) {
+    KVF_ASSIGN_OR_RETURN(auto policy, parse_compression_spec(spec));
+    command.compressions.push_back(policy);
+    command.compression_names.push_back(spec);
+  }
   return run_cluster_command(command, trace, trace_name, results);
 }
 
@@ -184,6 +192,12 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected) {
       ->check(CLI::PositiveNumber)
       ->group(across);
   cmd->add_option("--max-output-tokens", sim.max_output_tokens, "cap each request's output (0 = as traced)")
+      ->group(across);
+  cmd->add_option("--compression", opts->compressions,
+                  "token compression of every request: none, or KIND[:KEY=VALUE,...] with KIND "
+                  "streaming, h2o or snapkv and KEY tokens, ratio, interval, sink, recent, window "
+                  "(e.g. h2o:ratio=0.25,interval=16); given twice or ';'-separated, one replay each")
+      ->delimiter(';')
       ->group(across);
   cmd->add_option("--config", opts->cluster.config_path,
                   "YAML config for the model shape and KV dtype (default: a 2-layer model, 1 KiB/token)")

@@ -44,6 +44,11 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options,
                                 .scores = {}};
 }
 
+size_t Coordinator::tokens_of(SeqId seq) const {
+  const Sequence* s = find(seq);
+  return s == nullptr ? 0 : s->num_tokens;
+}
+
 Status Coordinator::report_attention(SeqId seq, std::span<const double> scores) {
   const Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);

@@ -254,6 +254,9 @@ class Coordinator {
   [[nodiscard]] size_t host_memory_bytes() const;
   [[nodiscard]] size_t host_free_blocks(uint32_t replica) const;
   [[nodiscard]] uint64_t block_bytes() const { return block_bytes_; }
+  //! The tokens a live sequence holds (running or swapped; compaction shrinks them); 0 when
+  //! unknown.
+  [[nodiscard]] size_t tokens_of(SeqId seq) const;
   //! The block table of a running sequence (empty when unknown or swapped).
   [[nodiscard]] std::vector<BlockId> blocks_of(SeqId seq) const;
   //! Every replica's pool and index checks, and that the sequences' records agree with them.

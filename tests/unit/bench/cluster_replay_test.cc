@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "bench/cluster_replay.h"
@@ -114,6 +116,64 @@ TEST(ClusterReplay, UnderLoadItSwapsAndStaysDeterministic) {
   EXPECT_GT(first->mean_queue_steps, 0.0);
   expect_same_decisions(*first, *again);
   expect_queue_and_admission_shapes(*first);
+}
+
+// Compression under load (arrivals 6x faster, swapping): each policy holds about half the KV
+// per sequence, deterministically, and pays in plan copies; H2O and SnapKV ask the ranks for
+// scores, streaming does not.
+TEST(ClusterReplay, CompressionHalvesTheKvEachSequenceHolds) {
+  auto o = options(250, 6);
+  o.config.topology.dp = 2;
+  o.capacity_tokens = 2u << 20;
+  const auto none = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalMigration);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->compactions, 0u);
+  for (const char* spec : {"streaming:ratio=0.5,interval=8", "h2o:ratio=0.5,interval=8",
+                           "snapkv:ratio=0.5"}) {
+    SCOPED_TRACE(spec);
+    auto policy = parse_compression_spec(spec);
+    ASSERT_TRUE(policy.ok()) << policy.status();
+    o.compression = *policy;
+    const auto run = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalMigration);
+    ASSERT_TRUE(run.ok()) << run.status();
+    if (policy->value().kind == quant::CompressionPolicy::Kind::kH2o) {
+      const auto again = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalMigration);
+      ASSERT_TRUE(again.ok()) << again.status();
+      expect_same_decisions(*run, *again);
+      EXPECT_EQ(run->compacted_tokens, again->compacted_tokens);
+    }
+    EXPECT_GT(run->compactions, 0u);
+    EXPECT_GT(run->compaction_copied_tokens, 0u);
+    EXPECT_LT(run->kv_tokens_per_sequence, none->kv_tokens_per_sequence * 0.6);
+    EXPECT_GT(run->kv_tokens_per_sequence, none->kv_tokens_per_sequence * 0.4);
+    EXPECT_EQ(run->score_requests > 0, policy->value().needs_scores());
+  }
+}
+
+TEST(ClusterReplay, CompressionSpecsAreParsedOrRefusedNamingTheKey) {
+  const auto h2o = parse_compression_spec("h2o:ratio=0.25,interval=16,recent=64");
+  ASSERT_TRUE(h2o.ok()) << h2o.status();
+  EXPECT_EQ(h2o->value().kind, quant::CompressionPolicy::Kind::kH2o);
+  EXPECT_DOUBLE_EQ(h2o->value().budget_ratio, 0.25);
+  EXPECT_EQ(h2o->value().interval_steps, 16u);
+  EXPECT_EQ(h2o->value().recent_tokens, 64u);
+  const auto streaming = parse_compression_spec("streaming:tokens=4096,sink=8");
+  ASSERT_TRUE(streaming.ok());
+  EXPECT_EQ(streaming->value().budget_tokens, 4096u);
+  EXPECT_EQ(streaming->value().sink_tokens, 8u);
+  EXPECT_FALSE(parse_compression_spec("none")->has_value());
+  for (const auto& [spec, says] : std::vector<std::pair<std::string, std::string>>{
+           {"h2o", "set exactly one"},
+           {"h2o:ratio=2", "compression.budget_ratio"},
+           {"h2o:tokens=1.5", "tokens=1.5"},
+           {"h2o:tokens=ten", "tokens=ten"},
+           {"h2o:tokens=8,window=4,speed=2", "unknown key 'speed'"},
+           {"lru:tokens=8", "unknown"},
+           {"pyramid:tokens=8", "layer group"}}) {
+    const auto refused = parse_compression_spec(spec);
+    ASSERT_FALSE(refused.ok()) << spec;
+    EXPECT_THAT(refused.status().message(), HasSubstr(says)) << spec;
+  }
 }
 
 TEST(ClusterReplay, ReportsProgressOncePerStepUpToEveryRequest) {
