@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -29,6 +30,7 @@ constexpr std::pair<std::string_view, ControlOp> kOps[] = {
     {"step", ControlOp::kStep},     {"query", ControlOp::kQuery},
     {"stats", ControlOp::kStats},   {"shutdown", ControlOp::kShutdown},
     {"subscribe", ControlOp::kSubscribe}, {"reset_prefix_cache", ControlOp::kResetPrefixCache},
+    {"report_attention", ControlOp::kReportAttention},
 };
 static_assert(std::size(kOps) == kNumControlOps);
 
@@ -86,6 +88,38 @@ class Request {
                    std::to_string(max_bytes) + " bytes");
     }
     return std::optional<std::string>(it->get<std::string>());
+  }
+  //! An optional object, as a Request of its own whose errors name "op: key.field".
+  Result<std::optional<json>> optional_object(const char* key) const {
+    const auto it = object_.find(key);
+    if (it == object_.end() || it->is_null()) return std::optional<json>();
+    if (!it->is_object()) return error(std::string("field \"") + key + "\" must be an object");
+    return std::optional<json>(*it);
+  }
+  Result<std::optional<double>> optional_number(const char* key) const {
+    const auto it = object_.find(key);
+    if (it == object_.end() || it->is_null()) return std::optional<double>();
+    if (!it->is_number()) {
+      return error(std::string("field \"") + key + "\" must be a number (got " + describe(*it) +
+                   ")");
+    }
+    return std::optional<double>(it->get<double>());
+  }
+  //! An array of finite numbers >= 0.
+  Result<std::vector<double>> scores(const char* key) const {
+    const auto it = object_.find(key);
+    if (it == object_.end()) return error(std::string("missing field \"") + key + "\"");
+    if (!it->is_array()) return error(std::string("field \"") + key + "\" must be an array of numbers");
+    std::vector<double> out;
+    out.reserve(it->size());
+    for (const json& v : *it) {
+      if (!v.is_number() || !std::isfinite(v.get<double>()) || v.get<double>() < 0) {
+        return error(std::string("field \"") + key + "\" element " + std::to_string(out.size()) +
+                     " must be a finite number >= 0 (got " + describe(v) + ")");
+      }
+      out.push_back(v.get<double>());
+    }
+    return out;
   }
   Result<std::vector<TokenId>> tokens(const char* key) const {
     const auto it = object_.find(key);
@@ -182,6 +216,47 @@ json seq_list(std::span<const SeqId> seqs) {
   return out;
 }
 
+// admit's "compression" object: the fields of quant::CompressionPolicy, checked as admit() does.
+Result<quant::CompressionPolicy> compression_policy(const json& object) {
+  const Request fields(object, "admit: compression");
+  KVF_RETURN_IF_ERROR(fields.only({"policy", "budget_tokens", "budget_ratio", "interval_steps",
+                                   "sink_tokens", "recent_tokens", "window_tokens"}));
+  KVF_ASSIGN_OR_RETURN(const auto kind, fields.optional_string("policy", 64));
+  if (!kind) return invalid_argument("admit: compression: missing field \"policy\"");
+  quant::CompressionPolicy policy;
+  const auto parsed_kind = quant::parse_compression_kind(*kind);
+  if (!parsed_kind.ok()) return invalid_argument("admit: " + parsed_kind.status().message());
+  policy.kind = *parsed_kind;
+  KVF_ASSIGN_OR_RETURN(const auto budget, fields.optional_unsigned("budget_tokens", UINT64_MAX));
+  KVF_ASSIGN_OR_RETURN(const auto ratio, fields.optional_number("budget_ratio"));
+  KVF_ASSIGN_OR_RETURN(const auto interval, fields.optional_unsigned("interval_steps", kMaxU32));
+  KVF_ASSIGN_OR_RETURN(const auto sink, fields.optional_unsigned("sink_tokens", UINT64_MAX));
+  KVF_ASSIGN_OR_RETURN(const auto recent, fields.optional_unsigned("recent_tokens", UINT64_MAX));
+  KVF_ASSIGN_OR_RETURN(const auto window, fields.optional_unsigned("window_tokens", UINT64_MAX));
+  policy.budget_tokens = budget.value_or(0);
+  policy.budget_ratio = ratio.value_or(0);
+  policy.interval_steps = static_cast<uint32_t>(interval.value_or(policy.interval_steps));
+  policy.sink_tokens = sink.value_or(policy.sink_tokens);
+  policy.recent_tokens = recent.value_or(policy.recent_tokens);
+  policy.window_tokens = window.value_or(policy.window_tokens);
+  const Status valid = quant::validate(policy);
+  if (!valid.ok()) return invalid_argument("admit: " + valid.message());
+  return policy;
+}
+
+json compactions_reply(const StepPlan& plan) {
+  json out = json::array();
+  for (const StepPlan::Compaction& c : plan.compactions) {
+    json kept = json::array();
+    for (const StepPlan::TokenRange& range : c.kept) kept.push_back({range.first, range.count});
+    out.push_back({{"seq", c.seq.value},
+                   {"replica", c.replica},
+                   {"tokens_before", c.tokens_before},
+                   {"kept", std::move(kept)}});
+  }
+  return out;
+}
+
 json plan_reply(const StepPlan& plan) {
   json tables = json::array();
   for (const StepPlan::Table& t : plan.tables) {
@@ -192,10 +267,16 @@ json plan_reply(const StepPlan& plan) {
                       {"first_block", t.first_block},
                       {"blocks", block_list(t.blocks)}});
   }
+  json score_requests = json::array();
+  for (const StepPlan::ScoreRequest& request : plan.score_requests) {
+    score_requests.push_back({{"seq", request.seq.value}, {"replica", request.replica}});
+  }
   return {{"step", plan.step},
           {"tables", std::move(tables)},
           {"released", seq_list(plan.released)},
           {"preempted", seq_list(plan.preempted)},
+          {"compactions", compactions_reply(plan)},
+          {"score_requests", std::move(score_requests)},
           {"ops",
            {{"swap_out", plan.count(StepPlan::OpKind::kSwapOut)},
             {"migrate", plan.count(StepPlan::OpKind::kMigrate)},
@@ -621,8 +702,8 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
     case ControlOp::kHello:
       return hello(protocol, fields, who);
     case ControlOp::kAdmit: {
-      KVF_RETURN_IF_ERROR(
-          fields.only({"seq", "tokens", "priority", "cache_salt", "public_tokens"}));
+      KVF_RETURN_IF_ERROR(fields.only(
+          {"seq", "tokens", "priority", "cache_salt", "public_tokens", "compression"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
       KVF_ASSIGN_OR_RETURN(std::vector<TokenId> tokens, fields.tokens("tokens"));
       KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
@@ -634,6 +715,10 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       options.tenant = who.tenant;
       options.cache_salt = salt;
       options.public_tokens = public_tokens.value_or(0);
+      KVF_ASSIGN_OR_RETURN(const auto compression, fields.optional_object("compression"));
+      if (compression) {
+        KVF_ASSIGN_OR_RETURN(options.compression, compression_policy(*compression));
+      }
       const auto started = std::chrono::steady_clock::now();
       Result<Placement> admitted = coordinator.admit(SeqId{seq}, std::move(tokens), options);
       protocol.admit_seconds_.observe(std::chrono::steady_clock::now() - started);
@@ -661,6 +746,14 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{src}));
       KVF_RETURN_IF_ERROR(coordinator.fork(SeqId{src}, SeqId{dst}, target));
       return json{{"replica", coordinator.replica_of(SeqId{dst}).value_or(0)}};
+    }
+    case ControlOp::kReportAttention: {
+      KVF_RETURN_IF_ERROR(fields.only({"seq", "scores"}));
+      KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_ASSIGN_OR_RETURN(const std::vector<double> scores, fields.scores("scores"));
+      KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{seq}));
+      KVF_RETURN_IF_ERROR(coordinator.report_attention(SeqId{seq}, scores));
+      return json::object();
     }
     case ControlOp::kFree: {
       KVF_RETURN_IF_ERROR(fields.only({"seq"}));

@@ -36,8 +36,9 @@ enum class ControlOp : uint8_t {
   kShutdown,
   kSubscribe,
   kResetPrefixCache,
+  kReportAttention,
 };
-inline constexpr size_t kNumControlOps = 12;
+inline constexpr size_t kNumControlOps = 13;
 std::string_view control_op_name(ControlOp op);  // "hello", "admit", ..., "set_priority", ...
 
 //! Requests handled so far, by op, and those refused before reaching an op (unreadable JSON,

@@ -68,12 +68,27 @@ class PlanTable:
 
 
 @dataclass(frozen=True)
+class Compaction:
+    """A sequence the step compacted (token compression): ``kept`` lists (first, count) ranges
+    of its positions before the compaction, in order; the i-th kept token is now position i."""
+
+    seq: int
+    replica: int
+    tokens_before: int
+    kept: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class Step:
     step: int
     tables: list[PlanTable]
     released: list[int]
     preempted: list[int]
     ops: dict[str, int]  #: counts: swap_out, migrate, swap_in, copy
+    #: sequences compacted in this step, and those whose attention scores the coordinator
+    #: wants (report_attention) before its next compaction
+    compactions: list[Compaction] = field(default_factory=list)
+    score_requests: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -118,9 +133,14 @@ class Batch:
         return len(self.requests) - 1
 
     def admit(self, seq: int, tokens: Sequence[int], priority: Optional[int] = None,
-              cache_salt: Optional[str] = None, public_tokens: Optional[int] = None) -> int:
+              cache_salt: Optional[str] = None, public_tokens: Optional[int] = None,
+              compression: Optional[dict[str, Any]] = None) -> int:
         return self._add("admit", seq=seq, tokens=[int(t) for t in tokens], priority=priority,
-                         cache_salt=cache_salt, public_tokens=public_tokens)
+                         cache_salt=cache_salt, public_tokens=public_tokens,
+                         compression=compression)
+
+    def report_attention(self, seq: int, scores: Sequence[float]) -> int:
+        return self._add("report_attention", seq=seq, scores=[float(s) for s in scores])
 
     def append(self, seq: int, num_tokens: int) -> int:
         return self._add("append", seq=seq, num_tokens=num_tokens)
@@ -263,10 +283,19 @@ class Client:
                      r["block_bytes"], r["next_step"], r["tenant"], r["admin"])
 
     def admit(self, seq: int, tokens: Sequence[int], priority: Optional[int] = None,
-              cache_salt: Optional[str] = None, public_tokens: Optional[int] = None) -> Placement:
+              cache_salt: Optional[str] = None, public_tokens: Optional[int] = None,
+              compression: Optional[dict[str, Any]] = None) -> Placement:
+        """``compression``: token compression for the sequence, e.g. ``{"policy": "h2o",
+        "budget_ratio": 0.25, "interval_steps": 16}`` (docs/control-protocol.md)."""
         r = self.request("admit", seq=seq, tokens=[int(t) for t in tokens], priority=priority,
-                         cache_salt=cache_salt, public_tokens=public_tokens)
+                         cache_salt=cache_salt, public_tokens=public_tokens,
+                         compression=compression)
         return Placement(r["replica"], r["cached_tokens"], r["migrated_tokens"], r["blocks"])
+
+    def report_attention(self, seq: int, scores: Sequence[float]) -> None:
+        """The attention scores of a compressed sequence, per token, summed over its
+        replica's shards: its next H2O or SnapKV compaction reads them."""
+        self.request("report_attention", seq=seq, scores=[float(s) for s in scores])
 
     def append(self, seq: int, num_tokens: int) -> None:
         self.request("append", seq=seq, num_tokens=num_tokens)
@@ -286,7 +315,11 @@ class Client:
         r = self.request("step")
         tables = [PlanTable(t["seq"], t["replica"], t["num_tokens"], t["computed_tokens"],
                             t.get("first_block", 0), t["blocks"]) for t in r["tables"]]
-        return Step(r["step"], tables, r["released"], r["preempted"], r["ops"])
+        compactions = [Compaction(c["seq"], c["replica"], c["tokens_before"],
+                                  [(k[0], k[1]) for k in c["kept"]])
+                       for c in r.get("compactions", [])]
+        return Step(r["step"], tables, r["released"], r["preempted"], r["ops"], compactions,
+                    [q["seq"] for q in r.get("score_requests", [])])
 
     def query(self, seq: int) -> SequenceState:
         r = self.request("query", seq=seq)

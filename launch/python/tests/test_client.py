@@ -41,6 +41,29 @@ def test_every_op(start_server):
     assert server.wait() == 0
 
 
+def test_compression_is_admitted_scored_and_compacted(server):
+    with kvfabric.Client.connect(server.host, server.port) as client:
+        client.admit(1, list(range(80)), compression={
+            "policy": "h2o", "budget_tokens": 32, "recent_tokens": 8, "interval_steps": 1})
+        assert client.step().score_requests == []  # the prefill
+        client.append(1, 1)
+        assert client.step().score_requests == [1]
+        scores = [0.0] * 81
+        scores[40] = 5.0
+        client.report_attention(1, scores)
+        client.append(1, 1)
+        step = client.step()
+        (compaction,) = step.compactions
+        assert (compaction.seq, compaction.tokens_before) == (1, 82)
+        assert sum(count for _, count in compaction.kept) == 32
+        assert (40, 1) in compaction.kept
+        assert [t.num_tokens for t in step.tables] == [32]
+        with pytest.raises(kvfabric.InvalidArgumentError, match="budget_ratio"):
+            client.admit(2, list(range(80)), compression={"policy": "h2o", "budget_ratio": 2.0})
+        with pytest.raises(kvfabric.InvalidArgumentError, match="element 0"):
+            client.report_attention(1, [-1.0])
+
+
 def test_errors_carry_the_servers_code_and_message(server):
     with kvfabric.Client.connect(server.host, server.port) as client:
         with pytest.raises(kvfabric.SequenceNotFoundError) as missing:

@@ -202,6 +202,68 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
   EXPECT_FALSE(protocol.shutdown_requested());
 }
 
+// Token compression over the control plane: admit takes a policy, the step replies carry the
+// score requests and compactions, and report_attention hands the shards' summed scores in.
+TEST(ControlProtocolTest, CompressionIsAdmittedScoredAndCompactedOverTheWire) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 32, 0));
+  ControlProtocol protocol(c);
+  const std::vector<TokenId> prompt = token_run(80, 3);
+  const json admitted = call(protocol, {{"op", "admit"},
+                                        {"seq", 1},
+                                        {"tokens", prompt},
+                                        {"compression",
+                                         {{"policy", "h2o"},
+                                          {"budget_tokens", 32},
+                                          {"recent_tokens", 8},
+                                          {"interval_steps", 1}}}});
+  ASSERT_EQ(admitted["ok"], true) << admitted;
+  json step = call(protocol, {{"op", "step"}});  // the prefill
+  ASSERT_EQ(step["ok"], true) << step;
+  EXPECT_TRUE(step["score_requests"].empty());
+  ASSERT_EQ(call(protocol, {{"op", "append"}, {"seq", 1}, {"num_tokens", 1}})["ok"], true);
+  step = call(protocol, {{"op", "step"}});  // prefilled: the next compaction wants scores
+  ASSERT_EQ(step["score_requests"], json::parse(R"([{"seq": 1, "replica": 0}])"));
+  std::vector<double> scores(81, 0.0);
+  scores[5] = scores[6] = 3.0;
+  ASSERT_EQ(call(protocol, {{"op", "report_attention"}, {"seq", 1}, {"scores", scores}})["ok"],
+            true);
+  ASSERT_EQ(call(protocol, {{"op", "append"}, {"seq", 1}, {"num_tokens", 1}})["ok"], true);
+  step = call(protocol, {{"op", "step"}});
+  ASSERT_EQ(step["compactions"].size(), 1u) << step;
+  const json& compaction = step["compactions"][0];
+  EXPECT_EQ(compaction["tokens_before"], 82);
+  uint64_t kept = 0;
+  for (const json& range : compaction["kept"]) kept += range[1].get<uint64_t>();
+  EXPECT_EQ(kept, 32u);
+  EXPECT_EQ(step["tables"][0]["num_tokens"], 32);
+  // The heavy tokens 5 and 6 are the first kept.
+  EXPECT_EQ(compaction["kept"][0], json::array({5, 2}));
+
+  // Refusals name the field and change nothing.
+  const auto refused = [&](const json& request, const std::string& says) {
+    const json reply = call(protocol, request);
+    EXPECT_EQ(error_code(reply), "InvalidArgument") << reply;
+    EXPECT_THAT(reply["error"]["message"].get<std::string>(), HasSubstr(says)) << reply;
+  };
+  const json base = {{"op", "admit"}, {"seq", 2}, {"tokens", prompt}};
+  for (const auto& [compression, says] : std::vector<std::pair<json, std::string>>{
+           {json::array(), "must be an object"},
+           {{{"budget_tokens", 8}}, "missing field \"policy\""},
+           {{{"policy", "pyramid"}, {"budget_tokens", 8}}, "layer group"},
+           {{{"policy", "h2o"}, {"budget_ratio", "half"}}, "budget_ratio"},
+           {{{"policy", "h2o"}, {"budget_ratio", 0.5}, {"budget_tokens", 8}}, "exactly one"},
+           {{{"policy", "h2o"}, {"budget_tokens", 8}, {"speed", 1}}, "unknown field \"speed\""}}) {
+    json request = base;
+    request["compression"] = compression;
+    refused(request, says);
+  }
+  EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
+  refused({{"op", "report_attention"}, {"seq", 1}, {"scores", {1.0, -2.0}}}, "element 1");
+  refused({{"op", "report_attention"}, {"seq", 1}, {"scores", "none"}}, "array of numbers");
+  const json unknown = call(protocol, {{"op", "report_attention"}, {"seq", 9}, {"scores", {1.0}}});
+  EXPECT_EQ(error_code(unknown), "SequenceNotFound") << unknown;
+}
+
 TEST(ControlProtocolTest, BatchesRunInOrderAndEchoIds) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
   ControlProtocol protocol(c);
