@@ -34,6 +34,9 @@ std::string rank_metrics_text(std::span<const RankCacheStats> ranks, uint32_t tp
   family("kvfabric_rank_overlapped_waves_total",
          "Waves whose block transfer ran while the wave's swaps or copies were queued.",
          &RankCacheStats::overlapped_waves);
+  family("kvfabric_rank_scores_sent_total",
+         "Attention scores (one per token) a rank sent to rank 0 for token compression.",
+         &RankCacheStats::scores_sent);
   return text;
 }
 

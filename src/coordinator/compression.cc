@@ -69,6 +69,7 @@ Status Coordinator::report_attention(SeqId seq, std::span<const double> scores) 
                               "; scores must be finite and >= 0; nothing was changed");
     }
   }
+  if (scores.empty()) return ok_status();  // nothing to select by: the request stands
   Compressed& c = it->second;
   c.scores.assign(scores.begin(), scores.end());
   c.has_scores = true;

@@ -390,14 +390,14 @@ Result<std::vector<uint64_t>> RankCache::agree(const Status& verdict, RankId roo
 namespace {
 
 // RankCacheStats as the words a report carries, and back.
-constexpr size_t kStatsWords = 8;
+constexpr size_t kStatsWords = 9;
 constexpr size_t kReportHeader = 1 + kStatsWords * sizeof(uint64_t) + sizeof(uint32_t);
 std::array<uint64_t, kStatsWords> stats_words(const RankCacheStats& s) {
   return {s.steps, s.waves, s.swapped_out_blocks, s.swapped_in_blocks, s.migrated_blocks_sent,
-          s.migrated_blocks_received, s.token_copies, s.overlapped_waves};
+          s.migrated_blocks_received, s.token_copies, s.overlapped_waves, s.scores_sent};
 }
 RankCacheStats stats_from(const std::array<uint64_t, kStatsWords>& w) {
-  return RankCacheStats{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]};
+  return RankCacheStats{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]};
 }
 
 }  // namespace
@@ -405,6 +405,7 @@ RankCacheStats stats_from(const std::array<uint64_t, kStatsWords>& w) {
 Status RankCache::report(const Status& ran, RankId root, const StepPlan& plan) {
   // [code][this rank's stats][message length][message][requested scores]: rank `root` answers
   // for the whole step, keeps every rank's figures for its metrics, and sums the scores.
+  const std::vector<uint8_t> scores = ran.ok() ? requested_scores(plan) : std::vector<uint8_t>();
   const std::array<uint64_t, kStatsWords> words = stats_words(stats_);
   const std::string& message = ran.message();
   const auto message_length = static_cast<uint32_t>(message.size());
@@ -413,10 +414,7 @@ Status RankCache::report(const Status& ran, RankId root, const StepPlan& plan) {
   std::memcpy(mine.data() + 1, words.data(), sizeof words);
   std::memcpy(mine.data() + 1 + sizeof words, &message_length, sizeof message_length);
   mine.insert(mine.end(), message.begin(), message.end());
-  if (ran.ok()) {
-    const std::vector<uint8_t> scores = requested_scores(plan);
-    mine.insert(mine.end(), scores.begin(), scores.end());
-  }
+  mine.insert(mine.end(), scores.begin(), scores.end());
   std::vector<std::vector<uint8_t>> reports;
   KVF_RETURN_IF_ERROR(transport_->gather(mine, root, reports));
   if (transport_->rank() != root) return ran;
@@ -457,7 +455,7 @@ Status RankCache::report(const Status& ran, RankId root, const StepPlan& plan) {
   return Status(first, "step " + std::to_string(plan.step) + " failed on " + failures);
 }
 
-std::vector<uint8_t> RankCache::requested_scores(const StepPlan& plan) const {
+std::vector<uint8_t> RankCache::requested_scores(const StepPlan& plan) {
   std::vector<uint8_t> bytes;
   const auto put = [&bytes](const void* p, size_t n) {
     const size_t at = bytes.size();
@@ -474,6 +472,7 @@ std::vector<uint8_t> RankCache::requested_scores(const StepPlan& plan) const {
       const auto narrow = static_cast<float>(score);  // half the bytes; summed in double
       put(&narrow, sizeof narrow);
     }
+    stats_.scores_sent += count;
   }
   return bytes;
 }
@@ -506,7 +505,8 @@ Status RankCache::sum_reported_scores(const StepPlan& plan,
         summed.scores[i] += value;
       }
     }
-    reported_scores_.push_back(std::move(summed));
+    // A sequence no shard has scored yet is not reported: there is nothing to select by.
+    if (!summed.scores.empty()) reported_scores_.push_back(std::move(summed));
   }
   return ok_status();
 }

@@ -43,6 +43,7 @@ Status RankJob::execute(const StepPlan& plan) {
     std::lock_guard<std::mutex> lock(stats_mutex_);
     rank_stats_ = cache_->job_stats();
   }
+  if (done.ok() && forward_pass_) done = forward_pass_(*cache_, plan);
   return with_deadline_key(std::move(done), plan.step);
 }
 
@@ -66,6 +67,10 @@ Status RankJob::serve() {
     bound_waits();
     KVF_RETURN_IF_ERROR(
         with_deadline_key(cache_->execute_agreed(bytes, kRoot), cache_->next_step()));
+    if (forward_pass_) {
+      KVF_ASSIGN_OR_RETURN(const StepPlan plan, StepPlan::deserialize(bytes));
+      KVF_RETURN_IF_ERROR(forward_pass_(*cache_, plan));
+    }
   }
   bound_waits();
   return ok_status();

@@ -199,7 +199,7 @@ class Coordinator {
   //! Token compression: the attention scores of `seq`, per token from its oldest, summed over
   //! its replica's shards (RankCache::reported_scores() gathers them for the plans' score
   //! requests). Its next h2o or snapkv compaction reads them; they replace earlier ones and are
-  //! used once. InvalidArgument (nothing changes): an unknown sequence, one without a policy that
+  //! used once; an empty report changes nothing. InvalidArgument (nothing changes): an unknown sequence, one without a policy that
   //! reads scores, more scores than its tokens, a score negative or not finite.
   Status report_attention(SeqId seq, std::span<const double> scores);
 

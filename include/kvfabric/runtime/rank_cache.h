@@ -54,6 +54,9 @@ struct RankCacheStats {
   //! Waves whose block transfer ran while the same wave's swaps or copies were queued on the
   //! backend (concurrent on backends that queue work, such as CUDA).
   uint64_t overlapped_waves = 0;
+  //! Attention scores (one f32 per token) this rank sent with its reports for the plans' score
+  //! requests (token compression).
+  uint64_t scores_sent = 0;
 };
 
 //! A sequence's attention scores summed over the shards of its replica, in shard order (what
@@ -118,7 +121,8 @@ class RankCache {
   //! The accumulated scores of `seq` (empty when none).
   [[nodiscard]] std::span<const double> attention_scores(SeqId seq) const;
   //! On the root of execute_agreed(): the scores the last plan's score requests gathered,
-  //! summed over each replica's shards, in request order.
+  //! summed over each replica's shards, in request order (a sequence no shard has scored yet
+  //! is left out).
   [[nodiscard]] const std::vector<ReplicaScores>& reported_scores() const {
     return reported_scores_;
   }
@@ -147,7 +151,8 @@ class RankCache {
   //! step's overall outcome.
   Status report(const Status& ran, RankId root, const StepPlan& plan);
   //! This rank's scores for the plan's requests on its replica: [seq][count][count x f32] each.
-  [[nodiscard]] std::vector<uint8_t> requested_scores(const StepPlan& plan) const;
+  //! (Counted in stats().scores_sent.)
+  std::vector<uint8_t> requested_scores(const StepPlan& plan);
   //! On the root: the shards' scores summed per request from every rank's `payloads`; an error
   //! names a rank whose payload does not match the requests.
   Status sum_reported_scores(const StepPlan& plan,

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -33,6 +34,11 @@ namespace kvfabric {
 //! rank_stats()): call it from the thread that initialized the transport.
 class RankJob {
  public:
+  //! What a rank does with its cache after each plan it executed and before the next: the
+  //! serving engine's forward pass (append_kv, attention, accumulate_attention for compressed
+  //! sequences), or a stand-in for it.
+  using ForwardPass = std::function<Status(RankCache& cache, const StepPlan& plan)>;
+
   static Result<std::unique_ptr<RankJob>> create(const Config& config, Transport& transport,
                                                  Backend& backend);
 
@@ -42,6 +48,9 @@ class RankJob {
   Status finish();
   //! The other ranks: execute plans until rank 0 calls finish(). An error ends the loop.
   Status serve();
+  //! Runs `pass` on this rank after every plan it executes: in execute() on rank 0 (before it
+  //! returns), in serve() on the others. An error fails the step (rank 0) or ends serve().
+  void set_forward_pass(ForwardPass pass) { forward_pass_ = std::move(pass); }
   //! Collective: every rank's received migration blocks, in rank order.
   Result<std::vector<uint64_t>> received_blocks();
   //! Collective: every rank's RankCache::tables_digest(), in rank order.
@@ -63,6 +72,7 @@ class RankJob {
   void bound_waits() { transport_->set_timeout(deadline_); }
 
   std::unique_ptr<RankCache> cache_;
+  ForwardPass forward_pass_;
   Transport* transport_;
   std::optional<std::chrono::milliseconds> deadline_;
   mutable std::mutex stats_mutex_;  // guards rank_stats_

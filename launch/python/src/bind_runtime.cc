@@ -255,7 +255,8 @@ void bind_runtime(py::module_& m) {
       .field("migrated_blocks_sent", &RankCacheStats::migrated_blocks_sent)
       .field("migrated_blocks_received", &RankCacheStats::migrated_blocks_received)
       .field("token_copies", &RankCacheStats::token_copies)
-      .field("overlapped_waves", &RankCacheStats::overlapped_waves);
+      .field("overlapped_waves", &RankCacheStats::overlapped_waves)
+      .field("scores_sent", &RankCacheStats::scores_sent);
 
   py::class_<PyRankCache>(
       m, "RankCache",

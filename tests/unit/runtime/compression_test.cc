@@ -9,6 +9,7 @@
 
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/runtime/rank_cache.h"
+#include "kvfabric/runtime/rank_job.h"
 #include "testing/backend_fixture.h"
 #include "testing/kv_reference.h"
 #include "testing/property_env.h"
@@ -270,6 +271,55 @@ TEST(CompressionTest, DecodeOverACompactedSequenceEqualsFp64OverTheKeptRows) {
   // What a shard does with it: the scores the coordinator's next H2O compaction reads.
   ASSERT_TRUE(r.rank->accumulate_attention(seq, mass).ok());
   EXPECT_EQ(r.rank->attention_scores(seq).size(), n);
+}
+
+// A job's forward pass (RankJob::set_forward_pass) runs after every plan; the scores it adds
+// reach rank 0 with the next plan that requests them, and an error from it fails the step.
+TEST(CompressionTest, ARankJobsForwardPassFeedsTheScoreRequests) {
+  const Config config = serving_config(1, 1, 4, 2, 32, 0);
+  auto backend = testing::cpu_backend(best_cpu_isa());
+  auto transport = make_local_transport();
+  auto job = RankJob::create(config, *transport, *backend);
+  ASSERT_TRUE(job.ok()) << job.status();
+  auto coordinator = Coordinator::create(config);
+  ASSERT_TRUE(coordinator.ok());
+  std::vector<uint64_t> passes;
+  (*job)->set_forward_pass([&](RankCache& cache, const StepPlan& plan) {
+    passes.push_back(plan.step);
+    for (const auto& [seq, table] : cache.tables()) {
+      std::vector<float> mass(table.num_tokens, 0.5f);
+      if (mass.size() > 7) mass[7] = 9.0f;
+      KVF_RETURN_IF_ERROR(cache.accumulate_attention(seq, mass));
+    }
+    return ok_status();
+  });
+  AdmitOptions options;
+  options.compression = h2o(24, 4, 1);
+  ASSERT_TRUE(coordinator->admit(SeqId{1}, testing::token_run(64, 2), options).ok());
+  uint64_t reported = 0;
+  for (int step = 0; step < 4; ++step) {
+    auto plan = coordinator->step();
+    ASSERT_TRUE(plan.ok());
+    ASSERT_TRUE((*job)->execute(*plan).ok());
+    for (const ReplicaScores& s : (*job)->cache().reported_scores()) {
+      ASSERT_TRUE(coordinator->report_attention(s.seq, s.scores).ok());
+      ++reported;
+    }
+    ASSERT_TRUE(coordinator->append(SeqId{1}, 1).ok());
+  }
+  EXPECT_EQ(passes, (std::vector<uint64_t>{0, 1, 2, 3}));
+  EXPECT_GT(reported, 0u);
+  // Requested at steps 1 and 2 (interval 1), reported with those plans, compacted at 2 and 3.
+  EXPECT_EQ(coordinator->stats().compactions, 2u);
+  EXPECT_GT((*job)->cache().stats().scores_sent, 0u);
+  EXPECT_EQ(coordinator->tokens_of(SeqId{1}), 24u + 1u);  // the budget and the token since
+
+  (*job)->set_forward_pass([](RankCache&, const StepPlan&) {
+    return Status(ErrorCode::kInternal, "the model ran out of memory");
+  });
+  auto plan = coordinator->step();
+  ASSERT_TRUE(plan.ok());
+  EXPECT_THAT((*job)->execute(*plan).message(), HasSubstr("the model ran out of memory"));
 }
 
 TEST(CompressionTest, BadPoliciesAreRefusedNamingTheFieldAndChangeNothing) {
