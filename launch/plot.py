@@ -8,7 +8,9 @@
 The routine is read from each file's "routine" field (several files must come from the same
 routine; each becomes a series or a bar). Figures: alloc; replay (hit ratio and time against
 capacity); replay --dp (one file: hit ratio, prefill tokens saved, queue length over time and
-admission-time distribution per routing; several files with different dp: the scale figure);
+admission-time distribution per routing; with --compression runs: memory per sequence, hit ratio,
+compaction copies and score bytes, plan execution per policy; several files with different dp:
+the scale figure);
 transfer; attention; quant; copy and swap; seed-ops; seed-bench (launch/seed-bench/run --json);
 compress (attention error and mass kept against budget, per policy and workload).
 `config` results hold text only and have no figure. What each panel shows: docs/plotting.md.
@@ -115,6 +117,8 @@ def plot_replay_dp(inputs, args):
         return plot_scale(inputs, args)
     path, results = inputs[0]
     runs = results["runs"]
+    if len({r.get("compression", "none") for r in runs}) > 1:
+        return plot_replay_compression(results, runs)
     names = [r["routing"] for r in runs]
     colors = [f"C{i}" for i in range(len(runs))]
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
@@ -178,6 +182,48 @@ def plot_replay_dp(inputs, args):
         f"{results['capacity_tokens'] / 2**20:.0f} Mi device + "
         f"{results.get('host_capacity_tokens', 0) / 2**20:.0f} Mi host tokens, "
         f"arrivals x{results.get('time_scale', 1):g}, {where}"))
+
+
+# --- replay --dp --compression: what compression saves and costs ------------------------------
+
+def plot_replay_compression(results, runs):
+    routings = {r["routing"] for r in runs}
+    names = [r["compression"].replace(":", ":\n").replace(",", ",\n") for r in runs]
+    if len(routings) > 1:
+        names = [f"{name}\n{r['routing']}" for name, r in zip(names, runs)]
+    colors = [f"C{i}" for i in range(len(runs))]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (memory_ax, hit_ax), (copy_ax, exec_ax) = axes
+
+    bars = memory_ax.bar(names, [r["kv_tokens_per_sequence"] for r in runs], color=colors)
+    memory_ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    memory_ax.set_ylabel("KV tokens per running sequence (mean over steps)")
+    memory_ax.set_title("Memory per sequence = what each decode step's attention reads")
+
+    bars = hit_ax.bar(names, [r["hit_ratio"] for r in runs], color=colors)
+    hit_ax.bar_label(bars, fmt="%.4f", fontsize=8)
+    hit_ax.set_ylabel("prompt tokens served from cache")
+    hit_ax.set_title("Hit ratio (local + migrated)")
+
+    paired_bars(copy_ax, names, [r["compaction_copied_tokens"] / 1e6 for r in runs],
+                "tokens the compactions copied (M, per shard)",
+                [r["score_bytes"] / 2**20 for r in runs], "scores sent to rank 0 (MiB)")
+    copy_ax.set_title("What compaction costs the plans")
+    copy_ax.legend(fontsize=8)
+
+    bars = exec_ax.bar(names, [r["executor_seconds"] for r in runs], color=colors)
+    exec_ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    exec_ax.set_ylabel("seconds")
+    exec_ax.set_title("Plan execution and the stand-in forward pass on the ranks (wall)")
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3, axis="y")
+        ax.tick_params(axis="x", labelsize=8)
+    ranks = results.get("mpi_ranks", 0)
+    where = f"{ranks} MPI ranks" if ranks else "coordinator only"
+    return finish(fig, (
+        f"replay --dp {results['dp']} --tp {results.get('tp', 1)} with token compression: "
+        f"{runs[0]['requests']} requests, {results['capacity_tokens'] / 2**20:.1f} Mi device "
+        f"tokens, {where} (H2O/SnapKV on synthetic attention)"))
 
 
 # --- replay --dp, several files: the scale study ----------------------------------------------

@@ -49,6 +49,21 @@ struct Running {
 
 }  // namespace
 
+Status synthetic_forward_pass(RankCache& cache, const StepPlan& plan) {
+  const RankLayout& layout = cache.layout();
+  std::vector<float> mass;
+  for (const StepPlan::ScoreRequest& request : plan.score_requests) {
+    const auto table = cache.tables().find(request.seq);
+    if (request.replica != layout.replica || table == cache.tables().end()) continue;
+    mass.resize(table->second.computed_tokens);
+    for (size_t i = 0; i < mass.size(); ++i) {
+      mass[i] = static_cast<float>(synthetic_attention(request.seq.value, i) / layout.tp);
+    }
+    KVF_RETURN_IF_ERROR(cache.accumulate_attention(request.seq, mass));
+  }
+  return ok_status();
+}
+
 double synthetic_attention(size_t request, size_t position) {
   uint64_t h = (uint64_t{request} << 24 ^ position) * 0x9E3779B97F4A7C15ull;
   h ^= h >> 31;
@@ -119,7 +134,6 @@ Status report_synthetic_scores(Coordinator& coordinator, const StepPlan& plan,
     std::vector<double> scores(coordinator.tokens_of(request.seq));
     for (size_t i = 0; i < scores.size(); ++i) scores[i] = synthetic_attention(request.seq.value, i);
     KVF_RETURN_IF_ERROR(coordinator.report_attention(request.seq, scores));
-    ++r.score_requests;
     r.score_bytes += scores.size() * sizeof(float) * coordinator.config().topology.tp;
   }
   return ok_status();
@@ -130,7 +144,7 @@ Status report_synthetic_scores(Coordinator& coordinator, const StepPlan& plan,
 Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest>& trace,
                                                const ClusterReplayOptions& options,
                                                ClusterRouting routing,
-                                               const std::function<Status(const StepPlan&)>& execute,
+                                               const PlanExecutor& execute,
                                                const std::function<void(const ClusterReplayProgress&)>& progress) {
   KVF_ASSIGN_OR_RETURN(const Config config, cluster_replay_config(options, routing));
   KVF_ASSIGN_OR_RETURN(Coordinator coordinator, Coordinator::create(config));
@@ -243,16 +257,22 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
     KVF_ASSIGN_OR_RETURN(const StepPlan plan, coordinator.step());
     const auto t1 = Clock::now();
     coordinator_us += micros(t0, t1);
+    std::vector<ReplicaScores> scores;
     if (execute) {
-      KVF_RETURN_IF_ERROR(execute(plan));
+      KVF_ASSIGN_OR_RETURN(scores, execute(plan));
       r.executor_seconds += micros(t1, Clock::now()) * 1e-6;
+      for (const ReplicaScores& s : scores) {
+        KVF_RETURN_IF_ERROR(coordinator.report_attention(s.seq, s.scores));
+      }
+    } else {
+      KVF_RETURN_IF_ERROR(report_synthetic_scores(coordinator, plan, r));
     }
+    r.score_requests += plan.score_requests.size();
     for (const StepPlan::Op& op : plan.ops) {
       if (op.kind == StepPlan::OpKind::kCopy && op.copy.reason == CopyReason::kCompaction) {
         r.compaction_copied_tokens += op.copy.num_tokens;
       }
     }
-    KVF_RETURN_IF_ERROR(report_synthetic_scores(coordinator, plan, r));
     for (const auto& [seq, s] : running) {
       if (coordinator.is_swapped(seq) || !coordinator.replica_of(seq)) continue;
       context_tokens += static_cast<double>(coordinator.tokens_of(seq));

@@ -15,6 +15,7 @@
 #include "kvfabric/config/config.h"
 #include "kvfabric/plan/step_plan.h"
 #include "kvfabric/quant/compression_policy.h"
+#include "kvfabric/runtime/rank_cache.h"
 
 namespace kvfabric::bench {
 
@@ -50,6 +51,14 @@ struct ClusterReplayOptions {
   //! what compression costs and saves in memory and plans, not its quality (`compress` does).
   std::optional<quant::CompressionPolicy> compression;
 };
+
+//! Executes a step's plan on the ranks and returns the attention scores it gathered.
+using PlanExecutor = std::function<Result<std::vector<ReplicaScores>>(const StepPlan&)>;
+
+//! What a rank of the replay does between plans, standing in for a model's forward pass: for
+//! the sequences of its replica whose scores the plan requests, adds its share (1/tp) of
+//! synthetic_attention to their scores (RankJob::set_forward_pass).
+Status synthetic_forward_pass(RankCache& cache, const StepPlan& plan);
 
 //! The replay's stand-in for a model's attention: a deterministic heavy-tailed mass per token
 //! of a request (a few tokens take most of it), the same on every run.
@@ -100,7 +109,9 @@ struct ClusterReplayResult {
   uint64_t compacted_tokens = 0;         //!< dropped by them
   uint64_t compaction_copied_tokens = 0;  //!< moved by their copy ops (per shard)
   uint64_t score_requests = 0;
-  uint64_t score_bytes = 0;  //!< sent to rank 0 for them: 4 bytes per token per shard
+  //! Sent to rank 0 for them, 4 bytes per token per shard: counted by the ranks under MPI,
+  //! what they would send otherwise.
+  uint64_t score_bytes = 0;
 };
 
 //! The queue-length series' bound: the JSON stays small however long the run.
@@ -119,11 +130,13 @@ struct ClusterReplayProgress {
 };
 
 //! Runs one routing mode. `execute` (optional) receives every step's plan and a last, empty plan
-//! is never sent: the caller ends its executors itself. `progress` (optional) is called after
+//! is never sent: the caller ends its executors itself; it returns the scores the plan's score
+//! requests gathered from the ranks (RankCache::reported_scores), and without it the scores
+//! come from synthetic_attention directly. `progress` (optional) is called after
 //! every step. Deterministic apart from wall times.
 Result<ClusterReplayResult> run_cluster_replay(
     const std::vector<MooncakeRequest>& trace, const ClusterReplayOptions& options,
-    ClusterRouting routing, const std::function<Status(const StepPlan&)>& execute = nullptr,
+    ClusterRouting routing, const PlanExecutor& execute = nullptr,
     const std::function<void(const ClusterReplayProgress&)>& progress = nullptr);
 
 //! The config run_cluster_replay builds its coordinator from (and the ranks their caches).

@@ -184,13 +184,19 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
       }
     }
     RankJob* const ranks = job ? &job->ranks() : nullptr;
+    if (ranks) ranks->set_forward_pass(synthetic_forward_pass);
     if (!root) {
       KVF_RETURN_IF_ERROR(ranks->serve());
       KVF_RETURN_IF_ERROR(ranks->received_blocks().status());
       continue;
     }
-    std::function<Status(const StepPlan&)> execute;
-    if (ranks) execute = [&](const StepPlan& plan) { return ranks->execute(plan); };
+    PlanExecutor execute;
+    if (ranks) {
+      execute = [&](const StepPlan& plan) -> Result<std::vector<ReplicaScores>> {
+        KVF_RETURN_IF_ERROR(ranks->execute(plan));
+        return ranks->cache().reported_scores();
+      };
+    }
     const size_t requests = sim.max_requests ? std::min(sim.max_requests, trace.size()) : trace.size();
     ProgressReporter reporter(fmt::format("replay {}", cluster_routing_name(routing)), requests,
                               "requests");
@@ -200,6 +206,11 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
     };
     auto r = run_cluster_replay(trace, sim, routing, execute, progress);
     reporter.finish();
+    if (ranks && r.ok()) {
+      // What the ranks sent for the score requests, as each counted it.
+      r->score_bytes = 0;
+      for (const RankCacheStats& s : ranks->rank_stats()) r->score_bytes += s.scores_sent * sizeof(float);
+    }
     if (ranks) {
       // The other ranks wait for the end of the run whatever happened here.
       KVF_RETURN_IF_ERROR(ranks->finish());
@@ -325,9 +336,10 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
     fmt::print(
         "kv_tok/seq = KV tokens a running sequence holds, averaged over steps (what its decode "
         "attention reads);\ncopied_tok = tokens the compactions' copy ops moved (per shard); "
-        "score_MiB = attention scores the shards sent\nfor the score requests; exec_s = wall "
-        "time of the ranks' plan execution. H2O and SnapKV read a synthetic\nheavy-tailed "
-        "attention mass here: these runs show memory and plan costs, not quality.\n");
+        "score_MiB = attention scores the shards sent\nfor the score requests (counted by the "
+        "ranks under mpirun); exec_s = wall time of the ranks' plan execution and\nof their "
+        "stand-in forward pass, which scores the requested sequences with a synthetic "
+        "heavy-tailed attention mass:\nthese runs show memory and plan costs, not quality.\n");
   }
   // The summary compares routings without compression (or with the first one given).
   std::vector<ClusterReplayResult> first;

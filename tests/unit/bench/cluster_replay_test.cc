@@ -232,18 +232,20 @@ TEST(ClusterReplay, TheJsonCarriesWhatTheDemoFigureNeeds) {
 TEST(ClusterReplay, ExecutesEveryPlanInOrder) {
   uint64_t expected_step = 0, migrations = 0;
   const auto r = run_cluster_replay(conversation_trace(), options(300, 1), ClusterRouting::kGlobalMigration,
-                                    [&](const StepPlan& plan) {
+                                    [&](const StepPlan& plan) -> Result<std::vector<ReplicaScores>> {
                                       if (plan.step != expected_step) return invalid_operation("step out of order");
                                       ++expected_step;
                                       migrations += plan.count(StepPlan::OpKind::kMigrate);
-                                      return ok_status();
+                                      return std::vector<ReplicaScores>();
                                     });
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(expected_step, r->steps);
   EXPECT_EQ(migrations, r->migrated_blocks);
   // An executor's error ends the run with it.
   const auto failed = run_cluster_replay(conversation_trace(), options(10, 1), ClusterRouting::kIndependent,
-                                         [](const StepPlan&) { return invalid_operation("rank 3 is gone"); });
+                                         [](const StepPlan&) -> Result<std::vector<ReplicaScores>> {
+                                           return invalid_operation("rank 3 is gone");
+                                         });
   EXPECT_THAT(failed.status().message(), HasSubstr("rank 3 is gone"));
 }
 

@@ -27,4 +27,10 @@ if(KVF_HAVE_MPI)
                    ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} 2 ${KVF_MPIEXEC_OVERSUBSCRIBE})
   set_tests_properties(plot_transfer PROPERTIES LABELS tools TIMEOUT 120 PROCESSORS 2
     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  add_test(NAME plot_compression
+           COMMAND ${KVF_SYSTEM_PYTHON3} ${kvf_tools_driver} plot $<TARGET_FILE:kvfabric-bench>
+                   ${kvf_plot} compression ${CMAKE_CURRENT_BINARY_DIR}/tools_test/compression
+                   ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} 4 ${KVF_MPIEXEC_OVERSUBSCRIBE})
+  set_tests_properties(plot_compression PROPERTIES LABELS tools TIMEOUT 180 PROCESSORS 2
+    ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1")
 endif()

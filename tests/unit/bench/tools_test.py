@@ -29,6 +29,10 @@ CASES = {
     "seed-ops": [["seed-ops", "--ops", "20000", "--live", "100"]],
     "compress": [["compress", "--tokens", "256", "--heads", "2", "--head-dim", "32",
                   "--decode-steps", "8", "--layers", "2", "--budgets", "0.1,0.3"]],
+    # Under mpirun -n 4: the shards' scores reach rank 0 through the plans' reports.
+    "compression": [["replay", "--dp", "2", "--tp", "2", "--max-requests", "150",
+                     "--routing", "global-migration", "--capacity-tokens", "2000000",
+                     "--compression", "none;streaming:ratio=0.5,interval=8;h2o:ratio=0.5,interval=8"]],
     "transfer": [["transfer", "--block-bytes", "16384,1048576", "--blocks", "1,16", "--repeats",
                   "1", "--warmup", "0", "--bytes-per-sample", "1048576"]],
 }
@@ -87,6 +91,21 @@ def check_progress(bench, workdir):
         print(f"{name}: quiet stderr empty; {len(lines)} progress lines otherwise; same JSON")
 
 
+def check_compression(path):
+    """Every policy compacted and held less KV per sequence than none; H2O's scores came from
+    the ranks."""
+    with open(path, encoding="utf-8") as f:
+        runs = {r["compression"]: r for r in json.load(f)["runs"]}
+    none = runs.pop("none")
+    for name, r in runs.items():
+        if r["compactions"] == 0 or r["kv_tokens_per_sequence"] >= none["kv_tokens_per_sequence"]:
+            fail(f"{name}: {r['compactions']} compactions, {r['kv_tokens_per_sequence']:.0f} KV "
+                 f"tokens per sequence (none: {none['kv_tokens_per_sequence']:.0f})")
+        if name.startswith("h2o") and r["score_bytes"] == 0:
+            fail(f"{name}: the ranks sent no scores")
+    print("compression: " + ", ".join(f"{n} {r['kv_tokens_per_sequence']:.0f}" for n, r in runs.items()))
+
+
 def check_plot(bench, plot, case, workdir, mpiexec):
     os.makedirs(workdir, exist_ok=True)
     png = os.path.join(workdir, f"{case}.png")
@@ -118,6 +137,8 @@ def check_plot(bench, plot, case, workdir, mpiexec):
         if made.returncode != 0:
             fail(f"{' '.join(args)} exited {made.returncode}: {made.stdout}\n{made.stderr}")
         jsons.append(path)
+    if case == "compression":
+        check_compression(jsons[0])
     drawn = run([plot, *jsons, "-o", png])
     if drawn.returncode != 0:
         fail(f"plot.py exited {drawn.returncode}: {drawn.stderr}")
