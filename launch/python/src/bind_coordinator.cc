@@ -3,6 +3,7 @@
 
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -72,13 +73,46 @@ class PyCoordinator {
   std::mutex mutex_;
 };
 
+// admit()'s compression= dict: the control plane's fields (docs/compression.md), checked as
+// admit() checks them.
+quant::CompressionPolicy compression_arg(const py::dict& fields) {
+  quant::CompressionPolicy policy;
+  bool has_kind = false;
+  for (const auto& [key_handle, value] : fields) {
+    const std::string key = py::str(key_handle);
+    if (key == "policy") {
+      policy.kind = unwrap(quant::parse_compression_kind(value.cast<std::string>()));
+      has_kind = true;
+    } else if (key == "budget_ratio") {
+      policy.budget_ratio = value.cast<double>();
+    } else if (key == "budget_tokens") {
+      policy.budget_tokens = value.cast<uint64_t>();
+    } else if (key == "interval_steps") {
+      policy.interval_steps = value.cast<uint32_t>();
+    } else if (key == "sink_tokens") {
+      policy.sink_tokens = value.cast<uint64_t>();
+    } else if (key == "recent_tokens") {
+      policy.recent_tokens = value.cast<uint64_t>();
+    } else if (key == "window_tokens") {
+      policy.window_tokens = value.cast<uint64_t>();
+    } else {
+      raise_invalid("compression: unknown key '" + key + "' (policy, budget_tokens, budget_ratio, "
+                    "interval_steps, sink_tokens, recent_tokens, window_tokens)");
+    }
+  }
+  if (!has_kind) raise_invalid("compression: 'policy' is missing (streaming, h2o or snapkv)");
+  check(quant::validate(policy));
+  return policy;
+}
+
 AdmitOptions admit_options(uint32_t priority, std::string tenant, std::optional<std::string> salt,
-                           size_t public_tokens) {
+                           size_t public_tokens, const std::optional<py::dict>& compression) {
   AdmitOptions options;
   options.priority = priority;
   options.tenant = std::move(tenant);
   options.cache_salt = std::move(salt);
   options.public_tokens = public_tokens;
+  if (compression) options.compression = compression_arg(*compression);
   return options;
 }
 
@@ -89,10 +123,11 @@ std::string plan_repr(const StepPlan& p) {
     preempted += (preempted.empty() ? "" : ", ") + std::to_string(s.value);
   }
   return fmt::format("StepPlan(step={}, ops=[swap_out {}, migrate {}, swap_in {}, copy {}], "
-                     "tables={}, released=[{}], preempted=[{}])",
+                     "tables={}, released=[{}], preempted=[{}], compactions={}, "
+                     "score_requests={})",
                      p.step, p.count(OpKind::kSwapOut), p.count(OpKind::kMigrate),
                      p.count(OpKind::kSwapIn), p.count(OpKind::kCopy), p.tables.size(), released,
-                     preempted);
+                     preempted, p.compactions.size(), p.score_requests.size());
 }
 
 void bind_plan(py::module_& m) {
@@ -158,6 +193,26 @@ void bind_plan(py::module_& m) {
                   py::arg("seq"), py::arg("replica"), py::arg("num_tokens"),
                   py::arg("computed_tokens"), py::arg("first_block"), py::arg("blocks"));
 
+  Record<StepPlan::Compaction>(
+      m, "PlanCompaction",
+      "A sequence compacted in this step (token compression): kept lists the (first, count) "
+      "ranges of its positions before the compaction that stay, in order; the i-th kept token "
+      "is now position i.")
+      .field("seq", &StepPlan::Compaction::seq)
+      .field("replica", &StepPlan::Compaction::replica)
+      .field("tokens_before", &StepPlan::Compaction::tokens_before)
+      .computed("kept", [](const StepPlan::Compaction& c) {
+        std::vector<std::pair<uint64_t, uint64_t>> kept;
+        for (const StepPlan::TokenRange& r : c.kept) kept.emplace_back(r.first, r.count);
+        return kept;
+      });
+  Record<StepPlan::ScoreRequest>(
+      m, "ScoreRequest",
+      "A sequence whose attention scores the coordinator needs: every shard of `replica` sends "
+      "its scores with the report of this plan.")
+      .field("seq", &StepPlan::ScoreRequest::seq)
+      .field("replica", &StepPlan::ScoreRequest::replica);
+
   py::class_<StepPlan>(m, "StepPlan",
                        "One step's storage work: ops in order, changed block tables, released "
                        "and preempted sequences. Broadcast it as serialize() bytes.")
@@ -175,6 +230,10 @@ void bind_plan(py::module_& m) {
       .def_readonly("released", &StepPlan::released)
       .def_readonly("preempted", &StepPlan::preempted,
                     "released sequences the engine must recompute from scratch")
+      .def_readonly("compactions", &StepPlan::compactions,
+                    "sequences compacted in this step (PlanCompaction)")
+      .def_readonly("score_requests", &StepPlan::score_requests,
+                    "sequences whose attention scores the coordinator needs (ScoreRequest)")
       .def_property_readonly("empty", &StepPlan::empty)
       .def(
           "count", [](const StepPlan& p, const std::string& kind) { return p.count(op_kind_arg(kind)); },
@@ -240,7 +299,10 @@ void bind_coordinator(py::module_& m) {
       .field("swapped_in", &CoordinatorStats::swapped_in)
       .field("parked", &CoordinatorStats::parked)
       .field("preempted", &CoordinatorStats::preempted)
-      .field("steps", &CoordinatorStats::steps);
+      .field("steps", &CoordinatorStats::steps)
+      .field("compactions", &CoordinatorStats::compactions)
+      .field("compacted_tokens", &CoordinatorStats::compacted_tokens)
+      .field("compacted_blocks", &CoordinatorStats::compacted_blocks);
   Record<ReplicaStats>(m, "ReplicaStats")
       .field("device_blocks", &ReplicaStats::device_blocks)
       .field("used_blocks", &ReplicaStats::used_blocks)
@@ -274,16 +336,36 @@ void bind_coordinator(py::module_& m) {
       .def(
           "admit",
           [](PyCoordinator& self, SeqId seq, const py::object& tokens, uint32_t priority,
-             std::string tenant, std::optional<std::string> cache_salt, size_t public_tokens) {
+             std::string tenant, std::optional<std::string> cache_salt, size_t public_tokens,
+             const std::optional<py::dict>& compression) {
             std::vector<TokenId> prompt = tokens_arg(tokens, "tokens");
-            AdmitOptions options =
-                admit_options(priority, std::move(tenant), std::move(cache_salt), public_tokens);
+            AdmitOptions options = admit_options(priority, std::move(tenant), std::move(cache_salt),
+                                                 public_tokens, compression);
             return unwrap(self.locked(
                 [&](Coordinator& c) { return c.admit(seq, std::move(prompt), options); }));
           },
           py::arg("seq"), py::arg("tokens"), py::arg("priority") = 0, py::kw_only(),
           py::arg("tenant") = "", py::arg("cache_salt") = py::none(), py::arg("public_tokens") = 0,
-          "Places `seq` holding the prompt `tokens`; returns its Placement.")
+          py::arg("compression") = py::none(),
+          "Places `seq` holding the prompt `tokens`; returns its Placement. compression: a dict "
+          "such as {'policy': 'h2o', 'budget_ratio': 0.25, 'interval_steps': 16}.")
+      .def(
+          "report_attention",
+          [](PyCoordinator& self, SeqId seq,
+             const py::array_t<double, py::array::c_style | py::array::forcecast>& scores) {
+            if (scores.ndim() != 1) raise_invalid("scores must be 1-D: one per token");
+            const std::span<const double> values(scores.data(), static_cast<size_t>(scores.size()));
+            check(self.locked([&](Coordinator& c) { return c.report_attention(seq, values); }));
+          },
+          py::arg("seq"), py::arg("scores"),
+          "A compressed sequence's attention scores per token, summed over its replica's shards "
+          "(RankCache.reported_scores()); its next H2O or SnapKV compaction reads them.")
+      .def(
+          "tokens_of",
+          [](PyCoordinator& self, SeqId seq) {
+            return self.locked([&](Coordinator& c) { return c.tokens_of(seq); });
+          },
+          py::arg("seq"), "The tokens a live sequence holds (after its compactions); 0 if unknown.")
       .def(
           "append",
           [](PyCoordinator& self, const py::object& seqs, size_t num_tokens) {
@@ -376,7 +458,7 @@ void bind_coordinator(py::module_& m) {
             self.check_replica(replica);
             const std::vector<TokenId> prompt = tokens_arg(tokens, "tokens");
             const AdmitOptions options =
-                admit_options(0, std::move(tenant), std::move(cache_salt), public_tokens);
+                admit_options(0, std::move(tenant), std::move(cache_salt), public_tokens, {});
             return self.locked(
                 [&](Coordinator& c) { return c.cached_tokens(replica, prompt, options); });
           },

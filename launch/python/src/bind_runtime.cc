@@ -5,7 +5,9 @@
 #include <cmath>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings.h"
@@ -339,6 +341,38 @@ void bind_runtime(py::module_& m) {
             return *blocks;
           },
           py::arg("seq"), "A sequence's whole block list as of the last plan.")
+      .def(
+          "accumulate_attention",
+          [](PyRankCache& self, SeqId seq,
+             const py::array_t<float, py::array::c_style | py::array::forcecast>& mass) {
+            if (mass.ndim() != 1) raise_invalid("mass must be 1-D: one value per token");
+            const std::span<const float> values(mass.data(), static_cast<size_t>(mass.size()));
+            check(self.locked([&](RankCache& c) { return c.accumulate_attention(seq, values); }));
+          },
+          py::arg("seq"), py::arg("mass"),
+          "Token compression: adds this shard's attention mass per token of `seq` (its query "
+          "heads; decode_attention(..., attention_mass=True) gives it per layer) to the "
+          "sequence's scores, which the plans' score requests send to the root.")
+      .def(
+          "attention_scores",
+          [](PyRankCache& self, SeqId seq) {
+            return self.locked([&](RankCache& c) {
+              const std::span<const double> s = c.attention_scores(seq);
+              return std::vector<double>(s.begin(), s.end());
+            });
+          },
+          py::arg("seq"), "The scores accumulated for `seq` (empty when none).")
+      .def(
+          "reported_scores",
+          [](PyRankCache& self) {
+            return self.locked([](RankCache& c) {
+              std::vector<std::tuple<SeqId, uint32_t, std::vector<double>>> out;
+              for (const ReplicaScores& r : c.reported_scores()) out.emplace_back(r.seq, r.replica, r.scores);
+              return out;
+            });
+          },
+          "On the root: [(seq, replica, scores)] the last plan's score requests gathered, "
+          "summed over each replica's shards; hand each to Coordinator.report_attention.")
       .def_property_readonly("tables_digest",
                              [](PyRankCache& self) {
                                return self.locked([](RankCache& c) { return c.tables_digest(); });

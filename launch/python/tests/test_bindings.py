@@ -255,6 +255,54 @@ def test_rank_cache_runs_a_plan_and_attention_matches_numpy(config):
     np.testing.assert_allclose(into, attention_reference(q[n:], k, v, n), atol=2e-2)
 
 
+def test_a_python_engine_compresses_with_its_own_attention_mass(config):
+    """H2O end to end in one process: the decode kernel's attention mass feeds the rank's
+    scores, the plan's score request brings them to the coordinator, and the next plan compacts
+    the sequence to the budget, keeping exactly the kept rows' K/V."""
+    c = kvfabric.Coordinator(config)
+    cache = kvfabric.RankCache(config)
+    rng = np.random.default_rng(3)
+    n, bs = 60, config.cache.block_size
+    k = rng.standard_normal((n + 8, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((n + 8, 2, 16)).astype(np.float32)
+    k[11] *= 8  # a heavy hitter for most queries' directions
+    c.admit(1, list(range(n)), compression={
+        "policy": "h2o", "budget_tokens": 24, "recent_tokens": 4, "interval_steps": 1})
+    origin = list(range(n))  # cached position -> row of k and v
+    length, compactions = n, []
+    for step in range(6):
+        plan = cache.receive_and_execute(c.step())
+        for seq, _, scores in cache.reported_scores():
+            c.report_attention(seq, scores)
+        for compaction in plan.compactions:
+            compactions.append(compaction)
+            origin = [origin[p] for first, count in compaction.kept for p in range(first, first + count)]
+        table = plan.tables[0] if plan.tables else None
+        blocks = cache.block_table(1)
+        length = c.tokens_of(1)
+        fresh = range(table.computed_tokens if table else length, length)
+        rows = [origin[p] for p in fresh]
+        if rows:
+            cache.append_kv(0, k[rows], v[rows], [blocks[p // bs] * bs + p % bs for p in fresh])
+        q = rng.standard_normal((1, 4, 16)).astype(np.float32)
+        _, mass = cache.decode_attention(0, q, [blocks], [length], attention_mass=True)
+        cache.accumulate_attention(1, mass[0])
+        c.append(1, 1)
+        origin.append(n + step)
+    assert compactions and c.stats().compactions == len(compactions)
+    assert 11 in origin  # the heavy hitter survived
+    gathered_k, _ = cache.gather_kv(0, cache.block_table(1), length)
+    assert np.array_equal(gathered_k, k[origin[:length]])
+    with pytest.raises(kvfabric.InvalidArgumentError, match="budget_ratio"):
+        c.admit(2, list(range(n)), compression={"policy": "snapkv", "budget_ratio": 0})
+    with pytest.raises(kvfabric.InvalidArgumentError, match="unknown key 'speed'"):
+        c.admit(2, list(range(n)), compression={"policy": "h2o", "speed": 1})
+    with pytest.raises(kvfabric.InvalidArgumentError, match="layer group"):
+        c.admit(2, list(range(n)), compression={"policy": "pyramid", "budget_tokens": 8})
+    with pytest.raises(kvfabric.InvalidArgumentError):
+        cache.accumulate_attention(1, np.full(length + 5, 1.0, np.float32))
+
+
 def test_a_transport_outlives_its_caches(config):
     transport = kvfabric.Transport.local()
     cache = kvfabric.RankCache(config, transport=transport)
