@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <sstream>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "kvfabric/quant/quantize.h"
@@ -211,6 +212,24 @@ Status validate_token_copies(std::span<const GroupTokenCopies> batch) {
     }
   }
   return ok_status();
+}
+
+std::vector<size_t> token_copy_launches(std::span<const TokenCopy> copies) {
+  std::vector<size_t> ends;
+  std::unordered_set<uint32_t> written, read;  // looked up only: its order decides nothing
+  for (size_t i = 0; i < copies.size(); ++i) {
+    const TokenCopy& c = copies[i];
+    if (written.count(c.src_block.value) || written.count(c.dst_block.value) ||
+        read.count(c.dst_block.value)) {
+      ends.push_back(i);
+      written.clear();
+      read.clear();
+    }
+    written.insert(c.dst_block.value);
+    read.insert(c.src_block.value);
+  }
+  if (!copies.empty()) ends.push_back(copies.size());
+  return ends;
 }
 
 Status validate_block_copies(std::span<const GroupBlockCopies> batch) {

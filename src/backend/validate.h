@@ -3,6 +3,7 @@
 #pragma once
 
 #include <span>
+#include <vector>
 
 #include "kvfabric/backend/backend.h"
 
@@ -17,6 +18,11 @@ Status validate_decode(const PagedKvView& pool, const DecodeAttentionArgs& args)
 Status validate_prefill(const PagedKvView& pool, const PrefillAttentionArgs& args);
 Status validate_token_copies(std::span<const GroupTokenCopies> batch);
 Status validate_block_copies(std::span<const GroupBlockCopies> batch);
+//! How a backend that runs the copies of one launch in parallel splits `copies` into launches that
+//! keep their list order (each like memmove, one after another): the end index of each launch. A
+//! copy starts a new launch when it reads or writes a block an earlier copy of the launch writes,
+//! or writes a block an earlier copy of the launch reads.
+std::vector<size_t> token_copy_launches(std::span<const TokenCopy> copies);
 Status validate_swap(const PagedKvView& src, const PagedKvView& dst,
                      std::span<const BlockMove> moves);
 

@@ -248,17 +248,11 @@ class CudaBackend final : public Backend {
   Status compact_tokens(std::span<const GroupTokenCopies> batch) override {
     KVF_RETURN_IF_ERROR(detail::validate_token_copies(batch));
     for (const GroupTokenCopies& group : batch) {
-      // In order, each like memmove: ops that touch a block an earlier op of the same launch
-      // writes go to the next launch (most lists need one).
+      // In order, each like memmove: the copies of one launch run at once, so one that touches
+      // a block an earlier copy of the launch writes, or writes a block it reads, waits for the
+      // next launch.
       size_t first = 0;
-      while (first < group.copies.size()) {
-        std::unordered_set<uint32_t> written;
-        size_t last = first;
-        for (; last < group.copies.size(); ++last) {
-          const TokenCopy& c = group.copies[last];
-          if (written.count(c.src_block.value) || written.count(c.dst_block.value)) break;
-          written.insert(c.dst_block.value);
-        }
+      for (const size_t last : detail::token_copy_launches(group.copies)) {
         begin_staging();
         const uint64_t ops = stage(group.copies.data() + first, last - first);
         KVF_RETURN_IF_ERROR(flush_staging());

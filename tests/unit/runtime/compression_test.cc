@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <set>
 
+#include "backend/validate.h"
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/runtime/rank_cache.h"
 #include "kvfabric/runtime/rank_job.h"
@@ -320,6 +322,67 @@ TEST(CompressionTest, ARankJobsForwardPassFeedsTheScoreRequests) {
   auto plan = coordinator->step();
   ASSERT_TRUE(plan.ok());
   EXPECT_THAT((*job)->execute(*plan).message(), HasSubstr("the model ran out of memory"));
+}
+
+// An H2O compaction moves scattered tokens toward the front, so a copy often writes a block an
+// earlier copy of the same compaction reads. A backend that runs a launch's copies at once (CUDA)
+// must not put those two in one launch: run each launch's copies in reverse order, a schedule
+// parallel copies may take, and the pool must end as running them one by one leaves it.
+TEST(CompressionTest, ACompactionsCopiesSplitIntoLaunchesThatKeepTheirOrder) {
+  const Config config = serving_config(1, 1, 4, 2, 32, 0);
+  auto coordinator = Coordinator::create(config);
+  ASSERT_TRUE(coordinator.ok());
+  AdmitOptions options;
+  options.compression = h2o(40, 8, 1);
+  const SeqId seq{1};
+  ASSERT_TRUE(coordinator->admit(seq, testing::token_run(64, 7), options).ok());
+  ASSERT_TRUE(coordinator->step().ok());  // the prefill
+  ASSERT_TRUE(coordinator->step().ok());  // asks for the scores
+  std::vector<double> scores(64);
+  for (size_t i = 0; i < scores.size(); ++i) scores[i] = (i * 7) % 5 == 0 ? 1.0 : 0.1 * (i % 3);
+  ASSERT_TRUE(coordinator->report_attention(seq, scores).ok());
+  ASSERT_TRUE(coordinator->append(seq, 1).ok());
+  // The first compaction copies the cached prompt's blocks; the second moves tokens within the
+  // sequence's own blocks.
+  ASSERT_EQ(coordinator->step()->compactions.size(), 1u);
+  ASSERT_EQ(coordinator->tokens_of(seq), 40u);
+  // Keeps token 0 in place and moves the next block's tokens into block 0 (reading block 1),
+  // then the last of them into block 1 (writing it): 15 new tokens and 25 heavy ones.
+  ASSERT_TRUE(coordinator->append(seq, 15).ok());
+  scores.assign(40, 0.0);
+  scores[0] = 1.0;
+  std::fill(scores.begin() + 16, scores.end(), 1.0);
+  ASSERT_TRUE(coordinator->report_attention(seq, scores).ok());
+  auto plan = coordinator->step();
+  ASSERT_TRUE(plan.ok());
+  ASSERT_EQ(plan->compactions.size(), 1u);
+  EXPECT_EQ(plan->compactions[0].kept, (std::vector<StepPlan::TokenRange>{{0, 1}, {16, 39}}));
+  std::vector<TokenCopy> copies;
+  for (const StepPlan::Op& op : plan->ops) {
+    if (op.kind == StepPlan::OpKind::kCopy) copies.push_back(op.copy);
+  }
+  ASSERT_GT(copies.size(), 2u);
+
+  const uint32_t bs = config.cache.block_size;
+  std::vector<uint32_t> pool(config.cache.num_blocks * bs);
+  std::iota(pool.begin(), pool.end(), 0u);  // every slot holds its own name
+  const auto run = [&](std::vector<uint32_t>& slots, const TokenCopy& c) {
+    std::copy_n(slots.begin() + c.src_block.value * bs + c.src_offset, c.num_tokens,
+                slots.begin() + c.dst_block.value * bs + c.dst_offset);
+  };
+  std::vector<uint32_t> in_order = pool, launched = pool;
+  for (const TokenCopy& c : copies) run(in_order, c);
+  size_t first = 0;
+  for (const size_t last : detail::token_copy_launches(copies)) {
+    ASSERT_LT(first, last);
+    for (size_t i = last; i-- > first;) run(launched, copies[i]);
+    first = last;
+  }
+  EXPECT_EQ(first, copies.size());
+  const auto differs = std::mismatch(launched.begin(), launched.end(), in_order.begin());
+  EXPECT_TRUE(differs.first == launched.end())
+      << "slot " << differs.first - launched.begin() << " holds slot " << *differs.first
+      << "'s token after the launches, slot " << *differs.second << "'s in list order";
 }
 
 TEST(CompressionTest, BadPoliciesAreRefusedNamingTheFieldAndChangeNothing) {
