@@ -1,12 +1,30 @@
 // Writing, reading and moving KV slots on the CPU.
+#include <atomic>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "backend/cpu/kernels.h"
 #include "kvfabric/quant/quantize.h"
 
 namespace kvfabric::cpu {
 namespace {
+
+// Codes an append writes beyond which they bypass the caches (about the last-level cache of a
+// small machine; a decode step of even hundreds of sequences stays far below).
+constexpr uint64_t kStreamingAppendBytes = uint64_t{8} << 20;
+
+// Orders this thread's non-temporal stores before its later stores (and the region's barrier).
+void store_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
 
 size_t activation_bytes(DType dtype) {
   return dtype == DType::kF32 ? 4 : 2;
@@ -44,21 +62,30 @@ void append_kv(const SimdOps& ops, const PagedKvView& pool, const AppendKvArgs& 
   const auto* key = static_cast<const uint8_t*>(args.key);
   const auto* value = static_cast<const uint8_t*>(args.value);
   const int64_t n = args.num_tokens;
-#pragma omp parallel for num_threads(threads) schedule(static) if (n * heads * hd > (1 << 16))
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t slot = args.slot_mapping[t];
-    if (slot < 0) continue;
-    const uint64_t block = static_cast<uint64_t>(slot) / pool.block_size;
-    const uint64_t offset = static_cast<uint64_t>(slot) % pool.block_size;
-    for (uint32_t h = 0; h < heads; ++h) {
-      const uint64_t in_row = static_cast<uint64_t>(t) * heads + h;
+  // An append that writes more than the caches hold (a long prompt) does not need its codes in
+  // cache: the encoders may store them around it, saving the read of each line before its write.
+  // A decode step's few tokens stay cached for the attention that reads them next.
+  const bool stream = uint64_t(n) * heads * 2 * pool.row_bytes >= kStreamingAppendBytes;
+#pragma omp parallel num_threads(threads) if (n * heads * hd > (1 << 16))
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t slot = args.slot_mapping[t];
+      if (slot < 0) continue;
+      const uint64_t block = static_cast<uint64_t>(slot) / pool.block_size;
+      const uint64_t offset = static_cast<uint64_t>(slot) % pool.block_size;
+      // One call per token for K and one for V: all its heads, so that the integer encoders can
+      // compute the parameters of several groups (of different heads) at once.
+      const uint64_t in_row = static_cast<uint64_t>(t) * heads;
       for (uint32_t kv = 0; kv < 2; ++kv) {
-        ops.encode_row(pool, (kv == 0 ? key : value) + in_row * in_row_bytes, args.input_dtype,
-                       pool.codes(block, args.layer, kv, h) + offset * pool.row_bytes,
-                       pool.scales(block, args.layer, kv, h) + offset * pool.groups_per_row,
-                       pool.zeros(block, args.layer, kv, h) + offset * pool.groups_per_row);
+        ops.encode_rows(pool, (kv == 0 ? key : value) + in_row * in_row_bytes, args.input_dtype,
+                        heads, pool.codes(block, args.layer, kv, 0) + offset * pool.row_bytes,
+                        pool.scales(block, args.layer, kv, 0) + offset * pool.groups_per_row,
+                        pool.zeros(block, args.layer, kv, 0) + offset * pool.groups_per_row,
+                        stream);
       }
     }
+    if (stream) store_fence();  // each thread's non-temporal stores, before the region's end
   }
 }
 

@@ -481,6 +481,21 @@ void store_codes32(__m256i bytes, uint32_t bits, uint8_t* out) {
   }
 }
 
+// store_codes32 with non-temporal stores (8- and 4-bit codes; `out` aligned to 32 / 16 bytes).
+template <uint32_t Bits>
+void stream_codes32(__m256i bytes, uint8_t* out) {
+  static_assert(Bits == 8 || Bits == 4);
+  if constexpr (Bits == 8) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out), bytes);
+  } else {
+    __m256i packed = _mm256_and_si256(_mm256_or_si256(bytes, _mm256_srli_epi16(bytes, 4)),
+                                      _mm256_set1_epi16(0x00FF));
+    packed = _mm256_packus_epi16(packed, packed);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(out),
+                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
+  }
+}
+
 // f32 -> e4m3 codes for 8 lanes, as numeric::f32_to_fp8_e4m3 (RNE, saturating to 448).
 __m256i f32_to_e4m3_8(__m256 x) {
   const __m256i bits = _mm256_castps_si256(x);
@@ -504,12 +519,222 @@ __m256i f32_to_e4m3_8(__m256 x) {
   return _mm256_or_si256(code, sign);
 }
 
+// ---- Integer formats, eight groups at a time (append_kv's main cost). Per group the scalar
+// encoder reduces min and max horizontally and then divides twice; here the minima (maxima) of
+// eight groups are reduced together by transposing sums (lane j of the result is group j's), and
+// int_group_params runs on the eight lanes with the same IEEE operations (two vector divisions,
+// round to nearest even), so every scale, zero and code is bit for bit the scalar one.
+
+template <DType In>
+__m256 load_input8(const uint8_t* src, uint64_t i) {  // elements [i, i + 8)
+  if constexpr (In == DType::kF16) {
+    return load_f16(src + 2 * i);
+  } else if constexpr (In == DType::kBF16) {
+    return load_bf16(src + 2 * i);
+  } else {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(src) + i);
+  }
+}
+
+// Lane j of the result: op over the 8 lanes of v[j].
+template <class Op>
+__m256 transpose_reduce8(const __m256* v, Op op) {
+  // (a0 a1 a2 a3 | a4 a5 a6 a7), (b...) -> (a01 a23 b01 b23 | a45 a67 b45 b67)
+  auto pair = [&](__m256 a, __m256 b) {
+    return op(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
+  };
+  const __m256 lo = pair(pair(v[0], v[1]), pair(v[2], v[3]));  // (v0..v3 low | v0..v3 high)
+  const __m256 hi = pair(pair(v[4], v[5]), pair(v[6], v[7]));
+  return op(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+constexpr int qmax_of(uint32_t bits) {
+  return static_cast<int>((1u << bits) - 1u);
+}
+
+// One group of `gs` elements the scalar way (quant::encode_row's): the rare groups whose 1 /
+// scale overflows in group_params8.
+template <uint32_t Bits>
+void encode_int_group_scalar(const float* x, uint32_t gs, uint8_t* codes, float* scale,
+                             uint8_t* zero) {
+  constexpr uint32_t qmax = (1u << Bits) - 1u;
+  float lo = x[0], hi = x[0];
+  for (uint32_t i = 1; i < gs; ++i) {
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
+  }
+  const quant::IntGroupParams p = quant::int_group_params(lo, hi, qmax);
+  *scale = p.scale;
+  *zero = static_cast<uint8_t>(p.zero);
+  for (uint32_t i = 0; i < gs; ++i)
+    numeric::pack_code(codes, i, Bits, quant::int_encode(x[i], p, qmax));
+}
+
+// Group parameters of eight groups from their minima and maxima (lane j: group j), as
+// quant::int_group_params computes them. Stores each group's scale, zero point, 1 / scale (0 for
+// a constant group) and the offset its codes add to rint(x / scale) (the zero point, or the
+// constant code). Returns the lanes whose 1 / scale overflowed (ranges below ~2^-120, which only
+// f32 inputs reach): those the caller encodes the scalar way.
+template <uint32_t Bits>
+int group_params8(__m256 min_x, __m256 max_x, float* scale_out, float* inv_out, uint8_t* zero_out,
+                  int16_t* offset_out) {
+  constexpr uint32_t qmax = (1u << Bits) - 1u;
+  const __m256 zero_f = _mm256_setzero_ps();
+  const __m256 qmax_f = _mm256_set1_ps(static_cast<float>(qmax));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // min_ps(a, b) is a < b ? a : b and max_ps(a, b) a > b ? a : b, as the scalar code.
+  const __m256 lo = _mm256_min_ps(min_x, zero_f), hi = _mm256_max_ps(max_x, zero_f);
+  const __m256 range = _mm256_sub_ps(hi, lo);
+  const __m256 scale = _mm256_div_ps(range, qmax_f);
+  const __m256 inv = _mm256_div_ps(qmax_f, range);
+  const __m256 constant = _mm256_cmp_ps(min_x, max_x, _CMP_EQ_OQ);
+  __m256 zero = _mm256_round_ps(_mm256_mul_ps(_mm256_xor_ps(lo, sign), inv),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  zero = _mm256_min_ps(_mm256_max_ps(zero, zero_f), qmax_f);
+  // A constant group: scale |x| with code 1 (x > 0) or zero point 1 (x < 0); 0 and 0 for 0.
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i positive =
+      _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(min_x, zero_f, _CMP_GT_OQ)), one);
+  const __m256i negative =
+      _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(min_x, zero_f, _CMP_LT_OQ)), one);
+  const __m256i zero_i = _mm256_cvttps_epi32(zero);
+  const __m256i constant_i = _mm256_castps_si256(constant);
+  _mm256_storeu_ps(scale_out, _mm256_blendv_ps(scale, _mm256_andnot_ps(sign, min_x), constant));
+  _mm256_storeu_ps(inv_out, _mm256_andnot_ps(constant, inv));  // codes x * 0 + constant code
+  const __m256i zeros = _mm256_blendv_epi8(zero_i, negative, constant_i);
+  const __m256i offsets = _mm256_blendv_epi8(zero_i, positive, constant_i);
+  // int32 lanes to (zeros as 8 int16, offsets as 8 int16), then bytes
+  const __m256i both = _mm256_permute4x64_epi64(_mm256_packs_epi32(zeros, offsets), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(offset_out), _mm256_extracti128_si256(both, 1));
+  const __m128i zero_bytes =
+      _mm_packus_epi16(_mm256_castsi256_si128(both), _mm256_castsi256_si128(both));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(zero_out), zero_bytes);
+  return _mm256_movemask_ps(
+      _mm256_andnot_ps(constant, _mm256_cmp_ps(inv, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ)));
+}
+
+// `heads` rows of one token (contiguous in `src`), group_size a multiple of 32. Two passes over
+// up to kChunk elements (whole heads): minima, maxima and the group parameters of all groups,
+// eight at a time, then the codes; the inputs converted to f32 once, in a buffer that stays in
+// L1. Splitting the passes lets the parameters' latency (a division) overlap the codes of the
+// groups before.
+template <DType In, uint32_t Bits, bool Stream>
+void encode_int_rows(const PagedKvView& pool, const uint8_t* src, uint32_t heads, uint8_t* codes,
+                     float* scales, uint8_t* zeros) {
+  constexpr uint32_t kChunk = 2048;  // elements per pass; head_dim <= 1024
+  constexpr uint32_t kMaxGroups = kChunk / 32;
+  constexpr size_t in_bytes = In == DType::kF32 ? 4 : 2;
+  const uint32_t gs = pool.group_size, gpr = pool.groups_per_row, hd = pool.head_dim;
+  const uint64_t tile_bytes = pool.tile_bytes;
+  const uint64_t records = uint64_t{pool.block_size} * gpr;  // one head's tile to the next
+  const uint32_t row_code_bytes = gs * Bits / 8;
+  const uint32_t chunk_heads = hd >= kChunk ? 1 : kChunk / hd;
+  const __m256i undo_pack = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) float x[kChunk];
+  alignas(32) float scale_a[kMaxGroups + 8], inv_a[kMaxGroups + 8];
+  alignas(32) uint8_t zero_a[kMaxGroups + 8];
+  alignas(32) int16_t offset_a[kMaxGroups + 8];
+  for (uint32_t h0 = 0; h0 < heads; h0 += chunk_heads) {
+    const uint32_t nh = heads - h0 < chunk_heads ? heads - h0 : chunk_heads;
+    const uint32_t groups = nh * gpr;
+    const uint8_t* in = src + uint64_t{h0} * hd * in_bytes;
+    // f32 inputs are read in place, others converted once into x
+    const float* xs = In == DType::kF32 ? reinterpret_cast<const float*>(in) : x;
+    int overflow = 0;  // bit per group of the current eight
+    uint64_t overflow_groups[kMaxGroups / 64 + 1] = {};
+    for (uint32_t first = 0; first < groups; first += 8) {
+      const uint32_t count = groups - first < 8 ? groups - first : 8;
+      __m256 mins[8], maxs[8];
+      for (uint32_t j = 0; j < 8; ++j) {  // lanes past `count` repeat group `first`, unused
+        const uint32_t begin = (first + (j < count ? j : 0)) * gs;
+        __m256 lo = load_input8<In>(in, begin), hi = lo;
+        if constexpr (In != DType::kF32) _mm256_store_ps(x + begin, lo);
+        for (uint32_t d = 8; d < gs; d += 8) {
+          const __m256 v = load_input8<In>(in, begin + d);
+          if constexpr (In != DType::kF32) _mm256_store_ps(x + begin + d, v);
+          lo = _mm256_min_ps(lo, v);
+          hi = _mm256_max_ps(hi, v);
+        }
+        mins[j] = lo;
+        maxs[j] = hi;
+      }
+      overflow = group_params8<Bits>(
+          transpose_reduce8(mins, [](__m256 a, __m256 b) { return _mm256_min_ps(a, b); }),
+          transpose_reduce8(maxs, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }),
+          scale_a + first, inv_a + first, zero_a + first, offset_a + first);
+      if (overflow != 0) overflow_groups[first / 64] |= uint64_t(overflow & 0xFF) << (first % 64);
+    }
+    for (uint32_t h = 0; h < nh; ++h) {
+      const uint32_t g0 = h * gpr;
+      uint8_t* out = codes + (h0 + h) * tile_bytes;
+      float* scale_out = scales + (h0 + h) * records;
+      uint8_t* zero_out = zeros + (h0 + h) * records;
+      for (uint32_t i = 0; i < gpr; ++i) {
+        scale_out[i] = scale_a[g0 + i];
+        zero_out[i] = zero_a[g0 + i];
+      }
+      for (uint32_t i = 0; i < gpr; ++i) {
+        const uint32_t g = g0 + i;
+        const float* xg = xs + uint64_t{g} * gs;
+        uint8_t* out_g = out + i * row_code_bytes;
+        if ((overflow_groups[g / 64] >> (g % 64)) & 1) {
+          encode_int_group_scalar<Bits>(xg, gs, out_g, scale_out + i, zero_out + i);
+          continue;
+        }
+        const __m256 inv_b = _mm256_broadcast_ss(inv_a + g);
+        const __m256i offset_b = _mm256_set1_epi16(offset_a[g]);
+        // rint(x / scale) (the conversion rounds to nearest even as rint does; |x / scale| <=
+        // qmax + 1 fits int16) + zero, clamped to [0, qmax]: packus clamps to [0, 255].
+        auto rounded = [&](uint32_t d) {
+          return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + d), inv_b));
+        };
+        for (uint32_t d = 0; d < gs; d += 32) {
+          const __m256i ab =
+              _mm256_add_epi16(_mm256_packs_epi32(rounded(d), rounded(d + 8)), offset_b);
+          const __m256i cd =
+              _mm256_add_epi16(_mm256_packs_epi32(rounded(d + 16), rounded(d + 24)), offset_b);
+          __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), undo_pack);
+          if constexpr (Bits < 8) bytes = _mm256_min_epu8(bytes, _mm256_set1_epi8(qmax_of(Bits)));
+          if constexpr (Stream) {
+            stream_codes32<Bits>(bytes, out_g + d * Bits / 8);
+          } else {
+            store_codes32(bytes, Bits, out_g + d * Bits / 8);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Non-temporal stores only where they write whole cache lines: rows of whole 64-byte lines,
+// aligned (every row of a tile then is), of 8- or 4-bit codes.
+bool can_stream(const PagedKvView& pool, const uint8_t* codes) {
+  return dtype_bits(pool.dtype) >= 4 && pool.row_bytes % 64 == 0 && pool.tile_bytes % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(codes) % 64 == 0;
+}
+
+template <DType In>
+void encode_int_rows_from(const PagedKvView& pool, const uint8_t* src, uint32_t heads,
+                          uint8_t* codes, float* scales, uint8_t* zeros, bool stream) {
+  stream = stream && can_stream(pool, codes);
+  switch (dtype_bits(pool.dtype)) {
+    case 8:
+      return stream ? encode_int_rows<In, 8, true>(pool, src, heads, codes, scales, zeros)
+                    : encode_int_rows<In, 8, false>(pool, src, heads, codes, scales, zeros);
+    case 4:
+      return stream ? encode_int_rows<In, 4, true>(pool, src, heads, codes, scales, zeros)
+                    : encode_int_rows<In, 4, false>(pool, src, heads, codes, scales, zeros);
+    default:
+      return encode_int_rows<In, 2, false>(pool, src, heads, codes, scales, zeros);
+  }
+}
+
 void encode_row(const PagedKvView& pool, const void* src_void, DType src_dtype, uint8_t* codes,
                 float* scales, uint8_t* zeros) {
   const uint32_t hd = pool.head_dim;
   const auto* src = static_cast<const uint8_t*>(src_void);
   if (hd % 8 != 0 || (is_integer_quantized(pool.dtype) && pool.group_size % 8 != 0)) {
-    generic_simd_ops().encode_row(pool, src_void, src_dtype, codes, scales, zeros);
+    generic_simd_ops().encode_rows(pool, src_void, src_dtype, 1, codes, scales, zeros, false);
     return;
   }
   switch (pool.dtype) {
@@ -624,10 +849,31 @@ void encode_row(const PagedKvView& pool, const void* src_void, DType src_dtype, 
 #endif
 }
 
+void encode_rows(const PagedKvView& pool, const void* src_void, DType src_dtype, uint32_t heads,
+                 uint8_t* codes, float* scales, uint8_t* zeros, bool stream) {
+  const auto* src = static_cast<const uint8_t*>(src_void);
+  if (is_integer_quantized(pool.dtype) && pool.group_size % 32 == 0) {
+    switch (src_dtype) {
+      case DType::kF16:
+        return encode_int_rows_from<DType::kF16>(pool, src, heads, codes, scales, zeros, stream);
+      case DType::kBF16:
+        return encode_int_rows_from<DType::kBF16>(pool, src, heads, codes, scales, zeros, stream);
+      default:
+        return encode_int_rows_from<DType::kF32>(pool, src, heads, codes, scales, zeros, stream);
+    }
+  }
+  const size_t in_row_bytes = (src_dtype == DType::kF32 ? 4 : 2) * size_t{pool.head_dim};
+  const uint64_t records = uint64_t{pool.block_size} * pool.groups_per_row;
+  for (uint32_t h = 0; h < heads; ++h) {
+    encode_row(pool, src + h * in_row_bytes, src_dtype, codes + h * pool.tile_bytes,
+               scales + h * records, zeros + h * records);
+  }
+}
+
 }  // namespace
 
 const SimdOps* avx2_simd_ops() {
-  static const SimdOps ops{"avx2", decode_rows, qk, pv, exp_sum, encode_row};
+  static const SimdOps ops{"avx2", decode_rows, qk, pv, exp_sum, encode_rows};
   return &ops;
 }
 

@@ -115,17 +115,23 @@ float exp_sum(float* x, uint32_t n, float max) {
   return sum;
 }
 
-void encode_row(const PagedKvView& pool, const void* src, DType src_dtype, uint8_t* codes,
-                float* scales, uint8_t* zeros) {
+void encode_rows(const PagedKvView& pool, const void* src, DType src_dtype, uint32_t heads,
+                 uint8_t* codes, float* scales, uint8_t* zeros, bool /*stream*/) {
   float row[1024];  // head_dim <= 1024 (config limit)
-  quant::load_activations(src, src_dtype, pool.head_dim, row);
-  quant::encode_row({pool.dtype, pool.head_dim, pool.group_size}, row, codes, scales, zeros);
+  const size_t in_row_bytes = (src_dtype == DType::kF32 ? 4 : 2) * size_t{pool.head_dim};
+  const uint64_t records = uint64_t{pool.block_size} * pool.groups_per_row;
+  for (uint32_t h = 0; h < heads; ++h) {
+    quant::load_activations(static_cast<const uint8_t*>(src) + h * in_row_bytes, src_dtype,
+                            pool.head_dim, row);
+    quant::encode_row({pool.dtype, pool.head_dim, pool.group_size}, row,
+                      codes + h * pool.tile_bytes, scales + h * records, zeros + h * records);
+  }
 }
 
 }  // namespace
 
 const SimdOps& generic_simd_ops() {
-  static const SimdOps ops{"generic", decode_rows, qk, pv, exp_sum, encode_row};
+  static const SimdOps ops{"generic", decode_rows, qk, pv, exp_sum, encode_rows};
   return ops;
 }
 

@@ -59,10 +59,14 @@ struct SimdOps {
              uint32_t p_stride, uint32_t rows, float* acc, float* scratch);
   //! x[i] = exp(x[i] - max) for i < n; returns the sum.
   float (*exp_sum)(float* x, uint32_t n, float max);
-  //! Encodes one (token, head) row of head_dim activations (f32, f16 or bf16 at `src`, finite)
-  //! into the pool's format: the same bytes as quant::encode_row.
-  void (*encode_row)(const PagedKvView& pool, const void* src, DType src_dtype, uint8_t* codes,
-                     float* scales, uint8_t* zeros);
+  //! Encodes one token's `heads` consecutive (token, head) rows of head_dim activations (f32,
+  //! f16 or bf16 at `src`, finite) into the pool's format: head h's codes at codes + h *
+  //! tile_bytes, its scale and zero records at scales / zeros + h * block_size * groups_per_row
+  //! (the same token's row in the next head's tile); per row the same bytes as quant::encode_row.
+  //! `stream`: the call writes far more than the caches hold, so codes may be written with
+  //! non-temporal stores; the caller then fences (store_fence) before anyone reads them.
+  void (*encode_rows)(const PagedKvView& pool, const void* src, DType src_dtype, uint32_t heads,
+                      uint8_t* codes, float* scales, uint8_t* zeros, bool stream);
 };
 
 const SimdOps& generic_simd_ops();

@@ -176,5 +176,89 @@ TEST(AppendKv, EveryIsaWritesIdenticalBytes) {
   }
 }
 
+// The integer encoders compute eight groups' parameters at once (and store codes around the
+// caches for large appends): still the reference's bytes for groups that are constant, one-signed,
+// on exact half steps (rounding ties), of f32 ranges so small that 1 / scale overflows, for group
+// sizes above 32, head counts whose groups are no multiple of eight, and in streaming size.
+TEST(AppendKv, IntegerEncodersMatchTheReferenceOnEdgeGroups) {
+  if (testing::cpu_isas().size() < 2) GTEST_SKIP() << "this processor has no AVX2: one ISA only";
+  struct Shape {
+    uint32_t heads, head_dim, group, block, tokens;
+  };
+  const Shape shapes[] = {{3, 64, 32, 16, 37}, {2, 128, 64, 8, 37}, {5, 96, 32, 16, 21},
+                          {1, 256, 128, 16, 19}, {8, 128, 32, 16, 40}, {2, 32, 32, 4, 9}};
+  std::mt19937 rng(2024);
+  auto fill = [&](std::vector<float>& x, uint32_t group, uint32_t qmax) {
+    std::uniform_int_distribution<int> kind_of(0, 6);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (size_t g = 0; g < x.size() / group; ++g) {
+      float* v = x.data() + g * group;
+      const int kind = kind_of(rng);
+      // within f16's range (65504) with the outlier below
+      const float scale = std::pow(10.0f, std::uniform_real_distribution<float>(-3, 1.5f)(rng));
+      std::uniform_int_distribution<int> half_steps(-static_cast<int>(qmax),
+                                                    static_cast<int>(qmax));
+      for (uint32_t i = 0; i < group; ++i) {
+        const float n = normal(rng);
+        switch (kind) {
+          case 0: v[i] = n * scale; break;
+          case 1: v[i] = std::fabs(n) * scale; break;
+          case 2: v[i] = -std::fabs(n) * scale; break;
+          case 3: v[i] = (g % 3 == 0 ? 0.0f : (g % 3 == 1 ? 1.0f : -1.0f)) * scale; break;
+          case 4: v[i] = 0.5f * static_cast<float>(half_steps(rng)); break;  // scale 1: ties
+          case 5: v[i] = n * 1e-39f; break;  // subnormal f32: 1 / scale overflows
+          default: v[i] = i == 7 ? 1e3f * scale : n; break;
+        }
+      }
+      if (kind == 4) {  // the range exactly [-qmax / 2, qmax / 2]
+        v[0] = -0.5f * static_cast<float>(qmax);
+        v[group - 1] = 0.5f * static_cast<float>(qmax);
+      }
+    }
+  };
+  auto check = [&](DType dtype, DType input, const Shape& s) {
+    const uint32_t qmax = (1u << dtype_bits(dtype)) - 1u;
+    const uint64_t n = uint64_t{s.tokens} * s.heads * s.head_dim;
+    std::vector<float> k(n), v(n);
+    fill(k, s.group, qmax);
+    fill(v, s.group, qmax);
+    std::vector<uint16_t> k16(n), v16(n);
+    for (uint64_t i = 0; i < n; ++i) {
+      k16[i] = input == DType::kF16 ? numeric::f32_to_f16(k[i]) : numeric::f32_to_bf16(k[i]);
+      v16[i] = input == DType::kF16 ? numeric::f32_to_f16(v[i]) : numeric::f32_to_bf16(v[i]);
+    }
+    const uint32_t blocks = (s.tokens + s.block - 1) / s.block + 3;
+    std::vector<int64_t> slots(s.tokens);
+    for (uint32_t t = 0; t < s.tokens; ++t)  // from the middle of a block, the last one first
+      slots[t] = (t + 3) % (uint64_t{blocks} * s.block);
+    std::vector<std::vector<uint8_t>> pools;
+    for (CpuIsa isa : testing::cpu_isas()) {
+      auto backend = testing::cpu_backend(isa);
+      auto pool =
+          testing::TestPool::create(*backend, 1, s.heads, s.block, s.head_dim, dtype, s.group, blocks);
+      const bool f32 = input == DType::kF32;
+      const void* kd = f32 ? static_cast<const void*>(k.data()) : k16.data();
+      const void* vd = f32 ? static_cast<const void*>(v.data()) : v16.data();
+      const Status st = backend->append_kv(pool.view, {0, kd, vd, input, s.tokens, slots.data()});
+      ASSERT_TRUE(st.ok()) << st;
+      pools.push_back(pool.snapshot());
+    }
+    for (size_t i = 1; i < pools.size(); ++i) {
+      EXPECT_EQ(pools[0], pools[i]) << dtype_name(dtype) << " from " << dtype_name(input)
+                                    << ", heads " << s.heads << ", head_dim " << s.head_dim
+                                    << ", group " << s.group << ", ISA " << i;
+    }
+  };
+  for (DType dtype : {DType::kInt8, DType::kInt4, DType::kInt2}) {
+    for (DType input : {DType::kF32, DType::kF16, DType::kBF16}) {
+      for (const Shape& s : shapes)
+        check(dtype, input, s);
+    }
+  }
+  // Appends of more than 8 MiB of codes store them with non-temporal stores.
+  check(DType::kInt8, DType::kF16, {8, 128, 32, 16, 4200});
+  check(DType::kInt4, DType::kF32, {8, 128, 32, 16, 8400});
+}
+
 }  // namespace
 }  // namespace kvfabric
