@@ -91,10 +91,12 @@ Result<std::optional<quant::CompressionPolicy>> parse_compression_spec(const std
     char* end = nullptr;
     const double number = std::strtod(value.c_str(), &end);
     if (value.empty() || end != value.c_str() + value.size() || !(number >= 0)) return bad();
-    const auto count = static_cast<uint64_t>(number);
+    // Converting a double past 2^64 (or inf) to uint64_t is undefined: such a value is no count.
+    const bool fits = number < 0x1p64;
+    const uint64_t count = fits ? static_cast<uint64_t>(number) : 0;
     if (key == "ratio") {
       policy.budget_ratio = number;
-    } else if (static_cast<double>(count) != number) {
+    } else if (!fits || static_cast<double>(count) != number) {
       return bad();
     } else if (key == "tokens") {
       policy.budget_tokens = count;

@@ -167,6 +167,10 @@ TEST(ClusterReplay, CompressionSpecsAreParsedOrRefusedNamingTheKey) {
            {"h2o:ratio=2", "compression.budget_ratio"},
            {"h2o:tokens=1.5", "tokens=1.5"},
            {"h2o:tokens=ten", "tokens=ten"},
+           // Past any count (no uint64_t holds them): refused, never converted.
+           {"h2o:tokens=1e30", "tokens=1e30"},
+           {"streaming:tokens=64,sink=inf", "sink=inf"},
+           {"h2o:tokens=18446744073709551616", "tokens=18446744073709551616"},
            {"h2o:tokens=8,window=4,speed=2", "unknown key 'speed'"},
            {"lru:tokens=8", "unknown"},
            {"pyramid:tokens=8", "layer group"}}) {
