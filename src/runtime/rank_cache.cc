@@ -346,6 +346,7 @@ Status RankCache::receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId r
 }
 
 Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId root) {
+  reported_scores_.clear();  // a refused plan gathers none: no earlier plan's sums linger
   const Result<StepPlan> plan = StepPlan::deserialize(plan_bytes);
   const Status verdict = plan.ok() ? validate(*plan) : plan.status();
   // Every rank learns every verdict before any block moves: a rank that refused the plan must not
@@ -445,7 +446,6 @@ Status RankCache::report(const Status& ran, RankId root, const StepPlan& plan) {
     fail(r, static_cast<ErrorCode>(report[0]),
          std::string(report.begin() + kReportHeader, report.begin() + kReportHeader + length));
   }
-  reported_scores_.clear();
   if (failures.empty()) {
     const Status summed = sum_reported_scores(plan, payloads);
     if (summed.ok()) return summed;

@@ -162,6 +162,25 @@ TEST(CompressionTest, H2oKeepsPlantedHeavyHittersFromTheRanksScores) {
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
+// A plan every rank refuses gathers no scores: the root holds none, not the last plan's.
+TEST(CompressionTest, ARefusedPlanLeavesNoEarlierScoresBehind) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  r.mass = [](SeqId, size_t, uint32_t) { return 1.0f; };
+  ASSERT_TRUE(r.admit(SeqId{1}, testing::token_run(60, 4), h2o(20, 4, 1)).ok());
+  bool reported = false;
+  for (int i = 0; i < 3 && !reported; ++i) {
+    ASSERT_TRUE(r.step());
+    reported = !r.rank->reported_scores().empty();
+    r.decode(SeqId{1});
+  }
+  ASSERT_TRUE(reported);
+  StepPlan stale;
+  stale.step = 0;  // long past
+  std::vector<uint8_t> bytes = stale.serialize();
+  EXPECT_FALSE(r.rank->receive_and_execute(bytes, RankId{0}).ok());
+  EXPECT_TRUE(r.rank->reported_scores().empty());
+}
+
 TEST(CompressionTest, SnapKvCompactsThePromptOnceAndKeepsDecodedTokens) {
   CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
   r.mass = [](SeqId, size_t origin, uint32_t) { return origin == 10 || origin == 20 ? 5.0f : 0.1f; };
