@@ -101,7 +101,11 @@ Result<std::optional<quant::CompressionPolicy>> parse_compression_spec(const std
     } else if (key == "tokens") {
       policy.budget_tokens = count;
     } else if (key == "interval") {
-      policy.interval_steps = static_cast<uint32_t>(std::min<uint64_t>(count, UINT32_MAX));
+      if (count > UINT32_MAX) {
+        return invalid_argument("--compression '" + spec + "': interval=" + value +
+                                " is more steps than a policy counts (at most 4294967295)");
+      }
+      policy.interval_steps = static_cast<uint32_t>(count);
     } else if (key == "sink") {
       policy.sink_tokens = count;
     } else if (key == "recent") {

@@ -172,6 +172,7 @@ TEST(ClusterReplay, CompressionSpecsAreParsedOrRefusedNamingTheKey) {
            {"streaming:tokens=64,sink=inf", "sink=inf"},
            {"h2o:tokens=18446744073709551616", "tokens=18446744073709551616"},
            {"h2o:tokens=8,window=4,speed=2", "unknown key 'speed'"},
+           {"h2o:tokens=8,interval=5000000000", "interval=5000000000"},
            {"lru:tokens=8", "unknown"},
            {"pyramid:tokens=8", "layer group"}}) {
     const auto refused = parse_compression_spec(spec);
