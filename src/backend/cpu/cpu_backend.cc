@@ -33,7 +33,9 @@ bool cpu_has_avx2() {
 
 bool cpu_has_avx512_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+  // BW and DQ for append_kv's 512-bit encoder: every processor with AVX512-VNNI has them.
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 #else
   return false;
 #endif

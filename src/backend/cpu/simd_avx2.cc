@@ -552,29 +552,12 @@ constexpr int qmax_of(uint32_t bits) {
   return static_cast<int>((1u << bits) - 1u);
 }
 
-// One group of `gs` elements the scalar way (quant::encode_row's): the rare groups whose 1 /
-// scale overflows in group_params8.
-template <uint32_t Bits>
-void encode_int_group_scalar(const float* x, uint32_t gs, uint8_t* codes, float* scale,
-                             uint8_t* zero) {
-  constexpr uint32_t qmax = (1u << Bits) - 1u;
-  float lo = x[0], hi = x[0];
-  for (uint32_t i = 1; i < gs; ++i) {
-    lo = x[i] < lo ? x[i] : lo;
-    hi = x[i] > hi ? x[i] : hi;
-  }
-  const quant::IntGroupParams p = quant::int_group_params(lo, hi, qmax);
-  *scale = p.scale;
-  *zero = static_cast<uint8_t>(p.zero);
-  for (uint32_t i = 0; i < gs; ++i)
-    numeric::pack_code(codes, i, Bits, quant::int_encode(x[i], p, qmax));
-}
-
 // Group parameters of eight groups from their minima and maxima (lane j: group j), as
 // quant::int_group_params computes them. Stores each group's scale, zero point, 1 / scale (0 for
 // a constant group) and the offset its codes add to rint(x / scale) (the zero point, or the
 // constant code). Returns the lanes whose 1 / scale overflowed (ranges below ~2^-120, which only
-// f32 inputs reach): those the caller encodes the scalar way.
+// f32 and bf16 inputs reach): their rows the caller leaves to the reference encoder
+// (quant::encode_row, whose cast of a NaN zero point there is the compiler's to choose).
 template <uint32_t Bits>
 int group_params8(__m256 min_x, __m256 max_x, float* scale_out, float* inv_out, uint8_t* zero_out,
                   int16_t* offset_out) {
@@ -673,14 +656,17 @@ void encode_int_rows(const PagedKvView& pool, const uint8_t* src, uint32_t heads
         scale_out[i] = scale_a[g0 + i];
         zero_out[i] = zero_a[g0 + i];
       }
+      bool any_overflow = false;
+      for (uint32_t i = 0; i < gpr; ++i)
+        any_overflow |= ((overflow_groups[(g0 + i) / 64] >> ((g0 + i) % 64)) & 1) != 0;
+      if (any_overflow) {  // the whole row by the reference encoder, its bytes by definition
+        quant::encode_row({pool.dtype, hd, gs}, xs + uint64_t{g0} * gs, out, scale_out, zero_out);
+        continue;
+      }
       for (uint32_t i = 0; i < gpr; ++i) {
         const uint32_t g = g0 + i;
         const float* xg = xs + uint64_t{g} * gs;
         uint8_t* out_g = out + i * row_code_bytes;
-        if ((overflow_groups[g / 64] >> (g % 64)) & 1) {
-          encode_int_group_scalar<Bits>(xg, gs, out_g, scale_out + i, zero_out + i);
-          continue;
-        }
         const __m256 inv_b = _mm256_broadcast_ss(inv_a + g);
         const __m256i offset_b = _mm256_set1_epi16(offset_a[g]);
         // rint(x / scale) (the conversion rounds to nearest even as rint does; |x / scale| <=
