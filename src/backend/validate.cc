@@ -89,6 +89,42 @@ Status validate_finite(const void* data, DType dtype, uint32_t num_tokens, uint3
                           std::to_string(index % head_dim) + "] is not finite (NaN or Inf)");
 }
 
+Status validate_finite_kv(const void* key, const void* value, DType dtype, uint32_t num_tokens,
+                          uint32_t heads, uint32_t head_dim, std::string_view key_what,
+                          std::string_view value_what, int threads) {
+  const uint64_t row = uint64_t{heads} * head_dim;
+  const size_t elem = dtype == DType::kF32 ? 4 : 2;
+  const auto* k = static_cast<const uint8_t*>(key);
+  const auto* v = static_cast<const uint8_t*>(value);
+  int64_t first_bad_token[2] = {-1, -1};
+  int64_t first_bad_index[2] = {-1, -1};
+  // The first bad token of each tensor wins, whichever thread finds it, so the message is
+  // deterministic; a bad key is reported before a bad value, as two validate_finite calls would.
+#pragma omp parallel for num_threads(threads) \
+    schedule(static) if (uint64_t{num_tokens} * row > (1u << 17))
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t bad[2] = {quant::find_non_finite(k + t * row * elem, dtype, row),
+                            quant::find_non_finite(v + t * row * elem, dtype, row)};
+    if (bad[0] < 0 && bad[1] < 0) continue;
+#pragma omp critical(kvf_validate_finite_kv)
+    for (int kv = 0; kv < 2; ++kv) {
+      if (bad[kv] >= 0 && (first_bad_token[kv] < 0 || t < first_bad_token[kv])) {
+        first_bad_token[kv] = t;
+        first_bad_index[kv] = bad[kv];
+      }
+    }
+  }
+  for (int kv = 0; kv < 2; ++kv) {
+    if (first_bad_token[kv] < 0) continue;
+    const uint64_t index = static_cast<uint64_t>(first_bad_index[kv]);
+    return invalid_argument(str(kv == 0 ? key_what : value_what) + "[token " +
+                            std::to_string(first_bad_token[kv]) + ", head " +
+                            std::to_string(index / head_dim) + ", dim " +
+                            std::to_string(index % head_dim) + "] is not finite (NaN or Inf)");
+  }
+  return ok_status();
+}
+
 Status validate_append(const PagedKvView& pool, const AppendKvArgs& args) {
   KVF_RETURN_IF_ERROR(validate_pool(pool, args.layer, "append_kv"));
   if (args.num_tokens == 0) return ok_status();

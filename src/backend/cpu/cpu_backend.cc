@@ -98,12 +98,9 @@ class CpuBackend final : public Backend {
   Status append_kv(const PagedKvView& pool, const AppendKvArgs& args) override {
     KVF_RETURN_IF_ERROR(detail::validate_append(pool, args));
     if (args.num_tokens > 0) {
-      KVF_RETURN_IF_ERROR(detail::validate_finite(args.key, args.input_dtype, args.num_tokens,
-                                                  pool.num_kv_heads, pool.head_dim,
-                                                  "append_kv: key", threads_));
-      KVF_RETURN_IF_ERROR(detail::validate_finite(args.value, args.input_dtype, args.num_tokens,
-                                                  pool.num_kv_heads, pool.head_dim,
-                                                  "append_kv: value", threads_));
+      KVF_RETURN_IF_ERROR(detail::validate_finite_kv(
+          args.key, args.value, args.input_dtype, args.num_tokens, pool.num_kv_heads,
+          pool.head_dim, "append_kv: key", "append_kv: value", threads_));
     }
     cpu::append_kv(ops_, pool, args, threads_);
     return ok_status();

@@ -117,6 +117,37 @@ TEST_F(AppendRejects, NonFiniteValues) {
   EXPECT_EQ(pool_.snapshot(), before_);
 }
 
+// Key and value are checked in one pass over token ranges on two threads: still the first bad
+// token of the key, or else of the value, whichever thread finds which.
+TEST(AppendKv, RejectsTheFirstNonFiniteTokenOfLargeInputs) {
+  auto backend = testing::cpu_backend(CpuIsa::kAuto, 2);
+  const uint32_t tokens = 1100;  // 1100 x 2 x 64 x 2 elements: the check runs in parallel
+  auto pool = testing::TestPool::create(*backend, 1, 2, 16, 64, DType::kInt8, 32, 70);
+  const auto before = pool.snapshot();
+  std::vector<float> key(uint64_t{tokens} * 2 * 64, 0.25f), value = key;
+  std::vector<int64_t> slots(tokens);
+  for (uint32_t t = 0; t < tokens; ++t)
+    slots[t] = t;
+  auto append = [&] {
+    return backend->append_kv(pool.view,
+                              {0, key.data(), value.data(), DType::kF32, tokens, slots.data()});
+  };
+  value[10 * 128 + 64 + 2] = NAN;   // token 10, head 1, dim 2
+  value[900 * 128 + 5] = NAN;       // token 900
+  key[1000 * 128 + 70] = INFINITY;  // token 1000, head 1, dim 6
+  key[1050 * 128 + 1] = NAN;
+  Status s = append();
+  EXPECT_NE(s.message().find("key[token 1000, head 1, dim 6]"), std::string::npos) << s;
+  key[1000 * 128 + 70] = 0;
+  key[1050 * 128 + 1] = 0;
+  s = append();
+  EXPECT_NE(s.message().find("value[token 10, head 1, dim 2]"), std::string::npos) << s;
+  EXPECT_EQ(pool.snapshot(), before);
+  value[10 * 128 + 64 + 2] = 0;
+  value[900 * 128 + 5] = 0;
+  EXPECT_TRUE(append().ok());
+}
+
 TEST_F(AppendRejects, BadSlotsAndLayers) {
   EXPECT_NE(append({0, 64}).message().find("slot 64"), std::string::npos);
   EXPECT_NE(append({3, 3}).message().find("two tokens map to slot 3"), std::string::npos);
