@@ -479,8 +479,24 @@ void GlobalPrefixIndex::trim_holding(uint32_t node, uint32_t replica, size_t kee
 void GlobalPrefixIndex::remove_node(uint32_t node) {
   KVF_CHECK(nodes_[node].children.empty(), "removing a node that has children");
   remove_child(nodes_[node].parent, node);
-  nodes_[node] = Node{};
+  clear_node(nodes_[node]);
   free_slots_.push_back(node);
+}
+
+void GlobalPrefixIndex::clear_node(Node& n) {
+  n.tokens.clear();
+  n.edge_begin = 0;
+  n.parent = kNone;
+  n.depth = 0;
+  n.salt = {};
+  n.children.clear();
+  n.child_pos = 0;
+  n.by_key = decltype(n.by_key)();  // the buckets of a map of many children are not kept
+  n.unit_key.reset();
+  n.block_hashes.clear();
+  n.holders.clear();
+  n.holdings.clear();
+  n.alive = false;
 }
 
 // ---------------------------------------------------------------------------------------------
