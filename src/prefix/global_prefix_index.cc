@@ -131,11 +131,7 @@ std::pair<uint32_t, size_t> GlobalPrefixIndex::find_child(uint32_t parent, const
     }
     return {kNone, 0};
   }
-  const auto [first, last] = p.by_key.equal_range(key.unit_key(pos));
-  for (auto it = first; it != last; ++it) {
-    if (const size_t lcp = shared(it->second); lcp > 0) return {it->second, lcp};
-  }
-  return {kNone, 0};
+  return p.by_key.find(key.unit_key(pos), shared);
 }
 
 uint64_t GlobalPrefixIndex::unit_key_of(const Node& n) const {
@@ -153,9 +149,9 @@ void GlobalPrefixIndex::add_child(uint32_t parent, uint32_t child) {
     return *n.unit_key;
   };
   if (!p.by_key.empty()) {
-    p.by_key.emplace(keyed(child), child);
+    p.by_key.insert(keyed(child), child);
   } else if (p.children.size() > kMappedChildren) {
-    for (uint32_t c : p.children) p.by_key.emplace(keyed(c), c);
+    for (uint32_t c : p.children) p.by_key.insert(keyed(c), c);
   }
 }
 
@@ -172,13 +168,8 @@ void GlobalPrefixIndex::remove_child(uint32_t parent, uint32_t child) {
     p.by_key.clear();  // few enough to compare one by one again
     return;
   }
-  for (auto [it, last] = p.by_key.equal_range(*nodes_[child].unit_key); it != last; ++it) {
-    if (it->second == child) {
-      p.by_key.erase(it);
-      return;
-    }
-  }
-  KVF_CHECK(false, "a radix node is missing from its parent's key map");
+  const bool erased = p.by_key.erase(*nodes_[child].unit_key, child);
+  KVF_CHECK(erased, "a radix node is missing from its parent's key map");
 }
 
 void GlobalPrefixIndex::walk(const RadixKey& key, size_t length, PrefixLookup& out) const {
@@ -348,9 +339,8 @@ uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
   p.children[n.child_pos] = u;
   n.child_pos = 0;
   if (!p.by_key.empty()) {
-    for (auto [it, last] = p.by_key.equal_range(*n.unit_key); it != last; ++it) {
-      if (it->second == node) it->second = u;
-    }
+    const bool moved = p.by_key.replace(*n.unit_key, node, u);
+    KVF_CHECK(moved, "a radix node is missing from its parent's key map");
   }
   n.edge_begin += at;
   n.parent = u;
@@ -491,7 +481,7 @@ void GlobalPrefixIndex::clear_node(Node& n) {
   n.salt = {};
   n.children.clear();
   n.child_pos = 0;
-  n.by_key = decltype(n.by_key)();  // the buckets of a map of many children are not kept
+  n.by_key.clear();  // the table of a node that had many children is not kept
   n.unit_key.reset();
   n.block_hashes.clear();
   n.holders.clear();
@@ -721,8 +711,7 @@ size_t GlobalPrefixIndex::memory_bytes() const {
              n.holdings.capacity() * sizeof(Holding) +
              n.children.capacity() * sizeof(uint32_t) +
              n.block_hashes.capacity() * sizeof(uint64_t) +
-             n.by_key.size() * (sizeof(std::pair<const uint64_t, uint32_t>) + 2 * sizeof(void*)) +
-             n.by_key.bucket_count() * sizeof(void*);
+             n.by_key.memory_bytes();
     for (const Holding& h : n.holdings) bytes += h.blocks.capacity() * sizeof(BlockId);
   }
   for (const ReplicaState& rs : replicas_) {
@@ -755,10 +744,7 @@ Status GlobalPrefixIndex::verify() const {
     if (n.unit_key && *n.unit_key != unit_key_of(n)) return fail(where + ": stale unit key");
     if (!p.by_key.empty()) {
       if (!n.unit_key) return fail(where + ": no key under a parent that maps its children");
-      const auto [first, last] = p.by_key.equal_range(*n.unit_key);
-      if (std::find_if(first, last, [&](const auto& e) { return e.second == i; }) == last) {
-        return fail(where + ": its parent's key map does not list it");
-      }
+      if (!p.by_key.contains(*n.unit_key, i)) return fail(where + ": its parent's key map does not list it");
     }
     if (n.depth != p.depth + n.edge_size()) return fail(where + ": wrong depth");
     if (n.parent != 0 && !p.salt.empty() && p.salt != n.salt) {

@@ -9,11 +9,11 @@
 #include <optional>
 #include <span>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "kvfabric/block/block_retainer.h"
 #include "kvfabric/common/status.h"
+#include "kvfabric/prefix/child_key_table.h"
 #include "kvfabric/prefix/kv_events.h"
 #include "kvfabric/prefix/radix_tree.h"
 
@@ -180,7 +180,7 @@ class GlobalPrefixIndex {
     uint32_t child_pos = 0;          // where the parent lists this node in its children
     // Unit key -> child, kept while the node has many children (kMappedChildren); a few are
     // compared one by one, which costs less than hashing the query's block to find one.
-    std::unordered_multimap<uint64_t, uint32_t> by_key;
+    detail::ChildKeyTable by_key;
     std::optional<uint64_t> unit_key;  // its first block's key among its siblings, once needed
     std::vector<uint64_t> block_hashes;  // one per block of the edge, while recording events
     std::vector<uint32_t> holders;     // replicas, increasing
