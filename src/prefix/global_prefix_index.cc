@@ -221,6 +221,7 @@ std::span<const uint32_t> GlobalPrefixIndex::holders(const PrefixLookup& lookup,
 
 void GlobalPrefixIndex::blocks_on(const PrefixLookup& lookup, uint32_t replica, size_t blocks,
                                   std::vector<BlockId>& out) const {
+  out.reserve(out.size() + blocks);
   for (const PrefixLookup::Step& step : lookup.steps) {
     if (blocks == 0) return;
     const Holding* h = holding(step.node, replica);
@@ -664,6 +665,7 @@ Result<std::vector<BlockId>> GlobalPrefixIndex::insert(uint32_t replica, const R
 
 std::vector<BlockId> GlobalPrefixIndex::release_idle(uint32_t replica, size_t count) {
   std::vector<BlockId> released;
+  released.reserve(count);
   auto& victims = replicas_[replica].victims;
   while (released.size() < count && !victims.empty()) {
     const uint32_t node = std::get<2>(*victims.begin());
