@@ -72,14 +72,15 @@ void SeenBlocks::add(uint64_t key) {
   ++added_;
 }
 
+bool SeenBlocks::in(const Bits& bits, uint64_t key) const {
+  for (const uint64_t bit : probes(key, mask_)) {
+    if ((bits[bit / 64] & (uint64_t{1} << (bit % 64))) == 0) return false;
+  }
+  return true;
+}
+
 bool SeenBlocks::contains(uint64_t key) const {
-  const auto [first, second] = probes(key, mask_);
-  // Without branches, so that the four words are loaded together: the filter is usually out of
-  // the cache by the next admission, and four misses in flight cost about one.
-  auto has = [&](const Bits& bits) {
-    return (bits[first / 64] >> (first % 64)) & (bits[second / 64] >> (second % 64)) & 1;
-  };
-  return (has(generations_[0]) | has(generations_[1])) != 0;
+  return in(generations_[0], key) || in(generations_[1], key);
 }
 
 }  // namespace kvfabric::detail

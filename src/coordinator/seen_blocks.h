@@ -47,6 +47,7 @@ class SeenBlocks {
 
  private:
   using Bits = std::vector<uint64_t>;
+  [[nodiscard]] bool in(const Bits& bits, uint64_t key) const;
 
   std::array<Bits, 2> generations_;
   size_t current_ = 0;
