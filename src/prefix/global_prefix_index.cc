@@ -300,6 +300,7 @@ uint32_t GlobalPrefixIndex::take_slot() {
   }
   const uint32_t i = free_slots_.back();
   free_slots_.pop_back();
+  spare_tokens_ -= nodes_[i].tokens.capacity();
   return i;
 }
 
@@ -308,8 +309,7 @@ uint32_t GlobalPrefixIndex::new_node(uint32_t parent, std::span<const TokenId> e
   const uint32_t i = take_slot();
   Node& n = nodes_[i];
   n.alive = true;
-  n.tokens.assign(edge.begin(), edge.end());
-  n.edge_begin = 0;
+  set_edge(n, edge);
   n.parent = parent;
   n.depth = nodes_[parent].depth + edge.size();
   n.unit_key = key;
@@ -328,8 +328,7 @@ uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
   // node hangs below it; the node's new first block gets a key only if it is ever needed.
   upper.alive = true;
   const std::span<const TokenId> front = n.edge().first(at);
-  upper.tokens.assign(front.begin(), front.end());
-  upper.edge_begin = 0;
+  set_edge(upper, front);
   upper.parent = n.parent;
   upper.depth = nodes_[n.parent].depth + at;
   upper.salt = n.salt;
@@ -474,8 +473,19 @@ void GlobalPrefixIndex::remove_node(uint32_t node) {
   free_slots_.push_back(node);
 }
 
+void GlobalPrefixIndex::set_edge(Node& n, std::span<const TokenId> edge) {
+  if (n.tokens.capacity() > 2 * edge.size()) n.tokens = std::vector<TokenId>();
+  n.tokens.assign(edge.begin(), edge.end());
+  n.edge_begin = 0;
+}
+
 void GlobalPrefixIndex::clear_node(Node& n) {
-  n.tokens.clear();
+  if (spare_tokens_ + n.tokens.capacity() <= kSpareBlocks * options_.block_size) {
+    spare_tokens_ += n.tokens.capacity();
+    n.tokens.clear();
+  } else {
+    n.tokens = std::vector<TokenId>();
+  }
   n.edge_begin = 0;
   n.parent = kNone;
   n.depth = 0;
@@ -821,6 +831,9 @@ Status GlobalPrefixIndex::verify() const {
       (!nodes_[0].by_key.empty() && nodes_[0].by_key.size() != nodes_[0].children.size())) {
     return fail("stale child entries at the root");
   }
+  size_t spare = 0;
+  for (uint32_t slot : free_slots_) spare += nodes_[slot].tokens.capacity();
+  if (spare != spare_tokens_) return fail("the free slots keep another count of spare tokens");
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     const ReplicaState& rs = replicas_[r];
     size_t mapped = 0, in_use = 0;
