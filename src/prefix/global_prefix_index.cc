@@ -131,11 +131,7 @@ std::pair<uint32_t, size_t> GlobalPrefixIndex::find_child(uint32_t parent, const
     }
     return {kNone, 0};
   }
-  const auto [first, last] = p.by_key.equal_range(key.unit_key(pos));
-  for (auto it = first; it != last; ++it) {
-    if (const size_t lcp = shared(it->second); lcp > 0) return {it->second, lcp};
-  }
-  return {kNone, 0};
+  return p.by_key.find(key.unit_key(pos), shared);
 }
 
 uint64_t GlobalPrefixIndex::unit_key_of(const Node& n) const {
@@ -153,9 +149,9 @@ void GlobalPrefixIndex::add_child(uint32_t parent, uint32_t child) {
     return *n.unit_key;
   };
   if (!p.by_key.empty()) {
-    p.by_key.emplace(keyed(child), child);
+    p.by_key.insert(keyed(child), child);
   } else if (p.children.size() > kMappedChildren) {
-    for (uint32_t c : p.children) p.by_key.emplace(keyed(c), c);
+    for (uint32_t c : p.children) p.by_key.insert(keyed(c), c);
   }
 }
 
@@ -172,13 +168,8 @@ void GlobalPrefixIndex::remove_child(uint32_t parent, uint32_t child) {
     p.by_key.clear();  // few enough to compare one by one again
     return;
   }
-  for (auto [it, last] = p.by_key.equal_range(*nodes_[child].unit_key); it != last; ++it) {
-    if (it->second == child) {
-      p.by_key.erase(it);
-      return;
-    }
-  }
-  KVF_CHECK(false, "a radix node is missing from its parent's key map");
+  const bool erased = p.by_key.erase(*nodes_[child].unit_key, child);
+  KVF_CHECK(erased, "a radix node is missing from its parent's key map");
 }
 
 void GlobalPrefixIndex::walk(const RadixKey& key, size_t length, PrefixLookup& out) const {
@@ -230,6 +221,7 @@ std::span<const uint32_t> GlobalPrefixIndex::holders(const PrefixLookup& lookup,
 
 void GlobalPrefixIndex::blocks_on(const PrefixLookup& lookup, uint32_t replica, size_t blocks,
                                   std::vector<BlockId>& out) const {
+  out.reserve(out.size() + blocks);
   for (const PrefixLookup::Step& step : lookup.steps) {
     if (blocks == 0) return;
     const Holding* h = holding(step.node, replica);
@@ -308,6 +300,7 @@ uint32_t GlobalPrefixIndex::take_slot() {
   }
   const uint32_t i = free_slots_.back();
   free_slots_.pop_back();
+  spare_tokens_ -= nodes_[i].tokens.capacity();
   return i;
 }
 
@@ -316,8 +309,7 @@ uint32_t GlobalPrefixIndex::new_node(uint32_t parent, std::span<const TokenId> e
   const uint32_t i = take_slot();
   Node& n = nodes_[i];
   n.alive = true;
-  n.tokens.assign(edge.begin(), edge.end());
-  n.edge_begin = 0;
+  set_edge(n, edge);
   n.parent = parent;
   n.depth = nodes_[parent].depth + edge.size();
   n.unit_key = key;
@@ -336,8 +328,7 @@ uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
   // node hangs below it; the node's new first block gets a key only if it is ever needed.
   upper.alive = true;
   const std::span<const TokenId> front = n.edge().first(at);
-  upper.tokens.assign(front.begin(), front.end());
-  upper.edge_begin = 0;
+  set_edge(upper, front);
   upper.parent = n.parent;
   upper.depth = nodes_[n.parent].depth + at;
   upper.salt = n.salt;
@@ -348,9 +339,8 @@ uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
   p.children[n.child_pos] = u;
   n.child_pos = 0;
   if (!p.by_key.empty()) {
-    for (auto [it, last] = p.by_key.equal_range(*n.unit_key); it != last; ++it) {
-      if (it->second == node) it->second = u;
-    }
+    const bool moved = p.by_key.replace(*n.unit_key, node, u);
+    KVF_CHECK(moved, "a radix node is missing from its parent's key map");
   }
   n.edge_begin += at;
   n.parent = u;
@@ -479,8 +469,35 @@ void GlobalPrefixIndex::trim_holding(uint32_t node, uint32_t replica, size_t kee
 void GlobalPrefixIndex::remove_node(uint32_t node) {
   KVF_CHECK(nodes_[node].children.empty(), "removing a node that has children");
   remove_child(nodes_[node].parent, node);
-  nodes_[node] = Node{};
+  clear_node(nodes_[node]);
   free_slots_.push_back(node);
+}
+
+void GlobalPrefixIndex::set_edge(Node& n, std::span<const TokenId> edge) {
+  if (n.tokens.capacity() > 2 * edge.size()) n.tokens = std::vector<TokenId>();
+  n.tokens.assign(edge.begin(), edge.end());
+  n.edge_begin = 0;
+}
+
+void GlobalPrefixIndex::clear_node(Node& n) {
+  if (spare_tokens_ + n.tokens.capacity() <= kSpareBlocks * options_.block_size) {
+    spare_tokens_ += n.tokens.capacity();
+    n.tokens.clear();
+  } else {
+    n.tokens = std::vector<TokenId>();
+  }
+  n.edge_begin = 0;
+  n.parent = kNone;
+  n.depth = 0;
+  n.salt = {};
+  n.children.clear();
+  n.child_pos = 0;
+  n.by_key.clear();  // the table of a node that had many children is not kept
+  n.unit_key.reset();
+  n.block_hashes.clear();
+  n.holders.clear();
+  n.holdings.clear();
+  n.alive = false;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -658,6 +675,7 @@ Result<std::vector<BlockId>> GlobalPrefixIndex::insert(uint32_t replica, const R
 
 std::vector<BlockId> GlobalPrefixIndex::release_idle(uint32_t replica, size_t count) {
   std::vector<BlockId> released;
+  released.reserve(count);
   auto& victims = replicas_[replica].victims;
   while (released.size() < count && !victims.empty()) {
     const uint32_t node = std::get<2>(*victims.begin());
@@ -705,8 +723,7 @@ size_t GlobalPrefixIndex::memory_bytes() const {
              n.holdings.capacity() * sizeof(Holding) +
              n.children.capacity() * sizeof(uint32_t) +
              n.block_hashes.capacity() * sizeof(uint64_t) +
-             n.by_key.size() * (sizeof(std::pair<const uint64_t, uint32_t>) + 2 * sizeof(void*)) +
-             n.by_key.bucket_count() * sizeof(void*);
+             n.by_key.memory_bytes();
     for (const Holding& h : n.holdings) bytes += h.blocks.capacity() * sizeof(BlockId);
   }
   for (const ReplicaState& rs : replicas_) {
@@ -739,10 +756,7 @@ Status GlobalPrefixIndex::verify() const {
     if (n.unit_key && *n.unit_key != unit_key_of(n)) return fail(where + ": stale unit key");
     if (!p.by_key.empty()) {
       if (!n.unit_key) return fail(where + ": no key under a parent that maps its children");
-      const auto [first, last] = p.by_key.equal_range(*n.unit_key);
-      if (std::find_if(first, last, [&](const auto& e) { return e.second == i; }) == last) {
-        return fail(where + ": its parent's key map does not list it");
-      }
+      if (!p.by_key.contains(*n.unit_key, i)) return fail(where + ": its parent's key map does not list it");
     }
     if (n.depth != p.depth + n.edge_size()) return fail(where + ": wrong depth");
     if (n.parent != 0 && !p.salt.empty() && p.salt != n.salt) {
@@ -817,6 +831,9 @@ Status GlobalPrefixIndex::verify() const {
       (!nodes_[0].by_key.empty() && nodes_[0].by_key.size() != nodes_[0].children.size())) {
     return fail("stale child entries at the root");
   }
+  size_t spare = 0;
+  for (uint32_t slot : free_slots_) spare += nodes_[slot].tokens.capacity();
+  if (spare != spare_tokens_) return fail("the free slots keep another count of spare tokens");
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     const ReplicaState& rs = replicas_[r];
     size_t mapped = 0, in_use = 0;

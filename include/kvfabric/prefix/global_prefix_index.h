@@ -9,11 +9,11 @@
 #include <optional>
 #include <span>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "kvfabric/block/block_retainer.h"
 #include "kvfabric/common/status.h"
+#include "kvfabric/prefix/child_key_table.h"
 #include "kvfabric/prefix/kv_events.h"
 #include "kvfabric/prefix/radix_tree.h"
 
@@ -152,6 +152,9 @@ class GlobalPrefixIndex {
   static constexpr uint32_t kNone = UINT32_MAX;
   // A node's children are found through a map of their unit keys above this many.
   static constexpr size_t kMappedChildren = 4;
+  // Free slots keep the edge buffers of removed nodes for their next nodes up to this many blocks
+  // of tokens in all: enough for the nodes evicted between two steps, little memory.
+  static constexpr size_t kSpareBlocks = 1024;
   class Retainer;
 
   // One replica's copy of a node's blocks.
@@ -180,7 +183,7 @@ class GlobalPrefixIndex {
     uint32_t child_pos = 0;          // where the parent lists this node in its children
     // Unit key -> child, kept while the node has many children (kMappedChildren); a few are
     // compared one by one, which costs less than hashing the query's block to find one.
-    std::unordered_multimap<uint64_t, uint32_t> by_key;
+    detail::ChildKeyTable by_key;
     std::optional<uint64_t> unit_key;  // its first block's key among its siblings, once needed
     std::vector<uint64_t> block_hashes;  // one per block of the edge, while recording events
     std::vector<uint32_t> holders;     // replicas, increasing
@@ -234,6 +237,13 @@ class GlobalPrefixIndex {
   // Keeps the first `keep` blocks of the replica's holding of `node` (its last, idle leaf).
   void trim_holding(uint32_t node, uint32_t replica, size_t keep, std::vector<BlockId>& released);
   void remove_node(uint32_t node);
+  // Resets a removed node's slot but keeps its vectors' storage for the next node to take the
+  // slot: evicting a node and indexing another then cost no trip through the allocator. The edge
+  // buffer is kept only while the free slots hold at most kSpareBlocks blocks of tokens.
+  void clear_node(Node& n);
+  // Gives a node taken from the free slots its edge, in the slot's buffer unless that is more
+  // than twice the edge (the bound keeps what a slot holds near what it needs).
+  static void set_edge(Node& n, std::span<const TokenId> edge);
 
   // KV events: the hashes of a new node's blocks, and the events of holdings gained and lost.
   void hash_blocks(uint32_t node);
@@ -248,6 +258,7 @@ class GlobalPrefixIndex {
   GlobalPrefixOptions options_;
   std::deque<Node> nodes_;  // 0 is the root; a deque keeps references stable as it grows
   std::vector<uint32_t> free_slots_;
+  size_t spare_tokens_ = 0;  // edge capacity the free slots keep, in tokens
   std::vector<ReplicaState> replicas_;
   std::vector<std::unique_ptr<Retainer>> retainers_;
   uint64_t tick_ = 0;
