@@ -47,8 +47,13 @@ KVF_HOST_DEVICE static inline IntGroupParams int_group_params(float min_x, float
   const float hi = max_x > 0.0f ? max_x : 0.0f;
   p.scale = (hi - lo) / static_cast<float>(qmax);
   p.inv_scale = static_cast<float>(qmax) / (hi - lo);
+  // A range so small that qmax / range overflows (subnormal inputs) takes the largest finite
+  // inverse: an infinite one made 0 * inf a NaN zero point, and a NaN cast to an integer is
+  // undefined (compilers then disagree on the byte).
+  constexpr float kLargestFloat = 3.40282347e+38f;
+  if (!(p.inv_scale <= kLargestFloat)) p.inv_scale = kLargestFloat;
   float zero = rintf(-lo * p.inv_scale);
-  zero = zero < 0.0f ? 0.0f : (zero > static_cast<float>(qmax) ? static_cast<float>(qmax) : zero);
+  zero = zero > 0.0f ? (zero > static_cast<float>(qmax) ? static_cast<float>(qmax) : zero) : 0.0f;
   p.zero = static_cast<uint32_t>(zero);
   return p;
 }
@@ -56,7 +61,7 @@ KVF_HOST_DEVICE static inline IntGroupParams int_group_params(float min_x, float
 KVF_HOST_DEVICE static inline uint32_t int_encode(float x, const IntGroupParams& p, uint32_t qmax) {
   if (p.constant) return p.constant_code;
   float q = rintf(x * p.inv_scale) + static_cast<float>(p.zero);
-  q = q < 0.0f ? 0.0f : (q > static_cast<float>(qmax) ? static_cast<float>(qmax) : q);
+  q = q > 0.0f ? (q > static_cast<float>(qmax) ? static_cast<float>(qmax) : q) : 0.0f;
   return static_cast<uint32_t>(q);
 }
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 
+#include "kvfabric/quant/kv_format.h"
 #include "kvfabric/quant/quantize.h"
 #include "testing/kv_reference.h"
 
@@ -83,6 +84,27 @@ TEST(Quantize, ConstantGroupsReconstructExactly) {
   const auto back = decode(f, encode(f, x));
   for (int i = 0; i < 32; ++i)
     EXPECT_EQ(back[i], -2.5f);
+}
+
+// A range so small that qmax / range overflows (subnormal inputs) still gets a finite inverse
+// scale, so the zero point and every code are defined (0 * inf made a NaN, and casting a NaN to
+// an integer is undefined: compilers disagreed on the byte).
+TEST(Quantize, ASubnormalRangeGetsDefinedCodes) {
+  for (const float hi : {1e-40f, 1e-45f, 2e-38f}) {
+    for (const uint32_t qmax : {3u, 15u, 255u}) {
+      const quant::IntGroupParams p = quant::int_group_params(0.0f, hi, qmax);
+      EXPECT_TRUE(std::isfinite(p.inv_scale)) << hi;
+      EXPECT_EQ(p.zero, 0u) << hi;
+      for (const float x : {0.0f, hi / 2, hi}) {
+        const uint32_t code = quant::int_encode(x, p, qmax);
+        EXPECT_LE(code, qmax);
+        EXPECT_LE(std::fabs(quant::int_decode(code, p.scale, p.zero) - x), hi) << hi << " " << x;
+      }
+    }
+  }
+  const quant::IntGroupParams negative = quant::int_group_params(-1e-40f, 0.0f, 255);
+  EXPECT_TRUE(std::isfinite(negative.inv_scale));
+  EXPECT_LE(negative.zero, 255u);
 }
 
 TEST(Quantize, IntegerLayoutIsScaleZeroPerGroup) {
