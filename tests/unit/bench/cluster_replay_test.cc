@@ -122,7 +122,7 @@ TEST(ClusterReplay, UnderLoadItSwapsAndStaysDeterministic) {
 // per sequence, deterministically, and pays in plan copies; H2O and SnapKV ask the ranks for
 // scores, streaming does not.
 TEST(ClusterReplay, CompressionHalvesTheKvEachSequenceHolds) {
-  auto o = options(250, 6);
+  auto o = options(120, 6);
   o.config.topology.dp = 2;
   o.capacity_tokens = 2u << 20;
   const auto none = run_cluster_replay(conversation_trace(), o, ClusterRouting::kGlobalMigration);
