@@ -405,8 +405,7 @@ std::vector<ReplicaScores> share_scores(const RankCache& cache) {
 // each replica, and the coordinator's compactions keep the same tokens on every shard: the
 // kept positions and tables agree across shards, every kept token's K/V is exact, and the
 // summed scores are exactly the shards' masses added up. Nothing leaks.
-TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
-  const Config c = config(GetParam().dp == 2 ? 64 : 40, 12);
+void check_compression_on_every_shard(const Config& c, const quant::CompressionPolicy& policy) {
   Rank r(c);
   ASSERT_NE(r.cache, nullptr);
   const RankLayout& l = r.layout();
@@ -414,11 +413,6 @@ TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
   ASSERT_TRUE(coordinator.ok()) << coordinator.status();
   testing::EngineModel engine(c);
   testing::ServingWorkload workload(17, l.dp);
-  quant::CompressionPolicy policy;
-  policy.kind = quant::CompressionPolicy::Kind::kH2o;
-  policy.budget_tokens = 36;
-  policy.recent_tokens = 8;
-  policy.interval_steps = 2;
   workload.compress_some(policy);
   const auto shard_mass = [](SeqId seq, size_t origin, uint32_t shard) {
     return static_cast<float>(testing::splitmix64(seq.value * 7919 + origin * 31 + shard) % 63 + 1) /
@@ -439,8 +433,13 @@ TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
     if (is_root()) bytes = plan->serialize();
     const Status executed = r.cache->receive_and_execute(bytes, RankId{0});
     ASSERT_TRUE(executed.ok()) << "step " << step << ": " << executed;
+    for (const ReplicaScores& shared : share_scores(*r.cache)) {
+      EXPECT_TRUE(coordinator->report_attention(shared.seq, shared.scores).ok());
+    }
+    workload.planned(*plan, engine);
     // Rank 0's sums are every shard's mass of each token added up, once per forward pass that
-    // scored it (a whole number of passes; a shard missing or counted twice would not be).
+    // scored it (a whole number of passes; a shard missing or counted twice would not be). They
+    // come renumbered by this plan's compactions, as the engine's positions are now.
     if (is_root()) {
       for (const ReplicaScores& got : r.cache->reported_scores()) {
         const std::vector<size_t>& origins = engine.origins(got.seq);
@@ -457,10 +456,6 @@ TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
         }
       }
     }
-    for (const ReplicaScores& shared : share_scores(*r.cache)) {
-      EXPECT_TRUE(coordinator->report_attention(shared.seq, shared.scores).ok());
-    }
-    workload.planned(*plan, engine);
     ASSERT_TRUE(engine.forward(*r.cache).ok());
     ASSERT_TRUE(engine.attend(*r.cache, shard_mass).ok());
     if (data_ok) {
@@ -488,9 +483,30 @@ TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
     EXPECT_EQ(coordinator->replica_stats(rep).used_blocks, 0u) << "replica " << rep;
     EXPECT_EQ(coordinator->host_free_blocks(rep), c.cache.host_num_blocks) << "replica " << rep;
   }
-  EXPECT_GT(requests, 0u);
+  EXPECT_EQ(requests > 0, policy.needs_scores());
   EXPECT_GT(coordinator->stats().compactions, 5u);
   EXPECT_GT(workload.counts().forks, 0u);
+}
+
+// H2O compacting at every step, SnapKV once per prompt, and StreamingLLM (which reads no scores).
+TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
+  const Config c = config(GetParam().dp == 2 ? 64 : 40, 12);
+  quant::CompressionPolicy h2o;
+  h2o.kind = quant::CompressionPolicy::Kind::kH2o;
+  h2o.budget_tokens = 36;
+  h2o.recent_tokens = 8;
+  h2o.interval_steps = 1;
+  quant::CompressionPolicy snapkv;
+  snapkv.kind = quant::CompressionPolicy::Kind::kSnapKv;
+  snapkv.budget_ratio = 0.4;
+  snapkv.window_tokens = 8;
+  quant::CompressionPolicy streaming;
+  streaming.kind = quant::CompressionPolicy::Kind::kStreaming;
+  streaming.budget_tokens = 40;
+  for (const auto& policy : {h2o, snapkv, streaming}) {
+    SCOPED_TRACE(std::string(quant::to_string(policy.kind)));
+    check_compression_on_every_shard(c, policy);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, RuntimeLayoutTest, ::testing::ValuesIn(kLayouts),
