@@ -112,6 +112,14 @@ def plot_replay(inputs, args):
 
 # --- replay --dp, one file: the demo figure ---------------------------------------------------
 
+def hit_ratio_bars(ax, names, runs, colors):
+    """One bar per run: the share of prompt tokens served from cache."""
+    bars = ax.bar(names, [r["hit_ratio"] for r in runs], color=colors)
+    ax.bar_label(bars, fmt="%.4f", fontsize=8)
+    ax.set_ylabel("prompt tokens served from cache")
+    ax.set_title("Hit ratio (local + migrated)")
+
+
 def plot_replay_dp(inputs, args):
     if len(inputs) > 1 or args.figure == "scale":
         return plot_scale(inputs, args)
@@ -124,10 +132,7 @@ def plot_replay_dp(inputs, args):
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     (hit_ax, saved_ax), (queue_ax, admit_ax) = axes
 
-    bars = hit_ax.bar(names, [r["hit_ratio"] for r in runs], color=colors)
-    hit_ax.bar_label(bars, fmt="%.4f", fontsize=8)
-    hit_ax.set_ylabel("prompt tokens served from cache")
-    hit_ax.set_title("Hit ratio (local + migrated)")
+    hit_ratio_bars(hit_ax, names, runs, colors)
 
     saved = [r["prefill_tokens_saved"] / 1e6 for r in runs]
     bars = saved_ax.bar(names, saved, color=colors)
@@ -200,10 +205,7 @@ def plot_replay_compression(results, runs):
     memory_ax.set_ylabel("KV tokens per running sequence (mean over steps)")
     memory_ax.set_title("Memory per sequence = what each decode step's attention reads")
 
-    bars = hit_ax.bar(names, [r["hit_ratio"] for r in runs], color=colors)
-    hit_ax.bar_label(bars, fmt="%.4f", fontsize=8)
-    hit_ax.set_ylabel("prompt tokens served from cache")
-    hit_ax.set_title("Hit ratio (local + migrated)")
+    hit_ratio_bars(hit_ax, names, runs, colors)
 
     paired_bars(copy_ax, names, [r["compaction_copied_tokens"] / 1e6 for r in runs],
                 "tokens the compactions copied (M, per shard)",

@@ -2,11 +2,15 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
 #include <optional>
+#include <iterator>
 #include <sstream>
+#include <string_view>
+#include <utility>
 
 #include "bench/progress.h"
 #include "bench/report.h"
@@ -78,43 +82,31 @@ Result<std::optional<quant::CompressionPolicy>> parse_compression_spec(const std
   quant::CompressionPolicy policy;
   KVF_ASSIGN_OR_RETURN(policy.kind, quant::parse_compression_kind(spec.substr(0, colon)));
   std::stringstream in(colon == std::string::npos ? "" : spec.substr(colon + 1));
+  // The spec's short keys, for the policy's fields.
+  constexpr std::pair<std::string_view, std::string_view> kFields[] = {
+      {"tokens", "budget_tokens"}, {"ratio", "budget_ratio"},   {"interval", "interval_steps"},
+      {"sink", "sink_tokens"},     {"recent", "recent_tokens"}, {"window", "window_tokens"}};
   std::string pair;
   while (std::getline(in, pair, ',')) {
     const size_t eq = pair.find('=');
     const std::string key = pair.substr(0, eq);
     const std::string value = eq == std::string::npos ? "" : pair.substr(eq + 1);
-    const auto bad = [&] {
-      return invalid_argument("--compression '" + spec + "': " + key + "=" + value +
-                              " is not a number (keys: tokens, ratio, interval, sink, recent, "
-                              "window)");
-    };
-    char* end = nullptr;
-    const double number = std::strtod(value.c_str(), &end);
-    if (value.empty() || end != value.c_str() + value.size() || !(number >= 0)) return bad();
-    // Converting a double past 2^64 (or inf) to uint64_t is undefined: such a value is no count.
-    const bool fits = number < 0x1p64;
-    const uint64_t count = fits ? static_cast<uint64_t>(number) : 0;
-    if (key == "ratio") {
-      policy.budget_ratio = number;
-    } else if (!fits || static_cast<double>(count) != number) {
-      return bad();
-    } else if (key == "tokens") {
-      policy.budget_tokens = count;
-    } else if (key == "interval") {
-      if (count > UINT32_MAX) {
-        return invalid_argument("--compression '" + spec + "': interval=" + value +
-                                " is more steps than a policy counts (at most 4294967295)");
-      }
-      policy.interval_steps = static_cast<uint32_t>(count);
-    } else if (key == "sink") {
-      policy.sink_tokens = count;
-    } else if (key == "recent") {
-      policy.recent_tokens = count;
-    } else if (key == "window") {
-      policy.window_tokens = count;
-    } else {
+    const auto* field = std::find_if(std::begin(kFields), std::end(kFields),
+                                     [&](const auto& f) { return f.first == key; });
+    if (field == std::end(kFields)) {
       return invalid_argument("--compression '" + spec + "': unknown key '" + key +
                               "' (tokens, ratio, interval, sink, recent, window)");
+    }
+    char* end = nullptr;
+    const double number = std::strtod(value.c_str(), &end);
+    if (value.empty() || end != value.c_str() + value.size()) {
+      return invalid_argument("--compression '" + spec + "': " + key + "=" + value +
+                              " is not a number");
+    }
+    const Status set = quant::set_compression_field(policy, field->second, number);
+    if (!set.ok()) {
+      return invalid_argument("--compression '" + spec + "': " + key + "=" + value + ": " +
+                              set.message());
     }
   }
   const Status valid = quant::validate(policy);

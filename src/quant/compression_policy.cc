@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <iterator>
+#include <string>
 #include <numeric>
 
 #include "kvfabric/quant/token_selection.h"
@@ -61,6 +64,43 @@ Result<CompressionPolicy::Kind> parse_compression_kind(std::string_view name) {
   }
   return invalid_argument("compression.policy '" + std::string(name) +
                           "' is unknown; expected streaming, h2o or snapkv");
+}
+
+Status set_compression_field(CompressionPolicy& policy, std::string_view name, double value) {
+  if (name == "budget_ratio") {
+    policy.budget_ratio = value;
+    return ok_status();
+  }
+  using Policy = CompressionPolicy;
+  struct Count {
+    std::string_view name;
+    uint64_t max;
+    void (*set)(Policy&, uint64_t);
+  };
+  constexpr Count kCounts[] = {
+      {"budget_tokens", UINT64_MAX, [](Policy& p, uint64_t n) { p.budget_tokens = n; }},
+      {"interval_steps", UINT32_MAX,
+       [](Policy& p, uint64_t n) { p.interval_steps = static_cast<uint32_t>(n); }},
+      {"sink_tokens", UINT64_MAX, [](Policy& p, uint64_t n) { p.sink_tokens = n; }},
+      {"recent_tokens", UINT64_MAX, [](Policy& p, uint64_t n) { p.recent_tokens = n; }},
+      {"window_tokens", UINT64_MAX, [](Policy& p, uint64_t n) { p.window_tokens = n; }},
+  };
+  const auto* count = std::find_if(std::begin(kCounts), std::end(kCounts),
+                                   [&](const Count& c) { return c.name == name; });
+  if (count == std::end(kCounts)) {
+    return invalid_argument("compression: unknown key '" + std::string(name) +
+                            "' (policy, budget_tokens, budget_ratio, interval_steps, sink_tokens, "
+                            "recent_tokens, window_tokens)");
+  }
+  // Converting a double at or past 2^64 (or inf, or NaN) to an integer is undefined: such a
+  // value is no count.
+  if (!(value >= 0 && value < 0x1p64 && std::floor(value) == value &&
+        static_cast<uint64_t>(value) <= count->max)) {
+    return invalid_argument(field(name) + " " + std::to_string(value) +
+                            " must be a whole number in [0, " + std::to_string(count->max) + "]");
+  }
+  count->set(policy, static_cast<uint64_t>(value));
+  return ok_status();
 }
 
 Status validate(const CompressionPolicy& p) {

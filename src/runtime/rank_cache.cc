@@ -203,6 +203,7 @@ std::span<const double> RankCache::attention_scores(SeqId seq) const {
 }
 
 void RankCache::follow_scores(const StepPlan& plan) {
+  if (scores_.empty()) return;  // nothing scored on this rank: nothing to renumber or drop
   for (SeqId seq : plan.released) scores_.erase(seq);
   for (const auto& t : plan.tables) {
     if (t.replica != layout_.replica) scores_.erase(t.seq);

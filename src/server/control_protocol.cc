@@ -227,18 +227,12 @@ Result<quant::CompressionPolicy> compression_policy(const json& object) {
   const auto parsed_kind = quant::parse_compression_kind(*kind);
   if (!parsed_kind.ok()) return invalid_argument("admit: " + parsed_kind.status().message());
   policy.kind = *parsed_kind;
-  KVF_ASSIGN_OR_RETURN(const auto budget, fields.optional_unsigned("budget_tokens", UINT64_MAX));
-  KVF_ASSIGN_OR_RETURN(const auto ratio, fields.optional_number("budget_ratio"));
-  KVF_ASSIGN_OR_RETURN(const auto interval, fields.optional_unsigned("interval_steps", kMaxU32));
-  KVF_ASSIGN_OR_RETURN(const auto sink, fields.optional_unsigned("sink_tokens", UINT64_MAX));
-  KVF_ASSIGN_OR_RETURN(const auto recent, fields.optional_unsigned("recent_tokens", UINT64_MAX));
-  KVF_ASSIGN_OR_RETURN(const auto window, fields.optional_unsigned("window_tokens", UINT64_MAX));
-  policy.budget_tokens = budget.value_or(0);
-  policy.budget_ratio = ratio.value_or(0);
-  policy.interval_steps = static_cast<uint32_t>(interval.value_or(policy.interval_steps));
-  policy.sink_tokens = sink.value_or(policy.sink_tokens);
-  policy.recent_tokens = recent.value_or(policy.recent_tokens);
-  policy.window_tokens = window.value_or(policy.window_tokens);
+  for (const auto& [key, value] : object.items()) {
+    if (key == "policy") continue;
+    KVF_ASSIGN_OR_RETURN(const auto number, fields.optional_number(key.c_str()));
+    const Status set = quant::set_compression_field(policy, key, number.value_or(0));
+    if (!set.ok()) return invalid_argument("admit: " + set.message());
+  }
   const Status valid = quant::validate(policy);
   if (!valid.ok()) return invalid_argument("admit: " + valid.message());
   return policy;

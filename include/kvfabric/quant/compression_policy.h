@@ -48,6 +48,13 @@ std::string_view to_string(CompressionPolicy::Kind kind);
 //! "pyramid", why a coordinated job does not offer it).
 Result<CompressionPolicy::Kind> parse_compression_kind(std::string_view name);
 
+//! Sets the numeric field `name` of `policy` (budget_tokens, budget_ratio, interval_steps,
+//! sink_tokens, recent_tokens, window_tokens) to `value`, as the control plane, the Python module
+//! and `replay --compression` give them. InvalidArgument naming the field (nothing changes): an
+//! unknown name, or a count that is not a whole number in its field's range. The policy as a
+//! whole is checked by validate().
+Status set_compression_field(CompressionPolicy& policy, std::string_view name, double value);
+
 //! The checks admit() makes: exactly one of budget_tokens and budget_ratio (a ratio in (0, 1]),
 //! interval_steps >= 1, recent_tokens and window_tokens within the budget, window_tokens >= 1.
 //! Errors name the field ("compression.budget_ratio ...").

@@ -20,6 +20,11 @@
 
 namespace kvfabric::quant {
 
+//! The inverse scale of an integer group whose qmax / range overflows (subnormal inputs): the
+//! largest finite float. An infinite one made 0 * inf a NaN zero point, and a NaN cast to an
+//! integer is undefined (compilers then disagree on the byte).
+inline constexpr float kLargestInverseScale = 3.40282347e+38f;
+
 struct IntGroupParams {
   float scale = 0.0f;
   float inv_scale = 0.0f;
@@ -47,11 +52,7 @@ KVF_HOST_DEVICE static inline IntGroupParams int_group_params(float min_x, float
   const float hi = max_x > 0.0f ? max_x : 0.0f;
   p.scale = (hi - lo) / static_cast<float>(qmax);
   p.inv_scale = static_cast<float>(qmax) / (hi - lo);
-  // A range so small that qmax / range overflows (subnormal inputs) takes the largest finite
-  // inverse: an infinite one made 0 * inf a NaN zero point, and a NaN cast to an integer is
-  // undefined (compilers then disagree on the byte).
-  constexpr float kLargestFloat = 3.40282347e+38f;
-  if (!(p.inv_scale <= kLargestFloat)) p.inv_scale = kLargestFloat;
+  if (!(p.inv_scale <= kLargestInverseScale)) p.inv_scale = kLargestInverseScale;
   float zero = rintf(-lo * p.inv_scale);
   zero = zero > 0.0f ? (zero > static_cast<float>(qmax) ? static_cast<float>(qmax) : zero) : 0.0f;
   p.zero = static_cast<uint32_t>(zero);

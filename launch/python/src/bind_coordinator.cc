@@ -83,21 +83,8 @@ quant::CompressionPolicy compression_arg(const py::dict& fields) {
     if (key == "policy") {
       policy.kind = unwrap(quant::parse_compression_kind(value.cast<std::string>()));
       has_kind = true;
-    } else if (key == "budget_ratio") {
-      policy.budget_ratio = value.cast<double>();
-    } else if (key == "budget_tokens") {
-      policy.budget_tokens = value.cast<uint64_t>();
-    } else if (key == "interval_steps") {
-      policy.interval_steps = value.cast<uint32_t>();
-    } else if (key == "sink_tokens") {
-      policy.sink_tokens = value.cast<uint64_t>();
-    } else if (key == "recent_tokens") {
-      policy.recent_tokens = value.cast<uint64_t>();
-    } else if (key == "window_tokens") {
-      policy.window_tokens = value.cast<uint64_t>();
     } else {
-      raise_invalid("compression: unknown key '" + key + "' (policy, budget_tokens, budget_ratio, "
-                    "interval_steps, sink_tokens, recent_tokens, window_tokens)");
+      check(quant::set_compression_field(policy, key, value.cast<double>()));
     }
   }
   if (!has_kind) raise_invalid("compression: 'policy' is missing (streaming, h2o or snapkv)");
@@ -219,7 +206,7 @@ void bind_plan(py::module_& m) {
       .def(py::init([](uint64_t step, std::vector<Op> ops, std::vector<StepPlan::Table> tables,
                        std::vector<SeqId> released, std::vector<SeqId> preempted) {
              return StepPlan{step, std::move(ops), std::move(tables), std::move(released),
-                             std::move(preempted)};
+                             std::move(preempted), {}, {}};
            }),
            py::arg("step") = 0, py::arg("ops") = std::vector<Op>{},
            py::arg("tables") = std::vector<StepPlan::Table>{},

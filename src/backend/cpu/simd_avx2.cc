@@ -555,12 +555,11 @@ constexpr int qmax_of(uint32_t bits) {
 // Group parameters of eight groups from their minima and maxima (lane j: group j), as
 // quant::int_group_params computes them. Stores each group's scale, zero point, 1 / scale (0 for
 // a constant group) and the offset its codes add to rint(x / scale) (the zero point, or the
-// constant code). Returns the lanes whose 1 / scale overflowed (ranges below ~2^-120, which only
-// f32 and bf16 inputs reach): their rows the caller leaves to the reference encoder
-// (quant::encode_row, whose cast of a NaN zero point there is the compiler's to choose).
+// constant code). A 1 / scale that overflows (ranges below ~2^-120, which only f32 and bf16
+// inputs reach) is the largest finite float, as there.
 template <uint32_t Bits>
-int group_params8(__m256 min_x, __m256 max_x, float* scale_out, float* inv_out, uint8_t* zero_out,
-                  int16_t* offset_out) {
+void group_params8(__m256 min_x, __m256 max_x, float* scale_out, float* inv_out, uint8_t* zero_out,
+                   int16_t* offset_out) {
   constexpr uint32_t qmax = (1u << Bits) - 1u;
   const __m256 zero_f = _mm256_setzero_ps();
   const __m256 qmax_f = _mm256_set1_ps(static_cast<float>(qmax));
@@ -569,7 +568,8 @@ int group_params8(__m256 min_x, __m256 max_x, float* scale_out, float* inv_out, 
   const __m256 lo = _mm256_min_ps(min_x, zero_f), hi = _mm256_max_ps(max_x, zero_f);
   const __m256 range = _mm256_sub_ps(hi, lo);
   const __m256 scale = _mm256_div_ps(range, qmax_f);
-  const __m256 inv = _mm256_div_ps(qmax_f, range);
+  const __m256 inv =
+      _mm256_min_ps(_mm256_div_ps(qmax_f, range), _mm256_set1_ps(quant::kLargestInverseScale));
   const __m256 constant = _mm256_cmp_ps(min_x, max_x, _CMP_EQ_OQ);
   __m256 zero = _mm256_round_ps(_mm256_mul_ps(_mm256_xor_ps(lo, sign), inv),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -592,8 +592,6 @@ int group_params8(__m256 min_x, __m256 max_x, float* scale_out, float* inv_out, 
   const __m128i zero_bytes =
       _mm_packus_epi16(_mm256_castsi256_si128(both), _mm256_castsi256_si128(both));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(zero_out), zero_bytes);
-  return _mm256_movemask_ps(
-      _mm256_andnot_ps(constant, _mm256_cmp_ps(inv, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ)));
 }
 
 // `heads` rows of one token (contiguous in `src`), group_size a multiple of 32. Two passes over
@@ -623,8 +621,6 @@ void encode_int_rows(const PagedKvView& pool, const uint8_t* src, uint32_t heads
     const uint8_t* in = src + uint64_t{h0} * hd * in_bytes;
     // f32 inputs are read in place, others converted once into x
     const float* xs = In == DType::kF32 ? reinterpret_cast<const float*>(in) : x;
-    int overflow = 0;  // bit per group of the current eight
-    uint64_t overflow_groups[kMaxGroups / 64 + 1] = {};
     for (uint32_t first = 0; first < groups; first += 8) {
       const uint32_t count = groups - first < 8 ? groups - first : 8;
       __m256 mins[8], maxs[8];
@@ -641,11 +637,10 @@ void encode_int_rows(const PagedKvView& pool, const uint8_t* src, uint32_t heads
         mins[j] = lo;
         maxs[j] = hi;
       }
-      overflow = group_params8<Bits>(
+      group_params8<Bits>(
           transpose_reduce8(mins, [](__m256 a, __m256 b) { return _mm256_min_ps(a, b); }),
           transpose_reduce8(maxs, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }),
           scale_a + first, inv_a + first, zero_a + first, offset_a + first);
-      if (overflow != 0) overflow_groups[first / 64] |= uint64_t(overflow & 0xFF) << (first % 64);
     }
     for (uint32_t h = 0; h < nh; ++h) {
       const uint32_t g0 = h * gpr;
@@ -655,13 +650,6 @@ void encode_int_rows(const PagedKvView& pool, const uint8_t* src, uint32_t heads
       for (uint32_t i = 0; i < gpr; ++i) {
         scale_out[i] = scale_a[g0 + i];
         zero_out[i] = zero_a[g0 + i];
-      }
-      bool any_overflow = false;
-      for (uint32_t i = 0; i < gpr; ++i)
-        any_overflow |= ((overflow_groups[(g0 + i) / 64] >> ((g0 + i) % 64)) & 1) != 0;
-      if (any_overflow) {  // the whole row by the reference encoder, its bytes by definition
-        quant::encode_row({pool.dtype, hd, gs}, xs + uint64_t{g0} * gs, out, scale_out, zero_out);
-        continue;
       }
       for (uint32_t i = 0; i < gpr; ++i) {
         const uint32_t g = g0 + i;

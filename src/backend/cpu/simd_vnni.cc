@@ -7,7 +7,7 @@
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && \
     defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include "backend/cpu/simd_int_x86.h"
-#include "kvfabric/quant/quantize.h"
+#include "kvfabric/quant/kv_format.h"
 
 namespace kvfabric::cpu {
 namespace {
@@ -84,10 +84,9 @@ __m256 transpose_reduce8(const __m256* v) {
   return op(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-// quant::int_group_params on 16 lanes (see group_params8 in simd_avx2.cc); returns the lanes
-// whose 1 / scale overflowed.
+// quant::int_group_params on 16 lanes (see group_params8 in simd_avx2.cc).
 template <uint32_t Bits>
-__mmask16 group_params16(__m512 min_x, __m512 max_x, float* scale_out, float* inv_out,
+void group_params16(__m512 min_x, __m512 max_x, float* scale_out, float* inv_out,
                          uint8_t* zero_out, int16_t* offset_out) {
   constexpr uint32_t qmax = (1u << Bits) - 1u;
   const __m512 zero_f = _mm512_setzero_ps();
@@ -96,7 +95,8 @@ __mmask16 group_params16(__m512 min_x, __m512 max_x, float* scale_out, float* in
   const __m512 lo = _mm512_min_ps(min_x, zero_f), hi = _mm512_max_ps(max_x, zero_f);
   const __m512 range = _mm512_sub_ps(hi, lo);
   const __m512 scale = _mm512_div_ps(range, qmax_f);
-  const __m512 inv = _mm512_div_ps(qmax_f, range);
+  const __m512 inv =
+      _mm512_min_ps(_mm512_div_ps(qmax_f, range), _mm512_set1_ps(quant::kLargestInverseScale));
   const __mmask16 constant = _mm512_cmp_ps_mask(min_x, max_x, _CMP_EQ_OQ);
   __m512 zero = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_xor_ps(lo, sign), inv),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -113,8 +113,6 @@ __mmask16 group_params16(__m512 min_x, __m512 max_x, float* scale_out, float* in
                    _mm512_cvtepi32_epi8(_mm512_mask_mov_epi32(zero_i, constant, negative)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(offset_out),
                       _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(zero_i, constant, positive)));
-  return static_cast<__mmask16>(
-      ~constant & _mm512_cmp_ps_mask(inv, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ));
 }
 
 // 64 codes, one byte each in order, stored packed at `out` (64 / 32 / 16 bytes).
@@ -154,7 +152,6 @@ void encode_int_rows16(const PagedKvView& pool, const uint8_t* src, uint32_t hea
   const uint64_t records = uint64_t{pool.block_size} * gpr;  // one head's tile to the next
   const uint32_t chunk_heads = hd >= kChunk ? 1 : kChunk / hd;
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  alignas(64) float x[1024];  // a row converted to f32 for the reference encoder
   alignas(64) float scale_a[kMaxGroups + 16], inv_a[kMaxGroups + 16];
   alignas(64) uint8_t zero_a[kMaxGroups + 16];
   alignas(64) int16_t offset_a[kMaxGroups + 16];
@@ -162,8 +159,6 @@ void encode_int_rows16(const PagedKvView& pool, const uint8_t* src, uint32_t hea
     const uint32_t nh = heads - h0 < chunk_heads ? heads - h0 : chunk_heads;
     const uint32_t groups = nh * gpr;
     const uint8_t* in = src + uint64_t{h0} * hd * in_bytes;
-    const float* xs = reinterpret_cast<const float*>(in);  // f32 inputs only
-    uint64_t overflow[kMaxGroups / 64] = {};
     for (uint32_t first = 0; first < groups; first += 16) {
       const uint32_t count = groups - first < 16 ? groups - first : 16;
       __m256 mins[16], maxs[16];
@@ -182,9 +177,8 @@ void encode_int_rows16(const PagedKvView& pool, const uint8_t* src, uint32_t hea
                                               transpose_reduce8<false>(mins + 8), 1);
       const __m512 max_x = _mm512_insertf32x8(_mm512_castps256_ps512(transpose_reduce8<true>(maxs)),
                                               transpose_reduce8<true>(maxs + 8), 1);
-      const __mmask16 bad = group_params16<Bits>(min_x, max_x, scale_a + first, inv_a + first,
-                                                 zero_a + first, offset_a + first);
-      overflow[first / 64] |= uint64_t{bad} << (first % 64);
+      group_params16<Bits>(min_x, max_x, scale_a + first, inv_a + first, zero_a + first,
+                           offset_a + first);
     }
     for (uint32_t h = 0; h < nh; ++h) {
       const uint32_t g0 = h * gpr;
@@ -195,7 +189,6 @@ void encode_int_rows16(const PagedKvView& pool, const uint8_t* src, uint32_t hea
         scale_out[i] = scale_a[g0 + i];
         zero_out[i] = zero_a[g0 + i];
       }
-      const float* xh = xs + uint64_t{h} * hd;  // f32 inputs only
       const uint8_t* inh = in + uint64_t{h} * hd * in_bytes;
       // 64 elements a step; halves of 32 belong to groups g (and g + 1 when gs is 32)
       uint32_t g = g0, in_group = 0;
@@ -218,18 +211,6 @@ void encode_int_rows16(const PagedKvView& pool, const uint8_t* src, uint32_t hea
         if constexpr (Bits < 8)
           bytes = _mm512_min_epu8(bytes, _mm512_set1_epi8(static_cast<char>((1u << Bits) - 1u)));
         store_codes64<Bits, Stream>(bytes, out + e * Bits / 8);
-      }
-      bool any_overflow = false;
-      for (uint32_t i = 0; i < gpr; ++i)
-        any_overflow |= ((overflow[(g0 + i) / 64] >> ((g0 + i) % 64)) & 1) != 0;
-      if (any_overflow) {  // the row again by the reference encoder (compiled for any x86-64)
-        if constexpr (Stream) _mm_sfence();  // the row's streamed lines before plain stores
-        if constexpr (In != DType::kF32) {
-          for (uint32_t e = 0; e < hd; e += 16)
-            _mm512_store_ps(x + e, load_input16<In>(inh, e));
-        }
-        quant::encode_row({pool.dtype, hd, gs}, In == DType::kF32 ? xh : x, out, scale_out,
-                          zero_out);
       }
     }
   }

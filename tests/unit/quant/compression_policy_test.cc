@@ -101,6 +101,18 @@ TEST(CompressionPolicyTest, ValidationNamesTheField) {
   p = policy(Kind::kSnapKv, 8);
   p.window_tokens = 0;
   EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("compression.window_tokens"));
+  // Fields by name, as the control plane, Python and the replay's specs give them.
+  p = policy(Kind::kH2o, 0);
+  EXPECT_TRUE(set_compression_field(p, "budget_tokens", 64).ok());
+  EXPECT_TRUE(set_compression_field(p, "interval_steps", 16).ok());
+  EXPECT_EQ(p.budget_tokens, 64u);
+  EXPECT_EQ(p.interval_steps, 16u);
+  EXPECT_THAT(set_compression_field(p, "interval_steps", 0x1p32).message(),
+              ::testing::HasSubstr("compression.interval_steps"));
+  EXPECT_FALSE(set_compression_field(p, "sink_tokens", 1.5).ok());
+  EXPECT_FALSE(set_compression_field(p, "recent_tokens", INFINITY).ok());
+  EXPECT_THAT(set_compression_field(p, "speed", 1).message(), ::testing::HasSubstr("'speed'"));
+  EXPECT_EQ(p.interval_steps, 16u);  // refused: unchanged
   EXPECT_EQ(parse_compression_kind("h2o").value(), Kind::kH2o);
   EXPECT_EQ(to_string(Kind::kSnapKv), "snapkv");
 }

@@ -94,10 +94,6 @@ struct CompressedRank {
   }
 };
 
-std::vector<size_t> kept_origins(const testing::EngineModel& engine, SeqId seq) {
-  return engine.origins(seq);
-}
-
 TEST(CompressionTest, StreamingKeepsTheSinksAndTheNewestTokensBitExact) {
   CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
   const SeqId seq{1};
@@ -118,7 +114,7 @@ TEST(CompressionTest, StreamingKeepsTheSinksAndTheNewestTokensBitExact) {
   EXPECT_EQ(copied, 16u);  // the cached prompt's first block is copied whole, never written
   std::vector<size_t> want = {0, 1, 2, 3};
   for (size_t i = 52; i <= 100; ++i) want.push_back(i);
-  EXPECT_EQ(kept_origins(r.engine, seq), want);
+  EXPECT_EQ(r.engine.origins(seq), want);
   EXPECT_EQ(r.coordinator.stats().compactions, 1u);
   EXPECT_EQ(r.coordinator.stats().compacted_tokens, 48u);
   // The next compactions keep the cache within a block of its budget as it decodes.
