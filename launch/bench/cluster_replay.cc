@@ -133,7 +133,7 @@ Status report_synthetic_scores(Coordinator& coordinator, const StepPlan& plan,
   for (const StepPlan::ScoreRequest& request : plan.score_requests) {
     std::vector<double> scores(coordinator.tokens_of(request.seq));
     for (size_t i = 0; i < scores.size(); ++i) scores[i] = synthetic_attention(request.seq.value, i);
-    KVF_RETURN_IF_ERROR(coordinator.report_attention(request.seq, scores));
+    KVF_RETURN_IF_ERROR(coordinator.report_attention(request.seq, plan.step, scores));
     r.score_bytes += scores.size() * sizeof(float) * coordinator.config().topology.tp;
   }
   return ok_status();
@@ -262,7 +262,7 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
       KVF_ASSIGN_OR_RETURN(scores, execute(plan));
       r.executor_seconds += micros(t1, Clock::now()) * 1e-6;
       for (const ReplicaScores& s : scores) {
-        KVF_RETURN_IF_ERROR(coordinator.report_attention(s.seq, s.scores));
+        KVF_RETURN_IF_ERROR(coordinator.report_attention(s.seq, plan.step, s.scores));
       }
     } else {
       KVF_RETURN_IF_ERROR(report_synthetic_scores(coordinator, plan, r));

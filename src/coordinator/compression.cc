@@ -49,18 +49,29 @@ size_t Coordinator::tokens_of(SeqId seq) const {
   return s == nullptr ? 0 : s->num_tokens;
 }
 
-Status Coordinator::report_attention(SeqId seq, std::span<const double> scores) {
+Status Coordinator::report_attention(SeqId seq, uint64_t plan_step,
+                                     std::span<const double> scores) {
   const Sequence* s = find(seq);
   if (s == nullptr) return sequence_not_found(seq);
   const auto it = compressed_.find(seq);
-  const std::string what = "attention scores of " + to_string(seq);
+  const std::string what =
+      "attention scores of " + to_string(seq) + " for step " + std::to_string(plan_step);
   if (it == compressed_.end() || !it->second.policy.needs_scores()) {
     return invalid_argument(what + ": it was admitted without a compression policy that reads "
                                    "scores (h2o, snapkv); nothing was changed");
   }
-  if (scores.size() > s->num_tokens) {
+  const Compressed& c = it->second;
+  if (c.requested_step != plan_step) {
+    const std::string outstanding =
+        c.requested_step ? "its outstanding request is step " + std::to_string(*c.requested_step)
+                         : "no request of its scores is outstanding";
+    return invalid_argument(what + ": " + outstanding +
+                            " (a late report, or one for an earlier sequence of this id, is "
+                            "numbered by other positions); nothing was changed");
+  }
+  if (scores.size() > c.requested_tokens) {
     return invalid_argument(what + ": " + std::to_string(scores.size()) + " scores for " +
-                            std::to_string(s->num_tokens) + " tokens; nothing was changed");
+                            std::to_string(c.requested_tokens) + " tokens; nothing was changed");
   }
   for (size_t i = 0; i < scores.size(); ++i) {
     if (!(std::isfinite(scores[i]) && scores[i] >= 0)) {
@@ -70,9 +81,9 @@ Status Coordinator::report_attention(SeqId seq, std::span<const double> scores) 
     }
   }
   if (scores.empty()) return ok_status();  // nothing to select by: the request stands
-  Compressed& c = it->second;
-  c.scores.assign(scores.begin(), scores.end());
-  c.has_scores = true;
+  Compressed& reported = it->second;
+  reported.scores.assign(scores.begin(), scores.end());
+  reported.has_scores = true;
   return ok_status();
 }
 
@@ -103,6 +114,7 @@ void Coordinator::compact_due_sequences() {
     c.compacted_once = true;
     c.scores.clear();  // the ranks renumber theirs with the plan; the next report is fresh
     c.has_scores = false;
+    c.requested_step.reset();
   }
 }
 
@@ -149,7 +161,7 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
 
 void Coordinator::request_scores() {
   const uint64_t next_step = plan_.step + 1;
-  for (const auto& [seq, c] : compressed_) {
+  for (auto& [seq, c] : compressed_) {
     if (!c.policy.needs_scores() || c.has_scores) continue;
     const Sequence& s = *find(seq);
     if (s.swapped || !c.prefilled) continue;
@@ -158,7 +170,10 @@ void Coordinator::request_scores() {
             ? !c.compacted_once
             : next_step - c.last_compaction_step >= c.policy.interval_steps &&
                   s.num_tokens >= c.budget;
-    if (wanted) plan_.score_requests.push_back({seq, s.replica});
+    if (!wanted) continue;
+    plan_.score_requests.push_back({seq, s.replica});
+    c.requested_step = plan_.step;
+    c.requested_tokens = s.num_tokens;
   }
 }
 
@@ -167,6 +182,7 @@ void Coordinator::forget_scores(SeqId seq) {
   if (it == compressed_.end()) return;
   it->second.scores.clear();
   it->second.has_scores = false;
+  it->second.requested_step.reset();
 }
 
 }  // namespace kvfabric

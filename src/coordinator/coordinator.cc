@@ -937,6 +937,7 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     Compressed& child_compression = compressed_[dst] = parent->second;
     child_compression.scores.clear();  // the ranks score the child from now on
     child_compression.has_scores = false;
+    child_compression.requested_step.reset();
   }
   return ok_status();
 }

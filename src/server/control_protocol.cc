@@ -742,11 +742,12 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       return json{{"replica", coordinator.replica_of(SeqId{dst}).value_or(0)}};
     }
     case ControlOp::kReportAttention: {
-      KVF_RETURN_IF_ERROR(fields.only({"seq", "scores"}));
+      KVF_RETURN_IF_ERROR(fields.only({"seq", "step", "scores"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
+      KVF_ASSIGN_OR_RETURN(const uint64_t step, fields.unsigned_field("step", UINT64_MAX));
       KVF_ASSIGN_OR_RETURN(const std::vector<double> scores, fields.scores("scores"));
       KVF_RETURN_IF_ERROR(check_owner(protocol, who, SeqId{seq}));
-      KVF_RETURN_IF_ERROR(coordinator.report_attention(SeqId{seq}, scores));
+      KVF_RETURN_IF_ERROR(coordinator.report_attention(SeqId{seq}, step, scores));
       return json::object();
     }
     case ControlOp::kFree: {

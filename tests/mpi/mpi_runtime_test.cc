@@ -434,7 +434,7 @@ void check_compression_on_every_shard(const Config& c, const quant::CompressionP
     const Status executed = r.cache->receive_and_execute(bytes, RankId{0});
     ASSERT_TRUE(executed.ok()) << "step " << step << ": " << executed;
     for (const ReplicaScores& shared : share_scores(*r.cache)) {
-      EXPECT_TRUE(coordinator->report_attention(shared.seq, shared.scores).ok());
+      EXPECT_TRUE(coordinator->report_attention(shared.seq, plan->step, shared.scores).ok());
     }
     workload.planned(*plan, engine);
     // Rank 0's sums are every shard's mass of each token added up, once per forward pass that

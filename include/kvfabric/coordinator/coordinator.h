@@ -196,12 +196,17 @@ class Coordinator {
   //! Drops a running or swapped sequence.
   Status free(SeqId seq);
   Status set_priority(SeqId seq, uint32_t priority);
-  //! Token compression: the attention scores of `seq`, per token from its oldest, summed over
-  //! its replica's shards (RankCache::reported_scores() gathers them for the plans' score
-  //! requests). Its next h2o or snapkv compaction reads them; they replace earlier ones and are
-  //! used once; an empty report changes nothing. InvalidArgument (nothing changes): an unknown sequence, one without a policy that
-  //! reads scores, more scores than its tokens, a score negative or not finite.
-  Status report_attention(SeqId seq, std::span<const double> scores);
+  //! Token compression: the attention scores of `seq` that plan `plan_step`'s score request
+  //! asked for, per token from its oldest, summed over its replica's shards
+  //! (RankCache::reported_scores() gathers them after running that plan). Its next h2o or snapkv
+  //! compaction reads them; they replace earlier ones and are used once; an empty report changes
+  //! nothing. Scores are numbered by the positions the sequence had in that plan, so only the
+  //! answer to its latest request is taken: a report for an earlier plan (late, or for an
+  //! earlier sequence under the same id) would select the wrong tokens. InvalidArgument (nothing
+  //! changes): an unknown sequence, one without a policy that reads scores, `plan_step` not
+  //! its latest outstanding request, more scores than it had tokens then, a score negative or
+  //! not finite.
+  Status report_attention(SeqId seq, uint64_t plan_step, std::span<const double> scores);
 
   //! Closes the step: indexes the prompts this plan's forward pass computes, compacts the
   //! compressed sequences that are due, swaps sequences back in where there is room, collects
@@ -355,6 +360,10 @@ class Coordinator {
     uint64_t last_compaction_step = 0;  //!< the step of its admission, then of its compactions
     std::vector<double> scores;  //!< reported since its last compaction (report_attention)
     bool has_scores = false;
+    //! The plan whose score request is outstanding, and the tokens the sequence had in it:
+    //! the one report the coordinator takes.
+    std::optional<uint64_t> requested_step;
+    uint64_t requested_tokens = 0;
   };
 
   explicit Coordinator(const Config& config);

@@ -139,8 +139,9 @@ class Batch:
                          cache_salt=cache_salt, public_tokens=public_tokens,
                          compression=compression)
 
-    def report_attention(self, seq: int, scores: Sequence[float]) -> int:
-        return self._add("report_attention", seq=seq, scores=[float(s) for s in scores])
+    def report_attention(self, seq: int, step: int, scores: Sequence[float]) -> int:
+        return self._add("report_attention", seq=seq, step=step,
+                         scores=[float(s) for s in scores])
 
     def append(self, seq: int, num_tokens: int) -> int:
         return self._add("append", seq=seq, num_tokens=num_tokens)
@@ -292,10 +293,11 @@ class Client:
                          compression=compression)
         return Placement(r["replica"], r["cached_tokens"], r["migrated_tokens"], r["blocks"])
 
-    def report_attention(self, seq: int, scores: Sequence[float]) -> None:
+    def report_attention(self, seq: int, step: int, scores: Sequence[float]) -> None:
         """The attention scores of a compressed sequence, per token, summed over its
-        replica's shards: its next H2O or SnapKV compaction reads them."""
-        self.request("report_attention", seq=seq, scores=[float(s) for s in scores])
+        replica's shards after running plan `step`, whose score request they answer: its next
+        H2O or SnapKV compaction reads them."""
+        self.request("report_attention", seq=seq, step=step, scores=[float(s) for s in scores])
 
     def append(self, seq: int, num_tokens: int) -> None:
         self.request("append", seq=seq, num_tokens=num_tokens)

@@ -338,15 +338,17 @@ void bind_coordinator(py::module_& m) {
           "such as {'policy': 'h2o', 'budget_ratio': 0.25, 'interval_steps': 16}.")
       .def(
           "report_attention",
-          [](PyCoordinator& self, SeqId seq,
+          [](PyCoordinator& self, SeqId seq, uint64_t step,
              const py::array_t<double, py::array::c_style | py::array::forcecast>& scores) {
             if (scores.ndim() != 1) raise_invalid("scores must be 1-D: one per token");
             const std::span<const double> values(scores.data(), static_cast<size_t>(scores.size()));
-            check(self.locked([&](Coordinator& c) { return c.report_attention(seq, values); }));
+            check(self.locked(
+                [&](Coordinator& c) { return c.report_attention(seq, step, values); }));
           },
-          py::arg("seq"), py::arg("scores"),
+          py::arg("seq"), py::arg("step"), py::arg("scores"),
           "A compressed sequence's attention scores per token, summed over its replica's shards "
-          "(RankCache.reported_scores()); its next H2O or SnapKV compaction reads them.")
+          "(RankCache.reported_scores()) after running plan `step`, whose score request they "
+          "answer; its next H2O or SnapKV compaction reads them.")
       .def(
           "tokens_of",
           [](PyCoordinator& self, SeqId seq) {

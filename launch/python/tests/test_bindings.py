@@ -273,7 +273,7 @@ def test_a_python_engine_compresses_with_its_own_attention_mass(config):
     for step in range(6):
         plan = cache.receive_and_execute(c.step())
         for seq, _, scores in cache.reported_scores():
-            c.report_attention(seq, scores)
+            c.report_attention(seq, plan.step, scores)
         for compaction in plan.compactions:
             compactions.append(compaction)
             origin = [origin[p] for first, count in compaction.kept for p in range(first, first + count)]

@@ -47,10 +47,13 @@ def test_compression_is_admitted_scored_and_compacted(server):
             "policy": "h2o", "budget_tokens": 32, "recent_tokens": 8, "interval_steps": 1})
         assert client.step().score_requests == []  # the prefill
         client.append(1, 1)
-        assert client.step().score_requests == [1]
+        scored = client.step()
+        assert scored.score_requests == [1]
         scores = [0.0] * 81
         scores[40] = 5.0
-        client.report_attention(1, scores)
+        with pytest.raises(kvfabric.InvalidArgumentError, match="outstanding request is step"):
+            client.report_attention(1, scored.step - 1, scores)
+        client.report_attention(1, scored.step, scores)
         client.append(1, 1)
         step = client.step()
         (compaction,) = step.compactions
@@ -61,7 +64,7 @@ def test_compression_is_admitted_scored_and_compacted(server):
         with pytest.raises(kvfabric.InvalidArgumentError, match="budget_ratio"):
             client.admit(2, list(range(80)), compression={"policy": "h2o", "budget_ratio": 2.0})
         with pytest.raises(kvfabric.InvalidArgumentError, match="element 0"):
-            client.report_attention(1, [-1.0])
+            client.report_attention(1, scored.step, [-1.0])
 
 
 def test_errors_carry_the_servers_code_and_message(server):

@@ -80,7 +80,7 @@ struct CompressedRank {
       return ::testing::AssertionFailure() << s;
     }
     for (const ReplicaScores& r : rank->reported_scores()) {
-      if (const Status s = coordinator.report_attention(r.seq, r.scores); !s.ok()) {
+      if (const Status s = coordinator.report_attention(r.seq, plan->step, r.scores); !s.ok()) {
         return ::testing::AssertionFailure() << s;
       }
     }
@@ -319,7 +319,7 @@ TEST(CompressionTest, ARankJobsForwardPassFeedsTheScoreRequests) {
     ASSERT_TRUE(plan.ok());
     ASSERT_TRUE((*job)->execute(*plan).ok());
     for (const ReplicaScores& s : (*job)->cache().reported_scores()) {
-      ASSERT_TRUE(coordinator->report_attention(s.seq, s.scores).ok());
+      ASSERT_TRUE(coordinator->report_attention(s.seq, plan->step, s.scores).ok());
       ++reported;
     }
     ASSERT_TRUE(coordinator->append(SeqId{1}, 1).ok());
@@ -352,14 +352,19 @@ TEST(CompressionTest, ACompactionsCopiesSplitIntoLaunchesThatKeepTheirOrder) {
   const SeqId seq{1};
   ASSERT_TRUE(coordinator->admit(seq, testing::token_run(64, 7), options).ok());
   ASSERT_TRUE(coordinator->step().ok());  // the prefill
-  ASSERT_TRUE(coordinator->step().ok());  // asks for the scores
+  const auto asked = coordinator->step();
+  ASSERT_TRUE(asked.ok());
+  ASSERT_EQ(asked->score_requests.size(), 1u);
   std::vector<double> scores(64);
   for (size_t i = 0; i < scores.size(); ++i) scores[i] = (i * 7) % 5 == 0 ? 1.0 : 0.1 * (i % 3);
-  ASSERT_TRUE(coordinator->report_attention(seq, scores).ok());
+  ASSERT_TRUE(coordinator->report_attention(seq, asked->step, scores).ok());
   ASSERT_TRUE(coordinator->append(seq, 1).ok());
   // The first compaction copies the cached prompt's blocks; the second moves tokens within the
   // sequence's own blocks.
-  ASSERT_EQ(coordinator->step()->compactions.size(), 1u);
+  const auto compacted = coordinator->step();
+  ASSERT_TRUE(compacted.ok());
+  ASSERT_EQ(compacted->compactions.size(), 1u);
+  ASSERT_EQ(compacted->score_requests.size(), 1u);  // interval 1: the next one's scores
   ASSERT_EQ(coordinator->tokens_of(seq), 40u);
   // Keeps token 0 in place and moves the next block's tokens into block 0 (reading block 1),
   // then the last of them into block 1 (writing it): 15 new tokens and 25 heavy ones.
@@ -367,7 +372,7 @@ TEST(CompressionTest, ACompactionsCopiesSplitIntoLaunchesThatKeepTheirOrder) {
   scores.assign(40, 0.0);
   scores[0] = 1.0;
   std::fill(scores.begin() + 16, scores.end(), 1.0);
-  ASSERT_TRUE(coordinator->report_attention(seq, scores).ok());
+  ASSERT_TRUE(coordinator->report_attention(seq, compacted->step, scores).ok());
   auto plan = coordinator->step();
   ASSERT_TRUE(plan.ok());
   ASSERT_EQ(plan->compactions.size(), 1u);
@@ -437,19 +442,35 @@ TEST(CompressionTest, BadPoliciesAreRefusedNamingTheFieldAndChangeNothing) {
               HasSubstr("layer group"));
   EXPECT_FALSE(quant::parse_compression_kind("lru").ok());
 
-  // Scores: only for a sequence whose policy reads them, no longer than it, finite, >= 0.
+  // Scores: only for a sequence whose policy reads them, for its outstanding request, no longer
+  // than it was then, finite, >= 0.
   ASSERT_TRUE(r.admit(SeqId{2}, prompt, streaming(20, 4)).ok());
   ASSERT_TRUE(r.admit(SeqId{3}, prompt, h2o(20, 0, 1)).ok());
   const std::vector<double> ok_scores(40, 1.0), too_many(41, 1.0);
-  EXPECT_EQ(r.coordinator.report_attention(SeqId{2}, ok_scores).code(), ErrorCode::kInvalidArgument);
-  EXPECT_EQ(r.coordinator.report_attention(SeqId{9}, ok_scores).code(), ErrorCode::kSequenceNotFound);
-  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, too_many).message(), HasSubstr("41 scores"));
+  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, 0, ok_scores).message(),
+              HasSubstr("no request of its scores is outstanding"));
+  StepPlan prefill;
+  ASSERT_TRUE(r.step(&prefill));
+  ASSERT_TRUE(r.coordinator.append(SeqId{3}, 1).ok());  // the engine has not scored it yet
+  const auto plan = r.coordinator.step();
+  ASSERT_TRUE(plan.ok());
+  ASSERT_EQ(plan->score_requests, (std::vector<StepPlan::ScoreRequest>{{SeqId{3}, 0}}));
+  const uint64_t step = plan->step;
+  EXPECT_EQ(r.coordinator.report_attention(SeqId{2}, step, ok_scores).code(),
+            ErrorCode::kInvalidArgument);
+  EXPECT_EQ(r.coordinator.report_attention(SeqId{9}, step, ok_scores).code(),
+            ErrorCode::kSequenceNotFound);
+  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, prefill.step, ok_scores).message(),
+              HasSubstr("its outstanding request is step " + std::to_string(step)));
+  const std::vector<double> all_tokens(41, 1.0), past_them(42, 1.0);
+  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, step, past_them).message(),
+              HasSubstr("42 scores for 41 tokens"));
   std::vector<double> negative(10, 1.0);
   negative[4] = -1;
-  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, negative).message(), HasSubstr("token 4"));
-  EXPECT_TRUE(r.coordinator.report_attention(SeqId{3}, ok_scores).ok());
+  EXPECT_THAT(r.coordinator.report_attention(SeqId{3}, step, negative).message(),
+              HasSubstr("token 4"));
+  EXPECT_TRUE(r.coordinator.report_attention(SeqId{3}, step, all_tokens).ok());
   // And on the rank: unknown sequences and non-finite mass are refused.
-  ASSERT_TRUE(r.step());
   const std::vector<float> nan_mass = {1.0f, NAN};
   EXPECT_EQ(r.rank->accumulate_attention(SeqId{3}, nan_mass).code(), ErrorCode::kInvalidArgument);
   EXPECT_EQ(r.rank->accumulate_attention(SeqId{77}, nan_mass).code(), ErrorCode::kInvalidArgument);
@@ -477,7 +498,7 @@ void run_compressed_workload(const CompressionPolicy& policy, uint64_t seed) {
     std::vector<uint8_t> bytes = plan->serialize();
     ASSERT_TRUE(r.rank->receive_and_execute(bytes, RankId{0}).ok());
     for (const ReplicaScores& s : r.rank->reported_scores()) {
-      ASSERT_TRUE(r.coordinator.report_attention(s.seq, s.scores).ok());
+      ASSERT_TRUE(r.coordinator.report_attention(s.seq, plan->step, s.scores).ok());
     }
     workload.planned(*plan, r.engine);
     ASSERT_TRUE(r.engine.forward(*r.rank).ok());
@@ -526,7 +547,7 @@ TEST(CompressionTest, CompressionWithMigrationsLeaksNoBlockOnAnyReplica) {
                            : engine.origins(request.seq).size();
       std::vector<double> scores(n);
       for (size_t i = 0; i < n; ++i) scores[i] = static_cast<double>(splitmix64(i + step) % 7);
-      ASSERT_TRUE(coordinator->report_attention(request.seq, scores).ok());
+      ASSERT_TRUE(coordinator->report_attention(request.seq, plan->step, scores).ok());
     }
     ASSERT_TRUE(coordinator->verify_integrity().ok()) << "step " << step;
   }

@@ -223,9 +223,20 @@ TEST(ControlProtocolTest, CompressionIsAdmittedScoredAndCompactedOverTheWire) {
   ASSERT_EQ(call(protocol, {{"op", "append"}, {"seq", 1}, {"num_tokens", 1}})["ok"], true);
   step = call(protocol, {{"op", "step"}});  // prefilled: the next compaction wants scores
   ASSERT_EQ(step["score_requests"], json::parse(R"([{"seq": 1, "replica": 0}])"));
+  const uint64_t scored_step = step["step"];
   std::vector<double> scores(81, 0.0);
   scores[5] = scores[6] = 3.0;
-  ASSERT_EQ(call(protocol, {{"op", "report_attention"}, {"seq", 1}, {"scores", scores}})["ok"],
+  const json late = call(protocol, {{"op", "report_attention"},
+                                    {"seq", 1},
+                                    {"step", scored_step - 1},
+                                    {"scores", scores}});
+  EXPECT_EQ(error_code(late), "InvalidArgument") << late;
+  EXPECT_THAT(late["error"]["message"].get<std::string>(),
+              HasSubstr("its outstanding request is step " + std::to_string(scored_step)));
+  ASSERT_EQ(call(protocol, {{"op", "report_attention"},
+                            {"seq", 1},
+                            {"step", scored_step},
+                            {"scores", scores}})["ok"],
             true);
   ASSERT_EQ(call(protocol, {{"op", "append"}, {"seq", 1}, {"num_tokens", 1}})["ok"], true);
   step = call(protocol, {{"op", "step"}});
@@ -258,9 +269,14 @@ TEST(ControlProtocolTest, CompressionIsAdmittedScoredAndCompactedOverTheWire) {
     refused(request, says);
   }
   EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
-  refused({{"op", "report_attention"}, {"seq", 1}, {"scores", {1.0, -2.0}}}, "element 1");
-  refused({{"op", "report_attention"}, {"seq", 1}, {"scores", "none"}}, "array of numbers");
-  const json unknown = call(protocol, {{"op", "report_attention"}, {"seq", 9}, {"scores", {1.0}}});
+  const uint64_t last_step = step["step"];
+  refused({{"op", "report_attention"}, {"seq", 1}, {"step", last_step}, {"scores", {1.0, -2.0}}},
+          "element 1");
+  refused({{"op", "report_attention"}, {"seq", 1}, {"step", last_step}, {"scores", "none"}},
+          "array of numbers");
+  refused({{"op", "report_attention"}, {"seq", 1}, {"scores", {1.0}}}, "missing field \"step\"");
+  const json unknown = call(
+      protocol, {{"op", "report_attention"}, {"seq", 9}, {"step", last_step}, {"scores", {1.0}}});
   EXPECT_EQ(error_code(unknown), "SequenceNotFound") << unknown;
 }
 
