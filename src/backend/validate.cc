@@ -250,22 +250,42 @@ Status validate_token_copies(std::span<const GroupTokenCopies> batch) {
   return ok_status();
 }
 
-std::vector<size_t> token_copy_launches(std::span<const TokenCopy> copies) {
+namespace {
+
+// Launch ends for copies from block src(i) to block dst(i), i < n, kept in list order. When the
+// source and destination are different pools, reads never meet writes.
+template <typename Src, typename Dst>
+std::vector<size_t> ordered_launches(size_t n, Src src, Dst dst, bool one_pool) {
   std::vector<size_t> ends;
   std::unordered_set<uint32_t> written, read;  // looked up only: its order decides nothing
-  for (size_t i = 0; i < copies.size(); ++i) {
-    const TokenCopy& c = copies[i];
-    if (written.count(c.src_block.value) || written.count(c.dst_block.value) ||
-        read.count(c.dst_block.value)) {
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t from = src(i), to = dst(i);
+    const bool conflicts = written.count(to) != 0 ||
+                           (one_pool && (written.count(from) != 0 || read.count(to) != 0));
+    if (conflicts) {
       ends.push_back(i);
       written.clear();
       read.clear();
     }
-    written.insert(c.dst_block.value);
-    read.insert(c.src_block.value);
+    written.insert(to);
+    if (one_pool) read.insert(from);
   }
-  if (!copies.empty()) ends.push_back(copies.size());
+  if (n != 0) ends.push_back(n);
   return ends;
+}
+
+}  // namespace
+
+std::vector<size_t> token_copy_launches(std::span<const TokenCopy> copies) {
+  return ordered_launches(
+      copies.size(), [&](size_t i) { return copies[i].src_block.value; },
+      [&](size_t i) { return copies[i].dst_block.value; }, /*one_pool=*/true);
+}
+
+std::vector<size_t> block_move_launches(std::span<const BlockMove> moves, bool one_pool) {
+  return ordered_launches(
+      moves.size(), [&](size_t i) { return moves[i].src_block; },
+      [&](size_t i) { return moves[i].dst_block; }, one_pool);
 }
 
 Status validate_block_copies(std::span<const GroupBlockCopies> batch) {

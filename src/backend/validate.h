@@ -23,6 +23,9 @@ Status validate_block_copies(std::span<const GroupBlockCopies> batch);
 //! copy starts a new launch when it reads or writes a block an earlier copy of the launch writes,
 //! or writes a block an earlier copy of the launch reads.
 std::vector<size_t> token_copy_launches(std::span<const TokenCopy> copies);
+//! The same for whole-block moves inside one pool (copy_blocks). Between two pools (swap_blocks)
+//! no move reads what another writes, and only a block written twice splits a launch.
+std::vector<size_t> block_move_launches(std::span<const BlockMove> moves, bool one_pool);
 Status validate_swap(const PagedKvView& src, const PagedKvView& dst,
                      std::span<const BlockMove> moves);
 

@@ -378,18 +378,13 @@ class CudaBackend final : public Backend {
 
   Status run_block_moves(const PagedKvView& src, const PagedKvView& dst,
                          std::span<const BlockMove> moves, std::string_view op) {
+    // In list order: the moves of one launch run at once, so one that conflicts with an earlier
+    // move of the launch (detail::block_move_launches) waits for the next launch.
     size_t first = 0;
-    while (first < moves.size()) {
-      // Moves inside one pool run in order: a move touching a block an earlier one of the launch
-      // wrote waits for the next launch.
-      std::unordered_set<uint32_t> written;
-      std::vector<kernels::BlockCopyOp> ops;
-      size_t last = first;
-      for (; last < moves.size(); ++last) {
-        const BlockMove& m = moves[last];
-        if (src.base == dst.base && (written.count(m.src_block) || written.count(m.dst_block)))
-          break;
-        written.insert(m.dst_block);
+    std::vector<kernels::BlockCopyOp> ops;
+    for (const size_t last : detail::block_move_launches(moves, src.base == dst.base)) {
+      ops.clear();
+      for (const BlockMove& m : moves.subspan(first, last - first)) {
         ops.push_back({src.block(m.src_block), dst.block(m.dst_block)});
       }
       begin_staging();

@@ -4,11 +4,14 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <numeric>
 #include <random>
 
+#include "backend/validate.h"
 #include "kvfabric/block/paged_kv_cache.h"
 #include "testing/backend_fixture.h"
 #include "testing/kv_reference.h"
+#include "testing/property_env.h"
 
 namespace kvfabric {
 namespace {
@@ -232,6 +235,40 @@ TEST(CopyBlocks, WholeBlocksAcrossGroupsInOneCall) {
   const auto before = b.snapshot();
   EXPECT_FALSE(backend->copy_blocks(bad_batch).ok());
   EXPECT_EQ(b.snapshot(), before);
+}
+
+// A backend that runs one launch's moves at once (CUDA) splits them with block_move_launches. Run
+// each launch's moves in reverse, a schedule parallel copies may take: the blocks must end as
+// running the moves one by one in list order leaves them, in one pool (chains, swaps of two
+// blocks, a block read then overwritten) and between two pools (a block written twice).
+TEST(CopyBlocks, LaunchesKeepTheMovesListOrder) {
+  std::mt19937 rng(testing::property_seed(5));
+  for (int round = 0; round < 200; ++round) {
+    const bool one_pool = round % 2 == 0;
+    std::vector<BlockMove> moves(1 + rng() % 12);
+    for (BlockMove& m : moves) {
+      m = {static_cast<uint32_t>(rng() % 6), static_cast<uint32_t>(rng() % 6)};
+    }
+    // Block contents are the block each one was copied from, first; the source pool's blocks
+    // are 100 + their id when the moves cross pools.
+    std::vector<uint32_t> in_order(6), launched(6);
+    std::iota(in_order.begin(), in_order.end(), 0u);
+    launched = in_order;
+    const auto source = [&](const std::vector<uint32_t>& dst, uint32_t block) {
+      return one_pool ? dst[block] : 100 + block;
+    };
+    for (const BlockMove& m : moves) in_order[m.dst_block] = source(in_order, m.src_block);
+    size_t first = 0;
+    for (const size_t last : detail::block_move_launches(moves, one_pool)) {
+      ASSERT_GT(last, first);
+      for (size_t i = last; i-- > first;) {
+        launched[moves[i].dst_block] = source(launched, moves[i].src_block);
+      }
+      first = last;
+    }
+    ASSERT_EQ(first, moves.size());
+    ASSERT_EQ(launched, in_order) << "round " << round << (one_pool ? ", one pool" : ", two pools");
+  }
 }
 
 TEST(CompactTokens, RejectsCopiesOutsideTheBlock) {
