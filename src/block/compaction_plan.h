@@ -35,9 +35,9 @@ struct CompactionPlan {
 CompactionPlan plan_streaming_compaction(size_t num_tokens, size_t block_size, size_t sink,
                                          size_t window);
 
-//! Keeps the tokens at `kept` (strictly increasing, each < num_tokens) of an n-token table, in
-//! order. The first blocks are reused in place; a token moves only when its slot changes, in
-//! ascending order, so every move's source lies at or after every slot already written.
+//! Keeps the tokens at `kept` (distinct, each < num_tokens and kept[i] >= i) of an n-token
+//! table, in that order. The first blocks are reused in place; a token moves only when its slot
+//! changes, in ascending slot order, so no move reads a slot an earlier move wrote.
 CompactionPlan plan_token_retention(size_t num_tokens, size_t block_size,
                                     std::span<const size_t> kept);
 

@@ -564,15 +564,21 @@ Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> po
   const uint32_t slot = slot_of(seq);
   if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
   const SequenceInfo* info = &table_->at(slot);
+  std::vector<uint8_t> listed(info->num_tokens, 0);
   for (size_t i = 0; i < positions.size(); ++i) {
     if (positions[i] >= info->num_tokens) {
       return invalid_argument("position " + std::to_string(positions[i]) + " past the " +
                               std::to_string(info->num_tokens) + " tokens of " + to_string(seq));
     }
-    if (i > 0 && positions[i] <= positions[i - 1]) {
-      return invalid_argument("positions to keep must increase: " + std::to_string(positions[i]) +
-                              " follows " + std::to_string(positions[i - 1]));
+    if (listed[positions[i]] != 0) {
+      return invalid_argument("position " + std::to_string(positions[i]) +
+                              " is kept twice; positions to keep must be distinct");
     }
+    if (positions[i] < i) {
+      return invalid_argument("position " + std::to_string(positions[i]) + " would move to later slot " +
+                              std::to_string(i) + "; kept tokens only move to earlier slots");
+    }
+    listed[positions[i]] = 1;
   }
   if (positions.size() == info->num_tokens) return size_t{0};  // every token stays
 

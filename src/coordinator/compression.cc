@@ -2,7 +2,11 @@
 // the plan's compactions and score requests (DESIGN.md §5).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "common/log.h"
 #include "kvfabric/coordinator/coordinator.h"
@@ -10,7 +14,7 @@
 namespace kvfabric {
 namespace {
 
-// Ascending positions as maximal runs.
+// Positions in their new order as maximal runs of consecutive ones.
 std::vector<StepPlan::TokenRange> ranges_of(std::span<const size_t> positions) {
   std::vector<StepPlan::TokenRange> ranges;
   for (size_t p : positions) {
@@ -21,6 +25,30 @@ std::vector<StepPlan::TokenRange> ranges_of(std::span<const size_t> positions) {
     }
   }
   return ranges;
+}
+
+// Lists the slots past those `slots_by_age` names, up to `num_tokens`: appended tokens, the
+// newest, in order.
+void list_new_slots(std::vector<uint32_t>& slots_by_age, size_t num_tokens) {
+  const size_t listed = slots_by_age.size();
+  if (listed >= num_tokens) return;
+  slots_by_age.resize(num_tokens);
+  std::iota(slots_by_age.begin() + static_cast<ptrdiff_t>(listed), slots_by_age.end(),
+            static_cast<uint32_t>(listed));
+}
+
+// The slots by age after a compaction that put the token of slot order[i] in slot i.
+void follow_ages(std::vector<uint32_t>& slots_by_age, std::span<const size_t> order,
+                 size_t tokens_before) {
+  list_new_slots(slots_by_age, tokens_before);
+  constexpr uint32_t kDropped = UINT32_MAX;
+  std::vector<uint32_t> new_slot(tokens_before, kDropped);
+  for (size_t i = 0; i < order.size(); ++i) new_slot[order[i]] = static_cast<uint32_t>(i);
+  size_t kept = 0;
+  for (const uint32_t slot : slots_by_age) {
+    if (new_slot[slot] != kDropped) slots_by_age[kept++] = new_slot[slot];
+  }
+  slots_by_age.resize(kept);
 }
 
 }  // namespace
@@ -41,7 +69,9 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options,
                                 .budget = quant::budget_for(policy, prompt_tokens),
                                 .prompt_tokens = prompt_tokens,
                                 .last_compaction_step = plan_.step,
-                                .scores = {}};
+                                .scores = {},
+                                .requested_step = std::nullopt,
+                                .slots_by_age = {}};
 }
 
 size_t Coordinator::tokens_of(SeqId seq) const {
@@ -120,20 +150,25 @@ void Coordinator::compact_due_sequences() {
 
 bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   const size_t before = s.num_tokens;
+  const bool sliding = c.policy.kind == quant::CompressionPolicy::Kind::kStreaming;
+  if (!c.slots_by_age.empty()) list_new_slots(c.slots_by_age, before);
   const std::vector<size_t> kept =
       quant::select_kept_tokens(c.policy, c.budget, before, s.computed_tokens, c.prompt_tokens,
-                                c.scores, config_.cache.block_size);
+                                c.scores, config_.cache.block_size, c.slots_by_age);
   if (kept.size() >= before) return true;  // nothing to drop: the interval restarts
-  std::vector<StepPlan::TokenRange> ranges = ranges_of(kept);
+  // A selection fills its dropped slots with later tokens rather than shifting every token
+  // after the first one dropped; a sliding window drops whole blocks and moves nothing.
+  const size_t scored = std::min<size_t>(c.scores.size(), s.computed_tokens);
+  const std::vector<size_t> order = sliding ? kept : quant::fill_dropped_slots(kept, scored);
+  std::vector<StepPlan::TokenRange> ranges = ranges_of(order);
   PagedKvCache& pool = pool_of(s.replica);
   const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;
   // A block shared with the prefix index or a fork is copied, never written: a cached prompt
   // keeps the K/V its key says. A sliding window (a sink and the newest tokens, whole blocks
   // dropped) keeps the window's blocks in place.
-  const bool sliding = c.policy.kind == quant::CompressionPolicy::Kind::kStreaming;
   const size_t sink = sliding && ranges.size() == 2 ? ranges.front().count : 0;
   const Result<size_t> dropped = sliding ? pool.apply_streaming_llm(seq, sink, ranges.back().count)
-                                         : pool.retain_tokens(seq, kept);
+                                         : pool.retain_tokens(seq, order);
   if (!dropped.ok()) {
     KVF_LOG_DEBUG(kCoordinator, "compaction of {} waits: {}", to_string(seq),
                   dropped.status().message());
@@ -149,6 +184,9 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   const size_t uncomputed = before - s.computed_tokens;  // kept, at the end
   s.num_tokens = kept.size();
   s.computed_tokens = kept.size() - uncomputed;
+  if (c.policy.kind == quant::CompressionPolicy::Kind::kH2o) {
+    follow_ages(c.slots_by_age, order, before);
+  }
   charge(s, table.size());
   mark_table(s);
   mark_load(s.replica);

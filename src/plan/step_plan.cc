@@ -173,28 +173,38 @@ bool read_op(Reader& r, StepPlan::Op& op) {
   return true;
 }
 
-// The kept ranges must be what a compaction can mean: non-empty, ascending, disjoint, inside
-// the sequence.
+// The kept ranges must be what a compaction can mean: non-empty, inside the sequence, and
+// disjoint (in any order: a compaction may fill dropped slots with later tokens).
 bool read_compaction(Reader& r, StepPlan::Compaction& c) {
   uint64_t ranges = 0;
   if (!r.get(c.seq.value, "compactions") || !r.get(c.replica, "compactions") ||
       !r.get(c.tokens_before, "compactions") || !r.count(ranges, 16, "kept ranges")) {
     return false;
   }
+  const auto refuse = [&](const StepPlan::TokenRange& range, const std::string& why) {
+    r.fail(Status(ErrorCode::kParseError, "step plan compaction of " + to_string(c.seq) +
+                                              " keeps [" + std::to_string(range.first) + ", +" +
+                                              std::to_string(range.count) + ") of " +
+                                              std::to_string(c.tokens_before) + " tokens; " + why));
+    return false;
+  };
   c.kept.resize(ranges);
-  uint64_t next_free = 0;
   for (StepPlan::TokenRange& range : c.kept) {
     if (!r.get(range.first, "kept ranges") || !r.get(range.count, "kept ranges")) return false;
-    if (range.count == 0 || range.first < next_free || range.first > c.tokens_before ||
+    if (range.count == 0 || range.first > c.tokens_before ||
         range.count > c.tokens_before - range.first) {
-      r.fail(Status(ErrorCode::kParseError,
-                    "step plan compaction of " + to_string(c.seq) + " keeps [" +
-                        std::to_string(range.first) + ", +" + std::to_string(range.count) +
-                        ") of " + std::to_string(c.tokens_before) +
-                        " tokens; ranges must be non-empty, ascending, disjoint and inside"));
-      return false;
+      return refuse(range, "ranges must be non-empty and inside");
     }
-    next_free = range.first + range.count;
+  }
+  std::vector<StepPlan::TokenRange> by_first = c.kept;
+  std::sort(by_first.begin(), by_first.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (size_t i = 1; i < by_first.size(); ++i) {
+    if (by_first[i].first < by_first[i - 1].first + by_first[i - 1].count) {
+      return refuse(by_first[i], "it overlaps [" + std::to_string(by_first[i - 1].first) + ", +" +
+                                     std::to_string(by_first[i - 1].count) +
+                                     "); ranges must be disjoint");
+    }
   }
   return true;
 }

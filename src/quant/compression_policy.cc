@@ -25,13 +25,39 @@ std::vector<size_t> all_tokens(size_t n) {
 
 // The heaviest of the scored candidates [0, scored) (the newest `recent` of them always), then
 // every position from `scored` to `n`, kept whatever the budget: so `budget` counts them first.
+// The heaviest of the first `scored` slots (the newest `recent` of them always) and every slot
+// after them. `slots_by_age` lists the slots oldest first when that is not their order.
 std::vector<size_t> heaviest_then_rest(std::span<const double> scores, size_t scored, size_t n,
-                                       uint64_t budget, uint64_t recent) {
+                                       uint64_t budget, uint64_t recent,
+                                       std::span<const uint32_t> slots_by_age) {
   const size_t rest = n - scored;
   const size_t heavy_budget = budget > rest ? static_cast<size_t>(budget - rest) : 0;
   const size_t recent_left = recent > rest ? static_cast<size_t>(recent - rest) : 0;
-  std::vector<size_t> kept =
-      select_heavy_hitters(scores.first(scored), heavy_budget, std::min(recent_left, heavy_budget));
+  const size_t recent_kept = std::min(recent_left, heavy_budget);
+  std::vector<size_t> kept;
+  if (slots_by_age.empty()) {
+    kept = select_heavy_hitters(scores.first(scored), heavy_budget, recent_kept);
+  } else {
+    // Select over the scores listed oldest first, so that the newest are the recent window
+    // and win ties, then mark the slots that hold them (in slot order, with no sort).
+    std::vector<uint32_t> aged(scored);
+    std::vector<double> aged_scores(scored);
+    size_t listed = 0;
+    for (const uint32_t slot : slots_by_age) {
+      if (slot >= scored) continue;
+      aged[listed] = slot;
+      aged_scores[listed] = scores[slot];
+      ++listed;
+    }
+    std::vector<uint8_t> chosen(scored, 0);
+    const std::vector<size_t> picked = select_heavy_hitters(aged_scores, heavy_budget, recent_kept);
+    for (const size_t i : picked) chosen[aged[i]] = 1;
+    kept.resize(picked.size());
+    size_t next = 0;
+    for (size_t slot = 0; slot < scored; ++slot) {
+      if (chosen[slot] != 0) kept[next++] = slot;
+    }
+  }
   keep_range(kept, scored, n);
   return kept;
 }
@@ -157,7 +183,7 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens) {
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
                                        size_t num_tokens, size_t computed_tokens,
                                        size_t prompt_tokens, std::span<const double> scores,
-                                       size_t block_size) {
+                                       size_t block_size, std::span<const uint32_t> slots_by_age) {
   const size_t n = num_tokens;
   const size_t computed = std::min(computed_tokens, n);
   switch (policy.kind) {
@@ -179,7 +205,8 @@ std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t
     case CompressionPolicy::Kind::kH2o: {
       if (n <= budget) return all_tokens(n);
       const uint64_t recent = policy.recent_tokens != 0 ? policy.recent_tokens : budget / 2;
-      return heaviest_then_rest(scores, std::min(scores.size(), computed), n, budget, recent);
+      return heaviest_then_rest(scores, std::min(scores.size(), computed), n, budget, recent,
+                                slots_by_age);
     }
     case CompressionPolicy::Kind::kSnapKv: {
       const size_t prompt = std::min(prompt_tokens, computed);
@@ -187,12 +214,28 @@ std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t
       // Budget the prompt; everything decoded after it stays.
       const size_t voters_from = prompt - static_cast<size_t>(std::min<uint64_t>(policy.window_tokens, prompt));
       const size_t scored = std::min(scores.size(), voters_from);
-      std::vector<size_t> kept = heaviest_then_rest(scores, scored, prompt, budget, 0);
+      std::vector<size_t> kept = heaviest_then_rest(scores, scored, prompt, budget, 0, {});
       keep_range(kept, prompt, n);
       return kept;
     }
   }
   return all_tokens(n);
+}
+
+std::vector<size_t> fill_dropped_slots(std::span<const size_t> kept, size_t scored_tokens) {
+  // The scored tokens come first: those below their count stay, and the dropped slots among
+  // them take the scored tokens above it, lowest slot first. The rest follow in order.
+  const auto scored_end = std::lower_bound(kept.begin(), kept.end(), scored_tokens);
+  const auto kept_scored = static_cast<size_t>(scored_end - kept.begin());
+  const auto in_place_end = std::lower_bound(kept.begin(), scored_end, kept_scored);
+  std::vector<size_t> order(kept.size());
+  auto stays = kept.begin();
+  auto filler = in_place_end;
+  for (size_t slot = 0; slot < kept_scored; ++slot) {
+    order[slot] = stays != in_place_end && *stays == slot ? *stays++ : *filler++;
+  }
+  std::copy(scored_end, kept.end(), order.begin() + static_cast<ptrdiff_t>(kept_scored));
+  return order;
 }
 
 }  // namespace kvfabric::quant

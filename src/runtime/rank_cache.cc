@@ -212,12 +212,13 @@ void RankCache::follow_scores(const StepPlan& plan) {
     const auto it = scores_.find(c.seq);
     if (c.replica != layout_.replica || it == scores_.end()) continue;
     const std::vector<double>& before = it->second;
+    // The scores cover the leading slots; they end at the first kept token they do not cover.
     std::vector<double> after;
     after.reserve(std::min<uint64_t>(before.size(), c.tokens_after()));
     for (const auto& range : c.kept) {
-      for (uint64_t i = range.first; i < range.first + range.count && i < before.size(); ++i) {
-        after.push_back(before[i]);
-      }
+      const uint64_t covered_end = std::min<uint64_t>(range.first + range.count, before.size());
+      for (uint64_t i = range.first; i < covered_end; ++i) after.push_back(before[i]);
+      if (covered_end < range.first + range.count) break;
     }
     it->second = std::move(after);
   }

@@ -195,10 +195,14 @@ class PagedKvCache {
   Result<size_t> apply_streaming_llm(SeqId seq);
 
   //! Token-level compression by any selection (H2O heavy hitters, PyramidKV budgets, see
-  //! quant/token_selection.h): keeps the tokens at `positions` (strictly increasing, each below
-  //! num_tokens) as one contiguous sequence in that order, frees the blocks no longer needed, and
+  //! quant/token_selection.h): keeps the tokens at `positions` as one contiguous sequence in that
+  //! order (the token at positions[i] goes to slot i), frees the blocks no longer needed, and
   //! queues kCompaction copies for the tokens whose slot changed; shared blocks are copied, never
-  //! written. Returns the number of dropped tokens. As with StreamingLLM, positions change.
+  //! written. The positions are distinct, below num_tokens, and none moves to a later slot
+  //! (positions[i] >= i), so copies in slot order never read a slot already written: increasing
+  //! positions qualify, and so does an order that fills dropped slots with later tokens
+  //! (quant::fill_dropped_slots), which moves far fewer. Returns the number of dropped tokens.
+  //! As with StreamingLLM, positions change.
   Result<size_t> retain_tokens(SeqId seq, std::span<const size_t> positions);
 
   //! All sequence ids, ascending.

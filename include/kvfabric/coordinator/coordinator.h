@@ -364,6 +364,9 @@ class Coordinator {
     //! the one report the coordinator takes.
     std::optional<uint64_t> requested_step;
     uint64_t requested_tokens = 0;
+    //! h2o: its slots, oldest token first, once a compaction filled dropped slots with newer
+    //! tokens (slots past the listed ones are newer still, in order). Empty: slot order.
+    std::vector<uint32_t> slots_by_age;
   };
 
   explicit Coordinator(const Config& config);

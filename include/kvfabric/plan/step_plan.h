@@ -80,9 +80,10 @@ struct StepPlan {
   };
   //! A sequence the coordinator compacted in this step (token compression): the plan's copies
   //! moved the tokens it keeps, and its table (listed too) holds them. `kept` are the positions
-  //! (numbered before the compaction, ascending, disjoint) that stay, in order: the i-th kept
-  //! token is now at position i. The engine renumbers what it keeps per token (its positions,
-  //! the ranks' attention scores) the same way.
+  //! (numbered before the compaction, disjoint) that stay, in their new order: the i-th kept
+  //! token is now at position i. The order is not always ascending: H2O and SnapKV fill the
+  //! dropped slots with later tokens, so that only those move. The engine renumbers what it
+  //! keeps per token (its positions, the ranks' attention scores) the same way.
   struct Compaction {
     SeqId seq;
     uint32_t replica = 0;

@@ -72,9 +72,25 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens);
 //! `prompt_tokens` is the prompt's length (the observation window ends there, and decoded tokens
 //! after it stay); for streaming the scores are ignored and `block_size` rounds the dropped span
 //! down to whole blocks. Deterministic: ties keep the newer token.
+//!
+//! For h2o, `slots_by_age` lists the sequence's slots oldest token first (a permutation of
+//! [0, num_tokens)) when slot order is not age order, as after fill_dropped_slots: the recent
+//! window is then the newest tokens wherever they sit. Empty: slot order is age order.
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
                                        size_t num_tokens, size_t computed_tokens,
                                        size_t prompt_tokens, std::span<const double> scores,
-                                       size_t block_size = 1);
+                                       size_t block_size = 1,
+                                       std::span<const uint32_t> slots_by_age = {});
+
+//! \brief The order in which a compaction lays out `kept` (ascending positions): the i-th listed
+//! token goes to slot i. Of the tokens before `scored_tokens` (those the scores cover, all
+//! computed), the kept ones below their own count stay in place and the dropped slots among them
+//! take the kept ones above it, in ascending order; the kept tokens from `scored_tokens` on
+//! (decoded since the scores were taken, the uncomputed among them) follow in order. A
+//! compaction then moves about as many tokens as it drops instead of every token after the first
+//! one dropped, the scores renumbered by it still cover a prefix of the slots, and uncomputed
+//! tokens stay last. Each listed position is at or after its slot (PagedKvCache::retain_tokens'
+//! condition).
+std::vector<size_t> fill_dropped_slots(std::span<const size_t> kept, size_t scored_tokens);
 
 }  // namespace kvfabric::quant

@@ -67,6 +67,25 @@ TEST(TokenRetention, KeepsTheSelectedTokensInOrder) {
   EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{1})), expected);
 }
 
+// The same selection with the dropped slots filled by the later kept tokens (the order
+// quant::fill_dropped_slots gives): only the six tokens past the kept count move.
+TEST(TokenRetention, FillingDroppedSlotsMovesOnlyTheLaterTokens) {
+  PagedKvCache cache(16, 4, 1, 8);
+  testing::SlotModel slots(16, 4);
+  ASSERT_TRUE(cache.allocate(SeqId{1}, 22).ok());
+  slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, 22));
+  const std::vector<size_t> order = {0, 1, 11, 17, 18, 5, 19, 20, 21, 9, 10};
+  auto dropped = cache.retain_tokens(SeqId{1}, order);
+  ASSERT_TRUE(dropped.ok()) << dropped.status();
+  EXPECT_EQ(*dropped, 11u);
+  const SequenceInfo* seq = cache.get_sequence(SeqId{1});
+  EXPECT_EQ(seq->num_blocks(), 3u);
+  slots.apply(cache.take_pending_copies());
+  EXPECT_EQ(slots.read(*seq), tokens_at(token_ids(0, 22), order));
+  EXPECT_EQ(cache.stats().compaction_copied_tokens, 6u);
+  EXPECT_TRUE(cache.verify_integrity().ok());
+}
+
 TEST(TokenRetention, KeepingAPrefixMovesNothing) {
   PagedKvCache cache(16, 4, 1, 8);
   ASSERT_TRUE(cache.allocate(SeqId{1}, 20).ok());
@@ -111,8 +130,9 @@ TEST(TokenRetention, BadInputChangesNothing) {
   EXPECT_EQ(past.code(), ErrorCode::kInvalidArgument);
   EXPECT_NE(past.message().find("position 10 past the 10 tokens of S1"), std::string::npos);
   const Status repeated = cache.retain_tokens(SeqId{1}, std::vector<size_t>{2, 2}).status();
-  EXPECT_NE(repeated.message().find("must increase: 2 follows 2"), std::string::npos);
-  EXPECT_FALSE(cache.retain_tokens(SeqId{1}, std::vector<size_t>{5, 3}).ok());
+  EXPECT_NE(repeated.message().find("position 2 is kept twice"), std::string::npos);
+  const Status later = cache.retain_tokens(SeqId{1}, std::vector<size_t>{5, 3, 1}).status();
+  EXPECT_NE(later.message().find("position 1 would move to later slot 2"), std::string::npos);
   EXPECT_EQ(snapshot(cache), before);
 }
 

@@ -51,8 +51,9 @@ TEST(StepPlanTest, ACompactionKeepsOnlyRangesItCanMean) {
     return StepPlan::deserialize(plan.serialize()).status();
   };
   EXPECT_TRUE(refused_with({{0, 10}, {20, 30}}).ok());
+  EXPECT_TRUE(refused_with({{0, 2}, {30, 5}, {4, 6}}).ok());  // dropped slots filled by later ones
   for (const auto& kept : std::vector<std::vector<StepPlan::TokenRange>>{
-           {{0, 0}}, {{10, 5}, {12, 3}}, {{20, 5}, {10, 5}}, {{40, 11}}, {{51, 1}}}) {
+           {{0, 0}}, {{10, 5}, {12, 3}}, {{12, 3}, {10, 5}}, {{40, 11}}, {{51, 1}}}) {
     const Status refused = refused_with(kept);
     EXPECT_EQ(refused.code(), ErrorCode::kParseError);
     EXPECT_THAT(refused.message(), HasSubstr("compaction of S3"));

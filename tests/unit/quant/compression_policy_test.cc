@@ -3,7 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <numeric>
+#include <random>
 
 namespace kvfabric::quant {
 namespace {
@@ -74,6 +76,56 @@ TEST(CompressionPolicyTest, H2oKeepsTheRecentWindowAndTheHeaviestScoredTokens) {
   // recent 0 means half the budget.
   p.recent_tokens = 0;
   EXPECT_THAT(select_kept_tokens(p, 6, 20, 20, 20, scores), ElementsAre(3, 9, 12, 17, 18, 19));
+}
+
+// After a compaction filled dropped slots with newer tokens, slot order is not age order: the
+// recent window is the newest tokens wherever they sit, and ties keep the newer token.
+TEST(CompressionPolicyTest, H2oTakesTheRecentWindowByAgeNotBySlot) {
+  CompressionPolicy p = policy(Kind::kH2o, 4);
+  p.recent_tokens = 2;
+  // Slots 1 and 2 hold the two newest tokens; slot 5 the oldest.
+  const std::vector<uint32_t> slots_by_age = {5, 0, 3, 4, 6, 7, 1, 2};
+  std::vector<double> scores(8, 0.0);
+  scores[6] = 3;
+  scores[4] = 2;
+  scores[5] = 2;  // ties with slot 4, which is newer
+  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores, 1, slots_by_age), ElementsAre(1, 2, 4, 6));
+  // By slot order the window would be slots 6 and 7.
+  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores), ElementsAre(4, 5, 6, 7));
+  // Unscored slots stay and count toward the window.
+  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, std::span(scores).first(7), 1, slots_by_age),
+              ElementsAre(2, 4, 6, 7));
+}
+
+TEST(CompressionPolicyTest, DroppedSlotsAreFilledByLaterKeptTokens) {
+  // Slots 0, 1, 5 stay; 2, 3, 4 and 6 take 7, 9, 10 and 12; the unscored 14 and 15 follow.
+  const std::vector<size_t> kept = {0, 1, 5, 7, 9, 10, 12, 14, 15};
+  EXPECT_THAT(fill_dropped_slots(kept, 14), ElementsAre(0, 1, 7, 9, 10, 5, 12, 14, 15));
+  // Nothing dropped below the kept count: nothing moves but the unscored tokens.
+  EXPECT_THAT(fill_dropped_slots(std::vector<size_t>{0, 1, 2, 6}, 5), ElementsAre(0, 1, 2, 6));
+  EXPECT_THAT(fill_dropped_slots(std::vector<size_t>{3, 4}, 5), ElementsAre(3, 4));
+  EXPECT_TRUE(fill_dropped_slots({}, 0).empty());
+  // Every token lands at or before its old slot, each exactly once.
+  std::mt19937 rng(7);
+  for (int round = 0; round < 200; ++round) {
+    const size_t n = 1 + rng() % 40;
+    const size_t scored = rng() % (n + 1);
+    std::vector<size_t> some;  // a selection: some scored tokens, every unscored one
+    for (size_t t = 0; t < n; ++t) {
+      if (t >= scored || rng() % 3 != 0) some.push_back(t);
+    }
+    const std::vector<size_t> order = fill_dropped_slots(some, scored);
+    ASSERT_EQ(order.size(), some.size());
+    for (size_t i = 0; i < order.size(); ++i) ASSERT_GE(order[i], i) << "round " << round;
+    std::vector<size_t> sorted = order;
+    std::sort(sorted.begin(), sorted.end());
+    ASSERT_EQ(sorted, some);
+    // The unscored stay last, in order.
+    const auto is_unscored = [&](size_t t) { return t >= scored; };
+    const auto unscored = std::count_if(some.begin(), some.end(), is_unscored);
+    ASSERT_TRUE(std::is_sorted(order.end() - unscored, order.end()));
+    ASSERT_TRUE(std::all_of(order.end() - unscored, order.end(), is_unscored));
+  }
 }
 
 TEST(CompressionPolicyTest, SnapKvBudgetsThePromptAndKeepsItsWindowAndDecodedTokens) {

@@ -158,6 +158,51 @@ TEST(CompressionTest, H2oKeepsPlantedHeavyHittersFromTheRanksScores) {
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
+// H2O fills the slots it drops with later tokens: once the cached prompt was copied (the first
+// compaction), each compaction copies the tokens that fill dropped slots and the two its scores
+// do not cover (the one computed since the ranks reported, and the uncomputed one), not every
+// token after the first dropped one. The recent window stays the newest
+// tokens by age wherever earlier compactions moved them, and every kept token reads back exact.
+TEST(CompressionTest, H2oMovesOnlyTheTokensThatFillDroppedSlots) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  const std::set<size_t> heavy = {2, 30, 31, 57};
+  r.mass = [&](SeqId, size_t origin, uint32_t) {
+    return heavy.count(origin) ? 1.0f : 0.05f * static_cast<float>(origin % 7);
+  };
+  const SeqId seq{1};
+  constexpr size_t kRecent = 12;
+  ASSERT_TRUE(r.admit(seq, testing::token_run(80, 3), h2o(40, kRecent, 1)).ok());
+  uint64_t compactions = 0, later_copied = 0, later_dropped = 0;
+  for (int i = 0; i < 30; ++i) {
+    StepPlan plan;
+    ASSERT_TRUE(r.step(&plan));
+    for (const StepPlan::Compaction& c : plan.compactions) {
+      ++compactions;
+      uint64_t copied = 0;
+      for (const StepPlan::Op& op : plan.ops) {
+        if (op.kind == StepPlan::OpKind::kCopy) copied += op.copy.num_tokens;
+      }
+      const uint64_t dropped = c.tokens_before - c.tokens_after();
+      if (compactions > 1) {
+        EXPECT_LE(copied, dropped + 2) << "compaction " << compactions;
+        later_copied += copied;
+        later_dropped += dropped;
+      }
+      const std::vector<size_t>& kept = r.engine.origins(seq);
+      const size_t tokens = r.engine.tokens(seq).size();
+      for (size_t o = tokens - kRecent; o < tokens; ++o) {
+        EXPECT_TRUE(std::count(kept.begin(), kept.end(), o)) << "recent token " << o;
+      }
+      for (size_t h : heavy) EXPECT_TRUE(std::count(kept.begin(), kept.end(), h)) << "token " << h;
+    }
+    r.decode(seq);
+  }
+  EXPECT_GE(compactions, 20u);
+  EXPECT_GT(later_dropped, 0u);
+  EXPECT_LE(later_copied, 3 * later_dropped);
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
 // A plan every rank refuses gathers no scores: the root holds none, not the last plan's.
 TEST(CompressionTest, ARefusedPlanLeavesNoEarlierScoresBehind) {
   CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
@@ -339,8 +384,8 @@ TEST(CompressionTest, ARankJobsForwardPassFeedsTheScoreRequests) {
   EXPECT_THAT((*job)->execute(*plan).message(), HasSubstr("the model ran out of memory"));
 }
 
-// An H2O compaction moves scattered tokens toward the front, so a copy often writes a block an
-// earlier copy of the same compaction reads. A backend that runs a launch's copies at once (CUDA)
+// An H2O compaction moves later tokens into dropped slots and the uncomputed ones after them, so
+// a copy often writes a block an earlier copy of the same compaction reads. A backend that runs a launch's copies at once (CUDA)
 // must not put those two in one launch: run each launch's copies in reverse order, a schedule
 // parallel copies may take, and the pool must end as running them one by one leaves it.
 TEST(CompressionTest, ACompactionsCopiesSplitIntoLaunchesThatKeepTheirOrder) {
@@ -366,8 +411,8 @@ TEST(CompressionTest, ACompactionsCopiesSplitIntoLaunchesThatKeepTheirOrder) {
   ASSERT_EQ(compacted->compactions.size(), 1u);
   ASSERT_EQ(compacted->score_requests.size(), 1u);  // interval 1: the next one's scores
   ASSERT_EQ(coordinator->tokens_of(seq), 40u);
-  // Keeps token 0 in place and moves the next block's tokens into block 0 (reading block 1),
-  // then the last of them into block 1 (writing it): 15 new tokens and 25 heavy ones.
+  // 25 heavy tokens and 15 new ones: tokens 0 and 16..24 stay in place, 25..39 fill slots
+  // 1..15, and the new tokens then move into slots 25..39, which those fillers were read from.
   ASSERT_TRUE(coordinator->append(seq, 15).ok());
   scores.assign(40, 0.0);
   scores[0] = 1.0;
@@ -376,7 +421,8 @@ TEST(CompressionTest, ACompactionsCopiesSplitIntoLaunchesThatKeepTheirOrder) {
   auto plan = coordinator->step();
   ASSERT_TRUE(plan.ok());
   ASSERT_EQ(plan->compactions.size(), 1u);
-  EXPECT_EQ(plan->compactions[0].kept, (std::vector<StepPlan::TokenRange>{{0, 1}, {16, 39}}));
+  EXPECT_EQ(plan->compactions[0].kept,
+            (std::vector<StepPlan::TokenRange>{{0, 1}, {25, 15}, {16, 9}, {40, 15}}));
   std::vector<TokenCopy> copies;
   for (const StepPlan::Op& op : plan->ops) {
     if (op.kind == StepPlan::OpKind::kCopy) copies.push_back(op.copy);
