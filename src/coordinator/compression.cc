@@ -27,28 +27,31 @@ std::vector<StepPlan::TokenRange> ranges_of(std::span<const size_t> positions) {
   return ranges;
 }
 
-// Lists the slots past those `slots_by_age` names, up to `num_tokens`: appended tokens, the
-// newest, in order.
-void list_new_slots(std::vector<uint32_t>& slots_by_age, size_t num_tokens) {
-  const size_t listed = slots_by_age.size();
+// Gives the slots past those `arrival` lists, up to `num_tokens` (tokens appended since), the
+// next arrivals in order. Should the count pass 2^32, the listed ones are renumbered by rank
+// first (their order is all that counts).
+void note_arrivals(std::vector<uint32_t>& arrival, uint32_t& arrivals, size_t num_tokens) {
+  const size_t listed = arrival.size();
   if (listed >= num_tokens) return;
-  slots_by_age.resize(num_tokens);
-  std::iota(slots_by_age.begin() + static_cast<ptrdiff_t>(listed), slots_by_age.end(),
-            static_cast<uint32_t>(listed));
+  if (num_tokens - listed > UINT32_MAX - uint64_t{arrivals}) {
+    std::vector<uint32_t> by_arrival(listed);
+    std::iota(by_arrival.begin(), by_arrival.end(), 0u);
+    std::sort(by_arrival.begin(), by_arrival.end(),
+              [&](uint32_t a, uint32_t b) { return arrival[a] < arrival[b]; });
+    for (size_t rank = 0; rank < listed; ++rank) arrival[by_arrival[rank]] = static_cast<uint32_t>(rank);
+    arrivals = static_cast<uint32_t>(listed);
+  }
+  arrival.resize(num_tokens);
+  for (size_t slot = listed; slot < num_tokens; ++slot) arrival[slot] = arrivals++;
 }
 
-// The slots by age after a compaction that put the token of slot order[i] in slot i.
-void follow_ages(std::vector<uint32_t>& slots_by_age, std::span<const size_t> order,
-                 size_t tokens_before) {
-  list_new_slots(slots_by_age, tokens_before);
-  constexpr uint32_t kDropped = UINT32_MAX;
-  std::vector<uint32_t> new_slot(tokens_before, kDropped);
-  for (size_t i = 0; i < order.size(); ++i) new_slot[order[i]] = static_cast<uint32_t>(i);
-  size_t kept = 0;
-  for (const uint32_t slot : slots_by_age) {
-    if (new_slot[slot] != kDropped) slots_by_age[kept++] = new_slot[slot];
-  }
-  slots_by_age.resize(kept);
+// The arrivals after a compaction that put the token of slot order[i] in slot i.
+void follow_arrivals(std::vector<uint32_t>& arrival, uint32_t& arrivals,
+                     std::span<const size_t> order, size_t tokens_before) {
+  note_arrivals(arrival, arrivals, tokens_before);
+  std::vector<uint32_t> after(order.size());
+  for (size_t i = 0; i < order.size(); ++i) after[i] = arrival[order[i]];
+  arrival = std::move(after);
 }
 
 }  // namespace
@@ -71,7 +74,7 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options,
                                 .last_compaction_step = plan_.step,
                                 .scores = {},
                                 .requested_step = std::nullopt,
-                                .slots_by_age = {}};
+                                .arrival = {}};
 }
 
 size_t Coordinator::tokens_of(SeqId seq) const {
@@ -151,10 +154,10 @@ void Coordinator::compact_due_sequences() {
 bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   const size_t before = s.num_tokens;
   const bool sliding = c.policy.kind == quant::CompressionPolicy::Kind::kStreaming;
-  if (!c.slots_by_age.empty()) list_new_slots(c.slots_by_age, before);
+  if (!c.arrival.empty()) note_arrivals(c.arrival, c.arrivals, before);
   const std::vector<size_t> kept =
       quant::select_kept_tokens(c.policy, c.budget, before, s.computed_tokens, c.prompt_tokens,
-                                c.scores, config_.cache.block_size, c.slots_by_age);
+                                c.scores, config_.cache.block_size, c.arrival);
   if (kept.size() >= before) return true;  // nothing to drop: the interval restarts
   // A selection fills its dropped slots with later tokens rather than shifting every token
   // after the first one dropped; a sliding window drops whole blocks and moves nothing.
@@ -185,7 +188,7 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   s.num_tokens = kept.size();
   s.computed_tokens = kept.size() - uncomputed;
   if (c.policy.kind == quant::CompressionPolicy::Kind::kH2o) {
-    follow_ages(c.slots_by_age, order, before);
+    follow_arrivals(c.arrival, c.arrivals, order, before);
   }
   charge(s, table.size());
   mark_table(s);

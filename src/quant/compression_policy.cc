@@ -26,37 +26,22 @@ std::vector<size_t> all_tokens(size_t n) {
 // The heaviest of the scored candidates [0, scored) (the newest `recent` of them always), then
 // every position from `scored` to `n`, kept whatever the budget: so `budget` counts them first.
 // The heaviest of the first `scored` slots (the newest `recent` of them always) and every slot
-// after them. `slots_by_age` lists the slots oldest first when that is not their order.
+// after them. `arrival` gives each slot's arrival order when that is not slot order.
 std::vector<size_t> heaviest_then_rest(std::span<const double> scores, size_t scored, size_t n,
                                        uint64_t budget, uint64_t recent,
-                                       std::span<const uint32_t> slots_by_age) {
+                                       std::span<const uint32_t> arrival) {
   const size_t rest = n - scored;
   const size_t heavy_budget = budget > rest ? static_cast<size_t>(budget - rest) : 0;
   const size_t recent_left = recent > rest ? static_cast<size_t>(recent - rest) : 0;
   const size_t recent_kept = std::min(recent_left, heavy_budget);
   std::vector<size_t> kept;
-  if (slots_by_age.empty()) {
+  if (arrival.empty()) {
     kept = select_heavy_hitters(scores.first(scored), heavy_budget, recent_kept);
   } else {
-    // Select over the scores listed oldest first, so that the newest are the recent window
-    // and win ties, then mark the slots that hold them (in slot order, with no sort).
-    std::vector<uint32_t> aged(scored);
-    std::vector<double> aged_scores(scored);
-    size_t listed = 0;
-    for (const uint32_t slot : slots_by_age) {
-      if (slot >= scored) continue;
-      aged[listed] = slot;
-      aged_scores[listed] = scores[slot];
-      ++listed;
-    }
-    std::vector<uint8_t> chosen(scored, 0);
-    const std::vector<size_t> picked = select_heavy_hitters(aged_scores, heavy_budget, recent_kept);
-    for (const size_t i : picked) chosen[aged[i]] = 1;
-    kept.resize(picked.size());
-    size_t next = 0;
-    for (size_t slot = 0; slot < scored; ++slot) {
-      if (chosen[slot] != 0) kept[next++] = slot;
-    }
+    // The unscored slots hold the newest arrivals, so the window reaches back over them.
+    const uint64_t newest = *std::max_element(arrival.begin(), arrival.end());
+    kept = select_heavy_hitters(scores.first(scored), arrival.first(scored), newest, heavy_budget,
+                                recent_kept + rest);
   }
   keep_range(kept, scored, n);
   return kept;
@@ -183,7 +168,7 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens) {
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
                                        size_t num_tokens, size_t computed_tokens,
                                        size_t prompt_tokens, std::span<const double> scores,
-                                       size_t block_size, std::span<const uint32_t> slots_by_age) {
+                                       size_t block_size, std::span<const uint32_t> arrival) {
   const size_t n = num_tokens;
   const size_t computed = std::min(computed_tokens, n);
   switch (policy.kind) {
@@ -206,7 +191,7 @@ std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t
       if (n <= budget) return all_tokens(n);
       const uint64_t recent = policy.recent_tokens != 0 ? policy.recent_tokens : budget / 2;
       return heaviest_then_rest(scores, std::min(scores.size(), computed), n, budget, recent,
-                                slots_by_age);
+                                arrival);
     }
     case CompressionPolicy::Kind::kSnapKv: {
       const size_t prompt = std::min(prompt_tokens, computed);

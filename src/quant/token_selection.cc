@@ -8,39 +8,66 @@
 
 namespace kvfabric::quant {
 
-std::vector<size_t> select_heavy_hitters(std::span<const double> scores, size_t budget,
-                                         size_t recent) {
+namespace {
+
+// H2O over tokens whose arrival order is `arrival(i)` (distinct, larger = newer; the newest is
+// `newest`): the tokens among the newest `window` arrivals stay, then the highest scores up to
+// `budget` in all, newer first on ties. Ascending indices.
+template <typename Arrival>
+std::vector<size_t> heaviest_and_recent(std::span<const double> scores, size_t budget,
+                                        uint64_t window, Arrival arrival, uint64_t newest) {
   const size_t n = scores.size();
   if (n <= budget) {
     std::vector<size_t> all(n);
     std::iota(all.begin(), all.end(), size_t{0});
     return all;
   }
-  const size_t protected_count = std::min(recent, budget);
-  const size_t older = n - protected_count;
-  const size_t heavy = budget - protected_count;
-
+  const auto in_window = [&](size_t i) { return uint64_t{arrival(i)} + window > newest; };
+  std::vector<uint8_t> chosen(n, 0);
+  std::vector<size_t> candidates;
+  candidates.reserve(n);
+  size_t kept_count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (in_window(i)) {
+      chosen[i] = 1;
+      ++kept_count;
+    } else {
+      candidates.push_back(i);
+    }
+  }
   // Rank the older tokens by score, newer first on ties; keep the first `heavy`. One partial
   // selection instead of the seed's repeated minimum search (O(n) instead of O(n^2)).
-  std::vector<size_t> candidates(older);
-  std::iota(candidates.begin(), candidates.end(), size_t{0});
+  const size_t heavy = std::min(budget - std::min(kept_count, budget), candidates.size());
   const auto heavier = [&](size_t a, size_t b) {
-    return scores[a] != scores[b] ? scores[a] > scores[b] : a > b;
+    return scores[a] != scores[b] ? scores[a] > scores[b] : arrival(a) > arrival(b);
   };
   std::nth_element(candidates.begin(), candidates.begin() + static_cast<ptrdiff_t>(heavy),
                    candidates.end(), heavier);
   // Back to ascending order by marking the chosen ones: O(n), where sorting them was O(k log k)
   // and most of a compaction's selection time.
-  std::vector<uint8_t> chosen(older, 0);
   for (size_t k = 0; k < heavy; ++k) chosen[candidates[k]] = 1;
-  std::vector<size_t> kept;
-  kept.reserve(budget);
-  for (size_t i = 0; i < older; ++i) {
-    if (chosen[i]) kept.push_back(i);
+  std::vector<size_t> kept(kept_count + heavy);
+  size_t next = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (chosen[i] != 0) kept[next++] = i;
   }
-  for (size_t i = older; i < n; ++i)
-    kept.push_back(i);
   return kept;
+}
+
+}  // namespace
+
+std::vector<size_t> select_heavy_hitters(std::span<const double> scores, size_t budget,
+                                         size_t recent) {
+  const auto index = [](size_t i) { return i; };
+  return heaviest_and_recent(scores, budget, std::min(recent, budget), index,
+                             scores.empty() ? 0 : scores.size() - 1);
+}
+
+std::vector<size_t> select_heavy_hitters(std::span<const double> scores,
+                                         std::span<const uint32_t> arrival, uint64_t newest,
+                                         size_t budget, size_t recent) {
+  const auto arrived = [&](size_t i) { return arrival[i]; };
+  return heaviest_and_recent(scores, budget, recent, arrived, newest);
 }
 
 std::vector<size_t> select_sliding_window(size_t num_tokens, size_t budget, size_t sink,

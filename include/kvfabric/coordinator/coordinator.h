@@ -364,9 +364,11 @@ class Coordinator {
     //! the one report the coordinator takes.
     std::optional<uint64_t> requested_step;
     uint64_t requested_tokens = 0;
-    //! h2o: its slots, oldest token first, once a compaction filled dropped slots with newer
-    //! tokens (slots past the listed ones are newer still, in order). Empty: slot order.
-    std::vector<uint32_t> slots_by_age;
+    //! h2o: when the token in each slot arrived, once a compaction filled dropped slots with
+    //! later tokens (slots past the listed ones arrived after them, in order), and how many
+    //! arrivals were counted. Empty: slot order is arrival order.
+    std::vector<uint32_t> arrival;
+    uint32_t arrivals = 0;
   };
 
   explicit Coordinator(const Config& config);

@@ -73,14 +73,14 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens);
 //! after it stay); for streaming the scores are ignored and `block_size` rounds the dropped span
 //! down to whole blocks. Deterministic: ties keep the newer token.
 //!
-//! For h2o, `slots_by_age` lists the sequence's slots oldest token first (a permutation of
-//! [0, num_tokens)) when slot order is not age order, as after fill_dropped_slots: the recent
-//! window is then the newest tokens wherever they sit. Empty: slot order is age order.
+//! For h2o, `arrival[i]` is when the token in slot i arrived (one per slot, distinct, larger =
+//! newer) when slot order is not arrival order, as after fill_dropped_slots: the recent window
+//! is then the newest `recent_tokens` arrivals wherever they sit. Empty: slot order.
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
                                        size_t num_tokens, size_t computed_tokens,
                                        size_t prompt_tokens, std::span<const double> scores,
                                        size_t block_size = 1,
-                                       std::span<const uint32_t> slots_by_age = {});
+                                       std::span<const uint32_t> arrival = {});
 
 //! \brief The order in which a compaction lays out `kept` (ascending positions): the i-th listed
 //! token goes to slot i. Of the tokens before `scored_tokens` (those the scores cover, all

@@ -17,6 +17,14 @@ namespace kvfabric::quant {
 //! Scores must not be NaN (the caller checks; see update_attention_scores).
 std::vector<size_t> select_heavy_hitters(std::span<const double> scores, size_t budget,
                                          size_t recent);
+//! The same where index order is not arrival order: token i arrived at `arrival[i]` (distinct,
+//! larger = newer, one per score), and the newest arrival of the sequence is `newest` (tokens
+//! not scored here included). The tokens among the newest `recent` arrivals stay, then the
+//! highest scores up to `budget` in all; ties keep the newer arrival. (More than `budget` only
+//! when the window's scored tokens alone are more.)
+std::vector<size_t> select_heavy_hitters(std::span<const double> scores,
+                                         std::span<const uint32_t> arrival, uint64_t newest,
+                                         size_t budget, size_t recent);
 
 //! StreamingLLM: of `num_tokens` tokens keeps at most min(budget, sink + window): the first
 //! tokens (up to `sink`) and the newest ones. When the budget is short the window shrinks first,

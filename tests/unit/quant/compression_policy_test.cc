@@ -78,23 +78,25 @@ TEST(CompressionPolicyTest, H2oKeepsTheRecentWindowAndTheHeaviestScoredTokens) {
   EXPECT_THAT(select_kept_tokens(p, 6, 20, 20, 20, scores), ElementsAre(3, 9, 12, 17, 18, 19));
 }
 
-// After a compaction filled dropped slots with newer tokens, slot order is not age order: the
-// recent window is the newest tokens wherever they sit, and ties keep the newer token.
-TEST(CompressionPolicyTest, H2oTakesTheRecentWindowByAgeNotBySlot) {
+// After a compaction filled dropped slots with newer tokens, slot order is not arrival order:
+// the recent window is the newest arrivals wherever they sit, and ties keep the newer arrival.
+TEST(CompressionPolicyTest, H2oTakesTheRecentWindowByArrivalNotBySlot) {
   CompressionPolicy p = policy(Kind::kH2o, 4);
   p.recent_tokens = 2;
-  // Slots 1 and 2 hold the two newest tokens; slot 5 the oldest.
-  const std::vector<uint32_t> slots_by_age = {5, 0, 3, 4, 6, 7, 1, 2};
+  // Slots 2 and 7 hold the two newest tokens, slot 5 the oldest.
+  const std::vector<uint32_t> arrival = {11, 15, 16, 12, 13, 10, 14, 17};
   std::vector<double> scores(8, 0.0);
   scores[6] = 3;
   scores[4] = 2;
-  scores[5] = 2;  // ties with slot 4, which is newer
-  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores, 1, slots_by_age), ElementsAre(1, 2, 4, 6));
-  // By slot order the window would be slots 6 and 7.
+  scores[5] = 2;  // ties with slot 4, which arrived later
+  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores, 1, arrival), ElementsAre(2, 4, 6, 7));
+  // By slot order the window would be slots 6 and 7, and both tied slots would fit.
   EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores), ElementsAre(4, 5, 6, 7));
-  // Unscored slots stay and count toward the window.
-  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, std::span(scores).first(7), 1, slots_by_age),
+  // An unscored slot (the newest) stays and counts toward the window.
+  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, std::span(scores).first(7), 1, arrival),
               ElementsAre(2, 4, 6, 7));
+  scores[2] = 9;  // in the window anyway: the heavy budget goes to the next heaviest
+  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores, 1, arrival), ElementsAre(2, 4, 6, 7));
 }
 
 TEST(CompressionPolicyTest, DroppedSlotsAreFilledByLaterKeptTokens) {
