@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
 #include <span>
 #include <string>
 #include <vector>
@@ -27,33 +26,6 @@ std::vector<StepPlan::TokenRange> ranges_of(std::span<const size_t> positions) {
   return ranges;
 }
 
-// Gives the slots past those `arrival` lists, up to `num_tokens` (tokens appended since), the
-// next arrivals in order. Should the count pass 2^32, the listed ones are renumbered by rank
-// first (their order is all that counts).
-void note_arrivals(std::vector<uint32_t>& arrival, uint32_t& arrivals, size_t num_tokens) {
-  const size_t listed = arrival.size();
-  if (listed >= num_tokens) return;
-  if (num_tokens - listed > UINT32_MAX - uint64_t{arrivals}) {
-    std::vector<uint32_t> by_arrival(listed);
-    std::iota(by_arrival.begin(), by_arrival.end(), 0u);
-    std::sort(by_arrival.begin(), by_arrival.end(),
-              [&](uint32_t a, uint32_t b) { return arrival[a] < arrival[b]; });
-    for (size_t rank = 0; rank < listed; ++rank) arrival[by_arrival[rank]] = static_cast<uint32_t>(rank);
-    arrivals = static_cast<uint32_t>(listed);
-  }
-  arrival.resize(num_tokens);
-  for (size_t slot = listed; slot < num_tokens; ++slot) arrival[slot] = arrivals++;
-}
-
-// The arrivals after a compaction that put the token of slot order[i] in slot i.
-void follow_arrivals(std::vector<uint32_t>& arrival, uint32_t& arrivals,
-                     std::span<const size_t> order, size_t tokens_before) {
-  note_arrivals(arrival, arrivals, tokens_before);
-  std::vector<uint32_t> after(order.size());
-  for (size_t i = 0; i < order.size(); ++i) after[i] = arrival[order[i]];
-  arrival = std::move(after);
-}
-
 }  // namespace
 
 Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) const {
@@ -74,7 +46,7 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options,
                                 .last_compaction_step = plan_.step,
                                 .scores = {},
                                 .requested_step = std::nullopt,
-                                .arrival = {}};
+                                .arrival = quant::ArrivalOrder()};
 }
 
 size_t Coordinator::tokens_of(SeqId seq) const {
@@ -154,10 +126,10 @@ void Coordinator::compact_due_sequences() {
 bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   const size_t before = s.num_tokens;
   const bool sliding = c.policy.kind == quant::CompressionPolicy::Kind::kStreaming;
-  if (!c.arrival.empty()) note_arrivals(c.arrival, c.arrivals, before);
+  c.arrival.note_appended(before);
   const std::vector<size_t> kept =
       quant::select_kept_tokens(c.policy, c.budget, before, s.computed_tokens, c.prompt_tokens,
-                                c.scores, config_.cache.block_size, c.arrival);
+                                c.scores, config_.cache.block_size, c.arrival.arrival());
   if (kept.size() >= before) return true;  // nothing to drop: the interval restarts
   // A selection fills its dropped slots with later tokens rather than shifting every token
   // after the first one dropped; a sliding window drops whole blocks and moves nothing.
@@ -188,7 +160,7 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   s.num_tokens = kept.size();
   s.computed_tokens = kept.size() - uncomputed;
   if (c.policy.kind == quant::CompressionPolicy::Kind::kH2o) {
-    follow_arrivals(c.arrival, c.arrivals, order, before);
+    c.arrival.follow(order, before);
   }
   charge(s, table.size());
   mark_table(s);

@@ -223,4 +223,32 @@ std::vector<size_t> fill_dropped_slots(std::span<const size_t> kept, size_t scor
   return order;
 }
 
+void ArrivalOrder::note_appended(size_t num_tokens) {
+  if (!arrival_.empty()) extend(num_tokens);
+}
+
+void ArrivalOrder::follow(std::span<const size_t> order, size_t tokens_before) {
+  extend(tokens_before);
+  std::vector<uint32_t> after(order.size());
+  for (size_t i = 0; i < order.size(); ++i) after[i] = arrival_[order[i]];
+  arrival_ = std::move(after);
+}
+
+void ArrivalOrder::extend(size_t num_tokens) {
+  const size_t listed = arrival_.size();
+  if (listed >= num_tokens) return;
+  if (num_tokens - listed > UINT32_MAX - uint64_t{next_}) {
+    std::vector<uint32_t> by_arrival(listed);
+    std::iota(by_arrival.begin(), by_arrival.end(), 0u);
+    std::sort(by_arrival.begin(), by_arrival.end(),
+              [&](uint32_t a, uint32_t b) { return arrival_[a] < arrival_[b]; });
+    for (size_t rank = 0; rank < listed; ++rank) {
+      arrival_[by_arrival[rank]] = static_cast<uint32_t>(rank);
+    }
+    next_ = static_cast<uint32_t>(listed);
+  }
+  arrival_.resize(num_tokens);
+  for (size_t slot = listed; slot < num_tokens; ++slot) arrival_[slot] = next_++;
+}
+
 }  // namespace kvfabric::quant

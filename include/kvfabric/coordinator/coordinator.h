@@ -364,11 +364,7 @@ class Coordinator {
     //! the one report the coordinator takes.
     std::optional<uint64_t> requested_step;
     uint64_t requested_tokens = 0;
-    //! h2o: when the token in each slot arrived, once a compaction filled dropped slots with
-    //! later tokens (slots past the listed ones arrived after them, in order), and how many
-    //! arrivals were counted. Empty: slot order is arrival order.
-    std::vector<uint32_t> arrival;
-    uint32_t arrivals = 0;
+    quant::ArrivalOrder arrival;  //!< h2o: when each slot's token arrived, once compacted
   };
 
   explicit Coordinator(const Config& config);

@@ -82,6 +82,29 @@ std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t
                                        size_t block_size = 1,
                                        std::span<const uint32_t> arrival = {});
 
+//! \brief When the token in each slot of a sequence arrived, for H2O once compactions have moved
+//! tokens out of arrival order (fill_dropped_slots). Empty until the first follow(): slot order
+//! is arrival order until then. Arrivals are counted in 32 bits; should the count run out, the
+//! listed ones are renumbered by rank (their order is all that counts).
+class ArrivalOrder {
+ public:
+  //! `next_arrival`: the number the next arrival gets (tests start it near the limit).
+  explicit ArrivalOrder(uint32_t next_arrival = 0) : next_(next_arrival) {}
+
+  //! Per slot, or empty (slot order).
+  [[nodiscard]] std::span<const uint32_t> arrival() const { return arrival_; }
+  //! Slots from the listed ones up to `num_tokens` arrived after them, in slot order (tokens
+  //! appended since). Does nothing while empty.
+  void note_appended(size_t num_tokens);
+  //! After a compaction of `tokens_before` tokens that put the token of slot order[i] in slot i.
+  void follow(std::span<const size_t> order, size_t tokens_before);
+
+ private:
+  void extend(size_t num_tokens);
+  std::vector<uint32_t> arrival_;
+  uint32_t next_ = 0;
+};
+
 //! \brief The order in which a compaction lays out `kept` (ascending positions): the i-th listed
 //! token goes to slot i. Of the tokens before `scored_tokens` (those the scores cover, all
 //! computed), the kept ones below their own count stay in place and the dropped slots among them

@@ -99,6 +99,26 @@ TEST(CompressionPolicyTest, H2oTakesTheRecentWindowByArrivalNotBySlot) {
   EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores, 1, arrival), ElementsAre(2, 4, 6, 7));
 }
 
+// Slot order until the first compaction, then each slot's arrival follows its token; appended
+// tokens arrive after every listed one. When 32 bits run out the order survives renumbering.
+TEST(CompressionPolicyTest, ArrivalsFollowTheirTokensThroughCompactions) {
+  ArrivalOrder order;
+  order.note_appended(5);
+  EXPECT_TRUE(order.arrival().empty());  // slot order
+  order.follow(std::vector<size_t>{0, 4, 2}, 5);  // tokens 0, 4, 2 kept in that order
+  EXPECT_THAT(order.arrival(), ElementsAre(0, 4, 2));
+  order.note_appended(5);  // two tokens appended
+  EXPECT_THAT(order.arrival(), ElementsAre(0, 4, 2, 5, 6));
+  order.follow(std::vector<size_t>{4, 1, 3}, 6);  // the sixth slot appended just before
+  EXPECT_THAT(order.arrival(), ElementsAre(6, 4, 5));
+
+  ArrivalOrder near_limit(UINT32_MAX - 3);
+  near_limit.follow(std::vector<size_t>{2, 0}, 3);  // arrivals 2^32 - 4 .. 2^32 - 2
+  EXPECT_THAT(near_limit.arrival(), ElementsAre(UINT32_MAX - 1, UINT32_MAX - 3));
+  near_limit.note_appended(4);  // past the limit: renumbered by rank, order kept
+  EXPECT_THAT(near_limit.arrival(), ElementsAre(1, 0, 2, 3));
+}
+
 TEST(CompressionPolicyTest, DroppedSlotsAreFilledByLaterKeptTokens) {
   // Slots 0, 1, 5 stay; 2, 3, 4 and 6 take 7, 9, 10 and 12; the unscored 14 and 15 follow.
   const std::vector<size_t> kept = {0, 1, 5, 7, 9, 10, 12, 14, 15};
