@@ -45,7 +45,7 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options,
                                 .prompt_tokens = prompt_tokens,
                                 .last_compaction_step = plan_.step,
                                 .scores = {},
-                                .requested_step = std::nullopt,
+                                .request = std::nullopt,
                                 .arrival = quant::ArrivalOrder()};
 }
 
@@ -66,17 +66,20 @@ Status Coordinator::report_attention(SeqId seq, uint64_t plan_step,
                                    "scores (h2o, snapkv); nothing was changed");
   }
   const Compressed& c = it->second;
-  if (c.requested_step != plan_step) {
+  if (!c.request || plan_step < c.request->first_step || plan_step > c.request->last_step) {
     const std::string outstanding =
-        c.requested_step ? "its outstanding request is step " + std::to_string(*c.requested_step)
-                         : "no request of its scores is outstanding";
+        !c.request ? "no request of its scores is outstanding"
+        : c.request->first_step == c.request->last_step
+            ? "its outstanding request is step " + std::to_string(c.request->last_step)
+            : "its outstanding requests are steps " + std::to_string(c.request->first_step) +
+                  " to " + std::to_string(c.request->last_step);
     return invalid_argument(what + ": " + outstanding +
                             " (a late report, or one for an earlier sequence of this id, is "
                             "numbered by other positions); nothing was changed");
   }
-  if (scores.size() > c.requested_tokens) {
+  if (scores.size() > c.request->tokens) {
     return invalid_argument(what + ": " + std::to_string(scores.size()) + " scores for " +
-                            std::to_string(c.requested_tokens) + " tokens; nothing was changed");
+                            std::to_string(c.request->tokens) + " tokens; nothing was changed");
   }
   for (size_t i = 0; i < scores.size(); ++i) {
     if (!(std::isfinite(scores[i]) && scores[i] >= 0)) {
@@ -119,7 +122,7 @@ void Coordinator::compact_due_sequences() {
     c.compacted_once = true;
     c.scores.clear();  // the ranks renumber theirs with the plan; the next report is fresh
     c.has_scores = false;
-    c.requested_step.reset();
+    c.request.reset();
   }
 }
 
@@ -185,8 +188,8 @@ void Coordinator::request_scores() {
                   s.num_tokens >= c.budget;
     if (!wanted) continue;
     plan_.score_requests.push_back({seq, s.replica});
-    c.requested_step = plan_.step;
-    c.requested_tokens = s.num_tokens;
+    const uint64_t first = c.request ? c.request->first_step : plan_.step;
+    c.request = Compressed::ScoreRequest{first, plan_.step, s.num_tokens};
   }
 }
 
@@ -195,7 +198,28 @@ void Coordinator::forget_scores(SeqId seq) {
   if (it == compressed_.end()) return;
   it->second.scores.clear();
   it->second.has_scores = false;
-  it->second.requested_step.reset();
+  it->second.request.reset();
+}
+
+Status Coordinator::verify_compression() const {
+  for (const auto& [seq, c] : compressed_) {
+    const Sequence* s = find(seq);
+    if (s == nullptr) {
+      return Status(ErrorCode::kInternal, "compression state of " + to_string(seq) +
+                                              ", which the coordinator does not hold");
+    }
+    // Each listed slot's arrival is its own, and slots past them arrived later.
+    std::vector<uint32_t> arrivals(c.arrival.arrival().begin(), c.arrival.arrival().end());
+    std::sort(arrivals.begin(), arrivals.end());
+    if (arrivals.size() > s->num_tokens ||
+        std::adjacent_find(arrivals.begin(), arrivals.end()) != arrivals.end()) {
+      return Status(ErrorCode::kInternal,
+                    to_string(seq) + " lists " + std::to_string(arrivals.size()) +
+                        " arrivals for its " + std::to_string(s->num_tokens) +
+                        " tokens, or one twice");
+    }
+  }
+  return ok_status();
 }
 
 }  // namespace kvfabric

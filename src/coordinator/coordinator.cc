@@ -937,7 +937,7 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     Compressed& child_compression = compressed_[dst] = parent->second;
     child_compression.scores.clear();  // the ranks score the child from now on
     child_compression.has_scores = false;
-    child_compression.requested_step.reset();
+    child_compression.request.reset();
   }
   return ok_status();
 }
@@ -1338,6 +1338,7 @@ Status Coordinator::verify_integrity() const {
     status = verify_sequence(SeqId{seqs_->id_at(slot)}, s, running, held);
   });
   KVF_RETURN_IF_ERROR(status);
+  KVF_RETURN_IF_ERROR(verify_compression());
   for (size_t i = 0; i < tenants_.size(); ++i) {
     const TenantStats& want = held[i];
     const TenantStats& have = tenants_[i].stats;

@@ -10,7 +10,7 @@ namespace {
 
 constexpr uint32_t kMagic = 0x4B564650;  // "KVFP"
 // 3: tables carry computed_tokens; 4: and what changed only; 5: compactions and score requests
-constexpr uint32_t kVersion = 5;
+constexpr uint32_t kVersion = 6;
 
 class Writer {
  public:
@@ -173,8 +173,9 @@ bool read_op(Reader& r, StepPlan::Op& op) {
   return true;
 }
 
-// The kept ranges must be what a compaction can mean: non-empty, inside the sequence, and
-// disjoint (in any order: a compaction may fill dropped slots with later tokens).
+// The kept ranges must be what a compaction can mean: non-empty, inside the sequence, disjoint,
+// and in an order that moves no token to a later slot (a compaction may fill dropped slots with
+// later tokens, so not always ascending).
 bool read_compaction(Reader& r, StepPlan::Compaction& c) {
   uint64_t ranges = 0;
   if (!r.get(c.seq.value, "compactions") || !r.get(c.replica, "compactions") ||
@@ -189,12 +190,18 @@ bool read_compaction(Reader& r, StepPlan::Compaction& c) {
     return false;
   };
   c.kept.resize(ranges);
+  uint64_t slot = 0;  // where the range's first token goes
   for (StepPlan::TokenRange& range : c.kept) {
     if (!r.get(range.first, "kept ranges") || !r.get(range.count, "kept ranges")) return false;
     if (range.count == 0 || range.first > c.tokens_before ||
         range.count > c.tokens_before - range.first) {
       return refuse(range, "ranges must be non-empty and inside");
     }
+    if (range.first < slot) {
+      return refuse(range, "it would move to later slot " + std::to_string(slot) +
+                               "; kept tokens only move to earlier slots");
+    }
+    slot += range.count;
   }
   std::vector<StepPlan::TokenRange> by_first = c.kept;
   std::sort(by_first.begin(), by_first.end(),

@@ -190,8 +190,10 @@ std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t
     case CompressionPolicy::Kind::kH2o: {
       if (n <= budget) return all_tokens(n);
       const uint64_t recent = policy.recent_tokens != 0 ? policy.recent_tokens : budget / 2;
+      // An arrival list that does not name every slot cannot be read: slot order then.
+      const auto arrival_order = arrival.size() == n ? arrival : std::span<const uint32_t>();
       return heaviest_then_rest(scores, std::min(scores.size(), computed), n, budget, recent,
-                                arrival);
+                                arrival_order);
     }
     case CompressionPolicy::Kind::kSnapKv: {
       const size_t prompt = std::min(prompt_tokens, computed);

@@ -197,15 +197,15 @@ class Coordinator {
   Status free(SeqId seq);
   Status set_priority(SeqId seq, uint32_t priority);
   //! Token compression: the attention scores of `seq` that plan `plan_step`'s score request
-  //! asked for, per token from its oldest, summed over its replica's shards
-  //! (RankCache::reported_scores() gathers them after running that plan). Its next h2o or snapkv
-  //! compaction reads them; they replace earlier ones and are used once; an empty report changes
-  //! nothing. Scores are numbered by the positions the sequence had in that plan, so only the
-  //! answer to its latest request is taken: a report for an earlier plan (late, or for an
-  //! earlier sequence under the same id) would select the wrong tokens. InvalidArgument (nothing
-  //! changes): an unknown sequence, one without a policy that reads scores, `plan_step` not
-  //! its latest outstanding request, more scores than it had tokens then, a score negative or
-  //! not finite.
+  //! asked for, one per slot (cache position) as that plan laid the sequence out, summed over its
+  //! replica's shards (RankCache::reported_scores() gathers them after running that plan). Its
+  //! next h2o or snapkv compaction reads them; they replace earlier ones and are used once; an
+  //! empty report changes nothing. An unanswered request is repeated each step, and a report
+  //! for any of those plans is taken (a scheduler may report one step late); a report for a plan
+  //! before a compaction, swap or park of the sequence, or for an earlier sequence under the same
+  //! id, is numbered by other slots and refused. InvalidArgument (nothing changes): an unknown
+  //! sequence, one without a policy that reads scores, `plan_step` not an outstanding request,
+  //! more scores than it had tokens, a score negative or not finite.
   Status report_attention(SeqId seq, uint64_t plan_step, std::span<const double> scores);
 
   //! Closes the step: indexes the prompts this plan's forward pass computes, compacts the
@@ -360,10 +360,15 @@ class Coordinator {
     uint64_t last_compaction_step = 0;  //!< the step of its admission, then of its compactions
     std::vector<double> scores;  //!< reported since its last compaction (report_attention)
     bool has_scores = false;
-    //! The plan whose score request is outstanding, and the tokens the sequence had in it:
-    //! the one report the coordinator takes.
-    std::optional<uint64_t> requested_step;
-    uint64_t requested_tokens = 0;
+    //! The plans whose score requests are outstanding (asked again each step until answered;
+    //! nothing renumbered the sequence since the first), and the tokens it had in the last:
+    //! the reports the coordinator takes.
+    struct ScoreRequest {
+      uint64_t first_step = 0;
+      uint64_t last_step = 0;
+      uint64_t tokens = 0;
+    };
+    std::optional<ScoreRequest> request;
     quant::ArrivalOrder arrival;  //!< h2o: when each slot's token arrived, once compacted
   };
 
@@ -466,6 +471,9 @@ class Coordinator {
   void request_scores();
   //! The scores of a sequence that left its replica's ranks (swapped, parked) are gone there.
   void forget_scores(SeqId seq);
+  //! verify_integrity()'s part for compression: every state names a live sequence, and its
+  //! arrivals fit it, each once.
+  [[nodiscard]] Status verify_compression() const;
   void publish_kv_events(uint64_t step);
   // Why the prompt of the admission just placed missed what it missed (stats_.missed); the
   // deepest prefix any replica cached was `best_tokens` when it was placed.

@@ -75,7 +75,8 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens);
 //!
 //! For h2o, `arrival[i]` is when the token in slot i arrived (one per slot, distinct, larger =
 //! newer) when slot order is not arrival order, as after fill_dropped_slots: the recent window
-//! is then the newest `recent_tokens` arrivals wherever they sit. Empty: slot order.
+//! is then the newest `recent_tokens` arrivals wherever they sit. Empty (or not one per slot):
+//! slot order.
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
                                        size_t num_tokens, size_t computed_tokens,
                                        size_t prompt_tokens, std::span<const double> scores,

@@ -110,9 +110,9 @@ class RankCache {
   //! collective, every rank passes the bytes `root` sent.
   Status execute_agreed(std::span<const uint8_t> plan_bytes, RankId root);
 
-  //! Token compression: adds this shard's attention mass of `seq` per token (its query heads,
-  //! summed over whatever layers the engine counts; DecodeAttentionArgs::attention_mass gives
-  //! it per layer) to the sequence's scores, oldest token first. The scores follow the plans'
+  //! Token compression: adds this shard's attention mass of `seq` per slot (cache position; its
+  //! query heads, summed over whatever layers the engine counts; DecodeAttentionArgs::
+  //! attention_mass gives it per layer) to the sequence's scores, from slot 0. The scores follow the plans'
   //! compactions (renumbered) and go when the sequence leaves this replica. A plan's score
   //! request sends them to the root with this rank's report (execute_agreed()), which sums the
   //! shards. InvalidArgument (nothing changes): a sequence this replica does not hold, more

@@ -51,9 +51,11 @@ TEST(StepPlanTest, ACompactionKeepsOnlyRangesItCanMean) {
     return StepPlan::deserialize(plan.serialize()).status();
   };
   EXPECT_TRUE(refused_with({{0, 10}, {20, 30}}).ok());
-  EXPECT_TRUE(refused_with({{0, 2}, {30, 5}, {4, 6}}).ok());  // dropped slots filled by later ones
+  EXPECT_TRUE(refused_with({{0, 2}, {30, 5}, {7, 6}}).ok());  // dropped slots filled by later ones
+  // Empty, overlapping in either order, outside, or moving a token to a later slot.
   for (const auto& kept : std::vector<std::vector<StepPlan::TokenRange>>{
-           {{0, 0}}, {{10, 5}, {12, 3}}, {{12, 3}, {10, 5}}, {{40, 11}}, {{51, 1}}}) {
+           {{0, 0}}, {{10, 5}, {12, 3}}, {{12, 3}, {10, 5}}, {{40, 11}}, {{51, 1}},
+           {{5, 1}, {0, 1}}, {{0, 2}, {30, 5}, {4, 6}}}) {
     const Status refused = refused_with(kept);
     EXPECT_EQ(refused.code(), ErrorCode::kParseError);
     EXPECT_THAT(refused.message(), HasSubstr("compaction of S3"));

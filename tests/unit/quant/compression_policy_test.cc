@@ -97,6 +97,10 @@ TEST(CompressionPolicyTest, H2oTakesTheRecentWindowByArrivalNotBySlot) {
               ElementsAre(2, 4, 6, 7));
   scores[2] = 9;  // in the window anyway: the heavy budget goes to the next heaviest
   EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores, 1, arrival), ElementsAre(2, 4, 6, 7));
+  // An arrival list that does not name every slot is not read: slot order.
+  scores[2] = 0;
+  EXPECT_THAT(select_kept_tokens(p, 4, 8, 8, 8, scores, 1, std::span(arrival).first(5)),
+              ElementsAre(4, 5, 6, 7));
 }
 
 // Slot order until the first compaction, then each slot's arrival follows its token; appended

@@ -203,6 +203,40 @@ TEST(CompressionTest, H2oMovesOnlyTheTokensThatFillDroppedSlots) {
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
+// A scheduler that reports one step late (it builds the next plan first) is answered: the
+// request repeats until a report comes, and a report for any of those plans is taken. Once a
+// compaction renumbered the sequence, a report for a plan before it is refused.
+TEST(CompressionTest, AReportOneStepLateIsTakenUntilTheSequenceIsRenumbered) {
+  auto coordinator = Coordinator::create(serving_config(1, 1, 4, 2, 32, 0));
+  ASSERT_TRUE(coordinator.ok());
+  AdmitOptions options;
+  options.compression = h2o(24, 4, 1);
+  const SeqId seq{1};
+  ASSERT_TRUE(coordinator->admit(seq, testing::token_run(48, 5), options).ok());
+  ASSERT_TRUE(coordinator->step().ok());  // the prefill
+  std::vector<uint64_t> asked;
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(coordinator->append(seq, 1).ok());
+    const auto plan = coordinator->step();
+    ASSERT_TRUE(plan.ok());
+    ASSERT_EQ(plan->score_requests.size(), 1u);  // asked again: no report yet
+    asked.push_back(plan->step);
+  }
+  const std::vector<double> scores(49, 1.0);
+  EXPECT_THAT(coordinator->report_attention(seq, asked[0] - 1, scores).message(),
+              HasSubstr("its outstanding requests are steps " + std::to_string(asked[0]) + " to " +
+                        std::to_string(asked[1])));
+  EXPECT_THAT(coordinator->report_attention(seq, asked[1] + 1, scores).message(),
+              HasSubstr("outstanding requests are steps"));
+  ASSERT_TRUE(coordinator->report_attention(seq, asked[0], scores).ok());  // one step late
+  const auto compacted = coordinator->step();
+  ASSERT_TRUE(compacted.ok());
+  ASSERT_EQ(compacted->compactions.size(), 1u);
+  EXPECT_THAT(coordinator->report_attention(seq, asked[1], scores).message(),
+              HasSubstr("its outstanding request is step " + std::to_string(compacted->step)));
+  EXPECT_TRUE(coordinator->verify_integrity().ok());
+}
+
 // A plan every rank refuses gathers no scores: the root holds none, not the last plan's.
 TEST(CompressionTest, ARefusedPlanLeavesNoEarlierScoresBehind) {
   CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
