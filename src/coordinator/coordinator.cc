@@ -487,19 +487,32 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   const size_t prompt_tokens = prompt.size();
   KVF_ASSIGN_OR_RETURN(Placement placed,
                        place(seq, std::move(prompt), std::move(key), priority, tenant, choice));
-  count_misses(admitted_now_.back().key, best_tokens, placed);
+  admitted_now_.back().best_tokens = best_tokens;
+  admitted_now_.back().served_tokens = placed.cached_tokens;
   record_compression(seq, options, prompt_tokens);
   return placed;
 }
 
-void Coordinator::count_misses(const RadixKey& key, size_t best_tokens, const Placement& placed) {
+const CoordinatorStats& Coordinator::stats() const {
+  count_pending_misses();
+  return stats_;
+}
+
+void Coordinator::count_pending_misses() const {
+  for (; misses_counted_ < admitted_now_.size(); ++misses_counted_) {
+    count_misses(admitted_now_[misses_counted_]);
+  }
+}
+
+void Coordinator::count_misses(const AdmittedPrompt& admitted) const {
+  const RadixKey& key = admitted.key;
   const size_t bs = config_.cache.block_size;
   const size_t length = key.tokens().size();
   const size_t full = length - length % bs;
   MissedTokens& missed = stats_.missed;
   missed.partial_block += length - full;
-  const size_t served = placed.cached_tokens;
-  const size_t covered = std::max(best_tokens, served);
+  const size_t served = admitted.served_tokens;
+  const size_t covered = std::max(admitted.best_tokens, served);
   missed.other_replica += covered - served;
   // Past what any replica holds: blocks seen before were evicted; then, for a salted prompt,
   // blocks seen under another salt; the rest are new. Each run stops at the first block that is
@@ -1096,6 +1109,7 @@ Status Coordinator::set_priority(SeqId seq, uint32_t priority) {
 }
 
 void Coordinator::index_planned_prompts() {
+  count_pending_misses();  // before remember_blocks() changes what they read
   // This step's plan is issued next and its forward pass computes these prompts, so a request of
   // the next step may share them; none of this step's requests could (they are all placed).
   for (const AdmittedPrompt& admitted : admitted_now_) {
@@ -1122,6 +1136,7 @@ void Coordinator::index_planned_prompts() {
     mark_load(r);
   }
   admitted_now_.clear();
+  misses_counted_ = 0;
   admitted_now_blocks_ = 0;
 }
 

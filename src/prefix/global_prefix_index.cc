@@ -466,6 +466,15 @@ void GlobalPrefixIndex::trim_holding(uint32_t node, uint32_t replica, size_t kee
   n.depth = nodes_[n.parent].depth + n.edge_size();
 }
 
+void GlobalPrefixIndex::trim_spare() {
+  const size_t budget = kSpareBlocks * options_.block_size;
+  for (size_t i = 0; i < free_slots_.size() && spare_tokens_ > budget; ++i) {
+    std::vector<TokenId>& buffer = nodes_[free_slots_[i]].tokens;
+    spare_tokens_ -= buffer.capacity();
+    buffer = std::vector<TokenId>();
+  }
+}
+
 void GlobalPrefixIndex::remove_node(uint32_t node) {
   KVF_CHECK(nodes_[node].children.empty(), "removing a node that has children");
   remove_child(nodes_[node].parent, node);
@@ -480,12 +489,8 @@ void GlobalPrefixIndex::set_edge(Node& n, std::span<const TokenId> edge) {
 }
 
 void GlobalPrefixIndex::clear_node(Node& n) {
-  if (spare_tokens_ + n.tokens.capacity() <= kSpareBlocks * options_.block_size) {
-    spare_tokens_ += n.tokens.capacity();
-    n.tokens.clear();
-  } else {
-    n.tokens = std::vector<TokenId>();
-  }
+  spare_tokens_ += n.tokens.capacity();
+  n.tokens.clear();
   n.edge_begin = 0;
   n.parent = kNone;
   n.depth = 0;
@@ -670,6 +675,7 @@ Result<std::vector<BlockId>> GlobalPrefixIndex::insert(uint32_t replica, const R
     pos = end;
   }
   if (cur != 0) touch_path(cur, replica);
+  trim_spare();
   return fresh;
 }
 

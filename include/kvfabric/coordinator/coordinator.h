@@ -237,7 +237,9 @@ class Coordinator {
   [[nodiscard]] uint32_t num_replicas() const;
   [[nodiscard]] std::optional<uint32_t> replica_of(SeqId seq) const;
   [[nodiscard]] bool is_swapped(SeqId seq) const;
-  [[nodiscard]] const CoordinatorStats& stats() const { return stats_; }
+  //! Counters since creation. The miss causes of this step's admissions are counted here or at
+  //! step(), whichever comes first, not in admit(): the figures are the same.
+  [[nodiscard]] const CoordinatorStats& stats() const;
   //! The tenant a live sequence belongs to (nullopt when unknown).
   [[nodiscard]] std::optional<std::string_view> tenant_of(SeqId seq) const;
   //! Gives `tenant` its own quota instead of the config's `tenants` defaults. It bounds what the
@@ -312,6 +314,10 @@ class Coordinator {
     uint64_t incarnation = 0;
     std::vector<TokenId> tokens;
     RadixKey key;
+    // For counting its misses (count_misses) after placement: the deepest prefix any replica
+    // cached, and what the admission served.
+    size_t best_tokens = 0;
+    size_t served_tokens = 0;
   };
 
   //! What making room on a replica would take (plan_relief()).
@@ -475,9 +481,12 @@ class Coordinator {
   //! arrivals fit it, each once.
   [[nodiscard]] Status verify_compression() const;
   void publish_kv_events(uint64_t step);
-  // Why the prompt of the admission just placed missed what it missed (stats_.missed); the
-  // deepest prefix any replica cached was `best_tokens` when it was placed.
-  void count_misses(const RadixKey& key, size_t best_tokens, const Placement& placed);
+  // Why an admitted prompt missed what it missed (stats_.missed).
+  void count_misses(const AdmittedPrompt& admitted) const;
+  // Counts the misses of the admissions not counted yet. Admissions leave it to stats() and
+  // step(), off their own latency: the filter it reads changes only when step() indexes this
+  // step's prompts (remember_blocks), after counting, so the counts are the same.
+  void count_pending_misses() const;
   // Records the newly indexed blocks, the last `fresh` full blocks of `key`, as seen.
   void remember_blocks(const RadixKey& key, size_t fresh);
   // Refuses `request` once the next plan has gathered max_pending_plan_entries.
@@ -504,7 +513,9 @@ class Coordinator {
   std::vector<std::pair<uint32_t, BlockId>> host_blocks_to_free_;  // after this step's swap-ins
   uint64_t next_swap_order_ = 0;
   uint64_t next_incarnation_ = 0;
-  CoordinatorStats stats_;
+  // Mutable for the miss counts that stats() settles (count_pending_misses).
+  mutable CoordinatorStats stats_;
+  mutable size_t misses_counted_ = 0;  // admitted_now_'s leading prompts whose misses are counted
   std::function<void(const KvEventBatch&)> kv_event_sink_;
   std::unique_ptr<detail::SeenBlocks> seen_;  // every block ever cached (miss causes)
   std::map<SeqId, Compressed> compressed_;    // by id: compactions run in a fixed order

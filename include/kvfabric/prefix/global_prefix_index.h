@@ -152,8 +152,10 @@ class GlobalPrefixIndex {
   static constexpr uint32_t kNone = UINT32_MAX;
   // A node's children are found through a map of their unit keys above this many.
   static constexpr size_t kMappedChildren = 4;
-  // Free slots keep the edge buffers of removed nodes for their next nodes up to this many blocks
-  // of tokens in all: enough for the nodes evicted between two steps, little memory.
+  // Free slots keep the edge buffers of removed nodes for their next nodes: all of them until the
+  // next insert(), which frees what is over this many blocks of tokens in all (trim_spare()).
+  // Eviction then frees nothing while an admission makes room for its prompt, and the prompt's
+  // own nodes, indexed at the next step, reuse the buffers of the nodes it evicted.
   static constexpr size_t kSpareBlocks = 1024;
   class Retainer;
 
@@ -238,9 +240,10 @@ class GlobalPrefixIndex {
   void trim_holding(uint32_t node, uint32_t replica, size_t keep, std::vector<BlockId>& released);
   void remove_node(uint32_t node);
   // Resets a removed node's slot but keeps its vectors' storage for the next node to take the
-  // slot: evicting a node and indexing another then cost no trip through the allocator. The edge
-  // buffer is kept only while the free slots hold at most kSpareBlocks blocks of tokens.
+  // slot: evicting a node and indexing another then cost no trip through the allocator.
   void clear_node(Node& n);
+  // Frees the edge buffers of the free slots over kSpareBlocks blocks of tokens, oldest first.
+  void trim_spare();
   // Gives a node taken from the free slots its edge, in the slot's buffer unless that is more
   // than twice the edge (the bound keeps what a slot holds near what it needs).
   static void set_edge(Node& n, std::span<const TokenId> edge);

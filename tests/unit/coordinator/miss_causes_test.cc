@@ -82,21 +82,22 @@ TEST(MissCauses, AnotherTenantsPrefixIsNamed) {
   EXPECT_EQ(c.stats().missed.never_seen, before.never_seen);
 }
 
-TEST(MissCauses, HitsAndCausesAddUpToEveryPromptToken) {
-  Config config = serving_config(3, 1, 4, 2, 24, 8);
-  Coordinator c = make(config);
+// A mixed workload: prompts share a few prefixes, under a few tenants, at random lengths; some
+// sequences leave; a step every few operations. `each_admission` is called after every admission.
+template <typename Observe>
+void run_mixed_workload(Coordinator& c, Observe&& each_admission) {
   std::mt19937_64 rng(11);
   std::vector<uint64_t> live;
   uint64_t next = 1;
   for (int op = 0; op < 3000; ++op) {
     if (rng() % 3 != 0 || live.empty()) {
-      // Prompts share a few prefixes, under a few tenants, at random lengths.
       std::vector<TokenId> prompt = token_run(16 * (1 + rng() % 3), 100 * static_cast<TokenId>(rng() % 4));
       const auto tail = token_run(rng() % 40, 7000 + static_cast<TokenId>(rng() % 3) * 100);
       prompt.insert(prompt.end(), tail.begin(), tail.end());
       AdmitOptions options;
       options.tenant = rng() % 4 == 0 ? "other" : "";
       if (c.admit(SeqId{next}, prompt, options).ok()) live.push_back(next);
+      each_admission();
       ++next;
     } else {
       const size_t i = rng() % live.size();
@@ -107,12 +108,37 @@ TEST(MissCauses, HitsAndCausesAddUpToEveryPromptToken) {
       ASSERT_TRUE(c.step().ok());
     }
   }
+}
+
+TEST(MissCauses, HitsAndCausesAddUpToEveryPromptToken) {
+  Coordinator c = make(serving_config(3, 1, 4, 2, 24, 8));
+  run_mixed_workload(c, [] {});
   const CoordinatorStats& s = c.stats();
   EXPECT_EQ(s.local_hit_tokens + s.migrated_tokens + sum(s.missed), s.prompt_tokens);
   EXPECT_GT(s.missed.evicted, 0u);
   EXPECT_GT(s.missed.other_salt, 0u);
   EXPECT_GT(s.missed.never_seen, 0u);
   EXPECT_GT(s.local_hit_tokens, 0u);
+}
+
+// Admissions leave their misses to be counted by stats() or the next step: the counts must not
+// depend on which comes first (a step remembers its prompts' blocks as seen only after counting).
+TEST(MissCauses, CountsDoNotDependOnWhenStatsAreRead) {
+  Coordinator read_each_time = make(serving_config(3, 1, 4, 2, 24, 8));
+  Coordinator read_at_end = make(serving_config(3, 1, 4, 2, 24, 8));
+  std::vector<MissedTokens> seen_each_time;
+  run_mixed_workload(read_each_time, [&] { seen_each_time.push_back(read_each_time.stats().missed); });
+  run_mixed_workload(read_at_end, [] {});
+  const MissedTokens& a = read_each_time.stats().missed;
+  const MissedTokens& b = read_at_end.stats().missed;
+  EXPECT_EQ(a.partial_block, b.partial_block);
+  EXPECT_EQ(a.other_replica, b.other_replica);
+  EXPECT_EQ(a.evicted, b.evicted);
+  EXPECT_EQ(a.other_salt, b.other_salt);
+  EXPECT_EQ(a.never_seen, b.never_seen);
+  // Read after every admission, the counts grow with every prompt.
+  ASSERT_GT(seen_each_time.size(), 1u);
+  EXPECT_GT(sum(seen_each_time.back()), sum(seen_each_time.front()));
 }
 
 // The filter behind "evicted": what it was given lately it always knows; what it was given two
