@@ -64,7 +64,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   };
   ControlProtocol protocol(*coordinator, sink, limits);
   ControlIdentity connections[4] = {
-      {"ops", true, true}, {"a", false, true}, {"b", false, true}, protocol.new_connection()};
+      {.tenant = "ops", .admin = true, .authenticated = true},
+      {.tenant = "a", .authenticated = true},
+      {.tenant = "b", .authenticated = true},
+      protocol.new_connection()};
   size_t turn = 0;
   std::string_view input(reinterpret_cast<const char*>(data), size);
   while (!input.empty()) {
