@@ -74,8 +74,9 @@ Status Coordinator::report_attention(SeqId seq, uint64_t plan_step,
             : "its outstanding requests are steps " + std::to_string(c.request->first_step) +
                   " to " + std::to_string(c.request->last_step);
     return invalid_argument(what + ": " + outstanding +
-                            " (a late report, or one for an earlier sequence of this id, is "
-                            "numbered by other positions); nothing was changed");
+                            " (a report from before the sequence was compacted, swapped or "
+                            "parked, or for an earlier sequence of this id, is numbered by other "
+                            "slots); nothing was changed");
   }
   if (scores.size() > c.request->tokens) {
     return invalid_argument(what + ": " + std::to_string(scores.size()) + " scores for " +
