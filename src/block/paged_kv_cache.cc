@@ -575,8 +575,9 @@ Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> po
                               " is kept twice; positions to keep must be distinct");
     }
     if (positions[i] < i) {
-      return invalid_argument("position " + std::to_string(positions[i]) + " would move to later slot " +
-                              std::to_string(i) + "; kept tokens only move to earlier slots");
+      return invalid_argument("position " + std::to_string(positions[i]) +
+                              " would move to later slot " + std::to_string(i) +
+                              "; kept tokens only move to earlier slots");
     }
     listed[positions[i]] = 1;
   }

@@ -65,7 +65,7 @@ Status Coordinator::report_attention(SeqId seq, uint64_t plan_step,
     return invalid_argument(what + ": it was admitted without a compression policy that reads "
                                    "scores (h2o, snapkv); nothing was changed");
   }
-  const Compressed& c = it->second;
+  Compressed& c = it->second;
   if (!c.request || plan_step < c.request->first_step || plan_step > c.request->last_step) {
     const std::string outstanding =
         !c.request ? "no request of its scores is outstanding"
@@ -90,9 +90,8 @@ Status Coordinator::report_attention(SeqId seq, uint64_t plan_step,
     }
   }
   if (scores.empty()) return ok_status();  // nothing to select by: the request stands
-  Compressed& reported = it->second;
-  reported.scores.assign(scores.begin(), scores.end());
-  reported.has_scores = true;
+  c.scores.assign(scores.begin(), scores.end());
+  c.has_scores = true;
   return ok_status();
 }
 

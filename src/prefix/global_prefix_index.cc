@@ -762,7 +762,9 @@ Status GlobalPrefixIndex::verify() const {
     if (n.unit_key && *n.unit_key != unit_key_of(n)) return fail(where + ": stale unit key");
     if (!p.by_key.empty()) {
       if (!n.unit_key) return fail(where + ": no key under a parent that maps its children");
-      if (!p.by_key.contains(*n.unit_key, i)) return fail(where + ": its parent's key map does not list it");
+      if (!p.by_key.contains(*n.unit_key, i)) {
+        return fail(where + ": its parent's key map does not list it");
+      }
     }
     if (n.depth != p.depth + n.edge_size()) return fail(where + ": wrong depth");
     if (n.parent != 0 && !p.salt.empty() && p.salt != n.salt) {

@@ -4,8 +4,8 @@
 #include <cmath>
 #include <cstdint>
 #include <iterator>
-#include <string>
 #include <numeric>
+#include <string>
 
 #include "kvfabric/quant/token_selection.h"
 
@@ -23,10 +23,9 @@ std::vector<size_t> all_tokens(size_t n) {
   return kept;
 }
 
-// The heaviest of the scored candidates [0, scored) (the newest `recent` of them always), then
-// every position from `scored` to `n`, kept whatever the budget: so `budget` counts them first.
-// The heaviest of the first `scored` slots (the newest `recent` of them always) and every slot
-// after them. `arrival` gives each slot's arrival order when that is not slot order.
+// The heaviest of the scored slots [0, scored) (the newest `recent` of them always), then every
+// slot from `scored` to `n`, kept whatever the budget: so `budget` counts them first. `arrival`
+// gives each slot's arrival order when that is not slot order.
 std::vector<size_t> heaviest_then_rest(std::span<const double> scores, size_t scored, size_t n,
                                        uint64_t budget, uint64_t recent,
                                        std::span<const uint32_t> arrival) {

@@ -347,9 +347,10 @@ Status RankCache::receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId r
   return execute_agreed(plan_bytes, root);
 }
 
-Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId root) {
+Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId root,
+                                 StepPlan* executed) {
   reported_scores_.clear();  // a refused plan gathers none: no earlier plan's sums linger
-  const Result<StepPlan> plan = StepPlan::deserialize(plan_bytes);
+  Result<StepPlan> plan = StepPlan::deserialize(plan_bytes);
   const Status verdict = plan.ok() ? validate(*plan) : plan.status();
   // Every rank learns every verdict before any block moves: a rank that refused the plan must not
   // leave its peers waiting for it in a migration.
@@ -362,7 +363,11 @@ Status RankCache::execute_agreed(std::span<const uint8_t> plan_bytes, RankId roo
                   ", shard " + std::to_string(r % layout_.tp) + ", expecting step " +
                   std::to_string(verdicts[r] >> 1) + ")";
   }
-  if (refused_by.empty()) return report(run(*plan), root, *plan);  // every rank validated it
+  if (refused_by.empty()) {  // every rank validated it
+    const Status reported = report(run(*plan), root, *plan);
+    if (reported.ok() && executed != nullptr) *executed = std::move(plan).value();
+    return reported;
+  }
   const std::string which =
       plan.ok() ? "the plan of step " + std::to_string(plan->step) : "the plan";
   const std::string what = which + " broadcast by rank " + std::to_string(root.value) +

@@ -60,17 +60,16 @@ Status RankJob::finish() {
 
 Status RankJob::serve() {
   std::vector<uint8_t> bytes;
+  StepPlan plan;
   while (true) {
     transport_->set_timeout(std::nullopt);  // the next plan may be long in coming
     KVF_RETURN_IF_ERROR(transport_->broadcast(bytes, kRoot));
     if (bytes.empty()) break;
     bound_waits();
-    KVF_RETURN_IF_ERROR(
-        with_deadline_key(cache_->execute_agreed(bytes, kRoot), cache_->next_step()));
-    if (forward_pass_) {
-      KVF_ASSIGN_OR_RETURN(const StepPlan plan, StepPlan::deserialize(bytes));
-      KVF_RETURN_IF_ERROR(forward_pass_(*cache_, plan));
-    }
+    KVF_RETURN_IF_ERROR(with_deadline_key(
+        cache_->execute_agreed(bytes, kRoot, forward_pass_ ? &plan : nullptr),
+        cache_->next_step()));
+    if (forward_pass_) KVF_RETURN_IF_ERROR(forward_pass_(*cache_, plan));
   }
   bound_waits();
   return ok_status();

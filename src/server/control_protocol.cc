@@ -109,7 +109,9 @@ class Request {
   Result<std::vector<double>> scores(const char* key) const {
     const auto it = object_.find(key);
     if (it == object_.end()) return error(std::string("missing field \"") + key + "\"");
-    if (!it->is_array()) return error(std::string("field \"") + key + "\" must be an array of numbers");
+    if (!it->is_array()) {
+      return error(std::string("field \"") + key + "\" must be an array of numbers");
+    }
     std::vector<double> out;
     out.reserve(it->size());
     for (const json& v : *it) {

@@ -107,15 +107,17 @@ class RankCache {
   //! waits are bounded by the transport's timeout (a rank that does not answer is named).
   Status receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId root);
   //! The second half of receive_and_execute(), for callers that broadcast the plan themselves:
-  //! collective, every rank passes the bytes `root` sent.
-  Status execute_agreed(std::span<const uint8_t> plan_bytes, RankId root);
+  //! collective, every rank passes the bytes `root` sent. When every rank executed the plan,
+  //! `executed` (if given) receives it, parsed, for what the caller runs after it.
+  Status execute_agreed(std::span<const uint8_t> plan_bytes, RankId root,
+                        StepPlan* executed = nullptr);
 
   //! Token compression: adds this shard's attention mass of `seq` per slot (cache position; its
   //! query heads, summed over whatever layers the engine counts; DecodeAttentionArgs::
-  //! attention_mass gives it per layer) to the sequence's scores, from slot 0. The scores follow the plans'
-  //! compactions (renumbered) and go when the sequence leaves this replica. A plan's score
-  //! request sends them to the root with this rank's report (execute_agreed()), which sums the
-  //! shards. InvalidArgument (nothing changes): a sequence this replica does not hold, more
+  //! attention_mass gives it per layer) to the sequence's scores, from slot 0. The scores
+  //! follow the plans' compactions (renumbered) and go when the sequence leaves this replica. A
+  //! plan's score request sends them to the root with this rank's report (execute_agreed()),
+  //! which sums the shards. InvalidArgument (nothing changes): a sequence this replica does not hold, more
   //! values than its tokens, a value that is negative or not finite.
   Status accumulate_attention(SeqId seq, std::span<const float> mass);
   //! The accumulated scores of `seq` (empty when none).

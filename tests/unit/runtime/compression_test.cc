@@ -419,9 +419,10 @@ TEST(CompressionTest, ARankJobsForwardPassFeedsTheScoreRequests) {
 }
 
 // An H2O compaction moves later tokens into dropped slots and the uncomputed ones after them, so
-// a copy often writes a block an earlier copy of the same compaction reads. A backend that runs a launch's copies at once (CUDA)
-// must not put those two in one launch: run each launch's copies in reverse order, a schedule
-// parallel copies may take, and the pool must end as running them one by one leaves it.
+// a copy often writes a block an earlier copy of the same compaction reads. A backend that runs
+// a launch's copies at once (CUDA) must not put those two in one launch: run each launch's copies
+// in reverse order, a schedule parallel copies may take, and the pool must end as running them
+// one by one leaves it.
 TEST(CompressionTest, ACompactionsCopiesSplitIntoLaunchesThatKeepTheirOrder) {
   const Config config = serving_config(1, 1, 4, 2, 32, 0);
   auto coordinator = Coordinator::create(config);
