@@ -559,7 +559,8 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
   return dropped;
 }
 
-Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> positions) {
+Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> positions,
+                                           size_t own_blocks) {
   KVF_RETURN_IF_ERROR(init_status_);
   const uint32_t slot = slot_of(seq);
   if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
@@ -586,23 +587,26 @@ Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> po
   const detail::CompactionPlan plan =
       detail::plan_token_retention(info->num_tokens, layout_.block_size, positions);
   const size_t dropped = info->num_tokens - positions.size();
-  KVF_RETURN_IF_ERROR(compact(slot, plan, positions.size()));
+  KVF_RETURN_IF_ERROR(compact(slot, plan, positions.size(), own_blocks));
   stats_.selection_evicted_tokens += dropped;
   return dropped;
 }
 
-Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep) {
+Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep,
+                             size_t own_blocks) {
   SequenceInfo& info = table_->at(seq_slot);
   const std::vector<BlockId>& old_table = info.block_ids;
-  // A block that receives moved tokens must be private to this sequence; a shared one is replaced
-  // by a fresh block that first gets the tokens the shared block kept in place.
+  // A block that receives moved tokens must be private to this sequence, and so must the first
+  // `own_blocks`; a shared one is replaced by a fresh block that first gets the tokens the shared
+  // block kept in place.
   const size_t bs = layout_.block_size;
-  std::vector<bool> written(plan.base_index.size(), false);
+  std::vector<bool> must_own(plan.base_index.size(), false);
   for (const auto& move : plan.moves)
-    written[move.dst_index] = true;
+    must_own[move.dst_index] = true;
+  std::fill_n(must_own.begin(), std::min(own_blocks, must_own.size()), true);
   size_t fresh_needed = 0;
   for (size_t k = 0; k < plan.base_index.size(); ++k) {
-    if (written[k] && allocator_.ref_count(old_table[plan.base_index[k]]) > 1) ++fresh_needed;
+    if (must_own[k] && allocator_.ref_count(old_table[plan.base_index[k]]) > 1) ++fresh_needed;
   }
   if (fresh_needed > available_block_count()) {
     return out_of_memory(fresh_needed, available_block_count());
@@ -624,7 +628,7 @@ Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& pl
   for (size_t k = 0; k < plan.base_index.size(); ++k) {
     const BlockId base = old_table[plan.base_index[k]];
     new_table[k] = base;
-    if (!written[k] || allocator_.ref_count(base) == 1) continue;
+    if (!must_own[k] || allocator_.ref_count(base) == 1) continue;
     const BlockId fresh = take_block();
     new_table[k] = fresh;
     released.push_back(base);

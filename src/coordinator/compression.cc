@@ -36,17 +36,122 @@ Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) co
                 "admit " + to_string(seq) + ": " + valid.message() + "; nothing was changed");
 }
 
-void Coordinator::record_compression(SeqId seq, const AdmitOptions& options,
-                                     size_t prompt_tokens) {
+void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
+                                     std::optional<CacheSalt> shared_as) {
   if (!options.compression) return;
   const quant::CompressionPolicy& policy = *options.compression;
   compressed_[seq] = Compressed{.policy = policy,
-                                .budget = quant::budget_for(policy, prompt_tokens),
+                                .budget = budget_of(policy, prompt_tokens),
                                 .prompt_tokens = prompt_tokens,
                                 .last_compaction_step = plan_.step,
                                 .scores = {},
                                 .request = std::nullopt,
-                                .arrival = quant::ArrivalOrder()};
+                                .arrival = quant::ArrivalOrder(),
+                                .shared_as = shared_as};
+}
+
+uint64_t Coordinator::budget_of(const quant::CompressionPolicy& policy,
+                                size_t prompt_tokens) const {
+  const uint64_t budget = quant::budget_for(policy, prompt_tokens);
+  if (policy.kind != quant::CompressionPolicy::Kind::kSnapKv) return budget;
+  const uint64_t bs = config_.cache.block_size;
+  return (budget + bs - 1) / bs * bs;
+}
+
+std::optional<CacheSalt> Coordinator::compressed_prompt_identity(const AdmitOptions& options,
+                                                                 const CacheSalt& namespace_salt,
+                                                                 std::span<const TokenId> prompt,
+                                                                 uint64_t budget) {
+  const quant::CompressionPolicy& policy = *options.compression;
+  if (policy.kind != quant::CompressionPolicy::Kind::kSnapKv || prompt.size() <= budget) {
+    return std::nullopt;
+  }
+  // What a SnapKV selection depends on besides the model: the whole prompt (its window votes,
+  // and every kept token's K/V attended to all before it), the budget and the window. The
+  // namespace keeps tenants and salts apart as it does for full prompts.
+  std::string text = "kvfabric compressed prompt 1\nsnapkv budget " + std::to_string(budget) +
+                     " window " + std::to_string(policy.window_tokens) + " namespace " +
+                     to_string(namespace_salt) + "\n";
+  text.append(reinterpret_cast<const char*>(prompt.data()), prompt.size_bytes());
+  return CacheSalt::of(text);
+}
+
+RadixKey Coordinator::compressed_prompt_key(const CacheSalt& identity, size_t kept) {
+  if (slot_numbers_.size() < kept) {
+    const size_t from = slot_numbers_.size();
+    slot_numbers_.resize(kept);
+    for (size_t i = from; i < kept; ++i) slot_numbers_[i] = static_cast<TokenId>(i);
+  }
+  return RadixKey(std::span(slot_numbers_).first(kept), config_.cache.block_size, {identity, 0});
+}
+
+std::optional<Placement> Coordinator::admit_compressed(SeqId seq, size_t prompt_tokens,
+                                                       const CacheSalt& identity, uint64_t kept,
+                                                       uint32_t priority, uint32_t tenant) {
+  const RadixKey key = compressed_prompt_key(identity, kept);
+  index_->lookup(key, compressed_lookup_);
+  // Only the whole kept prompt serves: its tokens cannot be computed again without the rest.
+  if (compressed_lookup_.tokens() < kept) return std::nullopt;
+  std::optional<uint32_t> chosen;
+  double chosen_load = 0;
+  for (uint32_t r : index_->holders(compressed_lookup_, compressed_lookup_.steps.size() - 1)) {
+    if (!accepts(r, priority)) continue;
+    const double load = load_of(r);
+    if (!chosen || load < chosen_load) {
+      chosen = r;
+      chosen_load = load;
+    }
+  }
+  if (!chosen) return std::nullopt;
+  const size_t blocks = kept / config_.cache.block_size;
+  std::vector<BlockId> shared;
+  index_->blocks_on(compressed_lookup_, *chosen, blocks, shared);
+  index_->use(compressed_lookup_, *chosen);
+  PagedKvCache& pool = pool_of(*chosen);
+  // Every block is shared: the idle ones become used, and no block is taken from the free list.
+  const Status allocated = pool.allocate_shared(seq, kept, shared);
+  KVF_CHECK(allocated.ok(), "sharing a compacted prompt failed: " + allocated.to_string());
+  if (priority != 0) {
+    const Status p = pool.set_priority(seq, priority);
+    KVF_CHECK(p.ok(), p.message());  // check_priority() admitted it
+  }
+  Placement placement;
+  placement.replica = *chosen;
+  placement.cached_tokens = prompt_tokens;
+  placement.compressed_tokens = kept;
+  placement.blocks = pool.get_sequence(seq)->block_ids;
+  record_admission(seq, prompt_tokens, kept, priority, tenant, placement);
+  ++stats_.compressed_hits;
+  return placement;
+}
+
+bool Coordinator::voted_in_full(const Compressed& c) {
+  const uint64_t window = std::min<uint64_t>(c.policy.window_tokens, c.prompt_tokens);
+  return c.scores.size() >= c.prompt_tokens - window;
+}
+
+bool Coordinator::holds_compacted_prompt(const Sequence& s, const Compressed& c) {
+  index_->lookup(compressed_prompt_key(*c.shared_as, c.budget), compressed_lookup_);
+  return index_->prefix_on(compressed_lookup_, s.replica).tokens >= c.budget;
+}
+
+void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, const Compressed& c) {
+  const RadixKey key = compressed_prompt_key(*c.shared_as, c.budget);
+  const std::vector<BlockId>& table = running_info(seq, s)->block_ids;
+  const auto added = index_->insert(s.replica, key,
+                                    std::span(table).first(c.budget / config_.cache.block_size));
+  if (!added.ok()) {
+    KVF_LOG_WARN(kCoordinator, "not indexing the compacted prompt of {}: {}", to_string(seq),
+                 added.status().message());
+    return;
+  }
+  PagedKvCache& pool = pool_of(s.replica);
+  for (BlockId block : *added) {
+    const Status retained = pool.retain_block(block);
+    KVF_CHECK(retained.ok(), "retaining a compacted prompt block failed: " + retained.to_string());
+  }
+  if (!added->empty()) ++stats_.compressed_indexed;
+  mark_load(s.replica);
 }
 
 size_t Coordinator::tokens_of(SeqId seq) const {
@@ -135,9 +240,15 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
                                 c.scores, config_.cache.block_size, c.arrival.arrival());
   if (kept.size() >= before) return true;  // nothing to drop: the interval restarts
   // A selection fills its dropped slots with later tokens rather than shifting every token
-  // after the first one dropped; a sliding window drops whole blocks and moves nothing.
-  const size_t scored = std::min<size_t>(c.scores.size(), s.computed_tokens);
+  // after the first one dropped; a sliding window drops whole blocks and moves nothing. SnapKV
+  // fills them from the prompt only, so that its kept prompt comes first, decoded tokens after.
+  const bool snapkv = c.policy.kind == quant::CompressionPolicy::Kind::kSnapKv;
+  size_t scored = std::min<size_t>(c.scores.size(), s.computed_tokens);
+  if (snapkv) scored = std::min<size_t>(scored, c.prompt_tokens);
   const std::vector<size_t> order = sliding ? kept : quant::fill_dropped_slots(kept, scored);
+  // A kept prompt chosen by scores of every voter depends on the prompt alone: its blocks
+  // become the sequence's own, to be indexed for identical requests.
+  const bool shares = c.shared_as && voted_in_full(c) && !holds_compacted_prompt(s, c);
   std::vector<StepPlan::TokenRange> ranges = ranges_of(order);
   PagedKvCache& pool = pool_of(s.replica);
   const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;
@@ -145,8 +256,14 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   // keeps the K/V its key says. A sliding window (a sink and the newest tokens, whole blocks
   // dropped) keeps the window's blocks in place.
   const size_t sink = sliding && ranges.size() == 2 ? ranges.front().count : 0;
-  const Result<size_t> dropped = sliding ? pool.apply_streaming_llm(seq, sink, ranges.back().count)
-                                         : pool.retain_tokens(seq, order);
+  bool indexes = shares;
+  Result<size_t> dropped =
+      sliding ? pool.apply_streaming_llm(seq, sink, ranges.back().count)
+              : pool.retain_tokens(seq, order, indexes ? c.budget / config_.cache.block_size : 0);
+  if (!dropped.ok() && indexes) {
+    indexes = false;  // no room for the copies sharing needs: compacted, not shared
+    dropped = pool.retain_tokens(seq, order);
+  }
   if (!dropped.ok()) {
     KVF_LOG_DEBUG(kCoordinator, "compaction of {} waits: {}", to_string(seq),
                   dropped.status().message());
@@ -169,6 +286,7 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   mark_table(s);
   mark_load(s.replica);
   plan_.compactions.push_back({seq, s.replica, before, std::move(ranges)});
+  if (indexes) index_compacted_prompt(seq, s, c);
   ++stats_.compactions;
   stats_.compacted_tokens += before - kept.size();
   stats_.compacted_blocks += old_table.size() - table.size();

@@ -474,9 +474,27 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   KVF_RETURN_IF_ERROR(
       check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
   KVF_RETURN_IF_ERROR(check_compression(seq, options));
+  const CacheSalt salt = salt_of(options);
+  std::optional<CacheSalt> shared_as;
+  if (options.compression) {
+    // An identical compressed request may have left its compacted prompt: nothing to compute.
+    const uint64_t budget = budget_of(*options.compression, prompt.size());
+    shared_as = compressed_prompt_identity(options, salt, prompt, budget);
+    if (shared_as) {
+      std::optional<Placement> served =
+          admit_compressed(seq, prompt.size(), *shared_as, budget, priority, tenant);
+      if (served) {
+        record_compression(seq, options, prompt.size(), shared_as);
+        Compressed& compressed = compressed_.at(seq);
+        compressed.prefilled = true;
+        compressed.compacted_once = true;  // snapkv compacts once: this is its compaction
+        return *std::move(served);
+      }
+    }
+  }
   // One walk of the global tree; every replica's share of the prompt is read off its path. The
   // key keeps the unit hashes it computes for indexing the prompt at step().
-  RadixKey key(prompt, config_.cache.block_size, {salt_of(options), options.public_tokens});
+  RadixKey key(prompt, config_.cache.block_size, {salt, options.public_tokens});
   index_->lookup(key, lookup_);
   KVF_ASSIGN_OR_RETURN(AdmitChoice choice, choose_replica(seq, match_of(prompt.size()), priority));
   if (!choice.victims.empty()) {
@@ -489,7 +507,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
                        place(seq, std::move(prompt), std::move(key), priority, tenant, choice));
   admitted_now_.back().best_tokens = best_tokens;
   admitted_now_.back().served_tokens = placed.cached_tokens;
-  record_compression(seq, options, prompt_tokens);
+  record_compression(seq, options, prompt_tokens, shared_as);
   return placed;
 }
 
@@ -761,36 +779,37 @@ Result<Placement> Coordinator::place(SeqId seq, std::vector<TokenId>&& prompt, R
   }
   placement.blocks = table;
   collect_copies(r);
-  record_admission(seq, std::move(prompt), std::move(key), priority, tenant, placement);
+  const size_t n = prompt.size();
+  const Sequence& s = record_admission(seq, n, n, priority, tenant, placement);
+  admitted_now_.emplace_back(seq, s.incarnation, std::move(prompt), std::move(key));
   return placement;
 }
 
-void Coordinator::record_admission(SeqId seq, std::vector<TokenId>&& prompt, RadixKey&& key,
-                                   uint32_t priority, uint32_t tenant, const Placement& placement) {
-  const size_t n = prompt.size();
-  const uint64_t incarnation = next_incarnation_++;
+Coordinator::Sequence& Coordinator::record_admission(SeqId seq, size_t prompt_tokens, size_t tokens,
+                                                     uint32_t priority, uint32_t tenant,
+                                                     const Placement& placement) {
   Sequence& s = add_sequence(seq,
                Sequence{.replica = placement.replica,
-                        .num_tokens = n,
+                        .num_tokens = tokens,
                         .priority = priority,
-                        .incarnation = incarnation,
+                        .incarnation = next_incarnation_++,
                         .tenant = tenant,
-                        .computed_tokens = placement.cached_tokens,
+                        .computed_tokens = std::min(placement.cached_tokens, tokens),
                         .slot = *replicas_[placement.replica].pool.find_slot(seq)},
                placement.blocks.size());
   ++replicas_[placement.replica].running;
   mark_load(placement.replica);
   mark_table(s);
   admitted_now_blocks_ += placement.blocks.size();
-  admitted_now_.emplace_back(seq, incarnation, std::move(prompt), std::move(key));
   ++stats_.admitted;
-  stats_.prompt_tokens += n;
+  stats_.prompt_tokens += prompt_tokens;
   stats_.local_hit_tokens += placement.cached_tokens - placement.migrated_tokens;
   TenantStats& t = tenants_[tenant].stats;
   ++t.admitted;
-  t.prompt_tokens += n;
+  t.prompt_tokens += prompt_tokens;
   t.cached_tokens += placement.cached_tokens;
   t.migrated_tokens += placement.migrated_tokens;
+  return s;
 }
 
 void Coordinator::mark_load(uint32_t replica) {

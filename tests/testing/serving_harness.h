@@ -71,9 +71,26 @@ class EngineModel {
   void admitted(SeqId seq, std::span<const TokenId> prompt, const Placement& placement) {
     Seq& s = seqs_[seq];
     s.tokens.assign(prompt.begin(), prompt.end());
+    s.prompt_size = prompt.size();
+    s.computed = placement.cached_tokens;
+    if (placement.compressed_tokens > 0) {
+      // Served the kept prompt of an identical request: the tokens its compaction kept.
+      const auto kept = compacted_prompts_.find(s.tokens);
+      if (kept == compacted_prompts_.end() || kept->second.size() != placement.compressed_tokens) {
+        if (plan_error_.empty()) {
+          plan_error_ = "engine model: " + to_string(seq) + " was served a compacted prompt of " +
+                        std::to_string(placement.compressed_tokens) +
+                        " tokens that no compaction of its prompt kept";
+        }
+        s.origin.assign(placement.compressed_tokens, 0);
+      } else {
+        s.origin = kept->second;
+      }
+      s.computed = placement.compressed_tokens;
+      return;
+    }
     s.origin.resize(prompt.size());
     std::iota(s.origin.begin(), s.origin.end(), size_t{0});
-    s.computed = placement.cached_tokens;
   }
   void appended(SeqId seq, std::span<const TokenId> tokens) {
     Seq& s = seqs_.at(seq);
@@ -108,6 +125,7 @@ class EngineModel {
       }
       s.origin = std::move(kept_origin);
       s.computed = kept_computed;
+      remember_compacted_prompt(s);
     }
     for (const auto& t : plan.tables) {
       live_[t.seq] = t.num_tokens;
@@ -244,9 +262,22 @@ class EngineModel {
  private:
   struct Seq {
     std::vector<TokenId> tokens;
+    size_t prompt_size = 0;
     std::vector<size_t> origin;  // cached position -> index in tokens (identity until compacted)
     size_t computed = 0;         // cached positions with K/V
   };
+
+  // A compaction that laid the kept prompt out first (SnapKV) may be shared with identical
+  // requests: what it kept, by prompt. The tests' scores depend on the prompt alone wherever
+  // they check the K/V of shared compacted prompts, so every compaction of a prompt keeps the same.
+  void remember_compacted_prompt(const Seq& s) {
+    const auto prompt_end =
+        std::find_if(s.origin.begin(), s.origin.end(), [&](size_t o) { return o >= s.prompt_size; });
+    if (std::any_of(prompt_end, s.origin.end(), [&](size_t o) { return o < s.prompt_size; })) return;
+    const std::vector<TokenId> prompt(s.tokens.begin(),
+                                      s.tokens.begin() + static_cast<ptrdiff_t>(s.prompt_size));
+    compacted_prompts_[prompt].assign(s.origin.begin(), prompt_end);
+  }
 
   // A tensor where the rank's kernels read or write it: the host vector itself, or (with a
   // device backend) a device buffer copied to or from it.
@@ -282,7 +313,9 @@ class EngineModel {
   void fill(const Seq& s, size_t first, size_t n, uint32_t layer, const RankLayout& l, float* k,
             float* v) const {
     const uint32_t hd = config_.model.head_dim;
-    std::vector<uint64_t> prefix_hash(n == 0 ? 0 : s.origin[first + n - 1] + 1);
+    // Compactions that fill dropped slots leave the origins out of order.
+    const auto origins = std::span(s.origin).subspan(first, n);
+    std::vector<uint64_t> prefix_hash(n == 0 ? 0 : *std::max_element(origins.begin(), origins.end()) + 1);
     uint64_t h = 0;
     for (size_t i = 0; i < prefix_hash.size(); ++i) prefix_hash[i] = h = splitmix64(h ^ s.tokens[i]);
     for (size_t pos = first; pos < first + n; ++pos) {
@@ -300,6 +333,7 @@ class EngineModel {
   Config config_;
   std::map<SeqId, Seq> seqs_;
   std::map<SeqId, uint64_t> live_;  // running sequences and their lengths, every replica
+  std::map<std::vector<TokenId>, std::vector<size_t>> compacted_prompts_;
   std::string plan_error_;          // the first table whose computed-token count was wrong
   Backend* device_ = nullptr;       // see use_device_buffers()
 };
@@ -387,6 +421,10 @@ class ServingWorkload {
 
   //! Admits about half of the requests from now on with `policy` (their ids: compressed()).
   void compress_some(const quant::CompressionPolicy& policy) { compression_ = policy; }
+  //! From now on about 40 % of the new requests repeat whole one of the last few new prompts
+  //! that arrived at least three steps before (so that a compressed one may be compacted), with
+  //! the compression its first request had.
+  void repeat_some_prompts() { repeat_prompts_ = true; }
   [[nodiscard]] const std::set<SeqId>& compressed() const { return compressed_; }
 
   //! Takes in the step's plan, for the workload and the engine: preempted sequences are
@@ -418,11 +456,23 @@ class ServingWorkload {
  private:
   // Mostly a shared system prompt and a suffix; now and then a long prompt.
   std::vector<TokenId> new_prompt() {
+    if (repeat_prompts_ && !recent_prompts_.empty() && recent_prompts_.front().first + 3 <= steps_ &&
+        coin(0.4)) {
+      size_t old_enough = 0;
+      while (old_enough < recent_prompts_.size() && recent_prompts_[old_enough].first + 3 <= steps_) {
+        ++old_enough;
+      }
+      return recent_prompts_[pick(old_enough)].second;
+    }
     std::vector<TokenId> prompt;
     if (coin(0.7)) prompt = system_prompts_[pick(system_prompts_.size())];
     const size_t suffix = coin(0.15) ? 150 + pick(120) : 4 + pick(40);
     const auto tail = random_tokens(suffix);
     prompt.insert(prompt.end(), tail.begin(), tail.end());
+    if (repeat_prompts_) {
+      if (recent_prompts_.size() == 6) recent_prompts_.pop_front();
+      recent_prompts_.emplace_back(steps_, prompt);
+    }
     return prompt;
   }
   // Frees `seq`, admitted in this step, and gives its id at once to a new prompt or to a fork of
@@ -450,13 +500,16 @@ class ServingWorkload {
   bool admit(Coordinator& c, EngineModel& engine, SeqId seq, const std::vector<TokenId>& prompt) {
     AdmitOptions options;
     options.priority = static_cast<uint32_t>(pick(3));
-    if (compression_ && coin(0.5)) options.compression = compression_;
+    // A repeated prompt comes with its first request's compression, as identical requests do.
+    const bool repeated = repeat_prompts_ && compressed_prompts_.count(prompt) > 0;
+    if (compression_ && (repeated || coin(0.5))) options.compression = compression_;
     const auto placed = c.admit(seq, prompt, options);
     if (!placed.ok()) {
       ++counts_.refused;
       return false;
     }
     if (options.compression) compressed_.insert(seq);
+    if (options.compression && repeat_prompts_) compressed_prompts_.insert(prompt);
     engine.admitted(seq, prompt, *placed);
     live_[seq] = prompt.size() + 4 + pick(coin(0.2) ? 60 : 16);
     ++counts_.admitted;
@@ -483,6 +536,10 @@ class ServingWorkload {
   WorkloadCounts counts_;
   std::optional<quant::CompressionPolicy> compression_;
   std::set<SeqId> compressed_;  // ever admitted with compression_
+  bool repeat_prompts_ = false;
+  std::set<std::vector<TokenId>> compressed_prompts_;  // with repeat_prompts_
+  // repeat_some_prompts()' choices, with the step each arrived in, oldest first
+  std::deque<std::pair<uint64_t, std::vector<TokenId>>> recent_prompts_;
 };
 
 //! The scripted workload on one rank (dp 1, tp 1) whose KV lives in `backend` and whose blocks

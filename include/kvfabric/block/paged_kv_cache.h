@@ -202,8 +202,10 @@ class PagedKvCache {
   //! (positions[i] >= i), so copies in slot order never read a slot already written: increasing
   //! positions qualify, and so does an order that fills dropped slots with later tokens
   //! (quant::fill_dropped_slots), which moves far fewer. Returns the number of dropped tokens.
-  //! As with StreamingLLM, positions change.
-  Result<size_t> retain_tokens(SeqId seq, std::span<const size_t> positions);
+  //! As with StreamingLLM, positions change. The first `own_blocks` blocks of the new table end up
+  //! the sequence's own even where no token moves into them (shared ones are copied), so that
+  //! they can be indexed as a compacted prefix.
+  Result<size_t> retain_tokens(SeqId seq, std::span<const size_t> positions, size_t own_blocks = 0);
 
   //! All sequence ids, ascending.
   [[nodiscard]] std::vector<SeqId> sequence_ids() const;
@@ -264,7 +266,8 @@ class PagedKvCache {
   BlockId take_block();
   //! Executes a compaction plan on a sequence that keeps `keep` tokens and counts it in the stats.
   //! OutOfMemory (nothing changed) if shared blocks cannot be replaced.
-  Status compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep);
+  Status compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep,
+                 size_t own_blocks = 0);
   bool frees_a_block(const SequenceInfo& info) const;
   void remove_sequence(uint32_t slot);
 

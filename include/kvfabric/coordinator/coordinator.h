@@ -31,6 +31,11 @@ struct Placement {
   //! or migrated to it); the engine prefills the rest.
   size_t cached_tokens = 0;
   size_t migrated_tokens = 0;  //!< of cached_tokens, moved from another replica's cache
+  //! Non-zero when the prompt was served compressed (snapkv, see AdmitOptions::compression): the
+  //! tokens the sequence starts with, the K/V an identical request's compaction kept, all
+  //! computed (cached_tokens is then the whole prompt: nothing to prefill, no scores to report).
+  //! Decoded tokens follow at the prompt's positions as usual.
+  size_t compressed_tokens = 0;
   std::vector<BlockId> blocks;
 };
 
@@ -48,8 +53,13 @@ struct AdmitOptions {
   //! blocks (rounded down).
   size_t public_tokens = 0;
   //! Token compression (StreamingLLM, H2O, SnapKV) planned by the coordinator; none by default.
-  //! The prompt is cached whole before any compaction, and compacted blocks are never indexed:
-  //! a request shares only blocks holding the K/V its prompt says.
+  //! The prompt is cached whole before any compaction, and a request without compression is
+  //! only ever served blocks holding the K/V its prompt says. A SnapKV compaction's kept prompt
+  //! (a function of the prompt alone) is also indexed under a key naming the whole prompt, the
+  //! namespace (tenant, salt), the budget and the window: a later request identical in all of
+  //! them starts from it (Placement::compressed_tokens). The coordinator keeps a SnapKV budget
+  //! in whole blocks (rounded up: the blocks are allocated whole anyway), which is what lets the
+  //! kept prompt be indexed.
   std::optional<quant::CompressionPolicy> compression;
 };
 
@@ -95,6 +105,10 @@ struct CoordinatorStats {
   uint64_t compactions = 0;       //!< token compactions planned
   uint64_t compacted_tokens = 0;  //!< tokens those compactions dropped
   uint64_t compacted_blocks = 0;  //!< blocks they gave back to their replica's pool
+  uint64_t compressed_indexed = 0;  //!< compacted prompts indexed for identical requests
+  //! Admissions served an indexed compacted prompt (Placement::compressed_tokens); their prompt
+  //! tokens count as local hits.
+  uint64_t compressed_hits = 0;
   //! Why prompt tokens missed. "Evicted" and "other salt" come from a bounded filter of the
   //! blocks cached lately (keyed by content and position; about the last one to two pool-fulls
   //! of the whole job): a block evicted before that counts as never seen, and about 1 in 10
@@ -376,6 +390,8 @@ class Coordinator {
     };
     std::optional<ScoreRequest> request;
     quant::ArrivalOrder arrival;  //!< h2o: when each slot's token arrived, once compacted
+    //! snapkv: the identity its compacted prompt is indexed under (compressed_prompt_identity)
+    std::optional<CacheSalt> shared_as;
   };
 
   explicit Coordinator(const Config& config);
@@ -410,8 +426,10 @@ class Coordinator {
   //! The source blocks of the prefix admit() migrates onto a replica that caches `local` of it.
   [[nodiscard]] std::vector<BlockId> migration_blocks(const AdmitChoice& choice,
                                                       const ReplicaPrefix& local) const;
-  void record_admission(SeqId seq, std::vector<TokenId>&& prompt, RadixKey&& key,
-                        uint32_t priority, uint32_t tenant, const Placement& placement);
+  //! Records an admitted sequence: its first `tokens` slots, the placement's cached ones
+  //! computed (a compressed one's all), in its replica's load, its tenant's and the stats.
+  Sequence& record_admission(SeqId seq, size_t prompt_tokens, size_t tokens, uint32_t priority,
+                             uint32_t tenant, const Placement& placement);
   //! Marks a replica whose running count or memory changed: its place in the load order is
   //! brought up to date before the next placement.
   void mark_load(uint32_t replica);
@@ -468,7 +486,34 @@ class Coordinator {
   void index_planned_prompts();
   // Token compression (compression.cc).
   Status check_compression(SeqId seq, const AdmitOptions& options) const;
-  void record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens);
+  void record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
+                          std::optional<CacheSalt> shared_as);
+  //! The budget in tokens a policy gives a prompt: quant::budget_for, for snapkv rounded up to
+  //! whole blocks.
+  [[nodiscard]] uint64_t budget_of(const quant::CompressionPolicy& policy, size_t prompt_tokens) const;
+  //! The identity a snapkv compaction of `prompt` is shared under: a SHA-256 over the prompt,
+  //! its namespace and the policy's budget and window. nullopt when nothing would be shared (not
+  //! snapkv, or a prompt within its budget).
+  [[nodiscard]] static std::optional<CacheSalt> compressed_prompt_identity(
+      const AdmitOptions& options, const CacheSalt& namespace_salt, std::span<const TokenId> prompt,
+      uint64_t budget);
+  //! The index key of a compacted prompt of `kept` tokens (whole blocks) shared under `identity`:
+  //! the identity is the salt of every block, and the tokens are slot numbers, as an identical
+  //! request can name them before knowing which tokens were kept.
+  RadixKey compressed_prompt_key(const CacheSalt& identity, size_t kept);
+  //! Places a snapkv request on a replica holding its compacted prompt (the least loaded that
+  //! accepts it; ties: lowest id), or nullopt (nothing changed) when none holds or takes it.
+  std::optional<Placement> admit_compressed(SeqId seq, size_t prompt_tokens,
+                                            const CacheSalt& identity, uint64_t kept,
+                                            uint32_t priority, uint32_t tenant);
+  //! Indexes the kept prompt of a sequence that a snapkv compaction just laid out in its first
+  //! `kept` slots (whole blocks, the sequence's own).
+  void index_compacted_prompt(SeqId seq, const Sequence& s, const Compressed& c);
+  //! Whether a snapkv sequence's scores cover every token outside its observation window: a
+  //! selection that depends on the prompt alone.
+  [[nodiscard]] static bool voted_in_full(const Compressed& c);
+  //! Whether the sequence's replica already holds the compacted prompt it is shared under.
+  bool holds_compacted_prompt(const Sequence& s, const Compressed& c);
   void compact_due_sequences();
   //! Compacts one sequence to what its policy keeps; false when it keeps everything or its
   //! replica cannot give the fresh blocks a shared block's copy needs (it waits).
@@ -500,6 +545,8 @@ class Coordinator {
   std::unique_ptr<LoadOrder> by_load_;             // (load, replica): least loaded first
   std::vector<uint32_t> stale_loads_;              // replicas whose load may have changed
   PrefixLookup lookup_;                            // the prompt being admitted
+  PrefixLookup compressed_lookup_;                 // a compacted prompt looked up
+  std::vector<TokenId> slot_numbers_;              // 0, 1, ...: compressed_prompt_key's tokens
   std::vector<std::pair<double, uint32_t>> holders_left_;  // choose_replica's scratch
   std::vector<Tenant> tenants_;  // in registration order; Sequence::tenant indexes it
   std::map<std::string, uint32_t, std::less<>> tenant_ids_;

@@ -42,6 +42,14 @@ CompressionPolicy h2o(uint64_t budget, uint64_t recent, uint32_t interval) {
   return p;
 }
 
+CompressionPolicy snapkv(uint64_t budget, uint64_t window) {
+  CompressionPolicy p;
+  p.kind = CompressionPolicy::Kind::kSnapKv;
+  p.budget_tokens = budget;
+  p.window_tokens = window;
+  return p;
+}
+
 // One rank (dp 1, tp 1) serving the coordinator's plans; the engine model writes and checks
 // every cached token's K/V after each step, and its attention feeds the scores.
 struct CompressedRank {
@@ -261,7 +269,7 @@ TEST(CompressionTest, SnapKvCompactsThePromptOnceAndKeepsDecodedTokens) {
   r.mass = [](SeqId, size_t origin, uint32_t) { return origin == 10 || origin == 20 ? 5.0f : 0.1f; };
   CompressionPolicy policy;
   policy.kind = CompressionPolicy::Kind::kSnapKv;
-  policy.budget_ratio = 0.25;  // of 96 prompt tokens: 24
+  policy.budget_ratio = 0.25;  // of 96 prompt tokens: 24, kept in whole blocks: 32
   policy.window_tokens = 8;
   const SeqId seq{4};
   ASSERT_TRUE(r.admit(seq, testing::token_run(96, 1), policy).ok());
@@ -274,10 +282,10 @@ TEST(CompressionTest, SnapKvCompactsThePromptOnceAndKeepsDecodedTokens) {
   EXPECT_TRUE(std::count(kept.begin(), kept.end(), 10u));
   EXPECT_TRUE(std::count(kept.begin(), kept.end(), 20u));
   for (size_t i = 88; i < 96; ++i) EXPECT_TRUE(std::count(kept.begin(), kept.end(), i));
-  // 24 of the prompt, then every decoded token.
+  // 32 of the prompt, then every decoded token.
   const size_t prompt_kept = std::count_if(kept.begin(), kept.end(), [](size_t o) { return o < 96; });
-  EXPECT_EQ(prompt_kept, 24u);
-  EXPECT_EQ(kept.size(), 24u + (r.engine.tokens(seq).size() - 96));
+  EXPECT_EQ(prompt_kept, 32u);
+  EXPECT_EQ(kept.size(), 32u + (r.engine.tokens(seq).size() - 96));
 }
 
 // A compressed sequence's prompt is cached whole before it is compacted, and the compaction
@@ -306,6 +314,137 @@ TEST(CompressionTest, ACompactedPromptIsNeverServedToARequestExpectingFullKv) {
   const auto again = r.admit(SeqId{5}, longer, std::nullopt);
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->cached_tokens, 64u);
+  ASSERT_TRUE(r.step());
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
+// Attention that depends on the prompt position alone, as a model's does on an identical prompt:
+// identical requests then keep the same tokens.
+float by_position(SeqId, size_t origin, uint32_t) { return origin % 7 == 3 ? 5.0f : 0.1f; }
+
+bool requests_scores_of(const StepPlan& plan, SeqId seq) {
+  return std::any_of(plan.score_requests.begin(), plan.score_requests.end(),
+                     [&](const StepPlan::ScoreRequest& r) { return r.seq == seq; });
+}
+
+// A SnapKV compaction's kept prompt is indexed under the prompt, namespace, budget and window;
+// an identical request starts from it (engine.verify checks its K/V every step), and a request
+// differing in any of them does not.
+TEST(CompressionTest, IdenticalSnapKvRequestsShareTheCompactedPrompt) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  r.mass = by_position;
+  const auto prompt = testing::token_run(96, 1);
+  const CompressionPolicy policy = snapkv(24, 8);  // kept in whole blocks: 32 tokens
+  ASSERT_TRUE(r.admit(SeqId{1}, prompt, policy).ok());
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(r.step());
+    r.decode(SeqId{1});
+  }
+  ASSERT_EQ(r.coordinator.stats().compactions, 1u);
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 1u);
+  const std::vector<size_t> kept = r.engine.origins(SeqId{1});
+  ASSERT_GT(kept.size(), 32u);
+  for (size_t i = 0; i < kept.size(); ++i) EXPECT_EQ(kept[i] < 96, i < 32) << "slot " << i;
+
+  const auto shared = r.admit(SeqId{2}, prompt, policy);
+  ASSERT_TRUE(shared.ok());
+  EXPECT_EQ(shared->compressed_tokens, 32u);
+  EXPECT_EQ(shared->cached_tokens, 96u);
+  const std::vector<BlockId> first = r.coordinator.blocks_of(SeqId{1});
+  EXPECT_EQ(shared->blocks, std::vector<BlockId>(first.begin(), first.begin() + 2));
+  EXPECT_EQ(r.engine.origins(SeqId{2}), std::vector<size_t>(kept.begin(), kept.begin() + 32));
+  StepPlan plan;
+  ASSERT_TRUE(r.step(&plan));
+  const auto table = std::find_if(plan.tables.begin(), plan.tables.end(),
+                                  [](const StepPlan::Table& t) { return t.seq == SeqId{2}; });
+  ASSERT_NE(table, plan.tables.end());
+  EXPECT_EQ(table->num_tokens, 32u);
+  EXPECT_EQ(table->computed_tokens, 32u);  // nothing to prefill
+  for (int i = 0; i < 20; ++i) {
+    r.decode(SeqId{1});
+    r.decode(SeqId{2});
+    ASSERT_TRUE(r.step(&plan));
+    EXPECT_FALSE(requests_scores_of(plan, SeqId{2}));  // its compaction is the one it shares
+  }
+  EXPECT_EQ(r.coordinator.stats().compactions, 1u);
+  EXPECT_EQ(r.coordinator.stats().compressed_hits, 1u);
+  EXPECT_EQ(r.coordinator.stats().local_hit_tokens, 96u);  // the first missed
+
+  // A different budget, window, prompt or namespace, or no compression: the full prompt.
+  auto changed = prompt;
+  changed.back() += 1;
+  AdmitOptions other_tenant;
+  other_tenant.tenant = "b";
+  other_tenant.compression = policy;
+  const auto other = r.coordinator.admit(SeqId{7}, prompt, other_tenant);
+  ASSERT_TRUE(other.ok());
+  r.engine.admitted(SeqId{7}, prompt, *other);
+  EXPECT_EQ(other->compressed_tokens, 0u);
+  for (const auto& [seq, request, compression] :
+       {std::tuple{SeqId{3}, prompt, std::optional(snapkv(40, 8))},
+        std::tuple{SeqId{4}, prompt, std::optional(snapkv(24, 4))},
+        std::tuple{SeqId{5}, changed, std::optional(policy)},
+        std::tuple{SeqId{6}, prompt, std::optional<CompressionPolicy>()}}) {
+    const auto placed = r.admit(seq, request, compression);
+    ASSERT_TRUE(placed.ok()) << seq;
+    EXPECT_EQ(placed->compressed_tokens, 0u) << seq;
+    EXPECT_EQ(placed->cached_tokens, seq == SeqId{5} ? 80u : 96u) << seq;
+  }
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(r.step());
+  EXPECT_EQ(r.coordinator.stats().compressed_hits, 1u);
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
+// The compacted prompt stays cached when its sequences end and leaves like any cached block; a
+// selection made from a partial report (a shorter vote) is compacted but never shared.
+TEST(CompressionTest, ACompactedPromptLeavesWithTheCacheAndOnlyAFullVoteIsShared) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  r.mass = by_position;
+  const auto prompt = testing::token_run(96, 1);
+  const CompressionPolicy policy = snapkv(24, 8);
+  ASSERT_TRUE(r.admit(SeqId{1}, prompt, policy).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+  ASSERT_EQ(r.coordinator.stats().compressed_indexed, 1u);
+  ASSERT_TRUE(r.coordinator.free(SeqId{1}).ok());
+  r.engine.freed(SeqId{1});
+  ASSERT_TRUE(r.step());
+  const auto again = r.admit(SeqId{2}, prompt, policy);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->compressed_tokens, 32u);  // cached with no sequence holding it
+  ASSERT_TRUE(r.step());
+  ASSERT_TRUE(r.coordinator.free(SeqId{2}).ok());
+  r.engine.freed(SeqId{2});
+  ASSERT_TRUE(r.step());
+  ASSERT_TRUE(r.coordinator.reset_prefix_cache(std::nullopt).ok());
+  EXPECT_EQ(r.coordinator.replica_stats(0).cached_blocks, 0u);
+  const auto gone = r.admit(SeqId{3}, prompt, policy);
+  ASSERT_TRUE(gone.ok());
+  EXPECT_EQ(gone->compressed_tokens, 0u);
+  EXPECT_EQ(gone->cached_tokens, 0u);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 2u);  // its own compaction, indexed again
+
+  // A report that leaves voters unscored: the rest of the prompt is kept, and not shared.
+  const auto other = testing::token_run(96, 300);
+  ASSERT_TRUE(r.admit(SeqId{4}, other, policy).ok());
+  StepPlan plan;
+  while (!requests_scores_of(plan, SeqId{4})) {
+    auto next = r.coordinator.step();
+    ASSERT_TRUE(next.ok());
+    plan = *next;
+    std::vector<uint8_t> bytes = plan.serialize();
+    ASSERT_TRUE(r.rank->receive_and_execute(bytes, RankId{0}).ok());
+    r.engine.planned(plan);
+    ASSERT_TRUE(r.engine.forward(*r.rank).ok());
+  }
+  const std::vector<double> partial(40, 1.0);  // of 88 voters
+  ASSERT_TRUE(r.coordinator.report_attention(SeqId{4}, plan.step, partial).ok());
+  ASSERT_TRUE(r.step(&plan));
+  ASSERT_EQ(plan.compactions.size(), 1u);
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 2u);
+  const auto unshared = r.admit(SeqId{5}, other, policy);
+  ASSERT_TRUE(unshared.ok());
+  EXPECT_EQ(unshared->compressed_tokens, 0u);
   ASSERT_TRUE(r.step());
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
@@ -560,17 +699,23 @@ TEST(CompressionTest, BadPoliciesAreRefusedNamingTheFieldAndChangeNothing) {
 // A seeded serving load where half the requests compress (streaming or H2O with the engine's
 // scores), mixed with prefix hits, forks, swaps and preemption: every cached token's K/V is
 // checked after every step, and at the end no block is held.
-void run_compressed_workload(const CompressionPolicy& policy, uint64_t seed) {
-  Config config = serving_config(1, 1, 4, 2, 32, 12);
+// With `repeat_prompts`, some requests repeat a recent prompt whole and attention depends on the
+// position alone, so that identical SnapKV requests share their compacted prompts.
+void run_compressed_workload(const CompressionPolicy& policy, uint64_t seed,
+                             bool repeat_prompts = false) {
+  // Room for compacted prompts to outlive their requests for a while, and still under pressure.
+  Config config = serving_config(1, 1, 4, 2, repeat_prompts ? 40 : 32, 12);
   CompressedRank r(config);
   r.mass = [](SeqId seq, size_t origin, uint32_t) {
     return static_cast<float>(splitmix64(seq.value * 131 + origin) % 100) / 100.0f;
   };
+  if (repeat_prompts) r.mass = by_position;
   SCOPED_TRACE(testing::property_trace());
   testing::ServingWorkload workload(testing::property_seed(seed), 1);
   workload.compress_some(policy);
+  if (repeat_prompts) workload.repeat_some_prompts();
   uint64_t swaps = 0, copies = 0;
-  for (uint64_t step = 0; step < testing::property_count(150); ++step) {
+  for (uint64_t step = 0; step < testing::property_count(repeat_prompts ? 400 : 150); ++step) {
     ASSERT_TRUE(workload.issue(r.coordinator, r.engine).ok());
     auto plan = r.coordinator.step();
     ASSERT_TRUE(plan.ok());
@@ -597,6 +742,7 @@ void run_compressed_workload(const CompressionPolicy& policy, uint64_t seed) {
   EXPECT_GT(swaps, 0u);
   EXPECT_GT(copies, 0u);
   EXPECT_GT(workload.counts().forks, 0u);
+  if (repeat_prompts) EXPECT_GT(r.coordinator.stats().compressed_hits, 0u) << r.coordinator.stats().compressed_indexed << " indexed, " << r.coordinator.stats().compactions << " compactions";
 }
 
 TEST(CompressionTest, AStreamingWorkloadKeepsKvExactAndLeaksNothing) {
@@ -607,16 +753,22 @@ TEST(CompressionTest, AnH2oWorkloadKeepsKvExactAndLeaksNothing) {
   run_compressed_workload(h2o(40, 12, 3), 22);
 }
 
+TEST(CompressionTest, ASnapKvWorkloadSharingCompactedPromptsKeepsKvExactAndLeaksNothing) {
+  run_compressed_workload(snapkv(24, 8), 23, /*repeat_prompts=*/true);
+}
+
 // Across replicas (coordinator alone): compression with migrations, parking and cross-replica
 // forks gives back every block.
-TEST(CompressionTest, CompressionWithMigrationsLeaksNoBlockOnAnyReplica) {
-  Config config = serving_config(2, 1, 4, 2, 24, 8);
+void run_compressed_workload_across_replicas(const CompressionPolicy& policy, uint64_t seed,
+                                             bool repeat_prompts) {
+  Config config = serving_config(2, 1, 4, 2, repeat_prompts ? 36 : 24, 8);
   auto coordinator = Coordinator::create(config);
   ASSERT_TRUE(coordinator.ok());
   testing::EngineModel engine(config);
-  testing::ServingWorkload workload(testing::property_seed(31), 2);
-  workload.compress_some(h2o(30, 10, 2));
-  for (uint64_t step = 0; step < testing::property_count(200); ++step) {
+  testing::ServingWorkload workload(testing::property_seed(seed), 2);
+  workload.compress_some(policy);
+  if (repeat_prompts) workload.repeat_some_prompts();
+  for (uint64_t step = 0; step < testing::property_count(repeat_prompts ? 400 : 200); ++step) {
     ASSERT_TRUE(workload.issue(*coordinator, engine).ok());
     auto plan = coordinator->step();
     ASSERT_TRUE(plan.ok());
@@ -639,7 +791,15 @@ TEST(CompressionTest, CompressionWithMigrationsLeaksNoBlockOnAnyReplica) {
   for (uint32_t replica = 0; replica < 2; ++replica) {
     EXPECT_EQ(coordinator->replica_stats(replica).used_blocks, 0u);
     EXPECT_EQ(coordinator->replica_stats(replica).host_blocks - coordinator->replica_stats(replica).host_free_blocks, 0u);
-  }
+  }  if (repeat_prompts) EXPECT_GT(coordinator->stats().compressed_hits, 0u);
+}
+
+TEST(CompressionTest, CompressionWithMigrationsLeaksNoBlockOnAnyReplica) {
+  run_compressed_workload_across_replicas(h2o(30, 10, 2), 31, false);
+}
+
+TEST(CompressionTest, SharedSnapKvPromptsWithMigrationsLeakNoBlockOnAnyReplica) {
+  run_compressed_workload_across_replicas(snapkv(24, 8), 32, true);
 }
 
 }  // namespace
