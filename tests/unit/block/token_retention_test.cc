@@ -160,6 +160,36 @@ TEST(TokenRetention, SharedBlocksAreCopiedNotWritten) {
   EXPECT_TRUE(cache.verify_integrity().ok());
 }
 
+// Blocks asked to end up the sequence's own are copied even where no token moves into them, so
+// that a compacted prefix can be indexed without indexing a block twice.
+TEST(TokenRetention, OwnBlocksAreCopiedEvenWhereNothingMoves) {
+  PagedKvCache cache(7, 4, 1, 8);
+  testing::SlotModel slots(7, 4);
+  ASSERT_TRUE(cache.allocate(SeqId{1}, 12).ok());
+  slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, 12));
+  ASSERT_TRUE(cache.fork(SeqId{1}, SeqId{2}).ok());
+  ASSERT_TRUE(cache.allocate(SeqId{3}, 12).ok());  // leaves 1 free block
+  const std::vector<size_t> keep = {0, 1, 2, 3, 5, 9};  // block 0 stays whole; block 1 is written
+
+  const std::string before = snapshot(cache);
+  EXPECT_EQ(cache.retain_tokens(SeqId{1}, keep, 2).status().code(), ErrorCode::kOutOfMemory);
+  EXPECT_EQ(snapshot(cache), before);
+  ASSERT_TRUE(cache.free(SeqId{3}).ok());
+  const BlockId shared_first = cache.get_sequence(SeqId{2})->block_ids[0];
+  ASSERT_TRUE(cache.retain_tokens(SeqId{1}, keep, 2).ok());
+  const SequenceInfo* seq = cache.get_sequence(SeqId{1});
+  EXPECT_NE(seq->block_ids[0], shared_first);
+  slots.apply(cache.take_pending_copies());
+  EXPECT_EQ(slots.read(*seq), tokens_at(token_ids(0, 12), keep));
+  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{2})), token_ids(0, 12));  // the sharer is intact
+  EXPECT_TRUE(cache.verify_integrity().ok());
+
+  // Without them, the whole block that nothing moves into stays shared.
+  ASSERT_TRUE(cache.fork(SeqId{2}, SeqId{4}).ok());
+  ASSERT_TRUE(cache.retain_tokens(SeqId{4}, keep).ok());
+  EXPECT_EQ(cache.get_sequence(SeqId{4})->block_ids[0], shared_first);
+}
+
 // Random selections on random tables with forks: every kept token reads back in order, sharers
 // never change, and freeing everything returns every block.
 TEST(TokenRetention, RandomSelectionsWithSharers) {
