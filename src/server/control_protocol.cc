@@ -334,6 +334,11 @@ json stats_reply(const Coordinator& coordinator) {
           {"parked", s.parked},
           {"preempted", s.preempted},
           {"steps", s.steps},
+          {"compactions", s.compactions},
+          {"compacted_tokens", s.compacted_tokens},
+          {"compacted_blocks", s.compacted_blocks},
+          {"compressed_indexed", s.compressed_indexed},
+          {"compressed_hits", s.compressed_hits},
           {"missed_tokens",
            {{"partial_block", s.missed.partial_block},
             {"other_replica", s.missed.other_replica},
@@ -722,6 +727,7 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       return json{{"replica", placed.replica},
                   {"cached_tokens", placed.cached_tokens},
                   {"migrated_tokens", placed.migrated_tokens},
+                  {"compressed_tokens", placed.compressed_tokens},
                   {"blocks", block_list(placed.blocks)}};
     }
     case ControlOp::kAppend: {

@@ -156,6 +156,14 @@ std::string render_metrics(const Coordinator& coordinator, const ControlStats* r
           s.parked);
   counter(out, "kvfabric_preempted_total", "Sequences dropped for recomputation.", s.preempted);
   counter(out, "kvfabric_steps_total", "Step plans produced.", s.steps);
+  counter(out, "kvfabric_compactions_total", "Token compactions planned.", s.compactions);
+  counter(out, "kvfabric_compacted_tokens_total", "Tokens token compactions dropped.",
+          s.compacted_tokens);
+  counter(out, "kvfabric_compressed_prompts_indexed_total",
+          "SnapKV compacted prompts indexed for identical requests.", s.compressed_indexed);
+  counter(out, "kvfabric_compressed_prompt_hits_total",
+          "Admissions served an indexed compacted prompt (counted in the local hit tokens too).",
+          s.compressed_hits);
 
   family(out, "kvfabric_device_blocks", "gauge",
          "Device-pool blocks of each replica, by state (used: held by sequences; cached: "

@@ -52,6 +52,8 @@ class Placement:
     cached_tokens: int  #: prompt tokens in place after this step's plan; prefill the rest
     migrated_tokens: int
     blocks: list[int]
+    #: non-zero: served an identical SnapKV request's kept prompt of this many tokens
+    compressed_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,8 @@ class Client:
         r = self.request("admit", seq=seq, tokens=[int(t) for t in tokens], priority=priority,
                          cache_salt=cache_salt, public_tokens=public_tokens,
                          compression=compression)
-        return Placement(r["replica"], r["cached_tokens"], r["migrated_tokens"], r["blocks"])
+        return Placement(r["replica"], r["cached_tokens"], r["migrated_tokens"], r["blocks"],
+                         r.get("compressed_tokens", 0))
 
     def report_attention(self, seq: int, step: int, scores: Sequence[float]) -> None:
         """The attention scores of a compressed sequence, per token, summed over its

@@ -270,6 +270,8 @@ void bind_coordinator(py::module_& m) {
       .field("cached_tokens", &Placement::cached_tokens,
              "prompt tokens whose K/V is in place after this step's plan; prefill the rest")
       .field("migrated_tokens", &Placement::migrated_tokens)
+      .field("compressed_tokens", &Placement::compressed_tokens,
+             "non-zero: served an identical SnapKV request's kept prompt of this many tokens")
       .field("blocks", &Placement::blocks);
   Record<SequenceState>(m, "SequenceState", "What query() knows about a live sequence.")
       .field("replica", &SequenceState::replica)
@@ -289,7 +291,9 @@ void bind_coordinator(py::module_& m) {
       .field("steps", &CoordinatorStats::steps)
       .field("compactions", &CoordinatorStats::compactions)
       .field("compacted_tokens", &CoordinatorStats::compacted_tokens)
-      .field("compacted_blocks", &CoordinatorStats::compacted_blocks);
+      .field("compacted_blocks", &CoordinatorStats::compacted_blocks)
+      .field("compressed_indexed", &CoordinatorStats::compressed_indexed)
+      .field("compressed_hits", &CoordinatorStats::compressed_hits);
   Record<ReplicaStats>(m, "ReplicaStats")
       .field("device_blocks", &ReplicaStats::device_blocks)
       .field("used_blocks", &ReplicaStats::used_blocks)

@@ -67,6 +67,29 @@ def test_compression_is_admitted_scored_and_compacted(server):
             client.report_attention(1, scored.step, [-1.0])
 
 
+def test_an_identical_snapkv_request_starts_from_the_compacted_prompt(server):
+    snapkv = {"policy": "snapkv", "budget_tokens": 10, "window_tokens": 4}
+    prompt = [7 + 3 * i for i in range(70)]
+    with kvfabric.Client.connect(server.host, server.port) as client:
+        first = client.admit(11, prompt, compression=snapkv)
+        assert first.compressed_tokens == 0
+        client.step()  # the prefill
+        scored = client.step()
+        assert scored.score_requests == [11]
+        client.report_attention(11, scored.step, [1.0] * 70)
+        (compaction,) = client.step().compactions
+        assert compaction.seq == 11
+        shared = client.admit(12, prompt, compression=snapkv)
+        # a budget of 10 kept in whole 16-token blocks; nothing to prefill
+        assert (shared.compressed_tokens, shared.cached_tokens) == (16, 70)
+        assert len(shared.blocks) == 1
+        assert client.admit(13, prompt, compression=dict(snapkv, budget_tokens=20)).compressed_tokens == 0
+        assert client.stats()["compressed_hits"] == 1
+        for seq in (11, 12, 13):
+            client.free(seq)
+        client.step()
+
+
 def test_errors_carry_the_servers_code_and_message(server):
     with kvfabric.Client.connect(server.host, server.port) as client:
         with pytest.raises(kvfabric.SequenceNotFoundError) as missing:

@@ -281,6 +281,7 @@ TEST(ControlProtocolTest, CompressionIsAdmittedScoredAndCompactedOverTheWire) {
   EXPECT_EQ(error_code(unknown), "SequenceNotFound") << unknown;
 }
 
+
 TEST(ControlProtocolTest, BatchesRunInOrderAndEchoIds) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 16, 0));
   ControlProtocol protocol(c);
@@ -476,6 +477,46 @@ TEST(ControlProtocolTest, ShutdownOnlyWhenAllowed) {
 // One sample line of a Prometheus exposition, e.g. `name{labels} value`.
 bool has_sample(const std::string& text, const std::string& sample) {
   return text.find("\n" + sample + "\n") != std::string::npos;
+}
+
+// A SnapKV request identical to one already compacted is served its kept prompt: the reply says
+// how many tokens the sequence starts with, and the stats and metrics count it.
+TEST(ControlProtocolTest, AnIdenticalSnapKvRequestIsServedTheCompactedPrompt) {
+  Coordinator c = make(serving_config(1, 1, 4, 2, 32, 0));
+  ControlProtocol protocol(c);
+  const json admit = {{"op", "admit"},
+                      {"seq", 1},
+                      {"tokens", token_run(80, 3)},
+                      {"compression", {{"policy", "snapkv"}, {"budget_tokens", 12}, {"window_tokens", 4}}}};
+  json reply = call(protocol, admit);
+  ASSERT_EQ(reply["ok"], true) << reply;
+  EXPECT_EQ(reply["compressed_tokens"], 0);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);  // the prefill
+  const json scored = call(protocol, {{"op", "step"}});
+  ASSERT_EQ(scored["score_requests"], json::parse(R"([{"seq": 1, "replica": 0}])")) << scored;
+  ASSERT_EQ(call(protocol, {{"op", "report_attention"},
+                            {"seq", 1},
+                            {"step", scored["step"]},
+                            {"scores", std::vector<double>(80, 1.0)}})["ok"],
+            true);
+  const json compacted = call(protocol, {{"op", "step"}});
+  ASSERT_EQ(compacted["compactions"].size(), 1u) << compacted;
+
+  json again = admit;
+  again["seq"] = 2;
+  reply = call(protocol, again);
+  ASSERT_EQ(reply["ok"], true) << reply;
+  EXPECT_EQ(reply["compressed_tokens"], 16);  // a budget of 12 kept in whole blocks
+  EXPECT_EQ(reply["cached_tokens"], 80);
+  EXPECT_EQ(reply["blocks"].size(), 1u);
+  const json stats = call(protocol, {{"op", "stats"}});
+  EXPECT_EQ(stats["compactions"], 1) << stats;
+  EXPECT_EQ(stats["compressed_indexed"], 1) << stats;
+  EXPECT_EQ(stats["compressed_hits"], 1) << stats;
+  const std::string text = protocol.metrics_text();
+  EXPECT_TRUE(has_sample(text, "kvfabric_compactions_total 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_compressed_prompts_indexed_total 1")) << text;
+  EXPECT_TRUE(has_sample(text, "kvfabric_compressed_prompt_hits_total 1")) << text;
 }
 
 // A subscriber's lines, parsed: {"kv_events": batch, "dropped": n} each.
