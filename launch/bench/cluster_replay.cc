@@ -311,6 +311,7 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
   r.preempted = stats.preempted;
   r.compactions = stats.compactions;
   r.compacted_tokens = stats.compacted_tokens;
+  r.compressed_hits = stats.compressed_hits;
   const uint64_t first_admissions = r.admissions - r.readmissions;
   r.mean_queue_steps = first_admissions == 0 ? 0.0 : queue_steps / static_cast<double>(first_admissions);
   r.coordinator_us_per_request = count == 0 ? 0.0 : coordinator_us / static_cast<double>(count);

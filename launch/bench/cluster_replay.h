@@ -107,6 +107,7 @@ struct ClusterReplayResult {
   double decode_context_tokens_per_step = 0;
   uint64_t compactions = 0;
   uint64_t compacted_tokens = 0;         //!< dropped by them
+  uint64_t compressed_hits = 0;          //!< admissions served an identical request's kept prompt
   uint64_t compaction_copied_tokens = 0;  //!< moved by their copy ops (per shard)
   uint64_t score_requests = 0;
   //! Sent to rank 0 for them, 4 bytes per token per shard: counted by the ranks under MPI,

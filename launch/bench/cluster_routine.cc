@@ -277,6 +277,7 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                                {"decode_context_tokens_per_step", r->decode_context_tokens_per_step},
                                {"compactions", r->compactions},
                                {"compacted_tokens", r->compacted_tokens},
+                               {"compressed_hits", r->compressed_hits},
                                {"compaction_copied_tokens", r->compaction_copied_tokens},
                                {"score_requests", r->score_requests},
                                {"score_bytes", r->score_bytes}});
@@ -293,8 +294,8 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
                                       "coord_us/req", "coord_MiB", "wall_s"};
   if (compressing) {
     columns.insert(columns.begin(), "compression");
-    columns.insert(columns.end(), {"kv_tok/seq", "compactions", "copied_tok", "score_MiB",
-                                   "exec_s"});
+    columns.insert(columns.end(), {"kv_tok/seq", "compactions", "shared", "copied_tok",
+                                   "score_MiB", "exec_s"});
   }
   Table table(columns);
   for (size_t i = 0; i < runs.size(); ++i) {
@@ -314,6 +315,7 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
       row.insert(row.begin(), run_compressions[i]);
       row.insert(row.end(),
                  {fmt::format("{:.0f}", r.kv_tokens_per_sequence), std::to_string(r.compactions),
+                  std::to_string(r.compressed_hits),
                   format_count(static_cast<double>(r.compaction_copied_tokens)),
                   fmt::format("{:.1f}", static_cast<double>(r.score_bytes) / (1 << 20)),
                   fmt::format("{:.2f}", r.executor_seconds)});
@@ -333,7 +335,8 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
   if (compressing) {
     fmt::print(
         "kv_tok/seq = KV tokens a running sequence holds, averaged over steps (what its decode "
-        "attention reads);\ncopied_tok = tokens the compactions' copy ops moved (per shard); "
+        "attention reads);\nshared = admissions served an identical SnapKV request's kept "
+        "prompt; copied_tok = tokens the compactions' copy ops moved (per shard);\n"
         "score_MiB = attention scores the shards sent\nfor the score requests (counted by the "
         "ranks under mpirun); exec_s = wall time of the ranks' plan execution and\nof their "
         "stand-in forward pass, which scores the requested sequences with a synthetic "

@@ -37,7 +37,7 @@ Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) co
 }
 
 void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
-                                     std::optional<CacheSalt> shared_as) {
+                                     std::optional<uint64_t> probe) {
   if (!options.compression) return;
   const quant::CompressionPolicy& policy = *options.compression;
   compressed_[seq] = Compressed{.policy = policy,
@@ -47,7 +47,8 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, siz
                                 .scores = {},
                                 .request = std::nullopt,
                                 .arrival = quant::ArrivalOrder(),
-                                .shared_as = shared_as};
+                                .shared_as = std::nullopt,
+                                .probe = probe};
 }
 
 uint64_t Coordinator::budget_of(const quant::CompressionPolicy& policy,
@@ -58,14 +59,9 @@ uint64_t Coordinator::budget_of(const quant::CompressionPolicy& policy,
   return (budget + bs - 1) / bs * bs;
 }
 
-std::optional<CacheSalt> Coordinator::compressed_prompt_identity(const AdmitOptions& options,
-                                                                 const CacheSalt& namespace_salt,
-                                                                 std::span<const TokenId> prompt,
-                                                                 uint64_t budget) {
-  const quant::CompressionPolicy& policy = *options.compression;
-  if (policy.kind != quant::CompressionPolicy::Kind::kSnapKv || prompt.size() <= budget) {
-    return std::nullopt;
-  }
+CacheSalt Coordinator::compressed_prompt_identity(const quant::CompressionPolicy& policy,
+                                                  uint64_t budget, const CacheSalt& namespace_salt,
+                                                  std::span<const TokenId> prompt) {
   // What a SnapKV selection depends on besides the model: the whole prompt (its window votes,
   // and every kept token's K/V attended to all before it), the budget and the window. The
   // namespace keeps tenants and salts apart as it does for full prompts.
@@ -74,6 +70,38 @@ std::optional<CacheSalt> Coordinator::compressed_prompt_identity(const AdmitOpti
                      to_string(namespace_salt) + "\n";
   text.append(reinterpret_cast<const char*>(prompt.data()), prompt.size_bytes());
   return CacheSalt::of(text);
+}
+
+std::optional<uint64_t> Coordinator::compressed_prompt_probe(
+    const quant::CompressionPolicy& policy, uint64_t budget, const CacheSalt& namespace_salt,
+    std::span<const TokenId> prompt) const {
+  if (policy.kind != quant::CompressionPolicy::Kind::kSnapKv || prompt.size() <= budget) {
+    return std::nullopt;
+  }
+  const uint32_t bs = config_.cache.block_size;
+  const size_t edge = std::min<size_t>(bs, prompt.size());
+  uint64_t h = detail::radix_unit_key(prompt.first(edge), bs);
+  for (uint64_t word : {detail::radix_unit_key(prompt.last(edge), bs), uint64_t{prompt.size()},
+                        budget, policy.window_tokens, namespace_salt.hi, namespace_salt.lo}) {
+    h = (h ^ word) * 0x9fb21c651e98df25ULL;
+    h ^= h >> 29;
+  }
+  return h;
+}
+
+void Coordinator::name_compressed_prompts() {
+  if (compressed_.empty()) return;
+  for (const AdmittedPrompt& admitted : admitted_now_) {
+    const auto it = compressed_.find(admitted.seq);
+    const Sequence* s = find(admitted.seq);
+    if (it == compressed_.end() || !it->second.probe || s == nullptr ||
+        s->incarnation != admitted.incarnation) {
+      continue;
+    }
+    Compressed& c = it->second;
+    c.shared_as = compressed_prompt_identity(c.policy, c.budget, admitted.key.scope().salt,
+                                             admitted.tokens);
+  }
 }
 
 RadixKey Coordinator::compressed_prompt_key(const CacheSalt& identity, size_t kept) {
@@ -151,6 +179,10 @@ void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, const Com
     KVF_CHECK(retained.ok(), "retaining a compacted prompt block failed: " + retained.to_string());
   }
   if (!added->empty()) ++stats_.compressed_indexed;
+  // Each indexed compacted prompt holds a block, so more probes than blocks are mostly of
+  // evicted ones: starting afresh costs only the sharing of those still indexed.
+  if (compressed_probes_.size() >= num_replicas() * pool.total_blocks()) compressed_probes_.clear();
+  compressed_probes_.insert(*c.probe);
   mark_load(s.replica);
 }
 

@@ -475,16 +475,18 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
       check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
   KVF_RETURN_IF_ERROR(check_compression(seq, options));
   const CacheSalt salt = salt_of(options);
-  std::optional<CacheSalt> shared_as;
+  std::optional<uint64_t> probe;
   if (options.compression) {
     // An identical compressed request may have left its compacted prompt: nothing to compute.
-    const uint64_t budget = budget_of(*options.compression, prompt.size());
-    shared_as = compressed_prompt_identity(options, salt, prompt, budget);
-    if (shared_as) {
+    const quant::CompressionPolicy& policy = *options.compression;
+    const uint64_t budget = budget_of(policy, prompt.size());
+    probe = compressed_prompt_probe(policy, budget, salt, prompt);
+    if (probe && compressed_probes_.count(*probe) > 0) {
       std::optional<Placement> served =
-          admit_compressed(seq, prompt.size(), *shared_as, budget, priority, tenant);
+          admit_compressed(seq, prompt.size(), compressed_prompt_identity(policy, budget, salt, prompt),
+                           budget, priority, tenant);
       if (served) {
-        record_compression(seq, options, prompt.size(), shared_as);
+        record_compression(seq, options, prompt.size(), probe);
         Compressed& compressed = compressed_.at(seq);
         compressed.prefilled = true;
         compressed.compacted_once = true;  // snapkv compacts once: this is its compaction
@@ -507,7 +509,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
                        place(seq, std::move(prompt), std::move(key), priority, tenant, choice));
   admitted_now_.back().best_tokens = best_tokens;
   admitted_now_.back().served_tokens = placed.cached_tokens;
-  record_compression(seq, options, prompt_tokens, shared_as);
+  record_compression(seq, options, prompt_tokens, probe);
   return placed;
 }
 
@@ -1154,6 +1156,7 @@ void Coordinator::index_planned_prompts() {
     // Blocks hung under an idle cached prefix make it used: the replica's load moves.
     mark_load(r);
   }
+  name_compressed_prompts();
   admitted_now_.clear();
   misses_counted_ = 0;
   admitted_now_blocks_ = 0;

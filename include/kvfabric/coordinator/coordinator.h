@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_set>
 #include <vector>
 
 #include "kvfabric/block/block_allocator.h"
@@ -390,8 +391,11 @@ class Coordinator {
     };
     std::optional<ScoreRequest> request;
     quant::ArrivalOrder arrival;  //!< h2o: when each slot's token arrived, once compacted
-    //! snapkv: the identity its compacted prompt is indexed under (compressed_prompt_identity)
+    //! snapkv, for a prompt over its budget: the identity its compacted prompt is indexed
+    //! under (compressed_prompt_identity), named at the step after its admission, and the
+    //! cheap probe of it (compressed_prompt_probe)
     std::optional<CacheSalt> shared_as;
+    std::optional<uint64_t> probe;
   };
 
   explicit Coordinator(const Config& config);
@@ -487,16 +491,26 @@ class Coordinator {
   // Token compression (compression.cc).
   Status check_compression(SeqId seq, const AdmitOptions& options) const;
   void record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
-                          std::optional<CacheSalt> shared_as);
+                          std::optional<uint64_t> probe);
   //! The budget in tokens a policy gives a prompt: quant::budget_for, for snapkv rounded up to
   //! whole blocks.
   [[nodiscard]] uint64_t budget_of(const quant::CompressionPolicy& policy, size_t prompt_tokens) const;
   //! The identity a snapkv compaction of `prompt` is shared under: a SHA-256 over the prompt,
-  //! its namespace and the policy's budget and window. nullopt when nothing would be shared (not
-  //! snapkv, or a prompt within its budget).
-  [[nodiscard]] static std::optional<CacheSalt> compressed_prompt_identity(
-      const AdmitOptions& options, const CacheSalt& namespace_salt, std::span<const TokenId> prompt,
-      uint64_t budget);
+  //! its namespace and the policy's budget and window.
+  [[nodiscard]] static CacheSalt compressed_prompt_identity(const quant::CompressionPolicy& policy,
+                                                            uint64_t budget,
+                                                            const CacheSalt& namespace_salt,
+                                                            std::span<const TokenId> prompt);
+  //! A cheap stand-in for that identity (the prompt's length, first and last blocks, namespace,
+  //! budget and window), so that an admission hashes its whole prompt only when some indexed
+  //! compacted prompt may be its own. nullopt when nothing would be shared (not snapkv, or a
+  //! prompt within its budget).
+  [[nodiscard]] std::optional<uint64_t> compressed_prompt_probe(
+      const quant::CompressionPolicy& policy, uint64_t budget, const CacheSalt& namespace_salt,
+      std::span<const TokenId> prompt) const;
+  //! Names the compacted prompts of this step's snapkv admissions (shared_as), while their
+  //! prompts are at hand (index_planned_prompts).
+  void name_compressed_prompts();
   //! The index key of a compacted prompt of `kept` tokens (whole blocks) shared under `identity`:
   //! the identity is the salt of every block, and the tokens are slot numbers, as an identical
   //! request can name them before knowing which tokens were kept.
@@ -547,6 +561,8 @@ class Coordinator {
   PrefixLookup lookup_;                            // the prompt being admitted
   PrefixLookup compressed_lookup_;                 // a compacted prompt looked up
   std::vector<TokenId> slot_numbers_;              // 0, 1, ...: compressed_prompt_key's tokens
+  // Probes of the compacted prompts indexed so far (some evicted since): a membership test only.
+  std::unordered_set<uint64_t> compressed_probes_;
   std::vector<std::pair<double, uint32_t>> holders_left_;  // choose_replica's scratch
   std::vector<Tenant> tenants_;  // in registration order; Sequence::tenant indexes it
   std::map<std::string, uint32_t, std::less<>> tenant_ids_;
