@@ -48,7 +48,8 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, siz
                                 .request = std::nullopt,
                                 .arrival = quant::ArrivalOrder(),
                                 .shared_as = std::nullopt,
-                                .probe = probe};
+                                .probe = probe,
+                                .indexed_on = std::nullopt};
 }
 
 uint64_t Coordinator::budget_of(const quant::CompressionPolicy& policy,
@@ -158,12 +159,51 @@ bool Coordinator::voted_in_full(const Compressed& c) {
   return c.scores.size() >= c.prompt_tokens - window;
 }
 
-bool Coordinator::holds_compacted_prompt(const Sequence& s, const Compressed& c) {
+bool Coordinator::makes_way_for_kept_prompt(const Sequence& s, const Compressed& c) {
   index_->lookup(compressed_prompt_key(*c.shared_as, c.budget), compressed_lookup_);
-  return index_->prefix_on(compressed_lookup_, s.replica).tokens >= c.budget;
+  const size_t held = index_->prefix_on(compressed_lookup_, s.replica).tokens;
+  if (held >= c.budget) return false;
+  // What eviction left of another compaction's kept prompt serves nobody (only a whole one
+  // does), and this one's blocks must not be hung below it: another compaction of the prompt
+  // may have laid its tokens out in other slots.
+  if (held > 0) {
+    PagedKvCache& pool = pool_of(s.replica);
+    for (BlockId block : index_->forget(compressed_lookup_, s.replica)) {
+      const Status released = pool.release_retained_block(block);
+      KVF_CHECK(released.ok(), "releasing a partial kept-prompt block: " + released.to_string());
+    }
+    index_->lookup(compressed_prompt_key(*c.shared_as, c.budget), compressed_lookup_);
+    if (index_->prefix_on(compressed_lookup_, s.replica).tokens > 0) return false;  // in use
+  }
+  return true;
 }
 
-void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, const Compressed& c) {
+bool Coordinator::count_compressed_probe(uint64_t probe) {
+  // Past this many probes most are of prompts long gone: starting afresh only forgets that
+  // some prompts were seen (their kept prompts then leave with their sequences).
+  if (compressed_probe_counts_.size() >= num_replicas() * pool_of(0).total_blocks()) {
+    compressed_probe_counts_.clear();
+  }
+  uint8_t& count = compressed_probe_counts_[probe];
+  const bool seen = count > 0;
+  count = std::min<uint8_t>(count + 1, 2);
+  return seen;
+}
+
+void Coordinator::forget_kept_prompt(const Compressed& c) {
+  if (!c.indexed_on) return;
+  const auto count = compressed_probe_counts_.find(*c.probe);
+  if (count != compressed_probe_counts_.end() && count->second > 1) return;
+  index_->lookup(compressed_prompt_key(*c.shared_as, c.budget), compressed_lookup_);
+  PagedKvCache& pool = pool_of(*c.indexed_on);
+  for (BlockId block : index_->forget(compressed_lookup_, *c.indexed_on)) {
+    const Status released = pool.release_retained_block(block);
+    KVF_CHECK(released.ok(), "releasing a forgotten kept-prompt block: " + released.to_string());
+  }
+  mark_load(*c.indexed_on);
+}
+
+void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, Compressed& c) {
   const RadixKey key = compressed_prompt_key(*c.shared_as, c.budget);
   const std::vector<BlockId>& table = running_info(seq, s)->block_ids;
   const auto added = index_->insert(s.replica, key,
@@ -179,10 +219,7 @@ void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, const Com
     KVF_CHECK(retained.ok(), "retaining a compacted prompt block failed: " + retained.to_string());
   }
   if (!added->empty()) ++stats_.compressed_indexed;
-  // Each indexed compacted prompt holds a block, so more probes than blocks are mostly of
-  // evicted ones: starting afresh costs only the sharing of those still indexed.
-  if (compressed_probes_.size() >= num_replicas() * pool.total_blocks()) compressed_probes_.clear();
-  compressed_probes_.insert(*c.probe);
+  c.indexed_on = s.replica;
   mark_load(s.replica);
 }
 
@@ -273,14 +310,15 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   if (kept.size() >= before) return true;  // nothing to drop: the interval restarts
   // A selection fills its dropped slots with later tokens rather than shifting every token
   // after the first one dropped; a sliding window drops whole blocks and moves nothing. SnapKV
-  // fills them from the prompt only, so that its kept prompt comes first, decoded tokens after.
+  // fills them from the whole prompt, covered by the report or not: its kept prompt comes first,
+  // decoded tokens after, and identical selections get identical layouts.
   const bool snapkv = c.policy.kind == quant::CompressionPolicy::Kind::kSnapKv;
-  size_t scored = std::min<size_t>(c.scores.size(), s.computed_tokens);
-  if (snapkv) scored = std::min<size_t>(scored, c.prompt_tokens);
+  const size_t scored =
+      snapkv ? c.prompt_tokens : std::min<size_t>(c.scores.size(), s.computed_tokens);
   const std::vector<size_t> order = sliding ? kept : quant::fill_dropped_slots(kept, scored);
   // A kept prompt chosen by scores of every voter depends on the prompt alone: its blocks
   // become the sequence's own, to be indexed for identical requests.
-  const bool shares = c.shared_as && voted_in_full(c) && !holds_compacted_prompt(s, c);
+  const bool shares = c.shared_as && voted_in_full(c) && makes_way_for_kept_prompt(s, c);
   std::vector<StepPlan::TokenRange> ranges = ranges_of(order);
   PagedKvCache& pool = pool_of(s.replica);
   const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;

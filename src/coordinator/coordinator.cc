@@ -471,9 +471,10 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   const uint32_t priority = options.priority;
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
   KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
-  KVF_RETURN_IF_ERROR(
-      check_quota(request, tenant, 1, blocks_for(prompt.size(), config_.cache.block_size)));
   KVF_RETURN_IF_ERROR(check_compression(seq, options));
+  const auto check_quota_for = [&](size_t tokens) {
+    return check_quota(request, tenant, 1, blocks_for(tokens, config_.cache.block_size));
+  };
   const CacheSalt salt = salt_of(options);
   std::optional<uint64_t> probe;
   if (options.compression) {
@@ -481,7 +482,8 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
     const quant::CompressionPolicy& policy = *options.compression;
     const uint64_t budget = budget_of(policy, prompt.size());
     probe = compressed_prompt_probe(policy, budget, salt, prompt);
-    if (probe && compressed_probes_.count(*probe) > 0) {
+    // A kept prompt takes its own blocks from the tenant's quota, not the full prompt's.
+    if (probe && count_compressed_probe(*probe) && check_quota_for(budget).ok()) {
       std::optional<Placement> served =
           admit_compressed(seq, prompt.size(), compressed_prompt_identity(policy, budget, salt, prompt),
                            budget, priority, tenant);
@@ -494,6 +496,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
       }
     }
   }
+  KVF_RETURN_IF_ERROR(check_quota_for(prompt.size()));
   // One walk of the global tree; every replica's share of the prompt is read off its path. The
   // key keeps the unit hashes it computes for indexing the prompt at step().
   RadixKey key(prompt, config_.cache.block_size, {salt, options.public_tokens});
@@ -1005,7 +1008,10 @@ Coordinator::Sequence& Coordinator::add_sequence(SeqId seq, Sequence record, uin
 void Coordinator::erase_sequence(SeqId seq) {
   Sequence& s = *find(seq);
   TenantStats& t = tenants_[s.tenant].stats;
-  compressed_.erase(seq);
+  if (const auto c = compressed_.find(seq); c != compressed_.end()) {
+    forget_kept_prompt(c->second);
+    compressed_.erase(c);
+  }
   charge(s, 0);
   if (s.swapped) t.host_blocks -= s.host_blocks.size();
   --t.sequences;

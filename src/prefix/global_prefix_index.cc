@@ -679,6 +679,17 @@ Result<std::vector<BlockId>> GlobalPrefixIndex::insert(uint32_t replica, const R
   return fresh;
 }
 
+std::vector<BlockId> GlobalPrefixIndex::forget(const PrefixLookup& lookup, uint32_t replica) {
+  std::vector<BlockId> released;
+  for (size_t i = lookup.steps.size(); i-- > 0;) {
+    const PrefixLookup::Step& step = lookup.steps[i];
+    const Holding* h = holding(step.node, replica);
+    if (step.blocks < node_blocks(step.node) || h == nullptr || !evictable(*h)) break;
+    drop_holding(step.node, replica, released);
+  }
+  return released;
+}
+
 std::vector<BlockId> GlobalPrefixIndex::release_idle(uint32_t replica, size_t count) {
   std::vector<BlockId> released;
   released.reserve(count);

@@ -10,7 +10,7 @@
 #include <span>
 #include <string>
 #include <string_view>
-#include <unordered_set>
+#include <unordered_map>
 #include <vector>
 
 #include "kvfabric/block/block_allocator.h"
@@ -396,6 +396,8 @@ class Coordinator {
     //! cheap probe of it (compressed_prompt_probe)
     std::optional<CacheSalt> shared_as;
     std::optional<uint64_t> probe;
+    //! The replica where its compaction indexed its kept prompt, if it did.
+    std::optional<uint32_t> indexed_on;
   };
 
   explicit Coordinator(const Config& config);
@@ -522,12 +524,18 @@ class Coordinator {
                                             uint32_t priority, uint32_t tenant);
   //! Indexes the kept prompt of a sequence that a snapkv compaction just laid out in its first
   //! `kept` slots (whole blocks, the sequence's own).
-  void index_compacted_prompt(SeqId seq, const Sequence& s, const Compressed& c);
+  void index_compacted_prompt(SeqId seq, const Sequence& s, Compressed& c);
   //! Whether a snapkv sequence's scores cover every token outside its observation window: a
   //! selection that depends on the prompt alone.
   [[nodiscard]] static bool voted_in_full(const Compressed& c);
-  //! Whether the sequence's replica already holds the compacted prompt it is shared under.
-  bool holds_compacted_prompt(const Sequence& s, const Compressed& c);
+  //! Counts an admission of `probe`; returns whether one was counted before.
+  bool count_compressed_probe(uint64_t probe);
+  //! A sequence that indexed its kept prompt ends: the entry leaves with it unless its prompt
+  //! was admitted again (kept prompts of one-off prompts would take the cache full prompts use).
+  void forget_kept_prompt(const Compressed& c);
+  //! Whether the sequence's replica may index its kept prompt: it holds none of the key (what
+  //! eviction left of another's is forgotten first; a whole one already serves).
+  bool makes_way_for_kept_prompt(const Sequence& s, const Compressed& c);
   void compact_due_sequences();
   //! Compacts one sequence to what its policy keeps; false when it keeps everything or its
   //! replica cannot give the fresh blocks a shared block's copy needs (it waits).
@@ -561,8 +569,9 @@ class Coordinator {
   PrefixLookup lookup_;                            // the prompt being admitted
   PrefixLookup compressed_lookup_;                 // a compacted prompt looked up
   std::vector<TokenId> slot_numbers_;              // 0, 1, ...: compressed_prompt_key's tokens
-  // Probes of the compacted prompts indexed so far (some evicted since): a membership test only.
-  std::unordered_set<uint64_t> compressed_probes_;
+  // SnapKV admissions per probe, saturating at 2 (seen again), forgotten all at once at a cap:
+  // lookups only, never iterated.
+  std::unordered_map<uint64_t, uint8_t> compressed_probe_counts_;
   std::vector<std::pair<double, uint32_t>> holders_left_;  // choose_replica's scratch
   std::vector<Tenant> tenants_;  // in registration order; Sequence::tenant indexes it
   std::map<std::string, uint32_t, std::less<>> tenant_ids_;

@@ -113,6 +113,12 @@ class GlobalPrefixIndex {
   Result<std::vector<BlockId>> insert(uint32_t replica, const RadixKey& key,
                                       std::span<const BlockId> blocks);
 
+  //! Stops indexing on `replica` what it holds of a looked-up key that eviction could take now,
+  //! deepest node first (KV events included): stops at a node the key ends inside, at a holding
+  //! some sequence uses and at one a deeper holding depends on. Returns the blocks; the caller
+  //! drops the pool's references (PagedKvCache::release_retained_block). Invalidates `lookup`.
+  std::vector<BlockId> forget(const PrefixLookup& lookup, uint32_t replica);
+
   //! Blocks indexed on `replica`, those of them some sequence uses, and the idle ones that
   //! eviction could give back now.
   [[nodiscard]] size_t cached_blocks(uint32_t replica) const;

@@ -398,38 +398,127 @@ TEST(CompressionTest, IdenticalSnapKvRequestsShareTheCompactedPrompt) {
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
-// The compacted prompt stays cached when its sequences end and leaves like any cached block; a
-// selection made from a partial report (a shorter vote) is compacted but never shared.
-TEST(CompressionTest, ACompactedPromptLeavesWithTheCacheAndOnlyAFullVoteIsShared) {
+// A kept prompt leaves with its sequence unless its prompt was admitted again: then it stays
+// cached when its sequences end and leaves like any cached block. A selection made from a
+// partial report (a shorter vote) is compacted but never shared.
+TEST(CompressionTest, AKeptPromptOutlivesItsSequenceOnlyWhenItsPromptRecurs) {
   CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
   r.mass = by_position;
   const auto prompt = testing::token_run(96, 1);
   const CompressionPolicy policy = snapkv(24, 8);
-  ASSERT_TRUE(r.admit(SeqId{1}, prompt, policy).ok());
-  for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
-  ASSERT_EQ(r.coordinator.stats().compressed_indexed, 1u);
-  ASSERT_TRUE(r.coordinator.free(SeqId{1}).ok());
-  r.engine.freed(SeqId{1});
-  ASSERT_TRUE(r.step());
-  const auto again = r.admit(SeqId{2}, prompt, policy);
-  ASSERT_TRUE(again.ok());
-  EXPECT_EQ(again->compressed_tokens, 32u);  // cached with no sequence holding it
-  ASSERT_TRUE(r.step());
-  ASSERT_TRUE(r.coordinator.free(SeqId{2}).ok());
-  r.engine.freed(SeqId{2});
-  ASSERT_TRUE(r.step());
+  const auto run_and_free = [&](SeqId seq, size_t want_compressed) {
+    const auto placed = r.admit(seq, prompt, policy);
+    ASSERT_TRUE(placed.ok());
+    EXPECT_EQ(placed->compressed_tokens, want_compressed) << seq;
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+    ASSERT_TRUE(r.coordinator.free(seq).ok());
+    r.engine.freed(seq);
+    ASSERT_TRUE(r.step());
+    EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+  };
+  run_and_free(SeqId{1}, 0);
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 1u);
+  EXPECT_EQ(r.coordinator.replica_stats(0).cached_blocks, 6u);  // the full prompt only
+  run_and_free(SeqId{2}, 0);  // the prompt recurs: compacted and indexed again, to stay
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 2u);
+  EXPECT_EQ(r.coordinator.replica_stats(0).cached_blocks, 8u);
+  run_and_free(SeqId{3}, 32);  // cached with no sequence holding it
+  run_and_free(SeqId{4}, 32);
+  EXPECT_EQ(r.coordinator.stats().compressed_hits, 2u);
   ASSERT_TRUE(r.coordinator.reset_prefix_cache(std::nullopt).ok());
   EXPECT_EQ(r.coordinator.replica_stats(0).cached_blocks, 0u);
-  const auto gone = r.admit(SeqId{3}, prompt, policy);
+  const auto gone = r.admit(SeqId{5}, prompt, policy);
   ASSERT_TRUE(gone.ok());
   EXPECT_EQ(gone->compressed_tokens, 0u);
   EXPECT_EQ(gone->cached_tokens, 0u);
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
-  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 2u);  // its own compaction, indexed again
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 3u);  // its own compaction, indexed again
 
   // A report that leaves voters unscored: the rest of the prompt is kept, and not shared.
   const auto other = testing::token_run(96, 300);
-  ASSERT_TRUE(r.admit(SeqId{4}, other, policy).ok());
+  ASSERT_TRUE(r.admit(SeqId{6}, other, policy).ok());
+  StepPlan plan;
+  while (!requests_scores_of(plan, SeqId{6})) {
+    auto next = r.coordinator.step();
+    ASSERT_TRUE(next.ok());
+    plan = *next;
+    std::vector<uint8_t> bytes = plan.serialize();
+    ASSERT_TRUE(r.rank->receive_and_execute(bytes, RankId{0}).ok());
+    r.engine.planned(plan);
+    ASSERT_TRUE(r.engine.forward(*r.rank).ok());
+  }
+  const std::vector<double> partial(40, 1.0);  // of 88 voters
+  ASSERT_TRUE(r.coordinator.report_attention(SeqId{6}, plan.step, partial).ok());
+  ASSERT_TRUE(r.step(&plan));
+  ASSERT_EQ(plan.compactions.size(), 1u);
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 3u);
+  const auto unshared = r.admit(SeqId{7}, other, policy);
+  ASSERT_TRUE(unshared.ok());
+  EXPECT_EQ(unshared->compressed_tokens, 0u);
+  ASSERT_TRUE(r.step());
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
+// A request served a kept prompt takes the kept prompt's blocks from its tenant's quota, not the
+// full prompt's: a quota too small for the prompt admits it compressed, and refuses it otherwise.
+TEST(CompressionTest, AKeptPromptCountsItsOwnBlocksAgainstTheQuota) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  r.mass = by_position;
+  const auto prompt = testing::token_run(96, 1);
+  AdmitOptions options;
+  options.tenant = "t";
+  options.compression = snapkv(24, 8);
+  for (SeqId seq : {SeqId{1}, SeqId{2}}) {  // seen twice: the kept prompt stays
+    const auto placed = r.coordinator.admit(seq, prompt, options);
+    ASSERT_TRUE(placed.ok());
+    r.engine.admitted(seq, prompt, *placed);
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+    ASSERT_TRUE(r.coordinator.free(seq).ok());
+    r.engine.freed(seq);
+  }
+  TenantQuota quota;
+  quota.max_blocks = 3;  // the full prompt needs 6, its kept prompt 2
+  r.coordinator.set_tenant_quota("t", quota);
+  const auto served = r.coordinator.admit(SeqId{3}, prompt, options);
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_EQ(served->compressed_tokens, 32u);
+  AdmitOptions plain = options;
+  plain.compression.reset();
+  const ReplicaStats before = r.coordinator.replica_stats(0);
+  const auto refused = r.coordinator.admit(SeqId{4}, prompt, plain);
+  EXPECT_EQ(refused.status().code(), ErrorCode::kResourceExhausted);
+  EXPECT_EQ(r.coordinator.replica_stats(0).used_blocks, before.used_blocks);
+}
+
+// What eviction leaves of a kept prompt serves nobody, and a later compaction of the prompt is
+// never hung below it: two full votes of different lengths (all prompt tokens, or only those
+// before the window) keep the same tokens, and the kept prompt served afterwards is one
+// compaction's whole (engine.verify checks its K/V).
+TEST(CompressionTest, APartlyEvictedKeptPromptIsReplacedNotCompleted) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 22, 0));
+  r.mass = by_position;
+  const auto prompt = testing::token_run(96, 1);
+  const CompressionPolicy policy = snapkv(24, 8);
+  const auto run_and_free = [&](SeqId seq) {
+    ASSERT_TRUE(r.admit(seq, prompt, policy).ok());
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+    ASSERT_TRUE(r.coordinator.free(seq).ok());
+    r.engine.freed(seq);
+    ASSERT_TRUE(r.step());
+  };
+  run_and_free(SeqId{1});
+  run_and_free(SeqId{2});  // seen twice: its kept prompt stays cached
+  ASSERT_EQ(r.coordinator.replica_stats(0).cached_blocks, 8u);
+  // Pressure evicts the kept prompt's last block (then the full prompt's blocks).
+  ASSERT_TRUE(r.admit(SeqId{3}, prompt, std::nullopt).ok());  // holds the full prompt's blocks
+  const size_t free_blocks = r.coordinator.replica_stats(0).free_blocks;
+  ASSERT_TRUE(r.admit(SeqId{9}, testing::token_run((free_blocks + 1) * 16, 5000), std::nullopt).ok());
+  ASSERT_TRUE(r.coordinator.free(SeqId{9}).ok());
+  r.engine.freed(SeqId{9});
+  ASSERT_EQ(r.coordinator.replica_stats(0).cached_blocks, 1u);  // the kept prompt's first block
+  const auto mine = r.admit(SeqId{4}, prompt, policy);
+  ASSERT_TRUE(mine.ok());
+  ASSERT_EQ(mine->compressed_tokens, 0u);
   StepPlan plan;
   while (!requests_scores_of(plan, SeqId{4})) {
     auto next = r.coordinator.step();
@@ -440,15 +529,18 @@ TEST(CompressionTest, ACompactedPromptLeavesWithTheCacheAndOnlyAFullVoteIsShared
     r.engine.planned(plan);
     ASSERT_TRUE(r.engine.forward(*r.rank).ok());
   }
-  const std::vector<double> partial(40, 1.0);  // of 88 voters
-  ASSERT_TRUE(r.coordinator.report_attention(SeqId{4}, plan.step, partial).ok());
+  std::vector<double> votes(88);  // a full vote that leaves out the window
+  for (size_t i = 0; i < votes.size(); ++i) votes[i] = by_position(SeqId{4}, i, 0);
+  ASSERT_TRUE(r.coordinator.report_attention(SeqId{4}, plan.step, votes).ok());
   ASSERT_TRUE(r.step(&plan));
   ASSERT_EQ(plan.compactions.size(), 1u);
-  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 2u);
-  const auto unshared = r.admit(SeqId{5}, other, policy);
-  ASSERT_TRUE(unshared.ok());
-  EXPECT_EQ(unshared->compressed_tokens, 0u);
-  ASSERT_TRUE(r.step());
+  EXPECT_EQ(r.coordinator.stats().compressed_indexed, 3u);
+  const auto served = r.admit(SeqId{5}, prompt, policy);
+  ASSERT_TRUE(served.ok());
+  EXPECT_EQ(served->compressed_tokens, 32u);
+  const std::vector<BlockId> compacted = r.coordinator.blocks_of(SeqId{4});
+  EXPECT_EQ(served->blocks, std::vector<BlockId>(compacted.begin(), compacted.begin() + 2));
+  EXPECT_TRUE(r.step());
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
