@@ -234,6 +234,38 @@ TEST(GlobalPrefixIndex, ADeeperBlockInUseKeepsItsIdleAncestorsCached) {
   c.check();
 }
 
+// forget() drops what a replica holds of one key that eviction could take now, deepest first:
+// it stops where a sequence uses a block, where a deeper holding depends on one, and where the
+// key ends inside a node; other replicas' holdings stay.
+TEST(GlobalPrefixIndex, ForgettingAKeyDropsOnlyItsIdleEnd) {
+  Cluster c(2, 8);
+  const Tokens a = token_run(8, 1);  // 2 blocks
+  const Tokens longer = concat(a, token_run(4, 50));
+  for (uint32_t r : {0u, 1u}) {
+    c.admit(r, 1, longer);
+    c.index_prompt(r, 1, longer);
+  }
+  PrefixLookup lookup;
+  c.index().lookup(RadixKey(a, kBlockSize), lookup);
+  EXPECT_TRUE(c.index().forget(lookup, 0).empty());  // in use
+  ASSERT_TRUE(c.pool(0).free(SeqId{1}).ok());
+  c.index().lookup(RadixKey(a, kBlockSize), lookup);
+  EXPECT_TRUE(c.index().forget(lookup, 0).empty());  // the longer prompt's block hangs below
+  c.index().lookup(RadixKey(longer, kBlockSize), lookup);
+  const std::vector<BlockId> dropped = c.index().forget(lookup, 0);
+  EXPECT_EQ(dropped.size(), 3u);
+  for (BlockId b : dropped) ASSERT_TRUE(c.pool(0).release_retained_block(b).ok());
+  c.check();
+  EXPECT_EQ(c.peek(0, longer).tokens, 0u);
+  EXPECT_EQ(c.peek(1, longer).tokens, 12u);
+  EXPECT_EQ(c.pool(0).free_block_count(), 8u);
+  // A key that ends inside a node forgets nothing of it.
+  ASSERT_TRUE(c.pool(1).free(SeqId{1}).ok());
+  c.index().lookup(RadixKey(concat(a, token_run(2, 50)), kBlockSize), lookup);
+  EXPECT_TRUE(c.index().forget(lookup, 1).empty());
+  c.check();
+}
+
 // Above a few children a node finds them by key, and compares them one by one again once most
 // are gone; splits hand the key map entry to the new upper node.
 TEST(GlobalPrefixIndex, ManyChildrenAreFoundThroughTheirKeys) {
