@@ -70,6 +70,7 @@ def test_coordinator_workflow_and_plan_contents(config):
     prompt = list(range(1000, 1040))  # 40 tokens: 2 full blocks and 8 tokens
     placed = c.admit(1, prompt)
     assert (placed.replica, placed.cached_tokens, len(placed.blocks)) == (0, 0, 3)
+    assert placed.compressed_tokens == 0  # not served an identical SnapKV request's kept prompt
 
     plan = c.step()
     assert plan.step == 0 and plan.ops == [] and plan.released == []
