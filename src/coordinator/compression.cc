@@ -39,6 +39,7 @@ Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) co
 void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
                                      std::optional<uint64_t> probe) {
   if (!options.compression) return;
+  if (probe) count_compressed_probe(*probe);  // admitted: a refused request counts for nothing
   const quant::CompressionPolicy& policy = *options.compression;
   compressed_[seq] = Compressed{.policy = policy,
                                 .budget = budget_of(policy, prompt_tokens),
@@ -178,16 +179,18 @@ bool Coordinator::makes_way_for_kept_prompt(const Sequence& s, const Compressed&
   return true;
 }
 
-bool Coordinator::count_compressed_probe(uint64_t probe) {
+bool Coordinator::compressed_probe_seen(uint64_t probe) const {
+  return compressed_probe_counts_.count(probe) > 0;
+}
+
+void Coordinator::count_compressed_probe(uint64_t probe) {
   // Past this many probes most are of prompts long gone: starting afresh only forgets that
   // some prompts were seen (their kept prompts then leave with their sequences).
   if (compressed_probe_counts_.size() >= num_replicas() * pool_of(0).total_blocks()) {
     compressed_probe_counts_.clear();
   }
   uint8_t& count = compressed_probe_counts_[probe];
-  const bool seen = count > 0;
   count = std::min<uint8_t>(count + 1, 2);
-  return seen;
 }
 
 void Coordinator::forget_kept_prompt(const Compressed& c) {

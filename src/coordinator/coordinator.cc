@@ -483,7 +483,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
     const uint64_t budget = budget_of(policy, prompt.size());
     probe = compressed_prompt_probe(policy, budget, salt, prompt);
     // A kept prompt takes its own blocks from the tenant's quota, not the full prompt's.
-    if (probe && count_compressed_probe(*probe) && check_quota_for(budget).ok()) {
+    if (probe && compressed_probe_seen(*probe) && check_quota_for(budget).ok()) {
       std::optional<Placement> served =
           admit_compressed(seq, prompt.size(), compressed_prompt_identity(policy, budget, salt, prompt),
                            budget, priority, tenant);

@@ -528,8 +528,10 @@ class Coordinator {
   //! Whether a snapkv sequence's scores cover every token outside its observation window: a
   //! selection that depends on the prompt alone.
   [[nodiscard]] static bool voted_in_full(const Compressed& c);
-  //! Counts an admission of `probe`; returns whether one was counted before.
-  bool count_compressed_probe(uint64_t probe);
+  //! Whether an admitted request had `probe` (compressed_prompt_probe) before.
+  [[nodiscard]] bool compressed_probe_seen(uint64_t probe) const;
+  //! Counts an admitted request of `probe`.
+  void count_compressed_probe(uint64_t probe);
   //! A sequence that indexed its kept prompt ends: the entry leaves with it unless its prompt
   //! was admitted again (kept prompts of one-off prompts would take the cache full prompts use).
   void forget_kept_prompt(const Compressed& c);

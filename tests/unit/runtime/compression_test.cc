@@ -490,6 +490,32 @@ TEST(CompressionTest, AKeptPromptCountsItsOwnBlocksAgainstTheQuota) {
   EXPECT_EQ(r.coordinator.replica_stats(0).used_blocks, before.used_blocks);
 }
 
+// A refused identical request is not a recurrence: the kept prompt still leaves with its
+// sequence.
+TEST(CompressionTest, ARefusedRequestDoesNotKeepAKeptPromptCached) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  r.mass = by_position;
+  const auto prompt = testing::token_run(96, 1);
+  AdmitOptions options;
+  options.tenant = "t";
+  options.compression = snapkv(24, 8);
+  const auto placed = r.coordinator.admit(SeqId{1}, prompt, options);
+  ASSERT_TRUE(placed.ok());
+  r.engine.admitted(SeqId{1}, prompt, *placed);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+  ASSERT_EQ(r.coordinator.stats().compressed_indexed, 1u);
+  TenantQuota quota;
+  quota.max_sequences = 1;
+  r.coordinator.set_tenant_quota("t", quota);
+  EXPECT_EQ(r.coordinator.admit(SeqId{2}, prompt, options).status().code(),
+            ErrorCode::kResourceExhausted);
+  ASSERT_TRUE(r.coordinator.free(SeqId{1}).ok());
+  r.engine.freed(SeqId{1});
+  ASSERT_TRUE(r.step());
+  EXPECT_EQ(r.coordinator.replica_stats(0).cached_blocks, 6u);  // the full prompt only
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
 // What eviction leaves of a kept prompt serves nobody, and a later compaction of the prompt is
 // never hung below it: two full votes of different lengths (all prompt tokens, or only those
 // before the window) keep the same tokens, and the kept prompt served afterwards is one
