@@ -681,7 +681,8 @@ Result<std::vector<BlockId>> GlobalPrefixIndex::insert(uint32_t replica, const R
 
 std::vector<BlockId> GlobalPrefixIndex::forget(const PrefixLookup& lookup, uint32_t replica) {
   std::vector<BlockId> released;
-  for (size_t i = lookup.steps.size(); i-- > 0;) {
+  // From the deepest step the replica holds (others may hold the key deeper).
+  for (size_t i = prefix_on(lookup, replica).steps; i-- > 0;) {
     const PrefixLookup::Step& step = lookup.steps[i];
     const Holding* h = holding(step.node, replica);
     if (step.blocks < node_blocks(step.node) || h == nullptr || !evictable(*h)) break;

@@ -114,8 +114,9 @@ class GlobalPrefixIndex {
                                       std::span<const BlockId> blocks);
 
   //! Stops indexing on `replica` what it holds of a looked-up key that eviction could take now,
-  //! deepest node first (KV events included): stops at a node the key ends inside, at a holding
-  //! some sequence uses and at one a deeper holding depends on. Returns the blocks; the caller
+  //! from the deepest node it holds up (KV events included): stops at a node the key ends
+  //! inside, at a holding some sequence uses and at one a deeper holding depends on. Other
+  //! replicas' holdings stay. Returns the blocks; the caller
   //! drops the pool's references (PagedKvCache::release_retained_block). Invalidates `lookup`.
   std::vector<BlockId> forget(const PrefixLookup& lookup, uint32_t replica);
 

@@ -259,6 +259,16 @@ TEST(GlobalPrefixIndex, ForgettingAKeyDropsOnlyItsIdleEnd) {
   EXPECT_EQ(c.peek(0, longer).tokens, 0u);
   EXPECT_EQ(c.peek(1, longer).tokens, 12u);
   EXPECT_EQ(c.pool(0).free_block_count(), 8u);
+  // A replica holding less of the key than another forgets what it holds.
+  c.admit(0, 2, a);
+  c.index_prompt(0, 2, a);  // replica 1 holds the key one block deeper
+  ASSERT_TRUE(c.pool(0).free(SeqId{2}).ok());
+  c.index().lookup(RadixKey(longer, kBlockSize), lookup);
+  const std::vector<BlockId> shallower = c.index().forget(lookup, 0);
+  EXPECT_EQ(shallower.size(), 2u);
+  for (BlockId b : shallower) ASSERT_TRUE(c.pool(0).release_retained_block(b).ok());
+  c.check();
+  EXPECT_EQ(c.peek(1, longer).tokens, 12u);
   // A key that ends inside a node forgets nothing of it.
   ASSERT_TRUE(c.pool(1).free(SeqId{1}).ok());
   c.index().lookup(RadixKey(concat(a, token_run(2, 50)), kBlockSize), lookup);
