@@ -122,9 +122,11 @@ std::optional<Placement> Coordinator::admit_compressed(SeqId seq, size_t prompt_
   index_->lookup(key, compressed_lookup_);
   // Only the whole kept prompt serves: its tokens cannot be computed again without the rest.
   if (compressed_lookup_.tokens() < kept) return std::nullopt;
+  const std::span<const uint32_t> holders =
+      index_->holders(compressed_lookup_, compressed_lookup_.steps.size() - 1);
   std::optional<uint32_t> chosen;
   double chosen_load = 0;
-  for (uint32_t r : index_->holders(compressed_lookup_, compressed_lookup_.steps.size() - 1)) {
+  for (uint32_t r : holders) {
     if (!accepts(r, priority)) continue;
     const double load = load_of(r);
     if (!chosen || load < chosen_load) {
@@ -132,15 +134,29 @@ std::optional<Placement> Coordinator::admit_compressed(SeqId seq, size_t prompt_
       chosen_load = load;
     }
   }
-  if (!chosen) return std::nullopt;
   const size_t blocks = kept / config_.cache.block_size;
-  std::vector<BlockId> shared;
-  index_->blocks_on(compressed_lookup_, *chosen, blocks, shared);
-  index_->use(compressed_lookup_, *chosen);
+  // No holder takes it: the kept prompt moves from the lowest holder to the least loaded replica
+  // that takes the request and has room, where moving tokens costs less than computing them.
+  std::optional<uint32_t> source;
+  if (!chosen) {
+    const CoordinatorConfig& w = config_.coordinator;
+    if (!(w.migration_token_cost < w.prefill_token_cost)) return std::nullopt;
+    chosen = least_loaded_with_room(blocks, priority);
+    if (!chosen) return std::nullopt;
+    source = holders.front();
+  }
+  std::vector<BlockId> kept_blocks;
+  index_->blocks_on(compressed_lookup_, source.value_or(*chosen), blocks, kept_blocks);
   PagedKvCache& pool = pool_of(*chosen);
-  // Every block is shared: the idle ones become used, and no block is taken from the free list.
-  const Status allocated = pool.allocate_shared(seq, kept, shared);
-  KVF_CHECK(allocated.ok(), "sharing a compacted prompt failed: " + allocated.to_string());
+  if (source) {
+    const Status allocated = pool.allocate(seq, kept);
+    KVF_CHECK(allocated.ok(), "allocating a moved kept prompt failed: " + allocated.to_string());
+  } else {
+    // Every block is shared: the idle ones become used, and none is taken from the free list.
+    index_->use(compressed_lookup_, *chosen);
+    const Status allocated = pool.allocate_shared(seq, kept, kept_blocks);
+    KVF_CHECK(allocated.ok(), "sharing a compacted prompt failed: " + allocated.to_string());
+  }
   if (priority != 0) {
     const Status p = pool.set_priority(seq, priority);
     KVF_CHECK(p.ok(), p.message());  // check_priority() admitted it
@@ -150,6 +166,11 @@ std::optional<Placement> Coordinator::admit_compressed(SeqId seq, size_t prompt_
   placement.cached_tokens = prompt_tokens;
   placement.compressed_tokens = kept;
   placement.blocks = pool.get_sequence(seq)->block_ids;
+  if (source) {
+    migrate(*source, kept_blocks, *chosen, placement.blocks);
+    placement.migrated_tokens = prompt_tokens;
+    stats_.migrated_tokens += prompt_tokens;
+  }
   record_admission(seq, prompt_tokens, kept, priority, tenant, placement);
   ++stats_.compressed_hits;
   return placement;

@@ -607,6 +607,14 @@ bool Coordinator::accepts(uint32_t replica, uint32_t priority) const {
   return !is_full(replica) && waiting.lower_bound(priority) == waiting.end();
 }
 
+std::optional<uint32_t> Coordinator::least_loaded_with_room(size_t blocks, uint32_t priority) {
+  refresh_loads();
+  for (const auto& [load, r] : *by_load_) {
+    if (accepts(r, priority) && replicas_[r].pool.available_block_count() >= blocks) return r;
+  }
+  return std::nullopt;
+}
+
 bool Coordinator::has_room(const Candidate& c) const {
   return c.needed <= replicas_[c.replica].pool.available_block_count();
 }

@@ -426,6 +426,9 @@ class Coordinator {
   //! Whether a newcomer of `priority` may go to the replica at all (not full, no swapped sequence
   //! of the same or a higher priority waiting to come back).
   [[nodiscard]] bool accepts(uint32_t replica, uint32_t priority) const;
+  //! The least loaded replica that accepts a newcomer of `priority` and has `blocks` blocks
+  //! available without displacing anyone (ties: lowest id).
+  std::optional<uint32_t> least_loaded_with_room(size_t blocks, uint32_t priority);
   [[nodiscard]] bool has_room(const Candidate& c) const;
   Result<Placement> place(SeqId seq, std::vector<TokenId>&& prompt, RadixKey&& key,
                           uint32_t priority, uint32_t tenant, const AdmitChoice& choice);
@@ -518,7 +521,9 @@ class Coordinator {
   //! request can name them before knowing which tokens were kept.
   RadixKey compressed_prompt_key(const CacheSalt& identity, size_t kept);
   //! Places a snapkv request on a replica holding its compacted prompt (the least loaded that
-  //! accepts it; ties: lowest id), or nullopt (nothing changed) when none holds or takes it.
+  //! accepts it; ties: lowest id), or, when none accepts it and migrating costs less than
+  //! prefilling, moves the kept prompt to least_loaded_with_room(). nullopt (nothing changed)
+  //! when no replica holds it whole or none can take it.
   std::optional<Placement> admit_compressed(SeqId seq, size_t prompt_tokens,
                                             const CacheSalt& identity, uint64_t kept,
                                             uint32_t priority, uint32_t tenant);

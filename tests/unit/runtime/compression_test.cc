@@ -459,6 +459,49 @@ TEST(CompressionTest, AKeptPromptOutlivesItsSequenceOnlyWhenItsPromptRecurs) {
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
+// A kept prompt whose holders take no newcomer moves to a replica that does, as a cached
+// prefix would (the plan's migrate ops read exactly its blocks); with migration costing more
+// than prefill, the request is placed as usual instead.
+TEST(CompressionTest, AKeptPromptMovesToAReplicaThatTakesTheRequest) {
+  const auto prompt = testing::token_run(96, 1);
+  AdmitOptions options;
+  options.compression = snapkv(24, 8);
+  for (const double migration_cost : {0.1, 2.0}) {
+    Config config = serving_config(2, 1, 4, 2, 32, 0);
+    config.coordinator.max_sequences_per_replica = 1;
+    config.coordinator.migration_token_cost = migration_cost;
+    auto c = Coordinator::create(config);
+    ASSERT_TRUE(c.ok());
+    ASSERT_TRUE(c->admit(SeqId{1}, prompt, options).ok());
+    const uint32_t holder = *c->replica_of(SeqId{1});
+    StepPlan plan;
+    while (!requests_scores_of(plan, SeqId{1})) plan = std::move(c->step()).value();
+    ASSERT_TRUE(c->report_attention(SeqId{1}, plan.step, std::vector<double>(96, 1.0)).ok());
+    plan = std::move(c->step()).value();
+    ASSERT_EQ(plan.compactions.size(), 1u);
+    const std::vector<BlockId> kept_blocks = c->blocks_of(SeqId{1});
+
+    const auto moved = c->admit(SeqId{2}, prompt, options);  // the holder is full
+    ASSERT_TRUE(moved.ok());
+    EXPECT_NE(moved->replica, holder);
+    if (migration_cost > 1.0) {
+      EXPECT_EQ(moved->compressed_tokens, 0u);
+      continue;
+    }
+    EXPECT_EQ(moved->compressed_tokens, 32u);
+    EXPECT_EQ(moved->cached_tokens, 96u);
+    EXPECT_EQ(moved->migrated_tokens, 96u);
+    plan = std::move(c->step()).value();
+    std::vector<StepPlan::Op> want;
+    for (size_t i = 0; i < 2; ++i) {
+      want.push_back(StepPlan::Op::migrate(holder, kept_blocks[i], moved->replica, moved->blocks[i]));
+    }
+    EXPECT_EQ(plan.ops, want);
+    EXPECT_EQ(c->stats().compressed_hits, 1u);
+    EXPECT_TRUE(c->verify_integrity().ok());
+  }
+}
+
 // A request served a kept prompt takes the kept prompt's blocks from its tenant's quota, not the
 // full prompt's: a quota too small for the prompt admits it compressed, and refuses it otherwise.
 TEST(CompressionTest, AKeptPromptCountsItsOwnBlocksAgainstTheQuota) {
