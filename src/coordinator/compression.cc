@@ -188,16 +188,20 @@ bool Coordinator::makes_way_for_kept_prompt(const Sequence& s, const Compressed&
   // What eviction left of another compaction's kept prompt serves nobody (only a whole one
   // does), and this one's blocks must not be hung below it: another compaction of the prompt
   // may have laid its tokens out in other slots.
-  if (held > 0) {
-    PagedKvCache& pool = pool_of(s.replica);
-    for (BlockId block : index_->forget(compressed_lookup_, s.replica)) {
-      const Status released = pool.release_retained_block(block);
-      KVF_CHECK(released.ok(), "releasing a partial kept-prompt block: " + released.to_string());
-    }
-    index_->lookup(compressed_prompt_key(*c.shared_as, c.budget), compressed_lookup_);
-    if (index_->prefix_on(compressed_lookup_, s.replica).tokens > 0) return false;  // in use
+  return held == 0 || release_kept_prompt(s.replica, *c.shared_as, c.budget) == 0;
+}
+
+size_t Coordinator::release_kept_prompt(uint32_t replica, const CacheSalt& identity,
+                                        uint64_t kept) {
+  index_->lookup(compressed_prompt_key(identity, kept), compressed_lookup_);
+  PagedKvCache& pool = pool_of(replica);
+  for (BlockId block : index_->forget(compressed_lookup_, replica)) {
+    const Status released = pool.release_retained_block(block);
+    KVF_CHECK(released.ok(), "releasing a kept-prompt block: " + released.to_string());
   }
-  return true;
+  mark_load(replica);
+  index_->lookup(compressed_prompt_key(identity, kept), compressed_lookup_);
+  return index_->prefix_on(compressed_lookup_, replica).tokens;
 }
 
 bool Coordinator::compressed_probe_seen(uint64_t probe) const {
@@ -218,13 +222,7 @@ void Coordinator::forget_kept_prompt(const Compressed& c) {
   if (!c.indexed_on) return;
   const auto count = compressed_probe_counts_.find(*c.probe);
   if (count != compressed_probe_counts_.end() && count->second > 1) return;
-  index_->lookup(compressed_prompt_key(*c.shared_as, c.budget), compressed_lookup_);
-  PagedKvCache& pool = pool_of(*c.indexed_on);
-  for (BlockId block : index_->forget(compressed_lookup_, *c.indexed_on)) {
-    const Status released = pool.release_retained_block(block);
-    KVF_CHECK(released.ok(), "releasing a forgotten kept-prompt block: " + released.to_string());
-  }
-  mark_load(*c.indexed_on);
+  (void)release_kept_prompt(*c.indexed_on, *c.shared_as, c.budget);
 }
 
 void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, Compressed& c) {

@@ -540,6 +540,9 @@ class Coordinator {
   //! A sequence that indexed its kept prompt ends: the entry leaves with it unless its prompt
   //! was admitted again (kept prompts of one-off prompts would take the cache full prompts use).
   void forget_kept_prompt(const Compressed& c);
+  //! Forgets what `replica` holds of a kept prompt that no sequence uses (GlobalPrefixIndex::
+  //! forget) and frees its blocks; returns the tokens of it the replica still holds (in use).
+  size_t release_kept_prompt(uint32_t replica, const CacheSalt& identity, uint64_t kept);
   //! Whether the sequence's replica may index its kept prompt: it holds none of the key (what
   //! eviction left of another's is forgotten first; a whole one already serves).
   bool makes_way_for_kept_prompt(const Sequence& s, const Compressed& c);
