@@ -404,8 +404,12 @@ std::vector<ReplicaScores> share_scores(const RankCache& cache) {
 // mass differs, so a shard choosing alone would keep other tokens), rank 0 sums the shards of
 // each replica, and the coordinator's compactions keep the same tokens on every shard: the
 // kept positions and tables agree across shards, every kept token's K/V is exact, and the
-// summed scores are exactly the shards' masses added up. Nothing leaks.
-void check_compression_on_every_shard(const Config& c, const quant::CompressionPolicy& policy) {
+// summed scores are exactly the shards' masses added up. Nothing leaks. With `repeat_prompts`,
+// some requests repeat a recent prompt whole and the masses depend on the position alone (as a
+// model's do on an identical prompt): identical SnapKV requests then share kept prompts, moved
+// between replicas where their holder takes no newcomer.
+void check_compression_on_every_shard(const Config& c, const quant::CompressionPolicy& policy,
+                                      bool repeat_prompts = false) {
   Rank r(c);
   ASSERT_NE(r.cache, nullptr);
   const RankLayout& l = r.layout();
@@ -414,14 +418,16 @@ void check_compression_on_every_shard(const Config& c, const quant::CompressionP
   testing::EngineModel engine(c);
   testing::ServingWorkload workload(17, l.dp);
   workload.compress_some(policy);
-  const auto shard_mass = [](SeqId seq, size_t origin, uint32_t shard) {
-    return static_cast<float>(testing::splitmix64(seq.value * 7919 + origin * 31 + shard) % 63 + 1) /
-           16.0f;
+  if (repeat_prompts) workload.repeat_some_prompts();
+  const auto shard_mass = [repeat_prompts](SeqId seq, size_t origin, uint32_t shard) {
+    const uint64_t of_seq = repeat_prompts ? 0 : seq.value * 7919;
+    return static_cast<float>(testing::splitmix64(of_seq + origin * 31 + shard) % 63 + 1) / 16.0f;
   };
   bool data_ok = true, kept_agree = true, sums_ok = true;
   uint64_t requests = 0;
-  for (int step = 0; step <= 100; ++step) {
-    if (step < 100) {
+  const int last_step = repeat_prompts ? 300 : 100;  // long enough for prompts to recur
+  for (int step = 0; step <= last_step; ++step) {
+    if (step < last_step) {
       ASSERT_TRUE(workload.issue(*coordinator, engine).ok());
     } else {
       ASSERT_TRUE(workload.drain(*coordinator, engine).ok());
@@ -486,6 +492,9 @@ void check_compression_on_every_shard(const Config& c, const quant::CompressionP
   EXPECT_EQ(requests > 0, policy.needs_scores());
   EXPECT_GT(coordinator->stats().compactions, 5u);
   EXPECT_GT(workload.counts().forks, 0u);
+  if (repeat_prompts) {
+    EXPECT_GT(coordinator->stats().compressed_hits, 0u);
+  }
 }
 
 // H2O compacting at every step, SnapKV once per prompt, and StreamingLLM (which reads no scores).
@@ -507,6 +516,8 @@ TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
     SCOPED_TRACE(std::string(quant::to_string(policy.kind)));
     check_compression_on_every_shard(c, policy);
   }
+  SCOPED_TRACE("snapkv, repeated prompts");
+  check_compression_on_every_shard(c, snapkv, /*repeat_prompts=*/true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, RuntimeLayoutTest, ::testing::ValuesIn(kLayouts),
