@@ -37,13 +37,16 @@ Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) co
 }
 
 void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
-                                     std::optional<uint64_t> probe) {
+                                     std::optional<uint64_t> probe, bool served_compacted) {
   if (!options.compression) return;
   if (probe) count_compressed_probe(*probe);  // admitted: a refused request counts for nothing
   const quant::CompressionPolicy& policy = *options.compression;
   compressed_[seq] = Compressed{.policy = policy,
                                 .budget = budget_of(policy, prompt_tokens),
                                 .prompt_tokens = prompt_tokens,
+                                // A kept prompt served is computed, and is snapkv's compaction.
+                                .prefilled = served_compacted,
+                                .compacted_once = served_compacted,
                                 .last_compaction_step = plan_.step,
                                 .scores = {},
                                 .request = std::nullopt,
@@ -188,20 +191,21 @@ bool Coordinator::makes_way_for_kept_prompt(const Sequence& s, const Compressed&
   // What eviction left of another compaction's kept prompt serves nobody (only a whole one
   // does), and this one's blocks must not be hung below it: another compaction of the prompt
   // may have laid its tokens out in other slots.
-  return held == 0 || release_kept_prompt(s.replica, *c.shared_as, c.budget) == 0;
+  return held == 0 ||
+         release_kept_prompt(s.replica, *c.shared_as, c.budget) * config_.cache.block_size == held;
 }
 
 size_t Coordinator::release_kept_prompt(uint32_t replica, const CacheSalt& identity,
                                         uint64_t kept) {
   index_->lookup(compressed_prompt_key(identity, kept), compressed_lookup_);
   PagedKvCache& pool = pool_of(replica);
-  for (BlockId block : index_->forget(compressed_lookup_, replica)) {
+  const std::vector<BlockId> forgotten = index_->forget(compressed_lookup_, replica);
+  for (BlockId block : forgotten) {
     const Status released = pool.release_retained_block(block);
     KVF_CHECK(released.ok(), "releasing a kept-prompt block: " + released.to_string());
   }
   mark_load(replica);
-  index_->lookup(compressed_prompt_key(identity, kept), compressed_lookup_);
-  return index_->prefix_on(compressed_lookup_, replica).tokens;
+  return forgotten.size();
 }
 
 bool Coordinator::compressed_probe_seen(uint64_t probe) const {
@@ -226,23 +230,17 @@ void Coordinator::forget_kept_prompt(const Compressed& c) {
 }
 
 void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, Compressed& c) {
-  const RadixKey key = compressed_prompt_key(*c.shared_as, c.budget);
   const std::vector<BlockId>& table = running_info(seq, s)->block_ids;
-  const auto added = index_->insert(s.replica, key,
-                                    std::span(table).first(c.budget / config_.cache.block_size));
+  const Result<size_t> added =
+      index_blocks(s.replica, compressed_prompt_key(*c.shared_as, c.budget),
+                   std::span(table).first(c.budget / config_.cache.block_size));
   if (!added.ok()) {
     KVF_LOG_WARN(kCoordinator, "not indexing the compacted prompt of {}: {}", to_string(seq),
                  added.status().message());
     return;
   }
-  PagedKvCache& pool = pool_of(s.replica);
-  for (BlockId block : *added) {
-    const Status retained = pool.retain_block(block);
-    KVF_CHECK(retained.ok(), "retaining a compacted prompt block failed: " + retained.to_string());
-  }
-  if (!added->empty()) ++stats_.compressed_indexed;
+  if (*added > 0) ++stats_.compressed_indexed;
   c.indexed_on = s.replica;
-  mark_load(s.replica);
 }
 
 size_t Coordinator::tokens_of(SeqId seq) const {

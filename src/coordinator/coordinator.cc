@@ -488,10 +488,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
           admit_compressed(seq, prompt.size(), compressed_prompt_identity(policy, budget, salt, prompt),
                            budget, priority, tenant);
       if (served) {
-        record_compression(seq, options, prompt.size(), probe);
-        Compressed& compressed = compressed_.at(seq);
-        compressed.prefilled = true;
-        compressed.compacted_once = true;  // snapkv compacts once: this is its compaction
+        record_compression(seq, options, prompt.size(), probe, /*served_compacted=*/true);
         return *std::move(served);
       }
     }
@@ -512,7 +509,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
                        place(seq, std::move(prompt), std::move(key), priority, tenant, choice));
   admitted_now_.back().best_tokens = best_tokens;
   admitted_now_.back().served_tokens = placed.cached_tokens;
-  record_compression(seq, options, prompt_tokens, probe);
+  record_compression(seq, options, prompt_tokens, probe, /*served_compacted=*/false);
   return placed;
 }
 
@@ -1152,28 +1149,33 @@ void Coordinator::index_planned_prompts() {
     // Gone, swapped out (its slots stay uncomputed), or a new sequence under the same id: its
     // blocks will not hold this prompt.
     if (s == nullptr || s->swapped || s->incarnation != admitted.incarnation) continue;
-    const uint32_t r = s->replica;
-    PagedKvCache& pool = replicas_[r].pool;
     const SequenceInfo* info = running_info(admitted.seq, *s);
     if (info == nullptr || info->num_tokens < admitted.tokens.size()) continue;  // compacted
-    const auto added = index_->insert(r, admitted.key, info->block_ids);
+    const Result<size_t> added = index_blocks(s->replica, admitted.key, info->block_ids);
     if (!added.ok()) {
       KVF_LOG_WARN(kCoordinator, "not indexing {}: {}", to_string(admitted.seq),
                    added.status().message());
       continue;
     }
-    for (BlockId block : *added) {
-      const Status retained = pool.retain_block(block);
-      KVF_CHECK(retained.ok(), "retaining a newly indexed block failed: " + retained.to_string());
-    }
-    remember_blocks(admitted.key, added->size());
-    // Blocks hung under an idle cached prefix make it used: the replica's load moves.
-    mark_load(r);
+    remember_blocks(admitted.key, *added);
   }
   name_compressed_prompts();
   admitted_now_.clear();
   misses_counted_ = 0;
   admitted_now_blocks_ = 0;
+}
+
+Result<size_t> Coordinator::index_blocks(uint32_t replica, const RadixKey& key,
+                                         std::span<const BlockId> blocks) {
+  KVF_ASSIGN_OR_RETURN(const std::vector<BlockId> added, index_->insert(replica, key, blocks));
+  PagedKvCache& pool = replicas_[replica].pool;
+  for (BlockId block : added) {
+    const Status retained = pool.retain_block(block);
+    KVF_CHECK(retained.ok(), "retaining a newly indexed block failed: " + retained.to_string());
+  }
+  // Blocks hung under an idle cached prefix make it used: the replica's load moves.
+  mark_load(replica);
+  return added.size();
 }
 
 void Coordinator::refill_free_blocks() {

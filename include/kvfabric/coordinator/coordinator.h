@@ -493,10 +493,15 @@ class Coordinator {
   void collect_copies(uint32_t replica);
   void swap_back_in();
   void index_planned_prompts();
+  //! Indexes `blocks` holding `key` on `replica` (GlobalPrefixIndex::insert) and retains the
+  //! newly indexed ones in its pool; returns how many were new. The index's errors as they are.
+  Result<size_t> index_blocks(uint32_t replica, const RadixKey& key,
+                              std::span<const BlockId> blocks);
   // Token compression (compression.cc).
   Status check_compression(SeqId seq, const AdmitOptions& options) const;
+  //! `served_compacted`: admitted with an identical request's kept prompt (admit_compressed).
   void record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
-                          std::optional<uint64_t> probe);
+                          std::optional<uint64_t> probe, bool served_compacted);
   //! The budget in tokens a policy gives a prompt: quant::budget_for, for snapkv rounded up to
   //! whole blocks.
   [[nodiscard]] uint64_t budget_of(const quant::CompressionPolicy& policy, size_t prompt_tokens) const;
@@ -541,7 +546,7 @@ class Coordinator {
   //! was admitted again (kept prompts of one-off prompts would take the cache full prompts use).
   void forget_kept_prompt(const Compressed& c);
   //! Forgets what `replica` holds of a kept prompt that no sequence uses (GlobalPrefixIndex::
-  //! forget) and frees its blocks; returns the tokens of it the replica still holds (in use).
+  //! forget) and frees those blocks; returns how many.
   size_t release_kept_prompt(uint32_t replica, const CacheSalt& identity, uint64_t kept);
   //! Whether the sequence's replica may index its kept prompt: it holds none of the key (what
   //! eviction left of another's is forgotten first; a whole one already serves).

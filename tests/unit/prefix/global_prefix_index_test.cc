@@ -65,6 +65,15 @@ class Cluster {
     return added->size();
   }
 
+  // Forgets what replica `r` holds of `key` that eviction could take, freeing those blocks in its
+  // pool; returns how many.
+  size_t forget(uint32_t r, const Tokens& key) {
+    index_->lookup(RadixKey(key, kBlockSize), lookup_);
+    const std::vector<BlockId> forgotten = index_->forget(lookup_, r);
+    for (BlockId b : forgotten) EXPECT_TRUE(pools_[r]->release_retained_block(b).ok());
+    return forgotten.size();
+  }
+
   void check() {
     ASSERT_TRUE(index_->verify().ok()) << index_->verify().to_string();
     for (auto& pool : pools_) ASSERT_TRUE(pool->verify_integrity().ok());
@@ -245,16 +254,10 @@ TEST(GlobalPrefixIndex, ForgettingAKeyDropsOnlyItsIdleEnd) {
     c.admit(r, 1, longer);
     c.index_prompt(r, 1, longer);
   }
-  PrefixLookup lookup;
-  c.index().lookup(RadixKey(a, kBlockSize), lookup);
-  EXPECT_TRUE(c.index().forget(lookup, 0).empty());  // in use
+  EXPECT_EQ(c.forget(0, a), 0u);  // in use
   ASSERT_TRUE(c.pool(0).free(SeqId{1}).ok());
-  c.index().lookup(RadixKey(a, kBlockSize), lookup);
-  EXPECT_TRUE(c.index().forget(lookup, 0).empty());  // the longer prompt's block hangs below
-  c.index().lookup(RadixKey(longer, kBlockSize), lookup);
-  const std::vector<BlockId> dropped = c.index().forget(lookup, 0);
-  EXPECT_EQ(dropped.size(), 3u);
-  for (BlockId b : dropped) ASSERT_TRUE(c.pool(0).release_retained_block(b).ok());
+  EXPECT_EQ(c.forget(0, a), 0u);  // the longer prompt's block hangs below
+  EXPECT_EQ(c.forget(0, longer), 3u);
   c.check();
   EXPECT_EQ(c.peek(0, longer).tokens, 0u);
   EXPECT_EQ(c.peek(1, longer).tokens, 12u);
@@ -263,16 +266,12 @@ TEST(GlobalPrefixIndex, ForgettingAKeyDropsOnlyItsIdleEnd) {
   c.admit(0, 2, a);
   c.index_prompt(0, 2, a);  // replica 1 holds the key one block deeper
   ASSERT_TRUE(c.pool(0).free(SeqId{2}).ok());
-  c.index().lookup(RadixKey(longer, kBlockSize), lookup);
-  const std::vector<BlockId> shallower = c.index().forget(lookup, 0);
-  EXPECT_EQ(shallower.size(), 2u);
-  for (BlockId b : shallower) ASSERT_TRUE(c.pool(0).release_retained_block(b).ok());
+  EXPECT_EQ(c.forget(0, longer), 2u);
   c.check();
   EXPECT_EQ(c.peek(1, longer).tokens, 12u);
   // A key that ends inside a node forgets nothing of it.
   ASSERT_TRUE(c.pool(1).free(SeqId{1}).ok());
-  c.index().lookup(RadixKey(concat(a, token_run(2, 50)), kBlockSize), lookup);
-  EXPECT_TRUE(c.index().forget(lookup, 1).empty());
+  EXPECT_EQ(c.forget(1, concat(a, token_run(2, 50))), 0u);
   c.check();
 }
 

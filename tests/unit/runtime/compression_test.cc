@@ -50,6 +50,11 @@ CompressionPolicy snapkv(uint64_t budget, uint64_t window) {
   return p;
 }
 
+bool requests_scores_of(const StepPlan& plan, SeqId seq) {
+  return std::any_of(plan.score_requests.begin(), plan.score_requests.end(),
+                     [&](const StepPlan::ScoreRequest& r) { return r.seq == seq; });
+}
+
 // One rank (dp 1, tp 1) serving the coordinator's plans; the engine model writes and checks
 // every cached token's K/V after each step, and its attention feeds the scores.
 struct CompressedRank {
@@ -67,12 +72,20 @@ struct CompressedRank {
   }
 
   Result<Placement> admit(SeqId seq, const std::vector<TokenId>& prompt,
-                          std::optional<CompressionPolicy> policy) {
-    AdmitOptions options;
-    options.compression = policy;
+                          const AdmitOptions& options) {
     auto placed = coordinator.admit(seq, prompt, options);
     if (placed.ok()) engine.admitted(seq, prompt, *placed);
     return placed;
+  }
+  Result<Placement> admit(SeqId seq, const std::vector<TokenId>& prompt,
+                          std::optional<CompressionPolicy> policy) {
+    AdmitOptions options;
+    options.compression = policy;
+    return admit(seq, prompt, options);
+  }
+  void free(SeqId seq) {
+    ASSERT_TRUE(coordinator.free(seq).ok());
+    engine.freed(seq);
   }
   void decode(SeqId seq) {
     const TokenId token = static_cast<TokenId>(engine.tokens(seq).size() * 7 + 3);
@@ -99,6 +112,38 @@ struct CompressedRank {
     }
     if (out != nullptr) *out = *plan;
     return engine.verify(*rank);
+  }
+  // Admits, runs the steps a SnapKV prompt takes to be compacted (prefill, score request,
+  // compaction), then frees the sequence and runs the step that releases it.
+  Result<Placement> serve_and_free(SeqId seq, const std::vector<TokenId>& prompt,
+                                   const AdmitOptions& options) {
+    const auto one_step = [this] {
+      const auto stepped = step();
+      return stepped ? ok_status() : Status(ErrorCode::kInternal, stepped.message());
+    };
+    KVF_ASSIGN_OR_RETURN(Placement placed, admit(seq, prompt, options));
+    for (int i = 0; i < 3; ++i) KVF_RETURN_IF_ERROR(one_step());
+    KVF_RETURN_IF_ERROR(coordinator.free(seq));
+    engine.freed(seq);
+    KVF_RETURN_IF_ERROR(one_step());
+    return placed;
+  }
+  // Steps without reporting scores (plans executed, forward passes run) until a plan requests
+  // the scores of `seq`; that plan is `plan`.
+  ::testing::AssertionResult step_until_scores_requested(SeqId seq, StepPlan& plan) {
+    plan = StepPlan{};
+    while (!requests_scores_of(plan, seq)) {
+      auto next = coordinator.step();
+      if (!next.ok()) return ::testing::AssertionFailure() << next.status();
+      plan = *std::move(next);
+      std::vector<uint8_t> bytes = plan.serialize();
+      if (const Status s = rank->receive_and_execute(bytes, RankId{0}); !s.ok()) {
+        return ::testing::AssertionFailure() << s;
+      }
+      engine.planned(plan);
+      if (const Status s = engine.forward(*rank); !s.ok()) return ::testing::AssertionFailure() << s;
+    }
+    return ::testing::AssertionSuccess();
   }
 };
 
@@ -322,11 +367,6 @@ TEST(CompressionTest, ACompactedPromptIsNeverServedToARequestExpectingFullKv) {
 // identical requests then keep the same tokens.
 float by_position(SeqId, size_t origin, uint32_t) { return origin % 7 == 3 ? 5.0f : 0.1f; }
 
-bool requests_scores_of(const StepPlan& plan, SeqId seq) {
-  return std::any_of(plan.score_requests.begin(), plan.score_requests.end(),
-                     [&](const StepPlan::ScoreRequest& r) { return r.seq == seq; });
-}
-
 // A SnapKV compaction's kept prompt is indexed under the prompt, namespace, budget and window;
 // an identical request starts from it (engine.verify checks its K/V every step), and a request
 // differing in any of them does not.
@@ -406,14 +446,12 @@ TEST(CompressionTest, AKeptPromptOutlivesItsSequenceOnlyWhenItsPromptRecurs) {
   r.mass = by_position;
   const auto prompt = testing::token_run(96, 1);
   const CompressionPolicy policy = snapkv(24, 8);
+  AdmitOptions options;
+  options.compression = policy;
   const auto run_and_free = [&](SeqId seq, size_t want_compressed) {
-    const auto placed = r.admit(seq, prompt, policy);
-    ASSERT_TRUE(placed.ok());
+    const auto placed = r.serve_and_free(seq, prompt, options);
+    ASSERT_TRUE(placed.ok()) << placed.status();
     EXPECT_EQ(placed->compressed_tokens, want_compressed) << seq;
-    for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
-    ASSERT_TRUE(r.coordinator.free(seq).ok());
-    r.engine.freed(seq);
-    ASSERT_TRUE(r.step());
     EXPECT_TRUE(r.coordinator.verify_integrity().ok());
   };
   run_and_free(SeqId{1}, 0);
@@ -438,15 +476,7 @@ TEST(CompressionTest, AKeptPromptOutlivesItsSequenceOnlyWhenItsPromptRecurs) {
   const auto other = testing::token_run(96, 300);
   ASSERT_TRUE(r.admit(SeqId{6}, other, policy).ok());
   StepPlan plan;
-  while (!requests_scores_of(plan, SeqId{6})) {
-    auto next = r.coordinator.step();
-    ASSERT_TRUE(next.ok());
-    plan = *next;
-    std::vector<uint8_t> bytes = plan.serialize();
-    ASSERT_TRUE(r.rank->receive_and_execute(bytes, RankId{0}).ok());
-    r.engine.planned(plan);
-    ASSERT_TRUE(r.engine.forward(*r.rank).ok());
-  }
+  ASSERT_TRUE(r.step_until_scores_requested(SeqId{6}, plan));
   const std::vector<double> partial(40, 1.0);  // of 88 voters
   ASSERT_TRUE(r.coordinator.report_attention(SeqId{6}, plan.step, partial).ok());
   ASSERT_TRUE(r.step(&plan));
@@ -512,12 +542,7 @@ TEST(CompressionTest, AKeptPromptCountsItsOwnBlocksAgainstTheQuota) {
   options.tenant = "t";
   options.compression = snapkv(24, 8);
   for (SeqId seq : {SeqId{1}, SeqId{2}}) {  // seen twice: the kept prompt stays
-    const auto placed = r.coordinator.admit(seq, prompt, options);
-    ASSERT_TRUE(placed.ok());
-    r.engine.admitted(seq, prompt, *placed);
-    for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
-    ASSERT_TRUE(r.coordinator.free(seq).ok());
-    r.engine.freed(seq);
+    ASSERT_TRUE(r.serve_and_free(seq, prompt, options).ok());
   }
   TenantQuota quota;
   quota.max_blocks = 3;  // the full prompt needs 6, its kept prompt 2
@@ -542,9 +567,7 @@ TEST(CompressionTest, ARefusedRequestDoesNotKeepAKeptPromptCached) {
   AdmitOptions options;
   options.tenant = "t";
   options.compression = snapkv(24, 8);
-  const auto placed = r.coordinator.admit(SeqId{1}, prompt, options);
-  ASSERT_TRUE(placed.ok());
-  r.engine.admitted(SeqId{1}, prompt, *placed);
+  ASSERT_TRUE(r.admit(SeqId{1}, prompt, options).ok());
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
   ASSERT_EQ(r.coordinator.stats().compressed_indexed, 1u);
   TenantQuota quota;
@@ -552,8 +575,7 @@ TEST(CompressionTest, ARefusedRequestDoesNotKeepAKeptPromptCached) {
   r.coordinator.set_tenant_quota("t", quota);
   EXPECT_EQ(r.coordinator.admit(SeqId{2}, prompt, options).status().code(),
             ErrorCode::kResourceExhausted);
-  ASSERT_TRUE(r.coordinator.free(SeqId{1}).ok());
-  r.engine.freed(SeqId{1});
+  r.free(SeqId{1});
   ASSERT_TRUE(r.step());
   EXPECT_EQ(r.coordinator.replica_stats(0).cached_blocks, 6u);  // the full prompt only
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
@@ -568,36 +590,22 @@ TEST(CompressionTest, APartlyEvictedKeptPromptIsReplacedNotCompleted) {
   r.mass = by_position;
   const auto prompt = testing::token_run(96, 1);
   const CompressionPolicy policy = snapkv(24, 8);
-  const auto run_and_free = [&](SeqId seq) {
-    ASSERT_TRUE(r.admit(seq, prompt, policy).ok());
-    for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
-    ASSERT_TRUE(r.coordinator.free(seq).ok());
-    r.engine.freed(seq);
-    ASSERT_TRUE(r.step());
-  };
-  run_and_free(SeqId{1});
-  run_and_free(SeqId{2});  // seen twice: its kept prompt stays cached
+  AdmitOptions options;
+  options.compression = policy;
+  ASSERT_TRUE(r.serve_and_free(SeqId{1}, prompt, options).ok());
+  ASSERT_TRUE(r.serve_and_free(SeqId{2}, prompt, options).ok());  // seen twice: it stays cached
   ASSERT_EQ(r.coordinator.replica_stats(0).cached_blocks, 8u);
   // Pressure evicts the kept prompt's last block (then the full prompt's blocks).
   ASSERT_TRUE(r.admit(SeqId{3}, prompt, std::nullopt).ok());  // holds the full prompt's blocks
   const size_t free_blocks = r.coordinator.replica_stats(0).free_blocks;
   ASSERT_TRUE(r.admit(SeqId{9}, testing::token_run((free_blocks + 1) * 16, 5000), std::nullopt).ok());
-  ASSERT_TRUE(r.coordinator.free(SeqId{9}).ok());
-  r.engine.freed(SeqId{9});
+  r.free(SeqId{9});
   ASSERT_EQ(r.coordinator.replica_stats(0).cached_blocks, 1u);  // the kept prompt's first block
   const auto mine = r.admit(SeqId{4}, prompt, policy);
   ASSERT_TRUE(mine.ok());
   ASSERT_EQ(mine->compressed_tokens, 0u);
   StepPlan plan;
-  while (!requests_scores_of(plan, SeqId{4})) {
-    auto next = r.coordinator.step();
-    ASSERT_TRUE(next.ok());
-    plan = *next;
-    std::vector<uint8_t> bytes = plan.serialize();
-    ASSERT_TRUE(r.rank->receive_and_execute(bytes, RankId{0}).ok());
-    r.engine.planned(plan);
-    ASSERT_TRUE(r.engine.forward(*r.rank).ok());
-  }
+  ASSERT_TRUE(r.step_until_scores_requested(SeqId{4}, plan));
   std::vector<double> votes(88);  // a full vote that leaves out the window
   for (size_t i = 0; i < votes.size(); ++i) votes[i] = by_position(SeqId{4}, i, 0);
   ASSERT_TRUE(r.coordinator.report_attention(SeqId{4}, plan.step, votes).ok());
