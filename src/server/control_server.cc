@@ -385,7 +385,10 @@ class ControlServer::Impl::ControlSession
         self->close();
         return;
       }
-      if (e) return;
+      if (e) {
+        self->close();
+        return;
+      }
       if (self->stream_after_reply_) {
         self->stream_events();
       } else {
@@ -423,7 +426,10 @@ class ControlServer::Impl::ControlSession
           " bytes (server.max_request_bytes); closing the connection"));
       return;
     }
-    if (ec) return;  // the client went away, or the idle timer closed the socket
+    if (ec) {  // the client went away, or the idle timer closed the socket
+      close();
+      return;
+    }
     std::string_view line(buffer_.data(), n - 1);
     if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
     std::string request(line);
@@ -499,7 +505,14 @@ class ControlServer::Impl::ControlSession
     });
   }
 
-  void close() { stream_.close(); }
+  // The timers hold the session too: cancelled, they let it go at once, and with it its place
+  // among the endpoint's connections (a client that hung up before logging in kept its place
+  // until login_timeout, so connecting and closing in a loop locked everyone out).
+  void close() {
+    login_.cancel();
+    idle_.cancel();
+    stream_.close();
+  }
 
   ControlIdentity identity_;
   asio::steady_timer login_{stream_.socket().get_executor()};
@@ -528,6 +541,7 @@ class ControlServer::Impl::HttpSession
     stream_.async_handshake(
         ssl::stream_base::server, [self = shared_from_this(), admitted](ErrorCodeT ec) {
           if (ec) {
+            self->idle_.cancel();
             self->stream_.close();
           } else if (admitted) {
             self->read_request();
@@ -545,7 +559,11 @@ class ControlServer::Impl::HttpSession
     stream_.async_read_until(
         asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), std::string_view("\r\n\r\n"),
         [self = shared_from_this()](ErrorCodeT ec, size_t n) {
-          if (ec && ec != asio::error::not_found) return;
+          if (ec && ec != asio::error::not_found) {  // gone: the timer must not keep its place
+            self->idle_.cancel();
+            self->stream_.close();
+            return;
+          }
           self->respond(ec ? http_response("431 Request Header Fields Too Large", "text/plain",
                                            "the request head exceeds 8 KiB\n")
                            : self->server_.http_reply(std::string_view(self->buffer_.data(), n)));
@@ -846,9 +864,18 @@ Result<ControlClient> ControlClient::connect(const std::string& host, uint16_t p
     if (!parsed.is_object() || ok == parsed.end() || *ok != true) {
       // The server's own words when they are where they should be; the raw reply otherwise.
       std::string why = reply;
-      if (parsed.is_object() && parsed.contains("error") && parsed["error"].is_object() &&
-          parsed["error"].contains("message") && parsed["error"]["message"].is_string()) {
-        why = parsed["error"]["message"].get<std::string>();
+      const auto error = parsed.is_object() ? parsed.find("error") : parsed.end();
+      const bool has_error = error != parsed.end() && error->is_object();
+      if (has_error && error->contains("message") && (*error)["message"].is_string()) {
+        why = (*error)["message"].get<std::string>();
+      }
+      // A full server refuses the connection, whatever the token: retrying later may work.
+      const auto code = has_error ? error->find("code") : parsed.end();
+      if (has_error && code != error->end() && code->is_string() &&
+          code->get<std::string>() == error_code_name(ErrorCode::kResourceExhausted)) {
+        return Status(ErrorCode::kResourceExhausted,
+                      "the control plane at " + client.impl_->where + " refused the connection: " +
+                          why);
       }
       return Status(ErrorCode::kUnauthenticated,
                     "the control plane at " + client.impl_->where + " refused the token: " + why);

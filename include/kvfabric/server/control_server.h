@@ -110,7 +110,8 @@ struct ControlClientOptions {
   std::string ca_file;
   //! The name the server's certificate must carry (and SNI); empty: the host connected to.
   std::string server_name;
-  //! A tenant's token: connect() sends hello with it and fails (Unauthenticated) if refused.
+  //! A tenant's token: connect() sends hello with it and fails (Unauthenticated) if refused, or
+  //! ResourceExhausted when the server already serves server.max_connections connections.
   std::string token;
 };
 

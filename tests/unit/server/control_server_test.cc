@@ -402,6 +402,29 @@ TEST(ControlServerTest, SilentHttpConnectionsCannotLockTheProbesOut) {
   EXPECT_TRUE(http_get("127.0.0.1", port, "/health").ok());
 }
 
+// Regression: an HTTP connection that hung up before sending its request head kept its place
+// until http_timeout, so a loop of TCP-only probes answered /health with 503.
+TEST(ControlServerTest, HttpConnectionsThatHangUpLeaveAtOnce) {
+  ControlServerOptions options = ServedCoordinator::loopback();
+  options.max_connections = 2;
+  options.http_timeout = std::chrono::minutes(10);
+  ServedCoordinator served(options);
+  const uint16_t port = served.server().metrics_port();
+  boost::asio::io_context io;
+  for (int i = 0; i < 40; ++i) {
+    boost::asio::ip::tcp::socket probe(io);
+    probe.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+    if (i % 2 == 0) boost::asio::write(probe, boost::asio::buffer(std::string("GET /hea")));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  Result<std::string> health = http_get("127.0.0.1", port, "/health");
+  while (!health.ok() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    health = http_get("127.0.0.1", port, "/health");
+  }
+  EXPECT_TRUE(health.ok()) << health.status();
+}
+
 TEST(ControlServerTest, AnIdleConnectionIsClosed) {
   ControlServerOptions options = ServedCoordinator::loopback();
   options.idle_timeout = std::chrono::milliseconds(50);

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <boost/asio.hpp>
+#include <chrono>
 #include <filesystem>
 #include <thread>
 
@@ -387,6 +389,51 @@ TEST_F(TenantServerTest, AWrongTokenOrNoLoginClosesTheConnection) {
   ASSERT_TRUE(ops.ok()) << ops.status();
   std::this_thread::sleep_for(std::chrono::milliseconds(500));  // logged in: the deadline is off
   EXPECT_TRUE(ops->call(R"({"op":"stats"})").ok());
+}
+
+// Regression: a connection that hung up before logging in (or before its TLS handshake ended)
+// was kept until login_timeout by its timer, so connecting and closing in a loop, with no token,
+// held every place and locked every client out.
+TEST_F(TenantServerTest, ConnectionsThatHangUpBeforeLoggingInLeaveAtOnce) {
+  for (const bool tls : {false, true}) {
+    SCOPED_TRACE(tls ? "TLS" : "plain TCP");
+    ControlServerOptions so;
+    so.max_connections = 4;
+    so.login_timeout = std::chrono::minutes(10);
+    if (tls) {
+      so.tls_cert_file = cert_.cert;
+      so.tls_key_file = cert_.key;
+    }
+    ServedWithTenants served(so);
+    const uint16_t port = served.server().port();
+    boost::asio::io_context io;
+    for (int i = 0; i < 40; ++i) {  // plain TCP to a TLS port fails its handshake
+      boost::asio::ip::tcp::socket hang_up(io);
+      hang_up.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+      if (i % 2 == 0) boost::asio::write(hang_up, boost::asio::buffer(std::string("{\"op\"")));
+    }
+    ControlClientOptions ops;
+    ops.token = "ops-token-0123456789";
+    ops.tls = tls;
+    ops.ca_file = tls ? cert_.cert : "";
+    // Refused while the server still counts the hung-up ones (it may not have seen them all).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    auto client = ControlClient::connect("127.0.0.1", port, ops);
+    while (!client.ok() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      client = ControlClient::connect("127.0.0.1", port, ops);
+    }
+    ASSERT_TRUE(client.ok()) << client.status();
+    EXPECT_TRUE(client->call(R"({"op":"stats"})").ok());
+    EXPECT_EQ(served.server().stats().connections, 1u);
+    // A full server refuses the connection, not the token.
+    std::vector<ControlClient> others;
+    for (int i = 0; i < 3; ++i) others.push_back(ControlClient::connect("127.0.0.1", port, ops).value());
+    const auto full = ControlClient::connect("127.0.0.1", port, ops);
+    EXPECT_EQ(full.status().code(), ErrorCode::kResourceExhausted) << full.status();
+    EXPECT_THAT(full.status().message(), HasSubstr("refused the connection: the control plane "
+                                                   "serves at most 4 connections"));
+  }
 }
 
 TEST_F(TenantServerTest, AnUnreadableCertificateOrKeyIsNamed) {
