@@ -179,6 +179,12 @@ std::string to_line(const json& reply) {
 // Parses a request line. A key given twice in one object is refused: nlohmann keeps the last
 // one, and a request must mean exactly one thing.
 Result<json> parse_line(std::string_view line) {
+  // The parser takes a NUL byte for the end of its input and would run what comes before it,
+  // so one line could mean one request to the server and another to whoever logs or checks it.
+  if (const size_t nul = line.find('\0'); nul != std::string_view::npos) {
+    return Status(ErrorCode::kParseError, "the request has a NUL byte at offset " +
+                                              std::to_string(nul) + "; JSON text has none");
+  }
   std::vector<std::set<std::string>> open_objects;  // the keys seen in each object being read
   std::optional<std::string> duplicate;
   const json::parser_callback_t check_keys = [&](int, json::parse_event_t event, json& parsed) {

@@ -150,6 +150,9 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
   };
   const std::vector<Case> cases = {
       {"{\"op\": \"admit\", ", "ParseError", "not valid JSON"},
+      // Regression: the parser stopped at a NUL byte, so this line admitted S5.
+      {std::string("{\"op\": \"admit\", \"seq\": 5, \"tokens\": [1]}\0 }}} garbage", 45),
+       "ParseError", "NUL byte at offset 40"},
       {"42", "InvalidArgument", "JSON object (got number)"},
       {"{\"seq\": 1}", "InvalidArgument", "\"op\" string"},
       {"{\"op\": 3}", "InvalidArgument", "\"op\" string"},
@@ -194,11 +197,12 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
   EXPECT_EQ(c.stats().admitted, 1u);
   EXPECT_FALSE(c.replica_of(SeqId{2}).has_value());
   EXPECT_FALSE(c.replica_of(SeqId{3}).has_value());
+  EXPECT_FALSE(c.replica_of(SeqId{5}).has_value());  // the line with a NUL byte
   EXPECT_TRUE(c.verify_integrity().ok());
   const json plan = call(protocol, {{"op", "step"}});
   EXPECT_TRUE(plan["tables"].empty()) << plan;
   EXPECT_TRUE(plan["ops"]["copy"] == 0) << plan;
-  EXPECT_EQ(protocol.stats().malformed, 5u);
+  EXPECT_EQ(protocol.stats().malformed, 6u);
   EXPECT_FALSE(protocol.shutdown_requested());
 }
 
