@@ -925,16 +925,17 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
   Sequence* s = find(src);
   if (s == nullptr) return sequence_not_found(src);
   const auto request = [&] { return "fork " + to_string(src) + " -> " + to_string(dst); };
+  if (replica && *replica >= replicas_.size()) {
+    return invalid_argument(request() + ": replica " + std::to_string(*replica) +
+                            " does not exist (dp " + std::to_string(replicas_.size()) +
+                            "); nothing was changed");
+  }
   KVF_RETURN_IF_ERROR(check_pending_room(request));
   if (s->swapped) return invalid_operation(to_string(src) + " is swapped out and cannot be forked now");
   KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 1, s->charged_blocks));
   const uint32_t tenant = s->tenant;
   // The child's K/V is its source's: what is computed of it (shared or migrated) and no more.
   const uint64_t computed = s->computed_tokens;
-  if (replica && *replica >= replicas_.size()) {
-    return invalid_argument("fork to replica " + std::to_string(*replica) + " of " +
-                            std::to_string(replicas_.size()));
-  }
   const uint32_t from = s->replica;
   const uint32_t to = replica.value_or(from);
   if (is_full(to)) {

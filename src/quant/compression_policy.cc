@@ -1,6 +1,7 @@
 #include "kvfabric/quant/compression_policy.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <iterator>
@@ -11,6 +12,13 @@
 
 namespace kvfabric::quant {
 namespace {
+
+// A client's number as short as it reads back exactly (1e+300, not 301 digits).
+std::string number_text(double value) {
+  char text[32];
+  const auto [end, ec] = std::to_chars(std::begin(text), std::end(text), value);
+  return ec == std::errc() ? std::string(text, end) : std::to_string(value);
+}
 
 // [from, to) appended to `kept`.
 void keep_range(std::vector<size_t>& kept, size_t from, size_t to) {
@@ -106,7 +114,7 @@ Status set_compression_field(CompressionPolicy& policy, std::string_view name, d
   // value is no count.
   if (!(value >= 0 && value < 0x1p64 && std::floor(value) == value &&
         static_cast<uint64_t>(value) <= count->max)) {
-    return invalid_argument(field(name) + " " + std::to_string(value) +
+    return invalid_argument(field(name) + " " + number_text(value) +
                             " must be a whole number in [0, " + std::to_string(count->max) + "]");
   }
   count->set(policy, static_cast<uint64_t>(value));
@@ -116,13 +124,18 @@ Status set_compression_field(CompressionPolicy& policy, std::string_view name, d
 Status validate(const CompressionPolicy& p) {
   const bool has_tokens = p.budget_tokens != 0;
   const bool has_ratio = p.budget_ratio != 0;
-  if (has_tokens == has_ratio) {
-    return invalid_argument(field("budget_tokens") + " and " + field("budget_ratio") +
-                            ": set exactly one (" + std::to_string(p.budget_tokens) + " and " +
-                            std::to_string(p.budget_ratio) + " given)");
+  if (!has_tokens && !has_ratio) {
+    return invalid_argument("a compression budget is needed: " + field("budget_tokens") +
+                            " (tokens, > 0) or " + field("budget_ratio") +
+                            " (the share of the prompt kept, in (0, 1]); a 0 sets neither");
+  }
+  if (has_tokens && has_ratio) {
+    return invalid_argument(field("budget_tokens") + " " + std::to_string(p.budget_tokens) +
+                            " and " + field("budget_ratio") + " " + number_text(p.budget_ratio) +
+                            ": set only one");
   }
   if (has_ratio && !(std::isfinite(p.budget_ratio) && p.budget_ratio > 0 && p.budget_ratio <= 1)) {
-    return invalid_argument(field("budget_ratio") + " " + std::to_string(p.budget_ratio) +
+    return invalid_argument(field("budget_ratio") + " " + number_text(p.budget_ratio) +
                             " must be in (0, 1] (the share of the prompt kept)");
   }
   if (p.interval_steps == 0) {
@@ -144,9 +157,10 @@ Status validate(const CompressionPolicy& p) {
                                 " must be >= 1 (the prompt's last queries vote)");
       }
       if (has_tokens && p.window_tokens > p.budget_tokens) {
+        const bool default_window = p.window_tokens == CompressionPolicy{}.window_tokens;
         return invalid_argument(field("window_tokens") + " " + std::to_string(p.window_tokens) +
-                                " exceeds " + field("budget_tokens") + " " +
-                                std::to_string(p.budget_tokens) +
+                                (default_window ? " (the default)" : "") + " exceeds " +
+                                field("budget_tokens") + " " + std::to_string(p.budget_tokens) +
                                 " (the observation window is kept whole)");
       }
       break;

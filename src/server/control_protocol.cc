@@ -40,12 +40,33 @@ bool is_read_only(ControlOp op) {
          op == ControlOp::kShutdown || op == ControlOp::kSubscribe;
 }
 
+// At most this much of a client's text (a key, an op name, a string value) is quoted back in
+// an error: a reply must not echo a megabyte line.
+constexpr size_t kQuotedKeyChars = 64;
+
+// The first `max_bytes` of UTF-8 `text`, never cutting a character in two (a cut one would make
+// the reply invalid JSON).
+std::string utf8_prefix(const std::string& text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return text;
+  size_t end = max_bytes;
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80)
+    --end;
+  return text.substr(0, end);
+}
+
+// `text` in double quotes for an error message, cut to kQuotedKeyChars bytes (marked "...").
+std::string quoted(const std::string& text) {
+  const std::string prefix = utf8_prefix(text, kQuotedKeyChars);
+  return "\"" + prefix + (prefix.size() < text.size() ? "\"..." : "\"");
+}
+
 // A value for an error message. Containers are named, not printed: printing (like copying) a
 // JSON value recurses once per nesting level, and a request line may nest deeply enough to
 // overflow the stack.
 std::string describe(const json& v) {
   if (v.is_array()) return "an array";
   if (v.is_object()) return "an object";
+  if (v.is_string()) return quoted(v.get_ref<const std::string&>());
   return v.dump();
 }
 
@@ -64,7 +85,7 @@ class Request {
       bool known = false;
       for (std::string_view a : allowed)
         known = known || key == a;
-      if (!known) return error("unknown field \"" + key + "\"");
+      if (!known) return error("unknown field " + quoted(key));
     }
     return ok_status();
   }
@@ -156,19 +177,6 @@ class Request {
   const json& object_;
   std::string_view op_;
 };
-
-// At most this much of a client's key is quoted back in an error.
-constexpr size_t kQuotedKeyChars = 64;
-
-// The first `max_bytes` of UTF-8 `text`, never cutting a character in two (a cut one would make
-// the reply invalid JSON).
-std::string utf8_prefix(const std::string& text, size_t max_bytes) {
-  if (text.size() <= max_bytes) return text;
-  size_t end = max_bytes;
-  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80)
-    --end;
-  return text.substr(0, end);
-}
 
 // Replies are serialized replacing any invalid UTF-8 rather than throwing: a reply must always go
 // out, whatever a message quotes.
@@ -598,7 +606,7 @@ json ControlRequestHandler::handle_locked(ControlProtocol& protocol, const json&
     for (const auto& [n, o] : kOps) {
       if (n == name) op = o;
     }
-    if (!op) return malformed(invalid_argument("unknown op \"" + name + "\""));
+    if (!op) return malformed(invalid_argument("unknown op " + quoted(name)));
     const size_t index = static_cast<size_t>(*op);
     Result<json> result = run(protocol, *op, Request(request, name), who, lock);
     if (!result.ok()) {

@@ -163,7 +163,7 @@ TEST(ClusterReplay, CompressionSpecsAreParsedOrRefusedNamingTheKey) {
   EXPECT_EQ(streaming->value().sink_tokens, 8u);
   EXPECT_FALSE(parse_compression_spec("none")->has_value());
   for (const auto& [spec, says] : std::vector<std::pair<std::string, std::string>>{
-           {"h2o", "set exactly one"},
+           {"h2o", "a compression budget is needed"},
            {"h2o:ratio=2", "compression.budget_ratio"},
            {"h2o:tokens=1.5", "tokens=1.5"},
            {"h2o:tokens=ten", "tokens=ten"},

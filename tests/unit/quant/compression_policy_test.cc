@@ -172,13 +172,22 @@ TEST(CompressionPolicyTest, ValidationNamesTheField) {
   CompressionPolicy p = policy(Kind::kH2o, 8);
   EXPECT_TRUE(validate(p).ok());
   p.budget_ratio = 0.5;
-  EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("set exactly one"));
+  EXPECT_EQ(validate(p).message(),
+            "compression.budget_tokens 8 and compression.budget_ratio 0.5: set only one");
   p.budget_tokens = 0;
+  p.budget_ratio = 0;
+  EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("a compression budget is needed"));
+  p.budget_ratio = 1e300;  // quoted as the client wrote it, not as 301 digits
+  EXPECT_EQ(validate(p).message(),
+            "compression.budget_ratio 1e+300 must be in (0, 1] (the share of the prompt kept)");
   p.budget_ratio = std::nan("");
   EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("compression.budget_ratio"));
   p = policy(Kind::kSnapKv, 8);
   p.window_tokens = 0;
   EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("compression.window_tokens"));
+  p.window_tokens = CompressionPolicy{}.window_tokens;  // a window the client did not choose
+  EXPECT_THAT(validate(p).message(),
+              ::testing::HasSubstr("window_tokens 32 (the default) exceeds"));
   // Fields by name, as the control plane, Python and the replay's specs give them.
   p = policy(Kind::kH2o, 0);
   EXPECT_TRUE(set_compression_field(p, "budget_tokens", 64).ok());

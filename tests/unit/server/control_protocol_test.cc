@@ -157,6 +157,11 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
       {"{\"seq\": 1}", "InvalidArgument", "\"op\" string"},
       {"{\"op\": 3}", "InvalidArgument", "\"op\" string"},
       {"{\"op\": \"evict_everything\"}", "InvalidArgument", "unknown op \"evict_everything\""},
+      // A client's text is quoted back cut to 64 bytes: a reply must not echo a huge line.
+      {"{\"op\": \"" + std::string(5000, 'x') + "\"}", "InvalidArgument",
+       "unknown op \"" + std::string(64, 'x') + "\"..."},
+      {"{\"op\": \"stats\", \"" + std::string(5000, 'y') + "\": 1}", "InvalidArgument",
+       "stats: unknown field \"" + std::string(64, 'y') + "\"..."},
       {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": [1], \"prioirty\": 1}", "InvalidArgument",
        "admit: unknown field \"prioirty\""},
       {"{\"op\": \"admit\", \"tokens\": [1]}", "InvalidArgument", "admit: missing field \"seq\""},
@@ -176,7 +181,8 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
       {"{\"op\": \"append\", \"seq\": 99, \"num_tokens\": 1}", "SequenceNotFound", "S99"},
       {"{\"op\": \"append\", \"seq\": 1}", "InvalidArgument", "missing field \"num_tokens\""},
       {"{\"op\": \"fork\", \"src\": 1, \"dst\": 1}", "", ""},
-      {"{\"op\": \"fork\", \"src\": 1, \"dst\": 3, \"replica\": 5}", "", ""},
+      {"{\"op\": \"fork\", \"src\": 1, \"dst\": 3, \"replica\": 5}", "InvalidArgument",
+       "fork S1 -> S3: replica 5 does not exist (dp 1); nothing was changed"},
       {"{\"op\": \"free\", \"seq\": 99}", "SequenceNotFound", ""},
       {"{\"op\": \"set_priority\", \"seq\": 8, \"priority\": 1}", "SequenceNotFound", "S8"},
       {"{\"op\": \"set_priority\", \"seq\": 1}", "InvalidArgument", "missing field \"priority\""},
@@ -202,7 +208,7 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
   const json plan = call(protocol, {{"op", "step"}});
   EXPECT_TRUE(plan["tables"].empty()) << plan;
   EXPECT_TRUE(plan["ops"]["copy"] == 0) << plan;
-  EXPECT_EQ(protocol.stats().malformed, 6u);
+  EXPECT_EQ(protocol.stats().malformed, 7u);
   EXPECT_FALSE(protocol.shutdown_requested());
 }
 
@@ -267,7 +273,7 @@ TEST(ControlProtocolTest, CompressionIsAdmittedScoredAndCompactedOverTheWire) {
            {{{"budget_tokens", 8}}, "missing field \"policy\""},
            {{{"policy", "pyramid"}, {"budget_tokens", 8}}, "layer group"},
            {{{"policy", "h2o"}, {"budget_ratio", "half"}}, "budget_ratio"},
-           {{{"policy", "h2o"}, {"budget_ratio", 0.5}, {"budget_tokens", 8}}, "exactly one"},
+           {{{"policy", "h2o"}, {"budget_ratio", 0.5}, {"budget_tokens", 8}}, "set only one"},
            {{{"policy", "h2o"}, {"budget_tokens", 8}, {"speed", 1}}, "unknown field \"speed\""}}) {
     json request = base;
     request["compression"] = compression;
