@@ -489,6 +489,29 @@ TEST(CompressionTest, AKeptPromptOutlivesItsSequenceOnlyWhenItsPromptRecurs) {
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
+// A fork shares its parent's kept prompt and knows where it is indexed: freeing the fork
+// forgets none of it while the parent holds it (whichever of the two ends last forgets it).
+TEST(CompressionTest, FreeingAForkLeavesItsParentsKeptPromptShared) {
+  CompressedRank r(serving_config(1, 1, 4, 2, 32, 0));
+  r.mass = by_position;
+  const auto prompt = testing::token_run(96, 1);
+  const CompressionPolicy policy = snapkv(24, 8);
+  ASSERT_TRUE(r.admit(SeqId{1}, prompt, policy).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+  ASSERT_EQ(r.coordinator.stats().compressed_indexed, 1u);
+  ASSERT_TRUE(r.coordinator.fork(SeqId{1}, SeqId{2}).ok());
+  r.engine.forked(SeqId{1}, SeqId{2});
+  ASSERT_TRUE(r.step());
+  r.free(SeqId{2});
+  ASSERT_TRUE(r.step());
+  const auto identical = r.admit(SeqId{3}, prompt, policy);
+  ASSERT_TRUE(identical.ok()) << identical.status();
+  EXPECT_EQ(identical->compressed_tokens, 32u);
+  ASSERT_TRUE(r.step());
+  EXPECT_EQ(r.coordinator.stats().compressed_hits, 1u);
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
 // A kept prompt whose holders take no newcomer moves to a replica that does, as a cached
 // prefix would (the plan's migrate ops read exactly its blocks); with migration costing more
 // than prefill, the request is placed as usual instead.
