@@ -189,6 +189,9 @@ struct ControlServer::Impl {
     std::string_view what;
     std::atomic<uint32_t>& open;
     ssl::context* tls;  // the connections speak TLS; nullptr: plain TCP
+    // Its connections in arrival order, as long as they have proven nothing (io thread only;
+    // entries of sessions gone or proven since are dropped as they are met).
+    std::deque<std::weak_ptr<Session>> unproven;
   };
 
   struct Job {
@@ -212,7 +215,7 @@ struct ControlServer::Impl {
       socket.set_option(tcp::no_delay(true), ec);
       ByteStream stream = listener.tls ? ByteStream(std::move(socket), *listener.tls)
                                        : ByteStream(std::move(socket));
-      std::make_shared<Session>(*this, listener.open, std::move(stream))->start();
+      std::make_shared<Session>(*this, listener, std::move(stream))->start();
       accept<Session>(listener);
     });
   }
@@ -287,7 +290,8 @@ struct ControlServer::Impl {
   std::unique_ptr<ssl::context> tls;  // with a certificate: the control connections' TLS
   // Declared before io: sessions destroyed with io's pending handlers still count down here.
   std::atomic<uint32_t> control_open{0}, http_open{0};
-  std::atomic<uint64_t> refused_connections{0}, idle_closed{0}, accept_errors{0};
+  std::atomic<uint64_t> refused_connections{0}, idle_closed{0}, accept_errors{0},
+      displaced_connections{0};
   asio::io_context io;
   std::unique_ptr<Listener> control, http;
 
@@ -303,28 +307,69 @@ struct ControlServer::Impl {
 // open connections (counted in `open` for as long as the session lives).
 class ControlServer::Impl::Session {
  public:  // inherited by the sessions' own constructors
-  Session(Impl& server, std::atomic<uint32_t>& open, ByteStream stream)
+  Session(Impl& server, Listener& listener, ByteStream stream)
       : server_(server),
-        open_(open),
+        listener_(listener),
+        open_(listener.open),
         stream_(std::move(stream)),
         idle_(stream_.socket().get_executor()) {}
+  virtual ~Session() { --open_; }
+
+  // A connection that has shown what it is for (logged in; sent an HTTP request head) is never
+  // displaced by a newcomer.
+  [[nodiscard]] bool proven() const { return proven_; }
+  // Closes a connection that proved nothing, to make room for a newcomer.
+  virtual void displace() = 0;
 
  protected:
-  ~Session() { --open_; }
-
-  // Counts this connection in; false (and counted as refused) beyond max_connections.
-  bool within_limit() {
-    if (++open_ <= server_.options.max_connections) return true;
+  // Counts this connection in (`self` is this session). Beyond max_connections the oldest
+  // connection that has proven nothing yet gives its place up: connections that only sit there
+  // (or hang up and reconnect) cannot lock out clients that log in. Without one, false (and
+  // counted as refused).
+  bool within_limit(const std::shared_ptr<Session>& self) {
+    auto& unproven = listener_.unproven;
+    if (++open_ <= server_.options.max_connections) {
+      drop_settled(unproven);
+      unproven.push_back(self);
+      return true;
+    }
+    while (!unproven.empty()) {
+      const std::shared_ptr<Session> oldest = unproven.front().lock();
+      unproven.pop_front();
+      if (oldest == nullptr || oldest->proven()) continue;
+      ++server_.displaced_connections;
+      oldest->displace();
+      unproven.push_back(self);
+      return true;
+    }
     ++server_.refused_connections;
     return false;
   }
+  void mark_proven() { proven_ = true; }
 
   Impl& server_;
+  Listener& listener_;
   std::atomic<uint32_t>& open_;
   ByteStream stream_;
   asio::steady_timer idle_;
   std::string buffer_;
   std::string reply_;
+
+ private:
+  // Entries of sessions gone or proven, from the front, and all of them once they outnumber the
+  // places: the list stays about as long as the connections that may be displaced.
+  void drop_settled(std::deque<std::weak_ptr<Session>>& unproven) const {
+    const auto settled = [](const std::weak_ptr<Session>& w) {
+      const auto s = w.lock();
+      return s == nullptr || s->proven();
+    };
+    while (!unproven.empty() && settled(unproven.front())) unproven.pop_front();
+    if (unproven.size() > 2 * size_t{server_.options.max_connections}) {
+      std::erase_if(unproven, settled);
+    }
+  }
+
+  std::atomic<bool> proven_{false};
 };
 
 // One control connection: read a line, queue it, write its reply, repeat. An idle timer closes
@@ -335,7 +380,7 @@ class ControlServer::Impl::ControlSession
   using Session::Session;
 
   void start() {
-    const bool admitted = within_limit();
+    const bool admitted = within_limit(shared_from_this());
     identity_ = server_.protocol.new_connection();
     arm_login_timer();
     stream_.async_handshake(ssl::stream_base::server, [self = shared_from_this(),
@@ -398,9 +443,16 @@ class ControlServer::Impl::ControlSession
   }
 
  private:
+  void displace() override {
+    KVF_LOG_DEBUG(kServer, "closing a control connection that has not logged in: a newcomer needs "
+                           "its place (server.max_connections)");
+    close();
+  }
+
   // On the io thread: the login deadline no longer applies.
   void logged_in() {
     logged_in_ = true;
+    mark_proven();
     login_.cancel();
   }
 
@@ -537,7 +589,7 @@ class ControlServer::Impl::HttpSession
       ++self->server_.idle_closed;
       self->stream_.close();
     });
-    const bool admitted = within_limit();
+    const bool admitted = within_limit(shared_from_this());
     stream_.async_handshake(
         ssl::stream_base::server, [self = shared_from_this(), admitted](ErrorCodeT ec) {
           if (ec) {
@@ -564,10 +616,16 @@ class ControlServer::Impl::HttpSession
             self->stream_.close();
             return;
           }
+          self->mark_proven();
           self->respond(ec ? http_response("431 Request Header Fields Too Large", "text/plain",
                                            "the request head exceeds 8 KiB\n")
                            : self->server_.http_reply(std::string_view(self->buffer_.data(), n)));
         });
+  }
+
+  void displace() override {
+    idle_.cancel();
+    stream_.close();
   }
 
   void respond(std::string reply) {
@@ -635,6 +693,10 @@ std::string ControlServer::Impl::metrics_text() const {
         refused_connections.load());
   gauge("kvfabric_control_idle_closed_total", "counter",
         "Connections closed after server.idle_timeout_ms without a request.", idle_closed.load());
+  gauge("kvfabric_control_displaced_connections_total", "counter",
+        "Connections that had not logged in (or sent an HTTP request) closed to make room for a "
+        "newcomer at server.max_connections.",
+        displaced_connections.load());
   gauge("kvfabric_control_accept_errors_total", "counter",
         "Failed accepts (for example out of file descriptors), retried with back-off.",
         accept_errors.load());
@@ -732,7 +794,8 @@ uint16_t ControlServer::metrics_port() const {
 
 ControlServerStats ControlServer::stats() const {
   return ControlServerStats{impl_->control_open.load(), impl_->refused_connections.load(),
-                            impl_->idle_closed.load(), impl_->accept_errors.load()};
+                            impl_->idle_closed.load(), impl_->accept_errors.load(),
+                            impl_->displaced_connections.load()};
 }
 
 Status ControlServer::run() {

@@ -19,6 +19,9 @@ struct ControlServerStats {
   uint64_t refused_connections = 0;  //!< beyond max_connections
   uint64_t idle_closed = 0;          //!< closed after idle_timeout
   uint64_t accept_errors = 0;        //!< failed accepts, retried with back-off
+  //! connections that had proven nothing (not logged in, no HTTP request head) closed to make
+  //! room for a newcomer at max_connections
+  uint64_t displaced_connections = 0;
 };
 
 struct ControlServerOptions {

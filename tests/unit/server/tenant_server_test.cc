@@ -436,6 +436,41 @@ TEST_F(TenantServerTest, ConnectionsThatHangUpBeforeLoggingInLeaveAtOnce) {
   }
 }
 
+// Connections that sit there without logging in cannot lock out clients that log in: at
+// max_connections a newcomer takes the place of the oldest of them. Logged-in ones keep theirs.
+TEST_F(TenantServerTest, ConnectionsThatDoNotLogInGiveWayToNewcomers) {
+  ControlServerOptions so;
+  so.max_connections = 4;
+  so.login_timeout = std::chrono::minutes(10);
+  ServedWithTenants served(so);
+  const uint16_t port = served.server().port();
+  boost::asio::io_context io;
+  std::vector<boost::asio::ip::tcp::socket> silent;
+  for (int i = 0; i < 4; ++i) {
+    silent.emplace_back(io).connect({boost::asio::ip::make_address("127.0.0.1"), port});
+  }
+  while (served.server().stats().connections < 4) std::this_thread::yield();
+  ControlClientOptions ops;
+  ops.token = "ops-token-0123456789";
+  std::vector<ControlClient> clients;
+  for (int i = 0; i < 4; ++i) {
+    auto client = ControlClient::connect("127.0.0.1", port, ops);
+    ASSERT_TRUE(client.ok()) << client.status();
+    clients.push_back(std::move(client).value());
+  }
+  EXPECT_EQ(served.server().stats().displaced_connections, 4u);
+  for (auto& socket : silent) {  // each was closed, oldest first
+    char byte = 0;
+    boost::system::error_code ec;
+    boost::asio::read(socket, boost::asio::buffer(&byte, 1), ec);
+    EXPECT_EQ(ec, boost::asio::error::eof);
+  }
+  const auto full = ControlClient::connect("127.0.0.1", port, ops);  // every place logged in
+  EXPECT_EQ(full.status().code(), ErrorCode::kResourceExhausted) << full.status();
+  EXPECT_EQ(served.server().stats().refused_connections, 1u);
+  for (auto& client : clients) EXPECT_TRUE(client.call(R"({"op":"stats"})").ok());
+}
+
 TEST_F(TenantServerTest, AnUnreadableCertificateOrKeyIsNamed) {
   Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
   ControlProtocol protocol(c);
