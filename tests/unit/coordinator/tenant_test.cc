@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <set>
 #include <random>
 #include <string>
 #include <vector>
@@ -309,6 +310,7 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
   uint64_t next = 1;
   const size_t steps = testing::property_count(150);
   for (size_t step = 0; step < steps; ++step) {
+    std::set<uint64_t> preempted_now;  // by an earlier op of this step (an append's pressure)
     for (int op = 0; op < 4; ++op) {
       const std::string& tenant = names[rng() % names.size()];
       const uint64_t choice = rng() % 10;
@@ -338,14 +340,24 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
       } else if (!live.empty()) {
         auto it = live.begin();
         std::advance(it, static_cast<long>(rng() % live.size()));
-        ASSERT_TRUE(c.free(SeqId{it->first}).ok());
+        const SeqId seq{it->first};
+        if (c.replica_of(seq) || c.is_swapped(seq)) {
+          ASSERT_TRUE(c.free(seq).ok()) << testing::property_trace();
+        } else {
+          preempted_now.insert(seq.value);  // the step's plan must say so
+        }
         live.erase(it);
       }
     }
     const auto plan = c.step();
     ASSERT_TRUE(plan.ok()) << plan.status();
-    for (SeqId gone : plan->preempted)
+    for (SeqId gone : plan->preempted) {
       live.erase(gone.value);
+      preempted_now.erase(gone.value);
+    }
+    ASSERT_TRUE(preempted_now.empty())
+        << "S" << *preempted_now.begin() << " left without a plan saying so"
+        << testing::property_trace();
     ASSERT_TRUE(c.verify_integrity().ok()) << c.verify_integrity() << testing::property_trace();
     for (const std::string& t : names) {
       const TenantQuota q = c.tenant_quota(t);
