@@ -25,7 +25,10 @@ Result<KvCache> KvCache::create(Backend& backend, const KvCacheOptions& options)
   if (options.pool_blocks > kMaxBlocksPerPool) {
     return invalid_argument("KvCache pool_blocks exceeds " + std::to_string(kMaxBlocksPerPool));
   }
-  const uint32_t max_blocks = (options.capacity + block_size - 1) / block_size;
+  // In 64 bits: a capacity near 2^32 wrapped to 0 blocks, and attention then wrote past a
+  // table of that size. The quotient always fits in 32 bits.
+  const auto max_blocks =
+      static_cast<uint32_t>((uint64_t{options.capacity} + block_size - 1) / block_size);
   const auto bytes = detail::checked_product({options.pool_blocks, layout.block_bytes()});
   if (!bytes) {
     return invalid_argument("KvCache pool_blocks " + std::to_string(options.pool_blocks) + " x " +
@@ -131,8 +134,9 @@ Status KvCache::attention(uint64_t cache_id, uint32_t layer, const void* query, 
                             id_text(cache_id) + " whose layer " + std::to_string(layer) +
                             " holds " + std::to_string(context) + " tokens");
   }
-  std::vector<uint32_t> table(max_blocks_per_seq_, kInvalidBlockId.value);
-  std::copy(seq->blocks.begin(), seq->blocks.end(), table.begin());
+  // One sequence: its own blocks are the whole table (a padded one of capacity / block_size
+  // entries cost a gigabyte per call at a capacity near 2^32).
+  const std::vector<uint32_t> table(seq->blocks.begin(), seq->blocks.end());
   const uint32_t starts[2] = {0, q_len};
   PrefillAttentionArgs args;
   args.layer = layer;
@@ -144,7 +148,7 @@ Status KvCache::attention(uint64_t cache_id, uint32_t layer, const void* query, 
   args.query_start = starts;
   args.context_lens = &context;
   args.block_tables = table.data();
-  args.max_blocks_per_seq = max_blocks_per_seq_;
+  args.max_blocks_per_seq = static_cast<uint32_t>(table.size());
   args.softmax_scale = softmax_scale;
   return backend_->paged_prefill_attention(view_, args);
 }

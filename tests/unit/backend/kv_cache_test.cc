@@ -186,6 +186,23 @@ TEST(KvCache, StepProtocolAndTruncate) {
             ErrorCode::kInvalidArgument);
 }
 
+// Regression: the blocks a sequence may take were computed in 32 bits, so a capacity near 2^32
+// gave 0 of them and attention wrote the sequence's blocks past a table of that size.
+TEST(KvCache, ACapacityNear2To32Works) {
+  auto backend = testing::cpu_backend(CpuIsa::kAuto);
+  auto cache = KvCache::create(*backend, options(1, 8, 16, UINT32_MAX, 4));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  EXPECT_EQ(cache->max_blocks_per_seq(), uint32_t{1} << 28);
+  ASSERT_TRUE(cache->ensure(1).ok());
+  const std::vector<float> kv(20 * 8, 0.5f), q(8, 1.0f);
+  std::vector<float> out(8, 0.0f);
+  for (uint32_t layer = 0; layer < 2; ++layer) {
+    ASSERT_TRUE(cache->append(1, layer, kv.data(), kv.data(), DType::kF32, 20).ok());
+    ASSERT_TRUE(cache->attention(1, layer, q.data(), DType::kF32, 1, 1, out.data(), 1.0f).ok());
+    EXPECT_FLOAT_EQ(out[3], 0.5f);  // every value row is 0.5
+  }
+}
+
 TEST(KvStorage, LayerGroupsFromConfig) {
   Config config = load_config_file(std::string(KVF_SOURCE_DIR) + "/configs/tiny-cpu.yaml").value();
   config.model.num_layers = 5;
