@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kvfabric/transport/mpi_transport.h"
@@ -321,6 +322,16 @@ TEST_F(MpiTransportTest, AWaitPastTheTimeoutNamesTheRanksAndFailsTheTransport) {
     }
   }
   EXPECT_TRUE(t_.barrier().ok());  // the shared transport is untouched
+}
+
+// Regression: a timeout past what the steady clock counts (here 292 million years) overflowed
+// the deadline, and every later wait failed at once.
+TEST_F(MpiTransportTest, ATimeoutPastTheClocksRangeWaitsForEver) {
+  t_.set_timeout(std::chrono::milliseconds::max());
+  if (me_ == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the others wait
+  EXPECT_TRUE(t_.barrier().ok());
+  t_.set_timeout(std::nullopt);
+  EXPECT_TRUE(t_.barrier().ok());
 }
 
 TEST_F(MpiTransportTest, BarrierSeparatesRounds) {

@@ -86,11 +86,26 @@ bool has_attr(const py::handle& obj, const char* name) {
   return PyObject_HasAttrString(obj.ptr(), name) == 1;
 }
 
+}  // namespace
+
 std::string type_name(const py::handle& obj) {
   return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
 }
 
-}  // namespace
+uint64_t index_arg(const py::handle& obj, const char* name, uint64_t max) {
+  auto index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!index) {
+    PyErr_Clear();
+    raise_invalid(fmt::format("{} must be an integer (got {})", name, type_name(obj)));
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || v < 0 || static_cast<uint64_t>(v) > max) {
+    raise_invalid(fmt::format("{} = {} is outside [0, {}]", name,
+                              py::str(index).cast<std::string>(), max));
+  }
+  return static_cast<uint64_t>(v);
+}
 
 Tensor::Tensor(Tensor&& other) noexcept {
   *this = std::move(other);
@@ -313,7 +328,12 @@ std::vector<T> index_vector(const py::handle& obj, const char* name) {
   // int64 arguments are slot mappings, where -1 skips a token.
   constexpr int64_t lowest = std::is_same_v<T, int64_t> ? -1 : 0;
   std::vector<T> out;
-  if (py::hasattr(obj, "__len__")) out.reserve(py::len(obj));
+  // A 0-d NumPy array has __len__ but no length: for_each_integer names the problem.
+  if (const Py_ssize_t n = PyObject_Length(obj.ptr()); n >= 0) {
+    out.reserve(static_cast<size_t>(n));
+  } else {
+    PyErr_Clear();
+  }
   for_each_integer(obj, name, [&](size_t i, int64_t v) {
     if (v < lowest || static_cast<uint64_t>(v) > static_cast<uint64_t>(std::numeric_limits<T>::max())) {
       raise_invalid(fmt::format("{}[{}] = {} is outside [{}, {}]", name, i, v, lowest,

@@ -90,8 +90,16 @@ class Section {
 
 Environment environment_arg(const py::object& env) {
   if (env.is_none()) return process_environment();
+  if (!py::isinstance<py::dict>(env)) {
+    raise_invalid(fmt::format("env must be a dict of strings (got {})", type_name(env)));
+  }
   Environment out;
   for (const auto& [key, value] : env.cast<py::dict>()) {
+    if (!py::isinstance<py::str>(key) || !py::isinstance<py::str>(value)) {
+      raise_invalid(fmt::format("env must map strings to strings (got {} -> {} for {})",
+                                type_name(key), type_name(value),
+                                py::repr(key).cast<std::string>()));
+    }
     out[key.cast<std::string>()] = value.cast<std::string>();
   }
   return out;

@@ -1,6 +1,7 @@
 // Coordinator and StepPlan: the scheduler's API and the plan every rank executes.
 #include <fmt/format.h>
 
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -79,12 +80,32 @@ quant::CompressionPolicy compression_arg(const py::dict& fields) {
   quant::CompressionPolicy policy;
   bool has_kind = false;
   for (const auto& [key_handle, value] : fields) {
-    const std::string key = py::str(key_handle);
+    if (!py::isinstance<py::str>(key_handle)) {
+      raise_invalid(fmt::format("compression: keys are field names (got a {} key)",
+                                type_name(key_handle)));
+    }
+    const std::string key = key_handle.cast<std::string>();
     if (key == "policy") {
+      if (!py::isinstance<py::str>(value)) {
+        raise_invalid(fmt::format("compression['policy'] must be a string (got {})",
+                                  type_name(value)));
+      }
       policy.kind = unwrap(quant::parse_compression_kind(value.cast<std::string>()));
       has_kind = true;
     } else {
-      check(quant::set_compression_field(policy, key, value.cast<double>()));
+      // Numbers only: a bool or a string is no budget (int and float, NumPy's too).
+      const bool number = PyNumber_Check(value.ptr()) && !PyBool_Check(value.ptr()) &&
+                          !PyComplex_Check(value.ptr()) && !py::isinstance<py::array>(value);
+      if (!number) {
+        raise_invalid(fmt::format("compression['{}'] must be a number (got {})", key,
+                                  type_name(value)));
+      }
+      const double x = PyFloat_AsDouble(value.ptr());
+      if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        raise_invalid(fmt::format("compression['{}'] is out of range", key));
+      }
+      check(quant::set_compression_field(policy, key, x));
     }
   }
   if (!has_kind) raise_invalid("compression: 'policy' is missing (streaming, h2o or snapkv)");
@@ -239,6 +260,11 @@ void bind_plan(py::module_& m) {
             if (info.ndim != 1 || info.itemsize != 1) {
               raise_invalid("StepPlan.deserialize takes bytes (a 1-D buffer of bytes)");
             }
+            // A strided view (buf[::2], a reversed array) is not the bytes at ptr .. ptr + size.
+            if (info.size > 1 && info.strides[0] != 1) {
+              raise_invalid("StepPlan.deserialize takes contiguous bytes (got a view with stride " +
+                            std::to_string(info.strides[0]) + "; pass bytes(view))");
+            }
             return unwrap(StepPlan::deserialize(
                 {static_cast<const uint8_t*>(info.ptr), static_cast<size_t>(info.size)}));
           },
@@ -362,8 +388,9 @@ void bind_coordinator(py::module_& m) {
       .def(
           "append",
           [](PyCoordinator& self, const py::object& seqs, size_t num_tokens) {
-            if (py::isinstance<py::int_>(seqs)) {
-              const auto seq = SeqId{seqs.cast<uint64_t>()};
+            // One id: a Python int or a NumPy integer scalar (a 0-d array is no list either).
+            if (PyIndex_Check(seqs.ptr()) && !py::isinstance<py::array>(seqs)) {
+              const auto seq = SeqId{index_arg(seqs, "seqs", std::numeric_limits<int64_t>::max())};
               check(self.locked([&](Coordinator& c) { return c.append(seq, num_tokens); }));
               return;
             }

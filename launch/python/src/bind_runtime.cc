@@ -24,12 +24,28 @@ namespace {
 struct TransportHandle {
   std::optional<MpiRuntime> mpi;
   std::unique_ptr<Transport> transport;
-  int caches = 0;  // RankCaches made on it (they hold a reference to `transport`)
+  int caches = 0;     // RankCaches made on it (they hold a reference to `transport`)
+  int in_flight = 0;  // calls running on other threads without the GIL (close() waits for none)
 
   Transport& get() {
     if (!transport) raise_status(invalid_operation("the transport was closed"));
     return *transport;
   }
+
+  //! The transport for one call that releases the GIL: while it runs, close() is refused
+  //! (another thread closing it would free it under the call). Made and destroyed under the GIL.
+  class Use {
+   public:
+    explicit Use(TransportHandle& h) : h_(h), t_(h.get()) { ++h_.in_flight; }
+    ~Use() { --h_.in_flight; }
+    Use(const Use&) = delete;
+    Use& operator=(const Use&) = delete;
+    Transport& operator*() const { return t_; }
+
+   private:
+    TransportHandle& h_;
+    Transport& t_;
+  };
 };
 
 CpuIsa isa_arg(const std::string& name) {
@@ -173,19 +189,19 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("world_size", [](TransportHandle& h) { return h.get().world_size(); })
       .def("barrier",
            [](TransportHandle& h) {
-             Transport& t = h.get();
-             check(without_gil([&] { return t.barrier(); }));
+             const TransportHandle::Use t(h);
+             check(without_gil([&] { return (*t).barrier(); }));
            })
       .def(
           "broadcast",
           [](TransportHandle& h, const std::optional<py::bytes>& data, int root) {
-            Transport& t = h.get();
+            const TransportHandle::Use t(h);
             std::vector<uint8_t> bytes;
             if (data) {
               const std::string_view view = *data;
               bytes.assign(view.begin(), view.end());
             }
-            check(without_gil([&] { return t.broadcast(bytes, RankId{root}); }));
+            check(without_gil([&] { return (*t).broadcast(bytes, RankId{root}); }));
             return py::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
           },
           py::arg("data"), py::arg("root") = 0,
@@ -193,9 +209,9 @@ void bind_runtime(py::module_& m) {
       .def(
           "all_gather",
           [](TransportHandle& h, uint64_t value) {
-            Transport& t = h.get();
+            const TransportHandle::Use t(h);
             std::vector<uint64_t> out;
-            check(without_gil([&] { return t.all_gather(value, out); }));
+            check(without_gil([&] { return (*t).all_gather(value, out); }));
             return out;
           },
           py::arg("value"), "Collective: every rank's value, in rank order.")
@@ -205,7 +221,11 @@ void bind_runtime(py::module_& m) {
             std::optional<std::chrono::milliseconds> timeout;
             if (seconds) {
               if (!(*seconds >= 0)) raise_invalid("timeout must be >= 0 seconds");
-              timeout = std::chrono::milliseconds(static_cast<int64_t>(*seconds * 1000));
+              // Past what milliseconds count (inf included) is for ever: converting it is
+              // undefined.
+              if (*seconds * 1000 < 9e18) {
+                timeout = std::chrono::milliseconds(static_cast<int64_t>(*seconds * 1000));
+              }
             }
             h.get().set_timeout(timeout);
           },
@@ -217,6 +237,11 @@ void bind_runtime(py::module_& m) {
               raise_status(invalid_operation(
                   std::to_string(h.caches) + " RankCache(s) still use this transport: delete "
                   "them before closing it"));
+            }
+            if (h.in_flight > 0) {
+              raise_status(invalid_operation(
+                  std::to_string(h.in_flight) + " call(s) on other threads still use this "
+                  "transport: join them before closing it"));
             }
             h.transport.reset();
             h.mpi.reset();

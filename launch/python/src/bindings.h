@@ -98,6 +98,12 @@ class Tensor {
 //! A new host NumPy array of `dtype` (f32 or f16) and `shape`, zero-filled.
 py::array new_host_array(DType dtype, const std::vector<int64_t>& shape);
 
+//! The Python type name of `obj`, for error messages ("int64", "str").
+std::string type_name(const py::handle& obj);
+//! One id (a Python int or anything with __index__, such as a NumPy integer) in [0, max];
+//! the message names the argument.
+uint64_t index_arg(const py::handle& obj, const char* name, uint64_t max);
+
 //! A 1-D list of non-negative integers (a NumPy integer array or a Python sequence) as T,
 //! each checked to fit; the message names the argument and the element.
 template <typename T>

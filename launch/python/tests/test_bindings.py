@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -60,6 +61,33 @@ def test_env_overrides_apply_or_change_nothing(config):
         config.apply_env_overrides({"KVF_CACHE_BLOKC_SIZE": "64"})
     assert "KVF_CACHE_BLOCK_SIZE" in refused.value.message  # the closest key
     assert config.cache.block_size == 32
+    # Regression: values or keys that are not strings raised pybind's opaque RuntimeError.
+    for env, says in (({"KVF_CACHE_BLOCK_SIZE": 64}, "got str -> int"), ({5: "64"}, "got int"),
+                      (["KVF_CACHE_BLOCK_SIZE"], "dict of strings (got list)")):
+        with pytest.raises(kvfabric.InvalidArgumentError, match=re.escape(says)):
+            config.apply_env_overrides(env)
+    assert config.cache.block_size == 32
+
+
+def test_arguments_of_the_wrong_type_are_named(config):
+    # Regression: these raised pybind's RuntimeError "Unable to cast Python instance".
+    c = kvfabric.Coordinator(config)
+    for compression, says in (({"policy": 5}, "compression['policy'] must be a string (got int)"),
+                              ({"policy": "h2o", "budget_tokens": "x"},
+                               "compression['budget_tokens'] must be a number (got str)"),
+                              ({"policy": "h2o", "budget_tokens": True}, "(got bool)"),
+                              ({"policy": "h2o", 3: 1}, "got a int key")):
+        with pytest.raises(kvfabric.InvalidArgumentError, match=re.escape(says)):
+            c.admit(1, list(range(20)), compression=compression)
+    assert c.admit(1, list(range(20)), compression={"policy": "h2o",
+                                                     "budget_tokens": np.int64(8)}).replica == 0
+    c.append(np.int64(1), 1)  # a NumPy integer is an id, as everywhere else
+    assert c.tokens_of(1) == 21
+    with pytest.raises(kvfabric.InvalidArgumentError, match=re.escape("seqs = -1 is outside")):
+        c.append(-1, 1)
+    with pytest.raises(kvfabric.InvalidArgumentError, match="1-dimensional"):
+        c.append(np.array(1), 1)
+    assert c.tokens_of(1) == 21
 
 
 # --- Coordinator and StepPlan ----------------------------------------------------------------
@@ -120,6 +148,13 @@ def test_step_plan_serializes_and_refuses_garbage(config):
     with pytest.raises(kvfabric.ParseError) as refused:
         kvfabric.StepPlan.deserialize(data[: len(data) // 2])
     assert refused.value.code == "ParseError" and refused.value.message
+    # A strided view is not the bytes at its start: it was read as if it were (past its end
+    # when reversed).
+    doubled = np.repeat(np.frombuffer(data, dtype=np.uint8), 2)
+    for view in (doubled[::2], np.frombuffer(data, dtype=np.uint8)[::-1]):
+        with pytest.raises(kvfabric.InvalidArgumentError, match="contiguous bytes"):
+            kvfabric.StepPlan.deserialize(view)
+    assert kvfabric.StepPlan.deserialize(bytes(doubled[::2])) == plan
     built = kvfabric.StepPlan(step=4, ops=[kvfabric.PlanOp.swap_out(0, 3, 1),
                                            kvfabric.PlanOp.swap_in(0, 1, 3)])
     assert kvfabric.StepPlan.deserialize(built.serialize()) == built

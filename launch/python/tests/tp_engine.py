@@ -18,6 +18,8 @@ or a copy moved must come back bit for bit. Exits non-zero when a check fails.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -200,8 +202,40 @@ def main() -> int:
             print("FAILED:", failure)
     failed = comm.bcast(bool(failures) if rank == 0 else None, root=0)
     del cache  # the cache before its transport, the transport before mpi4py finalizes MPI
+    failed = not transport_outlives_its_calls(transport, rank) or failed
     transport.close()
     return 1 if failed else 0
+
+
+def transport_outlives_its_calls(transport, rank: int) -> bool:
+    """close() while another thread waits in a collective is refused (it freed the transport
+    under the call: a crash), and a timeout of float('inf') waits for ever (it overflowed, and
+    every later wait failed at once)."""
+    transport.set_timeout(float("inf"))
+    if rank == 1:
+        time.sleep(0.5)  # rank 0's barrier waits for this one
+        transport.barrier()
+        return True
+    entered = threading.Event()
+
+    def wait_in_barrier():
+        entered.set()
+        transport.barrier()
+
+    worker = threading.Thread(target=wait_in_barrier)
+    worker.start()
+    entered.wait()
+    time.sleep(0.1)  # the worker takes the transport and releases the GIL in barrier()
+    try:
+        transport.close()
+        refused = None
+    except kvfabric.InvalidOperationError as e:
+        refused = str(e)
+    worker.join()
+    if refused is None or "call(s) on other threads" not in refused:
+        print("FAILED: close() during another thread's barrier() was not refused:", refused)
+        return False
+    return True
 
 
 if __name__ == "__main__":

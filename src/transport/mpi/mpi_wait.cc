@@ -16,7 +16,13 @@ const uint8_t kLivenessByte = 1;
 
 MpiPoller::MpiPoller(MPI_Comm comm, std::optional<std::chrono::milliseconds> timeout, Pace pace)
     : comm_(comm), pace_(pace) {
-  if (timeout) deadline_ = Clock::now() + *timeout;
+  if (!timeout) return;
+  // A deadline past what the clock can count is none at all: adding it would overflow (and
+  // every wait would then fail at once).
+  const Clock::time_point now = Clock::now();
+  const auto headroom = std::chrono::duration_cast<std::chrono::milliseconds>(
+      Clock::time_point::max() - now);
+  if (*timeout < headroom) deadline_ = now + *timeout;
 }
 
 void MpiPoller::pause() {
