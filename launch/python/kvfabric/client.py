@@ -8,6 +8,9 @@ line, one reply line per request, in order; a line holding a JSON array is a bat
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import operator
 import os
 import socket
 import ssl
@@ -117,6 +120,36 @@ class KvEventBatch:
     dropped: int
 
 
+def _token_ids(tokens: Sequence[int]) -> list[int]:
+    """Token ids as JSON integers: a float is refused, not truncated (1.7 is no token id)."""
+    ids = []
+    for i, t in enumerate(tokens):
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            raise error_for("InvalidArgument", f"tokens[{i}] must be an integer token id "
+                            f"(got {type(t).__name__})") from None
+    return ids
+
+
+def _scores(scores: Sequence[float]) -> list[float]:
+    """Attention scores as JSON numbers; NaN and infinities have no JSON form."""
+    values = [float(s) for s in scores]
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise error_for("InvalidArgument", f"scores[{i}] = {v} is not finite")
+    return values
+
+
+def _json_default(value: Any) -> Any:
+    """NumPy integers and floats (ids, counts, ratios) as the JSON numbers they are."""
+    if hasattr(value, "__index__"):
+        return operator.index(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
 def _fields(**kwargs: Any) -> dict[str, Any]:
     """The request fields that were given: the server refuses unknown fields, and optional
     ones are left out rather than sent as null."""
@@ -137,13 +170,12 @@ class Batch:
     def admit(self, seq: int, tokens: Sequence[int], priority: Optional[int] = None,
               cache_salt: Optional[str] = None, public_tokens: Optional[int] = None,
               compression: Optional[dict[str, Any]] = None) -> int:
-        return self._add("admit", seq=seq, tokens=[int(t) for t in tokens], priority=priority,
+        return self._add("admit", seq=seq, tokens=_token_ids(tokens), priority=priority,
                          cache_salt=cache_salt, public_tokens=public_tokens,
                          compression=compression)
 
     def report_attention(self, seq: int, step: int, scores: Sequence[float]) -> int:
-        return self._add("report_attention", seq=seq, step=step,
-                         scores=[float(s) for s in scores])
+        return self._add("report_attention", seq=seq, step=step, scores=_scores(scores))
 
     def append(self, seq: int, num_tokens: int) -> int:
         return self._add("append", seq=seq, num_tokens=num_tokens)
@@ -224,7 +256,11 @@ class Client:
         if self._subscribed:
             raise error_for("InvalidOperation", "this connection carries KV events only since "
                             "events() subscribed it; open another connection for requests")
-        line = json.dumps(payload, separators=(",", ":")) + "\n"
+        try:
+            line = json.dumps(payload, separators=(",", ":"), default=_json_default,
+                              allow_nan=False) + "\n"
+        except (TypeError, ValueError) as e:  # nothing was sent
+            raise error_for("InvalidArgument", f"the request cannot be sent as JSON: {e}") from None
         self._sock.sendall(line.encode())
 
     def _read_reply(self) -> Any:
@@ -290,7 +326,7 @@ class Client:
               compression: Optional[dict[str, Any]] = None) -> Placement:
         """``compression``: token compression for the sequence, e.g. ``{"policy": "h2o",
         "budget_ratio": 0.25, "interval_steps": 16}`` (docs/control-protocol.md)."""
-        r = self.request("admit", seq=seq, tokens=[int(t) for t in tokens], priority=priority,
+        r = self.request("admit", seq=seq, tokens=_token_ids(tokens), priority=priority,
                          cache_salt=cache_salt, public_tokens=public_tokens,
                          compression=compression)
         return Placement(r["replica"], r["cached_tokens"], r["migrated_tokens"], r["blocks"],
@@ -300,7 +336,7 @@ class Client:
         """The attention scores of a compressed sequence, per token, summed over its
         replica's shards after running plan `step`, whose score request they answer: its next
         H2O or SnapKV compaction reads them."""
-        self.request("report_attention", seq=seq, step=step, scores=[float(s) for s in scores])
+        self.request("report_attention", seq=seq, step=step, scores=_scores(scores))
 
     def append(self, seq: int, num_tokens: int) -> None:
         self.request("append", seq=seq, num_tokens=num_tokens)

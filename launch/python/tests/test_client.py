@@ -102,9 +102,19 @@ def test_errors_carry_the_servers_code_and_message(server):
         with pytest.raises(kvfabric.Error) as unknown:
             client.request("no_such_op")
         assert unknown.value.code == "InvalidArgument" and "no_such_op" in unknown.value.message
+        # Refused before sending, by name (a float token id was truncated and admitted; a NumPy
+        # integer could not be sent; a NaN score reached the server as invalid JSON).
+        with pytest.raises(kvfabric.InvalidArgumentError, match=r"tokens\[0\] must be an integer"):
+            client.admit(7, [1.7, 2.2])
+        with pytest.raises(kvfabric.InvalidArgumentError, match=r"scores\[1\] = nan"):
+            client.report_attention(7, 0, [1.0, float("nan")])
         # A refused request changed nothing: the connection and the coordinator carry on.
         assert client.admit(1, [1, 2, 3]).replica == 0
         assert client.stats()["admitted"] == 1
+        np = pytest.importorskip("numpy")
+        assert client.admit(np.int64(2), np.arange(3, dtype=np.int32)).replica == 0
+        client.append(np.uint32(2), np.int64(1))
+        assert client.query(2).replica == 0
 
 
 def test_batch_replies_in_order_and_returns_refusals(server):
