@@ -1,6 +1,7 @@
 #include "backend/validate.h"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <string>
 #include <unordered_set>
@@ -34,6 +35,15 @@ Status validate_heads(const PagedKvView& pool, uint32_t num_q_heads, std::string
     return invalid_argument(str(op) + ": num_q_heads " + std::to_string(num_q_heads) +
                             " is not a positive multiple of the pool's " +
                             std::to_string(pool.num_kv_heads) + " KV heads");
+  }
+  return ok_status();
+}
+
+// A NaN or infinite scale makes every output NaN: refused rather than computed.
+Status validate_softmax_scale(float scale, std::string_view op) {
+  if (!std::isfinite(scale)) {
+    return invalid_argument(str(op) + ": softmax_scale " + std::to_string(scale) +
+                            " must be finite");
   }
   return ok_status();
 }
@@ -174,6 +184,7 @@ Status validate_decode(const PagedKvView& pool, const DecodeAttentionArgs& args)
   }
   KVF_RETURN_IF_ERROR(validate_heads(pool, args.num_q_heads, op));
   KVF_RETURN_IF_ERROR(validate_query_dtype(args.query_dtype, op));
+  KVF_RETURN_IF_ERROR(validate_softmax_scale(args.softmax_scale, op));
   const uint64_t capacity = uint64_t{args.max_blocks_per_seq} * pool.block_size;
   for (uint32_t s = 0; s < args.num_seqs; ++s) {
     const uint32_t len = args.context_lens[s];
@@ -206,6 +217,7 @@ Status validate_prefill(const PagedKvView& pool, const PrefillAttentionArgs& arg
   }
   KVF_RETURN_IF_ERROR(validate_heads(pool, args.num_q_heads, op));
   KVF_RETURN_IF_ERROR(validate_query_dtype(args.query_dtype, op));
+  KVF_RETURN_IF_ERROR(validate_softmax_scale(args.softmax_scale, op));
   if (args.query_start[0] != 0) return invalid_argument(str(op) + ": query_start[0] must be 0");
   const uint64_t capacity = uint64_t{args.max_blocks_per_seq} * pool.block_size;
   for (uint32_t s = 0; s < args.num_seqs; ++s) {

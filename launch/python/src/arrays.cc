@@ -156,6 +156,11 @@ Tensor Tensor::from(const py::handle& obj, const char* name, Memory memory,
       }
       raise_invalid(fmt::format("{} must be a NumPy array (got {})", name, type_name(obj)));
     }
+    // A masked array's data includes what its mask hides: written or read as values, silently.
+    if (has_attr(obj, "mask") && has_attr(obj, "filled")) {
+      raise_invalid(fmt::format("{} is a masked array: pass {}.filled(value) or its .data", name,
+                                name));
+    }
     auto array = py::reinterpret_borrow<py::array>(obj);
     const py::dtype dt = array.dtype();
     if (dt.is(py::dtype::of<float>()) || (dt.kind() == 'f' && dt.itemsize() == 4)) {

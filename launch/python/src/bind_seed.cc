@@ -236,7 +236,7 @@ void bind_kv_cache(py::module_& m) {
            py::arg("backend") = nullptr, py::kw_only(), py::arg("num_layers"),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("dtype") = DType::kF16,
            py::arg("group_size") = 0, py::arg("block_size") = 16, py::arg("capacity") = 512,
-           py::arg("pool_blocks") = 0,
+           py::arg("pool_blocks"),
            "block_size 0 selects the contiguous layout; pool_blocks is the shared pool (paged) "
            "or the resident sequences (contiguous).")
       .def_property_readonly("is_paged", [](PyKvCache& s) { return s.cache.is_paged(); })

@@ -69,8 +69,17 @@ def test_kv_cache_attention_matches_numpy():
     np.testing.assert_allclose(out, attention_reference(q, k, v, 0), atol=1e-5)
     with pytest.raises(ValueError, match="key has dtype float64"):
         cache.append(7, 0, k.astype(np.float64), v)
+    # Regression: a masked array's hidden values were written as data, and a NaN scale gave
+    # all-NaN outputs.
+    with pytest.raises(kvfabric.InvalidArgumentError, match="key is a masked array"):
+        cache.append(7, 0, np.ma.masked_array(k, mask=k > 0), v)
+    with pytest.raises(kvfabric.InvalidArgumentError, match="softmax_scale nan must be finite"):
+        cache.attention(7, 1, q[:1], softmax_scale=float("nan"))
+    assert cache.len(7) == 20
     cache.release(7)
     assert cache.free_blocks == 8
+    with pytest.raises(TypeError, match="pool_blocks"):  # no default: 0 was always refused
+        kvfabric.KvCache(num_layers=1, num_kv_heads=1, head_dim=16)
 
 
 def test_prefix_kv_cache_stores_looks_up_and_restores():

@@ -1,5 +1,6 @@
 // Paged decode and prefill attention against fp64 references: exact math over the stored values,
 // and per-dtype error bounds against attention over the original f32 inputs.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -471,6 +472,27 @@ TEST(Attention, RejectsBadArguments) {
   args.layer = 1;
   EXPECT_NE(sc.backend->paged_decode_attention(sc.pool.view, args).message().find("layer 1"),
             std::string::npos);
+  // Regression: a NaN or infinite scale was computed into all-NaN outputs.
+  args.layer = 0;
+  args.block_tables = sc.tables.data();
+  for (const float scale : {NAN, INFINITY}) {
+    args.softmax_scale = scale;
+    EXPECT_THAT(sc.backend->paged_decode_attention(sc.pool.view, args).message(),
+                ::testing::HasSubstr("softmax_scale"));
+    const uint32_t starts[2] = {0, 1};
+    PrefillAttentionArgs prefill;
+    prefill.query = q.data();
+    prefill.output = out.data();
+    prefill.num_seqs = 1;
+    prefill.num_q_heads = 2;
+    prefill.query_start = starts;
+    prefill.context_lens = &len;
+    prefill.block_tables = sc.tables.data();
+    prefill.max_blocks_per_seq = sc.max_blocks;
+    prefill.softmax_scale = scale;
+    EXPECT_THAT(sc.backend->paged_prefill_attention(sc.pool.view, prefill).message(),
+                ::testing::HasSubstr("softmax_scale"));
+  }
   for (float o : out)
     EXPECT_EQ(o, 1.0f);  // nothing written
 }
