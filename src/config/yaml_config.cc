@@ -1,6 +1,7 @@
 // YAML loading and dumping; the only place that includes yaml-cpp.
 #include <yaml-cpp/yaml.h>
 
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
@@ -122,11 +123,25 @@ Result<Config> parse_config(std::string_view yaml_text, std::string_view source)
 }
 
 Result<Config> load_config_file(const std::string& path) {
-  std::ifstream in(path);
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return Status(ErrorCode::kIoError, "config file '" + path + "' is a directory");
+  }
+  std::ifstream in(path, std::ios::binary);
   if (!in) return Status(ErrorCode::kIoError, "cannot open config file '" + path + "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return parse_config(text.str(), path);
+  // Read at most this much: a config is a page of YAML, and /dev/zero (or a runaway pipe)
+  // would otherwise be read until memory runs out.
+  constexpr size_t kMaxConfigBytes = 16 << 20;
+  std::string text;
+  char chunk[1 << 16];
+  while (in.read(chunk, sizeof chunk) || in.gcount() > 0) {
+    text.append(chunk, static_cast<size_t>(in.gcount()));
+    if (text.size() > kMaxConfigBytes) {
+      return Status(ErrorCode::kIoError, "config file '" + path + "' is larger than " +
+                                             std::to_string(kMaxConfigBytes >> 20) + " MiB");
+    }
+  }
+  return parse_config(text, path);
 }
 
 std::string dump_config(const Config& config) {

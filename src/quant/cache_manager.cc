@@ -29,6 +29,13 @@ double recent_ratio(const TokenEvictionPolicy& policy) {
 Status validate(const CacheManagerConfig& c) {
   if (c.num_heads == 0) return invalid_argument("num_heads must be positive");
   if (c.head_dim == 0) return invalid_argument("head_dim must be positive");
+  // A row of num_heads * head_dim values must be countable (it wrapped to 0 past 2^64, and an
+  // append of an empty row never ended), and one row of f32 values addressable.
+  if (c.num_heads > SIZE_MAX / sizeof(float) / c.head_dim) {
+    return invalid_argument("num_heads " + std::to_string(c.num_heads) + " x head_dim " +
+                            std::to_string(c.head_dim) + " values per row are more than a "
+                            "row can hold");
+  }
   if (c.max_seq_len == 0) return invalid_argument("max_seq_len must be positive");
   if (c.quantization_bits < quant::kMinTensorBits || c.quantization_bits > quant::kMaxTensorBits) {
     return invalid_argument("quantization_bits " + std::to_string(c.quantization_bits) +

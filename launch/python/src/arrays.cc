@@ -113,7 +113,9 @@ Tensor::Tensor(Tensor&& other) noexcept {
 
 Tensor& Tensor::operator=(Tensor&& other) noexcept {
   if (this != &other) {
-    this->~Tensor();
+    // Only the consumed DLPack tensor is released by hand: the members assign as members (ending
+    // their lifetimes with ~Tensor() and then assigning to them was undefined).
+    release_dlpack();
     data_ = other.data_;
     dtype_ = other.dtype_;
     shape_ = std::move(other.shape_);
@@ -124,7 +126,9 @@ Tensor& Tensor::operator=(Tensor&& other) noexcept {
   return *this;
 }
 
-Tensor::~Tensor() {
+Tensor::~Tensor() { release_dlpack(); }
+
+void Tensor::release_dlpack() noexcept {
   if (auto* managed = static_cast<DLManagedTensor*>(std::exchange(dl_managed_, nullptr))) {
     if (managed->deleter) managed->deleter(managed);
   }

@@ -87,6 +87,8 @@ class Tensor {
   void expect_dim(const char* name, int dim, int64_t expected, const char* what) const;
 
  private:
+  void release_dlpack() noexcept;  // calls the consumed DLPack tensor's deleter, once
+
   void* data_ = nullptr;
   DType dtype_ = DType::kF32;
   std::vector<int64_t> shape_;

@@ -1,3 +1,4 @@
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -39,6 +40,17 @@ TEST(Config, ShippedConfigsLoad) {
   EXPECT_EQ(tiny->cache.num_blocks, 256u);
   EXPECT_EQ(tiny->cache.kv_dtype, DType::kF32);
   EXPECT_EQ(tiny->cache.eviction.window_tokens, 64u);
+}
+
+// Regression: a directory was read as an empty config ("the config is empty"), and /dev/zero
+// until memory ran out.
+TEST(Config, ADirectoryOrAnEndlessFileIsRefusedByName) {
+  const auto directory = load_config_file(kConfigDir);
+  EXPECT_EQ(directory.status().code(), ErrorCode::kIoError);
+  EXPECT_THAT(directory.status().message(), ::testing::HasSubstr("is a directory"));
+  const auto endless = load_config_file("/dev/zero");
+  EXPECT_EQ(endless.status().code(), ErrorCode::kIoError);
+  EXPECT_THAT(endless.status().message(), ::testing::HasSubstr("is larger than 16 MiB"));
 }
 
 // Every file shipped in configs/ (examples and docs use them; `cmake --install` installs them)

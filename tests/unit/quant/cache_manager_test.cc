@@ -278,6 +278,11 @@ TEST(CacheManagerFixes, ConfigErrorsNameTheField) {
   c = seed_config();
   c.max_seq_len = 0;
   EXPECT_NE(message(c).find("max_seq_len"), std::string::npos);
+  // Regression: 2^32 x 2^32 values per row wrapped to an empty row, and an append never ended.
+  c = seed_config();
+  c.num_heads = size_t{1} << 32;
+  c.head_dim = size_t{1} << 32;
+  EXPECT_NE(message(c).find("values per row are more than a row can hold"), std::string::npos);
 }
 
 // Dequantized rows stay within half a quantization step of what was appended, and survive
