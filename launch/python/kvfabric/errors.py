@@ -42,8 +42,8 @@ class Error(Exception):
         self.code = code
         self.message = message
 
-    def __reduce__(self):  # picklable (multiprocessing, mpi4py) with both fields
-        return (error_for, (self.code, self.message))
+    def __reduce__(self):  # picklable (multiprocessing, mpi4py) with every attribute (.done)
+        return (error_for, (self.code, self.message), dict(self.__dict__))
 
 
 class OutOfMemoryError(Error):

@@ -209,8 +209,9 @@ void bind_paged_kv_cache(py::module_& m) {
             return unwrap(c.retain_tokens(seq, std::vector<size_t>(keep.begin(), keep.end())));
           },
           py::arg("seq"), py::arg("positions"),
-          "Keeps the tokens at `positions` (strictly increasing) as one contiguous sequence; "
-          "returns the number dropped.")
+          "Keeps the tokens at `positions` (distinct, each at or after its new slot: "
+          "positions[i] >= i; increasing ones qualify) as one contiguous sequence, the i-th "
+          "kept token at slot i; returns the number dropped.")
       .def("sequence_ids", &C::sequence_ids)
       .def_property_readonly("pending_copies", &C::pending_copies)
       .def("take_pending_copies", &C::take_pending_copies)

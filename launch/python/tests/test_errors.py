@@ -30,3 +30,8 @@ def test_invalid_argument_is_a_value_error_and_errors_pickle():
         raise errors.error_for("InvalidArgument", "bad")
     e = pickle.loads(pickle.dumps(errors.error_for("PermissionDenied", "step is an admin's")))
     assert type(e) is errors.PermissionDeniedError and e.message == "step is an admin's"
+    # Regression: attributes beyond code and message (a refused batch append's .done) were lost.
+    refused = errors.error_for("OutOfMemory", "no room")
+    refused.done = 3
+    copy = pickle.loads(pickle.dumps(refused))
+    assert type(copy) is errors.OutOfMemoryError and copy.done == 3 and copy.code == "OutOfMemory"
