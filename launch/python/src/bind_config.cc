@@ -193,6 +193,12 @@ void bind_config(py::module_& m) {
           "Applies KVF_<SECTION>_<KEY> variables (of `env`, a dict, or of this process); on "
           "error nothing changes.")
       .def("dump", &dump_config, "The effective config as YAML, with the derived values.")
+      // Equal when every key has the same value (the dump lists every key), as sections compare.
+      .def("__eq__",
+           [](const Config& a, const py::object& b) -> py::object {
+             if (!py::isinstance<Config>(b)) return py::reinterpret_borrow<py::object>(Py_NotImplemented);
+             return py::bool_(dump_config(a) == dump_config(b.cast<const Config&>()));
+           })
       .def_property_readonly(
           "block_bytes", [](const Config& c) { return unwrap(block_layout(c)).block_bytes(); },
           "Bytes of one block on one rank.")
@@ -214,7 +220,8 @@ void bind_config(py::module_& m) {
                            c.model.name, c.model.num_layers, c.model.num_query_heads,
                            c.model.num_kv_heads, c.model.head_dim, c.cache.block_size,
                            dtype_name(c.cache.kv_dtype), c.topology.tp, c.topology.dp);
-      });
+      })
+      .attr("__hash__") = py::none();  // mutable, compared by value
 
   m.def("version", [] { return std::string(version()); }, "The kvfabric library version.");
   m.def(

@@ -439,6 +439,14 @@ void bind_runtime(py::module_& m) {
             }
             const RankLayout& l = self.layout();
             const std::vector<uint32_t> table = index_vector<uint32_t>(block_table, "block_table");
+            // Checked before the outputs are allocated: a wrong num_tokens is named, not a
+            // MemoryError for terabytes.
+            const uint32_t bs = self.config().cache.block_size;
+            if (table.size() < (uint64_t{num_tokens} + bs - 1) / bs) {
+              raise_invalid(fmt::format("block_table has {} blocks; {} tokens need {}",
+                                        table.size(), num_tokens,
+                                        (uint64_t{num_tokens} + bs - 1) / bs));
+            }
             const std::vector<int64_t> shape = {num_tokens, l.num_kv_heads, self.head_dim()};
             py::array key = new_host_array(DType::kF32, shape);
             py::array value = new_host_array(DType::kF32, shape);
@@ -447,11 +455,6 @@ void bind_runtime(py::module_& m) {
             args.num_tokens = num_tokens;
             args.key_out = static_cast<float*>(key.mutable_data());
             args.value_out = static_cast<float*>(value.mutable_data());
-            const uint32_t bs = self.config().cache.block_size;
-            if (table.size() < (uint64_t{num_tokens} + bs - 1) / bs) {
-              raise_invalid(fmt::format("block_table has {} blocks; {} tokens need {}",
-                                        table.size(), num_tokens, (num_tokens + bs - 1) / bs));
-            }
             check(self.locked([&](RankCache& c) { return c.gather_kv(layer, args); }));
             return py::make_tuple(key, value);
           },
@@ -491,7 +494,15 @@ void bind_runtime(py::module_& m) {
                 raise_invalid("attention_mass is returned as a NumPy array: CPU backend only");
               }
               uint32_t longest = 1;
-              for (uint32_t n : lens) longest = std::max(longest, n);
+              const uint64_t room = uint64_t{width} * self.config().cache.block_size;
+              for (size_t i = 0; i < lens.size(); ++i) {
+                if (lens[i] > room) {  // before allocating [num_seqs, longest]
+                  raise_invalid(fmt::format("context_lens[{}] = {} is more than block_tables' {} "
+                                            "blocks hold",
+                                            i, lens[i], width));
+                }
+                longest = std::max(longest, lens[i]);
+              }
               mass = new_host_array(DType::kF32, {static_cast<int64_t>(num_seqs), longest});
               args.attention_mass = static_cast<float*>(mass.mutable_data());
               args.mass_stride = longest;

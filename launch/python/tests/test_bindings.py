@@ -54,6 +54,13 @@ def test_config_errors_name_the_key(tmp_path):
         kvfabric.ModelConfig(layers=2)
 
 
+def test_configs_compare_by_value(config):
+    same = kvfabric.Config.parse(config.dump())
+    assert same == config and same is not config and config != "a config"
+    same.cache.block_size = config.cache.block_size * 2
+    assert same != config
+
+
 def test_env_overrides_apply_or_change_nothing(config):
     config.apply_env_overrides({"KVF_CACHE_BLOCK_SIZE": "32"})
     assert config.cache.block_size == 32
@@ -289,6 +296,11 @@ def test_rank_cache_runs_a_plan_and_attention_matches_numpy(config):
     into = np.zeros((1, 4, 16), np.float16)
     assert cache.decode_attention(0, q[n:].astype(np.float16), [blocks], [n + 1], out=into) is into
     np.testing.assert_allclose(into, attention_reference(q[n:], k, v, n), atol=2e-2)
+    # Sizes checked before the outputs are allocated (these were MemoryErrors for terabytes).
+    with pytest.raises(kvfabric.InvalidArgumentError, match="tokens need"):
+        cache.gather_kv(0, blocks, 2**32 - 1)
+    with pytest.raises(kvfabric.InvalidArgumentError, match=r"context_lens\[0\] = 4294967295"):
+        cache.decode_attention(0, q[n:], [blocks], [2**32 - 1], attention_mass=True)
 
 
 def test_a_python_engine_compresses_with_its_own_attention_mass(config):
