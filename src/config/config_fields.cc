@@ -251,6 +251,10 @@ const std::vector<ConfigField>& config_fields() {
                                [](Config& c) -> auto& { return c.server.max_reply_bytes; }),
       unsigned_field<uint32_t>("server.max_connections", "open control connections",
                                [](Config& c) -> auto& { return c.server.max_connections; }),
+      unsigned_field<uint32_t>(
+          "server.max_connections_per_tenant",
+          "logged-in control connections of one tenant that is no admin (0 = no limit)",
+          [](Config& c) -> auto& { return c.server.max_connections_per_tenant; }),
       unsigned_field<uint32_t>("server.idle_timeout_ms",
                                "close a connection idle this long (0 = never)",
                                [](Config& c) -> auto& { return c.server.idle_timeout_ms; }),

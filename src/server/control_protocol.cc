@@ -394,6 +394,7 @@ ControlProtocolOptions ControlProtocolOptions::from(const ServerConfig& config) 
   o.max_batch_requests = config.max_batch_requests;
   o.max_reply_bytes = config.max_reply_bytes;
   o.event_queue_batches = config.event_queue_batches;
+  o.max_connections_per_tenant = config.max_connections_per_tenant;
   return o;
 }
 
@@ -433,6 +434,10 @@ class ControlRequestHandler {
   static Result<json> run(ControlProtocol& protocol, ControlOp op, const Request& fields,
                           ControlIdentity& who, Lock& lock);
   static Result<json> hello(ControlProtocol& protocol, const Request& fields, ControlIdentity& who);
+  //! A place among `tenant`'s logged-in connections (none needed without a limit, or for an
+  //! admin); ResourceExhausted when it holds server.max_connections_per_tenant already.
+  static Result<std::shared_ptr<const void>> take_tenant_place(ControlProtocol& protocol,
+                                                               const TenantEntry& tenant);
   // SequenceNotFound, as for an unknown id, when `seq` is another tenant's and `who` no admin.
   static Status check_owner(const ControlProtocol& protocol, const ControlIdentity& who, SeqId seq);
   static Status check_admin(const ControlIdentity& who, ControlOp op);
@@ -670,8 +675,9 @@ Result<json> ControlRequestHandler::hello(ControlProtocol& protocol, const Reque
       return Status(ErrorCode::kUnauthenticated,
                     "hello: the token is not valid; closing the connection");
     }
+    KVF_ASSIGN_OR_RETURN(std::shared_ptr<const void> place, take_tenant_place(protocol, *entry));
     who = ControlIdentity{entry->name, entry->admin, /*authenticated=*/true, /*refused=*/false,
-                          who.events};
+                          who.events, std::move(place)};
   }
   const Coordinator& coordinator = *protocol.coordinator_;
   const Config& c = coordinator.config();
@@ -685,6 +691,25 @@ Result<json> ControlRequestHandler::hello(ControlProtocol& protocol, const Reque
               {"next_step", coordinator.stats().steps},
               {"tenant", who.tenant},
               {"admin", who.admin}};
+}
+
+Result<std::shared_ptr<const void>> ControlRequestHandler::take_tenant_place(
+    ControlProtocol& protocol, const TenantEntry& tenant) {
+  const uint32_t limit = protocol.options_.max_connections_per_tenant;
+  if (limit == 0 || tenant.admin) return std::shared_ptr<const void>();
+  auto& slot = protocol.tenant_connections_[tenant.name];
+  if (!slot) slot = std::make_shared<std::atomic<uint32_t>>(0);
+  std::shared_ptr<std::atomic<uint32_t>> count = slot;
+  uint32_t held = count->load();
+  do {
+    if (held >= limit) {
+      return Status(ErrorCode::kResourceExhausted,
+                    "hello: tenant '" + tenant.name + "' already holds " + std::to_string(held) +
+                        " connections (server.max_connections_per_tenant); close one first");
+    }
+  } while (!count->compare_exchange_weak(held, held + 1));
+  // Given back when the connection's identity goes, on whichever thread that happens.
+  return std::shared_ptr<const void>(nullptr, [count](const void*) { --*count; });
 }
 
 Status ControlRequestHandler::check_owner(const ControlProtocol& protocol,

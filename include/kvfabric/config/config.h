@@ -109,6 +109,9 @@ struct ServerConfig {
   //! a short "not run" reply), so a small request line cannot ask for a huge reply.
   uint32_t max_reply_bytes = 8u << 20;
   uint32_t max_connections = 256;       //!< open control connections; more are refused and closed
+  //! Logged-in control connections one tenant that is no admin may hold at once; 0 = no limit.
+  //! With tenants, so that one tenant cannot take every place of max_connections.
+  uint32_t max_connections_per_tenant = 0;
   uint32_t idle_timeout_ms = 300'000;   //!< a connection with no request for this long is closed; 0 = never
   //! After a rank fault the control plane keeps answering (reads, /health, Unavailable to
   //! changes) this long, then the job ends with a non-zero status.

@@ -3,7 +3,10 @@
 
 #include <array>
 #include <cstdint>
+#include <atomic>
 #include <functional>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -63,6 +66,9 @@ struct ControlIdentity {
   bool refused = false;
   //! Set by subscribe: from the reply on, the connection carries this subscription's events.
   std::shared_ptr<KvEventSubscription> events;
+  //! Its place among its tenant's connections (server.max_connections_per_tenant), given up
+  //! when the connection (its last copy of this) goes.
+  std::shared_ptr<const void> tenant_place;
 };
 
 struct ControlProtocolOptions {
@@ -73,6 +79,7 @@ struct ControlProtocolOptions {
   uint32_t max_batch_requests = 1024;  //!< server.max_batch_requests
   uint32_t max_reply_bytes = 8u << 20;  //!< server.max_reply_bytes
   uint32_t event_queue_batches = 1024;  //!< server.event_queue_batches
+  uint32_t max_connections_per_tenant = 0;  //!< server.max_connections_per_tenant; 0 = no limit
   //! What executes the plans, for the info metric: "cpu" or "cuda" when ranks hold the KV,
   //! "none" when the coordinator serves alone.
   std::string backend = "none";
@@ -210,6 +217,9 @@ class ControlProtocol {
   LatencyHistogram step_seconds_;
   LatencyHistogram plan_seconds_;
   mutable std::mutex mutex_;  // guards everything below and the coordinator (see above)
+  // Logged-in connections per tenant; each counter outlives the protocol while a connection's
+  // place holds it, and is decremented from whichever thread drops the connection.
+  std::map<std::string, std::shared_ptr<std::atomic<uint32_t>>, std::less<>> tenant_connections_;
   ControlStats stats_;
   bool shutdown_requested_ = false;
   bool stepping_ = false;

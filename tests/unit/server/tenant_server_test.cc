@@ -145,6 +145,44 @@ TEST_F(TenantProtocolTest, NothingButHelloBeforeAValidToken) {
   EXPECT_EQ(call(fresh, {{"op", "hello"}})["tenant"], "bob");  // a plain hello still answers
 }
 
+// One tenant cannot take every place of server.max_connections: beyond its own limit its
+// hello is refused (the connection stays unauthenticated) until one of its connections goes.
+TEST(TenantConnectionLimit, ATenantHoldsAtMostItsConnectionsAndAdminsAreNotCounted) {
+  const TenantDirectory tenants = directory();
+  Coordinator coordinator = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
+  ControlProtocolOptions options;
+  options.tenants = &tenants;
+  options.max_connections_per_tenant = 2;
+  ControlProtocol protocol(coordinator, nullptr, options);
+  const auto hello = [&](ControlIdentity& who, const std::string& token) {
+    who = protocol.new_connection();
+    return json::parse(protocol.handle(json{{"op", "hello"}, {"token", token}}.dump(), who));
+  };
+  std::vector<ControlIdentity> alice(3), ops(3);
+  EXPECT_EQ(hello(alice[0], "alice-token-0123456789")["ok"], true);
+  EXPECT_EQ(hello(alice[1], "alice-token-0123456789")["ok"], true);
+  const json third = hello(alice[2], "alice-token-0123456789");
+  EXPECT_EQ(third["error"]["code"], "ResourceExhausted");
+  EXPECT_EQ(third["error"]["message"],
+            "hello: tenant 'alice' already holds 2 connections "
+            "(server.max_connections_per_tenant); close one first");
+  EXPECT_FALSE(alice[2].authenticated);
+  ControlIdentity bob;
+  EXPECT_EQ(hello(bob, "bob-token-0123456789")["ok"], true);  // another tenant's own count
+  for (ControlIdentity& admin : ops) EXPECT_EQ(hello(admin, "ops-token-0123456789")["ok"], true);
+  alice[0] = ControlIdentity{};  // that connection went
+  EXPECT_EQ(hello(alice[2], "alice-token-0123456789")["ok"], true);
+  ControlIdentity copy = alice[1];  // a copy is the same connection's place, not a new one
+  alice[1] = ControlIdentity{};
+  ControlIdentity fourth;
+  EXPECT_EQ(hello(fourth, "alice-token-0123456789")["error"]["code"], "ResourceExhausted");
+  copy = ControlIdentity{};
+  EXPECT_EQ(hello(fourth, "alice-token-0123456789")["ok"], true);
+  ServerConfig server;
+  server.max_connections_per_tenant = 3;
+  EXPECT_EQ(ControlProtocolOptions::from(server).max_connections_per_tenant, 3u);
+}
+
 TEST_F(TenantProtocolTest, EveryOpOnAnotherTenantsSequenceIsRefusedAsUnknownAndChangesNothing) {
   ASSERT_EQ(call(alice_, {{"op", "admit"}, {"seq", 1}, {"tokens", token_run(40, 1)}})["ok"], true);
   ASSERT_EQ(call(ops_, {{"op", "step"}})["ok"], true);
