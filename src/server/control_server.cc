@@ -315,9 +315,9 @@ class ControlServer::Impl::Session {
         idle_(stream_.socket().get_executor()) {}
   virtual ~Session() { --open_; }
 
-  // A connection that has shown what it is for (logged in; sent an HTTP request head) is never
-  // displaced by a newcomer.
-  [[nodiscard]] bool proven() const { return proven_; }
+  // A connection that has shown what it is for (logged in; sent an HTTP request head), or that
+  // is closing already, is never displaced by a newcomer.
+  [[nodiscard]] bool settled() const { return proven_ || closing_; }
   // Closes a connection that proved nothing, to make room for a newcomer.
   virtual void displace() = 0;
 
@@ -336,7 +336,7 @@ class ControlServer::Impl::Session {
     while (!unproven.empty()) {
       const std::shared_ptr<Session> oldest = unproven.front().lock();
       unproven.pop_front();
-      if (oldest == nullptr || oldest->proven()) continue;
+      if (oldest == nullptr || oldest->settled()) continue;
       ++server_.displaced_connections;
       oldest->displace();
       unproven.push_back(self);
@@ -346,6 +346,13 @@ class ControlServer::Impl::Session {
     return false;
   }
   void mark_proven() { proven_ = true; }
+  // Ends the connection: pending handlers finish with errors, and the session then goes (the
+  // timer must not keep it, nor its place among the connections, until it fires).
+  void close_stream() {
+    closing_ = true;
+    idle_.cancel();
+    stream_.close();
+  }
 
   Impl& server_;
   Listener& listener_;
@@ -361,7 +368,7 @@ class ControlServer::Impl::Session {
   void drop_settled(std::deque<std::weak_ptr<Session>>& unproven) const {
     const auto settled = [](const std::weak_ptr<Session>& w) {
       const auto s = w.lock();
-      return s == nullptr || s->proven();
+      return s == nullptr || s->settled();
     };
     while (!unproven.empty() && settled(unproven.front())) unproven.pop_front();
     if (unproven.size() > 2 * size_t{server_.options.max_connections}) {
@@ -370,6 +377,7 @@ class ControlServer::Impl::Session {
   }
 
   std::atomic<bool> proven_{false};
+  std::atomic<bool> closing_{false};
 };
 
 // One control connection: read a line, queue it, write its reply, repeat. An idle timer closes
@@ -407,6 +415,9 @@ class ControlServer::Impl::ControlSession
   ControlIdentity& identity() { return identity_; }
   //! Called on the request thread after each request: the io thread reads the outcome.
   void note_identity() {
+    // Proven at once, not when the io thread gets to logged_in(): a newcomer must not displace
+    // a connection whose hello has just succeeded.
+    if (identity_.authenticated) mark_proven();
     if (identity_.authenticated && !logged_in_) {
       asio::post(stream_.socket().get_executor(),
                  [self = shared_from_this()] { self->logged_in(); });
@@ -562,8 +573,7 @@ class ControlServer::Impl::ControlSession
   // until login_timeout, so connecting and closing in a loop locked everyone out).
   void close() {
     login_.cancel();
-    idle_.cancel();
-    stream_.close();
+    close_stream();
   }
 
   ControlIdentity identity_;
@@ -587,14 +597,13 @@ class ControlServer::Impl::HttpSession
     idle_.async_wait([self = shared_from_this()](ErrorCodeT ec) {
       if (ec) return;
       ++self->server_.idle_closed;
-      self->stream_.close();
+      self->close_stream();
     });
     const bool admitted = within_limit(shared_from_this());
     stream_.async_handshake(
         ssl::stream_base::server, [self = shared_from_this(), admitted](ErrorCodeT ec) {
           if (ec) {
-            self->idle_.cancel();
-            self->stream_.close();
+            self->close_stream();
           } else if (admitted) {
             self->read_request();
           } else {
@@ -611,9 +620,8 @@ class ControlServer::Impl::HttpSession
     stream_.async_read_until(
         asio::dynamic_buffer(buffer_, kMaxHttpHeadBytes), std::string_view("\r\n\r\n"),
         [self = shared_from_this()](ErrorCodeT ec, size_t n) {
-          if (ec && ec != asio::error::not_found) {  // gone: the timer must not keep its place
-            self->idle_.cancel();
-            self->stream_.close();
+          if (ec && ec != asio::error::not_found) {  // gone
+            self->close_stream();
             return;
           }
           self->mark_proven();
@@ -624,8 +632,9 @@ class ControlServer::Impl::HttpSession
   }
 
   void displace() override {
-    idle_.cancel();
-    stream_.close();
+    KVF_LOG_DEBUG(kServer, "closing an HTTP connection that sent no request: a newcomer needs "
+                           "its place (server.max_connections)");
+    close_stream();
   }
 
   void respond(std::string reply) {
@@ -795,7 +804,7 @@ uint16_t ControlServer::metrics_port() const {
 ControlServerStats ControlServer::stats() const {
   return ControlServerStats{impl_->control_open.load(), impl_->refused_connections.load(),
                             impl_->idle_closed.load(), impl_->accept_errors.load(),
-                            impl_->displaced_connections.load()};
+                            impl_->displaced_connections.load(), impl_->http_open.load()};
 }
 
 Status ControlServer::run() {
@@ -912,6 +921,32 @@ static Status open_client_stream(asio::io_context& io, const std::string& host, 
   return ok_status();
 }
 
+// Why the server refused connect()'s hello, or nullopt when it accepted it: a full server
+// (ResourceExhausted, worth retrying later) or, for anything else, the token.
+static std::optional<Status> hello_refusal(const std::string& reply, const std::string& where) {
+  const nlohmann::json parsed = nlohmann::json::parse(reply, nullptr, /*allow_exceptions=*/false);
+  if (!parsed.is_object()) {
+    return Status(ErrorCode::kUnauthenticated,
+                  "the control plane at " + where + " refused the token: " + reply);
+  }
+  if (const auto ok = parsed.find("ok"); ok != parsed.end() && *ok == true) return std::nullopt;
+  const nlohmann::json error = parsed.value("error", nlohmann::json::object());
+  // The server's own words when they are where they should be; the raw reply otherwise.
+  const std::string why = error.is_object() && error.contains("message") &&
+                                  error["message"].is_string()
+                              ? error["message"].get<std::string>()
+                              : reply;
+  const bool full = error.is_object() && error.contains("code") && error["code"].is_string() &&
+                    error["code"].get<std::string>() ==
+                        error_code_name(ErrorCode::kResourceExhausted);
+  if (full) {
+    return Status(ErrorCode::kResourceExhausted,
+                  "the control plane at " + where + " refused the connection: " + why);
+  }
+  return Status(ErrorCode::kUnauthenticated,
+                "the control plane at " + where + " refused the token: " + why);
+}
+
 Result<ControlClient> ControlClient::connect(const std::string& host, uint16_t port,
                                              const ControlClientOptions& options) {
   auto impl = std::make_unique<Impl>();
@@ -922,27 +957,7 @@ Result<ControlClient> ControlClient::connect(const std::string& host, uint16_t p
   if (!options.token.empty()) {
     nlohmann::json hello = {{"op", "hello"}, {"token", options.token}};
     KVF_ASSIGN_OR_RETURN(const std::string reply, client.call(hello.dump()));
-    const nlohmann::json parsed = nlohmann::json::parse(reply, nullptr, /*allow_exceptions=*/false);
-    const auto ok = parsed.is_object() ? parsed.find("ok") : parsed.end();
-    if (!parsed.is_object() || ok == parsed.end() || *ok != true) {
-      // The server's own words when they are where they should be; the raw reply otherwise.
-      std::string why = reply;
-      const auto error = parsed.is_object() ? parsed.find("error") : parsed.end();
-      const bool has_error = error != parsed.end() && error->is_object();
-      if (has_error && error->contains("message") && (*error)["message"].is_string()) {
-        why = (*error)["message"].get<std::string>();
-      }
-      // A full server refuses the connection, whatever the token: retrying later may work.
-      const auto code = has_error ? error->find("code") : parsed.end();
-      if (has_error && code != error->end() && code->is_string() &&
-          code->get<std::string>() == error_code_name(ErrorCode::kResourceExhausted)) {
-        return Status(ErrorCode::kResourceExhausted,
-                      "the control plane at " + client.impl_->where + " refused the connection: " +
-                          why);
-      }
-      return Status(ErrorCode::kUnauthenticated,
-                    "the control plane at " + client.impl_->where + " refused the token: " + why);
-    }
+    if (const auto refused = hello_refusal(reply, client.impl_->where)) return *refused;
   }
   return client;
 }

@@ -22,6 +22,7 @@ struct ControlServerStats {
   //! connections that had proven nothing (not logged in, no HTTP request head) closed to make
   //! room for a newcomer at max_connections
   uint64_t displaced_connections = 0;
+  uint32_t http_connections = 0;  //!< HTTP (/metrics, /health) connections open now
 };
 
 struct ControlServerOptions {
@@ -114,7 +115,8 @@ struct ControlClientOptions {
   //! The name the server's certificate must carry (and SNI); empty: the host connected to.
   std::string server_name;
   //! A tenant's token: connect() sends hello with it and fails (Unauthenticated) if refused, or
-  //! ResourceExhausted when the server already serves server.max_connections connections.
+  //! ResourceExhausted when the server is full (server.max_connections, or the tenant's
+  //! server.max_connections_per_tenant).
   std::string token;
 };
 
