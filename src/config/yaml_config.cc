@@ -1,14 +1,13 @@
 // YAML loading and dumping; the only place that includes yaml-cpp.
 #include <yaml-cpp/yaml.h>
 
-#include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
 #include <string>
 
 #include "common/checked_math.h"
+#include "common/text_file.h"
 #include "config/config_fields.h"
 #include "kvfabric/config/config.h"
 
@@ -47,6 +46,12 @@ Status apply_map(const YAML::Node& map, const std::string& prefix, std::string_v
   for (const auto& item : map) {
     const std::string name = item.first.as<std::string>();
     const std::string path = prefix + name;
+    // A dotted key would name a key of a nested mapping too, and the later of the two would win.
+    if (name.find('.') != std::string::npos) {
+      return Status(ErrorCode::kInvalidArgument,
+                    where(source, item.first) + ": '" + name + "' is a dotted key; nest it (" +
+                        name.substr(0, name.find('.')) + ": {...}) as the other keys are");
+    }
     const auto [seen, fresh] = first_line.emplace(name, item.first.Mark().line + 1);
     if (!fresh) {
       return Status(ErrorCode::kInvalidArgument,
@@ -98,7 +103,14 @@ void set_path(YAML::Node node, std::string_view key, const std::string& value) {
 Result<Config> parse_config(std::string_view yaml_text, std::string_view source) {
   YAML::Node root;
   try {
-    root = YAML::Load(std::string(yaml_text));
+    // One document: yaml-cpp's Load reads the first and ignores any after a '---'.
+    const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(yaml_text));
+    if (documents.size() > 1) {
+      return Status(ErrorCode::kInvalidArgument,
+                    std::string(source) + ": holds " + std::to_string(documents.size()) +
+                        " YAML documents (separated by '---'); a config is one");
+    }
+    if (!documents.empty()) root = documents.front();
   } catch (const YAML::Exception& e) {
     return Status(ErrorCode::kParseError,
                   std::string(source) + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
@@ -123,24 +135,7 @@ Result<Config> parse_config(std::string_view yaml_text, std::string_view source)
 }
 
 Result<Config> load_config_file(const std::string& path) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) {
-    return Status(ErrorCode::kIoError, "config file '" + path + "' is a directory");
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Status(ErrorCode::kIoError, "cannot open config file '" + path + "'");
-  // Read at most this much: a config is a page of YAML, and /dev/zero (or a runaway pipe)
-  // would otherwise be read until memory runs out.
-  constexpr size_t kMaxConfigBytes = 16 << 20;
-  std::string text;
-  char chunk[1 << 16];
-  while (in.read(chunk, sizeof chunk) || in.gcount() > 0) {
-    text.append(chunk, static_cast<size_t>(in.gcount()));
-    if (text.size() > kMaxConfigBytes) {
-      return Status(ErrorCode::kIoError, "config file '" + path + "' is larger than " +
-                                             std::to_string(kMaxConfigBytes >> 20) + " MiB");
-    }
-  }
+  KVF_ASSIGN_OR_RETURN(const std::string text, detail::read_text_file(path, "config file"));
   return parse_config(text, path);
 }
 

@@ -4,9 +4,10 @@
 #include <openssl/evp.h>
 #include <yaml-cpp/yaml.h>
 
-#include <fstream>
 #include <set>
 #include <sstream>
+
+#include "common/text_file.h"
 
 namespace kvfabric {
 namespace {
@@ -117,8 +118,14 @@ Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text,
                                                std::string_view source) {
   // yaml-cpp throws on malformed text and on a key that is not a scalar, wherever it is read.
   try {
-    const YAML::Node root = YAML::Load(std::string(yaml_text));
+    const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(yaml_text));
     const Parser parser(source);
+    if (documents.size() > 1) {  // Load would read the first and ignore the rest
+      return Status(ErrorCode::kInvalidArgument,
+                    std::string(source) + ": holds " + std::to_string(documents.size()) +
+                        " YAML documents (separated by '---'); a tenants file is one");
+    }
+    const YAML::Node root = documents.empty() ? YAML::Node() : documents.front();
     if (!root.IsMap() || root.size() != 1 || !root["tenants"] || !root["tenants"].IsSequence()) {
       return parser.error(root, "the tenants file holds one key, 'tenants': a list of tenants");
     }
@@ -146,11 +153,8 @@ Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text,
 }
 
 Result<TenantDirectory> TenantDirectory::load(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return Status(ErrorCode::kIoError, "cannot read the tenants file '" + path + "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return parse(text.str(), path);
+  KVF_ASSIGN_OR_RETURN(const std::string text, detail::read_text_file(path, "tenants file"));
+  return parse(text, path);
 }
 
 std::optional<TenantEntry> TenantDirectory::authenticate(std::string_view token) const {
