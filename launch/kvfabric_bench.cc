@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <exception>
 
 #include "bench/progress.h"
 #include "bench/report.h"
@@ -41,7 +42,14 @@ int main(int argc, char** argv) {
   }
   bench::set_progress_settings(progress);
   nlohmann::json results;
-  Status status = routine(results);
+  Status status;
+  try {
+    status = routine(results);
+  } catch (const std::exception& e) {  // std::bad_alloc for sizes past this machine's memory
+    fmt::print(stderr, "kvfabric-bench: the run failed: {} (its sizes may need more memory than "
+                       "this machine has)\n", e.what());
+    return 1;
+  }
   if (status.ok() && !json_path.empty() && !results.is_null())
     status = bench::write_json(json_path, results);
   if (!status.ok()) {

@@ -17,6 +17,8 @@
 #include <unistd.h>
 #include <CLI/CLI.hpp>
 
+#include <exception>
+
 #include <pthread.h>
 #include <signal.h>
 
@@ -293,5 +295,10 @@ int main(int argc, char** argv) {
   sigset_t stop_signals;
   block_stop_signals(stop_signals);
   watch_stop_signals(stop_signals);
-  return serve_job(options);
+  try {
+    return serve_job(options);
+  } catch (const std::exception& e) {  // std::bad_alloc, say: named, not an abort's core dump
+    fmt::print(stderr, "kvfabric-serve: stopped: {}\n", e.what());
+    return 1;
+  }
 }

@@ -40,6 +40,16 @@ Result<AllocSimResult> run_alloc_sim(const std::vector<TraceRequest>& trace,
   const size_t total =
       options.max_requests == 0 ? trace.size() : std::min(options.max_requests, trace.size());
   const double trace_seconds_per_step = options.step_seconds * options.time_scale;
+  // A step so short that the last arrival is past 2^63 steps never reaches it (and converting
+  // its step number was undefined): the replay hung.
+  double last_arrival_s = 0;
+  for (size_t i = 0; i < total; ++i) last_arrival_s = std::max(last_arrival_s, trace[i].arrival_s);
+  if (!(std::isfinite(trace_seconds_per_step) && trace_seconds_per_step > 0 &&
+        last_arrival_s / trace_seconds_per_step < 0x1p63)) {
+    return invalid_argument("a step of " + std::to_string(options.step_seconds) + " s at time "
+                            "scale " + std::to_string(options.time_scale) + " puts the last "
+                            "arrival (" + std::to_string(last_arrival_s) + " s) past 2^63 steps");
+  }
   const size_t bs = options.block_size;
   const auto blocks_for = [bs](uint64_t tokens) { return (tokens + bs - 1) / bs; };
   const auto watermark = static_cast<size_t>(options.admit_watermark * options.num_blocks);

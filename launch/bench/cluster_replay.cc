@@ -148,12 +148,20 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
                                                const std::function<void(const ClusterReplayProgress&)>& progress) {
   KVF_ASSIGN_OR_RETURN(const Config config, cluster_replay_config(options, routing));
   KVF_ASSIGN_OR_RETURN(Coordinator coordinator, Coordinator::create(config));
-  if (options.step_ms <= 0 || options.time_scale <= 0) {
-    return invalid_argument("step_ms and time_scale must be > 0");
-  }
   const size_t count = options.max_requests ? std::min(options.max_requests, trace.size()) : trace.size();
   const uint64_t replica_tokens = config.cache.num_blocks * options.block_tokens;
   const double ms_per_step = options.step_ms * options.time_scale;
+  // NaN compared false with every arrival and a tiny step never reached the last one: the
+  // replay hung. The last arrival's step number must be countable.
+  double last_arrival_ms = 0;
+  for (size_t i = 0; i < count; ++i) last_arrival_ms = std::max(last_arrival_ms, trace[i].timestamp_ms);
+  if (!(std::isfinite(ms_per_step) && ms_per_step > 0 &&
+        last_arrival_ms / ms_per_step < 0x1p63)) {
+    return invalid_argument("step_ms " + std::to_string(options.step_ms) + " and time_scale " +
+                            std::to_string(options.time_scale) + " must be finite and > 0, and "
+                            "put the last arrival (" + std::to_string(last_arrival_ms) +
+                            " ms) within 2^63 steps");
+  }
 
   ClusterReplayResult r;
   r.routing = routing;
@@ -182,6 +190,16 @@ Result<ClusterReplayResult> run_cluster_replay(const std::vector<MooncakeRequest
   size_t next = 0, finished = 0;
   const auto start = Clock::now();
   for (uint64_t step = 0; next < count || !queue.empty() || !running.empty(); ++step) {
+    // Nothing to run until an arrival far ahead (a trace of epoch timestamps, say): jump to it
+    // rather than step through the gap. Shorter gaps are stepped through, so that the shipped
+    // traces' steps and queue series stay as they were.
+    constexpr double kLongestIdleSteps = 1e6;
+    if (queue.empty() && running.empty() && next < count) {
+      const double arrival_step = std::ceil(trace[next].timestamp_ms / ms_per_step);
+      if (arrival_step - static_cast<double>(step) > kLongestIdleSteps) {
+        step = static_cast<uint64_t>(arrival_step);
+      }
+    }
     // Arrivals up to this step's time. A request that cannot fit one replica is never served.
     while (next < count && trace[next].timestamp_ms <= static_cast<double>(step) * ms_per_step) {
       if (trace[next].input_length + uint64_t{output_of(next)} > replica_tokens) {

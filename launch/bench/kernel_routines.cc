@@ -41,7 +41,8 @@ struct KernelOptions {
 void add_kernel_options(CLI::App* cmd, KernelOptions& o) {
   cmd->add_option("--device", o.device, "backend: cpu or cuda");
   cmd->add_option("--isa", o.isa, "CPU kernels: auto, generic, avx2 or avx2-vnni");
-  cmd->add_option("--threads", o.threads, "threads (0 = all cores)");
+  cmd->add_option("--threads", o.threads, "threads (0 = all cores)")
+      ->check(CLI::Range(0, CpuBackendOptions::kMaxThreads));
   cmd->add_option("--iterations", o.iterations, "timed repetitions (the median is reported)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--q-heads", o.q_heads, "local query heads");
@@ -384,6 +385,11 @@ struct CopyOptions {
 };
 
 Status run_copy(const CopyOptions& opts, nlohmann::json& results) {
+  // Each move reads three distinct blocks of a shuffled pool (source, copy target, swap target).
+  if (uint64_t{opts.moves} * 3 > opts.blocks) {
+    return invalid_argument("--blocks " + std::to_string(opts.blocks) + " holds too few blocks for "
+                            "--moves " + std::to_string(opts.moves) + " (at least 3 x moves)");
+  }
   KernelOptions o = opts.kernel;
   KVF_ASSIGN_OR_RETURN(Setup setup, make_setup(o));
   std::mt19937 rng(3);

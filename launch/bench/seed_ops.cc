@@ -119,6 +119,17 @@ Result<SeedOpScript> read_seed_op_script(const std::string& path) {
   if (!in || std::memcmp(magic, kMagic, sizeof(magic)) != 0) {
     return invalid_argument(path + " is not a seed op script");
   }
+  // The counts must fit the file (24 bytes a record): a header's count sized the ops first.
+  const std::streamoff records_from = in.tellg();
+  in.seekg(0, std::ios::end);
+  const auto record_bytes = static_cast<uint64_t>(in.tellg() - records_from);
+  const uint64_t records = record_bytes / 24;
+  in.seekg(records_from);
+  if (record_bytes % 24 != 0 || header[2] > records || header[3] != records - header[2]) {
+    return invalid_argument(path + " announces " + std::to_string(header[2]) + " + " +
+                            std::to_string(header[3]) + " ops but holds " +
+                            std::to_string(records) + " records (or bytes after them)");
+  }
   SeedOpScript script;
   script.num_blocks = header[0];
   script.block_size = header[1];

@@ -100,6 +100,15 @@ double median(std::vector<double> v) {
 }
 
 Status run_transfer(const TransferOptions& o, nlohmann::json& results) {
+  // Every point's bytes must be countable: a wrapped product sized the buffers 0 (SIGSEGV).
+  for (const uint64_t block_bytes : o.block_bytes) {
+    for (const uint64_t count : o.blocks) {
+      if (count != 0 && block_bytes > UINT64_MAX / count) {
+        return invalid_argument("--block-bytes " + std::to_string(block_bytes) + " x --blocks " +
+                                std::to_string(count) + " is more than 2^64 bytes");
+      }
+    }
+  }
   auto runtime = MpiRuntime::init(nullptr, nullptr);
   if (!runtime.ok()) {
     return Status(runtime.status().code(),

@@ -90,8 +90,10 @@ enum class CpuIsa : uint8_t {
 };
 
 struct CpuBackendOptions {
+  //! Threads beyond this are refused: OpenMP's runtime crashed starting 100,000.
+  static constexpr int kMaxThreads = 1024;
   CpuIsa isa = CpuIsa::kAuto;
-  int num_threads = 0;  //!< 0 = all available cores (OpenMP)
+  int num_threads = 0;  //!< 0 = all available cores (OpenMP); at most kMaxThreads
 };
 
 //! The CPU backend: host-memory arenas, multithreaded kernels. Fails only when the requested ISA

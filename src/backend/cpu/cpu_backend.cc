@@ -210,9 +210,10 @@ Result<std::unique_ptr<Backend>> make_cpu_backend(const CpuBackendOptions& optio
                                        : "this processor lacks AVX2, FMA, F16C, AVX512-VNNI or "
                                          "AVX512VL");
   }
-  if (options.num_threads < 0) {
-    return invalid_argument("num_threads must be >= 0 (got " + std::to_string(options.num_threads) +
-                            ")");
+  if (options.num_threads < 0 || options.num_threads > CpuBackendOptions::kMaxThreads) {
+    return invalid_argument("num_threads must be in [0, " +
+                            std::to_string(CpuBackendOptions::kMaxThreads) + "] (got " +
+                            std::to_string(options.num_threads) + ")");
   }
   const cpu::SimdOps& ops = simd_ops(isa);
   int threads = options.num_threads;

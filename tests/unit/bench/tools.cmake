@@ -12,6 +12,10 @@ add_test(NAME kvfabric-bench_progress
          COMMAND ${KVF_SYSTEM_PYTHON3} ${kvf_tools_driver} progress $<TARGET_FILE:kvfabric-bench>
                  ${CMAKE_CURRENT_BINARY_DIR}/tools_test/progress)
 set_tests_properties(kvfabric-bench_progress PROPERTIES LABELS tools TIMEOUT 120)
+add_test(NAME kvfabric-bench_refusals
+         COMMAND ${KVF_SYSTEM_PYTHON3} ${kvf_tools_driver} refusals $<TARGET_FILE:kvfabric-bench>
+                 ${CMAKE_CURRENT_BINARY_DIR}/tools_test/refusals)
+set_tests_properties(kvfabric-bench_refusals PROPERTIES LABELS tools TIMEOUT 300)
 
 set(kvf_plot_cases alloc replay replay-dp scale attention quant copy seed-ops compress config unknown)
 foreach(case ${kvf_plot_cases})

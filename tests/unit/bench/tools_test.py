@@ -11,6 +11,7 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -150,8 +151,33 @@ def check_plot(bench, plot, case, workdir, mpiexec):
     print(f"{case}: {png}, {size} bytes")
 
 
+def check_refusals(bench, workdir):
+    """Options and inputs that crashed, hung or read past a buffer are refused by name, quickly
+    (each found by an adversarial pass over the tools' inputs)."""
+    os.makedirs(workdir, exist_ok=True)
+    script = os.path.join(workdir, "bad-header.ops")
+    with open(script, "wb") as f:  # announces 2^61 setup ops in a file that holds none
+        f.write(b"KVFOPS01" + struct.pack("<4Q", 1000, 16, 2**61, 0))
+    cases = (
+        (["copy", "--blocks", "4", "--moves", "2", "--iterations", "1", "--threads", "1",
+          "--layers", "1"], "at least 3 x moves"),
+        (["attention", "--threads", "100000", "--iterations", "1"], "--threads"),
+        (["alloc", "--max-requests", "50", "--time-scale", "1e-20"], "past 2^63 steps"),
+        (["replay", "--dp", "2", "--max-requests", "10", "--step-ms", "nan"], "finite and > 0"),
+        (["seed-ops", "--run", script], "announces 2305843009213693952 + 0 ops"),
+    )
+    for args, says in cases:
+        refused = run([bench, "--quiet", *args], timeout=60)
+        if refused.returncode == 0 or refused.returncode < 0 or says not in refused.stderr:
+            fail(f"{' '.join(args)}: exit {refused.returncode}, stderr {refused.stderr!r}; "
+                 f"expected a refusal saying {says!r}")
+        print(f"{args[0]}: refused ({says})")
+
+
 def main():
-    if len(sys.argv) >= 3 and sys.argv[1] == "progress":
+    if len(sys.argv) >= 3 and sys.argv[1] == "refusals":
+        check_refusals(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "tools_test_refusals")
+    elif len(sys.argv) >= 3 and sys.argv[1] == "progress":
         check_progress(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "tools_test_progress")
     elif len(sys.argv) >= 6 and sys.argv[1] == "plot":
         check_plot(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
