@@ -67,8 +67,8 @@ Status KvCache::ensure(uint64_t cache_id) {
   return ok_status();
 }
 
-Status KvCache::grow(Sequence& seq, uint32_t tokens) {
-  const uint32_t needed = (tokens + view_.block_size - 1) / view_.block_size;
+Status KvCache::grow(Sequence& seq, uint64_t tokens) {
+  const uint64_t needed = (tokens + view_.block_size - 1) / view_.block_size;
   if (needed <= seq.blocks.size()) return ok_status();
   KVF_ASSIGN_OR_RETURN(std::vector<BlockId> fresh, allocator_.allocate(needed - seq.blocks.size()));
   for (BlockId b : fresh)
@@ -76,8 +76,8 @@ Status KvCache::grow(Sequence& seq, uint32_t tokens) {
   return ok_status();
 }
 
-void KvCache::shrink(Sequence& seq, uint32_t tokens) {
-  const uint32_t keep = (tokens + view_.block_size - 1) / view_.block_size;
+void KvCache::shrink(Sequence& seq, uint64_t tokens) {
+  const uint64_t keep = (tokens + view_.block_size - 1) / view_.block_size;
   while (seq.blocks.size() > keep) {
     (void)allocator_.release(BlockId{seq.blocks.back()});
     seq.blocks.pop_back();
@@ -98,7 +98,7 @@ Status KvCache::append(uint64_t cache_id, uint32_t layer, const void* key, const
                             std::to_string(options_.capacity));
   }
   const size_t blocks_before = seq->blocks.size();
-  KVF_RETURN_IF_ERROR(grow(*seq, static_cast<uint32_t>(first + num_tokens)));
+  KVF_RETURN_IF_ERROR(grow(*seq, first + num_tokens));
   std::vector<int64_t> slots(num_tokens);
   for (uint32_t t = 0; t < num_tokens; ++t) {
     const uint64_t pos = first + t;
@@ -114,7 +114,7 @@ Status KvCache::append(uint64_t cache_id, uint32_t layer, const void* key, const
   args.slot_mapping = slots.data();
   const Status status = backend_->append_kv(view_, args);
   if (!status.ok()) {
-    shrink(*seq, static_cast<uint32_t>(blocks_before * view_.block_size));  // undo the growth
+    shrink(*seq, uint64_t{blocks_before} * view_.block_size);  // undo the growth
     return status;
   }
   seq->pending[layer] += num_tokens;

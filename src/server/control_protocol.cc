@@ -54,10 +54,12 @@ std::string utf8_prefix(const std::string& text, size_t max_bytes) {
   return text.substr(0, end);
 }
 
-// `text` in double quotes for an error message, cut to kQuotedKeyChars bytes (marked "...").
+// `text` as a JSON string for an error message (quotes and control characters escaped), cut
+// to kQuotedKeyChars bytes (marked "...").
 std::string quoted(const std::string& text) {
   const std::string prefix = utf8_prefix(text, kQuotedKeyChars);
-  return "\"" + prefix + (prefix.size() < text.size() ? "\"..." : "\"");
+  return json(prefix).dump(-1, ' ', false, json::error_handler_t::replace) +
+         (prefix.size() < text.size() ? "..." : "");
 }
 
 // A value for an error message. Containers are named, not printed: printing (like copying) a

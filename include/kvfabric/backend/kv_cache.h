@@ -90,8 +90,9 @@ class KvCache {
   KvCache(Backend& backend, const KvCacheOptions& options, bool paged, uint32_t max_blocks,
           KvArena arena, PagedKvView view);
   Result<Sequence*> find(uint64_t cache_id, std::string_view op);
-  Status grow(Sequence& seq, uint32_t tokens);
-  void shrink(Sequence& seq, uint32_t tokens);
+  // Token counts in 64 bits: a block count (tokens + block_size - 1) / block_size wraps in 32.
+  Status grow(Sequence& seq, uint64_t tokens);
+  void shrink(Sequence& seq, uint64_t tokens);
 
   Backend* backend_;
   KvCacheOptions options_;

@@ -134,10 +134,16 @@ def _token_ids(tokens: Sequence[int]) -> list[int]:
 
 def _scores(scores: Sequence[float]) -> list[float]:
     """Attention scores as JSON numbers; NaN and infinities have no JSON form."""
-    values = [float(s) for s in scores]
-    for i, v in enumerate(values):
+    values = []
+    for i, s in enumerate(scores):
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            raise error_for("InvalidArgument", f"scores[{i}] must be a number "
+                            f"(got {type(s).__name__})") from None
         if not math.isfinite(v):
             raise error_for("InvalidArgument", f"scores[{i}] = {v} is not finite")
+        values.append(v)
     return values
 
 

@@ -92,6 +92,13 @@ std::string type_name(const py::handle& obj) {
   return py::str(py::type::of(obj).attr("__name__")).cast<std::string>();
 }
 
+void refuse_masked(const py::handle& obj, const char* name) {
+  if (has_attr(obj, "mask") && has_attr(obj, "filled")) {
+    raise_invalid(fmt::format("{} is a masked array: pass {}.filled(value) or its .data", name,
+                              name));
+  }
+}
+
 uint64_t index_arg(const py::handle& obj, const char* name, uint64_t max) {
   auto index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
   if (!index) {
@@ -160,11 +167,7 @@ Tensor Tensor::from(const py::handle& obj, const char* name, Memory memory,
       }
       raise_invalid(fmt::format("{} must be a NumPy array (got {})", name, type_name(obj)));
     }
-    // A masked array's data includes what its mask hides: written or read as values, silently.
-    if (has_attr(obj, "mask") && has_attr(obj, "filled")) {
-      raise_invalid(fmt::format("{} is a masked array: pass {}.filled(value) or its .data", name,
-                                name));
-    }
+    refuse_masked(obj, name);
     auto array = py::reinterpret_borrow<py::array>(obj);
     const py::dtype dt = array.dtype();
     if (dt.is(py::dtype::of<float>()) || (dt.kind() == 'f' && dt.itemsize() == 4)) {
@@ -285,6 +288,7 @@ namespace {
 // Each element of a 1-D integer argument, as int64 (uint64 beyond int64 refused), to `f`.
 template <typename F>
 void for_each_integer(const py::handle& obj, const char* name, F&& f) {
+  refuse_masked(obj, name);
   if (py::isinstance<py::array>(obj)) {
     auto array = py::reinterpret_borrow<py::array>(obj);
     const char kind = array.dtype().kind();

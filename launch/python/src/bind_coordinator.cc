@@ -368,8 +368,14 @@ void bind_coordinator(py::module_& m) {
           "such as {'policy': 'h2o', 'budget_ratio': 0.25, 'interval_steps': 16}.")
       .def(
           "report_attention",
-          [](PyCoordinator& self, SeqId seq, uint64_t step,
-             const py::array_t<double, py::array::c_style | py::array::forcecast>& scores) {
+          [](PyCoordinator& self, SeqId seq, uint64_t step, const py::object& given) {
+            refuse_masked(given, "scores");
+            const auto scores =
+                py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(given);
+            if (!scores) {
+              PyErr_Clear();
+              raise_invalid(fmt::format("scores must be numbers (got {})", type_name(given)));
+            }
             if (scores.ndim() != 1) raise_invalid("scores must be 1-D: one per token");
             const std::span<const double> values(scores.data(), static_cast<size_t>(scores.size()));
             check(self.locked(

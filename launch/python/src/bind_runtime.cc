@@ -227,6 +227,11 @@ void bind_runtime(py::module_& m) {
                 timeout = std::chrono::milliseconds(static_cast<int64_t>(*seconds * 1000));
               }
             }
+            if (h.in_flight > 0) {  // a call waiting now reads the timeout as it goes
+              raise_status(invalid_operation(
+                  std::to_string(h.in_flight) + " call(s) on other threads use this transport: "
+                  "set its timeout before or after them"));
+            }
             h.get().set_timeout(timeout);
           },
           py::arg("seconds"), "Bounds later blocking calls (None waits for ever).")
@@ -336,9 +341,12 @@ void bind_runtime(py::module_& m) {
             if (!plan.is_none()) {
               if (py::isinstance<StepPlan>(plan)) {
                 bytes = plan.cast<const StepPlan&>().serialize();
-              } else {
+              } else if (py::isinstance<py::bytes>(plan)) {
                 const std::string_view view = plan.cast<py::bytes>();
                 bytes.assign(view.begin(), view.end());
+              } else {
+                raise_invalid(fmt::format("plan must be a StepPlan, its bytes or None (got {})",
+                                          type_name(plan)));
               }
             }
             check(self.locked([&](RankCache& c) { return c.receive_and_execute(bytes, RankId{root}); }));

@@ -29,6 +29,7 @@ py::array_t<float> float_rows(std::span<const float> values, size_t rows) {
 }
 
 std::vector<float> floats_arg(const py::handle& obj, const char* name) {
+  refuse_masked(obj, name);
   if (py::isinstance<py::array>(obj)) {
     auto array = py::reinterpret_borrow<py::array>(obj);
     if (array.dtype().kind() != 'f' && array.dtype().kind() != 'i' && array.dtype().kind() != 'u') {

@@ -102,6 +102,9 @@ py::array new_host_array(DType dtype, const std::vector<int64_t>& shape);
 
 //! The Python type name of `obj`, for error messages ("int64", "str").
 std::string type_name(const py::handle& obj);
+//! InvalidArgumentError naming `name` when `obj` is a NumPy masked array: its data holds what
+//! the mask hides, and reading it as values would take those silently.
+void refuse_masked(const py::handle& obj, const char* name);
 //! One id (a Python int or anything with __index__, such as a NumPy integer) in [0, max];
 //! the message names the argument.
 uint64_t index_arg(const py::handle& obj, const char* name, uint64_t max);

@@ -95,6 +95,11 @@ def test_arguments_of_the_wrong_type_are_named(config):
     with pytest.raises(kvfabric.InvalidArgumentError, match="1-dimensional"):
         c.append(np.array(1), 1)
     assert c.tokens_of(1) == 21
+    # A masked array's hidden values are no ids, and a plan is no bytearray.
+    with pytest.raises(kvfabric.InvalidArgumentError, match="seqs is a masked array"):
+        c.append(np.ma.masked_array([1], mask=[True]), 1)
+    with pytest.raises(kvfabric.InvalidArgumentError, match="plan must be a StepPlan"):
+        kvfabric.RankCache(config).receive_and_execute(bytearray(b"x"))
 
 
 # --- Coordinator and StepPlan ----------------------------------------------------------------

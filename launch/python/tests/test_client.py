@@ -108,6 +108,8 @@ def test_errors_carry_the_servers_code_and_message(server):
             client.admit(7, [1.7, 2.2])
         with pytest.raises(kvfabric.InvalidArgumentError, match=r"scores\[1\] = nan"):
             client.report_attention(7, 0, [1.0, float("nan")])
+        with pytest.raises(kvfabric.InvalidArgumentError, match=r"scores\[0\] must be a number"):
+            client.report_attention(7, 0, ["x"])
         # A refused request changed nothing: the connection and the coordinator carry on.
         assert client.admit(1, [1, 2, 3]).replica == 0
         assert client.stats()["admitted"] == 1

@@ -169,6 +169,10 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
        "admit: field \"seq\" must be an integer in [0, 9223372036854775807] (got -2)"},
       {"{\"op\": \"admit\", \"seq\": 1.5, \"tokens\": [1]}", "InvalidArgument", "(got 1.5)"},
       {"{\"op\": \"admit\", \"seq\": \"2\", \"tokens\": [1]}", "InvalidArgument", "(got \"2\")"},
+      {"{\"op\": \"admit\", \"seq\": \"a\\\"b\", \"tokens\": [1]}", "InvalidArgument",
+       "(got \"a\\\"b\")"},  // quoted as JSON, escapes kept
+      {"{\"op\": \"admit\", \"seq\": \"" + std::string(5000, 'z') + "\", \"tokens\": [1]}",
+       "InvalidArgument", "(got \"" + std::string(64, 'z') + "\"...)"},
       {"{\"op\": \"admit\", \"seq\": 9223372036854775808, \"tokens\": [1]}", "InvalidArgument",
        "field \"seq\""},
       {"{\"op\": \"admit\", \"seq\": 2, \"tokens\": 7}", "InvalidArgument", "array of token ids"},
