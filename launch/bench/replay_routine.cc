@@ -27,6 +27,10 @@ struct ReplayCommandOptions {
   std::string routings = "independent,global-routing,global-migration";
   std::vector<std::string> compressions = {"none"};
   bool capacity_given = false;
+  //! An option of the replay across replicas was given (--tp, --routing, --config, ...): the run
+  //! is that replay even with --dp 1, not the single-process one, which would ignore them (and,
+  //! under mpirun, run once per rank).
+  bool across_given = false;
 };
 
 Status run_replay_across_replicas(ReplayCommandOptions opts, const std::vector<MooncakeRequest>& trace,
@@ -65,7 +69,7 @@ Status run_replay(const ReplayCommandOptions& opts, nlohmann::json& results) {
     trace = scale_out_trace(trace, opts.trace_copies);
     trace_name += fmt::format(" x {} copies", opts.trace_copies);
   }
-  if (opts.cluster.sim.config.topology.dp > 1) {
+  if (opts.cluster.sim.config.topology.dp > 1 || opts.across_given) {
     return run_replay_across_replicas(opts, trace, trace_name, results);
   }
   ReplaySimOptions sim;
@@ -175,33 +179,42 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected) {
                   "replicas: above 1, a serving loop through the Coordinator compares routings "
                   "(run it under mpirun with dp x tp ranks to execute every plan)")
       ->check(CLI::Range(1u, 1024u))
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--tp", sim.config.topology.tp, "shards per replica (with --dp)")
       ->check(CLI::Range(1u, 64u))
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--routing", opts->routings,
                   "routings to compare: independent, global-routing, global-migration (a list)")
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--host-capacity-tokens", sim.host_capacity_tokens,
                   "host (swap) tier tokens of all replicas together")
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--step-ms", sim.step_ms, "trace milliseconds per serving step (one decoded token)")
       ->check(CLI::PositiveNumber)
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--time-scale", sim.time_scale, "arrivals this many times faster than recorded")
       ->check(CLI::PositiveNumber)
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--max-output-tokens", sim.max_output_tokens, "cap each request's output (0 = as traced)")
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--compression", opts->compressions,
                   "token compression of every request: none, or KIND[:KEY=VALUE,...] with KIND "
                   "streaming, h2o or snapkv and KEY tokens, ratio, interval, sink, recent, window "
                   "(e.g. h2o:ratio=0.25,interval=16); given twice or ';'-separated, one replay each")
       ->delimiter(';')
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--config", opts->cluster.config_path,
                   "YAML config for the model shape and KV dtype (default: a 2-layer model, 1 KiB/token)")
-      ->group(across);
+      ->group(across)
+      ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->callback([&selected, opts] {
     selected = [opts](nlohmann::json& results) { return run_replay(*opts, results); };
   });

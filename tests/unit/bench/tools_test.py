@@ -172,6 +172,14 @@ def check_refusals(bench, workdir):
             fail(f"{' '.join(args)}: exit {refused.returncode}, stderr {refused.stderr!r}; "
                  f"expected a refusal saying {says!r}")
         print(f"{args[0]}: refused ({says})")
+    # Regression: with --dp 1 the single-process replay ran and ignored the options of the
+    # replay across replicas (under mpirun, once per rank).
+    across = run([bench, "--quiet", "replay", "--dp", "1", "--routing", "global-migration",
+                  "--max-requests", "50"], timeout=120)
+    if across.returncode != 0 or "global-migration" not in across.stdout:
+        fail(f"replay --dp 1 --routing global-migration: exit {across.returncode}, stdout "
+             f"{across.stdout!r}: expected the replay across replicas")
+    print("replay --dp 1 with --routing: the replay across replicas")
 
 
 def main():
