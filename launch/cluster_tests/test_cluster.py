@@ -159,6 +159,12 @@ def test_writes_the_slurm_script_without_submitting(cluster, config, tmp_path):
         "command.txt", "config.yaml", "environment.sh", "job.sbatch", "ranks"]
     assert (run_dir / "command.txt").read_text().startswith("srun --mpi=pmix ")
     assert "  tp: 2\n" in (run_dir / "config.yaml").read_text()
+    # A run folder that cannot be written is an error (exit 2), not a Python traceback.
+    (tmp_path / "a-file").write_text("")
+    result = cluster("--slurm", "--nodes", "1", "--gpus-per-node", "4", "--config", str(config),
+                     "--name", "job", "--runs-dir", str(tmp_path / "a-file"), "--", "serve")
+    assert result.returncode == 2, result.stderr
+    assert "cannot write the run folder" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="Open MPI's root check applies to root only")
@@ -215,7 +221,20 @@ def test_slot_counts_that_are_not_plain_digits_are_an_error_not_a_crash(cluster,
 def test_a_host_name_with_whitespace_is_refused(cluster, config):
     result = cluster("--hosts", "a b:2,c:2", "--config", str(config), "--dry-run", "--", "serve")
     assert result.returncode == 2
-    assert "--hosts: host name 'a b' has whitespace in it" in result.stderr
+    assert "--hosts: host name 'a b' has whitespace or a comma in it" in result.stderr
+
+
+def test_hostfiles_mpirun_would_misread_are_refused_by_name(cluster, config, tmp_path):
+    # A comma made `--host a,b:2` (two hosts, other slots than planned); a byte that is no UTF-8,
+    # even in a comment, ended in a Python traceback.
+    for name, text, says in (("comma", b"a,b slots=4\n", "has whitespace or a comma in it"),
+                             ("latin1", b"# caf\xe9\na slots=2\n", "is not UTF-8 text")):
+        hostfile = tmp_path / name
+        hostfile.write_bytes(text)
+        result = cluster("--hostfile", str(hostfile), "--config", str(config), "--dry-run", "--",
+                         "serve")
+        assert result.returncode == 2, result.stderr
+        assert says in result.stderr and "Traceback" not in result.stderr
 
 
 def test_run_folders_mpirun_or_slurm_would_misread_are_refused(cluster, config, tmp_path):
@@ -256,4 +275,9 @@ def test_two_names_of_this_machine_are_refused(cluster, config, tmp_path):
                      "--dry-run", "--", "serve")
     assert result.returncode == 2
     assert f"hosts localhost, {socket.gethostname()} all name this machine" in result.stderr
+    # Host names are case-insensitive.
+    result = cluster("--hosts", "LOCALHOST:1,localhost:1", "--config", str(config), "--dry-run",
+                     "--", "serve")
+    assert result.returncode == 2
+    assert "hosts LOCALHOST, localhost all name this machine" in result.stderr
 
