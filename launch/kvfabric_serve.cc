@@ -17,14 +17,14 @@
 #include <unistd.h>
 #include <CLI/CLI.hpp>
 
-#include <exception>
-
 #include <pthread.h>
 #include <signal.h>
 
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -180,7 +180,24 @@ void announce(const MpiJob& job, const Config& config) {
 }
 
 // --dry-run: the effective config and what each rank got, then nothing is served.
+// What serving would read before it listens: the tenants file and the TLS files, so that a
+// dry run refuses what a real one would.
+Status check_server_files(const ServerConfig& server) {
+  if (!server.tenants_file.empty()) {
+    const Result<TenantDirectory> tenants = TenantDirectory::load(server.tenants_file);
+    if (!tenants.ok()) return tenants.status();
+  }
+  for (const auto& [key, path] : {std::pair{"server.tls_cert_file", &server.tls_cert_file},
+                                  std::pair{"server.tls_key_file", &server.tls_key_file}}) {
+    if (!path->empty() && !std::ifstream(*path)) {
+      return Status(ErrorCode::kIoError, std::string(key) + ": cannot read '" + *path + "'");
+    }
+  }
+  return ok_status();
+}
+
 Status dry_run(const Config& config, MpiJob* job) {
+  KVF_RETURN_IF_ERROR(check_server_files(config.server));
   std::vector<std::string> placements;
   if (job) {
     KVF_ASSIGN_OR_RETURN(placements, job->gather_placements());

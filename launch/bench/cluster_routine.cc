@@ -185,7 +185,7 @@ Status run_cluster_command(const ClusterCommand& command, const std::vector<Moon
     if (ranks) ranks->set_forward_pass(synthetic_forward_pass);
     if (!root) {
       KVF_RETURN_IF_ERROR(ranks->serve());
-      KVF_RETURN_IF_ERROR(ranks->received_blocks().status());
+      KVF_RETURN_IF_ERROR(ranks->received_blocks());
       continue;
     }
     PlanExecutor execute;

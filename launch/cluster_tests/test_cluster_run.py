@@ -68,6 +68,22 @@ def test_serve_dry_run_names_every_ranks_placement_and_serves_nothing(cluster, c
     assert "control plane on" not in out
 
 
+def test_serve_dry_run_refuses_what_serving_would(tmp_path):
+    # Regression: a dry run exited 0 with a tenants or TLS file that serving cannot read.
+    base = (REPO / "configs" / "tiny-cpu-dp2.yaml").read_text()
+    for extra, says in (("  tenants_file: /nonexistent/tenants.yaml\n",
+                         "cannot open tenants file '/nonexistent/tenants.yaml'"),
+                        ("  tls_cert_file: /nonexistent/cert.pem\n  tls_key_file: /nonexistent/key.pem\n",
+                         "server.tls_cert_file: cannot read '/nonexistent/cert.pem'")):
+        config = tmp_path / "bad.yaml"
+        config.write_text(base.replace("server:\n", "server:\n" + extra, 1))
+        assert "server:\n" + extra in config.read_text()
+        result = subprocess.run([str(BIN_DIR / "kvfabric-serve"), "--config", str(config),
+                                 "--dry-run"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert says in result.stderr and "nothing served" not in result.stdout
+
+
 MPIRUN = ["mpirun", "--oversubscribe"]
 
 

@@ -1,5 +1,7 @@
 #include "kvfabric/config/config.h"
 
+#include <arpa/inet.h>
+
 #include <algorithm>
 #include <cctype>
 #include <charconv>
@@ -211,6 +213,13 @@ Status validate(const Config& config) {
                         ">= " + std::to_string(kMinReplyBytes));
   }
   if (srv.max_connections == 0) return out_of_range("server.max_connections", 0, ">= 1");
+  // An IP literal (the server binds it as given): checked here, so that --dry-run and every
+  // tool refuse what serving would, before anything starts.
+  in6_addr parsed{};
+  if (inet_pton(AF_INET, srv.address.c_str(), &parsed) != 1 &&
+      inet_pton(AF_INET6, srv.address.c_str(), &parsed) != 1) {
+    return invalid_argument("server.address: '" + srv.address + "' is not an IP address");
+  }
   if (srv.event_queue_batches == 0) return out_of_range("server.event_queue_batches", 0, ">= 1");
   if (srv.tls_cert_file.empty() != srv.tls_key_file.empty()) {
     return invalid_argument(

@@ -44,7 +44,7 @@ Result<std::unique_ptr<MpiJob>> MpiJob::launch(const Config& config) {
                                          world, job->mpi_.world_size()))
           : job->place_this_rank(config.runtime);
   KVF_RETURN_IF_ERROR(job->agree_on_placement(mine));
-  KVF_RETURN_IF_ERROR(job->agree("start their transport", job->make_transport(), 0).status());
+  KVF_RETURN_IF_ERROR(job->agree("start their transport", job->make_transport(), 0));
   return job;
 }
 

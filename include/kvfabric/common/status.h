@@ -130,6 +130,8 @@ const Status& as_status(const Result<T>& r) {
 #define KVF_CONCAT(a, b) KVF_CONCAT_INNER(a, b)
 
 //! Returns the Status of `expr` (a Status or Result) from the enclosing function if it is an error.
+//! `expr` is a Status or a Result, not a reference into a temporary: pass `make_x()`, never
+//! `make_x().status()` (the temporary Result dies before the Status is read).
 #define KVF_RETURN_IF_ERROR(expr)                                               \
   do {                                                                          \
     const auto& KVF_CONCAT(kvf_status_, __LINE__) = (expr);                     \

@@ -292,6 +292,11 @@ server: {address: 0.0.0.0, port: 7100, metrics_port: 9464, max_request_bytes: 65
   EXPECT_NE(too_big.status().message().find("server.port: 70000 is larger than 65535"),
             std::string::npos)
       << too_big.status();
+  // Regression: only serving checked the address, so a dry run passed what a real one refused.
+  const auto bogus = parse_config(std::string(kTiny) + "server: {address: bogus}\n");
+  EXPECT_THAT(bogus.status().message(),
+              ::testing::HasSubstr("server.address: 'bogus' is not an IP address"));
+  EXPECT_TRUE(parse_config(std::string(kTiny) + "server: {address: '::1'}\n").ok());
   const auto same = parse_config(std::string(kTiny) + "server: {port: 9000, metrics_port: 9000}\n");
   EXPECT_NE(same.status().message().find("server.metrics_port (9000) must differ from server.port"),
             std::string::npos)
