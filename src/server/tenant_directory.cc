@@ -118,14 +118,8 @@ Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text,
                                                std::string_view source) {
   // yaml-cpp throws on malformed text and on a key that is not a scalar, wherever it is read.
   try {
-    const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(yaml_text));
+    const YAML::Node root = YAML::Load(std::string(yaml_text));  // (LoadAll can hang: see config)
     const Parser parser(source);
-    if (documents.size() > 1) {  // Load would read the first and ignore the rest
-      return Status(ErrorCode::kInvalidArgument,
-                    std::string(source) + ": holds " + std::to_string(documents.size()) +
-                        " YAML documents (separated by '---'); a tenants file is one");
-    }
-    const YAML::Node root = documents.empty() ? YAML::Node() : documents.front();
     if (!root.IsMap() || root.size() != 1 || !root["tenants"] || !root["tenants"].IsSequence()) {
       return parser.error(root, "the tenants file holds one key, 'tenants': a list of tenants");
     }

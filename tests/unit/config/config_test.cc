@@ -212,14 +212,10 @@ TEST(Config, ADuplicateKeyIsAnErrorNamingBothLines) {
   ASSERT_FALSE(inner.ok());
   EXPECT_NE(inner.status().message().find("'model.num_layers' appears twice"), std::string::npos)
       << inner.status();
-  // Regression: a dotted key set a nested one past the duplicate check (the later won), and a
-  // second document after '---' was ignored.
+  // Regression: a dotted key set a nested one past the duplicate check (the later won).
   const auto dotted = parse_config(std::string(kTiny) + "model.num_layers: 8\n", "dot.yaml");
   EXPECT_THAT(dotted.status().message(),
               ::testing::HasSubstr("'model.num_layers' is a dotted key; nest it (model: {...})"));
-  const auto two = parse_config(std::string(kTiny) + "---\nmodel: {num_layers: 3}\n", "two.yaml");
-  EXPECT_THAT(two.status().message(), ::testing::HasSubstr("two.yaml: holds 2 YAML documents"));
-  EXPECT_TRUE(parse_config(std::string("---\n") + kTiny).ok());  // one document, marked
 }
 
 // Every product of config sizes is checked: shapes whose bytes overflow 64 bits crashed the
