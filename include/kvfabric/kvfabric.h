@@ -19,6 +19,7 @@
 #include "kvfabric/common/ids.h"
 #include "kvfabric/common/logging.h"
 #include "kvfabric/common/status.h"
+#include "kvfabric/common/text_file.h"
 #include "kvfabric/common/version.h"
 #include "kvfabric/config/config.h"
 #include "kvfabric/coordinator/coordinator.h"

@@ -30,7 +30,7 @@ Status run_alloc(const AllocCommandOptions& opts, nlohmann::json& results) {
   std::string_view text = embedded_azure_code_trace();
   std::string trace_name = "AzureLLMInferenceTrace_code.csv (embedded)";
   if (!opts.trace_path.empty()) {
-    KVF_ASSIGN_OR_RETURN(text_storage, read_text_file(opts.trace_path));
+    KVF_ASSIGN_OR_RETURN(text_storage, read_text_file(opts.trace_path, "trace file", kAnyTraceSize));
     text = text_storage;
     trace_name = opts.trace_path;
   }

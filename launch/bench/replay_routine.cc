@@ -60,7 +60,7 @@ Status run_replay(const ReplayCommandOptions& opts, nlohmann::json& results) {
   std::string_view text = embedded_mooncake_conversation_trace();
   std::string trace_name = "conversation_trace.jsonl (embedded)";
   if (!opts.trace_path.empty()) {
-    KVF_ASSIGN_OR_RETURN(text_storage, read_text_file(opts.trace_path));
+    KVF_ASSIGN_OR_RETURN(text_storage, read_text_file(opts.trace_path, "trace file", kAnyTraceSize));
     text = text_storage;
     trace_name = opts.trace_path;
   }

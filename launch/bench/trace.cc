@@ -6,8 +6,6 @@
 
 #include <charconv>
 #include <ctime>
-#include <fstream>
-#include <sstream>
 
 namespace kvfabric::bench {
 namespace {
@@ -178,14 +176,6 @@ Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl
     return Status(ErrorCode::kParseError, std::string(source) + ": the trace has no requests");
   }
   return requests;
-}
-
-Result<std::string> read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Status(ErrorCode::kIoError, "cannot open '" + path + "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
 }
 
 }  // namespace kvfabric::bench

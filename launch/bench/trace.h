@@ -2,6 +2,7 @@
 // the kvfabric-bench binary so the demo needs no data path.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -9,8 +10,12 @@
 #include <vector>
 
 #include "kvfabric/common/status.h"
+#include "kvfabric/common/text_file.h"
 
 namespace kvfabric::bench {
+
+//! A trace file is read whole (read_text_file) whatever its size: a scale study's can be large.
+inline constexpr size_t kAnyTraceSize = SIZE_MAX;
 
 //! One request of an arrival trace.
 struct TraceRequest {
@@ -50,8 +55,5 @@ Result<std::vector<TraceRequest>> parse_azure_trace(std::string_view csv, std::s
 std::string_view embedded_azure_code_trace();
 //! The Mooncake FAST'25 conversation trace (12,031 requests, JSON lines).
 std::string_view embedded_mooncake_conversation_trace();
-
-//! Reads a whole file; IoError names the path.
-Result<std::string> read_text_file(const std::string& path);
 
 }  // namespace kvfabric::bench

@@ -1,9 +1,9 @@
-#include "common/text_file.h"
+#include "kvfabric/common/text_file.h"
 
 #include <filesystem>
 #include <fstream>
 
-namespace kvfabric::detail {
+namespace kvfabric {
 
 Result<std::string> read_text_file(const std::string& path, std::string_view what,
                                    size_t max_bytes) {
@@ -27,4 +27,4 @@ Result<std::string> read_text_file(const std::string& path, std::string_view wha
   return text;
 }
 
-}  // namespace kvfabric::detail
+}  // namespace kvfabric

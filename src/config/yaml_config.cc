@@ -7,7 +7,7 @@
 #include <string>
 
 #include "common/checked_math.h"
-#include "common/text_file.h"
+#include "kvfabric/common/text_file.h"
 #include "config/config_fields.h"
 #include "kvfabric/config/config.h"
 
@@ -130,7 +130,7 @@ Result<Config> parse_config(std::string_view yaml_text, std::string_view source)
 }
 
 Result<Config> load_config_file(const std::string& path) {
-  KVF_ASSIGN_OR_RETURN(const std::string text, detail::read_text_file(path, "config file"));
+  KVF_ASSIGN_OR_RETURN(const std::string text, read_text_file(path, "config file"));
   return parse_config(text, path);
 }
 

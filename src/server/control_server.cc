@@ -327,23 +327,18 @@ class ControlServer::Impl::Session {
   // (or hang up and reconnect) cannot lock out clients that log in. Without one, false (and
   // counted as refused).
   bool within_limit(const std::shared_ptr<Session>& self) {
-    auto& unproven = listener_.unproven;
-    if (++open_ <= server_.options.max_connections) {
-      drop_settled(unproven);
-      unproven.push_back(self);
-      return true;
-    }
-    while (!unproven.empty()) {
-      const std::shared_ptr<Session> oldest = unproven.front().lock();
-      unproven.pop_front();
-      if (oldest == nullptr || oldest->settled()) continue;
+    const std::shared_ptr<Session> oldest = oldest_unsettled();
+    if (++open_ > server_.options.max_connections) {
+      if (oldest == nullptr) {
+        ++server_.refused_connections;
+        return false;
+      }
+      listener_.unproven.pop_front();
       ++server_.displaced_connections;
       oldest->displace();
-      unproven.push_back(self);
-      return true;
     }
-    ++server_.refused_connections;
-    return false;
+    listener_.unproven.push_back(self);
+    return true;
   }
   void mark_proven() { proven_ = true; }
   // Ends the connection: pending handlers finish with errors, and the session then goes (the
@@ -363,17 +358,25 @@ class ControlServer::Impl::Session {
   std::string reply_;
 
  private:
-  // Entries of sessions gone or proven, from the front, and all of them once they outnumber the
-  // places: the list stays about as long as the connections that may be displaced.
-  void drop_settled(std::deque<std::weak_ptr<Session>>& unproven) const {
+  // The front of the listener's list once the entries of sessions gone or settled are dropped
+  // (from the front, and all of them once they outnumber the places, so that the list stays
+  // about as long as the connections that may be displaced); nullptr when none is left.
+  std::shared_ptr<Session> oldest_unsettled() {
+    auto& unproven = listener_.unproven;
     const auto settled = [](const std::weak_ptr<Session>& w) {
       const auto s = w.lock();
       return s == nullptr || s->settled();
     };
-    while (!unproven.empty() && settled(unproven.front())) unproven.pop_front();
     if (unproven.size() > 2 * size_t{server_.options.max_connections}) {
       std::erase_if(unproven, settled);
     }
+    while (!unproven.empty()) {
+      if (auto oldest = unproven.front().lock(); oldest != nullptr && !oldest->settled()) {
+        return oldest;
+      }
+      unproven.pop_front();
+    }
+    return nullptr;
   }
 
   std::atomic<bool> proven_{false};

@@ -7,7 +7,7 @@
 #include <set>
 #include <sstream>
 
-#include "common/text_file.h"
+#include "kvfabric/common/text_file.h"
 
 namespace kvfabric {
 namespace {
@@ -147,7 +147,7 @@ Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text,
 }
 
 Result<TenantDirectory> TenantDirectory::load(const std::string& path) {
-  KVF_ASSIGN_OR_RETURN(const std::string text, detail::read_text_file(path, "tenants file"));
+  KVF_ASSIGN_OR_RETURN(const std::string text, read_text_file(path, "tenants file"));
   return parse(text, path);
 }
 
