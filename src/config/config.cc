@@ -147,6 +147,11 @@ Status validate(const Config& config) {
         std::to_string(c.num_blocks) + ", memory_budget=" + std::to_string(c.memory_budget_bytes) +
         ")");
   }
+  if (c.quant_group_size != 0 && !is_integer_quantized(c.kv_dtype)) {
+    return invalid_argument("cache.quant_group_size (" + std::to_string(c.quant_group_size) +
+                            ") applies to the integer kv_dtypes int8, int4 and int2 only (got " +
+                            std::string(dtype_name(c.kv_dtype)) + "); leave it out or set 0");
+  }
   if (c.num_blocks > kMaxBlocksPerPool) {
     return out_of_range("cache.num_blocks", c.num_blocks, "<= 4294967295");
   }
@@ -227,6 +232,10 @@ Status validate(const Config& config) {
         (srv.tls_cert_file.empty() ? "the certificate" : "the key") + " is missing)");
   }
 
+  if (const std::string conflict = quota_conflict(config.tenants); !conflict.empty()) {
+    return invalid_argument("tenants." + conflict);
+  }
+
   const RuntimeConfig& rt = config.runtime;
   if (rt.transport == TransportKind::kNccl && rt.backend == BackendKind::kCpu) {
     return invalid_argument(
@@ -258,6 +267,12 @@ Status validate(const Config& config) {
     }
   }
   return ok_status();
+}
+
+std::string quota_conflict(const TenantQuota& quota) {
+  if (quota.max_blocks == 0 || quota.max_host_blocks <= quota.max_blocks) return {};
+  return "max_host_blocks (" + std::to_string(quota.max_host_blocks) + ") exceeds max_blocks (" +
+         std::to_string(quota.max_blocks) + "), which counts host blocks too";
 }
 
 Result<uint64_t> parse_byte_size(std::string_view text) {
@@ -298,6 +313,9 @@ Result<uint64_t> parse_byte_size(std::string_view text) {
     if (name == unit) {
       const double bytes = std::floor(value * factor);
       if (bytes > 1.8e19) return invalid_argument("'" + std::string(text) + "' is too large");
+      if (bytes == 0 && value > 0) {
+        return invalid_argument("'" + std::string(text) + "' is less than one byte");
+      }
       return static_cast<uint64_t>(bytes);
     }
   }

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/checked_math.h"
+#include "common/yaml_documents.h"
 #include "kvfabric/common/text_file.h"
 #include "config/config_fields.h"
 #include "kvfabric/config/config.h"
@@ -101,10 +102,9 @@ void set_path(YAML::Node node, std::string_view key, const std::string& value) {
 }  // namespace
 
 Result<Config> parse_config(std::string_view yaml_text, std::string_view source) {
+  KVF_RETURN_IF_ERROR(detail::check_single_yaml_document(yaml_text, source));
   YAML::Node root;
   try {
-    // The first document: yaml-cpp's LoadAll, which would find any after a '---', never
-    // returns on some inputs (the config fuzzer found one).
     root = YAML::Load(std::string(yaml_text));
   } catch (const YAML::Exception& e) {
     return Status(ErrorCode::kParseError,

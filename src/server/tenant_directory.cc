@@ -4,9 +4,10 @@
 #include <openssl/evp.h>
 #include <yaml-cpp/yaml.h>
 
+#include <charconv>
 #include <set>
-#include <sstream>
 
+#include "common/yaml_documents.h"
 #include "kvfabric/common/text_file.h"
 
 namespace kvfabric {
@@ -54,8 +55,8 @@ class Parser {
     if (!value.IsScalar()) return error(value, key + " must be an unsigned integer");
     const std::string text = value.Scalar();
     uint64_t v = 0;
-    std::istringstream in(text);
-    if (text.empty() || text[0] == '-' || !(in >> v) || !in.eof() || v > max) {
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    if (ec != std::errc() || end != text.data() + text.size() || v > max) {  // digits only
       return error(value, key + " must be an unsigned integer <= " + std::to_string(max) +
                               " (got '" + text + "')");
     }
@@ -104,6 +105,9 @@ class Parser {
                              std::to_string(kMinTokenChars) + ".." +
                              std::to_string(kMaxTokenChars) + " printable characters");
     }
+    if (const std::string conflict = quota_conflict(quota); !conflict.empty()) {
+      return error(node, "tenant '" + e.name + "': " + conflict);
+    }
     if (has_quota) e.quota = quota;
     return e;
   }
@@ -117,8 +121,9 @@ class Parser {
 Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text,
                                                std::string_view source) {
   // yaml-cpp throws on malformed text and on a key that is not a scalar, wherever it is read.
+  KVF_RETURN_IF_ERROR(detail::check_single_yaml_document(yaml_text, source));
   try {
-    const YAML::Node root = YAML::Load(std::string(yaml_text));  // (LoadAll can hang: see config)
+    const YAML::Node root = YAML::Load(std::string(yaml_text));
     const Parser parser(source);
     if (!root.IsMap() || root.size() != 1 || !root["tenants"] || !root["tenants"].IsSequence()) {
       return parser.error(root, "the tenants file holds one key, 'tenants': a list of tenants");

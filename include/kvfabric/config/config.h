@@ -179,6 +179,9 @@ Result<uint64_t> resolved_num_blocks(const Config& config);
 
 //! \brief Checks every field range and the cross-field rules; the message names the key.
 Status validate(const Config& config);
+//! What contradicts itself in a quota ("max_host_blocks (8) exceeds max_blocks (4), ..."), or
+//! "" when nothing does. The config's defaults and a tenants file's entries are checked with it.
+std::string quota_conflict(const TenantQuota& quota);
 
 //! \brief Parses YAML text. Unknown keys, non-scalar values and malformed numbers are errors that
 //! name the key and line. `source` names the text in messages (usually the file path).
@@ -209,7 +212,8 @@ std::vector<std::string> config_keys();
 //! The environment variable that overrides `key`, e.g. "KVF_CACHE_BLOCK_SIZE".
 std::string env_var_for_key(std::string_view key);
 
-//! Parses "17179869184", "16GiB", "512 MiB", "1.5GB" into bytes.
+//! Parses "17179869184", "16GiB", "512 MiB", "1.5GB" into bytes (fractions of a byte dropped;
+//! a size that is not 0 but under one byte is an error).
 Result<uint64_t> parse_byte_size(std::string_view text);
 
 }  // namespace kvfabric

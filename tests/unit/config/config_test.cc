@@ -336,6 +336,51 @@ tenants: {max_blocks: 4096, max_host_blocks: 512, max_sequences: 64}
   Config config = *defaults;
   ASSERT_TRUE(apply_env_overrides(config, Environment({{"KVF_TENANTS_MAX_SEQUENCES", "8"}})).ok());
   EXPECT_EQ(config.tenants.max_sequences, 8u);
+  // Host blocks count toward max_blocks, so a larger host limit contradicts it.
+  const auto host_over_all =
+      parse_config(std::string(kTiny) + "tenants: {max_blocks: 4, max_host_blocks: 8}\n");
+  EXPECT_THAT(host_over_all.status().message(),
+              ::testing::HasSubstr("tenants.max_host_blocks (8) exceeds max_blocks (4)"));
+  EXPECT_TRUE(parse_config(std::string(kTiny) + "tenants: {max_host_blocks: 8}\n").ok());
+}
+
+// yaml-cpp reads a file's first document; a second one after '---' would be dropped unseen.
+TEST(Config, ASecondYamlDocumentIsRefusedNamingItsLine) {
+  const auto second = parse_config(std::string(kTiny) + "---\ncache: {num_blocks: 8}\n", "two.yaml");
+  EXPECT_EQ(second.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_THAT(second.status().message(),
+              ::testing::HasSubstr("two.yaml:5: a second YAML document starts here"));
+  const auto after_end = parse_config(std::string(kTiny) + "...\ncache: {num_blocks: 8}\n", "end.yaml");
+  EXPECT_THAT(after_end.status().message(), ::testing::HasSubstr("end.yaml:6: a second YAML"));
+  EXPECT_FALSE(parse_config("---\n---\n" + std::string(kTiny)).ok());
+  EXPECT_THAT(parse_config(std::string(kTiny) + "... {cache: {num_blocks: 8}}\n", "same.yaml")
+                  .status()
+                  .message(),
+              ::testing::HasSubstr("same.yaml:5: a second YAML"));
+  EXPECT_TRUE(parse_config("\xEF\xBB\xBF# a BOM first\n---\n" + std::string(kTiny)).ok());
+  // One document, marked or not, with comments and markers' look-alikes inside content.
+  EXPECT_TRUE(parse_config("%YAML 1.2\n--- # the tiny model\n" + std::string(kTiny) + "...\n# end\n").ok());
+  EXPECT_TRUE(parse_config(std::string(kTiny) + "server: {tenants_file: ---x}\n").ok());
+  EXPECT_TRUE(parse_config("--- {model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, "
+                           "head_dim: 64}, cache: {num_blocks: 8}}\n").ok());
+  const auto indented = parse_config(
+      "model:\n  name: |\n    ---\n    a\n  num_layers: 2\n  num_query_heads: 4\n"
+      "  num_kv_heads: 2\n  head_dim: 64\ncache: {num_blocks: 8}\n");
+  ASSERT_TRUE(indented.ok()) << indented.status();
+  EXPECT_EQ(indented->model.name, "---\na\n");
+}
+
+TEST(Config, QuantGroupSizeOnlyForIntegerFormats) {
+  const auto floats = parse_config(
+      "model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64}\n"
+      "cache: {num_blocks: 8, kv_dtype: fp8_e4m3, quant_group_size: 32}\n");
+  EXPECT_THAT(floats.status().message(),
+              ::testing::HasSubstr("cache.quant_group_size (32) applies to the integer kv_dtypes "
+                                   "int8, int4 and int2 only (got fp8_e4m3)"));
+  EXPECT_TRUE(parse_config("model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, "
+                           "head_dim: 64}\ncache: {num_blocks: 8, kv_dtype: int4, "
+                           "quant_group_size: 32}\n")
+                  .ok());
 }
 
 TEST(Config, LimitsAndDeadlines) {
@@ -443,6 +488,14 @@ TEST(Config, ByteSizes) {
   EXPECT_FALSE(parse_byte_size("12 parsecs").ok());
   EXPECT_FALSE(parse_byte_size("GiB").ok());
   EXPECT_FALSE(parse_byte_size("-5").ok());
+  EXPECT_EQ(parse_byte_size("0").value(), 0u);
+  // Under one byte floored to 0, which also means "no budget" and slipped past "set exactly one".
+  EXPECT_THAT(parse_byte_size("0.5").status().message(),
+              ::testing::HasSubstr("'0.5' is less than one byte"));
+  const auto half_byte = parse_config(
+      "model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64}\n"
+      "cache: {num_blocks: 8, memory_budget: 0.5}\n");
+  EXPECT_THAT(half_byte.status().message(), ::testing::HasSubstr("cache.memory_budget"));
 }
 
 }  // namespace

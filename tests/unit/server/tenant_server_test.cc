@@ -67,6 +67,14 @@ TEST(TenantDirectoryTest, RefusesBadFilesNamingTheProblem) {
        "reuses a token"},
       {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    admin: yes\n", "true or false"},
       {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    max_blocks: -1\n", "max_blocks"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    max_blocks: +5\n", "max_blocks"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    max_sequences: ' 5'\n",
+       "max_sequences"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n    max_blocks: 4\n"
+       "    max_host_blocks: 8\n",
+       "tenant 'a': max_host_blocks (8) exceeds max_blocks (4)"},
+      {"tenants:\n  - name: a\n    token: 0123456789abcdef\n---\ntenants:\n  - name: b\n",
+       "tenants.yaml:4: a second YAML document"},
       {"tenants: [", "tenants.yaml"},
       {"tenants:\n  - {[a]: 1}\n", "tenants.yaml"},
   };
