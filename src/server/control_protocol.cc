@@ -321,7 +321,9 @@ json own_stats_reply(const Coordinator& coordinator, const std::string& tenant) 
   return own;
 }
 
-json stats_reply(const Coordinator& coordinator) {
+// `tenants_file`: whether connections log in as named tenants, so that none can be the default
+// tenant "": it is then listed only when something else (an embedding program) used it.
+json stats_reply(const Coordinator& coordinator, bool tenants_file) {
   const CoordinatorStats& s = coordinator.stats();
   json replicas = json::array();
   for (uint32_t r = 0; r < coordinator.num_replicas(); ++r) {
@@ -337,7 +339,9 @@ json stats_reply(const Coordinator& coordinator) {
   }
   json tenants = json::object();
   for (const std::string& name : coordinator.tenants()) {
-    tenants[name] = tenant_reply(coordinator.tenant_stats(name));
+    const TenantStats used = coordinator.tenant_stats(name);
+    if (tenants_file && name.empty() && used.admitted == 0 && used.refused == 0) continue;
+    tenants[name] = tenant_reply(used);
   }
   return {{"admitted", s.admitted},
           {"tenants", std::move(tenants)},
@@ -519,7 +523,10 @@ Status ControlProtocol::failure() const {
 namespace {
 // Who a connection is when nobody needs to authenticate: the admin of the default tenant.
 ControlIdentity default_admin() {
-  return ControlIdentity{"", /*admin=*/true, /*authenticated=*/true, /*refused=*/false, nullptr};
+  ControlIdentity identity;
+  identity.admin = true;
+  identity.authenticated = true;
+  return identity;
 }
 }  // namespace
 
@@ -830,7 +837,8 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
     }
     case ControlOp::kStats:
       KVF_RETURN_IF_ERROR(fields.only({}));
-      return who.admin ? stats_reply(coordinator) : own_stats_reply(coordinator, who.tenant);
+      return who.admin ? stats_reply(coordinator, protocol.options_.tenants != nullptr)
+                       : own_stats_reply(coordinator, who.tenant);
     case ControlOp::kShutdown:
       KVF_RETURN_IF_ERROR(fields.only({}));
       KVF_RETURN_IF_ERROR(check_admin(who, op));

@@ -233,6 +233,8 @@ TEST_F(TenantProtocolTest, StepShutdownAndClusterStatsAreAnAdminsOnly) {
   EXPECT_FALSE(mine.contains("tenants"));
   const json all = call(ops_, {{"op", "stats"}});
   EXPECT_EQ(all["tenants"]["bob"]["admitted"], 1);
+  // No connection can be the default tenant "" when a tenants file names everyone.
+  EXPECT_FALSE(all["tenants"].contains("")) << all["tenants"];
   EXPECT_EQ(all["replicas"].size(), 2u);
   EXPECT_EQ(call(ops_, {{"op", "shutdown"}})["ok"], true);
 }
