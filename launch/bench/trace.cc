@@ -1,11 +1,12 @@
 #include "bench/trace.h"
 
-#include <algorithm>
-
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <array>
 #include <charconv>
 #include <ctime>
+#include <string>
 
 namespace kvfabric::bench {
 namespace {
@@ -13,6 +14,12 @@ namespace {
 bool parse_uint(std::string_view text, uint64_t& out) {
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), out);
   return ec == std::errc() && end == text.data() + text.size() && !text.empty();
+}
+
+uint64_t days_in_month(uint64_t year, uint64_t month) {
+  static constexpr uint64_t kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  const bool leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+  return month == 2 && leap ? 29 : kDays[month - 1];
 }
 
 // "YYYY-MM-DD HH:MM:SS[.fraction]" -> seconds since the epoch.
@@ -38,7 +45,8 @@ bool parse_timestamp(std::string_view text, double& seconds) {
       scale *= 10;
     fraction = static_cast<double>(digits) / scale;
   }
-  if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60) {
+  if (month < 1 || month > 12 || day < 1 || day > days_in_month(year, month) || hour > 23 ||
+      minute > 59 || second > 60) {
     return false;
   }
   std::tm fields{};
@@ -123,6 +131,9 @@ std::vector<MooncakeRequest> scale_out_trace(const std::vector<MooncakeRequest>&
   return out;
 }
 
+constexpr std::array<std::string_view, 5> kMooncakeKeys = {"timestamp", "input_length",
+                                                            "output_length", "hash_ids", "priority"};
+
 Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl,
                                                           std::string_view source) {
   std::vector<MooncakeRequest> requests;
@@ -137,8 +148,28 @@ Result<std::vector<MooncakeRequest>> parse_mooncake_trace(std::string_view jsonl
       return Status(ErrorCode::kParseError,
                     std::string(source) + ":" + std::to_string(line_no) + ": " + what);
     };
-    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    // The object's own keys, as the parser meets them: nlohmann keeps the last of two equal ones.
+    std::vector<std::string> keys;
+    const auto collect_keys = [&keys](int depth, nlohmann::json::parse_event_t event,
+                                      nlohmann::json& parsed) {
+      if (event == nlohmann::json::parse_event_t::key && depth == 1) {
+        keys.push_back(parsed.get<std::string>());
+      }
+      return true;
+    };
+    const nlohmann::json j = nlohmann::json::parse(line, collect_keys, /*allow_exceptions=*/false);
     if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+    if (keys.size() != j.size()) {
+      std::sort(keys.begin(), keys.end());
+      const auto twice = std::adjacent_find(keys.begin(), keys.end());
+      return bad("key \"" + twice->substr(0, 64) + "\" appears twice");
+    }
+    for (const auto& [key, _] : j.items()) {
+      if (std::find(kMooncakeKeys.begin(), kMooncakeKeys.end(), key) == kMooncakeKeys.end()) {
+        return bad("unknown key \"" + key.substr(0, 64) +
+                   "\" (known: timestamp, input_length, output_length, hash_ids, priority)");
+      }
+    }
     MooncakeRequest r;
     const auto get_uint = [&](const char* key, uint64_t max, uint64_t& out) {
       const auto it = j.find(key);

@@ -26,6 +26,11 @@ TEST(AzureTrace, ErrorsNameTheLine) {
   EXPECT_FALSE(parse_azure_trace("a,b,c\n", "t.csv").ok());
   EXPECT_FALSE(parse_azure_trace(header + "2023-11-16 18:17,1,1\n", "t.csv").ok());
   EXPECT_FALSE(parse_azure_trace(header, "t.csv").ok());
+  // Days past the month's end; 29 February only in leap years.
+  for (const char* date : {"2023-02-31", "2023-04-31", "2023-02-29", "1900-02-29"})
+    EXPECT_FALSE(parse_azure_trace(header + date + " 10:00:00,1,1\n", "t.csv").ok()) << date;
+  for (const char* date : {"2024-02-29", "2000-02-29", "2023-12-31"})
+    EXPECT_TRUE(parse_azure_trace(header + date + " 10:00:00,1,1\n", "t.csv").ok()) << date;
   EXPECT_FALSE(
       parse_azure_trace(header + "2023-11-16 18:17:05,1,1\n2023-11-16 18:17:04,1,1\n", "t.csv")
           .ok());

@@ -56,6 +56,22 @@ TEST(MooncakeTrace, ErrorsNameTheLine) {
       "t.jsonl");
   ASSERT_TRUE(with_priority.ok());
   EXPECT_EQ(with_priority->front().priority, 2u);
+  // JSON would keep the last of two equal keys, and a misspelt key would be dropped unseen.
+  EXPECT_EQ(
+      parse_mooncake_trace(
+          R"({"timestamp": 1, "input_length": 3, "output_length": 1, "hash_ids": [7], "input_length": 9})",
+          "t.jsonl")
+          .status()
+          .message(),
+      "t.jsonl:1: key \"input_length\" appears twice");
+  EXPECT_EQ(
+      parse_mooncake_trace(
+          R"({"timestamp": 1, "input_length": 3, "output_length": 1, "hash_ids": [7], "prio": {"a": 1, "a": 2}})",
+          "t.jsonl")
+          .status()
+          .message(),
+      "t.jsonl:1: unknown key \"prio\" (known: timestamp, input_length, output_length, "
+      "hash_ids, priority)");
 }
 
 TEST(ReplaySim, ExpandsHashIdsIntoDistinctTokenBlocks) {
