@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   app.add_flag("--quiet", progress.quiet, "no progress on stderr");
   app.add_option("--progress-interval", progress.line_interval_s,
                  "seconds between progress lines when stderr is not a terminal")
+      ->check(bench::kFiniteNumber)
       ->check(CLI::NonNegativeNumber);
 
   bench::RoutineFn routine;
@@ -39,6 +40,12 @@ int main(int argc, char** argv) {
   if (const Status log = configure_logging_from_env(); !log.ok()) {
     fmt::print(stderr, "kvfabric-bench: {}\n", log.message());
     return 2;
+  }
+  if (!json_path.empty()) {
+    if (const Status writable = bench::check_json_writable(json_path); !writable.ok()) {
+      fmt::print(stderr, "kvfabric-bench: {}\n", writable.to_string());
+      return 1;
+    }
   }
   bench::set_progress_settings(progress);
   nlohmann::json results;

@@ -136,12 +136,15 @@ void add_alloc_routine(CLI::App& app, RoutineFn& selected) {
                   "tokens per block; a list runs one replay each")
       ->delimiter(',');
   cmd->add_option("--step-ms", opts->step_ms, "trace milliseconds per decode step")
+      ->check(kFiniteNumber)
       ->check(CLI::PositiveNumber);
   cmd->add_option("--time-scale", opts->time_scale, "replay the arrivals this many times faster")
+      ->check(kFiniteNumber)
       ->check(CLI::PositiveNumber);
   cmd->add_option("--strategy", opts->strategy,
                   "preemption victim: lru, lfu, longest_first, priority");
   cmd->add_option("--watermark", opts->watermark, "fraction of blocks kept free at admission")
+      ->check(kFiniteNumber)
       ->check(CLI::Range(0.0, 0.99));
   cmd->add_option("--max-requests", opts->max_requests, "replay only the first N requests");
   cmd->callback([&selected, opts] {

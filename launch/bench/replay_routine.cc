@@ -194,10 +194,12 @@ void add_replay_routine(CLI::App& app, RoutineFn& selected) {
       ->group(across)
       ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--step-ms", sim.step_ms, "trace milliseconds per serving step (one decoded token)")
+      ->check(kFiniteNumber)
       ->check(CLI::PositiveNumber)
       ->group(across)
       ->each([opts](const std::string&) { opts->across_given = true; });
   cmd->add_option("--time-scale", sim.time_scale, "arrivals this many times faster than recorded")
+      ->check(kFiniteNumber)
       ->check(CLI::PositiveNumber)
       ->group(across)
       ->each([opts](const std::string&) { opts->across_given = true; });

@@ -1,9 +1,13 @@
 #include "bench/report.h"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 
 namespace kvfabric::bench {
@@ -37,10 +41,30 @@ std::string Table::to_string() const {
   return out;
 }
 
+Status check_json_writable(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ignored;
+  const fs::file_status target = fs::status(path, ignored);  // through links: /dev/stdout is fine
+  const auto refuse = [&path](const std::string& why) {
+    return Status(ErrorCode::kIoError, "cannot write results to '" + path + "': " + why);
+  };
+  if (fs::is_directory(target)) return refuse("it is a directory");
+  if (fs::exists(target)) {
+    return access(path.c_str(), W_OK) == 0 ? ok_status() : refuse(std::strerror(errno));
+  }
+  const fs::path folder = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : ".";
+  if (access(folder.c_str(), W_OK) != 0) {
+    return refuse("its folder '" + folder.string() + "': " + std::strerror(errno));
+  }
+  return ok_status();
+}
+
 Status write_json(const std::string& path, const nlohmann::json& results) {
-  std::ofstream out(path);
+  const std::string text = results.dump(2) + "\n";  // before the file is opened (and emptied)
+  std::ofstream out(path, std::ios::binary);
   if (!out) return Status(ErrorCode::kIoError, "cannot write results to '" + path + "'");
-  out << results.dump(2) << "\n";
+  out << text;
+  out.close();
   if (!out) return Status(ErrorCode::kIoError, "failed writing results to '" + path + "'");
   return ok_status();
 }

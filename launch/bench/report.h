@@ -23,6 +23,10 @@ class Table {
   std::vector<std::vector<std::string>> rows_;
 };
 
+//! IoError naming `path` and why when results could not be written there (a directory, no write
+//! permission on it or its folder): checked before a run, so that a long replay does not end in
+//! an unwritable --json. Nothing is created or changed.
+Status check_json_writable(const std::string& path);
 //! Writes `results` to `path` (pretty-printed). IoError names the path.
 Status write_json(const std::string& path, const nlohmann::json& results);
 

@@ -6,13 +6,27 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <functional>
+#include <string>
 
 #include "kvfabric/common/status.h"
 
 namespace kvfabric::bench {
 
 using RoutineFn = std::function<Status(nlohmann::json& results)>;
+
+//! Refuses nan and inf, which CLI11's range checks let through (a comparison with nan is false);
+//! check it first: `->check(kFiniteNumber)->check(CLI::PositiveNumber)`.
+inline const CLI::Validator kFiniteNumber(
+    [](std::string& text) -> std::string {
+      double value = 0;
+      if (CLI::detail::lexical_cast(text, value) && !std::isfinite(value)) {
+        return "Value " + text + " is not a finite number";
+      }
+      return {};
+    },
+    "FINITE");
 
 //! `alloc`: replays the Azure code trace through the block manager (utilization, fragmentation,
 //! preemptions, operations per second).

@@ -163,7 +163,11 @@ def check_refusals(bench, workdir):
           "--layers", "1"], "at least 3 x moves"),
         (["attention", "--threads", "100000", "--iterations", "1"], "--threads"),
         (["alloc", "--max-requests", "50", "--time-scale", "1e-20"], "past 2^63 steps"),
-        (["replay", "--dp", "2", "--max-requests", "10", "--step-ms", "nan"], "finite and > 0"),
+        (["replay", "--dp", "2", "--max-requests", "10", "--step-ms", "nan"],
+         "--step-ms: Value nan is not a finite number"),
+        (["--progress-interval", "nan", "alloc", "--max-requests", "5"],
+         "--progress-interval: Value nan is not a finite number"),
+        (["alloc", "--max-requests", "5", "--watermark", "nan"], "--watermark: Value nan"),
         (["seed-ops", "--run", script], "announces 2305843009213693952 + 0 ops"),
     )
     for args, says in cases:
@@ -172,6 +176,15 @@ def check_refusals(bench, workdir):
             fail(f"{' '.join(args)}: exit {refused.returncode}, stderr {refused.stderr!r}; "
                  f"expected a refusal saying {says!r}")
         print(f"{args[0]}: refused ({says})")
+    # An unwritable --json is refused before the routine runs (it was found only at the end).
+    for target, says in ((os.path.join(workdir, "no-such-dir", "r.json"), "its folder"),
+                         (workdir, "it is a directory")):
+        early = run([bench, "--quiet", "--json", target, "alloc", "--max-requests", "5"],
+                    timeout=60)
+        if early.returncode != 1 or says not in early.stderr or early.stdout:
+            fail(f"--json {target}: exit {early.returncode}, stdout {early.stdout!r}, stderr "
+                 f"{early.stderr!r}: expected a refusal saying {says!r} before the run")
+    print("--json: an unwritable path is refused before the run")
     # Regression: with --dp 1 the single-process replay ran and ignored the options of the
     # replay across replicas (under mpirun, once per rank).
     across = run([bench, "--quiet", "replay", "--dp", "1", "--routing", "global-migration",
