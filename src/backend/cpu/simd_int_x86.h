@@ -269,14 +269,10 @@ __m256 qk_tokens8_split_units(const IntKeyChunk& c, const QueryRows& q, uint32_t
   return hsum8(acc);
 }
 
-// out[t] = dot(q, K[t]) for tokens [t0, t0 + 8) of the chunk (those below n), one query row.
-template <class Dot>
-void qk_tokens8(const IntKeyChunk& c, const QueryRows& q, uint32_t t0, float* out) {
-  const uint8_t* rows[8];  // tokens past the chunk repeat its last one
-  for (uint32_t k = 0; k < 8; ++k)
-    rows[k] = c.codes + uint64_t{std::min(t0 + k, c.n - 1)} * c.head_dim;
-  __m256 logits = c.group_shift >= 5 ? qk_tokens8_whole_units<Dot>(c, q, t0, rows)
-                                     : qk_tokens8_split_units<Dot>(c, q, t0, rows);
+// Adds the zero points' share to the scaled dot products of tokens [t0, t0 + 8) of one query row,
+// applies the row's scale and stores those below n at out[t0..].
+void finish_logits8(const IntKeyChunk& c, const QueryRows& q, uint32_t t0, __m256 logits,
+                    float* out) {
   // the zero points' share: sum over groups of -(scale * zero) * sum(q)
   for (uint32_t g = 0; g < c.groups_per_row; ++g) {
     logits = _mm256_fmadd_ps(_mm256_loadu_ps(c.records.bias + g * c.records.padded_n + t0),
@@ -290,6 +286,17 @@ void qk_tokens8(const IntKeyChunk& c, const QueryRows& q, uint32_t t0, float* ou
     _mm256_store_ps(tail, logits);
     std::copy(tail, tail + (c.n - t0), out + t0);
   }
+}
+
+// out[t] = dot(q, K[t]) for tokens [t0, t0 + 8) of the chunk (those below n), one query row.
+template <class Dot>
+void qk_tokens8(const IntKeyChunk& c, const QueryRows& q, uint32_t t0, float* out) {
+  const uint8_t* rows[8];  // tokens past the chunk repeat its last one
+  for (uint32_t k = 0; k < 8; ++k)
+    rows[k] = c.codes + uint64_t{std::min(t0 + k, c.n - 1)} * c.head_dim;
+  const __m256 logits = c.group_shift >= 5 ? qk_tokens8_whole_units<Dot>(c, q, t0, rows)
+                                           : qk_tokens8_split_units<Dot>(c, q, t0, rows);
+  finish_logits8(c, q, t0, logits, out);
 }
 
 template <uint32_t Bits, class Dot>

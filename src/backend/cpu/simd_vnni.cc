@@ -23,6 +23,92 @@ bool vnni_fits(const PagedKvView& pool) {
   return is_integer_quantized(pool.dtype) && int_kernels_fit(pool);
 }
 
+// ---- qk of groups of 32 elements or more, key rows transposed in registers: the generic
+// qk_tokens8 reduces each (row, token, unit) dot product from eight int32 lanes to one, a
+// shuffle-and-add tree that costs three times the dot products themselves. Here eight tokens'
+// 32-byte units are transposed by dwords instead (twice: tokens a..d, then e..h), once for every
+// query row of the call, so that one dpbusd adds one dword of four tokens (and another dword of
+// the same four in the upper half) against that dword of the query broadcast into the lanes:
+// four dpbusd leave each token's unit dot product in two lanes, which one permutation pairs up.
+// The int32 sums are exact, so the logits are bit for bit those of qk_tokens8.
+
+// x[k] = token k's unit; v[j] (j < 4): dwords j (lanes 0-3) and j + 4 (lanes 4-7) of tokens
+// k0..k0+3, for k0 = 0 (v[0..3]) and 4 (v[4..7]).
+void transpose_dwords(const __m256i x[8], __m256i v[8]) {
+  for (uint32_t half = 0; half < 2; ++half) {
+    const __m256i* in = x + 4 * half;
+    const __m256i ab_lo = _mm256_unpacklo_epi32(in[0], in[1]);  // a0 b0 a1 b1 | a4 b4 a5 b5
+    const __m256i ab_hi = _mm256_unpackhi_epi32(in[0], in[1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+    const __m256i cd_lo = _mm256_unpacklo_epi32(in[2], in[3]);
+    const __m256i cd_hi = _mm256_unpackhi_epi32(in[2], in[3]);
+    __m256i* out = v + 4 * half;
+    out[0] = _mm256_unpacklo_epi64(ab_lo, cd_lo);  // a0 b0 c0 d0 | a4 b4 c4 d4
+    out[1] = _mm256_unpackhi_epi64(ab_lo, cd_lo);  // a1 b1 c1 d1 | a5 b5 c5 d5
+    out[2] = _mm256_unpacklo_epi64(ab_hi, cd_hi);
+    out[3] = _mm256_unpackhi_epi64(ab_hi, cd_hi);
+  }
+}
+
+// Eight tokens' dot products with one query unit `qu` (32 int8 codes), lane k = token k.
+__m256i unit_dots8(const __m256i v[8], __m256i qu) {
+  __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
+  for (uint32_t j = 0; j < 4; ++j) {
+    const __m256i qj = _mm256_permutevar8x32_epi32(qu, _mm256_setr_epi32(j, j, j, j, j + 4, j + 4,
+                                                                         j + 4, j + 4));
+    low = _mm256_dpbusd_epi32(low, v[j], qj);       // tokens 0-3
+    high = _mm256_dpbusd_epi32(high, v[4 + j], qj);  // tokens 4-7
+  }
+  return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20),
+                          _mm256_permute2x128_si256(low, high, 0x31));
+}
+
+// out[r][t] for R query rows and tokens [t0, t0 + 8) of the chunk (those below n).
+template <uint32_t R>
+void qk_rows_transposed(const IntKeyChunk& c, const QueryRows& q, uint32_t t0, float* out,
+                        uint32_t out_stride) {
+  const uint8_t* rows[8];  // tokens past the chunk repeat its last one
+  for (uint32_t k = 0; k < 8; ++k)
+    rows[k] = c.codes + uint64_t{std::min(t0 + k, c.n - 1)} * c.head_dim;
+  __m256 logits[R];
+  for (uint32_t r = 0; r < R; ++r)
+    logits[r] = _mm256_setzero_ps();
+  for (uint32_t u = 0; u < c.head_dim / 32; ++u) {
+    __m256i x[8], v[8];
+    for (uint32_t k = 0; k < 8; ++k)
+      x[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[k] + 32 * u));
+    transpose_dwords(x, v);
+    const uint32_t g = (32 * u) >> c.group_shift;
+    const __m256 scales = _mm256_loadu_ps(c.records.scales + g * c.records.padded_n + t0);
+    for (uint32_t r = 0; r < R; ++r) {
+      const __m256i qu = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(q.codes + uint64_t{r} * c.head_dim + 32 * u));
+      logits[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dots8(v, qu)), scales, logits[r]);
+    }
+  }
+  for (uint32_t r = 0; r < R; ++r)
+    finish_logits8(c, q.from(r), t0, logits[r], out + uint64_t{r} * out_stride);
+}
+
+template <uint32_t Bits>
+void qk_int_transposed(const PagedKvView& pool, const TileRef& keys, uint32_t n,
+                       const QueryRows& q, uint32_t rows, float* out, uint32_t out_stride,
+                       float* scratch) {
+  if (pool.group_size < 32) {  // a unit's lanes belong to several groups
+    qk_int<Bits, VnniDot>(pool, keys, n, q, rows, out, out_stride, scratch);
+    return;
+  }
+  const IntKeyChunk chunk = IntKeyChunk::make<Bits>(pool, keys, n, scratch);
+  for (uint32_t t0 = 0; t0 < n; t0 += 8) {
+    uint32_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+      qk_rows_transposed<4>(chunk, q.from(r), t0, out + uint64_t{r} * out_stride, out_stride);
+    for (; r + 2 <= rows; r += 2)
+      qk_rows_transposed<2>(chunk, q.from(r), t0, out + uint64_t{r} * out_stride, out_stride);
+    for (; r < rows; ++r)
+      qk_rows_transposed<1>(chunk, q.from(r), t0, out + uint64_t{r} * out_stride, out_stride);
+  }
+}
+
 void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const QueryRows& q, uint32_t rows,
         float* out, uint32_t out_stride, float* scratch) {
   if (!vnni_fits(pool)) {
@@ -31,13 +117,13 @@ void qk(const PagedKvView& pool, const TileRef& keys, uint32_t n, const QueryRow
   }
   switch (dtype_bits(pool.dtype)) {
     case 8:
-      qk_int<8, VnniDot>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_int_transposed<8>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     case 4:
-      qk_int<4, VnniDot>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_int_transposed<4>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
     default:
-      qk_int<2, VnniDot>(pool, keys, n, q, rows, out, out_stride, scratch);
+      qk_int_transposed<2>(pool, keys, n, q, rows, out, out_stride, scratch);
       break;
   }
 }

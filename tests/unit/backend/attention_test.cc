@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -415,6 +416,42 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::ValuesIn(testing::cpu_isas()),
                        ::testing::Values(DType::kF32, DType::kBF16, DType::kFP8E4M3, DType::kInt4),
                        ::testing::Values(1u, 16u, 32u), ::testing::Values(1u, 4u, 8u)));
+
+// The integer formats' qk sums codes times query codes exactly in int32 on every x86 ISA (AVX2's
+// maddubs, VNNI's dpbusd over rows transposed in registers), and the float steps after are the
+// same: decode outputs agree bit for bit (groups of 32 or more; smaller groups scale lanes apart).
+TEST(Attention, IntegerFormatsDecodeBitForBitOnAvx2AndVnni) {
+  const auto isas = testing::cpu_isas();
+  if (std::find(isas.begin(), isas.end(), CpuIsa::kAvx2Vnni) == isas.end()) {
+    GTEST_SKIP() << "the processor has no AVX512-VNNI";
+  }
+  for (DType dtype : {DType::kInt8, DType::kInt4, DType::kInt2}) {
+    for (uint32_t group : {32u, 64u, 128u}) {
+      for (uint32_t gqa : {1u, 3u, 4u, 8u}) {  // passes of 4, 2 and 1 rows
+        std::vector<float> outputs[2];
+        for (int i = 0; i < 2; ++i) {
+          Scenario sc = make_scenario(i == 0 ? CpuIsa::kAvx2 : CpuIsa::kAvx2Vnni, dtype, 128, 16,
+                                      2, {1, 19, 32, 61}, 7, group);
+          std::mt19937 rng(5);
+          const auto query = make_query(QueryShape::kNormal, 4ull * 2 * gqa, 128, rng);
+          outputs[i].assign(query.size(), 0.0f);
+          DecodeAttentionArgs args;
+          args.query = query.data();
+          args.output = outputs[i].data();
+          args.num_seqs = 4;
+          args.num_q_heads = 2 * gqa;
+          args.block_tables = sc.tables.data();
+          args.max_blocks_per_seq = sc.max_blocks;
+          args.context_lens = sc.lens.data();
+          args.softmax_scale = 0.125f;
+          ASSERT_TRUE(sc.backend->paged_decode_attention(sc.pool.view, args).ok());
+        }
+        EXPECT_EQ(std::memcmp(outputs[0].data(), outputs[1].data(), outputs[0].size() * 4), 0)
+            << dtype_name(dtype) << " group " << group << " gqa " << gqa;
+      }
+    }
+  }
+}
 
 TEST(Attention, HalfPrecisionQueriesAndOutputs) {
   Scenario sc = make_scenario(CpuIsa::kAuto, DType::kF16, 64, 16, 1, {30}, 3);
