@@ -255,6 +255,10 @@ const std::vector<ConfigField>& config_fields() {
           "server.max_connections_per_tenant",
           "logged-in control connections of one tenant that is no admin (0 = no limit)",
           [](Config& c) -> auto& { return c.server.max_connections_per_tenant; }),
+      unsigned_field<uint32_t>(
+          "server.max_connections_per_address",
+          "connections from one client IP address, per endpoint (0 = no limit)",
+          [](Config& c) -> auto& { return c.server.max_connections_per_address; }),
       unsigned_field<uint32_t>("server.idle_timeout_ms",
                                "close a connection idle this long (0 = never)",
                                [](Config& c) -> auto& { return c.server.idle_timeout_ms; }),

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -158,6 +159,7 @@ ControlServerOptions ControlServerOptions::from(const ServerConfig& config) {
   if (config.metrics_port != 0) o.metrics_port = config.metrics_port;
   o.max_request_bytes = config.max_request_bytes;
   o.max_connections = config.max_connections;
+  o.max_connections_per_address = config.max_connections_per_address;
   o.idle_timeout = std::chrono::milliseconds(config.idle_timeout_ms);
   o.fault_grace = std::chrono::milliseconds(config.fault_grace_ms);
   o.tls_cert_file = config.tls_cert_file;
@@ -179,16 +181,27 @@ struct ControlServer::Impl {
   // One endpoint: its acceptor, the back-off of its accept loop, and its open connections
   // (counted by the sessions, whose destructors may run on either thread, and as late as the
   // io_context's destruction: the count lives in Impl, which outlives it).
+  // Open connections per client address (max_connections_per_address), of one endpoint.
+  struct AddressPlaces {
+    std::mutex mutex;
+    std::map<asio::ip::address, uint32_t> held;
+  };
+
   struct Listener {
     Listener(tcp::acceptor a, std::string_view name, std::atomic<uint32_t>& connections,
-             ssl::context* tls_context = nullptr)
-        : acceptor(std::move(a)), what(name), open(connections), tls(tls_context) {}
+             AddressPlaces& address_places, ssl::context* tls_context = nullptr)
+        : acceptor(std::move(a)),
+          what(name),
+          open(connections),
+          places(address_places),
+          tls(tls_context) {}
     tcp::acceptor acceptor;
     asio::steady_timer retry{acceptor.get_executor()};
     AcceptBackoff backoff;
     std::string_view what;
     std::atomic<uint32_t>& open;
-    ssl::context* tls;  // the connections speak TLS; nullptr: plain TCP
+    AddressPlaces& places;  // in Impl, like `open`: sessions give theirs back as late
+    ssl::context* tls;      // the connections speak TLS; nullptr: plain TCP
     // Its connections in arrival order, as long as they have proven nothing (io thread only;
     // entries of sessions gone or proven since are dropped as they are met).
     std::deque<std::weak_ptr<Session>> unproven;
@@ -290,8 +303,9 @@ struct ControlServer::Impl {
   std::unique_ptr<ssl::context> tls;  // with a certificate: the control connections' TLS
   // Declared before io: sessions destroyed with io's pending handlers still count down here.
   std::atomic<uint32_t> control_open{0}, http_open{0};
+  AddressPlaces control_places, http_places;
   std::atomic<uint64_t> refused_connections{0}, idle_closed{0}, accept_errors{0},
-      displaced_connections{0};
+      displaced_connections{0}, address_refused_connections{0};
   asio::io_context io;
   std::unique_ptr<Listener> control, http;
 
@@ -311,9 +325,13 @@ class ControlServer::Impl::Session {
       : server_(server),
         listener_(listener),
         open_(listener.open),
+        places_(listener.places),
         stream_(std::move(stream)),
         idle_(stream_.socket().get_executor()) {}
-  virtual ~Session() { --open_; }
+  virtual ~Session() {
+    --open_;
+    give_address_place_back();
+  }
 
   // A connection that has shown what it is for (logged in; sent an HTTP request head), or that
   // is closing already, is never displaced by a newcomer.
@@ -322,23 +340,40 @@ class ControlServer::Impl::Session {
   virtual void displace() = 0;
 
  protected:
-  // Counts this connection in (`self` is this session). Beyond max_connections the oldest
-  // connection that has proven nothing yet gives its place up: connections that only sit there
-  // (or hang up and reconnect) cannot lock out clients that log in. Without one, false (and
-  // counted as refused).
-  bool within_limit(const std::shared_ptr<Session>& self) {
+  enum class Admission { kAdmitted, kEndpointFull, kAddressFull };
+
+  // Counts this connection in (`self` is this session). A newcomer from an address that holds
+  // max_connections_per_address already is refused and displaces nobody. Beyond max_connections
+  // the oldest connection that has proven nothing yet gives its place up: connections that only
+  // sit there (or hang up and reconnect) cannot lock out clients that log in. Without one, the
+  // newcomer is refused. Refusals are counted.
+  Admission admit(const std::shared_ptr<Session>& self) {
+    ++open_;
+    if (!take_address_place()) {
+      ++server_.refused_connections;
+      ++server_.address_refused_connections;
+      return Admission::kAddressFull;
+    }
     const std::shared_ptr<Session> oldest = oldest_unsettled();
-    if (++open_ > server_.options.max_connections) {
+    if (open_ > server_.options.max_connections) {
       if (oldest == nullptr) {
         ++server_.refused_connections;
-        return false;
+        return Admission::kEndpointFull;
       }
       listener_.unproven.pop_front();
       ++server_.displaced_connections;
       oldest->displace();
     }
     listener_.unproven.push_back(self);
-    return true;
+    return Admission::kAdmitted;
+  }
+  // The limit that refused a newcomer, for the client: "at most 4 connections (key)".
+  [[nodiscard]] std::string limit_text(Admission admission) const {
+    return admission == Admission::kAddressFull
+               ? "at most " + std::to_string(server_.options.max_connections_per_address) +
+                     " connections from one address (server.max_connections_per_address)"
+               : "at most " + std::to_string(server_.options.max_connections) +
+                     " connections (server.max_connections)";
   }
   void mark_proven() { proven_ = true; }
   // Ends the connection: pending handlers finish with errors, and the session then goes (the
@@ -352,6 +387,7 @@ class ControlServer::Impl::Session {
   Impl& server_;
   Listener& listener_;
   std::atomic<uint32_t>& open_;
+  AddressPlaces& places_;  // outlives the session, unlike listener_ (see Listener::open)
   ByteStream stream_;
   asio::steady_timer idle_;
   std::string buffer_;
@@ -379,8 +415,31 @@ class ControlServer::Impl::Session {
     return nullptr;
   }
 
+  // Counts this connection against its client address's limit; false when that address holds
+  // max_connections_per_address already (an address that cannot be read is not limited).
+  bool take_address_place() {
+    const uint32_t limit = server_.options.max_connections_per_address;
+    if (limit == 0) return true;
+    ErrorCodeT ec;
+    const tcp::endpoint peer = stream_.socket().remote_endpoint(ec);
+    if (ec) return true;  // already gone: its reads fail at once
+    std::lock_guard<std::mutex> lock(places_.mutex);
+    uint32_t& held = places_.held[peer.address()];  // >= limit: the entry existed
+    if (held >= limit) return false;
+    ++held;
+    address_ = peer.address();
+    return true;
+  }
+  void give_address_place_back() {
+    if (!address_) return;
+    std::lock_guard<std::mutex> lock(places_.mutex);
+    const auto it = places_.held.find(*address_);
+    if (it != places_.held.end() && --it->second == 0) places_.held.erase(it);
+  }
+
   std::atomic<bool> proven_{false};
   std::atomic<bool> closing_{false};
+  std::optional<asio::ip::address> address_;  // counted in per_address
 };
 
 // One control connection: read a line, queue it, write its reply, repeat. An idle timer closes
@@ -391,25 +450,23 @@ class ControlServer::Impl::ControlSession
   using Session::Session;
 
   void start() {
-    const bool admitted = within_limit(shared_from_this());
+    const Admission admission = admit(shared_from_this());
     identity_ = server_.protocol.new_connection();
     arm_login_timer();
     stream_.async_handshake(ssl::stream_base::server, [self = shared_from_this(),
-                                                       admitted](ErrorCodeT ec) {
+                                                       admission](ErrorCodeT ec) {
       if (ec) {
         KVF_LOG_DEBUG(kServer, "TLS handshake failed: {}", ec.message());
         self->close();
         return;
       }
       if (self->identity_.authenticated) self->logged_in();  // no tokens
-      if (admitted) {
+      if (admission == Admission::kAdmitted) {
         self->read();
       } else {
         self->refuse_and_close(Status(ErrorCode::kResourceExhausted,
-                                      "the control plane serves at most " +
-                                          std::to_string(self->server_.options.max_connections) +
-                                          " connections (server.max_connections); closing this "
-                                          "one"));
+                                      "the control plane serves " +
+                                          self->limit_text(admission) + "; closing this one"));
       }
     });
   }
@@ -602,18 +659,17 @@ class ControlServer::Impl::HttpSession
       ++self->server_.idle_closed;
       self->close_stream();
     });
-    const bool admitted = within_limit(shared_from_this());
+    const Admission admission = admit(shared_from_this());
     stream_.async_handshake(
-        ssl::stream_base::server, [self = shared_from_this(), admitted](ErrorCodeT ec) {
+        ssl::stream_base::server, [self = shared_from_this(), admission](ErrorCodeT ec) {
           if (ec) {
             self->close_stream();
-          } else if (admitted) {
+          } else if (admission == Admission::kAdmitted) {
             self->read_request();
           } else {
-            self->respond(
-                http_response("503 Service Unavailable", "text/plain",
-                              "at most " + std::to_string(self->server_.options.max_connections) +
-                                  " HTTP connections are served (server.max_connections)\n"));
+            self->respond(http_response("503 Service Unavailable", "text/plain",
+                                        "the metrics endpoint serves " +
+                                            self->limit_text(admission) + "\n"));
           }
         });
   }
@@ -701,8 +757,13 @@ std::string ControlServer::Impl::metrics_text() const {
   gauge("kvfabric_control_connections", "gauge", "Open control-plane connections.",
         control_open.load());
   gauge("kvfabric_control_refused_connections_total", "counter",
-        "Connections refused because server.max_connections were open.",
+        "Connections refused because server.max_connections were open (or "
+        "server.max_connections_per_address from the newcomer's address).",
         refused_connections.load());
+  gauge("kvfabric_control_address_refused_connections_total", "counter",
+        "Of those, connections refused because their address held "
+        "server.max_connections_per_address.",
+        address_refused_connections.load());
   gauge("kvfabric_control_idle_closed_total", "counter",
         "Connections closed after server.idle_timeout_ms without a request.", idle_closed.load());
   gauge("kvfabric_control_displaced_connections_total", "counter",
@@ -772,12 +833,14 @@ Result<std::unique_ptr<ControlServer>> ControlServer::create(ControlProtocol& pr
   KVF_ASSIGN_OR_RETURN(tcp::acceptor control,
                        listen(impl->io, address, options.port, "control plane"));
   impl->control = std::make_unique<Impl::Listener>(std::move(control), "control plane",
-                                                   impl->control_open, impl->tls.get());
+                                                   impl->control_open, impl->control_places,
+                                                   impl->tls.get());
   if (options.metrics_port) {
     KVF_ASSIGN_OR_RETURN(tcp::acceptor http,
                          listen(impl->io, address, *options.metrics_port, "metrics endpoint"));
     impl->http =
         std::make_unique<Impl::Listener>(std::move(http), "metrics endpoint", impl->http_open,
+                                         impl->http_places,
                                          impl->tls.get());  // the bearer token is a secret too
   }
   if (!address.is_loopback() && !impl->tls) {
@@ -807,7 +870,8 @@ uint16_t ControlServer::metrics_port() const {
 ControlServerStats ControlServer::stats() const {
   return ControlServerStats{impl_->control_open.load(), impl_->refused_connections.load(),
                             impl_->idle_closed.load(), impl_->accept_errors.load(),
-                            impl_->displaced_connections.load(), impl_->http_open.load()};
+                            impl_->displaced_connections.load(), impl_->http_open.load(),
+                            impl_->address_refused_connections.load()};
 }
 
 Status ControlServer::run() {

@@ -112,6 +112,8 @@ struct ServerConfig {
   //! Logged-in control connections one tenant that is no admin may hold at once; 0 = no limit.
   //! With tenants, so that one tenant cannot take every place of max_connections.
   uint32_t max_connections_per_tenant = 0;
+  //! Connections from one client IP address, per endpoint (control, HTTP); 0 = no limit.
+  uint32_t max_connections_per_address = 0;
   uint32_t idle_timeout_ms = 300'000;   //!< a connection with no request for this long is closed; 0 = never
   //! After a rank fault the control plane keeps answering (reads, /health, Unavailable to
   //! changes) this long, then the job ends with a non-zero status.

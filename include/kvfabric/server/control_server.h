@@ -23,6 +23,8 @@ struct ControlServerStats {
   //! room for a newcomer at max_connections
   uint64_t displaced_connections = 0;
   uint32_t http_connections = 0;  //!< HTTP (/metrics, /health) connections open now
+  //! of refused_connections, those refused for max_connections_per_address
+  uint64_t address_refused_connections = 0;
 };
 
 struct ControlServerOptions {
@@ -31,6 +33,9 @@ struct ControlServerOptions {
   std::optional<uint16_t> metrics_port;  //!< HTTP /metrics and /health; none when empty, 0 = free port
   size_t max_request_bytes = 1u << 20;   //!< a longer line is refused and its connection closed
   uint32_t max_connections = 256;        //!< per endpoint; more are refused and closed
+  //! Per endpoint and client IP address (0 = no limit): a newcomer from an address that holds
+  //! this many is refused and closed, and displaces nobody.
+  uint32_t max_connections_per_address = 0;
   std::chrono::milliseconds idle_timeout{300'000};  //!< 0: connections are never closed for idling
   std::chrono::milliseconds fault_grace{5'000};     //!< run() returns this long after a rank fault
   //! An HTTP connection must send its request and read the reply within this, whatever

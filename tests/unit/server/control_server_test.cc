@@ -371,6 +371,61 @@ TEST(ControlServerTest, ConnectionsBeyondTheLimitAreRefusedNamingIt) {
   EXPECT_EQ(call(fourth, {{"op", "hello"}})["ok"], true);
 }
 
+// One address's connections hold at most max_connections_per_address places of an endpoint and
+// displace nobody: its newcomers are refused, while clients from other addresses still get in
+// (the loopback network is 127.0.0.0/8, so a client may connect from 127.0.0.2).
+TEST(ControlServerTest, OneAddressHoldsAtMostItsShareOfThePlaces) {
+  namespace asio = boost::asio;
+  using asio::ip::tcp;
+  ControlServerOptions options = ServedCoordinator::loopback();
+  options.max_connections = 4;
+  options.max_connections_per_address = 2;
+  options.http_timeout = std::chrono::minutes(10);
+  ServedCoordinator served(options);
+  asio::io_context io;
+  const auto connect_from = [&](const char* source, uint16_t port) {
+    tcp::socket socket(io);
+    socket.open(tcp::v4());
+    socket.bind({asio::ip::make_address(source), 0});
+    socket.connect({asio::ip::make_address("127.0.0.1"), port});
+    return socket;
+  };
+  const auto hello_from = [&](const char* source) {
+    tcp::socket socket = connect_from(source, served.server().port());
+    asio::write(socket, asio::buffer(std::string("{\"op\": \"hello\"}\n")));
+    std::string reply;
+    asio::read_until(socket, asio::dynamic_buffer(reply), '\n');
+    return std::pair{json::parse(reply.substr(0, reply.find('\n'))), std::move(socket)};
+  };
+  std::vector<tcp::socket> silent;  // never log in: the oldest would give way to a newcomer
+  for (int i = 0; i < 2; ++i)
+    silent.push_back(connect_from("127.0.0.1", served.server().port()));
+  auto [refused, refused_socket] = hello_from("127.0.0.1");
+  EXPECT_EQ(refused["error"]["code"], "ResourceExhausted") << refused;
+  EXPECT_THAT(refused["error"]["message"].get<std::string>(),
+              HasSubstr("at most 2 connections from one address "
+                        "(server.max_connections_per_address)"));
+  EXPECT_EQ(served.server().stats().displaced_connections, 0u);
+  auto [other, other_socket] = hello_from("127.0.0.2");
+  EXPECT_EQ(other["ok"], true) << other;
+  EXPECT_EQ(served.server().stats().refused_connections, 1u);
+  EXPECT_EQ(served.server().stats().address_refused_connections, 1u);
+  // A place given back is the address's again.
+  silent.pop_back();
+  while (served.server().stats().connections > 2) std::this_thread::yield();
+  auto [again, again_socket] = hello_from("127.0.0.1");
+  EXPECT_EQ(again["ok"], true) << again;
+
+  // The metrics endpoint counts its own connections the same way.
+  const uint16_t http_port = served.server().metrics_port();
+  std::vector<tcp::socket> probes;
+  for (int i = 0; i < 2; ++i) probes.push_back(connect_from("127.0.0.1", http_port));
+  const auto health = http_get("127.0.0.1", http_port, "/health");
+  ASSERT_FALSE(health.ok());
+  EXPECT_THAT(health.status().message(), HasSubstr("server.max_connections_per_address"));
+  EXPECT_EQ(served.server().stats().address_refused_connections, 2u);
+}
+
 // Regression: silent HTTP connections were kept for idle_timeout (or for ever with 0), so a few
 // hundred of them locked Prometheus and the health probes out; beyond the limit a probe got no
 // answer at all. Now a probe takes the place of the oldest connection that sent no request.
