@@ -150,11 +150,14 @@ void bind_config(py::module_& m) {
       .field("max_batch_requests", &ServerConfig::max_batch_requests)
       .field("max_reply_bytes", &ServerConfig::max_reply_bytes)
       .field("max_connections", &ServerConfig::max_connections)
+      .field("max_connections_per_tenant", &ServerConfig::max_connections_per_tenant)
+      .field("max_connections_per_address", &ServerConfig::max_connections_per_address)
       .field("idle_timeout_ms", &ServerConfig::idle_timeout_ms)
       .field("fault_grace_ms", &ServerConfig::fault_grace_ms)
       .field("tenants_file", &ServerConfig::tenants_file)
       .field("tls_cert_file", &ServerConfig::tls_cert_file)
-      .field("tls_key_file", &ServerConfig::tls_key_file);
+      .field("tls_key_file", &ServerConfig::tls_key_file)
+      .field("event_queue_batches", &ServerConfig::event_queue_batches);
   Section<RuntimeConfig>(m, "RuntimeConfig", "runtime: how the ranks run the plans")
       .field("plan_deadline_ms", &RuntimeConfig::plan_deadline_ms);
   Section<TenantQuota>(m, "TenantQuota", "a tenant's limits; 0 = no limit")

@@ -54,6 +54,22 @@ def test_config_errors_name_the_key(tmp_path):
         kvfabric.ModelConfig(layers=2)
 
 
+def test_every_config_key_is_an_attribute():
+    # Regression: server.max_connections_per_tenant and server.event_queue_batches had no
+    # attribute, so Python could read and set them only through YAML text.
+    config = kvfabric.Config()
+    renamed = {"cache.memory_budget": "memory_budget_bytes"}  # an int, where YAML takes "16GiB"
+    for key in kvfabric.Config.keys():
+        *sections, name = key.split(".")
+        if sections == ["runtime"] and name in ("backend", "transport", "device"):
+            continue  # kvfabric-serve's ranks: Python passes its backend and transport objects
+        name = renamed.get(key, name)
+        owner = config
+        for section in sections:
+            owner = getattr(owner, section)
+        assert hasattr(owner, name), key
+
+
 def test_configs_compare_by_value(config):
     same = kvfabric.Config.parse(config.dump())
     assert same == config and same is not config and config != "a config"
