@@ -8,6 +8,7 @@
 
 #include "common/checked_math.h"
 #include "common/yaml_documents.h"
+#include "common/yaml_error.h"
 #include "kvfabric/common/text_file.h"
 #include "config/config_fields.h"
 #include "kvfabric/config/config.h"
@@ -107,8 +108,7 @@ Result<Config> parse_config(std::string_view yaml_text, std::string_view source)
   try {
     root = YAML::Load(std::string(yaml_text));
   } catch (const YAML::Exception& e) {
-    return Status(ErrorCode::kParseError,
-                  std::string(source) + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
+    return detail::yaml_parse_error(e, source);
   }
   Config config;
   if (root.IsNull()) {
@@ -121,8 +121,7 @@ Result<Config> parse_config(std::string_view yaml_text, std::string_view source)
   try {
     KVF_RETURN_IF_ERROR(apply_map(root, "", source, config));
   } catch (const YAML::Exception& e) {
-    return Status(ErrorCode::kParseError,
-                  std::string(source) + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
+    return detail::yaml_parse_error(e, source);
   }
   const Status status = validate(config);
   if (!status.ok()) return Status(status.code(), std::string(source) + ": " + status.message());

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "common/yaml_documents.h"
+#include "common/yaml_error.h"
 #include "kvfabric/common/text_file.h"
 
 namespace kvfabric {
@@ -147,7 +148,7 @@ Result<TenantDirectory> TenantDirectory::parse(std::string_view yaml_text,
     if (directory.entries_.empty()) return parser.error(root, "the tenants list is empty");
     return directory;
   } catch (const YAML::Exception& e) {
-    return Status(ErrorCode::kParseError, std::string(source) + ": " + e.what());
+    return detail::yaml_parse_error(e, source);
   }
 }
 

@@ -370,6 +370,16 @@ TEST(Config, ASecondYamlDocumentIsRefusedNamingItsLine) {
   EXPECT_EQ(indented->model.name, "---\na\n");
 }
 
+// yaml-cpp stops at 2000 nested levels with the text "bad file".
+TEST(Config, TooDeepANestingIsNamedWithItsLine) {
+  const auto deep = parse_config(std::string(kTiny) + "server: " + std::string(3000, '[') +
+                                     std::string(3000, ']') + "\n",
+                                 "deep.yaml");
+  EXPECT_EQ(deep.status().code(), ErrorCode::kParseError);
+  EXPECT_THAT(deep.status().message(),
+              ::testing::HasSubstr("deep.yaml:5: nested too deeply (yaml-cpp reads 2000 levels)"));
+}
+
 TEST(Config, QuantGroupSizeOnlyForIntegerFormats) {
   const auto floats = parse_config(
       "model: {num_layers: 2, num_query_heads: 4, num_kv_heads: 2, head_dim: 64}\n"

@@ -83,6 +83,9 @@ TEST(TenantDirectoryTest, RefusesBadFilesNamingTheProblem) {
     ASSERT_FALSE(parsed.ok()) << text;
     EXPECT_THAT(parsed.status().message(), HasSubstr(message)) << text;
   }
+  const auto deep = TenantDirectory::parse(
+      "tenants: " + std::string(3000, '[') + std::string(3000, ']'), "tenants.yaml");
+  EXPECT_THAT(deep.status().message(), HasSubstr("tenants.yaml:1: nested too deeply")) << deep.status();
   EXPECT_EQ(TenantDirectory::load("/nonexistent/tenants.yaml").status().code(),
             ErrorCode::kIoError);
 }
