@@ -329,7 +329,7 @@ class ControlServer::Impl::Session {
         stream_(std::move(stream)),
         idle_(stream_.socket().get_executor()) {}
   virtual ~Session() {
-    --open_;
+    if (counted_) --open_;
     give_address_place_back();
   }
 
@@ -348,12 +348,13 @@ class ControlServer::Impl::Session {
   // sit there (or hang up and reconnect) cannot lock out clients that log in. Without one, the
   // newcomer is refused. Refusals are counted.
   Admission admit(const std::shared_ptr<Session>& self) {
-    ++open_;
-    if (!take_address_place()) {
+    if (!take_address_place()) {  // not counted in open_: it must not crowd anyone out
       ++server_.refused_connections;
       ++server_.address_refused_connections;
       return Admission::kAddressFull;
     }
+    ++open_;
+    counted_ = true;
     const std::shared_ptr<Session> oldest = oldest_unsettled();
     if (open_ > server_.options.max_connections) {
       if (oldest == nullptr) {
@@ -439,7 +440,8 @@ class ControlServer::Impl::Session {
 
   std::atomic<bool> proven_{false};
   std::atomic<bool> closing_{false};
-  std::optional<asio::ip::address> address_;  // counted in per_address
+  std::optional<asio::ip::address> address_;  // counted in places_
+  bool counted_ = false;                       // counted in open_
 };
 
 // One control connection: read a line, queue it, write its reply, repeat. An idle timer closes

@@ -487,6 +487,39 @@ TEST_F(TenantServerTest, ConnectionsThatHangUpBeforeLoggingInLeaveAtOnce) {
   }
 }
 
+// A host over server.max_connections_per_address crowds nobody out: its refused newcomers (here
+// TLS connections that never start their handshake, which wait for login_timeout) take no place
+// of max_connections, so a client from another address neither displaces nor is refused.
+TEST_F(TenantServerTest, ConnectionsRefusedForTheirAddressTakeNoPlace) {
+  ControlServerOptions so;
+  so.max_connections = 3;
+  so.max_connections_per_address = 2;
+  so.login_timeout = std::chrono::minutes(10);
+  so.tls_cert_file = cert_.cert;
+  so.tls_key_file = cert_.key;
+  ServedWithTenants served(so);
+  const uint16_t port = served.server().port();
+  boost::asio::io_context io;
+  std::vector<boost::asio::ip::tcp::socket> flood;  // from 127.0.0.2; the clients below: .1
+  for (int i = 0; i < 12; ++i) {
+    boost::asio::ip::tcp::socket& socket = flood.emplace_back(io);
+    socket.open(boost::asio::ip::tcp::v4());
+    socket.bind({boost::asio::ip::make_address("127.0.0.2"), 0});
+    socket.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+  }
+  while (served.server().stats().address_refused_connections < 10) std::this_thread::yield();
+  EXPECT_EQ(served.server().stats().connections, 2u);
+  ControlClientOptions ops;
+  ops.token = "ops-token-0123456789";
+  ops.tls = true;
+  ops.ca_file = cert_.cert;
+  auto client = ControlClient::connect("127.0.0.1", port, ops);
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_TRUE(client->call(R"({"op":"stats"})").ok());
+  EXPECT_EQ(served.server().stats().displaced_connections, 0u);
+  EXPECT_EQ(served.server().stats().connections, 3u);
+}
+
 // Connections that sit there without logging in cannot lock out clients that log in: at
 // max_connections a newcomer takes the place of the oldest of them. Logged-in ones keep theirs.
 TEST_F(TenantServerTest, ConnectionsThatDoNotLogInGiveWayToNewcomers) {
