@@ -368,6 +368,15 @@ class ControlServer::Impl::Session {
     listener_.unproven.push_back(self);
     return Admission::kAdmitted;
   }
+  // A TLS newcomer refused for its address is closed at once, without a reply: the reply would
+  // wait for the client's handshake (login_timeout, http_timeout), and one host could hold a
+  // descriptor for each refused connection (their number has no other bound). Plain TCP ones get
+  // their refusal line, written at once.
+  bool refused_before_handshake(Admission admission) {
+    if (admission != Admission::kAddressFull || !stream_.is_tls()) return false;
+    close_stream();
+    return true;
+  }
   // The limit that refused a newcomer, for the client: "at most 4 connections (key)".
   [[nodiscard]] std::string limit_text(Admission admission) const {
     return admission == Admission::kAddressFull
@@ -453,6 +462,7 @@ class ControlServer::Impl::ControlSession
 
   void start() {
     const Admission admission = admit(shared_from_this());
+    if (refused_before_handshake(admission)) return;
     identity_ = server_.protocol.new_connection();
     arm_login_timer();
     stream_.async_handshake(ssl::stream_base::server, [self = shared_from_this(),
@@ -662,6 +672,7 @@ class ControlServer::Impl::HttpSession
       self->close_stream();
     });
     const Admission admission = admit(shared_from_this());
+    if (refused_before_handshake(admission)) return;
     stream_.async_handshake(
         ssl::stream_base::server, [self = shared_from_this(), admission](ErrorCodeT ec) {
           if (ec) {

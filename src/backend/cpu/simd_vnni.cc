@@ -26,8 +26,8 @@ bool vnni_fits(const PagedKvView& pool) {
 // ---- qk of groups of 32 elements or more, key rows transposed in registers: the generic
 // qk_tokens8 reduces each (row, token, unit) dot product from eight int32 lanes to one, a
 // shuffle-and-add tree that costs three times the dot products themselves. Here eight tokens'
-// 32-byte units are transposed by dwords instead (twice: tokens a..d, then e..h), once for every
-// query row of the call, so that one dpbusd adds one dword of four tokens (and another dword of
+// 32-byte units are transposed by dwords instead (twice: tokens a..d, then e..h), once for up to
+// four query rows, so that one dpbusd adds one dword of four tokens (and another dword of
 // the same four in the upper half) against that dword of the query broadcast into the lanes:
 // four dpbusd leave each token's unit dot product in two lanes, which one permutation pairs up.
 // The int32 sums are exact, so the logits are bit for bit those of qk_tokens8.

@@ -488,8 +488,9 @@ TEST_F(TenantServerTest, ConnectionsThatHangUpBeforeLoggingInLeaveAtOnce) {
 }
 
 // A host over server.max_connections_per_address crowds nobody out: its refused newcomers (here
-// TLS connections that never start their handshake, which wait for login_timeout) take no place
-// of max_connections, so a client from another address neither displaces nor is refused.
+// TLS connections that never start their handshake) take no place of max_connections and are
+// closed at once, so a client from another address neither displaces nor is refused, and the
+// refused ones cannot pile up descriptors until login_timeout.
 TEST_F(TenantServerTest, ConnectionsRefusedForTheirAddressTakeNoPlace) {
   ControlServerOptions so;
   so.max_connections = 3;
@@ -509,6 +510,19 @@ TEST_F(TenantServerTest, ConnectionsRefusedForTheirAddressTakeNoPlace) {
   }
   while (served.server().stats().address_refused_connections < 10) std::this_thread::yield();
   EXPECT_EQ(served.server().stats().connections, 2u);
+  // Nor do they hold a descriptor each until login_timeout: the server closed them at once.
+  for (size_t i = 2; i < flood.size(); ++i) {
+    flood[i].non_blocking(true);
+    boost::system::error_code ec = boost::asio::error::would_block;
+    char byte = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (ec == boost::asio::error::would_block && std::chrono::steady_clock::now() < deadline) {
+      flood[i].read_some(boost::asio::buffer(&byte, 1), ec);
+      if (ec == boost::asio::error::would_block) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    EXPECT_TRUE(ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset)
+        << "flood connection " << i << ": " << ec.message();
+  }
   ControlClientOptions ops;
   ops.token = "ops-token-0123456789";
   ops.tls = true;
