@@ -181,15 +181,17 @@ struct ControlServer::Impl {
   // One endpoint: its acceptor, the back-off of its accept loop, and its open connections
   // (counted by the sessions, whose destructors may run on either thread, and as late as the
   // io_context's destruction: the count lives in Impl, which outlives it).
-  // Open connections per client address (max_connections_per_address), of one endpoint.
-  struct AddressPlaces {
+  // What one endpoint's sessions hold besides their count in `open`: open connections per client
+  // address (max_connections_per_address), and refusals waiting for a TLS handshake.
+  struct Places {
     std::mutex mutex;
-    std::map<asio::ip::address, uint32_t> held;
+    std::map<asio::ip::address, uint32_t> held;  // guarded by mutex
+    std::atomic<uint32_t> pending_refusals{0};
   };
 
   struct Listener {
     Listener(tcp::acceptor a, std::string_view name, std::atomic<uint32_t>& connections,
-             AddressPlaces& address_places, ssl::context* tls_context = nullptr)
+             Places& address_places, ssl::context* tls_context = nullptr)
         : acceptor(std::move(a)),
           what(name),
           open(connections),
@@ -200,7 +202,7 @@ struct ControlServer::Impl {
     AcceptBackoff backoff;
     std::string_view what;
     std::atomic<uint32_t>& open;
-    AddressPlaces& places;  // in Impl, like `open`: sessions give theirs back as late
+    Places& places;  // in Impl, like `open`: sessions give theirs back as late
     ssl::context* tls;      // the connections speak TLS; nullptr: plain TCP
     // Its connections in arrival order, as long as they have proven nothing (io thread only;
     // entries of sessions gone or proven since are dropped as they are met).
@@ -303,7 +305,7 @@ struct ControlServer::Impl {
   std::unique_ptr<ssl::context> tls;  // with a certificate: the control connections' TLS
   // Declared before io: sessions destroyed with io's pending handlers still count down here.
   std::atomic<uint32_t> control_open{0}, http_open{0};
-  AddressPlaces control_places, http_places;
+  Places control_places, http_places;
   std::atomic<uint64_t> refused_connections{0}, idle_closed{0}, accept_errors{0},
       displaced_connections{0}, address_refused_connections{0};
   asio::io_context io;
@@ -330,6 +332,7 @@ class ControlServer::Impl::Session {
         idle_(stream_.socket().get_executor()) {}
   virtual ~Session() {
     if (counted_) --open_;
+    if (pending_refusal_) --places_.pending_refusals;
     give_address_place_back();
   }
 
@@ -368,12 +371,19 @@ class ControlServer::Impl::Session {
     listener_.unproven.push_back(self);
     return Admission::kAdmitted;
   }
-  // A TLS newcomer refused for its address is closed at once, without a reply: the reply would
-  // wait for the client's handshake (login_timeout, http_timeout), and one host could hold a
-  // descriptor for each refused connection (their number has no other bound). Plain TCP ones get
-  // their refusal line, written at once.
+  // Whether a refused TLS newcomer is closed at once, without a reply: the reply waits for the
+  // client's handshake (login_timeout, http_timeout), so refusals could otherwise hold a
+  // descriptor each for that long, as many as a flood sends. One refused for its address always
+  // is; one refused at max_connections gets its reply while fewer than max_connections others
+  // wait for theirs. Plain TCP refusals are written at once.
   bool refused_before_handshake(Admission admission) {
-    if (admission != Admission::kAddressFull || !stream_.is_tls()) return false;
+    if (admission == Admission::kAdmitted || !stream_.is_tls()) return false;
+    if (admission == Admission::kEndpointFull &&
+        ++places_.pending_refusals <= server_.options.max_connections) {
+      pending_refusal_ = true;
+      return false;
+    }
+    if (admission == Admission::kEndpointFull) --places_.pending_refusals;
     close_stream();
     return true;
   }
@@ -397,7 +407,7 @@ class ControlServer::Impl::Session {
   Impl& server_;
   Listener& listener_;
   std::atomic<uint32_t>& open_;
-  AddressPlaces& places_;  // outlives the session, unlike listener_ (see Listener::open)
+  Places& places_;  // outlives the session, unlike listener_ (see Listener::open)
   ByteStream stream_;
   asio::steady_timer idle_;
   std::string buffer_;
@@ -451,6 +461,7 @@ class ControlServer::Impl::Session {
   std::atomic<bool> closing_{false};
   std::optional<asio::ip::address> address_;  // counted in places_
   bool counted_ = false;                       // counted in open_
+  bool pending_refusal_ = false;               // counted in places_.pending_refusals
 };
 
 // One control connection: read a line, queue it, write its reply, repeat. An idle timer closes

@@ -534,6 +534,45 @@ TEST_F(TenantServerTest, ConnectionsRefusedForTheirAddressTakeNoPlace) {
   EXPECT_EQ(served.server().stats().connections, 3u);
 }
 
+// At a server whose every place is logged in, a TLS newcomer's refusal waits for its handshake;
+// at most max_connections such refusals wait, and further newcomers are closed at once, so a
+// flood of connections that never handshake cannot pile up descriptors until login_timeout.
+TEST_F(TenantServerTest, RefusalsWaitingForAHandshakeAreBounded) {
+  ControlServerOptions so;
+  so.max_connections = 2;
+  so.login_timeout = std::chrono::minutes(10);
+  so.tls_cert_file = cert_.cert;
+  so.tls_key_file = cert_.key;
+  ServedWithTenants served(so);
+  const uint16_t port = served.server().port();
+  ControlClientOptions ops;
+  ops.token = "ops-token-0123456789";
+  ops.tls = true;
+  ops.ca_file = cert_.cert;
+  std::vector<ControlClient> clients;
+  for (int i = 0; i < 2; ++i) clients.push_back(ControlClient::connect("127.0.0.1", port, ops).value());
+  boost::asio::io_context io;
+  std::vector<boost::asio::ip::tcp::socket> flood;
+  for (int i = 0; i < 10; ++i) {
+    flood.emplace_back(io).connect({boost::asio::ip::make_address("127.0.0.1"), port});
+  }
+  while (served.server().stats().refused_connections < 10) std::this_thread::yield();
+  int closed = 0;
+  for (auto& socket : flood) {
+    socket.non_blocking(true);
+    boost::system::error_code ec = boost::asio::error::would_block;
+    char byte = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (ec == boost::asio::error::would_block && std::chrono::steady_clock::now() < deadline) {
+      socket.read_some(boost::asio::buffer(&byte, 1), ec);
+      if (ec == boost::asio::error::would_block) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    if (ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset) ++closed;
+  }
+  EXPECT_EQ(closed, 8) << "two refusals wait for their handshake, the rest are closed";
+  for (auto& client : clients) EXPECT_TRUE(client.call(R"({"op":"stats"})").ok());
+}
+
 // Connections that sit there without logging in cannot lock out clients that log in: at
 // max_connections a newcomer takes the place of the oldest of them. Logged-in ones keep theirs.
 TEST_F(TenantServerTest, ConnectionsThatDoNotLogInGiveWayToNewcomers) {
