@@ -178,9 +178,6 @@ struct ControlServer::Impl {
   class ControlSession;
   class HttpSession;
 
-  // One endpoint: its acceptor, the back-off of its accept loop, and its open connections
-  // (counted by the sessions, whose destructors may run on either thread, and as late as the
-  // io_context's destruction: the count lives in Impl, which outlives it).
   // What one endpoint's sessions hold besides their count in `open`: open connections per client
   // address (max_connections_per_address), and refusals waiting for a TLS handshake.
   struct Places {
@@ -189,21 +186,24 @@ struct ControlServer::Impl {
     std::atomic<uint32_t> pending_refusals{0};
   };
 
+  // One endpoint: its acceptor, the back-off of its accept loop, and its open connections
+  // (counted by the sessions, whose destructors may run on either thread, and as late as the
+  // io_context's destruction: the count lives in Impl, which outlives it, as do the places).
   struct Listener {
     Listener(tcp::acceptor a, std::string_view name, std::atomic<uint32_t>& connections,
-             Places& address_places, ssl::context* tls_context = nullptr)
+             Places& endpoint_places, ssl::context* tls_context = nullptr)
         : acceptor(std::move(a)),
           what(name),
           open(connections),
-          places(address_places),
+          places(endpoint_places),
           tls(tls_context) {}
     tcp::acceptor acceptor;
     asio::steady_timer retry{acceptor.get_executor()};
     AcceptBackoff backoff;
     std::string_view what;
     std::atomic<uint32_t>& open;
-    Places& places;  // in Impl, like `open`: sessions give theirs back as late
-    ssl::context* tls;      // the connections speak TLS; nullptr: plain TCP
+    Places& places;
+    ssl::context* tls;  // the connections speak TLS; nullptr: plain TCP
     // Its connections in arrival order, as long as they have proven nothing (io thread only;
     // entries of sessions gone or proven since are dropped as they are met).
     std::deque<std::weak_ptr<Session>> unproven;
