@@ -378,12 +378,13 @@ class ControlServer::Impl::Session {
   // wait for theirs. Plain TCP refusals are written at once.
   bool refused_before_handshake(Admission admission) {
     if (admission == Admission::kAdmitted || !stream_.is_tls()) return false;
-    if (admission == Admission::kEndpointFull &&
-        ++places_.pending_refusals <= server_.options.max_connections) {
-      pending_refusal_ = true;
-      return false;
+    if (admission == Admission::kEndpointFull) {
+      if (++places_.pending_refusals <= server_.options.max_connections) {
+        pending_refusal_ = true;
+        return false;
+      }
+      --places_.pending_refusals;
     }
-    if (admission == Admission::kEndpointFull) --places_.pending_refusals;
     close_stream();
     return true;
   }

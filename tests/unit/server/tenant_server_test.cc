@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <boost/asio.hpp>
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <thread>
@@ -332,9 +333,50 @@ class TenantServerTest : public ::testing::Test {
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
+  // TLS with tenants, max_connections places, and a login deadline no test waits for.
+  ControlServerOptions tls_options(uint32_t max_connections) const {
+    ControlServerOptions so;
+    so.max_connections = max_connections;
+    so.login_timeout = std::chrono::minutes(10);
+    so.tls_cert_file = cert_.cert;
+    so.tls_key_file = cert_.key;
+    return so;
+  }
+  ControlClientOptions ops_over_tls() const {
+    ControlClientOptions ops;
+    ops.token = "ops-token-0123456789";
+    ops.tls = true;
+    ops.ca_file = cert_.cert;
+    return ops;
+  }
+
   std::filesystem::path dir_;
   testing::PemFiles cert_;
 };
+
+// Polls `sockets` until `expected` of them have been closed by the server (they read EOF or a
+// reset) or 5 s pass; which ones were.
+std::vector<bool> closed_by_server(std::vector<boost::asio::ip::tcp::socket>& sockets,
+                                   size_t expected) {
+  std::vector<bool> closed(sockets.size(), false);
+  size_t count = 0;
+  for (auto& socket : sockets) socket.non_blocking(true);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (count < expected && std::chrono::steady_clock::now() < deadline) {
+    for (size_t i = 0; i < sockets.size(); ++i) {
+      if (closed[i]) continue;
+      char byte = 0;
+      boost::system::error_code ec;
+      sockets[i].read_some(boost::asio::buffer(&byte, 1), ec);
+      if (ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset) {
+        closed[i] = true;
+        ++count;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return closed;
+}
 
 TEST_F(TenantServerTest, APublicAddressNeedsTokens) {
   Coordinator c = Coordinator::create(serving_config(1, 1, 4, 2, 16, 0)).value();
@@ -492,12 +534,8 @@ TEST_F(TenantServerTest, ConnectionsThatHangUpBeforeLoggingInLeaveAtOnce) {
 // closed at once, so a client from another address neither displaces nor is refused, and the
 // refused ones cannot pile up descriptors until login_timeout.
 TEST_F(TenantServerTest, ConnectionsRefusedForTheirAddressTakeNoPlace) {
-  ControlServerOptions so;
-  so.max_connections = 3;
+  ControlServerOptions so = tls_options(3);
   so.max_connections_per_address = 2;
-  so.login_timeout = std::chrono::minutes(10);
-  so.tls_cert_file = cert_.cert;
-  so.tls_key_file = cert_.key;
   ServedWithTenants served(so);
   const uint16_t port = served.server().port();
   boost::asio::io_context io;
@@ -511,22 +549,9 @@ TEST_F(TenantServerTest, ConnectionsRefusedForTheirAddressTakeNoPlace) {
   while (served.server().stats().address_refused_connections < 10) std::this_thread::yield();
   EXPECT_EQ(served.server().stats().connections, 2u);
   // Nor do they hold a descriptor each until login_timeout: the server closed them at once.
-  for (size_t i = 2; i < flood.size(); ++i) {
-    flood[i].non_blocking(true);
-    boost::system::error_code ec = boost::asio::error::would_block;
-    char byte = 0;
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (ec == boost::asio::error::would_block && std::chrono::steady_clock::now() < deadline) {
-      flood[i].read_some(boost::asio::buffer(&byte, 1), ec);
-      if (ec == boost::asio::error::would_block) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    EXPECT_TRUE(ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset)
-        << "flood connection " << i << ": " << ec.message();
-  }
-  ControlClientOptions ops;
-  ops.token = "ops-token-0123456789";
-  ops.tls = true;
-  ops.ca_file = cert_.cert;
+  const std::vector<bool> closed = closed_by_server(flood, 10);
+  for (size_t i = 2; i < flood.size(); ++i) EXPECT_TRUE(closed[i]) << "flood connection " << i;
+  const ControlClientOptions ops = ops_over_tls();
   auto client = ControlClient::connect("127.0.0.1", port, ops);
   ASSERT_TRUE(client.ok()) << client.status();
   EXPECT_TRUE(client->call(R"({"op":"stats"})").ok());
@@ -538,17 +563,9 @@ TEST_F(TenantServerTest, ConnectionsRefusedForTheirAddressTakeNoPlace) {
 // at most max_connections such refusals wait, and further newcomers are closed at once, so a
 // flood of connections that never handshake cannot pile up descriptors until login_timeout.
 TEST_F(TenantServerTest, RefusalsWaitingForAHandshakeAreBounded) {
-  ControlServerOptions so;
-  so.max_connections = 2;
-  so.login_timeout = std::chrono::minutes(10);
-  so.tls_cert_file = cert_.cert;
-  so.tls_key_file = cert_.key;
-  ServedWithTenants served(so);
+  ServedWithTenants served(tls_options(2));
   const uint16_t port = served.server().port();
-  ControlClientOptions ops;
-  ops.token = "ops-token-0123456789";
-  ops.tls = true;
-  ops.ca_file = cert_.cert;
+  const ControlClientOptions ops = ops_over_tls();
   std::vector<ControlClient> clients;
   for (int i = 0; i < 2; ++i) clients.push_back(ControlClient::connect("127.0.0.1", port, ops).value());
   boost::asio::io_context io;
@@ -557,24 +574,8 @@ TEST_F(TenantServerTest, RefusalsWaitingForAHandshakeAreBounded) {
     flood.emplace_back(io).connect({boost::asio::ip::make_address("127.0.0.1"), port});
   }
   while (served.server().stats().refused_connections < 10) std::this_thread::yield();
-  // Polls every socket until eight have been closed (or 5 s pass): a closed one reads EOF.
-  std::vector<bool> is_closed(flood.size(), false);
-  int closed = 0;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  for (auto& socket : flood) socket.non_blocking(true);
-  while (closed < 8 && std::chrono::steady_clock::now() < deadline) {
-    for (size_t i = 0; i < flood.size(); ++i) {
-      if (is_closed[i]) continue;
-      char byte = 0;
-      boost::system::error_code ec;
-      flood[i].read_some(boost::asio::buffer(&byte, 1), ec);
-      if (ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset) {
-        is_closed[i] = true;
-        ++closed;
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
+  const std::vector<bool> is_closed = closed_by_server(flood, 8);
+  const auto closed = std::count(is_closed.begin(), is_closed.end(), true);
   EXPECT_EQ(closed, 8) << "two refusals wait for their handshake, the rest are closed";
   for (size_t i = 0; i < flood.size(); ++i) {  // the two waiting ones are still open
     if (is_closed[i]) continue;
