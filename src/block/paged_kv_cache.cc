@@ -540,7 +540,7 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq) {
 }
 
 Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
-                                                 size_t window_tokens) {
+                                                 size_t window_tokens, size_t uncomputed_from) {
   KVF_RETURN_IF_ERROR(init_status_);
   const uint32_t slot = slot_of(seq);
   if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
@@ -554,13 +554,13 @@ Result<size_t> PagedKvCache::apply_streaming_llm(SeqId seq, size_t sink_tokens,
   const detail::CompactionPlan plan = detail::plan_streaming_compaction(
       info->num_tokens, layout_.block_size, sink_tokens, window_tokens);
   const size_t dropped = info->num_tokens - keep;
-  KVF_RETURN_IF_ERROR(compact(slot, plan, keep));
+  KVF_RETURN_IF_ERROR(compact(slot, plan, keep, 0, uncomputed_from));
   stats_.streaming_evicted_tokens += dropped;
   return dropped;
 }
 
 Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> positions,
-                                           size_t own_blocks) {
+                                           size_t own_blocks, size_t uncomputed_from) {
   KVF_RETURN_IF_ERROR(init_status_);
   const uint32_t slot = slot_of(seq);
   if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
@@ -587,23 +587,26 @@ Result<size_t> PagedKvCache::retain_tokens(SeqId seq, std::span<const size_t> po
   const detail::CompactionPlan plan =
       detail::plan_token_retention(info->num_tokens, layout_.block_size, positions);
   const size_t dropped = info->num_tokens - positions.size();
-  KVF_RETURN_IF_ERROR(compact(slot, plan, positions.size(), own_blocks));
+  KVF_RETURN_IF_ERROR(compact(slot, plan, positions.size(), own_blocks, uncomputed_from));
   stats_.selection_evicted_tokens += dropped;
   return dropped;
 }
 
 Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep,
-                             size_t own_blocks) {
+                             size_t own_blocks, size_t uncomputed_from) {
   SequenceInfo& info = table_->at(seq_slot);
   const std::vector<BlockId>& old_table = info.block_ids;
   // A block that receives moved tokens must be private to this sequence, and so must the first
-  // `own_blocks`; a shared one is replaced by a fresh block that first gets the tokens the shared
-  // block kept in place.
+  // `own_blocks` and those the next forward pass writes into; a shared one is replaced by a fresh
+  // block that first gets the computed tokens the shared block kept in place.
   const size_t bs = layout_.block_size;
   std::vector<bool> must_own(plan.base_index.size(), false);
   for (const auto& move : plan.moves)
     must_own[move.dst_index] = true;
   std::fill_n(must_own.begin(), std::min(own_blocks, must_own.size()), true);
+  const size_t computed = std::min(keep, uncomputed_from);
+  for (size_t k = computed / bs; k < must_own.size(); ++k)
+    must_own[k] = true;
   size_t fresh_needed = 0;
   for (size_t k = 0; k < plan.base_index.size(); ++k) {
     if (must_own[k] && allocator_.ref_count(old_table[plan.base_index[k]]) > 1) ++fresh_needed;
@@ -632,8 +635,9 @@ Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& pl
     const BlockId fresh = take_block();
     new_table[k] = fresh;
     released.push_back(base);
-    // The slots of new block k that no move fills: those kept in place in the base block.
-    const size_t block_end = std::min(keep, (k + 1) * bs);
+    // The computed slots of new block k that no move fills: those kept in place in the base
+    // block (the forward pass fills the others).
+    const size_t block_end = std::min(computed, (k + 1) * bs);
     for (size_t slot = k * bs; slot < block_end;) {
       if (moved_slot[slot]) {
         ++slot;

@@ -346,13 +346,19 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   // keeps the K/V its key says. A sliding window (a sink and the newest tokens, whole blocks
   // dropped) keeps the window's blocks in place.
   const size_t sink = sliding && ranges.size() == 2 ? ranges.front().count : 0;
+  // The tokens not computed yet are kept, last: the blocks this step's forward pass writes them
+  // into become the sequence's own too, since a fork sharing them computes them over another
+  // context.
+  const size_t uncomputed = before - s.computed_tokens;
+  const size_t uncomputed_from = kept.size() - uncomputed;
   bool indexes = shares;
+  const size_t own_blocks = indexes ? c.budget / config_.cache.block_size : 0;
   Result<size_t> dropped =
-      sliding ? pool.apply_streaming_llm(seq, sink, ranges.back().count)
-              : pool.retain_tokens(seq, order, indexes ? c.budget / config_.cache.block_size : 0);
+      sliding ? pool.apply_streaming_llm(seq, sink, ranges.back().count, uncomputed_from)
+              : pool.retain_tokens(seq, order, own_blocks, uncomputed_from);
   if (!dropped.ok() && indexes) {
     indexes = false;  // no room for the copies sharing needs: compacted, not shared
-    dropped = pool.retain_tokens(seq, order);
+    dropped = pool.retain_tokens(seq, order, 0, uncomputed_from);
   }
   if (!dropped.ok()) {
     KVF_LOG_DEBUG(kCoordinator, "compaction of {} waits: {}", to_string(seq),
@@ -366,7 +372,6 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
       std::mismatch(table.begin(), table.end(), old_table.begin(), old_table.end()).first -
       table.begin());
   s.published_blocks = std::min(s.published_blocks, unchanged);
-  const size_t uncomputed = before - s.computed_tokens;  // kept, at the end
   s.num_tokens = kept.size();
   s.computed_tokens = kept.size() - uncomputed;
   if (c.policy.kind == quant::CompressionPolicy::Kind::kH2o) {

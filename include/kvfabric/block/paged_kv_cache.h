@@ -190,7 +190,12 @@ class PagedKvCache {
   //! kCompaction copies for retained tokens whose slot changed (none when the dropped span is a
   //! whole number of blocks). Returns the number of dropped tokens (0 if n <= sink + window).
   //! Positions change: store K before RoPE or re-rotate, as StreamingLLM requires.
-  Result<size_t> apply_streaming_llm(SeqId seq, size_t sink_tokens, size_t window_tokens);
+  //! `uncomputed_from`: the kept slots from there on (numbered after the compaction) hold tokens
+  //! whose K/V the next forward pass writes; the blocks holding them end up the sequence's own
+  //! (shared ones are copied), so that a fork sharing them never gets the compacted sequence's
+  //! K/V, which attends to other tokens, in the slots it computes itself.
+  Result<size_t> apply_streaming_llm(SeqId seq, size_t sink_tokens, size_t window_tokens,
+                                     size_t uncomputed_from = SIZE_MAX);
   //! Same, with the sink and window of the configured streaming_llm strategy.
   Result<size_t> apply_streaming_llm(SeqId seq);
 
@@ -204,8 +209,10 @@ class PagedKvCache {
   //! (quant::fill_dropped_slots), which moves far fewer. Returns the number of dropped tokens.
   //! As with StreamingLLM, positions change. The first `own_blocks` blocks of the new table end up
   //! the sequence's own even where no token moves into them (shared ones are copied), so that
-  //! they can be indexed as a compacted prefix.
-  Result<size_t> retain_tokens(SeqId seq, std::span<const size_t> positions, size_t own_blocks = 0);
+  //! they can be indexed as a compacted prefix; so do the blocks holding the slots from
+  //! `uncomputed_from` on, as for apply_streaming_llm.
+  Result<size_t> retain_tokens(SeqId seq, std::span<const size_t> positions, size_t own_blocks = 0,
+                               size_t uncomputed_from = SIZE_MAX);
 
   //! All sequence ids, ascending.
   [[nodiscard]] std::vector<SeqId> sequence_ids() const;
@@ -267,7 +274,7 @@ class PagedKvCache {
   //! Executes a compaction plan on a sequence that keeps `keep` tokens and counts it in the stats.
   //! OutOfMemory (nothing changed) if shared blocks cannot be replaced.
   Status compact(uint32_t seq_slot, const detail::CompactionPlan& plan, size_t keep,
-                 size_t own_blocks = 0);
+                 size_t own_blocks, size_t uncomputed_from);
   bool frees_a_block(const SequenceInfo& info) const;
   void remove_sequence(uint32_t slot);
 

@@ -190,6 +190,46 @@ TEST(TokenRetention, OwnBlocksAreCopiedEvenWhereNothingMoves) {
   EXPECT_EQ(cache.get_sequence(SeqId{4})->block_ids[0], shared_first);
 }
 
+// The blocks holding slots the next forward pass writes (from `uncomputed_from` on) become the
+// sequence's own, shared ones copied up to their last computed slot: a fork sharing them
+// computes its own K/V there, over other tokens.
+TEST(TokenRetention, BlocksTheForwardPassWritesAreTheSequencesOwn) {
+  PagedKvCache cache(8, 4, 1, 8);
+  testing::SlotModel slots(8, 4);
+  ASSERT_TRUE(cache.allocate(SeqId{1}, 12).ok());
+  slots.write(*cache.get_sequence(SeqId{1}), 0, token_ids(0, 12));
+  ASSERT_TRUE(cache.fork(SeqId{1}, SeqId{2}).ok());
+  const std::vector<BlockId> fork_table = cache.get_sequence(SeqId{2})->block_ids;
+  // Dropping tokens 0-3 of 12 (the last 2 not computed yet) moves nothing into blocks 1 and 2.
+  std::vector<size_t> keep = {8, 9, 10, 11, 4, 5, 6, 7};
+  ASSERT_TRUE(cache.retain_tokens(SeqId{1}, keep, 0, 6).ok());
+  const SequenceInfo* seq = cache.get_sequence(SeqId{1});
+  ASSERT_EQ(seq->block_ids.size(), 2u);
+  EXPECT_NE(seq->block_ids[1], fork_table[1]);  // slots 6 and 7 are written next: a copy
+  const std::vector<TokenCopy> copies = cache.take_pending_copies();
+  slots.apply(copies);
+  // The copy brings the computed slots 4 and 5 only.
+  const std::vector<int64_t> read = slots.read(*seq);
+  EXPECT_EQ(std::vector<int64_t>(read.begin(), read.begin() + 6),
+            tokens_at(token_ids(0, 12), std::vector<size_t>(keep.begin(), keep.begin() + 6)));
+  uint32_t copied_into_block1 = 0;
+  for (const TokenCopy& c : copies) copied_into_block1 += c.dst_block == seq->block_ids[1] ? c.num_tokens : 0;
+  EXPECT_EQ(copied_into_block1, 2u);
+  EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{2})), token_ids(0, 12));  // the fork is intact
+  EXPECT_TRUE(cache.verify_integrity().ok());
+
+  // A sliding window likewise: block-aligned, it would keep the window's blocks in place.
+  ASSERT_TRUE(cache.free(SeqId{1}).ok());
+  ASSERT_TRUE(cache.free(SeqId{2}).ok());
+  ASSERT_TRUE(cache.allocate(SeqId{3}, 12).ok());
+  ASSERT_TRUE(cache.fork(SeqId{3}, SeqId{4}).ok());
+  const std::vector<BlockId> window_fork = cache.get_sequence(SeqId{4})->block_ids;
+  ASSERT_TRUE(cache.apply_streaming_llm(SeqId{3}, 0, 8, 6).ok());
+  EXPECT_EQ(cache.get_sequence(SeqId{3})->block_ids[0], window_fork[1]);  // computed: shared
+  EXPECT_NE(cache.get_sequence(SeqId{3})->block_ids[1], window_fork[2]);
+  EXPECT_TRUE(cache.verify_integrity().ok());
+}
+
 // Random selections on random tables with forks: every kept token reads back in order, sharers
 // never change, and freeing everything returns every block.
 TEST(TokenRetention, RandomSelectionsWithSharers) {

@@ -181,6 +181,43 @@ TEST(CompressionTest, StreamingKeepsTheSinksAndTheNewestTokensBitExact) {
   EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
+// Regression: a sliding window kept the blocks of its newest tokens in place, even one shared
+// with a fork and holding tokens not computed yet: the forward pass then wrote the compacted
+// sequence's K/V (attending to the sink and the window only) and the fork's (attending to
+// everything) into the same slots.
+TEST(CompressionTest, ACompactionNeverLeavesTheSlotsItsForwardPassWritesShared) {
+  Config config = serving_config(1, 1, 4, 2, 8, 0);
+  config.cache.block_size = 4;
+  auto coordinator = Coordinator::create(config);
+  ASSERT_TRUE(coordinator.ok());
+  Coordinator& c = *coordinator;
+  AdmitOptions options;
+  options.compression = streaming(8, 2);
+  ASSERT_TRUE(c.admit(SeqId{1}, testing::token_run(8, 100), options).ok());
+  ASSERT_TRUE(c.step().ok());      // the prefill
+  ASSERT_TRUE(c.step().ok());      // computed
+  ASSERT_TRUE(c.append(SeqId{1}, 4).ok());  // a block of tokens the next forward pass computes
+  ASSERT_TRUE(c.fork(SeqId{1}, SeqId{2}).ok());
+  ASSERT_TRUE(c.append(SeqId{1}, 4).ok());
+  const auto plan = c.step();
+  ASSERT_TRUE(plan.ok());
+  ASSERT_FALSE(plan->compactions.empty());
+  // Every compacted table's blocks from its first uncomputed slot on are its own.
+  for (const StepPlan::Compaction& compaction : plan->compactions) {
+    const auto table = std::find_if(plan->tables.begin(), plan->tables.end(),
+                                    [&](const StepPlan::Table& t) { return t.seq == compaction.seq; });
+    ASSERT_NE(table, plan->tables.end());
+    ASSERT_EQ(table->first_block, 0u);
+    const SeqId other = compaction.seq == SeqId{1} ? SeqId{2} : SeqId{1};
+    const std::vector<BlockId> others = c.blocks_of(other);
+    for (size_t k = table->computed_tokens / 4; k < table->blocks.size(); ++k) {
+      EXPECT_THAT(others, ::testing::Not(::testing::Contains(table->blocks[k])))
+          << compaction.seq << "'s block " << k << " is " << other << "'s too";
+    }
+  }
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
 // The ranks' scores reach the coordinator through the plan's score requests; the heaviest
 // tokens survive, with the recent window.
 TEST(CompressionTest, H2oKeepsPlantedHeavyHittersFromTheRanksScores) {
