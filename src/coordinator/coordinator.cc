@@ -329,7 +329,8 @@ Coordinator::Relief Coordinator::plan_relief(uint32_t replica, const ReliefReque
       // The requester alone holds its shared tail now: it writes there instead of copying it.
       if (request.copied_tail == block && left == 1) --needed;
     }
-    relief.reachable = free_now + freed + index_->idle_blocks_after(replica, unused_cached);
+    relief.reachable =
+        free_now + freed + index_->idle_blocks_after(replica, unused_cached, request.reused);
   }
   relief.enough = relief.reachable >= needed;
   return relief;

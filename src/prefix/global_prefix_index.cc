@@ -79,18 +79,26 @@ bool GlobalPrefixIndex::is_indexed(uint32_t replica, BlockId block) const {
          replicas_[replica].node_of[block.value] != kNone;
 }
 
-size_t GlobalPrefixIndex::idle_blocks_after(uint32_t replica,
-                                            std::span<const BlockId> released) const {
+size_t GlobalPrefixIndex::idle_blocks_after(uint32_t replica, std::span<const BlockId> released,
+                                            std::span<const BlockId> pinned) const {
   const ReplicaState& rs = replicas_[replica];
   std::map<uint32_t, uint64_t> dropped;  // uses each holding's subtree would lose
   for (BlockId b : released) {
     if (!is_indexed(replica, b) || rs.in_use[b.value] == 0) continue;
     for (uint32_t n = rs.node_of[b.value]; n != 0; n = nodes_[n].parent) ++dropped[n];
   }
+  std::map<uint32_t, size_t> kept;  // blocks of each holding the request uses again
+  for (BlockId b : pinned) {
+    if (is_indexed(replica, b)) ++kept[rs.node_of[b.value]];
+  }
   size_t idle = rs.idle;
   for (const auto& [node, uses] : dropped) {
     const Holding* h = holding(node, replica);
-    if (h->subtree_used == uses) idle += h->blocks.size();
+    if (h->subtree_used != uses) continue;
+    // A holding the request reuses stays in use up to where its use ends: use() splits the
+    // rest off, which alone turns idle.
+    const auto reused = kept.find(node);
+    idle += h->blocks.size() - (reused == kept.end() ? 0 : reused->second);
   }
   return idle;
 }

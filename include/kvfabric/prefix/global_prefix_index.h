@@ -127,9 +127,12 @@ class GlobalPrefixIndex {
   [[nodiscard]] size_t idle_blocks(uint32_t replica) const;
   [[nodiscard]] bool is_indexed(uint32_t replica, BlockId block) const;
   //! What idle_blocks(replica) would be if the uses of `released` (indexed blocks in use on the
-  //! replica, each listed once) ended: a holding turns idle only when nothing below it is in use
-  //! either. Changes nothing; O(released · path length).
-  [[nodiscard]] size_t idle_blocks_after(uint32_t replica, std::span<const BlockId> released) const;
+  //! replica, each listed once) ended and a new use of `pinned` (a cached prefix of the replica,
+  //! root first, that a request shares) began: a holding turns idle only when nothing below it is
+  //! in use either, and a pinned block never does. Changes nothing; O((released + pinned) · path
+  //! length).
+  [[nodiscard]] size_t idle_blocks_after(uint32_t replica, std::span<const BlockId> released,
+                                         std::span<const BlockId> pinned = {}) const;
   //! Blocks evicted on `replica` since creation.
   [[nodiscard]] uint64_t evicted_blocks(uint32_t replica) const;
   //! Starts or stops recording KV events (KvEvent): each replica's stored and evicted blocks,

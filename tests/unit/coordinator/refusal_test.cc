@@ -132,6 +132,37 @@ TEST(RefusalTest, ACachedPrefixStillInUseBelowIsNotRoomARefusalCounts) {
       ErrorCode::kOutOfMemory, "admit S3: needs 3 blocks on replica 0, which has 1 available and could free 0 more");
 }
 
+// Regression: relief counted the cached prefix a newcomer shares as room its victim's exit would
+// free (nothing of the victim's used it any more, only a prefix hanging below it), so the admit
+// preempted its victim, then failed with an internal error for want of that room.
+TEST(RefusalTest, TheSharedPrefixIsNotRoomReliefCounts) {
+  Config config = serving_config(1, 1, 4, 2, 8, 0);
+  const std::vector<TokenId> shared = token_run(32, 1000);  // 2 blocks
+  auto setup = [&](Coordinator& c) {
+    // One step: S1 computes shared + 1 block and indexes it; S2 computes shared + 2 blocks from
+    // its own copy, and its 2 blocks are indexed under S1's copy of the shared part.
+    auto first = shared, second = shared;
+    const auto tail1 = token_run(16, 2000), tail2 = token_run(32, 3000);
+    first.insert(first.end(), tail1.begin(), tail1.end());
+    second.insert(second.end(), tail2.begin(), tail2.end());
+    ASSERT_TRUE(c.admit(SeqId{1}, first).ok());
+    ASSERT_TRUE(c.admit(SeqId{2}, second).ok());
+    ASSERT_TRUE(c.step().ok());
+    ASSERT_TRUE(c.free(SeqId{1}).ok());
+    ASSERT_TRUE(c.step().ok());
+  };
+  // The newcomer shares the 2 blocks and needs 7 more: displacing S2 frees its 2 private blocks
+  // and idles its 2 indexed ones, which with the free block and S1's idle one make 6, not 8.
+  auto request = [&](Coordinator& c) {
+    auto prompt = shared;
+    const auto rest = token_run(112, 5000);
+    prompt.insert(prompt.end(), rest.begin(), rest.end());
+    return c.admit(SeqId{3}, prompt, 1).status();
+  };
+  expect_refusal_changes_nothing(config, setup, request, ErrorCode::kOutOfMemory,
+                                 "admit S3: needs 7 blocks on replica 0");
+}
+
 // Regression: a cross-replica fork that could not fit parked another sequence first.
 TEST(RefusalTest, ARefusedCrossReplicaForkDisplacesNobody) {
   Config config = serving_config(2, 1, 4, 2, 8, 0);  // no host tier: victims would be parked

@@ -238,6 +238,18 @@ TEST(GlobalPrefixIndex, ADeeperBlockInUseKeepsItsIdleAncestorsCached) {
   const BlockId deeper = c.pool(0).get_sequence(SeqId{2})->block_ids[2];
   EXPECT_EQ(c.index().idle_blocks_after(0, std::vector<BlockId>{deeper}), 3u);
   EXPECT_EQ(c.index().idle_blocks_after(0, std::vector<BlockId>{}), 0u);
+  // A request that shares the first block keeps it in use: only the two below it turn idle (the
+  // holding is split where the shared part ends); sharing the whole path leaves only the third.
+  PrefixLookup lookup;
+  c.index().lookup(RadixKey(concat(a, token_run(4, 60)), kBlockSize), lookup);
+  std::vector<BlockId> path;
+  c.index().blocks_on(lookup, 0, 3, path);
+  EXPECT_EQ(c.index().idle_blocks_after(0, std::vector<BlockId>{deeper},
+                                        std::span(path).first(1)),
+            2u);
+  EXPECT_EQ(c.index().idle_blocks_after(0, std::vector<BlockId>{deeper},
+                                        std::span(path).first(2)),
+            1u);
   ASSERT_TRUE(c.pool(0).free(SeqId{2}).ok());
   EXPECT_EQ(c.index().idle_blocks(0), 3u);
   c.check();
