@@ -837,6 +837,8 @@ double Coordinator::load_of(uint32_t replica) const {
 }
 
 void Coordinator::refresh_loads() {
+  for (uint32_t r : index_->idle_changes()) mark_load(r);
+  index_->clear_idle_changes();
   for (uint32_t r : stale_loads_) {
     Replica& rep = replicas_[r];
     rep.load_stale = false;
@@ -1344,7 +1346,8 @@ Status Coordinator::verify_replica(uint32_t r) const {
                       std::to_string(index_->used_blocks(r)) + ")");
   }
   const Replica& rep = replicas_[r];
-  if (by_load_->count({rep.load, r}) == 0 || (!rep.load_stale && rep.load != load_of(r))) {
+  const bool stale = rep.load_stale || index_->idle_changed(r);
+  if (by_load_->count({rep.load, r}) == 0 || (!stale && rep.load != load_of(r))) {
     return Status(ErrorCode::kInternal, name + " is out of place in the load order");
   }
   return ok_status();

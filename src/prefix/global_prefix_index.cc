@@ -16,6 +16,7 @@ struct GlobalPrefixIndex::ReplicaState {
   size_t used = 0;    // of those, in use
   size_t idle = 0;    // blocks of holdings with an idle subtree
   uint64_t evicted = 0;
+  bool idle_changed = false;  // listed in idle_changes_
 };
 
 size_t GlobalPrefixIndex::cached_blocks(uint32_t replica) const { return replicas_[replica].cached; }
@@ -101,6 +102,15 @@ size_t GlobalPrefixIndex::idle_blocks_after(uint32_t replica, std::span<const Bl
     idle += h->blocks.size() - (reused == kept.end() ? 0 : reused->second);
   }
   return idle;
+}
+
+bool GlobalPrefixIndex::idle_changed(uint32_t replica) const {
+  return replicas_[replica].idle_changed;
+}
+
+void GlobalPrefixIndex::clear_idle_changes() {
+  for (uint32_t r : idle_changes_) replicas_[r].idle_changed = false;
+  idle_changes_.clear();
 }
 
 size_t GlobalPrefixIndex::node_blocks(uint32_t node) const {
@@ -381,7 +391,13 @@ uint32_t GlobalPrefixIndex::split(uint32_t node, size_t blocks) {
     if (lower.in_victims) rs.victims.erase(VictimKey{lower.last_access, lower.serial, node});
     lower.own_used -= front_used;
     lower.subtree_used -= front_used;
-    if (!was_idle && lower.subtree_used == 0) rs.idle += lower.blocks.size();
+    if (!was_idle && lower.subtree_used == 0) {
+      rs.idle += lower.blocks.size();
+      if (!rs.idle_changed) {  // on behalf of whichever replica split the node: tell the owner
+        rs.idle_changed = true;
+        idle_changes_.push_back(r);
+      }
+    }
     lower.in_victims = evictable(lower);
     if (lower.in_victims) rs.victims.insert(VictimKey{lower.last_access, lower.serial, node});
   }

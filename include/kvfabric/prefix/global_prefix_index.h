@@ -133,6 +133,12 @@ class GlobalPrefixIndex {
   //! length).
   [[nodiscard]] size_t idle_blocks_after(uint32_t replica, std::span<const BlockId> released,
                                          std::span<const BlockId> pinned = {}) const;
+  //! The replicas whose idle_blocks() grew in a split since clear_idle_changes(), each once: a
+  //! split made for one replica (use(), insert(), eviction) can leave the rest of another
+  //! replica's holding idle, and that replica's owner, who did not act, learns it here.
+  [[nodiscard]] std::span<const uint32_t> idle_changes() const { return idle_changes_; }
+  [[nodiscard]] bool idle_changed(uint32_t replica) const;
+  void clear_idle_changes();
   //! Blocks evicted on `replica` since creation.
   [[nodiscard]] uint64_t evicted_blocks(uint32_t replica) const;
   //! Starts or stops recording KV events (KvEvent): each replica's stored and evicted blocks,
@@ -271,6 +277,7 @@ class GlobalPrefixIndex {
   GlobalPrefixOptions options_;
   std::deque<Node> nodes_;  // 0 is the root; a deque keeps references stable as it grows
   std::vector<uint32_t> free_slots_;
+  std::vector<uint32_t> idle_changes_;
   size_t spare_tokens_ = 0;  // edge capacity the free slots keep, in tokens
   std::vector<ReplicaState> replicas_;
   std::vector<std::unique_ptr<Retainer>> retainers_;

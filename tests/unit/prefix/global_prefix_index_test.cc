@@ -90,6 +90,36 @@ TEST(GlobalPrefixIndex, RefusesBadOptions) {
   EXPECT_FALSE(GlobalPrefixIndex::create({4, 0, 8}).ok());
 }
 
+// A node is split for one replica where others hold it too. Regression: when another replica
+// used only the front of its holding (its sequence had let go of the rest), the split left that
+// rest idle and nobody told its owner, whose load then went stale.
+TEST(GlobalPrefixIndex, ASplitForOneReplicaReportsTheIdleBlocksItGaveAnother) {
+  Cluster c(2, 16);
+  const Tokens prompt = token_run(16, 100);  // 4 blocks
+  for (uint32_t r = 0; r < 2; ++r) {
+    c.admit(r, 1, prompt);
+    c.index_prompt(r, 1, prompt);
+  }
+  // Replica 1's sequence keeps its first 2 blocks: it uses the front of its holding only.
+  std::vector<size_t> front(8);
+  for (size_t i = 0; i < front.size(); ++i) front[i] = i;
+  ASSERT_TRUE(c.pool(1).retain_tokens(SeqId{1}, front).ok());
+  EXPECT_EQ(c.index().idle_blocks(1), 0u);  // the holding is still in use as a whole
+  c.index().clear_idle_changes();
+  // Replica 0 shares the first 3 blocks of the node: it is split there for both replicas, and
+  // replica 1's last block turns idle.
+  ASSERT_TRUE(c.pool(0).free(SeqId{1}).ok());
+  c.admit(0, 2, token_run(12, 100));
+  EXPECT_EQ(c.index().idle_blocks(1), 1u);
+  EXPECT_TRUE(c.index().idle_changed(1));
+  EXPECT_EQ(std::vector<uint32_t>(c.index().idle_changes().begin(), c.index().idle_changes().end()),
+            std::vector<uint32_t>{1});
+  c.index().clear_idle_changes();
+  EXPECT_FALSE(c.index().idle_changed(1));
+  EXPECT_TRUE(c.index().idle_changes().empty());
+  c.check();
+}
+
 TEST(GlobalPrefixIndex, EachReplicaSeesItsOwnBlocksOfOnePath) {
   Cluster c(3, 16);
   const Tokens prompt = token_run(12, 100);
