@@ -76,26 +76,32 @@ class EngineModel {
     if (placement.compressed_tokens > 0) {
       // Served the kept prompt of an identical request: the tokens its compaction kept.
       const auto kept = compacted_prompts_.find(s.tokens);
-      if (kept == compacted_prompts_.end() || kept->second.size() != placement.compressed_tokens) {
+      if (kept == compacted_prompts_.end() ||
+          kept->second.origin.size() != placement.compressed_tokens) {
         if (plan_error_.empty()) {
           plan_error_ = "engine model: " + to_string(seq) + " was served a compacted prompt of " +
                         std::to_string(placement.compressed_tokens) +
                         " tokens that no compaction of its prompt kept";
         }
         s.origin.assign(placement.compressed_tokens, 0);
+        s.kv.assign(placement.compressed_tokens, 0);
       } else {
-        s.origin = kept->second;
+        s.origin = kept->second.origin;
+        s.kv = kept->second.kv;
       }
       s.computed = placement.compressed_tokens;
       return;
     }
     s.origin.resize(prompt.size());
     std::iota(s.origin.begin(), s.origin.end(), size_t{0});
+    s.kv.assign(prompt.size(), 0);
+    compute_kv(s, 0, s.computed);  // the cached prefix: what any sequence of this prompt computed
   }
   void appended(SeqId seq, std::span<const TokenId> tokens) {
     Seq& s = seqs_.at(seq);
     for (TokenId token : tokens) {
       s.origin.push_back(s.tokens.size());
+      s.kv.push_back(0);
       s.tokens.push_back(token);
     }
   }
@@ -105,6 +111,9 @@ class EngineModel {
   [[nodiscard]] const std::vector<TokenId>& tokens(SeqId seq) const { return seqs_.at(seq).tokens; }
   //! Where each cached token of `seq` was in its token list (compaction drops some).
   [[nodiscard]] const std::vector<size_t>& origins(SeqId seq) const { return seqs_.at(seq).origin; }
+  //! What the K/V of each cached position of `seq` is made from (testing::token_kv's first
+  //! argument), for positions computed.
+  [[nodiscard]] const std::vector<uint64_t>& kv_hashes(SeqId seq) const { return seqs_.at(seq).kv; }
 
   //! Takes in a plan: preempted sequences lose their K/V (the workload re-admits them). Each
   //! table's computed-token count must be what the engine itself knows is computed: the plan
@@ -116,14 +125,17 @@ class EngineModel {
       if (it == seqs_.end()) continue;
       Seq& s = it->second;
       std::vector<size_t> kept_origin;
+      std::vector<uint64_t> kept_kv;
       size_t kept_computed = 0;
       for (const auto& range : c.kept) {
         for (uint64_t pos = range.first; pos < range.first + range.count; ++pos) {
           kept_origin.push_back(s.origin.at(pos));
+          kept_kv.push_back(s.kv.at(pos));
           if (pos < s.computed) ++kept_computed;
         }
       }
       s.origin = std::move(kept_origin);
+      s.kv = std::move(kept_kv);
       s.computed = kept_computed;
       remember_compacted_prompt(s);
     }
@@ -161,6 +173,7 @@ class EngineModel {
                                 std::to_string(table.num_tokens));
       }
       const size_t n = table.num_tokens - s.computed;
+      compute_kv(s, s.computed, table.num_tokens);
       std::vector<int64_t> slots(n);
       for (size_t i = 0; i < n; ++i) {
         const size_t pos = s.computed + i;
@@ -209,7 +222,9 @@ class EngineModel {
   void computed_everywhere() {
     for (const auto& [seq, num_tokens] : live_) {
       const auto it = seqs_.find(seq);
-      if (it != seqs_.end()) it->second.computed = std::max<size_t>(it->second.computed, num_tokens);
+      if (it == seqs_.end() || it->second.computed >= num_tokens) continue;
+      compute_kv(it->second, it->second.computed, num_tokens);
+      it->second.computed = num_tokens;
     }
   }
 
@@ -264,8 +279,27 @@ class EngineModel {
     std::vector<TokenId> tokens;
     size_t prompt_size = 0;
     std::vector<size_t> origin;  // cached position -> index in tokens (identity until compacted)
+    std::vector<uint64_t> kv;    // cached position -> what its K/V is made from, once computed
     size_t computed = 0;         // cached positions with K/V
   };
+  struct KeptPrompt {
+    std::vector<size_t> origin;
+    std::vector<uint64_t> kv;
+  };
+
+  // Computes positions [first, end) of `s`, as a forward pass does: a token's K/V depends on the
+  // token and on the K/V of every position cached before it. Uncompacted, that is a function of
+  // the token history (what prefix sharing relies on); after a compaction, the tokens computed
+  // next attend to the kept tokens only, and their K/V differ from an uncompacted copy's.
+  static void compute_kv(Seq& s, size_t first, size_t end) {
+    uint64_t context = 0;
+    for (size_t pos = 0; pos < end; ++pos) {
+      if (pos >= first) {
+        s.kv[pos] = splitmix64(context ^ (static_cast<uint64_t>(s.tokens[s.origin[pos]]) << 1));
+      }
+      context = splitmix64(context + s.kv[pos]);
+    }
+  }
 
   // A compaction that laid the kept prompt out first (SnapKV) may be shared with identical
   // requests: what it kept, by prompt. The tests' scores depend on the prompt alone wherever
@@ -276,7 +310,9 @@ class EngineModel {
     if (std::any_of(prompt_end, s.origin.end(), [&](size_t o) { return o < s.prompt_size; })) return;
     const std::vector<TokenId> prompt(s.tokens.begin(),
                                       s.tokens.begin() + static_cast<ptrdiff_t>(s.prompt_size));
-    compacted_prompts_[prompt].assign(s.origin.begin(), prompt_end);
+    const auto kept = static_cast<size_t>(prompt_end - s.origin.begin());
+    compacted_prompts_[prompt] = {std::vector<size_t>(s.origin.begin(), prompt_end),
+                                  std::vector<uint64_t>(s.kv.begin(), s.kv.begin() + static_cast<ptrdiff_t>(kept))};
   }
 
   // A tensor where the rank's kernels read or write it: the host vector itself, or (with a
@@ -308,18 +344,12 @@ class EngineModel {
   };
 
   // K and V of cached positions [first, first + n) for the rank's KV heads: [n, local heads,
-  // head_dim]. A token's K/V is a function of its whole token history, also once compaction
-  // dropped some of the tokens before it.
+  // head_dim], from what compute_kv() made them of.
   void fill(const Seq& s, size_t first, size_t n, uint32_t layer, const RankLayout& l, float* k,
             float* v) const {
     const uint32_t hd = config_.model.head_dim;
-    // Compactions that fill dropped slots leave the origins out of order.
-    const auto origins = std::span(s.origin).subspan(first, n);
-    std::vector<uint64_t> prefix_hash(n == 0 ? 0 : *std::max_element(origins.begin(), origins.end()) + 1);
-    uint64_t h = 0;
-    for (size_t i = 0; i < prefix_hash.size(); ++i) prefix_hash[i] = h = splitmix64(h ^ s.tokens[i]);
     for (size_t pos = first; pos < first + n; ++pos) {
-      h = prefix_hash[s.origin[pos]];
+      const uint64_t h = s.kv[pos];
       for (uint32_t head = 0; head < l.num_kv_heads; ++head) {
         for (uint32_t d = 0; d < hd; ++d) {
           const size_t at = ((pos - first) * l.num_kv_heads + head) * hd + d;
@@ -333,7 +363,7 @@ class EngineModel {
   Config config_;
   std::map<SeqId, Seq> seqs_;
   std::map<SeqId, uint64_t> live_;  // running sequences and their lengths, every replica
-  std::map<std::vector<TokenId>, std::vector<size_t>> compacted_prompts_;
+  std::map<std::vector<TokenId>, KeptPrompt> compacted_prompts_;
   std::string plan_error_;          // the first table whose computed-token count was wrong
   Backend* device_ = nullptr;       // see use_device_buffers()
 };

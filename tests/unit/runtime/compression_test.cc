@@ -693,12 +693,9 @@ TEST(CompressionTest, DecodeOverACompactedSequenceEqualsFp64OverTheKeptRows) {
   r.decode(seq);
   ASSERT_TRUE(r.step());
   ASSERT_EQ(r.coordinator.stats().compactions, 1u);
-  const std::vector<size_t>& origins = r.engine.origins(seq);
-  const auto n = static_cast<uint32_t>(origins.size());
+  const std::vector<uint64_t>& kv_hashes = r.engine.kv_hashes(seq);
+  const auto n = static_cast<uint32_t>(kv_hashes.size());
   const uint32_t hd = 64, q_heads = 4, kv_heads = 2, layer = 1;
-  std::vector<uint64_t> prefix(r.engine.tokens(seq).size());
-  uint64_t h = 0;
-  for (size_t i = 0; i < prefix.size(); ++i) prefix[i] = h = splitmix64(h ^ r.engine.tokens(seq)[i]);
 
   std::mt19937 rng(5);
   const std::vector<float> query = testing::random_normal(q_heads * hd, rng);
@@ -725,8 +722,8 @@ TEST(CompressionTest, DecodeOverACompactedSequenceEqualsFp64OverTheKeptRows) {
     std::vector<double> k(size_t{n} * hd), v(k.size()), q(hd), weights;
     for (uint32_t t = 0; t < n; ++t) {
       for (uint32_t d = 0; d < hd; ++d) {
-        k[size_t{t} * hd + d] = testing::token_kv(prefix[origins[t]], layer, kvh, d, false);
-        v[size_t{t} * hd + d] = testing::token_kv(prefix[origins[t]], layer, kvh, d, true);
+        k[size_t{t} * hd + d] = testing::token_kv(kv_hashes[t], layer, kvh, d, false);
+        v[size_t{t} * hd + d] = testing::token_kv(kv_hashes[t], layer, kvh, d, true);
       }
     }
     for (uint32_t d = 0; d < hd; ++d) q[d] = query[qh * hd + d];
