@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "kvfabric/coordinator/coordinator.h"
+#include "testing/property_env.h"
+#include "testing/random_client.h"
 #include "testing/serving_harness.h"
 
 namespace kvfabric {
@@ -255,6 +257,53 @@ TEST(RefusalTest, APlanThatGathersTooMuchBeforeAStepRefusesMore) {
   ASSERT_TRUE(plan.ok());
   ASSERT_EQ(plan->tables.size(), 1u);
   EXPECT_EQ(plan->tables[0].seq, SeqId{1});
+}
+
+// Random clients against twin coordinators: every call runs on the first, and on the second
+// only when the first accepted it. After a refusal both must look alike, and after every call
+// and step the first must pass its integrity check and both must plan alike. (Such a client
+// found that relief counted a shared prefix as room, and a split that left another replica's
+// load stale.)
+TEST(RefusalProperty, RefusedCallsChangeNothingForRandomClients) {
+  SCOPED_TRACE(testing::property_trace());
+  const uint64_t first = testing::property_seed(1);
+  uint64_t refusals = 0;
+  for (uint64_t seed = first; seed < first + testing::property_count(1500); ++seed) {
+    testing::RandomClient client(seed);
+    auto refused = Coordinator::create(client.config()), twin = Coordinator::create(client.config());
+    ASSERT_TRUE(refused.ok() && twin.ok()) << refused.status();
+    for (int call_index = 0; call_index < 300; ++call_index) {
+      const testing::ClientCall call = client.next();
+      const std::string where = "seed " + std::to_string(seed) + ", call " +
+                                std::to_string(call_index) + " (" + call.describe() + ")";
+      if (call.kind == testing::ClientCall::Kind::kStep) {
+        const auto a = refused->step(), b = twin->step();
+        ASSERT_TRUE(a.ok() && b.ok()) << where;
+        ASSERT_EQ(*a, *b) << where;
+        for (const StepPlan::ScoreRequest& request : a->score_requests) {
+          std::vector<double> scores(refused->tokens_of(request.seq));
+          for (size_t i = 0; i < scores.size(); ++i) scores[i] = static_cast<double>((request.seq.value * 31 + i * 17) % 13);
+          ASSERT_EQ(refused->report_attention(request.seq, a->step, scores),
+                    twin->report_attention(request.seq, b->step, scores)) << where;
+        }
+      } else {
+        const Status status = testing::RandomClient::apply(call, *refused);
+        ASSERT_TRUE(status.code() != ErrorCode::kInternal) << where << ": " << status;
+        if (status.ok()) {
+          const Status again = testing::RandomClient::apply(call, *twin);
+          ASSERT_TRUE(again.ok()) << where << ": the twin refused " << again;
+        } else {
+          ++refusals;
+          ASSERT_EQ(observe(*refused, testing::RandomClient::kSequences),
+                    observe(*twin, testing::RandomClient::kSequences))
+              << where << " was refused (" << status << ") but changed the coordinator";
+        }
+      }
+      const Status integrity = refused->verify_integrity();
+      ASSERT_TRUE(integrity.ok()) << where << ": " << integrity;
+    }
+  }
+  EXPECT_GT(refusals, 1000u);
 }
 
 }  // namespace
