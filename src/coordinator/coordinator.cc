@@ -1097,8 +1097,13 @@ std::optional<std::string_view> Coordinator::tenant_of(SeqId seq) const {
   return tenants_[s->tenant].name;
 }
 
-void Coordinator::set_tenant_quota(const std::string& tenant, const TenantQuota& quota) {
+Status Coordinator::set_tenant_quota(const std::string& tenant, const TenantQuota& quota) {
+  if (const std::string conflict = quota_conflict(quota); !conflict.empty()) {
+    return invalid_argument("set_tenant_quota '" + tenant + "': " + conflict +
+                            "; nothing was changed");
+  }
   tenants_[tenant_index(tenant)].own_quota = quota;
+  return ok_status();
 }
 
 TenantQuota Coordinator::tenant_quota(std::string_view tenant) const {

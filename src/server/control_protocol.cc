@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvfabric/common/check.h"
 #include "kvfabric/common/version.h"
 #include "kvfabric/server/metrics.h"
 
@@ -412,7 +413,9 @@ ControlProtocol::ControlProtocol(Coordinator& coordinator, PlanSink sink,
       events_(options.event_queue_batches) {
   if (options_.tenants == nullptr) return;
   for (const TenantEntry& tenant : options_.tenants->entries()) {
-    if (tenant.quota) coordinator_->set_tenant_quota(tenant.name, *tenant.quota);
+    if (!tenant.quota) continue;
+    const Status set = coordinator_->set_tenant_quota(tenant.name, *tenant.quota);
+    KVF_CHECK(set.ok(), set.message());  // the tenants file refused such quotas when it was read
   }
 }
 

@@ -258,8 +258,9 @@ class Coordinator {
   //! The tenant a live sequence belongs to (nullopt when unknown).
   [[nodiscard]] std::optional<std::string_view> tenant_of(SeqId seq) const;
   //! Gives `tenant` its own quota instead of the config's `tenants` defaults. It bounds what the
-  //! tenant asks for next; what it holds already stays.
-  void set_tenant_quota(const std::string& tenant, const TenantQuota& quota);
+  //! tenant asks for next; what it holds already stays. InvalidArgument (nothing changes) for a
+  //! quota that contradicts itself (quota_conflict), as the config and a tenants file refuse it.
+  Status set_tenant_quota(const std::string& tenant, const TenantQuota& quota);
   [[nodiscard]] TenantQuota tenant_quota(std::string_view tenant) const;
   //! A tenant's statistics (zeros for a tenant that never asked for anything).
   [[nodiscard]] TenantStats tenant_stats(std::string_view tenant) const;

@@ -473,7 +473,7 @@ void bind_coordinator(py::module_& m) {
       .def(
           "set_tenant_quota",
           [](PyCoordinator& self, const std::string& tenant, const TenantQuota& quota) {
-            self.locked([&](Coordinator& c) { c.set_tenant_quota(tenant, quota); });
+            check(self.locked([&](Coordinator& c) { return c.set_tenant_quota(tenant, quota); }));
           },
           py::arg("tenant"), py::arg("quota"))
       .def("tenants", [](PyCoordinator& self) { return self.locked([](Coordinator& c) { return c.tenants(); }); })

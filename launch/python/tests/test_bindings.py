@@ -243,6 +243,9 @@ def test_a_refused_batch_append_says_how_far_it_got(config):
 def test_tenants_and_quotas(config):
     c = kvfabric.Coordinator(config)
     c.set_tenant_quota("team-a", kvfabric.TenantQuota(max_sequences=1))
+    with pytest.raises(kvfabric.InvalidArgumentError, match="max_host_blocks"):
+        c.set_tenant_quota("team-a", kvfabric.TenantQuota(max_blocks=2, max_host_blocks=3))
+    assert c.tenant_quota("team-a").max_sequences == 1
     c.admit(1, list(range(20)), tenant="team-a")
     with pytest.raises(kvfabric.ResourceExhaustedError, match="max_sequences"):
         c.admit(2, list(range(20)), tenant="team-a")

@@ -159,9 +159,16 @@ TEST(TenantQuotaTest, QuotasRefuseWhatWouldPassThemAndChangeNothing) {
   Config config = serving_config(1, 1, 4, 4, 64, 0);
   config.tenants.max_sequences = 3;
   auto c = Coordinator::create(config).value();
-  c.set_tenant_quota("small", TenantQuota{4, 0, 0});
+  ASSERT_TRUE(c.set_tenant_quota("small", TenantQuota{4, 0, 0}).ok());
   EXPECT_EQ(c.tenant_quota("small").max_blocks, 4u);
   EXPECT_EQ(c.tenant_quota("anyone").max_sequences, 3u);
+  // A quota that contradicts itself is refused, as in the config or a tenants file.
+  const Status contradiction = c.set_tenant_quota("small", TenantQuota{4, 5, 0});
+  EXPECT_EQ(contradiction.code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(contradiction.message(),
+            "set_tenant_quota 'small': max_host_blocks (5) exceeds max_blocks (4), which counts "
+            "host blocks too; nothing was changed");
+  EXPECT_EQ(c.tenant_quota("small"), (TenantQuota{4, 0, 0}));
 
   // max_blocks (its own quota): 3 blocks, then 2 more would be 5 > 4.
   admit_ok(c, 1, token_run(3 * kBlock, 1), as("small"));
@@ -211,7 +218,7 @@ TEST(TenantQuotaTest, APriorityAboveTheTenantsMaximumIsRefused) {
   high.priority = 2;
   admit_ok(c, 1, token_run(kBlock, 1), high);
   EXPECT_EQ(c.set_priority(SeqId{1}, 7).code(), ErrorCode::kInvalidArgument);
-  c.set_tenant_quota("t", TenantQuota{0, 0, 0, 7});
+  ASSERT_TRUE(c.set_tenant_quota("t", TenantQuota{0, 0, 0, 7}).ok());
   EXPECT_TRUE(c.set_priority(SeqId{1}, 7).ok());
 }
 
@@ -220,7 +227,7 @@ TEST(TenantQuotaTest, ARefusalForQuotaChangesNoPlan) {
   Config config = serving_config(1, 1, 4, 4, 8, 0);
   auto build = [&] {
     auto c = Coordinator::create(config).value();
-    c.set_tenant_quota("t", TenantQuota{6, 0, 0});
+    EXPECT_TRUE(c.set_tenant_quota("t", TenantQuota{6, 0, 0}).ok());
     admit_ok(c, 1, token_run(4 * kBlock, 1), as("t"));
     admit_ok(c, 2, token_run(4 * kBlock, 500), as("other"));
     return c;
@@ -267,7 +274,7 @@ TEST(TenantFairnessTest, TheTenantHoldingTheMostBlocksGivesWayFirst) {
 TEST(TenantQuotaTest, AVictimAtItsHostQuotaIsPreemptedInsteadOfSwapped) {
   Config config = serving_config(1, 1, 4, 4, 4, 16);
   auto c = Coordinator::create(config).value();
-  c.set_tenant_quota("capped", TenantQuota{0, 1, 0});
+  ASSERT_TRUE(c.set_tenant_quota("capped", TenantQuota{0, 1, 0}).ok());
   admit_ok(c, 1, token_run(2 * kBlock, 1), as("capped"));  // 2 blocks > its 1 host block
   admit_ok(c, 2, token_run(2 * kBlock, 500), as("growing"));
   step_ok(c);
@@ -286,9 +293,9 @@ TEST(TenantWorkloadTest, PropertySeededTenantsKeepEveryInvariant) {
   Config config = serving_config(2, 1, 4, 4, 24, 16);
   auto c = Coordinator::create(config).value();
   const std::vector<std::string> names = {"a", "b", "c"};
-  c.set_tenant_quota("a", TenantQuota{20, 6, 5});
-  c.set_tenant_quota("b", TenantQuota{30, 0, 0});
-  c.set_tenant_quota("c", TenantQuota{0, 4, 8});
+  ASSERT_TRUE(c.set_tenant_quota("a", TenantQuota{20, 6, 5}).ok());
+  ASSERT_TRUE(c.set_tenant_quota("b", TenantQuota{30, 0, 0}).ok());
+  ASSERT_TRUE(c.set_tenant_quota("c", TenantQuota{0, 4, 8}).ok());
   std::mt19937_64 rng(testing::property_seed(1800));
   // What each salt computed: the prompts admitted under it (the public one: their public part).
   std::map<std::string, std::vector<std::vector<TokenId>>> computed;

@@ -606,7 +606,7 @@ TEST(CompressionTest, AKeptPromptCountsItsOwnBlocksAgainstTheQuota) {
   }
   TenantQuota quota;
   quota.max_blocks = 3;  // the full prompt needs 6, its kept prompt 2
-  r.coordinator.set_tenant_quota("t", quota);
+  ASSERT_TRUE(r.coordinator.set_tenant_quota("t", quota).ok());
   const auto served = r.coordinator.admit(SeqId{3}, prompt, options);
   ASSERT_TRUE(served.ok()) << served.status();
   EXPECT_EQ(served->compressed_tokens, 32u);
@@ -632,7 +632,7 @@ TEST(CompressionTest, ARefusedRequestDoesNotKeepAKeptPromptCached) {
   ASSERT_EQ(r.coordinator.stats().compressed_indexed, 1u);
   TenantQuota quota;
   quota.max_sequences = 1;
-  r.coordinator.set_tenant_quota("t", quota);
+  ASSERT_TRUE(r.coordinator.set_tenant_quota("t", quota).ok());
   EXPECT_EQ(r.coordinator.admit(SeqId{2}, prompt, options).status().code(),
             ErrorCode::kResourceExhausted);
   r.free(SeqId{1});
