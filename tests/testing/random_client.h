@@ -1,9 +1,11 @@
 // A seeded random client of the Coordinator for property tests: admissions of prompts that share
-// prefixes (some repeated whole, some compressed, some under a tenant, salt or public prefix),
-// decode appends, forks onto any replica, frees, priority changes, prefix-cache resets and steps,
-// on a small pool where room runs out, with priority eviction and an optional host tier.
+// prefixes (some repeated whole, some compressed, under four tenants with their own quotas and
+// salts, some sharing a public prefix across tenants), decode appends, forks onto any replica,
+// frees, priority changes, quota changes, prefix-cache resets and steps, on 1 to 5 small pools
+// where room runs out, with priority eviction and an optional host tier.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <random>
@@ -16,14 +18,18 @@
 namespace kvfabric::testing {
 
 struct ClientCall {
-  enum class Kind { kAdmit, kAppend, kFork, kFree, kSetPriority, kResetPrefixCache, kStep };
+  enum class Kind {
+    kAdmit, kAppend, kFork, kFree, kSetPriority, kSetTenantQuota, kResetPrefixCache, kStep
+  };
   Kind kind = Kind::kStep;
   SeqId seq, dst;                   // dst: a fork's child
   std::vector<TokenId> prompt;      // admit
   AdmitOptions options;             // admit
   size_t tokens = 0;                // append
-  std::optional<uint32_t> replica;  // fork
+  std::optional<uint32_t> replica;  // fork, reset_prefix_cache
   uint32_t priority = 0;            // set_priority
+  std::string tenant;               // set_tenant_quota
+  TenantQuota quota;                // set_tenant_quota
 
   [[nodiscard]] std::string describe() const {
     switch (kind) {
@@ -37,6 +43,8 @@ struct ClientCall {
         return "free " + to_string(seq);
       case Kind::kSetPriority:
         return "set_priority " + to_string(seq);
+      case Kind::kSetTenantQuota:
+        return "set_tenant_quota '" + tenant + "'";
       case Kind::kResetPrefixCache:
         return "reset_prefix_cache";
       case Kind::kStep:
@@ -50,6 +58,7 @@ class RandomClient {
  public:
   static constexpr uint32_t kBlockSize = 4;
   static constexpr uint64_t kSequences = 16;
+  static constexpr std::array<const char*, 4> kTenants = {"", "a", "b", "c"};
 
   explicit RandomClient(uint64_t seed) : rng_(seed) {
     config_.model.name = "random-client";
@@ -64,9 +73,16 @@ class RandomClient {
     config_.cache.host_num_blocks = below(2) == 0 ? 0 : 4 + below(8);
     config_.cache.eviction.strategy = EvictionPolicy::kPriority;
     config_.cache.eviction.priority_levels = 4;
-    config_.topology.dp = 1 + static_cast<uint32_t>(below(3));
+    config_.topology.dp = 1 + static_cast<uint32_t>(below(5));
     config_.topology.tp = 1;
     if (below(2) == 0) config_.coordinator.migration_token_cost = 0.01;  // migrations pay
+    if (below(3) == 0) config_.coordinator.free_watermark_blocks = static_cast<uint32_t>(below(4));
+    if (below(4) == 0) config_.coordinator.max_sequences_per_replica = 2 + static_cast<uint32_t>(below(5));
+    quotas_ = below(2) == 0;  // else tenants are names and salts only, and room runs out sooner
+    if (quotas_ && below(2) == 0) {
+      config_.tenants = quota();
+      if (!quota_conflict(config_.tenants).empty()) config_.tenants.max_host_blocks = 0;
+    }
     for (TokenId i = 1; i <= 3; ++i) {
       prefixes_.push_back(token_run(kBlockSize * (1 + below(3)), 1000 * i));
     }
@@ -103,6 +119,11 @@ class RandomClient {
       call.priority = static_cast<uint32_t>(below(4));
     } else if (roll < 77) {
       call.kind = ClientCall::Kind::kResetPrefixCache;
+      if (below(2) == 0) call.replica = static_cast<uint32_t>(below(config_.topology.dp));
+    } else if (roll < 79 && quotas_) {
+      call.kind = ClientCall::Kind::kSetTenantQuota;
+      call.tenant = tenant();
+      call.quota = quota();
     } else {
       call.kind = ClientCall::Kind::kStep;
     }
@@ -122,8 +143,10 @@ class RandomClient {
         return c.free(call.seq);
       case ClientCall::Kind::kSetPriority:
         return c.set_priority(call.seq, call.priority);
+      case ClientCall::Kind::kSetTenantQuota:
+        return c.set_tenant_quota(call.tenant, call.quota);
       case ClientCall::Kind::kResetPrefixCache:
-        return c.reset_prefix_cache().status();
+        return c.reset_prefix_cache(call.replica).status();
       case ClientCall::Kind::kStep:
         break;
     }
@@ -144,11 +167,25 @@ class RandomClient {
     return p.empty() ? token_run(1, 1) : p;
   }
 
+  std::string tenant() { return kTenants[below(kTenants.size())]; }
+
+  // Some of the bounds, each at random; now and then one that contradicts itself (refused).
+  TenantQuota quota() {
+    TenantQuota q;
+    if (below(2) == 0) q.max_blocks = 3 + below(20);
+    if (below(2) == 0) q.max_host_blocks = 1 + below(8);
+    if (q.max_host_blocks > q.max_blocks && below(8) != 0) q.max_host_blocks = q.max_blocks;
+    if (below(2) == 0) q.max_sequences = 1 + static_cast<uint32_t>(below(6));
+    if (below(3) == 0) q.max_priority = static_cast<uint32_t>(below(4));
+    return q;
+  }
+
   AdmitOptions options() {
     AdmitOptions o;
     o.priority = static_cast<uint32_t>(below(4));
-    if (below(4) == 0) o.tenant = "t1";
-    if (below(4) == 0) o.public_tokens = kBlockSize * below(3);
+    o.tenant = tenant();
+    if (below(4) == 0) o.cache_salt = below(3) == 0 ? "" : (below(2) == 0 ? "x" : "y");
+    if (below(3) == 0) o.public_tokens = below(16);  // whole blocks or not
     if (below(3) == 0) {
       quant::CompressionPolicy policy;
       policy.kind = static_cast<quant::CompressionPolicy::Kind>(below(3));
@@ -163,6 +200,7 @@ class RandomClient {
 
   std::mt19937_64 rng_;
   Config config_;
+  bool quotas_ = false;
   std::vector<std::vector<TokenId>> prefixes_, repeated_;
 };
 

@@ -218,7 +218,7 @@ std::string run_client(uint64_t seed) {
 TEST(KvContentProperty, EverySequenceReadsItsOwnKvForRandomClients) {
   SCOPED_TRACE(testing::property_trace());
   const uint64_t first = testing::property_seed(1);
-  for (uint64_t seed = first; seed < first + testing::property_count(5000); ++seed) {
+  for (uint64_t seed = first; seed < first + testing::property_count(4000); ++seed) {
     const std::string failure = run_client(seed);
     ASSERT_EQ(failure, "");
   }

@@ -44,6 +44,17 @@ std::string observe(const Coordinator& c, uint64_t max_seq) {
     for (BlockId b : c.blocks_of(seq)) out << " " << b.value;
     out << "\n";
   }
+  // The random clients' tenants: their holdings and counters, but for the refusals charged to
+  // them (a refusal counts there only; a tenant unknown so far reads as zeros and the defaults).
+  for (const char* tenant : testing::RandomClient::kTenants) {
+    const TenantStats t = c.tenant_stats(tenant);
+    const TenantQuota q = c.tenant_quota(tenant);
+    out << "tenant '" << tenant << "': admitted " << t.admitted << " prompt " << t.prompt_tokens
+        << " cached " << t.cached_tokens << " migrated " << t.migrated_tokens << " preempted "
+        << t.preempted << " sequences " << t.sequences << " blocks " << t.blocks << " host "
+        << t.host_blocks << " quota " << q.max_blocks << "/" << q.max_host_blocks << "/"
+        << q.max_sequences << "/" << q.max_priority << "\n";
+  }
   return out.str();
 }
 
