@@ -605,8 +605,9 @@ Status PagedKvCache::compact(uint32_t seq_slot, const detail::CompactionPlan& pl
     must_own[move.dst_index] = true;
   std::fill_n(must_own.begin(), std::min(own_blocks, must_own.size()), true);
   const size_t computed = std::min(keep, uncomputed_from);
-  for (size_t k = computed / bs; k < must_own.size(); ++k)
-    must_own[k] = true;
+  if (computed < keep) {  // the blocks from the one holding the first uncomputed slot
+    std::fill(must_own.begin() + static_cast<ptrdiff_t>(computed / bs), must_own.end(), true);
+  }
   size_t fresh_needed = 0;
   for (size_t k = 0; k < plan.base_index.size(); ++k) {
     if (must_own[k] && allocator_.ref_count(old_table[plan.base_index[k]]) > 1) ++fresh_needed;

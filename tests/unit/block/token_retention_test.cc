@@ -217,6 +217,12 @@ TEST(TokenRetention, BlocksTheForwardPassWritesAreTheSequencesOwn) {
   EXPECT_EQ(copied_into_block1, 2u);
   EXPECT_EQ(slots.read(*cache.get_sequence(SeqId{2})), token_ids(0, 12));  // the fork is intact
   EXPECT_TRUE(cache.verify_integrity().ok());
+  // Every slot computed (the default): a partly filled last block nothing moves into stays shared.
+  ASSERT_TRUE(cache.fork(SeqId{2}, SeqId{5}).ok());
+  ASSERT_TRUE(cache.retain_tokens(SeqId{5}, std::vector<size_t>{0, 1, 2, 3, 4, 5}).ok());
+  EXPECT_EQ(cache.get_sequence(SeqId{5})->block_ids,
+            std::vector<BlockId>(fork_table.begin(), fork_table.begin() + 2));
+  ASSERT_TRUE(cache.free(SeqId{5}).ok());
 
   // A sliding window likewise: block-aligned, it would keep the window's blocks in place.
   ASSERT_TRUE(cache.free(SeqId{1}).ok());
