@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kvfabric/coordinator/coordinator.h"
+#include "testing/serving_harness.h"
 #include "testing/token_run.h"
 
 namespace kvfabric::testing {
@@ -61,20 +62,13 @@ class RandomClient {
   static constexpr std::array<const char*, 4> kTenants = {"", "a", "b", "c"};
 
   explicit RandomClient(uint64_t seed) : rng_(seed) {
-    config_.model.name = "random-client";
-    config_.model.num_layers = 2;
-    config_.model.num_query_heads = 4;
-    config_.model.num_kv_heads = 2;
-    config_.model.head_dim = 64;
-    config_.model.dtype = DType::kF32;
+    const uint64_t device_blocks = 10 + below(14);
+    const uint64_t host_blocks = below(2) == 0 ? 0 : 4 + below(8);
+    const auto dp = 1 + static_cast<uint32_t>(below(5));
+    config_ = serving_config(dp, 1, 4, 2, device_blocks, host_blocks);
     config_.cache.block_size = kBlockSize;
-    config_.cache.kv_dtype = DType::kF16;
-    config_.cache.num_blocks = 10 + below(14);
-    config_.cache.host_num_blocks = below(2) == 0 ? 0 : 4 + below(8);
     config_.cache.eviction.strategy = EvictionPolicy::kPriority;
     config_.cache.eviction.priority_levels = 4;
-    config_.topology.dp = 1 + static_cast<uint32_t>(below(5));
-    config_.topology.tp = 1;
     if (below(2) == 0) config_.coordinator.migration_token_cost = 0.01;  // migrations pay
     if (below(3) == 0) config_.coordinator.free_watermark_blocks = static_cast<uint32_t>(below(4));
     if (below(4) == 0) config_.coordinator.max_sequences_per_replica = 2 + static_cast<uint32_t>(below(5));

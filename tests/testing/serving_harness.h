@@ -1,7 +1,8 @@
 // A model of a serving engine around the coordinator and the ranks, for tests: it writes each
-// token's K/V as a pure function of the tokens up to it (as a real model does), so after any mix
-// of prefix sharing, copy-on-write, swaps and migrations every sequence's gathered K/V can be
-// checked against its token list alone. ServingWorkload drives a scripted, seeded serving load.
+// token's K/V as a function of the token and the K/V cached before it (as a real model does), so
+// after any mix of prefix sharing, copy-on-write, swaps, migrations and compactions every
+// sequence's gathered K/V can be checked against its own history. ServingWorkload drives a
+// scripted, seeded serving load.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -36,13 +37,27 @@ inline float token_kv(uint64_t prefix_hash, uint32_t layer, uint32_t kv_head, ui
   return static_cast<float>(static_cast<int>(h & 0xFF) - 128) / 64.0f;
 }
 
-//! A test config: 2 layers, head_dim 64, f16 KV, block size 16.
+//! What the K/V of cached positions [first, end) are made from (token_kv's first argument), as
+//! a forward pass computes them: each from its token (`token_at(pos)`) and the K/V of every
+//! position cached before it, read from `kv`. Uncompacted, that is a function of the token
+//! history, which is what prefix sharing relies on; after a compaction the tokens computed next
+//! attend to the kept tokens only, and differ from an uncompacted copy's.
+template <typename TokenAt>
+void compute_context_kv(std::vector<uint64_t>& kv, size_t first, size_t end, TokenAt token_at) {
+  uint64_t context = 0;
+  for (size_t pos = 0; pos < end; ++pos) {
+    if (pos >= first) kv[pos] = splitmix64(context ^ (static_cast<uint64_t>(token_at(pos)) << 1));
+    context = splitmix64(context + kv[pos]);
+  }
+}
+
 //! Blocks an allocation on `replica` can take: free plus idle cached.
 inline uint64_t available_blocks(const Coordinator& c, uint32_t replica) {
   const ReplicaStats pools = c.replica_stats(replica);
   return pools.free_blocks + pools.cached_blocks;
 }
 
+//! A test config: 2 layers, head_dim 64, f16 KV, block size 16.
 inline Config serving_config(uint32_t dp, uint32_t tp, uint32_t q_heads, uint32_t kv_heads,
                              uint64_t device_blocks, uint64_t host_blocks) {
   Config c;
@@ -287,18 +302,9 @@ class EngineModel {
     std::vector<uint64_t> kv;
   };
 
-  // Computes positions [first, end) of `s`, as a forward pass does: a token's K/V depends on the
-  // token and on the K/V of every position cached before it. Uncompacted, that is a function of
-  // the token history (what prefix sharing relies on); after a compaction, the tokens computed
-  // next attend to the kept tokens only, and their K/V differ from an uncompacted copy's.
+  // Computes positions [first, end) of `s`, as a forward pass does.
   static void compute_kv(Seq& s, size_t first, size_t end) {
-    uint64_t context = 0;
-    for (size_t pos = 0; pos < end; ++pos) {
-      if (pos >= first) {
-        s.kv[pos] = splitmix64(context ^ (static_cast<uint64_t>(s.tokens[s.origin[pos]]) << 1));
-      }
-      context = splitmix64(context + s.kv[pos]);
-    }
+    compute_context_kv(s.kv, first, end, [&](size_t pos) { return s.tokens[s.origin[pos]]; });
   }
 
   // A compaction that laid the kept prompt out first (SnapKV) may be shared with identical

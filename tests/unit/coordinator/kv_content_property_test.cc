@@ -12,9 +12,9 @@
 
 #include "kvfabric/coordinator/coordinator.h"
 #include "kvfabric/plan/step_plan.h"
-#include "testing/block_pattern.h"
 #include "testing/property_env.h"
 #include "testing/random_client.h"
+#include "testing/serving_harness.h"
 
 namespace kvfabric {
 namespace {
@@ -32,13 +32,9 @@ struct SequenceModel {
   bool reads_kept_prompt = false;  // served an identical request's kept prompt: read it once
 };
 
-// Computes positions [first, end): each from the token and the K/V of every position before it.
+// Computes positions [first, end), as a forward pass does.
 void compute(SequenceModel& s, size_t first, size_t end) {
-  uint64_t context = 0;
-  for (size_t pos = 0; pos < end; ++pos) {
-    if (pos >= first) s.kv[pos] = splitmix64(context ^ (static_cast<uint64_t>(s.tokens[pos]) << 1));
-    context = splitmix64(context + s.kv[pos]);
-  }
+  testing::compute_context_kv(s.kv, first, end, [&](size_t pos) { return s.tokens[pos]; });
 }
 
 class RankModel {
