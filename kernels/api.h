@@ -70,11 +70,13 @@ struct BlockCopyOp {
 //! Copies `count` blocks of `block_bytes` in one launch (ops must not overlap each other).
 cudaError_t launch_copy_blocks(const BlockCopyOp* ops, uint32_t count, uint64_t block_bytes,
                                cudaStream_t stream);
-//! Executes token-range copies of one pool in one launch; ops in one launch must not touch a
-//! block another op of the launch writes (the backend splits the list into such waves). Each
-//! op may overlap itself (a row shift inside one block): it is staged through shared memory.
-cudaError_t launch_token_copies(const PagedKvView& pool, const TokenCopy* ops, uint32_t count,
-                                cudaStream_t stream);
+//! Executes token-range copies into the rows of `dst`'s layers, read from the same model layers
+//! of `src` (`dst` itself, or another view of its arena: a regrouping), in one launch; ops in
+//! one launch must not touch a block another op of the launch writes (the backend splits the
+//! list into such waves). Each op may overlap itself (a row shift inside one block): it is
+//! staged through shared memory.
+cudaError_t launch_token_copies(const PagedKvView& src, const PagedKvView& dst,
+                                const TokenCopy* ops, uint32_t count, cudaStream_t stream);
 
 //! One contiguous byte range to copy: a block into a staging buffer (pack) or back (unpack).
 struct SpanCopy {

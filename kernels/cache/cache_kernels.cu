@@ -201,26 +201,28 @@ __device__ void cta_memmove(uint8_t* dst, const uint8_t* src, uint64_t bytes) {
   }
 }
 
-// grid (count, tiles of a block), block 256: one TokenCopy for one (layer, K|V, head) tile.
-__global__ void token_copies_kernel(PagedKvView pool, const TokenCopy* ops) {
+// grid (count, tiles of a block of dst), block 256: one TokenCopy for one (layer, K|V, head)
+// tile of dst, read from the same model layer of src (dst itself, or another view of its arena).
+__global__ void token_copies_kernel(PagedKvView src, PagedKvView dst, const TokenCopy* ops) {
   const TokenCopy c = ops[blockIdx.x];
   const uint32_t tile = blockIdx.y;
-  const uint32_t layer = tile / (2 * pool.num_kv_heads);
-  const uint32_t kv = (tile / pool.num_kv_heads) % 2;
-  const uint32_t head = tile % pool.num_kv_heads;
-  cta_memmove(pool.codes(c.dst_block.value, layer, kv, head) + c.dst_offset * pool.row_bytes,
-              pool.codes(c.src_block.value, layer, kv, head) + c.src_offset * pool.row_bytes,
-              uint64_t{c.num_tokens} * pool.row_bytes);
-  const uint64_t gpr = pool.groups_per_row;
+  const uint32_t layer = tile / (2 * dst.num_kv_heads);
+  const uint32_t kv = (tile / dst.num_kv_heads) % 2;
+  const uint32_t head = tile % dst.num_kv_heads;
+  const uint32_t src_layer = dst.first_layer - src.first_layer + layer;
+  cta_memmove(dst.codes(c.dst_block.value, layer, kv, head) + c.dst_offset * dst.row_bytes,
+              src.codes(c.src_block.value, src_layer, kv, head) + c.src_offset * dst.row_bytes,
+              uint64_t{c.num_tokens} * dst.row_bytes);
+  const uint64_t gpr = dst.groups_per_row;
   if (gpr == 0) return;
-  cta_memmove(reinterpret_cast<uint8_t*>(pool.scales(c.dst_block.value, layer, kv, head) +
+  cta_memmove(reinterpret_cast<uint8_t*>(dst.scales(c.dst_block.value, layer, kv, head) +
                                          c.dst_offset * gpr),
-              reinterpret_cast<const uint8_t*>(pool.scales(c.src_block.value, layer, kv, head) +
+              reinterpret_cast<const uint8_t*>(src.scales(c.src_block.value, src_layer, kv, head) +
                                                c.src_offset * gpr),
               c.num_tokens * gpr * sizeof(float));
-  if (!is_integer_quantized(pool.dtype)) return;
-  cta_memmove(pool.zeros(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
-              pool.zeros(c.src_block.value, layer, kv, head) + c.src_offset * gpr,
+  if (!is_integer_quantized(dst.dtype)) return;
+  cta_memmove(dst.zeros(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
+              src.zeros(c.src_block.value, src_layer, kv, head) + c.src_offset * gpr,
               c.num_tokens * gpr);
 }
 
@@ -295,11 +297,11 @@ cudaError_t launch_copy_blocks(const BlockCopyOp* ops, uint32_t count, uint64_t 
   return cudaGetLastError();
 }
 
-cudaError_t launch_token_copies(const PagedKvView& pool, const TokenCopy* ops, uint32_t count,
-                                cudaStream_t stream) {
+cudaError_t launch_token_copies(const PagedKvView& src, const PagedKvView& dst,
+                                const TokenCopy* ops, uint32_t count, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
-  const unsigned tiles = pool.num_layers * 2 * pool.num_kv_heads;
-  token_copies_kernel<<<dim3(count, tiles), 256, 0, stream>>>(pool, ops);
+  const unsigned tiles = dst.num_layers * 2 * dst.num_kv_heads;
+  token_copies_kernel<<<dim3(count, tiles), 256, 0, stream>>>(src, dst, ops);
   return cudaGetLastError();
 }
 

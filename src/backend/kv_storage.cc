@@ -27,6 +27,37 @@ Result<KvStorageSpec> KvStorageSpec::from_config(const Config& config) {
   return spec;
 }
 
+Result<PagedKvView> layer_group_view(const PagedKvView& whole, uint32_t layers_per_group,
+                                     uint32_t group) {
+  if (layers_per_group == 0 || whole.num_layers % layers_per_group != 0) {
+    return invalid_argument("cache.layers_per_group " + std::to_string(layers_per_group) +
+                            " must divide the " + std::to_string(whole.num_layers) +
+                            " layers of a pool viewed per layer group");
+  }
+  const uint32_t groups = whole.num_layers / layers_per_group;
+  if (group >= groups) {
+    return invalid_argument("layer group " + std::to_string(group) + " of " +
+                            std::to_string(groups));
+  }
+  const auto tokens = detail::checked_product({whole.block_size, groups});
+  if (!tokens || *tokens > UINT32_MAX) {
+    return invalid_argument(std::to_string(groups) + " layer groups of " +
+                            std::to_string(whole.block_size) + "-token blocks exceed 2^32 tokens");
+  }
+  KVF_ASSIGN_OR_RETURN(const BlockLayout layout,
+                       BlockLayout::create(layers_per_group, whole.num_kv_heads,
+                                           static_cast<uint32_t>(*tokens), whole.head_dim,
+                                           whole.dtype, whole.group_size));
+  if (layout.block_bytes() != whole.block_bytes) {
+    return Status(ErrorCode::kInternal,
+                  "layer group " + std::to_string(group) + "'s blocks take " +
+                      std::to_string(layout.block_bytes()) + " bytes, the whole pool's " +
+                      std::to_string(whole.block_bytes));
+  }
+  return PagedKvView::make(layout, whole.base, whole.num_blocks, group,
+                           whole.first_layer + group * layers_per_group);
+}
+
 Result<KvStorage> KvStorage::create(Backend& backend, const KvStorageSpec& spec) {
   if (spec.groups.empty()) return invalid_argument("KvStorage needs at least one layer group");
   KvStorage storage;

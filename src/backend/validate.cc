@@ -239,22 +239,62 @@ Status validate_prefill(const PagedKvView& pool, const PrefillAttentionArgs& arg
   return ok_status();
 }
 
+namespace {
+
+// A regrouping copy reads another view of the same layers: it must hold the layers written, in
+// the same row format, and span the same bytes (block ids then name the same memory in both).
+Status validate_copy_source(const GroupTokenCopies& group) {
+  const PagedKvView& pool = group.pool;
+  const PagedKvView& src = group.read_pool();
+  if (&src == &pool) return ok_status();
+  const bool same_rows = src.dtype == pool.dtype && src.num_kv_heads == pool.num_kv_heads &&
+                         src.head_dim == pool.head_dim && src.group_size == pool.group_size &&
+                         src.row_bytes == pool.row_bytes;
+  const bool holds_layers = src.first_layer <= pool.first_layer &&
+                            pool.first_layer + pool.num_layers <= src.first_layer + src.num_layers;
+  if (!same_rows || !holds_layers || src.bytes() != pool.bytes()) {
+    std::ostringstream os;
+    os << "compact_tokens: layer group " << pool.layer_group << " (layers " << pool.first_layer
+       << "-" << pool.first_layer + pool.num_layers - 1 << ") cannot read its copies from layer "
+       << "group " << src.layer_group << " (layers " << src.first_layer << "-"
+       << src.first_layer + src.num_layers - 1 << "): a regrouping source must hold the layers "
+       << "written, in the same rows, over the same memory";
+    return invalid_argument(os.str());
+  }
+  return ok_status();
+}
+
+}  // namespace
+
 Status validate_token_copies(std::span<const GroupTokenCopies> batch) {
   for (const GroupTokenCopies& group : batch) {
     const PagedKvView& pool = group.pool;
-    if (pool.base == nullptr && !group.copies.empty()) {
+    const PagedKvView& src = group.read_pool();
+    if ((pool.base == nullptr || src.base == nullptr) && !group.copies.empty()) {
       return invalid_argument("compact_tokens: layer group " + std::to_string(pool.layer_group) +
                               " has no memory");
     }
+    if (!group.copies.empty()) KVF_RETURN_IF_ERROR(validate_copy_source(group));
     for (const TokenCopy& c : group.copies) {
       const bool blocks_ok =
-          c.src_block.value < pool.num_blocks && c.dst_block.value < pool.num_blocks;
-      const bool ranges_ok = uint64_t{c.src_offset} + c.num_tokens <= pool.block_size &&
+          c.src_block.value < src.num_blocks && c.dst_block.value < pool.num_blocks;
+      const bool ranges_ok = uint64_t{c.src_offset} + c.num_tokens <= src.block_size &&
                              uint64_t{c.dst_offset} + c.num_tokens <= pool.block_size;
+      if (&src != &pool && c.src_block == c.dst_block) {
+        std::ostringstream os;
+        os << "compact_tokens: regrouping copy '" << c << "' into layer group "
+           << pool.layer_group << " reads and writes the same block, whose rows the two views "
+           << "place differently";
+        return invalid_argument(os.str());
+      }
       if (!blocks_ok || !ranges_ok) {
         std::ostringstream os;
         os << "compact_tokens: copy '" << c << "' does not fit layer group " << pool.layer_group
            << " (" << pool.num_blocks << " blocks of " << pool.block_size << " tokens)";
+        if (&src != &pool) {
+          os << " read from layer group " << src.layer_group << " (" << src.num_blocks
+             << " blocks of " << src.block_size << " tokens)";
+        }
         return invalid_argument(os.str());
       }
     }

@@ -73,10 +73,18 @@ struct BlockMove {
   uint32_t dst_block = 0;
 };
 
-//! The token-range copies of one layer group (block manager CoW and compaction output).
+//! The token-range copies of one layer group (block manager CoW and compaction output), or a
+//! regrouping: copies that read `source`, a view of the same layers laid out differently (the
+//! whole-block view of an arena whose blocks a layer group's view also addresses: PyramidKV), and
+//! write the rows of `pool`'s layers. A `source` without memory reads `pool` itself.
 struct GroupTokenCopies {
   PagedKvView pool;
   std::span<const TokenCopy> copies;
+  PagedKvView source{};
+
+  [[nodiscard]] const PagedKvView& read_pool() const {
+    return source.base == nullptr ? pool : source;
+  }
 };
 
 //! Whole-block copies inside one layer group's pool.

@@ -31,6 +31,15 @@ struct KvStorageSpec {
   static Result<KvStorageSpec> from_config(const Config& config);
 };
 
+//! \brief Layer group `group` of a whole-block pool regrouped by `layers_per_group` (PyramidKV
+//! across ranks): a block seen this way holds the group's layers for num_groups x block_size
+//! tokens, the same bytes as a whole block (every layer, block_size tokens). So one allocator
+//! serves both views, and a sequence whose groups keep different numbers of tokens takes blocks
+//! in proportion to what it keeps. InvalidArgument when layers_per_group does not divide the
+//! pool's layers or `group` is past the last.
+Result<PagedKvView> layer_group_view(const PagedKvView& whole, uint32_t layers_per_group,
+                                     uint32_t group);
+
 class KvStorage {
  public:
   //! Allocates every arena (zeroed). Errors name the group and tier that could not be allocated.

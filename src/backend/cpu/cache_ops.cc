@@ -30,25 +30,28 @@ size_t activation_bytes(DType dtype) {
   return dtype == DType::kF32 ? 4 : 2;
 }
 
-// Moves token rows [src_offset, +n) of every (layer, K|V, head) tile, with their scale and zero
-// records; memmove because a compaction may shift rows inside one block.
-void copy_token_range(const PagedKvView& pool, const TokenCopy& c) {
-  const uint32_t tiles = pool.num_layers * 2 * pool.num_kv_heads;
-  const uint64_t gpr = pool.groups_per_row;
+// Moves token rows [src_offset, +n) of every (layer, K|V, head) tile of `dst`'s layers, with
+// their scale and zero records, from the same model layer of `src` (`dst` itself, or another
+// view of its arena); memmove because a compaction may shift rows inside one block.
+void copy_token_range(const PagedKvView& src, const PagedKvView& dst, const TokenCopy& c) {
+  const uint32_t tiles = dst.num_layers * 2 * dst.num_kv_heads;
+  const uint32_t src_layer_offset = dst.first_layer - src.first_layer;
+  const uint64_t gpr = dst.groups_per_row;
   for (uint32_t tile = 0; tile < tiles; ++tile) {
-    const uint32_t layer = tile / (2 * pool.num_kv_heads);
-    const uint32_t kv = (tile / pool.num_kv_heads) % 2;
-    const uint32_t head = tile % pool.num_kv_heads;
-    std::memmove(pool.codes(c.dst_block.value, layer, kv, head) + c.dst_offset * pool.row_bytes,
-                 pool.codes(c.src_block.value, layer, kv, head) + c.src_offset * pool.row_bytes,
-                 c.num_tokens * pool.row_bytes);
+    const uint32_t layer = tile / (2 * dst.num_kv_heads);
+    const uint32_t kv = (tile / dst.num_kv_heads) % 2;
+    const uint32_t head = tile % dst.num_kv_heads;
+    const uint32_t src_layer = src_layer_offset + layer;
+    std::memmove(dst.codes(c.dst_block.value, layer, kv, head) + c.dst_offset * dst.row_bytes,
+                 src.codes(c.src_block.value, src_layer, kv, head) + c.src_offset * dst.row_bytes,
+                 c.num_tokens * dst.row_bytes);
     if (gpr == 0) continue;
-    std::memmove(pool.scales(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
-                 pool.scales(c.src_block.value, layer, kv, head) + c.src_offset * gpr,
+    std::memmove(dst.scales(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
+                 src.scales(c.src_block.value, src_layer, kv, head) + c.src_offset * gpr,
                  c.num_tokens * gpr * sizeof(float));
-    if (!is_integer_quantized(pool.dtype)) continue;
-    std::memmove(pool.zeros(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
-                 pool.zeros(c.src_block.value, layer, kv, head) + c.src_offset * gpr,
+    if (!is_integer_quantized(dst.dtype)) continue;
+    std::memmove(dst.zeros(c.dst_block.value, layer, kv, head) + c.dst_offset * gpr,
+                 src.zeros(c.src_block.value, src_layer, kv, head) + c.src_offset * gpr,
                  c.num_tokens * gpr);
   }
 }
@@ -124,7 +127,7 @@ void copy_blocks(std::span<const GroupBlockCopies> batch) {
 void compact_tokens(std::span<const GroupTokenCopies> batch) {
   for (const GroupTokenCopies& group : batch) {
     for (const TokenCopy& c : group.copies)
-      copy_token_range(group.pool, c);
+      copy_token_range(group.read_pool(), group.pool, c);
   }
 }
 

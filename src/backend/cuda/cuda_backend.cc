@@ -257,7 +257,8 @@ class CudaBackend final : public Backend {
         const uint64_t ops = stage(group.copies.data() + first, last - first);
         KVF_RETURN_IF_ERROR(flush_staging());
         KVF_RETURN_IF_ERROR(
-            check(kernels::launch_token_copies(group.pool, staged<TokenCopy>(ops),
+            check(kernels::launch_token_copies(group.read_pool(), group.pool,
+                                               staged<TokenCopy>(ops),
                                                static_cast<uint32_t>(last - first), stream_),
                   "compact_tokens"));
         first = last;
