@@ -9,8 +9,9 @@ namespace kvfabric {
 namespace {
 
 constexpr uint32_t kMagic = 0x4B564650;  // "KVFP"
-// 3: tables carry computed_tokens; 4: and what changed only; 5: compactions and score requests
-constexpr uint32_t kVersion = 6;
+// 3: tables carry computed_tokens; 4: and what changed only; 5: compactions and score requests;
+// 7: layer groups of tables, copies and compactions
+constexpr uint32_t kVersion = 7;
 
 class Writer {
  public:
@@ -73,8 +74,8 @@ class Reader {
   Status status_;
 };
 
-// kind, replica, dst_replica, src, dst, copy offsets and length, copy reason.
-constexpr size_t kOpBytes = 1 + 4 * 4 + 3 * 4 + 1;
+// kind, replica, dst_replica, src, dst, copy offsets and length, copy reason, copy groups.
+constexpr size_t kOpBytes = 1 + 4 * 4 + 3 * 4 + 1 + 2 * 4;
 
 // The block an op reads or writes, named by replica, tier and id.
 uint64_t block_key(uint32_t replica, bool host, BlockId block) {
@@ -105,11 +106,14 @@ std::vector<uint8_t> StepPlan::serialize() const {
     w.u32(op.copy.dst_offset);
     w.u32(op.copy.num_tokens);
     w.u8(static_cast<uint8_t>(op.copy.reason));
+    w.u32(op.from_group);
+    w.u32(op.to_group);
   }
   w.u64(tables.size());
   for (const auto& t : tables) {
     w.seq(t.seq);
     w.u32(t.replica);
+    w.u32(t.layer_group);
     w.u64(t.num_tokens);
     w.u64(t.computed_tokens);
     w.u32(t.first_block);
@@ -124,6 +128,7 @@ std::vector<uint8_t> StepPlan::serialize() const {
   for (const Compaction& c : compactions) {
     w.seq(c.seq);
     w.u32(c.replica);
+    w.u32(c.layer_group);
     w.u64(c.tokens_before);
     w.u64(c.kept.size());
     for (const TokenRange& range : c.kept) {
@@ -146,7 +151,8 @@ bool read_op(Reader& r, StepPlan::Op& op) {
   if (!r.get(kind, "ops") || !r.get(op.replica, "ops") || !r.get(op.dst_replica, "ops") ||
       !r.get(op.src.value, "ops") || !r.get(op.dst.value, "ops") ||
       !r.get(op.copy.src_offset, "ops") || !r.get(op.copy.dst_offset, "ops") ||
-      !r.get(op.copy.num_tokens, "ops") || !r.get(reason, "ops")) {
+      !r.get(op.copy.num_tokens, "ops") || !r.get(reason, "ops") ||
+      !r.get(op.from_group, "ops") || !r.get(op.to_group, "ops")) {
     return false;
   }
   if (kind > static_cast<uint8_t>(StepPlan::OpKind::kCopy)) {
@@ -162,8 +168,22 @@ bool read_op(Reader& r, StepPlan::Op& op) {
   if (op.kind == StepPlan::OpKind::kCopy) {
     op.copy.src_block = op.src;
     op.copy.dst_block = op.dst;
+    // A copy reads the view it writes, or regroups whole blocks into a group's.
+    if (op.from_group != op.to_group && op.from_group != StepPlan::kAllLayers) {
+      r.fail(Status(ErrorCode::kParseError,
+                    "step plan copy reads layer group " + std::to_string(op.from_group) +
+                        " and writes layer group " + std::to_string(op.to_group) +
+                        "; only whole blocks regroup"));
+      return false;
+    }
   } else {
     op.copy = TokenCopy{};
+    if (op.from_group != StepPlan::kAllLayers || op.to_group != StepPlan::kAllLayers) {
+      r.fail(Status(ErrorCode::kParseError,
+                    "step plan op of replica " + std::to_string(op.replica) +
+                        " names a layer group; only copies do"));
+      return false;
+    }
   }
   if (op.kind != StepPlan::OpKind::kMigrate && op.dst_replica != op.replica) {
     r.fail(Status(ErrorCode::kParseError, "step plan op of replica " + std::to_string(op.replica) +
@@ -179,7 +199,8 @@ bool read_op(Reader& r, StepPlan::Op& op) {
 bool read_compaction(Reader& r, StepPlan::Compaction& c) {
   uint64_t ranges = 0;
   if (!r.get(c.seq.value, "compactions") || !r.get(c.replica, "compactions") ||
-      !r.get(c.tokens_before, "compactions") || !r.count(ranges, 16, "kept ranges")) {
+      !r.get(c.layer_group, "compactions") || !r.get(c.tokens_before, "compactions") ||
+      !r.count(ranges, 16, "kept ranges")) {
     return false;
   }
   const auto refuse = [&](const StepPlan::TokenRange& range, const std::string& why) {
@@ -238,12 +259,12 @@ Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
       if (!read_op(r, op)) break;
     }
   }
-  if (r.count(n, 40, "tables")) {
+  if (r.count(n, 44, "tables")) {
     plan.tables.resize(n);
     for (auto& t : plan.tables) {
       uint64_t blocks = 0;
       if (!r.get(t.seq.value, "tables") || !r.get(t.replica, "tables") ||
-          !r.get(t.num_tokens, "tables") || !r.get(t.computed_tokens, "tables") ||
+          !r.get(t.layer_group, "tables") || !r.get(t.num_tokens, "tables") || !r.get(t.computed_tokens, "tables") ||
           !r.get(t.first_block, "tables") || !r.count(blocks, 4, "table blocks")) {
         break;
       }
@@ -267,7 +288,7 @@ Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
       if (!r.get(s.value, "sequence ids")) break;
     }
   }
-  if (r.count(n, 28, "compactions")) {
+  if (r.count(n, 32, "compactions")) {
     plan.compactions.resize(n);
     for (auto& c : plan.compactions) {
       if (!read_compaction(r, c)) break;

@@ -53,13 +53,23 @@ Result<std::unique_ptr<RankCache>> RankCache::create(const Config& config, uint3
                             std::to_string(transport.rank().value) + " of " +
                             std::to_string(transport.world_size()));
   }
-  KVF_ASSIGN_OR_RETURN(KvStorageSpec spec, KvStorageSpec::from_config(config));
-  if (spec.groups.size() != 1) {
-    return Status(ErrorCode::kUnimplemented,
-                  "step plans address one layer group; set cache.layers_per_group to 0");
-  }
+  // One pool of whole blocks; layer groups are views of it, not pools of their own (their
+  // blocks come from the coordinator's one allocator per replica).
+  Config whole = config;
+  whole.cache.layers_per_group = 0;
+  KVF_ASSIGN_OR_RETURN(const KvStorageSpec spec, KvStorageSpec::from_config(whole));
   KVF_ASSIGN_OR_RETURN(KvStorage storage, KvStorage::create(backend, spec));
-  return std::unique_ptr<RankCache>(new RankCache(layout, std::move(storage), backend, transport));
+  std::vector<PagedKvView> group_views;
+  const uint32_t per_group = config.cache.layers_per_group;
+  if (per_group != 0 && per_group != config.model.num_layers) {
+    const PagedKvView& pool = storage.view(0, Tier::kDevice);
+    for (uint32_t g = 0; g < config.model.num_layers / per_group; ++g) {
+      KVF_ASSIGN_OR_RETURN(PagedKvView view, layer_group_view(pool, per_group, g));
+      group_views.push_back(view);
+    }
+  }
+  return std::unique_ptr<RankCache>(
+      new RankCache(layout, std::move(storage), std::move(group_views), backend, transport));
 }
 
 std::string RankCache::where() const {
@@ -73,7 +83,6 @@ Status RankCache::validate(const StepPlan& plan) const {
                              " but expects step " + std::to_string(next_step_));
   }
   const uint64_t device_blocks = device_pool().num_blocks, host_blocks = host_pool().num_blocks;
-  const uint32_t block_size = device_pool().block_size;
   auto bad = [&](size_t index, const std::string& what) {
     return invalid_argument(where() + ", step " + std::to_string(plan.step) + ", op " +
                             std::to_string(index) + ": " + what);
@@ -104,44 +113,126 @@ Status RankCache::validate(const StepPlan& plan) const {
         }
         break;
       case StepPlan::OpKind::kCopy: {
-        const TokenCopy& c = op.copy;
-        if (!in_pool(c.src_block, device_blocks) || !in_pool(c.dst_block, device_blocks) ||
-            c.src_offset > block_size || c.num_tokens > block_size - c.src_offset ||
-            c.dst_offset > block_size || c.num_tokens > block_size - c.dst_offset) {
-          std::ostringstream text;
-          text << "copy " << c << " does not fit the pool (" << device_blocks << " blocks of "
-               << block_size << " tokens)";
-          return bad(i, text.str());
-        }
+        const Status copy = validate_copy(op);
+        if (!copy.ok()) return bad(i, copy.message());
         break;
       }
     }
   }
-  const std::set<SeqId> released(plan.released.begin(), plan.released.end());
-  std::set<SeqId> tabled;
-  for (const auto& t : plan.tables) {
-    if (!tabled.insert(t.seq).second) {
-      return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": the plan lists " +
-                              to_string(t.seq) + "'s table twice");
-    }
-    if (t.replica >= layout_.dp) {
-      return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": table of " +
-                              to_string(t.seq) + " on replica " + std::to_string(t.replica) +
-                              " of " + std::to_string(layout_.dp));
-    }
-    // A change continues the table this replica holds (released ones are gone by then).
-    if (t.replica != layout_.replica || t.first_block == 0) continue;
-    const auto held = tables_.find(t.seq);
-    const size_t blocks =
-        held == tables_.end() || released.count(t.seq) > 0 ? 0 : held->second.blocks.size();
-    if (t.first_block > blocks) {
-      return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": the table of " +
-                              to_string(t.seq) + " continues from block " +
-                              std::to_string(t.first_block) + " but this replica holds " +
-                              std::to_string(blocks));
+  KVF_RETURN_IF_ERROR(validate_tables(plan));
+  return validate_compression(plan);
+}
+
+Status RankCache::validate_copy(const StepPlan::Op& op) const {
+  const auto group_name = [](uint32_t g) {
+    return g == StepPlan::kAllLayers ? std::string("whole blocks") : "layer group " + std::to_string(g);
+  };
+  for (const uint32_t g : {op.from_group, op.to_group}) {
+    if (g != StepPlan::kAllLayers && g >= num_layer_groups()) {
+      return invalid_argument("copy into " + group_name(g) + " of " +
+                              std::to_string(num_layer_groups()) +
+                              " (cache.layers_per_group sets the groups)");
     }
   }
-  return validate_compression(plan);
+  if (op.from_group != op.to_group && op.from_group != StepPlan::kAllLayers) {
+    return invalid_argument("copy from " + group_name(op.from_group) + " into " +
+                            group_name(op.to_group) + "; only whole blocks regroup");
+  }
+  const PagedKvView& from = device_view(op.from_group);
+  const PagedKvView& to = device_view(op.to_group);
+  const TokenCopy& c = op.copy;
+  const bool regroups = op.from_group != op.to_group;
+  if (c.src_block.value >= from.num_blocks || c.dst_block.value >= to.num_blocks ||
+      c.src_offset > from.block_size || c.num_tokens > from.block_size - c.src_offset ||
+      c.dst_offset > to.block_size || c.num_tokens > to.block_size - c.dst_offset ||
+      (regroups && c.src_block == c.dst_block)) {
+    std::ostringstream text;
+    text << "copy " << c;
+    if (op.from_group == StepPlan::kAllLayers && op.to_group == StepPlan::kAllLayers) {
+      text << " does not fit the pool (" << to.num_blocks << " blocks of " << to.block_size
+           << " tokens)";
+    } else {
+      text << " from " << group_name(op.from_group) << " into " << group_name(op.to_group)
+           << " does not fit the pool (" << to.num_blocks << " blocks; " << from.block_size
+           << " tokens in a block of the source's view, " << to.block_size
+           << " in the destination's" << (regroups ? "; a regrouping needs two blocks" : "")
+           << ")";
+    }
+    return invalid_argument(text.str());
+  }
+  return ok_status();
+}
+
+const PagedKvView& RankCache::device_view(uint32_t layer_group) const {
+  return layer_group == StepPlan::kAllLayers ? device_pool() : group_views_.at(layer_group);
+}
+
+Status RankCache::validate_tables(const StepPlan& plan) const {
+  const auto bad = [&](const std::string& what) {
+    return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": " + what);
+  };
+  const auto name = [](const StepPlan::Table& t) {
+    return to_string(t.seq) + "'s table" +
+           (t.layer_group == StepPlan::kAllLayers ? std::string()
+                                                  : " of layer group " + std::to_string(t.layer_group));
+  };
+  const std::set<SeqId> released(plan.released.begin(), plan.released.end());
+  // Per sequence: the replica of its first table, whether they are per group, and their groups.
+  struct Listed {
+    uint32_t replica = 0;
+    bool grouped = false;
+    std::set<uint32_t> groups;
+    bool continues = false;  // some table of it continues a held one
+  };
+  std::map<SeqId, Listed> listed;
+  for (const auto& t : plan.tables) {
+    if (t.replica >= layout_.dp) {
+      return bad(name(t) + " on replica " + std::to_string(t.replica) + " of " +
+                 std::to_string(layout_.dp));
+    }
+    const bool grouped = t.layer_group != StepPlan::kAllLayers;
+    if (grouped && t.layer_group >= num_layer_groups()) {
+      return bad(name(t) + ": this rank's pool has " + std::to_string(num_layer_groups()) +
+                 " layer groups (cache.layers_per_group sets them)");
+    }
+    const auto [it, first] = listed.try_emplace(t.seq, Listed{t.replica, grouped, {}, false});
+    Listed& l = it->second;
+    if (!first && (l.grouped != grouped || l.replica != t.replica)) {
+      return bad("the plan lists " + to_string(t.seq) +
+                 "'s tables on two replicas or both whole and per layer group");
+    }
+    if (!l.groups.insert(t.layer_group).second) return bad("the plan lists " + name(t) + " twice");
+    // A change continues the table this replica holds (released ones are gone by then).
+    if (t.replica != layout_.replica || t.first_block == 0) continue;
+    l.continues = true;
+    size_t blocks = 0;
+    if (released.count(t.seq) == 0) {
+      if (grouped) {
+        const auto held = group_tables_.find(t.seq);
+        if (held != group_tables_.end()) blocks = held->second[t.layer_group].blocks.size();
+      } else {
+        const auto held = tables_.find(t.seq);
+        if (held != tables_.end()) blocks = held->second.blocks.size();
+      }
+    }
+    if (t.first_block > blocks) {
+      return bad("the table of " + to_string(t.seq) +
+                 (grouped ? " in layer group " + std::to_string(t.layer_group) : std::string()) +
+                 " continues from block " + std::to_string(t.first_block) +
+                 " but this replica holds " + std::to_string(blocks));
+    }
+  }
+  // A sequence that becomes one compacted per layer group here comes with every group's table.
+  for (const auto& [seq, l] : listed) {
+    if (!l.grouped || l.replica != layout_.replica) continue;
+    const bool held = group_tables_.count(seq) != 0 && released.count(seq) == 0;
+    if (!held && (l.groups.size() != num_layer_groups() || l.continues)) {
+      return bad(to_string(seq) + " becomes compacted per layer group on replica " +
+                 std::to_string(l.replica) + " with " + std::to_string(l.groups.size()) +
+                 " tables; it needs all " + std::to_string(num_layer_groups()) + ", whole");
+    }
+  }
+  return ok_status();
 }
 
 Status RankCache::validate_compression(const StepPlan& plan) const {
@@ -153,13 +244,18 @@ Status RankCache::validate_compression(const StepPlan& plan) const {
       return bad("compaction of " + to_string(c.seq) + " on replica " +
                  std::to_string(c.replica) + " of " + std::to_string(layout_.dp));
     }
-    // Its table, listed in the same plan, holds what it keeps.
+    // Its table (of its layer group), listed in the same plan, holds what it keeps.
     const auto table = std::find_if(plan.tables.begin(), plan.tables.end(),
-                                    [&](const StepPlan::Table& t) { return t.seq == c.seq; });
+                                    [&](const StepPlan::Table& t) {
+                                      return t.seq == c.seq && t.layer_group == c.layer_group;
+                                    });
     if (table == plan.tables.end() || table->replica != c.replica ||
         table->num_tokens != c.tokens_after()) {
-      return bad("compaction of " + to_string(c.seq) + " keeps " +
-                 std::to_string(c.tokens_after()) + " tokens on replica " +
+      return bad("compaction of " + to_string(c.seq) +
+                 (c.layer_group == StepPlan::kAllLayers
+                      ? std::string()
+                      : " in layer group " + std::to_string(c.layer_group)) +
+                 " keeps " + std::to_string(c.tokens_after()) + " tokens on replica " +
                  std::to_string(c.replica) + " but the plan lists no table of that length there");
     }
   }
@@ -176,7 +272,10 @@ Status RankCache::accumulate_attention(SeqId seq, std::span<const float> mass) {
   const auto table = tables_.find(seq);
   if (table == tables_.end()) {
     return invalid_argument(where() + ": attention of " + to_string(seq) +
-                            ", which this replica does not hold");
+                            (group_tables_.count(seq) != 0
+                                 ? ", which is compacted per layer group: its tokens have no "
+                                   "one slot order to score"
+                                 : ", which this replica does not hold"));
   }
   if (mass.size() > table->second.num_tokens) {
     return invalid_argument(where() + ": attention over " + std::to_string(mass.size()) +
@@ -206,11 +305,17 @@ void RankCache::follow_scores(const StepPlan& plan) {
   if (scores_.empty()) return;  // nothing scored on this rank: nothing to renumber or drop
   for (SeqId seq : plan.released) scores_.erase(seq);
   for (const auto& t : plan.tables) {
-    if (t.replica != layout_.replica) scores_.erase(t.seq);
+    // Scores number whole-block slots: a sequence now kept per layer group starts none.
+    if (t.replica != layout_.replica || t.layer_group != StepPlan::kAllLayers) {
+      scores_.erase(t.seq);
+    }
   }
   for (const auto& c : plan.compactions) {
     const auto it = scores_.find(c.seq);
-    if (c.replica != layout_.replica || it == scores_.end()) continue;
+    if (c.replica != layout_.replica || c.layer_group != StepPlan::kAllLayers ||
+        it == scores_.end()) {
+      continue;
+    }
     const std::vector<double>& before = it->second;
     // The scores cover the leading slots; they end at the first kept token they do not cover.
     std::vector<double> after;
@@ -251,11 +356,31 @@ Status RankCache::run_migrations(std::span<const StepPlan::Op> migrations) {
   return ok_status();
 }
 
+Status RankCache::run_copies(std::span<const StepPlan::Op> copies) {
+  // In plan order: one batch entry per run of copies between the same two views.
+  std::vector<TokenCopy> token_copies;
+  token_copies.reserve(copies.size());
+  for (const StepPlan::Op& op : copies) token_copies.push_back(op.copy);
+  std::vector<GroupTokenCopies> batch;
+  size_t first = 0;
+  for (size_t i = 1; i <= copies.size(); ++i) {
+    const bool run_ends = i == copies.size() || copies[i].from_group != copies[first].from_group ||
+                          copies[i].to_group != copies[first].to_group;
+    if (!run_ends) continue;
+    const PagedKvView& to = device_view(copies[first].to_group);
+    const PagedKvView& from = device_view(copies[first].from_group);
+    batch.push_back({to, std::span(token_copies).subspan(first, i - first),
+                     &from == &to ? PagedKvView{} : from});
+    first = i;
+  }
+  return backend_->compact_tokens(batch);
+}
+
 Status RankCache::run_wave(std::span<const StepPlan::Op> wave) {
   const uint32_t me = layout_.replica;
   std::vector<BlockMove> out, in;
   std::vector<StepPlan::Op> migrations;
-  std::vector<TokenCopy> copies;
+  std::vector<StepPlan::Op> copies;
   for (const StepPlan::Op& op : wave) {
     const bool mine = op.replica == me;
     switch (op.kind) {
@@ -269,7 +394,7 @@ Status RankCache::run_wave(std::span<const StepPlan::Op> wave) {
         if (mine || op.dst_replica == me) migrations.push_back(op);
         break;
       case StepPlan::OpKind::kCopy:
-        if (mine) copies.push_back(op.copy);
+        if (mine) copies.push_back(op);
         break;
     }
   }
@@ -283,10 +408,7 @@ Status RankCache::run_wave(std::span<const StepPlan::Op> wave) {
   // are queued before the transfer and, on a backend that queues work (CUDA), run during it.
   if (!out.empty()) KVF_RETURN_IF_ERROR(backend_->swap_blocks(device_pool(), host_pool(), out));
   if (!in.empty()) KVF_RETURN_IF_ERROR(backend_->swap_blocks(host_pool(), device_pool(), in));
-  if (!copies.empty()) {
-    const std::vector<GroupTokenCopies> batch = {{device_pool(), copies}};
-    KVF_RETURN_IF_ERROR(backend_->compact_tokens(batch));
-  }
+  if (!copies.empty()) KVF_RETURN_IF_ERROR(run_copies(copies));
   const bool queued_now = !out.empty() || !in.empty() || !copies.empty();
   backend_work_queued_ = backend_work_queued_ || queued_now;
   if (!migrations.empty()) {
@@ -319,27 +441,45 @@ Status RankCache::run(const StepPlan& plan) {
   KVF_RETURN_IF_ERROR(ran);
   KVF_RETURN_IF_ERROR(synced);
 
-  const uint32_t me = layout_.replica;
-  for (SeqId seq : plan.released) tables_.erase(seq);
-  for (const auto& t : plan.tables) {
-    if (t.replica != me) {
-      tables_.erase(t.seq);  // served by another replica now
-      continue;
-    }
-    StepPlan::Table& held = tables_[t.seq];
-    const Status applied = apply_table_change(held.blocks, t);
-    KVF_CHECK(applied.ok(), applied.message());  // validate() checked every change
-    held.seq = t.seq;
-    held.replica = t.replica;
-    held.num_tokens = t.num_tokens;
-    held.computed_tokens = t.computed_tokens;
-  }
+  apply_tables(plan);
   follow_scores(plan);
   KVF_LOG_DEBUG(kRuntime, "{} executed step {}: {} ops in {} waves, {} tables", where(), plan.step,
                 plan.ops.size(), num_waves, plan.tables.size());
   ++next_step_;
   ++stats_.steps;
   return ok_status();
+}
+
+void RankCache::apply_tables(const StepPlan& plan) {
+  const uint32_t me = layout_.replica;
+  for (SeqId seq : plan.released) {
+    tables_.erase(seq);
+    group_tables_.erase(seq);
+  }
+  for (const auto& t : plan.tables) {
+    if (t.replica != me) {  // served by another replica now
+      tables_.erase(t.seq);
+      group_tables_.erase(t.seq);
+      continue;
+    }
+    StepPlan::Table* held = nullptr;
+    if (t.layer_group == StepPlan::kAllLayers) {
+      group_tables_.erase(t.seq);
+      held = &tables_[t.seq];
+    } else {
+      tables_.erase(t.seq);
+      std::vector<StepPlan::Table>& groups = group_tables_[t.seq];
+      groups.resize(num_layer_groups());
+      held = &groups[t.layer_group];
+    }
+    const Status applied = apply_table_change(held->blocks, t);
+    KVF_CHECK(applied.ok(), applied.message());  // validate() checked every change
+    held->seq = t.seq;
+    held->replica = t.replica;
+    held->layer_group = t.layer_group;
+    held->num_tokens = t.num_tokens;
+    held->computed_tokens = t.computed_tokens;
+  }
 }
 
 Status RankCache::receive_and_execute(std::vector<uint8_t>& plan_bytes, RankId root) {
@@ -527,33 +667,51 @@ uint64_t RankCache::tables_digest() const {
       h *= 1099511628211ull;
     }
   };
-  for (const auto& [seq, t] : tables_) {
-    mix(seq.value);
+  const auto mix_table = [&mix](const StepPlan::Table& t) {
+    mix(t.seq.value);
+    mix(t.layer_group);
     mix(t.num_tokens);
     for (BlockId b : t.blocks) mix(b.value);
+  };
+  for (const auto& [seq, t] : tables_) mix_table(t);
+  for (const auto& [seq, groups] : group_tables_) {
+    for (const StepPlan::Table& t : groups) mix_table(t);
   }
   return h;
 }
 
 template <typename Args>
-Status RankCache::on_layer(uint32_t layer, Args args,
+Status RankCache::on_layer(uint32_t layer, Args args, BlockView view,
                            Status (Backend::*op)(const PagedKvView&, const Args&)) {
-  KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
-  args.layer = where_layer.layer;  // the layer within its group's pool
-  return (backend_->*op)(storage_.view(where_layer.group, Tier::kDevice), args);
+  if (view == BlockView::kWhole) {
+    KVF_ASSIGN_OR_RETURN(const auto where_layer, storage_.locate(layer));
+    args.layer = where_layer.layer;  // the layer within its group's pool
+    return (backend_->*op)(storage_.view(where_layer.group, Tier::kDevice), args);
+  }
+  if (group_views_.empty()) {
+    return invalid_argument(where() + ": layer " + std::to_string(layer) +
+                            " through a layer group's view, but cache.layers_per_group is unset");
+  }
+  const uint32_t per_group = group_views_[0].num_layers;
+  if (layer >= per_group * num_layer_groups()) {
+    return invalid_argument(where() + ": layer " + std::to_string(layer) + " is outside the " +
+                            std::to_string(per_group * num_layer_groups()) + " layers");
+  }
+  args.layer = layer % per_group;
+  return (backend_->*op)(group_views_[layer / per_group], args);
 }
 
-Status RankCache::append_kv(uint32_t layer, AppendKvArgs args) {
-  return on_layer(layer, args, &Backend::append_kv);
+Status RankCache::append_kv(uint32_t layer, AppendKvArgs args, BlockView view) {
+  return on_layer(layer, args, view, &Backend::append_kv);
 }
-Status RankCache::gather_kv(uint32_t layer, GatherKvArgs args) {
-  return on_layer(layer, args, &Backend::gather_kv);
+Status RankCache::gather_kv(uint32_t layer, GatherKvArgs args, BlockView view) {
+  return on_layer(layer, args, view, &Backend::gather_kv);
 }
-Status RankCache::decode_attention(uint32_t layer, DecodeAttentionArgs args) {
-  return on_layer(layer, args, &Backend::paged_decode_attention);
+Status RankCache::decode_attention(uint32_t layer, DecodeAttentionArgs args, BlockView view) {
+  return on_layer(layer, args, view, &Backend::paged_decode_attention);
 }
-Status RankCache::prefill_attention(uint32_t layer, PrefillAttentionArgs args) {
-  return on_layer(layer, args, &Backend::paged_prefill_attention);
+Status RankCache::prefill_attention(uint32_t layer, PrefillAttentionArgs args, BlockView view) {
+  return on_layer(layer, args, view, &Backend::paged_prefill_attention);
 }
 
 }  // namespace kvfabric

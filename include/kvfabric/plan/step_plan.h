@@ -15,9 +15,12 @@ namespace kvfabric {
 //! \brief One step's storage work (DESIGN.md §5), broadcast by the coordinator and executed by
 //! every rank before the forward pass. All shards of a replica run the ops of their replica; a
 //! migration runs between shard s of one replica and shard s of another. Block ids are per
-//! replica (every shard of a replica uses the same id for the same logical block); there is one
-//! layer group. Token compression adds compactions (copies, then renumbered tables) and requests
-//! for the attention scores the next compaction needs.
+//! replica (every shard of a replica uses the same id for the same logical block). A block holds
+//! every layer of block_size tokens, or, for a sequence compacted per layer group (PyramidKV),
+//! one layer group's layers of groups x block_size tokens: the same bytes, seen through the
+//! group's view (layer_group_view()), so one allocator serves both. Token compression adds
+//! compactions (copies, then renumbered tables) and requests for the attention scores the next
+//! compaction needs.
 //!
 //! `ops` are in the order the coordinator decided them, and that order is their meaning: a block
 //! freed by one op may be reused by a later one in the same step (a swapped-out sequence's blocks
@@ -25,6 +28,9 @@ namespace kvfabric {
 //! no two ops touch the same block unless both only read it, so a wave runs as one batched call
 //! per kind (swap-out, migrations, swap-in, copies) in that order.
 struct StepPlan {
+  //! The layer group of a table, copy or compaction that addresses every layer (whole blocks).
+  static constexpr uint32_t kAllLayers = UINT32_MAX;
+
   enum class OpKind : uint8_t {
     kSwapOut,  //!< device block -> host (swap tier) block of `replica`
     kMigrate,  //!< device block of `replica` -> device block of `dst_replica`
@@ -38,6 +44,11 @@ struct StepPlan {
     BlockId src;               //!< swap-out, migration: device; swap-in: host; copy: copy.src_block
     BlockId dst;               //!< swap-out: host; migration, swap-in: device; copy: copy.dst_block
     TokenCopy copy;            //!< copies only
+    //! Copies only: the views a copy reads and writes, kAllLayers (whole blocks) or a layer
+    //! group. A regrouping copy reads a whole block and writes the group's rows of the token
+    //! into a block of the group's view; otherwise both are the same.
+    uint32_t from_group = kAllLayers;
+    uint32_t to_group = kAllLayers;
 
     static Op swap_out(uint32_t replica, BlockId device, BlockId host) {
       return {OpKind::kSwapOut, replica, replica, device, host, {}};
@@ -48,8 +59,12 @@ struct StepPlan {
     static Op migrate(uint32_t src_replica, BlockId src, uint32_t dst_replica, BlockId dst) {
       return {OpKind::kMigrate, src_replica, dst_replica, src, dst, {}};
     }
-    static Op token_copy(uint32_t replica, const TokenCopy& c) {
-      return {OpKind::kCopy, replica, replica, c.src_block, c.dst_block, c};
+    static Op token_copy(uint32_t replica, const TokenCopy& c, uint32_t group = kAllLayers) {
+      return {OpKind::kCopy, replica, replica, c.src_block, c.dst_block, c, group, group};
+    }
+    //! Layer group `group`'s rows of whole-block tokens into the group's view.
+    static Op regroup(uint32_t replica, const TokenCopy& c, uint32_t group) {
+      return {OpKind::kCopy, replica, replica, c.src_block, c.dst_block, c, kAllLayers, group};
     }
     friend bool operator==(const Op&, const Op&) = default;
   };
@@ -62,6 +77,10 @@ struct StepPlan {
   //! and the first `first_block` are those of the sequence's previous table, unchanged (a decode
   //! step that fills a block adds one, and most steps add none). A sequence new to its replica
   //! (admitted, forked, swapped back in or moved there) comes whole, with first_block 0.
+  //!
+  //! A sequence compacted per layer group has a table per group (layer_group 0 .. groups - 1)
+  //! instead of one of every layer: each counts the tokens its group keeps. When it first
+  //! becomes one (or comes to a replica as one) the plan lists every group's table, whole.
   struct Table {
     SeqId seq;
     uint32_t replica = 0;
@@ -69,6 +88,7 @@ struct StepPlan {
     uint64_t computed_tokens = 0;  //!< <= num_tokens
     uint32_t first_block = 0;
     std::vector<BlockId> blocks;
+    uint32_t layer_group = kAllLayers;
     friend bool operator==(const Table&, const Table&) = default;
   };
 
@@ -84,11 +104,13 @@ struct StepPlan {
   //! token is now at position i. The order is not always ascending: H2O and SnapKV fill the
   //! dropped slots with later tokens, so that only those move. The engine renumbers what it
   //! keeps per token (its positions, the ranks' attention scores) the same way.
+  //! A compaction per layer group (PyramidKV) lists one per group, each with the group's table.
   struct Compaction {
     SeqId seq;
     uint32_t replica = 0;
     uint64_t tokens_before = 0;
     std::vector<TokenRange> kept;
+    uint32_t layer_group = kAllLayers;
     [[nodiscard]] uint64_t tokens_after() const;
     friend bool operator==(const Compaction&, const Compaction&) = default;
   };

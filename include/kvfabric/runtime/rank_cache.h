@@ -67,6 +67,13 @@ struct ReplicaScores {
   std::vector<double> scores;  //!< per token, as long as the shortest shard's
 };
 
+//! Which view of the device pool a forward-pass call reads: whole blocks (every layer,
+//! block_size tokens), or the layer group of the call's layer (PyramidKV's per-group tables).
+enum class BlockView : uint8_t {
+  kWhole,
+  kLayerGroup,
+};
+
 //! \brief A rank's arenas (its KV-head shard of every layer, device and host tier) and the
 //! executor of the coordinator's step plans. A serving engine's TP worker owns one and calls
 //! append_kv / attention from its forward pass.
@@ -79,6 +86,11 @@ struct ReplicaScores {
 //! (CUDA) the swaps run while the transfer is in flight. The backend is synchronized only before
 //! a wave whose migrations follow queued work, and at the end of the plan. Not thread-safe;
 //! `backend` and `transport` must outlive it.
+//!
+//! With cache.layers_per_group set (it must divide the model's layers), the device pool is also
+//! seen per layer group (layer_group_view()): the plans' tables, copies and compactions of a
+//! sequence compacted per layer group (PyramidKV) address those views, and the forward pass
+//! reads them with BlockView::kLayerGroup.
 class RankCache {
  public:
   static Result<std::unique_ptr<RankCache>> create(const Config& config, uint32_t rank,
@@ -88,6 +100,14 @@ class RankCache {
   [[nodiscard]] const KvStorage& storage() const { return storage_; }
   [[nodiscard]] const PagedKvView& device_pool() const { return storage_.view(0, Tier::kDevice); }
   [[nodiscard]] const PagedKvView& host_pool() const { return storage_.view(0, Tier::kHost); }
+  //! Layer groups of the device pool's per-group views (0: none, cache.layers_per_group unset).
+  [[nodiscard]] uint32_t num_layer_groups() const {
+    return static_cast<uint32_t>(group_views_.size());
+  }
+  //! Layer group `group`'s view of the device pool (group < num_layer_groups()).
+  [[nodiscard]] const PagedKvView& group_pool(uint32_t group) const {
+    return group_views_.at(group);
+  }
   [[nodiscard]] const RankCacheStats& stats() const { return stats_; }
   //! On the root of execute_agreed(): every rank's stats as each reported them after the last
   //! plan it executed, in rank order (empty before the first plan).
@@ -130,23 +150,43 @@ class RankCache {
   }
 
   //! The block tables of this replica's sequences as of the last executed plan (whole: the
-  //! plans' changes applied, first_block 0).
+  //! plans' changes applied, first_block 0), but for those compacted per layer group.
   [[nodiscard]] const std::map<SeqId, StepPlan::Table>& tables() const { return tables_; }
-  //! A digest of tables(): equal on every shard of a replica that executed the same plans.
+  //! The tables of this replica's sequences compacted per layer group: one per group, in group
+  //! order, read through group_pool(g) (BlockView::kLayerGroup).
+  [[nodiscard]] const std::map<SeqId, std::vector<StepPlan::Table>>& group_tables() const {
+    return group_tables_;
+  }
+  //! A digest of tables() and group_tables(): equal on every shard of a replica that executed
+  //! the same plans.
   [[nodiscard]] uint64_t tables_digest() const;
 
-  // The forward pass: `layer` is the model layer; tensors hold this rank's heads only.
-  Status append_kv(uint32_t layer, AppendKvArgs args);
-  Status gather_kv(uint32_t layer, GatherKvArgs args);
-  Status decode_attention(uint32_t layer, DecodeAttentionArgs args);
-  Status prefill_attention(uint32_t layer, PrefillAttentionArgs args);
+  // The forward pass: `layer` is the model layer; tensors hold this rank's heads only. Block
+  // tables and slots address `view`: a batch mixing sequences compacted per layer group with
+  // whole ones calls once per view.
+  Status append_kv(uint32_t layer, AppendKvArgs args, BlockView view = BlockView::kWhole);
+  Status gather_kv(uint32_t layer, GatherKvArgs args, BlockView view = BlockView::kWhole);
+  Status decode_attention(uint32_t layer, DecodeAttentionArgs args,
+                          BlockView view = BlockView::kWhole);
+  Status prefill_attention(uint32_t layer, PrefillAttentionArgs args,
+                           BlockView view = BlockView::kWhole);
 
  private:
-  RankCache(const RankLayout& layout, KvStorage storage, Backend& backend, Transport& transport)
-      : layout_(layout), storage_(std::move(storage)), backend_(&backend), transport_(&transport) {}
+  RankCache(const RankLayout& layout, KvStorage storage, std::vector<PagedKvView> group_views,
+            Backend& backend, Transport& transport)
+      : layout_(layout),
+        storage_(std::move(storage)),
+        group_views_(std::move(group_views)),
+        backend_(&backend),
+        transport_(&transport) {}
 
   Status run(const StepPlan& plan);  // executes a validated plan
+  [[nodiscard]] Status validate_copy(const StepPlan::Op& op) const;
+  [[nodiscard]] Status validate_tables(const StepPlan& plan) const;
   [[nodiscard]] Status validate_compression(const StepPlan& plan) const;
+  //! The device view of a plan's layer group (kAllLayers: the whole pool).
+  [[nodiscard]] const PagedKvView& device_view(uint32_t layer_group) const;
+  void apply_tables(const StepPlan& plan);
   //! Every rank's verdict on a plan (the step it expects << 1 | refused), known to all.
   Result<std::vector<uint64_t>> agree(const Status& verdict, RankId root);
   //! Gathers every rank's outcome of `plan` on `root` (and the scores it requests); there, the
@@ -162,15 +202,20 @@ class RankCache {
   //! Renumbers the scores of the plan's compactions on this replica, drops those of sequences
   //! that left it.
   void follow_scores(const StepPlan& plan);
-  // Runs a backend call on the pool of `layer`'s group with the layer index inside the group.
+  // Runs a backend call on the pool of `layer`'s group (or layer group view) with the layer
+  // index inside the group.
   template <typename Args>
-  Status on_layer(uint32_t layer, Args args, Status (Backend::*op)(const PagedKvView&, const Args&));
+  Status on_layer(uint32_t layer, Args args, BlockView view,
+                  Status (Backend::*op)(const PagedKvView&, const Args&));
   Status run_wave(std::span<const StepPlan::Op> wave);
+  //! A wave's copies, in plan order, each between the views its op names.
+  Status run_copies(std::span<const StepPlan::Op> copies);
   Status run_migrations(std::span<const StepPlan::Op> migrations);
   std::string where() const;
 
   RankLayout layout_;
   KvStorage storage_;
+  std::vector<PagedKvView> group_views_;  // the device pool per layer group (PyramidKV)
   Backend* backend_;
   Transport* transport_;
   uint64_t next_step_ = 0;
@@ -178,6 +223,7 @@ class RankCache {
   RankCacheStats stats_;
   std::vector<RankCacheStats> job_stats_;  // the root's view of every rank (report())
   std::map<SeqId, StepPlan::Table> tables_;
+  std::map<SeqId, std::vector<StepPlan::Table>> group_tables_;
   std::map<SeqId, std::vector<double>> scores_;   // accumulate_attention()
   std::vector<ReplicaScores> reported_scores_;    // the root's, of the last plan
 };

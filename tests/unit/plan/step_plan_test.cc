@@ -19,13 +19,15 @@ StepPlan sample_plan() {
   plan.step = 41;
   plan.ops = {Op::swap_out(1, BlockId{3}, BlockId{0}), Op::migrate(0, BlockId{7}, 1, BlockId{3}),
               Op::swap_in(0, BlockId{2}, BlockId{9}),
-              Op::token_copy(1, TokenCopy{BlockId{5}, 2, BlockId{6}, 4, 9, CopyReason::kCompaction})};
+              Op::token_copy(1, TokenCopy{BlockId{5}, 2, BlockId{6}, 4, 9, CopyReason::kCompaction}),
+              Op::regroup(2, TokenCopy{BlockId{1}, 3, BlockId{4}, 20, 1, CopyReason::kCompaction}, 1)};
   plan.tables = {{SeqId{4}, 1, 33, 17, 0, {BlockId{3}, BlockId{6}, BlockId{8}}},
                  {SeqId{9}, 0, 0, 0, 0, {}},
-                 {SeqId{5}, 2, 40, 39, 2, {BlockId{11}}}};
+                 {SeqId{5}, 2, 40, 39, 2, {BlockId{11}}},
+                 {SeqId{6}, 2, 21, 21, 0, {BlockId{4}}, 1}};
   plan.released = {SeqId{2}, SeqId{11}};
   plan.preempted = {SeqId{11}};
-  plan.compactions = {{SeqId{4}, 1, 60, {{0, 4}, {31, 29}}}};
+  plan.compactions = {{SeqId{4}, 1, 60, {{0, 4}, {31, 29}}}, {SeqId{6}, 2, 30, {{3, 21}}, 1}};
   plan.score_requests = {{SeqId{5}, 2}, {SeqId{4}, 1}};
   return plan;
 }
@@ -37,6 +39,11 @@ TEST(StepPlanTest, SerializeRoundTripsEveryField) {
   EXPECT_EQ(*parsed, plan);
   EXPECT_EQ(parsed->count(StepPlan::OpKind::kMigrate), 1u);
   EXPECT_EQ(parsed->ops[3].copy.src_block, BlockId{5});
+  EXPECT_EQ(parsed->ops[3].to_group, StepPlan::kAllLayers);
+  EXPECT_EQ(parsed->ops[4].from_group, StepPlan::kAllLayers);
+  EXPECT_EQ(parsed->ops[4].to_group, 1u);
+  EXPECT_EQ(parsed->tables[3].layer_group, 1u);
+  EXPECT_EQ(parsed->compactions[1].layer_group, 1u);
 
   const auto empty = StepPlan::deserialize(StepPlan{}.serialize());
   ASSERT_TRUE(empty.ok());
@@ -83,6 +90,9 @@ TEST(StepPlanTest, EveryTruncationIsAParseError) {
   }
 }
 
+// kind, replica, dst_replica, src, dst, copy offsets and length, reason, from and to group.
+constexpr size_t kOpBytesForTest = 1 + 4 * 4 + 3 * 4 + 1 + 2 * 4;
+
 TEST(StepPlanTest, MalformedBytesAreRefusedWithTheirReason) {
   const auto good = sample_plan().serialize();
   auto with = [&](size_t at, uint8_t value) {
@@ -97,6 +107,10 @@ TEST(StepPlanTest, MalformedBytesAreRefusedWithTheirReason) {
   EXPECT_THAT(with(first_op + 1 + 4 * 4 + 3 * 4, 5).message(), HasSubstr("unknown reason 5"));
   // A swap-out that names a destination replica.
   EXPECT_THAT(with(first_op + 1 + 4, 3).message(), HasSubstr("only migrations do"));
+  // Layer groups: a copy from one group's view into another's, and a swap that names one.
+  const size_t copy_groups = first_op + 3 * kOpBytesForTest + 1 + 4 * 4 + 3 * 4 + 1;
+  EXPECT_THAT(with(copy_groups, 0).message(), HasSubstr("only whole blocks regroup"));
+  EXPECT_THAT(with(first_op + 1 + 4 * 4 + 3 * 4 + 1, 0).message(), HasSubstr("only copies do"));
   // An op count far beyond the bytes that follow.
   EXPECT_THAT(with(4 + 4 + 8 + 7, 0xFF).message(), HasSubstr("ops but only"));
 

@@ -67,9 +67,6 @@ TEST(RankCacheTest, CreateRefusesATransportOfAnotherWorld) {
   const auto made = RankCache::create(serving_config(2, 1, 4, 2, 8, 0), 0, *backend, *local);
   ASSERT_FALSE(made.ok());
   EXPECT_THAT(made.status().message(), HasSubstr("2-rank topology runs on local rank 0 of 1"));
-  Config grouped = serving_config(1, 1, 4, 2, 8, 0);
-  grouped.cache.layers_per_group = 1;
-  EXPECT_EQ(RankCache::create(grouped, 0, *backend, *local).status().code(), ErrorCode::kUnimplemented);
 }
 
 TEST(RankCacheTest, APlanOfTheWrongStepIsRefusedAndChangesNothing) {
@@ -185,11 +182,15 @@ class QueuingBackend final : public Backend {
   }
   Status compact_tokens(std::span<const GroupTokenCopies> batch) override {
     log_.push_back("compact_tokens");
-    std::vector<std::pair<PagedKvView, std::vector<TokenCopy>>> owned;
-    for (const auto& g : batch) owned.push_back({g.pool, {g.copies.begin(), g.copies.end()}});
+    struct Owned {
+      PagedKvView pool, source;
+      std::vector<TokenCopy> copies;
+    };
+    std::vector<Owned> owned;
+    for (const auto& g : batch) owned.push_back({g.pool, g.source, {g.copies.begin(), g.copies.end()}});
     queue_.push_back([this, owned = std::move(owned)] {
       std::vector<GroupTokenCopies> groups;
-      for (const auto& [pool, copies] : owned) groups.push_back({pool, copies});
+      for (const Owned& o : owned) groups.push_back({o.pool, o.copies, o.source});
       return inner_->compact_tokens(groups);
     });
     return ok_status();
