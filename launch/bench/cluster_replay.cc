@@ -90,6 +90,7 @@ Config cluster_replay_model() {
   c.model.head_dim = 64;
   c.model.dtype = DType::kF16;
   c.cache.kv_dtype = DType::kF16;
+  c.cache.layers_per_group = 1;  // two layer groups: a budget each under --compression pyramid
   return c;
 }
 
@@ -107,7 +108,6 @@ Result<Config> cluster_replay_config(const ClusterReplayOptions& options, Cluste
   c.cache.num_blocks = per_replica;
   c.cache.memory_budget_bytes = 0;
   c.cache.host_num_blocks = options.host_capacity_tokens / dp / options.block_tokens;
-  c.cache.layers_per_group = 0;
   switch (routing) {
     case ClusterRouting::kIndependent:
       // A load balancer that cannot see other replicas' caches: prefill cost plays no part.

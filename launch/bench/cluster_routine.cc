@@ -85,7 +85,8 @@ Result<std::optional<quant::CompressionPolicy>> parse_compression_spec(const std
   // The spec's short keys, for the policy's fields.
   constexpr std::pair<std::string_view, std::string_view> kFields[] = {
       {"tokens", "budget_tokens"}, {"ratio", "budget_ratio"},   {"interval", "interval_steps"},
-      {"sink", "sink_tokens"},     {"recent", "recent_tokens"}, {"window", "window_tokens"}};
+      {"sink", "sink_tokens"},     {"recent", "recent_tokens"}, {"window", "window_tokens"},
+      {"beta", "beta"}};
   std::string pair;
   while (std::getline(in, pair, ',')) {
     const size_t eq = pair.find('=');
@@ -95,7 +96,7 @@ Result<std::optional<quant::CompressionPolicy>> parse_compression_spec(const std
                                      [&](const auto& f) { return f.first == key; });
     if (field == std::end(kFields)) {
       return invalid_argument("--compression '" + spec + "': unknown key '" + key +
-                              "' (tokens, ratio, interval, sink, recent, window)");
+                              "' (tokens, ratio, interval, sink, recent, window, beta)");
     }
     char* end = nullptr;
     const double number = std::strtod(value.c_str(), &end);

@@ -460,6 +460,24 @@ Status PagedKvCache::free(SeqId seq) {
   return ok_status();
 }
 
+Status PagedKvCache::replace_table(SeqId seq, size_t num_tokens) {
+  KVF_RETURN_IF_ERROR(init_status_);
+  const uint32_t slot = slot_of(seq);
+  if (slot == detail::SequenceTable::kNoSlot) return sequence_not_found(seq);
+  const size_t needed = blocks_for(num_tokens);
+  if (needed > available_block_count()) return out_of_memory(needed, available_block_count());
+  reclaim_for(needed);
+  const VictimKey old_key = victims_->key_of(slot);
+  SequenceInfo& info = table_->at(slot);
+  std::vector<BlockId> old_table = std::move(info.block_ids);
+  info.block_ids.clear();
+  for (size_t i = 0; i < needed; ++i) info.block_ids.push_back(take_block());
+  release_blocks(old_table);
+  info.num_tokens = num_tokens;
+  touch(slot, old_key);
+  return ok_status();
+}
+
 Status PagedKvCache::fork(SeqId src, SeqId dst) {
   KVF_RETURN_IF_ERROR(init_status_);
   if (table_->contains(dst)) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <span>
 #include <string>
 #include <vector>
@@ -31,9 +32,21 @@ std::vector<StepPlan::TokenRange> ranges_of(std::span<const size_t> positions) {
 Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) const {
   if (!options.compression) return ok_status();
   const Status valid = quant::validate(*options.compression);
-  if (valid.ok()) return valid;
-  return Status(valid.code(),
-                "admit " + to_string(seq) + ": " + valid.message() + "; nothing was changed");
+  if (!valid.ok()) {
+    return Status(valid.code(),
+                  "admit " + to_string(seq) + ": " + valid.message() + "; nothing was changed");
+  }
+  if (options.compression->kind == quant::CompressionPolicy::Kind::kPyramid &&
+      num_layer_groups() < 2) {
+    return invalid_argument("admit " + to_string(seq) +
+                            ": compression.policy 'pyramid' keeps a budget per layer group, and "
+                            "cache.layers_per_group (" +
+                            std::to_string(config_.cache.layers_per_group) +
+                            ") makes no groups of the model's " +
+                            std::to_string(config_.model.num_layers) +
+                            " layers; nothing was changed");
+  }
+  return ok_status();
 }
 
 void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
@@ -53,7 +66,8 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, siz
                                 .arrival = quant::ArrivalOrder(),
                                 .shared_as = std::nullopt,
                                 .probe = probe,
-                                .indexed_on = std::nullopt};
+                                .indexed_on = std::nullopt,
+                                .groups = std::nullopt};
 }
 
 uint64_t Coordinator::budget_of(const quant::CompressionPolicy& policy,
@@ -245,7 +259,13 @@ void Coordinator::index_compacted_prompt(SeqId seq, const Sequence& s, Compresse
 
 size_t Coordinator::tokens_of(SeqId seq) const {
   const Sequence* s = find(seq);
-  return s == nullptr ? 0 : s->num_tokens;
+  if (s == nullptr) return 0;
+  if (s->grouped) {  // what a layer attends to, on average: each attends to its group's
+    const std::vector<uint64_t>& tokens = compressed_.at(seq).groups->tokens;
+    const uint64_t sum = std::accumulate(tokens.begin(), tokens.end(), uint64_t{0});
+    return (sum + tokens.size() - 1) / tokens.size();
+  }
+  return s->num_tokens;
 }
 
 Status Coordinator::report_attention(SeqId seq, uint64_t plan_step,
@@ -298,6 +318,7 @@ bool Coordinator::due(const Sequence& s, const Compressed& c, uint64_t step) con
     case quant::CompressionPolicy::Kind::kH2o:
       return c.has_scores && interval_passed && s.num_tokens > c.budget;
     case quant::CompressionPolicy::Kind::kSnapKv:
+    case quant::CompressionPolicy::Kind::kPyramid:
       return c.has_scores && !c.compacted_once;
   }
   return false;
@@ -321,6 +342,7 @@ void Coordinator::compact_due_sequences() {
 }
 
 bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
+  if (c.policy.kind == quant::CompressionPolicy::Kind::kPyramid) return regroup(seq, s, c);
   const size_t before = s.num_tokens;
   const bool sliding = c.policy.kind == quant::CompressionPolicy::Kind::kStreaming;
   c.arrival.note_appended(before);
@@ -388,15 +410,104 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   return true;
 }
 
+bool Coordinator::regroup(SeqId seq, Sequence& s, Compressed& c) {
+  const uint32_t groups = num_layer_groups();
+  const size_t bs = config_.cache.block_size;
+  const size_t group_block = groups * bs;
+  const size_t before = s.num_tokens;
+  const size_t prompt = c.prompt_tokens;
+  const size_t uncomputed = before - s.computed_tokens;
+  const Result<std::vector<uint64_t>> budgets = quant::pyramid_group_budgets(
+      c.policy, c.budget, config_.model.num_layers, config_.cache.layers_per_group);
+  KVF_CHECK(budgets.ok(), budgets.status().message());  // validated at admission
+  // SnapKV keeps the window and the tokens the scores do not reach whatever the budget. Each
+  // group keeps whole group blocks fewer than the prompt, so that every group's tokens fill
+  // their last block together.
+  const size_t window = static_cast<size_t>(std::min<uint64_t>(c.policy.window_tokens, prompt));
+  const size_t always = prompt - std::min(c.scores.size(), prompt - window);
+  quant::CompressionPolicy snapkv = c.policy;
+  snapkv.kind = quant::CompressionPolicy::Kind::kSnapKv;
+  std::vector<std::vector<size_t>> kept(groups);
+  bool drops = false;
+  for (uint32_t g = 0; g < groups; ++g) {
+    const size_t floor = std::max<size_t>((*budgets)[g], always);
+    const size_t kept_prompt = floor >= prompt ? prompt : prompt - (prompt - floor) / group_block * group_block;
+    kept[g] = quant::select_kept_tokens(snapkv, kept_prompt, before, s.computed_tokens, prompt,
+                                        c.scores, bs);
+    KVF_CHECK(kept[g].size() == kept_prompt + (before - prompt),
+              "a pyramid selection kept " + std::to_string(kept[g].size()) + " of " +
+                  std::to_string(before) + " tokens, not its budget");
+    drops = drops || kept[g].size() < before;
+  }
+  if (!drops) return true;  // every group keeps everything: nothing to regroup
+
+  // Fresh blocks: each group's blocks but its last, group after group, then the last ones.
+  Compressed::Groups layout{{}, {}, uncomputed};
+  size_t blocks = 0;
+  for (const std::vector<size_t>& k : kept) {
+    const size_t group_blocks = (k.size() + group_block - 1) / group_block;
+    layout.tokens.push_back(k.size());
+    layout.full_blocks.push_back(static_cast<uint32_t>(group_blocks - 1));
+    blocks += group_blocks;
+  }
+  PagedKvCache& pool = pool_of(s.replica);
+  const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;
+  const Status replaced = pool.replace_table(seq, blocks * bs);
+  if (!replaced.ok()) {
+    KVF_LOG_DEBUG(kCoordinator, "regrouping of {} waits: {}", to_string(seq), replaced.message());
+    return false;
+  }
+  const std::vector<BlockId>& table = running_info(seq, s)->block_ids;
+  size_t full_before = 0;
+  const size_t all_full = blocks - groups;
+  for (uint32_t g = 0; g < groups; ++g) {
+    // The computed kept tokens move; the uncomputed ones, last, are written by the forward pass.
+    std::optional<StepPlan::Op> run;
+    for (size_t i = 0; i + uncomputed < kept[g].size(); ++i) {
+      const size_t from = kept[g][i];
+      const BlockId src = old_table[from / bs];
+      const BlockId dst = table[pool_index(layout, g, i / group_block, full_before, all_full)];
+      const auto src_offset = static_cast<uint32_t>(from % bs);
+      const auto dst_offset = static_cast<uint32_t>(i % group_block);
+      TokenCopy* last = run ? &run->copy : nullptr;
+      if (last != nullptr && last->src_block == src && last->dst_block == dst &&
+          last->src_offset + last->num_tokens == src_offset &&
+          last->dst_offset + last->num_tokens == dst_offset) {
+        ++last->num_tokens;
+        continue;
+      }
+      if (run) plan_.ops.push_back(*run);
+      run = StepPlan::Op::regroup(
+          s.replica, TokenCopy{src, src_offset, dst, dst_offset, 1, CopyReason::kCompaction}, g);
+    }
+    if (run) plan_.ops.push_back(*run);
+    full_before += layout.full_blocks[g];
+    plan_.compactions.push_back({seq, s.replica, before, ranges_of(kept[g]), g});
+    stats_.compacted_tokens += (before - kept[g].size()) / groups;
+  }
+  stats_.compacted_blocks += old_table.size() > blocks ? old_table.size() - blocks : 0;
+  ++stats_.compactions;
+  c.groups = std::move(layout);
+  s.grouped = true;
+  s.num_tokens = blocks * bs;
+  s.computed_tokens = s.num_tokens;
+  s.published_blocks = 0;  // tables new to the ranks, every group's whole
+  charge(s, blocks);
+  mark_table(s);
+  mark_load(s.replica);
+  return true;
+}
+
 void Coordinator::request_scores() {
   const uint64_t next_step = plan_.step + 1;
   for (auto& [seq, c] : compressed_) {
     if (!c.policy.needs_scores() || c.has_scores) continue;
     const Sequence& s = *find(seq);
     if (s.swapped || !c.prefilled) continue;
+    const bool once = c.policy.kind == quant::CompressionPolicy::Kind::kSnapKv ||
+                      c.policy.kind == quant::CompressionPolicy::Kind::kPyramid;
     const bool wanted =
-        c.policy.kind == quant::CompressionPolicy::Kind::kSnapKv
-            ? !c.compacted_once
+        once ? !c.compacted_once
             : next_step - c.last_compaction_step >= c.policy.interval_steps &&
                   s.num_tokens >= c.budget;
     if (!wanted) continue;
@@ -421,6 +532,12 @@ Status Coordinator::verify_compression() const {
       return Status(ErrorCode::kInternal, "compression state of " + to_string(seq) +
                                               ", which the coordinator does not hold");
     }
+    if (s->grouped != c.groups.has_value()) {
+      return Status(ErrorCode::kInternal, to_string(seq) + " is " +
+                                              (s->grouped ? "" : "not ") +
+                                              "compacted per layer group, its state says otherwise");
+    }
+    if (c.groups) KVF_RETURN_IF_ERROR(verify_groups(seq, *c.groups));
     // Each listed slot's arrival is its own, and slots past them arrived later.
     std::vector<uint32_t> arrivals(c.arrival.arrival().begin(), c.arrival.arrival().end());
     std::sort(arrivals.begin(), arrivals.end());

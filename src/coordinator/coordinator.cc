@@ -22,9 +22,6 @@ constexpr uint64_t kMaxUserSeqId = uint64_t{1} << 63;
 // A replica that holds none of the looked-up prompt, in questions asked of any such one.
 constexpr uint32_t kNoReplica = std::numeric_limits<uint32_t>::max();
 
-// Relief for a running sequence that grows may displace sequences of every priority.
-constexpr uint32_t kAnyPriority = std::numeric_limits<uint32_t>::max();
-
 size_t blocks_for(size_t tokens, size_t block_size) { return (tokens + block_size - 1) / block_size; }
 
 // The block tables of every replica are allocated up front: refuse a config whose tables this
@@ -91,9 +88,12 @@ Coordinator::~Coordinator() = default;
 
 Result<Coordinator> Coordinator::create(const Config& config) {
   KVF_RETURN_IF_ERROR(validate(config));
-  if (config.cache.layers_per_group != 0 && config.cache.layers_per_group != config.model.num_layers) {
-    return Status(ErrorCode::kUnimplemented,
-                  "the coordinator manages one layer group; set cache.layers_per_group to 0");
+  // Layer groups are views of the ranks' one pool (PyramidKV), each a whole number of layers.
+  const uint32_t per_group = config.cache.layers_per_group;
+  if (per_group != 0 && config.model.num_layers % per_group != 0) {
+    return invalid_argument("cache.layers_per_group " + std::to_string(per_group) +
+                            " must divide the " + std::to_string(config.model.num_layers) +
+                            " layers of the model (0: one group of all of them)");
   }
   KVF_RETURN_IF_ERROR(check_bookkeeping_memory(config));
   KVF_ASSIGN_OR_RETURN(const uint64_t device_blocks, resolved_num_blocks(config));
@@ -884,6 +884,7 @@ Status Coordinator::append_blocks(SeqId seq, size_t num_tokens) {
     return invalid_argument("appending " + std::to_string(num_tokens) + " tokens to " +
                             to_string(seq) + " overflows its length");
   }
+  if (s->grouped) return append_grouped(seq, *s, num_tokens);
   const size_t bs = config_.cache.block_size;
   const size_t grown = blocks_for(s->num_tokens + num_tokens, bs) - blocks_for(s->num_tokens, bs);
   KVF_RETURN_IF_ERROR(check_quota(request, s->tenant, 0, grown));
@@ -948,7 +949,9 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
                       sequence_limit_text(config_.coordinator.max_sequences_per_replica));
   }
   PagedKvCache& src_pool = replicas_[from].pool;
-  if (to == from) {
+  if (to == from && s->grouped) {
+    KVF_RETURN_IF_ERROR(fork_grouped(src, *s, dst));
+  } else if (to == from) {
     KVF_RETURN_IF_ERROR(src_pool.fork(src, dst));
   } else {
     const SequenceInfo* info = src_pool.get_sequence(src);
@@ -974,7 +977,8 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
                         .incarnation = next_incarnation_++,
                         .tenant = tenant,
                         .computed_tokens = computed,
-                        .slot = child_slot},
+                        .slot = child_slot,
+                        .grouped = s->grouped},
                child->num_blocks());
   ++replicas_[to].running;
   mark_load(to);
@@ -1244,6 +1248,10 @@ Result<StepPlan> Coordinator::step() {
     if (s.incarnation != incarnation || s.swapped || !s.in_plan) continue;
     s.in_plan = false;
     const SeqId seq{seqs_->id_at(slot)};
+    if (s.grouped) {
+      publish_group_tables(seq, s);
+      continue;
+    }
     // The record knows the table's length (its charged blocks); the pool's table is read only
     // for blocks the ranks do not hold yet.
     const auto length = static_cast<uint32_t>(s.charged_blocks);

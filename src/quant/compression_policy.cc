@@ -66,6 +66,8 @@ std::string_view to_string(CompressionPolicy::Kind kind) {
       return "h2o";
     case CompressionPolicy::Kind::kSnapKv:
       return "snapkv";
+    case CompressionPolicy::Kind::kPyramid:
+      return "pyramid";
   }
   return "unknown";
 }
@@ -74,19 +76,18 @@ Result<CompressionPolicy::Kind> parse_compression_kind(std::string_view name) {
   if (name == "streaming") return CompressionPolicy::Kind::kStreaming;
   if (name == "h2o") return CompressionPolicy::Kind::kH2o;
   if (name == "snapkv") return CompressionPolicy::Kind::kSnapKv;
-  if (name == "pyramid") {
-    return invalid_argument(
-        "compression.policy 'pyramid' is not offered in a coordinated job: its budgets differ per "
-        "layer group, and step plans carry one block table per sequence (quant::"
-        "pyramid_layer_budgets serves a single-process cache)");
-  }
+  if (name == "pyramid") return CompressionPolicy::Kind::kPyramid;
   return invalid_argument("compression.policy '" + std::string(name) +
-                          "' is unknown; expected streaming, h2o or snapkv");
+                          "' is unknown; expected streaming, h2o, snapkv or pyramid");
 }
 
 Status set_compression_field(CompressionPolicy& policy, std::string_view name, double value) {
   if (name == "budget_ratio") {
     policy.budget_ratio = value;
+    return ok_status();
+  }
+  if (name == "beta") {
+    policy.beta = value;
     return ok_status();
   }
   using Policy = CompressionPolicy;
@@ -108,7 +109,7 @@ Status set_compression_field(CompressionPolicy& policy, std::string_view name, d
   if (count == std::end(kCounts)) {
     return invalid_argument("compression: unknown key '" + std::string(name) +
                             "' (policy, budget_tokens, budget_ratio, interval_steps, sink_tokens, "
-                            "recent_tokens, window_tokens)");
+                            "recent_tokens, window_tokens, beta)");
   }
   // Converting a double at or past 2^64 (or inf, or NaN) to an integer is undefined: such a
   // value is no count.
@@ -151,6 +152,13 @@ Status validate(const CompressionPolicy& p) {
                                 std::to_string(p.budget_tokens));
       }
       break;
+    case CompressionPolicy::Kind::kPyramid:
+      if (!(std::isfinite(p.beta) && p.beta >= 1)) {
+        return invalid_argument(field("beta") + " " + number_text(p.beta) +
+                                " must be a finite value >= 1 (the first layer's budget over the "
+                                "last's)");
+      }
+      [[fallthrough]];
     case CompressionPolicy::Kind::kSnapKv:
       if (p.window_tokens == 0) {
         return invalid_argument(field("window_tokens") +
@@ -174,8 +182,30 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens) {
     budget = static_cast<uint64_t>(std::ceil(policy.budget_ratio * static_cast<double>(prompt_tokens)));
     budget = std::max<uint64_t>(budget, 1);
   }
-  if (policy.kind == CompressionPolicy::Kind::kSnapKv) budget = std::max(budget, policy.window_tokens);
+  if (policy.kind == CompressionPolicy::Kind::kSnapKv ||
+      policy.kind == CompressionPolicy::Kind::kPyramid) {
+    budget = std::max(budget, policy.window_tokens);
+  }
   return budget;
+}
+
+Result<std::vector<uint64_t>> pyramid_group_budgets(const CompressionPolicy& policy,
+                                                    uint64_t budget, uint32_t num_layers,
+                                                    uint32_t layers_per_group) {
+  if (layers_per_group == 0 || num_layers % layers_per_group != 0) {
+    return invalid_argument("PyramidKV's layer groups of " + std::to_string(layers_per_group) +
+                            " layers do not divide the " + std::to_string(num_layers) + " layers");
+  }
+  KVF_ASSIGN_OR_RETURN(const std::vector<size_t> per_layer,
+                       pyramid_layer_budgets(budget, num_layers, policy.beta));
+  std::vector<uint64_t> groups;
+  for (uint32_t first = 0; first < num_layers; first += layers_per_group) {
+    uint64_t sum = 0;
+    for (uint32_t l = first; l < first + layers_per_group; ++l) sum += per_layer[l];
+    groups.push_back(std::max<uint64_t>((sum + layers_per_group - 1) / layers_per_group,
+                                        policy.window_tokens));
+  }
+  return groups;
 }
 
 std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t budget,
@@ -208,7 +238,8 @@ std::vector<size_t> select_kept_tokens(const CompressionPolicy& policy, uint64_t
       return heaviest_then_rest(scores, std::min(scores.size(), computed), n, budget, recent,
                                 arrival_order);
     }
-    case CompressionPolicy::Kind::kSnapKv: {
+    case CompressionPolicy::Kind::kSnapKv:
+    case CompressionPolicy::Kind::kPyramid: {
       const size_t prompt = std::min(prompt_tokens, computed);
       if (prompt <= budget) return all_tokens(n);
       // Budget the prompt; everything decoded after it stays.

@@ -239,7 +239,7 @@ json seq_list(std::span<const SeqId> seqs) {
 Result<quant::CompressionPolicy> compression_policy(const json& object) {
   const Request fields(object, "admit: compression");
   KVF_RETURN_IF_ERROR(fields.only({"policy", "budget_tokens", "budget_ratio", "interval_steps",
-                                   "sink_tokens", "recent_tokens", "window_tokens"}));
+                                   "sink_tokens", "recent_tokens", "window_tokens", "beta"}));
   KVF_ASSIGN_OR_RETURN(const auto kind, fields.optional_string("policy", 64));
   if (!kind) return invalid_argument("admit: compression: missing field \"policy\"");
   quant::CompressionPolicy policy;
@@ -262,10 +262,11 @@ json compactions_reply(const StepPlan& plan) {
   for (const StepPlan::Compaction& c : plan.compactions) {
     json kept = json::array();
     for (const StepPlan::TokenRange& range : c.kept) kept.push_back({range.first, range.count});
-    out.push_back({{"seq", c.seq.value},
-                   {"replica", c.replica},
-                   {"tokens_before", c.tokens_before},
-                   {"kept", std::move(kept)}});
+    json& reply = out.emplace_back(json{{"seq", c.seq.value},
+                                        {"replica", c.replica},
+                                        {"tokens_before", c.tokens_before},
+                                        {"kept", std::move(kept)}});
+    if (c.layer_group != StepPlan::kAllLayers) reply["layer_group"] = c.layer_group;
   }
   return out;
 }
@@ -273,12 +274,14 @@ json compactions_reply(const StepPlan& plan) {
 json plan_reply(const StepPlan& plan) {
   json tables = json::array();
   for (const StepPlan::Table& t : plan.tables) {
-    tables.push_back({{"seq", t.seq.value},
-                      {"replica", t.replica},
-                      {"num_tokens", t.num_tokens},
-                      {"computed_tokens", t.computed_tokens},
-                      {"first_block", t.first_block},
-                      {"blocks", block_list(t.blocks)}});
+    json& table = tables.emplace_back(json{{"seq", t.seq.value},
+                                           {"replica", t.replica},
+                                           {"num_tokens", t.num_tokens},
+                                           {"computed_tokens", t.computed_tokens},
+                                           {"first_block", t.first_block},
+                                           {"blocks", block_list(t.blocks)}});
+    // Only a sequence compacted per layer group (pyramid) names one.
+    if (t.layer_group != StepPlan::kAllLayers) table["layer_group"] = t.layer_group;
   }
   json score_requests = json::array();
   for (const StepPlan::ScoreRequest& request : plan.score_requests) {

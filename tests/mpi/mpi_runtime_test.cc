@@ -348,6 +348,7 @@ TEST_P(RuntimeLayoutTest, ServingWorkloadKeepsShardsIdenticalAndLeaksNothing) {
   run_step(150);
 
   EXPECT_TRUE(r.cache->tables().empty());
+  EXPECT_TRUE(r.cache->group_tables().empty());
   EXPECT_TRUE(coordinator->verify_integrity().ok()) << coordinator->verify_integrity();
   for (uint32_t rep = 0; rep < l.dp; ++rep) {
     const ReplicaStats pools = coordinator->replica_stats(rep);
@@ -474,6 +475,11 @@ void check_compression_on_every_shard(const Config& c, const quant::CompressionP
     for (const auto& [seq, table] : r.cache->tables()) {
       for (size_t origin : engine.origins(seq)) kept = testing::splitmix64(kept ^ origin);
     }
+    for (const auto& [seq, tables] : r.cache->group_tables()) {
+      for (uint32_t g = 0; g < tables.size(); ++g) {
+        for (size_t origin : engine.group_origins(seq, g)) kept = testing::splitmix64(kept ^ origin);
+      }
+    }
     const std::vector<uint64_t> all = all_gather(kept);
     for (uint32_t s = 0; s < l.tp && kept_agree; ++s) {
       if (all[l.rank_of(l.replica, s)] != all[l.rank]) {
@@ -518,6 +524,19 @@ TEST_P(RuntimeLayoutTest, CompressionKeepsTheSameTokensOnEveryShard) {
   }
   SCOPED_TRACE("snapkv, repeated prompts");
   check_compression_on_every_shard(c, snapkv, /*repeat_prompts=*/true);
+}
+
+// PyramidKV across ranks: SnapKV's summed votes, a budget per layer group (the model's 2 layers
+// as 2 groups), every shard's group tables and kept tokens alike, every group's K/V exact.
+TEST_P(RuntimeLayoutTest, PyramidKeepsTheSameTokensPerLayerGroupOnEveryShard) {
+  Config c = config(GetParam().dp == 2 ? 64 : 40, 12);
+  c.cache.layers_per_group = 1;
+  quant::CompressionPolicy pyramid;
+  pyramid.kind = quant::CompressionPolicy::Kind::kPyramid;
+  pyramid.budget_ratio = 0.4;
+  pyramid.window_tokens = 8;
+  pyramid.beta = 4;
+  check_compression_on_every_shard(c, pyramid);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, RuntimeLayoutTest, ::testing::ValuesIn(kLayouts),

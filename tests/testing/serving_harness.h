@@ -117,6 +117,10 @@ class EngineModel {
     for (TokenId token : tokens) {
       s.origin.push_back(s.tokens.size());
       s.kv.push_back(0);
+      for (Cached& group : s.groups) {
+        group.origin.push_back(s.tokens.size());
+        group.kv.push_back(0);
+      }
       s.tokens.push_back(token);
     }
   }
@@ -126,6 +130,11 @@ class EngineModel {
   [[nodiscard]] const std::vector<TokenId>& tokens(SeqId seq) const { return seqs_.at(seq).tokens; }
   //! Where each cached token of `seq` was in its token list (compaction drops some).
   [[nodiscard]] const std::vector<size_t>& origins(SeqId seq) const { return seqs_.at(seq).origin; }
+  //! Of a sequence compacted per layer group: where each token layer group g caches was.
+  [[nodiscard]] const std::vector<size_t>& group_origins(SeqId seq, uint32_t g) const {
+    return seqs_.at(seq).groups.at(g).origin;
+  }
+  [[nodiscard]] bool grouped(SeqId seq) const { return !seqs_.at(seq).groups.empty(); }
   //! What the K/V of each cached position of `seq` is made from (testing::token_kv's first
   //! argument), for positions computed.
   [[nodiscard]] const std::vector<uint64_t>& kv_hashes(SeqId seq) const { return seqs_.at(seq).kv; }
@@ -135,9 +144,10 @@ class EngineModel {
   //! alone tells a TP worker what its forward pass fills.
   void planned(const StepPlan& plan) {
     for (SeqId seq : plan.preempted) seqs_.erase(seq);
+    regroup(plan);
     for (const auto& c : plan.compactions) {
       const auto it = seqs_.find(c.seq);
-      if (it == seqs_.end()) continue;
+      if (it == seqs_.end() || c.layer_group != StepPlan::kAllLayers) continue;
       Seq& s = it->second;
       std::vector<size_t> kept_origin;
       std::vector<uint64_t> kept_kv;
@@ -155,19 +165,31 @@ class EngineModel {
       remember_compacted_prompt(s);
     }
     for (const auto& t : plan.tables) {
-      live_[t.seq] = t.num_tokens;
+      live_[{t.seq, t.layer_group}] = t.num_tokens;
       const auto it = seqs_.find(t.seq);
-      if (it != seqs_.end() && it->second.computed != t.computed_tokens && plan_error_.empty()) {
+      if (it == seqs_.end()) continue;
+      const bool grouped = t.layer_group != StepPlan::kAllLayers;
+      if (grouped != !it->second.groups.empty() ||
+          (grouped && t.layer_group >= it->second.groups.size())) {
+        if (plan_error_.empty()) {
+          plan_error_ = "engine model: step " + std::to_string(plan.step) + " lists a table of " +
+                        to_string(t.seq) + " for layer group " + std::to_string(t.layer_group) +
+                        " it was not compacted into";
+        }
+        continue;
+      }
+      const size_t computed = grouped ? it->second.groups[t.layer_group].computed : it->second.computed;
+      if (computed != t.computed_tokens && plan_error_.empty()) {
         plan_error_ = "engine model: step " + std::to_string(plan.step) + "'s table of " +
-                      to_string(t.seq) + " says " + std::to_string(t.computed_tokens) +
-                      " tokens are computed, the engine computed " +
-                      std::to_string(it->second.computed);
+                      to_string(t.seq) + (grouped ? " group " + std::to_string(t.layer_group) : "") +
+                      " says " + std::to_string(t.computed_tokens) +
+                      " tokens are computed, the engine computed " + std::to_string(computed);
       }
     }
     for (SeqId seq : plan.released) {
       const bool retabled = std::any_of(plan.tables.begin(), plan.tables.end(),
                                         [&](const StepPlan::Table& t) { return t.seq == seq; });
-      if (!retabled) live_.erase(seq);
+      if (!retabled) live_.erase(live_.lower_bound({seq, 0}), live_.upper_bound({seq, UINT32_MAX}));
     }
   }
 
@@ -197,7 +219,7 @@ class EngineModel {
       std::vector<float> k(n * l.num_kv_heads * hd), v(k.size());
       RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
       for (uint32_t layer = 0; layer < config_.model.num_layers; ++layer) {
-        fill(s, s.computed, n, layer, l, k.data(), v.data());
+        fill(s.kv, s.computed, n, layer, l, k.data(), v.data());
         KVF_RETURN_IF_ERROR(rank_k.upload(k));
         KVF_RETURN_IF_ERROR(rank_v.upload(v));
         AppendKvArgs args;
@@ -208,6 +230,11 @@ class EngineModel {
         args.num_tokens = static_cast<uint32_t>(n);
         args.slot_mapping = slots.data();
         KVF_RETURN_IF_ERROR(rank.append_kv(layer, args));
+      }
+    }
+    for (const auto& [seq, tables] : rank.group_tables()) {
+      for (uint32_t g = 0; g < tables.size(); ++g) {
+        KVF_RETURN_IF_ERROR(forward_group(rank, seq, g, tables[g]));
       }
     }
     computed_everywhere();
@@ -235,11 +262,21 @@ class EngineModel {
   //! What the forward pass leaves behind on every rank: each running sequence computed to its
   //! table's end. (A run of the coordinator alone calls this instead of forward().)
   void computed_everywhere() {
-    for (const auto& [seq, num_tokens] : live_) {
-      const auto it = seqs_.find(seq);
-      if (it == seqs_.end() || it->second.computed >= num_tokens) continue;
-      compute_kv(it->second, it->second.computed, num_tokens);
-      it->second.computed = num_tokens;
+    for (const auto& [key, num_tokens] : live_) {
+      const auto it = seqs_.find(key.first);
+      if (it == seqs_.end()) continue;
+      Seq& s = it->second;
+      if (key.second != StepPlan::kAllLayers) {
+        if (key.second >= s.groups.size()) continue;
+        Cached& group = s.groups[key.second];
+        if (group.computed >= num_tokens) continue;
+        compute_kv(s, group, group.computed, num_tokens);
+        group.computed = num_tokens;
+        continue;
+      }
+      if (s.computed >= num_tokens) continue;
+      compute_kv(s, s.computed, num_tokens);
+      s.computed = num_tokens;
     }
   }
 
@@ -270,7 +307,7 @@ class EngineModel {
         if (gathered.ok()) gathered = rank_k.download(k);
         if (gathered.ok()) gathered = rank_v.download(v);
         if (!gathered.ok()) return ::testing::AssertionFailure() << gathered;
-        fill(s, 0, n, layer, l, want_k.data(), want_v.data());
+        fill(s.kv, 0, n, layer, l, want_k.data(), want_v.data());
         for (size_t i = 0; i < k.size(); ++i) {
           if (k[i] != want_k[i] || v[i] != want_v[i]) {
             const size_t token = i / (l.num_kv_heads * hd);
@@ -282,6 +319,13 @@ class EngineModel {
         }
       }
     }
+    for (const auto& [seq, tables] : rank.group_tables()) {
+      const auto it = seqs_.find(seq);
+      if (it == seqs_.end()) return ::testing::AssertionFailure() << "rank holds unknown " << seq;
+      for (uint32_t g = 0; g < tables.size(); ++g) {
+        if (auto checked = verify_group(rank, it->second, g, tables[g]); !checked) return checked;
+      }
+    }
     return ::testing::AssertionSuccess();
   }
 
@@ -290,12 +334,19 @@ class EngineModel {
   void use_device_buffers(Backend& backend) { device_ = &backend; }
 
  private:
+  // What one layer group of a sequence compacted per group caches (pyramid).
+  struct Cached {
+    std::vector<size_t> origin;
+    std::vector<uint64_t> kv;
+    size_t computed = 0;
+  };
   struct Seq {
     std::vector<TokenId> tokens;
     size_t prompt_size = 0;
     std::vector<size_t> origin;  // cached position -> index in tokens (identity until compacted)
     std::vector<uint64_t> kv;    // cached position -> what its K/V is made from, once computed
     size_t computed = 0;         // cached positions with K/V
+    std::vector<Cached> groups;  // once compacted per layer group: each group's, instead
   };
   struct KeptPrompt {
     std::vector<size_t> origin;
@@ -305,6 +356,110 @@ class EngineModel {
   // Computes positions [first, end) of `s`, as a forward pass does.
   static void compute_kv(Seq& s, size_t first, size_t end) {
     compute_context_kv(s.kv, first, end, [&](size_t pos) { return s.tokens[s.origin[pos]]; });
+  }
+  // The same for one layer group's positions (its layers attend to what the group keeps).
+  static void compute_kv(const Seq& s, Cached& group, size_t first, size_t end) {
+    compute_context_kv(group.kv, first, end,
+                       [&](size_t pos) { return s.tokens[group.origin[pos]]; });
+  }
+
+  // The plan's compactions per layer group, each from what the sequence cached whole.
+  void regroup(const StepPlan& plan) {
+    for (const auto& c : plan.compactions) {
+      const auto it = seqs_.find(c.seq);
+      if (it == seqs_.end() || c.layer_group == StepPlan::kAllLayers) continue;
+      Seq& s = it->second;
+      const uint32_t groups = config_.model.num_layers / config_.cache.layers_per_group;
+      if (s.groups.empty()) s.groups.resize(groups);
+      Cached& group = s.groups.at(c.layer_group);
+      group = Cached{};
+      for (const auto& range : c.kept) {
+        for (uint64_t pos = range.first; pos < range.first + range.count; ++pos) {
+          group.origin.push_back(s.origin.at(pos));
+          group.kv.push_back(s.kv.at(pos));
+          if (pos < s.computed) ++group.computed;
+        }
+      }
+    }
+  }
+
+  // The layers of layer group g (the group's layer index l is model layer first + l).
+  [[nodiscard]] uint32_t group_first_layer(uint32_t g) const {
+    return g * config_.cache.layers_per_group;
+  }
+
+  Status forward_group(RankCache& rank, SeqId seq, uint32_t g, const StepPlan::Table& table) {
+    const RankLayout& l = rank.layout();
+    const uint32_t hd = config_.model.head_dim;
+    const size_t group_block = size_t{config_.cache.block_size} *
+                               (config_.model.num_layers / config_.cache.layers_per_group);
+    Seq& s = seqs_.at(seq);
+    Cached& group = s.groups.at(g);
+    if (group.computed >= table.num_tokens) return ok_status();
+    if (group.origin.size() < table.num_tokens) {
+      return invalid_argument("engine model: " + to_string(seq) + " group " + std::to_string(g) +
+                              " has " + std::to_string(group.origin.size()) +
+                              " tokens, its table " + std::to_string(table.num_tokens));
+    }
+    const size_t n = table.num_tokens - group.computed;
+    compute_kv(s, group, group.computed, table.num_tokens);
+    std::vector<int64_t> slots(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t pos = group.computed + i;
+      slots[i] = int64_t{table.blocks[pos / group_block].value} * static_cast<int64_t>(group_block) +
+                 static_cast<int64_t>(pos % group_block);
+    }
+    std::vector<float> k(n * l.num_kv_heads * hd), v(k.size());
+    RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
+    for (uint32_t layer = group_first_layer(g);
+         layer < group_first_layer(g) + config_.cache.layers_per_group; ++layer) {
+      fill(group.kv, group.computed, n, layer, l, k.data(), v.data());
+      KVF_RETURN_IF_ERROR(rank_k.upload(k));
+      KVF_RETURN_IF_ERROR(rank_v.upload(v));
+      AppendKvArgs args;
+      args.key = rank_k.data(k);
+      args.value = rank_v.data(v);
+      args.input_dtype = DType::kF32;
+      args.num_tokens = static_cast<uint32_t>(n);
+      args.slot_mapping = slots.data();
+      KVF_RETURN_IF_ERROR(rank.append_kv(layer, args, BlockView::kLayerGroup));
+    }
+    return ok_status();
+  }
+
+  ::testing::AssertionResult verify_group(RankCache& rank, const Seq& s, uint32_t g,
+                                          const StepPlan::Table& table) const {
+    const RankLayout& l = rank.layout();
+    const uint32_t hd = config_.model.head_dim;
+    const Cached& group = s.groups.at(g);
+    const size_t n = table.num_tokens;
+    std::vector<uint32_t> blocks;
+    for (BlockId b : table.blocks) blocks.push_back(b.value);
+    std::vector<float> k(n * l.num_kv_heads * hd), v(k.size()), want_k(k.size()), want_v(k.size());
+    RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
+    for (uint32_t layer = group_first_layer(g);
+         layer < group_first_layer(g) + config_.cache.layers_per_group; ++layer) {
+      GatherKvArgs args;
+      args.block_table = blocks.data();
+      args.num_tokens = static_cast<uint32_t>(n);
+      args.key_out = rank_k.data(k);
+      args.value_out = rank_v.data(v);
+      Status gathered = rank.gather_kv(layer, args, BlockView::kLayerGroup);
+      if (gathered.ok()) gathered = rank_k.download(k);
+      if (gathered.ok()) gathered = rank_v.download(v);
+      if (!gathered.ok()) return ::testing::AssertionFailure() << gathered;
+      fill(group.kv, 0, n, layer, l, want_k.data(), want_v.data());
+      for (size_t i = 0; i < k.size(); ++i) {
+        if (k[i] != want_k[i] || v[i] != want_v[i]) {
+          return ::testing::AssertionFailure()
+                 << "rank " << l.rank << ": layer group " << g << " token "
+                 << i / (l.num_kv_heads * hd) << " of " << n << ", layer " << layer
+                 << ": K " << k[i] << " V " << v[i] << ", expected K " << want_k[i] << " V "
+                 << want_v[i];
+        }
+      }
+    }
+    return ::testing::AssertionSuccess();
   }
 
   // A compaction that laid the kept prompt out first (SnapKV) may be shared with identical
@@ -350,12 +505,12 @@ class EngineModel {
   };
 
   // K and V of cached positions [first, first + n) for the rank's KV heads: [n, local heads,
-  // head_dim], from what compute_kv() made them of.
-  void fill(const Seq& s, size_t first, size_t n, uint32_t layer, const RankLayout& l, float* k,
-            float* v) const {
+  // head_dim], from what compute_kv() made them of (`kv`).
+  void fill(const std::vector<uint64_t>& kv, size_t first, size_t n, uint32_t layer,
+            const RankLayout& l, float* k, float* v) const {
     const uint32_t hd = config_.model.head_dim;
     for (size_t pos = first; pos < first + n; ++pos) {
-      const uint64_t h = s.kv[pos];
+      const uint64_t h = kv[pos];
       for (uint32_t head = 0; head < l.num_kv_heads; ++head) {
         for (uint32_t d = 0; d < hd; ++d) {
           const size_t at = ((pos - first) * l.num_kv_heads + head) * hd + d;
@@ -368,7 +523,8 @@ class EngineModel {
 
   Config config_;
   std::map<SeqId, Seq> seqs_;
-  std::map<SeqId, uint64_t> live_;  // running sequences and their lengths, every replica
+  // Running sequences and their lengths (per layer group, or kAllLayers), every replica.
+  std::map<std::pair<SeqId, uint32_t>, uint64_t> live_;
   std::map<std::vector<TokenId>, KeptPrompt> compacted_prompts_;
   std::string plan_error_;          // the first table whose computed-token count was wrong
   Backend* device_ = nullptr;       // see use_device_buffers()

@@ -214,6 +214,13 @@ class PagedKvCache {
   Result<size_t> retain_tokens(SeqId seq, std::span<const size_t> positions, size_t own_blocks = 0,
                                size_t uncomputed_from = SIZE_MAX);
 
+  //! Gives `seq` a new table of ceil(num_tokens / block_size) fresh blocks and then releases its
+  //! old ones, which the caller's copies may still read (none of them is among the new): a
+  //! regrouping, where another view of the same memory decides the new blocks' content (PyramidKV
+  //! across ranks). Queues no copies. Errors (nothing changes): SequenceNotFound, OutOfMemory
+  //! when fewer blocks are available than the new table takes.
+  Status replace_table(SeqId seq, size_t num_tokens);
+
   //! All sequence ids, ascending.
   [[nodiscard]] std::vector<SeqId> sequence_ids() const;
 

@@ -277,15 +277,20 @@ class Coordinator {
   [[nodiscard]] size_t host_memory_bytes() const;
   [[nodiscard]] size_t host_free_blocks(uint32_t replica) const;
   [[nodiscard]] uint64_t block_bytes() const { return block_bytes_; }
-  //! The tokens a live sequence holds (running or swapped; compaction shrinks them); 0 when
-  //! unknown.
+  //! The tokens a live sequence holds (running or swapped; compaction shrinks them; of one
+  //! compacted per layer group, the mean over its groups, rounded up: what a layer attends to
+  //! and stores on average); 0 when unknown.
   [[nodiscard]] size_t tokens_of(SeqId seq) const;
-  //! The block table of a running sequence (empty when unknown or swapped).
+  //! The block table of a running sequence (empty when unknown or swapped); of one compacted
+  //! per layer group, every group's blocks as the coordinator lays them out (the plans carry
+  //! each group's table).
   [[nodiscard]] std::vector<BlockId> blocks_of(SeqId seq) const;
   //! Every replica's pool and index checks, and that the sequences' records agree with them.
   [[nodiscard]] Status verify_integrity() const;
 
  private:
+  //! Relief for a running sequence that grows may displace sequences of every priority.
+  static constexpr uint32_t kAnyPriority = UINT32_MAX;
   struct Replica;
   struct Sequence {
     uint32_t replica = 0;
@@ -308,6 +313,9 @@ class Coordinator {
     uint32_t published_blocks = 0;
     bool in_plan = false;      //!< its table is listed for the next plan
     uint32_t record_slot = 0;  //!< where this record sits among the coordinator's
+    //! Compacted per layer group (pyramid): its pool table holds every group's blocks, laid
+    //! out as Compressed::Groups says, and num_tokens counts that table's slots.
+    bool grouped = false;
   };
   struct SequenceMap;
   struct Tenant {
@@ -399,6 +407,18 @@ class Coordinator {
     std::optional<uint64_t> probe;
     //! The replica where its compaction indexed its kept prompt, if it did.
     std::optional<uint32_t> indexed_on;
+    //! \brief pyramid, once compacted: the tokens each layer group keeps. The pool table holds
+    //! every group's blocks but its last, group after group (full_blocks[g] each), then rounds
+    //! of one block per group in group order. The groups' token counts differ by whole group
+    //! blocks (groups x block_size tokens), so all fill their last block at the same token: the
+    //! pool table grows a round at a time, always of whole blocks, and its last round holds
+    //! each group's last block.
+    struct Groups {
+      std::vector<uint64_t> tokens;       //!< per group, the tokens it holds
+      std::vector<uint32_t> full_blocks;  //!< per group, its blocks before the rounds
+      uint64_t uncomputed = 0;  //!< every group's trailing tokens the next forward pass computes
+    };
+    std::optional<Groups> groups;
   };
 
   explicit Coordinator(const Config& config);
@@ -553,6 +573,30 @@ class Coordinator {
   //! eviction left of another's is forgotten first; a whole one already serves).
   bool makes_way_for_kept_prompt(const Sequence& s, const Compressed& c);
   void compact_due_sequences();
+  // PyramidKV across ranks (layer_groups.cc and compression.cc).
+  //! Layer groups of the ranks' pools (cache.layers_per_group), 0 when they have none.
+  [[nodiscard]] uint32_t num_layer_groups() const;
+  //! pyramid: keeps SnapKV's selection of each layer group's budget, in fresh blocks laid out
+  //! per group (Compressed::Groups), with the regrouping copies and a compaction per group in
+  //! the plan. false when the replica cannot give the fresh blocks now (it waits).
+  bool regroup(SeqId seq, Sequence& s, Compressed& c);
+  //! append_blocks() for a sequence compacted per layer group: a round of blocks each time its
+  //! groups' last blocks are full.
+  Status append_grouped(SeqId seq, Sequence& s, size_t num_tokens);
+  //! A fork of a sequence compacted per layer group on its replica: its last round copied when
+  //! partly filled (those blocks are written next), the rest shared.
+  Status fork_grouped(SeqId src, const Sequence& s, SeqId dst);
+  //! The plan's table of each layer group of a sequence compacted per group.
+  void publish_group_tables(SeqId seq, Sequence& s);
+  //! Layer group g's table within the pool table of a sequence compacted per group.
+  [[nodiscard]] static std::vector<BlockId> group_table(std::span<const BlockId> pool_table,
+                                                        const Compressed::Groups& groups,
+                                                        uint32_t g);
+  //! Where block j of group g sits in the pool table, given the full blocks of the groups
+  //! before g and of all of them.
+  [[nodiscard]] static size_t pool_index(const Compressed::Groups& groups, uint32_t g, size_t j,
+                                         size_t full_before, size_t all_full);
+  [[nodiscard]] Status verify_groups(SeqId seq, const Compressed::Groups& groups) const;
   //! Compacts one sequence to what its policy keeps; false when it keeps everything or its
   //! replica cannot give the fresh blocks a shared block's copy needs (it waits).
   bool compact(SeqId seq, Sequence& s, Compressed& c);

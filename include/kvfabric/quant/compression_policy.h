@@ -23,18 +23,25 @@ namespace kvfabric::quant {
 //! - `snapkv`: once, after the prompt is computed: the prompt's last `window_tokens` (the
 //!   observation window) and the older prompt tokens with the most pooled votes from that window
 //!   (quant::snapkv_scores, summed over shards). Tokens decoded after the prompt are all kept.
+//! - `pyramid` (PyramidKV): SnapKV's selection once, after the prompt, with a budget per layer
+//!   group: the budget is the average over the layers, each layer's falls linearly from the
+//!   first to the last, whose budget is the average / `beta` (pyramid_layer_budgets), and a
+//!   group keeps the mean of its layers' (at least the observation window). The selections are
+//!   nested: every group keeps the prompt tokens with the most votes that its budget allows.
+//!   Needs cache.layers_per_group (a table per layer group).
 //!
 //! The budget is `budget_tokens`, or `budget_ratio` of the prompt's length (rounded up); exactly
 //! one of them is set. Tokens whose K/V the next forward pass has yet to compute are always kept.
 struct CompressionPolicy {
-  enum class Kind : uint8_t { kStreaming, kH2o, kSnapKv };
+  enum class Kind : uint8_t { kStreaming, kH2o, kSnapKv, kPyramid };
   Kind kind = Kind::kH2o;
   uint64_t budget_tokens = 0;
   double budget_ratio = 0;
   uint32_t interval_steps = 1;   //!< streaming, h2o: steps between compactions (>= 1)
   uint64_t sink_tokens = 4;      //!< streaming: leading tokens always kept
   uint64_t recent_tokens = 0;    //!< h2o: newest tokens always kept (<= budget); 0 = budget / 2
-  uint64_t window_tokens = 32;   //!< snapkv: the observation window (>= 1, <= budget)
+  uint64_t window_tokens = 32;   //!< snapkv, pyramid: the observation window (>= 1, <= budget)
+  double beta = 20;              //!< pyramid: the first layer's budget over the last's (>= 1)
 
   //! Whether the coordinator needs the sequence's attention scores to compact it.
   [[nodiscard]] bool needs_scores() const { return kind != Kind::kStreaming; }
@@ -42,14 +49,13 @@ struct CompressionPolicy {
   friend bool operator==(const CompressionPolicy&, const CompressionPolicy&) = default;
 };
 
-//! "streaming", "h2o", "snapkv".
+//! "streaming", "h2o", "snapkv", "pyramid".
 std::string_view to_string(CompressionPolicy::Kind kind);
-//! The kind named `name`; InvalidArgument naming the accepted names otherwise (and, for
-//! "pyramid", why a coordinated job does not offer it).
+//! The kind named `name`; InvalidArgument naming the accepted names otherwise.
 Result<CompressionPolicy::Kind> parse_compression_kind(std::string_view name);
 
 //! Sets the numeric field `name` of `policy` (budget_tokens, budget_ratio, interval_steps,
-//! sink_tokens, recent_tokens, window_tokens) to `value`, as the control plane, the Python module
+//! sink_tokens, recent_tokens, window_tokens, beta) to `value`, as the control plane, the Python module
 //! and `replay --compression` give them. InvalidArgument naming the field (nothing changes): an
 //! unknown name, or a count that is not a whole number in its field's range. The policy as a
 //! whole is checked by validate().
@@ -61,8 +67,17 @@ Status set_compression_field(CompressionPolicy& policy, std::string_view name, d
 Status validate(const CompressionPolicy& policy);
 
 //! The budget in tokens for a prompt of `prompt_tokens`: budget_tokens, or
-//! ceil(budget_ratio * prompt_tokens) (at least 1). For snapkv at least window_tokens.
+//! ceil(budget_ratio * prompt_tokens) (at least 1). For snapkv and pyramid (whose budget is the
+//! average over the layers) at least window_tokens.
 uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens);
+
+//! pyramid: the budget of each of the `num_layers / layers_per_group` layer groups for an
+//! average `budget`: the mean of its layers' pyramid_layer_budgets (policy.beta), rounded up,
+//! and at least window_tokens. Non-increasing with depth. InvalidArgument: layers_per_group 0 or
+//! not dividing num_layers, or the errors of pyramid_layer_budgets.
+Result<std::vector<uint64_t>> pyramid_group_budgets(const CompressionPolicy& policy,
+                                                    uint64_t budget, uint32_t num_layers,
+                                                    uint32_t layers_per_group);
 
 //! \brief What a compaction keeps of a sequence (ascending positions), or all `num_tokens` of
 //! them when compacting would not drop any.
@@ -70,7 +85,7 @@ uint64_t budget_for(const CompressionPolicy& policy, uint64_t prompt_tokens);
 //! Positions at or past `computed_tokens` are always kept (their K/V is not computed yet), and
 //! so are positions the scores do not cover (`scores` covers [0, scores.size())). For snapkv,
 //! `prompt_tokens` is the prompt's length (the observation window ends there, and decoded tokens
-//! after it stay); for streaming the scores are ignored and `block_size` rounds the dropped span
+//! after it stay; pyramid selects as snapkv, with one layer group's budget); for streaming the scores are ignored and `block_size` rounds the dropped span
 //! down to whole blocks. Deterministic: ties keep the newer token.
 //!
 //! For h2o, `arrival[i]` is when the token in slot i arrived (one per slot, distinct, larger =

@@ -62,7 +62,9 @@ class Placement:
 @dataclass(frozen=True)
 class PlanTable:
     """A sequence's block table in a step's reply: blocks from first_block on (the ones before
-    are unchanged); the forward pass fills tokens [computed_tokens, num_tokens)."""
+    are unchanged); the forward pass fills tokens [computed_tokens, num_tokens). A sequence
+    compacted per layer group (pyramid) has one per group, ``layer_group`` naming it (None
+    otherwise), read through that group's view of the pool."""
 
     seq: int
     replica: int
@@ -70,6 +72,7 @@ class PlanTable:
     computed_tokens: int
     first_block: int
     blocks: list[int]
+    layer_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class Compaction:
     replica: int
     tokens_before: int
     kept: list[tuple[int, int]]
+    layer_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -361,9 +365,10 @@ class Client:
         """Closes the step (an admin's); every rank has executed the plan when this returns."""
         r = self.request("step")
         tables = [PlanTable(t["seq"], t["replica"], t["num_tokens"], t["computed_tokens"],
-                            t.get("first_block", 0), t["blocks"]) for t in r["tables"]]
+                            t.get("first_block", 0), t["blocks"], t.get("layer_group"))
+                  for t in r["tables"]]
         compactions = [Compaction(c["seq"], c["replica"], c["tokens_before"],
-                                  [(k[0], k[1]) for k in c["kept"]])
+                                  [(k[0], k[1]) for k in c["kept"]], c.get("layer_group"))
                        for c in r.get("compactions", [])]
         return Step(r["step"], tables, r["released"], r["preempted"], r["ops"], compactions,
                     [q["seq"] for q in r.get("score_requests", [])])

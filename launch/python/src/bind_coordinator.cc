@@ -19,6 +19,12 @@ namespace {
 using Op = StepPlan::Op;
 using OpKind = StepPlan::OpKind;
 
+// A plan entry's layer group for Python: None for whole blocks.
+std::optional<uint32_t> layer_group_of(uint32_t group) {
+  if (group == StepPlan::kAllLayers) return std::nullopt;
+  return group;
+}
+
 std::string_view op_kind_name(OpKind kind) {
   switch (kind) {
     case OpKind::kSwapOut:
@@ -108,7 +114,7 @@ quant::CompressionPolicy compression_arg(const py::dict& fields) {
       check(quant::set_compression_field(policy, key, x));
     }
   }
-  if (!has_kind) raise_invalid("compression: 'policy' is missing (streaming, h2o or snapkv)");
+  if (!has_kind) raise_invalid("compression: 'policy' is missing (streaming, h2o, snapkv or pyramid)");
   check(quant::validate(policy));
   return policy;
 }
@@ -164,7 +170,12 @@ void bind_plan(py::module_& m) {
             if (o.kind != OpKind::kCopy) return std::nullopt;
             return o.copy;
           },
-          "the token copy (copies only, else None)");
+          "the token copy (copies only, else None)")
+      .computed("from_group", [](const Op& o) { return layer_group_of(o.from_group); },
+                "copies: the layer group view the copy reads (None: whole blocks)")
+      .computed("to_group", [](const Op& o) { return layer_group_of(o.to_group); },
+                "copies: the layer group view the copy writes (None: whole blocks); differs "
+                "from from_group for a regrouping (PyramidKV)");
   op.cls()
       .def_static("swap_out", &Op::swap_out, py::arg("replica"), py::arg("device"),
                   py::arg("host"))
@@ -185,21 +196,25 @@ void bind_plan(py::module_& m) {
       m, "PlanTable",
       "A sequence's block table as of this step. blocks are the table's blocks from index "
       "first_block on (the first first_block are unchanged from its previous table); the "
-      "forward pass fills tokens [computed_tokens, num_tokens).");
+      "forward pass fills tokens [computed_tokens, num_tokens). A sequence compacted per layer "
+      "group (pyramid) has one per group: layer_group names it (None for whole blocks).");
   table_cls.field("seq", &StepPlan::Table::seq)
       .field("replica", &StepPlan::Table::replica)
       .field("num_tokens", &StepPlan::Table::num_tokens)
       .field("computed_tokens", &StepPlan::Table::computed_tokens)
       .field("first_block", &StepPlan::Table::first_block)
-      .field("blocks", &StepPlan::Table::blocks);
+      .field("blocks", &StepPlan::Table::blocks)
+      .computed("layer_group", [](const StepPlan::Table& t) { return layer_group_of(t.layer_group); });
   table_cls.cls().def(py::init([](SeqId seq, uint32_t replica, uint64_t num_tokens,
                               uint64_t computed_tokens, uint32_t first_block,
-                              std::vector<BlockId> blocks) {
+                              std::vector<BlockId> blocks, std::optional<uint32_t> layer_group) {
                     return StepPlan::Table{seq, replica, num_tokens, computed_tokens, first_block,
-                                           std::move(blocks)};
+                                           std::move(blocks),
+                                           layer_group.value_or(StepPlan::kAllLayers)};
                   }),
                   py::arg("seq"), py::arg("replica"), py::arg("num_tokens"),
-                  py::arg("computed_tokens"), py::arg("first_block"), py::arg("blocks"));
+                  py::arg("computed_tokens"), py::arg("first_block"), py::arg("blocks"),
+                  py::arg("layer_group") = py::none());
 
   Record<StepPlan::Compaction>(
       m, "PlanCompaction",
@@ -209,6 +224,8 @@ void bind_plan(py::module_& m) {
       .field("seq", &StepPlan::Compaction::seq)
       .field("replica", &StepPlan::Compaction::replica)
       .field("tokens_before", &StepPlan::Compaction::tokens_before)
+      .computed("layer_group",
+                [](const StepPlan::Compaction& c) { return layer_group_of(c.layer_group); })
       .computed("kept", [](const StepPlan::Compaction& c) {
         std::vector<std::pair<uint64_t, uint64_t>> kept;
         for (const StepPlan::TokenRange& r : c.kept) kept.emplace_back(r.first, r.count);

@@ -96,6 +96,18 @@ class PyRankCache {
   std::mutex mutex_;
 };
 
+BlockView view_of(bool group_view) {
+  return group_view ? BlockView::kLayerGroup : BlockView::kWhole;
+}
+
+// Tokens a block holds in the view a call reads: a layer group's holds the groups' worth.
+uint64_t block_tokens(const PyRankCache& cache, bool group_view) {
+  const uint64_t bs = cache.config().cache.block_size;
+  const uint32_t per_group = cache.config().cache.layers_per_group;
+  if (!group_view || per_group == 0) return bs;
+  return bs * (cache.config().model.num_layers / per_group);
+}
+
 float softmax_scale_arg(const std::optional<float>& scale, uint32_t head_dim) {
   if (!scale) return 1.0f / std::sqrt(static_cast<float>(head_dim));
   if (!std::isfinite(*scale)) raise_invalid("softmax_scale must be finite");
@@ -363,6 +375,13 @@ void bind_runtime(py::module_& m) {
           },
           "This replica's block tables as of the last plan: {seq: PlanTable} (whole tables).")
       .def(
+          "group_tables",
+          [](PyRankCache& self) {
+            return self.locked([](RankCache& c) { return c.group_tables(); });
+          },
+          "The tables of this replica's sequences compacted per layer group (pyramid): {seq: "
+          "[PlanTable per group]}, read with group_view=True.")
+      .def(
           "block_table",
           [](PyRankCache& self, SeqId seq) {
             auto blocks = self.locked([&](RankCache& c) -> std::optional<std::vector<BlockId>> {
@@ -413,7 +432,7 @@ void bind_runtime(py::module_& m) {
       .def(
           "append_kv",
           [](PyRankCache& self, uint32_t layer, const py::object& key, const py::object& value,
-             const py::object& slot_mapping) {
+             const py::object& slot_mapping, bool group_view) {
             const RankLayout& l = self.layout();
             const Memory mem = self.memory();
             const Tensor k = Tensor::from(key, "key", mem, {DType::kF32, DType::kF16, DType::kBF16}, 3, false);
@@ -433,15 +452,18 @@ void bind_runtime(py::module_& m) {
             args.input_dtype = k.dtype();
             args.num_tokens = static_cast<uint32_t>(n);
             args.slot_mapping = slots.data();
-            check(self.locked([&](RankCache& c) { return c.append_kv(layer, args); }));
+            check(self.locked([&](RankCache& c) { return c.append_kv(layer, args, view_of(group_view)); }));
           },
           py::arg("layer"), py::arg("key"), py::arg("value"), py::arg("slot_mapping"),
+          py::kw_only(), py::arg("group_view") = false,
           "Writes new tokens' K and V ([n, local_kv_heads, head_dim]) of model layer `layer` "
-          "into their slots (block * block_size + offset; -1 skips).")
+          "into their slots (block * block_size + offset; -1 skips). group_view=True: the slots "
+          "of the layer's group view (block * groups * block_size + offset), for a sequence "
+          "compacted per layer group.")
       .def(
           "gather_kv",
           [](PyRankCache& self, uint32_t layer, const py::object& block_table,
-             uint32_t num_tokens) {
+             uint32_t num_tokens, bool group_view) {
             if (self.memory() == Memory::kDevice) {
               raise_invalid("gather_kv returns NumPy arrays: it runs on the CPU backend only");
             }
@@ -449,7 +471,7 @@ void bind_runtime(py::module_& m) {
             const std::vector<uint32_t> table = index_vector<uint32_t>(block_table, "block_table");
             // Checked before the outputs are allocated: a wrong num_tokens is named, not a
             // MemoryError for terabytes.
-            const uint32_t bs = self.config().cache.block_size;
+            const uint64_t bs = block_tokens(self, group_view);
             if (table.size() < (uint64_t{num_tokens} + bs - 1) / bs) {
               raise_invalid(fmt::format("block_table has {} blocks; {} tokens need {}",
                                         table.size(), num_tokens,
@@ -463,16 +485,18 @@ void bind_runtime(py::module_& m) {
             args.num_tokens = num_tokens;
             args.key_out = static_cast<float*>(key.mutable_data());
             args.value_out = static_cast<float*>(value.mutable_data());
-            check(self.locked([&](RankCache& c) { return c.gather_kv(layer, args); }));
+            check(self.locked([&](RankCache& c) { return c.gather_kv(layer, args, view_of(group_view)); }));
             return py::make_tuple(key, value);
           },
-          py::arg("layer"), py::arg("block_table"), py::arg("num_tokens"),
+          py::arg("layer"), py::arg("block_table"), py::arg("num_tokens"), py::kw_only(),
+          py::arg("group_view") = false,
           "A sequence's K and V of one layer as float32 [num_tokens, local_kv_heads, head_dim].")
       .def(
           "decode_attention",
           [](PyRankCache& self, uint32_t layer, const py::object& query,
              const py::object& block_tables, const py::object& context_lens,
-             std::optional<float> softmax_scale, const py::object& out, bool attention_mass) {
+             std::optional<float> softmax_scale, const py::object& out, bool attention_mass,
+             bool group_view) {
             const RankLayout& l = self.layout();
             const Memory mem = self.memory();
             const Tensor q = Tensor::from(query, "query", mem, {DType::kF32, DType::kF16, DType::kBF16}, 3, false);
@@ -502,7 +526,7 @@ void bind_runtime(py::module_& m) {
                 raise_invalid("attention_mass is returned as a NumPy array: CPU backend only");
               }
               uint32_t longest = 1;
-              const uint64_t room = uint64_t{width} * self.config().cache.block_size;
+              const uint64_t room = uint64_t{width} * block_tokens(self, group_view);
               for (size_t i = 0; i < lens.size(); ++i) {
                 if (lens[i] > room) {  // before allocating [num_seqs, longest]
                   raise_invalid(fmt::format("context_lens[{}] = {} is more than block_tables' {} "
@@ -515,13 +539,14 @@ void bind_runtime(py::module_& m) {
               args.attention_mass = static_cast<float*>(mass.mutable_data());
               args.mass_stride = longest;
             }
-            check(self.locked([&](RankCache& c) { return c.decode_attention(layer, args); }));
+            check(self.locked(
+                [&](RankCache& c) { return c.decode_attention(layer, args, view_of(group_view)); }));
             if (attention_mass) return py::object(py::make_tuple(o.source(), mass));
             return out.is_none() ? o.source() : out;
           },
           py::arg("layer"), py::arg("query"), py::arg("block_tables"), py::arg("context_lens"),
           py::arg("softmax_scale") = py::none(), py::kw_only(), py::arg("out") = py::none(),
-          py::arg("attention_mass") = false,
+          py::arg("attention_mass") = false, py::arg("group_view") = false,
           "One query token per sequence ([num_seqs, local_q_heads, head_dim]) over its context "
           "(block_tables: a list of block lists or a 2-D array padded with -1). Returns the "
           "output (shaped like query; `out` when given), and with attention_mass=True also each "
@@ -532,7 +557,7 @@ void bind_runtime(py::module_& m) {
           [](PyRankCache& self, uint32_t layer, const py::object& query,
              const py::object& query_start, const py::object& context_lens,
              const py::object& block_tables, std::optional<float> softmax_scale,
-             const py::object& out) {
+             const py::object& out, bool group_view) {
             const RankLayout& l = self.layout();
             const Memory mem = self.memory();
             const Tensor q = Tensor::from(query, "query", mem, {DType::kF32, DType::kF16, DType::kBF16}, 3, false);
@@ -563,12 +588,13 @@ void bind_runtime(py::module_& m) {
             args.block_tables = tables.data();
             args.max_blocks_per_seq = width;
             args.softmax_scale = softmax_scale_arg(softmax_scale, self.head_dim());
-            check(self.locked([&](RankCache& c) { return c.prefill_attention(layer, args); }));
+            check(self.locked(
+                [&](RankCache& c) { return c.prefill_attention(layer, args, view_of(group_view)); }));
             return out.is_none() ? o.source() : out;
           },
           py::arg("layer"), py::arg("query"), py::arg("query_start"), py::arg("context_lens"),
           py::arg("block_tables"), py::arg("softmax_scale") = py::none(), py::kw_only(),
-          py::arg("out") = py::none(),
+          py::arg("out") = py::none(), py::arg("group_view") = false,
           "New tokens attend causally to their sequence's cached prefix and to themselves: "
           "query [total_new_tokens, local_q_heads, head_dim], sequence i's queries are rows "
           "[query_start[i], query_start[i+1]); their K/V must be appended first.");

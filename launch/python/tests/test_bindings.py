@@ -369,10 +369,55 @@ def test_a_python_engine_compresses_with_its_own_attention_mass(config):
         c.admit(2, list(range(n)), compression={"policy": "snapkv", "budget_ratio": 0})
     with pytest.raises(kvfabric.InvalidArgumentError, match="unknown key 'speed'"):
         c.admit(2, list(range(n)), compression={"policy": "h2o", "speed": 1})
-    with pytest.raises(kvfabric.InvalidArgumentError, match="layer group"):
-        c.admit(2, list(range(n)), compression={"policy": "pyramid", "budget_tokens": 8})
+    with pytest.raises(kvfabric.InvalidArgumentError, match="layers_per_group .* makes no groups"):
+        c.admit(2, list(range(n)), compression={"policy": "pyramid", "budget_tokens": 40,
+                                                "window_tokens": 8})
+    with pytest.raises(kvfabric.InvalidArgumentError, match="compression.beta"):
+        c.admit(2, list(range(n)), compression={"policy": "pyramid", "budget_tokens": 40,
+                                                "beta": 0.5})
     with pytest.raises(kvfabric.InvalidArgumentError):
         cache.accumulate_attention(1, np.full(length + 5, 1.0, np.float32))
+
+
+def test_a_python_engine_runs_pyramid_through_each_layer_groups_view(config):
+    """PyramidKV in one process: the model's 2 layers as 2 layer groups; after the votes come,
+    the plan regroups the sequence, and each layer reads back exactly the rows its group keeps,
+    through the group's view and table."""
+    config.cache.layers_per_group = 1
+    c = kvfabric.Coordinator(config)
+    cache = kvfabric.RankCache(config)
+    rng = np.random.default_rng(5)
+    n, bs = 64, config.cache.block_size
+    k = rng.standard_normal((2, n, 2, 16)).astype(np.float32)  # [layer, token, head, dim]
+    v = rng.standard_normal((2, n, 2, 16)).astype(np.float32)
+    c.admit(1, list(range(n)), compression={
+        "policy": "pyramid", "budget_tokens": 24, "window_tokens": 4, "beta": 3})
+    plan = cache.receive_and_execute(c.step())  # the prefill
+    blocks = cache.block_table(1)
+    for layer in range(2):
+        cache.append_kv(layer, k[layer], v[layer], [blocks[p // bs] * bs + p % bs for p in range(n)])
+    votes = np.where(np.arange(n) % 10 == 3, 5.0, 0.5)
+    kept = {}
+    for _ in range(4):
+        plan = cache.receive_and_execute(c.step())
+        for request in plan.score_requests:
+            c.report_attention(request.seq, plan.step, votes.tolist())
+        for compaction in plan.compactions:
+            assert compaction.layer_group is not None
+            kept[compaction.layer_group] = [p for first, count in compaction.kept
+                                            for p in range(first, first + count)]
+    assert sorted(kept) == [0, 1] and len(kept[1]) < len(kept[0]) <= n
+    assert set(kept[1]) <= set(kept[0])  # nested
+    assert all(t in kept[1] for t in range(3, 60, 10))  # the heavy votes survive the deepest
+    tables = cache.group_tables()[1]
+    assert [t.layer_group for t in tables] == [0, 1] and 1 not in cache.tables()
+    for layer in range(2):
+        table = tables[layer]
+        got_k, got_v = cache.gather_kv(layer, table.blocks, table.num_tokens, group_view=True)
+        assert np.array_equal(got_k, k[layer][kept[layer]])
+        assert np.array_equal(got_v, v[layer][kept[layer]])
+    with pytest.raises(kvfabric.InvalidArgumentError, match="block_table has 1 blocks"):
+        cache.gather_kv(0, tables[1].blocks, 3 * bs * 2, group_view=True)
 
 
 def test_a_transport_outlives_its_caches(config):

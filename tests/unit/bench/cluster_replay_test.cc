@@ -129,7 +129,7 @@ TEST(ClusterReplay, CompressionHalvesTheKvEachSequenceHolds) {
   ASSERT_TRUE(none.ok()) << none.status();
   EXPECT_EQ(none->compactions, 0u);
   for (const char* spec : {"streaming:ratio=0.5,interval=8", "h2o:ratio=0.5,interval=8",
-                           "snapkv:ratio=0.5"}) {
+                           "snapkv:ratio=0.5", "pyramid:ratio=0.5,beta=3"}) {
     SCOPED_TRACE(spec);
     auto policy = parse_compression_spec(spec);
     ASSERT_TRUE(policy.ok()) << policy.status();
@@ -174,7 +174,8 @@ TEST(ClusterReplay, CompressionSpecsAreParsedOrRefusedNamingTheKey) {
            {"h2o:tokens=8,window=4,speed=2", "unknown key 'speed'"},
            {"h2o:tokens=8,interval=5000000000", "interval=5000000000"},
            {"lru:tokens=8", "unknown"},
-           {"pyramid:tokens=8", "layer group"}}) {
+           {"pyramid:tokens=8", "compression.window_tokens 32 (the default) exceeds"},
+           {"pyramid:tokens=64,beta=0.5", "compression.beta 0.5"}}) {
     const auto refused = parse_compression_spec(spec);
     ASSERT_FALSE(refused.ok()) << spec;
     EXPECT_THAT(refused.status().message(), HasSubstr(says)) << spec;

@@ -429,8 +429,10 @@ TEST(CoordinatorTest, PrioritiesOutsideThePriorityLevelsAreRefused) {
 
 TEST(CoordinatorTest, ConfigsItCannotServeAreRefused) {
   Config config = serving_config(1, 1, 4, 2, 8, 0);
-  config.cache.layers_per_group = 1;
-  EXPECT_EQ(Coordinator::create(config).status().code(), ErrorCode::kUnimplemented);
+  config.model.num_layers = 4;
+  config.cache.layers_per_group = 3;  // layer groups are whole numbers of layers
+  EXPECT_THAT(Coordinator::create(config).status().message(),
+              HasSubstr("cache.layers_per_group 3 must divide the 4 layers"));
   config = serving_config(1, 1, 4, 2, 8, 0);
   config.coordinator.queue_weight = -1;
   EXPECT_THAT(Coordinator::create(config).status().message(), HasSubstr("coordinator.queue_weight"));

@@ -50,6 +50,21 @@ CompressionPolicy snapkv(uint64_t budget, uint64_t window) {
   return p;
 }
 
+CompressionPolicy pyramid(uint64_t budget, uint64_t window, double beta) {
+  CompressionPolicy p;
+  p.kind = CompressionPolicy::Kind::kPyramid;
+  p.budget_tokens = budget;
+  p.window_tokens = window;
+  p.beta = beta;
+  return p;
+}
+
+// The test model's 2 layers as 2 layer groups of one (PyramidKV's tables per group).
+Config grouped(Config config) {
+  config.cache.layers_per_group = 1;
+  return config;
+}
+
 bool requests_scores_of(const StepPlan& plan, SeqId seq) {
   return std::any_of(plan.score_requests.begin(), plan.score_requests.end(),
                      [&](const StepPlan::ScoreRequest& r) { return r.seq == seq; });
@@ -368,6 +383,108 @@ TEST(CompressionTest, SnapKvCompactsThePromptOnceAndKeepsDecodedTokens) {
   const size_t prompt_kept = std::count_if(kept.begin(), kept.end(), [](size_t o) { return o < 96; });
   EXPECT_EQ(prompt_kept, 32u);
   EXPECT_EQ(kept.size(), 32u + (r.engine.tokens(seq).size() - 96));
+}
+
+// PyramidKV across ranks: SnapKV's votes select once, after the prompt, a budget per layer
+// group (84 and 12 tokens for an average of 48 over 2 layers with beta 4), each kept in whole
+// group blocks (2 x 16 tokens) short of the prompt. The selections are nested, the planted heavy
+// tokens survive in every group, each group's table holds its own tokens bit-exact (engine.verify
+// reads every group through its view), and the pool holds what the groups keep.
+TEST(CompressionTest, PyramidKeepsNestedBudgetsPerLayerGroupBitExact) {
+  CompressedRank r(grouped(serving_config(1, 1, 4, 2, 32, 0)));
+  const std::set<size_t> heavy = {3, 17, 40, 41, 66};
+  r.mass = [&](SeqId, size_t origin, uint32_t) { return heavy.count(origin) ? 5.0f : 0.1f; };
+  const SeqId seq{4};
+  ASSERT_TRUE(r.admit(seq, testing::token_run(100, 1), pyramid(48, 8, 4)).ok());
+  StepPlan regrouping;
+  for (int i = 0; i < 8 && regrouping.compactions.empty(); ++i) {
+    ASSERT_TRUE(r.step(&regrouping));
+    r.decode(seq);
+  }
+  ASSERT_EQ(regrouping.compactions.size(), 2u);
+  ASSERT_TRUE(r.engine.grouped(seq));
+  const size_t decoded = r.engine.tokens(seq).size() - 100;
+  // Group 0's 84 round up to the whole prompt; group 1's 12 to 36 (100 - 2 x 32).
+  const std::vector<size_t> prompt_kept = {100, 36};
+  for (uint32_t g = 0; g < 2; ++g) {
+    EXPECT_EQ(regrouping.compactions[g].layer_group, g);
+    const std::vector<size_t>& kept = r.engine.group_origins(seq, g);
+    EXPECT_EQ(kept.size(), prompt_kept[g] + decoded) << "group " << g;
+    for (size_t h : heavy) EXPECT_TRUE(std::count(kept.begin(), kept.end(), h)) << "token " << h;
+    for (size_t w = 92; w < 100; ++w) EXPECT_TRUE(std::count(kept.begin(), kept.end(), w));
+  }
+  const std::vector<size_t>& deep = r.engine.group_origins(seq, 1);
+  const std::vector<size_t>& shallow = r.engine.group_origins(seq, 0);
+  for (size_t o : deep) EXPECT_TRUE(std::count(shallow.begin(), shallow.end(), o)) << o;
+  const size_t regroup_copies = std::count_if(
+      regrouping.ops.begin(), regrouping.ops.end(),
+      [](const StepPlan::Op& op) { return op.from_group == StepPlan::kAllLayers && op.to_group != StepPlan::kAllLayers; });
+  EXPECT_GT(regroup_copies, 0u);
+  // Decoding fills every group's last block together: a round of two blocks at a time.
+  for (int i = 0; i < 40; ++i) {
+    ASSERT_TRUE(r.step());
+    r.decode(seq);
+    const size_t tokens = r.engine.tokens(seq).size() - 100;
+    const size_t blocks = (100 + tokens + 31) / 32 + (36 + tokens + 31) / 32;
+    ASSERT_EQ(r.coordinator.blocks_of(seq).size(), blocks) << "after " << tokens << " decoded";
+  }
+  EXPECT_EQ(r.coordinator.tokens_of(seq),
+            (r.engine.group_origins(seq, 0).size() + r.engine.group_origins(seq, 1).size() + 1) / 2);
+  EXPECT_EQ(r.coordinator.stats().compactions, 1u);
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+  r.free(seq);
+  ASSERT_TRUE(r.step());
+  EXPECT_TRUE(r.rank->group_tables().empty());
+  EXPECT_EQ(r.coordinator.replica_stats(0).used_blocks, 0u);
+}
+
+// A sequence compacted per layer group forked while its groups' last blocks are partly filled:
+// the child gets its own copies of that round (written next by either), the rest is shared.
+// Then a higher-priority request swaps both out and back in, on new blocks. Every group's K/V
+// reads back exact after every step.
+TEST(CompressionTest, ForkedAndSwappedGroupedSequencesKeepEveryGroupsKv) {
+  CompressedRank r(grouped(serving_config(1, 1, 4, 2, 24, 24)));
+  r.mass = [](SeqId, size_t origin, uint32_t) { return origin % 9 == 0 ? 3.0f : 0.2f; };
+  const SeqId seq{1}, child{2};
+  ASSERT_TRUE(r.admit(seq, testing::token_run(70, 1), pyramid(24, 8, 4)).ok());
+  for (int i = 0; i < 6 && !r.engine.grouped(seq); ++i) {
+    ASSERT_TRUE(r.step());
+    r.decode(seq);
+  }
+  ASSERT_TRUE(r.engine.grouped(seq));
+  ASSERT_NE(r.engine.group_origins(seq, 0).size() % 32, 0u);  // the last round is partly filled
+  const std::vector<BlockId> parent_blocks = r.coordinator.blocks_of(seq);
+  ASSERT_TRUE(r.coordinator.fork(seq, child).ok());
+  r.engine.forked(seq, child);
+  const std::vector<BlockId> child_blocks = r.coordinator.blocks_of(child);
+  ASSERT_EQ(child_blocks.size(), parent_blocks.size());
+  for (size_t i = 0; i < parent_blocks.size(); ++i) {
+    EXPECT_EQ(child_blocks[i] == parent_blocks[i], i + 2 < parent_blocks.size()) << "block " << i;
+  }
+  StepPlan forked;
+  ASSERT_TRUE(r.step(&forked));
+  EXPECT_EQ(forked.count(StepPlan::OpKind::kCopy), 2u);
+  for (int i = 0; i < 12; ++i) {
+    r.decode(seq);
+    r.decode(child);
+    ASSERT_TRUE(r.step());
+  }
+  // Room for the newcomer only by swapping both out.
+  AdmitOptions urgent;
+  urgent.priority = 1;
+  const uint64_t free_now = testing::available_blocks(r.coordinator, 0);
+  const auto newcomer = testing::token_run(static_cast<uint32_t>((free_now + 2) * 16), 500);
+  ASSERT_TRUE(r.admit(SeqId{3}, newcomer, urgent).ok());
+  EXPECT_TRUE(r.coordinator.is_swapped(seq) || r.coordinator.is_swapped(child));
+  ASSERT_TRUE(r.step());
+  r.free(SeqId{3});
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.step());
+  EXPECT_FALSE(r.coordinator.is_swapped(seq));
+  EXPECT_FALSE(r.coordinator.is_swapped(child));
+  EXPECT_GT(r.coordinator.stats().swapped_in, 0u);
+  r.decode(seq);
+  ASSERT_TRUE(r.step());
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
 }
 
 // A compressed sequence's prompt is cached whole before it is compacted, and the compaction
@@ -887,9 +1004,27 @@ TEST(CompressionTest, BadPoliciesAreRefusedNamingTheFieldAndChangeNothing) {
   }
   EXPECT_EQ(r.coordinator.replica_stats(0).free_blocks, before.free_blocks);
   EXPECT_EQ(r.coordinator.stats().admitted, 0u);
-  EXPECT_THAT(quant::parse_compression_kind("pyramid").status().message(),
-              HasSubstr("layer group"));
-  EXPECT_FALSE(quant::parse_compression_kind("lru").ok());
+  EXPECT_TRUE(quant::parse_compression_kind("pyramid").ok());
+  EXPECT_THAT(quant::parse_compression_kind("lru").status().message(),
+              HasSubstr("expected streaming, h2o, snapkv or pyramid"));
+  // pyramid: a budget per layer group needs groups, and a beta >= 1.
+  for (const auto& [policy, field] :
+       {std::pair{pyramid(16, 8, 2), "cache.layers_per_group (0) makes no groups"},
+        std::pair{pyramid(16, 8, 0.5), "compression.beta 0.5 must be a finite value >= 1"},
+        std::pair{pyramid(4, 8, 2), "compression.window_tokens 8 exceeds"}}) {
+    AdmitOptions options;
+    options.compression = policy;
+    const auto refused = r.coordinator.admit(SeqId{1}, prompt, options);
+    EXPECT_EQ(refused.status().code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(refused.status().message(), HasSubstr(field));
+    EXPECT_FALSE(r.coordinator.replica_of(SeqId{1}).has_value());
+  }
+  Config three = serving_config(1, 1, 4, 2, 8, 0);
+  three.cache.layers_per_group = 3;  // of 2 layers: refused by the config's own check
+  EXPECT_FALSE(Coordinator::create(three).ok());
+  three.model.num_layers = 4;
+  EXPECT_THAT(Coordinator::create(three).status().message(),
+              HasSubstr("cache.layers_per_group 3 must divide the 4 layers"));
 
   // Scores: only for a sequence whose policy reads them, for its outstanding request, no longer
   // than it was then, finite, >= 0.
@@ -934,6 +1069,7 @@ void run_compressed_workload(const CompressionPolicy& policy, uint64_t seed,
                              bool repeat_prompts = false) {
   // Room for compacted prompts to outlive their requests for a while, and still under pressure.
   Config config = serving_config(1, 1, 4, 2, repeat_prompts ? 40 : 32, 12);
+  if (policy.kind == CompressionPolicy::Kind::kPyramid) config = grouped(config);
   CompressedRank r(config);
   r.mass = [](SeqId seq, size_t origin, uint32_t) {
     return static_cast<float>(splitmix64(seq.value * 131 + origin) % 100) / 100.0f;
@@ -993,6 +1129,7 @@ TEST(CompressionTest, ASnapKvWorkloadSharingCompactedPromptsKeepsKvExactAndLeaks
 void run_compressed_workload_across_replicas(const CompressionPolicy& policy, uint64_t seed,
                                              bool repeat_prompts) {
   Config config = serving_config(2, 1, 4, 2, repeat_prompts ? 36 : 24, 8);
+  if (policy.kind == CompressionPolicy::Kind::kPyramid) config = grouped(config);
   auto coordinator = Coordinator::create(config);
   ASSERT_TRUE(coordinator.ok());
   testing::EngineModel engine(config);
@@ -1026,6 +1163,14 @@ void run_compressed_workload_across_replicas(const CompressionPolicy& policy, ui
   if (repeat_prompts) {
     EXPECT_GT(coordinator->stats().compressed_hits, 0u);
   }
+}
+
+TEST(CompressionTest, APyramidWorkloadKeepsEveryLayerGroupsKvExactAndLeaksNothing) {
+  run_compressed_workload(pyramid(24, 8, 4), 24);
+}
+
+TEST(CompressionTest, PyramidWithMigrationsLeaksNoBlockOnAnyReplica) {
+  run_compressed_workload_across_replicas(pyramid(24, 8, 4), 33, false);
 }
 
 TEST(CompressionTest, CompressionWithMigrationsLeaksNoBlockOnAnyReplica) {

@@ -218,6 +218,49 @@ TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
 
 // Token compression over the control plane: admit takes a policy, the step replies carry the
 // score requests and compactions, and report_attention hands the shards' summed scores in.
+// PyramidKV over the wire: the step that compacts lists a compaction and a table per layer
+// group, each naming its group; whole-block tables name none.
+TEST(ControlProtocolTest, PyramidStepsNameEachLayerGroupsTableAndCompaction) {
+  Config config = serving_config(1, 1, 4, 2, 32, 0);
+  config.cache.layers_per_group = 1;
+  Coordinator c = make(config);
+  ControlProtocol protocol(c);
+  const json admitted = call(protocol, {{"op", "admit"},
+                                        {"seq", 1},
+                                        {"tokens", token_run(80, 3)},
+                                        {"compression",
+                                         {{"policy", "pyramid"},
+                                          {"budget_tokens", 24},
+                                          {"window_tokens", 8},
+                                          {"beta", 3}}}});
+  ASSERT_EQ(admitted["ok"], true) << admitted;
+  json step = call(protocol, {{"op", "step"}});  // the prefill
+  EXPECT_FALSE(step["tables"][0].contains("layer_group")) << step;
+  step = call(protocol, {{"op", "step"}});  // prefilled: the votes are wanted
+  ASSERT_EQ(step["score_requests"].size(), 1u) << step;
+  std::vector<double> scores(80, 0.5);
+  ASSERT_EQ(call(protocol, {{"op", "report_attention"},
+                            {"seq", 1},
+                            {"step", step["step"]},
+                            {"scores", scores}})["ok"],
+            true);
+  step = call(protocol, {{"op", "step"}});
+  ASSERT_EQ(step["compactions"].size(), 2u) << step;
+  ASSERT_EQ(step["tables"].size(), 2u) << step;
+  for (uint32_t g = 0; g < 2; ++g) {
+    EXPECT_EQ(step["compactions"][g]["layer_group"], g) << step;
+    EXPECT_EQ(step["tables"][g]["layer_group"], g) << step;
+    EXPECT_EQ(step["tables"][g]["first_block"], 0) << step;
+  }
+  // Budgets of 40 and 8 of 80 tokens for an average of 24 (beta 3), kept in whole blocks of
+  // the groups' 32-token view short of the prompt: 48 and 16, the newest on equal votes.
+  EXPECT_EQ(step["tables"][0]["num_tokens"], 48) << step;
+  EXPECT_EQ(step["tables"][1]["num_tokens"], 16) << step;
+  EXPECT_EQ(step["compactions"][0]["kept"], json::parse("[[32, 48]]")) << step;
+  EXPECT_EQ(step["compactions"][1]["kept"], json::parse("[[64, 16]]")) << step;
+  EXPECT_TRUE(c.verify_integrity().ok());
+}
+
 TEST(ControlProtocolTest, CompressionIsAdmittedScoredAndCompactedOverTheWire) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 32, 0));
   ControlProtocol protocol(c);
@@ -275,7 +318,8 @@ TEST(ControlProtocolTest, CompressionIsAdmittedScoredAndCompactedOverTheWire) {
   for (const auto& [compression, says] : std::vector<std::pair<json, std::string>>{
            {json::array(), "must be an object"},
            {{{"budget_tokens", 8}}, "missing field \"policy\""},
-           {{{"policy", "pyramid"}, {"budget_tokens", 8}}, "layer group"},
+           {{{"policy", "pyramid"}, {"budget_tokens", 64}}, "makes no groups"},
+           {{{"policy", "pyramid"}, {"budget_tokens", 64}, {"beta", 0.5}}, "compression.beta"},
            {{{"policy", "h2o"}, {"budget_ratio", "half"}}, "budget_ratio"},
            {{{"policy", "h2o"}, {"budget_ratio", 0.5}, {"budget_tokens", 8}}, "set only one"},
            {{{"policy", "h2o"}, {"budget_tokens", 8}, {"speed", 1}}, "unknown field \"speed\""}}) {
