@@ -61,7 +61,9 @@ class RandomClient {
   static constexpr uint64_t kSequences = 16;
   static constexpr std::array<const char*, 4> kTenants = {"", "a", "b", "c"};
 
-  explicit RandomClient(uint64_t seed) : rng_(seed) {
+  //! `layer_groups`: half the clients' models have two layer groups, and their compressed
+  //! requests may be pyramid (without it, the draws are those of earlier seeds).
+  explicit RandomClient(uint64_t seed, bool layer_groups = false) : rng_(seed) {
     const uint64_t device_blocks = 10 + below(14);
     const uint64_t host_blocks = below(2) == 0 ? 0 : 4 + below(8);
     const auto dp = 1 + static_cast<uint32_t>(below(5));
@@ -79,6 +81,10 @@ class RandomClient {
     }
     for (TokenId i = 1; i <= 3; ++i) {
       prefixes_.push_back(token_run(kBlockSize * (1 + below(3)), 1000 * i));
+    }
+    if (layer_groups && below(2) == 0) {
+      config_.cache.layers_per_group = 1;
+      policy_kinds_ = 4;
     }
     for (TokenId i = 0; i < 2; ++i) {
       std::vector<TokenId> whole = prefixes_[below(prefixes_.size())];
@@ -182,7 +188,7 @@ class RandomClient {
     if (below(3) == 0) o.public_tokens = below(16);  // whole blocks or not
     if (below(3) == 0) {
       quant::CompressionPolicy policy;
-      policy.kind = static_cast<quant::CompressionPolicy::Kind>(below(3));
+      policy.kind = static_cast<quant::CompressionPolicy::Kind>(below(policy_kinds_));
       policy.budget_tokens = 8;
       policy.window_tokens = 4;
       policy.recent_tokens = 0;
@@ -195,6 +201,7 @@ class RandomClient {
   std::mt19937_64 rng_;
   Config config_;
   bool quotas_ = false;
+  uint64_t policy_kinds_ = 3;  // streaming, h2o, snapkv; and pyramid with layer groups
   std::vector<std::vector<TokenId>> prefixes_, repeated_;
 };
 

@@ -280,7 +280,7 @@ TEST(RefusalProperty, RefusedCallsChangeNothingForRandomClients) {
   const uint64_t first = testing::property_seed(1);
   uint64_t refusals = 0;
   for (uint64_t seed = first; seed < first + testing::property_count(1500); ++seed) {
-    testing::RandomClient client(seed);
+    testing::RandomClient client(seed, /*layer_groups=*/true);
     auto refused = Coordinator::create(client.config()), twin = Coordinator::create(client.config());
     ASSERT_TRUE(refused.ok() && twin.ok()) << refused.status();
     for (int call_index = 0; call_index < 300; ++call_index) {
