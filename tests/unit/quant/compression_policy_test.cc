@@ -1,4 +1,5 @@
 #include "kvfabric/quant/compression_policy.h"
+#include "kvfabric/quant/token_selection.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -41,6 +42,48 @@ TEST(CompressionPolicyTest, TheBudgetIsTokensOrAShareOfThePrompt) {
   p.window_tokens = 32;
   EXPECT_EQ(budget_for(p, 50), 32u);  // the observation window always fits
   EXPECT_EQ(budget_for(policy(Kind::kStreaming, 64), 1000), 64u);
+}
+
+// PyramidKV per layer group: the mean of its layers' budgets (which sum to layers x average),
+// rounded up, never rising with depth, and at least the observation window.
+TEST(CompressionPolicyTest, PyramidGroupBudgetsAverageTheirLayersAndKeepTheWindow) {
+  CompressionPolicy p = policy(Kind::kPyramid, 0);
+  p.window_tokens = 8;
+  p.beta = 4;
+  const auto per_layer = pyramid_layer_budgets(100, 8, 4);
+  ASSERT_TRUE(per_layer.ok());
+  for (uint32_t per_group : {1u, 2u, 4u, 8u}) {
+    const auto groups = pyramid_group_budgets(p, 100, 8, per_group);
+    ASSERT_TRUE(groups.ok()) << groups.status();
+    ASSERT_EQ(groups->size(), 8u / per_group);
+    uint64_t sum = 0;
+    for (size_t g = 0; g < groups->size(); ++g) {
+      uint64_t layers = 0;
+      for (uint32_t l = 0; l < per_group; ++l) layers += (*per_layer)[g * per_group + l];
+      EXPECT_EQ((*groups)[g], std::max<uint64_t>((layers + per_group - 1) / per_group, 8));
+      if (g > 0) EXPECT_LE((*groups)[g], (*groups)[g - 1]);
+      sum += (*groups)[g] * per_group;
+    }
+    EXPECT_GE(sum, 800u);                             // the layers' 8 x 100, rounded up
+    EXPECT_LT(sum, 800u + 8 * per_group + 8 * 8u);    // by less than a token a layer, or the window
+  }
+  // 100 over 2 layers with beta 4: 175 and 25; over groups of both layers, their mean.
+  EXPECT_THAT(*pyramid_group_budgets(p, 100, 2, 1), ElementsAre(175u, 25u));
+  EXPECT_THAT(*pyramid_group_budgets(p, 100, 2, 2), ElementsAre(100u));
+  p.beta = 40;  // 197.5 and 2.5 round to 198 and 2; the window instead of the 2
+  EXPECT_THAT(*pyramid_group_budgets(p, 100, 2, 1), ElementsAre(198u, 8u));
+  EXPECT_FALSE(pyramid_group_budgets(p, 100, 6, 4).ok());
+  EXPECT_FALSE(pyramid_group_budgets(p, 100, 6, 0).ok());
+  EXPECT_FALSE(pyramid_group_budgets(p, 0, 6, 3).ok());
+  // The budget counts as SnapKV's: at least the window, and validated like it plus beta.
+  EXPECT_EQ(budget_for(p, 10), 8u);
+  p.budget_tokens = 4;
+  EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("compression.window_tokens 8"));
+  p.budget_tokens = 16;
+  p.beta = 0.5;
+  EXPECT_THAT(validate(p).message(), ::testing::HasSubstr("compression.beta 0.5"));
+  EXPECT_TRUE(set_compression_field(p, "beta", 3).ok());
+  EXPECT_TRUE(validate(p).ok());
 }
 
 TEST(CompressionPolicyTest, StreamingKeepsSinksAndTheNewestTokensAndAnyUncomputedOnes) {
