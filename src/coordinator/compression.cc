@@ -452,6 +452,9 @@ bool Coordinator::regroup(SeqId seq, Sequence& s, Compressed& c) {
   }
   PagedKvCache& pool = pool_of(s.replica);
   const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;
+  // Whole group blocks can take up to a block per group more than the whole table (budgets near
+  // the prompt's length in several groups): compression never grows a sequence, it stays whole.
+  if (blocks > old_table.size()) return true;
   const Status replaced = pool.replace_table(seq, blocks * bs);
   if (!replaced.ok()) {
     KVF_LOG_DEBUG(kCoordinator, "regrouping of {} waits: {}", to_string(seq), replaced.message());

@@ -438,6 +438,29 @@ TEST(CompressionTest, PyramidKeepsNestedBudgetsPerLayerGroupBitExact) {
   EXPECT_EQ(r.coordinator.replica_stats(0).used_blocks, 0u);
 }
 
+// Whole group blocks would take more than the whole table here (4 groups of one layer, 64-token
+// group blocks: three groups keep all 65 prompt tokens in 2 blocks each, one keeps 1): the
+// sequence stays whole, with every token, rather than grow.
+TEST(CompressionTest, APyramidThatWouldTakeMoreBlocksKeepsTheSequenceWhole) {
+  Config config = serving_config(1, 1, 4, 2, 32, 0);
+  config.model.num_layers = 4;
+  config.cache.layers_per_group = 1;
+  CompressedRank r(config);
+  r.mass = [](SeqId, size_t, uint32_t) { return 1.0f; };
+  const SeqId seq{1};
+  ASSERT_TRUE(r.admit(seq, testing::token_run(65, 1), pyramid(2, 1, 4)).ok());
+  for (int i = 0; i < 6; ++i) {
+    StepPlan plan;
+    ASSERT_TRUE(r.step(&plan));
+    EXPECT_TRUE(plan.compactions.empty()) << "step " << plan.step;
+    r.decode(seq);
+  }
+  EXPECT_FALSE(r.engine.grouped(seq));
+  EXPECT_EQ(r.engine.origins(seq).size(), 71u);
+  EXPECT_EQ(r.coordinator.stats().compactions, 0u);
+  EXPECT_TRUE(r.coordinator.verify_integrity().ok());
+}
+
 // A sequence compacted per layer group forked while its groups' last blocks are partly filled:
 // the child gets its own copies of that round (written next by either), the rest is shared.
 // Then a higher-priority request swaps both out and back in, on new blocks. Every group's K/V
