@@ -29,7 +29,8 @@ std::vector<StepPlan::TokenRange> ranges_of(std::span<const size_t> positions) {
 
 }  // namespace
 
-Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) const {
+Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options,
+                                      size_t prompt_tokens) const {
   if (!options.compression) return ok_status();
   const Status valid = quant::validate(*options.compression);
   if (!valid.ok()) {
@@ -45,6 +46,16 @@ Status Coordinator::check_compression(SeqId seq, const AdmitOptions& options) co
                             ") makes no groups of the model's " +
                             std::to_string(config_.model.num_layers) +
                             " layers; nothing was changed");
+  }
+  if (options.compression->kind == quant::CompressionPolicy::Kind::kPyramid) {
+    // The per-layer budgets the regrouping computes must be computable.
+    const auto budgets = quant::pyramid_group_budgets(
+        *options.compression, budget_of(*options.compression, prompt_tokens),
+        config_.model.num_layers, config_.cache.layers_per_group);
+    if (!budgets.ok()) {
+      return invalid_argument("admit " + to_string(seq) + ": compression: " +
+                              budgets.status().message() + "; nothing was changed");
+    }
   }
   return ok_status();
 }

@@ -472,7 +472,7 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   const uint32_t priority = options.priority;
   KVF_RETURN_IF_ERROR(check_priority(seq, priority));
   KVF_RETURN_IF_ERROR(check_tenant_priority(request, tenant, priority));
-  KVF_RETURN_IF_ERROR(check_compression(seq, options));
+  KVF_RETURN_IF_ERROR(check_compression(seq, options, prompt.size()));
   const auto check_quota_for = [&](size_t tokens) {
     return check_quota(request, tenant, 1, blocks_for(tokens, config_.cache.block_size));
   };

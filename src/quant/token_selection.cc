@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <string>
 
@@ -179,6 +180,11 @@ Result<std::vector<size_t>> pyramid_layer_budgets(size_t average_budget, size_t 
                                                   double beta) {
   if (num_layers == 0) return invalid_argument("PyramidKV needs at least one layer");
   if (average_budget == 0) return invalid_argument("PyramidKV needs a positive token budget");
+  // Twice the average, and the layers' total, must be counts.
+  if (average_budget > std::numeric_limits<size_t>::max() / 2 / std::max<size_t>(num_layers, 2)) {
+    return invalid_argument("PyramidKV's token budget " + std::to_string(average_budget) +
+                            " over " + std::to_string(num_layers) + " layers is too large");
+  }
   if (!(std::isfinite(beta) && beta >= 1.0)) {
     return invalid_argument("PyramidKV beta " + std::to_string(beta) +
                             " must be a finite value >= 1");

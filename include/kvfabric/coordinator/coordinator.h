@@ -519,7 +519,7 @@ class Coordinator {
   Result<size_t> index_blocks(uint32_t replica, const RadixKey& key,
                               std::span<const BlockId> blocks);
   // Token compression (compression.cc).
-  Status check_compression(SeqId seq, const AdmitOptions& options) const;
+  Status check_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens) const;
   //! `served_compacted`: admitted with an identical request's kept prompt (admit_compressed).
   void record_compression(SeqId seq, const AdmitOptions& options, size_t prompt_tokens,
                           std::optional<uint64_t> probe, bool served_compacted);

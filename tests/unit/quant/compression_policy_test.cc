@@ -75,6 +75,13 @@ TEST(CompressionPolicyTest, PyramidGroupBudgetsAverageTheirLayersAndKeepTheWindo
   EXPECT_FALSE(pyramid_group_budgets(p, 100, 6, 4).ok());
   EXPECT_FALSE(pyramid_group_budgets(p, 100, 6, 0).ok());
   EXPECT_FALSE(pyramid_group_budgets(p, 0, 6, 3).ok());
+  // Twice the average, or the layers' total, past a count: refused, not computed.
+  EXPECT_THAT(pyramid_group_budgets(p, (uint64_t{1} << 63) | (uint64_t{1} << 62), 2, 1)
+                  .status()
+                  .message(),
+              ::testing::HasSubstr("too large"));
+  EXPECT_FALSE(pyramid_layer_budgets(uint64_t{1} << 62, 8, 2).ok());
+  EXPECT_TRUE(pyramid_layer_budgets(uint64_t{1} << 40, 8, 2).ok());
   // The budget counts as SnapKV's: at least the window, and validated like it plus beta.
   EXPECT_EQ(budget_for(p, 10), 8u);
   p.budget_tokens = 4;

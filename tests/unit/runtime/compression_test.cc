@@ -1042,6 +1042,21 @@ TEST(CompressionTest, BadPoliciesAreRefusedNamingTheFieldAndChangeNothing) {
     EXPECT_THAT(refused.status().message(), HasSubstr(field));
     EXPECT_FALSE(r.coordinator.replica_of(SeqId{1}).has_value());
   }
+  // Regression: a budget whose per-layer budgets overflow (twice the average past 2^64) hung
+  // the step that regrouped it; it is refused at admission.
+  {
+    CompressedRank groups(grouped(serving_config(1, 1, 4, 2, 8, 0)));
+    AdmitOptions huge;
+    huge.compression = pyramid((uint64_t{1} << 63) | (uint64_t{1} << 62), 4, 20);
+    const auto refused = groups.coordinator.admit(SeqId{1}, prompt, huge);
+    EXPECT_EQ(refused.status().code(), ErrorCode::kInvalidArgument);
+    EXPECT_THAT(refused.status().message(), HasSubstr("over 2 layers is too large"));
+    EXPECT_FALSE(groups.coordinator.replica_of(SeqId{1}).has_value());
+    huge.compression->budget_tokens = uint64_t{1} << 40;  // large, but counts: everything kept
+    ASSERT_TRUE(groups.admit(SeqId{1}, prompt, huge).ok());
+    for (int i = 0; i < 4; ++i) ASSERT_TRUE(groups.step());
+    EXPECT_EQ(groups.coordinator.stats().compactions, 0u);
+  }
   Config three = serving_config(1, 1, 4, 2, 8, 0);
   three.cache.layers_per_group = 3;  // of 2 layers: refused by the config's own check
   EXPECT_FALSE(Coordinator::create(three).ok());
