@@ -4,12 +4,14 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include "kvfabric/runtime/rank_cache.h"
 #include "testing/backend_fixture.h"
 #include "testing/kv_reference.h"
+#include "testing/property_env.h"
 #include "testing/serving_harness.h"
 
 namespace kvfabric {
@@ -30,6 +32,11 @@ Config grouped_config(uint32_t layers_per_group = kLayersPerGroup) {
 TokenCopy tokens(uint32_t src, uint32_t src_offset, uint32_t dst, uint32_t dst_offset,
                  uint32_t n) {
   return {BlockId{src}, src_offset, BlockId{dst}, dst_offset, n, CopyReason::kCompaction};
+}
+
+std::vector<uint8_t> device_bytes_of(const RankCache& rank) {
+  const PagedKvView& p = rank.device_pool();
+  return std::vector<uint8_t>(p.block(0), p.block(0) + p.bytes());
 }
 
 class RankCacheLayerGroups : public ::testing::Test {
@@ -78,10 +85,7 @@ class RankCacheLayerGroups : public ::testing::Test {
     return k;
   }
 
-  std::vector<uint8_t> device_bytes() const {
-    const PagedKvView& p = rank_->device_pool();
-    return std::vector<uint8_t>(p.block(0), p.block(0) + p.bytes());
-  }
+  std::vector<uint8_t> device_bytes() const { return device_bytes_of(*rank_); }
 
   // A plan refused before anything runs: the error, and the rank unchanged.
   void expect_refused(const StepPlan& plan, const std::string& why) {
@@ -212,6 +216,75 @@ TEST_F(RankCacheLayerGroups, PlansThatCannotMeanAGroupedSequenceAreRefusedChangi
   const Status scored = rank_->accumulate_attention(SeqId{1}, mass);
   EXPECT_EQ(scored.code(), ErrorCode::kInvalidArgument);
   EXPECT_THAT(scored.message(), HasSubstr("compacted per layer group"));
+}
+
+// Random plans of copies between any views, tables of any group (some out of range), releases
+// and compactions, at a rank of 2 layer groups with 6-token blocks: each runs or is refused
+// whole, a refused one changes no byte and no table, no refusal is an internal error, and a
+// sequence held per layer group always has every group's table.
+TEST(RankCacheLayerGroupsProperty, ARandomPlanRunsOrChangesNothing) {
+  SCOPED_TRACE(testing::property_trace());
+  Config config = grouped_config();
+  config.cache.block_size = 6;
+  config.cache.num_blocks = 12;
+  auto backend = testing::cpu_backend(best_cpu_isa());
+  auto transport = make_local_transport();
+  auto rank = RankCache::create(config, 0, *backend, *transport).value();
+  std::mt19937_64 rng(testing::property_seed(42));
+  const auto below = [&](uint64_t n) { return rng() % n; };
+  const auto any_group = [&]() -> uint32_t {
+    return below(10) < 3 ? StepPlan::kAllLayers : static_cast<uint32_t>(below(4));
+  };
+  const PagedKvView& pool = rank->device_pool();
+  for (uint32_t b = 0; b < pool.num_blocks; ++b) {
+    std::memset(pool.block(b), static_cast<int>(b + 1), pool.block_bytes);
+  }
+  uint64_t ran = 0;
+  for (uint64_t i = 0; i < testing::property_count(4000); ++i) {
+    StepPlan plan;
+    plan.step = rank->next_step();
+    for (uint64_t n = below(4); n > 0; --n) {
+      StepPlan::Op op = Op::token_copy(0, {BlockId{static_cast<uint32_t>(below(13))},
+                                           static_cast<uint32_t>(below(14)),
+                                           BlockId{static_cast<uint32_t>(below(13))},
+                                           static_cast<uint32_t>(below(14)),
+                                           static_cast<uint32_t>(below(14)), CopyReason::kCompaction});
+      op.from_group = any_group();
+      op.to_group = any_group();
+      plan.ops.push_back(op);
+    }
+    for (uint64_t n = below(4); n > 0; --n) {
+      StepPlan::Table t{SeqId{1 + below(3)}, 0, below(40), 0, static_cast<uint32_t>(below(3)), {},
+                        any_group()};
+      t.computed_tokens = below(t.num_tokens + 1);
+      for (uint64_t b = below(4); b > 0; --b) {
+        t.blocks.push_back(BlockId{static_cast<uint32_t>(below(12))});
+      }
+      plan.tables.push_back(t);
+    }
+    if (below(5) == 0) plan.released.push_back(SeqId{1 + below(3)});
+    if (below(3) == 0 && !plan.tables.empty()) {
+      const StepPlan::Table& t = plan.tables[below(plan.tables.size())];
+      plan.compactions.push_back(
+          {t.seq, 0, t.num_tokens + below(3), {{0, t.num_tokens}}, t.layer_group});
+    }
+    const auto bytes = device_bytes_of(*rank);
+    const uint64_t digest = rank->tables_digest(), step = rank->next_step();
+    const Status s = rank->execute(plan);
+    if (s.ok()) {
+      ++ran;
+      for (const auto& [seq, groups] : rank->group_tables()) {
+        ASSERT_EQ(groups.size(), 2u) << "plan " << i;
+        for (const StepPlan::Table& t : groups) ASSERT_EQ(t.seq, seq) << "plan " << i;
+      }
+      continue;
+    }
+    ASSERT_NE(s.code(), ErrorCode::kInternal) << "plan " << i << ": " << s;
+    ASSERT_EQ(rank->tables_digest(), digest) << "plan " << i << ": " << s;
+    ASSERT_EQ(rank->next_step(), step) << "plan " << i;
+    ASSERT_EQ(device_bytes_of(*rank), bytes) << "plan " << i << ": " << s;
+  }
+  EXPECT_GT(ran, testing::property_count(4000) / 20);
 }
 
 TEST(RankCacheLayerGroupsCreate, ARankWithoutGroupsRefusesGroupTablesAndViews) {
