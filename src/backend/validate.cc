@@ -252,7 +252,9 @@ Status validate_copy_source(const GroupTokenCopies& group) {
                          src.row_bytes == pool.row_bytes;
   const bool holds_layers = src.first_layer <= pool.first_layer &&
                             pool.first_layer + pool.num_layers <= src.first_layer + src.num_layers;
-  if (!same_rows || !holds_layers || src.bytes() != pool.bytes()) {
+  const bool same_memory = src.base == pool.base && src.block_bytes == pool.block_bytes &&
+                           src.num_blocks == pool.num_blocks;
+  if (!same_rows || !holds_layers || !same_memory) {
     std::ostringstream os;
     os << "compact_tokens: layer group " << pool.layer_group << " (layers " << pool.first_layer
        << "-" << pool.first_layer + pool.num_layers - 1 << ") cannot read its copies from layer "

@@ -421,95 +421,116 @@ bool Coordinator::compact(SeqId seq, Sequence& s, Compressed& c) {
   return true;
 }
 
-bool Coordinator::regroup(SeqId seq, Sequence& s, Compressed& c) {
-  const uint32_t groups = num_layer_groups();
-  const size_t bs = config_.cache.block_size;
-  const size_t group_block = groups * bs;
-  const size_t before = s.num_tokens;
+std::vector<size_t> Coordinator::pyramid_kept_prompts(const Compressed& c) const {
   const size_t prompt = c.prompt_tokens;
-  const size_t uncomputed = before - s.computed_tokens;
+  const size_t group_block = size_t{num_layer_groups()} * config_.cache.block_size;
   const Result<std::vector<uint64_t>> budgets = quant::pyramid_group_budgets(
       c.policy, c.budget, config_.model.num_layers, config_.cache.layers_per_group);
   KVF_CHECK(budgets.ok(), budgets.status().message());  // validated at admission
-  // SnapKV keeps the window and the tokens the scores do not reach whatever the budget. Each
-  // group keeps whole group blocks fewer than the prompt, so that every group's tokens fill
-  // their last block together.
+  // SnapKV keeps the window and the tokens the scores do not reach whatever the budget.
   const size_t window = static_cast<size_t>(std::min<uint64_t>(c.policy.window_tokens, prompt));
   const size_t always = prompt - std::min(c.scores.size(), prompt - window);
-  quant::CompressionPolicy snapkv = c.policy;
-  snapkv.kind = quant::CompressionPolicy::Kind::kSnapKv;
-  std::vector<std::vector<size_t>> kept(groups);
-  bool drops = false;
-  for (uint32_t g = 0; g < groups; ++g) {
-    const size_t floor = std::max<size_t>((*budgets)[g], always);
-    const size_t kept_prompt = floor >= prompt ? prompt : prompt - (prompt - floor) / group_block * group_block;
-    kept[g] = quant::select_kept_tokens(snapkv, kept_prompt, before, s.computed_tokens, prompt,
-                                        c.scores, bs);
-    KVF_CHECK(kept[g].size() == kept_prompt + (before - prompt),
-              "a pyramid selection kept " + std::to_string(kept[g].size()) + " of " +
-                  std::to_string(before) + " tokens, not its budget");
-    drops = drops || kept[g].size() < before;
+  std::vector<size_t> kept;
+  for (const uint64_t budget : *budgets) {
+    // Whole group blocks fewer than the prompt, so that every group fills its last block at
+    // the same decoded token.
+    const size_t floor = std::max<size_t>(budget, always);
+    const size_t short_of_prompt = floor >= prompt ? 0 : (prompt - floor) / group_block;
+    kept.push_back(prompt - short_of_prompt * group_block);
   }
-  if (!drops) return true;  // every group keeps everything: nothing to regroup
+  return kept;
+}
 
-  // Fresh blocks: each group's blocks but its last, group after group, then the last ones.
-  Compressed::Groups layout{{}, {}, uncomputed};
-  size_t blocks = 0;
-  for (const std::vector<size_t>& k : kept) {
-    const size_t group_blocks = (k.size() + group_block - 1) / group_block;
-    layout.tokens.push_back(k.size());
-    layout.full_blocks.push_back(static_cast<uint32_t>(group_blocks - 1));
-    blocks += group_blocks;
+bool Coordinator::regroup(SeqId seq, Sequence& s, Compressed& c) {
+  const size_t before = s.num_tokens;
+  const size_t decoded = before - c.prompt_tokens;
+  const std::vector<size_t> kept_prompts = pyramid_kept_prompts(c);
+  std::vector<uint64_t> kept_tokens;
+  for (const size_t kept : kept_prompts) kept_tokens.push_back(kept + decoded);
+  if (std::all_of(kept_tokens.begin(), kept_tokens.end(), [&](uint64_t n) { return n == before; })) {
+    return true;  // every group keeps everything: nothing to regroup
   }
+  Compressed::Groups layout = group_layout(kept_tokens, before - s.computed_tokens);
+  const size_t blocks = layout.all_full() + layout.tokens.size();
   PagedKvCache& pool = pool_of(s.replica);
   const std::vector<BlockId> old_table = running_info(seq, s)->block_ids;
   // Whole group blocks can take up to a block per group more than the whole table (budgets near
   // the prompt's length in several groups): compression never grows a sequence, it stays whole.
   if (blocks > old_table.size()) return true;
-  const Status replaced = pool.replace_table(seq, blocks * bs);
-  if (!replaced.ok()) {
-    KVF_LOG_DEBUG(kCoordinator, "regrouping of {} waits: {}", to_string(seq), replaced.message());
-    return false;
+  // The fresh blocks are taken before the whole ones go: until that many are available, it
+  // waits (checked before selecting, which sorts the prompt's votes once per group).
+  if (pool.available_block_count() < blocks) return false;
+
+  quant::CompressionPolicy snapkv = c.policy;
+  snapkv.kind = quant::CompressionPolicy::Kind::kSnapKv;
+  std::vector<std::vector<size_t>> kept(kept_prompts.size());
+  for (size_t g = 0; g < kept.size(); ++g) {
+    kept[g] = quant::select_kept_tokens(snapkv, kept_prompts[g], before, s.computed_tokens,
+                                        c.prompt_tokens, c.scores, config_.cache.block_size);
+    KVF_CHECK(kept[g].size() == kept_tokens[g],
+              "a pyramid selection kept " + std::to_string(kept[g].size()) + " of " +
+                  std::to_string(before) + " tokens, not its budget");
   }
-  const std::vector<BlockId>& table = running_info(seq, s)->block_ids;
-  size_t full_before = 0;
-  const size_t all_full = blocks - groups;
-  for (uint32_t g = 0; g < groups; ++g) {
-    // The computed kept tokens move; the uncomputed ones, last, are written by the forward pass.
-    std::optional<StepPlan::Op> run;
-    for (size_t i = 0; i + uncomputed < kept[g].size(); ++i) {
-      const size_t from = kept[g][i];
-      const BlockId src = old_table[from / bs];
-      const BlockId dst = table[pool_index(layout, g, i / group_block, full_before, all_full)];
-      const auto src_offset = static_cast<uint32_t>(from % bs);
-      const auto dst_offset = static_cast<uint32_t>(i % group_block);
-      TokenCopy* last = run ? &run->copy : nullptr;
-      if (last != nullptr && last->src_block == src && last->dst_block == dst &&
-          last->src_offset + last->num_tokens == src_offset &&
-          last->dst_offset + last->num_tokens == dst_offset) {
-        ++last->num_tokens;
-        continue;
-      }
-      if (run) plan_.ops.push_back(*run);
-      run = StepPlan::Op::regroup(
-          s.replica, TokenCopy{src, src_offset, dst, dst_offset, 1, CopyReason::kCompaction}, g);
-    }
-    if (run) plan_.ops.push_back(*run);
-    full_before += layout.full_blocks[g];
+  const Status replaced = pool.replace_table(seq, blocks * config_.cache.block_size);
+  KVF_CHECK(replaced.ok(), replaced.message());  // the blocks were counted above
+  queue_regroup_copies(s.replica, layout, old_table, running_info(seq, s)->block_ids, kept);
+  uint64_t dropped = 0;
+  for (uint32_t g = 0; g < kept.size(); ++g) {
     plan_.compactions.push_back({seq, s.replica, before, ranges_of(kept[g]), g});
-    stats_.compacted_tokens += (before - kept[g].size()) / groups;
+    dropped += before - kept[g].size();
   }
-  stats_.compacted_blocks += old_table.size() > blocks ? old_table.size() - blocks : 0;
   ++stats_.compactions;
+  stats_.compacted_tokens += dropped / kept.size();  // a whole layer's worth on average
+  stats_.compacted_blocks += old_table.size() - blocks;
   c.groups = std::move(layout);
   s.grouped = true;
-  s.num_tokens = blocks * bs;
+  s.num_tokens = blocks * config_.cache.block_size;
   s.computed_tokens = s.num_tokens;
   s.published_blocks = 0;  // tables new to the ranks, every group's whole
   charge(s, blocks);
   mark_table(s);
   mark_load(s.replica);
   return true;
+}
+
+Coordinator::Compressed::Groups Coordinator::group_layout(std::span<const uint64_t> tokens,
+                                                          uint64_t uncomputed) const {
+  const size_t group_block = size_t{num_layer_groups()} * config_.cache.block_size;
+  Compressed::Groups layout{{tokens.begin(), tokens.end()}, {}, uncomputed};
+  for (const uint64_t n : tokens) {
+    // Every group's blocks but its last; the last ones form the first round.
+    layout.full_blocks.push_back(static_cast<uint32_t>((n + group_block - 1) / group_block - 1));
+  }
+  return layout;
+}
+
+void Coordinator::queue_regroup_copies(uint32_t replica, const Compressed::Groups& layout,
+                                       std::span<const BlockId> whole, std::span<const BlockId> table,
+                                       const std::vector<std::vector<size_t>>& kept) {
+  const size_t bs = config_.cache.block_size;
+  const size_t group_block = layout.tokens.size() * bs;
+  for (uint32_t g = 0; g < kept.size(); ++g) {
+    // The computed kept tokens move, a run of consecutive slots per copy; the uncomputed ones,
+    // last, are written by the forward pass through the group's view.
+    std::optional<StepPlan::Op> run;
+    for (size_t i = 0; i + layout.uncomputed < kept[g].size(); ++i) {
+      const size_t from = kept[g][i];
+      const TokenCopy next{whole[from / bs], static_cast<uint32_t>(from % bs),
+                           table[layout.pool_index(g, i / group_block)],
+                           static_cast<uint32_t>(i % group_block), 1, CopyReason::kCompaction};
+      TokenCopy* last = run ? &run->copy : nullptr;
+      if (last != nullptr && last->src_block == next.src_block &&
+          last->dst_block == next.dst_block &&
+          last->src_offset + last->num_tokens == next.src_offset &&
+          last->dst_offset + last->num_tokens == next.dst_offset) {
+        ++last->num_tokens;
+        continue;
+      }
+      if (run) plan_.ops.push_back(*run);
+      run = StepPlan::Op::regroup(replica, next, g);
+    }
+    if (run) plan_.ops.push_back(*run);
+  }
 }
 
 void Coordinator::request_scores() {

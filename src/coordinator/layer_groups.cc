@@ -1,6 +1,7 @@
 // Sequences compacted per layer group (PyramidKV across ranks): their appends, forks, plan tables
 // and checks. The compaction that makes one is in compression.cc (Coordinator::regroup).
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -14,12 +15,6 @@ size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-size_t Coordinator::pool_index(const Compressed::Groups& groups, uint32_t g, size_t j,
-                               size_t full_before, size_t all_full) {
-  const size_t full = groups.full_blocks[g];
-  return j < full ? full_before + j : all_full + (j - full) * groups.tokens.size() + g;
-}
-
 uint32_t Coordinator::num_layer_groups() const {
   const uint32_t per_group = config_.cache.layers_per_group;
   const uint32_t layers = config_.model.num_layers;
@@ -29,15 +24,11 @@ uint32_t Coordinator::num_layer_groups() const {
 
 std::vector<BlockId> Coordinator::group_table(std::span<const BlockId> pool_table,
                                               const Compressed::Groups& groups, uint32_t g) {
-  const size_t all_full =
-      std::accumulate(groups.full_blocks.begin(), groups.full_blocks.end(), size_t{0});
-  const size_t full_before = std::accumulate(groups.full_blocks.begin(),
-                                             groups.full_blocks.begin() + g, size_t{0});
-  const size_t rounds = (pool_table.size() - all_full) / groups.tokens.size();
+  const size_t rounds = (pool_table.size() - groups.all_full()) / groups.tokens.size();
   std::vector<BlockId> table;
   table.reserve(groups.full_blocks[g] + rounds);
   for (size_t j = 0; j < groups.full_blocks[g] + rounds; ++j) {
-    table.push_back(pool_table[pool_index(groups, g, j, full_before, all_full)]);
+    table.push_back(pool_table[groups.pool_index(g, j)]);
   }
   return table;
 }
@@ -45,6 +36,10 @@ std::vector<BlockId> Coordinator::group_table(std::span<const BlockId> pool_tabl
 Status Coordinator::append_grouped(SeqId seq, Sequence& s, size_t num_tokens) {
   Compressed::Groups& groups = *compressed_.at(seq).groups;
   const size_t group_block = num_layer_groups() * size_t{config_.cache.block_size};
+  if (num_tokens > std::numeric_limits<size_t>::max() - group_block - groups.tokens[0]) {
+    return invalid_argument("appending " + std::to_string(num_tokens) + " tokens to " +
+                            to_string(seq) + " overflows its length");
+  }
   // Every group's tail is the same: a round of blocks when its last ones fill.
   const size_t rounds = ceil_div(groups.tokens[0] + num_tokens, group_block) -
                         ceil_div(groups.tokens[0], group_block);
@@ -105,17 +100,10 @@ void Coordinator::publish_group_tables(SeqId seq, Sequence& s) {
   // The ranks hold the leading published_blocks of the pool table: of each group, the blocks
   // among those.
   const size_t published = s.published_blocks;
-  const size_t all_full =
-      std::accumulate(groups.full_blocks.begin(), groups.full_blocks.end(), size_t{0});
-  size_t full_before = 0;
   for (uint32_t g = 0; g < groups.tokens.size(); ++g) {
     std::vector<BlockId> table = group_table(pool_table, groups, g);
     size_t held = 0;
-    while (held < table.size() &&
-           pool_index(groups, g, held, full_before, all_full) < published) {
-      ++held;
-    }
-    full_before += groups.full_blocks[g];
+    while (held < table.size() && groups.pool_index(g, held) < published) ++held;
     table.erase(table.begin(), table.begin() + static_cast<ptrdiff_t>(held));
     plan_.tables.push_back(StepPlan::Table{seq, s.replica, groups.tokens[g],
                                            groups.tokens[g] - groups.uncomputed,
@@ -137,8 +125,7 @@ Status Coordinator::verify_groups(SeqId seq, const Compressed::Groups& groups) c
                std::to_string(count));
   }
   const size_t group_block = count * size_t{config_.cache.block_size};
-  const size_t all_full =
-      std::accumulate(groups.full_blocks.begin(), groups.full_blocks.end(), size_t{0});
+  const size_t all_full = groups.all_full();
   const size_t blocks = s->num_tokens / config_.cache.block_size;
   if (s->num_tokens % config_.cache.block_size != 0 || blocks < all_full ||
       (blocks - all_full) % count != 0) {
@@ -147,10 +134,14 @@ Status Coordinator::verify_groups(SeqId seq, const Compressed::Groups& groups) c
   const size_t rounds = (blocks - all_full) / count;
   for (uint32_t g = 0; g < count; ++g) {
     if (groups.tokens[g] % group_block != groups.tokens[0] % group_block ||
-        ceil_div(groups.tokens[g], group_block) != groups.full_blocks[g] + rounds ||
-        groups.uncomputed > groups.tokens[g]) {
+        ceil_div(groups.tokens[g], group_block) != groups.full_blocks[g] + rounds) {
       return bad("group " + std::to_string(g) + " holds " + std::to_string(groups.tokens[g]) +
                  " tokens in " + std::to_string(groups.full_blocks[g] + rounds) + " blocks");
+    }
+    if (groups.uncomputed > groups.tokens[g]) {
+      return bad("group " + std::to_string(g) + " holds " + std::to_string(groups.tokens[g]) +
+                 " tokens, fewer than the " + std::to_string(groups.uncomputed) +
+                 " it has to compute");
     }
   }
   return ok_status();

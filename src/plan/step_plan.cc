@@ -10,7 +10,8 @@ namespace {
 
 constexpr uint32_t kMagic = 0x4B564650;  // "KVFP"
 // 3: tables carry computed_tokens; 4: and what changed only; 5: compactions and score requests;
-// 7: layer groups of tables, copies and compactions
+// 6: kept ranges in any order that moves no token later; 7: layer groups of tables, copies and
+// compactions
 constexpr uint32_t kVersion = 7;
 
 class Writer {

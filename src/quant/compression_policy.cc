@@ -139,6 +139,12 @@ Status validate(const CompressionPolicy& p) {
     return invalid_argument(field("budget_ratio") + " " + number_text(p.budget_ratio) +
                             " must be in (0, 1] (the share of the prompt kept)");
   }
+  // Read by pyramid only, but a value no policy could use is refused for every policy.
+  if (!(std::isfinite(p.beta) && p.beta >= 1)) {
+    return invalid_argument(field("beta") + " " + number_text(p.beta) +
+                            " must be a finite value >= 1 (the average budget over the last "
+                            "layer's)");
+  }
   if (p.interval_steps == 0) {
     return invalid_argument(field("interval_steps") + " must be >= 1 (steps between compactions)");
   }
@@ -153,12 +159,6 @@ Status validate(const CompressionPolicy& p) {
       }
       break;
     case CompressionPolicy::Kind::kPyramid:
-      if (!(std::isfinite(p.beta) && p.beta >= 1)) {
-        return invalid_argument(field("beta") + " " + number_text(p.beta) +
-                                " must be a finite value >= 1 (the first layer's budget over the "
-                                "last's)");
-      }
-      [[fallthrough]];
     case CompressionPolicy::Kind::kSnapKv:
       if (p.window_tokens == 0) {
         return invalid_argument(field("window_tokens") +

@@ -125,11 +125,12 @@ Status RankCache::validate(const StepPlan& plan) const {
 
 Status RankCache::validate_copy(const StepPlan::Op& op) const {
   const auto group_name = [](uint32_t g) {
-    return g == StepPlan::kAllLayers ? std::string("whole blocks") : "layer group " + std::to_string(g);
+    return g == StepPlan::kAllLayers ? std::string("whole blocks")
+                                     : "layer group " + std::to_string(g);
   };
-  for (const uint32_t g : {op.from_group, op.to_group}) {
+  for (const auto& [g, side] : {std::pair{op.from_group, "from"}, std::pair{op.to_group, "into"}}) {
     if (g != StepPlan::kAllLayers && g >= num_layer_groups()) {
-      return invalid_argument("copy into " + group_name(g) + " of " +
+      return invalid_argument("copy " + std::string(side) + " " + group_name(g) + " of " +
                               std::to_string(num_layer_groups()) +
                               " (cache.layers_per_group sets the groups)");
     }
@@ -138,14 +139,18 @@ Status RankCache::validate_copy(const StepPlan::Op& op) const {
     return invalid_argument("copy from " + group_name(op.from_group) + " into " +
                             group_name(op.to_group) + "; only whole blocks regroup");
   }
+  const TokenCopy& c = op.copy;
+  if (op.from_group != op.to_group && c.src_block == c.dst_block) {
+    std::ostringstream text;
+    text << "regrouping copy " << c << " into " << group_name(op.to_group)
+         << " reads and writes one block, whose rows the two views place differently";
+    return invalid_argument(text.str());
+  }
   const PagedKvView& from = device_view(op.from_group);
   const PagedKvView& to = device_view(op.to_group);
-  const TokenCopy& c = op.copy;
-  const bool regroups = op.from_group != op.to_group;
   if (c.src_block.value >= from.num_blocks || c.dst_block.value >= to.num_blocks ||
       c.src_offset > from.block_size || c.num_tokens > from.block_size - c.src_offset ||
-      c.dst_offset > to.block_size || c.num_tokens > to.block_size - c.dst_offset ||
-      (regroups && c.src_block == c.dst_block)) {
+      c.dst_offset > to.block_size || c.num_tokens > to.block_size - c.dst_offset) {
     std::ostringstream text;
     text << "copy " << c;
     if (op.from_group == StepPlan::kAllLayers && op.to_group == StepPlan::kAllLayers) {
@@ -155,8 +160,7 @@ Status RankCache::validate_copy(const StepPlan::Op& op) const {
       text << " from " << group_name(op.from_group) << " into " << group_name(op.to_group)
            << " does not fit the pool (" << to.num_blocks << " blocks; " << from.block_size
            << " tokens in a block of the source's view, " << to.block_size
-           << " in the destination's" << (regroups ? "; a regrouping needs two blocks" : "")
-           << ")";
+           << " in the destination's)";
     }
     return invalid_argument(text.str());
   }

@@ -6,6 +6,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <span>
 #include <string>
@@ -417,6 +418,18 @@ class Coordinator {
       std::vector<uint64_t> tokens;       //!< per group, the tokens it holds
       std::vector<uint32_t> full_blocks;  //!< per group, its blocks before the rounds
       uint64_t uncomputed = 0;  //!< every group's trailing tokens the next forward pass computes
+
+      //! The pool table's blocks before the rounds.
+      [[nodiscard]] size_t all_full() const {
+        return std::accumulate(full_blocks.begin(), full_blocks.end(), size_t{0});
+      }
+      //! Where block j of group g sits in the pool table.
+      [[nodiscard]] size_t pool_index(uint32_t g, size_t j) const {
+        if (j < full_blocks[g]) {
+          return std::accumulate(full_blocks.begin(), full_blocks.begin() + g, size_t{0}) + j;
+        }
+        return all_full() + (j - full_blocks[g]) * tokens.size() + g;
+      }
     };
     std::optional<Groups> groups;
   };
@@ -578,8 +591,21 @@ class Coordinator {
   [[nodiscard]] uint32_t num_layer_groups() const;
   //! pyramid: keeps SnapKV's selection of each layer group's budget, in fresh blocks laid out
   //! per group (Compressed::Groups), with the regrouping copies and a compaction per group in
-  //! the plan. false when the replica cannot give the fresh blocks now (it waits).
+  //! the plan. false when the replica has fewer blocks available than the new table takes (it
+  //! waits); true, keeping it whole, when no group drops a token or the groups would take more
+  //! blocks than the whole table.
   bool regroup(SeqId seq, Sequence& s, Compressed& c);
+  //! pyramid: the prompt tokens each layer group keeps (its budget, at least what SnapKV keeps
+  //! whatever the budget, rounded up to whole group blocks short of the prompt).
+  [[nodiscard]] std::vector<size_t> pyramid_kept_prompts(const Compressed& c) const;
+  //! The layout of groups holding `tokens` each (Compressed::Groups).
+  [[nodiscard]] Compressed::Groups group_layout(std::span<const uint64_t> tokens,
+                                                uint64_t uncomputed) const;
+  //! The plan's regrouping copies: group g's kept tokens `kept[g]` (positions in the `whole`
+  //! table) into their slots of the new `table` laid out as `layout`.
+  void queue_regroup_copies(uint32_t replica, const Compressed::Groups& layout,
+                            std::span<const BlockId> whole, std::span<const BlockId> table,
+                            const std::vector<std::vector<size_t>>& kept);
   //! append_blocks() for a sequence compacted per layer group: a round of blocks each time its
   //! groups' last blocks are full.
   Status append_grouped(SeqId seq, Sequence& s, size_t num_tokens);
@@ -592,10 +618,6 @@ class Coordinator {
   [[nodiscard]] static std::vector<BlockId> group_table(std::span<const BlockId> pool_table,
                                                         const Compressed::Groups& groups,
                                                         uint32_t g);
-  //! Where block j of group g sits in the pool table, given the full blocks of the groups
-  //! before g and of all of them.
-  [[nodiscard]] static size_t pool_index(const Compressed::Groups& groups, uint32_t g, size_t j,
-                                         size_t full_before, size_t all_full);
   [[nodiscard]] Status verify_groups(SeqId seq, const Compressed::Groups& groups) const;
   //! Compacts one sequence to what its policy keeps; false when it keeps everything or its
   //! replica cannot give the fresh blocks a shared block's copy needs (it waits).

@@ -41,7 +41,7 @@ struct CompressionPolicy {
   uint64_t sink_tokens = 4;      //!< streaming: leading tokens always kept
   uint64_t recent_tokens = 0;    //!< h2o: newest tokens always kept (<= budget); 0 = budget / 2
   uint64_t window_tokens = 32;   //!< snapkv, pyramid: the observation window (>= 1, <= budget)
-  double beta = 20;              //!< pyramid: the first layer's budget over the last's (>= 1)
+  double beta = 20;              //!< pyramid: the average budget over the last layer's (>= 1)
 
   //! Whether the coordinator needs the sequence's attention scores to compact it.
   [[nodiscard]] bool needs_scores() const { return kind != Kind::kStreaming; }

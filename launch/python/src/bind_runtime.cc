@@ -384,11 +384,17 @@ void bind_runtime(py::module_& m) {
       .def(
           "block_table",
           [](PyRankCache& self, SeqId seq) {
+            bool grouped = false;
             auto blocks = self.locked([&](RankCache& c) -> std::optional<std::vector<BlockId>> {
               const auto it = c.tables().find(seq);
+              grouped = c.group_tables().count(seq) > 0;
               if (it == c.tables().end()) return std::nullopt;
               return it->second.blocks;
             });
+            if (grouped) {
+              raise_invalid(to_string(seq) + " is compacted per layer group: its tables are "
+                            "group_tables()[seq], one per group");
+            }
             if (!blocks) raise_status(sequence_not_found(seq));
             return *blocks;
           },

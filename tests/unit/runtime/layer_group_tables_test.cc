@@ -203,7 +203,7 @@ TEST_F(RankCacheLayerGroups, PlansThatCannotMeanAGroupedSequenceAreRefusedChangi
   expect_refused(plan, "copy from layer group 0 into layer group 1; only whole blocks regroup");
   plan = regrouping();
   plan.ops[0] = Op::regroup(0, tokens(7, 0, 7, 0, 16), 0);
-  expect_refused(plan, "a regrouping needs two blocks");
+  expect_refused(plan, "reads and writes one block");
   plan = regrouping();
   plan.ops[0] = Op::regroup(0, tokens(3, 20, 7, 0, 1), 0);  // slot 20 of a 16-token whole block
   expect_refused(plan, "16 tokens in a block of the source's view, 32 in the destination's");
