@@ -198,9 +198,6 @@ class EngineModel {
   //! every rank, as the engine's ranks all finish the same step.
   Status forward(RankCache& rank) {
     if (!plan_error_.empty()) return Status(ErrorCode::kInternal, plan_error_);
-    const RankLayout& l = rank.layout();
-    const uint32_t hd = config_.model.head_dim;
-    const uint32_t bs = config_.cache.block_size;
     for (const auto& [seq, table] : rank.tables()) {
       Seq& s = seqs_.at(seq);
       if (s.computed >= table.num_tokens) continue;
@@ -209,28 +206,8 @@ class EngineModel {
                                 std::to_string(s.origin.size()) + " tokens, its table " +
                                 std::to_string(table.num_tokens));
       }
-      const size_t n = table.num_tokens - s.computed;
       compute_kv(s, s.computed, table.num_tokens);
-      std::vector<int64_t> slots(n);
-      for (size_t i = 0; i < n; ++i) {
-        const size_t pos = s.computed + i;
-        slots[i] = int64_t{table.blocks[pos / bs].value} * bs + static_cast<int64_t>(pos % bs);
-      }
-      std::vector<float> k(n * l.num_kv_heads * hd), v(k.size());
-      RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
-      for (uint32_t layer = 0; layer < config_.model.num_layers; ++layer) {
-        fill(s.kv, s.computed, n, layer, l, k.data(), v.data());
-        KVF_RETURN_IF_ERROR(rank_k.upload(k));
-        KVF_RETURN_IF_ERROR(rank_v.upload(v));
-        AppendKvArgs args;
-        args.layer = layer;
-        args.key = rank_k.data(k);
-        args.value = rank_v.data(v);
-        args.input_dtype = DType::kF32;
-        args.num_tokens = static_cast<uint32_t>(n);
-        args.slot_mapping = slots.data();
-        KVF_RETURN_IF_ERROR(rank.append_kv(layer, args));
-      }
+      KVF_RETURN_IF_ERROR(write_kv(rank, s.kv, s.computed, table, whole_layers()));
     }
     for (const auto& [seq, tables] : rank.group_tables()) {
       for (uint32_t g = 0; g < tables.size(); ++g) {
@@ -285,45 +262,19 @@ class EngineModel {
 
   //! Gathers every sequence of the rank's replica and compares it with its tokens' K/V.
   ::testing::AssertionResult verify(RankCache& rank) const {
-    const RankLayout& l = rank.layout();
-    const uint32_t hd = config_.model.head_dim;
     for (const auto& [seq, table] : rank.tables()) {
       const auto it = seqs_.find(seq);
       if (it == seqs_.end()) return ::testing::AssertionFailure() << "rank holds unknown " << seq;
-      const Seq& s = it->second;
-      const size_t n = table.num_tokens;
-      std::vector<uint32_t> blocks;
-      for (BlockId b : table.blocks) blocks.push_back(b.value);
-      std::vector<float> k(n * l.num_kv_heads * hd), v(k.size()), want_k(k.size()), want_v(k.size());
-      RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
-      for (uint32_t layer = 0; layer < config_.model.num_layers; ++layer) {
-        GatherKvArgs args;
-        args.layer = layer;
-        args.block_table = blocks.data();
-        args.num_tokens = static_cast<uint32_t>(n);
-        args.key_out = rank_k.data(k);
-        args.value_out = rank_v.data(v);
-        Status gathered = rank.gather_kv(layer, args);
-        if (gathered.ok()) gathered = rank_k.download(k);
-        if (gathered.ok()) gathered = rank_v.download(v);
-        if (!gathered.ok()) return ::testing::AssertionFailure() << gathered;
-        fill(s.kv, 0, n, layer, l, want_k.data(), want_v.data());
-        for (size_t i = 0; i < k.size(); ++i) {
-          if (k[i] != want_k[i] || v[i] != want_v[i]) {
-            const size_t token = i / (l.num_kv_heads * hd);
-            return ::testing::AssertionFailure()
-                   << "rank " << l.rank << ": " << seq << " token " << token << " of " << n
-                   << ", layer " << layer << ", element " << i << ": K " << k[i] << " V " << v[i]
-                   << ", expected K " << want_k[i] << " V " << want_v[i];
-          }
-        }
+      if (auto checked = check_kv(rank, seq, it->second.kv, table, whole_layers()); !checked) {
+        return checked;
       }
     }
     for (const auto& [seq, tables] : rank.group_tables()) {
       const auto it = seqs_.find(seq);
       if (it == seqs_.end()) return ::testing::AssertionFailure() << "rank holds unknown " << seq;
       for (uint32_t g = 0; g < tables.size(); ++g) {
-        if (auto checked = verify_group(rank, it->second, g, tables[g]); !checked) return checked;
+        auto checked = check_kv(rank, seq, it->second.groups.at(g).kv, tables[g], group_layers(g));
+        if (!checked) return checked << " (layer group " << g << ")";
       }
     }
     return ::testing::AssertionSuccess();
@@ -383,16 +334,7 @@ class EngineModel {
     }
   }
 
-  // The layers of layer group g (the group's layer index l is model layer first + l).
-  [[nodiscard]] uint32_t group_first_layer(uint32_t g) const {
-    return g * config_.cache.layers_per_group;
-  }
-
   Status forward_group(RankCache& rank, SeqId seq, uint32_t g, const StepPlan::Table& table) {
-    const RankLayout& l = rank.layout();
-    const uint32_t hd = config_.model.head_dim;
-    const size_t group_block = size_t{config_.cache.block_size} *
-                               (config_.model.num_layers / config_.cache.layers_per_group);
     Seq& s = seqs_.at(seq);
     Cached& group = s.groups.at(g);
     if (group.computed >= table.num_tokens) return ok_status();
@@ -401,19 +343,44 @@ class EngineModel {
                               " has " + std::to_string(group.origin.size()) +
                               " tokens, its table " + std::to_string(table.num_tokens));
     }
-    const size_t n = table.num_tokens - group.computed;
     compute_kv(s, group, group.computed, table.num_tokens);
+    return write_kv(rank, group.kv, group.computed, table, group_layers(g));
+  }
+
+  // Where a table's K/V lives: the model layers it holds, the view they are read through, and
+  // the tokens a block holds in that view.
+  struct TableLayers {
+    uint32_t first_layer = 0;
+    uint32_t num_layers = 0;
+    size_t block_tokens = 0;
+    BlockView view = BlockView::kWhole;
+  };
+  [[nodiscard]] TableLayers whole_layers() const {
+    return {0, config_.model.num_layers, config_.cache.block_size, BlockView::kWhole};
+  }
+  [[nodiscard]] TableLayers group_layers(uint32_t g) const {
+    const uint32_t per_group = config_.cache.layers_per_group;
+    return {g * per_group, per_group,
+            size_t{config_.cache.block_size} * (config_.model.num_layers / per_group),
+            BlockView::kLayerGroup};
+  }
+
+  // The forward pass's writes: positions [first, table.num_tokens) of `kv` into the table's
+  // slots, every layer it holds, the rank's KV heads.
+  Status write_kv(RankCache& rank, const std::vector<uint64_t>& kv, size_t first,
+                  const StepPlan::Table& table, const TableLayers& at) {
+    const RankLayout& l = rank.layout();
+    const size_t n = table.num_tokens - first;
     std::vector<int64_t> slots(n);
     for (size_t i = 0; i < n; ++i) {
-      const size_t pos = group.computed + i;
-      slots[i] = int64_t{table.blocks[pos / group_block].value} * static_cast<int64_t>(group_block) +
-                 static_cast<int64_t>(pos % group_block);
+      const size_t pos = first + i;
+      slots[i] = static_cast<int64_t>(table.blocks[pos / at.block_tokens].value * at.block_tokens +
+                                      pos % at.block_tokens);
     }
-    std::vector<float> k(n * l.num_kv_heads * hd), v(k.size());
+    std::vector<float> k(n * l.num_kv_heads * config_.model.head_dim), v(k.size());
     RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
-    for (uint32_t layer = group_first_layer(g);
-         layer < group_first_layer(g) + config_.cache.layers_per_group; ++layer) {
-      fill(group.kv, group.computed, n, layer, l, k.data(), v.data());
+    for (uint32_t layer = at.first_layer; layer < at.first_layer + at.num_layers; ++layer) {
+      fill(kv, first, n, layer, l, k.data(), v.data());
       KVF_RETURN_IF_ERROR(rank_k.upload(k));
       KVF_RETURN_IF_ERROR(rank_v.upload(v));
       AppendKvArgs args;
@@ -422,40 +389,40 @@ class EngineModel {
       args.input_dtype = DType::kF32;
       args.num_tokens = static_cast<uint32_t>(n);
       args.slot_mapping = slots.data();
-      KVF_RETURN_IF_ERROR(rank.append_kv(layer, args, BlockView::kLayerGroup));
+      KVF_RETURN_IF_ERROR(rank.append_kv(layer, args, at.view));
     }
     return ok_status();
   }
 
-  ::testing::AssertionResult verify_group(RankCache& rank, const Seq& s, uint32_t g,
-                                          const StepPlan::Table& table) const {
+  // Gathers a table's tokens of every layer it holds and compares them with `kv`'s K/V.
+  ::testing::AssertionResult check_kv(RankCache& rank, SeqId seq, const std::vector<uint64_t>& kv,
+                                      const StepPlan::Table& table,
+                                      const TableLayers& at) const {
     const RankLayout& l = rank.layout();
     const uint32_t hd = config_.model.head_dim;
-    const Cached& group = s.groups.at(g);
     const size_t n = table.num_tokens;
     std::vector<uint32_t> blocks;
     for (BlockId b : table.blocks) blocks.push_back(b.value);
     std::vector<float> k(n * l.num_kv_heads * hd), v(k.size()), want_k(k.size()), want_v(k.size());
     RankBuffer rank_k(device_, k.size()), rank_v(device_, k.size());
-    for (uint32_t layer = group_first_layer(g);
-         layer < group_first_layer(g) + config_.cache.layers_per_group; ++layer) {
+    for (uint32_t layer = at.first_layer; layer < at.first_layer + at.num_layers; ++layer) {
       GatherKvArgs args;
       args.block_table = blocks.data();
       args.num_tokens = static_cast<uint32_t>(n);
       args.key_out = rank_k.data(k);
       args.value_out = rank_v.data(v);
-      Status gathered = rank.gather_kv(layer, args, BlockView::kLayerGroup);
+      Status gathered = rank.gather_kv(layer, args, at.view);
       if (gathered.ok()) gathered = rank_k.download(k);
       if (gathered.ok()) gathered = rank_v.download(v);
       if (!gathered.ok()) return ::testing::AssertionFailure() << gathered;
-      fill(group.kv, 0, n, layer, l, want_k.data(), want_v.data());
+      fill(kv, 0, n, layer, l, want_k.data(), want_v.data());
       for (size_t i = 0; i < k.size(); ++i) {
         if (k[i] != want_k[i] || v[i] != want_v[i]) {
+          const size_t token = i / (l.num_kv_heads * hd);
           return ::testing::AssertionFailure()
-                 << "rank " << l.rank << ": layer group " << g << " token "
-                 << i / (l.num_kv_heads * hd) << " of " << n << ", layer " << layer
-                 << ": K " << k[i] << " V " << v[i] << ", expected K " << want_k[i] << " V "
-                 << want_v[i];
+                 << "rank " << l.rank << ": " << seq << " token " << token << " of " << n
+                 << ", layer " << layer << ", element " << i << ": K " << k[i] << " V " << v[i]
+                 << ", expected K " << want_k[i] << " V " << want_v[i];
         }
       }
     }
