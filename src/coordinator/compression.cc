@@ -510,13 +510,14 @@ void Coordinator::queue_regroup_copies(uint32_t replica, const Compressed::Group
   const size_t bs = config_.cache.block_size;
   const size_t group_block = layout.tokens.size() * bs;
   for (uint32_t g = 0; g < kept.size(); ++g) {
+    const Compressed::Groups::Placement place = layout.placement(g);
     // The computed kept tokens move, a run of consecutive slots per copy; the uncomputed ones,
     // last, are written by the forward pass through the group's view.
     std::optional<StepPlan::Op> run;
     for (size_t i = 0; i + layout.uncomputed < kept[g].size(); ++i) {
       const size_t from = kept[g][i];
       const TokenCopy next{whole[from / bs], static_cast<uint32_t>(from % bs),
-                           table[layout.pool_index(g, i / group_block)],
+                           table[place[i / group_block]],
                            static_cast<uint32_t>(i % group_block), 1, CopyReason::kCompaction};
       TokenCopy* last = run ? &run->copy : nullptr;
       if (last != nullptr && last->src_block == next.src_block &&

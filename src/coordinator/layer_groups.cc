@@ -23,13 +23,14 @@ uint32_t Coordinator::num_layer_groups() const {
 }
 
 std::vector<BlockId> Coordinator::group_table(std::span<const BlockId> pool_table,
-                                              const Compressed::Groups& groups, uint32_t g) {
-  const size_t rounds = (pool_table.size() - groups.all_full()) / groups.tokens.size();
+                                              const Compressed::Groups& groups, uint32_t g,
+                                              size_t first) {
+  const Compressed::Groups::Placement place = groups.placement(g);
+  const size_t blocks = place.full + (pool_table.size() - place.all_full) / place.groups;
   std::vector<BlockId> table;
-  table.reserve(groups.full_blocks[g] + rounds);
-  for (size_t j = 0; j < groups.full_blocks[g] + rounds; ++j) {
-    table.push_back(pool_table[groups.pool_index(g, j)]);
-  }
+  table.reserve(blocks - std::min(first, blocks));
+  for (size_t j = first; j < blocks; ++j)
+    table.push_back(pool_table[place[j]]);
   return table;
 }
 
@@ -98,13 +99,11 @@ void Coordinator::publish_group_tables(SeqId seq, Sequence& s) {
   Compressed::Groups& groups = *compressed_.at(seq).groups;
   const std::vector<BlockId>& pool_table = running_info(seq, s)->block_ids;
   // The ranks hold the leading published_blocks of the pool table: of each group, the blocks
-  // among those.
+  // among those. Only the others are listed, so a decode step costs what it adds.
   const size_t published = s.published_blocks;
   for (uint32_t g = 0; g < groups.tokens.size(); ++g) {
-    std::vector<BlockId> table = group_table(pool_table, groups, g);
-    size_t held = 0;
-    while (held < table.size() && groups.pool_index(g, held) < published) ++held;
-    table.erase(table.begin(), table.begin() + static_cast<ptrdiff_t>(held));
+    const size_t held = groups.placement(g).count_before(published);
+    std::vector<BlockId> table = group_table(pool_table, groups, g, held);
     plan_.tables.push_back(StepPlan::Table{seq, s.replica, groups.tokens[g],
                                            groups.tokens[g] - groups.uncomputed,
                                            static_cast<uint32_t>(held), std::move(table), g});

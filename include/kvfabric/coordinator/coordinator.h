@@ -423,12 +423,26 @@ class Coordinator {
       [[nodiscard]] size_t all_full() const {
         return std::accumulate(full_blocks.begin(), full_blocks.end(), size_t{0});
       }
-      //! Where block j of group g sits in the pool table.
-      [[nodiscard]] size_t pool_index(uint32_t g, size_t j) const {
-        if (j < full_blocks[g]) {
-          return std::accumulate(full_blocks.begin(), full_blocks.begin() + g, size_t{0}) + j;
+      //! Where one group's blocks sit in the pool table, each position in O(1).
+      struct Placement {
+        size_t first_full, full, all_full, groups;
+        uint32_t g;
+
+        //! The position of the group's block j.
+        [[nodiscard]] size_t operator[](size_t j) const {
+          return j < full ? first_full + j : all_full + (j - full) * groups + g;
         }
-        return all_full() + (j - full_blocks[g]) * tokens.size() + g;
+        //! How many of the group's blocks sit before `position`.
+        [[nodiscard]] size_t count_before(size_t position) const {
+          if (position <= first_full) return 0;
+          if (position <= first_full + full) return position - first_full;
+          if (position <= all_full + g) return full;
+          return full + (position - all_full - g + groups - 1) / groups;
+        }
+      };
+      [[nodiscard]] Placement placement(uint32_t g) const {
+        return {std::accumulate(full_blocks.begin(), full_blocks.begin() + g, size_t{0}),
+                full_blocks[g], all_full(), tokens.size(), g};
       }
     };
     std::optional<Groups> groups;
@@ -614,10 +628,11 @@ class Coordinator {
   Status fork_grouped(SeqId src, const Sequence& s, SeqId dst);
   //! The plan's table of each layer group of a sequence compacted per group.
   void publish_group_tables(SeqId seq, Sequence& s);
-  //! Layer group g's table within the pool table of a sequence compacted per group.
+  //! Layer group g's table within the pool table of a sequence compacted per group, from its
+  //! block `first` on.
   [[nodiscard]] static std::vector<BlockId> group_table(std::span<const BlockId> pool_table,
                                                         const Compressed::Groups& groups,
-                                                        uint32_t g);
+                                                        uint32_t g, size_t first = 0);
   [[nodiscard]] Status verify_groups(SeqId seq, const Compressed::Groups& groups) const;
   //! Compacts one sequence to what its policy keeps; false when it keeps everything or its
   //! replica cannot give the fresh blocks a shared block's copy needs (it waits).
