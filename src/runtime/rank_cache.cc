@@ -243,17 +243,29 @@ Status RankCache::validate_compression(const StepPlan& plan) const {
   const auto bad = [&](const std::string& what) {
     return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": " + what);
   };
+  // The plan's tables by (sequence, layer group), the first listed first: a compaction finds
+  // its table in O(log tables), however many compactions a step has.
+  const auto key = [](const StepPlan::Table& t) { return std::pair(t.seq, t.layer_group); };
+  std::vector<const StepPlan::Table*> by_key;
+  if (!plan.compactions.empty()) {
+    by_key.reserve(plan.tables.size());
+    for (const auto& t : plan.tables) by_key.push_back(&t);
+    std::stable_sort(by_key.begin(), by_key.end(),
+                     [&](const auto* a, const auto* b) { return key(*a) < key(*b); });
+  }
   for (const auto& c : plan.compactions) {
     if (c.replica >= layout_.dp) {
       return bad("compaction of " + to_string(c.seq) + " on replica " +
                  std::to_string(c.replica) + " of " + std::to_string(layout_.dp));
     }
     // Its table (of its layer group), listed in the same plan, holds what it keeps.
-    const auto table = std::find_if(plan.tables.begin(), plan.tables.end(),
-                                    [&](const StepPlan::Table& t) {
-                                      return t.seq == c.seq && t.layer_group == c.layer_group;
-                                    });
-    if (table == plan.tables.end() || table->replica != c.replica ||
+    const auto wanted = std::pair(c.seq, c.layer_group);
+    const auto found = std::lower_bound(
+        by_key.begin(), by_key.end(), wanted,
+        [&](const StepPlan::Table* t, const auto& k) { return key(*t) < k; });
+    const StepPlan::Table* table =
+        found == by_key.end() || key(**found) != wanted ? nullptr : *found;
+    if (table == nullptr || table->replica != c.replica ||
         table->num_tokens != c.tokens_after()) {
       return bad("compaction of " + to_string(c.seq) +
                  (c.layer_group == StepPlan::kAllLayers
