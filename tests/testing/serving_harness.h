@@ -197,7 +197,22 @@ class EngineModel {
   //! (every layer, the rank's KV heads). Afterwards every running sequence counts as computed on
   //! every rank, as the engine's ranks all finish the same step.
   Status forward(RankCache& rank) {
+    RankCache* const ranks[] = {&rank};
+    return forward(ranks);
+  }
+
+  //! The forward pass of one step on every rank of the engine: each writes its own replica's
+  //! sequences, then every running sequence counts as computed.
+  Status forward(std::span<RankCache* const> ranks) {
     if (!plan_error_.empty()) return Status(ErrorCode::kInternal, plan_error_);
+    for (RankCache* rank : ranks) KVF_RETURN_IF_ERROR(write_uncomputed(*rank));
+    computed_everywhere();
+    return ok_status();
+  }
+
+  //! One rank's share of the forward pass: the K/V of every slot not yet computed of its
+  //! replica's sequences.
+  Status write_uncomputed(RankCache& rank) {
     for (const auto& [seq, table] : rank.tables()) {
       Seq& s = seqs_.at(seq);
       if (s.computed >= table.num_tokens) continue;
@@ -214,7 +229,6 @@ class EngineModel {
         KVF_RETURN_IF_ERROR(forward_group(rank, seq, g, tables[g]));
       }
     }
-    computed_everywhere();
     return ok_status();
   }
 
