@@ -101,6 +101,13 @@ uint32_t local_kv_heads(const ModelConfig& model, const TopologyConfig& topology
   return model.num_kv_heads >= topology.tp ? model.num_kv_heads / topology.tp : 1;
 }
 
+uint32_t num_layer_groups(const Config& config) {
+  const uint32_t per_group = config.cache.layers_per_group;
+  const uint32_t layers = config.model.num_layers;
+  if (per_group == 0 || per_group == layers) return 0;
+  return layers / per_group;
+}
+
 Result<BlockLayout> block_layout(const Config& config) {
   return BlockLayout::create(config.model.num_layers, local_kv_heads(config.model, config.topology),
                              config.cache.block_size, config.model.head_dim, config.cache.kv_dtype,

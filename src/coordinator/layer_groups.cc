@@ -16,10 +16,7 @@ size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 uint32_t Coordinator::num_layer_groups() const {
-  const uint32_t per_group = config_.cache.layers_per_group;
-  const uint32_t layers = config_.model.num_layers;
-  if (per_group == 0 || per_group == layers) return 0;
-  return layers / per_group;
+  return kvfabric::num_layer_groups(config_);
 }
 
 std::vector<BlockId> Coordinator::group_table(std::span<const BlockId> pool_table,

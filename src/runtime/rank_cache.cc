@@ -60,13 +60,11 @@ Result<std::unique_ptr<RankCache>> RankCache::create(const Config& config, uint3
   KVF_ASSIGN_OR_RETURN(const KvStorageSpec spec, KvStorageSpec::from_config(whole));
   KVF_ASSIGN_OR_RETURN(KvStorage storage, KvStorage::create(backend, spec));
   std::vector<PagedKvView> group_views;
-  const uint32_t per_group = config.cache.layers_per_group;
-  if (per_group != 0 && per_group != config.model.num_layers) {
-    const PagedKvView& pool = storage.view(0, Tier::kDevice);
-    for (uint32_t g = 0; g < config.model.num_layers / per_group; ++g) {
-      KVF_ASSIGN_OR_RETURN(PagedKvView view, layer_group_view(pool, per_group, g));
-      group_views.push_back(view);
-    }
+  const PagedKvView& pool = storage.view(0, Tier::kDevice);
+  for (uint32_t g = 0; g < kvfabric::num_layer_groups(config); ++g) {
+    KVF_ASSIGN_OR_RETURN(PagedKvView view,
+                         layer_group_view(pool, config.cache.layers_per_group, g));
+    group_views.push_back(view);
   }
   return std::unique_ptr<RankCache>(
       new RankCache(layout, std::move(storage), std::move(group_views), backend, transport));

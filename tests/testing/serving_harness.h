@@ -334,8 +334,7 @@ class EngineModel {
       const auto it = seqs_.find(c.seq);
       if (it == seqs_.end() || c.layer_group == StepPlan::kAllLayers) continue;
       Seq& s = it->second;
-      const uint32_t groups = config_.model.num_layers / config_.cache.layers_per_group;
-      if (s.groups.empty()) s.groups.resize(groups);
+      if (s.groups.empty()) s.groups.resize(num_layer_groups(config_));
       Cached& group = s.groups.at(c.layer_group);
       group = Cached{};
       for (const auto& range : c.kept) {

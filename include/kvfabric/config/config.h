@@ -176,6 +176,9 @@ struct Config {
 uint32_t local_kv_heads(const ModelConfig& model, const TopologyConfig& topology);
 //! The per-rank block layout this config implies.
 Result<BlockLayout> block_layout(const Config& config);
+//! The layer groups a rank's pool is seen as (PyramidKV's tables per group): num_layers /
+//! cache.layers_per_group, or 0 when one group holds every layer (layers_per_group 0 or all).
+uint32_t num_layer_groups(const Config& config);
 //! Device-tier blocks per rank: num_blocks, or memory_budget_bytes / block_bytes.
 Result<uint64_t> resolved_num_blocks(const Config& config);
 

@@ -103,9 +103,8 @@ BlockView view_of(bool group_view) {
 // Tokens a block holds in the view a call reads: a layer group's holds the groups' worth.
 uint64_t block_tokens(const PyRankCache& cache, bool group_view) {
   const uint64_t bs = cache.config().cache.block_size;
-  const uint32_t per_group = cache.config().cache.layers_per_group;
-  if (!group_view || per_group == 0) return bs;
-  return bs * (cache.config().model.num_layers / per_group);
+  const uint32_t groups = num_layer_groups(cache.config());
+  return group_view && groups != 0 ? bs * groups : bs;
 }
 
 float softmax_scale_arg(const std::optional<float>& scale, uint32_t head_dim) {
