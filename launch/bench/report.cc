@@ -49,8 +49,10 @@ Status check_json_writable(const std::string& path) {
     return Status(ErrorCode::kIoError, "cannot write results to '" + path + "': " + why);
   };
   if (fs::is_directory(target)) return refuse("it is a directory");
-  if (fs::exists(target)) {
-    return access(path.c_str(), W_OK) == 0 ? ok_status() : refuse(std::strerror(errno));
+  if (fs::exists(target) && access(path.c_str(), W_OK) != 0) return refuse(std::strerror(errno));
+  // A plain file is replaced through a file beside it (write_json), so its folder must take one.
+  if (fs::exists(target) && !fs::is_regular_file(fs::symlink_status(path, ignored))) {
+    return ok_status();
   }
   const fs::path folder = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : ".";
   if (access(folder.c_str(), W_OK) != 0) {
@@ -59,13 +61,33 @@ Status check_json_writable(const std::string& path) {
   return ok_status();
 }
 
+std::string json_scratch_path(const std::string& path) {
+  return path + ".partial-" + std::to_string(getpid());
+}
+
 Status write_json(const std::string& path, const nlohmann::json& results) {
-  const std::string text = results.dump(2) + "\n";  // before the file is opened (and emptied)
-  std::ofstream out(path, std::ios::binary);
-  if (!out) return Status(ErrorCode::kIoError, "cannot write results to '" + path + "'");
+  namespace fs = std::filesystem;
+  const std::string text = results.dump(2) + "\n";  // before any file is opened
+  // A plain file, or a new one, is replaced whole: the text goes to a file beside it that is
+  // renamed over it once written, so a failed write leaves the previous results intact rather
+  // than half of the new ones. A link, /dev/stdout or a pipe is written in place.
+  std::error_code ignored;
+  const fs::file_status target = fs::symlink_status(path, ignored);
+  const bool replace = !fs::exists(target) || fs::is_regular_file(target);
+  const std::string written = replace ? json_scratch_path(path) : path;
+  const auto failed = [&](const std::string& what) {
+    if (replace) fs::remove(written, ignored);
+    return Status(ErrorCode::kIoError, what + " results to '" + path + "'");
+  };
+  std::ofstream out(written, std::ios::binary);
+  if (!out) return failed("cannot write");
   out << text;
   out.close();
-  if (!out) return Status(ErrorCode::kIoError, "failed writing results to '" + path + "'");
+  if (!out) return failed("failed writing");
+  if (replace) {
+    fs::rename(written, path, ignored);
+    if (ignored) return failed("cannot move (" + ignored.message() + ")");
+  }
   return ok_status();
 }
 
