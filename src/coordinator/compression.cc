@@ -65,7 +65,7 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, siz
   if (!options.compression) return;
   if (probe) count_compressed_probe(*probe);  // admitted: a refused request counts for nothing
   const quant::CompressionPolicy& policy = *options.compression;
-  compressed_[seq] = Compressed{.policy = policy,
+  Compressed& c = compressed_[seq] = Compressed{.policy = policy,
                                 .budget = budget_of(policy, prompt_tokens),
                                 .prompt_tokens = prompt_tokens,
                                 // A kept prompt served is computed, and is snapkv's compaction.
@@ -79,6 +79,7 @@ void Coordinator::record_compression(SeqId seq, const AdmitOptions& options, siz
                                 .probe = probe,
                                 .indexed_on = std::nullopt,
                                 .groups = std::nullopt};
+  if (!c.settled()) compacting_[seq] = &c;
 }
 
 uint64_t Coordinator::budget_of(const quant::CompressionPolicy& policy,
@@ -337,18 +338,24 @@ bool Coordinator::due(const Sequence& s, const Compressed& c, uint64_t step) con
 
 void Coordinator::compact_due_sequences() {
   const uint64_t step = plan_.step;
-  for (auto& [seq, c] : compressed_) {
+  for (auto it = compacting_.begin(); it != compacting_.end();) {
+    const SeqId seq = it->first;
+    Compressed& c = *it->second;
     Sequence& s = *find(seq);
     // Tokens before computed_tokens have their K/V by now (earlier forward passes, or this
     // plan's cached and migrated blocks).
     if (!s.swapped && s.computed_tokens >= c.prompt_tokens) c.prefilled = true;
-    if (!due(s, c, step)) continue;
-    if (!compact(seq, s, c)) continue;  // room is short: it stays due, with its scores
+    // Room short for the compaction: it stays due, with its scores.
+    if (!due(s, c, step) || !compact(seq, s, c)) {
+      ++it;
+      continue;
+    }
     c.last_compaction_step = step;
     c.compacted_once = true;
     c.scores.clear();  // the ranks renumber theirs with the plan; the next report is fresh
     c.has_scores = false;
     c.request.reset();
+    it = c.settled() ? compacting_.erase(it) : std::next(it);
   }
 }
 
@@ -536,7 +543,8 @@ void Coordinator::queue_regroup_copies(uint32_t replica, const Compressed::Group
 
 void Coordinator::request_scores() {
   const uint64_t next_step = plan_.step + 1;
-  for (auto& [seq, c] : compressed_) {
+  for (auto& [seq, compressed] : compacting_) {
+    Compressed& c = *compressed;
     if (!c.policy.needs_scores() || c.has_scores) continue;
     const Sequence& s = *find(seq);
     if (s.swapped || !c.prefilled) continue;
@@ -562,12 +570,21 @@ void Coordinator::forget_scores(SeqId seq) {
 }
 
 Status Coordinator::verify_compression() const {
+  size_t walked = 0;  // entries of compacting_ met in compressed_
   for (const auto& [seq, c] : compressed_) {
     const Sequence* s = find(seq);
     if (s == nullptr) {
       return Status(ErrorCode::kInternal, "compression state of " + to_string(seq) +
                                               ", which the coordinator does not hold");
     }
+    const auto walk = compacting_.find(seq);
+    const bool listed = walk != compacting_.end() && walk->second == &c;
+    if (listed == c.settled()) {
+      return Status(ErrorCode::kInternal,
+                    to_string(seq) + (listed ? " is done compacting but step() still walks it"
+                                             : " may compact again but step() does not walk it"));
+    }
+    walked += listed ? 1 : 0;
     if (s->grouped != c.groups.has_value()) {
       return Status(ErrorCode::kInternal, to_string(seq) + " is " +
                                               (s->grouped ? "" : "not ") +
@@ -584,6 +601,12 @@ Status Coordinator::verify_compression() const {
                         " arrivals for its " + std::to_string(s->num_tokens) +
                         " tokens, or one twice");
     }
+  }
+  if (walked != compacting_.size()) {
+    return Status(ErrorCode::kInternal, "step() walks " + std::to_string(compacting_.size()) +
+                                            " compressed sequences, " +
+                                            std::to_string(compacting_.size() - walked) +
+                                            " of them no longer compressed");
   }
   return ok_status();
 }

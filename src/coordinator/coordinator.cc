@@ -988,6 +988,7 @@ Status Coordinator::fork_sequence(SeqId src, SeqId dst, std::optional<uint32_t> 
     child_compression.scores.clear();  // the ranks score the child from now on
     child_compression.has_scores = false;
     child_compression.request.reset();
+    if (!child_compression.settled()) compacting_[dst] = &child_compression;
   }
   return ok_status();
 }
@@ -1023,6 +1024,7 @@ void Coordinator::erase_sequence(SeqId seq) {
   TenantStats& t = tenants_[s.tenant].stats;
   if (const auto c = compressed_.find(seq); c != compressed_.end()) {
     forget_kept_prompt(c->second);
+    compacting_.erase(seq);
     compressed_.erase(c);
   }
   charge(s, 0);

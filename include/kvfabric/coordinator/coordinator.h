@@ -389,6 +389,12 @@ class Coordinator {
     bool prefilled = false;      //!< its prompt's K/V has been computed
     bool compacted_once = false;
     uint64_t last_compaction_step = 0;  //!< the step of its admission, then of its compactions
+
+    //! Whether its policy compacts it no more: snapkv's and pyramid's one compaction is done.
+    [[nodiscard]] bool settled() const {
+      return compacted_once && (policy.kind == quant::CompressionPolicy::Kind::kSnapKv ||
+                                policy.kind == quant::CompressionPolicy::Kind::kPyramid);
+    }
     std::vector<double> scores;  //!< reported since its last compaction (report_attention)
     bool has_scores = false;
     //! The plans whose score requests are outstanding (asked again each step until answered;
@@ -688,6 +694,9 @@ class Coordinator {
   std::function<void(const KvEventBatch&)> kv_event_sink_;
   std::unique_ptr<detail::SeenBlocks> seen_;  // every block ever cached (miss causes)
   std::map<SeqId, Compressed> compressed_;    // by id: compactions run in a fixed order
+  // The entries of compressed_ not settled(), by id: what step() walks for compactions due and
+  // scores to ask for, so that sequences done compacting cost a step nothing.
+  std::map<SeqId, Compressed*> compacting_;
 };
 
 }  // namespace kvfabric
