@@ -1,6 +1,7 @@
 #include "bench/report.h"
 
 #include <fmt/format.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -8,7 +9,6 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 
 namespace kvfabric::bench {
 
@@ -41,6 +41,24 @@ std::string Table::to_string() const {
   return out;
 }
 
+namespace {
+
+std::filesystem::path folder_of(const std::string& path) {
+  const std::filesystem::path p(path);
+  return p.has_parent_path() ? p.parent_path() : std::filesystem::path(".");
+}
+
+// Whether write_json replaces `path` through a scratch file: a new file, or a plain file (not a
+// link, no other hard link: those would keep the old results) in a folder that takes a new file.
+// Anything else (/dev/stdout, a pipe, a link, a file in a read-only folder) is written in place.
+bool replaced_through_scratch(const std::string& path) {
+  struct stat st {};
+  if (lstat(path.c_str(), &st) != 0) return errno == ENOENT;
+  return S_ISREG(st.st_mode) && st.st_nlink == 1 && access(folder_of(path).c_str(), W_OK) == 0;
+}
+
+}  // namespace
+
 Status check_json_writable(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ignored;
@@ -49,12 +67,10 @@ Status check_json_writable(const std::string& path) {
     return Status(ErrorCode::kIoError, "cannot write results to '" + path + "': " + why);
   };
   if (fs::is_directory(target)) return refuse("it is a directory");
-  if (fs::exists(target) && access(path.c_str(), W_OK) != 0) return refuse(std::strerror(errno));
-  // A plain file is replaced through a file beside it (write_json), so its folder must take one.
-  if (fs::exists(target) && !fs::is_regular_file(fs::symlink_status(path, ignored))) {
-    return ok_status();
+  if (fs::exists(target)) {
+    return access(path.c_str(), W_OK) == 0 ? ok_status() : refuse(std::strerror(errno));
   }
-  const fs::path folder = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : ".";
+  const fs::path folder = folder_of(path);
   if (access(folder.c_str(), W_OK) != 0) {
     return refuse("its folder '" + folder.string() + "': " + std::strerror(errno));
   }
@@ -62,32 +78,30 @@ Status check_json_writable(const std::string& path) {
 }
 
 std::string json_scratch_path(const std::string& path) {
-  return path + ".partial-" + std::to_string(getpid());
+  return (folder_of(path) / (".kvfabric-results-" + std::to_string(getpid()))).string();
 }
 
 Status write_json(const std::string& path, const nlohmann::json& results) {
-  namespace fs = std::filesystem;
   const std::string text = results.dump(2) + "\n";  // before any file is opened
-  // A plain file, or a new one, is replaced whole: the text goes to a file beside it that is
-  // renamed over it once written, so a failed write leaves the previous results intact rather
-  // than half of the new ones. A link, /dev/stdout or a pipe is written in place.
-  std::error_code ignored;
-  const fs::file_status target = fs::symlink_status(path, ignored);
-  const bool replace = !fs::exists(target) || fs::is_regular_file(target);
+  // Replaced whole where it can be (replaced_through_scratch): the text goes to a scratch file
+  // beside it, flushed to disk, given the old file's permissions and renamed over it, so a
+  // failed write or a crash leaves the previous results rather than half of the new ones.
+  const bool replace = replaced_through_scratch(path);
   const std::string written = replace ? json_scratch_path(path) : path;
   const auto failed = [&](const std::string& what) {
-    if (replace) fs::remove(written, ignored);
-    return Status(ErrorCode::kIoError, what + " results to '" + path + "'");
+    const std::string why = std::strerror(errno);
+    if (replace) std::remove(written.c_str());
+    return Status(ErrorCode::kIoError, what + " results to '" + path + "': " + why);
   };
-  std::ofstream out(written, std::ios::binary);
-  if (!out) return failed("cannot write");
-  out << text;
-  out.close();
-  if (!out) return failed("failed writing");
-  if (replace) {
-    fs::rename(written, path, ignored);
-    if (ignored) return failed("cannot move (" + ignored.message() + ")");
-  }
+  std::FILE* out = std::fopen(written.c_str(), "wb");
+  if (out == nullptr) return failed("cannot write");
+  const bool wrote = std::fwrite(text.data(), 1, text.size(), out) == text.size() &&
+                     std::fflush(out) == 0 && (!replace || fsync(fileno(out)) == 0);
+  if (std::fclose(out) != 0 || !wrote) return failed("failed writing");
+  if (!replace) return ok_status();
+  struct stat old {};
+  if (stat(path.c_str(), &old) == 0) chmod(written.c_str(), old.st_mode & 07777);
+  if (std::rename(written.c_str(), path.c_str()) != 0) return failed("cannot move the new");
   return ok_status();
 }
 

@@ -27,10 +27,11 @@ class Table {
 //! permission on it or its folder): checked before a run, so that a long replay does not end in
 //! an unwritable --json. Nothing is created or changed.
 Status check_json_writable(const std::string& path);
-//! Writes `results` to `path` (pretty-printed); a plain file is replaced whole or not at all.
-//! IoError names the path.
+//! Writes `results` to `path` (pretty-printed). A new or plain file is replaced whole or not at
+//! all, keeping its permissions; a link, a device, a pipe, a file with other hard links or in a
+//! read-only folder is written in place. IoError names the path and why.
 Status write_json(const std::string& path, const nlohmann::json& results);
-//! The file write_json() writes a plain file's new results to before renaming it over `path`.
+//! The file beside `path` that write_json() writes before renaming it over `path`.
 std::string json_scratch_path(const std::string& path);
 
 std::string format_percent(double fraction, int decimals = 1);

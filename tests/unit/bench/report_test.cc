@@ -1,4 +1,5 @@
-// --json results: a plain file is replaced whole or not at all.
+// --json results: a plain file is replaced whole or not at all, keeping its permissions; links
+// and files with other hard links are written in place.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -55,6 +56,26 @@ TEST_F(JsonResults, AFailedWriteLeavesThePreviousResults) {
   EXPECT_EQ(failed.code(), ErrorCode::kIoError);
   EXPECT_NE(failed.message().find(path.string()), std::string::npos) << failed.message();
   EXPECT_EQ(read_file(path), before);
+}
+
+TEST_F(JsonResults, AReplacedFileKeepsItsPermissions) {
+  const fs::path path = folder_ / "results.json";
+  ASSERT_TRUE(write_json(path.string(), {{"routine", "first"}}).ok());
+  const auto shared = fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read |
+                      fs::perms::group_write | fs::perms::others_read;
+  fs::permissions(path, shared);
+  ASSERT_TRUE(write_json(path.string(), {{"routine", "second"}}).ok());
+  EXPECT_EQ(fs::status(path).permissions(), shared);
+  EXPECT_EQ(nlohmann::json::parse(read_file(path)), (nlohmann::json{{"routine", "second"}}));
+}
+
+TEST_F(JsonResults, AFileWithAnotherHardLinkIsWrittenInPlace) {
+  const fs::path path = folder_ / "results.json", other = folder_ / "other.json";
+  ASSERT_TRUE(write_json(path.string(), {{"routine", "first"}}).ok());
+  fs::create_hard_link(path, other);
+  ASSERT_TRUE(write_json(path.string(), {{"routine", "second"}}).ok());
+  EXPECT_EQ(fs::hard_link_count(path), 2u);
+  EXPECT_EQ(nlohmann::json::parse(read_file(other)), (nlohmann::json{{"routine", "second"}}));
 }
 
 TEST_F(JsonResults, ALinkIsWrittenThroughNotReplaced) {
