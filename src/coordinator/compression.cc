@@ -345,7 +345,7 @@ void Coordinator::compact_due_sequences() {
     // Tokens before computed_tokens have their K/V by now (earlier forward passes, or this
     // plan's cached and migrated blocks).
     if (!s.swapped && s.computed_tokens >= c.prompt_tokens) c.prefilled = true;
-    // Room short for the compaction: it stays due, with its scores.
+    // Not due, or room short for the compaction (it stays due, with its scores).
     if (!due(s, c, step) || !compact(seq, s, c)) {
       ++it;
       continue;
@@ -548,10 +548,8 @@ void Coordinator::request_scores() {
     if (!c.policy.needs_scores() || c.has_scores) continue;
     const Sequence& s = *find(seq);
     if (s.swapped || !c.prefilled) continue;
-    const bool once = c.policy.kind == quant::CompressionPolicy::Kind::kSnapKv ||
-                      c.policy.kind == quant::CompressionPolicy::Kind::kPyramid;
     const bool wanted =
-        once ? !c.compacted_once
+        c.compacts_once() ? !c.compacted_once
             : next_step - c.last_compaction_step >= c.policy.interval_steps &&
                   s.num_tokens >= c.budget;
     if (!wanted) continue;

@@ -89,7 +89,9 @@ class MailboxTransport final : public Transport {
 
  private:
   static Status refused(const std::string& what) {
-    return Status(ErrorCode::kUnimplemented, "mailbox transport: no " + what);
+    return Status(ErrorCode::kInvalidOperation, "mailbox transport: " + what +
+                                                    " needs every rank's input; it carries "
+                                                    "blocks only");
   }
 
   Mailbox* mailbox_;

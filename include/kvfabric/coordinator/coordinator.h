@@ -390,11 +390,13 @@ class Coordinator {
     bool compacted_once = false;
     uint64_t last_compaction_step = 0;  //!< the step of its admission, then of its compactions
 
-    //! Whether its policy compacts it no more: snapkv's and pyramid's one compaction is done.
-    [[nodiscard]] bool settled() const {
-      return compacted_once && (policy.kind == quant::CompressionPolicy::Kind::kSnapKv ||
-                                policy.kind == quant::CompressionPolicy::Kind::kPyramid);
+    //! Whether its policy compacts once (snapkv, pyramid: the prompt), not every interval.
+    [[nodiscard]] bool compacts_once() const {
+      return policy.kind == quant::CompressionPolicy::Kind::kSnapKv ||
+             policy.kind == quant::CompressionPolicy::Kind::kPyramid;
     }
+    //! Whether its policy compacts it no more: its one compaction is done.
+    [[nodiscard]] bool settled() const { return compacted_once && compacts_once(); }
     std::vector<double> scores;  //!< reported since its last compaction (report_attention)
     bool has_scores = false;
     //! The plans whose score requests are outstanding (asked again each step until answered;
