@@ -145,6 +145,25 @@ void store_group_offsets(const TileRef& tile, uint32_t count, float* offsets) {
     offsets[i] = -static_cast<float>(tile.zeros[i]) * tile.scales[i];
 }
 
+// out[g * out_stride + t] = in[t * 4 + g] for 8 tokens t and 4 groups g: unpacks pair tokens
+// (t, t + 2) and then (t, t + 2, t + 4, t + 6) of each group, one permutation restores the order.
+void transpose_8x4(const float* in, float* out, uint32_t out_stride) {
+  const __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + 8);  // tokens 0-1, 2-3
+  const __m256 r2 = _mm256_loadu_ps(in + 16), r3 = _mm256_loadu_ps(in + 24);
+  const __m256 lo01 = _mm256_unpacklo_ps(r0, r1), hi01 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 lo23 = _mm256_unpacklo_ps(r2, r3), hi23 = _mm256_unpackhi_ps(r2, r3);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  auto tokens_in_order = [&](__m256 a, __m256 b, bool high) {  // tokens 0 2 4 6 | 1 3 5 7
+    const __m256d ad = _mm256_castps_pd(a), bd = _mm256_castps_pd(b);
+    return _mm256_permutevar8x32_ps(
+        _mm256_castpd_ps(high ? _mm256_unpackhi_pd(ad, bd) : _mm256_unpacklo_pd(ad, bd)), order);
+  };
+  _mm256_storeu_ps(out, tokens_in_order(lo01, lo23, false));
+  _mm256_storeu_ps(out + out_stride, tokens_in_order(lo01, lo23, true));
+  _mm256_storeu_ps(out + 2 * out_stride, tokens_in_order(hi01, hi23, false));
+  _mm256_storeu_ps(out + 3 * out_stride, tokens_in_order(hi01, hi23, true));
+}
+
 // A chunk's per-(token, group) scales and biases, -(scale * zero), transposed to
 // [group][token] so that eight tokens' records load as one vector; tokens are padded to a
 // multiple of 8 by repeating the last.
@@ -161,10 +180,17 @@ struct GroupRecords {
     store_group_offsets(tile, count, bias_by_token);
     float* scales = scratch + uint64_t{padded_n} * gpr;
     float* bias = scales + uint64_t{padded_n} * gpr;
+    uint32_t first = 0;  // tokens before it are transposed
+    if (gpr == 4) {  // 32-element groups of 128-dimension heads
+      for (; first + 8 <= n; first += 8) {
+        transpose_8x4(tile.scales + first * 4, scales + first, padded_n);
+        transpose_8x4(bias_by_token + first * 4, bias + first, padded_n);
+      }
+    }
     for (uint32_t g = 0; g < gpr; ++g) {  // gathers measured slower than this
       float* scales_g = scales + g * padded_n;
       float* bias_g = bias + g * padded_n;
-      for (uint32_t t = 0; t < n; ++t) {
+      for (uint32_t t = first; t < n; ++t) {
         scales_g[t] = tile.scales[t * gpr + g];
         bias_g[t] = bias_by_token[t * gpr + g];
       }
