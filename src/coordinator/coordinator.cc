@@ -499,7 +499,8 @@ Result<Placement> Coordinator::admit_for(SeqId seq, std::vector<TokenId>&& promp
   // key keeps the unit hashes it computes for indexing the prompt at step().
   RadixKey key(prompt, config_.cache.block_size, {salt, options.public_tokens});
   index_->lookup(key, lookup_);
-  KVF_ASSIGN_OR_RETURN(AdmitChoice choice, choose_replica(seq, match_of(prompt.size()), priority));
+  KVF_ASSIGN_OR_RETURN(AdmitChoice choice,
+                       choose_replica(seq, match_of(lookup_, prompt.size()), priority));
   if (!choice.victims.empty()) {
     relieve(choice.replica, choice.victims);
     index_->lookup(key, lookup_);  // making room may have evicted or moved cached blocks
@@ -568,12 +569,12 @@ void Coordinator::remember_blocks(const RadixKey& key, size_t fresh) {
   }
 }
 
-Coordinator::PromptMatch Coordinator::match_of(size_t tokens) const {
+Coordinator::PromptMatch Coordinator::match_of(const PrefixLookup& lookup, size_t tokens) const {
   PromptMatch m;
   m.tokens = tokens;
   m.blocks = blocks_for(tokens, config_.cache.block_size);
-  m.best_tokens = lookup_.tokens();
-  if (!lookup_.steps.empty()) m.best_source = index_->holders(lookup_, lookup_.steps.size() - 1).front();
+  m.best_tokens = lookup.tokens();
+  if (!lookup.steps.empty()) m.best_source = index_->holders(lookup, lookup.steps.size() - 1).front();
   return m;
 }
 
@@ -591,11 +592,40 @@ double Coordinator::prefix_cost(const PromptMatch& prompt, size_t local, bool mi
   return cost;
 }
 
-Coordinator::Candidate Coordinator::evaluate(const PromptMatch& prompt, uint32_t replica) const {
-  const ReplicaPrefix local = index_->prefix_on(lookup_, replica);
+Coordinator::Candidate Coordinator::evaluate(const PrefixLookup& lookup, const PromptMatch& prompt,
+                                             uint32_t replica, double load) const {
+  const ReplicaPrefix local = index_->prefix_on(lookup, replica);
   const bool migrate = migrates(prompt, replica, local.tokens);
-  return Candidate{replica, prefix_cost(prompt, local.tokens, migrate) + replicas_[replica].load,
-                   migrate, prompt.blocks - local.blocks + local.idle_blocks};
+  return Candidate{replica, prefix_cost(prompt, local.tokens, migrate) + load, migrate,
+                   prompt.blocks - local.blocks + local.idle_blocks};
+}
+
+Result<std::vector<AdmissionCost>> Coordinator::admission_costs(std::span<const TokenId> prompt,
+                                                                const AdmitOptions& options) const {
+  if (prompt.empty()) return invalid_argument("admission costs: the prompt is empty");
+  const size_t bs = config_.cache.block_size;
+  PrefixLookup lookup;
+  index_->lookup(RadixKey(prompt, bs, {salt_of(options), options.public_tokens}), lookup);
+  const PromptMatch match = match_of(lookup, prompt.size());
+  std::vector<AdmissionCost> costs;
+  costs.reserve(replicas_.size());
+  for (uint32_t r = 0; r < replicas_.size(); ++r) {
+    // The load as it is now; admit() reads the same, refreshed for what changed since.
+    const Candidate c = evaluate(lookup, match, r, load_of(r));
+    AdmissionCost& cost = costs.emplace_back();
+    cost.replica = r;
+    cost.accepts = accepts(r, options.priority);
+    cost.cached_tokens = index_->prefix_on(lookup, r).tokens;
+    if (c.migrate_prefix) {
+      cost.migration_source = match.best_source;
+      cost.migrated_tokens = match.best_tokens - cost.cached_tokens;
+    }
+    cost.load = load_of(r);
+    cost.cost = c.cost;
+    cost.blocks_needed = c.needed;
+    cost.blocks_available = replicas_[r].pool.available_block_count();
+  }
+  return costs;
 }
 
 bool Coordinator::accepts(uint32_t replica, uint32_t priority) const {
@@ -644,7 +674,7 @@ Result<Coordinator::AdmitChoice> Coordinator::choose_replica(SeqId seq, const Pr
   Cheapest cheapest;
   auto rank = [&](uint32_t r) {
     if (!accepts(r, priority)) return;
-    const Candidate c = evaluate(prompt, r);
+    const Candidate c = evaluate(lookup_, prompt, r, replicas_[r].load);
     if (has_room(c)) cheapest.offer(c);
   };
   // The holders of the prompt's deepest steps are few: each is ranked on its own.
@@ -707,7 +737,7 @@ Result<Coordinator::AdmitChoice> Coordinator::choose_under_pressure(SeqId seq,
     if (is_full(r)) {
       ++full;
     } else if (accepts(r, priority)) {
-      options.push_back(evaluate(prompt, r));
+      options.push_back(evaluate(lookup_, prompt, r, replicas_[r].load));
     }
   }
   if (full == replicas_.size()) {

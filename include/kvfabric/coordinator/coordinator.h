@@ -131,6 +131,27 @@ struct ReplicaStats {
   uint64_t host_free_blocks = 0;
 };
 
+//! How admit() weighs one replica for a prompt (Coordinator::admission_costs): a scheduler or
+//! operator reads why a request went where it did, or what it would cost elsewhere.
+struct AdmissionCost {
+  uint32_t replica = 0;
+  //! Takes a newcomer of the asked priority: fewer than max_sequences_per_replica sequences, and
+  //! no swapped sequence of the same or a higher priority waiting to come back.
+  bool accepts = false;
+  size_t cached_tokens = 0;  //!< leading prompt tokens this replica caches (whole blocks)
+  //! The replica a longer cached prefix would be moved from, when moving it is cheaper than
+  //! computing it (migration_token_cost < prefill_token_cost).
+  std::optional<uint32_t> migration_source;
+  size_t migrated_tokens = 0;  //!< tokens that move
+  double load = 0;  //!< queue_weight × running sequences + memory_weight × utilization
+  //! prefill_token_cost × tokens to compute (+ migration_token_cost × tokens moved) + load.
+  double cost = 0;
+  //! Blocks the admission takes: fresh ones, plus the idle cached ones of its prefix it puts to use.
+  size_t blocks_needed = 0;
+  size_t blocks_available = 0;  //!< free or cached blocks (what it may take without displacing)
+  [[nodiscard]] bool has_room() const { return blocks_needed <= blocks_available; }
+};
+
 //! \brief The scheduler-facing API of a dp x tp job (DESIGN.md §5). One block pool per replica
 //! (block ids are the same on every shard of the replica), one host-tier block allocator per
 //! replica, and one global prefix index over all pools (GlobalPrefixIndex): admit() compares the
@@ -269,6 +290,14 @@ class Coordinator {
   [[nodiscard]] std::vector<std::string> tenants() const;
   //! What `replica`'s pools hold now.
   [[nodiscard]] ReplicaStats replica_stats(uint32_t replica) const;
+  //! How admit() would weigh each replica for `prompt` with `options` now, in replica order.
+  //! admit() takes the cheapest replica that accepts the request and has room (ties: the lower
+  //! id); when none has room, the cheapest that accepts it and can make room by displacing
+  //! sequences of a lower priority. Beyond these, admit() checks the tenant's quota, and a
+  //! compressed request identical to a SnapKV prompt compacted before may be served that kept
+  //! prompt instead. Changes nothing. InvalidArgument for an empty prompt.
+  [[nodiscard]] Result<std::vector<AdmissionCost>> admission_costs(
+      std::span<const TokenId> prompt, const AdmitOptions& options = {}) const;
   //! Leading tokens of `prompt` cached on `replica` under the salt `options` give (whole blocks).
   [[nodiscard]] size_t cached_tokens(uint32_t replica, std::span<const TokenId> prompt,
                                      const AdmitOptions& options = {}) const;
@@ -473,12 +502,15 @@ class Coordinator {
   //! priorities. O(replicas): only when no replica has room.
   Result<AdmitChoice> choose_under_pressure(SeqId seq, const PromptMatch& prompt,
                                             uint32_t priority) const;
-  [[nodiscard]] PromptMatch match_of(size_t tokens) const;
+  //! The prompt `lookup` found, `tokens` long.
+  [[nodiscard]] PromptMatch match_of(const PrefixLookup& lookup, size_t tokens) const;
   //! The cost of covering a prompt from `local` cached tokens on a replica (migrating the best
   //! prefix when that is cheaper), before the replica's load.
   [[nodiscard]] double prefix_cost(const PromptMatch& prompt, size_t local, bool migrate) const;
   [[nodiscard]] bool migrates(const PromptMatch& prompt, uint32_t replica, size_t local) const;
-  [[nodiscard]] Candidate evaluate(const PromptMatch& prompt, uint32_t replica) const;
+  //! The replica's cost for the prompt `lookup` found, at `load`.
+  [[nodiscard]] Candidate evaluate(const PrefixLookup& lookup, const PromptMatch& prompt,
+                                   uint32_t replica, double load) const;
   //! Whether a newcomer of `priority` may go to the replica at all (not full, no swapped sequence
   //! of the same or a higher priority waiting to come back).
   [[nodiscard]] bool accepts(uint32_t replica, uint32_t priority) const;
