@@ -600,6 +600,17 @@ Coordinator::Candidate Coordinator::evaluate(const PrefixLookup& lookup, const P
                    prompt.blocks - local.blocks + local.idle_blocks};
 }
 
+std::optional<uint32_t> cheapest_with_room(std::span<const AdmissionCost> costs) {
+  const AdmissionCost* best = nullptr;
+  for (const AdmissionCost& c : costs) {
+    if (!c.accepts || !c.has_room()) continue;
+    if (best == nullptr || std::tie(c.cost, c.replica) < std::tie(best->cost, best->replica)) {
+      best = &c;
+    }
+  }
+  return best == nullptr ? std::nullopt : std::optional(best->replica);
+}
+
 Result<std::vector<AdmissionCost>> Coordinator::admission_costs(std::span<const TokenId> prompt,
                                                                 const AdmitOptions& options) const {
   if (prompt.empty()) return invalid_argument("admission costs: the prompt is empty");

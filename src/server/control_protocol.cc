@@ -32,13 +32,15 @@ constexpr std::pair<std::string_view, ControlOp> kOps[] = {
     {"stats", ControlOp::kStats},   {"shutdown", ControlOp::kShutdown},
     {"subscribe", ControlOp::kSubscribe}, {"reset_prefix_cache", ControlOp::kResetPrefixCache},
     {"report_attention", ControlOp::kReportAttention},
+    {"admission_costs", ControlOp::kAdmissionCosts},
 };
 static_assert(std::size(kOps) == kNumControlOps);
 
 // Ops that change nothing; they are still answered after the control plane has failed.
 bool is_read_only(ControlOp op) {
   return op == ControlOp::kHello || op == ControlOp::kQuery || op == ControlOp::kStats ||
-         op == ControlOp::kShutdown || op == ControlOp::kSubscribe;
+         op == ControlOp::kShutdown || op == ControlOp::kSubscribe ||
+         op == ControlOp::kAdmissionCosts;
 }
 
 // At most this much of a client's text (a key, an op name, a string value) is quoted back in
@@ -219,6 +221,26 @@ Result<json> parse_line(std::string_view line) {
 json error_reply(const Status& status) {
   return {{"ok", false},
           {"error", {{"code", error_code_name(status.code())}, {"message", status.message()}}}};
+}
+
+// Every replica's cost, and where admit would go if one has room (null when none has: admit
+// then displaces lower priorities where it can, or is refused).
+json admission_costs_reply(const std::vector<AdmissionCost>& costs) {
+  json replicas = json::array();
+  for (const AdmissionCost& c : costs) {
+    replicas.push_back({{"replica", c.replica},
+                        {"accepts", c.accepts},
+                        {"cached_tokens", c.cached_tokens},
+                        {"migration_source", c.migration_source ? json(*c.migration_source) : json()},
+                        {"migrated_tokens", c.migrated_tokens},
+                        {"load", c.load},
+                        {"cost", c.cost},
+                        {"blocks_needed", c.blocks_needed},
+                        {"blocks_available", c.blocks_available},
+                        {"has_room", c.has_room()}});
+  }
+  const std::optional<uint32_t> chosen = cheapest_with_room(costs);
+  return json{{"replicas", std::move(replicas)}, {"chosen", chosen ? json(*chosen) : json()}};
 }
 
 json block_list(std::span<const BlockId> blocks) {
@@ -783,6 +805,22 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
                   {"migrated_tokens", placed.migrated_tokens},
                   {"compressed_tokens", placed.compressed_tokens},
                   {"blocks", block_list(placed.blocks)}};
+    }
+    case ControlOp::kAdmissionCosts: {
+      KVF_RETURN_IF_ERROR(fields.only({"tokens", "priority", "cache_salt", "public_tokens"}));
+      KVF_ASSIGN_OR_RETURN(const std::vector<TokenId> tokens, fields.tokens("tokens"));
+      KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
+      KVF_ASSIGN_OR_RETURN(const auto salt, fields.optional_string("cache_salt", kMaxSaltBytes));
+      KVF_ASSIGN_OR_RETURN(const auto public_tokens,
+                           fields.optional_unsigned("public_tokens", UINT64_MAX));
+      AdmitOptions options;  // as admit would take it: the connection's tenant names the salt
+      options.priority = static_cast<uint32_t>(priority.value_or(0));
+      options.tenant = who.tenant;
+      options.cache_salt = salt;
+      options.public_tokens = public_tokens.value_or(0);
+      KVF_ASSIGN_OR_RETURN(const std::vector<AdmissionCost> costs,
+                           coordinator.admission_costs(tokens, options));
+      return admission_costs_reply(costs);
     }
     case ControlOp::kAppend: {
       KVF_RETURN_IF_ERROR(fields.only({"seq", "num_tokens"}));

@@ -152,6 +152,10 @@ struct AdmissionCost {
   [[nodiscard]] bool has_room() const { return blocks_needed <= blocks_available; }
 };
 
+//! Where admit() places a prompt whose admission_costs() are `costs` when a replica accepts it
+//! and has room: the cheapest such replica (ties: the lower id); nullopt when none has room.
+[[nodiscard]] std::optional<uint32_t> cheapest_with_room(std::span<const AdmissionCost> costs);
+
 //! \brief The scheduler-facing API of a dp x tp job (DESIGN.md §5). One block pool per replica
 //! (block ids are the same on every shard of the replica), one host-tier block allocator per
 //! replica, and one global prefix index over all pools (GlobalPrefixIndex): admit() compares the

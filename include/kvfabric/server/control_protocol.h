@@ -40,8 +40,9 @@ enum class ControlOp : uint8_t {
   kSubscribe,
   kResetPrefixCache,
   kReportAttention,
+  kAdmissionCosts,
 };
-inline constexpr size_t kNumControlOps = 13;
+inline constexpr size_t kNumControlOps = 14;
 std::string_view control_op_name(ControlOp op);  // "hello", "admit", ..., "set_priority", ...
 
 //! Requests handled so far, by op, and those refused before reaching an op (unreadable JSON,

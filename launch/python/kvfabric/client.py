@@ -29,6 +29,8 @@ __all__ = [
     "PlanTable",
     "Step",
     "SequenceState",
+    "ReplicaCost",
+    "AdmissionCosts",
 ]
 
 TlsArg = Union[None, bool, str, "os.PathLike[str]", ssl.SSLContext]
@@ -105,6 +107,37 @@ class SequenceState:
     replica: int
     swapped: bool
     blocks: list[int]
+
+
+@dataclass(frozen=True)
+class ReplicaCost:
+    """How admit would weigh one replica for a prompt (the ``admission_costs`` reply)."""
+
+    replica: int
+    accepts: bool  #: takes a newcomer of this priority (not full, no swap-in of it waiting)
+    cached_tokens: int
+    migration_source: Optional[int]  #: where a longer cached prefix would move from
+    migrated_tokens: int
+    load: float
+    cost: float  #: tokens to compute (and to move) at their costs, plus load
+    blocks_needed: int
+    blocks_available: int
+    has_room: bool
+
+
+@dataclass(frozen=True)
+class AdmissionCosts:
+    """Every replica's cost for a prompt, and where admit would go now (``chosen``: the
+    cheapest replica that accepts it and has room; None when none has room)."""
+
+    replicas: list[ReplicaCost]
+    chosen: Optional[int]
+
+
+def _admission_costs(reply: dict[str, Any]) -> AdmissionCosts:
+    fields = ReplicaCost.__dataclass_fields__
+    return AdmissionCosts([ReplicaCost(**{k: r[k] for k in fields}) for r in reply["replicas"]],
+                          reply["chosen"])
 
 
 @dataclass(frozen=True)
@@ -186,6 +219,12 @@ class Batch:
 
     def report_attention(self, seq: int, step: int, scores: Sequence[float]) -> int:
         return self._add("report_attention", seq=seq, step=step, scores=_scores(scores))
+
+    def admission_costs(self, tokens: Sequence[int], priority: Optional[int] = None,
+                        cache_salt: Optional[str] = None,
+                        public_tokens: Optional[int] = None) -> int:
+        return self._add("admission_costs", tokens=_token_ids(tokens), priority=priority,
+                         cache_salt=cache_salt, public_tokens=public_tokens)
 
     def append(self, seq: int, num_tokens: int) -> int:
         return self._add("append", seq=seq, num_tokens=num_tokens)
@@ -341,6 +380,15 @@ class Client:
                          compression=compression)
         return Placement(r["replica"], r["cached_tokens"], r["migrated_tokens"], r["blocks"],
                          r.get("compressed_tokens", 0))
+
+    def admission_costs(self, tokens: Sequence[int], priority: Optional[int] = None,
+                        cache_salt: Optional[str] = None,
+                        public_tokens: Optional[int] = None) -> AdmissionCosts:
+        """How admit would weigh each replica for this prompt now, and where it would go;
+        changes nothing (docs/control-protocol.md)."""
+        return _admission_costs(self.request("admission_costs", tokens=_token_ids(tokens),
+                                             priority=priority, cache_salt=cache_salt,
+                                             public_tokens=public_tokens))
 
     def report_attention(self, seq: int, step: int, scores: Sequence[float]) -> None:
         """The attention scores of a compressed sequence, per token, summed over its

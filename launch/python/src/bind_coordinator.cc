@@ -347,6 +347,27 @@ void bind_coordinator(py::module_& m) {
       .field("swapped", &ReplicaStats::swapped)
       .field("host_blocks", &ReplicaStats::host_blocks)
       .field("host_free_blocks", &ReplicaStats::host_free_blocks);
+  Record<AdmissionCost>(m, "AdmissionCost", "How admit() weighs one replica for a prompt.")
+      .field("replica", &AdmissionCost::replica)
+      .field("accepts", &AdmissionCost::accepts,
+             "takes a newcomer of the asked priority (not full, no swapped sequence of that "
+             "priority or higher waiting to come back)")
+      .field("cached_tokens", &AdmissionCost::cached_tokens)
+      .field("migration_source", &AdmissionCost::migration_source,
+             "the replica a longer cached prefix would move from, or None")
+      .field("migrated_tokens", &AdmissionCost::migrated_tokens)
+      .field("load", &AdmissionCost::load)
+      .field("cost", &AdmissionCost::cost, "tokens to compute (and to move) at their costs, plus load")
+      .field("blocks_needed", &AdmissionCost::blocks_needed)
+      .field("blocks_available", &AdmissionCost::blocks_available)
+      .computed("has_room", [](const AdmissionCost& c) { return c.has_room(); },
+                "blocks_needed fit in blocks_available (no one displaced)");
+  m.def(
+      "cheapest_with_room",
+      [](const std::vector<AdmissionCost>& costs) { return cheapest_with_room(costs); },
+      py::arg("costs"),
+      "The replica admit() takes among Coordinator.admission_costs() when one accepts the "
+      "request and has room: the cheapest (ties: the lower id); None when none has room.");
   Record<TenantStats>(m, "TenantStats")
       .field("admitted", &TenantStats::admitted)
       .field("prompt_tokens", &TenantStats::prompt_tokens)
@@ -383,6 +404,21 @@ void bind_coordinator(py::module_& m) {
           py::arg("compression") = py::none(),
           "Places `seq` holding the prompt `tokens`; returns its Placement. compression: a dict "
           "such as {'policy': 'h2o', 'budget_ratio': 0.25, 'interval_steps': 16}.")
+      .def(
+          "admission_costs",
+          [](PyCoordinator& self, const py::object& tokens, uint32_t priority, std::string tenant,
+             std::optional<std::string> cache_salt, size_t public_tokens) {
+            const std::vector<TokenId> prompt = tokens_arg(tokens, "tokens");
+            const AdmitOptions options = admit_options(priority, std::move(tenant),
+                                                       std::move(cache_salt), public_tokens, {});
+            return unwrap(self.locked(
+                [&](Coordinator& c) { return c.admission_costs(prompt, options); }));
+          },
+          py::arg("tokens"), py::arg("priority") = 0, py::kw_only(), py::arg("tenant") = "",
+          py::arg("cache_salt") = py::none(), py::arg("public_tokens") = 0,
+          "How admit() would weigh each replica for the prompt now, in replica order (a list of "
+          "AdmissionCost); admit() takes the cheapest that accepts it and has room "
+          "(kvfabric.cheapest_with_room). Changes nothing.")
       .def(
           "report_attention",
           [](PyCoordinator& self, SeqId seq, uint64_t step, const py::object& given) {

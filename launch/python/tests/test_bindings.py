@@ -257,6 +257,27 @@ def test_tenants_and_quotas(config):
     assert c.cached_tokens(0, list(range(20)), tenant="team-b") == 0
 
 
+def test_admission_costs_say_where_admit_goes_and_change_nothing(config):
+    config.topology.dp = 3
+    c = kvfabric.Coordinator(config)
+    c.admit(1, list(range(48)))
+    c.step()
+    holder = c.query(1).replica
+    before = [c.replica_stats(r) for r in range(3)]
+    costs = c.admission_costs(list(range(48)))
+    assert [x.replica for x in costs] == [0, 1, 2]
+    assert costs[holder].cached_tokens == 48 and costs[holder].migration_source is None
+    others = [x for x in costs if x.replica != holder]
+    assert all(x.migration_source == holder and x.migrated_tokens == 48 for x in others)
+    assert all(x.has_room == (x.blocks_needed <= x.blocks_available) for x in costs)
+    assert [c.replica_stats(r) for r in range(3)] == before and c.stats().admitted == 1
+    chosen = kvfabric.cheapest_with_room(costs)
+    assert chosen == min(costs, key=lambda x: (x.cost, x.replica)).replica
+    assert c.admit(2, list(range(48))).replica == chosen
+    with pytest.raises(kvfabric.InvalidArgumentError, match="the prompt is empty"):
+        c.admission_costs([])
+
+
 def test_dp2_fork_migrates(config):
     config.topology.dp = 2
     c = kvfabric.Coordinator(config)

@@ -33,6 +33,11 @@ def test_every_op(start_server):
         step = client.step()
         assert step.ops["migrate"] == 3 and {t.seq for t in step.tables} == {2}
         assert client.query(2).replica == 1 and not client.query(2).swapped
+        costs = client.admission_costs(list(range(40)))
+        assert [r.replica for r in costs.replicas] == [0, 1]
+        assert costs.replicas[0].cached_tokens == 32 and costs.replicas[0].migration_source is None
+        assert all(r.accepts and r.has_room for r in costs.replicas)
+        assert costs.chosen == min(costs.replicas, key=lambda r: (r.cost, r.replica)).replica
         client.free(1)
         assert client.step().released == [1]
         stats = client.stats()

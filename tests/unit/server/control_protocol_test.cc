@@ -136,6 +136,59 @@ TEST(ControlProtocolTest, RequestsMatchTheInProcessApi) {
   EXPECT_EQ(protocol.stats().ok[static_cast<size_t>(ControlOp::kStep)], 4u);
 }
 
+// admission_costs answers what admit would weigh, without admitting: every replica's cost and
+// where admit would go.
+TEST(ControlProtocolTest, AdmissionCostsSayWhereAdmitWouldGo) {
+  const Config config = serving_config(3, 1, 4, 2, 16, 8);
+  Coordinator c = make(config);
+  ControlProtocol protocol(c);
+  const auto prompt = token_run(48, 500);
+  ASSERT_EQ(call(protocol, {{"op", "admit"}, {"seq", 1}, {"tokens", prompt}})["ok"], true);
+  ASSERT_EQ(call(protocol, {{"op", "step"}})["ok"], true);
+  const uint32_t holder = *c.replica_of(SeqId{1});
+
+  const json reply =
+      call(protocol, {{"op", "admission_costs"}, {"tokens", prompt}, {"priority", 0}});
+  ASSERT_EQ(reply["ok"], true) << reply;
+  const auto costs = c.admission_costs(prompt).value();
+  ASSERT_EQ(reply["replicas"].size(), 3u);
+  for (uint32_t r = 0; r < 3; ++r) {
+    const json& got = reply["replicas"][r];
+    EXPECT_EQ(got["replica"], r);
+    EXPECT_EQ(got["accepts"], costs[r].accepts);
+    EXPECT_EQ(got["cached_tokens"], costs[r].cached_tokens);
+    EXPECT_EQ(got["migrated_tokens"], costs[r].migrated_tokens);
+    EXPECT_EQ(got["cost"].get<double>(), costs[r].cost);
+    EXPECT_EQ(got["load"].get<double>(), costs[r].load);
+    EXPECT_EQ(got["blocks_needed"], costs[r].blocks_needed);
+    EXPECT_EQ(got["blocks_available"], costs[r].blocks_available);
+    EXPECT_EQ(got["has_room"], costs[r].has_room());
+    if (r == holder) {
+      EXPECT_TRUE(got["migration_source"].is_null());
+    } else {
+      EXPECT_EQ(got["migration_source"], holder);
+    }
+  }
+  const json chosen = reply["chosen"];
+  ASSERT_TRUE(chosen.is_number());
+  EXPECT_EQ(chosen, cheapest_with_room(costs).value());
+  // Nothing was admitted; admit then goes where the reply said.
+  EXPECT_EQ(c.stats().admitted, 1u);
+  const json admitted = call(protocol, {{"op", "admit"}, {"seq", 2}, {"tokens", prompt}});
+  EXPECT_EQ(admitted["replica"], chosen);
+
+  // Its fields are checked like admit's, and it refuses what admit would refuse for the prompt.
+  const json empty = call(protocol, {{"op", "admission_costs"}, {"tokens", json::array()}});
+  EXPECT_EQ(empty["ok"], false);
+  EXPECT_THAT(empty["error"]["message"].get<std::string>(), HasSubstr("the prompt is empty"));
+  const json unknown =
+      call(protocol, {{"op", "admission_costs"}, {"tokens", prompt}, {"seq", 3}});
+  EXPECT_EQ(unknown["ok"], false);
+  EXPECT_THAT(unknown["error"]["message"].get<std::string>(), HasSubstr("seq"));
+  EXPECT_EQ(protocol.stats().ok[static_cast<size_t>(ControlOp::kAdmissionCosts)], 1u);
+  EXPECT_EQ(protocol.stats().failed[static_cast<size_t>(ControlOp::kAdmissionCosts)], 2u);
+}
+
 TEST(ControlProtocolTest, BadRequestsNameTheProblemAndChangeNothing) {
   Coordinator c = make(serving_config(1, 1, 4, 2, 8, 0));
   ControlProtocol protocol(c);
