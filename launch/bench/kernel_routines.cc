@@ -209,11 +209,11 @@ double kernel_order_read_seconds(const FilledPool& p, uint32_t seqs, uint32_t co
   const uint64_t records = uint64_t{bs} * view.groups_per_row;  // scales (fp8, integers)
   const bool zero_points = is_integer_quantized(view.dtype);
   const auto sum_words = [](const void* data, uint64_t bytes) {  // any alignment
-    const auto* p = static_cast<const uint8_t*>(data);
+    const auto* at = static_cast<const uint8_t*>(data);
     uint64_t sum = 0;
     for (uint64_t i = 0; i + 8 <= bytes; i += 8) {
       uint64_t word;
-      std::memcpy(&word, p + i, 8);
+      std::memcpy(&word, at + i, 8);
       sum += word;
     }
     return sum;

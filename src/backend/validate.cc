@@ -56,6 +56,30 @@ Status validate_query_dtype(DType dtype, std::string_view op) {
   return ok_status();
 }
 
+bool overlaps(const void* a, uint64_t a_bytes, const void* b, uint64_t b_bytes) {
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + b_bytes && y < x + a_bytes;
+}
+
+// The output may be the query itself (each work item reads its query rows before it writes the
+// same rows), but not a shifted view of it: a row written early would be read as another row's
+// query. The attention mass must overlap neither.
+Status validate_attention_buffers(const void* query, const void* output, uint64_t rows,
+                                  uint32_t head_dim, DType dtype, const float* mass,
+                                  uint64_t mass_floats, std::string_view op) {
+  const uint64_t bytes = rows * head_dim * (dtype == DType::kF32 ? 4 : 2);
+  if (query != output && overlaps(query, bytes, output, bytes)) {
+    return invalid_argument(str(op) +
+                            ": output overlaps the query without being it (give the query "
+                            "itself, or memory apart from it)");
+  }
+  if (mass != nullptr && (overlaps(mass, mass_floats * 4, query, bytes) ||
+                          overlaps(mass, mass_floats * 4, output, bytes))) {
+    return invalid_argument(str(op) + ": attention_mass overlaps the query or the output");
+  }
+  return ok_status();
+}
+
 }  // namespace
 
 Status validate_pool(const PagedKvView& pool, uint32_t layer, std::string_view op) {
@@ -202,7 +226,10 @@ Status validate_decode(const PagedKvView& pool, const DecodeAttentionArgs& args)
                                        args.block_tables + uint64_t{s} * args.max_blocks_per_seq,
                                        (len + pool.block_size - 1) / pool.block_size, op, s));
   }
-  return ok_status();
+  return validate_attention_buffers(args.query, args.output,
+                                    uint64_t{args.num_seqs} * args.num_q_heads, pool.head_dim,
+                                    args.query_dtype, args.attention_mass,
+                                    uint64_t{args.num_seqs} * args.mass_stride, op);
 }
 
 Status validate_prefill(const PagedKvView& pool, const PrefillAttentionArgs& args) {
@@ -236,7 +263,9 @@ Status validate_prefill(const PagedKvView& pool, const PrefillAttentionArgs& arg
                                        args.block_tables + uint64_t{s} * args.max_blocks_per_seq,
                                        (len + pool.block_size - 1) / pool.block_size, op, s));
   }
-  return ok_status();
+  return validate_attention_buffers(args.query, args.output,
+                                    uint64_t{args.query_start[args.num_seqs]} * args.num_q_heads,
+                                    pool.head_dim, args.query_dtype, nullptr, 0, op);
 }
 
 namespace {

@@ -36,7 +36,9 @@ struct DecodeAttentionArgs {
   uint32_t layer = 0;
   const void* query = nullptr;      //!< [num_seqs, num_q_heads, head_dim] in query_dtype
   DType query_dtype = DType::kF32;  //!< f32, f16 or bf16; the output has the same dtype
-  void* output = nullptr;           //!< [num_seqs, num_q_heads, head_dim]
+  //! [num_seqs, num_q_heads, head_dim]: the query itself or memory apart from it (a partial
+  //! overlap is refused), as for attention_mass.
+  void* output = nullptr;
   uint32_t num_seqs = 0;
   uint32_t num_q_heads = 0;  //!< local query heads, a multiple of the pool's KV heads (GQA)
   const uint32_t* block_tables =
@@ -57,7 +59,8 @@ struct PrefillAttentionArgs {
   uint32_t layer = 0;
   const void* query = nullptr;  //!< [total_query_tokens, num_q_heads, head_dim]
   DType query_dtype = DType::kF32;
-  void* output = nullptr;  //!< [total_query_tokens, num_q_heads, head_dim]
+  //! [total_query_tokens, num_q_heads, head_dim]: the query itself or memory apart from it.
+  void* output = nullptr;
   uint32_t num_seqs = 0;
   uint32_t num_q_heads = 0;
   const uint32_t* query_start = nullptr;   //!< [num_seqs + 1] offsets of each sequence's queries

@@ -100,6 +100,7 @@ void refuse_masked(const py::handle& obj, const char* name) {
 }
 
 uint64_t index_arg(const py::handle& obj, const char* name, uint64_t max) {
+  if (PyBool_Check(obj.ptr())) raise_invalid(fmt::format("{} must be an integer (got bool)", name));
   auto index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
   if (!index) {
     PyErr_Clear();
@@ -321,7 +322,11 @@ void for_each_integer(const py::handle& obj, const char* name, F&& f) {
   }
   size_t i = 0;
   for (const py::handle item : obj) {
-    // Python ints and anything with __index__ (NumPy integer scalars), not floats or strings.
+    // Python ints and anything with __index__ (NumPy integer scalars), not floats, strings or
+    // bools (a NumPy bool array is refused too).
+    if (PyBool_Check(item.ptr()) || py::isinstance(item, py::module_::import("numpy").attr("bool_"))) {
+      raise_invalid(fmt::format("{}[{}] must be an integer (got bool)", name, i));
+    }
     auto index = py::reinterpret_steal<py::object>(PyNumber_Index(item.ptr()));
     if (!index) {
       PyErr_Clear();
@@ -348,7 +353,8 @@ std::vector<T> index_vector(const py::handle& obj, const char* name) {
     PyErr_Clear();
   }
   for_each_integer(obj, name, [&](size_t i, int64_t v) {
-    if (v < lowest || static_cast<uint64_t>(v) > static_cast<uint64_t>(std::numeric_limits<T>::max())) {
+    if (v < lowest ||
+        (v > 0 && static_cast<uint64_t>(v) > static_cast<uint64_t>(std::numeric_limits<T>::max()))) {
       raise_invalid(fmt::format("{}[{}] = {} is outside [{}, {}]", name, i, v, lowest,
                                 std::numeric_limits<T>::max()));
     }
@@ -372,6 +378,16 @@ std::pair<std::vector<uint32_t>, uint32_t> block_table_arg(const py::handle& obj
       raise_invalid(fmt::format("{} must be a 2-D integer array [num_seqs, max_blocks] (got "
                                 "dtype {}, {} dimensions)",
                                 name, array.dtype().attr("name").cast<std::string>(), array.ndim()));
+    }
+    if (kind == 'u') {  // uint64 values past int64 would wrap to negative (to -1: padding)
+      auto raw = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>(array);
+      for (py::ssize_t i = 0; i < raw.size(); ++i) {
+        if (raw.data()[i] >= kPad) {
+          raise_invalid(fmt::format("{}[{}][{}] = {} is not a block id (-1 pads)", name,
+                                    i / std::max<py::ssize_t>(raw.shape(1), 1),
+                                    i % std::max<py::ssize_t>(raw.shape(1), 1), raw.data()[i]));
+        }
+      }
     }
     auto values = py::array_t<int64_t, py::array::c_style | py::array::forcecast>(array);
     const auto r = static_cast<size_t>(values.shape(0));

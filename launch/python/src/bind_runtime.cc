@@ -400,8 +400,23 @@ void bind_runtime(py::module_& m) {
           py::arg("seq"), "A sequence's whole block list as of the last plan.")
       .def(
           "accumulate_attention",
-          [](PyRankCache& self, SeqId seq,
-             const py::array_t<float, py::array::c_style | py::array::forcecast>& mass) {
+          [](PyRankCache& self, SeqId seq, const py::object& given) {
+            // As report_attention: a masked array's hidden values would count, and bools are
+            // no masses.
+            refuse_masked(given, "mass");
+            if (py::isinstance<py::array>(given)) {
+              const char kind = py::reinterpret_borrow<py::array>(given).dtype().kind();
+              if (kind != 'f' && kind != 'i' && kind != 'u') {
+                raise_invalid(fmt::format("mass must hold numbers (got dtype {})",
+                                          given.attr("dtype").attr("name").cast<std::string>()));
+              }
+            }
+            const auto mass =
+                py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(given);
+            if (!mass) {
+              PyErr_Clear();
+              raise_invalid(fmt::format("mass must be numbers (got {})", type_name(given)));
+            }
             if (mass.ndim() != 1) raise_invalid("mass must be 1-D: one value per token");
             const std::span<const float> values(mass.data(), static_cast<size_t>(mass.size()));
             check(self.locked([&](RankCache& c) { return c.accumulate_attention(seq, values); }));

@@ -205,8 +205,18 @@ struct type_caster<kvfabric::StrongId<Tag, Rep>> {
   using Id = kvfabric::StrongId<Tag, Rep>;
   PYBIND11_TYPE_CASTER(Id, const_name("int"));
   bool load(handle src, bool convert) {
+    // A bool is an int to Python: refused rather than read as id 0 or 1. An int that is no id
+    // (negative, too large) is named here; pybind11 would only say the arguments do not match.
+    if (PyBool_Check(src.ptr())) kvfabric::python::raise_invalid("an id must be an integer (got bool)");
     make_caster<Rep> rep;
-    if (!rep.load(src, convert)) return false;
+    if (!rep.load(src, convert)) {
+      if (PyLong_Check(src.ptr())) {
+        kvfabric::python::raise_invalid(
+            "id " + pybind11::str(src).cast<std::string>() + " is outside [0, " +
+            std::to_string(std::numeric_limits<Rep>::max()) + "]");
+      }
+      return false;
+    }
     value = kvfabric::StrongId<Tag, Rep>(cast_op<Rep>(rep));
     return true;
   }

@@ -484,6 +484,76 @@ def test_bad_numpy_input_is_refused_by_name(config, key, message):
     assert refused.value.code == "InvalidArgument"
 
 
+def test_a_slot_of_minus_one_skips_its_token(config):
+    cache = kvfabric.RankCache(config)
+    k = np.arange(2 * 2 * 16, dtype=np.float32).reshape(2, 2, 16)
+    for slots in ([-1, 5], np.array([-1, 5], np.int64)):
+        cache.append_kv(0, k, k, slots)
+    keys, _ = cache.gather_kv(0, [0], 6)
+    assert np.array_equal(keys[5], k[1])
+    assert not keys[:5].any()  # nothing was written for the skipped token
+
+
+def test_bools_are_no_ids_or_slots(config):
+    cache = kvfabric.RankCache(config)
+    k = np.zeros((2, 2, 16), np.float32)
+    with pytest.raises(kvfabric.InvalidArgumentError, match=r"slot_mapping\[0\] must be an integer \(got bool\)"):
+        cache.append_kv(0, k, k, [True, False])
+    with pytest.raises(kvfabric.InvalidArgumentError, match="got bool"):
+        cache.append_kv(0, k, k, [np.bool_(True), 0])
+    c = kvfabric.Coordinator(config)
+    c.admit(1, list(range(20)))
+    with pytest.raises(kvfabric.InvalidArgumentError, match="seqs must be an integer \\(got bool\\)"):
+        c.append(True, 1)
+    with pytest.raises(kvfabric.InvalidArgumentError, match="an id must be an integer \\(got bool\\)"):
+        c.free(True)
+    with pytest.raises(kvfabric.InvalidArgumentError, match=r"id -1 is outside \[0, "):
+        c.free(-1)
+    with pytest.raises(kvfabric.InvalidArgumentError, match=r"id 18446744073709551616 is outside"):
+        c.free(2**64)
+    assert c.tokens_of(1) == 20
+
+
+def test_uint64_block_ids_past_int64_are_refused(config):
+    cache = kvfabric.RankCache(config)
+    q = np.zeros((1, 4, 16), np.float32)
+    for big in (2**64 - 1, 2**63 + 5):
+        with pytest.raises(kvfabric.InvalidArgumentError, match=f"= {big} is not a block id"):
+            cache.decode_attention(0, q, np.array([[0, big]], np.uint64), [16])
+
+
+def test_masked_or_bool_attention_mass_is_refused(config):
+    c = kvfabric.Coordinator(config)
+    cache = kvfabric.RankCache(config)
+    c.admit(1, list(range(20)), compression={"policy": "h2o", "budget_tokens": 8})
+    cache.execute(c.step())
+    with pytest.raises(kvfabric.InvalidArgumentError, match="mass is a masked array"):
+        cache.accumulate_attention(1, np.ma.array([1.0, 1e9], mask=[False, True]))
+    with pytest.raises(kvfabric.InvalidArgumentError, match="mass must hold numbers .got dtype bool"):
+        cache.accumulate_attention(1, np.array([True, True]))
+    assert cache.attention_scores(1) == []
+
+
+def test_attention_refuses_non_finite_queries_and_overlapping_outputs(config):
+    cache = kvfabric.RankCache(config)
+    k = np.ones((16, 2, 16), np.float32)
+    cache.append_kv(0, k, k, list(range(16)))
+    q = np.ones((2, 4, 16), np.float32)
+    ref = cache.decode_attention(0, q, [[0], [0]], [16, 8])
+    bad = q.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(kvfabric.InvalidArgumentError, match=r"query\[token 1, head 2, dim 3\] is not finite"):
+        cache.decode_attention(0, bad, [[0], [0]], [16, 8])
+    buf = np.zeros((3, 4, 16), np.float32)
+    buf[:2] = q
+    with pytest.raises(kvfabric.InvalidArgumentError, match="output overlaps the query without being it"):
+        cache.decode_attention(0, buf[:2], [[0], [0]], [16, 8], out=buf[1:])
+    assert np.array_equal(buf[:2], q) and not buf[2].any()
+    same = q.copy()
+    cache.decode_attention(0, same, [[0], [0]], [16, 8], out=same)  # the query itself is fine
+    assert np.array_equal(same, ref)
+
+
 class _FakeCudaArray:
     """Looks like a CuPy/PyTorch CUDA tensor to the bindings (it is never read)."""
 

@@ -146,14 +146,24 @@ class CpuBackend final : public Backend {
 
   Status paged_decode_attention(const PagedKvView& pool, const DecodeAttentionArgs& args) override {
     KVF_RETURN_IF_ERROR(detail::validate_decode(pool, args));
-    if (args.num_seqs > 0) cpu::decode_attention(ops_, pool, args, threads_);
+    if (args.num_seqs == 0) return ok_status();
+    // A NaN or infinite query makes its outputs NaN: refused by name, as K and V are.
+    KVF_RETURN_IF_ERROR(detail::validate_finite(args.query, args.query_dtype, args.num_seqs,
+                                                args.num_q_heads, pool.head_dim,
+                                                "paged_decode_attention: query", threads_));
+    cpu::decode_attention(ops_, pool, args, threads_);
     return ok_status();
   }
 
   Status paged_prefill_attention(const PagedKvView& pool,
                                  const PrefillAttentionArgs& args) override {
     KVF_RETURN_IF_ERROR(detail::validate_prefill(pool, args));
-    if (args.num_seqs > 0) cpu::prefill_attention(ops_, pool, args, threads_);
+    if (args.num_seqs == 0) return ok_status();
+    KVF_RETURN_IF_ERROR(detail::validate_finite(args.query, args.query_dtype,
+                                                args.query_start[args.num_seqs], args.num_q_heads,
+                                                pool.head_dim, "paged_prefill_attention: query",
+                                                threads_));
+    cpu::prefill_attention(ops_, pool, args, threads_);
     return ok_status();
   }
 

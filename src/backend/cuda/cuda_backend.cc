@@ -122,8 +122,10 @@ class CudaBackend final : public Backend {
     KVF_RETURN_IF_ERROR(check_device_memory(args.value, "append_kv: value"));
     if (options_.check_finite) {
       const uint64_t n = uint64_t{args.num_tokens} * pool.num_kv_heads * pool.head_dim;
-      KVF_RETURN_IF_ERROR(check_finite(args.key, args.input_dtype, n, pool, "append_kv: key"));
-      KVF_RETURN_IF_ERROR(check_finite(args.value, args.input_dtype, n, pool, "append_kv: value"));
+      KVF_RETURN_IF_ERROR(check_finite(args.key, args.input_dtype, n, pool.num_kv_heads,
+                                       pool.head_dim, "append_kv: key"));
+      KVF_RETURN_IF_ERROR(check_finite(args.value, args.input_dtype, n, pool.num_kv_heads,
+                                       pool.head_dim, "append_kv: value"));
     }
     begin_staging();
     const uint64_t slots = stage(args.slot_mapping, args.num_tokens);
@@ -156,6 +158,12 @@ class CudaBackend final : public Backend {
     KVF_RETURN_IF_ERROR(check_device_memory(args.output, "paged_decode_attention: output"));
     KVF_RETURN_IF_ERROR(
         check_device_memory(args.attention_mass, "paged_decode_attention: attention_mass"));
+    if (options_.check_finite) {  // a NaN or infinite query makes its outputs NaN
+      KVF_RETURN_IF_ERROR(check_finite(args.query, args.query_dtype,
+                                       uint64_t{args.num_seqs} * args.num_q_heads * pool.head_dim,
+                                       args.num_q_heads, pool.head_dim,
+                                       "paged_decode_attention: query"));
+    }
     std::vector<uint32_t> rows(args.num_seqs);
     for (uint32_t s = 0; s < args.num_seqs; ++s)
       rows[s] = s;
@@ -193,6 +201,12 @@ class CudaBackend final : public Backend {
     if (args.num_seqs > 0) {
       KVF_RETURN_IF_ERROR(check_device_memory(args.query, "paged_prefill_attention: query"));
       KVF_RETURN_IF_ERROR(check_device_memory(args.output, "paged_prefill_attention: output"));
+      if (options_.check_finite) {
+        KVF_RETURN_IF_ERROR(check_finite(
+            args.query, args.query_dtype,
+            uint64_t{args.query_start[args.num_seqs]} * args.num_q_heads * pool.head_dim,
+            args.num_q_heads, pool.head_dim, "paged_prefill_attention: query"));
+      }
     }
     // Every new token is one item, seeing its causal prefix.
     std::vector<uint32_t> rows, tables, contexts;
@@ -349,8 +363,9 @@ class CudaBackend final : public Backend {
     return ok_status();
   }
 
-  Status check_finite(const void* data, DType dtype, uint64_t n, const PagedKvView& pool,
-                      std::string_view what) {
+  // `n` elements of [token][heads][head_dim] rows.
+  Status check_finite(const void* data, DType dtype, uint64_t n, uint32_t heads,
+                      uint32_t head_dim, std::string_view what) {
     KVF_RETURN_IF_ERROR(
         check(cudaMemsetAsync(flag_device_, 0xFF, sizeof(unsigned long long), stream_), what));
     KVF_RETURN_IF_ERROR(
@@ -361,11 +376,10 @@ class CudaBackend final : public Backend {
     KVF_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream_), what));
     const unsigned long long bad = *flag_host_;
     if (bad == ~0ull) return ok_status();
-    const uint64_t row = bad / pool.head_dim;
-    return invalid_argument(std::string(what) + "[token " +
-                            std::to_string(row / pool.num_kv_heads) + ", head " +
-                            std::to_string(row % pool.num_kv_heads) + ", dim " +
-                            std::to_string(bad % pool.head_dim) + "] is not finite (NaN or Inf)");
+    const uint64_t row = bad / head_dim;
+    return invalid_argument(std::string(what) + "[token " + std::to_string(row / heads) +
+                            ", head " + std::to_string(row % heads) + ", dim " +
+                            std::to_string(bad % head_dim) + "] is not finite (NaN or Inf)");
   }
 
   Status run_attention(const PagedKvView& pool, kernels::AttentionLaunch& launch,

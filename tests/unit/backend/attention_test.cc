@@ -534,5 +534,96 @@ TEST(Attention, RejectsBadArguments) {
     EXPECT_EQ(o, 1.0f);  // nothing written
 }
 
+// A NaN or infinite query made its outputs NaN; it is refused by name, as K and V are, and
+// nothing is written.
+TEST(Attention, ANonFiniteQueryIsRefusedByName) {
+  Scenario sc = make_scenario(CpuIsa::kAuto, DType::kF16, 64, 16, 2, {20, 9}, 4);
+  std::mt19937 rng(5);
+  for (const float bad : {NAN, INFINITY, -INFINITY}) {
+    std::vector<float> q = testing::random_normal(2 * 4 * 64, rng), out(q.size(), 1.0f);
+    q[(1 * 4 + 3) * 64 + 7] = bad;  // sequence 1, query head 3, dim 7
+    DecodeAttentionArgs args;
+    args.query = q.data();
+    args.output = out.data();
+    args.num_seqs = 2;
+    args.num_q_heads = 4;
+    args.block_tables = sc.tables.data();
+    args.max_blocks_per_seq = sc.max_blocks;
+    args.context_lens = sc.lens.data();
+    EXPECT_THAT(sc.backend->paged_decode_attention(sc.pool.view, args).message(),
+                ::testing::HasSubstr("query[token 1, head 3, dim 7] is not finite"));
+    const uint32_t starts[3] = {0, 1, 2};
+    PrefillAttentionArgs prefill;
+    prefill.query = q.data();
+    prefill.output = out.data();
+    prefill.num_seqs = 2;
+    prefill.num_q_heads = 4;
+    prefill.query_start = starts;
+    prefill.context_lens = sc.lens.data();
+    prefill.block_tables = sc.tables.data();
+    prefill.max_blocks_per_seq = sc.max_blocks;
+    EXPECT_THAT(sc.backend->paged_prefill_attention(sc.pool.view, prefill).message(),
+                ::testing::HasSubstr("query[token 1, head 3, dim 7] is not finite"));
+    for (float o : out)
+      EXPECT_EQ(o, 1.0f);
+  }
+}
+
+// The output may be the query itself (each row is read before it is written), not a shifted view
+// of it: sequence 0's output would overwrite sequence 1's query before it is read. The attention
+// mass may overlap neither.
+TEST(Attention, AnOutputThatPartlyOverlapsTheQueryIsRefused) {
+  Scenario sc = make_scenario(CpuIsa::kAuto, DType::kF16, 64, 16, 2, {20, 9}, 4);
+  std::mt19937 rng(6);
+  const uint64_t rows = 2 * 4 * 64;
+  const std::vector<float> q = testing::random_normal(rows, rng);
+  std::vector<float> separate(rows);
+  DecodeAttentionArgs args;
+  args.query = q.data();
+  args.output = separate.data();
+  args.num_seqs = 2;
+  args.num_q_heads = 4;
+  args.block_tables = sc.tables.data();
+  args.max_blocks_per_seq = sc.max_blocks;
+  args.context_lens = sc.lens.data();
+  ASSERT_TRUE(sc.backend->paged_decode_attention(sc.pool.view, args).ok());
+
+  std::vector<float> buffer(rows + 4 * 64);  // room for the query shifted by one sequence
+  std::copy(q.begin(), q.end(), buffer.begin());
+  args.query = buffer.data();
+  args.output = buffer.data() + 4 * 64;
+  EXPECT_THAT(sc.backend->paged_decode_attention(sc.pool.view, args).message(),
+              ::testing::HasSubstr("output overlaps the query without being it"));
+  EXPECT_TRUE(std::equal(q.begin(), q.end(), buffer.begin()));  // nothing written
+  args.output = buffer.data();  // the query itself: the same outputs
+  ASSERT_TRUE(sc.backend->paged_decode_attention(sc.pool.view, args).ok());
+  EXPECT_TRUE(std::equal(separate.begin(), separate.end(), buffer.begin()));
+
+  std::copy(q.begin(), q.end(), buffer.begin());
+  std::vector<float> out(rows);
+  args.output = out.data();
+  args.attention_mass = buffer.data();  // over the query
+  args.mass_stride = 32;
+  EXPECT_THAT(sc.backend->paged_decode_attention(sc.pool.view, args).message(),
+              ::testing::HasSubstr("attention_mass overlaps the query or the output"));
+  args.attention_mass = out.data() + 8;  // inside the output
+  EXPECT_THAT(sc.backend->paged_decode_attention(sc.pool.view, args).message(),
+              ::testing::HasSubstr("attention_mass overlaps the query or the output"));
+
+  const uint32_t starts[3] = {0, 1, 2};
+  PrefillAttentionArgs prefill;
+  prefill.query = buffer.data();
+  prefill.output = buffer.data() + 64;  // shifted by one head
+  prefill.num_seqs = 2;
+  prefill.num_q_heads = 4;
+  prefill.query_start = starts;
+  prefill.context_lens = sc.lens.data();
+  prefill.block_tables = sc.tables.data();
+  prefill.max_blocks_per_seq = sc.max_blocks;
+  EXPECT_THAT(sc.backend->paged_prefill_attention(sc.pool.view, prefill).message(),
+              ::testing::HasSubstr("output overlaps the query without being it"));
+  EXPECT_TRUE(std::equal(q.begin(), q.end(), buffer.begin()));
+}
+
 }  // namespace
 }  // namespace kvfabric
