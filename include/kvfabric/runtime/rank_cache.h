@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -183,6 +184,11 @@ class RankCache {
   Status run(const StepPlan& plan);  // executes a validated plan
   [[nodiscard]] Status validate_copy(const StepPlan::Op& op) const;
   [[nodiscard]] Status validate_tables(const StepPlan& plan) const;
+  //! A table of this replica: blocks of the pool, no block twice in what it lists, enough
+  //! blocks for its tokens, no more computed tokens than tokens.
+  [[nodiscard]] Status validate_own_table(const StepPlan::Table& table,
+                                          const std::function<Status(const std::string&)>& bad,
+                                          const std::string& name) const;
   [[nodiscard]] Status validate_compression(const StepPlan& plan) const;
   //! The device view of a plan's layer group (kAllLayers: the whole pool).
   [[nodiscard]] const PagedKvView& device_view(uint32_t layer_group) const;

@@ -112,6 +112,39 @@ TEST(RankCacheTest, ATableChangeBeyondWhatTheRankHoldsIsRefused) {
   EXPECT_EQ(r.rank->tables().at(SeqId{1}).num_tokens, 40u);
 }
 
+// A table the rank keeps must mean blocks of its pool holding its tokens: engines read slots off
+// it. Hand-built plans naming anything else are refused and change nothing.
+TEST(RankCacheTest, ATableThatCannotHoldItsTokensIsRefused) {
+  SingleRank r(serving_config(1, 1, 4, 2, 8, 4));  // 8 blocks of 16 tokens
+  StepPlan plan;
+  plan.tables = {{SeqId{1}, 0, 20, 0, 0, {BlockId{2}, BlockId{5}}}};
+  ASSERT_TRUE(r.rank->execute(plan).ok());
+  const auto refused = [&](StepPlan::Table t, const std::string& message) {
+    StepPlan bad;
+    bad.step = 1;
+    bad.tables = {std::move(t)};
+    const Status s = r.rank->execute(bad);
+    EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument) << message;
+    EXPECT_THAT(s.message(), HasSubstr(message));
+    EXPECT_EQ(r.rank->next_step(), 1u);
+    EXPECT_EQ(r.rank->tables().size(), 1u);
+    EXPECT_EQ(r.rank->tables().at(SeqId{1}).blocks, (std::vector<BlockId>{BlockId{2}, BlockId{5}}));
+  };
+  refused({SeqId{7}, 0, 16, 0, 0, {BlockId{999}}}, "S7's table names B999, outside this rank's pool of 8");
+  refused({SeqId{7}, 0, 16, 0, 0, {kInvalidBlockId}}, "outside this rank's pool of 8 blocks");
+  refused({SeqId{7}, 0, 10, 11, 0, {BlockId{1}}}, "S7's table has 11 computed of 10 tokens");
+  refused({SeqId{7}, 0, 17, 0, 0, {BlockId{1}}}, "S7's table holds 17 tokens in 1 blocks of 16");
+  refused({SeqId{7}, 0, 16, 0, 0, {}}, "holds 16 tokens in 0 blocks");
+  refused({SeqId{7}, 0, 32, 0, 0, {BlockId{3}, BlockId{3}}}, "S7's table names B3 twice");
+  refused({SeqId{1}, 0, 49, 20, 2, {BlockId{6}}}, "S1's table holds 49 tokens in 3 blocks of 16");
+  // A block another sequence holds too is sharing (a cached prefix), not an error.
+  StepPlan fine;
+  fine.step = 1;
+  fine.tables = {{SeqId{9}, 0, 16, 16, 0, {BlockId{2}}}};
+  ASSERT_TRUE(r.rank->execute(fine).ok());
+  EXPECT_EQ(r.rank->tables().size(), 2u);
+}
+
 TEST(RankCacheTest, AnOpOutsideThePoolsIsRefusedBeforeAnythingRuns) {
   SingleRank r(serving_config(1, 1, 4, 2, 8, 4));
   const auto before = r.device_bytes();
