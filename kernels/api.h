@@ -58,8 +58,9 @@ cudaError_t launch_append_kv(const PagedKvView& pool, uint32_t layer, const void
 cudaError_t launch_gather_kv(const PagedKvView& pool, uint32_t layer, const uint32_t* table,
                              uint32_t num_tokens, float* key_out, float* value_out,
                              cudaStream_t stream);
-//! flag = the smallest index of a NaN/Inf element of `data` (or stays UINT64_MAX).
-cudaError_t launch_find_non_finite(const void* data, DType dtype, uint64_t n,
+//! flag = the smallest index of an element of `data` that is NaN, infinite or at least `abs_bits`
+//! in magnitude (quant::find_unstorable; stays UINT64_MAX when there is none).
+cudaError_t launch_find_unstorable(const void* data, DType dtype, uint64_t n, uint32_t abs_bits,
                                    unsigned long long* flag, cudaStream_t stream);
 
 //! A whole-block copy between two pools (or within one), in device-visible memory.

@@ -157,16 +157,17 @@ __global__ void gather_kernel(PagedKvView pool, uint32_t layer, const uint32_t* 
 }
 
 // Vectorized when 16-byte aligned: each thread checks 8 elements per step.
-__global__ void find_non_finite_kernel(const void* data, DType dtype, uint64_t n,
-                                       unsigned long long* flag) {
+// The same test as quant::find_unstorable: NaN and infinity have the largest magnitude bits.
+__global__ void find_unstorable_kernel(const void* data, DType dtype, uint64_t n,
+                                       uint32_t abs_bits, unsigned long long* flag) {
+  const uint32_t half_limit = dtype == DType::kF16 ? 0x7C00u : (abs_bits + 0xFFFFu) >> 16;
   for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n;
        i += uint64_t{gridDim.x} * blockDim.x) {
     bool bad;
     if (dtype == DType::kF32) {
-      bad = (__float_as_uint(static_cast<const float*>(data)[i]) & 0x7F800000u) == 0x7F800000u;
+      bad = (__float_as_uint(static_cast<const float*>(data)[i]) & 0x7FFFFFFFu) >= abs_bits;
     } else {
-      const uint16_t mask = dtype == DType::kF16 ? 0x7C00 : 0x7F80;
-      bad = (static_cast<const uint16_t*>(data)[i] & mask) == mask;
+      bad = (static_cast<uint32_t>(static_cast<const uint16_t*>(data)[i]) & 0x7FFFu) >= half_limit;
     }
     if (bad) atomicMin(flag, static_cast<unsigned long long>(i));
   }
@@ -280,11 +281,11 @@ cudaError_t launch_gather_kv(const PagedKvView& pool, uint32_t layer, const uint
   return cudaGetLastError();
 }
 
-cudaError_t launch_find_non_finite(const void* data, DType dtype, uint64_t n,
+cudaError_t launch_find_unstorable(const void* data, DType dtype, uint64_t n, uint32_t abs_bits,
                                    unsigned long long* flag, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(std::min<uint64_t>((n + 255) / 256, 4096));
-  find_non_finite_kernel<<<grid, 256, 0, stream>>>(data, dtype, n, flag);
+  find_unstorable_kernel<<<grid, 256, 0, stream>>>(data, dtype, n, abs_bits, flag);
   return cudaGetLastError();
 }
 

@@ -125,7 +125,8 @@ Status validate_finite(const void* data, DType dtype, uint32_t num_tokens, uint3
 
 Status validate_finite_kv(const void* key, const void* value, DType dtype, uint32_t num_tokens,
                           uint32_t heads, uint32_t head_dim, std::string_view key_what,
-                          std::string_view value_what, int threads) {
+                          std::string_view value_what, DType pool_dtype, int threads) {
+  const uint32_t abs_bits = quant::unstorable_abs_bits(pool_dtype);
   const uint64_t row = uint64_t{heads} * head_dim;
   const size_t elem = dtype == DType::kF32 ? 4 : 2;
   const auto* k = static_cast<const uint8_t*>(key);
@@ -137,8 +138,8 @@ Status validate_finite_kv(const void* key, const void* value, DType dtype, uint3
 #pragma omp parallel for num_threads(threads) \
     schedule(static) if (uint64_t{num_tokens} * row > (1u << 17))
   for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t bad[2] = {quant::find_non_finite(k + t * row * elem, dtype, row),
-                            quant::find_non_finite(v + t * row * elem, dtype, row)};
+    const int64_t bad[2] = {quant::find_unstorable(k + t * row * elem, dtype, row, abs_bits),
+                            quant::find_unstorable(v + t * row * elem, dtype, row, abs_bits)};
     if (bad[0] < 0 && bad[1] < 0) continue;
 #pragma omp critical(kvf_validate_finite_kv)
     for (int kv = 0; kv < 2; ++kv) {
@@ -151,10 +152,23 @@ Status validate_finite_kv(const void* key, const void* value, DType dtype, uint3
   for (int kv = 0; kv < 2; ++kv) {
     if (first_bad_token[kv] < 0) continue;
     const uint64_t index = static_cast<uint64_t>(first_bad_index[kv]);
+    float x = 0;
+    quant::load_activations((kv == 0 ? k : v) + (first_bad_token[kv] * row + index) * elem, dtype,
+                            1, &x);
+    std::string why = "is not finite (NaN or Inf)";
+    if (std::isfinite(x)) {
+      std::ostringstream shown;
+      shown << x;
+      why = "= " + shown.str() + " is too large for " + str(dtype_name(pool_dtype)) + " KV (" +
+            (is_integer_quantized(pool_dtype)
+                 ? "a group's range must stay below the largest float: |x| < 2^127"
+                 : "it would be stored as infinity") +
+            ")";
+    }
     return invalid_argument(str(kv == 0 ? key_what : value_what) + "[token " +
                             std::to_string(first_bad_token[kv]) + ", head " +
                             std::to_string(index / head_dim) + ", dim " +
-                            std::to_string(index % head_dim) + "] is not finite (NaN or Inf)");
+                            std::to_string(index % head_dim) + "] " + why);
   }
   return ok_status();
 }

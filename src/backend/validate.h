@@ -35,11 +35,12 @@ Status validate_finite(const void* data, DType dtype, uint32_t num_tokens, uint3
                        uint32_t head_dim, std::string_view what, int threads = 1);
 
 //! validate_finite of append_kv's key and value in one pass (the same errors, a key's before a
-//! value's): each token's key and value rows together, one parallel region instead of two. On a
-//! machine whose cores other processes share, each region's barrier can wait out a scheduler
-//! slice, so one region fewer is worth a third of an append there.
+//! value's), also refusing values a pool of `pool_dtype` would store as infinity or NaN
+//! (quant::unstorable_abs_bits): each token's key and value rows together, one parallel region
+//! instead of two. On a machine whose cores other processes share, each region's barrier can
+//! wait out a scheduler slice, so one region fewer is worth a third of an append there.
 Status validate_finite_kv(const void* key, const void* value, DType dtype, uint32_t num_tokens,
                           uint32_t heads, uint32_t head_dim, std::string_view key_what,
-                          std::string_view value_what, int threads = 1);
+                          std::string_view value_what, DType pool_dtype, int threads = 1);
 
 }  // namespace kvfabric::detail

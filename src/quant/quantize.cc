@@ -136,14 +136,17 @@ void store_activations(const float* src, DType dtype, uint64_t n, void* out) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
-int64_t find_non_finite(const void* src, DType dtype, uint64_t n) {
-  // Branch-free scan in chunks (vectorizes); only a chunk that has a bad value is searched.
+int64_t find_unstorable(const void* src, DType dtype, uint64_t n, uint32_t abs_bits) {
+  // Branch-free scan in chunks (vectorizes); only a chunk that has a bad value is searched. NaN
+  // and infinity have the largest magnitude bits, so one comparison finds them and the values
+  // too large alike. A f16 input is never too large (65504 fits every format); a bf16 one is
+  // the upper half of a f32, compared against the bound rounded up to its 16 bits.
   constexpr uint64_t kChunk = 256;
   const bool half = dtype == DType::kF16 || dtype == DType::kBF16;
-  // A value is NaN or infinite when its exponent field is all ones.
-  const uint32_t exp_mask = dtype == DType::kF16    ? 0x7C00u
-                            : dtype == DType::kBF16 ? 0x7F80u
-                                                    : 0x7F800000u;
+  const uint32_t limit = dtype == DType::kF16    ? 0x7C00u
+                         : dtype == DType::kBF16 ? (abs_bits + 0xFFFFu) >> 16
+                                                 : abs_bits;
+  const uint32_t magnitude = half ? 0x7FFFu : 0x7FFFFFFFu;
   const auto* h = static_cast<const uint16_t*>(src);
   const auto* f = static_cast<const uint32_t*>(src);
   for (uint64_t begin = 0; begin < n; begin += kChunk) {
@@ -151,18 +154,29 @@ int64_t find_non_finite(const void* src, DType dtype, uint64_t n) {
     uint32_t bad = 0;
     if (half) {
       for (uint64_t i = begin; i < end; ++i)
-        bad |= static_cast<uint32_t>((h[i] & exp_mask) == exp_mask);
+        bad |= static_cast<uint32_t>((h[i] & magnitude) >= limit);
     } else {
       for (uint64_t i = begin; i < end; ++i)
-        bad |= static_cast<uint32_t>((f[i] & exp_mask) == exp_mask);
+        bad |= static_cast<uint32_t>((f[i] & magnitude) >= limit);
     }
     if (bad == 0) continue;
     for (uint64_t i = begin; i < end; ++i) {
       const uint32_t bits = half ? h[i] : f[i];
-      if ((bits & exp_mask) == exp_mask) return static_cast<int64_t>(i);
+      if ((bits & magnitude) >= limit) return static_cast<int64_t>(i);
     }
   }
   return -1;
+}
+
+int64_t find_non_finite(const void* src, DType dtype, uint64_t n) {
+  return find_unstorable(src, dtype, n, unstorable_abs_bits(DType::kF32));
+}
+
+uint32_t unstorable_abs_bits(DType pool_dtype) {
+  if (pool_dtype == DType::kF16) return 0x477FF000u;  // 65520: halfway to 65536, rounds up
+  if (pool_dtype == DType::kBF16) return 0x7F7F8000u;  // halfway past bf16's largest, rounds up
+  if (is_integer_quantized(pool_dtype)) return 0x7F000000u;  // 2^127
+  return 0x7F800000u;                                        // infinity
 }
 
 }  // namespace kvfabric::quant

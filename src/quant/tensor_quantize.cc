@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <sstream>
 #include <string>
 
 namespace kvfabric::quant {
@@ -97,6 +98,12 @@ Result<QuantizedTensor> quantize_asymmetric(std::span<const float> tensor, size_
     const auto [lo_it, hi_it] = std::minmax_element(head.begin(), head.end());
     const float lo = head_dim ? *lo_it : 0.0f;
     const float scale = head_dim ? (*hi_it - lo) / static_cast<float>(qmax) : 0.0f;
+    if (std::isinf(scale)) {  // stored, it would read back as NaN
+      std::ostringstream span;
+      span << "[" << lo << ", " << *hi_it << "]";
+      return invalid_argument("head " + std::to_string(h) + " spans " + span.str() +
+                              ", a range wider than the largest float; nothing was stored");
+    }
     if (!(scale >= FLT_MIN)) {
       // Constant (or empty) head: code 0 and zero_point = -lo reconstruct lo exactly. The seed's
       // scale 1, zero_point 0 rounded the value itself into [0, qmax].

@@ -29,6 +29,14 @@ void load_activations(const void* src, DType dtype, uint64_t n, float* out);
 //! Converts `n` f32 values to an activation dtype (f32, f16 or bf16), rounding to nearest even.
 void store_activations(const float* src, DType dtype, uint64_t n, void* out);
 
+//! Bits of the f32 magnitude from which a pool of `pool_dtype` cannot store a value: f16 rounds
+//! 65520 and above to infinity, bf16 3.3961e38 (0x7F7F8000) and above; an integer group's range
+//! (max - min) overflows from 2^127; f32 and fp8 (a scale per row) store any finite value, so
+//! for them it is infinity's bits.
+uint32_t unstorable_abs_bits(DType pool_dtype);
+//! Index of the first element (f32, f16 or bf16) that is NaN, infinite, or whose magnitude's
+//! f32 bits are at least `abs_bits` (unstorable_abs_bits), or -1 when there is none.
+int64_t find_unstorable(const void* src, DType dtype, uint64_t n, uint32_t abs_bits);
 //! Index of the first element that is NaN or infinite, or -1 when all `n` are finite.
 int64_t find_non_finite(const void* src, DType dtype, uint64_t n);
 

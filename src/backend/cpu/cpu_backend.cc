@@ -100,7 +100,7 @@ class CpuBackend final : public Backend {
     if (args.num_tokens > 0) {
       KVF_RETURN_IF_ERROR(detail::validate_finite_kv(
           args.key, args.value, args.input_dtype, args.num_tokens, pool.num_kv_heads,
-          pool.head_dim, "append_kv: key", "append_kv: value", threads_));
+          pool.head_dim, "append_kv: key", "append_kv: value", pool.dtype, threads_));
     }
     cpu::append_kv(ops_, pool, args, threads_);
     return ok_status();

@@ -14,6 +14,7 @@
 #include "backend/validate.h"
 #include "common/device_probe.h"
 #include "common/log.h"
+#include "kvfabric/quant/quantize.h"
 
 namespace kvfabric {
 namespace {
@@ -122,10 +123,11 @@ class CudaBackend final : public Backend {
     KVF_RETURN_IF_ERROR(check_device_memory(args.value, "append_kv: value"));
     if (options_.check_finite) {
       const uint64_t n = uint64_t{args.num_tokens} * pool.num_kv_heads * pool.head_dim;
+      // Values the pool would store as infinity or NaN are refused with the non-finite ones.
       KVF_RETURN_IF_ERROR(check_finite(args.key, args.input_dtype, n, pool.num_kv_heads,
-                                       pool.head_dim, "append_kv: key"));
+                                       pool.head_dim, "append_kv: key", pool.dtype));
       KVF_RETURN_IF_ERROR(check_finite(args.value, args.input_dtype, n, pool.num_kv_heads,
-                                       pool.head_dim, "append_kv: value"));
+                                       pool.head_dim, "append_kv: value", pool.dtype));
     }
     begin_staging();
     const uint64_t slots = stage(args.slot_mapping, args.num_tokens);
@@ -363,13 +365,16 @@ class CudaBackend final : public Backend {
     return ok_status();
   }
 
-  // `n` elements of [token][heads][head_dim] rows.
+  // `n` elements of [token][heads][head_dim] rows, each finite and (for K/V) storable in a pool
+  // of `pool_dtype` (quant::unstorable_abs_bits; f32: finite is enough).
   Status check_finite(const void* data, DType dtype, uint64_t n, uint32_t heads,
-                      uint32_t head_dim, std::string_view what) {
+                      uint32_t head_dim, std::string_view what, DType pool_dtype = DType::kF32) {
+    const uint32_t abs_bits = quant::unstorable_abs_bits(pool_dtype);
     KVF_RETURN_IF_ERROR(
         check(cudaMemsetAsync(flag_device_, 0xFF, sizeof(unsigned long long), stream_), what));
     KVF_RETURN_IF_ERROR(
-        check(kernels::launch_find_non_finite(data, dtype, n, flag_device_, stream_), what));
+        check(kernels::launch_find_unstorable(data, dtype, n, abs_bits, flag_device_, stream_),
+              what));
     KVF_RETURN_IF_ERROR(check(cudaMemcpyAsync(flag_host_, flag_device_, sizeof(unsigned long long),
                                               cudaMemcpyDeviceToHost, stream_),
                               what));
@@ -379,7 +384,11 @@ class CudaBackend final : public Backend {
     const uint64_t row = bad / head_dim;
     return invalid_argument(std::string(what) + "[token " + std::to_string(row / heads) +
                             ", head " + std::to_string(row % heads) + ", dim " +
-                            std::to_string(bad % head_dim) + "] is not finite (NaN or Inf)");
+                            std::to_string(bad % head_dim) + "] is not finite (NaN or Inf)" +
+                            (abs_bits == quant::unstorable_abs_bits(DType::kF32)
+                                 ? std::string()
+                                 : " or too large for " + std::string(dtype_name(pool_dtype)) +
+                                       " KV"));
   }
 
   Status run_attention(const PagedKvView& pool, kernels::AttentionLaunch& launch,

@@ -1,5 +1,6 @@
 // append_kv writes what the documented layout says and gather_kv reads it back, for every dtype,
 // head_dim, block size and ISA; bad input is refused without touching the pool.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -115,6 +116,45 @@ TEST_F(AppendRejects, NonFiniteValues) {
   key_[5] = -INFINITY;
   EXPECT_NE(append({0, 1}).message().find("key[token 0, head 0, dim 5]"), std::string::npos);
   EXPECT_EQ(pool_.snapshot(), before_);
+}
+
+// Finite values a pool cannot hold used to be stored as infinity (f16, bf16) or as NaN (an
+// integer group whose range overflows): they are refused by name, and nothing is written.
+TEST(AppendKv, RejectsValuesThePoolWouldStoreAsInfinity) {
+  auto backend = testing::cpu_backend(CpuIsa::kAuto);
+  struct Case {
+    DType pool;
+    float fits, too_large;
+    const char* why;
+  };
+  for (const Case& c : {Case{DType::kF16, 65504.0f, 1e6f, "it would be stored as infinity"},
+                        Case{DType::kBF16, 3.3e38f, 3.4e38f, "it would be stored as infinity"},
+                        Case{DType::kInt8, 1e38f, 2e38f, "|x| < 2^127"},
+                        Case{DType::kInt4, 1e38f, -2e38f, "|x| < 2^127"}}) {
+    auto pool = testing::TestPool::create(*backend, 1, 2, 16, 64, c.pool,
+                                          is_integer_quantized(c.pool) ? 32 : 0, 2);
+    const auto before = pool.snapshot();
+    std::vector<float> key(2 * 2 * 64, 1.0f), value = key;
+    std::vector<int64_t> slots = {0, 1};
+    value[1 * 128 + 64 + 3] = c.too_large;  // token 1, head 1, dim 3
+    value[1 * 128 + 64 + 4] = -c.fits;
+    const Status s =
+        backend->append_kv(pool.view, {0, key.data(), value.data(), DType::kF32, 2, slots.data()});
+    EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument) << dtype_name(c.pool);
+    EXPECT_THAT(s.message(), ::testing::HasSubstr("value[token 1, head 1, dim 3] = "));
+    EXPECT_THAT(s.message(), ::testing::HasSubstr("is too large for " +
+                                                  std::string(dtype_name(c.pool)) + " KV"));
+    EXPECT_THAT(s.message(), ::testing::HasSubstr(c.why));
+    EXPECT_EQ(pool.snapshot(), before);
+    value[1 * 128 + 64 + 3] = c.fits;  // the largest values it holds are stored finite
+    ASSERT_TRUE(
+        backend->append_kv(pool.view, {0, key.data(), value.data(), DType::kF32, 2, slots.data()})
+            .ok());
+    std::vector<float> k_out(2 * 2 * 64), v_out(k_out.size());
+    const uint32_t table[1] = {0};
+    ASSERT_TRUE(backend->gather_kv(pool.view, {0, table, 2, k_out.data(), v_out.data()}).ok());
+    for (float x : v_out) EXPECT_TRUE(std::isfinite(x)) << dtype_name(c.pool);
+  }
 }
 
 // Key and value are checked in one pass over token ranges on two threads: still the first bad

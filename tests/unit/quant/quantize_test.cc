@@ -1,10 +1,13 @@
 // Row quantization: error bounds per format, exact constant groups, group and packing layout.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <limits>
 #include <random>
 
 #include "kvfabric/quant/kv_format.h"
+#include "kvfabric/quant/numeric.h"
 #include "kvfabric/quant/quantize.h"
 #include "testing/kv_reference.h"
 
@@ -133,6 +136,36 @@ TEST(Quantize, FindsNonFiniteInputs) {
   EXPECT_EQ(quant::find_non_finite(h.data(), DType::kF16, 2), 1);
   const std::vector<uint16_t> b = {0x3F80, 0x7FC0};  // bf16 1.0, NaN
   EXPECT_EQ(quant::find_non_finite(b.data(), DType::kBF16, 2), 1);
+}
+
+// The magnitudes a pool cannot store: f16 rounds 65520 up to infinity, bf16 past its largest
+// value, and an integer group's range (max - min) overflows from 2^127.
+TEST(Quantize, FindsValuesAPoolWouldStoreAsInfinity) {
+  const auto first_bad = [](float x, DType pool) {
+    const std::vector<float> f = {1.0f, -x, 2.0f};
+    return quant::find_unstorable(f.data(), DType::kF32, 3, quant::unstorable_abs_bits(pool));
+  };
+  EXPECT_EQ(first_bad(65519.996f, DType::kF16), -1);  // rounds down to 65504
+  EXPECT_EQ(first_bad(65520.0f, DType::kF16), 1);
+  EXPECT_EQ(first_bad(1e6f, DType::kF16), 1);
+  EXPECT_EQ(first_bad(std::nextafter(std::ldexp(1.0f, 127), 0.0f), DType::kInt8), -1);
+  EXPECT_EQ(first_bad(std::ldexp(1.0f, 127), DType::kInt4), 1);
+  EXPECT_EQ(first_bad(std::bit_cast<float>(0x7F7F7FFFu), DType::kBF16), -1);
+  EXPECT_EQ(first_bad(std::bit_cast<float>(0x7F7F8000u), DType::kBF16), 1);
+  for (DType pool : {DType::kF32, DType::kFP8E4M3}) {
+    EXPECT_EQ(first_bad(std::numeric_limits<float>::max(), pool), -1);
+    EXPECT_EQ(first_bad(INFINITY, pool), 1);
+    EXPECT_EQ(first_bad(NAN, pool), 1);
+  }
+  // What is stored at the bounds is what was given, rounded: never infinity or NaN.
+  EXPECT_EQ(numeric::f16_to_f32(numeric::f32_to_f16(65519.996f)), 65504.0f);
+  EXPECT_TRUE(std::isinf(numeric::f16_to_f32(numeric::f32_to_f16(65520.0f))));
+  EXPECT_TRUE(std::isinf(numeric::bf16_to_f32(numeric::f32_to_bf16(std::bit_cast<float>(0x7F7F8000u)))));
+  // bf16 inputs are the upper half of a f32; f16 inputs (at most 65504) fit every pool.
+  const std::vector<uint16_t> b = {0x477F, 0x4780};  // 65280, 65536
+  EXPECT_EQ(quant::find_unstorable(b.data(), DType::kBF16, 2, quant::unstorable_abs_bits(DType::kF16)), 1);
+  const std::vector<uint16_t> h = {0x7BFF, 0xFBFF};  // f16 +-65504
+  EXPECT_EQ(quant::find_unstorable(h.data(), DType::kF16, 2, quant::unstorable_abs_bits(DType::kF16)), -1);
 }
 
 }  // namespace

@@ -149,6 +149,13 @@ TEST(TensorQuantize, BadInputIsRefusedWithItsReason) {
                 .find("element 1 is infinite"),
             std::string::npos);
 
+  // A finite head whose range overflows a float read back as NaN (its scale was infinite).
+  const std::vector<float> wide = {0.0f, 1.0f, -2e38f, 2e38f};
+  EXPECT_NE(quant::quantize_asymmetric(wide, 2, 8).status().message().find(
+                "head 1 spans [-2e+38, 2e+38], a range wider than the largest float"),
+            std::string::npos);
+  EXPECT_TRUE(quant::quantize_asymmetric(std::vector<float>{-1e38f, 1e38f}, 1, 8).ok());
+
   auto q = quant::quantize_asymmetric(std::vector<float>{1, 2, 3, 4}, 2, 4);
   ASSERT_TRUE(q.ok());
   EXPECT_FALSE(quant::dequantize(*q, 1).ok());  // two scales, one segment asked
