@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <iterator>
+#include <span>
 #include <string>
 
 #include "bindings.h"
@@ -62,13 +64,17 @@ std::string dtype_text(DType d) {
   }
 }
 
-std::string dtype_list(std::initializer_list<DType> dtypes) {
+std::string dtype_list(std::span<const DType> dtypes) {
   std::string out;
   for (DType d : dtypes) {
     if (!out.empty()) out += " or ";
     out += dtype_text(d);
   }
   return out;
+}
+
+std::string dtype_list(std::initializer_list<DType> dtypes) {
+  return dtype_list(std::span<const DType>(dtypes.begin(), dtypes.size()));
 }
 
 // Whether `strides` (in elements; empty = C order) describe a C-contiguous tensor of `shape`.
@@ -175,9 +181,12 @@ Tensor Tensor::from(const py::handle& obj, const char* name, Memory memory,
       t.dtype_ = DType::kF32;
     } else if (dt.kind() == 'f' && dt.itemsize() == 2) {
       t.dtype_ = DType::kF16;
-    } else {
+    } else {  // NumPy has no bfloat16: a NumPy caller is offered what NumPy can hold
+      std::vector<DType> numpy_dtypes;
+      std::copy_if(dtypes.begin(), dtypes.end(), std::back_inserter(numpy_dtypes),
+                   [](DType d) { return d != DType::kBF16; });
       raise_invalid(fmt::format("{} has dtype {}; expected {}", name,
-                                dt.attr("name").cast<std::string>(), dtype_list(dtypes)));
+                                dt.attr("name").cast<std::string>(), dtype_list(numpy_dtypes)));
     }
     if (dt.byteorder() == '>') {
       raise_invalid(fmt::format("{} is big-endian; expected native byte order", name));

@@ -209,8 +209,12 @@ void bind_config(py::module_& m) {
           "resolved_num_blocks", [](const Config& c) { return unwrap(resolved_num_blocks(c)); },
           "Device blocks per rank: num_blocks, or memory_budget_bytes / block_bytes.")
       .def_property_readonly(
-          "local_kv_heads", [](const Config& c) { return local_kv_heads(c.model, c.topology); },
-          "KV heads each rank stores.")
+          "local_kv_heads",
+          [](const Config& c) {
+            check(validate(c));  // the division is meaningless for a tp the config refuses
+            return local_kv_heads(c.model, c.topology);
+          },
+          "KV heads each rank stores (raises for an invalid config).")
       .def_static("keys", &config_keys, "Every settable key, dotted.")
       .def_static("env_var_for_key", [](const std::string& key) { return env_var_for_key(key); })
       .def("copy", [](const Config& c) { return Config(c); })

@@ -355,6 +355,14 @@ void bind_runtime(py::module_& m) {
               } else if (py::isinstance<py::bytes>(plan)) {
                 const std::string_view view = plan.cast<py::bytes>();
                 bytes.assign(view.begin(), view.end());
+              } else if (PyObject_CheckBuffer(plan.ptr()) != 0) {  // bytearray, memoryview, ...
+                // The same buffers StepPlan.deserialize takes: contiguous bytes.
+                const py::buffer_info info = py::reinterpret_borrow<py::buffer>(plan).request();
+                if (info.ndim != 1 || info.itemsize != 1 || (info.size > 1 && info.strides[0] != 1)) {
+                  raise_invalid("plan must be contiguous bytes (a 1-D buffer of bytes)");
+                }
+                const auto* at = static_cast<const uint8_t*>(info.ptr);
+                bytes.assign(at, at + info.size);
               } else {
                 raise_invalid(fmt::format("plan must be a StepPlan, its bytes or None (got {})",
                                           type_name(plan)));

@@ -111,10 +111,13 @@ def test_arguments_of_the_wrong_type_are_named(config):
     with pytest.raises(kvfabric.InvalidArgumentError, match="1-dimensional"):
         c.append(np.array(1), 1)
     assert c.tokens_of(1) == 21
-    # A masked array's hidden values are no ids, and a plan is no bytearray.
+    # A masked array's hidden values are no ids, and a plan is no number; bytes in any buffer
+    # are parsed as a plan (as StepPlan.deserialize takes them).
     with pytest.raises(kvfabric.InvalidArgumentError, match="seqs is a masked array"):
         c.append(np.ma.masked_array([1], mask=[True]), 1)
     with pytest.raises(kvfabric.InvalidArgumentError, match="plan must be a StepPlan"):
+        kvfabric.RankCache(config).receive_and_execute(3)
+    with pytest.raises(kvfabric.ParseError, match="step plan truncated"):
         kvfabric.RankCache(config).receive_and_execute(bytearray(b"x"))
 
 
@@ -552,6 +555,21 @@ def test_attention_refuses_non_finite_queries_and_overlapping_outputs(config):
     same = q.copy()
     cache.decode_attention(0, same, [[0], [0]], [16, 8], out=same)  # the query itself is fine
     assert np.array_equal(same, ref)
+
+
+def test_plan_bytes_in_any_buffer_and_derived_config_values_of_invalid_configs(config):
+    c = kvfabric.Coordinator(config)
+    c.admit(1, list(range(20)))
+    cache = kvfabric.RankCache(config)
+    cache.receive_and_execute(bytearray(c.step().serialize()))
+    cache.receive_and_execute(memoryview(c.step().serialize()))
+    assert cache.next_step == 2
+    with pytest.raises(kvfabric.InvalidArgumentError, match="contiguous bytes"):
+        cache.receive_and_execute(memoryview(c.step().serialize())[::2])
+    assert cache.next_step == 2
+    config.topology.tp = 0
+    with pytest.raises(kvfabric.InvalidArgumentError, match="topology.tp must be >= 1"):
+        config.local_kv_heads
 
 
 class _FakeCudaArray:
