@@ -1,8 +1,10 @@
 // Config: load from a YAML file or string, the fields a user sets, validate, dump.
 #include <fmt/format.h>
 
+#include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bindings.h"
@@ -49,6 +51,35 @@ DType dtype_arg(const std::string& name, const char* what) {
 
 namespace {
 
+// `value` as a config field of type M, or an InvalidArgumentError naming `where`: integers in
+// M's range (not bools, not floats), bools for bools, numbers for floating-point fields.
+template <typename M>
+M number_arg(const py::object& value, const std::string& where) {
+  const bool is_bool = PyBool_Check(value.ptr()) != 0;
+  if constexpr (std::is_same_v<M, bool>) {
+    if (!is_bool) raise_invalid(fmt::format("{} must be True or False (got {})", where, type_name(value)));
+    return value.ptr() == Py_True;
+  } else if constexpr (std::is_floating_point_v<M>) {
+    if (is_bool || !(PyFloat_Check(value.ptr()) || PyIndex_Check(value.ptr()))) {
+      raise_invalid(fmt::format("{} must be a number (got {})", where, type_name(value)));
+    }
+    return static_cast<M>(py::cast<double>(value));
+  } else {
+    if (is_bool || !PyIndex_Check(value.ptr())) {
+      raise_invalid(fmt::format("{} must be an integer (got {})", where, type_name(value)));
+    }
+    const py::int_ number = py::reinterpret_steal<py::int_>(PyNumber_Index(value.ptr()));
+    const auto lowest = py::int_(std::numeric_limits<M>::lowest());
+    const auto highest = py::int_(std::numeric_limits<M>::max());
+    if (number < lowest || number > highest) {
+      raise_invalid(fmt::format("{} = {} is outside [{}, {}]", where,
+                                py::repr(number).cast<std::string>(),
+                                std::numeric_limits<M>::lowest(), std::numeric_limits<M>::max()));
+    }
+    return py::cast<M>(number);
+  }
+}
+
 // A config section: read-write attributes (set in place: `config.cache.block_size = 32`), a
 // keyword constructor, and a __repr__ listing the fields.
 template <typename T>
@@ -60,7 +91,19 @@ class Section {
   }
   template <typename M>
   Section& field(const char* name, M T::*member, const char* doc = "") {
-    cls_.def_readwrite(name, member, doc);
+    if constexpr (std::is_arithmetic_v<M>) {
+      // Numbers are converted here, so that a refusal names the field (pybind11's own cast
+      // would only say the setter's arguments do not match).
+      const std::string where = name_ + "." + name;
+      cls_.def_property(
+          name, [member](const T& self) { return self.*member; },
+          [member, where](T& self, const py::object& value) {
+            self.*member = number_arg<M>(value, where);
+          },
+          doc);
+    } else {
+      cls_.def_readwrite(name, member, doc);
+    }
     fields_->push_back(name);
     return *this;
   }

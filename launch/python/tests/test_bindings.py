@@ -70,6 +70,23 @@ def test_every_config_key_is_an_attribute():
         assert hasattr(owner, name), key
 
 
+def test_a_config_field_set_to_what_it_cannot_hold_is_named(config):
+    for value, says in ((-1, "CacheConfig.block_size = -1 is outside [0, 4294967295]"),
+                        (2**32, "= 4294967296 is outside"),
+                        ("16", "CacheConfig.block_size must be an integer (got str)"),
+                        (True, "must be an integer (got bool)"),
+                        (1.5, "must be an integer (got float)")):
+        with pytest.raises(kvfabric.InvalidArgumentError, match=re.escape(says)):
+            config.cache.block_size = value
+    assert config.cache.block_size == 16  # unchanged
+    with pytest.raises(kvfabric.InvalidArgumentError, match="ModelConfig.head_dim = -1"):
+        kvfabric.ModelConfig(head_dim=-1)
+    with pytest.raises(kvfabric.InvalidArgumentError, match="prefill_token_cost must be a number"):
+        config.coordinator.prefill_token_cost = "x"
+    config.coordinator.prefill_token_cost = 2  # an int is a number
+    assert config.coordinator.prefill_token_cost == 2.0
+
+
 def test_configs_compare_by_value(config):
     same = kvfabric.Config.parse(config.dump())
     assert same == config and same is not config and config != "a config"
