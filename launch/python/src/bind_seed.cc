@@ -2,6 +2,8 @@
 // CachedKvState and HostKvCache (oxillama), CacheManager and the tensor quantizers (ruvector).
 #include <fmt/format.h>
 
+#include <cmath>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -30,20 +32,31 @@ py::array_t<float> float_rows(std::span<const float> values, size_t rows) {
 
 std::vector<float> floats_arg(const py::handle& obj, const char* name) {
   refuse_masked(obj, name);
+  std::vector<double> wide;  // read as float64 first, so that a float32 overflow is named
   if (py::isinstance<py::array>(obj)) {
     auto array = py::reinterpret_borrow<py::array>(obj);
     if (array.dtype().kind() != 'f' && array.dtype().kind() != 'i' && array.dtype().kind() != 'u') {
       raise_invalid(fmt::format("{} must hold numbers (got dtype {})", name,
                                 array.dtype().attr("name").cast<std::string>()));
     }
-    auto values = py::array_t<float, py::array::c_style | py::array::forcecast>(array);
-    return {values.data(), values.data() + values.size()};
+    auto values = py::array_t<double, py::array::c_style | py::array::forcecast>(array);
+    wide.assign(values.data(), values.data() + values.size());
+  } else {
+    try {
+      wide = obj.cast<std::vector<double>>();
+    } catch (const py::cast_error&) {
+      raise_invalid(fmt::format("{} must be a sequence of floats or a NumPy array", name));
+    }
   }
-  try {
-    return obj.cast<std::vector<float>>();
-  } catch (const py::cast_error&) {
-    raise_invalid(fmt::format("{} must be a sequence of floats or a NumPy array", name));
+  std::vector<float> out(wide.size());
+  for (size_t i = 0; i < wide.size(); ++i) {
+    out[i] = static_cast<float>(wide[i]);
+    if (std::isinf(out[i]) && std::isfinite(wide[i])) {
+      raise_invalid(fmt::format("{}[{}] = {} does not fit in float32 (|x| <= {})", name, i,
+                                wide[i], std::numeric_limits<float>::max()));
+    }
   }
+  return out;
 }
 
 std::vector<std::vector<float>> layers_arg(const py::handle& obj, const char* name) {

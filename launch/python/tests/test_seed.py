@@ -127,6 +127,12 @@ def test_cache_manager_and_quantizers_reproduce_the_seed():
     np.testing.assert_allclose(rows.keys[1], 4.0, atol=1e-6)
     with pytest.raises(kvfabric.InvalidArgumentError):
         manager.get([9])
+    # Finite values that no float32 holds, or whose range overflows one, are refused by name.
+    with pytest.raises(kvfabric.InvalidArgumentError, match=r"key\[1\] = 1e\+300 does not fit"):
+        manager.append(np.array([0.0, 1e300] + [0.0] * 6), np.zeros(8))
+    with pytest.raises(kvfabric.InvalidArgumentError, match="a range wider than the largest float"):
+        manager.append(np.array([-2e38, 2e38] + [0.0] * 6, np.float32), np.zeros(8))
+    assert manager.token_positions() == [0, 2, 3, 4]
     with pytest.raises(kvfabric.InvalidArgumentError):
         kvfabric.CacheManager(max_seq_len=4, num_heads=2, head_dim=4, quantization_bits=9)
     pyramid = kvfabric.CacheManager(max_seq_len=64, num_heads=1, head_dim=4, quantization_bits=4,
