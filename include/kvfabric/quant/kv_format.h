@@ -93,6 +93,13 @@ KVF_HOST_DEVICE static inline Fp8RowParams fp8_row_params(float absmax, bool all
   }
   p.scale = absmax / numeric::kFp8E4M3Max;
   p.inv_scale = numeric::kFp8E4M3Max / absmax;
+  if (!(p.inv_scale <= kLargestInverseScale)) {
+    // Magnitudes below 448 / FLT_MAX: 448 / absmax overflows, and a zero element times infinity
+    // would encode NaN (stored as -absmax). The largest finite inverse and its inverse (2^-128,
+    // subnormal) still map the row into fp8's range and back.
+    p.inv_scale = kLargestInverseScale;
+    p.scale = 1.0f / kLargestInverseScale;
+  }
   return p;
 }
 

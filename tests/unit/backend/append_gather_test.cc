@@ -157,6 +157,28 @@ TEST(AppendKv, RejectsValuesThePoolWouldStoreAsInfinity) {
   }
 }
 
+// fp8 rows of magnitudes below 448 / FLT_MAX kept their zeros as -absmax (0 * inf = NaN in the
+// encoder) on every ISA; they read back within fp8's precision, zeros as zeros.
+TEST(AppendKv, Fp8RowsOfTinyValuesReadBackOnEveryIsa) {
+  for (const CpuIsa isa : testing::cpu_isas()) {
+    auto backend = testing::cpu_backend(isa);
+    auto pool = testing::TestPool::create(*backend, 1, 2, 16, 64, DType::kFP8E4M3, 0, 1);
+    std::vector<float> key(2 * 64, 0.0f);
+    for (uint32_t i = 0; i < key.size(); i += 3) key[i] = (i % 2 == 0 ? 1e-37f : -5e-38f);
+    const std::vector<float> value = key;
+    const int64_t slot = 0;
+    ASSERT_TRUE(
+        backend->append_kv(pool.view, {0, key.data(), value.data(), DType::kF32, 1, &slot}).ok());
+    std::vector<float> k_out(key.size()), v_out(key.size());
+    const uint32_t table[1] = {0};
+    ASSERT_TRUE(backend->gather_kv(pool.view, {0, table, 1, k_out.data(), v_out.data()}).ok());
+    for (size_t i = 0; i < key.size(); ++i) {
+      EXPECT_LE(std::fabs(k_out[i] - key[i]), 1e-37f / 16) << cpu_isa_name(isa) << " " << i;
+      EXPECT_EQ(k_out[i] == 0.0f, key[i] == 0.0f) << cpu_isa_name(isa) << " " << i;
+    }
+  }
+}
+
 // Key and value are checked in one pass over token ranges on two threads: still the first bad
 // token of the key, or else of the value, whichever thread finds which.
 TEST(AppendKv, RejectsTheFirstNonFiniteTokenOfLargeInputs) {

@@ -110,6 +110,28 @@ TEST(Quantize, ASubnormalRangeGetsDefinedCodes) {
   EXPECT_LE(negative.zero, 255u);
 }
 
+// An fp8 row whose largest magnitude is below 448 / FLT_MAX: 448 / absmax overflowed, and each
+// zero element encoded 0 * inf = NaN, stored as -absmax. Zeros stay zero, signs stay, values
+// keep fp8's precision (bound relative to the row's largest).
+TEST(Quantize, AnFp8RowOfTinyValuesKeepsItsZerosAndSigns) {
+  const quant::RowFormat format{DType::kFP8E4M3, 8, 0};
+  for (const float top : {1e-37f, 1e-40f, 1.3e-36f}) {
+    const float x[8] = {top, 0.0f, -top / 2, 0.0f, top / 4, -top, 0.0f, top / 8};
+    uint8_t codes[8];
+    float scale = 0;
+    quant::encode_row(format, x, codes, &scale, nullptr);
+    float back[8];
+    quant::decode_row(format, codes, &scale, nullptr, back);
+    for (int i = 0; i < 8; ++i) {
+      EXPECT_TRUE(std::isfinite(back[i])) << top << " element " << i;
+      EXPECT_LE(std::fabs(back[i] - x[i]), top / 8) << top << " element " << i << ": " << back[i];
+      if (x[i] == 0.0f) {
+        EXPECT_EQ(back[i], 0.0f) << top << " element " << i;
+      }
+    }
+  }
+}
+
 TEST(Quantize, IntegerLayoutIsScaleZeroPerGroup) {
   const quant::RowFormat f{DType::kInt8, 8, 4};
   const std::vector<float> x = {-1.0f, 0.0f, 1.0f, 2.0f, 10.0f, 10.0f, 10.0f, 10.0f};
