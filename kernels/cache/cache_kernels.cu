@@ -156,7 +156,7 @@ __global__ void gather_kernel(PagedKvView pool, uint32_t layer, const uint32_t* 
     out[e] = v[e];
 }
 
-// Vectorized when 16-byte aligned: each thread checks 8 elements per step.
+// A grid-stride loop, one element per thread and step.
 // The same test as quant::find_unstorable: NaN and infinity have the largest magnitude bits.
 __global__ void find_unstorable_kernel(const void* data, DType dtype, uint64_t n,
                                        uint32_t abs_bits, unsigned long long* flag) {

@@ -161,7 +161,7 @@ Status validate_finite_kv(const void* key, const void* value, DType dtype, uint3
       shown << x;
       why = "= " + shown.str() + " is too large for " + str(dtype_name(pool_dtype)) + " KV (" +
             (is_integer_quantized(pool_dtype)
-                 ? "a group's range must stay below the largest float: |x| < 2^127"
+                 ? "integer KV takes |x| < 2^127, so that a group's range, max - min, stays a float"
                  : "it would be stored as infinity") +
             ")";
     }

@@ -613,7 +613,12 @@ std::optional<uint32_t> cheapest_with_room(std::span<const AdmissionCost> costs)
 
 Result<std::vector<AdmissionCost>> Coordinator::admission_costs(std::span<const TokenId> prompt,
                                                                 const AdmitOptions& options) const {
-  if (prompt.empty()) return invalid_argument("admission costs: the prompt is empty");
+  const auto request = [] { return std::string("admission costs"); };
+  if (prompt.empty()) return invalid_argument(request() + ": the prompt is empty");
+  KVF_RETURN_IF_ERROR(check_priority_level(options.priority, "the request"));
+  const auto known = tenant_ids_.find(options.tenant);
+  KVF_RETURN_IF_ERROR(check_tenant_priority(
+      request, known == tenant_ids_.end() ? nullptr : &tenants_[known->second], options.priority));
   const size_t bs = config_.cache.block_size;
   PrefixLookup lookup;
   index_->lookup(RadixKey(prompt, bs, {salt_of(options), options.public_tokens}), lookup);
@@ -1123,13 +1128,17 @@ Status Coordinator::check_quota(const std::function<std::string()>& request, uin
 
 Status Coordinator::check_tenant_priority(const std::function<std::string()>& request,
                                           uint32_t tenant, uint32_t priority) const {
-  const Tenant& t = tenants_[tenant];
-  const uint32_t highest = quota_of(t).max_priority;
+  return check_tenant_priority(request, &tenants_[tenant], priority);
+}
+
+Status Coordinator::check_tenant_priority(const std::function<std::string()>& request,
+                                          const Tenant* tenant, uint32_t priority) const {
+  const uint32_t highest = tenant ? quota_of(*tenant).max_priority : config_.tenants.max_priority;
   if (priority <= highest) return ok_status();
   return invalid_argument(request() + ": priority " + std::to_string(priority) + " is above " +
                           std::to_string(highest) +
-                          ", the highest this tenant may give (max_priority, " + quota_source(t) +
-                          ")");
+                          ", the highest this tenant may give (max_priority, " +
+                          (tenant ? quota_source(*tenant) : "the tenants section") + ")");
 }
 
 void Coordinator::note_refusal(uint32_t tenant, const Status& status) {
@@ -1171,9 +1180,13 @@ std::vector<std::string> Coordinator::tenants() const {
 }
 
 Status Coordinator::check_priority(SeqId seq, uint32_t priority) const {
+  return check_priority_level(priority, to_string(seq));
+}
+
+Status Coordinator::check_priority_level(uint32_t priority, const std::string& subject) const {
   const EvictionConfig& eviction = config_.cache.eviction;
   if (eviction.strategy == EvictionPolicy::kPriority && priority >= eviction.priority_levels) {
-    return invalid_argument("priority " + std::to_string(priority) + " for " + to_string(seq) +
+    return invalid_argument("priority " + std::to_string(priority) + " for " + subject +
                             " is out of range (cache.eviction.priority_levels is " +
                             std::to_string(eviction.priority_levels) + ")");
   }

@@ -13,6 +13,13 @@
 namespace kvfabric {
 namespace {
 
+// "S7's table" or "S7's table of layer group 2", for refusals.
+std::string table_name(const StepPlan::Table& t) {
+  return to_string(t.seq) + "'s table" +
+         (t.layer_group == StepPlan::kAllLayers ? std::string()
+                                                : " of layer group " + std::to_string(t.layer_group));
+}
+
 std::span<const uint8_t> as_bytes(const uint64_t& value) {
   return {reinterpret_cast<const uint8_t*>(&value), sizeof(value)};
 }
@@ -172,28 +179,28 @@ const PagedKvView& RankCache::device_view(uint32_t layer_group) const {
 // A table this replica keeps must mean blocks of its pool holding its tokens: engines read slots
 // off it (block_table()), so a table naming no such blocks is refused rather than recorded.
 Status RankCache::validate_own_table(const StepPlan::Table& t,
-                                     const std::function<Status(const std::string&)>& bad,
-                                     const std::string& name) const {
+                                     const std::function<Status(const std::string&)>& bad) const {
+  const auto name = [&] { return table_name(t); };  // built only for a refusal: every step runs this
   const PagedKvView& view = device_view(t.layer_group);
   for (const BlockId b : t.blocks) {
     if (b.value >= view.num_blocks) {
-      return bad(name + " names " + to_string(b) + ", outside this rank's pool of " +
+      return bad(name() + " names " + to_string(b) + ", outside this rank's pool of " +
                  std::to_string(view.num_blocks) + " blocks");
     }
   }
   if (t.computed_tokens > t.num_tokens) {
-    return bad(name + " has " + std::to_string(t.computed_tokens) + " computed of " +
+    return bad(name() + " has " + std::to_string(t.computed_tokens) + " computed of " +
                std::to_string(t.num_tokens) + " tokens");
   }
   const uint64_t blocks = uint64_t{t.first_block} + t.blocks.size();
   if (t.num_tokens > blocks * view.block_size) {
-    return bad(name + " holds " + std::to_string(t.num_tokens) + " tokens in " +
+    return bad(name() + " holds " + std::to_string(t.num_tokens) + " tokens in " +
                std::to_string(blocks) + " blocks of " + std::to_string(view.block_size));
   }
   std::vector<BlockId> listed(t.blocks.begin(), t.blocks.end());
   std::sort(listed.begin(), listed.end());
   if (const auto twice = std::adjacent_find(listed.begin(), listed.end()); twice != listed.end()) {
-    return bad(name + " names " + to_string(*twice) + " twice");
+    return bad(name() + " names " + to_string(*twice) + " twice");
   }
   return ok_status();
 }
@@ -202,11 +209,7 @@ Status RankCache::validate_tables(const StepPlan& plan) const {
   const auto bad = [&](const std::string& what) {
     return invalid_argument(where() + ", step " + std::to_string(plan.step) + ": " + what);
   };
-  const auto name = [](const StepPlan::Table& t) {
-    return to_string(t.seq) + "'s table" +
-           (t.layer_group == StepPlan::kAllLayers ? std::string()
-                                                  : " of layer group " + std::to_string(t.layer_group));
-  };
+  const auto name = table_name;
   const std::set<SeqId> released(plan.released.begin(), plan.released.end());
   // Per sequence: the replica of its first table, whether they are per group, and their groups.
   struct Listed {
@@ -233,7 +236,7 @@ Status RankCache::validate_tables(const StepPlan& plan) const {
                  "'s tables on two replicas or both whole and per layer group");
     }
     if (!l.groups.insert(t.layer_group).second) return bad("the plan lists " + name(t) + " twice");
-    if (t.replica == layout_.replica) KVF_RETURN_IF_ERROR(validate_own_table(t, bad, name(t)));
+    if (t.replica == layout_.replica) KVF_RETURN_IF_ERROR(validate_own_table(t, bad));
     // A change continues the table this replica holds (released ones are gone by then).
     if (t.replica != layout_.replica || t.first_block == 0) continue;
     l.continues = true;

@@ -808,6 +808,8 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
     }
     case ControlOp::kAdmissionCosts: {
       KVF_RETURN_IF_ERROR(fields.only({"tokens", "priority", "cache_salt", "public_tokens"}));
+      // Every replica's load and room: what stats shows only an admin.
+      KVF_RETURN_IF_ERROR(check_admin(who, op));
       KVF_ASSIGN_OR_RETURN(const std::vector<TokenId> tokens, fields.tokens("tokens"));
       KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
       KVF_ASSIGN_OR_RETURN(const auto salt, fields.optional_string("cache_salt", kMaxSaltBytes));

@@ -12,10 +12,15 @@ namespace kvfabric {
 
 struct CudaBackendOptions {
   int device = 0;
-  //! append_kv refuses NaN/Inf inputs. The check reads the inputs on the GPU and waits for the
-  //! answer before writing (one host-device synchronization per append); turn it off only for
-  //! inputs known to be finite.
+  //! append_kv refuses NaN/Inf inputs and values the pool's format would store as infinity or
+  //! NaN. The check reads the inputs on the GPU and waits for the answer before writing (one
+  //! host-device synchronization per append); turn it off only for inputs known to be finite.
   bool check_finite = true;
+  //! The attention calls refuse NaN/Inf queries too (the CPU backend always does). Off by default:
+  //! the check would add a host-device synchronization to every attention call (every layer of
+  //! every step), which the asynchronous launches exist to avoid; a bad query only spoils its own
+  //! outputs, never the cache.
+  bool check_finite_queries = false;
 };
 
 //! A backend on one CUDA device. Unavailable when there is no usable device, Unimplemented when

@@ -299,7 +299,9 @@ class Coordinator {
   //! id); when none has room, the cheapest that accepts it and can make room by displacing
   //! sequences of a lower priority. Beyond these, admit() checks the tenant's quota, and a
   //! compressed request identical to a SnapKV prompt compacted before may be served that kept
-  //! prompt instead. Changes nothing. InvalidArgument for an empty prompt.
+  //! prompt instead. Changes nothing. InvalidArgument, as admit() would refuse them, for an empty
+  //! prompt, a priority outside cache.eviction.priority_levels (priority eviction) or above the
+  //! tenant's max_priority.
   [[nodiscard]] Result<std::vector<AdmissionCost>> admission_costs(
       std::span<const TokenId> prompt, const AdmitOptions& options = {}) const;
   //! Leading tokens of `prompt` cached on `replica` under the salt `options` give (whole blocks).
@@ -499,6 +501,8 @@ class Coordinator {
   //! An id admit() or fork() may give a new sequence; `role` starts the "exists" message.
   Status check_new_sequence(SeqId seq, std::string_view role) const;
   Status check_priority(SeqId seq, uint32_t priority) const;
+  //! check_priority() of a request `subject` names.
+  Status check_priority_level(uint32_t priority, const std::string& subject) const;
   //! Where the prompt in lookup_ goes: the cheapest replica that has room, found among the
   //! replicas holding its deepest parts and, in load order, the rest; else choose_under_pressure().
   Result<AdmitChoice> choose_replica(SeqId seq, const PromptMatch& prompt, uint32_t priority);
@@ -561,6 +565,10 @@ class Coordinator {
   //! Sets the blocks a sequence's table holds in its tenant's count (`host`: on the host tier).
   void charge(Sequence& s, uint64_t blocks);
   Status check_tenant_priority(const std::function<std::string()>& request, uint32_t tenant,
+                               uint32_t priority) const;
+  //! The same for a tenant's record, or the tenants section's defaults for one never seen
+  //! (nullptr), so that a query registers no tenant.
+  Status check_tenant_priority(const std::function<std::string()>& request, const Tenant* tenant,
                                uint32_t priority) const;
   //! Counts a refusal of `status` (room or quota) against the tenant.
   void note_refusal(uint32_t tenant, const Status& status);

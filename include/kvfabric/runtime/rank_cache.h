@@ -187,8 +187,7 @@ class RankCache {
   //! A table of this replica: blocks of the pool, no block twice in what it lists, enough
   //! blocks for its tokens, no more computed tokens than tokens.
   [[nodiscard]] Status validate_own_table(const StepPlan::Table& table,
-                                          const std::function<Status(const std::string&)>& bad,
-                                          const std::string& name) const;
+                                          const std::function<Status(const std::string&)>& bad) const;
   [[nodiscard]] Status validate_compression(const StepPlan& plan) const;
   //! The device view of a plan's layer group (kAllLayers: the whole pool).
   [[nodiscard]] const PagedKvView& device_view(uint32_t layer_group) const;

@@ -135,6 +135,8 @@ std::string kv_events_json(const KvEventBatch& batch, uint32_t block_size);
 //! | shutdown | | (when allowed, an admin) |
 //! | subscribe | | subscribed, queue_limit, step (an admin; see KV events below) |
 //! | reset_prefix_cache | replica? | freed_blocks (an admin) |
+//! | report_attention | seq, step, scores | (a compressed sequence's summed attention scores) |
+//! | admission_costs | tokens, priority?, cache_salt?, public_tokens? | replicas (each replica's cost as admit weighs it), chosen (an admin) |
 //!
 //! Tenants (with options.tenants): a connection first sends hello with its token; any other
 //! request before that is Unauthenticated. A tenant admits under its own name (and cache salt),

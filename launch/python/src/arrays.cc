@@ -330,10 +330,11 @@ void for_each_integer(const py::handle& obj, const char* name, F&& f) {
                               name, type_name(obj)));
   }
   size_t i = 0;
+  const py::object numpy_bool = py::module_::import("numpy").attr("bool_");
   for (const py::handle item : obj) {
     // Python ints and anything with __index__ (NumPy integer scalars), not floats, strings or
     // bools (a NumPy bool array is refused too).
-    if (PyBool_Check(item.ptr()) || py::isinstance(item, py::module_::import("numpy").attr("bool_"))) {
+    if (PyBool_Check(item.ptr()) || py::isinstance(item, numpy_bool)) {
       raise_invalid(fmt::format("{}[{}] must be an integer (got bool)", name, i));
     }
     auto index = py::reinterpret_steal<py::object>(PyNumber_Index(item.ptr()));

@@ -60,7 +60,10 @@ M number_arg(const py::object& value, const std::string& where) {
     if (!is_bool) raise_invalid(fmt::format("{} must be True or False (got {})", where, type_name(value)));
     return value.ptr() == Py_True;
   } else if constexpr (std::is_floating_point_v<M>) {
-    if (is_bool || !(PyFloat_Check(value.ptr()) || PyIndex_Check(value.ptr()))) {
+    // Python and NumPy floats and integers: whatever converts with __float__ or __index__.
+    const PyNumberMethods* number = Py_TYPE(value.ptr())->tp_as_number;
+    const bool has_float = number != nullptr && number->nb_float != nullptr;
+    if (is_bool || !(has_float || PyIndex_Check(value.ptr()))) {
       raise_invalid(fmt::format("{} must be a number (got {})", where, type_name(value)));
     }
     return static_cast<M>(py::cast<double>(value));

@@ -83,8 +83,11 @@ def test_a_config_field_set_to_what_it_cannot_hold_is_named(config):
         kvfabric.ModelConfig(head_dim=-1)
     with pytest.raises(kvfabric.InvalidArgumentError, match="prefill_token_cost must be a number"):
         config.coordinator.prefill_token_cost = "x"
-    config.coordinator.prefill_token_cost = 2  # an int is a number
+    config.coordinator.prefill_token_cost = 2  # an int is a number, and so are NumPy's
     assert config.coordinator.prefill_token_cost == 2.0
+    config.coordinator.migration_token_cost = np.float32(0.5)
+    config.cache.block_size = np.int64(32)
+    assert (config.coordinator.migration_token_cost, config.cache.block_size) == (0.5, 32)
 
 
 def test_configs_compare_by_value(config):

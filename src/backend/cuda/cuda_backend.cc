@@ -160,7 +160,7 @@ class CudaBackend final : public Backend {
     KVF_RETURN_IF_ERROR(check_device_memory(args.output, "paged_decode_attention: output"));
     KVF_RETURN_IF_ERROR(
         check_device_memory(args.attention_mass, "paged_decode_attention: attention_mass"));
-    if (options_.check_finite) {  // a NaN or infinite query makes its outputs NaN
+    if (options_.check_finite_queries) {  // a NaN or infinite query makes its outputs NaN
       KVF_RETURN_IF_ERROR(check_finite(args.query, args.query_dtype,
                                        uint64_t{args.num_seqs} * args.num_q_heads * pool.head_dim,
                                        args.num_q_heads, pool.head_dim,
@@ -203,7 +203,7 @@ class CudaBackend final : public Backend {
     if (args.num_seqs > 0) {
       KVF_RETURN_IF_ERROR(check_device_memory(args.query, "paged_prefill_attention: query"));
       KVF_RETURN_IF_ERROR(check_device_memory(args.output, "paged_prefill_attention: output"));
-      if (options_.check_finite) {
+      if (options_.check_finite_queries) {
         KVF_RETURN_IF_ERROR(check_finite(
             args.query, args.query_dtype,
             uint64_t{args.query_start[args.num_seqs]} * args.num_q_heads * pool.head_dim,
@@ -366,7 +366,7 @@ class CudaBackend final : public Backend {
   }
 
   // `n` elements of [token][heads][head_dim] rows, each finite and (for K/V) storable in a pool
-  // of `pool_dtype` (quant::unstorable_abs_bits; f32: finite is enough).
+  // of `pool_dtype` (quant::unstorable_abs_bits; f32: finite is enough). Waits for the answer.
   Status check_finite(const void* data, DType dtype, uint64_t n, uint32_t heads,
                       uint32_t head_dim, std::string_view what, DType pool_dtype = DType::kF32) {
     const uint32_t abs_bits = quant::unstorable_abs_bits(pool_dtype);

@@ -129,8 +129,8 @@ TEST(AppendKv, RejectsValuesThePoolWouldStoreAsInfinity) {
   };
   for (const Case& c : {Case{DType::kF16, 65504.0f, 1e6f, "it would be stored as infinity"},
                         Case{DType::kBF16, 3.3e38f, 3.4e38f, "it would be stored as infinity"},
-                        Case{DType::kInt8, 1e38f, 2e38f, "|x| < 2^127"},
-                        Case{DType::kInt4, 1e38f, -2e38f, "|x| < 2^127"}}) {
+                        Case{DType::kInt8, 1e38f, 2e38f, "integer KV takes |x| < 2^127"},
+                        Case{DType::kInt4, 1e38f, -2e38f, "integer KV takes |x| < 2^127"}}) {
     auto pool = testing::TestPool::create(*backend, 1, 2, 16, 64, c.pool,
                                           is_integer_quantized(c.pool) ? 32 : 0, 2);
     const auto before = pool.snapshot();

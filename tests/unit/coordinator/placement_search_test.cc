@@ -113,6 +113,23 @@ TEST(AdmissionCosts, ReadTheSaltAndThePriorityAndChangeNothing) {
   EXPECT_EQ(c.stats().admitted, admitted);
   EXPECT_TRUE(c.verify_integrity().ok());
 
+  // What admit would refuse for the priority is refused here too, naming it.
+  Config prioritized = serving_config(2, 1, 4, 2, 16, 8);
+  prioritized.cache.eviction.strategy = EvictionPolicy::kPriority;
+  prioritized.cache.eviction.priority_levels = 2;
+  prioritized.tenants.max_priority = 0;
+  Coordinator p = Coordinator::create(prioritized).value();
+  AdmitOptions high;
+  high.priority = 7;
+  EXPECT_THAT(p.admission_costs(prompt, high).status().message(),
+              ::testing::HasSubstr("priority 7 for the request is out of range"));
+  EXPECT_FALSE(p.admit(SeqId{1}, prompt, high).ok());
+  high.priority = 1;
+  high.tenant = "t";
+  EXPECT_THAT(p.admission_costs(prompt, high).status().message(),
+              ::testing::HasSubstr("priority 1 is above 0, the highest this tenant may give"));
+  EXPECT_EQ(p.tenants(), std::vector<std::string>({""}));  // "t" was not registered
+
   const auto empty = c.admission_costs({});
   ASSERT_FALSE(empty.ok());
   EXPECT_EQ(empty.status().code(), ErrorCode::kInvalidArgument);
@@ -123,10 +140,44 @@ struct SearchCase {
   uint32_t dp;
   uint64_t blocks_per_replica;
   uint64_t seed;
+  //! With a host tier, a sequence limit and priority eviction, replicas refuse newcomers now and
+  //! then (full, or bringing swapped sequences back): the search must skip them.
+  bool refusing_replicas = false;
 };
 
+// The cost admit() weighs, from what the coordinator shows of each replica: its cached prefix,
+// its running sequences and used blocks, and the weights of the config.
+void expect_costs_follow_the_formula(const Coordinator& c, std::span<const TokenId> prompt,
+                                     const AdmitOptions& options,
+                                     const std::vector<AdmissionCost>& costs) {
+  const CoordinatorConfig& w = c.config().coordinator;
+  std::vector<size_t> local(c.num_replicas());
+  for (uint32_t r = 0; r < c.num_replicas(); ++r) local[r] = c.cached_tokens(r, prompt, options);
+  const auto deepest = std::max_element(local.begin(), local.end());  // the lowest id among ties
+  const auto best_source = static_cast<uint32_t>(deepest - local.begin());
+  for (uint32_t r = 0; r < c.num_replicas(); ++r) {
+    const ReplicaStats stats = c.replica_stats(r);
+    const double load = w.queue_weight * static_cast<double>(stats.sequences) +
+                        w.memory_weight * static_cast<double>(stats.used_blocks) /
+                            static_cast<double>(stats.device_blocks);
+    const bool migrate = r != best_source && *deepest > local[r] &&
+                         w.migration_token_cost < w.prefill_token_cost;
+    const size_t covered = migrate ? *deepest : local[r];
+    const double cost = w.prefill_token_cost * static_cast<double>(prompt.size() - covered) +
+                        (migrate ? w.migration_token_cost * static_cast<double>(*deepest - local[r])
+                                 : 0.0) +
+                        load;
+    ASSERT_EQ(costs[r].cached_tokens, local[r]) << "replica " << r;
+    ASSERT_EQ(costs[r].migration_source, migrate ? std::optional(best_source) : std::nullopt);
+    ASSERT_DOUBLE_EQ(costs[r].load, load) << "replica " << r;
+    ASSERT_NEAR(costs[r].cost, cost, 1e-9 * cost) << "replica " << r;
+    ASSERT_EQ(costs[r].blocks_available, stats.free_blocks + stats.cached_blocks);
+  }
+}
+
 void PrintTo(const SearchCase& c, std::ostream* os) {
-  *os << "dp " << c.dp << ", " << c.blocks_per_replica << " blocks a replica, seed " << c.seed;
+  *os << "dp " << c.dp << ", " << c.blocks_per_replica << " blocks a replica, seed " << c.seed
+      << (c.refusing_replicas ? ", replicas that refuse newcomers" : "");
 }
 
 class PlacementSearchProperty : public ::testing::TestWithParam<SearchCase> {};
@@ -136,7 +187,13 @@ class PlacementSearchProperty : public ::testing::TestWithParam<SearchCase> {};
 // the exhaustive costs taken just before it.
 TEST_P(PlacementSearchProperty, EveryAdmissionTakesTheCheapestReplicaWithRoom) {
   const SearchCase param = GetParam();
-  Config config = serving_config(param.dp, 1, 4, 2, param.blocks_per_replica, 0);
+  Config config = serving_config(param.dp, 1, 4, 2, param.blocks_per_replica,
+                                 param.refusing_replicas ? param.blocks_per_replica / 2 : 0);
+  if (param.refusing_replicas) {
+    config.coordinator.max_sequences_per_replica = 5;
+    config.cache.eviction.strategy = EvictionPolicy::kPriority;
+    config.cache.eviction.priority_levels = 3;
+  }
   Coordinator c = Coordinator::create(config).value();
   const uint64_t seed = testing::property_seed(param.seed);
   std::mt19937_64 rng(seed);
@@ -144,10 +201,12 @@ TEST_P(PlacementSearchProperty, EveryAdmissionTakesTheCheapestReplicaWithRoom) {
   const std::vector<std::vector<TokenId>> systems = {
       token_run(2 * bs, 1'000'000), token_run(4 * bs, 2'000'000), token_run(6 * bs, 3'000'000)};
   std::vector<SeqId> running;
-  uint64_t next_seq = 1, next_token = 1, checked = 0, over_16 = 0, over_64 = 0, migrated = 0;
+  uint64_t next_seq = 1, next_token = 1, checked = 0, over_16 = 0, over_64 = 0, migrated = 0,
+           refusing = 0;
   const uint64_t ops = testing::property_count(1200);
   for (uint64_t op = 0; op < ops; ++op) {
-    const uint64_t dice = rng() % 10;
+    uint64_t dice = rng() % 10;
+    if (dice < 5 && running.size() >= 4 * size_t{param.dp}) dice = 7;  // a free: keep some room
     if (dice < 5) {
       std::vector<TokenId> prompt = systems[rng() % systems.size()];
       if (rng() % 4 == 0) prompt.resize(prompt.size() - bs);  // a shorter version of one
@@ -157,8 +216,11 @@ TEST_P(PlacementSearchProperty, EveryAdmissionTakesTheCheapestReplicaWithRoom) {
       options.priority = static_cast<uint32_t>(rng() % 3);
       const auto costs = c.admission_costs(prompt, options);
       ASSERT_TRUE(costs.ok()) << costs.status().to_string();
+      ASSERT_NO_FATAL_FAILURE(expect_costs_follow_the_formula(c, prompt, options, *costs));
       const auto holders = std::count_if(costs->begin(), costs->end(),
                                          [](const AdmissionCost& a) { return a.cached_tokens > 0; });
+      refusing += std::any_of(costs->begin(), costs->end(),
+                              [](const AdmissionCost& a) { return !a.accepts; });
       over_16 += holders > 16;
       over_64 += holders > 64;
       const std::optional<uint32_t> expected = cheapest_with_room(*costs);
@@ -202,14 +264,20 @@ TEST_P(PlacementSearchProperty, EveryAdmissionTakesTheCheapestReplicaWithRoom) {
   if (param.dp > 64) {
     EXPECT_GT(over_64, 0u);
   }
+  if (param.refusing_replicas) {
+    EXPECT_GT(refusing, ops / 20);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, PlacementSearchProperty,
                          ::testing::Values(SearchCase{24, 48, 11}, SearchCase{40, 24, 12},
-                                           SearchCase{80, 40, 13}, SearchCase{96, 16, 14}),
+                                           SearchCase{80, 40, 13}, SearchCase{96, 16, 14},
+                                           SearchCase{24, 24, 15, true},
+                                           SearchCase{72, 32, 16, true}),
                          [](const auto& test) {
                            return "dp" + std::to_string(test.param.dp) + "_blocks" +
-                                  std::to_string(test.param.blocks_per_replica);
+                                  std::to_string(test.param.blocks_per_replica) +
+                                  (test.param.refusing_replicas ? "_refusing" : "");
                          });
 
 }  // namespace

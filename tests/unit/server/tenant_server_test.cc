@@ -228,6 +228,10 @@ TEST_F(TenantProtocolTest, StepShutdownAndClusterStatsAreAnAdminsOnly) {
                 HasSubstr("tenant 'alice' is not one"));
   }
   EXPECT_FALSE(protocol_.shutdown_requested());
+  // Every replica's load and room, as stats shows them to an admin only.
+  const json costs = call(alice_, {{"op", "admission_costs"}, {"tokens", token_run(20, 1)}});
+  EXPECT_EQ(code(costs), "PermissionDenied") << costs;
+  EXPECT_EQ(call(ops_, {{"op", "admission_costs"}, {"tokens", token_run(20, 1)}})["ok"], true);
   ASSERT_EQ(call(bob_, {{"op", "admit"}, {"seq", 5}, {"tokens", token_run(20, 1)}})["ok"], true);
   const json mine = call(alice_, {{"op", "stats"}});
   EXPECT_EQ(mine["tenant"], "alice");
