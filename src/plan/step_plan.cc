@@ -169,34 +169,16 @@ bool read_op(Reader& r, StepPlan::Op& op) {
   if (op.kind == StepPlan::OpKind::kCopy) {
     op.copy.src_block = op.src;
     op.copy.dst_block = op.dst;
-    // A copy reads the view it writes, or regroups whole blocks into a group's.
-    if (op.from_group != op.to_group && op.from_group != StepPlan::kAllLayers) {
-      r.fail(Status(ErrorCode::kParseError,
-                    "step plan copy reads layer group " + std::to_string(op.from_group) +
-                        " and writes layer group " + std::to_string(op.to_group) +
-                        "; only whole blocks regroup"));
-      return false;
-    }
   } else {
     op.copy = TokenCopy{};
-    if (op.from_group != StepPlan::kAllLayers || op.to_group != StepPlan::kAllLayers) {
-      r.fail(Status(ErrorCode::kParseError,
-                    "step plan op of replica " + std::to_string(op.replica) +
-                        " names a layer group; only copies do"));
-      return false;
-    }
   }
-  if (op.kind != StepPlan::OpKind::kMigrate && op.dst_replica != op.replica) {
-    r.fail(Status(ErrorCode::kParseError, "step plan op of replica " + std::to_string(op.replica) +
-                                              " names a destination replica; only migrations do"));
+  if (const std::string problem = StepPlan::op_problem(op); !problem.empty()) {
+    r.fail(Status(ErrorCode::kParseError, "step plan " + problem));
     return false;
   }
   return true;
 }
 
-// The kept ranges must be what a compaction can mean: non-empty, inside the sequence, disjoint,
-// and in an order that moves no token to a later slot (a compaction may fill dropped slots with
-// later tokens, so not always ascending).
 bool read_compaction(Reader& r, StepPlan::Compaction& c) {
   uint64_t ranges = 0;
   if (!r.get(c.seq.value, "compactions") || !r.get(c.replica, "compactions") ||
@@ -204,36 +186,13 @@ bool read_compaction(Reader& r, StepPlan::Compaction& c) {
       !r.count(ranges, 16, "kept ranges")) {
     return false;
   }
-  const auto refuse = [&](const StepPlan::TokenRange& range, const std::string& why) {
-    r.fail(Status(ErrorCode::kParseError, "step plan compaction of " + to_string(c.seq) +
-                                              " keeps [" + std::to_string(range.first) + ", +" +
-                                              std::to_string(range.count) + ") of " +
-                                              std::to_string(c.tokens_before) + " tokens; " + why));
-    return false;
-  };
   c.kept.resize(ranges);
-  uint64_t slot = 0;  // where the range's first token goes
   for (StepPlan::TokenRange& range : c.kept) {
     if (!r.get(range.first, "kept ranges") || !r.get(range.count, "kept ranges")) return false;
-    if (range.count == 0 || range.first > c.tokens_before ||
-        range.count > c.tokens_before - range.first) {
-      return refuse(range, "ranges must be non-empty and inside");
-    }
-    if (range.first < slot) {
-      return refuse(range, "it would move to later slot " + std::to_string(slot) +
-                               "; kept tokens only move to earlier slots");
-    }
-    slot += range.count;
   }
-  std::vector<StepPlan::TokenRange> by_first = c.kept;
-  std::sort(by_first.begin(), by_first.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (size_t i = 1; i < by_first.size(); ++i) {
-    if (by_first[i].first < by_first[i - 1].first + by_first[i - 1].count) {
-      return refuse(by_first[i], "it overlaps [" + std::to_string(by_first[i - 1].first) + ", +" +
-                                     std::to_string(by_first[i - 1].count) +
-                                     "); ranges must be disjoint");
-    }
+  if (const std::string problem = StepPlan::compaction_problem(c); !problem.empty()) {
+    r.fail(Status(ErrorCode::kParseError, "step plan " + problem));
+    return false;
   }
   return true;
 }
@@ -307,6 +266,57 @@ Result<StepPlan> StepPlan::deserialize(std::span<const uint8_t> bytes) {
   if (!r.status().ok()) return r.status();
   if (!r.done()) return Status(ErrorCode::kParseError, "step plan has trailing bytes");
   return plan;
+}
+
+std::string StepPlan::op_problem(const Op& op) {
+  if (op.kind == OpKind::kCopy) {
+    // A copy reads the view it writes, or regroups whole blocks into a group's.
+    if (op.from_group != op.to_group && op.from_group != kAllLayers) {
+      return "copy reads layer group " + std::to_string(op.from_group) + " and writes layer group " +
+             std::to_string(op.to_group) + "; only whole blocks regroup";
+    }
+  } else if (op.from_group != kAllLayers || op.to_group != kAllLayers) {
+    return "op of replica " + std::to_string(op.replica) + " names a layer group; only copies do";
+  }
+  if (op.kind != OpKind::kMigrate && op.dst_replica != op.replica) {
+    return "op of replica " + std::to_string(op.replica) +
+           " names a destination replica; only migrations do";
+  }
+  return {};
+}
+
+// The kept ranges must be what a compaction can mean: non-empty, inside the sequence, disjoint,
+// and in an order that moves no token to a later slot (a compaction may fill dropped slots with
+// later tokens, so not always ascending).
+std::string StepPlan::compaction_problem(const Compaction& c) {
+  const auto refuse = [&](const TokenRange& range, const std::string& why) {
+    return "compaction of " + to_string(c.seq) + " keeps [" + std::to_string(range.first) + ", +" +
+           std::to_string(range.count) + ") of " + std::to_string(c.tokens_before) + " tokens; " +
+           why;
+  };
+  uint64_t slot = 0;  // where the range's first token goes
+  for (const TokenRange& range : c.kept) {
+    if (range.count == 0 || range.first > c.tokens_before ||
+        range.count > c.tokens_before - range.first) {
+      return refuse(range, "ranges must be non-empty and inside");
+    }
+    if (range.first < slot) {
+      return refuse(range, "it would move to later slot " + std::to_string(slot) +
+                               "; kept tokens only move to earlier slots");
+    }
+    slot += range.count;
+  }
+  std::vector<TokenRange> by_first = c.kept;
+  std::sort(by_first.begin(), by_first.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (size_t i = 1; i < by_first.size(); ++i) {
+    if (by_first[i].first < by_first[i - 1].first + by_first[i - 1].count) {
+      return refuse(by_first[i], "it overlaps [" + std::to_string(by_first[i - 1].first) + ", +" +
+                                     std::to_string(by_first[i - 1].count) +
+                                     "); ranges must be disjoint");
+    }
+  }
+  return {};
 }
 
 uint64_t StepPlan::Compaction::tokens_after() const {

@@ -95,6 +95,11 @@ Status RankCache::validate(const StepPlan& plan) const {
   auto in_pool = [](BlockId b, uint64_t blocks) { return b.value < blocks; };
   for (size_t i = 0; i < plan.ops.size(); ++i) {
     const StepPlan::Op& op = plan.ops[i];
+    // What deserialize() refuses, for plans built in memory too: a swap naming another replica
+    // would be put in the wave of the wrong writer.
+    if (const std::string problem = StepPlan::op_problem(op); !problem.empty()) {
+      return bad(i, problem);
+    }
     if (op.replica >= layout_.dp || op.dst_replica >= layout_.dp) {
       return bad(i, "replica " + std::to_string(std::max(op.replica, op.dst_replica)) + " of " +
                         std::to_string(layout_.dp));
@@ -140,11 +145,7 @@ Status RankCache::validate_copy(const StepPlan::Op& op) const {
                               " (cache.layers_per_group sets the groups)");
     }
   }
-  if (op.from_group != op.to_group && op.from_group != StepPlan::kAllLayers) {
-    return invalid_argument("copy from " + group_name(op.from_group) + " into " +
-                            group_name(op.to_group) + "; only whole blocks regroup");
-  }
-  const TokenCopy& c = op.copy;
+  const TokenCopy& c = op.copy;  // a copy between two groups' views: StepPlan::op_problem
   if (op.from_group != op.to_group && c.src_block == c.dst_block) {
     std::ostringstream text;
     text << "regrouping copy " << c << " into " << group_name(op.to_group)
@@ -178,7 +179,7 @@ const PagedKvView& RankCache::device_view(uint32_t layer_group) const {
 
 // A table this replica keeps must mean blocks of its pool holding its tokens: engines read slots
 // off it (block_table()), so a table naming no such blocks is refused rather than recorded.
-Status RankCache::validate_own_table(const StepPlan::Table& t,
+Status RankCache::validate_own_table(const StepPlan::Table& t, std::span<const BlockId> kept,
                                      const std::function<Status(const std::string&)>& bad) const {
   const auto name = [&] { return table_name(t); };  // built only for a refusal: every step runs this
   const PagedKvView& view = device_view(t.layer_group);
@@ -202,6 +203,39 @@ Status RankCache::validate_own_table(const StepPlan::Table& t,
   if (const auto twice = std::adjacent_find(listed.begin(), listed.end()); twice != listed.end()) {
     return bad(name() + " names " + to_string(*twice) + " twice");
   }
+  if (!listed.empty()) {  // the blocks it keeps (before first_block) and the new ones
+    for (const BlockId b : kept) {
+      if (std::binary_search(listed.begin(), listed.end(), b)) {
+        return bad(name() + " keeps " + to_string(b) + " and lists it again");
+      }
+    }
+  }
+  return ok_status();
+}
+
+Status RankCache::validate_group_blocks(
+    SeqId seq, std::span<const StepPlan::Table* const> tables,
+    const std::function<const std::vector<BlockId>*(SeqId, uint32_t)>& held_table,
+    const std::function<Status(const std::string&)>& bad) const {
+  std::vector<std::pair<BlockId, uint32_t>> blocks;  // every group's table after the plan
+  for (uint32_t g = 0; g < num_layer_groups(); ++g) {
+    const auto listed = std::find_if(tables.begin(), tables.end(),
+                                     [&](const StepPlan::Table* t) { return t->layer_group == g; });
+    const std::vector<BlockId>* held = held_table(seq, g);
+    const size_t kept = listed != tables.end() ? (*listed)->first_block : (held ? held->size() : 0);
+    for (size_t i = 0; i < kept && held != nullptr; ++i) blocks.emplace_back((*held)[i], g);
+    if (listed != tables.end()) {
+      for (const BlockId b : (*listed)->blocks) blocks.emplace_back(b, g);
+    }
+  }
+  std::sort(blocks.begin(), blocks.end());
+  for (size_t i = 1; i < blocks.size(); ++i) {
+    if (blocks[i].first == blocks[i - 1].first) {
+      return bad(to_string(seq) + "'s tables of layer groups " + std::to_string(blocks[i - 1].second) +
+                 " and " + std::to_string(blocks[i].second) + " both hold " +
+                 to_string(blocks[i].first));
+    }
+  }
   return ok_status();
 }
 
@@ -211,12 +245,31 @@ Status RankCache::validate_tables(const StepPlan& plan) const {
   };
   const auto name = table_name;
   const std::set<SeqId> released(plan.released.begin(), plan.released.end());
+  // A preempted sequence is dropped: the coordinator lists it released too. Kept, its table would
+  // point at blocks the engine is told to recompute into.
+  for (const SeqId seq : plan.preempted) {
+    if (released.count(seq) == 0) {
+      return bad(to_string(seq) + " is preempted but not released");
+    }
+  }
+  // The table this replica holds for (seq, group), unless the plan releases it first.
+  const auto held_table = [&](SeqId seq, uint32_t group) -> const std::vector<BlockId>* {
+    if (released.count(seq) != 0) return nullptr;
+    if (group != StepPlan::kAllLayers) {
+      const auto held = group_tables_.find(seq);
+      return held == group_tables_.end() ? nullptr : &held->second[group].blocks;
+    }
+    const auto held = tables_.find(seq);
+    return held == tables_.end() ? nullptr : &held->second.blocks;
+  };
   // Per sequence: the replica of its first table, whether they are per group, and their groups.
   struct Listed {
     uint32_t replica = 0;
     bool grouped = false;
     std::set<uint32_t> groups;
     bool continues = false;  // some table of it continues a held one
+    bool adds_blocks = false;  // some table of it lists blocks
+    std::vector<const StepPlan::Table*> tables;
   };
   std::map<SeqId, Listed> listed;
   for (const auto& t : plan.tables) {
@@ -229,33 +282,31 @@ Status RankCache::validate_tables(const StepPlan& plan) const {
       return bad(name(t) + ": this rank's pool has " + std::to_string(num_layer_groups()) +
                  " layer groups (cache.layers_per_group sets them)");
     }
-    const auto [it, first] = listed.try_emplace(t.seq, Listed{t.replica, grouped, {}, false});
+    const auto [it, first] = listed.try_emplace(t.seq, Listed{t.replica, grouped, {}, false, false, {}});
     Listed& l = it->second;
     if (!first && (l.grouped != grouped || l.replica != t.replica)) {
       return bad("the plan lists " + to_string(t.seq) +
                  "'s tables on two replicas or both whole and per layer group");
     }
     if (!l.groups.insert(t.layer_group).second) return bad("the plan lists " + name(t) + " twice");
-    if (t.replica == layout_.replica) KVF_RETURN_IF_ERROR(validate_own_table(t, bad));
+    if (t.replica != layout_.replica) continue;
+    l.tables.push_back(&t);
+    l.adds_blocks |= !t.blocks.empty();
     // A change continues the table this replica holds (released ones are gone by then).
-    if (t.replica != layout_.replica || t.first_block == 0) continue;
-    l.continues = true;
-    size_t blocks = 0;
-    if (released.count(t.seq) == 0) {
-      if (grouped) {
-        const auto held = group_tables_.find(t.seq);
-        if (held != group_tables_.end()) blocks = held->second[t.layer_group].blocks.size();
-      } else {
-        const auto held = tables_.find(t.seq);
-        if (held != tables_.end()) blocks = held->second.blocks.size();
+    const std::vector<BlockId>* held = t.first_block == 0 ? nullptr : held_table(t.seq, t.layer_group);
+    if (t.first_block > 0) {
+      l.continues = true;
+      const size_t blocks = held == nullptr ? 0 : held->size();
+      if (t.first_block > blocks) {
+        return bad("the table of " + to_string(t.seq) +
+                   (grouped ? " in layer group " + std::to_string(t.layer_group) : std::string()) +
+                   " continues from block " + std::to_string(t.first_block) +
+                   " but this replica holds " + std::to_string(blocks));
       }
     }
-    if (t.first_block > blocks) {
-      return bad("the table of " + to_string(t.seq) +
-                 (grouped ? " in layer group " + std::to_string(t.layer_group) : std::string()) +
-                 " continues from block " + std::to_string(t.first_block) +
-                 " but this replica holds " + std::to_string(blocks));
-    }
+    const std::span<const BlockId> kept =
+        held == nullptr ? std::span<const BlockId>{} : std::span(*held).first(t.first_block);
+    KVF_RETURN_IF_ERROR(validate_own_table(t, kept, bad));
   }
   // A sequence that becomes one compacted per layer group here comes with every group's table.
   for (const auto& [seq, l] : listed) {
@@ -266,6 +317,8 @@ Status RankCache::validate_tables(const StepPlan& plan) const {
                  std::to_string(l.replica) + " with " + std::to_string(l.groups.size()) +
                  " tables; it needs all " + std::to_string(num_layer_groups()) + ", whole");
     }
+    // A group's view of a block spans the block's whole bytes: no block serves two groups.
+    if (l.adds_blocks) KVF_RETURN_IF_ERROR(validate_group_blocks(seq, l.tables, held_table, bad));
   }
   return ok_status();
 }
@@ -284,10 +337,22 @@ Status RankCache::validate_compression(const StepPlan& plan) const {
     std::stable_sort(by_key.begin(), by_key.end(),
                      [&](const auto* a, const auto* b) { return key(*a) < key(*b); });
   }
+  std::set<std::pair<SeqId, uint32_t>> compacted;
   for (const auto& c : plan.compactions) {
     if (c.replica >= layout_.dp) {
       return bad("compaction of " + to_string(c.seq) + " on replica " +
                  std::to_string(c.replica) + " of " + std::to_string(layout_.dp));
+    }
+    if (const std::string problem = StepPlan::compaction_problem(c); !problem.empty()) {
+      return bad(problem);
+    }
+    // A second one would renumber the sequence's scores twice.
+    if (!compacted.emplace(c.seq, c.layer_group).second) {
+      return bad("the plan compacts " + to_string(c.seq) +
+                 (c.layer_group == StepPlan::kAllLayers
+                      ? std::string()
+                      : " in layer group " + std::to_string(c.layer_group)) +
+                 " twice");
     }
     // Its table (of its layer group), listed in the same plan, holds what it keeps.
     const auto wanted = std::pair(c.seq, c.layer_group);

@@ -142,6 +142,14 @@ struct StepPlan {
   //! Parses serialize() output; malformed or truncated bytes are a ParseError naming the field.
   static Result<StepPlan> deserialize(std::span<const uint8_t> bytes);
 
+  //! Why `op` cannot mean an op whatever the pools (a copy reading one layer group and writing
+  //! another, a non-copy naming a layer group, a non-migration naming another replica), or ""
+  //! when it can. deserialize() refuses such ops, and so does a rank executing a built plan.
+  static std::string op_problem(const Op& op);
+  //! Why `c`'s kept ranges cannot mean a compaction (empty, outside tokens_before, overlapping,
+  //! moving a token to a later slot), or "" when they can.
+  static std::string compaction_problem(const Compaction& c);
+
   friend bool operator==(const StepPlan&, const StepPlan&) = default;
 };
 

@@ -186,8 +186,14 @@ class RankCache {
   [[nodiscard]] Status validate_tables(const StepPlan& plan) const;
   //! A table of this replica: blocks of the pool, no block twice in what it lists, enough
   //! blocks for its tokens, no more computed tokens than tokens.
-  [[nodiscard]] Status validate_own_table(const StepPlan::Table& table,
+  //! `kept`: the blocks it keeps of the table held (those before first_block).
+  [[nodiscard]] Status validate_own_table(const StepPlan::Table& table, std::span<const BlockId> kept,
                                           const std::function<Status(const std::string&)>& bad) const;
+  //! No block in two of a grouped sequence's tables once the plan's `tables` of it apply.
+  [[nodiscard]] Status validate_group_blocks(
+      SeqId seq, std::span<const StepPlan::Table* const> tables,
+      const std::function<const std::vector<BlockId>*(SeqId, uint32_t)>& held_table,
+      const std::function<Status(const std::string&)>& bad) const;
   [[nodiscard]] Status validate_compression(const StepPlan& plan) const;
   //! The device view of a plan's layer group (kAllLayers: the whole pool).
   [[nodiscard]] const PagedKvView& device_view(uint32_t layer_group) const;

@@ -200,7 +200,7 @@ TEST_F(RankCacheLayerGroups, PlansThatCannotMeanAGroupedSequenceAreRefusedChangi
   expect_refused(plan, "continues from block 1 but this replica holds 0");
   plan = regrouping();
   plan.ops[2].from_group = 0;
-  expect_refused(plan, "copy from layer group 0 into layer group 1; only whole blocks regroup");
+  expect_refused(plan, "copy reads layer group 0 and writes layer group 1; only whole blocks regroup");
   plan = regrouping();
   plan.ops[0] = Op::regroup(0, tokens(7, 0, 7, 0, 16), 0);
   expect_refused(plan, "reads and writes one block");
@@ -210,12 +210,27 @@ TEST_F(RankCacheLayerGroups, PlansThatCannotMeanAGroupedSequenceAreRefusedChangi
   plan = regrouping();
   plan.compactions[1].kept = {{0, 4}, {30, 9}};
   expect_refused(plan, "compaction of S1 in layer group 1 keeps 13 tokens");
+  // A group's view of a block spans all of the block's bytes: two groups in one block would
+  // write over each other.
+  plan = regrouping();
+  plan.tables[1].blocks = {BlockId{7}};
+  expect_refused(plan, "S1's tables of layer groups 0 and 1 both hold B7");
+  plan = regrouping();
+  plan.compactions.push_back(plan.compactions[0]);
+  expect_refused(plan, "the plan compacts S1 in layer group 0 twice");
 
   ASSERT_TRUE(rank_->execute(regrouping()).ok());
   const std::vector<float> mass(14, 1.0f);
   const Status scored = rank_->accumulate_attention(SeqId{1}, mass);
   EXPECT_EQ(scored.code(), ErrorCode::kInvalidArgument);
   EXPECT_THAT(scored.message(), HasSubstr("compacted per layer group"));
+
+  StepPlan grow;  // group 1 keeps B8 and lists it again
+  grow.step = 2;
+  grow.tables = {{SeqId{1}, 0, 40, 14, 1, {BlockId{8}}, 1}};
+  expect_refused(grow, "S1's table of layer group 1 keeps B8 and lists it again");
+  grow.tables[0].blocks = {BlockId{7}};  // group 0's block
+  expect_refused(grow, "S1's tables of layer groups 0 and 1 both hold B7");
 }
 
 // Random plans of copies between any views, tables of any group (some out of range), releases

@@ -137,12 +137,45 @@ TEST(RankCacheTest, ATableThatCannotHoldItsTokensIsRefused) {
   refused({SeqId{7}, 0, 16, 0, 0, {}}, "holds 16 tokens in 0 blocks");
   refused({SeqId{7}, 0, 32, 0, 0, {BlockId{3}, BlockId{3}}}, "S7's table names B3 twice");
   refused({SeqId{1}, 0, 49, 20, 2, {BlockId{6}}}, "S1's table holds 49 tokens in 3 blocks of 16");
+  refused({SeqId{1}, 0, 32, 20, 1, {BlockId{2}}}, "S1's table keeps B2 and lists it again");
   // A block another sequence holds too is sharing (a cached prefix), not an error.
   StepPlan fine;
   fine.step = 1;
   fine.tables = {{SeqId{9}, 0, 16, 16, 0, {BlockId{2}}}};
   ASSERT_TRUE(r.rank->execute(fine).ok());
   EXPECT_EQ(r.rank->tables().size(), 2u);
+}
+
+// What a plan must not say whatever the tables: a preempted sequence kept, an op other than a
+// migration naming another replica (it would land in the wrong writer's wave), a compaction
+// whose kept ranges overlap, or two compactions of one sequence (its scores renumbered twice).
+TEST(RankCacheTest, PlansThatContradictThemselvesAreRefused) {
+  SingleRank r(serving_config(1, 1, 4, 2, 8, 4));
+  StepPlan first;
+  first.tables = {{SeqId{1}, 0, 8, 8, 0, {BlockId{2}}}};
+  ASSERT_TRUE(r.rank->execute(first).ok());
+  const auto refused = [&](const StepPlan& plan, const std::string& message) {
+    const Status s = r.rank->execute(plan);
+    EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument) << message;
+    EXPECT_THAT(s.message(), HasSubstr(message));
+    EXPECT_EQ(r.rank->next_step(), 1u);
+    EXPECT_EQ(r.rank->tables().at(SeqId{1}).blocks, std::vector<BlockId>{BlockId{2}});
+  };
+  StepPlan plan;
+  plan.step = 1;
+  plan.preempted = {SeqId{1}};
+  refused(plan, "S1 is preempted but not released");
+  plan.preempted.clear();
+  Op swap = Op::swap_out(0, BlockId{3}, BlockId{0});
+  swap.dst_replica = 1;
+  plan.ops = {swap};
+  refused(plan, "names a destination replica; only migrations do");
+  plan.ops.clear();
+  plan.tables = {{SeqId{1}, 0, 8, 8, 0, {BlockId{2}}}};
+  plan.compactions = {{SeqId{1}, 0, 8, {{2, 2}, {3, 1}}}};
+  refused(plan, "ranges must be disjoint");
+  plan.compactions = {{SeqId{1}, 0, 8, {{0, 8}}}, {SeqId{1}, 0, 8, {{0, 8}}}};
+  refused(plan, "the plan compacts S1 twice");
 }
 
 TEST(RankCacheTest, AnOpOutsideThePoolsIsRefusedBeforeAnythingRuns) {
