@@ -627,7 +627,8 @@ Result<std::vector<AdmissionCost>> Coordinator::admission_costs(std::span<const 
   costs.reserve(replicas_.size());
   for (uint32_t r = 0; r < replicas_.size(); ++r) {
     // The load as it is now; admit() reads the same, refreshed for what changed since.
-    const Candidate c = evaluate(lookup, match, r, load_of(r));
+    const double load = load_of(r);
+    const Candidate c = evaluate(lookup, match, r, load);
     AdmissionCost& cost = costs.emplace_back();
     cost.replica = r;
     cost.accepts = accepts(r, options.priority);
@@ -636,7 +637,7 @@ Result<std::vector<AdmissionCost>> Coordinator::admission_costs(std::span<const 
       cost.migration_source = match.best_source;
       cost.migrated_tokens = match.best_tokens - cost.cached_tokens;
     }
-    cost.load = load_of(r);
+    cost.load = load;
     cost.cost = c.cost;
     cost.blocks_needed = c.needed;
     cost.blocks_available = replicas_[r].pool.available_block_count();

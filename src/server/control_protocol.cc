@@ -223,6 +223,21 @@ json error_reply(const Status& status) {
           {"error", {{"code", error_code_name(status.code())}, {"message", status.message()}}}};
 }
 
+// The fields admit and admission_costs share: priority, cache salt and public range, under the
+// connection's tenant (which names the salt's namespace).
+Result<AdmitOptions> placement_options(const Request& fields, const ControlIdentity& who) {
+  KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
+  KVF_ASSIGN_OR_RETURN(const auto salt, fields.optional_string("cache_salt", kMaxSaltBytes));
+  KVF_ASSIGN_OR_RETURN(const auto public_tokens,
+                       fields.optional_unsigned("public_tokens", UINT64_MAX));
+  AdmitOptions options;
+  options.priority = static_cast<uint32_t>(priority.value_or(0));
+  options.tenant = who.tenant;
+  options.cache_salt = salt;
+  options.public_tokens = public_tokens.value_or(0);
+  return options;
+}
+
 // Every replica's cost, and where admit would go if one has room (null when none has: admit
 // then displaces lower priorities where it can, or is refused).
 json admission_costs_reply(const std::vector<AdmissionCost>& costs) {
@@ -783,15 +798,7 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
           {"seq", "tokens", "priority", "cache_salt", "public_tokens", "compression"}));
       KVF_ASSIGN_OR_RETURN(const uint64_t seq, fields.unsigned_field("seq", kMaxSeqId));
       KVF_ASSIGN_OR_RETURN(std::vector<TokenId> tokens, fields.tokens("tokens"));
-      KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
-      KVF_ASSIGN_OR_RETURN(const auto salt, fields.optional_string("cache_salt", kMaxSaltBytes));
-      KVF_ASSIGN_OR_RETURN(const auto public_tokens,
-                           fields.optional_unsigned("public_tokens", UINT64_MAX));
-      AdmitOptions options;
-      options.priority = static_cast<uint32_t>(priority.value_or(0));
-      options.tenant = who.tenant;
-      options.cache_salt = salt;
-      options.public_tokens = public_tokens.value_or(0);
+      KVF_ASSIGN_OR_RETURN(AdmitOptions options, placement_options(fields, who));
       KVF_ASSIGN_OR_RETURN(const auto compression, fields.optional_object("compression"));
       if (compression) {
         KVF_ASSIGN_OR_RETURN(options.compression, compression_policy(*compression));
@@ -811,15 +818,7 @@ Result<json> ControlRequestHandler::run(ControlProtocol& protocol, ControlOp op,
       // Every replica's load and room: what stats shows only an admin.
       KVF_RETURN_IF_ERROR(check_admin(who, op));
       KVF_ASSIGN_OR_RETURN(const std::vector<TokenId> tokens, fields.tokens("tokens"));
-      KVF_ASSIGN_OR_RETURN(const auto priority, fields.optional_unsigned("priority", kMaxU32));
-      KVF_ASSIGN_OR_RETURN(const auto salt, fields.optional_string("cache_salt", kMaxSaltBytes));
-      KVF_ASSIGN_OR_RETURN(const auto public_tokens,
-                           fields.optional_unsigned("public_tokens", UINT64_MAX));
-      AdmitOptions options;  // as admit would take it: the connection's tenant names the salt
-      options.priority = static_cast<uint32_t>(priority.value_or(0));
-      options.tenant = who.tenant;
-      options.cache_salt = salt;
-      options.public_tokens = public_tokens.value_or(0);
+      KVF_ASSIGN_OR_RETURN(const AdmitOptions options, placement_options(fields, who));
       KVF_ASSIGN_OR_RETURN(const std::vector<AdmissionCost> costs,
                            coordinator.admission_costs(tokens, options));
       return admission_costs_reply(costs);

@@ -534,6 +534,34 @@ TEST(Attention, RejectsBadArguments) {
     EXPECT_EQ(o, 1.0f);  // nothing written
 }
 
+// A decode (one query token per sequence) and a prefill (query tokens `starts`, the caller's:
+// the args point into it) over every sequence of `sc`, with `q_heads` query heads.
+DecodeAttentionArgs decode_args(const Scenario& sc, const float* q, float* out, uint32_t q_heads) {
+  DecodeAttentionArgs args;
+  args.query = q;
+  args.output = out;
+  args.num_seqs = static_cast<uint32_t>(sc.lens.size());
+  args.num_q_heads = q_heads;
+  args.block_tables = sc.tables.data();
+  args.max_blocks_per_seq = sc.max_blocks;
+  args.context_lens = sc.lens.data();
+  return args;
+}
+
+PrefillAttentionArgs prefill_args(const Scenario& sc, const float* q, float* out,
+                                  uint32_t q_heads, const uint32_t* starts) {
+  PrefillAttentionArgs args;
+  args.query = q;
+  args.output = out;
+  args.num_seqs = static_cast<uint32_t>(sc.lens.size());
+  args.num_q_heads = q_heads;
+  args.query_start = starts;
+  args.context_lens = sc.lens.data();
+  args.block_tables = sc.tables.data();
+  args.max_blocks_per_seq = sc.max_blocks;
+  return args;
+}
+
 // A NaN or infinite query made its outputs NaN; it is refused by name, as K and V are, and
 // nothing is written.
 TEST(Attention, ANonFiniteQueryIsRefusedByName) {
@@ -542,26 +570,12 @@ TEST(Attention, ANonFiniteQueryIsRefusedByName) {
   for (const float bad : {NAN, INFINITY, -INFINITY}) {
     std::vector<float> q = testing::random_normal(2 * 4 * 64, rng), out(q.size(), 1.0f);
     q[(1 * 4 + 3) * 64 + 7] = bad;  // sequence 1, query head 3, dim 7
-    DecodeAttentionArgs args;
-    args.query = q.data();
-    args.output = out.data();
-    args.num_seqs = 2;
-    args.num_q_heads = 4;
-    args.block_tables = sc.tables.data();
-    args.max_blocks_per_seq = sc.max_blocks;
-    args.context_lens = sc.lens.data();
-    EXPECT_THAT(sc.backend->paged_decode_attention(sc.pool.view, args).message(),
-                ::testing::HasSubstr("query[token 1, head 3, dim 7] is not finite"));
+    EXPECT_THAT(
+        sc.backend->paged_decode_attention(sc.pool.view, decode_args(sc, q.data(), out.data(), 4))
+            .message(),
+        ::testing::HasSubstr("query[token 1, head 3, dim 7] is not finite"));
     const uint32_t starts[3] = {0, 1, 2};
-    PrefillAttentionArgs prefill;
-    prefill.query = q.data();
-    prefill.output = out.data();
-    prefill.num_seqs = 2;
-    prefill.num_q_heads = 4;
-    prefill.query_start = starts;
-    prefill.context_lens = sc.lens.data();
-    prefill.block_tables = sc.tables.data();
-    prefill.max_blocks_per_seq = sc.max_blocks;
+    const auto prefill = prefill_args(sc, q.data(), out.data(), 4, starts);
     EXPECT_THAT(sc.backend->paged_prefill_attention(sc.pool.view, prefill).message(),
                 ::testing::HasSubstr("query[token 1, head 3, dim 7] is not finite"));
     for (float o : out)
@@ -578,14 +592,7 @@ TEST(Attention, AnOutputThatPartlyOverlapsTheQueryIsRefused) {
   const uint64_t rows = 2 * 4 * 64;
   const std::vector<float> q = testing::random_normal(rows, rng);
   std::vector<float> separate(rows);
-  DecodeAttentionArgs args;
-  args.query = q.data();
-  args.output = separate.data();
-  args.num_seqs = 2;
-  args.num_q_heads = 4;
-  args.block_tables = sc.tables.data();
-  args.max_blocks_per_seq = sc.max_blocks;
-  args.context_lens = sc.lens.data();
+  DecodeAttentionArgs args = decode_args(sc, q.data(), separate.data(), 4);
   ASSERT_TRUE(sc.backend->paged_decode_attention(sc.pool.view, args).ok());
 
   std::vector<float> buffer(rows + 4 * 64);  // room for the query shifted by one sequence
@@ -611,15 +618,8 @@ TEST(Attention, AnOutputThatPartlyOverlapsTheQueryIsRefused) {
               ::testing::HasSubstr("attention_mass overlaps the query or the output"));
 
   const uint32_t starts[3] = {0, 1, 2};
-  PrefillAttentionArgs prefill;
-  prefill.query = buffer.data();
-  prefill.output = buffer.data() + 64;  // shifted by one head
-  prefill.num_seqs = 2;
-  prefill.num_q_heads = 4;
-  prefill.query_start = starts;
-  prefill.context_lens = sc.lens.data();
-  prefill.block_tables = sc.tables.data();
-  prefill.max_blocks_per_seq = sc.max_blocks;
+  const auto prefill = prefill_args(sc, buffer.data(), buffer.data() + 64,  // one head later
+                                    4, starts);
   EXPECT_THAT(sc.backend->paged_prefill_attention(sc.pool.view, prefill).message(),
               ::testing::HasSubstr("output overlaps the query without being it"));
   EXPECT_TRUE(std::equal(q.begin(), q.end(), buffer.begin()));
